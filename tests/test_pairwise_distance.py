@@ -1,0 +1,255 @@
+"""torchfg.pairwise_distance: every backend against the reference and torch.cdist."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from conftest import TEST_DEVICE, backends_to_test, requires_triton
+from torchfg import pairwise_distance
+from torchfg.backends import BackendUnavailableError
+from torchfg.ops.pairwise.reference import METRICS, pairwise_distance_reference
+
+# (atol, rtol) per dtype for values of size ~ D.
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-4, 1e-4),
+    torch.float16: (2e-2, 1e-2),
+    torch.bfloat16: (1e-1, 2e-2),
+}
+
+
+def brute_force(x: torch.Tensor, y: torch.Tensor, metric: str) -> torch.Tensor:
+    """Distances from explicit differences in fp64: independent of the fast path."""
+    x, y = x.double(), y.double()
+    if metric in ("sqeuclidean", "euclidean"):
+        sq = (x.unsqueeze(-2) - y.unsqueeze(-3)).square().sum(-1)
+        return sq if metric == "sqeuclidean" else sq.sqrt()
+    if metric == "dot":
+        return -(x @ y.transpose(-1, -2))
+    xn, yn = x.norm(dim=-1, keepdim=True), y.norm(dim=-1, keepdim=True)
+    xh = torch.where(xn > 0, x / xn.clamp_min(1e-300), 0.0)
+    yh = torch.where(yn > 0, y / yn.clamp_min(1e-300), 0.0)
+    return 1 - xh @ yh.transpose(-1, -2)
+
+
+shapes = st.tuples(
+    st.integers(0, 3),  # batch (0 = no batch dim)
+    st.integers(0, 130),  # N
+    st.integers(0, 130),  # M
+    st.integers(1, 300),  # D
+)
+
+
+@given(shape=shapes, metric=st.sampled_from(METRICS), seed=st.integers(0, 2**16))
+def test_reference_matches_brute_force(shape, metric, seed):
+    b, n, m, d = shape
+    g = torch.Generator().manual_seed(seed)
+    lead = (b,) if b else ()
+    x = torch.randn(*lead, n, d, generator=g, dtype=torch.float64)
+    y = torch.randn(*lead, m, d, generator=g, dtype=torch.float64)
+    out = pairwise_distance(x, y, metric, backend="torch")
+    assert out.shape == (*lead, n, m)
+    torch.testing.assert_close(out, brute_force(x, y, metric), atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("backend", backends_to_test())
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_backend_forward_backward_matches_reference(backend, metric, dtype):
+    torch.manual_seed(hash((backend, metric, str(dtype))) % 2**31)
+    x = torch.randn(2, 19, 37, dtype=dtype, device=TEST_DEVICE, requires_grad=True)
+    y = torch.randn(2, 23, 37, dtype=dtype, device=TEST_DEVICE, requires_grad=True)
+    out = pairwise_distance(x, y, metric, backend=backend)
+    assert out.dtype == dtype and out.shape == (2, 19, 23)
+    ref = brute_force(x.detach(), y.detach(), metric)
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(out.double(), ref, atol=atol * 37, rtol=rtol)
+    grad = torch.randn_like(out)
+    gx, gy = torch.autograd.grad(out, (x, y), grad)
+    x64 = x.detach().double().requires_grad_()
+    y64 = y.detach().double().requires_grad_()
+    gx_ref, gy_ref = torch.autograd.grad(brute_force(x64, y64, metric), (x64, y64), grad.double())
+    scale = 23 if dtype in (torch.float32, torch.float64) else 23 * 8
+    torch.testing.assert_close(gx.double(), gx_ref, atol=atol * scale, rtol=rtol * 4)
+    torch.testing.assert_close(gy.double(), gy_ref, atol=atol * scale, rtol=rtol * 4)
+
+
+@requires_triton
+@given(shape=shapes, metric=st.sampled_from(METRICS), seed=st.integers(0, 2**16), symmetric=st.booleans())
+def test_triton_equals_reference_on_drawn_shapes(shape, metric, seed, symmetric):
+    b, n, m, d = shape
+    # The interpreter is slow: cap the work per example, keep odd sizes.
+    n, m, d = min(n, 67), min(m, 45), min(d, 70)
+    g = torch.Generator().manual_seed(seed)
+    lead = (b,) if b else ()
+    x = torch.randn(*lead, n, d, generator=g).to(TEST_DEVICE).requires_grad_()
+    y = None if symmetric else torch.randn(*lead, m, d, generator=g).to(TEST_DEVICE).requires_grad_()
+    out = pairwise_distance(x, y, metric, backend="triton")
+    ref = pairwise_distance(x, y, metric, backend="torch")
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    if out.numel():
+        grad = torch.randn_like(out)
+        inputs = (x,) if y is None else (x, y)
+        for a, r in zip(torch.autograd.grad(out, inputs, grad), torch.autograd.grad(ref, inputs, grad)):
+            torch.testing.assert_close(a, r, atol=1e-3, rtol=1e-4)
+
+
+@requires_triton
+def test_triton_writes_every_output_element(monkeypatch):
+    """Poison the output buffer: any element the kernel skips stays NaN."""
+    import torchfg.ops.pairwise.triton as tri
+
+    real_empty = torch.empty
+
+    def poisoned_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(tri.torch, "empty", poisoned_empty)
+    x = torch.randn(3, 33, 29, device=TEST_DEVICE, requires_grad=True)
+    y = torch.randn(3, 17, 29, device=TEST_DEVICE, requires_grad=True)
+    for metric in METRICS:
+        out = pairwise_distance(x, y, metric, backend="triton")
+        assert not out.isnan().any(), metric
+        gx, gy = torch.autograd.grad(out.sum(), (x, y))
+        assert not gx.isnan().any() and not gy.isnan().any(), metric
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean", "cosine", "dot"])
+def test_gradcheck_reference_fp64(metric):
+    x = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(2, 6, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: pairwise_distance(a, b, metric, backend="torch"), (x, y))
+    assert torch.autograd.gradcheck(lambda a: pairwise_distance(a, None, metric, backend="torch"), (x,))
+
+
+@pytest.mark.parametrize("backend", backends_to_test())
+def test_matches_cdist_and_broadcasts(backend):
+    x = torch.randn(4, 1, 31, 13, device=TEST_DEVICE)
+    y = torch.randn(3, 26, 13, device=TEST_DEVICE)
+    out = pairwise_distance(x, y, backend=backend)
+    assert out.shape == (4, 3, 31, 26)
+    torch.testing.assert_close(out, torch.cdist(x, y), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", backends_to_test())
+def test_euclidean_gradient_at_zero_distance_is_finite(backend):
+    x = torch.randn(5, 8, device=TEST_DEVICE)
+    x = torch.cat([x, x[:2]]).requires_grad_()  # duplicate rows: zero off-diagonal distances
+    out = pairwise_distance(x, metric="euclidean", backend=backend)
+    (g,) = torch.autograd.grad(out.sum(), x)
+    assert torch.isfinite(g).all()
+    y = x.detach().clone().requires_grad_()
+    out = pairwise_distance(x, y, metric="euclidean", backend=backend)
+    gx, gy = torch.autograd.grad(out.sum(), (x, y))
+    assert torch.isfinite(gx).all() and torch.isfinite(gy).all()
+
+
+@pytest.mark.parametrize("backend", backends_to_test())
+def test_non_contiguous_inputs(backend):
+    base = torch.randn(2, 40, 22, device=TEST_DEVICE)
+    x = base.transpose(0, 1)[:, :, ::2]  # (40, 2, 11), strided
+    y = torch.randn(11, 2, 15, device=TEST_DEVICE).permute(1, 2, 0)  # (2, 15, 11)
+    out = pairwise_distance(x.transpose(0, 1), y, "sqeuclidean", backend=backend)
+    ref = brute_force(x.transpose(0, 1), y, "sqeuclidean")
+    torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
+
+
+@given(n=st.integers(1, 40), d=st.integers(1, 50), seed=st.integers(0, 2**16))
+def test_metric_properties(n, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    for metric in METRICS:
+        dist = pairwise_distance(x, metric=metric)
+        torch.testing.assert_close(dist, dist.T)
+        if metric != "dot":
+            assert (dist >= -1e-12).all()
+            torch.testing.assert_close(dist.diagonal(), torch.zeros(n, dtype=torch.float64), atol=0, rtol=0)
+    e = pairwise_distance(x, metric="euclidean")
+    # d(i, k) <= d(i, j) + d(j, k) for all i, j, k
+    assert (e.unsqueeze(1) <= e.unsqueeze(2) + e.unsqueeze(0) + 1e-9).all()
+    scales = torch.rand(n, 1, generator=g, dtype=torch.float64) * 10 + 0.1
+    torch.testing.assert_close(pairwise_distance(x * scales, metric="cosine"), pairwise_distance(x, metric="cosine"))
+
+
+@pytest.mark.parametrize("backend", backends_to_test())
+def test_empty_inputs(backend):
+    x = torch.randn(2, 0, 5, device=TEST_DEVICE)
+    y = torch.randn(2, 7, 5, device=TEST_DEVICE)
+    assert pairwise_distance(x, y, backend=backend).shape == (2, 0, 7)
+    assert pairwise_distance(y, x, backend=backend).shape == (2, 7, 0)
+    y.requires_grad_()
+    out = pairwise_distance(y, x, backend=backend)
+    (g,) = torch.autograd.grad(out.sum(), y)
+    assert (g == 0).all()
+
+
+def test_torch_compile_fullgraph():
+    x = torch.randn(9, 6)
+    y = torch.randn(4, 6)
+
+    def fn(a, b):
+        return pairwise_distance(a, b, "euclidean", backend="torch").sum(-1) * 2
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, y), fn(x, y))
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, error, match",
+    [
+        ((torch.randn(5),), {}, ValueError, "x"),
+        ((torch.tensor(1.0),), {}, ValueError, "x"),
+        ((torch.randn(3, 4), torch.randn(3, 5)), {}, ValueError, "feature size"),
+        ((torch.randn(2, 3, 4), torch.randn(3, 3, 4)), {}, ValueError, "broadcast"),
+        ((torch.randn(3, 4), torch.randn(3, 4, dtype=torch.float64)), {}, TypeError, "dtype"),
+        ((torch.ones(3, 4, dtype=torch.int64),), {}, TypeError, "x"),
+        ((torch.randn(3, 4), torch.ones(3, 4, dtype=torch.int32)), {}, TypeError, "y"),
+        ((torch.randn(3, 4),), {"metric": "manhattan"}, ValueError, "metric"),
+        ((torch.randn(3, 4),), {"backend": "jax"}, ValueError, "backend"),
+        (([[1.0, 2.0]],), {}, TypeError, "x"),
+    ],
+)
+def test_bad_input(args, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        pairwise_distance(*args, **kwargs)
+
+
+def test_unavailable_backend_says_why(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(BackendUnavailableError, match="CPU|triton"):
+        pairwise_distance(torch.randn(3, 4), backend="triton")
+    with pytest.raises(BackendUnavailableError, match="CUDA|not implemented"):
+        pairwise_distance(torch.randn(3, 4), backend="cuda")
+
+
+def test_env_var_forces_backend(monkeypatch):
+    calls = []
+    import torchfg.ops.pairwise as op
+
+    real = op.pairwise_distance_reference
+    monkeypatch.setattr(op, "pairwise_distance_reference", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setenv("TORCHFG_BACKEND", "torch")
+    pairwise_distance(torch.randn(3, 4))
+    assert calls
+    monkeypatch.setenv("TORCHFG_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="TORCHFG_BACKEND"):
+        pairwise_distance(torch.randn(3, 4))
+
+
+def test_reference_chunking_matches_single_chunk():
+    x = torch.randn(1, 50, 7)
+    y = torch.randn(1, 33, 7)
+    for metric in METRICS:
+        torch.testing.assert_close(
+            pairwise_distance_reference(x, y, metric, chunk_rows=7), pairwise_distance_reference(x, y, metric)
+        )
+        torch.testing.assert_close(
+            pairwise_distance_reference(x, x, metric, symmetric=True, chunk_rows=7),
+            pairwise_distance_reference(x, x, metric, symmetric=True),
+        )

@@ -1,0 +1,56 @@
+"""The ``torchfg`` command: ``torchfg info``."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from typing import Sequence
+
+import torch
+
+import torchfg
+from torchfg.backends import cuda_extension_status, triton_interpreter_enabled, triton_status
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def info_lines() -> list[str]:
+    """What `torchfg info` prints: versions, the device and each backend's availability."""
+    device = _device()
+    lines = [
+        f"torchfg {torchfg.__version__}",
+        f"python  {platform.python_version()} ({sys.executable})",
+        f"torch   {torch.__version__} (CUDA build: {torch.version.cuda or 'no'})",
+        f"device  {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}",
+        f"TRITON_INTERPRET={'1' if triton_interpreter_enabled() else 'unset'}",
+        "backends:",
+        "  torch   available (pure PyTorch reference, any device)",
+    ]
+    for name, (ok, why) in (("triton", triton_status(device)), ("cuda", cuda_extension_status(device))):
+        lines.append(f"  {name:<7} {'available' if ok else 'unavailable'} ({why})")
+    return lines
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    print("\n".join(info_lines()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="torchfg", description="torchfg: fine-grained recognition and retrieval.")
+    parser.add_argument("--version", action="version", version=f"torchfg {torchfg.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, device and available backends").set_defaults(func=_cmd_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Differentiable low-level ops, each with a pure-PyTorch reference and fused kernels."""
