@@ -1,0 +1,192 @@
+"""Cross-rank gathers on torch.distributed (NCCL on GPUs, gloo on CPUs).
+
+Batches may differ in size across ranks. Every gather first exchanges the shapes in one small
+collective and validates them on every rank, so that bad input raises the same ``ValueError`` on
+all ranks instead of hanging in a mismatched collective.
+
+Without an initialised process group, or with a world size of 1, everything here is the identity.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "is_distributed",
+    "world_size",
+    "rank",
+    "all_gather_with_grad",
+    "all_gather_no_grad",
+    "gather_batch",
+    "GatheredBatch",
+]
+
+_MAX_DIMS = 4  # shape slots per tensor in the metadata exchange
+
+
+def is_distributed(group: dist.ProcessGroup | None = None) -> bool:
+    """True when a process group is initialised and has more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def world_size(group: dist.ProcessGroup | None = None) -> int:
+    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank(group: dist.ProcessGroup | None = None) -> int:
+    return dist.get_rank(group) if dist.is_available() and dist.is_initialized() else 0
+
+
+def _comm_device(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.device:
+    backend = dist.get_backend(group)
+    if backend == "nccl":
+        return x.device if x.is_cuda else torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _exchange_shapes(
+    tensors: Sequence[torch.Tensor], names: Sequence[str], group: dist.ProcessGroup | None
+) -> torch.Tensor:
+    """All ranks' shapes as (world, len(tensors), 1 + _MAX_DIMS) int64: [ndim, *shape, 0-padding].
+
+    Validates, identically on every rank, that each tensor's trailing dims agree across ranks and
+    that all tensors of a rank have the same number of rows; raises ValueError naming the argument.
+    """
+    meta = torch.zeros(len(tensors), 1 + _MAX_DIMS, dtype=torch.int64)
+    for i, (t, name) in enumerate(zip(tensors, names)):
+        if t.dim() == 0 or t.dim() > _MAX_DIMS:
+            # Still take part in the collective so that the other ranks do not hang.
+            meta[i, 0] = -1
+        else:
+            meta[i, 0] = t.dim()
+            meta[i, 1 : 1 + t.dim()] = torch.tensor(t.shape)
+    device = _comm_device(tensors[0], group)
+    gathered = [torch.empty_like(meta, device=device) for _ in range(world_size(group))]
+    dist.all_gather(gathered, meta.to(device), group=group)
+    shapes = torch.stack([g.cpu() for g in gathered])
+    for i, name in enumerate(names):
+        ndims = shapes[:, i, 0]
+        bad = (ndims < 0).nonzero().flatten().tolist()
+        if bad:
+            raise ValueError(f"{name} must have 1 to {_MAX_DIMS} dims on every rank; rank(s) {bad} sent another shape")
+        if (ndims != ndims[0]).any():
+            raise ValueError(f"{name} has a different number of dims across ranks: {ndims.tolist()}")
+        trailing = shapes[:, i, 2 : 1 + int(ndims[0])]
+        if (trailing != trailing[0]).any():
+            per_rank = {r: tuple(trailing[r].tolist()) for r in range(shapes.shape[0])}
+            raise ValueError(f"{name} has different trailing (per-item) sizes across ranks: {per_rank}")
+    rows = shapes[:, :, 1]
+    for r in range(rows.shape[0]):
+        if (rows[r] != rows[r, 0]).any():
+            sizes = ", ".join(f"{n}={int(s)}" for n, s in zip(names, rows[r].tolist()))
+            raise ValueError(f"rank {r} has inconsistent batch sizes: {sizes} (each must have one row per item)")
+    return shapes
+
+
+def _gather_padded(x: torch.Tensor, sizes: list[int], group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Concatenation over ranks of tensors with different first dims (padded to the max to gather)."""
+    device = _comm_device(x, group)
+    biggest = max(sizes)
+    padded = x.new_zeros((biggest, *x.shape[1:]), device=device)
+    padded[: x.shape[0]] = x.detach().to(device)
+    buffers = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(buffers, padded, group=group)
+    return torch.cat([b[:n] for b, n in zip(buffers, sizes)]).to(x.device)
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
+        ctx.sizes, ctx.group = sizes, group
+        ctx.offset = sum(sizes[: rank(group)])
+        return _gather_padded(x, sizes, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        # Every rank's loss may depend on this rank's items: sum their gradients over ranks.
+        device = _comm_device(grad, ctx.group)
+        total = grad.contiguous().to(device)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=ctx.group)
+        own = total[ctx.offset : ctx.offset + ctx.sizes[rank(ctx.group)]].to(grad.device)
+        return own, None, None
+
+
+class GatheredBatch(tuple):
+    """``(tensors, offset, sizes)``: gathered tensors, this rank's first row in them, rows per rank."""
+
+    def __new__(cls, tensors: list[torch.Tensor], offset: int, sizes: list[int]):
+        return super().__new__(cls, (tensors, offset, sizes))
+
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        return self[0]
+
+    @property
+    def offset(self) -> int:
+        return self[1]
+
+    @property
+    def sizes(self) -> list[int]:
+        return self[2]
+
+
+def gather_batch(
+    tensors: Sequence[torch.Tensor | None],
+    names: Sequence[str],
+    *,
+    with_grad: Sequence[bool] | None = None,
+    group: dist.ProcessGroup | None = None,
+) -> GatheredBatch:
+    """Gather several per-item tensors of this rank's batch from all ranks, after one shape check.
+
+    Args:
+        tensors: per-item tensors with the same number of rows N_r on each rank (embeddings (N_r, D),
+            labels (N_r,), text embeddings (N_r, T), ...); None entries are passed through as None.
+        names: argument names used in error messages.
+        with_grad: per tensor, whether gradients flow back through the gather (default: for
+            floating-point tensors that require grad).
+        group: process group (default: the world).
+
+    Returns:
+        GatheredBatch(tensors, offset, sizes): each gathered tensor has sum(N_r) rows, ranks in
+        order; ``offset`` is this rank's first row. Identity (offset 0) when not distributed.
+    """
+    present = [(i, t) for i, t in enumerate(tensors) if t is not None]
+    if not is_distributed(group):
+        rows = present[0][1].shape[0] if present else 0
+        return GatheredBatch(list(tensors), 0, [rows])
+    shapes = _exchange_shapes([t for _, t in present], [names[i] for i, _ in present], group)
+    sizes = shapes[:, 0, 1].tolist()
+    offset = sum(sizes[: rank(group)])
+    out: list[torch.Tensor | None] = list(tensors)
+    for i, t in present:
+        grad = with_grad[i] if with_grad is not None else (t.is_floating_point() and t.requires_grad)
+        out[i] = _AllGatherWithGrad.apply(t, sizes, group) if grad else _gather_padded(t, sizes, group)
+    return GatheredBatch(out, offset, sizes)
+
+
+def all_gather_with_grad(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Concatenate ``x`` (N_r, ...) from all ranks into (sum N_r, ...), differentiably.
+
+    Batch sizes may differ across ranks (an empty batch included). The gradient of the gathered
+    tensor flows back to each rank's own slice, summed over ranks, so a loss computed on every rank
+    from the gathered batch gives each rank the sum of all ranks' gradients for its items.
+
+    Example:
+        >>> x = torch.randn(4, 8, requires_grad=True)
+        >>> all_gather_with_grad(x).shape  # no process group: the identity
+        torch.Size([4, 8])
+    """
+    if not is_distributed(group):
+        return x
+    return gather_batch([x], ["x"], with_grad=[True], group=group).tensors[0]
+
+
+def all_gather_no_grad(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Like :func:`all_gather_with_grad` without autograd (labels, text embeddings, indices)."""
+    if not is_distributed(group):
+        return x
+    return gather_batch([x], ["x"], with_grad=[False], group=group).tensors[0]
