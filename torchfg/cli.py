@@ -1,4 +1,4 @@
-"""The ``torchfg`` command: ``torchfg info``."""
+"""The ``torchfg`` command: ``torchfg info`` and ``torchfg bench``."""
 
 from __future__ import annotations
 
@@ -44,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"torchfg {torchfg.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, device and available backends").set_defaults(func=_cmd_info)
+    from torchfg.bench import cli as bench_cli
+
+    bench = sub.add_parser("bench", help="time every backend of each op against the baselines",
+                           description="Time every torchfg backend of each op against the baselines.")
+    bench_cli.add_arguments(bench)
+    bench.set_defaults(func=bench_cli.run)
     return parser
 
 

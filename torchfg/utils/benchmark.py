@@ -1,14 +1,17 @@
 """Timing and memory measurement shared by `torchfg bench` and the scripts in benchmarks/.
 
 Times are medians with p20/p80 over repeated runs (CUDA events on GPU, perf_counter on CPU).
-Peak extra memory is the allocator's peak above what was allocated before the call on GPU; on
-the CPU it is the growth of the process's peak RSS, which is only meaningful in a fresh process
-(measure one configuration per process for CPU memory figures).
+Peak extra memory is the allocator's peak above what was allocated before the call on GPU. On
+the CPU it is the process's peak resident set size (RSS) above its RSS before the first call: on
+Linux the peak is reset first (``/proc/self/clear_refs``), elsewhere it is the growth of the
+lifetime peak. Either way the C allocator keeps freed pages of earlier work resident, so CPU figures
+are only trustworthy in a fresh process (one configuration per process; ``torchfg bench --isolate``).
 """
 
 from __future__ import annotations
 
 import csv
+import gc
 import os
 import platform
 import resource
@@ -24,6 +27,9 @@ import torch
 __all__ = [
     "Measurement",
     "measure",
+    "current_rss_bytes",
+    "peak_rss_bytes",
+    "reset_peak_rss",
     "matmul_floor",
     "device_name",
     "environment_fields",
@@ -33,11 +39,18 @@ __all__ = [
 
 @dataclass
 class Measurement:
+    """Timing quantiles over ``repeats`` runs and the peak memory above the starting point.
+
+    ``memory_method`` says how ``peak_extra_bytes`` was obtained: ``"cuda_allocator"``,
+    ``"rss_reset_peak"`` (Linux, peak reset before the first call) or ``"rss_peak_growth"``.
+    """
+
     median_ms: float
     p20_ms: float
     p80_ms: float
     peak_extra_bytes: int
     repeats: int
+    memory_method: str = ""
 
 
 def _quantile(values: list[float], q: float) -> float:
@@ -48,9 +61,45 @@ def _quantile(values: list[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
+def _proc_status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def _peak_rss_bytes() -> int:
-    # ru_maxrss is KiB on Linux.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    hwm = _proc_status_kib("VmHWM")
+    if hwm is not None:
+        return hwm * 1024
+    # ru_maxrss is KiB on Linux, bytes on macOS.
+    scale = 1 if platform.system() == "Darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident set size in bytes (since start or the last :func:`reset_peak_rss`)."""
+    return _peak_rss_bytes()
+
+
+def current_rss_bytes() -> int | None:
+    """The process's resident set size in bytes now, or None where /proc is not available."""
+    rss = _proc_status_kib("VmRSS")
+    return None if rss is None else rss * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset the peak RSS to the current RSS (Linux >= 4.0); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
 
 
 def measure(
@@ -66,17 +115,41 @@ def measure(
     Args:
         fn: a closure doing the work (e.g. forward + backward); its result is dropped.
         device: where the work runs; CUDA uses events and the caching allocator's peak.
+        warmup: untimed runs first (compilation, autotuning, caches).
+        repeat: timed runs.
+        max_seconds: stop timing after this long once at least 3 runs are done.
+
+    Returns:
+        A :class:`Measurement` (times in ms, peak memory in bytes above the state before ``fn``).
+
+    Example:
+        >>> x = torch.randn(64, 32)
+        >>> m = measure(lambda: x @ x.T, device="cpu", warmup=1, repeat=5)
+        >>> m.repeats, m.p20_ms <= m.median_ms <= m.p80_ms
+        (5, True)
     """
     device = torch.device(device)
     is_cuda = device.type == "cuda"
+    if repeat < 1:
+        raise ValueError(f"repeat must be >= 1, got {repeat}")
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}")
+    if not is_cuda:
+        # The warmup is inside the CPU memory window: after it, freed pages stay resident in the C
+        # allocator and the timed runs would show no growth at all.
+        # Young generations only: a full collection costs ~0.5 s once torch is imported.
+        gc.collect(1)
+        current = current_rss_bytes()
+        if current is not None and reset_peak_rss():
+            memory_method, base = "rss_reset_peak", current
+        else:
+            memory_method, base = "rss_peak_growth", _peak_rss_bytes()
     for _ in range(warmup):
         fn()
     if is_cuda:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-    else:
-        base = _peak_rss_bytes()
+        memory_method, base = "cuda_allocator", torch.cuda.memory_allocated(device)
     times: list[float] = []
     start_all = time.perf_counter()
     for _ in range(repeat):
@@ -103,13 +176,25 @@ def measure(
         p80_ms=_quantile(times, 0.8),
         peak_extra_bytes=max(int(peak), 0),
         repeats=len(times),
+        memory_method=memory_method,
     )
 
 
-def matmul_floor(n: int, d: int, dtype: torch.dtype, device: torch.device | str, **kwargs: Any) -> Measurement:
-    """Time of ``x @ x.T`` for x of shape (n, d): the floor any exact all-pairs method must pay."""
+def matmul_floor(
+    n: int, d: int, dtype: torch.dtype, device: torch.device | str, m: int | None = None, **kwargs: Any
+) -> Measurement:
+    """Time of ``x @ y.T`` for x (n, d) and y (m, d), y = x when ``m`` is None.
+
+    That product (2 n m d FLOPs) is the floor any exact all-pairs method must pay; ``kwargs`` go to
+    :func:`measure`.
+
+    Example:
+        >>> matmul_floor(32, 16, torch.float32, "cpu", repeat=3).repeats
+        3
+    """
     x = torch.randn(n, d, device=device, dtype=dtype)
-    return measure(lambda: x @ x.T, device=device, **kwargs)
+    y = x if m is None else torch.randn(m, d, device=device, dtype=dtype)
+    return measure(lambda: x @ y.T, device=device, **kwargs)
 
 
 def device_name(device: torch.device | str) -> str:
@@ -146,6 +231,9 @@ def environment_fields(device: torch.device | str) -> dict[str, str]:
         "torch": torch.__version__,
         "triton": triton_version,
         "commit": _git_commit(),
+        "threads": str(torch.get_num_threads()),
+        # CPU timings on a shared machine depend on what else runs: keep the 1-minute load.
+        "load_avg": f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "",
     }
 
 

@@ -1,0 +1,410 @@
+"""Prototypical logits / head, few-shot accuracy with CI, and the evaluate protocol."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import backends_to_test
+from hypothesis import given
+from hypothesis import strategies as st
+from torch.utils.data import Dataset
+
+from torchfg.data import EpisodicSampler, split_episode
+from torchfg.fewshot import evaluate
+from torchfg.functional import class_prototypes, prototype_logits, prototypical_logits
+from torchfg.heads import PrototypicalHead
+from torchfg.metrics import few_shot_accuracy
+
+
+def make_episode(
+    n_classes: int, n_query: int, dim: int, *, seed: int, dtype: torch.dtype = torch.float32, uneven: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Support with arbitrary (non-contiguous, negative, unsorted) labels and uneven shot counts."""
+    g = torch.Generator().manual_seed(seed)
+    class_ids = torch.randperm(1000, generator=g)[:n_classes] - 300
+    shots = torch.randint(1, 5, (n_classes,), generator=g) if uneven else torch.full((n_classes,), 3)
+    labels = class_ids.repeat_interleave(shots)
+    labels = labels[torch.randperm(labels.numel(), generator=g)]
+    support = torch.randn(labels.numel(), dim, generator=g, dtype=dtype)
+    query = torch.randn(n_query, dim, generator=g, dtype=dtype)
+    return support, labels, query
+
+
+def loop_prototypes(support: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    classes = sorted(set(labels.tolist()))
+    rows = [support[labels == c].mean(dim=0) for c in classes]
+    return torch.stack(rows), classes
+
+
+def loop_distance(a: torch.Tensor, b: torch.Tensor, metric: str) -> float:
+    if metric == "sqeuclidean":
+        return float(((a - b) ** 2).sum())
+    if metric == "euclidean":
+        return float(((a - b) ** 2).sum().sqrt())
+    if metric == "cosine":
+        return float(1 - (a @ b) / (a.norm() * b.norm()))
+    if metric == "dot":
+        return float(-(a @ b))
+    raise AssertionError(metric)
+
+
+# --------------------------------------------------------------------------- logits
+
+
+@pytest.mark.parametrize("backend", backends_to_test())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_logits_equal_negative_squared_cdist(backend: str, dtype: torch.dtype) -> None:
+    support, labels, query = make_episode(7, 13, 37, seed=1, dtype=dtype)
+    logits = torch.full((13, 7), float("nan"), dtype=dtype)  # poison: every entry must be written
+    logits.copy_(prototypical_logits(support, labels, query, backend=backend))
+    prototypes, classes = loop_prototypes(support, labels)
+    expected = -torch.cdist(query, prototypes) ** 2
+    tol = 1e-4 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(logits, expected, rtol=tol, atol=tol)
+    got_prototypes, got_classes = class_prototypes(support, labels)
+    assert got_classes.tolist() == classes
+    torch.testing.assert_close(got_prototypes, prototypes, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("metric", ["sqeuclidean", "euclidean", "cosine", "dot"])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_logits_match_explicit_loop(metric: str, normalize: bool) -> None:
+    support, labels, query = make_episode(5, 9, 11, seed=2, dtype=torch.float64)
+    temperature = 0.37
+    logits = prototypical_logits(
+        support, labels, query, metric=metric, temperature=temperature, normalize=normalize
+    )
+    if normalize:
+        support = support / support.norm(dim=1, keepdim=True)
+        query = query / query.norm(dim=1, keepdim=True)
+    classes = sorted(set(labels.tolist()))
+    expected = torch.empty(9, 5, dtype=torch.float64)
+    for i in range(9):
+        for j, c in enumerate(classes):
+            members = [support[s] for s in range(labels.numel()) if labels[s] == c]
+            prototype = sum(members) / len(members)
+            expected[i, j] = -loop_distance(query[i], prototype, metric) / temperature
+    torch.testing.assert_close(logits, expected, rtol=1e-9, atol=1e-9)
+
+
+@given(
+    n_classes=st.integers(1, 9),
+    n_query=st.integers(0, 12),
+    dim=st.integers(1, 40),
+    seed=st.integers(0, 2**16),
+)
+def test_logits_random_sizes(n_classes: int, n_query: int, dim: int, seed: int) -> None:
+    support, labels, query = make_episode(n_classes, n_query, dim, seed=seed, dtype=torch.float64)
+    logits = prototypical_logits(support, labels, query)
+    prototypes, _ = loop_prototypes(support, labels)
+    assert logits.shape == (n_query, n_classes)
+    torch.testing.assert_close(logits, -torch.cdist(query, prototypes) ** 2, rtol=1e-9, atol=1e-9)
+
+
+def test_one_shot_prototypes_are_the_support() -> None:
+    g = torch.Generator().manual_seed(3)
+    support = torch.randn(5, 19, generator=g)
+    labels = torch.tensor([40, -2, 7, 13, 0])
+    query = torch.randn(8, 19, generator=g)
+    prototypes, classes = class_prototypes(support, labels)
+    order = torch.argsort(labels)
+    assert torch.equal(classes, labels[order])
+    assert torch.equal(prototypes, support[order])
+    torch.testing.assert_close(
+        prototypical_logits(support, labels, query), -torch.cdist(query, support[order]) ** 2, rtol=1e-4, atol=1e-4
+    )
+
+
+def test_invariant_to_support_order_and_relabelling() -> None:
+    support, labels, query = make_episode(6, 21, 17, seed=4, dtype=torch.float64)
+    head = PrototypicalHead()
+    reference_logits = head(support, labels, query)
+    reference_pred = head.predict(query)
+
+    perm = torch.randperm(labels.numel(), generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(head(support[perm], labels[perm], query), reference_logits, rtol=1e-12, atol=1e-12)
+    assert torch.equal(head.predict(support[perm], labels[perm], query), reference_pred)
+
+    # An arbitrary (non-monotone) relabelling: predictions follow the mapping.
+    classes = sorted(set(labels.tolist()))
+    new_ids = torch.randperm(100, generator=torch.Generator().manual_seed(6))[: len(classes)] * 7 - 50
+    mapping = dict(zip(classes, new_ids.tolist()))
+    relabelled = torch.tensor([mapping[v] for v in labels.tolist()])
+    pred = head.predict(support, relabelled, query)
+    assert pred.tolist() == [mapping[v] for v in reference_pred.tolist()]
+    assert head.classes.tolist() == sorted(mapping.values())
+
+
+def test_duplicate_queries_get_identical_rows() -> None:
+    support, labels, query = make_episode(5, 6, 23, seed=7)
+    query = torch.cat([query, query[2:3], query[2:3], query[0:1]])
+    logits = prototypical_logits(support, labels, query, metric="euclidean")
+    assert torch.equal(logits[6], logits[2]) and torch.equal(logits[7], logits[2])
+    assert torch.equal(logits[8], logits[0])
+
+
+def test_gradients_flow_to_support_and_query() -> None:
+    support, labels, query = make_episode(4, 5, 6, seed=8, dtype=torch.float64)
+    support.requires_grad_(True)
+    query.requires_grad_(True)
+    for metric in ("sqeuclidean", "euclidean", "cosine", "dot"):
+        torch.autograd.gradcheck(
+            lambda s, q: prototypical_logits(s, labels, q, metric=metric, temperature=0.5, normalize=True),
+            (support, query),
+        )
+    targets = torch.randint(0, 4, (5,), generator=torch.Generator().manual_seed(9))
+    loss = torch.nn.functional.cross_entropy(PrototypicalHead()(support, labels, query), targets)
+    loss.backward()
+    assert support.grad is not None and support.grad.abs().sum() > 0
+    assert query.grad is not None and query.grad.abs().sum() > 0
+
+
+def test_half_precision_runs_close_to_fp32() -> None:
+    support, labels, query = make_episode(5, 7, 16, seed=10)
+    for dtype in (torch.float16, torch.bfloat16):
+        logits = prototypical_logits(support.to(dtype), labels, query.to(dtype), metric="cosine")
+        assert logits.dtype == dtype
+        expected = prototypical_logits(support.to(dtype).float(), labels, query.to(dtype).float(), metric="cosine")
+        torch.testing.assert_close(logits.float(), expected, rtol=2e-2, atol=2e-2)
+
+
+def test_empty_query_gives_empty_logits() -> None:
+    support, labels, _ = make_episode(3, 1, 8, seed=11)
+    logits = prototypical_logits(support, labels, torch.empty(0, 8))
+    assert logits.shape == (0, 3)
+    head = PrototypicalHead().fit(support, labels)
+    assert head.predict(torch.empty(0, 8)).shape == (0,)
+
+
+# --------------------------------------------------------------------------- head
+
+
+def test_head_fit_then_forward_matches_episode_call() -> None:
+    support, labels, query = make_episode(5, 12, 20, seed=12)
+    head = PrototypicalHead("cosine", temperature=0.1, normalize=True)
+    episode_logits = head(support, labels, query)
+    fitted = PrototypicalHead("cosine", temperature=0.1, normalize=True).fit(support, labels)
+    assert fitted.n_way == 5
+    assert torch.equal(fitted.classes, torch.unique(labels))
+    torch.testing.assert_close(fitted(query), episode_logits)
+    torch.testing.assert_close(fitted(query[:3]), episode_logits[:3])
+    assert torch.equal(fitted.predict(query), fitted.classes[episode_logits.argmax(1)])
+    assert "prototypes" not in fitted.state_dict() and "classes" not in fitted.state_dict()
+
+
+def test_head_fit_stores_detached_prototypes_but_query_gets_gradient() -> None:
+    support, labels, query = make_episode(3, 4, 5, seed=13)
+    support.requires_grad_(True)
+    query.requires_grad_(True)
+    head = PrototypicalHead().fit(support, labels)
+    assert not head.prototypes.requires_grad
+    head(query).sum().backward()
+    assert query.grad is not None and support.grad is None
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_bad_input_errors_name_the_argument() -> None:
+    support, labels, query = make_episode(4, 5, 8, seed=14)
+    with pytest.raises(ValueError, match="query.*D=7.*support D=8"):
+        prototypical_logits(support, labels, query[:, :7])
+    with pytest.raises(ValueError, match="support.*empty"):
+        prototypical_logits(torch.empty(0, 8), torch.empty(0, dtype=torch.long), query)
+    with pytest.raises(ValueError, match="prototypes.*0 classes"):
+        prototype_logits(query, torch.empty(0, 8))
+    with pytest.raises(ValueError, match="0 classes.*fit"):
+        PrototypicalHead()(query)
+    with pytest.raises(ValueError, match="query is missing"):
+        PrototypicalHead()(support, labels)
+    with pytest.raises(TypeError, match="support_labels.*integer"):
+        prototypical_logits(support, labels.float(), query)
+    with pytest.raises(ValueError, match="support_labels.*1-D"):
+        prototypical_logits(support, labels.view(-1, 1), query)
+    with pytest.raises(ValueError, match="support_labels.*length"):
+        prototypical_logits(support, labels[:-1], query)
+    with pytest.raises(TypeError, match="support_labels.*torch.Tensor"):
+        prototypical_logits(support, labels.tolist(), query)
+    with pytest.raises(ValueError, match="support.*2 dims"):
+        prototypical_logits(support[0], labels[:1], query)
+    with pytest.raises(ValueError, match="query.*2 dims"):
+        prototypical_logits(support, labels, query[0])
+    with pytest.raises(TypeError, match="query.*support.*dtype"):
+        prototypical_logits(support, labels, query.double())
+    with pytest.raises(ValueError, match="metric"):
+        prototypical_logits(support, labels, query, metric="manhattan")
+    with pytest.raises(ValueError, match="temperature"):
+        PrototypicalHead(temperature=0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        prototypical_logits(support, labels, query, temperature=-1.0)
+
+
+# --------------------------------------------------------------------------- accuracy + CI
+
+
+def test_few_shot_accuracy_forms_agree_with_formula() -> None:
+    g = torch.Generator().manual_seed(15)
+    n_query, n_way, n_episodes = 11, 5, 37
+    episodes = []
+    for _ in range(n_episodes):
+        logits = torch.randn(n_query, n_way, generator=g)
+        labels = torch.randint(0, n_way, (n_query,), generator=g)
+        episodes.append((logits, labels))
+    correct = torch.tensor([int((lg.argmax(1) == lb).sum()) for lg, lb in episodes])
+    accuracies = correct.double() / n_query
+
+    for ddof in (0, 1):
+        expected_mean = float(accuracies.mean())
+        expected_ci = 1.96 * float(np.std(accuracies.numpy(), ddof=ddof)) / math.sqrt(n_episodes)
+        for result in (
+            few_shot_accuracy(episodes, ddof=ddof),
+            few_shot_accuracy(accuracies, ddof=ddof),
+            few_shot_accuracy(accuracies.tolist(), ddof=ddof),
+            few_shot_accuracy(correct, n_per_episode=n_query, ddof=ddof),
+            few_shot_accuracy(correct.numpy(), n_per_episode=[n_query] * n_episodes, ddof=ddof),
+        ):
+            assert result[0] == pytest.approx(expected_mean, rel=1e-12)
+            assert result[1] == pytest.approx(expected_ci, rel=1e-12)
+    assert few_shot_accuracy(torch.tensor([0.5, 0.75, 1.0, 0.75])) == pytest.approx((0.75, 1.96 * 0.125 / 2 * math.sqrt(8 / 3)))
+
+
+def test_few_shot_accuracy_bad_input() -> None:
+    with pytest.raises(ValueError, match="at least 2 episodes"):
+        few_shot_accuracy([0.5])
+    with pytest.raises(ValueError, match="at least 2 episodes"):
+        few_shot_accuracy([])
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        few_shot_accuracy([55.0, 60.0])
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        few_shot_accuracy([0.5, float("nan")])
+    with pytest.raises(ValueError, match="n_per_episode is required"):
+        few_shot_accuracy([3, 4])
+    with pytest.raises(ValueError, match="correct counts"):
+        few_shot_accuracy([3, 16], n_per_episode=15)
+    with pytest.raises(ValueError, match="n_per_episode"):
+        few_shot_accuracy([0.3, 0.4], n_per_episode=15)
+    with pytest.raises(ValueError, match="results.*1-D"):
+        few_shot_accuracy(torch.rand(3, 4))
+    with pytest.raises(ValueError, match=r"results\[1\].*labels"):
+        few_shot_accuracy([(torch.randn(4, 3), torch.tensor([0, 1, 2, 0])), (torch.randn(4, 3), torch.tensor([0, 1]))])
+    with pytest.raises(ValueError, match=r"results\[0\].*column"):
+        few_shot_accuracy([(torch.randn(2, 3), torch.tensor([0, 3])), (torch.randn(2, 3), torch.tensor([0, 1]))])
+    with pytest.raises(ValueError, match="ddof"):
+        few_shot_accuracy([0.3, 0.4], ddof=2)
+    with pytest.raises(TypeError, match="results"):
+        few_shot_accuracy("0.5")
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+def clustered_embeddings(n_classes: int, per_class: int, dim: int, noise: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    labels = (torch.arange(n_classes) * 3 + 5).repeat_interleave(per_class)  # non-contiguous labels
+    centres = torch.randn(n_classes, dim, generator=g)
+    embeddings = centres.repeat_interleave(per_class, 0) + noise * torch.randn(n_classes * per_class, dim, generator=g)
+    order = torch.randperm(labels.numel(), generator=g)
+    return embeddings[order], labels[order]
+
+
+def manual_protocol(
+    embeddings: torch.Tensor, labels: torch.Tensor, n_way: int, n_shot: int, n_query: int, n_episodes: int,
+    seed: int, metric: str, normalize: bool,
+) -> tuple[float, float]:
+    """The protocol written out episode by episode with the public building blocks."""
+    results = []
+    for index in EpisodicSampler(labels, n_way, n_shot, n_query, n_episodes, seed=seed):
+        support, support_labels, query, query_labels = split_episode(
+            embeddings[index], labels[index], n_way, n_shot, n_query
+        )
+        head = PrototypicalHead(metric, normalize=normalize)
+        logits = head(support, support_labels, query)
+        results.append((logits, torch.searchsorted(head.classes, query_labels)))
+    return few_shot_accuracy(results)
+
+
+@pytest.mark.parametrize("metric,normalize", [("sqeuclidean", False), ("cosine", True), ("euclidean", True)])
+def test_evaluate_matches_episode_by_episode_protocol(metric: str, normalize: bool) -> None:
+    embeddings, labels = clustered_embeddings(12, 23, 16, noise=1.6, seed=16)
+    results = evaluate(
+        None, (embeddings, labels), n_way=5, n_shot=(1, 3), n_query=7, n_episodes=40,
+        seed=3, progress=False, metric=metric, normalize=normalize,
+    )
+    assert set(results) == {1, 3}
+    for shot in (1, 3):
+        expected = manual_protocol(embeddings, labels, 5, shot, 7, 40, 3, metric, normalize)
+        assert results[shot][0] == pytest.approx(expected[0], abs=1e-12)
+        assert results[shot][1] == pytest.approx(expected[1], abs=1e-12)
+        assert 0.2 < results[shot][0] < 1.0 and results[shot][1] > 0  # a non-trivial task
+    assert results[3][0] > results[1][0]
+
+
+def test_evaluate_extremes() -> None:
+    separable, labels = clustered_embeddings(8, 20, 12, noise=1e-3, seed=17)
+    assert evaluate(None, (separable, labels), n_episodes=30, progress=False, n_shot=1) == {1: (1.0, 0.0)}
+    g = torch.Generator().manual_seed(18)
+    noise = torch.randn(8 * 20, 12, generator=g)
+    chance = evaluate(None, (noise, labels), n_way=4, n_shot=1, n_query=10, n_episodes=300, progress=False)
+    mean, ci95 = chance[1]
+    assert abs(mean - 0.25) < 3 * ci95 + 0.01
+
+
+class ImageDataset(Dataset):
+    """Fake images (3, 4, 4) with int labels and an extra field, as torchvision-style datasets give."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str]:
+        return self.images[i], int(self.labels[i]), f"item{i}"
+
+
+def test_evaluate_dataset_and_model(capsys: pytest.CaptureFixture) -> None:
+    centres, labels = clustered_embeddings(9, 21, 48, noise=2.0, seed=20)
+    images = centres.view(-1, 3, 4, 4)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Dropout(0.5), torch.nn.Linear(48, 24))
+    model.train()
+    results = evaluate(model, ImageDataset(images, labels), n_shot=2, n_query=5, n_episodes=25, batch_size=17, progress=False)
+    assert model.training  # restored
+    with torch.no_grad():
+        embeddings = model.eval()(images)  # eval: dropout off, as evaluate does
+    expected = evaluate(None, (embeddings, labels), n_shot=2, n_query=5, n_episodes=25, progress=False)
+    assert results[2] == pytest.approx(expected[2], abs=1e-9)
+    # Tensors of raw inputs go through the model too.
+    assert evaluate(model, (images, labels), n_shot=2, n_query=5, n_episodes=25, progress=False)[2] == pytest.approx(
+        expected[2], abs=1e-9
+    )
+    captured = capsys.readouterr()
+    assert "episode" not in captured.err and "embedding" not in captured.err
+    evaluate(None, (embeddings, labels), n_shot=2, n_query=5, n_episodes=25, progress=True)
+    assert "2-shot" in capsys.readouterr().err
+
+
+def test_evaluate_bad_input() -> None:
+    embeddings, labels = clustered_embeddings(6, 20, 8, noise=1.0, seed=21)
+    with pytest.raises(TypeError, match="dataset_or_tensors"):
+        evaluate(None, embeddings, progress=False)
+    with pytest.raises(ValueError, match="dataset_or_tensors.*same length"):
+        evaluate(None, (embeddings, labels[:-1]), progress=False)
+    with pytest.raises(TypeError, match="labels.*integers"):
+        evaluate(None, (embeddings, labels.float()), progress=False)
+    with pytest.raises(ValueError, match="embed_fn's output.*shape"):
+        evaluate(lambda x: x.sum(1), (embeddings, labels), progress=False)
+    with pytest.raises(ValueError, match="inputs.*embed_fn=None"):
+        evaluate(None, (embeddings.view(-1, 2, 4), labels), progress=False)
+    with pytest.raises(TypeError, match="embed_fn must be callable"):
+        evaluate("model", (embeddings, labels), progress=False)
+    with pytest.raises(ValueError, match="n_episodes"):
+        evaluate(None, (embeddings, labels), n_episodes=1, progress=False)
+    with pytest.raises(ValueError, match="n_shot"):
+        evaluate(None, (embeddings, labels), n_shot=(1, 1), progress=False)
+    with pytest.raises(ValueError, match="n_way=7"):
+        evaluate(None, (embeddings, labels), n_way=7, n_shot=1, n_query=5, progress=False)
+    with pytest.warns(UserWarning, match="skipping 6 of 6"), pytest.raises(ValueError, match="n_way"):
+        evaluate(None, (embeddings, labels), n_shot=5, n_query=16, progress=False)

@@ -1,0 +1,522 @@
+"""Semantic channel attention, the three fusion baselines, wrap_backbone and the multi-label head."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from torchfg.functional import resize_semantic, semantic_foreground, semantic_weighted_pool
+from torchfg.heads import MultiLabelHead
+from torchfg.layers import (
+    SemanticBackbone,
+    SemanticChannelAttention,
+    SemanticFusion,
+    make_semantic_module,
+    widen_first_conv,
+    wrap_backbone,
+)
+
+KINDS = ("attention", "input_concat", "feature_concat", "mask")
+FUSION_MODES = ("input_concat", "feature_concat", "mask")
+
+
+def _randomize(module: nn.Module, seed: int) -> None:
+    """Move every parameter off its init, as training would."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+
+
+# ---------------------------------------------------------------- attention
+
+
+@pytest.mark.parametrize("semantic_size", [(13, 11), (5, 7), (3, 2), (40, 33), (1, 1), (5, 31)])
+def test_attention_shapes_for_any_semantic_resolution(semantic_size):
+    torch.manual_seed(0)
+    layer = SemanticChannelAttention(24, 5, reduction=4)
+    features = torch.randn(3, 24, 5, 7)
+    semantic = torch.rand(3, 5, *semantic_size)
+    out, weights = layer(features, semantic, return_attention=True)
+    assert out.shape == features.shape and out.dtype == features.dtype
+    assert weights.shape == (3, 24)
+    assert bool(((weights > 0) & (weights < 1)).all())
+    torch.testing.assert_close(out, features * 2 * weights[:, :, None, None])
+    assert torch.isfinite(out).all()
+
+
+def test_attention_without_residual_is_plain_gating():
+    torch.manual_seed(1)
+    layer = SemanticChannelAttention(16, 3, residual=False)
+    features, semantic = torch.randn(2, 16, 6, 6), torch.rand(2, 3, 12, 12)
+    out, weights = layer(features, semantic, return_attention=True)
+    torch.testing.assert_close(out, features * weights[:, :, None, None])
+
+
+@pytest.mark.parametrize("trained", [False, True])
+def test_zero_map_gives_identity_with_residual(trained):
+    torch.manual_seed(2)
+    layer = SemanticChannelAttention(32, 6, embed_channels=8, reduction=4)
+    if trained:
+        _randomize(layer, seed=3)
+    features = torch.randn(2, 32, 7, 5)
+    out, weights = layer(features, torch.zeros(2, 6, 20, 20), return_attention=True)
+    torch.testing.assert_close(weights, torch.full_like(weights, 0.5))
+    torch.testing.assert_close(out, features)
+
+
+def test_random_map_changes_features_and_depends_on_image():
+    torch.manual_seed(4)
+    layer = SemanticChannelAttention(16, 4, reduction=2)
+    _randomize(layer, seed=5)
+    features = torch.randn(2, 16, 6, 6)
+    semantic = torch.rand(2, 4, 9, 9)
+    out, weights = layer(features, semantic, return_attention=True)
+    assert (out - features).abs().max() > 1e-2
+    # Per-image weights: swapping the maps of the two images changes each image's weights.
+    _, swapped = layer(features, semantic.flip(0), return_attention=True)
+    assert (swapped - weights).abs().max() > 1e-3
+
+
+def test_attention_ignores_features_outside_the_region_of_interest():
+    """Background clutter (features where the map is zero) must not move the channel weights."""
+    torch.manual_seed(6)
+    layer = SemanticChannelAttention(12, 2, reduction=2)
+    _randomize(layer, seed=7)
+    features = torch.randn(2, 12, 8, 8)
+    semantic = torch.zeros(2, 2, 8, 8)
+    semantic[:, 0, 2:5, 1:4] = 1.0
+    semantic[:, 1, 5:7, 5:8] = 0.7
+    cluttered = features.clone()
+    background = (semantic.sum(1, keepdim=True) == 0).expand_as(features)
+    cluttered[background] = torch.randn(int(background.sum())) * 10
+    _, clean_weights = layer(features, semantic, return_attention=True)
+    _, cluttered_weights = layer(cluttered, semantic, return_attention=True)
+    torch.testing.assert_close(cluttered_weights, clean_weights)
+    # ... whereas foreground features do move them.
+    changed = features.clone()
+    changed[~background] += 3.0
+    _, foreground_weights = layer(changed, semantic, return_attention=True)
+    assert (foreground_weights - clean_weights).abs().max() > 1e-3
+
+
+def test_gradients_reach_features_embedding_and_mlp():
+    torch.manual_seed(8)
+    layer = SemanticChannelAttention(20, 3, embed_channels=6, reduction=4)
+    features = torch.randn(2, 20, 5, 5, requires_grad=True)
+    semantic = torch.rand(2, 3, 17, 13)
+    target = torch.randn(2, 20, 5, 5)
+    ((layer(features, semantic) - target) ** 2).sum().backward()
+    grads = {"features": features.grad}
+    grads.update({name: p.grad for name, p in layer.named_parameters()})
+    assert set(grads) == {"features", "embedding.0.weight", "embedding.2.weight", "foreground_logits",
+                          "mlp.0.weight", "mlp.2.weight"}
+    for name, grad in grads.items():
+        assert grad is not None, name
+        assert torch.isfinite(grad).all(), name
+        assert grad.abs().max() > 0, name
+
+
+def test_bool_map_equals_float_map():
+    torch.manual_seed(9)
+    layer = SemanticChannelAttention(8, 2)
+    features = torch.randn(2, 8, 4, 4)
+    mask = torch.rand(2, 2, 8, 8) > 0.5
+    torch.testing.assert_close(layer(features, mask), layer(features, mask.float()))
+
+
+@pytest.mark.parametrize(
+    "features_shape, semantic_shape, semantic_dtype, error, match",
+    [
+        ((2, 9, 4, 4), (2, 3, 8, 8), torch.float32, ValueError, "features must have 8 channels"),
+        ((2, 8, 4), (2, 3, 8, 8), torch.float32, ValueError, "features must have 4 dims"),
+        ((2, 8, 4, 4), (2, 4, 8, 8), torch.float32, ValueError, "semantic must have 3 channels"),
+        ((2, 8, 4, 4), (3, 3, 8, 8), torch.float32, ValueError, "semantic must have batch size 2"),
+        ((2, 8, 4, 4), (2, 3, 8), torch.float32, ValueError, r"semantic must have shape \(B, K, h, w\)"),
+        ((2, 8, 4, 4), (2, 3, 0, 8), torch.float32, ValueError, "semantic must have a non-empty"),
+        ((2, 8, 4, 4), (2, 3, 8, 8), torch.int64, TypeError, "semantic must be a floating-point or bool"),
+    ],
+)
+def test_attention_rejects_bad_input(features_shape, semantic_shape, semantic_dtype, error, match):
+    layer = SemanticChannelAttention(8, 3)
+    semantic = torch.zeros(semantic_shape, dtype=semantic_dtype)
+    with pytest.raises(error, match=match):
+        layer(torch.randn(features_shape), semantic)
+    with pytest.raises(TypeError, match="features must be a torch.Tensor"):
+        layer([1.0], torch.zeros(2, 3, 8, 8))
+
+
+def test_constructor_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="in_channels"):
+        SemanticChannelAttention(0, 3)
+    with pytest.raises(TypeError, match="semantic_channels"):
+        SemanticChannelAttention(8, 2.5)
+    with pytest.raises(ValueError, match="reduction"):
+        SemanticChannelAttention(8, 3, reduction=0)
+    with pytest.raises(TypeError, match="residual"):
+        SemanticChannelAttention(8, 3, residual=1)
+    with pytest.raises(ValueError, match="mode"):
+        SemanticFusion(8, 3, mode="add")
+    with pytest.raises(ValueError, match="foreground_channels"):
+        SemanticFusion(8, 3, mode="mask", foreground_channels=[3])
+    with pytest.raises(ValueError, match="kind"):
+        make_semantic_module("se", 8, 3)
+
+
+# ---------------------------------------------------------------- fusions
+
+
+def test_input_concat_appends_the_resized_map():
+    torch.manual_seed(10)
+    fusion = SemanticFusion(3, 4, mode="input_concat")
+    images, semantic = torch.randn(2, 3, 16, 12), torch.rand(2, 4, 32, 24)
+    out = fusion(images, semantic)
+    assert out.shape == (2, 7, 16, 12) and fusion.out_channels == 7
+    torch.testing.assert_close(out[:, :3], images)
+    torch.testing.assert_close(out[:, 3:], F.avg_pool2d(semantic, 2))
+
+
+def test_mask_multiplies_by_the_region_of_interest():
+    torch.manual_seed(11)
+    features = torch.randn(2, 5, 6, 6)
+    semantic = torch.rand(2, 3, 6, 6)
+    out = SemanticFusion(5, 3, mode="mask")(features, semantic)
+    torch.testing.assert_close(out, features * semantic.sum(1, keepdim=True).clamp(0, 1))
+    out = SemanticFusion(5, 3, mode="mask", foreground_channels=[1, 2])(features, semantic)
+    torch.testing.assert_close(out, features * semantic[:, 1:].sum(1, keepdim=True).clamp(0, 1))
+
+
+def test_feature_concat_starts_as_identity_and_learns_to_use_the_map():
+    torch.manual_seed(12)
+    fusion = SemanticFusion(10, 3, mode="feature_concat", embed_channels=4)
+    features, semantic = torch.randn(2, 10, 5, 5, requires_grad=True), torch.rand(2, 3, 15, 15)
+    out = fusion(features, semantic)
+    torch.testing.assert_close(out, features)
+    out.pow(2).sum().backward()
+    assert fusion.project.weight.grad[:, 10:].abs().max() > 0  # the map's part of the projection learns
+    _randomize(fusion, seed=13)
+    out_a = fusion(features, semantic)
+    out_b = fusion(features, torch.rand(2, 3, 15, 15))
+    assert out_a.shape == (2, 10, 5, 5) and (out_a - out_b).abs().max() > 1e-3
+
+
+def test_make_semantic_module_builds_every_kind():
+    for kind in KINDS:
+        module = make_semantic_module(kind, 8, 3)
+        out = module(torch.randn(2, 8, 4, 4), torch.rand(2, 3, 9, 9))
+        expected_channels = 11 if kind == "input_concat" else 8
+        assert out.shape == (2, expected_channels, 4, 4), kind
+
+
+def test_widen_first_conv_keeps_the_function_and_learns_the_new_channels():
+    torch.manual_seed(14)
+    conv = nn.Conv2d(3, 6, 5, stride=2, padding=2, bias=True)
+    widened = widen_first_conv(conv, 4)
+    assert widened.weight.shape == (6, 7, 5, 5)
+    assert widened.stride == conv.stride and widened.padding == conv.padding
+    images, semantic = torch.randn(2, 3, 11, 9), torch.rand(2, 4, 11, 9)
+    out = widened(torch.cat([images, semantic], 1))
+    torch.testing.assert_close(out, conv(images))
+    out.sum().backward()
+    assert widened.weight.grad[:, 3:].abs().max() > 0
+    with pytest.raises(ValueError, match="groups"):
+        widen_first_conv(nn.Conv2d(4, 4, 3, groups=2), 2)
+    with pytest.raises(TypeError, match="conv"):
+        widen_first_conv(nn.Linear(3, 3), 2)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bf16_autocast_on_cpu(kind):
+    torch.manual_seed(15)
+    in_channels = 3 if kind == "input_concat" else 16
+    module = make_semantic_module(kind, in_channels, 3)
+    _randomize(module, seed=16)
+    features = torch.randn(2, in_channels, 6, 5, requires_grad=True)
+    semantic = torch.rand(2, 3, 13, 10)
+    reference = module(features, semantic)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = module(features, semantic)
+    assert out.shape == reference.shape
+    assert torch.isfinite(out.float()).all()
+    torch.testing.assert_close(out.float(), reference, atol=0.1, rtol=0.05)
+    out.float().sum().backward()
+    assert torch.isfinite(features.grad).all()
+    # bf16 end to end
+    module_bf16 = make_semantic_module(kind, in_channels, 3)
+    module_bf16.load_state_dict(module.state_dict())
+    out_bf16 = module_bf16.to(torch.bfloat16)(features.detach().bfloat16(), semantic.bfloat16())
+    assert out_bf16.dtype == torch.bfloat16
+    torch.testing.assert_close(out_bf16.float(), reference, atol=0.15, rtol=0.05)
+
+
+# ---------------------------------------------------------------- torch.compile
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_compile_fullgraph_forward_backward(kind):
+    """Graph capture without breaks plus AOT autograd (fast 'aot_eager' backend)."""
+    torch.manual_seed(17)
+    in_channels = 3 if kind == "input_concat" else 16
+    module = make_semantic_module(kind, in_channels, 3)
+    features = torch.randn(2, in_channels, 5, 7, requires_grad=True)
+    semantic = torch.rand(2, 3, 11, 9)
+    torch._dynamo.reset()
+    compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
+    out = compiled(features, semantic)
+    torch.testing.assert_close(out, module(features, semantic))
+    (grad,) = torch.autograd.grad(out.pow(2).sum(), features)
+    (expected,) = torch.autograd.grad(module(features, semantic).pow(2).sum(), features)
+    torch.testing.assert_close(grad, expected)
+
+
+@pytest.mark.parametrize(
+    "kind",
+    # Inductor compiles take ~10-40 s each on a busy 2-core CPU: only the attention runs by default;
+    # every mode is covered by the aot_eager fullgraph test above.
+    ["attention"] + [pytest.param(mode, marks=pytest.mark.slow) for mode in FUSION_MODES],
+)
+def test_compile_inductor_forward(kind):
+    torch.manual_seed(18)
+    in_channels = 3 if kind == "input_concat" else 16
+    module = make_semantic_module(kind, in_channels, 3)
+    _randomize(module, seed=19)
+    features, semantic = torch.randn(2, in_channels, 5, 7), torch.rand(2, 3, 11, 9)
+    torch._dynamo.reset()
+    compiled = torch.compile(module, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(features, semantic), module(features, semantic), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_compile_inductor_attention_backward():
+    torch.manual_seed(20)
+    module = SemanticChannelAttention(16, 3, reduction=4)
+    features = torch.randn(2, 16, 5, 7, requires_grad=True)
+    semantic = torch.rand(2, 3, 11, 9)
+    torch._dynamo.reset()
+    compiled = torch.compile(module, fullgraph=True)
+    (grad,) = torch.autograd.grad(compiled(features, semantic).sum(), features)
+    (expected,) = torch.autograd.grad(module(features, semantic).sum(), features)
+    torch.testing.assert_close(grad, expected, atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- wrap_backbone
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.downsample = None
+        if stride != 1 or in_channels != out_channels:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), nn.BatchNorm2d(out_channels)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + identity)
+
+
+class TinyResNet(nn.Module):
+    """Stage names and call order as torchvision's ResNet (conv1, bn1, relu, maxpool, layer1..4, fc)."""
+
+    def __init__(self, widths: tuple[int, ...] = (8, 16, 24, 32), num_classes: int = 5) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, widths[0], 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        in_channels = widths[0]
+        for index, width in enumerate(widths, start=1):
+            setattr(self, f"layer{index}", _BasicBlock(in_channels, width, 1 if index == 1 else 2))
+            in_channels = width
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(in_channels, num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.avgpool(self.forward_features(x)), 1))
+
+
+def _reference_forward(resnet: nn.Module, images: torch.Tensor, attention: nn.Module, semantic: torch.Tensor):
+    """torchvision ResNet.forward written out, with the attention after layer3."""
+    x = resnet.maxpool(resnet.relu(resnet.bn1(resnet.conv1(images))))
+    x = attention(resnet.layer3(resnet.layer2(resnet.layer1(x))), semantic)
+    return resnet.fc(torch.flatten(resnet.avgpool(resnet.layer4(x)), 1))
+
+
+def test_wrap_backbone_applies_attention_after_the_named_stage():
+    torch.manual_seed(21)
+    backbone = TinyResNet().eval()
+    unwrapped = copy.deepcopy(backbone)
+    attention = SemanticChannelAttention(24, 4, reduction=4)
+    _randomize(attention, seed=22)
+    model = wrap_backbone(backbone, "layer3", attention)
+    assert isinstance(model, SemanticBackbone)
+    assert {id(p) for p in attention.parameters()} <= {id(p) for p in model.parameters()}
+    assert any(k.startswith("semantic_module.") for k in model.state_dict())
+    images, semantic = torch.randn(2, 3, 64, 48), torch.rand(2, 4, 30, 22)
+    logits = model(images, semantic)
+    torch.testing.assert_close(logits, _reference_forward(unwrapped, images, attention, semantic))
+    assert (logits - model(images, torch.rand(2, 4, 30, 22))).abs().max() > 1e-4
+    # Zero map: the residual attention is the identity, so the wrapped net equals the plain one.
+    torch.testing.assert_close(model(images, torch.zeros(2, 4, 3, 3)), unwrapped(images))
+
+    with pytest.raises(RuntimeError, match="call the SemanticBackbone wrapper"):
+        backbone(images)
+    with pytest.raises(ValueError, match="semantic must have 4 channels"):
+        model(images, torch.rand(2, 3, 30, 22))
+    assert model._semantic is None  # a failing call leaves no stale map behind
+
+
+def test_wrap_backbone_dotted_name_method_and_training_step():
+    torch.manual_seed(23)
+    backbone = TinyResNet()
+    fusion = SemanticFusion(16, 2, mode="feature_concat")
+    model = wrap_backbone(backbone, "layer2.conv2", fusion, method="forward_features")
+    features = model(torch.randn(2, 3, 32, 32), torch.rand(2, 2, 32, 32))
+    assert features.shape == (2, 32, 1, 1)
+    features.sum().backward()
+    assert fusion.project.weight.grad is not None and backbone.conv1.weight.grad is not None
+
+
+def test_wrap_backbone_input_concat_before_a_widened_first_conv():
+    torch.manual_seed(24)
+    backbone = TinyResNet().eval()
+    images, semantic = torch.randn(2, 3, 40, 40), torch.rand(2, 6, 20, 20)
+    plain = backbone(images)
+    backbone.conv1 = widen_first_conv(backbone.conv1, 6)
+    model = wrap_backbone(backbone, "conv1", SemanticFusion(3, 6, mode="input_concat"), position="before")
+    torch.testing.assert_close(model(images, semantic), plain)  # zero-initialised new filters
+    with torch.no_grad():
+        backbone.conv1.weight[:, 3:] = 0.1
+    assert (model(images, semantic) - plain).abs().max() > 1e-4
+
+
+def test_wrap_backbone_rejects_bad_arguments():
+    backbone = TinyResNet()
+    attention = SemanticChannelAttention(8, 2)
+    with pytest.raises(ValueError, match="layer_name 'layer9'"):
+        wrap_backbone(backbone, "layer9", attention)
+    with pytest.raises(TypeError, match="attention"):
+        wrap_backbone(backbone, "layer1", lambda x, s: x)
+    with pytest.raises(TypeError, match="backbone"):
+        wrap_backbone("resnet", "layer1", attention)
+    with pytest.raises(ValueError, match="position"):
+        wrap_backbone(backbone, "layer1", attention, position="inside")
+    with pytest.raises(ValueError, match="method"):
+        wrap_backbone(backbone, "layer1", attention, method="forward_head")
+
+
+def test_wrapped_backbone_compiles_fullgraph():
+    torch.manual_seed(25)
+    backbone = TinyResNet(widths=(8, 8, 8, 8))
+    model = wrap_backbone(backbone, "layer2", SemanticChannelAttention(8, 3))
+    images, semantic = torch.randn(2, 3, 32, 32), torch.rand(2, 3, 16, 16)
+    expected = model(images, semantic)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(images, semantic), expected)
+    assert model._semantic is None
+
+
+def test_wrap_backbone_on_torchvision_resnet18():
+    try:
+        import torchvision
+    except Exception as error:  # the wheel can fail with RuntimeError, not only ImportError
+        pytest.skip(f"torchvision unusable here: {type(error).__name__}: {error}")
+    torch.manual_seed(26)
+    resnet = torchvision.models.resnet18(weights=None, num_classes=7).eval()
+    unwrapped = copy.deepcopy(resnet)
+    attention = SemanticChannelAttention(256, 5)
+    model = wrap_backbone(resnet, "layer3", attention)
+    images, semantic = torch.randn(2, 3, 64, 64), torch.rand(2, 5, 64, 64)
+    logits = model(images, semantic)
+    assert logits.shape == (2, 7)
+    torch.testing.assert_close(logits, _reference_forward(unwrapped, images, attention, semantic))
+    torch.testing.assert_close(model(images, torch.zeros(2, 5, 8, 8)), unwrapped(images))
+
+
+# ---------------------------------------------------------------- functional helpers and head
+
+
+def test_resize_semantic_area_when_shrinking_bilinear_otherwise():
+    semantic = torch.rand(2, 3, 12, 8)
+    torch.testing.assert_close(resize_semantic(semantic, (3, 2)), F.avg_pool2d(semantic, 4))
+    torch.testing.assert_close(
+        resize_semantic(semantic, (24, 8)), F.interpolate(semantic, size=(24, 8), mode="bilinear", align_corners=False)
+    )
+    assert resize_semantic(semantic, (12, 8)) is semantic
+    with pytest.raises(ValueError, match="size"):
+        resize_semantic(semantic, (0, 4))
+
+
+def test_semantic_weighted_pool_is_the_masked_mean():
+    torch.manual_seed(27)
+    features = torch.randn(3, 7, 9, 5)
+    weights = torch.zeros(3, 1, 9, 5)
+    weights[0, :, 1:4, 2:5] = 1
+    weights[1, :, 0, 0] = 0.3
+    torch.testing.assert_close(semantic_weighted_pool(features, weights)[0], features[0, :, 1:4, 2:5].mean((-2, -1)))
+    torch.testing.assert_close(semantic_weighted_pool(features, weights)[1], features[1, :, 0, 0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(semantic_weighted_pool(features, weights)[2], torch.zeros(7))
+    torch.testing.assert_close(semantic_weighted_pool(features, weights, empty="mean")[2], features[2].mean((-2, -1)))
+    with pytest.raises(ValueError, match="weights must have shape"):
+        semantic_weighted_pool(features, weights[:, :, :4])
+
+
+def test_semantic_foreground_channels():
+    semantic = torch.rand(2, 4, 6, 6)
+    torch.testing.assert_close(semantic_foreground(semantic, channels=[0, 3]),
+                               (semantic[:, 0] + semantic[:, 3]).clamp(0, 1)[:, None])
+    with pytest.raises(ValueError, match="channels"):
+        semantic_foreground(semantic, channels=[4])
+
+
+@pytest.mark.parametrize("pooling", ["avg", "max", "semantic"])
+def test_multilabel_head_pooling(pooling):
+    torch.manual_seed(28)
+    head = MultiLabelHead(12, 5, pooling=pooling)
+    features = torch.randn(3, 12, 6, 4, requires_grad=True)
+    semantic = torch.zeros(3, 2, 12, 8)
+    semantic[:, 1, 2:6, 0:4] = 1.0  # -> rows 1:3, cols 0:2 at 6 x 4
+    logits = head(features, semantic)
+    assert logits.shape == (3, 5)
+    expected_pooled = {
+        "avg": features.mean((-2, -1)),
+        "max": features.amax((-2, -1)),
+        "semantic": features[:, :, 1:3, 0:2].mean((-2, -1)),
+    }[pooling]
+    torch.testing.assert_close(logits, head.classifier(expected_pooled), atol=1e-5, rtol=1e-5)
+    logits.sum().backward()
+    assert features.grad.abs().max() > 0 and head.classifier.weight.grad.abs().max() > 0
+
+
+def test_multilabel_head_semantic_edge_cases():
+    torch.manual_seed(29)
+    head = MultiLabelHead(6, 3, pooling="semantic", foreground_channels=[1])
+    features = torch.randn(2, 6, 4, 4)
+    # An empty region of interest falls back to average pooling.
+    torch.testing.assert_close(head(features, torch.zeros(2, 2, 4, 4)), head.classifier(features.mean((-2, -1))))
+    with pytest.raises(ValueError, match="semantic is required"):
+        head(features)
+    with pytest.raises(ValueError, match="foreground_channels"):
+        MultiLabelHead(6, 3, pooling="semantic", foreground_channels=[2])(features, torch.rand(2, 2, 4, 4))
+    with pytest.raises(ValueError, match="features must have 6 channels"):
+        MultiLabelHead(6, 3)(torch.randn(2, 5, 4, 4))
+    with pytest.raises(ValueError, match="pooling"):
+        MultiLabelHead(6, 3, pooling="gem")
+    pooled = torch.randn(2, 6)
+    assert MultiLabelHead(6, 3)(pooled).shape == (2, 3)

@@ -1,0 +1,479 @@
+"""The fused Triton mining kernel against a brute-force model of the contract and the reference.
+
+The brute force below builds the full N x M matrices in fp64 with explicit masks (fine at test
+sizes). Integer-valued inputs make every distance exact, so indices (tie-breaking included) must
+match exactly; on generic random inputs the kernel's choice must be valid and its exact key
+(d for positives, m - d for negatives) within rounding of the best one.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from conftest import TEST_DEVICE, requires_triton
+
+pytestmark = requires_triton
+
+kernel = pytest.importorskip("torchfg.ops.triplet.triton")
+TileConfig = kernel.TileConfig
+mine_hardest_triton = kernel.mine_hardest_triton
+mine_hardest_triton_tiled = kernel.mine_hardest_triton_tiled
+
+try:
+    from torchfg.ops.triplet.reference import mine_hardest_reference
+except ImportError:  # pragma: no cover - the reference lands in the same issue
+    mine_hardest_reference = None
+
+METRICS = ("euclidean", "sqeuclidean", "cosine", "dot")
+POISON = -7
+
+# Every block >= 16 so that the same tests also compile on a GPU (tl.dot's minimum). Split sizes
+# that are not a multiple of BLOCK_N exercise the split boundary masks.
+TILES = (
+    TileConfig(block_m=16, block_n=16, block_d=16, block_t=16, num_warps=1, num_stages=1, candidates_per_split=10**9),
+    TileConfig(block_m=16, block_n=16, block_d=16, block_t=16, num_warps=1, num_stages=1, candidates_per_split=16),
+    TileConfig(block_m=32, block_n=16, block_d=32, block_t=16, num_warps=2, num_stages=2, candidates_per_split=40),
+    TileConfig(block_m=16, block_n=32, block_d=16, block_t=32, num_warps=2, num_stages=2, candidates_per_split=None),
+    TileConfig(block_m=16, block_n=16, block_d=32, block_t=16, num_warps=2, num_stages=2, candidates_per_split=48,
+               flatten=True),
+)
+
+
+# ----------------------------------------------------------------------------- brute force
+
+
+def _cosine_matrix(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    x, y = x.double(), y.double()
+    norms = x.norm(dim=1)[:, None] * y.norm(dim=1)[None, :]
+    return torch.where(norms > 0, (x @ y.T) / norms.clamp_min(1e-300), torch.zeros_like(norms))
+
+
+def brute_force_keys(
+    anchors, candidates, anchor_labels, candidate_labels, anchor_text, candidate_text, *,
+    metric, base_margin, margin_scale, text_positive_threshold, self_offset,
+):
+    """(positive key, positive valid, negative key, negative valid), each (N, M), in fp64."""
+    a, c = anchors.double(), candidates.double()
+    n, m = a.shape[0], c.shape[0]
+    if metric in ("euclidean", "sqeuclidean"):
+        dist = (a[:, None, :] - c[None, :, :]).square().sum(-1)
+        if metric == "euclidean":
+            dist = dist.sqrt()
+    elif metric == "cosine":
+        dist = 1.0 - _cosine_matrix(a, c)
+    else:
+        dist = -(a @ c.T)
+    same = anchor_labels[:, None] == candidate_labels[None, :]
+    positive_valid = same.clone()
+    if self_offset >= 0:
+        rows = torch.arange(n, device=a.device)
+        positive_valid[rows, rows + self_offset] = False
+    negative_valid = ~same
+    margin = torch.full((n, m), float(base_margin), dtype=torch.float64, device=a.device)
+    if anchor_text is not None:
+        text_cos = _cosine_matrix(anchor_text, candidate_text)
+        margin = base_margin + margin_scale * (1.0 - text_cos) / 2.0
+        if text_positive_threshold is not None:
+            # The kernel and the reference compare in fp32 (fp64 for fp64 text).
+            threshold = torch.tensor(text_positive_threshold, dtype=anchor_text.dtype).double().item()
+            negative_valid &= text_cos < threshold
+    return dist, positive_valid, margin - dist, negative_valid
+
+
+def first_argmax(key: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """argmax over valid entries, lowest index on ties, -1 for rows without a valid entry."""
+    masked = key.masked_fill(~valid, float("-inf"))
+    best = masked.argmax(1)  # torch returns the first maximum
+    return torch.where(valid.any(1), best, -1)
+
+
+def assert_valid_best(name: str, idx: torch.Tensor, key: torch.Tensor, valid: torch.Tensor, tol: float) -> None:
+    """idx is -1 exactly where no candidate is valid, else a valid candidate whose key is within tol of the best."""
+    assert idx.dtype == torch.int64 and idx.shape == (key.shape[0],), (name, idx.dtype, idx.shape)
+    idx, key, valid = idx.cpu(), key.cpu(), valid.cpu()
+    has = valid.any(1)
+    assert torch.equal(idx == -1, ~has), f"{name}: -1 where {(~has).nonzero().flatten().tolist()}, got {idx.tolist()}"
+    rows = has.nonzero().flatten()
+    if rows.numel() == 0:
+        return
+    chosen = idx[rows]
+    assert ((chosen >= 0) & (chosen < key.shape[1])).all(), f"{name}: index out of range {chosen.tolist()}"
+    assert valid[rows, chosen].all(), f"{name}: invalid candidate chosen for rows {rows[~valid[rows, chosen]].tolist()}"
+    best = key.masked_fill(~valid, float("-inf")).max(1).values[rows]
+    gap = best - key[rows, chosen]
+    assert (gap <= tol).all(), f"{name}: selection worse than the best by {gap.max().item()} (tol {tol})"
+
+
+def _tolerance(dtype: torch.dtype, *tensors: torch.Tensor | None) -> float:
+    scale = 1.0 + sum(float(t.double().square().sum(1).max()) for t in tensors if t is not None and t.numel())
+    return (1e-10 if dtype == torch.float64 else 2e-5) * scale + (1e-12 if dtype == torch.float64 else 1e-5)
+
+
+def run_kernel(anchors, candidates, al, cl, at, ct, tiles, **kw):
+    """The kernel with poisoned outputs, so an element it does not write is caught."""
+    n = anchors.shape[0]
+    out = (
+        torch.full((n,), POISON, dtype=torch.int64, device=anchors.device),
+        torch.full((n,), POISON, dtype=torch.int64, device=anchors.device),
+    )
+    pos, neg = mine_hardest_triton_tiled(anchors, candidates, al, cl, at, ct, tiles=tiles, out=out, **kw)
+    assert pos.data_ptr() == out[0].data_ptr() and neg.data_ptr() == out[1].data_ptr()
+    assert (pos != POISON).all() and (neg != POISON).all()
+    return pos, neg
+
+
+@pytest.fixture(autouse=True)
+def _poisoned_workspace(monkeypatch):
+    """Split workspaces start as +inf values with index POISON: an unwritten slot would win the merge."""
+    original = kernel._new_workspace
+
+    def poisoned(splits, n, dtype, device):
+        pos_val, pos_idx, neg_val, neg_idx = original(splits, n, dtype, device)
+        for val, idx in ((pos_val, pos_idx), (neg_val, neg_idx)):
+            val.fill_(float("inf"))
+            idx.fill_(POISON)
+        return pos_val, pos_idx, neg_val, neg_idx
+
+    monkeypatch.setattr(kernel, "_new_workspace", poisoned)
+
+
+# ----------------------------------------------------------------------------- input builders
+
+
+def _labels(kind: str, count: int, classes: int, gen: torch.Generator) -> torch.Tensor:
+    if kind == "singletons":
+        return torch.randperm(count, generator=gen) + 100
+    if kind == "single":
+        return torch.full((count,), 3, dtype=torch.int64)
+    return torch.randint(0, classes, (count,), generator=gen)
+
+
+def _axis_text(count: int, width: int, gen: torch.Generator) -> torch.Tensor:
+    """Rows that are +-unit axis vectors or zero: text cosines are exactly -1, 0 or 1."""
+    rows = torch.zeros(count, width)
+    axis = torch.randint(0, min(width, 3), (count,), generator=gen)
+    sign = torch.randint(0, 3, (count,), generator=gen) - 1  # -1, 0 (zero row), 1
+    rows[torch.arange(count), axis] = sign.float()
+    return rows
+
+
+def _strided(x: torch.Tensor) -> torch.Tensor:
+    """Same values, non-contiguous storage (column-major)."""
+    return x.T.contiguous().T
+
+
+@st.composite
+def mining_cases(draw, integer_data: bool):
+    seed = draw(st.integers(0, 2**31 - 1))
+    gen = torch.Generator().manual_seed(seed)
+    n = draw(st.integers(1, 70))
+    self_mode = draw(st.sampled_from(["none", "same", "slice", "slice_copy"]))
+    if self_mode == "none":  # anchors are not among the candidates (a cross-batch memory)
+        m, offset = draw(st.integers(1, 70)), -1
+    elif self_mode == "same":
+        m, offset = n, 0
+    else:  # anchors are rows offset .. offset + n of the candidates
+        extra = draw(st.integers(0, 30))
+        m, offset = n + extra, draw(st.integers(0, extra))
+    d = draw(st.integers(1, 100))
+    text_width = draw(st.integers(1, 40))
+    metric = draw(st.sampled_from(METRICS))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64, torch.float16, torch.bfloat16]))
+    use_text = draw(st.booleans())
+    margin_scale = draw(st.sampled_from([0.0, 0.5, 2.0])) if use_text else 0.0
+    threshold = draw(st.sampled_from([None, 0.0, 0.5, 0.95])) if use_text else None
+    label_kind = draw(st.sampled_from(["few", "few", "few", "singletons", "single"]))
+    classes = draw(st.integers(2, 6))
+    tiles = draw(st.sampled_from(TILES))
+    strided = draw(st.booleans())
+
+    if integer_data:
+        # Small integers: every squared distance and inner product is exact, so ties are exact too.
+        candidates = torch.randint(-2, 3, (m, d), generator=gen).to(torch.float32)
+        candidate_text = _axis_text(m, text_width, gen)
+    else:
+        candidates = torch.randn(m, d, generator=gen) * draw(st.sampled_from([0.1, 1.0, 10.0]))
+        candidate_text = torch.randn(m, text_width, generator=gen)
+    candidate_labels = _labels(label_kind, m, classes, gen)
+    candidates = candidates.to(dtype).to(TEST_DEVICE)
+    candidate_text = candidate_text.to(dtype).to(TEST_DEVICE)
+    candidate_labels = candidate_labels.to(TEST_DEVICE)
+    if self_mode == "none":
+        if integer_data:
+            anchors = torch.randint(-2, 3, (n, d), generator=gen).to(torch.float32)
+            anchor_text = _axis_text(n, text_width, gen)
+        else:
+            anchors = torch.randn(n, d, generator=gen)
+            anchor_text = torch.randn(n, text_width, generator=gen)
+        anchors, anchor_text = anchors.to(dtype).to(TEST_DEVICE), anchor_text.to(dtype).to(TEST_DEVICE)
+        anchor_labels = _labels(label_kind, n, classes, gen).to(TEST_DEVICE)
+    else:
+        anchors = candidates[offset:offset + n]
+        anchor_text = candidate_text[offset:offset + n]
+        anchor_labels = candidate_labels[offset:offset + n]
+        if self_mode == "slice_copy":  # same values, separate storage (no shared row statistics)
+            anchors, anchor_text = anchors.clone(), anchor_text.clone()
+    if strided:
+        anchors, candidates = _strided(anchors), _strided(candidates)
+        anchor_text, candidate_text = _strided(anchor_text), _strided(candidate_text)
+    if not use_text:
+        anchor_text = candidate_text = None
+    inputs = (anchors, candidates, anchor_labels, candidate_labels, anchor_text, candidate_text)
+    options = dict(
+        # Exact data needs margins that are exact in binary, or rounding breaks its exact ties.
+        metric=metric, base_margin=draw(st.sampled_from([0.0, 0.25, 1.0] if integer_data else [0.0, 0.2, 1.0])),
+        margin_scale=margin_scale,
+        text_positive_threshold=threshold, self_offset=offset,
+    )
+    return inputs, options, tiles
+
+
+# ----------------------------------------------------------------------------- property tests
+
+
+@given(case=mining_cases(integer_data=False))
+def test_random_inputs_select_the_hardest_pairs(case):
+    inputs, options, tiles = case
+    pos, neg = run_kernel(*inputs, tiles, **options)
+    pos_key, pos_valid, neg_key, neg_valid = brute_force_keys(*inputs, **options)
+    tol = _tolerance(inputs[0].dtype, inputs[0], inputs[1])
+    if options["metric"] == "cosine":
+        tol = _tolerance(inputs[0].dtype)  # cosines are normalised
+    elif options["metric"] == "euclidean":
+        tol += tol**0.5  # an error e in d^2 moves d = sqrt(d^2) by up to sqrt(e) near d = 0
+    if inputs[4] is not None:
+        tol += options["margin_scale"] * _tolerance(inputs[4].dtype)
+    assert_valid_best("positive", pos, pos_key, pos_valid, tol)
+    assert_valid_best("negative", neg, neg_key, neg_valid, tol)
+
+
+@given(case=mining_cases(integer_data=True))
+def test_exact_inputs_give_exact_indices(case):
+    inputs, options, tiles = case
+    if options["metric"] == "cosine" or (options["metric"] == "euclidean" and options["margin_scale"] != 0.0):
+        # 1 - cos and m - sqrt(k) are rounded differently by every implementation: compare keys.
+        options = {**options, "metric": "sqeuclidean"}
+    pos, neg = run_kernel(*inputs, tiles, **options)
+    pos_key, pos_valid, neg_key, neg_valid = brute_force_keys(*inputs, **options)
+    if options["margin_scale"] == 0.0:
+        # Constant margins: the closest negative, like the kernel and the reference select it.
+        neg_key = -pos_key
+    expected_pos, expected_neg = first_argmax(pos_key, pos_valid), first_argmax(neg_key, neg_valid)
+    assert torch.equal(pos.cpu(), expected_pos.cpu()), (pos.tolist(), expected_pos.tolist())
+    assert torch.equal(neg.cpu(), expected_neg.cpu()), (neg.tolist(), expected_neg.tolist())
+
+
+@pytest.mark.skipif(mine_hardest_reference is None, reason="torchfg.ops.triplet.reference is not available")
+@given(case=mining_cases(integer_data=True))
+def test_matches_reference(case):
+    inputs, options, tiles = case
+    pos, neg = run_kernel(*inputs, tiles, **options)
+    ref_pos, ref_neg = mine_hardest_reference(*inputs, **options)
+    exact = options["metric"] != "cosine" and not (options["metric"] == "euclidean" and options["margin_scale"] != 0.0)
+    if exact:
+        assert torch.equal(pos, ref_pos), (pos.tolist(), ref_pos.tolist())
+        assert torch.equal(neg, ref_neg), (neg.tolist(), ref_neg.tolist())
+    else:
+        pos_key, pos_valid, neg_key, neg_valid = brute_force_keys(*inputs, **options)
+        tol = _tolerance(torch.float32)
+        for name, ours, theirs, key, valid in (
+            ("positive", pos, ref_pos, pos_key, pos_valid), ("negative", neg, ref_neg, neg_key, neg_valid)
+        ):
+            assert_valid_best(name, ours, key, valid, tol)
+            assert_valid_best(name + " (reference)", theirs, key, valid, tol)
+
+
+# ----------------------------------------------------------------------------- fixed cases
+
+_BASIC = dict(metric="euclidean", base_margin=0.2, margin_scale=0.0, text_positive_threshold=None, self_offset=0)
+
+
+def _cluster_batch(n: int = 37, d: int = 19, classes: int = 5, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randint(-3, 4, (n, d), generator=gen).float().to(TEST_DEVICE)
+    y = torch.randint(0, classes, (n,), generator=gen).to(TEST_DEVICE)
+    return x, y
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_singletons_have_no_positive_and_one_class_has_no_negative(metric):
+    x, _ = _cluster_batch()
+    n = x.shape[0]
+    distinct = torch.arange(n, device=TEST_DEVICE)
+    pos, neg = run_kernel(x, x, distinct, distinct, None, None, TILES[1], **{**_BASIC, "metric": metric})
+    assert (pos == -1).all() and (neg >= 0).all()
+    same = torch.zeros(n, dtype=torch.int64, device=TEST_DEVICE)
+    pos, neg = run_kernel(x, x, same, same, None, None, TILES[2], **{**_BASIC, "metric": metric})
+    assert (pos >= 0).all() and (neg == -1).all()
+
+
+def test_single_anchor_and_single_candidate():
+    x = torch.tensor([[1.0, 2.0, 3.0]], device=TEST_DEVICE)
+    y = torch.tensor([4], device=TEST_DEVICE)
+    pos, neg = run_kernel(x, x, y, y, None, None, TILES[0], **_BASIC)
+    assert pos.tolist() == [-1] and neg.tolist() == [-1]
+    pos, neg = run_kernel(x, x, y, y + 1, None, None, TILES[0], **{**_BASIC, "self_offset": -1})
+    assert pos.tolist() == [-1] and neg.tolist() == [0]
+    pos, neg = run_kernel(x, x, y, y, None, None, TILES[0], **{**_BASIC, "self_offset": -1})
+    assert pos.tolist() == [0] and neg.tolist() == [-1]  # without self exclusion the anchor is its own positive
+
+
+def test_empty_inputs():
+    x = torch.zeros(0, 5, device=TEST_DEVICE)
+    c = torch.zeros(4, 5, device=TEST_DEVICE)
+    labels = torch.zeros(4, dtype=torch.int64, device=TEST_DEVICE)
+    pos, neg = mine_hardest_triton(x, c, labels[:0], labels, None, None, **{**_BASIC, "self_offset": -1})
+    assert pos.shape == (0,) and neg.shape == (0,)
+    pos, neg = run_kernel(c, x, labels, labels[:0], None, None, TILES[0], **{**_BASIC, "self_offset": -1})
+    assert pos.tolist() == [-1] * 4 and neg.tolist() == [-1] * 4
+
+
+def test_ties_go_to_the_lowest_index_across_tiles_and_splits():
+    # Candidates 0..39 repeat one point per class: every positive and every negative is a tie
+    # spread over several tiles and splits; the lowest index must win.
+    base = torch.tensor([[0.0, 0.0], [3.0, 4.0]], device=TEST_DEVICE)
+    labels = torch.arange(40, device=TEST_DEVICE) % 2
+    candidates = base[labels]
+    anchors = torch.tensor([[0.0, 0.0], [3.0, 4.0], [1.0, 1.0]], device=TEST_DEVICE)
+    anchor_labels = torch.tensor([0, 1, 0], device=TEST_DEVICE)
+    for tiles in TILES:
+        pos, neg = run_kernel(anchors, candidates, anchor_labels, labels, None, None, tiles,
+                              **{**_BASIC, "self_offset": -1})
+        assert pos.tolist() == [0, 1, 0] and neg.tolist() == [1, 0, 1], tiles
+
+
+def test_ties_with_self_excluded():
+    # All points identical: the hardest positive of anchor i is the first same-label candidate that is not i.
+    x = torch.ones(33, 4, device=TEST_DEVICE)
+    y = torch.arange(33, device=TEST_DEVICE) % 3
+    pos, neg = run_kernel(x, x, y, y, None, None, TILES[1], **{**_BASIC, "metric": "sqeuclidean"})
+    first = {c: int((y == c).nonzero()[0]) for c in range(3)}
+    second = {c: int((y == c).nonzero()[1]) for c in range(3)}
+    expected = [second[int(c)] if i == first[int(c)] else first[int(c)] for i, c in enumerate(y.tolist())]
+    assert pos.tolist() == expected
+    assert neg.tolist() == [1 if c == 0 else 0 for c in y.tolist()]
+
+
+def test_zero_rows_have_cosine_zero():
+    # A zero embedding is at cosine distance 1 from everything; a zero text row has similarity 0.
+    x = torch.tensor([[0.0, 0.0], [1.0, 0.0], [-1.0, 0.0], [0.0, 1.0]], device=TEST_DEVICE)
+    y = torch.tensor([0, 0, 1, 1], device=TEST_DEVICE)
+    pos, neg = run_kernel(x, x, y, y, None, None, TILES[0], **{**_BASIC, "metric": "cosine"})
+    # anchor 0 (zero row) is at d = 1 from everything: its negatives tie and the lowest index wins
+    assert pos.tolist() == [1, 0, 3, 2] and neg.tolist() == [2, 3, 0, 0]
+    text = torch.tensor([[0.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], device=TEST_DEVICE)
+    options = {**_BASIC, "metric": "sqeuclidean", "base_margin": 0.0, "margin_scale": 100.0}
+    pos, neg = run_kernel(x, x, y, y, text, text, TILES[0], **options)
+    # m - d^2: anchor 1 (text e0) takes the negative with orthogonal text (3: 50 - 2) over the one
+    # with the same text (2: 0 - 4); anchor 0 (zero text, m = 50 for all) ties 2 and 3 at 49.
+    assert neg.tolist() == [2, 3, 0, 0]
+
+
+def test_threshold_excludes_near_duplicates():
+    x = torch.tensor([[0.0], [0.1], [0.2], [5.0]], device=TEST_DEVICE)
+    y = torch.tensor([0, 1, 1, 1], device=TEST_DEVICE)
+    text = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 1.0]], device=TEST_DEVICE)
+    options = dict(metric="euclidean", base_margin=0.2, margin_scale=0.0, self_offset=0)
+    _, neg = run_kernel(x, x, y, y, text, text, TILES[0], text_positive_threshold=None, **options)
+    assert neg[0].item() == 1
+    _, neg = run_kernel(x, x, y, y, text, text, TILES[0], text_positive_threshold=0.99, **options)
+    assert neg[0].item() == 2  # cos = 1 >= 0.99: candidate 1 is a near-duplicate
+    _, neg = run_kernel(x, x, y, y, text, text, TILES[0], text_positive_threshold=0.7, **options)
+    assert neg[0].item() == 3  # cos(e0, (1,1)) = 0.707 >= 0.7 as well
+    _, neg = run_kernel(x, x, y, y, text, text, TILES[0], text_positive_threshold=0.0, **options)
+    assert neg[0].item() == -1  # cos = 0 is not < 0: no negative is left
+
+
+def test_margin_aware_negative_differs_from_the_closest():
+    x = torch.tensor([[0.0], [1.0], [1.5], [9.0]], device=TEST_DEVICE)
+    y = torch.tensor([0, 1, 1, 0], device=TEST_DEVICE)
+    text = torch.tensor([[1.0, 0.0], [1.0, 0.0], [-1.0, 0.0], [1.0, 0.0]], device=TEST_DEVICE)
+    options = dict(metric="euclidean", base_margin=0.1, text_positive_threshold=None, self_offset=0)
+    _, neg = run_kernel(x, x, y, y, text, text, TILES[0], margin_scale=0.0, **options)
+    assert neg[0].item() == 1
+    _, neg = run_kernel(x, x, y, y, text, text, TILES[0], margin_scale=2.0, **options)
+    assert neg[0].item() == 2  # m(0, 2) - d = 2.1 - 1.5 beats m(0, 1) - d = 0.1 - 1
+
+
+def test_text_without_margin_or_threshold_is_ignored():
+    x, y = _cluster_batch(seed=3)
+    text = torch.randn(x.shape[0], 7, device=TEST_DEVICE)
+    with_text = run_kernel(x, x, y, y, text, text, TILES[2], **_BASIC)
+    without = run_kernel(x, x, y, y, None, None, TILES[2], **_BASIC)
+    assert torch.equal(with_text[0], without[0]) and torch.equal(with_text[1], without[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_matches_upcast_inputs(dtype):
+    x, y = _cluster_batch(n=41, d=35, seed=5)
+    text = _axis_text(41, 9, torch.Generator().manual_seed(1)).to(TEST_DEVICE)
+    options = {**_BASIC, "metric": "sqeuclidean", "margin_scale": 0.5, "text_positive_threshold": 0.5}
+    half = run_kernel(x.to(dtype), x.to(dtype), y, y, text.to(dtype), text.to(dtype), TILES[1], **options)
+    full = run_kernel(x, x, y, y, text, text, TILES[1], **options)
+    assert torch.equal(half[0], full[0]) and torch.equal(half[1], full[1])
+
+
+def test_default_tiles_and_split_heuristic():
+    # tiles=None: the interpreter's fixed config (or the autotuned GPU configs) and the default split.
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randint(-3, 4, (70, 40), generator=gen).float().to(TEST_DEVICE)
+    y = torch.randint(0, 4, (70,), generator=gen).to(TEST_DEVICE)
+    text = _axis_text(70, 5, gen).to(TEST_DEVICE)
+    options = {**_BASIC, "metric": "sqeuclidean", "margin_scale": 1.0}
+    pos, neg = mine_hardest_triton(x, x, y, y, text, text, **options)
+    pos_key, pos_valid, neg_key, neg_valid = brute_force_keys(x, x, y, y, text, text, **options)
+    assert torch.equal(pos.cpu(), first_argmax(pos_key, pos_valid).cpu())
+    assert torch.equal(neg.cpu(), first_argmax(neg_key, neg_valid).cpu())
+
+
+def test_gpu_sized_tiles():
+    # The GPU's largest tiles on a batch smaller than one tile (masks on every axis).
+    x, y = _cluster_batch(n=70, d=100, seed=7)
+    options = {**_BASIC, "metric": "dot"}
+    tiles = TileConfig(block_m=128, block_n=128, block_d=64, block_t=64, num_warps=8, num_stages=3)
+    pos, neg = run_kernel(x, x, y, y, None, None, tiles, **options)
+    pos_key, pos_valid, neg_key, neg_valid = brute_force_keys(x, x, y, y, None, None, **options)
+    assert torch.equal(pos.cpu(), first_argmax(pos_key, pos_valid).cpu())
+    assert torch.equal(neg.cpu(), first_argmax(-pos_key, neg_valid).cpu())
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _bad_call(**changes):
+    x = torch.randn(5, 3, device=TEST_DEVICE)
+    y = torch.zeros(5, dtype=torch.int64, device=TEST_DEVICE)
+    args = dict(anchors=x, candidates=x, anchor_labels=y, candidate_labels=y, anchor_text=None, candidate_text=None)
+    options = dict(_BASIC)
+    for key, value in changes.items():
+        (args if key in args else options)[key] = value
+    return mine_hardest_triton(*args.values(), **options)
+
+
+@pytest.mark.parametrize(
+    "changes, error, name",
+    [
+        (dict(anchors=torch.randn(5, 3, 1)), ValueError, "anchors"),
+        (dict(candidates=torch.randn(5, 4)), ValueError, "embedding size"),
+        (dict(candidates=torch.randn(5, 3, dtype=torch.float64)), TypeError, "dtype"),
+        (dict(anchors=torch.ones(5, 3, dtype=torch.int64)), TypeError, "anchors"),
+        (dict(anchor_labels=torch.zeros(4, dtype=torch.int64)), ValueError, "anchor_labels"),
+        (dict(candidate_labels=torch.zeros(5)), TypeError, "candidate_labels"),
+        (dict(metric="manhattan"), ValueError, "metric"),
+        (dict(anchor_text=torch.randn(5, 2)), ValueError, "candidate_text"),
+        (dict(anchor_text=torch.randn(5, 2), candidate_text=torch.randn(5, 3)), ValueError, "same width"),
+        (dict(anchor_text=torch.randn(4, 2), candidate_text=torch.randn(5, 2)), ValueError, "anchor_text"),
+        (dict(self_offset=1), ValueError, "self_offset"),
+        (dict(self_offset=-2), ValueError, "self_offset"),
+        (dict(self_offset=0.0), TypeError, "self_offset"),
+        (dict(base_margin=float("nan")), ValueError, "base_margin"),
+        (dict(margin_scale=None), TypeError, "margin_scale"),
+    ],
+)
+def test_bad_input_names_the_argument(changes, error, name):
+    changes = {k: v.to(TEST_DEVICE) if isinstance(v, torch.Tensor) else v for k, v in changes.items()}
+    with pytest.raises(error, match=name):
+        _bad_call(**changes)

@@ -1,0 +1,650 @@
+"""Triplet mining reference, dispatch, triplet_margin_loss and adaptive_triplet_loss.
+
+* The chunked mining reference against a brute-force loop over exact fp64 distances (indices
+  exactly on integer inputs, where every distance and tie is exact; selection keys otherwise).
+* Every backend of ``mine_hardest`` against the reference (Triton through the interpreter on CPU).
+* Losses against pytorch-metric-learning (loss and gradient), properties (hypothesis), reductions,
+  degenerate batches, torch.compile, bad input.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import backends_to_test
+from torchfg import functional as TF
+from torchfg.backends import BackendUnavailableError
+from torchfg.losses import AdaptiveTripletLoss, TripletMarginLoss
+from torchfg.ops.triplet import (
+    implemented_backends,
+    mine_all_triplets,
+    mine_hardest,
+    mine_semi_hard,
+    pair_distances,
+)
+from torchfg.ops.triplet.reference import METRICS, mine_hardest_reference
+
+pml = pytest.importorskip("pytorch_metric_learning")
+from pytorch_metric_learning import distances as pml_distances  # noqa: E402
+from pytorch_metric_learning import losses as pml_losses  # noqa: E402
+from pytorch_metric_learning import miners as pml_miners  # noqa: E402
+from pytorch_metric_learning import reducers as pml_reducers  # noqa: E402
+
+TRITON_FILE = importlib.util.find_spec("torchfg.ops.triplet.triton") is not None
+
+
+# ----------------------------------------------------------------------------- brute force
+
+
+def exact_distances(a: torch.Tensor, c: torch.Tensor, metric: str) -> torch.Tensor:
+    """(N, M) distances in fp64 from explicit differences / normalised rows."""
+    a, c = a.double(), c.double()
+    if metric in ("euclidean", "sqeuclidean"):
+        sq = (a[:, None, :] - c[None, :, :]).square().sum(-1)
+        return sq.sqrt() if metric == "euclidean" else sq
+    if metric == "dot":
+        return -(a @ c.T)
+    return 1.0 - cosine_matrix(a, c)
+
+
+def cosine_matrix(a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    a, c = a.double(), c.double()
+    norms = a.norm(dim=1)[:, None] * c.norm(dim=1)[None, :]
+    return torch.where(norms > 0, (a @ c.T) / norms.clamp_min(1e-300), torch.zeros_like(norms))
+
+
+def brute_force_keys(anchors, candidates, al, cl, at, ct, *, metric, base_margin, margin_scale, threshold, self_offset):
+    """Per (anchor, candidate), the positive key d, the negative key m - d and their validity, by loops."""
+    dist = exact_distances(anchors, candidates, metric)
+    n, m = dist.shape
+    text_cos = cosine_matrix(at, ct) if at is not None else None
+    pos_valid = torch.zeros(n, m, dtype=torch.bool)
+    neg_valid = torch.zeros(n, m, dtype=torch.bool)
+    neg_key = torch.zeros(n, m, dtype=torch.float64)
+    for i in range(n):
+        for j in range(m):
+            same = bool(al[i] == cl[j])
+            pos_valid[i, j] = same and j != self_offset + i if self_offset >= 0 else same
+            margin = base_margin
+            ok = not same
+            if text_cos is not None:
+                margin = base_margin + margin_scale * (1.0 - float(text_cos[i, j])) / 2.0
+                if threshold is not None and float(text_cos[i, j]) >= threshold:
+                    ok = False
+            neg_valid[i, j] = ok
+            neg_key[i, j] = margin - float(dist[i, j])
+    return dist, pos_valid, neg_key, neg_valid
+
+
+def first_best(key: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Per row: argmax of key over valid entries, the lowest index on exact ties, -1 if none."""
+    out = []
+    for row_key, row_valid in zip(key.tolist(), valid.tolist()):
+        best, best_j = -math.inf, -1
+        for j, (k, ok) in enumerate(zip(row_key, row_valid)):
+            if ok and (best_j < 0 or k > best):
+                best, best_j = k, j
+        out.append(best_j)
+    return torch.tensor(out, dtype=torch.int64)
+
+
+def assert_near_best(idx, key, valid, tol, name):
+    """idx is -1 exactly where nothing is valid, else a valid index whose key is within tol of the best."""
+    has = valid.any(1)
+    assert torch.equal(idx == -1, ~has), f"{name}: {idx.tolist()} vs valid rows {has.tolist()}"
+    rows = has.nonzero().squeeze(1)
+    if rows.numel():
+        chosen = idx[rows]
+        assert valid[rows, chosen].all(), f"{name}: invalid choice"
+        best = key.masked_fill(~valid, -math.inf).max(1).values[rows]
+        assert (best - key[rows, chosen] <= tol).all(), f"{name}: worse than the best by {(best - key[rows, chosen]).max()}"
+
+
+@st.composite
+def mining_cases(draw, integer_data: bool):
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    n = draw(st.integers(1, 23))
+    mode = draw(st.sampled_from(["same", "slice", "disjoint"]))
+    if mode == "same":
+        m, offset = n, 0
+    elif mode == "slice":
+        extra = draw(st.integers(0, 9))
+        m, offset = n + extra, draw(st.integers(0, extra))
+    else:
+        m, offset = draw(st.integers(1, 23)), -1
+    d = draw(st.integers(1, 19))
+    metric = draw(st.sampled_from(METRICS))
+    if integer_data:
+        # Small integers: squared distances and inner products are exact in fp64, ties are exact.
+        if metric == "cosine":
+            metric = "euclidean"
+        candidates = torch.randint(-2, 3, (m, d), generator=gen).double()
+    else:
+        candidates = torch.randn(m, d, generator=gen, dtype=torch.float64)
+    classes = draw(st.integers(1, 6))
+    candidate_labels = torch.randint(0, classes, (m,), generator=gen)
+    if offset >= 0:
+        anchors, anchor_labels = candidates[offset : offset + n], candidate_labels[offset : offset + n]
+    else:
+        anchors = torch.randint(-2, 3, (n, d), generator=gen).double() if integer_data else torch.randn(n, d, generator=gen, dtype=torch.float64)
+        anchor_labels = torch.randint(0, classes, (n,), generator=gen)
+    use_text = draw(st.booleans())
+    at = ct = None
+    margin_scale, threshold = 0.0, None
+    if use_text:
+        width = draw(st.integers(1, 7))
+        ct = torch.randn(m, width, generator=gen, dtype=torch.float64)
+        ct[torch.rand(m, generator=gen) < 0.15] = 0.0  # zero rows: cosine 0
+        at = ct[offset : offset + n] if offset >= 0 else torch.randn(n, width, generator=gen, dtype=torch.float64)
+        # Integer data keeps constant margins so that keys (and ties) stay exact.
+        margin_scale = 0.0 if integer_data else draw(st.sampled_from([0.0, 0.5, 3.0]))
+        threshold = draw(st.sampled_from([None, 0.2017, 0.8513]))
+    return dict(
+        anchors=anchors, candidates=candidates, al=anchor_labels, cl=candidate_labels, at=at, ct=ct,
+        metric=metric, base_margin=draw(st.sampled_from([0.0, 0.2])), margin_scale=margin_scale,
+        threshold=threshold, self_offset=offset,
+    )
+
+
+def run_reference(case, **kwargs):
+    return mine_hardest_reference(
+        case["anchors"], case["candidates"], case["al"], case["cl"], case["at"], case["ct"],
+        metric=case["metric"], base_margin=case["base_margin"], margin_scale=case["margin_scale"],
+        text_positive_threshold=case["threshold"], self_offset=case["self_offset"], **kwargs,
+    )
+
+
+def brute_force(case):
+    return brute_force_keys(
+        case["anchors"], case["candidates"], case["al"], case["cl"], case["at"], case["ct"],
+        metric=case["metric"], base_margin=case["base_margin"], margin_scale=case["margin_scale"],
+        threshold=case["threshold"], self_offset=case["self_offset"],
+    )
+
+
+# ----------------------------------------------------------------------------- mining reference
+
+
+@given(case=mining_cases(integer_data=True), sparse=st.sampled_from([None, True, False]), chunk=st.sampled_from([None, 1, 4]))
+def test_reference_indices_equal_brute_force_on_exact_inputs(case, sparse, chunk):
+    dist, pos_valid, neg_key, neg_valid = brute_force(case)
+    pos, neg = run_reference(case, sparse_positives=sparse, chunk_rows=chunk)
+    assert torch.equal(pos, first_best(dist, pos_valid))
+    assert torch.equal(neg, first_best(neg_key, neg_valid))
+
+
+@given(case=mining_cases(integer_data=False), sparse=st.sampled_from([None, True, False]), chunk=st.sampled_from([None, 3]))
+def test_reference_selects_best_keys_on_random_inputs(case, sparse, chunk):
+    dist, pos_valid, neg_key, neg_valid = brute_force(case)
+    pos, neg = run_reference(case, sparse_positives=sparse, chunk_rows=chunk)
+    assert_near_best(pos, dist, pos_valid, 1e-9, "positive")
+    assert_near_best(neg, neg_key, neg_valid, 1e-9, "negative")
+
+
+def test_reference_clamped_zero_distances_tie_to_lowest_index():
+    # Duplicates of the anchor: the fast path's squared distances are ~0 (+-rounding) and clamp to 0.
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(1, 64, generator=g) * 30
+    x = torch.cat([base, base, base, base + 100.0, base, base])
+    labels = torch.tensor([0, 1, 1, 2, 1, 0])
+    for sparse in (True, False):
+        pos, neg = mine_hardest_reference(x, x, labels, labels, None, None, metric="euclidean", base_margin=0.2,
+                                          margin_scale=0.0, text_positive_threshold=None, self_offset=0,
+                                          sparse_positives=sparse)
+        assert neg[0].item() == 1  # 1, 2, 4 are all at distance 0: lowest wins
+        assert pos[1].item() == 2 and pos[2].item() == 1  # the positives of 1 at distance 0: 2 before 4
+        assert neg[5].item() == 1
+
+
+def test_mine_hardest_example_and_validation():
+    x = torch.tensor([[0.0], [1.0], [5.0], [5.5]])
+    labels = torch.tensor([0, 0, 1, 1])
+    pos, neg = mine_hardest(x, x, labels, labels, self_offset=0, backend="torch")
+    assert pos.tolist() == [1, 0, 3, 2] and neg.tolist() == [2, 2, 1, 1]
+    with pytest.raises(ValueError, match="self_offset"):
+        mine_hardest(x, x, labels, labels, self_offset=1)
+    with pytest.raises(ValueError, match="anchor_text and candidate_text"):
+        mine_hardest(x, x, labels, labels, torch.randn(4, 3), None)
+    with pytest.raises(ValueError, match="margin_scale"):
+        mine_hardest(x, x, labels, labels, margin_scale=-1.0)
+    with pytest.raises(ValueError, match="backend"):
+        mine_hardest(x, x, labels, labels, backend="fast")
+    with pytest.raises(TypeError, match="candidates"):
+        mine_hardest(x, x.double(), labels, labels)
+    if "triton" not in implemented_backends() or not torch.cuda.is_available():
+        with pytest.raises(BackendUnavailableError):
+            mine_hardest(x, x, labels, labels, backend="cuda")
+
+
+# ----------------------------------------------------------------------------- every backend
+
+
+@pytest.mark.parametrize("backend", backends_to_test())
+@given(case=mining_cases(integer_data=True))
+@settings(max_examples=6)
+def test_backend_equals_reference_exact(backend, case):
+    if backend == "triton" and not TRITON_FILE:
+        pytest.skip("torchfg/ops/triplet/triton.py is not there yet")
+    case = {k: (v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in case.items()}
+    expected = run_reference(case)
+    got = mine_hardest(
+        case["anchors"], case["candidates"], case["al"], case["cl"], case["at"], case["ct"], metric=case["metric"],
+        base_margin=case["base_margin"], margin_scale=case["margin_scale"], text_positive_threshold=case["threshold"],
+        self_offset=case["self_offset"], backend=backend,
+    )
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+@pytest.mark.parametrize("backend", backends_to_test())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backend_losses_equal_reference(backend, dtype):
+    if backend == "triton" and not TRITON_FILE:
+        pytest.skip("torchfg/ops/triplet/triton.py is not there yet")
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(37, 24, generator=g).to(dtype)
+    labels = torch.randint(0, 7, (37,), generator=g)
+    text = torch.randn(37, 10, generator=g)
+    for loss_fn in (
+        lambda b: TF.triplet_margin_loss(x, labels, margin=0.3, reduction="none", backend=b),
+        lambda b: TF.adaptive_triplet_loss(x, labels, text, margin_scale=1.0, reduction="none", backend=b),
+    ):
+        torch.testing.assert_close(loss_fn(backend), loss_fn("torch"), atol=1e-2 if dtype == torch.bfloat16 else 1e-5, rtol=1e-3)
+
+
+# ----------------------------------------------------------------------------- against pytorch-metric-learning
+
+
+def pml_batch_hard(x, labels, margin, reducer, ref=None, ref_labels=None, smooth=False):
+    distance = pml_distances.LpDistance(normalize_embeddings=False)
+    miner = pml_miners.BatchHardMiner(distance=distance)
+    loss_fn = pml_losses.TripletMarginLoss(margin=margin, distance=distance, reducer=reducer, smooth_loss=smooth)
+    if ref is None:
+        return loss_fn(x, labels, miner(x, labels))
+    return loss_fn(x, labels, miner(x, labels, ref, ref_labels), ref, ref_labels)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("smooth", [False, True])
+def test_batch_hard_matches_pml_loss_and_gradient(seed, smooth):
+    g = torch.Generator().manual_seed(seed)
+    n = [29, 64, 97, 130][seed]
+    x = torch.randn(n, 33, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, max(n // 5, 2), (n,), generator=g)
+    x1 = x.clone().requires_grad_(True)
+    ours = TF.triplet_margin_loss(x1, labels, margin=0.2, smooth=smooth, backend="torch")
+    ours.backward()
+    x2 = x.clone().requires_grad_(True)
+    theirs = pml_batch_hard(x2, labels, 0.2, pml_reducers.MeanReducer(), smooth=smooth)
+    theirs.backward()
+    torch.testing.assert_close(ours, theirs, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(x1.grad, x2.grad, atol=1e-10, rtol=1e-8)
+
+
+def test_batch_hard_mean_nonzero_matches_pml_default_reducer():
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(80, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 12, (80,), generator=g)
+    ours = TF.triplet_margin_loss(x, labels, margin=0.5, reduction="mean_nonzero")
+    theirs = pml_batch_hard(x, labels, 0.5, pml_reducers.AvgNonZeroReducer())
+    torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(torch.autograd.grad(ours, x)[0], torch.autograd.grad(theirs, x)[0])
+
+
+def test_cross_batch_reference_set_matches_pml():
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(21, 12, generator=g, dtype=torch.float64, requires_grad=True)
+    ref = torch.randn(45, 12, generator=g, dtype=torch.float64, requires_grad=True)
+    labels, ref_labels = torch.randint(0, 6, (21,), generator=g), torch.randint(0, 6, (45,), generator=g)
+    ours = TF.triplet_margin_loss(x, labels, margin=0.3, ref_embeddings=ref, ref_labels=ref_labels)
+    theirs = pml_batch_hard(x, labels, 0.3, pml_reducers.MeanReducer(), ref, ref_labels)
+    torch.testing.assert_close(ours, theirs)
+    for a, b in zip(torch.autograd.grad(ours, (x, ref)), torch.autograd.grad(theirs, (x, ref))):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("reducer,reduction", [(pml_reducers.MeanReducer, "mean"), (pml_reducers.AvgNonZeroReducer, "mean_nonzero")])
+def test_all_triplets_match_pml(reducer, reduction):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(31, 9, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 5, (31,), generator=g)
+    ours = TF.triplet_margin_loss(x, labels, margin=0.4, mining="all", reduction=reduction)
+    loss_fn = pml_losses.TripletMarginLoss(
+        margin=0.4, distance=pml_distances.LpDistance(normalize_embeddings=False), reducer=reducer()
+    )
+    theirs = loss_fn(x, labels)
+    torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(torch.autograd.grad(ours, x)[0], torch.autograd.grad(theirs, x)[0])
+    # Same triplets in the same (lexicographic) order as PML's all-triplets enumeration.
+    from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
+
+    for a, b in zip(TF.mine_triplets(x, labels, strategy="all"), lmu.get_all_triplets_indices(labels)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_semi_hard_selection_agrees_with_pml_semihard_miner(seed):
+    """PML's semihard set for (a, p) is {n : d(a,p) < d(a,n) <= d(a,p) + margin}. FaceNet (ours) takes
+    the closest negative farther than p; so where PML's set is non-empty ours is its closest member,
+    and where it is empty ours lies beyond the margin or, if no negative is farther, is the farthest."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(57, 8, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 6, (57,), generator=g)
+    margin = 0.5
+    miner = pml_miners.TripletMarginMiner(
+        margin=margin, type_of_triplets="semihard", distance=pml_distances.LpDistance(normalize_embeddings=False)
+    )
+    pa, pp, pn = miner(x, labels)
+    a, p, n = TF.mine_triplets(x, labels, strategy="semi_hard")
+    dist = exact_distances(x, x, "euclidean")
+    same = labels[:, None] == labels[None, :]
+    ours = {(i, j): k for i, j, k in zip(a.tolist(), p.tolist(), n.tolist())}
+    expected_pairs = {(i, j) for i in range(57) for j in range(57) if i != j and same[i, j] and (~same[i]).any()}
+    assert set(ours) == expected_pairs
+    pml_sets: dict[tuple[int, int], list[int]] = {}
+    for i, j, k in zip(pa.tolist(), pp.tolist(), pn.tolist()):
+        pml_sets.setdefault((i, j), []).append(k)
+    checked = 0
+    for (i, j), k in ours.items():
+        assert not same[i, k]
+        if (i, j) in pml_sets:
+            assert k in pml_sets[(i, j)]
+            assert dist[i, k] == min(dist[i, c] for c in pml_sets[(i, j)])
+            checked += 1
+        else:
+            farther = dist[i][~same[i]] > dist[i, j]
+            if farther.any():
+                assert dist[i, k] > dist[i, j] + margin
+            else:
+                assert dist[i, k] == dist[i][~same[i]].max()
+    assert checked > 0
+
+
+def test_semi_hard_loss_uses_mined_triplets():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(40, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 5, (40,), generator=g)
+    a, p, n = TF.mine_triplets(x, labels, strategy="semi_hard")
+    per_triplet = TF.triplet_margin_loss(x, labels, margin=0.2, mining="semi_hard", reduction="none")
+    d = exact_distances(x.detach(), x.detach(), "euclidean")
+    torch.testing.assert_close(per_triplet.detach(), F.relu(d[a, p] - d[a, n] + 0.2))
+    # Gradient equals autograd through explicit differences of the same triplets.
+    x2 = x.detach().clone().requires_grad_(True)
+    manual = F.relu((x2[a] - x2[p]).norm(dim=1) - (x2[a] - x2[n]).norm(dim=1) + 0.2).mean()
+    ours = TF.triplet_margin_loss(x, labels, margin=0.2, mining="semi_hard")
+    torch.testing.assert_close(torch.autograd.grad(ours, x)[0], torch.autograd.grad(manual, x2)[0])
+
+
+# ----------------------------------------------------------------------------- properties
+
+
+@st.composite
+def batches(draw, max_n=40):
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    n = draw(st.integers(2, max_n))
+    x = torch.randn(n, draw(st.integers(1, 12)), generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, draw(st.integers(1, 8)), (n,), generator=gen)
+    return x, labels, gen
+
+
+LOSS_KWARGS = st.sampled_from([
+    dict(mining="batch_hard"),
+    dict(mining="batch_hard", smooth=True, metric="sqeuclidean"),
+    dict(mining="batch_hard", metric="cosine"),
+    dict(mining="semi_hard"),
+    dict(mining="all", metric="dot"),
+])
+
+
+@given(batch=batches(), kwargs=LOSS_KWARGS, reduction=st.sampled_from(["mean", "sum", "mean_nonzero"]))
+def test_invariant_to_batch_permutation_and_relabelling(batch, kwargs, reduction):
+    x, labels, gen = batch
+    loss = TF.triplet_margin_loss(x, labels, reduction=reduction, **kwargs)
+    perm = torch.randperm(x.shape[0], generator=gen)
+    torch.testing.assert_close(TF.triplet_margin_loss(x[perm], labels[perm], reduction=reduction, **kwargs), loss)
+    relabel = torch.randperm(20, generator=gen) * 7 - 50  # a bijection onto other (also negative) values
+    torch.testing.assert_close(TF.triplet_margin_loss(x, relabel[labels], reduction=reduction, **kwargs), loss)
+
+
+@given(batch=batches(), kwargs=LOSS_KWARGS)
+def test_duplicate_embeddings_give_finite_gradients(batch, kwargs):
+    x, labels, gen = batch
+    # Every row appears twice (zero distances between the copies, same or different labels).
+    x = torch.cat([x, x]).requires_grad_(True)
+    labels = torch.cat([labels, torch.randint(0, 3, labels.shape, generator=gen)])
+    loss = TF.triplet_margin_loss(x, labels, **kwargs)
+    (grad,) = torch.autograd.grad(loss, x)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+
+
+def test_all_identical_embeddings_give_zero_gradient_not_nan():
+    x = torch.ones(6, 4, requires_grad=True)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    loss = TF.triplet_margin_loss(x, labels, margin=0.1)
+    loss.backward()
+    assert loss.item() == pytest.approx(0.1)
+    assert torch.equal(x.grad, torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("kind", ["distinct", "single"])
+@pytest.mark.parametrize("kwargs", [dict(mining="batch_hard"), dict(mining="semi_hard"), dict(mining="all"),
+                                    dict(mining="batch_hard", reduction="mean_nonzero", smooth=True)])
+def test_batches_without_triplets_give_zero_and_zero_gradient(kind, kwargs):
+    x = torch.randn(9, 5, requires_grad=True)
+    labels = torch.arange(9) if kind == "distinct" else torch.full((9,), 4)
+    loss = TF.triplet_margin_loss(x, labels, **kwargs)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert torch.equal(x.grad, torch.zeros_like(x))
+    x.grad = None
+    atl = TF.adaptive_triplet_loss(x, labels, torch.randn(9, 3))
+    atl.backward()
+    assert atl.item() == 0.0 and torch.equal(x.grad, torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("n", [0, 1])
+def test_tiny_batches(n):
+    x = torch.randn(n, 4, requires_grad=True)
+    labels = torch.zeros(n, dtype=torch.int64)
+    loss = TF.triplet_margin_loss(x, labels)
+    loss.backward()
+    assert loss.item() == 0.0 and x.grad.shape == x.shape
+    assert TF.triplet_margin_loss(x, labels, reduction="none").shape == (n,)
+    assert all(t.numel() == 0 for t in TF.mine_triplets(x, labels))
+
+
+@given(batch=batches(), base_margin=st.sampled_from([0.0, 0.1, 0.7]))
+@settings(max_examples=10)
+def test_atl_with_zero_margin_scale_is_batch_hard(batch, base_margin):
+    x, labels, gen = batch
+    x = x.requires_grad_(True)
+    text = torch.randn(x.shape[0], 5, generator=gen, dtype=torch.float64)
+    for metric in ("euclidean", "cosine"):
+        atl = TF.adaptive_triplet_loss(x, labels, text, base_margin=base_margin, margin_scale=0.0, metric=metric)
+        bh = TF.triplet_margin_loss(x, labels, margin=base_margin, metric=metric)
+        torch.testing.assert_close(atl, bh)
+        torch.testing.assert_close(torch.autograd.grad(atl, x)[0], torch.autograd.grad(bh, x)[0])
+
+
+@given(batch=batches(max_n=25), margin_scale=st.sampled_from([0.5, 2.0, 10.0]),
+       threshold=st.sampled_from([None, 0.3017]), metric=st.sampled_from(["euclidean", "cosine"]))
+def test_atl_margin_aware_negative_equals_brute_force_loop(batch, margin_scale, threshold, metric):
+    x, labels, gen = batch
+    n = x.shape[0]
+    text = torch.randn(n, 4, generator=gen, dtype=torch.float64)
+    base = 0.1
+    a, p, neg = TF.mine_triplets(x, labels, metric=metric, text_embeddings=text, base_margin=base,
+                                 margin_scale=margin_scale, text_positive_threshold=threshold)
+    dist = exact_distances(x, x, metric)
+    cos = cosine_matrix(text, text)
+    expected = {}
+    for i in range(n):
+        positives = [j for j in range(n) if j != i and labels[j] == labels[i]]
+        negatives = [j for j in range(n) if labels[j] != labels[i] and (threshold is None or cos[i, j] < threshold)]
+        if positives and negatives:
+            scores = [base + margin_scale * (1 - float(cos[i, j])) / 2 - float(dist[i, j]) for j in negatives]
+            expected[i] = (max(positives, key=lambda j: (float(dist[i, j]), -j)), negatives[scores.index(max(scores))])
+    assert {i: (pj, nj) for i, pj, nj in zip(a.tolist(), p.tolist(), neg.tolist())} == expected
+    # The loss uses that negative and its margin.
+    x1 = x.clone().requires_grad_(True)
+    loss = TF.adaptive_triplet_loss(x1, labels, text, base_margin=base, margin_scale=margin_scale, metric=metric,
+                                    text_positive_threshold=threshold, reduction="none")
+    manual = torch.zeros(n, dtype=torch.float64)
+    for i, (pj, nj) in expected.items():
+        m = base + margin_scale * (1 - cos[i, nj]) / 2
+        manual[i] = max(float(dist[i, pj] - dist[i, nj] + m), 0.0)
+    torch.testing.assert_close(loss.detach(), manual)
+
+
+def test_atl_margin_grows_with_text_distance():
+    # Anchor 0 with positive 1; negatives 2 (near, same description) and 3 (farther, opposite description).
+    x = torch.tensor([[0.0, 0.0], [0.5, 0.0], [0.0, 1.0], [0.0, 1.2]], dtype=torch.float64)
+    labels = torch.tensor([0, 0, 1, 2])
+    text = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [-1.0, 0.0]], dtype=torch.float64)
+    _, _, neg = TF.mine_triplets(x, labels, text_embeddings=text, base_margin=0.0, margin_scale=1.0)
+    assert neg[0].item() == 3  # m - d: 1 - 1.2 > 0 - 1.0
+    _, _, neg = TF.mine_triplets(x, labels, text_embeddings=text, base_margin=0.0, margin_scale=1.0,
+                                 text_positive_threshold=None)
+    loss = TF.adaptive_triplet_loss(x, labels, text, base_margin=0.0, margin_scale=1.0, reduction="none")
+    assert loss[0].item() == pytest.approx(0.5 - 1.2 + 1.0)
+    # A near-duplicate description is never a negative.
+    _, _, neg = TF.mine_triplets(x, labels, text_embeddings=text, base_margin=0.0, margin_scale=0.0,
+                                 text_positive_threshold=0.9)
+    assert neg[0].item() == 3
+
+
+# ----------------------------------------------------------------------------- reductions, dtypes
+
+
+@pytest.mark.parametrize("mining", ["batch_hard", "semi_hard", "all"])
+@pytest.mark.parametrize("smooth", [False, True])
+def test_reductions_are_consistent(mining, smooth):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(33, 7, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 6, (33,), generator=g)
+    labels[0] = 99  # an anchor without positive
+    kw = dict(margin=0.3, mining=mining, smooth=smooth)
+    per = TF.triplet_margin_loss(x, labels, reduction="none", **kw)
+    a, p, n = TF.mine_triplets(x, labels, strategy=mining)
+    d = exact_distances(x, x, "euclidean")
+    values = d[a, p] - d[a, n] + 0.3
+    values = F.softplus(values) if smooth else F.relu(values)
+    if mining == "batch_hard":
+        assert per.shape == (33,) and per[0].item() == 0.0
+        torch.testing.assert_close(per[a], values)
+        count = a.numel()
+    else:
+        torch.testing.assert_close(per, values)
+        count = per.numel()
+    torch.testing.assert_close(TF.triplet_margin_loss(x, labels, reduction="sum", **kw), values.sum())
+    torch.testing.assert_close(TF.triplet_margin_loss(x, labels, reduction="mean", **kw), values.sum() / count)
+    nonzero = max(int((values > 0).sum()), 1)
+    torch.testing.assert_close(TF.triplet_margin_loss(x, labels, reduction="mean_nonzero", **kw), values.sum() / nonzero)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs(dtype):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(45, 32, generator=g).to(dtype).requires_grad_(True)
+    labels = torch.randint(0, 9, (45,), generator=g)
+    loss = TF.triplet_margin_loss(x, labels)
+    loss.backward()
+    assert loss.dtype == torch.float32 and x.grad.dtype == dtype and torch.isfinite(x.grad.float()).all()
+    x32 = x.detach().float().requires_grad_(True)
+    ref = TF.triplet_margin_loss(x32, labels)
+    ref.backward()
+    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)  # same rows, same selection, fp32 math
+    torch.testing.assert_close(x.grad.float(), x32.grad, atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_pair_distances_gradcheck(metric):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(9, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    xi, yi = torch.randint(0, 7, (13,), generator=g), torch.randint(0, 9, (13,), generator=g)
+    assert torch.autograd.gradcheck(lambda a, b: pair_distances(a, xi, yi, b, metric=metric), (x, y))
+    xj = torch.randint(0, 7, (13,), generator=g)
+    assert torch.autograd.gradcheck(lambda a: pair_distances(a, xi, xj, metric=metric), (x,))
+    expected = exact_distances(x, y, metric)[xi, yi]
+    torch.testing.assert_close(pair_distances(x, xi, yi, y, metric=metric), expected)
+
+
+def test_modules_match_functional():
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(20, 8, generator=g)
+    labels = torch.randint(0, 4, (20,), generator=g)
+    text = torch.randn(20, 6, generator=g)
+    module = TripletMarginLoss(margin=0.3, mining="semi_hard", reduction="sum", smooth=True)
+    assert torch.equal(module(x, labels), TF.triplet_margin_loss(x, labels, margin=0.3, mining="semi_hard",
+                                                                reduction="sum", smooth=True))
+    atl = AdaptiveTripletLoss(base_margin=0.2, margin_scale=0.8, text_positive_threshold=0.9)
+    assert torch.equal(atl(x, labels, text), TF.adaptive_triplet_loss(x, labels, text, base_margin=0.2,
+                                                                       margin_scale=0.8, text_positive_threshold=0.9))
+    assert "margin=0.3" in repr(module)
+
+
+def test_torch_compile_fullgraph():
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(24, 8, generator=g)
+    labels = torch.randint(0, 5, (24,), generator=g)
+    text = torch.randn(24, 4, generator=g)
+
+    def step(x, labels, text):
+        return (TF.triplet_margin_loss(x, labels, backend="torch")
+                + TF.adaptive_triplet_loss(x, labels, text, margin_scale=0.5, backend="torch"))
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    out = compiled(x1, labels, text)
+    out.backward()
+    expected = step(x2, labels, text)
+    expected.backward()
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(x1.grad, x2.grad)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+BAD_CALLS = [
+    (lambda x, y: TF.triplet_margin_loss(x[0], y), ValueError, "embeddings"),
+    (lambda x, y: TF.triplet_margin_loss(x.long(), y), TypeError, "embeddings"),
+    (lambda x, y: TF.triplet_margin_loss(x, y.float()), TypeError, "labels"),
+    (lambda x, y: TF.triplet_margin_loss(x, y[:-1]), ValueError, "labels"),
+    (lambda x, y: TF.triplet_margin_loss(x, y, margin=-0.1), ValueError, "margin"),
+    (lambda x, y: TF.triplet_margin_loss(x, y, margin=float("nan")), ValueError, "margin"),
+    (lambda x, y: TF.triplet_margin_loss(x, y, metric="l1"), ValueError, "metric"),
+    (lambda x, y: TF.triplet_margin_loss(x, y, mining="hard"), ValueError, "mining"),
+    (lambda x, y: TF.triplet_margin_loss(x, y, reduction="avg"), ValueError, "reduction"),
+    (lambda x, y: TF.triplet_margin_loss(x, y, smooth=1), TypeError, "smooth"),
+    (lambda x, y: TF.triplet_margin_loss(x, y, ref_embeddings=x), ValueError, "ref_labels"),
+    (lambda x, y: TF.triplet_margin_loss(x, y, ref_embeddings=x.double(), ref_labels=y), TypeError, "ref_embeddings"),
+    (lambda x, y: TF.triplet_margin_loss(x, y, ref_embeddings=x[:, :2], ref_labels=y), ValueError, "ref_embeddings"),
+    (lambda x, y: TF.triplet_margin_loss(x, y, backend="gpu"), ValueError, "backend"),
+    (lambda x, y: TF.triplet_margin_loss(x[:, :0], y), ValueError, "embeddings"),
+    (lambda x, y: TF.adaptive_triplet_loss(x, y, x[:-1]), ValueError, "text_embeddings"),
+    (lambda x, y: TF.adaptive_triplet_loss(x, y, x, margin_scale=-1), ValueError, "margin_scale"),
+    (lambda x, y: TF.adaptive_triplet_loss(x, y, x, text_positive_threshold=1.5), ValueError, "text_positive_threshold"),
+    (lambda x, y: TF.adaptive_triplet_loss(x, y, None), TypeError, "text_embeddings"),
+    (lambda x, y: TF.mine_triplets(x, y, strategy="semi_hard", text_embeddings=x), ValueError, "strategy"),
+    (lambda x, y: TF.mine_triplets(x, y, margin_scale=0.5), ValueError, "margin_scale"),
+    (lambda x, y: TF.mine_triplets(x, y, strategy="random"), ValueError, "strategy"),
+    (lambda x, y: TripletMarginLoss(margin=-1), ValueError, "margin"),
+    (lambda x, y: AdaptiveTripletLoss(reduction="max"), ValueError, "reduction"),
+]
+
+
+@pytest.mark.parametrize("call,error,name", BAD_CALLS)
+def test_bad_input_raises_naming_the_argument(call, error, name):
+    x = torch.randn(6, 4)
+    y = torch.tensor([0, 0, 1, 1, 2, 2])
+    with pytest.raises(error, match=name):
+        call(x, y)

@@ -1,0 +1,117 @@
+"""Arguments and entry point of ``torchfg bench`` (wired into :mod:`torchfg.cli`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+from torchfg.bench.core import OP_NAMES, default_dtype, parse_dtype, resolve_device, run_benchmarks
+
+__all__ = ["add_arguments", "run"]
+
+
+def _csv_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _ops(text: str) -> list[str]:
+    ops = _csv_list(text)
+    unknown = [op for op in ops if op not in OP_NAMES]
+    if unknown or not ops:
+        raise argparse.ArgumentTypeError(f"--ops takes a comma list among {','.join(OP_NAMES)}, got {text!r}")
+    return ops
+
+
+def _sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(part) for part in _csv_list(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--sizes takes comma-separated integers, got {text!r}") from None
+    if not sizes or any(s < 2 for s in sizes):
+        raise argparse.ArgumentTypeError(f"--sizes must be integers >= 2, got {text!r}")
+    return sizes
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``torchfg bench``."""
+    parser.add_argument("--ops", type=_ops, default=list(OP_NAMES),
+                        help=f"comma list of ops (default: all of {','.join(OP_NAMES)})")
+    parser.add_argument("--sizes", type=_sizes, default=None,
+                        help="comma list of N (default: per op and device; small on CPU)")
+    parser.add_argument("--dim", type=_positive_int, default=None, help="feature width D (default: per op and device)")
+    parser.add_argument("--dtype", default="auto", help="bf16, fp16, fp32, fp64 or auto (bf16 on CUDA, fp32 on CPU)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--repeat", type=_positive_int, default=10, help="timed runs per measurement (default 10)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 2 on CUDA, 1 on CPU)")
+    parser.add_argument("--max-seconds", type=float, default=5.0,
+                        help="time budget of one measurement's timed runs; at least 3 runs (default 5)")
+    parser.add_argument("--csv", default=None, metavar="PATH", help="append one row per measurement to this CSV")
+    parser.add_argument("--plot", default=None, metavar="PATH", help="write time-vs-N and memory-vs-N charts to this PNG")
+    parser.add_argument("--isolate", action="store_true",
+                        help="run each measurement in a fresh subprocess (needed for meaningful CPU peak memory)")
+    parser.add_argument("--threads", type=_positive_int, default=None,
+                        help="CPU threads for torch (torch.set_num_threads); default: torch's default")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    parser.add_argument("--note", default=None, help="free text stored in a 'note' column of every CSV row")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``torchfg bench`` with parsed arguments; returns the exit status."""
+    from torchfg.bench.report import MATPLOTLIB_MISSING, format_table, matplotlib_available, plot_results, write_csv
+
+    if args.plot and not matplotlib_available():
+        # Fail before spending minutes measuring.
+        print(f"torchfg bench: {MATPLOTLIB_MISSING}", file=sys.stderr)
+        return 2
+    try:
+        device = resolve_device(args.device)
+        dtype = default_dtype(device) if args.dtype == "auto" else parse_dtype(args.dtype)
+    except ValueError as exc:
+        print(f"torchfg bench: {exc}", file=sys.stderr)
+        return 2
+    if args.threads is not None:
+        # Also exported so that --isolate subprocesses use the same number.
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+        torch.set_num_threads(args.threads)
+    if device.type == "cpu":
+        print("torchfg bench: no CUDA device in use: timing the CPU paths; GPU kernels are skipped.", file=sys.stderr)
+    results = run_benchmarks(
+        args.ops,
+        sizes=args.sizes,
+        dim=args.dim,
+        dtype=dtype,
+        device=device,
+        repeat=args.repeat,
+        warmup=args.warmup,
+        max_seconds=args.max_seconds,
+        isolate=args.isolate,
+        seed=args.seed,
+        progress=not args.no_progress,
+        extra_fields={"note": args.note} if args.note else None,
+    )
+    print(format_table(results))
+    if args.csv:
+        count = write_csv(args.csv, results)
+        print(f"\n{count} rows appended to {args.csv}")
+    if args.plot:
+        try:
+            path = plot_results(results, args.plot)
+        except ValueError as exc:
+            print(f"torchfg bench: no plot: {exc}", file=sys.stderr)
+            return 1
+        print(f"plot written to {path}")
+    return 0

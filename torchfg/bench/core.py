@@ -1,0 +1,529 @@
+"""The benchmark engine behind ``torchfg bench``: problems, cases, the floor and the run loop.
+
+Each op module (``torchfg.bench.pairwise``, ``triplet``, ...) defines one :class:`OpBench`: how
+to build a :class:`Problem` of size N, the FLOP model, and its :class:`Case` list (every torchfg
+backend plus the baselines). :func:`run_benchmarks` measures every available case at every size
+and returns one :class:`Result` per (op, size, case), measured or skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+from torchfg.utils.benchmark import Measurement, environment_fields, matmul_floor, measure
+
+__all__ = [
+    "Problem",
+    "Case",
+    "OpBench",
+    "Result",
+    "OP_NAMES",
+    "load_op",
+    "run_benchmarks",
+    "module_installed",
+    "triton_available",
+    "api_available",
+    "parse_dtype",
+    "resolve_device",
+    "default_dtype",
+]
+
+OP_NAMES = ("pairwise", "triplet", "atl", "knn", "dino")
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float64": torch.float64,
+    "fp64": torch.float64,
+}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """``"bf16"`` / ``"bfloat16"`` / ``"fp16"`` / ``"fp32"`` / ``"fp64"`` (and long names) -> dtype."""
+    if not isinstance(name, str) or name.lower() not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(set(DTYPES))}, got {name!r}")
+    return DTYPES[name.lower()]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``."""
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}") from exc
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be a CPU or CUDA device, got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} was asked for but no CUDA device is available")
+    return device
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on GPUs (what large-batch training uses), fp32 on CPUs (bf16 GEMMs are slow there)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One benchmark size: ``n`` rows (anchors / queries / batch) against ``m`` candidates, width ``d``.
+
+    ``extra`` holds op-specific sizes (classes per batch, text width, k, crops, ...); the setup
+    functions build their inputs from it with ``seed`` so that a subprocess rebuilds the same data.
+    """
+
+    op: str
+    n: int
+    m: int
+    d: int
+    dtype: torch.dtype
+    device: torch.device
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def generator(self) -> torch.Generator:
+        return torch.Generator(device="cpu").manual_seed(self.seed)
+
+    def randn(self, *shape: int, requires_grad: bool = False, gen: torch.Generator | None = None) -> torch.Tensor:
+        """Standard-normal data drawn on the CPU (reproducible on every device), then moved."""
+        t = torch.randn(*shape, generator=gen or self.generator()).to(device=self.device, dtype=self.dtype)
+        return t.requires_grad_(requires_grad)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One thing to time: a torchfg backend or a baseline.
+
+    Args:
+        name: label in tables, CSVs and plots (``"torchfg[triton]"``, ``"torch.cdist"``, ...).
+        setup: builds the inputs of a :class:`Problem` and returns a closure doing the work
+            (forward + backward where the op is trained through).
+        kind: ``"torchfg"`` or ``"baseline"``.
+        available: ``(device, dtype) -> (ok, why not)``; checked before ``setup``.
+        gpu_kernel: a GPU kernel (listed as skipped on a CPU machine).
+    """
+
+    name: str
+    setup: Callable[[Problem], Callable[[], Any]]
+    kind: str = "torchfg"
+    available: Callable[[torch.device, torch.dtype], tuple[bool, str]] = lambda device, dtype: (True, "")
+    gpu_kernel: bool = False
+
+
+@dataclass(frozen=True)
+class OpBench:
+    """The benchmark of one op.
+
+    Args:
+        name: op name on the command line.
+        title: what is timed, e.g. ``"pairwise_distance(x) euclidean, forward + backward"``.
+        flop_model: the FLOP count formula in words; ``flops`` evaluates it (None: not compute bound).
+        make_problem: ``(n, d, dtype, device, seed) -> Problem``.
+        cases: ``() -> list[Case]``.
+        default_sizes: N per device type.
+        default_dim: D per device type.
+        shape: ``Problem -> str`` describing the inputs.
+        floor_shape: ``Problem -> (n, m, d)`` of the ``x @ y.T`` floor (default ``(n, m, d)``).
+        floor: alternative floor ``Problem -> (label, closure)`` for ops that are not GEMM bound.
+        requires: ``() -> (ok, why not)``: whether the op's public API is importable.
+    """
+
+    name: str
+    title: str
+    flop_model: str
+    flops: Callable[[Problem], float | None]
+    make_problem: Callable[..., Problem]
+    cases: Callable[[], list[Case]]
+    default_sizes: dict[str, tuple[int, ...]]
+    default_dim: dict[str, int]
+    shape: Callable[[Problem], str]
+    floor_shape: Callable[[Problem], tuple[int, int, int]] | None = None
+    floor: Callable[[Problem], tuple[str, Callable[[], Any]]] | None = None
+    requires: Callable[[], tuple[bool, str]] = lambda: (True, "")
+
+    def floor_label(self, problem: Problem) -> str:
+        if self.floor is not None:
+            return self.floor(problem)[0]
+        n, m, d = self.floor_shape(problem) if self.floor_shape else (problem.n, problem.m, problem.d)
+        return f"x @ y.T ({n}x{d} @ {d}x{m})"
+
+
+@dataclass
+class Result:
+    """One row: a measurement (``status == "ok"``), a skipped case or a failed one."""
+
+    op: str
+    case: str
+    kind: str
+    n: int
+    m: int
+    d: int
+    dtype: str
+    shape: str
+    status: str
+    measurement: Measurement | None = None
+    flops: float | None = None
+    flop_model: str = ""
+    floor_ms: float | None = None
+    floor: str = ""
+    isolated: bool = False
+    gpu_kernel: bool = False
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def tflops(self) -> float | None:
+        if self.measurement is None or self.flops is None or self.measurement.median_ms <= 0:
+            return None
+        return self.flops / (self.measurement.median_ms * 1e-3) / 1e12
+
+    @property
+    def floor_ratio(self) -> float | None:
+        if self.measurement is None or not self.floor_ms:
+            return None
+        return self.measurement.median_ms / self.floor_ms
+
+    def csv_row(self) -> dict[str, Any]:
+        """The CSV columns (environment first, then shapes, then numbers)."""
+        m = self.measurement
+
+        def num(x: float | None, digits: int = 4) -> str:
+            return "" if x is None else f"{x:.{digits}g}"
+
+        return {
+            **self.env,
+            "op": self.op,
+            "case": self.case,
+            "kind": self.kind,
+            "status": self.status,
+            "n": self.n,
+            "m": self.m,
+            "d": self.d,
+            "dtype": self.dtype,
+            "shape": self.shape,
+            "median_ms": num(m and m.median_ms, 5),
+            "p20_ms": num(m and m.p20_ms, 5),
+            "p80_ms": num(m and m.p80_ms, 5),
+            "repeats": "" if m is None else m.repeats,
+            "flops": num(self.flops, 6),
+            "tflops": num(self.tflops),
+            "flop_model": self.flop_model,
+            "floor": self.floor,
+            "floor_ms": num(self.floor_ms, 5),
+            "floor_ratio": num(self.floor_ratio),
+            "peak_extra_mib": "" if m is None else f"{m.peak_extra_bytes / 2**20:.2f}",
+            "memory_method": "" if m is None else m.memory_method,
+            "isolated": int(self.isolated),
+        }
+
+
+CSV_COLUMNS = tuple(
+    Result("", "", "", 0, 0, 0, "", "", "ok", env=dict.fromkeys(("device", "torch", "triton", "commit", "threads", "load_avg"), "")).csv_row()
+)
+
+
+def module_installed(module: str) -> Callable[[torch.device, torch.dtype], tuple[bool, str]]:
+    """A :attr:`Case.available` check: the third-party ``module`` is importable."""
+
+    def check(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
+        if importlib.util.find_spec(module) is None:
+            return False, f"{module} is not installed"
+        return True, ""
+
+    return check
+
+
+def triton_available(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
+    """A :attr:`Case.available` check for Triton kernels on ``device``."""
+    from torchfg.backends import triton_status
+
+    return triton_status(device)
+
+
+def api_available(module: str, *names: str) -> Callable[[], tuple[bool, str]]:
+    """An :attr:`OpBench.requires` check: ``from module import names`` works (the op has landed)."""
+
+    def check() -> tuple[bool, str]:
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as exc:
+            return False, f"{module} does not import: {exc}"
+        missing = [n for n in names if not hasattr(mod, n)]
+        if missing:
+            return False, f"{module} has no {', '.join(missing)}"
+        return True, ""
+
+    return check
+
+
+def load_op(name: str) -> OpBench:
+    """The :class:`OpBench` of ``torchfg.bench.<name>``."""
+    if name not in OP_NAMES:
+        raise ValueError(f"ops must be among {OP_NAMES}, got {name!r}")
+    return importlib.import_module(f"torchfg.bench.{name}").BENCH
+
+
+def _find_case(op: OpBench, case_name: str) -> Case:
+    for case in op.cases():
+        if case.name == case_name:
+            return case
+    raise ValueError(f"{op.name} has no case {case_name!r}")
+
+
+def _warm_libraries(op: OpBench, case: Case, problem: Problem) -> None:
+    """Run the case once on a tiny problem: loads libraries and compiles kernels outside the window."""
+    tiny = op.make_problem(min(problem.n, 32), problem.d, problem.dtype, problem.device, problem.seed)
+    fn = case.setup(tiny)
+    fn()
+    del fn
+
+
+def measure_case(
+    op: OpBench, case: Case, problem: Problem, *, warmup: int, repeat: int, max_seconds: float | None
+) -> Measurement:
+    """Set up ``case`` on ``problem`` and time it (after warming its libraries on a tiny problem)."""
+    _warm_libraries(op, case, problem)
+    fn = case.setup(problem)
+    try:
+        return measure(fn, device=problem.device, warmup=warmup, repeat=repeat, max_seconds=max_seconds)
+    finally:
+        del fn
+        if problem.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _measure_isolated(
+    op: OpBench, case: Case, problem: Problem, *, warmup: int, repeat: int, max_seconds: float | None
+) -> Measurement:
+    """:func:`measure_case` in a fresh Python process (CPU peak-RSS figures need a fresh process)."""
+    request = {
+        "op": op.name,
+        "case": case.name,
+        "n": problem.n,
+        "d": problem.d,
+        "dtype": dtype_name(problem.dtype),
+        "device": str(problem.device),
+        "seed": problem.seed,
+        "warmup": warmup,
+        "repeat": repeat,
+        "max_seconds": max_seconds,
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "torchfg.bench.worker", json.dumps(request)],
+        capture_output=True,
+        text=True,
+        env=os.environ.copy(),
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise RuntimeError(f"isolated run failed (exit {proc.returncode}): {tail[0]}")
+    reply = json.loads(lines[-1])
+    if "error" in reply:
+        raise RuntimeError(reply["error"])
+    return Measurement(**reply["measurement"])
+
+
+def _gpu_or_unavailable_skip(case: Case, device: torch.device, dtype: torch.dtype) -> str | None:
+    if case.gpu_kernel and device.type != "cuda":
+        return "skipped: GPU kernel (no CUDA device)"
+    ok, why = case.available(device, dtype)
+    if not ok:
+        return f"skipped: {why}"
+    return None
+
+
+def _short_error(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"error: {type(exc).__name__}: {text[0] if text else ''}"[:200]
+
+
+def run_benchmarks(
+    ops: Sequence[str] = OP_NAMES,
+    *,
+    sizes: Sequence[int] | None = None,
+    dim: int | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    repeat: int = 10,
+    warmup: int | None = None,
+    max_seconds: float | None = 5.0,
+    isolate: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+    on_result: Callable[[Result], None] | None = None,
+    extra_fields: dict[str, str] | None = None,
+) -> list[Result]:
+    """Measure every case of every op at every size.
+
+    Args:
+        ops: op names among :data:`OP_NAMES`.
+        sizes: N values (default: the op's defaults for the device type).
+        dim: feature width D (default: the op's default for the device type).
+        dtype: input dtype (default: bf16 on CUDA, fp32 on CPU).
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or a torch.device.
+        repeat: timed runs per measurement (fewer once ``max_seconds`` is spent, at least 3).
+        warmup: untimed runs first (default 2 on CUDA, 1 on CPU).
+        max_seconds: time budget of the timed runs of one measurement.
+        isolate: run each measurement in a fresh subprocess (CPU peak-RSS memory figures).
+        seed: seed of the random inputs.
+        progress: show a tqdm progress bar on stderr.
+        on_result: called with each :class:`Result` as soon as it exists (streaming CSV rows).
+        extra_fields: columns added to every CSV row (e.g. ``{"note": "laptop on battery"}``).
+
+    Returns:
+        One :class:`Result` per (op, size, case), in that order; an op whose API is not importable
+        gives one ``"skipped: not available"`` result.
+
+    Example:
+        >>> results = run_benchmarks(["pairwise"], sizes=[16], dim=8, device="cpu", repeat=2, progress=False)
+        >>> {"torchfg[torch]", "torch.cdist"} <= {r.case for r in results if r.status == "ok"}
+        True
+    """
+    device = resolve_device(device) if not isinstance(device, torch.device) else device
+    dtype = dtype or default_dtype(device)
+    if repeat < 1:
+        raise ValueError(f"repeat must be >= 1, got {repeat}")
+    if sizes is not None and any((not isinstance(s, int)) or s < 2 for s in sizes):
+        raise ValueError(f"sizes must be integers >= 2, got {list(sizes)}")
+    if dim is not None and dim < 1:
+        raise ValueError(f"dim must be >= 1, got {dim}")
+    if warmup is None:
+        warmup = 2 if device.type == "cuda" else 1
+    env = {**environment_fields(device), **(extra_fields or {})}
+
+    plan: list[tuple[OpBench, Problem | None, Case | None, str]] = []
+    results: list[Result] = []
+    for name in ops:
+        op = load_op(name)
+        ok, why = op.requires()
+        if not ok:
+            plan.append((op, None, None, f"skipped: not available ({why})"))
+            continue
+        d = dim or op.default_dim[device.type]
+        cases = op.cases()
+        for n in sizes or op.default_sizes[device.type]:
+            problem = op.make_problem(n, d, dtype, device, seed)
+            for case in cases:
+                plan.append((op, problem, case, ""))
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(plan), desc="torchfg bench", unit="case", file=sys.stderr, leave=False)
+    floors: dict[tuple, tuple[str, float | None]] = {}
+    try:
+        for op, problem, case, skip in plan:
+            if problem is None or case is None:
+                result = Result(op.name, "-", "-", 0, 0, 0, dtype_name(dtype), "", skip, env=env)
+            else:
+                if bar is not None:
+                    bar.set_postfix_str(f"{op.name} N={problem.n} {case.name}")
+                result = _run_one(op, problem, case, floors, env, repeat, warmup, max_seconds, isolate)
+            results.append(result)
+            if on_result is not None:
+                on_result(result)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return results
+
+
+def _floor(
+    op: OpBench, problem: Problem, floors: dict, repeat: int, warmup: int, max_seconds: float | None
+) -> tuple[str, float | None]:
+    label = op.floor_label(problem)
+    # A custom floor depends on the whole problem; the GEMM floor only on its label's shape.
+    size = (op.name, problem.n, problem.m, problem.d, tuple(sorted(problem.extra.items()))) if op.floor else ()
+    key = (label, size, problem.dtype, problem.device)
+    if key not in floors:
+        try:
+            if op.floor is not None:
+                fn = op.floor(problem)[1]
+                ms = measure(fn, device=problem.device, warmup=warmup, repeat=repeat, max_seconds=max_seconds).median_ms
+            else:
+                n, m, d = op.floor_shape(problem) if op.floor_shape else (problem.n, problem.m, problem.d)
+                ms = matmul_floor(
+                    n, d, problem.dtype, problem.device, m=m, warmup=warmup, repeat=repeat, max_seconds=max_seconds
+                ).median_ms
+        except (RuntimeError, MemoryError):
+            ms = None
+        floors[key] = (label, ms)
+    return floors[key]
+
+
+def _run_one(
+    op: OpBench,
+    problem: Problem,
+    case: Case,
+    floors: dict,
+    env: dict[str, str],
+    repeat: int,
+    warmup: int,
+    max_seconds: float | None,
+    isolate: bool,
+) -> Result:
+    result = Result(
+        op=op.name,
+        case=case.name,
+        kind=case.kind,
+        n=problem.n,
+        m=problem.m,
+        d=problem.d,
+        dtype=dtype_name(problem.dtype),
+        shape=op.shape(problem),
+        status="ok",
+        flop_model=op.flop_model,
+        isolated=isolate,
+        gpu_kernel=case.gpu_kernel,
+        env=env,
+    )
+    skip = _gpu_or_unavailable_skip(case, problem.device, problem.dtype)
+    if skip is not None:
+        result.status = skip
+        return result
+    try:
+        if isolate:
+            result.measurement = _measure_isolated(
+                op, case, problem, warmup=warmup, repeat=repeat, max_seconds=max_seconds
+            )
+        else:
+            result.measurement = measure_case(op, case, problem, warmup=warmup, repeat=repeat, max_seconds=max_seconds)
+    except (RuntimeError, MemoryError, ValueError, TypeError, NotImplementedError) as exc:
+        # One failing case (out of memory, an unsupported dtype in a baseline) must not end the run.
+        result.status = _short_error(exc)
+        if problem.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return result
+    result.flops = op.flops(problem)
+    result.floor, result.floor_ms = _floor(op, problem, floors, repeat, warmup, max_seconds)
+    return result
+
+
+def measurement_to_json(m: Measurement) -> dict[str, Any]:
+    return dataclasses.asdict(m)
+
+
+def iter_ok(results: Iterable[Result]) -> Iterable[Result]:
+    return (r for r in results if r.status == "ok")

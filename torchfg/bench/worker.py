@@ -1,0 +1,46 @@
+"""One measurement in a fresh process: ``python -m torchfg.bench.worker '<json request>'``.
+
+Used by ``torchfg bench --isolate``: the peak resident set size of a CPU process only says
+something about one measurement when nothing else ran in that process before it. Prints one JSON
+line, ``{"measurement": {...}}`` or ``{"error": "..."}``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+
+from torchfg.bench.core import _find_case, load_op, measure_case, measurement_to_json, parse_dtype
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print(json.dumps({"error": "usage: python -m torchfg.bench.worker '<json request>'"}))
+        return 2
+    request = json.loads(argv[0])
+    try:
+        op = load_op(request["op"])
+        case = _find_case(op, request["case"])
+        problem = op.make_problem(
+            request["n"], request["d"], parse_dtype(request["dtype"]), torch.device(request["device"]), request["seed"]
+        )
+        m = measure_case(
+            op,
+            case,
+            problem,
+            warmup=request["warmup"],
+            repeat=request["repeat"],
+            max_seconds=request["max_seconds"],
+        )
+    except Exception as exc:  # reported to the parent, which records the case as failed
+        print(json.dumps({"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}))
+        return 0
+    print(json.dumps({"measurement": measurement_to_json(m)}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

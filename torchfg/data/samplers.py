@@ -1,0 +1,329 @@
+"""Samplers for few-shot episodes and for P x K metric-learning batches.
+
+Both are *batch* samplers: pass them to ``DataLoader(dataset, batch_sampler=...)``; each item they
+yield is the list of dataset indices of one episode / batch.
+
+Randomness: each sampler draws from a NumPy generator seeded with ``(seed, epoch)``, so a given
+seed and epoch always give the same indices, and each epoch gives new ones. The epoch advances by
+one after every full or partial iteration; ``set_epoch(e)`` sets it explicitly (as with
+``DistributedSampler``). With ``seed=None`` the base seed is drawn once from torch's global RNG at
+construction, so ``torch.manual_seed`` makes runs reproducible too.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import deque
+from typing import Iterator, Sequence, Union
+
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+
+__all__ = ["EpisodicSampler", "PKSampler", "split_episode"]
+
+LabelsLike = Union[torch.Tensor, np.ndarray, Sequence[int]]
+
+
+def _labels_to_numpy(labels: object, name: str = "labels") -> np.ndarray:
+    if isinstance(labels, torch.Tensor):
+        tensor = labels.detach().cpu()
+    elif isinstance(labels, (np.ndarray, list, tuple, range)):
+        try:
+            tensor = torch.as_tensor(np.asarray(labels))
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"{name} must be 1-D integer labels, could not convert: {exc}") from None
+    else:
+        raise TypeError(f"{name} must be a 1-D integer tensor, array or sequence, got {type(labels).__name__}")
+    if tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integers, got dtype {tensor.dtype}")
+    if tensor.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(tensor.shape)}")
+    return tensor.numpy().astype(np.int64, copy=False)
+
+
+def _check_count(value: object, name: str, *, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _resolve_seed(seed: object) -> int:
+    if seed is None:
+        return int(torch.empty((), dtype=torch.int64).random_().item())
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    return int(seed)
+
+
+def _group_by_class(labels: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Sorted classes and, per class, its dataset indices in ascending order."""
+    order = np.argsort(labels, kind="stable")
+    classes, starts = np.unique(labels[order], return_index=True)
+    return classes, np.split(order, starts[1:])
+
+
+class _EpochSeeded:
+    """Base for samplers whose randomness is a function of (seed, epoch)."""
+
+    def __init__(self, seed: int | None) -> None:
+        self.seed = _resolve_seed(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use ``epoch``'s indices on the next iteration (then continue from ``epoch + 1``)."""
+        self.epoch = _check_count(epoch, "epoch", minimum=0)
+
+    def _next_rng(self) -> np.random.Generator:
+        # SeedSequence mixes (seed, epoch) so that nearby seeds / epochs give unrelated streams.
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed & (2**63 - 1), self.epoch]))
+        self.epoch += 1
+        return rng
+
+
+class EpisodicSampler(_EpochSeeded, Sampler[list[int]]):
+    """N-way K-shot episodes: yields, per episode, the dataset indices of support then query.
+
+    Each episode picks ``n_way`` distinct classes and, in each, ``n_shot + n_query`` distinct items
+    (without replacement). The yielded list has ``n_way * (n_shot + n_query)`` indices laid out
+    class-major: first the support, ``n_shot`` items of class 0, then of class 1, ...; then the
+    query, ``n_query`` items of class 0, then of class 1, ... (classes in the episode's random order).
+    :func:`split_episode` cuts a batch in that layout back into support and query.
+
+    Classes with fewer than ``n_shot + n_query`` items are skipped (with a warning).
+
+    Args:
+        labels: (N,) integer class label of every dataset item (tensor, array or sequence).
+        n_way: classes per episode.
+        n_shot: support items per class.
+        n_query: query items per class (>= 0).
+        n_episodes: episodes per iteration (= ``len(sampler)``).
+        seed: base seed; see the module docstring for the per-epoch streams.
+
+    Raises:
+        ValueError: fewer than ``n_way`` classes have ``n_shot + n_query`` items.
+
+    Example:
+        >>> sampler = EpisodicSampler(labels, n_way=5, n_shot=1, n_query=15, n_episodes=600, seed=0)
+        >>> loader = DataLoader(dataset, batch_sampler=sampler)
+        >>> for images, labels in loader:
+        ...     support, support_labels, query, query_labels = split_episode(
+        ...         model(images), labels, n_way=5, n_shot=1, n_query=15)
+    """
+
+    def __init__(
+        self,
+        labels: LabelsLike,
+        n_way: int,
+        n_shot: int,
+        n_query: int,
+        n_episodes: int,
+        *,
+        seed: int | None = None,
+    ) -> None:
+        label_array = _labels_to_numpy(labels)
+        self.n_way = _check_count(n_way, "n_way")
+        self.n_shot = _check_count(n_shot, "n_shot")
+        self.n_query = _check_count(n_query, "n_query", minimum=0)
+        self.n_episodes = _check_count(n_episodes, "n_episodes")
+        _EpochSeeded.__init__(self, seed)
+        per_class = self.n_shot + self.n_query
+        classes, members = _group_by_class(label_array)
+        keep = [i for i, m in enumerate(members) if len(m) >= per_class]
+        skipped = len(classes) - len(keep)
+        if skipped:
+            warnings.warn(
+                f"EpisodicSampler: skipping {skipped} of {len(classes)} classes with fewer than "
+                f"n_shot + n_query = {per_class} items",
+                stacklevel=2,
+            )
+        if len(keep) < self.n_way:
+            raise ValueError(
+                f"EpisodicSampler: n_way={self.n_way} classes are needed per episode but only {len(keep)} "
+                f"classes in labels have at least n_shot + n_query = {per_class} items"
+            )
+        self.classes = classes[keep]
+        self._members = [members[i] for i in keep]
+
+    def __len__(self) -> int:
+        return self.n_episodes
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rng = self._next_rng()
+        for _ in range(self.n_episodes):
+            chosen = rng.choice(len(self._members), size=self.n_way, replace=False)
+            items = np.stack(
+                [rng.choice(self._members[c], size=self.n_shot + self.n_query, replace=False) for c in chosen]
+            )
+            yield items[:, : self.n_shot].reshape(-1).tolist() + items[:, self.n_shot :].reshape(-1).tolist()
+
+
+def split_episode(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    n_way: int,
+    n_shot: int,
+    n_query: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cut one episode in :class:`EpisodicSampler`'s layout into support and query.
+
+    Args:
+        embeddings: (n_way * (n_shot + n_query), ...) the episode's embeddings (or raw inputs).
+        labels: (n_way * (n_shot + n_query),) their integer labels.
+        n_way, n_shot, n_query: the sampler's episode shape.
+
+    Returns:
+        ``(support, support_labels, query, query_labels)`` with shapes (n_way * n_shot, ...),
+        (n_way * n_shot,), (n_way * n_query, ...), (n_way * n_query,).
+
+    Raises:
+        ValueError: wrong sizes, or labels that do not follow the class-major layout (e.g. a
+            ``DataLoader`` that reordered the batch).
+
+    Example:
+        >>> support, support_labels, query, query_labels = split_episode(emb, lab, 5, 1, 15)
+    """
+    n_way = _check_count(n_way, "n_way")
+    n_shot = _check_count(n_shot, "n_shot")
+    n_query = _check_count(n_query, "n_query", minimum=0)
+    if not isinstance(embeddings, torch.Tensor):
+        raise TypeError(f"embeddings must be a torch.Tensor, got {type(embeddings).__name__}")
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    if labels.dim() != 1:
+        raise ValueError(f"labels must be 1-D, got shape {tuple(labels.shape)}")
+    total = n_way * (n_shot + n_query)
+    if embeddings.dim() == 0 or embeddings.shape[0] != total:
+        raise ValueError(
+            f"embeddings must have n_way * (n_shot + n_query) = {total} rows, got shape {tuple(embeddings.shape)}"
+        )
+    if labels.shape[0] != total:
+        raise ValueError(f"labels must have n_way * (n_shot + n_query) = {total} entries, got {labels.shape[0]}")
+    n_support = n_way * n_shot
+    support_labels, query_labels = labels[:n_support], labels[n_support:]
+    way_labels = support_labels.view(n_way, n_shot)[:, 0]
+    layout_ok = (
+        bool((support_labels.view(n_way, n_shot) == way_labels.unsqueeze(1)).all())
+        and bool((query_labels.view(n_way, n_query) == way_labels.unsqueeze(1)).all())
+        and torch.unique(way_labels).numel() == n_way
+    )
+    if not layout_ok:
+        raise ValueError(
+            "labels do not follow the EpisodicSampler layout (support then query, class-major, "
+            f"{n_way} distinct classes); was the batch shuffled or n_way/n_shot/n_query wrong?"
+        )
+    return embeddings[:n_support], support_labels, embeddings[n_support:], query_labels
+
+
+class _DistinctStream:
+    """Draws groups of distinct values from a stream of concatenated random permutations.
+
+    Every value appears once per permutation, so over many draws all values are used equally
+    often (within one). A value already in the current group is deferred to the next draw.
+    """
+
+    def __init__(self, values: np.ndarray, rng: np.random.Generator) -> None:
+        self.values = values
+        self.rng = rng
+        self.pending: deque[int] = deque()
+
+    def take(self, n: int) -> list[int]:
+        assert n <= len(self.values)
+        chosen: list[int] = []
+        seen: set[int] = set()
+        deferred: list[int] = []
+        while len(chosen) < n:
+            if not self.pending:
+                self.pending.extend(self.rng.permutation(self.values).tolist())
+            value = self.pending.popleft()
+            if value in seen:
+                deferred.append(value)
+            else:
+                seen.add(value)
+                chosen.append(value)
+        self.pending.extendleft(reversed(deferred))
+        return chosen
+
+
+class PKSampler(_EpochSeeded, Sampler[list[int]]):
+    """P x K batches: ``p`` distinct classes, ``k`` items of each (what batch-hard mining needs).
+
+    Yields lists of ``p * k`` dataset indices, class-major (``k`` indices of the first class, then
+    the next class, ...). Use it as ``DataLoader(dataset, batch_sampler=PKSampler(labels, p, k))``.
+
+    * Batches per epoch: ``len(sampler) = num_batches``, by default ``max(1, N // (p * k))`` so one
+      epoch yields about as many items as the dataset holds.
+    * Classes are taken from a stream of random permutations of all classes, so within an epoch each
+      class appears in the same number of batches (within one), whatever its size; a batch never
+      repeats a class.
+    * Items of a class come from a stream of random permutations of that class, so the class's
+      items are used evenly and a batch holds ``k`` distinct items when the class has at least ``k``.
+      A class with fewer than ``k`` items contributes all of its items once plus ``k - n_c`` drawn
+      again with replacement (so a 1-item class gives ``k`` copies of it: positives at distance 0).
+
+    Args:
+        labels: (N,) integer class label of every dataset item.
+        p: classes per batch, at most the number of classes.
+        k: items per class (>= 1; batch-hard mining needs k >= 2).
+        seed: base seed; see the module docstring for the per-epoch streams.
+        num_batches: batches per epoch, overriding the default above.
+
+    Example:
+        >>> sampler = PKSampler(train_labels, p=32, k=4, seed=0)
+        >>> loader = DataLoader(train_set, batch_sampler=sampler, num_workers=8)
+        >>> for epoch in range(epochs):
+        ...     sampler.set_epoch(epoch)
+        ...     for images, labels in loader: ...
+    """
+
+    def __init__(
+        self,
+        labels: LabelsLike,
+        p: int,
+        k: int,
+        *,
+        seed: int | None = None,
+        num_batches: int | None = None,
+    ) -> None:
+        label_array = _labels_to_numpy(labels)
+        self.p = _check_count(p, "p")
+        self.k = _check_count(k, "k")
+        if label_array.shape[0] == 0:
+            raise ValueError("labels must not be empty")
+        _EpochSeeded.__init__(self, seed)
+        self.classes, self._members = _group_by_class(label_array)
+        if self.p > len(self.classes):
+            raise ValueError(f"p={self.p} classes per batch, but labels hold only {len(self.classes)} classes")
+        if num_batches is None:
+            self.num_batches = max(1, label_array.shape[0] // (self.p * self.k))
+        else:
+            self.num_batches = _check_count(num_batches, "num_batches")
+
+    @property
+    def batch_size(self) -> int:
+        return self.p * self.k
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rng = self._next_rng()
+        class_stream = _DistinctStream(np.arange(len(self.classes)), rng)
+        item_streams: dict[int, _DistinctStream] = {}
+        for _ in range(self.num_batches):
+            batch: list[int] = []
+            for c in class_stream.take(self.p):
+                members = self._members[c]
+                if len(members) >= self.k:
+                    stream = item_streams.get(c)
+                    if stream is None:
+                        stream = item_streams[c] = _DistinctStream(members, rng)
+                    batch.extend(stream.take(self.k))
+                else:
+                    batch.extend(members.tolist())
+                    batch.extend(rng.choice(members, size=self.k - len(members), replace=True).tolist())
+            yield batch

@@ -1,0 +1,3 @@
+"""torchfg.demo."""
+
+__all__: list[str] = []

@@ -1,0 +1,273 @@
+"""The standard few-shot evaluation protocol for a frozen embedder.
+
+Embed every item once, then for each shot count draw ``n_episodes`` N-way K-shot episodes
+(:class:`torchfg.data.EpisodicSampler`), classify the queries with a prototypical head and report
+the mean accuracy with its 95% confidence interval (:func:`torchfg.metrics.few_shot_accuracy`), as
+in miniImageNet / CUB few-shot results.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from torchfg._validation import check_choice
+from torchfg.data.samplers import EpisodicSampler
+from torchfg.functional.fewshot import PROTOTYPE_METRICS
+from torchfg.metrics.fewshot import few_shot_accuracy
+from torchfg.ops.pairwise import pairwise_distance
+
+__all__ = ["evaluate", "embed_dataset"]
+
+EmbedFn = Callable[[Any], torch.Tensor]
+DatasetOrTensors = Union[Dataset, tuple[torch.Tensor, torch.Tensor], list[torch.Tensor]]
+
+# Episodes are evaluated in chunks whose gathered embeddings stay under this many elements (~64 MiB fp32).
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def _progress_bar(iterable: Any, *, enabled: bool, **kwargs: Any) -> Any:
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, **kwargs)
+
+
+def _check_int(value: object, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _module_device(embed_fn: object) -> Optional[torch.device]:
+    if isinstance(embed_fn, nn.Module):
+        for tensor in embed_fn.parameters():
+            return tensor.device
+        for tensor in embed_fn.buffers():
+            return tensor.device
+    return None
+
+
+def _check_batch_labels(labels: object, name: str) -> torch.Tensor:
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{name} must be integer tensors, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"{name} must be integers, got dtype {labels.dtype}")
+    if labels.dim() != 1:
+        raise ValueError(f"{name} must be 1-D (one label per item), got shape {tuple(labels.shape)}")
+    return labels
+
+
+def _batches(
+    dataset_or_tensors: object, batch_size: int, num_workers: int
+) -> tuple[Iterator[tuple[Any, torch.Tensor]], Optional[int]]:
+    """(inputs, labels) batches and their number (None if unknown)."""
+    if isinstance(dataset_or_tensors, (tuple, list)):
+        if len(dataset_or_tensors) != 2:
+            raise ValueError(
+                f"dataset_or_tensors as a tuple must be (inputs, labels), got {len(dataset_or_tensors)} items"
+            )
+        inputs, labels = dataset_or_tensors
+        if not isinstance(inputs, torch.Tensor):
+            raise TypeError(f"dataset_or_tensors[0] (inputs) must be a torch.Tensor, got {type(inputs).__name__}")
+        labels = _check_batch_labels(labels, "dataset_or_tensors[1] (labels)")
+        if inputs.dim() == 0 or inputs.shape[0] != labels.shape[0]:
+            raise ValueError(
+                f"dataset_or_tensors: inputs and labels must have the same length, got inputs of shape "
+                f"{tuple(inputs.shape)} and {labels.shape[0]} labels"
+            )
+        starts = range(0, labels.shape[0], batch_size)
+        return ((inputs[s : s + batch_size], labels[s : s + batch_size]) for s in starts), len(starts)
+    if isinstance(dataset_or_tensors, Dataset):
+        loader = DataLoader(dataset_or_tensors, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+        try:
+            n_batches: Optional[int] = len(loader)
+        except TypeError:  # an IterableDataset without __len__
+            n_batches = None
+
+        def from_loader() -> Iterator[tuple[Any, torch.Tensor]]:
+            for batch in loader:
+                if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+                    raise TypeError(
+                        "dataset_or_tensors: a Dataset must return (input, label, ...) tuples; "
+                        f"a collated batch was a {type(batch).__name__}"
+                    )
+                yield batch[0], _check_batch_labels(batch[1], "dataset_or_tensors: the Dataset's labels")
+
+        return from_loader(), n_batches
+    raise TypeError(
+        "dataset_or_tensors must be an (inputs, labels) tuple of tensors or a torch.utils.data.Dataset "
+        f"returning (input, label, ...) tuples, got {type(dataset_or_tensors).__name__}"
+    )
+
+
+@torch.no_grad()
+def embed_dataset(
+    embed_fn: Optional[EmbedFn],
+    dataset_or_tensors: DatasetOrTensors,
+    *,
+    batch_size: int = 256,
+    device: Union[torch.device, str, None] = None,
+    progress: bool = True,
+    num_workers: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embed every item once, without gradients; the first half of :func:`evaluate`.
+
+    Args: as in :func:`evaluate`.
+
+    Returns:
+        ``(embeddings, labels)``: (N, D) float32 embeddings on ``device`` and (N,) int64 labels on the CPU.
+    """
+    if embed_fn is not None and not callable(embed_fn):
+        raise TypeError(f"embed_fn must be callable (a model or function) or None, got {type(embed_fn).__name__}")
+    batch_size = _check_int(batch_size, "batch_size", 1)
+    num_workers = _check_int(num_workers, "num_workers", 0)
+    target = torch.device(device) if device is not None else _module_device(embed_fn)
+    batches, n_batches = _batches(dataset_or_tensors, batch_size, num_workers)
+    was_training = isinstance(embed_fn, nn.Module) and embed_fn.training
+    if isinstance(embed_fn, nn.Module):
+        embed_fn.eval()
+    chunks, label_chunks = [], []
+    try:
+        for inputs, labels in _progress_bar(batches, enabled=progress, total=n_batches, desc="embedding"):
+            if target is not None and isinstance(inputs, torch.Tensor):
+                inputs = inputs.to(target, non_blocking=True)
+            out = inputs if embed_fn is None else embed_fn(inputs)
+            if not isinstance(out, torch.Tensor):
+                raise TypeError(f"embed_fn must return a tensor of embeddings, got {type(out).__name__}")
+            if out.dim() != 2 or out.shape[0] != labels.shape[0]:
+                what = "the inputs (with embed_fn=None)" if embed_fn is None else "embed_fn's output"
+                raise ValueError(
+                    f"{what} must be (batch, D) embeddings, got shape {tuple(out.shape)} for a batch of "
+                    f"{labels.shape[0]} items"
+                )
+            if not out.dtype.is_floating_point:
+                raise TypeError(f"embeddings must be floating point, got {out.dtype}")
+            chunks.append(out.to(target if target is not None else out.device, torch.float32))
+            label_chunks.append(labels.cpu().to(torch.int64))
+    finally:
+        if was_training:
+            embed_fn.train()  # type: ignore[union-attr]
+    if not chunks:
+        raise ValueError("dataset_or_tensors is empty")
+    return torch.cat(chunks), torch.cat(label_chunks)
+
+
+@torch.no_grad()
+def evaluate(
+    embed_fn: Optional[EmbedFn],
+    dataset_or_tensors: DatasetOrTensors,
+    n_way: int = 5,
+    n_shot: Union[int, Sequence[int]] = (1, 5),
+    n_query: int = 15,
+    n_episodes: int = 600,
+    *,
+    seed: int = 0,
+    batch_size: int = 256,
+    device: Union[torch.device, str, None] = None,
+    progress: bool = True,
+    metric: str = "sqeuclidean",
+    normalize: bool = False,
+    num_workers: int = 0,
+    ddof: int = 1,
+    backend: str = "auto",
+) -> dict[int, tuple[float, float]]:
+    """N-way K-shot accuracy of a frozen embedder with a prototypical head, mean +- 95% CI.
+
+    1. Embeds the whole dataset once (``embed_fn`` over batches, under ``torch.no_grad()``; an
+       ``nn.Module`` is put in ``eval()`` mode for it and restored afterwards).
+    2. For each shot count in ``n_shot``, draws ``n_episodes`` episodes with
+       ``EpisodicSampler(labels, n_way, shot, n_query, n_episodes, seed=seed)`` (classes with fewer
+       than ``shot + n_query`` items are skipped with a warning), builds prototypes from the support
+       and classifies the ``n_way * n_query`` queries by their nearest prototype.
+    3. Returns ``few_shot_accuracy(correct_counts, n_per_episode=n_way * n_query, ddof=ddof)`` per shot.
+
+    Args:
+        embed_fn: maps a batch of inputs (B, ...) to embeddings (B, D), e.g. a model or
+            ``lambda x: model(x)[:, 0]``; ``None`` means the inputs already are (N, D) embeddings.
+        dataset_or_tensors: exactly one of
+
+            * ``(inputs, labels)``: a tuple (or list) of two tensors, inputs (N, ...) (images, or
+              (N, D) embeddings with ``embed_fn=None``) and labels (N,) integers; sliced into batches;
+            * a map-style or iterable ``torch.utils.data.Dataset`` whose items are ``(input, label, ...)``
+              tuples (extra fields are ignored), with ``label`` an int or 0-d integer tensor and
+              ``input`` anything the default collate stacks. It is read once in order with
+              ``DataLoader(dataset, batch_size, shuffle=False, num_workers=num_workers)``.
+        n_way: classes per episode.
+        n_shot: support items per class, an int or a sequence of ints (one result each).
+        n_query: query items per class (>= 1).
+        n_episodes: episodes per shot count (>= 2; 600 in the usual protocol).
+        seed: episodes are reproducible for a given seed (the same seed is used for every shot).
+        batch_size: embedding batch size.
+        device: where inputs are sent and the episodes run; default: the device of ``embed_fn``'s
+            parameters for an ``nn.Module``, otherwise where the inputs / embeddings already are.
+        progress: show tqdm progress bars (embedding, then episodes per shot).
+        metric: ``"sqeuclidean"``, ``"euclidean"``, ``"cosine"`` or ``"dot"``.
+        normalize: L2-normalise embeddings before building prototypes (see :class:`PrototypicalHead`).
+        num_workers: DataLoader workers, for a Dataset.
+        ddof: std used in the confidence interval, see :func:`torchfg.metrics.few_shot_accuracy`.
+        backend: distance backend, see :func:`torchfg.pairwise_distance`.
+
+    Returns:
+        ``{shot: (mean_accuracy, ci95)}``, fractions in [0, 1].
+
+    Example:
+        >>> results = evaluate(model, test_set, n_way=5, n_shot=(1, 5), device="cuda")
+        >>> for shot, (mean, ci95) in results.items():
+        ...     print(f"5-way {shot}-shot: {100 * mean:.2f} +- {100 * ci95:.2f}")
+    """
+    n_way = _check_int(n_way, "n_way", 1)
+    n_query = _check_int(n_query, "n_query", 1)
+    n_episodes = _check_int(n_episodes, "n_episodes", 2)
+    shots = [n_shot] if isinstance(n_shot, (int, np.integer)) and not isinstance(n_shot, bool) else n_shot
+    if not isinstance(shots, Sequence) or len(shots) == 0:
+        raise TypeError(f"n_shot must be an int or a non-empty sequence of ints, got {n_shot!r}")
+    shots = [_check_int(s, "n_shot", 1) for s in shots]
+    if len(set(shots)) != len(shots):
+        raise ValueError(f"n_shot must not repeat a value, got {n_shot!r}")
+    metric = check_choice(metric, "metric", PROTOTYPE_METRICS)
+
+    embeddings, labels = embed_dataset(
+        embed_fn, dataset_or_tensors, batch_size=batch_size, device=device, progress=progress, num_workers=num_workers
+    )
+    if normalize:
+        embeddings = F.normalize(embeddings, dim=-1)
+    query_targets = torch.arange(n_way, device=embeddings.device).repeat_interleave(n_query)
+
+    results: dict[int, tuple[float, float]] = {}
+    for shot in shots:
+        sampler = EpisodicSampler(labels, n_way, shot, n_query, n_episodes, seed=seed)
+        n_support = n_way * shot
+        episode_size = n_way * (shot + n_query)
+        chunk = max(1, min(n_episodes, _CHUNK_ELEMENTS // (episode_size * embeddings.shape[1])))
+        correct_counts = []
+        bar = _progress_bar(
+            None, enabled=progress, total=n_episodes, desc=f"{n_way}-way {shot}-shot", unit="episode"
+        )
+        episodes = iter(sampler)
+        done = 0
+        while done < n_episodes:
+            take = min(chunk, n_episodes - done)
+            index = torch.tensor([next(episodes) for _ in range(take)], device=embeddings.device)
+            episode = embeddings[index]  # (take, episode_size, D), support then query, class-major
+            # Class-major layout: the prototype of way w is the mean of support rows w*shot ... (w+1)*shot-1.
+            prototypes = episode[:, :n_support].unflatten(1, (n_way, shot)).mean(dim=2)
+            distances = pairwise_distance(episode[:, n_support:], prototypes, metric, backend=backend)
+            correct_counts.append((distances.argmin(dim=2) == query_targets).sum(dim=1))
+            done += take
+            if progress:
+                bar.update(take)
+        if progress:
+            bar.close()
+        results[shot] = few_shot_accuracy(
+            torch.cat(correct_counts).cpu(), n_per_episode=n_way * n_query, ddof=ddof
+        )
+    return results

@@ -1,0 +1,143 @@
+"""Prototypical few-shot classification head (nearest class mean in embedding space)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from torchfg._validation import check_choice, check_positive
+from torchfg.functional.fewshot import PROTOTYPE_METRICS, class_prototypes, prototype_logits
+
+__all__ = ["PrototypicalHead"]
+
+
+class PrototypicalHead(nn.Module):
+    """Classify queries by their distance to the mean support embedding of each class.
+
+    Two ways to call it:
+
+    * ``head(support, support_labels, query)``: one episode, differentiable w.r.t. ``support`` and
+      ``query`` (episodic training). It also records the episode's prototypes and ``classes``.
+    * ``head.fit(support, support_labels)`` once, then ``head(query)`` for as many query batches
+      as needed (evaluation). ``fit`` stores *detached* prototypes, so gradients reach the query but
+      not the support through this path; train with the three-argument form.
+
+    The stored prototypes and classes are non-persistent buffers: they follow ``.to(device)`` but
+    are not part of the ``state_dict`` (their shape depends on the episode).
+
+    Args:
+        metric: ``"sqeuclidean"`` (the original method), ``"euclidean"``, ``"cosine"`` (1 - cos) or
+            ``"dot"`` (negative inner product).
+        temperature: > 0; logits are ``-distance / temperature``.
+        normalize: L2-normalise support and query embeddings first (prototypes are means of unit
+            vectors, not re-normalised).
+        backend: distance backend, see :func:`torchfg.pairwise_distance`.
+
+    Shapes:
+        support (S, D), support_labels (S,) arbitrary integers, query (Q, D) -> logits (Q, C) with
+        C = number of distinct support labels; column ``c`` is class ``head.classes[c]``.
+
+    Example:
+        >>> head = PrototypicalHead()
+        >>> support = torch.randn(10, 32)
+        >>> support_labels = torch.tensor([4, 4, 9, 9, 1, 1, 7, 7, 3, 3])
+        >>> logits = head(support, support_labels, torch.randn(6, 32))  # (6, 5)
+        >>> head.classes.tolist()
+        [1, 3, 4, 7, 9]
+        >>> predictions = head.predict(torch.randn(6, 32))  # original labels, (6,)
+    """
+
+    prototypes: Optional[torch.Tensor]
+    classes: Optional[torch.Tensor]
+
+    def __init__(
+        self,
+        metric: str = "sqeuclidean",
+        *,
+        temperature: float = 1.0,
+        normalize: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.metric = check_choice(metric, "metric", PROTOTYPE_METRICS)
+        self.temperature = check_positive(temperature, "temperature")
+        self.normalize = bool(normalize)
+        self.backend = backend
+        self.register_buffer("prototypes", None, persistent=False)
+        self.register_buffer("classes", None, persistent=False)
+
+    @property
+    def n_way(self) -> int:
+        """Number of classes of the fitted prototypes (0 before ``fit``)."""
+        return 0 if self.classes is None else int(self.classes.shape[0])
+
+    def fit(self, support: torch.Tensor, support_labels: torch.Tensor) -> "PrototypicalHead":
+        """Compute and store (detached) prototypes and sorted classes; returns ``self``.
+
+        Args:
+            support: (S, D) support embeddings, S >= 1.
+            support_labels: (S,) integer labels.
+        """
+        prototypes, classes = class_prototypes(support, support_labels, normalize=self.normalize)
+        self.prototypes = prototypes.detach()
+        self.classes = classes
+        return self
+
+    def _logits(self, query: torch.Tensor, prototypes: Optional[torch.Tensor]) -> torch.Tensor:
+        if prototypes is None or prototypes.shape[0] == 0:
+            raise ValueError(
+                "PrototypicalHead has 0 classes: pass support and support_labels, i.e. "
+                "head(support, support_labels, query), or call head.fit(support, support_labels) first"
+            )
+        return prototype_logits(
+            query,
+            prototypes,
+            metric=self.metric,
+            temperature=self.temperature,
+            normalize=self.normalize,
+            backend=self.backend,
+        )
+
+    def forward(
+        self,
+        support_or_query: torch.Tensor,
+        support_labels: Optional[torch.Tensor] = None,
+        query: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """``forward(support, support_labels, query)`` or ``forward(query)`` after :meth:`fit`.
+
+        Returns:
+            (Q, C) logits, columns in the order of ``self.classes``.
+        """
+        if support_labels is None and query is None:
+            return self._logits(support_or_query, self.prototypes)
+        if support_labels is None or query is None:
+            missing = "support_labels" if support_labels is None else "query"
+            raise ValueError(
+                f"PrototypicalHead: {missing} is missing; call head(support, support_labels, query) "
+                "or head(query) after head.fit(support, support_labels)"
+            )
+        prototypes, classes = class_prototypes(support_or_query, support_labels, normalize=self.normalize)
+        self.prototypes = prototypes.detach()
+        self.classes = classes
+        return self._logits(query, prototypes)
+
+    @torch.no_grad()
+    def predict(
+        self,
+        support_or_query: torch.Tensor,
+        support_labels: Optional[torch.Tensor] = None,
+        query: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Predicted original labels, (Q,): same arguments as :meth:`forward`."""
+        logits = self.forward(support_or_query, support_labels, query)
+        assert self.classes is not None
+        return self.classes[logits.argmax(dim=1)]
+
+    def extra_repr(self) -> str:
+        return (
+            f"metric={self.metric!r}, temperature={self.temperature}, normalize={self.normalize}, "
+            f"n_way={self.n_way}"
+        )

@@ -1,0 +1,452 @@
+"""Semantic-map guided layers: channel attention, three simpler fusions, and a backbone wrapper.
+
+The attention follows the "Semantic Embedded Deep Neural Network" idea: a spatial semantic map of
+the region of interest (human parsing, segmentation, localisation; K channels, any resolution) is
+embedded by a small conv stack and, together with the features pooled over the region of interest,
+drives a squeeze-and-excitation style MLP whose per-channel weights rescale the backbone features.
+:class:`SemanticFusion` holds the three baselines the method was compared with, and
+:func:`wrap_backbone` inserts any of them after a named stage of a CNN.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from torchfg._validation import check_choice, check_float_tensor
+from torchfg.functional.semantic import (
+    check_semantic,
+    resize_semantic,
+    semantic_foreground,
+    semantic_weighted_pool,
+)
+
+__all__ = [
+    "SemanticChannelAttention",
+    "SemanticFusion",
+    "SemanticBackbone",
+    "make_semantic_module",
+    "widen_first_conv",
+    "wrap_backbone",
+]
+
+FUSION_MODES = ("input_concat", "feature_concat", "mask")
+
+
+def _check_channels(value: object, name: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return value
+
+
+def _default_embed_channels(in_channels: int) -> int:
+    return max(8, min(64, in_channels // 4))
+
+
+def _semantic_embedding(semantic_channels: int, embed_channels: int) -> nn.Sequential:
+    # No biases and ReLU(0) = 0: an all-zero map embeds to exactly zero, which the attention's
+    # zero-map identity relies on.
+    return nn.Sequential(
+        nn.Conv2d(semantic_channels, embed_channels, kernel_size=3, padding=1, bias=False),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(embed_channels, embed_channels, kernel_size=3, padding=1, bias=False),
+        nn.ReLU(inplace=True),
+    )
+
+
+def _check_features(features: object, in_channels: int) -> torch.Tensor:
+    features = check_float_tensor(features, "features", ndim=4)
+    if features.shape[1] != in_channels:
+        raise ValueError(f"features must have {in_channels} channels (in_channels), got {features.shape[1]}")
+    return features
+
+
+class SemanticChannelAttention(nn.Module):
+    """Channel attention driven by a spatial semantic map (semantic embedded SE block).
+
+    Given features ``f`` (B, C, H, W) and a semantic map ``s`` (B, K, h, w) at any resolution:
+
+    1. ``s`` is resized to H x W (area averaging when shrinking, bilinear otherwise);
+    2. a two-layer 3x3 conv stack embeds it into E channels, which are averaged over space
+       (the semantic embedding, (B, E));
+    3. the features are pooled with the region of interest as spatial weights: the map's channels
+       summed with learned positive weights (initialised to 1, so at init this is the plain sum of
+       the K channels; training can down-weight e.g. a background channel), giving (B, C);
+    4. ``[pooled features, semantic embedding]`` (B, C + E) goes through a bias-free MLP
+       ``C + E -> max(4, (C + E) // reduction) -> C`` and a sigmoid: weights ``w`` in (0, 1), (B, C);
+    5. ``residual=False``: ``f * w`` (plain SE gating).
+       ``residual=True``: ``f * 2w = f * (1 + tanh(z / 2))`` with ``z`` the MLP output, i.e. the
+       identity plus a signed per-channel correction in (-1, 1).
+
+    With ``residual=True`` an all-zero map yields exactly the input features, at init and after any
+    amount of training: the embedding, the pooled features and the bias-free MLP output are all
+    zero, so ``w = 0.5`` and ``2w = 1``. Images without a region of interest therefore fall back to
+    the plain backbone.
+
+    Args:
+        in_channels: C, channels of the features.
+        semantic_channels: K, channels of the semantic map.
+        embed_channels: E, width of the semantic embedding; default ``max(8, min(64, C // 4))``.
+        reduction: hidden width divisor of the MLP (as in squeeze-and-excitation).
+        residual: rescale by ``2w`` (identity at zero map) instead of ``w``.
+
+    Shapes:
+        features (B, C, H, W), semantic (B, K, h, w) -> (B, C, H, W) in the features' dtype;
+        with ``return_attention=True`` also the weights ``w`` (B, C).
+
+    Example:
+        >>> layer = SemanticChannelAttention(256, 20)
+        >>> features = torch.randn(2, 256, 14, 14)
+        >>> parsing = torch.rand(2, 20, 224, 224)   # e.g. human-parsing probabilities
+        >>> out, weights = layer(features, parsing, return_attention=True)
+        >>> out.shape, weights.shape
+        (torch.Size([2, 256, 14, 14]), torch.Size([2, 256]))
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        semantic_channels: int,
+        *,
+        embed_channels: int | None = None,
+        reduction: int = 16,
+        residual: bool = True,
+    ) -> None:
+        super().__init__()
+        self.in_channels = _check_channels(in_channels, "in_channels")
+        self.semantic_channels = _check_channels(semantic_channels, "semantic_channels")
+        if embed_channels is None:
+            embed_channels = _default_embed_channels(in_channels)
+        self.embed_channels = _check_channels(embed_channels, "embed_channels")
+        self.reduction = _check_channels(reduction, "reduction")
+        if not isinstance(residual, bool):
+            raise TypeError(f"residual must be a bool, got {type(residual).__name__}")
+        self.residual = residual
+        hidden = max(4, (in_channels + embed_channels) // reduction)
+        self.embedding = _semantic_embedding(semantic_channels, embed_channels)
+        # softplus(log(e - 1)) = 1: the region of interest starts as the plain channel sum.
+        self.foreground_logits = nn.Parameter(torch.full((semantic_channels,), math.log(math.e - 1.0)))
+        self.mlp = nn.Sequential(
+            nn.Linear(in_channels + embed_channels, hidden, bias=False),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, in_channels, bias=False),
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_channels={self.in_channels}, semantic_channels={self.semantic_channels}, "
+            f"embed_channels={self.embed_channels}, reduction={self.reduction}, residual={self.residual}"
+        )
+
+    def forward(
+        self, features: torch.Tensor, semantic: torch.Tensor, *, return_attention: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Rescale ``features`` (B, C, H, W) by semantic-driven channel weights.
+
+        Args:
+            features: (B, C, H, W) backbone features.
+            semantic: (B, K, h, w) semantic map (float or bool), any h, w.
+            return_attention: also return the (B, C) weights in (0, 1).
+
+        Returns:
+            (B, C, H, W) rescaled features, and the (B, C) weights when ``return_attention``.
+        """
+        features = _check_features(features, self.in_channels)
+        semantic = check_semantic(
+            semantic, "semantic", batch=features.shape[0], channels=self.semantic_channels, device=features.device
+        )
+        semantic = resize_semantic(semantic.to(features.dtype), features.shape[-2:])
+        embedded = self.embedding(semantic).mean(dim=(-2, -1))
+        channel_weights = F.softplus(self.foreground_logits).to(semantic.dtype)
+        roi = torch.relu((semantic * channel_weights[None, :, None, None]).sum(dim=1, keepdim=True))
+        pooled = semantic_weighted_pool(features, roi)
+        logits = self.mlp(torch.cat([pooled.to(embedded.dtype), embedded], dim=1))
+        weights = torch.sigmoid(logits)
+        scale = 2.0 * weights if self.residual else weights
+        out = features * scale[:, :, None, None].to(features.dtype)
+        if return_attention:
+            return out, weights
+        return out
+
+
+def widen_first_conv(conv: nn.Conv2d, extra_in_channels: int) -> nn.Conv2d:
+    """A copy of ``conv`` that accepts ``extra_in_channels`` more input channels (appended last).
+
+    The original filters are copied and the filters of the new channels start at zero, so the
+    widened network computes exactly the original function until training moves them (gradients do
+    reach them: the gradient of a weight is its input times the output gradient). Use it with
+    ``SemanticFusion(mode="input_concat")``, which appends the semantic map to the images.
+
+    Args:
+        conv: the backbone's first ``nn.Conv2d`` (``groups=1``).
+        extra_in_channels: K, the number of channels appended to its input.
+
+    Returns:
+        A new ``nn.Conv2d`` with ``in_channels + K`` inputs, same device, dtype and hyper-parameters.
+
+    Example:
+        >>> conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+        >>> widen_first_conv(conv1, 20).weight.shape
+        torch.Size([64, 23, 7, 7])
+    """
+    if not isinstance(conv, nn.Conv2d):
+        raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
+    extra_in_channels = _check_channels(extra_in_channels, "extra_in_channels")
+    if conv.groups != 1:
+        raise ValueError(f"conv must have groups=1 to be widened, got groups={conv.groups}")
+    weight = conv.weight
+    widened = nn.Conv2d(
+        conv.in_channels + extra_in_channels,
+        conv.out_channels,
+        kernel_size=conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=1,
+        bias=conv.bias is not None,
+        padding_mode=conv.padding_mode,
+        device=weight.device,
+        dtype=weight.dtype,
+    )
+    with torch.no_grad():
+        widened.weight.zero_()
+        widened.weight[:, : conv.in_channels].copy_(weight)
+        if conv.bias is not None:
+            widened.bias.copy_(conv.bias)
+    widened.weight.requires_grad_(weight.requires_grad)
+    return widened
+
+
+class SemanticFusion(nn.Module):
+    """The three simpler ways of using a semantic map, with the attention layer's call signature.
+
+    Modes (``forward(features, semantic)``, semantic (B, K, h, w) at any resolution):
+
+    * ``"input_concat"``: the map resized to H x W appended as extra channels,
+      (B, C, H, W) -> (B, C + K, H, W). Meant for the images, before the first conv, which must be
+      widened with :func:`widen_first_conv` (see :func:`wrap_backbone` with ``position="before"``).
+    * ``"feature_concat"``: the map embedded by a 3x3 conv stack to E channels, concatenated to the
+      features and projected back by a 1x1 conv ``C + E -> C``. The projection starts as the identity
+      on the features and zero on the embedding, so inserting it into a pretrained backbone changes
+      nothing at init (the embedding stack receives gradients once the projection moves off zero).
+    * ``"mask"``: the features multiplied by the region-of-interest map, the clamped sum of the
+      ``foreground_channels`` (all by default) in [0, 1], (B, 1, H, W). No parameters.
+
+    Args:
+        in_channels: C, channels of the tensor the fusion receives.
+        semantic_channels: K, channels of the semantic map.
+        mode: ``"input_concat"`` | ``"feature_concat"`` | ``"mask"``.
+        embed_channels: E for ``"feature_concat"``; default ``max(8, min(64, C // 4))``.
+        foreground_channels: for ``"mask"``, the map channels that form the region of interest.
+
+    Attributes:
+        out_channels: C + K for ``"input_concat"``, C otherwise.
+
+    Example:
+        >>> fusion = SemanticFusion(256, 20, mode="feature_concat")
+        >>> fusion(torch.randn(2, 256, 14, 14), torch.rand(2, 20, 56, 56)).shape
+        torch.Size([2, 256, 14, 14])
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        semantic_channels: int,
+        *,
+        mode: str,
+        embed_channels: int | None = None,
+        foreground_channels: Sequence[int] | None = None,
+    ) -> None:
+        super().__init__()
+        self.mode = check_choice(mode, "mode", FUSION_MODES)
+        self.in_channels = _check_channels(in_channels, "in_channels")
+        self.semantic_channels = _check_channels(semantic_channels, "semantic_channels")
+        if foreground_channels is not None:
+            foreground_channels = list(foreground_channels)
+            if not foreground_channels or any(
+                not isinstance(c, int) or isinstance(c, bool) or not 0 <= c < semantic_channels
+                for c in foreground_channels
+            ):
+                raise ValueError(
+                    f"foreground_channels must be a non-empty list of indices in [0, {semantic_channels}), "
+                    f"got {foreground_channels!r}"
+                )
+        self.foreground_channels = foreground_channels
+        self.out_channels = in_channels + semantic_channels if mode == "input_concat" else in_channels
+        self.embed_channels = None
+        if mode == "feature_concat":
+            if embed_channels is None:
+                embed_channels = _default_embed_channels(in_channels)
+            self.embed_channels = _check_channels(embed_channels, "embed_channels")
+            self.embedding = _semantic_embedding(semantic_channels, embed_channels)
+            self.project = nn.Conv2d(in_channels + embed_channels, in_channels, kernel_size=1, bias=False)
+            with torch.no_grad():
+                self.project.weight.zero_()
+                self.project.weight[:, :in_channels, 0, 0].copy_(torch.eye(in_channels))
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode!r}, in_channels={self.in_channels}, semantic_channels={self.semantic_channels}"
+
+    def forward(self, features: torch.Tensor, semantic: torch.Tensor) -> torch.Tensor:
+        """Fuse ``semantic`` (B, K, h, w) into ``features`` (B, C, H, W).
+
+        Returns:
+            (B, C + K, H, W) for ``"input_concat"``, (B, C, H, W) otherwise.
+        """
+        features = _check_features(features, self.in_channels)
+        semantic = check_semantic(
+            semantic, "semantic", batch=features.shape[0], channels=self.semantic_channels, device=features.device
+        )
+        semantic = semantic.to(features.dtype)
+        size = features.shape[-2:]
+        if self.mode == "input_concat":
+            return torch.cat([features, resize_semantic(semantic, size)], dim=1)
+        if self.mode == "mask":
+            return features * semantic_foreground(semantic, size, self.foreground_channels)
+        embedded = self.embedding(resize_semantic(semantic, size))
+        return self.project(torch.cat([features, embedded.to(features.dtype)], dim=1))
+
+
+SEMANTIC_MODULE_KINDS = ("attention",) + FUSION_MODES
+
+
+def make_semantic_module(kind: str, in_channels: int, semantic_channels: int, **kwargs: Any) -> nn.Module:
+    """Build a semantic module by name, so experiments can sweep the methods.
+
+    Args:
+        kind: ``"attention"`` (:class:`SemanticChannelAttention`) or a :class:`SemanticFusion` mode
+            (``"input_concat"``, ``"feature_concat"``, ``"mask"``).
+        in_channels: C.
+        semantic_channels: K.
+        **kwargs: passed to the constructor.
+
+    Returns:
+        An ``nn.Module`` with ``forward(features, semantic)``.
+
+    Example:
+        >>> [type(make_semantic_module(k, 64, 4)).__name__ for k in ("attention", "mask")]
+        ['SemanticChannelAttention', 'SemanticFusion']
+    """
+    check_choice(kind, "kind", SEMANTIC_MODULE_KINDS)
+    if kind == "attention":
+        return SemanticChannelAttention(in_channels, semantic_channels, **kwargs)
+    return SemanticFusion(in_channels, semantic_channels, mode=kind, **kwargs)
+
+
+class SemanticBackbone(nn.Module):
+    """A CNN whose named stage is followed (or preceded) by a semantic module; see :func:`wrap_backbone`.
+
+    ``forward(images, semantic, *args, **kwargs)`` stores the map for the duration of the call and
+    runs ``getattr(backbone, method)(images, *args, **kwargs)``; a hook on the stage applies
+    ``module(stage_tensor, semantic)``. The module is registered as a submodule, so its parameters
+    are in ``parameters()`` and ``state_dict()``. Calling the backbone directly, without the
+    wrapper, raises a ``RuntimeError`` from the hook instead of silently skipping the module.
+    Not suited to ``nn.DataParallel`` (replicas would share the stored map); use DDP.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        layer_name: str,
+        module: nn.Module,
+        *,
+        position: str = "after",
+        method: str = "forward",
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.semantic_module = module
+        self.layer_name = layer_name
+        self.position = position
+        self.method = method
+        self._semantic: torch.Tensor | None = None
+        stage = backbone.get_submodule(layer_name)
+        if position == "after":
+            self._hook = stage.register_forward_hook(self._after_stage)
+        else:
+            self._hook = stage.register_forward_pre_hook(self._before_stage)
+
+    def extra_repr(self) -> str:
+        return f"layer_name={self.layer_name!r}, position={self.position!r}, method={self.method!r}"
+
+    def _current_semantic(self) -> torch.Tensor:
+        if self._semantic is None:
+            raise RuntimeError(
+                f"stage {self.layer_name!r} is wrapped by a semantic module: call the SemanticBackbone "
+                "wrapper with (images, semantic), not the backbone directly"
+            )
+        return self._semantic
+
+    def _after_stage(self, stage: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+        return self.semantic_module(output, self._current_semantic())
+
+    def _before_stage(self, stage: nn.Module, inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+        return (self.semantic_module(inputs[0], self._current_semantic()),) + tuple(inputs[1:])
+
+    def forward(self, images: torch.Tensor, semantic: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        """Run the backbone on ``images`` (B, 3, H, W) with ``semantic`` (B, K, h, w) applied at the stage."""
+        self._semantic = semantic
+        try:
+            return getattr(self.backbone, self.method)(images, *args, **kwargs)
+        finally:
+            self._semantic = None
+
+
+def wrap_backbone(
+    backbone: nn.Module, layer_name: str, attention: nn.Module, *, position: str = "after", method: str = "forward"
+) -> SemanticBackbone:
+    """Insert a semantic module after (or before) a named stage of a CNN; the map is passed at call time.
+
+    Works with any ``nn.Module`` whose stage is reachable by a dotted name: torchvision ResNets
+    (``"layer1"`` .. ``"layer4"``), timm models (``"stages.2"``, ``"layer3"``), or your own. A forward
+    hook on the stage replaces its output ``x`` by ``attention(x, semantic)``, so the backbone's own
+    code is untouched and pretrained weights load as usual.
+
+    Args:
+        backbone: the CNN; it is wrapped, not copied (the hook is registered on its stage).
+        layer_name: dotted name of the stage, as in ``backbone.named_modules()``.
+        attention: a module with ``forward(x, semantic)``: :class:`SemanticChannelAttention`,
+            :class:`SemanticFusion`, or your own. It must return a tensor the next stage accepts.
+        position: ``"after"`` (transform the stage's output) or ``"before"`` (transform its first
+            input; e.g. ``"conv1"`` with ``SemanticFusion(mode="input_concat")`` and a widened conv1).
+        method: the backbone method to call, e.g. ``"forward_features"`` for timm models.
+
+    Returns:
+        A :class:`SemanticBackbone`; call it as ``model(images, semantic)``.
+
+    Example (not run: needs torchvision)::
+
+        import torchvision
+        from torchfg.layers import SemanticChannelAttention, SemanticFusion, widen_first_conv, wrap_backbone
+
+        resnet = torchvision.models.resnet50(weights="IMAGENET1K_V2")
+        resnet.fc = torch.nn.Linear(2048, num_attributes)          # multi-label logits
+        # layer3 of ResNet-50 outputs (B, 1024, H/16, W/16); K = 20 human-parsing channels
+        model = wrap_backbone(resnet, "layer3", SemanticChannelAttention(1024, 20))
+        logits = model(images, parsing)                             # (B, 3, 224, 224), (B, 20, h, w)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets.float())
+
+        # baseline: the parsing map as 20 extra input channels
+        resnet.conv1 = widen_first_conv(resnet.conv1, 20)
+        model = wrap_backbone(resnet, "conv1", SemanticFusion(3, 20, mode="input_concat"), position="before")
+    """
+    if not isinstance(backbone, nn.Module):
+        raise TypeError(f"backbone must be an nn.Module, got {type(backbone).__name__}")
+    if not isinstance(attention, nn.Module):
+        raise TypeError(f"attention must be an nn.Module with forward(x, semantic), got {type(attention).__name__}")
+    if not isinstance(layer_name, str) or not layer_name:
+        raise TypeError(f"layer_name must be a non-empty str, got {layer_name!r}")
+    names = dict(backbone.named_modules())
+    if layer_name not in names:
+        stages = [name for name, _ in backbone.named_children()]
+        raise ValueError(f"layer_name {layer_name!r} is not a submodule of backbone; its children are {stages}")
+    check_choice(position, "position", ("after", "before"))
+    if not isinstance(method, str) or not callable(getattr(backbone, method, None)):
+        raise ValueError(f"method {method!r} is not a method of {type(backbone).__name__}")
+    return SemanticBackbone(backbone, layer_name, attention, position=position, method=method)

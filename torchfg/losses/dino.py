@@ -1,0 +1,196 @@
+"""DINO self-distillation loss with a centred, temperature-scheduled teacher."""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import nn
+
+from torchfg._validation import check_choice, check_float_tensor, check_positive
+from torchfg.backends import BACKENDS
+from torchfg.functional.dino import dino_loss
+
+__all__ = ["DINOLoss"]
+
+
+def _check_int(value: object, name: str, minimum: int) -> int:
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got bool")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+class DINOLoss(nn.Module):
+    """Cross-entropy between a centred, sharpened teacher and the student over crop pairs (DINO).
+
+    ``forward(student_output, teacher_output, epoch)`` returns the mean over the ordered pairs
+    (teacher global crop i, student crop v), v != i, of the batch mean of
+    ``-sum softmax((t_i - center) / T_teacher(epoch)) * log_softmax(s_v / student_temp)``.
+    In training mode each forward then updates the ``center`` buffer (saved in the state dict) as
+    an EMA of the teacher's batch mean, ``center <- m * center + (1 - m) * mean(teacher_output)``;
+    when ``torch.distributed`` is initialised the batch mean is taken over all ranks with one
+    ``all_reduce`` (exact also for unequal per-rank batch sizes). The loss of a step uses the
+    centre from before that step's update. No gradient flows into the teacher.
+
+    The teacher temperature ramps linearly from ``warmup_teacher_temp`` at epoch 0 to
+    ``teacher_temp`` at epoch ``warmup_teacher_temp_epochs - 1`` (the original method's
+    ``np.linspace``), then stays at ``teacher_temp``.
+
+    Args:
+        out_dim: K, the number of prototypes (width of the head's output).
+        n_crops: student crops per sample (global + local), >= 2.
+        n_global_crops: teacher crops per sample, the first ``n_global_crops`` student crops.
+        student_temp: student softmax temperature.
+        teacher_temp: teacher temperature after the warm-up.
+        warmup_teacher_temp: teacher temperature at epoch 0.
+        warmup_teacher_temp_epochs: length of the linear ramp (0: no warm-up).
+        n_epochs: length of training; ``epoch`` must be in ``[0, n_epochs)``.
+        center_momentum: EMA momentum ``m`` of the centre, in [0, 1].
+        backend: loss backend, ``"auto"``, ``"torch"`` or ``"triton"``.
+
+    Shapes:
+        student_output (n_crops * B, out_dim), crop-major (crop v of sample b is row v * B + b);
+        teacher_output (n_global_crops * B, out_dim), same layout -> 0-dim loss.
+
+    Example:
+        >>> criterion = DINOLoss(out_dim=64, n_crops=6, warmup_teacher_temp_epochs=5, n_epochs=30)
+        >>> student = torch.randn(6 * 8, 64, requires_grad=True)
+        >>> teacher = torch.randn(2 * 8, 64)
+        >>> loss = criterion(student, teacher, epoch=0)
+        >>> loss.backward()
+        >>> criterion.center.shape
+        torch.Size([64])
+    """
+
+    center: torch.Tensor
+
+    def __init__(
+        self,
+        out_dim: int,
+        n_crops: int,
+        *,
+        n_global_crops: int = 2,
+        student_temp: float = 0.1,
+        teacher_temp: float = 0.04,
+        warmup_teacher_temp: float = 0.04,
+        warmup_teacher_temp_epochs: int = 0,
+        n_epochs: int = 100,
+        center_momentum: float = 0.9,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.out_dim = _check_int(out_dim, "out_dim", 1)
+        self.n_crops = _check_int(n_crops, "n_crops", 2)
+        self.n_global_crops = _check_int(n_global_crops, "n_global_crops", 1)
+        if self.n_global_crops > self.n_crops:
+            raise ValueError(
+                f"n_global_crops must be <= n_crops, got n_global_crops={n_global_crops} and n_crops={n_crops}"
+            )
+        self.student_temp = check_positive(student_temp, "student_temp")
+        self.teacher_temp = check_positive(teacher_temp, "teacher_temp")
+        self.warmup_teacher_temp = check_positive(warmup_teacher_temp, "warmup_teacher_temp")
+        self.warmup_teacher_temp_epochs = _check_int(warmup_teacher_temp_epochs, "warmup_teacher_temp_epochs", 0)
+        self.n_epochs = _check_int(n_epochs, "n_epochs", 1)
+        if self.warmup_teacher_temp_epochs > self.n_epochs:
+            raise ValueError(
+                f"warmup_teacher_temp_epochs must be <= n_epochs, got {warmup_teacher_temp_epochs} > {n_epochs}"
+            )
+        momentum = check_positive(center_momentum, "center_momentum", allow_zero=True)
+        if momentum > 1:
+            raise ValueError(f"center_momentum must be in [0, 1], got {center_momentum!r}")
+        self.center_momentum = momentum
+        self.backend = check_choice(backend, "backend", BACKENDS)
+        self.register_buffer("center", torch.zeros(self.out_dim))
+
+    def teacher_temp_at(self, epoch: int) -> float:
+        """Teacher temperature at ``epoch`` (an int in ``[0, n_epochs)``)."""
+        epoch = self._check_epoch(epoch)
+        warmup = self.warmup_teacher_temp_epochs
+        if epoch >= warmup:
+            return self.teacher_temp
+        if warmup == 1:
+            return self.warmup_teacher_temp
+        return self.warmup_teacher_temp + (self.teacher_temp - self.warmup_teacher_temp) * epoch / (warmup - 1)
+
+    def _check_epoch(self, epoch: object) -> int:
+        if isinstance(epoch, bool):
+            raise TypeError("epoch must be an int, got bool")
+        try:
+            epoch = operator.index(epoch)
+        except TypeError:
+            raise TypeError(f"epoch must be an int, got {type(epoch).__name__}") from None
+        if not 0 <= epoch < self.n_epochs:
+            raise ValueError(f"epoch must be in [0, n_epochs) = [0, {self.n_epochs}), got {epoch}")
+        return epoch
+
+    def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int) -> torch.Tensor:
+        """Loss of one step; updates ``center`` afterwards in training mode.
+
+        Args:
+            student_output: (n_crops * B, out_dim) student logits, crop-major.
+            teacher_output: (n_global_crops * B, out_dim) teacher logits of the global crops.
+            epoch: current epoch, in ``[0, n_epochs)``; selects the teacher temperature.
+
+        Returns:
+            0-dim loss in the student's dtype.
+        """
+        check_float_tensor(student_output, "student_output", ndim=2)
+        check_float_tensor(teacher_output, "teacher_output", ndim=2)
+        for name, tensor in (("student_output", student_output), ("teacher_output", teacher_output)):
+            if tensor.shape[1] != self.out_dim:
+                raise ValueError(f"{name} must have out_dim={self.out_dim} columns, got shape {tuple(tensor.shape)}")
+        teacher_temp = self.teacher_temp_at(epoch)
+        # A copy: the in-place centre update below must not touch the tensor saved for backward.
+        loss = dino_loss(
+            student_output,
+            teacher_output,
+            self.center.clone(),
+            n_crops=self.n_crops,
+            n_global_crops=self.n_global_crops,
+            student_temp=self.student_temp,
+            teacher_temp=teacher_temp,
+            backend=self.backend,
+        )
+        if self.training:
+            self.update_center(teacher_output)
+        return loss
+
+    @torch.no_grad()
+    def update_center(self, teacher_output: torch.Tensor) -> None:
+        """EMA update of ``center`` with the teacher's batch mean over all ranks.
+
+        Args:
+            teacher_output: (N, out_dim) teacher logits of this rank (N may differ between ranks).
+        """
+        check_float_tensor(teacher_output, "teacher_output", ndim=2)
+        if teacher_output.shape[1] != self.out_dim:
+            raise ValueError(
+                f"teacher_output must have out_dim={self.out_dim} columns, got shape {tuple(teacher_output.shape)}"
+            )
+        # Sum and row count travel in one all_reduce so unequal per-rank batches average exactly.
+        stats_dtype = torch.float64 if teacher_output.dtype == torch.float64 else torch.float32
+        stats = torch.empty(self.out_dim + 1, dtype=stats_dtype, device=teacher_output.device)
+        torch.sum(teacher_output.detach(), dim=0, dtype=stats.dtype, out=stats[:-1])
+        stats[-1] = teacher_output.shape[0]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(stats)
+        count = stats[-1]
+        batch_center = stats[:-1] / count.clamp_min(1)
+        updated = self.center * self.center_momentum + batch_center.to(self.center) * (1 - self.center_momentum)
+        # No host sync on the count: an update with no rows on any rank leaves the centre as is.
+        self.center.copy_(torch.where(count > 0, updated, self.center))
+
+    def extra_repr(self) -> str:
+        return (
+            f"out_dim={self.out_dim}, n_crops={self.n_crops}, n_global_crops={self.n_global_crops}, "
+            f"student_temp={self.student_temp}, teacher_temp={self.teacher_temp}, "
+            f"warmup_teacher_temp={self.warmup_teacher_temp}, "
+            f"warmup_teacher_temp_epochs={self.warmup_teacher_temp_epochs}, n_epochs={self.n_epochs}, "
+            f"center_momentum={self.center_momentum}, backend={self.backend!r}"
+        )

@@ -1,0 +1,149 @@
+"""Triplet margin loss and adaptive triplet loss as modules (thin wrappers over functional)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from torchfg._validation import check_choice
+from torchfg.functional.triplet import (
+    MINING_STRATEGIES,
+    REDUCTIONS,
+    _check_flag,
+    _check_number,
+    adaptive_triplet_loss,
+    triplet_margin_loss,
+)
+from torchfg.ops.triplet import METRICS
+
+__all__ = ["TripletMarginLoss", "AdaptiveTripletLoss"]
+
+
+class TripletMarginLoss(nn.Module):
+    """Triplet margin loss with online mining; see :func:`torchfg.functional.triplet_margin_loss`.
+
+    Args:
+        margin: margin >= 0.
+        metric: ``"euclidean"``, ``"sqeuclidean"``, ``"cosine"`` or ``"dot"``.
+        mining: ``"batch_hard"``, ``"semi_hard"`` or ``"all"``.
+        reduction: ``"mean"``, ``"sum"``, ``"none"`` or ``"mean_nonzero"``.
+        smooth: softplus instead of the hinge.
+        backend: mining backend, ``"auto"``, ``"torch"`` or ``"triton"``.
+
+    Shapes:
+        forward(embeddings (N, D), labels (N,), ref_embeddings (M, D) = None, ref_labels (M,) = None)
+        -> scalar (or (N,) / (T,) with ``reduction="none"``).
+
+    Example:
+        >>> loss_fn = TripletMarginLoss(margin=0.2)
+        >>> emb = torch.randn(8, 16, requires_grad=True)
+        >>> loss = loss_fn(emb, torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
+        >>> loss.backward()
+    """
+
+    def __init__(
+        self,
+        margin: float = 0.2,
+        *,
+        metric: str = "euclidean",
+        mining: str = "batch_hard",
+        reduction: str = "mean",
+        smooth: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.margin = _check_number(margin, "margin", low=0.0)
+        self.metric = check_choice(metric, "metric", METRICS)
+        self.mining = check_choice(mining, "mining", MINING_STRATEGIES)
+        self.reduction = check_choice(reduction, "reduction", REDUCTIONS)
+        self.smooth = _check_flag(smooth, "smooth")
+        self.backend = backend
+
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        ref_embeddings: torch.Tensor | None = None,
+        ref_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return triplet_margin_loss(
+            embeddings,
+            labels,
+            margin=self.margin,
+            metric=self.metric,
+            mining=self.mining,
+            reduction=self.reduction,
+            smooth=self.smooth,
+            ref_embeddings=ref_embeddings,
+            ref_labels=ref_labels,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"margin={self.margin}, metric={self.metric!r}, mining={self.mining!r}, "
+            f"reduction={self.reduction!r}, smooth={self.smooth}"
+        )
+
+
+class AdaptiveTripletLoss(nn.Module):
+    """Adaptive triplet loss with weak-label (text) margins; see
+    :func:`torchfg.functional.adaptive_triplet_loss`.
+
+    Args:
+        base_margin: m0 >= 0.
+        margin_scale: s >= 0; the margin of (a, n) is ``m0 + s * (1 - cos(t_a, t_n)) / 2``.
+        metric: ``"euclidean"``, ``"sqeuclidean"``, ``"cosine"`` or ``"dot"``.
+        text_positive_threshold: description cosine at or above which another label is a
+            near-duplicate (never a negative); None turns it off.
+        reduction: ``"mean"``, ``"sum"``, ``"none"`` or ``"mean_nonzero"``.
+        backend: mining backend, ``"auto"``, ``"torch"`` or ``"triton"``.
+
+    Shapes:
+        forward(embeddings (N, D), labels (N,), text_embeddings (N, T)) -> scalar ((N,) for "none").
+
+    Example:
+        >>> loss_fn = AdaptiveTripletLoss(base_margin=0.1, margin_scale=0.5)
+        >>> emb = torch.randn(8, 16, requires_grad=True)
+        >>> loss = loss_fn(emb, torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]), torch.randn(8, 32))
+        >>> loss.backward()
+    """
+
+    def __init__(
+        self,
+        base_margin: float = 0.1,
+        margin_scale: float = 0.5,
+        *,
+        metric: str = "euclidean",
+        text_positive_threshold: float | None = None,
+        reduction: str = "mean",
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.base_margin = _check_number(base_margin, "base_margin", low=0.0)
+        self.margin_scale = _check_number(margin_scale, "margin_scale", low=0.0)
+        self.metric = check_choice(metric, "metric", METRICS)
+        if text_positive_threshold is not None:
+            text_positive_threshold = _check_number(text_positive_threshold, "text_positive_threshold", low=-1.0, high=1.0)
+        self.text_positive_threshold = text_positive_threshold
+        self.reduction = check_choice(reduction, "reduction", REDUCTIONS)
+        self.backend = backend
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
+        return adaptive_triplet_loss(
+            embeddings,
+            labels,
+            text_embeddings,
+            base_margin=self.base_margin,
+            margin_scale=self.margin_scale,
+            metric=self.metric,
+            text_positive_threshold=self.text_positive_threshold,
+            reduction=self.reduction,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"base_margin={self.base_margin}, margin_scale={self.margin_scale}, metric={self.metric!r}, "
+            f"text_positive_threshold={self.text_positive_threshold}, reduction={self.reduction!r}"
+        )

@@ -1,0 +1,7 @@
+"""torchfg.miners."""
+
+__all__: list[str] = []
+
+from torchfg.miners.triplet import BatchHardMiner, SemiHardMiner  # noqa: E402
+
+__all__ += ["BatchHardMiner", "SemiHardMiner"]

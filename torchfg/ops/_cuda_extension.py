@@ -1,0 +1,156 @@
+"""Locating, building and loading the CUDA kernels in ``csrc/``.
+
+The default wheel is pure Python. The CUDA sources are compiled where they are used:
+
+* **ahead of time**: if a compiled extension module ``torchfg._C_cuda`` was built at install
+  time (opt-in, see the project's install notes), it is imported;
+* **just in time** otherwise: on first use, with :func:`torch.utils.cpp_extension.load`, when a
+  CUDA device, a CUDA build of torch and ``nvcc`` are present. The build is cached by torch under
+  ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), so later processes load it
+  in a second. ``TORCHFG_CUDA_JIT=0`` forbids the JIT build (the ``cuda`` backend then reports
+  itself unavailable).
+
+Either way the kernels register the torch ops ``torch.ops.torchfg_cuda.*`` (a namespace of
+their own, so that they never clash with the Python ``torchfg::`` custom ops).
+
+The sources are searched in ``TORCHFG_CSRC_DIR``, then ``torchfg/csrc`` (installed package
+data), then ``csrc/`` next to the ``torchfg`` package (a source checkout).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from torchfg.backends import BackendUnavailableError
+
+__all__ = ["SOURCES", "csrc_dir", "status", "load", "ops", "is_loaded", "ExtensionBuildError"]
+
+# Sources of the extension, relative to the csrc directory.
+SOURCES = ("knn/knn_kernel.cu", "knn/knn_binding.cpp")
+_EXTENSION_NAME = "torchfg_cuda_ext"
+_AOT_MODULE = "torchfg._C_cuda"
+_JIT_ENV = "TORCHFG_CUDA_JIT"
+_CSRC_ENV = "TORCHFG_CSRC_DIR"
+
+_lock = threading.Lock()
+_loaded: str | None = None  # how the ops got registered, once they are
+_build_error: str | None = None
+
+
+class ExtensionBuildError(BackendUnavailableError):
+    """The CUDA extension could not be built or loaded; the message carries the reason."""
+
+
+def csrc_dir() -> Path | None:
+    """Directory holding the CUDA sources, or None when this install has none."""
+    package = Path(__file__).resolve().parent.parent
+    candidates = []
+    if os.environ.get(_CSRC_ENV):
+        candidates.append(Path(os.environ[_CSRC_ENV]))
+    candidates += [package / "csrc", package.parent / "csrc"]
+    for candidate in candidates:
+        if all((candidate / source).is_file() for source in SOURCES):
+            return candidate
+    return None
+
+
+def _nvcc() -> str | None:
+    from torch.utils import cpp_extension
+
+    if cpp_extension.CUDA_HOME:
+        nvcc = Path(cpp_extension.CUDA_HOME) / "bin" / "nvcc"
+        if nvcc.is_file():
+            return str(nvcc)
+    return shutil.which("nvcc")
+
+
+def _try_aot() -> bool:
+    global _loaded
+    try:
+        import importlib
+
+        importlib.import_module(_AOT_MODULE)
+    except ImportError:
+        return False
+    _loaded = f"ahead-of-time build ({_AOT_MODULE})"
+    return True
+
+
+def is_loaded() -> bool:
+    return _loaded is not None
+
+
+def status() -> tuple[bool, str]:
+    """Whether the ``cuda`` backend can run (built, or buildable on first use), and why not.
+
+    Never compiles anything; :func:`load` does.
+    """
+    if _loaded is not None:
+        return True, f"loaded: {_loaded}"
+    if _build_error is not None:
+        return False, f"the CUDA extension failed to build: {_build_error}"
+    if _try_aot():
+        return True, f"loaded: {_loaded}"
+    if torch.version.cuda is None:
+        return False, "this torch build has no CUDA support"
+    if os.environ.get(_JIT_ENV, "1").strip() in ("0", "false", "no"):
+        return False, f"not built ahead of time, and JIT builds are disabled by {_JIT_ENV}=0"
+    sources = csrc_dir()
+    if sources is None:
+        return False, "the csrc/ CUDA sources are not part of this install"
+    nvcc = _nvcc()
+    if nvcc is None:
+        return False, "nvcc was not found (set CUDA_HOME or put nvcc on PATH) to JIT-build the CUDA extension"
+    return True, f"not built yet; JIT-compiles on first use with {nvcc} from {sources}"
+
+
+def load(verbose: bool = False) -> None:
+    """Register the ``torch.ops.torchfg_cuda`` ops, building them on first use.
+
+    Raises:
+        ExtensionBuildError: the extension is unavailable or failed to compile; the failure is
+            remembered so that later calls fail fast.
+    """
+    global _loaded, _build_error
+    if _loaded is not None:
+        return
+    with _lock:
+        if _loaded is not None:
+            return
+        if _build_error is not None:
+            raise ExtensionBuildError(_build_error)
+        ok, why = status()
+        if _loaded is not None:
+            return
+        if not ok:
+            raise ExtensionBuildError(why)
+        from torch.utils import cpp_extension
+
+        source_dir = csrc_dir()
+        assert source_dir is not None
+        try:
+            cpp_extension.load(
+                name=_EXTENSION_NAME,
+                sources=[str(source_dir / source) for source in SOURCES],
+                extra_include_paths=[str(source_dir / "knn")],
+                extra_cflags=["-O3"],
+                extra_cuda_cflags=["-O3", "-std=c++17"],
+                is_python_module=False,
+                verbose=verbose,
+            )
+        except Exception as exc:  # compiler errors come as RuntimeError/OSError/CalledProcessError
+            _build_error = f"{type(exc).__name__}: {exc}"
+            raise ExtensionBuildError(_build_error) from exc
+        _loaded = f"JIT build of {source_dir} ({_EXTENSION_NAME})"
+
+
+def ops() -> ModuleType:
+    """``torch.ops.torchfg_cuda`` after :func:`load`."""
+    load()
+    return torch.ops.torchfg_cuda

@@ -1,0 +1,362 @@
+"""Exact k-nearest-neighbour search in pure PyTorch: the ground truth and the CPU path.
+
+The gallery is searched in chunks of queries: each chunk's (chunk, G) fp32 block of raw keys
+(the distance up to a per-row monotone map, so that the GEMM is the only full-width pass
+besides the selection) is computed with one GEMM and reduced to its k smallest entries, so
+memory is O((Q + G) * D + Q * k + chunk * G) and never O(Q * G).
+
+Ordering contract shared by every backend: per query, increasing distance, ties broken by the
+lower gallery index. ``torch.topk`` does not promise which of several equal values it keeps,
+so the selection is made exact by asking for one extra neighbour: when the (k+1)-th distance
+differs from the k-th, the k smallest form a unique set and only their order needs fixing
+(a sort on (distance, index)); rows where they are equal take a slower exact path.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from torchfg._validation import accumulation_dtype
+
+METRICS = ("sqeuclidean", "euclidean", "cosine", "dot")
+
+# Bytes of fp32 distance block per query chunk when chunk_size is not given: CPU GEMMs lose
+# speed below ~1000 rows, GPU ones below a few thousand.
+_CPU_BLOCK_BYTES = 256 * 2**20
+_GPU_BLOCK_BYTES = 512 * 2**20
+# Rows of a transposed tile copied at once in the symmetric self-search.
+_TRANSPOSE_STRIP = 1024
+
+
+def default_chunk_size(num_gallery: int, device: torch.device) -> int:
+    """Queries per chunk so that one (chunk, G) fp32 block stays within a fixed byte budget."""
+    budget = _GPU_BLOCK_BYTES if device.type == "cuda" else _CPU_BLOCK_BYTES
+    return max(1, budget // (4 * max(num_gallery, 1)))
+
+
+def default_tile_size(device: torch.device) -> int:
+    """Side of the square tiles of the symmetric self-search (a 256 MiB fp32 tile).
+
+    Wide tiles matter on CPUs: ``torch.topk`` costs several times more per element on short
+    rows, and each tile side is the row width of one of its two selections.
+    """
+    return 8192
+
+
+def _inverse_norms(norms: torch.Tensor) -> torch.Tensor:
+    # A zero row has no direction: its cosine similarity to anything is 0 (distance 1).
+    return torch.where(norms > 0, 1.0 / norms.clamp_min(torch.finfo(norms.dtype).tiny), torch.zeros_like(norms))
+
+
+def sort_by_distance_then_index(distances: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort each row of (R, k) candidates by (distance, index), ascending."""
+    by_index = torch.argsort(indices, dim=1)
+    distances = distances.gather(1, by_index)
+    indices = indices.gather(1, by_index)
+    # A stable sort on distance keeps the index order among equal distances.
+    order = torch.sort(distances, dim=1, stable=True).indices
+    return distances.gather(1, order), indices.gather(1, order)
+
+
+def order_ties_by_index(distances: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows already sorted by distance get equal distances ordered by index; untied rows are untouched."""
+    if distances.shape[1] < 2:
+        return distances, indices
+    tied = torch.nonzero((distances[:, 1:] == distances[:, :-1]).any(1)).flatten()
+    if tied.numel():
+        fixed_d, fixed_i = sort_by_distance_then_index(distances.index_select(0, tied), indices.index_select(0, tied))
+        distances = distances.index_copy(0, tied, fixed_d)
+        indices = indices.index_copy(0, tied, fixed_i)
+    return distances, indices
+
+
+Finish = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def smallest_k(block: torch.Tensor, k: int, finish: Finish) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k smallest distances per row, sorted by (distance, column), selected on a raw key.
+
+    Args:
+        block: (R, W) raw keys, free of NaN; the distance of an entry is
+            ``finish(raw, rows)``, a non-decreasing function of the raw key per row (``rows``
+            (R',) says which rows of ``block`` the (R', m) ``raw`` values come from). Selecting
+            on raw keys spares the full-width passes that finishing the whole block would cost.
+        k: 1 <= k <= W.
+
+    Returns:
+        (distances (R, k), columns (R, k) int64).
+    """
+    num_rows, width = block.shape
+    all_rows = torch.arange(num_rows, device=block.device)
+    if k == width:
+        columns = torch.arange(width, device=block.device).expand(num_rows, width)
+        return sort_by_distance_then_index(finish(block, all_rows), columns)
+    raw, columns = torch.topk(block, k + 1, dim=1, largest=False, sorted=True)
+    distances = finish(raw, all_rows)
+    # A monotone finish never reorders, but it may merge: if the k-th and (k+1)-th distances
+    # are equal, entries outside the selection may tie with the cut and win on index.
+    tied_cut = torch.nonzero(distances[:, k] == distances[:, k - 1]).flatten()
+    distances, columns = order_ties_by_index(distances[:, :k], columns[:, :k])
+    if tied_cut.numel():
+        # Keep every entry below the cut value and the lowest-indexed entries equal to it.
+        sub = finish(block.index_select(0, tied_cut), tied_cut)
+        cut = distances.index_select(0, tied_cut)[:, k - 1 : k]
+        below = sub < cut
+        equal = sub == cut
+        need = k - below.sum(1, keepdim=True)
+        keep = below | (equal & (equal.cumsum(1) <= need))
+        kept_columns = keep.nonzero()[:, 1].view(-1, k)
+        fixed_d, fixed_c = sort_by_distance_then_index(sub.gather(1, kept_columns), kept_columns)
+        distances = distances.index_copy(0, tied_cut, fixed_d)
+        columns = columns.index_copy(0, tied_cut, fixed_c)
+    return distances, columns
+
+
+def prepare_rows(x: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rows in the accumulation dtype plus their per-row auxiliary values for ``metric``.
+
+    Returns (rows (N, D), aux (N,) or None): unit rows and None for ``cosine``, squared norms
+    for the Euclidean metrics, None for ``dot``.
+    """
+    acc = accumulation_dtype(x.dtype)
+    rows = x.to(acc)
+    if metric == "cosine":
+        norms = torch.linalg.vector_norm(rows, dim=1)
+        return rows * _inverse_norms(norms).unsqueeze(1), None
+    if metric in ("sqeuclidean", "euclidean"):
+        return rows, rows.square().sum(1)
+    return rows, None
+
+
+def raw_block(
+    query_chunk: torch.Tensor,
+    gallery_t: torch.Tensor,
+    metric: str,
+    gallery_aux: torch.Tensor | None,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """(C, G) raw keys for a prepared query chunk (C, D) and transposed gallery (D, G), into ``out``.
+
+    The raw key is the distance up to a per-row monotone finish (see :func:`finisher`):
+    -x.y for ``dot`` and ``cosine`` (unit rows), |y|^2 - 2 x.y for the Euclidean metrics.
+    """
+    if metric in ("dot", "cosine"):
+        # Negating the (C, D) chunk is exact and cheaper than negating the (C, G) block.
+        return torch.mm(query_chunk.neg(), gallery_t, out=out)
+    return torch.addmm(gallery_aux.unsqueeze(0), query_chunk, gallery_t, alpha=-2.0, out=out)
+
+
+def finisher(metric: str, query_aux: torch.Tensor | None) -> Finish:
+    """The per-row map from raw keys to distances (non-decreasing in the raw key)."""
+    if metric == "dot":
+        return lambda raw, rows: raw
+    if metric == "cosine":
+        return lambda raw, rows: raw + 1.0
+    squared = metric == "sqeuclidean"
+
+    def finish(raw: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        out = (raw + query_aux[rows].unsqueeze(1)).clamp_min_(0.0)
+        return out if squared else out.sqrt_()
+
+    return finish
+
+
+def raw_self_key(metric: str, query_rows: torch.Tensor, query_aux: torch.Tensor | None) -> torch.Tensor | None:
+    """Raw key whose finished distance is the exact d(x, x) (None for ``dot``, which has none)."""
+    if metric == "dot":
+        return None
+    if metric == "cosine":
+        # Unit rows are at distance 0 from themselves; zero rows are at distance 1 from everything.
+        nonzero = query_rows.abs().amax(1) > 0
+        return torch.where(nonzero, -1.0, 0.0).to(query_rows.dtype)
+    return -query_aux
+
+
+def select_candidates(distances: torch.Tensor, indices: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best of (R, M) candidates in any order, sorted by (distance, index); k <= M."""
+    if distances.shape[1] == k:
+        values, order = torch.sort(distances, dim=1)
+        return order_ties_by_index(values, indices.gather(1, order))
+    values, order = torch.topk(distances, k + 1, dim=1, largest=False, sorted=True)
+    chosen = indices.gather(1, order)
+    tied_cut = torch.nonzero(values[:, k] == values[:, k - 1]).flatten()
+    values, chosen = order_ties_by_index(values[:, :k], chosen[:, :k])
+    if tied_cut.numel():
+        fixed_d, fixed_i = sort_by_distance_then_index(
+            distances.index_select(0, tied_cut), indices.index_select(0, tied_cut)
+        )
+        values = values.index_copy(0, tied_cut, fixed_d[:, :k])
+        chosen = chosen.index_copy(0, tied_cut, fixed_i[:, :k])
+    return values, chosen
+
+
+class _CandidatePool:
+    """Per-query candidate lists gathered tile by tile, reduced to the best k when they grow."""
+
+    def __init__(self, k: int, capacity: int) -> None:
+        self.k, self.capacity = k, capacity
+        self.distances: list[torch.Tensor] = []
+        self.indices: list[torch.Tensor] = []
+        self.size = 0
+
+    def add(self, distances: torch.Tensor, indices: torch.Tensor) -> None:
+        self.distances.append(distances)
+        self.indices.append(indices)
+        self.size += distances.shape[1]
+        if self.size > self.capacity:
+            self.reduce()
+
+    def reduce(self) -> tuple[torch.Tensor, torch.Tensor]:
+        d, i = torch.cat(self.distances, 1), torch.cat(self.indices, 1)
+        d, i = select_candidates(d, i, min(self.k, d.shape[1]))
+        self.distances, self.indices, self.size = [d], [i], d.shape[1]
+        return d, i
+
+
+def _symmetric_keys(x: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.Tensor, Finish]:
+    """Left (N, D') and right (N, D') rows whose products are symmetric raw keys, and their finish.
+
+    For the Euclidean metrics the squared norms ride along as extra columns,
+    [x, 1, |x|^2] . [-2 y, |y|^2, 1] = |x|^2 + |y|^2 - 2 x.y, so one GEMM yields the whole
+    distance before clamping and no full-width pass is spent adding norms.
+    """
+    rows, aux = prepare_rows(x, metric)
+    if metric in ("dot", "cosine"):
+        finish = (lambda raw, r: raw) if metric == "dot" else (lambda raw, r: raw + 1.0)
+        return rows.neg(), rows, finish
+    ones = torch.ones_like(aux).unsqueeze(1)
+    left = torch.cat([rows, ones, aux.unsqueeze(1)], 1)
+    right = torch.cat([rows * -2.0, aux.unsqueeze(1), ones], 1)
+    squared = metric == "sqeuclidean"
+
+    def finish(raw: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        out = raw.clamp_min(0.0)
+        return out if squared else out.sqrt_()
+
+    return left, right, finish
+
+
+def _knn_symmetric(
+    x: torch.Tensor,
+    k: int,
+    metric: str,
+    exclude_self: bool,
+    tile: int,
+    progress: Callable[[int], None] | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Self-search that computes each pair once: tile (I, J) with J > I serves rows I, and its
+    transpose serves rows J, halving the GEMM work of the plain chunked search."""
+    n = x.shape[0]
+    left, right, finish = _symmetric_keys(x, metric)
+    rows_f, _ = prepare_rows(x, metric) if metric == "cosine" else (None, None)
+    if exclude_self:
+        diagonal = torch.full((n,), float("inf"), dtype=left.dtype, device=x.device)
+    elif metric == "cosine":
+        diagonal = torch.where(rows_f.abs().amax(1) > 0, -1.0, 0.0).to(left.dtype)
+    elif metric == "dot":
+        diagonal = None
+    else:
+        diagonal = torch.zeros(n, dtype=left.dtype, device=x.device)
+    starts = list(range(0, n, tile))
+    pools = [_CandidatePool(k, 4 * k) for _ in starts]
+    buffer = torch.empty(tile, tile, dtype=left.dtype, device=x.device)
+    strip = torch.empty(min(_TRANSPOSE_STRIP, tile), tile, dtype=left.dtype, device=x.device)
+    distances = torch.empty(n, k, dtype=x.dtype, device=x.device)
+    indices = torch.empty(n, k, dtype=torch.int64, device=x.device)
+    for bi, i0 in enumerate(starts):
+        i1 = min(i0 + tile, n)
+        for bj in range(bi, len(starts)):
+            j0 = starts[bj]
+            j1 = min(j0 + tile, n)
+            block = torch.mm(left[i0:i1], right[j0:j1].t(), out=buffer[: i1 - i0, : j1 - j0])
+            if bi == bj:
+                if diagonal is not None:
+                    local = torch.arange(i1 - i0, device=x.device)
+                    block[local, local] = diagonal[i0:i1]
+            else:
+                # The tile's transpose holds rows J against columns I (the keys are symmetric);
+                # it is copied in strips so that the selection reads contiguous rows.
+                kk = min(k, i1 - i0)
+                d_t = torch.empty(j1 - j0, kk, dtype=left.dtype, device=x.device)
+                c_t = torch.empty(j1 - j0, kk, dtype=torch.int64, device=x.device)
+                for s0 in range(0, j1 - j0, strip.shape[0]):
+                    s1 = min(s0 + strip.shape[0], j1 - j0)
+                    rows_t = strip[: s1 - s0, : i1 - i0]
+                    rows_t.copy_(block[:, s0:s1].t())
+                    d_t[s0:s1], c_t[s0:s1] = smallest_k(rows_t, kk, finish)
+                pools[bj].add(d_t, c_t + i0)
+            d, c = smallest_k(block, min(k, j1 - j0), finish)
+            pools[bi].add(d, c + j0)
+        d, c = pools[bi].reduce()
+        distances[i0:i1] = d
+        indices[i0:i1] = c
+        pools[bi] = None  # type: ignore[call-overload]
+        if progress is not None:
+            progress(i1 - i0)
+    return distances, indices
+
+
+def knn_reference(
+    query: torch.Tensor,
+    gallery: torch.Tensor,
+    k: int,
+    metric: str,
+    symmetric: bool = False,
+    self_offset: int = -1,
+    chunk_size: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """k nearest gallery rows of every query row, streamed over query chunks.
+
+    Args:
+        query: (Q, D) floating tensor.
+        gallery: (G, D), same dtype and device as ``query``.
+        k: neighbours per query, 1 <= k <= number of eligible gallery rows.
+        metric: one of :data:`METRICS`.
+        symmetric: ``gallery`` is ``query``; d(i, i) is then set to its exact value (0 for the
+            Euclidean metrics and for non-zero rows under ``cosine``).
+        self_offset: when >= 0, query row i never returns gallery row ``self_offset + i``.
+        chunk_size: queries per chunk (default: a (chunk, G) fp32 block of 64 MiB on CPU,
+            512 MiB on GPU); the tile side of the symmetric self-search.
+        progress: called with the number of query rows finished after each chunk.
+
+    Returns:
+        (distances (Q, k) in query's dtype, indices (Q, k) int64), sorted by (distance, index).
+    """
+    num_query, num_gallery = query.shape[0], gallery.shape[0]
+    distances = torch.empty(num_query, k, dtype=query.dtype, device=query.device)
+    indices = torch.empty(num_query, k, dtype=torch.int64, device=query.device)
+    if num_query == 0 or k == 0:
+        return distances, indices
+    if symmetric and self_offset in (-1, 0):
+        tile = chunk_size or default_tile_size(query.device)
+        return _knn_symmetric(query, k, metric, self_offset == 0, min(tile, num_query), progress)
+    chunk = min(chunk_size or default_chunk_size(num_gallery, query.device), num_query)
+    query_rows, query_aux = prepare_rows(query, metric)
+    if symmetric:
+        gallery_rows, gallery_aux = query_rows, query_aux
+    else:
+        gallery_rows, gallery_aux = prepare_rows(gallery, metric)
+    gallery_t = gallery_rows.t()
+    self_key = raw_self_key(metric, query_rows, query_aux) if symmetric else None
+    # One block buffer for all chunks: a fresh allocation per chunk costs page faults on CPU.
+    buffer = torch.empty(chunk, num_gallery, dtype=query_rows.dtype, device=query.device)
+    for start in range(0, num_query, chunk):
+        stop = min(start + chunk, num_query)
+        rows = torch.arange(stop - start, device=query.device)
+        block = raw_block(query_rows[start:stop], gallery_t, metric, gallery_aux, buffer[: stop - start])
+        if self_key is not None:
+            block[rows, rows + start] = self_key[start:stop]
+        if self_offset >= 0:
+            excluded = rows + (start + self_offset)
+            inside = excluded < num_gallery
+            block[rows[inside], excluded[inside]] = float("inf")
+        finish = finisher(metric, None if query_aux is None else query_aux[start:stop])
+        values, columns = smallest_k(block, k, finish)
+        distances[start:stop] = values
+        indices[start:stop] = columns
+        if progress is not None:
+            progress(stop - start)
+    return distances, indices

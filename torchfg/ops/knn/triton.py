@@ -1,0 +1,255 @@
+"""Streaming Triton kernel for exact k-nearest-neighbour search with small k.
+
+Each program owns ``BLOCK_Q`` queries and one contiguous range of the gallery (a "split"). It
+streams ``BLOCK_G``-wide gallery tiles through on-chip memory:
+
+* distance tile: ``tl.dot`` over ``BLOCK_D`` chunks (fp32 accumulation; fp16/bf16 operands go to
+  the tensor cores as they are), finished with the metric's epilogue from per-row statistics
+  precomputed in an O((Q + G) D) pre-pass (squared norms, or inverse norms for cosine);
+* a running top-k per query kept in registers as a (BLOCK_Q, K_PAD) buffer of
+  (distance, index) pairs, unsorted, together with its worst entry. A tile is merged by
+  repeatedly extracting each row's best remaining candidate and letting it replace the row's
+  worst entry while it is better. Once the buffer holds good neighbours almost every tile is
+  rejected by the first comparison, so the merge costs about one pass over the tile.
+
+Pairs are compared lexicographically on (distance, gallery index), so ties go to the lower
+index exactly as in the reference. With more than one split, each split writes its k best to a
+(splits, Q, k) workspace and the splits are merged on (distance, index) afterwards. The final
+buffer is sorted outside the kernel (a (Q, k) sort). Extra memory: O(Q * k * splits).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import triton
+import triton.language as tl
+
+from torchfg.backends import triton_interpreter_enabled
+from torchfg.ops.knn.reference import select_candidates, sort_by_distance_then_index
+
+__all__ = ["MAX_K", "TileConfig", "knn_triton"]
+
+_METRIC_CODES = {"sqeuclidean": 0, "euclidean": 1, "cosine": 2, "dot": 3}
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+# The running buffer lives in registers: past this width it spills and the CUDA kernel is the
+# better choice.
+MAX_K = 128
+# Index sentinel of empty buffer slots and rejected candidates; gallery indices stay below it.
+_NO_INDEX = 2**31 - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class TileConfig:
+    """Tile sizes and launch parameters of the k-NN kernel.
+
+    Attributes:
+        block_q: queries per program.
+        block_g: gallery rows per tile.
+        block_d: embedding columns per ``tl.dot`` step.
+        num_warps, num_stages: Triton launch options (ignored by the interpreter).
+        splits: gallery splits (second grid axis); None picks enough to fill the device.
+
+    On a GPU every block size must be a power of two >= 16 (``tl.dot``'s minimum).
+    """
+
+    block_q: int = 64
+    block_g: int = 64
+    block_d: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+    splits: int | None = None
+
+
+def default_config(k_pad: int) -> TileConfig:
+    if triton_interpreter_enabled():
+        return TileConfig(block_q=16, block_g=16, block_d=16)
+    # The (block_q, k_pad) running buffer costs 2 * k_pad * block_q / (32 * num_warps) registers
+    # per thread; keep it near 32.
+    if k_pad <= 32:
+        return TileConfig(block_q=64, block_g=64, block_d=64, num_warps=4)
+    return TileConfig(block_q=32, block_g=64, block_d=64, num_warps=8)
+
+
+@triton.jit
+def _lex_less(a_d, a_i, b_d, b_i):
+    return (a_d < b_d) | ((a_d == b_d) & (a_i < b_i))
+
+
+@triton.jit
+def _knn_kernel(
+    q_ptr, g_ptr, q_aux_ptr, g_aux_ptr, out_d_ptr, out_i_ptr,
+    Q, G, D, split_size, self_offset,
+    stride_qn, stride_qd, stride_gn, stride_gd,
+    stride_os, stride_oq,
+    K: tl.constexpr, K_PAD: tl.constexpr,
+    METRIC: tl.constexpr, SYMMETRIC: tl.constexpr, EXCLUDE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_q = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    row_ok = rows < Q
+    slots = tl.arange(0, K_PAD)
+    # Empty slots hold (+inf, distinct sentinel) so that exactly one slot is the worst; padding
+    # slots beyond K hold (-inf, ...) so that they are never the worst and never replaced.
+    real_slot = slots < K
+    best_d = tl.where(real_slot, float("inf"), float("-inf"))[None, :] + tl.zeros((BLOCK_Q, K_PAD), tl.float32)
+    best_i = tl.where(real_slot, _NO_INDEX - slots, -1)[None, :] + tl.zeros((BLOCK_Q, K_PAD), tl.int32)
+    worst_d = tl.full((BLOCK_Q,), float("inf"), tl.float32)
+    worst_i = tl.full((BLOCK_Q,), _NO_INDEX, tl.int32)
+
+    if METRIC != 3:
+        q_aux = tl.load(q_aux_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    g_start = split * split_size
+    g_stop = tl.minimum(g_start + split_size, G)
+    for g0 in tl.range(g_start, g_stop, BLOCK_G):
+        cols = g0 + tl.arange(0, BLOCK_G)
+        col_ok = cols < g_stop
+        acc = tl.zeros((BLOCK_Q, BLOCK_G), dtype=tl.float32)
+        for d0 in tl.range(0, D, BLOCK_D):
+            ds = d0 + tl.arange(0, BLOCK_D)
+            d_ok = ds < D
+            q_tile = tl.load(
+                q_ptr + rows[:, None] * stride_qn + ds[None, :] * stride_qd,
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0,
+            ).to(DOT_DTYPE)
+            g_tile = tl.load(
+                g_ptr + cols[:, None] * stride_gn + ds[None, :] * stride_gd,
+                mask=col_ok[:, None] & d_ok[None, :], other=0.0,
+            ).to(DOT_DTYPE)
+            acc += tl.dot(q_tile, tl.trans(g_tile), out_dtype=tl.float32, input_precision=INPUT_PRECISION)
+        if METRIC == 3:  # dot
+            dist = -acc
+        else:
+            g_aux = tl.load(g_aux_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+            if METRIC == 2:  # cosine; aux holds inverse norms (0 for zero rows)
+                dist = 1.0 - acc * q_aux[:, None] * g_aux[None, :]
+            else:  # aux holds squared norms
+                dist = tl.maximum(q_aux[:, None] + g_aux[None, :] - 2.0 * acc, 0.0)
+                if METRIC == 1:
+                    dist = tl.sqrt(dist)
+        if SYMMETRIC:
+            on_diag = rows[:, None] == cols[None, :]
+            if METRIC == 2:
+                dist = tl.where(on_diag & (q_aux[:, None] > 0), 0.0, dist)
+            elif METRIC != 3:
+                dist = tl.where(on_diag, 0.0, dist)
+        valid = col_ok[None, :] & row_ok[:, None]
+        if EXCLUDE:
+            valid = valid & (cols[None, :] != rows[:, None] + self_offset)
+        cand_d = tl.where(valid, dist, float("inf"))
+        cand_i = tl.where(valid, cols[None, :], _NO_INDEX)
+
+        min_d = tl.min(cand_d, axis=1)
+        min_i = tl.min(tl.where(cand_d == min_d[:, None], cand_i, _NO_INDEX), axis=1)
+        improves = _lex_less(min_d, min_i, worst_d, worst_i)
+        while tl.max(improves.to(tl.int32), axis=0) > 0:
+            replace = (best_d == worst_d[:, None]) & (best_i == worst_i[:, None]) & improves[:, None]
+            best_d = tl.where(replace, min_d[:, None], best_d)
+            best_i = tl.where(replace, min_i[:, None], best_i)
+            taken = cand_i == min_i[:, None]
+            cand_d = tl.where(taken, float("inf"), cand_d)
+            cand_i = tl.where(taken, _NO_INDEX, cand_i)
+            worst_d = tl.max(best_d, axis=1)
+            worst_i = tl.max(tl.where(best_d == worst_d[:, None], best_i, -1), axis=1)
+            min_d = tl.min(cand_d, axis=1)
+            min_i = tl.min(tl.where(cand_d == min_d[:, None], cand_i, _NO_INDEX), axis=1)
+            improves = _lex_less(min_d, min_i, worst_d, worst_i)
+
+    out_offsets = split * stride_os + rows[:, None] * stride_oq + slots[None, :]
+    out_mask = row_ok[:, None] & real_slot[None, :]
+    tl.store(out_d_ptr + out_offsets, best_d, mask=out_mask)
+    tl.store(out_i_ptr + out_offsets, best_i, mask=out_mask)
+
+
+def _compute_dtypes(dtype: torch.dtype) -> tuple[tl.dtype, str]:
+    """(dtype fed to tl.dot, input precision) for an input dtype."""
+    if dtype in (torch.float16, torch.bfloat16) and not triton_interpreter_enabled():
+        return _TL_DTYPES[dtype], "ieee"
+    # fp32 follows torch's matmul setting: TF32 only where the user allowed it. The interpreter
+    # mishandles half arithmetic, so it gets fp32 operands.
+    tf32 = torch.backends.cuda.matmul.allow_tf32 and not triton_interpreter_enabled()
+    return tl.float32, "tf32" if tf32 else "ieee"
+
+
+def _row_aux(x: torch.Tensor, metric: str) -> torch.Tensor:
+    norms = torch.linalg.vector_norm(x, dim=1, dtype=torch.float32)
+    if metric == "cosine":
+        return torch.where(norms > 0, 1.0 / norms.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(norms))
+    return norms.square()
+
+
+def _num_splits(num_query_blocks: int, num_gallery: int, block_g: int, device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    # Each split should stream at least a few tiles, or its set-up dominates.
+    max_splits = max(1, num_gallery // (8 * block_g))
+    return max(1, min(max_splits, -(-target // max(num_query_blocks, 1))))
+
+
+def knn_triton(
+    query: torch.Tensor,
+    gallery: torch.Tensor,
+    k: int,
+    metric: str,
+    symmetric: bool = False,
+    self_offset: int = -1,
+    config: TileConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton k-NN: query (Q, D), gallery (G, D) -> (distances (Q, k) in query's dtype, indices (Q, k) int64).
+
+    Same contract as :func:`torchfg.ops.knn.reference.knn_reference` (sorted by distance, ties to
+    the lower index); requires 1 <= k <= :data:`MAX_K`, fp16/bf16/fp32 inputs and G < 2**31 - 1.
+    """
+    if not 1 <= k <= MAX_K:
+        raise ValueError(f"knn_triton supports 1 <= k <= {MAX_K}, got k={k}")
+    if query.dtype not in _TL_DTYPES:
+        raise TypeError(f"knn_triton supports float16, bfloat16 and float32 inputs, got {query.dtype}")
+    num_query, dim = query.shape
+    num_gallery = gallery.shape[0]
+    if num_gallery >= _NO_INDEX - MAX_K:
+        raise ValueError(f"knn_triton supports galleries of fewer than {_NO_INDEX - MAX_K} rows, got {num_gallery}")
+    if num_query == 0:
+        return query.new_empty(0, k), torch.empty(0, k, dtype=torch.int64, device=query.device)
+    k_pad = max(16, triton.next_power_of_2(k))
+    cfg = config or default_config(k_pad)
+    if metric == "dot":
+        q_aux = g_aux = torch.empty(1, device=query.device)
+    else:
+        q_aux = _row_aux(query, metric)
+        g_aux = q_aux if symmetric else _row_aux(gallery, metric)
+    q_blocks = triton.cdiv(num_query, cfg.block_q)
+    splits = cfg.splits or _num_splits(q_blocks, num_gallery, cfg.block_g, query.device)
+    split_size = triton.cdiv(triton.cdiv(num_gallery, splits), cfg.block_g) * cfg.block_g
+    splits = triton.cdiv(num_gallery, split_size)
+    out_d = torch.empty(splits, num_query, k, dtype=torch.float32, device=query.device)
+    out_i = torch.empty(splits, num_query, k, dtype=torch.int32, device=query.device)
+    dot_dtype, precision = _compute_dtypes(query.dtype)
+    _knn_kernel[(q_blocks, splits)](
+        query, gallery, q_aux, g_aux, out_d, out_i,
+        num_query, num_gallery, dim, split_size, max(self_offset, 0),
+        query.stride(0), query.stride(1), gallery.stride(0), gallery.stride(1),
+        out_d.stride(0), out_d.stride(1),
+        K=k, K_PAD=k_pad,
+        METRIC=_METRIC_CODES[metric], SYMMETRIC=symmetric, EXCLUDE=self_offset >= 0,
+        DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision,
+        BLOCK_Q=cfg.block_q, BLOCK_G=cfg.block_g, BLOCK_D=cfg.block_d,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    indices = out_i.to(torch.int64)
+    if splits == 1:
+        distances, indices = sort_by_distance_then_index(out_d[0], indices[0])
+    else:
+        # Candidates from different splits have disjoint indices: an exact (distance, index)
+        # selection over their union is the global answer.
+        distances, indices = select_candidates(
+            out_d.permute(1, 0, 2).reshape(num_query, splits * k),
+            indices.permute(1, 0, 2).reshape(num_query, splits * k),
+            k,
+        )
+    return distances.to(query.dtype), indices

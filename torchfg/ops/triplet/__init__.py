@@ -1,0 +1,424 @@
+"""Triplet mining ops: hardest (margin-aware) pairs, semi-hard and all triplets.
+
+The ops return index tensors only (they are not differentiable); the losses in
+:mod:`torchfg.functional.triplet` recompute the distances of the selected pairs exactly from
+``a - b`` with ordinary autograd, so their backward is O(N D).
+
+Backends of :func:`mine_hardest`: ``"torch"`` (the chunked reference in ``reference.py``, any
+device) and ``"triton"`` (a fused kernel in ``triton.py`` that streams tiles of the distance and
+text-similarity matrices and never writes an N x M matrix; CUDA devices). :func:`mine_semi_hard`
+and :func:`mine_all_triplets` use the chunked reference on every device.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import torch
+
+from torchfg._validation import accumulation_dtype, check_choice, check_float_tensor, check_labels, check_tensor
+from torchfg.backends import resolve_backend
+from torchfg.ops.triplet.reference import (
+    METRICS,
+    mine_all_triplets_reference,
+    mine_hardest_reference,
+    mine_semi_hard_reference,
+    pair_distances_backward_reference,
+    pair_distances_reference,
+)
+
+__all__ = [
+    "mine_hardest",
+    "mine_semi_hard",
+    "mine_all_triplets",
+    "pair_distances",
+    "METRICS",
+    "implemented_backends",
+]
+
+
+def implemented_backends() -> tuple[str, ...]:
+    """Backends :func:`mine_hardest` has in this installation (triton only if its module ships)."""
+    # find_spec does not import the module, so triton itself stays unimported until it is chosen.
+    if importlib.util.find_spec("torchfg.ops.triplet.triton") is not None:
+        return ("torch", "triton")
+    return ("torch",)
+
+
+# ----------------------------------------------------------------------------- registered ops
+
+
+@torch.library.custom_op("torchfg::mine_hardest", mutates_args=())
+def _mine_hardest_op(
+    anchors: torch.Tensor,
+    candidates: torch.Tensor,
+    anchor_labels: torch.Tensor,
+    candidate_labels: torch.Tensor,
+    anchor_text: torch.Tensor | None,
+    candidate_text: torch.Tensor | None,
+    metric: str,
+    base_margin: float,
+    margin_scale: float,
+    text_positive_threshold: float | None,
+    self_offset: int,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    kwargs = dict(
+        metric=metric,
+        base_margin=base_margin,
+        margin_scale=margin_scale,
+        text_positive_threshold=text_positive_threshold,
+        self_offset=self_offset,
+    )
+    if backend == "triton":
+        from torchfg.ops.triplet.triton import mine_hardest_triton
+
+        return mine_hardest_triton(anchors, candidates, anchor_labels, candidate_labels, anchor_text, candidate_text, **kwargs)
+    return mine_hardest_reference(anchors, candidates, anchor_labels, candidate_labels, anchor_text, candidate_text, **kwargs)
+
+
+@_mine_hardest_op.register_fake
+def _(anchors, candidates, anchor_labels, candidate_labels, anchor_text, candidate_text, metric, base_margin,
+      margin_scale, text_positive_threshold, self_offset, backend):
+    n = anchors.shape[0]
+    return anchors.new_empty(n, dtype=torch.int64), anchors.new_empty(n, dtype=torch.int64)
+
+
+@torch.library.custom_op("torchfg::mine_semi_hard", mutates_args=())
+def _mine_semi_hard_op(
+    anchors: torch.Tensor,
+    candidates: torch.Tensor,
+    anchor_labels: torch.Tensor,
+    candidate_labels: torch.Tensor,
+    metric: str,
+    self_offset: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return mine_semi_hard_reference(
+        anchors, candidates, anchor_labels, candidate_labels, metric=metric, self_offset=self_offset
+    )
+
+
+@_mine_semi_hard_op.register_fake
+def _(anchors, candidates, anchor_labels, candidate_labels, metric, self_offset):
+    count = torch.library.get_ctx().new_dynamic_size()
+    return tuple(anchors.new_empty(count, dtype=torch.int64) for _ in range(3))
+
+
+@torch.library.custom_op("torchfg::mine_all_triplets", mutates_args=())
+def _mine_all_triplets_op(
+    anchor_labels: torch.Tensor, candidate_labels: torch.Tensor, self_offset: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return mine_all_triplets_reference(anchor_labels, candidate_labels, self_offset=self_offset)
+
+
+@_mine_all_triplets_op.register_fake
+def _(anchor_labels, candidate_labels, self_offset):
+    count = torch.library.get_ctx().new_dynamic_size()
+    return tuple(anchor_labels.new_empty(count, dtype=torch.int64) for _ in range(3))
+
+
+@torch.library.custom_op("torchfg::pair_distances", mutates_args=())
+def _pair_distances_op(
+    x: torch.Tensor, y: torch.Tensor | None, x_idx: torch.Tensor, y_idx: torch.Tensor, metric: str
+) -> torch.Tensor:
+    return pair_distances_reference(x, x if y is None else y, x_idx, y_idx, metric)
+
+
+@_pair_distances_op.register_fake
+def _(x, y, x_idx, y_idx, metric):
+    return x.new_empty(x_idx.shape[0], dtype=accumulation_dtype(x.dtype))
+
+
+@torch.library.custom_op("torchfg::pair_distances_backward", mutates_args=())
+def _pair_distances_backward_op(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor | None,
+    x_idx: torch.Tensor,
+    y_idx: torch.Tensor,
+    out: torch.Tensor,
+    metric: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return pair_distances_backward_reference(
+        grad, x, x if y is None else y, x_idx, y_idx, out, metric, y_is_x=y is None
+    )
+
+
+@_pair_distances_backward_op.register_fake
+def _(grad, x, y, x_idx, y_idx, out, metric):
+    return torch.empty_like(x), (x.new_empty(0) if y is None else torch.empty_like(y))
+
+
+def _pair_distances_setup_context(ctx, inputs, output):
+    x, y, x_idx, y_idx, metric = inputs
+    ctx.save_for_backward(x, y, x_idx, y_idx, output)
+    ctx.metric = metric
+    ctx.y_is_x = y is None
+
+
+def _pair_distances_backward(ctx, grad):
+    x, y, x_idx, y_idx, out = ctx.saved_tensors
+    grad_x, grad_y = _pair_distances_backward_op(grad, x, None if ctx.y_is_x else y, x_idx, y_idx, out, ctx.metric)
+    return grad_x, (None if ctx.y_is_x else grad_y), None, None, None
+
+
+_pair_distances_op.register_autograd(_pair_distances_backward, setup_context=_pair_distances_setup_context)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check_mining_inputs(
+    anchors: object,
+    candidates: object,
+    anchor_labels: object,
+    candidate_labels: object,
+    metric: object,
+    self_offset: object,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    anchors = check_float_tensor(anchors, "anchors", ndim=2)
+    candidates = check_float_tensor(candidates, "candidates", ndim=2)
+    if candidates.device != anchors.device:
+        raise ValueError(f"anchors and candidates must be on the same device, got {anchors.device} and {candidates.device}")
+    if candidates.dtype != anchors.dtype:
+        raise TypeError(f"anchors and candidates must have the same dtype, got {anchors.dtype} and {candidates.dtype}")
+    if candidates.shape[1] != anchors.shape[1]:
+        raise ValueError(
+            f"anchors and candidates must have the same feature size D, got {anchors.shape[1]} and {candidates.shape[1]}"
+        )
+    anchor_labels = check_labels(anchor_labels, "anchor_labels", anchors.shape[0], device=anchors.device).long()
+    candidate_labels = check_labels(candidate_labels, "candidate_labels", candidates.shape[0], device=anchors.device).long()
+    check_choice(metric, "metric", METRICS)
+    if not isinstance(self_offset, int) or isinstance(self_offset, bool):
+        raise TypeError(f"self_offset must be an int, got {type(self_offset).__name__}")
+    if self_offset != -1 and not 0 <= self_offset <= candidates.shape[0] - anchors.shape[0]:
+        raise ValueError(
+            f"self_offset must be -1 (anchors are not candidates) or in [0, M - N] = "
+            f"[0, {candidates.shape[0] - anchors.shape[0]}], got {self_offset}"
+        )
+    return anchor_labels, candidate_labels
+
+
+def _check_number(value: object, name: str, *, low: float | None = None, high: float | None = None) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"in [{low}, {high}]" if low is not None and high is not None else (f">= {low}" if low is not None else "finite")
+        raise ValueError(f"{name} must be finite and {bounds}, got {value!r}")
+    return value
+
+
+# ----------------------------------------------------------------------------- public ops
+
+
+def mine_hardest(
+    anchors: torch.Tensor,
+    candidates: torch.Tensor,
+    anchor_labels: torch.Tensor,
+    candidate_labels: torch.Tensor,
+    anchor_text: torch.Tensor | None = None,
+    candidate_text: torch.Tensor | None = None,
+    *,
+    metric: str = "euclidean",
+    base_margin: float = 0.0,
+    margin_scale: float = 0.0,
+    text_positive_threshold: float | None = None,
+    self_offset: int = -1,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per anchor, the hardest positive and the hardest (margin-aware) negative candidate.
+
+    With d the metric distance (computed on the fast path in fp32, fp64 for fp64), for anchor i:
+
+    * positive j: same label and ``j != self_offset + i``; ``positive_idx[i] = argmax_j d(i, j)``.
+    * text similarity ``c(i, j) = cos(anchor_text[i], candidate_text[j])`` (0 for a zero row),
+      margin ``m(i, j) = base_margin + margin_scale * (1 - c(i, j)) / 2`` (``base_margin``
+      without text).
+    * negative j: another label and, with text and ``text_positive_threshold`` given,
+      ``c(i, j) < text_positive_threshold``; ``negative_idx[i] = argmax_j m(i, j) - d(i, j)``
+      (the closest negative when margins are constant).
+
+    Ties go to the lowest index; -1 marks an anchor without a valid positive / negative. The
+    selection is not differentiable; recompute the distances of the selected pairs.
+
+    Args:
+        anchors: (N, D) float16/bfloat16/float32/float64.
+        candidates: (M, D), same dtype and device (may be ``anchors`` itself).
+        anchor_labels: (N,) integer labels.
+        candidate_labels: (M,) integer labels.
+        anchor_text: (N, T) float text embeddings of the anchors, or None.
+        candidate_text: (M, T) text embeddings of the candidates (same dtype), or None.
+        metric: ``"euclidean"``, ``"sqeuclidean"``, ``"cosine"`` or ``"dot"`` (negative inner product).
+        base_margin: m0 (only matters for the negative choice together with text).
+        margin_scale: s >= 0; ignored without text.
+        text_positive_threshold: cosine in [-1, 1] at or above which an item with another label is
+            a near-duplicate, never a negative; None turns it off. Ignored without text.
+        self_offset: anchor i is candidate ``self_offset + i`` (0 when candidates are the anchors);
+            -1 when the anchors are not among the candidates.
+        backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see :mod:`torchfg.backends`).
+
+    Returns:
+        (positive_idx (N,), negative_idx (N,)) int64 indices into ``candidates``.
+
+    Example:
+        >>> x = torch.tensor([[0.0], [1.0], [5.0], [5.5]])
+        >>> labels = torch.tensor([0, 0, 1, 1])
+        >>> mine_hardest(x, x, labels, labels, self_offset=0)
+        (tensor([1, 0, 3, 2]), tensor([2, 2, 1, 1]))
+    """
+    anchor_labels, candidate_labels = _check_mining_inputs(
+        anchors, candidates, anchor_labels, candidate_labels, metric, self_offset
+    )
+    base_margin = _check_number(base_margin, "base_margin")
+    margin_scale = _check_number(margin_scale, "margin_scale", low=0.0)
+    if (anchor_text is None) != (candidate_text is None):
+        raise ValueError("anchor_text and candidate_text must be given together (or both None)")
+    if anchor_text is not None:
+        check_float_tensor(anchor_text, "anchor_text", ndim=2)
+        check_float_tensor(candidate_text, "candidate_text", ndim=2)
+        if anchor_text.shape[0] != anchors.shape[0]:
+            raise ValueError(f"anchor_text must have {anchors.shape[0]} rows (one per anchor), got {anchor_text.shape[0]}")
+        if candidate_text.shape[0] != candidates.shape[0]:
+            raise ValueError(
+                f"candidate_text must have {candidates.shape[0]} rows (one per candidate), got {candidate_text.shape[0]}"
+            )
+        if candidate_text.shape[1] != anchor_text.shape[1]:
+            raise ValueError(
+                f"anchor_text and candidate_text must have the same size T, got {anchor_text.shape[1]} and {candidate_text.shape[1]}"
+            )
+        if candidate_text.dtype != anchor_text.dtype:
+            raise TypeError(f"anchor_text and candidate_text must have the same dtype, got {anchor_text.dtype} and {candidate_text.dtype}")
+        if anchor_text.device != anchors.device or candidate_text.device != anchors.device:
+            raise ValueError("anchor_text and candidate_text must be on the device of anchors")
+        anchor_text, candidate_text = anchor_text.detach(), candidate_text.detach()
+    if text_positive_threshold is not None:
+        text_positive_threshold = _check_number(text_positive_threshold, "text_positive_threshold", low=-1.0, high=1.0)
+    backend = resolve_backend(backend, anchors.device, op="mine_hardest", implemented=implemented_backends())
+    return _mine_hardest_op(
+        anchors.detach(),
+        candidates.detach(),
+        anchor_labels,
+        candidate_labels,
+        anchor_text,
+        candidate_text,
+        metric,
+        base_margin,
+        margin_scale,
+        text_positive_threshold,
+        self_offset,
+        backend,
+    )
+
+
+def mine_semi_hard(
+    anchors: torch.Tensor,
+    candidates: torch.Tensor,
+    anchor_labels: torch.Tensor,
+    candidate_labels: torch.Tensor,
+    *,
+    metric: str = "euclidean",
+    self_offset: int = -1,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """FaceNet semi-hard triplets, one per anchor-positive pair (chunked reference, any device).
+
+    For each pair (a, p) (same label, p not a itself) of an anchor that has a negative: the
+    closest negative strictly farther than p, else the farthest negative. Ties -> lowest index.
+
+    Args:
+        anchors: (N, D) float; candidates: (M, D) same dtype/device.
+        anchor_labels: (N,) int; candidate_labels: (M,) int.
+        metric: see :func:`mine_hardest`.
+        self_offset: see :func:`mine_hardest`.
+
+    Returns:
+        (anchor_idx, positive_idx, negative_idx) int64 of equal length, sorted by anchor then
+        positive. The length depends on the labels (data-dependent under ``torch.compile``).
+
+    Example:
+        >>> x = torch.tensor([[0.0], [1.0], [1.5], [4.0]])
+        >>> labels = torch.tensor([0, 0, 1, 1])
+        >>> mine_semi_hard(x, x, labels, labels, self_offset=0)
+        (tensor([0, 1, 2, 3]), tensor([1, 0, 3, 2]), tensor([2, 3, 0, 1]))
+    """
+    anchor_labels, candidate_labels = _check_mining_inputs(
+        anchors, candidates, anchor_labels, candidate_labels, metric, self_offset
+    )
+    return _mine_semi_hard_op(anchors.detach(), candidates.detach(), anchor_labels, candidate_labels, metric, self_offset)
+
+
+def mine_all_triplets(
+    anchor_labels: torch.Tensor, candidate_labels: torch.Tensor, *, self_offset: int = -1
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every valid triplet (a, p, n) in lexicographic order (chunked reference, any device).
+
+    Args:
+        anchor_labels: (N,) int; candidate_labels: (M,) int (same device).
+        self_offset: see :func:`mine_hardest`.
+
+    Returns:
+        (anchor_idx, positive_idx, negative_idx) int64 of length T = sum_a P_a * N_a.
+
+    Example:
+        >>> labels = torch.tensor([0, 0, 1])
+        >>> mine_all_triplets(labels, labels, self_offset=0)
+        (tensor([0, 1]), tensor([1, 0]), tensor([2, 2]))
+    """
+    candidate_labels = check_tensor(candidate_labels, "candidate_labels")
+    anchor_labels = check_tensor(anchor_labels, "anchor_labels")
+    candidate_labels = check_labels(candidate_labels, "candidate_labels", candidate_labels.shape[0] if candidate_labels.dim() else -1).long()
+    anchor_labels = check_labels(
+        anchor_labels, "anchor_labels", anchor_labels.shape[0] if anchor_labels.dim() else -1, device=candidate_labels.device
+    ).long()
+    if not isinstance(self_offset, int) or isinstance(self_offset, bool):
+        raise TypeError(f"self_offset must be an int, got {type(self_offset).__name__}")
+    if self_offset != -1 and not 0 <= self_offset <= candidate_labels.shape[0] - anchor_labels.shape[0]:
+        raise ValueError(f"self_offset must be -1 or in [0, M - N], got {self_offset}")
+    return _mine_all_triplets_op(anchor_labels, candidate_labels, self_offset)
+
+
+def pair_distances(
+    x: torch.Tensor,
+    x_idx: torch.Tensor,
+    y_idx: torch.Tensor,
+    y: torch.Tensor | None = None,
+    *,
+    metric: str = "euclidean",
+) -> torch.Tensor:
+    """Distances of selected row pairs, ``d(x[x_idx[k]], y[y_idx[k]])``, exactly from ``a - b``.
+
+    Differentiable in x and y with an analytic, chunked backward: memory O(chunk x D) beyond the
+    gradients, time O(K D), whatever N and M. The euclidean gradient at zero distance is 0.
+
+    Args:
+        x: (N, D) float.
+        x_idx: (K,) integer indices into x.
+        y_idx: (K,) integer indices into y.
+        y: (M, D) same dtype/device, or None for y = x (gradients then go to x only).
+        metric: ``"euclidean"``, ``"sqeuclidean"``, ``"cosine"`` or ``"dot"``.
+
+    Returns:
+        (K,) distances in fp32 (fp64 for fp64 inputs).
+
+    Example:
+        >>> x = torch.tensor([[0.0, 0.0], [3.0, 4.0]])
+        >>> pair_distances(x, torch.tensor([0, 1]), torch.tensor([1, 1]))
+        tensor([5., 0.])
+    """
+    check_float_tensor(x, "x", ndim=2)
+    if y is not None:
+        check_float_tensor(y, "y", ndim=2)
+        if y.device != x.device or y.dtype != x.dtype or y.shape[1] != x.shape[1]:
+            raise ValueError(
+                f"y must have the device, dtype and feature size of x, got {y.device}/{y.dtype}/{y.shape[1]} "
+                f"and {x.device}/{x.dtype}/{x.shape[1]}"
+            )
+    check_choice(metric, "metric", METRICS)
+    x_idx = check_tensor(x_idx, "x_idx")
+    y_idx = check_tensor(y_idx, "y_idx")
+    if x_idx.dim() != 1 or y_idx.dim() != 1 or x_idx.shape != y_idx.shape:
+        raise ValueError(f"x_idx and y_idx must be 1-D of equal length, got {tuple(x_idx.shape)} and {tuple(y_idx.shape)}")
+    if x_idx.dtype.is_floating_point or y_idx.dtype.is_floating_point:
+        raise TypeError("x_idx and y_idx must be integer tensors")
+    return _pair_distances_op(x, y, x_idx.to(x.device, torch.int64), y_idx.to(x.device, torch.int64), metric)

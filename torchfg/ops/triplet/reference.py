@@ -1,0 +1,498 @@
+"""Pure-PyTorch triplet mining: the ground truth for every backend and the CPU path.
+
+Anchors are processed in chunks of rows, so the fp32 temporaries are O(chunk x M) whatever N is;
+no function here ever holds an N x M matrix. Distances are computed on the fast path
+(``|a|^2 + |b|^2 - 2 a.b`` with fp32 accumulation, fp64 for fp64 inputs): they only *select*
+indices. The loss of the selected pairs is recomputed exactly from ``a - b`` by the caller
+(:mod:`torchfg.functional.triplet`).
+
+All functions take candidates ``(M, D)`` that may or may not contain the anchors: with
+``self_offset >= 0`` anchor ``i`` is candidate ``self_offset + i`` and is never its own positive;
+with ``self_offset = -1`` the two sets are disjoint (a cross-batch memory).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from torchfg._validation import accumulation_dtype
+
+__all__ = [
+    "METRICS",
+    "DEFAULT_CHUNK_ROWS",
+    "mine_hardest_reference",
+    "mine_semi_hard_reference",
+    "mine_all_triplets_reference",
+    "text_similarity_operands",
+]
+
+METRICS = ("euclidean", "sqeuclidean", "cosine", "dot")
+
+# Elements of the (chunk x M) fp32 block per chunk (16 MiB): few enough chunks that per-op
+# overhead stays small, and memory O(chunk x M) stays far below an N x M matrix at large N.
+CHUNK_ELEMENTS = 1 << 20
+MIN_CHUNK_ROWS = 16
+# Rows per chunk for semi-hard / all mining, whose temporaries are larger per row.
+DEFAULT_CHUNK_ROWS = 128
+# Positives are listed as pairs (instead of masked in the block) when the same-label pairs are
+# fewer than N * M / SPARSE_PAIR_FRACTION.
+SPARSE_PAIR_FRACTION = 16
+
+_NEG_INF = float("-inf")
+_POS_INF = float("inf")
+
+
+def _unit_rows(x: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """Rows scaled to unit norm in ``acc``; a zero row stays zero (its cosine to anything is 0)."""
+    x = x.to(acc)
+    norms = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+    inverse = torch.where(norms > 0, 1.0 / norms.clamp_min(torch.finfo(acc).tiny), torch.zeros_like(norms))
+    return x * inverse
+
+
+def text_similarity_operands(
+    anchor_text: torch.Tensor, candidate_text: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit-norm fp32 (fp64 for fp64) copies of the text rows: ``a @ c.T`` is the cosine matrix."""
+    acc = accumulation_dtype(anchor_text.dtype)
+    return _unit_rows(anchor_text, acc), _unit_rows(candidate_text, acc)
+
+
+class _DistanceBlocks:
+    """Fast-path distance blocks (chunk x M) between anchor rows and all candidates.
+
+    ``block(start, stop)`` returns the metric distance. ``selection_block(start, stop)`` returns
+    cheaper values with the same order along each row, one GEMM and no extra pass: for
+    (sq)euclidean ``|b|^2 - 2 a.b`` (the row's ``|a|^2`` is added back by :meth:`row_offset`
+    where the clamp at 0 matters), for cosine ``-cos`` and for dot ``-a.b``.
+    """
+
+    def __init__(self, anchors: torch.Tensor, candidates: torch.Tensor, metric: str) -> None:
+        self.metric = metric
+        self.acc = accumulation_dtype(anchors.dtype)
+        self.anchors = anchors
+        self.euclidean = metric in ("euclidean", "sqeuclidean")
+        self.candidates = _unit_rows(candidates, self.acc) if metric == "cosine" else candidates.to(self.acc)
+        self.candidates_t = self.candidates.T
+        if self.euclidean:
+            self.candidate_sq = torch.linalg.vecdot(self.candidates, self.candidates)
+        self._zero = torch.zeros(1, dtype=self.acc, device=anchors.device)
+        self._one = torch.ones(1, dtype=self.acc, device=anchors.device)
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        """Anchor rows as GEMM operands (accumulation dtype, unit norm for cosine)."""
+        if self.metric == "cosine":
+            return _unit_rows(self.anchors[start:stop], self.acc)
+        return self.anchors[start:stop].to(self.acc)
+
+    def row_offset(self, a: torch.Tensor) -> torch.Tensor | None:
+        """(chunk, 1) value that turns selection values into squared distances (euclidean only)."""
+        return torch.linalg.vecdot(a, a).unsqueeze(1) if self.euclidean else None
+
+    def selection_block(self, a: torch.Tensor) -> torch.Tensor:
+        if self.euclidean:
+            return torch.addmm(self.candidate_sq, a, self.candidates_t, alpha=-2.0)
+        return torch.addmm(self._zero, a, self.candidates_t, beta=0.0, alpha=-1.0)
+
+    def block(self, a: torch.Tensor) -> torch.Tensor:
+        if self.metric == "cosine":
+            return torch.addmm(self._one, a, self.candidates_t, alpha=-1.0)
+        if self.metric == "dot":
+            return torch.addmm(self._zero, a, self.candidates_t, beta=0.0, alpha=-1.0)
+        block = torch.addmm(self.candidate_sq, a, self.candidates_t, alpha=-2.0)
+        block.add_(a.square().sum(1, keepdim=True)).clamp_min_(0.0)
+        if self.metric == "euclidean":
+            block.sqrt_()
+        return block
+
+
+def _exclude_self(block: torch.Tensor, start: int, self_offset: int, fill: float) -> None:
+    """Sets block[i, self_offset + start + i] = fill for the chunk's rows (in place)."""
+    if self_offset < 0:
+        return
+    # The self entries of a chunk lie on one diagonal of the block (self_offset + N <= M was
+    # checked by the caller), so a strided view reaches them without an index tensor.
+    block.diagonal(offset=self_offset + start)[: block.shape[0]].fill_(fill)
+
+
+def _chunk_rows_for(m: int, chunk_rows: int | None) -> int:
+    if chunk_rows is not None:
+        return max(int(chunk_rows), 1)
+    return max(CHUNK_ELEMENTS // max(m, 1), MIN_CHUNK_ROWS)
+
+
+def _first_index_where(mask: torch.Tensor) -> torch.Tensor:
+    """Per row, the lowest column where ``mask`` is True (rows must have one)."""
+    return mask.to(torch.uint8).argmax(1)
+
+
+class _SameLabelPairs:
+    """All (anchor, candidate) pairs with equal labels, listed per anchor without an N x M mask.
+
+    Candidates are sorted by label once; anchor i's positives are a contiguous run of that
+    order, found by binary search. Used when labels form small classes (P x K batches), where the
+    pairs are far fewer than N x M.
+    """
+
+    def __init__(self, anchor_labels: torch.Tensor, candidate_labels: torch.Tensor) -> None:
+        self.order = torch.argsort(candidate_labels, stable=True)
+        sorted_labels = candidate_labels.index_select(0, self.order)
+        self.first = torch.searchsorted(sorted_labels, anchor_labels, side="left")
+        self.counts = torch.searchsorted(sorted_labels, anchor_labels, side="right") - self.first
+        self.total = int(self.counts.sum())
+
+    def chunk(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row within the chunk, candidate index) of the pairs of anchors[start:stop], by row."""
+        counts = self.counts[start:stop]
+        rows = torch.repeat_interleave(torch.arange(stop - start, device=counts.device), counts)
+        run_start = torch.cumsum(counts, 0) - counts
+        within = torch.arange(rows.shape[0], device=counts.device) - run_start.index_select(0, rows)
+        return rows, self.order.index_select(0, self.first[start:stop].index_select(0, rows) + within)
+
+
+def _segment_argmax(values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, n_rows: int, n_cols: int):
+    """Per row, the column of the largest value (lowest column on ties) and whether one exists.
+
+    values, rows, cols: (P,) with -inf marking pairs to ignore.
+    """
+    best = torch.full((n_rows,), _NEG_INF, dtype=values.dtype, device=values.device)
+    best.scatter_reduce_(0, rows, values, reduce="amax")
+    at_best = (values == best.index_select(0, rows)) & (values != _NEG_INF)
+    key = torch.where(at_best, cols, n_cols)
+    best_col = torch.full((n_rows,), n_cols, dtype=torch.int64, device=values.device)
+    best_col.scatter_reduce_(0, rows, key, reduce="amin")
+    found = best_col < n_cols
+    return torch.where(found, best_col, -1), found
+
+
+def mine_hardest_reference(
+    anchors: torch.Tensor,
+    candidates: torch.Tensor,
+    anchor_labels: torch.Tensor,
+    candidate_labels: torch.Tensor,
+    anchor_text: torch.Tensor | None,
+    candidate_text: torch.Tensor | None,
+    *,
+    metric: str,
+    base_margin: float,
+    margin_scale: float,
+    text_positive_threshold: float | None,
+    self_offset: int,
+    chunk_rows: int | None = None,
+    sparse_positives: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hardest positive and (margin-aware) hardest negative of every anchor, chunk by chunk.
+
+    See ``torchfg.ops.triplet.mine_hardest`` for the full contract. Shapes: anchors (N, D),
+    candidates (M, D), labels (N,) / (M,) int64, text (N, T) / (M, T) or None.
+
+    Per chunk of anchors this does one (chunk x M) GEMM and, with constant margins, a single
+    arg-reduction over the block: positives (same-label pairs) are read out of the block and
+    then overwritten with +inf, which is cheaper than building label masks when classes are small
+    (``sparse_positives``; None chooses by the number of same-label pairs). Margin-aware mining
+    needs the true distance and a text-cosine GEMM per chunk.
+
+    Returns:
+        (positive_idx (N,), negative_idx (N,)) int64 indices into candidates; -1 where an anchor
+        has no valid positive / negative. Ties go to the lowest index.
+    """
+    device = anchors.device
+    n, m = anchors.shape[0], candidates.shape[0]
+    positive_idx = torch.full((n,), -1, dtype=torch.int64, device=device)
+    negative_idx = torch.full((n,), -1, dtype=torch.int64, device=device)
+    if n == 0 or m == 0:
+        return positive_idx, negative_idx
+    chunk_rows = _chunk_rows_for(m, chunk_rows)
+
+    use_text = anchor_text is not None and candidate_text is not None
+    margin_aware = use_text and margin_scale != 0.0
+    threshold = text_positive_threshold if use_text else None
+    if margin_aware or threshold is not None:
+        anchor_unit_text, candidate_unit_text = text_similarity_operands(anchor_text, candidate_text)
+        candidate_unit_text_t = candidate_unit_text.T
+    distances = _DistanceBlocks(anchors, candidates, metric)
+    acc = distances.acc
+    half_scale = 0.5 * margin_scale
+    margin_at_zero_cos = torch.full((1,), base_margin + half_scale, dtype=acc, device=device)
+
+    pairs = None
+    if sparse_positives is not False:
+        pairs = _SameLabelPairs(anchor_labels, candidate_labels)
+        if sparse_positives is None and pairs.total * SPARSE_PAIR_FRACTION > n * m:
+            pairs = None
+
+    for start in range(0, n, chunk_rows):
+        stop = min(start + chunk_rows, n)
+        rows = stop - start
+        a = distances.rows(start, stop)
+        if margin_aware:
+            block = distances.block(a)  # m - d is not monotone in d^2: need d itself
+            offset = None
+        else:
+            block = distances.selection_block(a)
+            offset = distances.row_offset(a)
+        del a
+
+        # ---- positives: the largest distance among same-label candidates, self excluded
+        if pairs is not None:
+            pair_rows, pair_cols = pairs.chunk(start, stop)
+            # Flat offsets: 1-D take / index_fill are much cheaper than 2-D advanced indexing.
+            flat_pairs = pair_rows * m + pair_cols
+            values = block.view(-1).index_select(0, flat_pairs)
+            if offset is not None:
+                # Clamp as the true squared distance would be clamped, so ties at 0 match.
+                values = values.add_(offset.squeeze(1).index_select(0, pair_rows)).clamp_min_(0.0)
+            if self_offset >= 0:
+                values.masked_fill_(pair_cols == pair_rows + (self_offset + start), _NEG_INF)
+            best, _ = _segment_argmax(values, pair_rows, pair_cols, rows, m)
+            positive_idx[start:stop] = best
+            other_label = None
+        else:
+            other_label = anchor_labels[start:stop, None] != candidate_labels[None, :]
+            values = block.masked_fill(other_label, _NEG_INF)
+            if offset is not None:
+                values.add_(offset).clamp_min_(0.0).masked_fill_(other_label, _NEG_INF)
+            _exclude_self(values, start, self_offset, _NEG_INF)
+            best = values.argmax(1)
+            found = values.gather(1, best[:, None]).squeeze(1) != _NEG_INF
+            positive_idx[start:stop] = torch.where(found, best, -1)
+            del values
+
+        # ---- negatives: another label (and not a near-duplicate description)
+        excluded = None
+        if threshold is not None:
+            excluded = torch.mm(anchor_unit_text[start:stop], candidate_unit_text_t) >= threshold
+        if margin_aware:
+            # score = m - d with m = base + s (1 - cos) / 2 straight out of the text GEMM.
+            score = torch.addmm(margin_at_zero_cos, anchor_unit_text[start:stop], candidate_unit_text_t, alpha=-half_scale)
+            score.sub_(block)
+            del block
+            fill = _NEG_INF
+        else:
+            score, fill = block, _POS_INF
+        if pairs is not None:
+            score.view(-1).index_fill_(0, flat_pairs, fill)
+        else:
+            score.masked_fill_(~other_label, fill)
+        if excluded is not None:
+            score.masked_fill_(excluded, fill)
+        best = score.argmax(1) if margin_aware else score.argmin(1)
+        best_value = score.gather(1, best[:, None]).squeeze(1)
+        found = best_value != fill
+        if offset is not None:
+            # Squared distances clamp at 0: every negative at or below 0 ties, the lowest wins.
+            clamped = found & (best_value + offset.squeeze(1) <= 0)
+            if bool(clamped.any()):
+                tied_rows = clamped.nonzero().squeeze(1)
+                tied = (score[tied_rows] + offset[tied_rows]) <= 0
+                best[tied_rows] = _first_index_where(tied)
+        negative_idx[start:stop] = torch.where(found, best, -1)
+    return positive_idx, negative_idx
+
+
+def _empty_triplets(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # Three distinct tensors: outputs of a custom op must not alias each other.
+    return tuple(torch.empty(0, dtype=torch.int64, device=device) for _ in range(3))
+
+
+def mine_semi_hard_reference(
+    anchors: torch.Tensor,
+    candidates: torch.Tensor,
+    anchor_labels: torch.Tensor,
+    candidate_labels: torch.Tensor,
+    *,
+    metric: str,
+    self_offset: int,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """FaceNet semi-hard triplets: one per anchor-positive pair, chunk by chunk.
+
+    For every valid pair (a, p) (same label, p not a itself) whose anchor has at least one
+    negative, the negative is the closest one strictly farther than p, ``argmin {d(a, n) : d(a, n) >
+    d(a, p)}``; if there is none, the farthest negative. Ties go to the lowest index.
+
+    Returns:
+        (anchor_idx, positive_idx, negative_idx), int64 of equal length T, sorted by anchor then
+        positive; anchors index ``anchors``, the others ``candidates``.
+    """
+    device = anchors.device
+    n, m = anchors.shape[0], candidates.shape[0]
+    if n == 0 or m == 0:
+        return _empty_triplets(device)
+    distances = _DistanceBlocks(anchors, candidates, metric)
+    out_a, out_p, out_n = [], [], []
+    for start in range(0, n, chunk_rows):
+        stop = min(start + chunk_rows, n)
+        block = distances.block(distances.rows(start, stop))
+        same_label = anchor_labels[start:stop, None] == candidate_labels[None, :]
+        negatives = torch.where(same_label, torch.tensor(_NEG_INF, dtype=block.dtype, device=device), block)
+        has_negative = ~same_label.all(1)
+        block.masked_fill_(~same_label, _NEG_INF)
+        _exclude_self(block, start, self_offset, _NEG_INF)
+        valid_pair = block != _NEG_INF
+        valid_pair &= has_negative[:, None]
+        pair_row, pair_col = valid_pair.nonzero(as_tuple=True)
+        # Bound the (pairs x M) temporaries by processing at most chunk_rows pairs at a time.
+        for p_start in range(0, pair_row.shape[0], chunk_rows):
+            rows = pair_row[p_start : p_start + chunk_rows]
+            cols = pair_col[p_start : p_start + chunk_rows]
+            neg_rows = negatives[rows]  # non-negatives hold -inf: never "farther", never the farthest
+            positive_d = block[rows, cols]
+            farther = neg_rows > positive_d[:, None]
+            has_farther = farther.any(1)
+            closest_farther = neg_rows.masked_fill(~farther, _POS_INF).argmin(1)
+            farthest = neg_rows.argmax(1)
+            out_a.append(rows + start)
+            out_p.append(cols)
+            out_n.append(torch.where(has_farther, closest_farther, farthest))
+    if not out_a:
+        return _empty_triplets(device)
+    return torch.cat(out_a), torch.cat(out_p), torch.cat(out_n)
+
+
+def mine_all_triplets_reference(
+    anchor_labels: torch.Tensor,
+    candidate_labels: torch.Tensor,
+    *,
+    self_offset: int,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every valid triplet (a, p, n): same label for p (not a itself), another label for n.
+
+    Memory is O(T) for the T triplets returned plus O(chunk x M); the (N x M x M) mask is never
+    formed.
+
+    Returns:
+        (anchor_idx, positive_idx, negative_idx), int64 of length T, in lexicographic order.
+    """
+    device = anchor_labels.device
+    n, m = anchor_labels.shape[0], candidate_labels.shape[0]
+    out_a, out_p, out_n = [], [], []
+    for start in range(0, n, chunk_rows):
+        stop = min(start + chunk_rows, n)
+        same_label = anchor_labels[start:stop, None] == candidate_labels[None, :]
+        negative_mask = ~same_label
+        if self_offset >= 0:
+            same_label.diagonal(offset=self_offset + start)[: stop - start].fill_(False)
+        pos_row, pos_col = same_label.nonzero(as_tuple=True)
+        neg_row, neg_col = negative_mask.nonzero(as_tuple=True)
+        neg_count = negative_mask.sum(1)
+        neg_start = torch.cumsum(neg_count, 0) - neg_count
+        per_pair = neg_count[pos_row]
+        total = int(per_pair.sum())
+        if total == 0:
+            continue
+        pair_of_triplet = torch.repeat_interleave(torch.arange(pos_row.shape[0], device=device), per_pair)
+        first_of_pair = torch.cumsum(per_pair, 0) - per_pair
+        offset_in_pair = torch.arange(total, device=device) - first_of_pair[pair_of_triplet]
+        rows = pos_row[pair_of_triplet]
+        out_a.append(rows + start)
+        out_p.append(pos_col[pair_of_triplet])
+        out_n.append(neg_col[neg_start[rows] + offset_in_pair])
+    if not out_a:
+        return _empty_triplets(device)
+    return torch.cat(out_a), torch.cat(out_p), torch.cat(out_n)
+
+
+# ----------------------------------------------------------------------------- exact pair distances
+
+# Pairs per chunk in pair_distances: bounds the (chunk x D) fp32 temporaries to ~1 MiB each.
+PAIR_CHUNK_ELEMENTS = 1 << 18
+
+
+def _pair_chunk(d: int) -> int:
+    return max(PAIR_CHUNK_ELEMENTS // max(d, 1), 1)
+
+
+def _pair_rows(
+    x: torch.Tensor, y: torch.Tensor, x_idx: torch.Tensor, y_idx: torch.Tensor, acc: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return x.index_select(0, x_idx).to(acc), y.index_select(0, y_idx).to(acc)
+
+
+def _safe_inverse(norm: torch.Tensor) -> torch.Tensor:
+    return torch.where(norm > 0, 1.0 / norm.clamp_min(torch.finfo(norm.dtype).tiny), torch.zeros_like(norm))
+
+
+def pair_distances_reference(
+    x: torch.Tensor, y: torch.Tensor, x_idx: torch.Tensor, y_idx: torch.Tensor, metric: str
+) -> torch.Tensor:
+    """d(x[x_idx[k]], y[y_idx[k]]) for each k, computed exactly from the difference of the rows.
+
+    x (N, D), y (M, D), x_idx / y_idx (K,) int64 -> (K,) in fp32 (fp64 for fp64). Processed in
+    chunks of pairs, so the temporaries are O(chunk x D) and nothing is kept for the backward.
+    """
+    acc = accumulation_dtype(x.dtype)
+    k = x_idx.shape[0]
+    out = torch.empty(k, dtype=acc, device=x.device)
+    step = _pair_chunk(x.shape[1])
+    for start in range(0, k, step):
+        stop = min(start + step, k)
+        a, b = _pair_rows(x, y, x_idx[start:stop], y_idx[start:stop], acc)
+        if metric in ("euclidean", "sqeuclidean"):
+            diff = a.sub_(b)
+            value = torch.linalg.vecdot(diff, diff)
+            if metric == "euclidean":
+                value.sqrt_()
+        elif metric == "cosine":
+            a_inv = _safe_inverse(torch.linalg.vector_norm(a, dim=1))
+            b_inv = _safe_inverse(torch.linalg.vector_norm(b, dim=1))
+            value = torch.linalg.vecdot(a, b).mul_(a_inv).mul_(b_inv).neg_().add_(1.0)
+        else:
+            value = torch.linalg.vecdot(a, b).neg_()
+        out[start:stop] = value
+    return out
+
+
+def pair_distances_backward_reference(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    x_idx: torch.Tensor,
+    y_idx: torch.Tensor,
+    out: torch.Tensor,
+    metric: str,
+    y_is_x: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Analytic (dL/dx (N, D), dL/dy (M, D)) of :func:`pair_distances_reference`, O(K D).
+
+    The euclidean gradient of a zero distance is 0 (a finite subgradient), never NaN; a zero row
+    has cosine 0 to everything and gets no cosine gradient. With ``y_is_x`` both gradients are
+    accumulated into the first tensor and the second is empty.
+    """
+    acc = accumulation_dtype(x.dtype)
+    grad = grad.to(acc)
+    grad_x = torch.zeros(x.shape, dtype=acc, device=x.device)
+    grad_y = grad_x if y_is_x else torch.zeros(y.shape, dtype=acc, device=y.device)
+    if metric == "euclidean":
+        coef = torch.where(out > 0, grad / out.clamp_min(torch.finfo(acc).tiny), torch.zeros_like(grad))
+    elif metric == "sqeuclidean":
+        coef = 2.0 * grad
+    else:
+        coef = grad
+    k = x_idx.shape[0]
+    step = _pair_chunk(x.shape[1])
+    for start in range(0, k, step):
+        stop = min(start + step, k)
+        xi, yi = x_idx[start:stop], y_idx[start:stop]
+        a, b = _pair_rows(x, y, xi, yi, acc)
+        c = coef[start:stop, None]
+        if metric in ("euclidean", "sqeuclidean"):
+            contribution = a.sub_(b).mul_(c)  # d/da = coef (a - b), d/db = -coef (a - b)
+            grad_x.index_add_(0, xi, contribution)
+            grad_y.index_add_(0, yi, contribution, alpha=-1.0)
+        elif metric == "cosine":
+            # d(1 - a^.b^)/da = -(b^ - cos a^) / |a|
+            a_inv = _safe_inverse(torch.linalg.vector_norm(a, dim=1, keepdim=True))
+            b_inv = _safe_inverse(torch.linalg.vector_norm(b, dim=1, keepdim=True))
+            a_hat, b_hat = a.mul_(a_inv), b.mul_(b_inv)
+            cos = torch.linalg.vecdot(a_hat, b_hat).unsqueeze(1)
+            grad_x.index_add_(0, xi, (b_hat - cos * a_hat).mul_(a_inv).mul_(c), alpha=-1.0)
+            grad_y.index_add_(0, yi, (a_hat - cos * b_hat).mul_(b_inv).mul_(c), alpha=-1.0)
+        else:
+            grad_x.index_add_(0, xi, b.mul_(c), alpha=-1.0)
+            grad_y.index_add_(0, yi, a.mul_(c), alpha=-1.0)
+    grad_x = grad_x.to(x.dtype)
+    if y_is_x:
+        return grad_x, x.new_empty(0)
+    return grad_x, grad_y.to(y.dtype)

@@ -1,0 +1,611 @@
+"""Fused Triton kernel for hardest-pair triplet mining (batch-hard and adaptive-margin ATL).
+
+The kernel never writes an anchors x candidates matrix. Each program owns ``BLOCK_M`` anchors
+and one contiguous range of candidates (a "split"); it streams ``BLOCK_N``-wide candidate tiles
+through on-chip memory:
+
+* distance tile: ``tl.dot`` over ``BLOCK_D`` chunks of the embeddings (fp32 accumulation, fp64 for
+  fp64 inputs; fp16/bf16 operands go to the tensor cores as they are), finished with the metric's
+  epilogue from row statistics precomputed in an O((N + M) D) pre-pass (squared norms for the
+  Euclidean metrics, inverse norms for cosine);
+* for ATL, a text-similarity tile in the same pass (a second ``tl.dot`` over ``BLOCK_T`` chunks of
+  the text embeddings, scaled by inverse text norms) that gives the margin of every pair and the
+  near-duplicate exclusion (the text is not read when ``margin_scale == 0`` and there is no
+  ``text_positive_threshold``);
+* the running hardest positive and hardest (margin-aware) negative of each anchor, value and
+  index, kept in registers; ties go to the lowest candidate index.
+
+When there are few anchor blocks, the candidates are split over a second grid axis so that the GPU
+is filled; each split writes its (value, index) per anchor to a small (splits, N) workspace and a
+merge kernel reduces the splits in candidate order. Extra memory is O((N + M) + splits x N).
+
+Selection rules (see ``torchfg/ops/triplet/__init__.py`` for the public op): the hardest positive
+maximises d over same-label candidates other than the anchor itself; the hardest negative maximises
+m - d over other-label candidates, with m = base_margin + margin_scale * (1 - cos_text) / 2 when
+text is given (else base_margin). With constant margins (no text, or ``margin_scale == 0``) that
+is the closest negative, selected on d directly like the reference does; Euclidean selection is
+then done on squared distances (same order, no sqrt per pair).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from torchfg._validation import check_choice, check_float_tensor, check_labels, check_same_device_dtype
+from torchfg.backends import triton_interpreter_enabled
+
+__all__ = ["TileConfig", "mine_hardest_triton", "mine_hardest_triton_tiled"]
+
+METRICS = ("sqeuclidean", "euclidean", "cosine", "dot")
+_METRIC_CODES = {"sqeuclidean": 0, "euclidean": 1, "cosine": 2, "dot": 3}
+
+# Every tile width used by the GPU configs divides this, so a split is a whole number of tiles.
+_SPLIT_GRANULE = 128
+# A split should cover at least this many candidates, so the per-program set-up is amortised.
+_MIN_CANDIDATES_PER_SPLIT = 512
+
+
+@dataclasses.dataclass(frozen=True)
+class TileConfig:
+    """Tile sizes and launch parameters of the mining kernel.
+
+    Attributes:
+        block_m: anchors per program.
+        block_n: candidates per tile.
+        block_d: embedding columns per ``tl.dot`` step.
+        block_t: text columns per ``tl.dot`` step (ATL only).
+        num_warps, num_stages: Triton launch options (ignored by the interpreter).
+        candidates_per_split: candidates handled by one program; None picks a split that fills
+            the device. A value >= M gives a single split (no merge pass).
+        flatten: ask Triton to flatten the candidate-tile and D loops into one pipelined loop
+            (``tl.range(flatten=True)``), which avoids refilling the load pipeline at every tile.
+            Off by default until measured on a GPU; ignored by the interpreter.
+
+    On a GPU every block size must be a power of two >= 16 (``tl.dot``'s minimum); the
+    interpreter accepts any power of two.
+    """
+
+    block_m: int = 128
+    block_n: int = 128
+    block_d: int = 64
+    block_t: int = 64
+    num_warps: int = 8
+    num_stages: int = 3
+    candidates_per_split: int | None = None
+    flatten: bool = False
+
+
+_FP64_CONFIG = TileConfig(block_m=64, block_n=64, block_d=32, block_t=32, num_warps=4, num_stages=2)
+
+# Small fixed tiles for Triton's CPU interpreter: cheap to run and they exercise multiple tiles,
+# D chunks and splits at test sizes.
+_INTERPRETER_CONFIG = TileConfig(block_m=16, block_n=16, block_d=16, block_t=16, num_warps=1, num_stages=1,
+                                 candidates_per_split=32)
+
+
+@triton.jit
+def _row_stat_kernel(
+    x_ptr, out_ptr, R, C, stride_r, stride_c,
+    INVERSE_NORM: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Per row: squared norm, or inverse norm (0 for a zero row, whose cosine is defined as 0)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < R
+    row_base = x_ptr + rows.to(tl.int64)[:, None] * stride_r
+    sq = tl.zeros((BLOCK_R, BLOCK_C), dtype=ACC_DTYPE)
+    for c0 in tl.range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        x = tl.load(row_base + cols[None, :] * stride_c, mask=row_ok[:, None] & (cols[None, :] < C), other=0.0)
+        x = x.to(ACC_DTYPE)
+        sq += x * x
+    total = tl.sum(sq, axis=1)
+    if INVERSE_NORM:
+        safe = tl.where(total > 0, total, 1.0)
+        # Correctly rounded sqrt (fp64's is already): these O(N) statistics scale every cosine of the row.
+        if ACC_DTYPE == tl.float32:
+            root = tl.sqrt_rn(safe)
+        else:
+            root = tl.sqrt(safe)
+        total = tl.where(total > 0, 1.0 / root, 0.0)
+    tl.store(out_ptr + rows, total, mask=row_ok)
+
+
+@triton.jit
+def _mine_hardest_kernel(
+    anchor_ptr, cand_ptr, anchor_stat_ptr, cand_stat_ptr,
+    anchor_label_ptr, cand_label_ptr,
+    anchor_text_ptr, cand_text_ptr, anchor_text_inv_ptr, cand_text_inv_ptr,
+    pos_val_ptr, pos_idx_ptr, neg_val_ptr, neg_idx_ptr,
+    N, M, D, T,
+    stride_am, stride_ad, stride_cm, stride_cd,
+    stride_atm, stride_atd, stride_ctm, stride_ctd,
+    self_offset, candidates_per_split,
+    base_margin, margin_scale, text_threshold,
+    n_bucket,  # autotuning key only: the tiles that fill the GPU depend on the anchor count
+    METRIC: tl.constexpr, HAS_SELF: tl.constexpr, NEED_TEXT: tl.constexpr, MARGIN_AWARE: tl.constexpr,
+    HAS_THRESHOLD: tl.constexpr,
+    STORE_VALUES: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    TEXT_DOT_DTYPE: tl.constexpr, TEXT_ACC_DTYPE: tl.constexpr, TEXT_INPUT_PRECISION: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_T: tl.constexpr, FLATTEN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    # Out-of-range rows re-read the last anchor so that the hot loop needs no row mask; their
+    # results are never stored.
+    rows_safe = tl.minimum(rows, N - 1).to(tl.int64)
+    anchor_base = anchor_ptr + rows_safe[:, None] * stride_am
+    anchor_label = tl.load(anchor_label_ptr + rows_safe)
+    if METRIC != 3:
+        anchor_stat = tl.load(anchor_stat_ptr + rows_safe).to(ACC_DTYPE)
+    if NEED_TEXT:
+        anchor_text_base = anchor_text_ptr + rows_safe[:, None] * stride_atm
+        anchor_text_inv = tl.load(anchor_text_inv_ptr + rows_safe).to(TEXT_ACC_DTYPE)
+
+    best_pos = tl.full((BLOCK_M,), float("-inf"), ACC_DTYPE)
+    best_pos_idx = tl.full((BLOCK_M,), -1, tl.int32)
+    best_neg = tl.full((BLOCK_M,), float("-inf"), ACC_DTYPE)
+    best_neg_idx = tl.full((BLOCK_M,), -1, tl.int32)
+
+    split_start = split * candidates_per_split
+    split_end = tl.minimum(split_start + candidates_per_split, M)
+    for n0 in tl.range(split_start, split_end, BLOCK_N, flatten=FLATTEN):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < split_end
+        cols_safe = tl.minimum(cols, M - 1).to(tl.int64)
+        cand_base = cand_ptr + cols_safe[:, None] * stride_cm
+
+        dot = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+        for d0 in tl.range(0, D, BLOCK_D):
+            ds = d0 + tl.arange(0, BLOCK_D)
+            if EVEN_D:
+                a = tl.load(anchor_base + ds[None, :] * stride_ad)
+                b = tl.load(cand_base + ds[None, :] * stride_cd)
+            else:
+                d_ok = ds[None, :] < D
+                a = tl.load(anchor_base + ds[None, :] * stride_ad, mask=d_ok, other=0.0)
+                b = tl.load(cand_base + ds[None, :] * stride_cd, mask=d_ok, other=0.0)
+            dot = tl.dot(a.to(DOT_DTYPE), tl.trans(b.to(DOT_DTYPE)), dot, input_precision=INPUT_PRECISION)
+
+        if METRIC == 3:  # dot: negative inner product
+            dist = -dot
+        elif METRIC == 2:  # cosine: stats hold inverse norms
+            cand_stat = tl.load(cand_stat_ptr + cols_safe).to(ACC_DTYPE)
+            dist = 1.0 - dot * anchor_stat[:, None] * cand_stat[None, :]
+        else:  # (sq)euclidean: stats hold squared norms
+            cand_stat = tl.load(cand_stat_ptr + cols_safe).to(ACC_DTYPE)
+            dist = tl.maximum(anchor_stat[:, None] + cand_stat[None, :] - 2.0 * dot, 0.0)
+        # `dist` is the selection key of positives: squared distance for euclidean (same order).
+
+        cand_label = tl.load(cand_label_ptr + cols_safe)
+        same_label = anchor_label[:, None] == cand_label[None, :]
+        pos_ok = same_label & col_ok[None, :]
+        if HAS_SELF:
+            pos_ok = pos_ok & (cols[None, :] != rows[:, None] + self_offset)
+        neg_ok = (~same_label) & col_ok[None, :]
+
+        if NEED_TEXT:
+            sim = tl.zeros((BLOCK_M, BLOCK_N), dtype=TEXT_ACC_DTYPE)
+            cand_text_base = cand_text_ptr + cols_safe[:, None] * stride_ctm
+            for t0 in tl.range(0, T, BLOCK_T):
+                ts = t0 + tl.arange(0, BLOCK_T)
+                if EVEN_T:
+                    ta = tl.load(anchor_text_base + ts[None, :] * stride_atd)
+                    tb = tl.load(cand_text_base + ts[None, :] * stride_ctd)
+                else:
+                    t_ok = ts[None, :] < T
+                    ta = tl.load(anchor_text_base + ts[None, :] * stride_atd, mask=t_ok, other=0.0)
+                    tb = tl.load(cand_text_base + ts[None, :] * stride_ctd, mask=t_ok, other=0.0)
+                sim = tl.dot(ta.to(TEXT_DOT_DTYPE), tl.trans(tb.to(TEXT_DOT_DTYPE)), sim,
+                             input_precision=TEXT_INPUT_PRECISION)
+            cand_text_inv = tl.load(cand_text_inv_ptr + cols_safe).to(TEXT_ACC_DTYPE)
+            sim = sim * anchor_text_inv[:, None] * cand_text_inv[None, :]
+            if HAS_THRESHOLD:
+                neg_ok = neg_ok & (sim < text_threshold)
+        if MARGIN_AWARE:
+            margin = (base_margin + margin_scale * 0.5 * (1.0 - sim)).to(ACC_DTYPE)
+            # m - d is not monotone in d^2, so the margin-aware key needs the true distance.
+            if METRIC == 1:
+                neg_key = margin - tl.sqrt(dist)
+            else:
+                neg_key = margin - dist
+        else:
+            # A constant margin: the hardest negative is simply the closest one.
+            neg_key = -dist
+
+        pos_key = tl.where(pos_ok, dist, float("-inf"))
+        tile_pos, tile_pos_at = tl.max(pos_key, axis=1, return_indices=True, return_indices_tie_break_left=True)
+        # Strictly greater: an equal value in a later tile has a higher index and loses the tie.
+        take = tile_pos > best_pos
+        best_pos = tl.where(take, tile_pos, best_pos)
+        best_pos_idx = tl.where(take, n0 + tile_pos_at.to(tl.int32), best_pos_idx)
+
+        neg_key = tl.where(neg_ok, neg_key, float("-inf"))
+        tile_neg, tile_neg_at = tl.max(neg_key, axis=1, return_indices=True, return_indices_tie_break_left=True)
+        take = tile_neg > best_neg
+        best_neg = tl.where(take, tile_neg, best_neg)
+        best_neg_idx = tl.where(take, n0 + tile_neg_at.to(tl.int32), best_neg_idx)
+
+    out_offsets = split.to(tl.int64) * N + rows
+    tl.store(pos_idx_ptr + out_offsets, best_pos_idx.to(pos_idx_ptr.dtype.element_ty), mask=row_ok)
+    tl.store(neg_idx_ptr + out_offsets, best_neg_idx.to(neg_idx_ptr.dtype.element_ty), mask=row_ok)
+    if STORE_VALUES:
+        tl.store(pos_val_ptr + out_offsets, best_pos, mask=row_ok)
+        tl.store(neg_val_ptr + out_offsets, best_neg, mask=row_ok)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    pos_val_ptr, pos_idx_ptr, neg_val_ptr, neg_idx_ptr, pos_out_ptr, neg_out_ptr,
+    N, SPLITS, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    row_ok = rows < N
+    best_pos = tl.full((BLOCK,), float("-inf"), ACC_DTYPE)
+    best_pos_idx = tl.full((BLOCK,), -1, tl.int64)
+    best_neg = tl.full((BLOCK,), float("-inf"), ACC_DTYPE)
+    best_neg_idx = tl.full((BLOCK,), -1, tl.int64)
+    # Splits hold increasing candidate ranges: visiting them in order with a strict comparison
+    # keeps the lowest index among equal values.
+    rows64 = rows.to(tl.int64)
+    for s in tl.range(0, SPLITS):
+        offsets = rows64 + s * N
+        value = tl.load(pos_val_ptr + offsets, mask=row_ok, other=float("-inf"))
+        index = tl.load(pos_idx_ptr + offsets, mask=row_ok, other=-1)
+        take = value > best_pos
+        best_pos = tl.where(take, value, best_pos)
+        best_pos_idx = tl.where(take, index, best_pos_idx)
+        value = tl.load(neg_val_ptr + offsets, mask=row_ok, other=float("-inf"))
+        index = tl.load(neg_idx_ptr + offsets, mask=row_ok, other=-1)
+        take = value > best_neg
+        best_neg = tl.where(take, value, best_neg)
+        best_neg_idx = tl.where(take, index, best_neg_idx)
+    tl.store(pos_out_ptr + rows, best_pos_idx, mask=row_ok)
+    tl.store(neg_out_ptr + rows, best_neg_idx, mask=row_ok)
+
+
+def _gpu_configs() -> list[triton.Config]:
+    shapes = [
+        # (BLOCK_M, BLOCK_N, BLOCK_D, warps, stages)
+        (128, 128, 64, 8, 3),
+        (128, 128, 32, 8, 4),
+        (128, 64, 64, 4, 3),
+        (64, 128, 64, 4, 3),
+        (64, 64, 64, 4, 4),
+    ]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd, "FLATTEN": False}, num_warps=w, num_stages=s)
+        for bm, bn, bd, w, s in shapes
+    ]
+
+
+# The GPU path tunes tile sizes per (anchor-count bucket, D, T, metric, text or not, dtypes); the
+# text tile width and the "no tail mask" flags follow from the chosen tiles.
+def _text_block(args: dict) -> int:
+    return min(args["BLOCK_D"], max(16, triton.next_power_of_2(args["T"])))
+
+
+_mine_hardest_kernel_tuned = triton.autotune(configs=_gpu_configs(), key=["n_bucket", "D", "T", "METRIC", "NEED_TEXT"])(
+    triton.heuristics({
+        "BLOCK_T": _text_block,
+        "EVEN_D": lambda args: args["D"] % args["BLOCK_D"] == 0,
+        "EVEN_T": lambda args: args["T"] % _text_block(args) == 0,
+    })(_mine_hardest_kernel)
+)
+
+
+def _fp32_dot_precision() -> str:
+    """``tl.dot`` input precision for fp32 operands, following PyTorch's matmul setting."""
+    if triton_interpreter_enabled():
+        return "ieee"
+    try:
+        setting = torch.backends.cuda.matmul.fp32_precision
+        if setting in ("tf32", "ieee"):
+            return setting
+    except (AttributeError, RuntimeError):
+        pass
+    try:
+        return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    except RuntimeError:  # mixed legacy/new precision APIs: stay exact
+        return "ieee"
+
+
+def _dot_dtypes(dtype: torch.dtype) -> tuple[tl.dtype, tl.dtype, str]:
+    """(operand dtype for tl.dot, accumulation dtype, input precision) for an input dtype."""
+    if dtype == torch.float64:
+        return tl.float64, tl.float64, "ieee"
+    if dtype in (torch.float16, torch.bfloat16) and not triton_interpreter_enabled():
+        return (tl.float16 if dtype == torch.float16 else tl.bfloat16), tl.float32, "ieee"
+    # The interpreter mishandles bf16 arithmetic, so half inputs are upcast right after loading.
+    if dtype in (torch.float16, torch.bfloat16):
+        return tl.float32, tl.float32, "ieee"
+    return tl.float32, tl.float32, _fp32_dot_precision()
+
+
+def _row_stats(x: torch.Tensor, inverse_norm: bool) -> torch.Tensor:
+    """(R, C) -> (R,) squared norms (or inverse norms) in the accumulation dtype, without an upcast copy."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    out = torch.empty(x.shape[0], dtype=acc, device=x.device)
+    if x.shape[0] == 0:
+        return out
+    block_r = 16 if triton_interpreter_enabled() else 32
+    block_c = 16 if triton_interpreter_enabled() else 128
+    _row_stat_kernel[(triton.cdiv(x.shape[0], block_r),)](
+        x, out, x.shape[0], x.shape[1], x.stride(0), x.stride(1),
+        INVERSE_NORM=inverse_norm, ACC_DTYPE=tl.float64 if acc == torch.float64 else tl.float32,
+        BLOCK_R=block_r, BLOCK_C=block_c,
+    )
+    return out
+
+
+def _is_row_slice(anchors: torch.Tensor, candidates: torch.Tensor, self_offset: int) -> bool:
+    """Whether anchors is exactly candidates[self_offset : self_offset + N] (shared row stats)."""
+    if self_offset < 0 or anchors.shape[0] == 0 or anchors.stride() != candidates.stride():
+        return False
+    if anchors.untyped_storage().data_ptr() != candidates.untyped_storage().data_ptr():
+        return False
+    return anchors.data_ptr() == candidates.data_ptr() + self_offset * candidates.stride(0) * candidates.element_size()
+
+
+def _validate(anchors, candidates, anchor_labels, candidate_labels, anchor_text, candidate_text, metric,
+              base_margin, margin_scale, text_positive_threshold, self_offset) -> None:
+    check_float_tensor(anchors, "anchors", ndim=2)
+    check_float_tensor(candidates, "candidates", ndim=2)
+    check_same_device_dtype(anchors, "anchors", candidates, "candidates")
+    if anchors.shape[1] != candidates.shape[1]:
+        raise ValueError(
+            f"anchors and candidates must have the same embedding size, got {anchors.shape[1]} and {candidates.shape[1]}"
+        )
+    check_labels(anchor_labels, "anchor_labels", anchors.shape[0])
+    check_labels(candidate_labels, "candidate_labels", candidates.shape[0])
+    for labels, name in ((anchor_labels, "anchor_labels"), (candidate_labels, "candidate_labels")):
+        if labels.device != anchors.device:
+            raise ValueError(f"{name} must be on {anchors.device} like anchors, got {labels.device}")
+    check_choice(metric, "metric", METRICS)
+    if (anchor_text is None) != (candidate_text is None):
+        raise ValueError("anchor_text and candidate_text must both be given or both be None")
+    if anchor_text is not None:
+        check_float_tensor(anchor_text, "anchor_text", ndim=2)
+        check_float_tensor(candidate_text, "candidate_text", ndim=2)
+        check_same_device_dtype(anchor_text, "anchor_text", candidate_text, "candidate_text")
+        if anchor_text.device != anchors.device:
+            raise ValueError(f"anchor_text must be on {anchors.device} like anchors, got {anchor_text.device}")
+        if anchor_text.shape[0] != anchors.shape[0]:
+            raise ValueError(f"anchor_text must have {anchors.shape[0]} rows (one per anchor), got {anchor_text.shape[0]}")
+        if candidate_text.shape[0] != candidates.shape[0]:
+            raise ValueError(
+                f"candidate_text must have {candidates.shape[0]} rows (one per candidate), got {candidate_text.shape[0]}"
+            )
+        if anchor_text.shape[1] != candidate_text.shape[1]:
+            raise ValueError(
+                f"anchor_text and candidate_text must have the same width, got {anchor_text.shape[1]} and {candidate_text.shape[1]}"
+            )
+    numbers = [(base_margin, "base_margin"), (margin_scale, "margin_scale")]
+    if text_positive_threshold is not None:
+        numbers.append((text_positive_threshold, "text_positive_threshold"))
+    for value, name in numbers:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be finite, got {value!r}")
+    if not isinstance(self_offset, int) or isinstance(self_offset, bool):
+        raise TypeError(f"self_offset must be an int, got {type(self_offset).__name__}")
+    if self_offset < -1 or (self_offset >= 0 and self_offset + anchors.shape[0] > candidates.shape[0]):
+        raise ValueError(
+            f"self_offset must be -1 or an offset with self_offset + N <= M (N={anchors.shape[0]}, "
+            f"M={candidates.shape[0]}), got {self_offset}"
+        )
+    if anchors.device.type != "cuda" and not (anchors.device.type == "cpu" and triton_interpreter_enabled()):
+        raise ValueError(
+            f"anchors must be a CUDA tensor for the Triton kernel (CPU only with TRITON_INTERPRET=1), got {anchors.device}"
+        )
+
+
+def _new_workspace(splits: int, n: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(splits, N) per-split best values and indices of positives and negatives."""
+    return (
+        torch.empty(splits, n, dtype=dtype, device=device),
+        torch.empty(splits, n, dtype=torch.int32, device=device),
+        torch.empty(splits, n, dtype=dtype, device=device),
+        torch.empty(splits, n, dtype=torch.int32, device=device),
+    )
+
+
+def _default_candidates_per_split(n: int, m: int, device: torch.device) -> int:
+    """Candidates per program so that the grid has a few waves of programs on the device."""
+    if device.type != "cuda":  # the interpreter runs programs one after another: no need to split
+        return max(m, 1)
+    sm_count = torch.cuda.get_device_properties(device).multi_processor_count
+    row_blocks = triton.cdiv(n, 128)
+    splits = max(1, triton.cdiv(4 * sm_count, row_blocks))
+    per_split = max(_MIN_CANDIDATES_PER_SPLIT, triton.cdiv(m, splits))
+    return triton.cdiv(per_split, _SPLIT_GRANULE) * _SPLIT_GRANULE
+
+
+def mine_hardest_triton_tiled(
+    anchors: torch.Tensor,
+    candidates: torch.Tensor,
+    anchor_labels: torch.Tensor,
+    candidate_labels: torch.Tensor,
+    anchor_text: torch.Tensor | None,
+    candidate_text: torch.Tensor | None,
+    *,
+    metric: str,
+    base_margin: float,
+    margin_scale: float,
+    text_positive_threshold: float | None,
+    self_offset: int,
+    tiles: TileConfig | None = None,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`mine_hardest_triton` with explicit tiles (``tiles=None``: autotuned on a GPU, small
+    fixed tiles under the interpreter) and optional preallocated ``out`` = (positive_idx,
+    negative_idx), each (N,) int64, which the kernels overwrite entirely. For tests and
+    benchmarks; the other arguments as there."""
+    _validate(anchors, candidates, anchor_labels, candidate_labels, anchor_text, candidate_text, metric,
+              base_margin, margin_scale, text_positive_threshold, self_offset)
+    n, m = anchors.shape[0], candidates.shape[0]
+    device = anchors.device
+    if out is None:
+        positive_idx = torch.empty(n, dtype=torch.int64, device=device)
+        negative_idx = torch.empty(n, dtype=torch.int64, device=device)
+    else:
+        positive_idx, negative_idx = out
+        for buf, name in ((positive_idx, "out[0]"), (negative_idx, "out[1]")):
+            if buf.shape != (n,) or buf.dtype != torch.int64 or buf.device != device or not buf.is_contiguous():
+                raise ValueError(f"{name} must be a contiguous ({n},) int64 tensor on {device}")
+    if n == 0 or m == 0:
+        positive_idx.fill_(-1)
+        negative_idx.fill_(-1)
+        return positive_idx, negative_idx
+    if tiles is None and triton_interpreter_enabled():
+        tiles = _INTERPRETER_CONFIG
+    elif tiles is None and anchors.dtype == torch.float64:
+        # fp64 is a correctness path: small fixed tiles fit fp64 operands in shared memory.
+        tiles = _FP64_CONFIG
+
+    d = anchors.shape[1]
+    # The kernel indexes labels as dense vectors.
+    anchor_labels = anchor_labels.contiguous()
+    candidate_labels = candidate_labels.contiguous()
+    has_text = anchor_text is not None
+    has_threshold = has_text and text_positive_threshold is not None
+    margin_aware = has_text and margin_scale != 0.0
+    # Text that neither changes a margin nor excludes a negative is never read.
+    need_text = margin_aware or has_threshold
+    t = anchor_text.shape[1] if need_text else 0
+    metric_code = _METRIC_CODES[metric]
+    dot_dtype, acc_dtype, precision = _dot_dtypes(anchors.dtype)
+    acc_torch = torch.float64 if acc_dtype == tl.float64 else torch.float32
+
+    if metric_code == 3:
+        cand_stat = anchor_stat = torch.empty(1, dtype=acc_torch, device=device)  # unused by the kernel
+    else:
+        cand_stat = _row_stats(candidates, inverse_norm=metric_code == 2)
+        if _is_row_slice(anchors, candidates, self_offset):
+            anchor_stat = cand_stat[self_offset:self_offset + n]
+        else:
+            anchor_stat = _row_stats(anchors, inverse_norm=metric_code == 2)
+    if need_text:
+        text_dot_dtype, text_acc_dtype, text_precision = _dot_dtypes(anchor_text.dtype)
+        cand_text_inv = _row_stats(candidate_text, inverse_norm=True)
+        if _is_row_slice(anchor_text, candidate_text, self_offset):
+            anchor_text_inv = cand_text_inv[self_offset:self_offset + n]
+        else:
+            anchor_text_inv = _row_stats(anchor_text, inverse_norm=True)
+        text_args = (anchor_text, candidate_text, anchor_text_inv, cand_text_inv)
+        text_strides = (anchor_text.stride(0), anchor_text.stride(1), candidate_text.stride(0), candidate_text.stride(1))
+    else:
+        text_dot_dtype, text_acc_dtype, text_precision = tl.float32, tl.float32, "ieee"
+        text_args = (anchors, candidates, anchor_stat, cand_stat)  # placeholders, never read
+        text_strides = (0, 0, 0, 0)
+
+    if tiles is not None and tiles.candidates_per_split is not None:
+        per_split = min(max(1, tiles.candidates_per_split), m)
+    else:
+        per_split = _default_candidates_per_split(n, m, device)
+    splits = triton.cdiv(m, per_split)
+    if splits == 1:
+        pos_val = neg_val = torch.empty(1, dtype=acc_torch, device=device)  # not stored
+        pos_part, neg_part = positive_idx, negative_idx
+    else:
+        pos_val, pos_part, neg_val, neg_part = _new_workspace(splits, n, acc_torch, device)
+
+    args = (
+        anchors, candidates, anchor_stat, cand_stat,
+        anchor_labels, candidate_labels,
+        *text_args,
+        pos_val, pos_part, neg_val, neg_part,
+        n, m, d, t,
+        anchors.stride(0), anchors.stride(1), candidates.stride(0), candidates.stride(1),
+        *text_strides,
+        self_offset, per_split,
+        float(base_margin), float(margin_scale),
+        float(text_positive_threshold) if has_threshold else 0.0,
+        triton.next_power_of_2(n) if tiles is None else 0,
+    )
+    flags = dict(
+        METRIC=metric_code, HAS_SELF=self_offset >= 0, NEED_TEXT=need_text, MARGIN_AWARE=margin_aware,
+        HAS_THRESHOLD=has_threshold,
+        STORE_VALUES=splits > 1,
+        DOT_DTYPE=dot_dtype, ACC_DTYPE=acc_dtype, INPUT_PRECISION=precision,
+        TEXT_DOT_DTYPE=text_dot_dtype, TEXT_ACC_DTYPE=text_acc_dtype, TEXT_INPUT_PRECISION=text_precision,
+    )
+    if tiles is None:
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), splits)  # noqa: E731
+        _mine_hardest_kernel_tuned[grid](*args, **flags)
+    else:
+        block_t = tiles.block_t
+        _mine_hardest_kernel[(triton.cdiv(n, tiles.block_m), splits)](
+            *args, **flags,
+            EVEN_D=d % tiles.block_d == 0, EVEN_T=t % block_t == 0,
+            # Flattening an empty inner loop has been miscompiled (triton-lang/triton#11656).
+            FLATTEN=tiles.flatten and d > 0 and (t > 0 or not need_text),
+            BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_D=tiles.block_d, BLOCK_T=block_t,
+            num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        )
+    if splits > 1:
+        block = 128
+        _merge_splits_kernel[(triton.cdiv(n, block),)](
+            pos_val, pos_part, neg_val, neg_part, positive_idx, negative_idx, n, splits,
+            ACC_DTYPE=acc_dtype, BLOCK=block,
+        )
+    return positive_idx, negative_idx
+
+
+def mine_hardest_triton(
+    anchors: torch.Tensor,
+    candidates: torch.Tensor,
+    anchor_labels: torch.Tensor,
+    candidate_labels: torch.Tensor,
+    anchor_text: torch.Tensor | None,
+    candidate_text: torch.Tensor | None,
+    *,
+    metric: str,
+    base_margin: float,
+    margin_scale: float,
+    text_positive_threshold: float | None,
+    self_offset: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hardest positive and hardest (margin-aware) negative per anchor, fused in one Triton pass.
+
+    Args:
+        anchors: (N, D) fp16/bf16/fp32/fp64 CUDA tensor (CPU under ``TRITON_INTERPRET=1``), any strides.
+        candidates: (M, D), same dtype and device.
+        anchor_labels: (N,) integer labels; candidate_labels: (M,).
+        anchor_text: (N, T) float text embeddings of the anchors (ATL), or None.
+        candidate_text: (M, T), same dtype as anchor_text, or None.
+        metric: ``"euclidean"``, ``"sqeuclidean"``, ``"cosine"`` or ``"dot"``.
+        base_margin: m0 of the margin m(i, j) = m0 + s * (1 - cos(t_i, t_j)) / 2.
+        margin_scale: s (ignored without text).
+        text_positive_threshold: candidates of another label with text cosine >= this are never
+            negatives; None = off (ignored without text).
+        self_offset: anchor i is candidate ``self_offset + i`` (excluded from its positives);
+            -1 when the anchors are not among the candidates.
+
+    Returns:
+        (positive_idx, negative_idx), each (N,) int64 candidate indices, -1 where an anchor has
+        no valid positive / negative. Ties go to the lowest index. Distances accumulate in fp32
+        (fp64 for fp64 inputs); fp32 operands use TF32 only when PyTorch's fp32 matmul
+        precision allows it.
+
+    Example:
+        >>> x = torch.randn(8192, 512, device="cuda", dtype=torch.bfloat16)
+        >>> y = torch.randint(0, 1000, (8192,), device="cuda")
+        >>> pos, neg = mine_hardest_triton(x, x, y, y, None, None, metric="euclidean",
+        ...     base_margin=0.2, margin_scale=0.0, text_positive_threshold=None, self_offset=0)
+    """
+    return mine_hardest_triton_tiled(
+        anchors, candidates, anchor_labels, candidate_labels, anchor_text, candidate_text,
+        metric=metric, base_margin=base_margin, margin_scale=margin_scale,
+        text_positive_threshold=text_positive_threshold, self_offset=self_offset,
+    )
