@@ -149,7 +149,9 @@ def run_one(args: argparse.Namespace, method: str, loss: str, n: int, dtype_name
     """Measures one configuration in this process and returns its CSV row."""
     device = torch.device(args.device)
     dtype = DTYPES[dtype_name]
-    row = {"method": method, "loss": "-" if method == "floor" else loss, "n": n, "d": args.dim, "dtype": dtype_name, "per_class": args.per_class}
+    # The load average says how shared the machine was: CPU timings on a busy host are inflated.
+    row = {"timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"), "load_avg_1min": round(os.getloadavg()[0], 2),
+           "method": method, "loss": "-" if method == "floor" else loss, "n": n, "d": args.dim, "dtype": dtype_name, "per_class": args.per_class}
     kwargs = dict(warmup=args.warmup, repeat=args.repeat, max_seconds=args.max_seconds)
     try:
         if method == "floor":
@@ -193,6 +195,7 @@ def run_fresh(args: argparse.Namespace, method: str, loss: str, n: int, dtype_na
         sys.executable, __file__, "--child", "--device", args.device, "--dim", str(args.dim),
         "--per-class", str(args.per_class), "--text-dim", str(args.text_dim), "--margin", str(args.margin),
         "--warmup", str(args.warmup), "--repeat", str(args.repeat), "--max-seconds", str(args.max_seconds),
+        *(["--threads", str(args.threads)] if args.threads else []),
         "--methods", method, "--losses", "batch_hard" if method == "floor" else loss, "--sizes", str(n),
         "--dtypes", dtype_name,
     ]
@@ -221,11 +224,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--max-seconds", type=float, default=30.0, help="stop repeating after this long (>= 3 runs)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--fresh-process", action="store_true", help="one subprocess per configuration (CPU memory)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="per-subprocess limit, seconds")
     parser.add_argument("--csv", default=None, help="append rows here (with device, versions, commit)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     if args.child:
         row = run_one(args, args.methods[0], args.losses[0], args.sizes[0], args.dtypes[0])

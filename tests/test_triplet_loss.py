@@ -23,6 +23,7 @@ from torchfg import functional as TF
 from torchfg.backends import BackendUnavailableError
 from torchfg.losses import AdaptiveTripletLoss, TripletMarginLoss
 from torchfg.ops.triplet import (
+    anchor_pair_distances,
     implemented_backends,
     mine_all_triplets,
     mine_hardest,
@@ -201,6 +202,78 @@ def test_reference_clamped_zero_distances_tie_to_lowest_index():
         assert neg[0].item() == 1  # 1, 2, 4 are all at distance 0: lowest wins
         assert pos[1].item() == 2 and pos[2].item() == 1  # the positives of 1 at distance 0: 2 before 4
         assert neg[5].item() == 1
+
+
+def _rounding_below_zero_case() -> tuple[float, float] | None:
+    """(x, e) with e = ulp(x) in fp32 such that this BLAS's fast path gives a negative squared
+    distance between x + e and x (D = 1) while giving exactly 0 between x and x."""
+    for x in (3000.0, 3001.0, 5000.0, 6001.0, 1234.5, 777.25):
+        e = torch.tensor(x).nextafter(torch.tensor(1e9)).item() - x
+        for k in (1, 2, 3, 5):
+            a, c = torch.tensor([[x]]), torch.tensor([[x + k * e], [x]])
+            v = torch.addmm(torch.linalg.vecdot(c, c), a, c.T, alpha=-2.0) + torch.linalg.vecdot(a, a)[:, None]
+            if v[0, 0] < 0 and v[0, 1] == 0:
+                return x, k * e
+    return None
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_reference_clamps_rounded_squared_distances_like_the_contract(sparse):
+    # The fast path rounds |a|^2 + |b|^2 - 2 a.b below 0 for b = x + e but not for b = x. Both clamp
+    # to 0, so the contract's tie rule picks the lowest index; an unclamped arg-reduction would
+    # pick the other one (the exact distances agree with the contract here).
+    case = _rounding_below_zero_case()
+    if case is None:
+        pytest.skip("this BLAS does not round the probe below zero")
+    x, e = case
+    anchors = torch.tensor([[x]])
+    candidates = torch.tensor([[x + e], [x], [x], [x + e]])
+    pos, neg = mine_hardest_reference(anchors, candidates, torch.tensor([0]), torch.tensor([0, 0, 1, 1]), None, None,
+                                      metric="euclidean", base_margin=0.0, margin_scale=0.0,
+                                      text_positive_threshold=None, self_offset=-1, sparse_positives=sparse,
+                                      chunk_rows=1)
+    assert pos.item() == 0 and neg.item() == 2
+
+
+@st.composite
+def labelled_integer_batches(draw):
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    n = draw(st.integers(1, 20))
+    extra = draw(st.integers(0, 6))
+    m = n + extra
+    offset = draw(st.sampled_from([-1, 0, extra]))
+    candidates = torch.randint(-2, 3, (m, draw(st.integers(1, 5))), generator=gen).double()
+    cl = torch.randint(0, draw(st.integers(1, 5)), (m,), generator=gen)
+    if offset >= 0:
+        anchors, al = candidates[offset : offset + n], cl[offset : offset + n]
+    else:
+        anchors = torch.randint(-2, 3, (n, candidates.shape[1]), generator=gen).double()
+        al = torch.randint(0, 5, (n,), generator=gen)
+    return anchors, candidates, al, cl, offset
+
+
+@given(batch=labelled_integer_batches(), metric=st.sampled_from(["euclidean", "sqeuclidean", "dot"]))
+def test_semi_hard_and_all_mining_equal_brute_force(batch, metric):
+    anchors, candidates, al, cl, offset = batch
+    dist = exact_distances(anchors, candidates, metric).tolist()
+    expected_semi, expected_all = [], []
+    for i in range(anchors.shape[0]):
+        positives = [j for j in range(candidates.shape[0]) if cl[j] == al[i] and (offset < 0 or j != offset + i)]
+        negatives = [j for j in range(candidates.shape[0]) if cl[j] != al[i]]
+        for j in positives:
+            expected_all += [(i, j, k) for k in negatives]
+            if not negatives:
+                continue
+            farther = [k for k in negatives if dist[i][k] > dist[i][j]]
+            if farther:
+                k = min(farther, key=lambda k: (dist[i][k], k))
+            else:
+                k = min(negatives, key=lambda k: (-dist[i][k], k))
+            expected_semi.append((i, j, k))
+    semi = mine_semi_hard(anchors, candidates, al, cl, metric=metric, self_offset=offset)
+    assert list(zip(*(t.tolist() for t in semi))) == expected_semi
+    every = mine_all_triplets(al, cl, self_offset=offset)
+    assert list(zip(*(t.tolist() for t in every))) == expected_all
 
 
 def test_mine_hardest_example_and_validation():
@@ -483,23 +556,37 @@ def test_atl_margin_aware_negative_equals_brute_force_loop(batch, margin_scale, 
                                  margin_scale=margin_scale, text_positive_threshold=threshold)
     dist = exact_distances(x, x, metric)
     cos = cosine_matrix(text, text)
-    expected = {}
+    chosen = {i: (pj, nj) for i, pj, nj in zip(a.tolist(), p.tolist(), neg.tolist())}
+    has_triplet = []
     for i in range(n):
         positives = [j for j in range(n) if j != i and labels[j] == labels[i]]
         negatives = [j for j in range(n) if labels[j] != labels[i] and (threshold is None or cos[i, j] < threshold)]
-        if positives and negatives:
-            scores = [base + margin_scale * (1 - float(cos[i, j])) / 2 - float(dist[i, j]) for j in negatives]
-            expected[i] = (max(positives, key=lambda j: (float(dist[i, j]), -j)), negatives[scores.index(max(scores))])
-    assert {i: (pj, nj) for i, pj, nj in zip(a.tolist(), p.tolist(), neg.tolist())} == expected
+        if not (positives and negatives):
+            continue
+        has_triplet.append(i)
+        pj, nj = chosen[i]
+        scores = {j: base + margin_scale * (1 - float(cos[i, j])) / 2 - float(dist[i, j]) for j in negatives}
+        best_negative = max(negatives, key=lambda j: (scores[j], -j))
+        # Exact choice, except on near-ties that fp64 rounding may order either way.
+        assert nj == best_negative or (nj in scores and scores[best_negative] - scores[nj] < 1e-12)
+        assert pj in positives and float(dist[i, pj]) > max(float(dist[i, j]) for j in positives) - 1e-12
+    assert sorted(chosen) == has_triplet
     # The loss uses that negative and its margin.
     x1 = x.clone().requires_grad_(True)
     loss = TF.adaptive_triplet_loss(x1, labels, text, base_margin=base, margin_scale=margin_scale, metric=metric,
                                     text_positive_threshold=threshold, reduction="none")
     manual = torch.zeros(n, dtype=torch.float64)
-    for i, (pj, nj) in expected.items():
+    for i, (pj, nj) in chosen.items():
         m = base + margin_scale * (1 - cos[i, nj]) / 2
         manual[i] = max(float(dist[i, pj] - dist[i, nj] + m), 0.0)
     torch.testing.assert_close(loss.detach(), manual)
+
+
+def test_atl_loss_dtype_follows_embeddings_not_text():
+    x = torch.randn(12, 5, requires_grad=True)
+    labels = torch.arange(12) // 3
+    loss = TF.adaptive_triplet_loss(x, labels, torch.randn(12, 4, dtype=torch.float64), reduction="none")
+    assert loss.dtype == torch.float32
 
 
 def test_atl_margin_grows_with_text_distance():
@@ -576,6 +663,61 @@ def test_pair_distances_gradcheck(metric):
     torch.testing.assert_close(pair_distances(x, xi, yi, y, metric=metric), expected)
 
 
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("separate_y", [False, True])
+def test_anchor_pair_distances_gradcheck_and_chunks(metric, separate_y, monkeypatch):
+    import torchfg.ops.triplet.reference as reference
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(11, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(8, 5, generator=g, dtype=torch.float64, requires_grad=True) if separate_y else None
+    idx = torch.randint(0, 8 if separate_y else 11, (11, 3), generator=g)
+    if not separate_y:
+        idx[0, 0] = 0  # a zero distance: euclidean gradient 0 there, not NaN
+    expected = exact_distances(x, x if y is None else y, metric).gather(1, idx)
+    whole = anchor_pair_distances(x, idx, y, metric=metric)
+    torch.testing.assert_close(whole, expected)
+    inputs = (x,) if y is None else (x, y)
+    grads = torch.autograd.grad(whole.square().sum(), inputs)
+    monkeypatch.setattr(reference, "ANCHORED_CHUNK_ELEMENTS", 2 * 3 * 5)  # 2 anchors per chunk
+    chunked = anchor_pair_distances(x, idx, y, metric=metric)
+    torch.testing.assert_close(chunked, whole)
+    for a, b in zip(torch.autograd.grad(chunked.square().sum(), inputs), grads):
+        torch.testing.assert_close(a, b)
+    if not separate_y:
+        idx[0, 0] = 1  # gradcheck away from the non-differentiable zero distance
+    assert torch.autograd.gradcheck(lambda *t: anchor_pair_distances(t[0], idx, t[1] if len(t) > 1 else None,
+                                                                    metric=metric), inputs)
+
+
+def test_pair_distances_chunks_match_whole(monkeypatch):
+    import torchfg.ops.triplet.reference as reference
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(9, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    xi, yi = torch.randint(0, 9, (17,), generator=g), torch.randint(0, 9, (17,), generator=g)
+    whole = pair_distances(x, xi, yi)
+    (grad,) = torch.autograd.grad(whole.sum(), x)
+    monkeypatch.setattr(reference, "PAIR_CHUNK_ELEMENTS", 3 * 4)
+    chunked = pair_distances(x, xi, yi)
+    torch.testing.assert_close(chunked, whole)
+    torch.testing.assert_close(torch.autograd.grad(chunked.sum(), x)[0], grad)
+
+
+def test_mining_chunk_size_does_not_change_the_result(monkeypatch):
+    import torchfg.ops.triplet.reference as reference
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(70, 6, generator=g)
+    labels = torch.randint(0, 9, (70,), generator=g)
+    text = torch.randn(70, 3, generator=g)
+    expected = [TF.mine_triplets(x, labels), TF.mine_triplets(x, labels, text_embeddings=text)]
+    monkeypatch.setattr(reference, "MAX_CHUNK_ROWS", 7)  # 10 chunks of anchors
+    got = [TF.mine_triplets(x, labels), TF.mine_triplets(x, labels, text_embeddings=text)]
+    for e, o in zip(expected, got):
+        assert all(torch.equal(a, b) for a, b in zip(e, o))
+
+
 def test_modules_match_functional():
     g = torch.Generator().manual_seed(9)
     x = torch.randn(20, 8, generator=g)
@@ -629,6 +771,8 @@ BAD_CALLS = [
     (lambda x, y: TF.triplet_margin_loss(x, y, ref_embeddings=x.double(), ref_labels=y), TypeError, "ref_embeddings"),
     (lambda x, y: TF.triplet_margin_loss(x, y, ref_embeddings=x[:, :2], ref_labels=y), ValueError, "ref_embeddings"),
     (lambda x, y: TF.triplet_margin_loss(x, y, backend="gpu"), ValueError, "backend"),
+    (lambda x, y: TF.triplet_margin_loss(x, y, mining="semi_hard", backend="gpu"), ValueError, "backend"),
+    (lambda x, y: TF.adaptive_triplet_loss(x, y, x, backend=None), ValueError, "backend"),
     (lambda x, y: TF.triplet_margin_loss(x[:, :0], y), ValueError, "embeddings"),
     (lambda x, y: TF.adaptive_triplet_loss(x, y, x[:-1]), ValueError, "text_embeddings"),
     (lambda x, y: TF.adaptive_triplet_loss(x, y, x, margin_scale=-1), ValueError, "margin_scale"),

@@ -5,7 +5,8 @@ Building blocks (losses, miners, heads, layers, metrics, samplers) over fused GP
 
 from torchfg._version import __version__
 from torchfg.ops.pairwise import pairwise_distance
+from torchfg.ops.knn import knn
 
 from torchfg import backends, functional  # noqa: E402  (order: ops first)
 
-__all__ = ["__version__", "pairwise_distance", "backends", "functional"]
+__all__ = ["__version__", "pairwise_distance", "knn", "backends", "functional"]

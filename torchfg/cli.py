@@ -1,4 +1,4 @@
-"""The ``torchfg`` command: ``torchfg info`` and ``torchfg bench``."""
+"""The ``torchfg`` command: ``torchfg info``, ``torchfg bench`` and ``torchfg demo``."""
 
 from __future__ import annotations
 
@@ -50,6 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Time every torchfg backend of each op against the baselines.")
     bench_cli.add_arguments(bench)
     bench.set_defaults(func=bench_cli.run)
+    from torchfg.demo import cli as demo_cli
+
+    demo = sub.add_parser("demo", help="train and evaluate each method on the embedded synthetic dataset",
+                          description="Three small experiments on SyntheticProducts: semantic attention, "
+                                      "ATL vs triplet retrieval, few-shot with DINO. Prints a table and "
+                                      "writes results.json and demo.png.")
+    demo_cli.add_arguments(demo)
+    demo.set_defaults(func=demo_cli.run)
     return parser
 
 

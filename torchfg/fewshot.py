@@ -220,9 +220,14 @@ def evaluate(
         ``{shot: (mean_accuracy, ci95)}``, fractions in [0, 1].
 
     Example:
-        >>> results = evaluate(model, test_set, n_way=5, n_shot=(1, 5), device="cuda")
+        >>> centres = torch.randn(20, 32) * 4                     # 20 well-separated classes
+        >>> labels = torch.arange(20).repeat_interleave(25)
+        >>> features = centres[labels] + torch.randn(500, 32)
+        >>> model = torch.nn.Identity()                            # any embedder
+        >>> results = evaluate(model, (features, labels), n_way=5, n_shot=(1, 5), n_episodes=50,
+        ...                    progress=False)
         >>> for shot, (mean, ci95) in results.items():
-        ...     print(f"5-way {shot}-shot: {100 * mean:.2f} +- {100 * ci95:.2f}")
+        ...     assert 0.9 < mean <= 1.0 and ci95 >= 0
     """
     n_way = _check_int(n_way, "n_way", 1)
     n_query = _check_int(n_query, "n_query", 1)

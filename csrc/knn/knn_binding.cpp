@@ -3,6 +3,14 @@
 // Registered under its own namespace (torchfg_cuda) so that it never clashes with the Python
 // custom ops of the torchfg:: namespace; torchfg/ops/knn/cuda.py calls it and registers the
 // fake (meta) implementation.
+//
+// JIT builds (torch.utils.cpp_extension.load, is_python_module=False) load the library for its
+// registrations alone. Ahead-of-time builds define TORCHFG_AOT_MODULE and become the importable
+// module torchfg._C_cuda (see PyInit__C_cuda at the end).
+#ifdef TORCHFG_AOT_MODULE
+#include <Python.h>
+#endif
+
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -89,3 +97,12 @@ TORCH_LIBRARY(torchfg_cuda, m) {
 TORCH_LIBRARY_IMPL(torchfg_cuda, CUDA, m) {
     m.impl("knn", &knn_cuda);
 }
+
+#ifdef TORCHFG_AOT_MODULE
+// Importing torchfg._C_cuda loads this library, which runs the registrations above.
+PyMODINIT_FUNC PyInit__C_cuda(void) {
+    static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C_cuda", "torchfg CUDA kernels: torch.ops.torchfg_cuda", -1,
+                                 nullptr, nullptr, nullptr, nullptr, nullptr};
+    return PyModule_Create(&module);
+}
+#endif

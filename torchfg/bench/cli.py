@@ -45,6 +45,26 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``torchfg bench``."""
     parser.add_argument("--ops", type=_ops, default=list(OP_NAMES),
@@ -55,8 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", help="bf16, fp16, fp32, fp64 or auto (bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--repeat", type=_positive_int, default=10, help="timed runs per measurement (default 10)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 2 on CUDA, 1 on CPU)")
-    parser.add_argument("--max-seconds", type=float, default=5.0,
+    parser.add_argument("--warmup", type=_non_negative_int, default=None, help="untimed runs first (default 2 on CUDA, 1 on CPU)")
+    parser.add_argument("--max-seconds", type=_positive_float, default=5.0,
                         help="time budget of one measurement's timed runs; at least 3 runs (default 5)")
     parser.add_argument("--csv", default=None, metavar="PATH", help="append one row per measurement to this CSV")
     parser.add_argument("--plot", default=None, metavar="PATH", help="write time-vs-N and memory-vs-N charts to this PNG")
@@ -71,7 +91,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``torchfg bench`` with parsed arguments; returns the exit status."""
-    from torchfg.bench.report import MATPLOTLIB_MISSING, format_table, matplotlib_available, plot_results, write_csv
+    from torchfg.bench.report import MATPLOTLIB_MISSING, format_table, is_csv_row, matplotlib_available, plot_results
+    from torchfg.utils.benchmark import append_csv
 
     if args.plot and not matplotlib_available():
         # Fail before spending minutes measuring.
@@ -89,6 +110,14 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if device.type == "cpu":
         print("torchfg bench: no CUDA device in use: timing the CPU paths; GPU kernels are skipped.", file=sys.stderr)
+    written = []
+
+    def save(result) -> None:
+        # Row by row, so that a long run that is interrupted keeps what it measured.
+        if args.csv and is_csv_row(result):
+            append_csv(args.csv, [result.csv_row()])
+            written.append(result)
+
     results = run_benchmarks(
         args.ops,
         sizes=args.sizes,
@@ -102,11 +131,11 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.no_progress,
         extra_fields={"note": args.note} if args.note else None,
+        on_result=save,
     )
     print(format_table(results))
     if args.csv:
-        count = write_csv(args.csv, results)
-        print(f"\n{count} rows appended to {args.csv}")
+        print(f"\n{len(written)} rows appended to {args.csv}")
     if args.plot:
         try:
             path = plot_results(results, args.plot)

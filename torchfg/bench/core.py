@@ -310,10 +310,41 @@ def measure_case(
             torch.cuda.empty_cache()
 
 
+def measure_floor(
+    op: OpBench, problem: Problem, *, warmup: int, repeat: int, max_seconds: float | None
+) -> float | None:
+    """Median time (ms) of the op's floor at ``problem``'s size and dtype; None if it cannot run."""
+    try:
+        if op.floor is not None:
+            fn = op.floor(problem)[1]
+            return measure(fn, device=problem.device, warmup=warmup, repeat=repeat, max_seconds=max_seconds).median_ms
+        n, m, d = op.floor_shape(problem) if op.floor_shape else (problem.n, problem.m, problem.d)
+        return matmul_floor(
+            n, d, problem.dtype, problem.device, m=m, warmup=warmup, repeat=repeat, max_seconds=max_seconds
+        ).median_ms
+    except (RuntimeError, MemoryError):
+        return None
+    finally:
+        if problem.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def measure_case_and_floor(
+    op: OpBench, case: Case, problem: Problem, *, warmup: int, repeat: int, max_seconds: float | None
+) -> tuple[Measurement, float | None]:
+    """:func:`measure_case`, then the floor right after it in the same process.
+
+    The floor is timed next to every case rather than once per size: on a shared machine the
+    load drifts, and the ratio of two times taken minutes apart would measure the drift.
+    """
+    measurement = measure_case(op, case, problem, warmup=warmup, repeat=repeat, max_seconds=max_seconds)
+    return measurement, measure_floor(op, problem, warmup=warmup, repeat=repeat, max_seconds=max_seconds)
+
+
 def _measure_isolated(
     op: OpBench, case: Case, problem: Problem, *, warmup: int, repeat: int, max_seconds: float | None
-) -> Measurement:
-    """:func:`measure_case` in a fresh Python process (CPU peak-RSS figures need a fresh process)."""
+) -> tuple[Measurement, float | None]:
+    """:func:`measure_case_and_floor` in a fresh Python process (CPU peak-RSS figures need one)."""
     request = {
         "op": op.name,
         "case": case.name,
@@ -339,7 +370,7 @@ def _measure_isolated(
     reply = json.loads(lines[-1])
     if "error" in reply:
         raise RuntimeError(reply["error"])
-    return Measurement(**reply["measurement"])
+    return Measurement(**reply["measurement"]), reply.get("floor_ms")
 
 
 def _gpu_or_unavailable_skip(case: Case, device: torch.device, dtype: torch.dtype) -> str | None:
@@ -408,6 +439,13 @@ def run_benchmarks(
         raise ValueError(f"dim must be >= 1, got {dim}")
     if warmup is None:
         warmup = 2 if device.type == "cuda" else 1
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}")
+    if max_seconds is not None and not max_seconds > 0:
+        raise ValueError(f"max_seconds must be > 0 or None, got {max_seconds}")
+    unknown = [name for name in ops if name not in OP_NAMES]
+    if unknown:
+        raise ValueError(f"ops must be among {OP_NAMES}, got {unknown}")
     env = {**environment_fields(device), **(extra_fields or {})}
 
     plan: list[tuple[OpBench, Problem | None, Case | None, str]] = []
@@ -430,7 +468,6 @@ def run_benchmarks(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(plan), desc="torchfg bench", unit="case", file=sys.stderr, leave=False)
-    floors: dict[tuple, tuple[str, float | None]] = {}
     try:
         for op, problem, case, skip in plan:
             if problem is None or case is None:
@@ -438,7 +475,7 @@ def run_benchmarks(
             else:
                 if bar is not None:
                     bar.set_postfix_str(f"{op.name} N={problem.n} {case.name}")
-                result = _run_one(op, problem, case, floors, env, repeat, warmup, max_seconds, isolate)
+                result = _run_one(op, problem, case, env, repeat, warmup, max_seconds, isolate)
             results.append(result)
             if on_result is not None:
                 on_result(result)
@@ -450,34 +487,10 @@ def run_benchmarks(
     return results
 
 
-def _floor(
-    op: OpBench, problem: Problem, floors: dict, repeat: int, warmup: int, max_seconds: float | None
-) -> tuple[str, float | None]:
-    label = op.floor_label(problem)
-    # A custom floor depends on the whole problem; the GEMM floor only on its label's shape.
-    size = (op.name, problem.n, problem.m, problem.d, tuple(sorted(problem.extra.items()))) if op.floor else ()
-    key = (label, size, problem.dtype, problem.device)
-    if key not in floors:
-        try:
-            if op.floor is not None:
-                fn = op.floor(problem)[1]
-                ms = measure(fn, device=problem.device, warmup=warmup, repeat=repeat, max_seconds=max_seconds).median_ms
-            else:
-                n, m, d = op.floor_shape(problem) if op.floor_shape else (problem.n, problem.m, problem.d)
-                ms = matmul_floor(
-                    n, d, problem.dtype, problem.device, m=m, warmup=warmup, repeat=repeat, max_seconds=max_seconds
-                ).median_ms
-        except (RuntimeError, MemoryError):
-            ms = None
-        floors[key] = (label, ms)
-    return floors[key]
-
-
 def _run_one(
     op: OpBench,
     problem: Problem,
     case: Case,
-    floors: dict,
     env: dict[str, str],
     repeat: int,
     warmup: int,
@@ -503,13 +516,11 @@ def _run_one(
     if skip is not None:
         result.status = skip
         return result
+    run = _measure_isolated if isolate else measure_case_and_floor
     try:
-        if isolate:
-            result.measurement = _measure_isolated(
-                op, case, problem, warmup=warmup, repeat=repeat, max_seconds=max_seconds
-            )
-        else:
-            result.measurement = measure_case(op, case, problem, warmup=warmup, repeat=repeat, max_seconds=max_seconds)
+        result.measurement, result.floor_ms = run(
+            op, case, problem, warmup=warmup, repeat=repeat, max_seconds=max_seconds
+        )
     except (RuntimeError, MemoryError, ValueError, TypeError, NotImplementedError) as exc:
         # One failing case (out of memory, an unsupported dtype in a baseline) must not end the run.
         result.status = _short_error(exc)
@@ -517,7 +528,7 @@ def _run_one(
             torch.cuda.empty_cache()
         return result
     result.flops = op.flops(problem)
-    result.floor, result.floor_ms = _floor(op, problem, floors, repeat, warmup, max_seconds)
+    result.floor = op.floor_label(problem)
     return result
 
 

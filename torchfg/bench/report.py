@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import statistics
 from collections import defaultdict
 from pathlib import Path
 from typing import Sequence
@@ -11,7 +12,7 @@ from typing import Sequence
 from torchfg.bench.core import Result, load_op
 from torchfg.utils.benchmark import append_csv
 
-__all__ = ["format_table", "write_csv", "plot_results", "matplotlib_available", "MATPLOTLIB_MISSING"]
+__all__ = ["format_table", "write_csv", "is_csv_row", "plot_results", "matplotlib_available", "MATPLOTLIB_MISSING"]
 
 MATPLOTLIB_MISSING = "--plot needs matplotlib: pip install matplotlib (or pip install 'torchfg[bench]')"
 
@@ -41,7 +42,9 @@ def format_table(results: Sequence[Result]) -> str:
             continue
         ok = next((r for r in rows if r.measurement is not None), rows[0])
         lines.append(f"== {op_name}: {op.title}")
-        lines.append(f"   dtype {ok.dtype}; FLOP model {op.flop_model}; floor: {ok.floor or 'x @ y.T'}")
+        floor = (ok.floor or "x @ y.T").split(" (")[0]
+        lines.append(f"   dtype {ok.dtype}; FLOP model {op.flop_model}; floor: {floor}, same N, D and dtype, "
+                     "timed right after each case")
         lines.append(header)
         previous_n = None
         for r in rows:
@@ -75,9 +78,14 @@ def write_csv(path: str | os.PathLike, results: Sequence[Result]) -> int:
 
     Returns the number of rows written.
     """
-    rows = [r.csv_row() for r in results if not r.status.startswith("skipped")]
+    rows = [r.csv_row() for r in results if is_csv_row(r)]
     append_csv(path, rows)
     return len(rows)
+
+
+def is_csv_row(result: Result) -> bool:
+    """Measured and failed cases get a CSV row; skipped ones (not measurements) do not."""
+    return not result.status.startswith("skipped")
 
 
 def matplotlib_available() -> bool:
@@ -113,7 +121,12 @@ def plot_results(results: Sequence[Result], path: str | os.PathLike) -> Path:
             line = time_ax.plot(ns, [p[1] for p in pts], marker="o", label=case)[0]
             time_ax.fill_between(ns, [p[2] for p in pts], [p[3] for p in pts], color=line.get_color(), alpha=0.2)
             mem_ax.plot(ns, [p[4] for p in pts], marker="o", label=case, color=line.get_color())
-        floor = sorted({(r.n, r.floor_ms) for r in rows if r.floor_ms})
+        # The floor is timed next to every case: plot its median per N.
+        floor_times: dict[int, list[float]] = defaultdict(list)
+        for r in rows:
+            if r.floor_ms:
+                floor_times[r.n].append(r.floor_ms)
+        floor = [(n, statistics.median(times)) for n, times in sorted(floor_times.items())]
         if floor:
             time_ax.plot([f[0] for f in floor], [f[1] for f in floor], "k--", label=f"floor: {rows[0].floor.split(' (')[0]}")
         title = f"{op_name} ({rows[0].dtype}, D={rows[0].d})"

@@ -9,6 +9,8 @@ Example:
     ...          "floor_ratio": "3.2", "peak_extra_mib": "0.1", "flop_model": "6*N*N*D", "floor": "x @ y.T"}]
     >>> print(rows_to_markdown(rows).splitlines()[-1])
     | 64 | 8 | torch.cdist | 0.5 (0.4-0.6) | 0.01 | 3.2 | 0.1 |
+    >>> _short("12.3456"), _short("0.000123456"), _short("")
+    ('12.3', '0.000123', '')
 """
 
 from __future__ import annotations
@@ -35,6 +37,15 @@ def read_rows(path: str | Path) -> list[dict[str, str]]:
     """The rows of a CSV written by ``torchfg bench --csv``."""
     with Path(path).open(newline="") as f:
         return list(csv.DictReader(f))
+
+
+def _short(value: object, digits: int = 3) -> str:
+    """A number to ``digits`` significant digits for display; other text unchanged."""
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return str(value or "")
+    return f"{number:.{digits}g}"
 
 
 def _int(value: str) -> int:
@@ -96,8 +107,8 @@ def rows_to_markdown(rows: Iterable[Mapping[str, str]]) -> str:
         setting = f"**{op}** on {device}, {dtype}"
         if first.get("threads"):
             setting += f", {first['threads']} thread(s)"
-        parts.append(f"{setting}. FLOP model: `{first.get('flop_model') or 'n/a'}`; "
-                     f"floor: `{first.get('floor') or 'n/a'}`.")
+        floor = (first.get("floor") or "n/a").split(" (")[0]
+        parts.append(f"{setting}. FLOP model: `{first.get('flop_model') or 'n/a'}`; floor: `{floor}`.")
         notes = sorted({r.get("note", "") for r in group} - {""})
         if notes:
             parts.append("")
@@ -106,9 +117,10 @@ def rows_to_markdown(rows: Iterable[Mapping[str, str]]) -> str:
         parts.append(HEADER)
         parts.append(RULE)
         for r in group:
-            timing = f"{r.get('median_ms', '')} ({r.get('p20_ms', '')}-{r.get('p80_ms', '')})"
+            timing = f"{_short(r.get('median_ms'))} ({_short(r.get('p20_ms'))}-{_short(r.get('p80_ms'))})"
             cells = [r.get("n", ""), r.get("d", ""), r.get("case", ""), timing,
-                     r.get("tflops") or "-", r.get("floor_ratio") or "-", r.get("peak_extra_mib") or "-"]
+                     _short(r.get("tflops")) or "-", _short(r.get("floor_ratio")) or "-",
+                     _short(r.get("peak_extra_mib")) or "-"]
             parts.append("| " + " | ".join(cells) + " |")
         parts.append("")
     return "\n".join(parts).rstrip("\n")

@@ -2,7 +2,7 @@
 
 Used by ``torchfg bench --isolate``: the peak resident set size of a CPU process only says
 something about one measurement when nothing else ran in that process before it. Prints one JSON
-line, ``{"measurement": {...}}`` or ``{"error": "..."}``.
+line, ``{"measurement": {...}, "floor_ms": ...}`` or ``{"error": "..."}``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from torchfg.bench.core import _find_case, load_op, measure_case, measurement_to_json, parse_dtype
+from torchfg.bench.core import _find_case, load_op, measure_case_and_floor, measurement_to_json, parse_dtype
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         problem = op.make_problem(
             request["n"], request["d"], parse_dtype(request["dtype"]), torch.device(request["device"]), request["seed"]
         )
-        m = measure_case(
+        m, floor_ms = measure_case_and_floor(
             op,
             case,
             problem,
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # reported to the parent, which records the case as failed
         print(json.dumps({"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}))
         return 0
-    print(json.dumps({"measurement": measurement_to_json(m)}))
+    print(json.dumps({"measurement": measurement_to_json(m), "floor_ms": floor_ms}))
     return 0
 
 

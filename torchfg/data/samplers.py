@@ -106,11 +106,15 @@ class EpisodicSampler(_EpochSeeded, Sampler[list[int]]):
         ValueError: fewer than ``n_way`` classes have ``n_shot + n_query`` items.
 
     Example:
-        >>> sampler = EpisodicSampler(labels, n_way=5, n_shot=1, n_query=15, n_episodes=600, seed=0)
-        >>> loader = DataLoader(dataset, batch_sampler=sampler)
-        >>> for images, labels in loader:
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> labels = torch.arange(10).repeat_interleave(20)          # 10 classes x 20 items
+        >>> dataset = TensorDataset(torch.randn(200, 16), labels)
+        >>> sampler = EpisodicSampler(labels, n_way=5, n_shot=1, n_query=15, n_episodes=3, seed=0)
+        >>> for features, episode_labels in DataLoader(dataset, batch_sampler=sampler):
         ...     support, support_labels, query, query_labels = split_episode(
-        ...         model(images), labels, n_way=5, n_shot=1, n_query=15)
+        ...         features, episode_labels, n_way=5, n_shot=1, n_query=15)
+        >>> support.shape, query.shape
+        (torch.Size([5, 16]), torch.Size([75, 16]))
     """
 
     def __init__(
@@ -183,7 +187,11 @@ def split_episode(
             ``DataLoader`` that reordered the batch).
 
     Example:
-        >>> support, support_labels, query, query_labels = split_episode(emb, lab, 5, 1, 15)
+        >>> lab = torch.tensor([7, 3, 7, 7, 3, 3])  # 2-way 1-shot 2-query, class-major
+        >>> emb = torch.randn(6, 4)
+        >>> support, support_labels, query, query_labels = split_episode(emb, lab, 2, 1, 2)
+        >>> support_labels.tolist(), query_labels.tolist()
+        ([7, 3], [7, 7, 3, 3])
     """
     n_way = _check_count(n_way, "n_way")
     n_shot = _check_count(n_shot, "n_shot")
@@ -273,11 +281,15 @@ class PKSampler(_EpochSeeded, Sampler[list[int]]):
         num_batches: batches per epoch, overriding the default above.
 
     Example:
-        >>> sampler = PKSampler(train_labels, p=32, k=4, seed=0)
-        >>> loader = DataLoader(train_set, batch_sampler=sampler, num_workers=8)
-        >>> for epoch in range(epochs):
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> train_labels = torch.arange(50).repeat_interleave(6)    # 50 classes x 6 items
+        >>> train_set = TensorDataset(torch.randn(300, 16), train_labels)
+        >>> sampler = PKSampler(train_labels, p=8, k=4, seed=0)
+        >>> loader = DataLoader(train_set, batch_sampler=sampler)
+        >>> for epoch in range(2):
         ...     sampler.set_epoch(epoch)
-        ...     for images, labels in loader: ...
+        ...     for features, labels in loader:
+        ...         assert len(labels.unique()) == 8 and len(labels) == 32
     """
 
     def __init__(

@@ -7,10 +7,9 @@ import math
 import operator
 import time
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from torchfg.datasets import SyntheticProducts
@@ -60,11 +59,11 @@ def resolve_device(device: torch.device | str | None) -> torch.device:
 def default_threads() -> int:
     """Intra-op CPU threads the demo uses unless told otherwise: 1.
 
-    The demo's convolutions are small (64 x 64 images, batches of 64). Measured on a 2-core machine
-    shared with other jobs, two threads made training 1.5x *slower* in wall time and 2.3x more
-    expensive in CPU time than one (the threads spin at barriers while their core is taken), and on
-    an idle machine they save well under 2x. One thread also makes the results independent of the
-    machine's core count. Pass ``threads`` to change it.
+    The demo's convolutions are small (64 x 64 images, batches of 32 to 64). On the 2-core machine the
+    demo was sized on, shared with other jobs (load average ~5), training the demo CNN with two threads
+    cost 3-4x more CPU time per image than with one (threads spin at barriers while their core is
+    taken) and was slower in wall time too. One thread also makes the results independent of the
+    machine's core count. Pass ``threads`` (``--threads``) to use more on an idle many-core machine.
     """
     return 1
 
@@ -180,29 +179,3 @@ class Stopwatch:
             "wall_s": round(time.perf_counter() - self.wall0, 2),
             "cpu_s": round(time.process_time() - self.cpu0, 2),
         }
-
-
-def select(batch: ProductSample, mask: torch.Tensor) -> dict[str, Any]:
-    """The rows of a rendered batch where ``mask`` (N,) bool is True, as a dict of tensors."""
-    index = mask.nonzero().squeeze(1)
-    return {
-        "image": batch.image[index],
-        "semantic_map": batch.semantic_map[index],
-        "product_id": batch.product_id[index],
-        "attributes": batch.attributes[index],
-        "domain": batch.domain[index],
-        "view": batch.view[index],
-        "description": [batch.description[i] for i in index.tolist()],
-    }
-
-
-def move(data: dict[str, Any], device: torch.device, keys: Sequence[str]) -> dict[str, Any]:
-    """Copy of ``data`` with the tensors under ``keys`` moved to ``device``."""
-    out = dict(data)
-    for key in keys:
-        out[key] = data[key].to(device)
-    return out
-
-
-def l2_normalize(x: torch.Tensor) -> torch.Tensor:
-    return F.normalize(x, dim=-1)

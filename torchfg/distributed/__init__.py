@@ -2,6 +2,8 @@
 
 from torchfg.distributed.gather import (
     GatheredBatch,
+    all_reduce_sum,
+    raise_on_all_ranks,
     all_gather_no_grad,
     all_gather_with_grad,
     gather_batch,
@@ -12,6 +14,8 @@ from torchfg.distributed.gather import (
 
 __all__ = [
     "GatheredBatch",
+    "all_reduce_sum",
+    "raise_on_all_ranks",
     "all_gather_no_grad",
     "all_gather_with_grad",
     "gather_batch",

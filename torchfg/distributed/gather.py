@@ -22,6 +22,8 @@ __all__ = [
     "all_gather_no_grad",
     "gather_batch",
     "GatheredBatch",
+    "raise_on_all_ranks",
+    "all_reduce_sum",
 ]
 
 _MAX_DIMS = 4  # shape slots per tensor in the metadata exchange
@@ -84,6 +86,41 @@ def _exchange_shapes(
             sizes = ", ".join(f"{n}={int(s)}" for n, s in zip(names, rows[r].tolist()))
             raise ValueError(f"rank {r} has inconsistent batch sizes: {sizes} (each must have one row per item)")
     return shapes
+
+
+def raise_on_all_ranks(error: BaseException | None, group: dist.ProcessGroup | None = None) -> None:
+    """Collective: if any rank passes an error, every rank raises (its own error, or a ValueError).
+
+    Validation that fails on one rank only would otherwise leave the other ranks waiting forever
+    in the next collective. Call it on every rank, with None where the local checks passed.
+    """
+    if not is_distributed(group):
+        if error is not None:
+            raise error
+        return
+    device = _comm_device(torch.empty(0), group)
+    flags = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world_size(group))]
+    dist.all_gather(flags, torch.tensor([int(error is not None)], device=device), group=group)
+    failed = [r for r, f in enumerate(flags) if int(f.item())]
+    if not failed:
+        return
+    # Only on failure: a second, object collective so that every rank can say what went wrong.
+    messages: list[str | None] = [None] * world_size(group)
+    dist.all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}", group=group)
+    if error is not None:
+        raise error
+    details = "; ".join(f"rank {r}: {messages[r]}" for r in failed)
+    raise ValueError(f"invalid input on another rank ({details})")
+
+
+def all_reduce_sum(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Sum of ``x`` over ranks (a new tensor, no gradient); ``x`` itself when not distributed."""
+    if not is_distributed(group):
+        return x
+    device = _comm_device(x, group)
+    total = x.detach().clone().to(device)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+    return total.to(x.device)
 
 
 def _gather_padded(x: torch.Tensor, sizes: list[int], group: dist.ProcessGroup | None) -> torch.Tensor:

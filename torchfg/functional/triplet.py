@@ -2,13 +2,22 @@
 
 Mining (:mod:`torchfg.ops.triplet`) only selects indices, on the fast GEMM path. The loss of the
 selected pairs is then recomputed exactly from ``a - b`` on the gathered rows
-(:func:`torchfg.ops.triplet.pair_distances`, whose analytic backward is chunked), so for
+(:func:`torchfg.ops.triplet.anchor_pair_distances` / ``pair_distances``, whose analytic backward
+is chunked), so for
 ``batch_hard`` and the adaptive loss the backward touches 2N pairs: O(N D) time and memory, never
 an N x N matrix. The euclidean gradient at zero distance (duplicate embeddings) is 0, never NaN.
 
 Anchors always come from ``embeddings``; positives and negatives come from a candidate set, which
 is ``embeddings`` itself (anchor i is then candidate i and never its own positive) or a separate
 reference set (``ref_embeddings`` / ``ref_labels``, e.g. a cross-batch memory).
+
+With ``cross_rank=True`` (torch.distributed) the candidates are the embeddings of all ranks,
+gathered with gradients (:func:`torchfg.distributed.gather_batch`); anchor i of this rank is
+candidate ``offset + i``. Scaling: the returned value on each rank is ``world_size x`` this rank's
+share of the loss over the concatenated batch, so the mean of the returned values over ranks equals
+the single-process loss and, after DDP's gradient averaging (a division by world size), the
+parameter gradient equals the single-process gradient exactly. The gradient with respect to this
+rank's embeddings is ``world_size x`` the single-process gradient of those rows.
 """
 
 from __future__ import annotations
@@ -17,8 +26,17 @@ import torch
 import torch.nn.functional as F
 
 from torchfg._validation import accumulation_dtype, check_choice, check_float_tensor, check_labels
+from torchfg.backends import BACKENDS
+from torchfg.distributed import all_reduce_sum, gather_batch, is_distributed, raise_on_all_ranks, world_size
 from torchfg.ops.pairwise import pairwise_distance
-from torchfg.ops.triplet import METRICS, mine_all_triplets, mine_hardest, mine_semi_hard, pair_distances
+from torchfg.ops.triplet import (
+    METRICS,
+    anchor_pair_distances,
+    mine_all_triplets,
+    mine_hardest,
+    mine_semi_hard,
+    pair_distances,
+)
 from torchfg.ops.triplet import _check_number  # shared numeric argument check
 
 __all__ = ["triplet_margin_loss", "adaptive_triplet_loss", "mine_triplets", "REDUCTIONS", "MINING_STRATEGIES"]
@@ -111,14 +129,51 @@ def _check_flag(value: object, name: str) -> bool:
     return value
 
 
+def _validated(validate, cross_rank: bool):
+    """Run ``validate()``; with cross_rank, an error on any rank raises on every rank (no hang)."""
+    if not cross_rank:
+        return validate()
+    try:
+        result, error = validate(), None
+    except (ValueError, TypeError) as exc:
+        result, error = None, exc
+    raise_on_all_ranks(error)
+    return result
+
+
+def _gather_candidates(
+    embeddings: torch.Tensor, labels: torch.Tensor, text_embeddings: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
+    """(candidates, candidate_labels, candidate_text, self_offset) over all ranks' batches."""
+    batch = gather_batch(
+        [embeddings, labels, text_embeddings],
+        ["embeddings", "labels", "text_embeddings"],
+        with_grad=[True, False, False],
+    )
+    candidates, candidate_labels, candidate_text = batch.tensors
+    return candidates, candidate_labels, candidate_text, batch.offset
+
+
+def _keep_gather_in_graph(loss: torch.Tensor, candidates: torch.Tensor, cross_rank: bool) -> torch.Tensor:
+    # The gather's backward is a collective: every rank must reach it, even one whose anchors
+    # found no triplet (or that has no anchors), or the other ranks would wait forever.
+    if cross_rank and is_distributed() and candidates.requires_grad:
+        return loss + candidates.sum().to(loss.dtype) * 0.0
+    return loss
+
+
 # ----------------------------------------------------------------------------- losses
 
 
-def _reduce(losses: torch.Tensor, counted: torch.Tensor | None, reduction: str) -> torch.Tensor:
-    """losses: (K,) with zeros where ``counted`` is False (None: all counted)."""
+def _reduce(losses: torch.Tensor, counted: torch.Tensor | None, reduction: str, cross_rank: bool = False) -> torch.Tensor:
+    """losses: (K,) with zeros where ``counted`` is False (None: all counted).
+
+    With ``cross_rank`` the count is summed over ranks and the result scaled by the world size
+    (see the module docstring), so that DDP's averaging gives the single-process gradient.
+    """
     if reduction == "none":
         return losses
-    total = losses.sum()
+    total = losses.sum() * (world_size() if cross_rank else 1)
     if reduction == "sum":
         return total
     if reduction == "mean":
@@ -126,6 +181,8 @@ def _reduce(losses: torch.Tensor, counted: torch.Tensor | None, reduction: str) 
     else:  # mean_nonzero
         nonzero = losses > 0
         count = (nonzero if counted is None else nonzero & counted).sum()
+    if cross_rank:
+        count = all_reduce_sum(count)
     # An empty selection gives 0 with a zero gradient (0 / 1), never 0 / 0.
     return total / count.clamp_min(1).to(total.dtype)
 
@@ -178,12 +235,13 @@ def _hardest_triplet_losses(
     valid = (positive_idx >= 0) & (negative_idx >= 0)
     # Invalid anchors gather row 0 and are masked out below: shapes stay static (compile-friendly).
     positive_idx, negative_idx = positive_idx.clamp_min(0), negative_idx.clamp_min(0)
-    anchor_idx = torch.arange(n, device=embeddings.device)
-    d_ap, d_an = _anchor_pair_distances(embeddings, candidates, anchor_idx, positive_idx, negative_idx, metric=metric)
+    other = None if candidates is embeddings else candidates
+    d = anchor_pair_distances(embeddings, torch.stack([positive_idx, negative_idx], 1), other, metric=metric)
+    d_ap, d_an = d[:, 0], d[:, 1]
     margin: torch.Tensor | float = base_margin
     if text_embeddings is not None and margin_scale != 0.0:
         text_cos = _text_cosine(text_embeddings, candidate_text.index_select(0, negative_idx))
-        margin = base_margin + margin_scale * (1.0 - text_cos) * 0.5
+        margin = (base_margin + margin_scale * (1.0 - text_cos) * 0.5).to(d_ap.dtype)
     losses = _hinge(d_ap - d_an + margin, smooth)
     return torch.where(valid, losses, torch.zeros_like(losses)), valid
 
@@ -227,6 +285,7 @@ def _triplet_margin_loss_impl(
     reduction: str,
     smooth: bool,
     backend: str,
+    cross_rank: bool = False,
 ) -> torch.Tensor:
     """The loss once inputs are checked; ``self_offset`` as in :func:`torchfg.ops.triplet.mine_hardest`."""
     if mining == "batch_hard":
@@ -245,7 +304,7 @@ def _triplet_margin_loss_impl(
             smooth=smooth,
             backend=backend,
         )
-        return _reduce(losses, valid, reduction)
+        return _keep_gather_in_graph(_reduce(losses, valid, reduction, cross_rank), candidates, cross_rank)
     if mining == "semi_hard":
         triplets = mine_semi_hard(embeddings, candidates, labels, candidate_labels, metric=metric, self_offset=self_offset)
     else:
@@ -254,7 +313,7 @@ def _triplet_margin_loss_impl(
         embeddings, candidates, triplets, metric=metric, margin=margin, smooth=smooth, exact=mining == "semi_hard",
         backend=backend,
     )
-    return _reduce(losses, None, reduction)
+    return _keep_gather_in_graph(_reduce(losses, None, reduction, cross_rank), candidates, cross_rank)
 
 
 def triplet_margin_loss(
@@ -268,6 +327,7 @@ def triplet_margin_loss(
     smooth: bool = False,
     ref_embeddings: torch.Tensor | None = None,
     ref_labels: torch.Tensor | None = None,
+    cross_rank: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Triplet margin loss ``max(0, d(a, p) - d(a, n) + margin)`` with online mining.
@@ -300,6 +360,9 @@ def triplet_margin_loss(
         ref_embeddings: (M, D) positives/negatives come from here instead (e.g. a cross-batch
             memory); the anchors are then not among the candidates.
         ref_labels: (M,) labels of ``ref_embeddings``.
+        cross_rank: under torch.distributed, mine positives and negatives among the embeddings
+            (and labels) of all ranks; this rank's items are the anchors. See the module docstring
+            for the world-size scaling. Cannot be combined with ``ref_embeddings``.
         backend: mining backend, ``"auto"``, ``"torch"`` or ``"triton"``.
 
     Returns:
@@ -314,14 +377,21 @@ def triplet_margin_loss(
         >>> round(loss.item(), 4)
         0.7455
     """
-    embeddings, labels, candidates, candidate_labels, self_offset = _check_embeddings(
-        embeddings, labels, ref_embeddings, ref_labels
-    )
-    margin = _check_number(margin, "margin", low=0.0)
-    check_choice(metric, "metric", METRICS)
-    check_choice(mining, "mining", MINING_STRATEGIES)
-    check_choice(reduction, "reduction", REDUCTIONS)
-    smooth = _check_flag(smooth, "smooth")
+    cross_rank = _check_flag(cross_rank, "cross_rank")
+
+    def validate():
+        if cross_rank and ref_embeddings is not None:
+            raise ValueError("ref_embeddings cannot be combined with cross_rank=True")
+        checked = _check_embeddings(embeddings, labels, ref_embeddings, ref_labels)
+        check_choice(metric, "metric", METRICS)
+        check_choice(mining, "mining", MINING_STRATEGIES)
+        check_choice(reduction, "reduction", REDUCTIONS)
+        check_choice(backend, "backend", BACKENDS)
+        return (*checked, _check_number(margin, "margin", low=0.0), _check_flag(smooth, "smooth"))
+
+    embeddings, labels, candidates, candidate_labels, self_offset, margin, smooth = _validated(validate, cross_rank)
+    if cross_rank:
+        candidates, candidate_labels, _, self_offset = _gather_candidates(embeddings, labels, None)
     return _triplet_margin_loss_impl(
         embeddings,
         labels,
@@ -334,6 +404,7 @@ def triplet_margin_loss(
         reduction=reduction,
         smooth=smooth,
         backend=backend,
+        cross_rank=cross_rank,
     )
 
 
@@ -352,6 +423,7 @@ def _adaptive_triplet_loss_impl(
     text_positive_threshold: float | None,
     reduction: str,
     backend: str,
+    cross_rank: bool = False,
 ) -> torch.Tensor:
     losses, valid = _hardest_triplet_losses(
         embeddings,
@@ -368,7 +440,7 @@ def _adaptive_triplet_loss_impl(
         smooth=False,
         backend=backend,
     )
-    return _reduce(losses, valid, reduction)
+    return _keep_gather_in_graph(_reduce(losses, valid, reduction, cross_rank), candidates, cross_rank)
 
 
 def adaptive_triplet_loss(
@@ -381,6 +453,7 @@ def adaptive_triplet_loss(
     metric: str = "euclidean",
     text_positive_threshold: float | None = None,
     reduction: str = "mean",
+    cross_rank: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Adaptive triplet loss (ATL): batch-hard triplets whose margin grows with the text distance.
@@ -403,6 +476,8 @@ def adaptive_triplet_loss(
         text_positive_threshold: items with another label whose description cosine is at least
             this (in [-1, 1]) are near-duplicates and never negatives; None turns it off.
         reduction: ``"mean"``, ``"sum"``, ``"none"`` ((N,) per anchor) or ``"mean_nonzero"``.
+        cross_rank: under torch.distributed, mine among the embeddings, labels and text
+            embeddings of all ranks (see :func:`triplet_margin_loss`).
         backend: mining backend, ``"auto"``, ``"torch"`` or ``"triton"``.
 
     Returns:
@@ -417,21 +492,32 @@ def adaptive_triplet_loss(
         >>> bool(torch.isfinite(emb.grad).all())
         True
     """
-    embeddings, labels, candidates, candidate_labels, self_offset = _check_embeddings(embeddings, labels, None, None)
-    text_embeddings = _check_text(text_embeddings, embeddings.shape[0], embeddings.device)
-    base_margin = _check_number(base_margin, "base_margin", low=0.0)
-    margin_scale = _check_number(margin_scale, "margin_scale", low=0.0)
-    if text_positive_threshold is not None:
-        text_positive_threshold = _check_number(text_positive_threshold, "text_positive_threshold", low=-1.0, high=1.0)
-    check_choice(metric, "metric", METRICS)
-    check_choice(reduction, "reduction", REDUCTIONS)
+    cross_rank = _check_flag(cross_rank, "cross_rank")
+
+    def validate():
+        checked = _check_embeddings(embeddings, labels, None, None)
+        text = _check_text(text_embeddings, checked[0].shape[0], checked[0].device)
+        threshold = text_positive_threshold
+        if threshold is not None:
+            threshold = _check_number(threshold, "text_positive_threshold", low=-1.0, high=1.0)
+        check_choice(metric, "metric", METRICS)
+        check_choice(reduction, "reduction", REDUCTIONS)
+        check_choice(backend, "backend", BACKENDS)
+        margins = (_check_number(base_margin, "base_margin", low=0.0), _check_number(margin_scale, "margin_scale", low=0.0))
+        return (*checked, text, *margins, threshold)
+
+    (embeddings, labels, candidates, candidate_labels, self_offset, text_embeddings, base_margin, margin_scale,
+     text_positive_threshold) = _validated(validate, cross_rank)
+    candidate_text = text_embeddings
+    if cross_rank:
+        candidates, candidate_labels, candidate_text, self_offset = _gather_candidates(embeddings, labels, text_embeddings)
     return _adaptive_triplet_loss_impl(
         embeddings,
         labels,
         text_embeddings,
         candidates,
         candidate_labels,
-        text_embeddings,
+        candidate_text,
         self_offset,
         base_margin=base_margin,
         margin_scale=margin_scale,
@@ -439,6 +525,7 @@ def adaptive_triplet_loss(
         text_positive_threshold=text_positive_threshold,
         reduction=reduction,
         backend=backend,
+        cross_rank=cross_rank,
     )
 
 
@@ -455,6 +542,7 @@ def mine_triplets(
     text_positive_threshold: float | None = None,
     ref_embeddings: torch.Tensor | None = None,
     ref_labels: torch.Tensor | None = None,
+    cross_rank: bool = False,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mine triplets and return them as index tensors (an ``indices_tuple`` for PML losses).
@@ -474,6 +562,9 @@ def mine_triplets(
         base_margin, margin_scale, text_positive_threshold: see :func:`adaptive_triplet_loss`.
         ref_embeddings, ref_labels: (M, D) and (M,) candidate set; positives and negatives then
             index it, anchors index ``embeddings``.
+        cross_rank: under torch.distributed, mine among all ranks' items: anchors index this
+            rank's ``embeddings``, positives and negatives index the concatenation of all ranks'
+            batches (rank order; this rank's rows start at the sum of the lower ranks' sizes).
         backend: mining backend for batch_hard.
 
     Returns:
@@ -485,19 +576,67 @@ def mine_triplets(
         >>> mine_triplets(emb, torch.tensor([0, 0, 1, 1]))
         (tensor([0, 1, 2, 3]), tensor([1, 0, 3, 2]), tensor([2, 2, 1, 1]))
     """
+    cross_rank = _check_flag(cross_rank, "cross_rank")
+    if cross_rank:
+        def validate():
+            if ref_embeddings is not None:
+                raise ValueError("ref_embeddings cannot be combined with cross_rank=True")
+            checked = _check_embeddings(embeddings, labels, None, None)
+            if text_embeddings is not None:
+                _check_text(text_embeddings, checked[0].shape[0], checked[0].device)
+            return checked
+
+        embeddings, labels, *_ = _validated(validate, cross_rank)
+        with torch.no_grad():
+            candidates, candidate_labels, gathered_text, self_offset = _gather_candidates(
+                embeddings.detach(), labels, None if text_embeddings is None else text_embeddings.detach()
+            )
+        return _mine_triplets_checked(
+            embeddings.detach(), labels, candidates, candidate_labels, self_offset, strategy=strategy, metric=metric,
+            margin=margin, text_embeddings=text_embeddings, candidate_text=gathered_text, base_margin=base_margin,
+            margin_scale=margin_scale, text_positive_threshold=text_positive_threshold, has_ref=False, backend=backend,
+        )
     embeddings, labels, candidates, candidate_labels, self_offset = _check_embeddings(
         embeddings, labels, ref_embeddings, ref_labels
     )
+    return _mine_triplets_checked(
+        embeddings, labels, candidates, candidate_labels, self_offset, strategy=strategy, metric=metric, margin=margin,
+        text_embeddings=text_embeddings, candidate_text=None, base_margin=base_margin, margin_scale=margin_scale,
+        text_positive_threshold=text_positive_threshold, has_ref=ref_embeddings is not None, backend=backend,
+    )
+
+
+def _mine_triplets_checked(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    candidates: torch.Tensor,
+    candidate_labels: torch.Tensor,
+    self_offset: int,
+    *,
+    strategy: str,
+    metric: str,
+    margin: float,
+    text_embeddings: torch.Tensor | None,
+    candidate_text: torch.Tensor | None,
+    base_margin: float | None,
+    margin_scale: float | None,
+    text_positive_threshold: float | None,
+    has_ref: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """mine_triplets once embeddings/labels/candidates are checked (candidate_text: gathered text)."""
     check_choice(strategy, "strategy", MINING_STRATEGIES)
     check_choice(metric, "metric", METRICS)
+    check_choice(backend, "backend", BACKENDS)
     margin = _check_number(margin, "margin", low=0.0)
-    candidate_text = None
     if text_embeddings is not None:
         if strategy != "batch_hard":
             raise ValueError(f"text_embeddings (margin-aware mining) needs strategy='batch_hard', got {strategy!r}")
-        if ref_embeddings is not None:
+        if has_ref:
             raise ValueError("text_embeddings cannot be combined with ref_embeddings (the reference set has no text)")
-        text_embeddings = candidate_text = _check_text(text_embeddings, embeddings.shape[0], embeddings.device)
+        text_embeddings = _check_text(text_embeddings, embeddings.shape[0], embeddings.device)
+        if candidate_text is None:
+            candidate_text = text_embeddings
         base_margin = margin if base_margin is None else _check_number(base_margin, "base_margin", low=0.0)
         margin_scale = DEFAULT_MARGIN_SCALE if margin_scale is None else _check_number(margin_scale, "margin_scale", low=0.0)
         if text_positive_threshold is not None:

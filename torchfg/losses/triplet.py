@@ -28,6 +28,9 @@ class TripletMarginLoss(nn.Module):
         mining: ``"batch_hard"``, ``"semi_hard"`` or ``"all"``.
         reduction: ``"mean"``, ``"sum"``, ``"none"`` or ``"mean_nonzero"``.
         smooth: softplus instead of the hinge.
+        cross_rank: under torch.distributed, mine among the items of all ranks (local items are
+            the anchors); scaled so that DDP's gradient averaging gives the single-process
+            gradient over the concatenated batch. See :mod:`torchfg.functional.triplet`.
         backend: mining backend, ``"auto"``, ``"torch"`` or ``"triton"``.
 
     Shapes:
@@ -49,6 +52,7 @@ class TripletMarginLoss(nn.Module):
         mining: str = "batch_hard",
         reduction: str = "mean",
         smooth: bool = False,
+        cross_rank: bool = False,
         backend: str = "auto",
     ) -> None:
         super().__init__()
@@ -57,6 +61,7 @@ class TripletMarginLoss(nn.Module):
         self.mining = check_choice(mining, "mining", MINING_STRATEGIES)
         self.reduction = check_choice(reduction, "reduction", REDUCTIONS)
         self.smooth = _check_flag(smooth, "smooth")
+        self.cross_rank = _check_flag(cross_rank, "cross_rank")
         self.backend = backend
 
     def forward(
@@ -76,13 +81,14 @@ class TripletMarginLoss(nn.Module):
             smooth=self.smooth,
             ref_embeddings=ref_embeddings,
             ref_labels=ref_labels,
+            cross_rank=self.cross_rank,
             backend=self.backend,
         )
 
     def extra_repr(self) -> str:
         return (
             f"margin={self.margin}, metric={self.metric!r}, mining={self.mining!r}, "
-            f"reduction={self.reduction!r}, smooth={self.smooth}"
+            f"reduction={self.reduction!r}, smooth={self.smooth}, cross_rank={self.cross_rank}"
         )
 
 
@@ -97,6 +103,9 @@ class AdaptiveTripletLoss(nn.Module):
         text_positive_threshold: description cosine at or above which another label is a
             near-duplicate (never a negative); None turns it off.
         reduction: ``"mean"``, ``"sum"``, ``"none"`` or ``"mean_nonzero"``.
+        cross_rank: under torch.distributed, mine among the items of all ranks (local items are
+            the anchors); scaled so that DDP's gradient averaging gives the single-process
+            gradient over the concatenated batch. See :mod:`torchfg.functional.triplet`.
         backend: mining backend, ``"auto"``, ``"torch"`` or ``"triton"``.
 
     Shapes:
@@ -117,6 +126,7 @@ class AdaptiveTripletLoss(nn.Module):
         metric: str = "euclidean",
         text_positive_threshold: float | None = None,
         reduction: str = "mean",
+        cross_rank: bool = False,
         backend: str = "auto",
     ) -> None:
         super().__init__()
@@ -127,6 +137,7 @@ class AdaptiveTripletLoss(nn.Module):
             text_positive_threshold = _check_number(text_positive_threshold, "text_positive_threshold", low=-1.0, high=1.0)
         self.text_positive_threshold = text_positive_threshold
         self.reduction = check_choice(reduction, "reduction", REDUCTIONS)
+        self.cross_rank = _check_flag(cross_rank, "cross_rank")
         self.backend = backend
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
@@ -139,11 +150,13 @@ class AdaptiveTripletLoss(nn.Module):
             metric=self.metric,
             text_positive_threshold=self.text_positive_threshold,
             reduction=self.reduction,
+            cross_rank=self.cross_rank,
             backend=self.backend,
         )
 
     def extra_repr(self) -> str:
         return (
             f"base_margin={self.base_margin}, margin_scale={self.margin_scale}, metric={self.metric!r}, "
-            f"text_positive_threshold={self.text_positive_threshold}, reduction={self.reduction!r}"
+            f"text_positive_threshold={self.text_positive_threshold}, reduction={self.reduction!r}, "
+            f"cross_rank={self.cross_rank}"
         )

@@ -15,9 +15,12 @@ __all__ = ["BatchHardMiner", "SemiHardMiner"]
 class _TripletMiner(nn.Module):
     strategy: str
 
-    def __init__(self, *, metric: str = "euclidean", backend: str = "auto") -> None:
+    def __init__(self, *, metric: str = "euclidean", cross_rank: bool = False, backend: str = "auto") -> None:
         super().__init__()
         self.metric = check_choice(metric, "metric", METRICS)
+        if not isinstance(cross_rank, bool):
+            raise TypeError(f"cross_rank must be a bool, got {type(cross_rank).__name__}")
+        self.cross_rank = cross_rank
         self.backend = backend
 
     def forward(
@@ -34,11 +37,12 @@ class _TripletMiner(nn.Module):
             metric=self.metric,
             ref_embeddings=ref_embeddings,
             ref_labels=ref_labels,
+            cross_rank=self.cross_rank,
             backend=self.backend,
         )
 
     def extra_repr(self) -> str:
-        return f"metric={self.metric!r}"
+        return f"metric={self.metric!r}, cross_rank={self.cross_rank}"
 
 
 class BatchHardMiner(_TripletMiner):
@@ -49,6 +53,9 @@ class BatchHardMiner(_TripletMiner):
 
     Args:
         metric: ``"euclidean"``, ``"sqeuclidean"``, ``"cosine"`` or ``"dot"``.
+        cross_rank: under torch.distributed, mine among all ranks' items; positives and negatives
+            then index the concatenation of all ranks' batches (see
+            :func:`torchfg.functional.mine_triplets`).
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
 
     Shapes:
@@ -72,6 +79,7 @@ class SemiHardMiner(_TripletMiner):
 
     Args:
         metric: ``"euclidean"``, ``"sqeuclidean"``, ``"cosine"`` or ``"dot"``.
+        cross_rank: mine among all ranks' items (see :class:`BatchHardMiner`).
 
     Shapes:
         forward(embeddings (N, D), labels (N,), ref_embeddings (M, D) = None, ref_labels (M,) = None)
@@ -86,5 +94,5 @@ class SemiHardMiner(_TripletMiner):
 
     strategy = "semi_hard"
 
-    def __init__(self, *, metric: str = "euclidean") -> None:
-        super().__init__(metric=metric, backend="torch")
+    def __init__(self, *, metric: str = "euclidean", cross_rank: bool = False) -> None:
+        super().__init__(metric=metric, cross_rank=cross_rank, backend="torch")

@@ -204,16 +204,25 @@ def device_name(device: torch.device | str) -> str:
     return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}"
 
 
+def _git(*args: str) -> str:
+    out = subprocess.run(
+        ["git", *args], capture_output=True, text=True, timeout=5, cwd=Path(__file__).resolve().parent
+    )
+    return out.stdout.strip() if out.returncode == 0 else ""
+
+
 def _git_commit() -> str:
+    """Short commit of the checkout, with ``+dirty`` when the measured code differs from it.
+
+    The measured code is the package and the CUDA sources (changed or untracked files there);
+    unrelated files of the checkout (notebooks, results) do not count.
+    """
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            cwd=Path(__file__).resolve().parent,
-        )
-        return out.stdout.strip() or "unknown"
+        commit = _git("rev-parse", "--short", "HEAD")
+        if not commit:
+            return "unknown"
+        changed = _git("status", "--porcelain", "--", ":/torchfg", ":/csrc")
+        return commit + ("+dirty" if changed else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 

@@ -26,8 +26,6 @@ METRICS = ("sqeuclidean", "euclidean", "cosine", "dot")
 # speed below ~1000 rows, GPU ones below a few thousand.
 _CPU_BLOCK_BYTES = 256 * 2**20
 _GPU_BLOCK_BYTES = 512 * 2**20
-# Rows of a transposed tile copied at once in the symmetric self-search.
-_TRANSPOSE_STRIP = 1024
 
 
 def default_chunk_size(num_gallery: int, device: torch.device) -> int:
@@ -37,7 +35,8 @@ def default_chunk_size(num_gallery: int, device: torch.device) -> int:
 
 
 def default_tile_size(device: torch.device) -> int:
-    """Side of the square tiles of the symmetric self-search (a 256 MiB fp32 tile).
+    """Side of the square tiles of the symmetric self-search (256 MiB per fp32 tile; the search
+    holds a tile and its transpose).
 
     Wide tiles matter on CPUs: ``torch.topk`` costs several times more per element on short
     rows, and each tile side is the row width of one of its two selections.
@@ -247,14 +246,15 @@ def _knn_symmetric(
     progress: Callable[[int], None] | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Self-search that computes each pair once: tile (I, J) with J > I serves rows I, and its
-    transpose serves rows J, halving the GEMM work of the plain chunked search."""
+    transpose serves rows J. With b tiles per side the GEMM work is (b + 1) / (2 b) of the plain
+    chunked search (the diagonal tiles are computed whole)."""
     n = x.shape[0]
     left, right, finish = _symmetric_keys(x, metric)
-    rows_f, _ = prepare_rows(x, metric) if metric == "cosine" else (None, None)
     if exclude_self:
         diagonal = torch.full((n,), float("inf"), dtype=left.dtype, device=x.device)
     elif metric == "cosine":
-        diagonal = torch.where(rows_f.abs().amax(1) > 0, -1.0, 0.0).to(left.dtype)
+        # Raw key -1 finishes to distance 0; a zero row stays at 1 from itself.
+        diagonal = torch.where(x.abs().amax(1) > 0, -1.0, 0.0).to(left.dtype)
     elif metric == "dot":
         diagonal = None
     else:
@@ -262,7 +262,7 @@ def _knn_symmetric(
     starts = list(range(0, n, tile))
     pools = [_CandidatePool(k, 4 * k) for _ in starts]
     buffer = torch.empty(tile, tile, dtype=left.dtype, device=x.device)
-    strip = torch.empty(min(_TRANSPOSE_STRIP, tile), tile, dtype=left.dtype, device=x.device)
+    transposed = torch.empty(tile, tile, dtype=left.dtype, device=x.device) if len(starts) > 1 else None
     distances = torch.empty(n, k, dtype=x.dtype, device=x.device)
     indices = torch.empty(n, k, dtype=torch.int64, device=x.device)
     for bi, i0 in enumerate(starts):
@@ -276,16 +276,12 @@ def _knn_symmetric(
                     local = torch.arange(i1 - i0, device=x.device)
                     block[local, local] = diagonal[i0:i1]
             else:
-                # The tile's transpose holds rows J against columns I (the keys are symmetric);
-                # it is copied in strips so that the selection reads contiguous rows.
-                kk = min(k, i1 - i0)
-                d_t = torch.empty(j1 - j0, kk, dtype=left.dtype, device=x.device)
-                c_t = torch.empty(j1 - j0, kk, dtype=torch.int64, device=x.device)
-                for s0 in range(0, j1 - j0, strip.shape[0]):
-                    s1 = min(s0 + strip.shape[0], j1 - j0)
-                    rows_t = strip[: s1 - s0, : i1 - i0]
-                    rows_t.copy_(block[:, s0:s1].t())
-                    d_t[s0:s1], c_t[s0:s1] = smallest_k(rows_t, kk, finish)
+                # The tile's transpose holds rows J against columns I (the keys are symmetric).
+                # A whole-tile copy takes torch's blocked-transpose path (strided strips of it are
+                # several times slower: one page per row), hence a second full buffer.
+                rows_t = transposed[: j1 - j0, : i1 - i0]
+                rows_t.copy_(block.t())
+                d_t, c_t = smallest_k(rows_t, min(k, i1 - i0), finish)
                 pools[bj].add(d_t, c_t + i0)
             d, c = smallest_k(block, min(k, j1 - j0), finish)
             pools[bi].add(d, c + j0)
@@ -310,6 +306,9 @@ def knn_reference(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """k nearest gallery rows of every query row, streamed over query chunks.
 
+    A self-search (``symmetric``) over at least two tiles computes each pair once instead: the
+    (I, J) tile of the distance matrix serves the rows of I and, transposed, those of J.
+
     Args:
         query: (Q, D) floating tensor.
         gallery: (G, D), same dtype and device as ``query``.
@@ -318,8 +317,8 @@ def knn_reference(
         symmetric: ``gallery`` is ``query``; d(i, i) is then set to its exact value (0 for the
             Euclidean metrics and for non-zero rows under ``cosine``).
         self_offset: when >= 0, query row i never returns gallery row ``self_offset + i``.
-        chunk_size: queries per chunk (default: a (chunk, G) fp32 block of 64 MiB on CPU,
-            512 MiB on GPU); the tile side of the symmetric self-search.
+        chunk_size: queries per chunk (default: a (chunk, G) fp32 block of 256 MiB on CPU,
+            512 MiB on GPU); also the tile side of the symmetric self-search (default 8192).
         progress: called with the number of query rows finished after each chunk.
 
     Returns:
@@ -330,9 +329,11 @@ def knn_reference(
     indices = torch.empty(num_query, k, dtype=torch.int64, device=query.device)
     if num_query == 0 or k == 0:
         return distances, indices
-    if symmetric and self_offset in (-1, 0):
-        tile = chunk_size or default_tile_size(query.device)
-        return _knn_symmetric(query, k, metric, self_offset == 0, min(tile, num_query), progress)
+    tile = chunk_size or default_tile_size(query.device)
+    # Below two tiles per side the symmetric path saves no GEMM work (the diagonal tiles are
+    # computed whole) and only adds the transposed selections.
+    if symmetric and self_offset in (-1, 0) and num_query >= 2 * tile:
+        return _knn_symmetric(query, k, metric, self_offset == 0, tile, progress)
     chunk = min(chunk_size or default_chunk_size(num_gallery, query.device), num_query)
     query_rows, query_aux = prepare_rows(query, metric)
     if symmetric:

@@ -38,7 +38,8 @@ _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.floa
 # better choice.
 MAX_K = 128
 # Index sentinel of empty buffer slots and rejected candidates; gallery indices stay below it.
-_NO_INDEX = 2**31 - 1
+_NO_INDEX_VALUE = 2**31 - 1
+_NO_INDEX = tl.constexpr(_NO_INDEX_VALUE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,10 +178,12 @@ def _compute_dtypes(dtype: torch.dtype) -> tuple[tl.dtype, str]:
 
 
 def _row_aux(x: torch.Tensor, metric: str) -> torch.Tensor:
-    norms = torch.linalg.vector_norm(x, dim=1, dtype=torch.float32)
+    """fp32 per-row inverse norms (cosine; 0 for zero rows) or squared norms (Euclidean metrics)."""
     if metric == "cosine":
+        norms = torch.linalg.vector_norm(x, dim=1, dtype=torch.float32)
         return torch.where(norms > 0, 1.0 / norms.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(norms))
-    return norms.square()
+    # Summed squares rather than a squared norm: sqrt-then-square would add a rounding step.
+    return x.float().square().sum(1)
 
 
 def _num_splits(num_query_blocks: int, num_gallery: int, block_g: int, device: torch.device) -> int:
@@ -212,8 +215,10 @@ def knn_triton(
         raise TypeError(f"knn_triton supports float16, bfloat16 and float32 inputs, got {query.dtype}")
     num_query, dim = query.shape
     num_gallery = gallery.shape[0]
-    if num_gallery >= _NO_INDEX - MAX_K:
-        raise ValueError(f"knn_triton supports galleries of fewer than {_NO_INDEX - MAX_K} rows, got {num_gallery}")
+    if num_gallery >= _NO_INDEX_VALUE - MAX_K:
+        raise ValueError(
+            f"knn_triton supports galleries of fewer than {_NO_INDEX_VALUE - MAX_K} rows, got {num_gallery}"
+        )
     if num_query == 0:
         return query.new_empty(0, k), torch.empty(0, k, dtype=torch.int64, device=query.device)
     k_pad = max(16, triton.next_power_of_2(k))

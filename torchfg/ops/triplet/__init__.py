@@ -21,6 +21,8 @@ from torchfg._validation import accumulation_dtype, check_choice, check_float_te
 from torchfg.backends import resolve_backend
 from torchfg.ops.triplet.reference import (
     METRICS,
+    anchor_pair_distances_backward_reference,
+    anchor_pair_distances_reference,
     mine_all_triplets_reference,
     mine_hardest_reference,
     mine_semi_hard_reference,
@@ -33,6 +35,7 @@ __all__ = [
     "mine_semi_hard",
     "mine_all_triplets",
     "pair_distances",
+    "anchor_pair_distances",
     "METRICS",
     "implemented_backends",
 ]
@@ -159,11 +162,53 @@ def _pair_distances_setup_context(ctx, inputs, output):
 
 def _pair_distances_backward(ctx, grad):
     x, y, x_idx, y_idx, out = ctx.saved_tensors
-    grad_x, grad_y = _pair_distances_backward_op(grad, x, None if ctx.y_is_x else y, x_idx, y_idx, out, ctx.metric)
+    grad_x, grad_y = _pair_distances_backward_op(grad.contiguous(), x, None if ctx.y_is_x else y, x_idx, y_idx, out, ctx.metric)
     return grad_x, (None if ctx.y_is_x else grad_y), None, None, None
 
 
 _pair_distances_op.register_autograd(_pair_distances_backward, setup_context=_pair_distances_setup_context)
+
+
+@torch.library.custom_op("torchfg::anchor_pair_distances", mutates_args=())
+def _anchor_pair_distances_op(x: torch.Tensor, y: torch.Tensor | None, y_idx: torch.Tensor, metric: str) -> torch.Tensor:
+    return anchor_pair_distances_reference(x, x if y is None else y, y_idx, metric)
+
+
+@_anchor_pair_distances_op.register_fake
+def _(x, y, y_idx, metric):
+    return x.new_empty(y_idx.shape, dtype=accumulation_dtype(x.dtype))
+
+
+@torch.library.custom_op("torchfg::anchor_pair_distances_backward", mutates_args=())
+def _anchor_pair_distances_backward_op(
+    grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor | None, y_idx: torch.Tensor, out: torch.Tensor, metric: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return anchor_pair_distances_backward_reference(grad, x, x if y is None else y, y_idx, out, metric, y_is_x=y is None)
+
+
+@_anchor_pair_distances_backward_op.register_fake
+def _(grad, x, y, y_idx, out, metric):
+    return torch.empty_like(x), (x.new_empty(0) if y is None else torch.empty_like(y))
+
+
+def _anchor_pair_distances_setup_context(ctx, inputs, output):
+    x, y, y_idx, metric = inputs
+    ctx.save_for_backward(x, y, y_idx, output)
+    ctx.metric = metric
+    ctx.y_is_x = y is None
+
+
+def _anchor_pair_distances_backward(ctx, grad):
+    x, y, y_idx, out = ctx.saved_tensors
+    grad_x, grad_y = _anchor_pair_distances_backward_op(
+        grad.contiguous(), x, None if ctx.y_is_x else y, y_idx, out, ctx.metric
+    )
+    return grad_x, (None if ctx.y_is_x else grad_y), None, None
+
+
+_anchor_pair_distances_op.register_autograd(
+    _anchor_pair_distances_backward, setup_context=_anchor_pair_distances_setup_context
+)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -422,3 +467,49 @@ def pair_distances(
     if x_idx.dtype.is_floating_point or y_idx.dtype.is_floating_point:
         raise TypeError("x_idx and y_idx must be integer tensors")
     return _pair_distances_op(x, y, x_idx.to(x.device, torch.int64), y_idx.to(x.device, torch.int64), metric)
+
+
+def anchor_pair_distances(
+    x: torch.Tensor,
+    y_idx: torch.Tensor,
+    y: torch.Tensor | None = None,
+    *,
+    metric: str = "euclidean",
+) -> torch.Tensor:
+    """Distances of every anchor row to K chosen partners, ``d(x[i], y[y_idx[i, k]])``, exactly.
+
+    The batch-hard layout of :func:`pair_distances` (anchor i is row i): anchors are read in
+    place and only partners are gathered, in large chunks, so forward and backward are a handful
+    of O(N K D) passes. The euclidean gradient at zero distance is 0.
+
+    Args:
+        x: (N, D) float anchors.
+        y_idx: (N, K) integer indices into y.
+        y: (M, D) same dtype/device, or None for y = x (gradients then go to x only).
+        metric: ``"euclidean"``, ``"sqeuclidean"``, ``"cosine"`` or ``"dot"``.
+
+    Returns:
+        (N, K) distances in fp32 (fp64 for fp64 inputs).
+
+    Example:
+        >>> x = torch.tensor([[0.0, 0.0], [3.0, 4.0], [6.0, 8.0]])
+        >>> anchor_pair_distances(x, torch.tensor([[1, 2], [0, 2], [1, 1]]))
+        tensor([[ 5., 10.],
+                [ 5.,  5.],
+                [ 5.,  5.]])
+    """
+    check_float_tensor(x, "x", ndim=2)
+    if y is not None:
+        check_float_tensor(y, "y", ndim=2)
+        if y.device != x.device or y.dtype != x.dtype or y.shape[1] != x.shape[1]:
+            raise ValueError(
+                f"y must have the device, dtype and feature size of x, got {y.device}/{y.dtype}/{y.shape[1]} "
+                f"and {x.device}/{x.dtype}/{x.shape[1]}"
+            )
+    check_choice(metric, "metric", METRICS)
+    y_idx = check_tensor(y_idx, "y_idx")
+    if y_idx.dim() != 2 or y_idx.shape[0] != x.shape[0]:
+        raise ValueError(f"y_idx must have shape (N, K) with N = {x.shape[0]}, got {tuple(y_idx.shape)}")
+    if y_idx.dtype.is_floating_point or y_idx.dtype == torch.bool:
+        raise TypeError(f"y_idx must be an integer tensor, got {y_idx.dtype}")
+    return _anchor_pair_distances_op(x, y, y_idx.to(x.device, torch.int64).contiguous(), metric)

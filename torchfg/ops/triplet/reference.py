@@ -4,7 +4,8 @@ Anchors are processed in chunks of rows, so the fp32 temporaries are O(chunk x M
 no function here ever holds an N x M matrix. Distances are computed on the fast path
 (``|a|^2 + |b|^2 - 2 a.b`` with fp32 accumulation, fp64 for fp64 inputs): they only *select*
 indices. The loss of the selected pairs is recomputed exactly from ``a - b`` by the caller
-(:mod:`torchfg.functional.triplet`).
+(:mod:`torchfg.functional.triplet`) through :func:`pair_distances_reference`, whose analytic
+backward is chunked too.
 
 All functions take candidates ``(M, D)`` that may or may not contain the anchors: with
 ``self_offset >= 0`` anchor ``i`` is candidate ``self_offset + i`` and is never its own positive;
@@ -23,14 +24,20 @@ __all__ = [
     "mine_hardest_reference",
     "mine_semi_hard_reference",
     "mine_all_triplets_reference",
+    "pair_distances_reference",
+    "pair_distances_backward_reference",
+    "anchor_pair_distances_reference",
+    "anchor_pair_distances_backward_reference",
     "text_similarity_operands",
 ]
 
 METRICS = ("euclidean", "sqeuclidean", "cosine", "dot")
 
-# Elements of the (chunk x M) fp32 block per chunk (16 MiB): few enough chunks that per-op
-# overhead stays small, and memory O(chunk x M) stays far below an N x M matrix at large N.
-CHUNK_ELEMENTS = 1 << 20
+# Anchor rows per chunk of mining: at most MAX_CHUNK_ROWS, and a (chunk x M) fp32 block of at
+# most MAX_BLOCK_ELEMENTS (64 MiB). Few chunks matter on a shared CPU, where each parallel region
+# may wait for a descheduled worker thread; memory stays O(chunk x M), never N x M.
+MAX_CHUNK_ROWS = 1024
+MAX_BLOCK_ELEMENTS = 1 << 24
 MIN_CHUNK_ROWS = 16
 # Rows per chunk for semi-hard / all mining, whose temporaries are larger per row.
 DEFAULT_CHUNK_ROWS = 128
@@ -61,10 +68,11 @@ def text_similarity_operands(
 class _DistanceBlocks:
     """Fast-path distance blocks (chunk x M) between anchor rows and all candidates.
 
-    ``block(start, stop)`` returns the metric distance. ``selection_block(start, stop)`` returns
-    cheaper values with the same order along each row, one GEMM and no extra pass: for
-    (sq)euclidean ``|b|^2 - 2 a.b`` (the row's ``|a|^2`` is added back by :meth:`row_offset`
-    where the clamp at 0 matters), for cosine ``-cos`` and for dot ``-a.b``.
+    ``block(a, out)`` writes the metric distance. ``selection_block(a, out)`` writes cheaper
+    values with the same order along each row, one GEMM and no extra pass: for (sq)euclidean
+    ``|b|^2 - 2 a.b`` (the row's ``|a|^2`` is added back by :meth:`row_offset` where the clamp at
+    0 matters), for cosine ``-cos`` and for dot ``-a.b``. ``out`` is a reused (chunk x M) buffer:
+    one allocation for the whole pass instead of a fresh, page-faulting one per chunk.
     """
 
     def __init__(self, anchors: torch.Tensor, candidates: torch.Tensor, metric: str) -> None:
@@ -85,22 +93,25 @@ class _DistanceBlocks:
             return _unit_rows(self.anchors[start:stop], self.acc)
         return self.anchors[start:stop].to(self.acc)
 
-    def row_offset(self, a: torch.Tensor) -> torch.Tensor | None:
-        """(chunk, 1) value that turns selection values into squared distances (euclidean only)."""
-        return torch.linalg.vecdot(a, a).unsqueeze(1) if self.euclidean else None
+    def row_offsets(self) -> torch.Tensor | None:
+        """(N, 1) values that turn selection values into squared distances (euclidean only)."""
+        if not self.euclidean:
+            return None
+        a = self.anchors.to(self.acc)
+        return torch.linalg.vecdot(a, a).unsqueeze(1)
 
-    def selection_block(self, a: torch.Tensor) -> torch.Tensor:
+    def selection_block(self, a: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         if self.euclidean:
-            return torch.addmm(self.candidate_sq, a, self.candidates_t, alpha=-2.0)
-        return torch.addmm(self._zero, a, self.candidates_t, beta=0.0, alpha=-1.0)
+            return torch.addmm(self.candidate_sq, a, self.candidates_t, alpha=-2.0, out=out)
+        return torch.addmm(self._zero, a, self.candidates_t, beta=0.0, alpha=-1.0, out=out)
 
-    def block(self, a: torch.Tensor) -> torch.Tensor:
+    def block(self, a: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         if self.metric == "cosine":
-            return torch.addmm(self._one, a, self.candidates_t, alpha=-1.0)
+            return torch.addmm(self._one, a, self.candidates_t, alpha=-1.0, out=out)
         if self.metric == "dot":
-            return torch.addmm(self._zero, a, self.candidates_t, beta=0.0, alpha=-1.0)
-        block = torch.addmm(self.candidate_sq, a, self.candidates_t, alpha=-2.0)
-        block.add_(a.square().sum(1, keepdim=True)).clamp_min_(0.0)
+            return torch.addmm(self._zero, a, self.candidates_t, beta=0.0, alpha=-1.0, out=out)
+        block = torch.addmm(self.candidate_sq, a, self.candidates_t, alpha=-2.0, out=out)
+        block.add_(torch.linalg.vecdot(a, a).unsqueeze(1)).clamp_min_(0.0)
         if self.metric == "euclidean":
             block.sqrt_()
         return block
@@ -118,7 +129,7 @@ def _exclude_self(block: torch.Tensor, start: int, self_offset: int, fill: float
 def _chunk_rows_for(m: int, chunk_rows: int | None) -> int:
     if chunk_rows is not None:
         return max(int(chunk_rows), 1)
-    return max(CHUNK_ELEMENTS // max(m, 1), MIN_CHUNK_ROWS)
+    return min(MAX_CHUNK_ROWS, max(MAX_BLOCK_ELEMENTS // max(m, 1), MIN_CHUNK_ROWS))
 
 
 def _first_index_where(mask: torch.Tensor) -> torch.Tensor:
@@ -215,6 +226,10 @@ def mine_hardest_reference(
     half_scale = 0.5 * margin_scale
     margin_at_zero_cos = torch.full((1,), base_margin + half_scale, dtype=acc, device=device)
 
+    block_buffer = torch.empty(min(chunk_rows, n), m, dtype=acc, device=device)
+    all_offsets = None if margin_aware else distances.row_offsets()
+    score_buffer = torch.empty_like(block_buffer) if margin_aware else None
+
     pairs = None
     if sparse_positives is not False:
         pairs = _SameLabelPairs(anchor_labels, candidate_labels)
@@ -226,11 +241,11 @@ def mine_hardest_reference(
         rows = stop - start
         a = distances.rows(start, stop)
         if margin_aware:
-            block = distances.block(a)  # m - d is not monotone in d^2: need d itself
+            block = distances.block(a, block_buffer[:rows])  # m - d is not monotone in d^2: need d
             offset = None
         else:
-            block = distances.selection_block(a)
-            offset = distances.row_offset(a)
+            block = distances.selection_block(a, block_buffer[:rows])
+            offset = None if all_offsets is None else all_offsets[start:stop]
         del a
 
         # ---- positives: the largest distance among same-label candidates, self excluded
@@ -264,9 +279,19 @@ def mine_hardest_reference(
             excluded = torch.mm(anchor_unit_text[start:stop], candidate_unit_text_t) >= threshold
         if margin_aware:
             # score = m - d with m = base + s (1 - cos) / 2 straight out of the text GEMM.
-            score = torch.addmm(margin_at_zero_cos, anchor_unit_text[start:stop], candidate_unit_text_t, alpha=-half_scale)
+            if anchor_unit_text.dtype == acc:
+                score = torch.addmm(
+                    margin_at_zero_cos, anchor_unit_text[start:stop], candidate_unit_text_t, alpha=-half_scale,
+                    out=score_buffer[:rows],
+                )
+            else:  # text in another precision than the embeddings: margins in the text's precision
+                margins = torch.addmm(
+                    margin_at_zero_cos.to(anchor_unit_text.dtype), anchor_unit_text[start:stop],
+                    candidate_unit_text_t, alpha=-half_scale,
+                )
+                score = score_buffer[:rows].copy_(margins)
+                del margins
             score.sub_(block)
-            del block
             fill = _NEG_INF
         else:
             score, fill = block, _POS_INF
@@ -323,7 +348,7 @@ def mine_semi_hard_reference(
     out_a, out_p, out_n = [], [], []
     for start in range(0, n, chunk_rows):
         stop = min(start + chunk_rows, n)
-        block = distances.block(distances.rows(start, stop))
+        block = distances.block(distances.rows(start, stop), torch.empty(stop - start, m, dtype=distances.acc, device=device))
         same_label = anchor_labels[start:stop, None] == candidate_labels[None, :]
         negatives = torch.where(same_label, torch.tensor(_NEG_INF, dtype=block.dtype, device=device), block)
         has_negative = ~same_label.all(1)
@@ -396,18 +421,32 @@ def mine_all_triplets_reference(
 
 # ----------------------------------------------------------------------------- exact pair distances
 
-# Pairs per chunk in pair_distances: bounds the (chunk x D) fp32 temporaries to ~1 MiB each.
-PAIR_CHUNK_ELEMENTS = 1 << 18
+# Pairs per chunk in pair_distances: bounds the (chunk x D) fp32 temporaries to ~4 MiB each.
+PAIR_CHUNK_ELEMENTS = 1 << 20
 
 
 def _pair_chunk(d: int) -> int:
     return max(PAIR_CHUNK_ELEMENTS // max(d, 1), 1)
 
 
-def _pair_rows(
-    x: torch.Tensor, y: torch.Tensor, x_idx: torch.Tensor, y_idx: torch.Tensor, acc: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return x.index_select(0, x_idx).to(acc), y.index_select(0, y_idx).to(acc)
+class _RowBuffers:
+    """Two reused (chunk x D) buffers that gathered rows are written into, in the accumulation dtype."""
+
+    def __init__(self, rows: int, d: int, acc: torch.dtype, device: torch.device) -> None:
+        self.a = torch.empty(rows, d, dtype=acc, device=device)
+        self.b = torch.empty(rows, d, dtype=acc, device=device)
+
+    @staticmethod
+    def _gather(src: torch.Tensor, idx: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if src.dtype == out.dtype:
+            return torch.index_select(src, 0, idx, out=out)
+        return out.copy_(src.index_select(0, idx))
+
+    def gather(
+        self, x: torch.Tensor, y: torch.Tensor, x_idx: torch.Tensor, y_idx: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        k = x_idx.shape[0]
+        return self._gather(x, x_idx, self.a[:k]), self._gather(y, y_idx, self.b[:k])
 
 
 def _safe_inverse(norm: torch.Tensor) -> torch.Tensor:
@@ -426,9 +465,10 @@ def pair_distances_reference(
     k = x_idx.shape[0]
     out = torch.empty(k, dtype=acc, device=x.device)
     step = _pair_chunk(x.shape[1])
+    buffers = _RowBuffers(min(step, k), x.shape[1], acc, x.device)
     for start in range(0, k, step):
         stop = min(start + step, k)
-        a, b = _pair_rows(x, y, x_idx[start:stop], y_idx[start:stop], acc)
+        a, b = buffers.gather(x, y, x_idx[start:stop], y_idx[start:stop])
         if metric in ("euclidean", "sqeuclidean"):
             diff = a.sub_(b)
             value = torch.linalg.vecdot(diff, diff)
@@ -472,26 +512,140 @@ def pair_distances_backward_reference(
         coef = grad
     k = x_idx.shape[0]
     step = _pair_chunk(x.shape[1])
+    buffers = _RowBuffers(min(step, k), x.shape[1], acc, x.device)
     for start in range(0, k, step):
         stop = min(start + step, k)
         xi, yi = x_idx[start:stop], y_idx[start:stop]
-        a, b = _pair_rows(x, y, xi, yi, acc)
+        a, b = buffers.gather(x, y, xi, yi)
         c = coef[start:stop, None]
         if metric in ("euclidean", "sqeuclidean"):
             contribution = a.sub_(b).mul_(c)  # d/da = coef (a - b), d/db = -coef (a - b)
             grad_x.index_add_(0, xi, contribution)
-            grad_y.index_add_(0, yi, contribution, alpha=-1.0)
+            # No alpha=-1: index_add_ with alpha falls back to a much slower scatter_add_ on CPU.
+            grad_y.index_add_(0, yi, contribution.neg_())
         elif metric == "cosine":
             # d(1 - a^.b^)/da = -(b^ - cos a^) / |a|
             a_inv = _safe_inverse(torch.linalg.vector_norm(a, dim=1, keepdim=True))
             b_inv = _safe_inverse(torch.linalg.vector_norm(b, dim=1, keepdim=True))
             a_hat, b_hat = a.mul_(a_inv), b.mul_(b_inv)
             cos = torch.linalg.vecdot(a_hat, b_hat).unsqueeze(1)
-            grad_x.index_add_(0, xi, (b_hat - cos * a_hat).mul_(a_inv).mul_(c), alpha=-1.0)
-            grad_y.index_add_(0, yi, (a_hat - cos * b_hat).mul_(b_inv).mul_(c), alpha=-1.0)
+            c = c.neg()
+            grad_x.index_add_(0, xi, (b_hat - cos * a_hat).mul_(a_inv).mul_(c))
+            grad_y.index_add_(0, yi, (a_hat - cos * b_hat).mul_(b_inv).mul_(c))
         else:
-            grad_x.index_add_(0, xi, b.mul_(c), alpha=-1.0)
-            grad_y.index_add_(0, yi, a.mul_(c), alpha=-1.0)
+            c = c.neg()
+            grad_x.index_add_(0, xi, b.mul_(c))
+            grad_y.index_add_(0, yi, a.mul_(c))
+    grad_x = grad_x.to(x.dtype)
+    if y_is_x:
+        return grad_x, x.new_empty(0)
+    return grad_x, grad_y.to(y.dtype)
+
+
+# ----------------------------------------------------------------------------- anchored pair distances
+
+# Elements of the (rows x K x D) gather buffer of anchor_pair_distances (8 MiB in fp32; 2048
+# anchors at K = 2, D = 512). Few chunks matter on a shared CPU, where every parallel region can
+# wait for a descheduled worker thread; the buffer bounds the extra memory.
+ANCHORED_CHUNK_ELEMENTS = 1 << 21
+
+
+def _anchored_rows(k: int, d: int) -> int:
+    return max(ANCHORED_CHUNK_ELEMENTS // max(k * d, 1), 1)
+
+
+def _gather_into(src: torch.Tensor, idx: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    if src.dtype == out.dtype:
+        return torch.index_select(src, 0, idx, out=out)
+    return out.copy_(src.index_select(0, idx))
+
+
+def anchor_pair_distances_reference(x: torch.Tensor, y: torch.Tensor, y_idx: torch.Tensor, metric: str) -> torch.Tensor:
+    """d(x[i], y[y_idx[i, k]]) for every anchor row i of x and k, exactly from the differences.
+
+    x (N, D), y (M, D), y_idx (N, K) int64 -> (N, K) in fp32 (fp64 for fp64). Anchor rows are
+    read in place; only the K partner rows per anchor are gathered, in chunks of anchors.
+    """
+    acc = accumulation_dtype(x.dtype)
+    n, k = y_idx.shape
+    d = x.shape[1]
+    out = torch.empty(n, k, dtype=acc, device=x.device)
+    step = _anchored_rows(k, d)
+    buffer = torch.empty(min(step, n) * k, d, dtype=acc, device=x.device)
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        rows = stop - start
+        a = x[start:stop].to(acc)
+        b = _gather_into(y, y_idx[start:stop].reshape(-1), buffer[: rows * k]).view(rows, k, d)
+        if metric in ("euclidean", "sqeuclidean"):
+            diff = b.sub_(a.unsqueeze(1))
+            value = torch.linalg.vecdot(diff, diff)
+            if metric == "euclidean":
+                value.sqrt_()
+        elif metric == "cosine":
+            a_inv = _safe_inverse(torch.linalg.vector_norm(a, dim=1))
+            b_inv = _safe_inverse(torch.linalg.vector_norm(b, dim=2))
+            value = torch.linalg.vecdot(b, a.unsqueeze(1)).mul_(a_inv.unsqueeze(1)).mul_(b_inv).neg_().add_(1.0)
+        else:
+            value = torch.linalg.vecdot(b, a.unsqueeze(1)).neg_()
+        out[start:stop] = value
+    return out
+
+
+def anchor_pair_distances_backward_reference(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    y_idx: torch.Tensor,
+    out: torch.Tensor,
+    metric: str,
+    y_is_x: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Analytic (dL/dx (N, D), dL/dy (M, D)) of :func:`anchor_pair_distances_reference`, O(N K D).
+
+    Zero euclidean distances get a zero gradient (never NaN). With ``y_is_x`` both gradients are
+    accumulated into the first tensor and the second is empty.
+    """
+    acc = accumulation_dtype(x.dtype)
+    n, k = y_idx.shape
+    d = x.shape[1]
+    grad = grad.to(acc)
+    grad_x = torch.zeros(x.shape, dtype=acc, device=x.device)
+    grad_y = grad_x if y_is_x else torch.zeros(y.shape, dtype=acc, device=y.device)
+    if metric == "euclidean":
+        coef = torch.where(out > 0, grad / out.clamp_min(torch.finfo(acc).tiny), torch.zeros_like(grad))
+    elif metric == "sqeuclidean":
+        coef = 2.0 * grad
+    else:
+        coef = grad
+    step = _anchored_rows(k, d)
+    buffer = torch.empty(min(step, n) * k, d, dtype=acc, device=x.device)
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        rows = stop - start
+        flat_idx = y_idx[start:stop].reshape(-1)
+        a = x[start:stop].to(acc)
+        b = _gather_into(y, flat_idx, buffer[: rows * k]).view(rows, k, d)
+        c = coef[start:stop].unsqueeze(2)
+        anchor_grad = grad_x[start:stop]
+        if metric in ("euclidean", "sqeuclidean"):
+            # d/da = coef (a - b) summed over the K partners; d/db = -coef (a - b) = coef (b - a).
+            contribution = b.sub_(a.unsqueeze(1)).mul_(c)
+            for j in range(k):
+                anchor_grad.sub_(contribution[:, j])
+            grad_y.index_add_(0, flat_idx, contribution.view(rows * k, d))
+        elif metric == "cosine":
+            # d(1 - a^.b^)/da = -(b^ - cos a^) / |a|, and symmetrically for b.
+            a_inv = _safe_inverse(torch.linalg.vector_norm(a, dim=1, keepdim=True))
+            b_inv = _safe_inverse(torch.linalg.vector_norm(b, dim=2, keepdim=True))
+            a_hat = (a * a_inv).unsqueeze(1)
+            b_hat = b.mul_(b_inv)
+            cos = torch.linalg.vecdot(b_hat, a_hat).unsqueeze(2)
+            anchor_grad.sub_(((b_hat - cos * a_hat) * c).sum(1).mul_(a_inv))
+            grad_y.index_add_(0, flat_idx, ((a_hat - cos * b_hat).mul_(b_inv).mul_(c).neg_()).view(rows * k, d))
+        else:
+            anchor_grad.sub_((b * c).sum(1))
+            grad_y.index_add_(0, flat_idx, (c * a.unsqueeze(1)).neg_().reshape(rows * k, d))
     grad_x = grad_x.to(x.dtype)
     if y_is_x:
         return grad_x, x.new_empty(0)

@@ -599,10 +599,12 @@ def mine_hardest_triton(
         precision allows it.
 
     Example:
-        >>> x = torch.randn(8192, 512, device="cuda", dtype=torch.bfloat16)
-        >>> y = torch.randint(0, 1000, (8192,), device="cuda")
-        >>> pos, neg = mine_hardest_triton(x, x, y, y, None, None, metric="euclidean",
-        ...     base_margin=0.2, margin_scale=0.0, text_positive_threshold=None, self_offset=0)
+        On a CUDA device (not run by the doctests)::
+
+            x = torch.randn(8192, 512, device="cuda", dtype=torch.bfloat16)
+            y = torch.randint(0, 1000, (8192,), device="cuda")
+            pos, neg = mine_hardest_triton(x, x, y, y, None, None, metric="euclidean",
+                base_margin=0.2, margin_scale=0.0, text_positive_threshold=None, self_offset=0)
     """
     return mine_hardest_triton_tiled(
         anchors, candidates, anchor_labels, candidate_labels, anchor_text, candidate_text,

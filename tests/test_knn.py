@@ -1,0 +1,548 @@
+"""torchfg.knn: every backend against an fp64 brute force, faiss-cpu, bad input, csrc compile check."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import TEST_DEVICE, backends_to_test, requires_triton
+from torchfg import knn
+from torchfg.backends import BackendUnavailableError
+from torchfg.ops.knn import knn_search
+from torchfg.ops.knn import reference as ref_module
+from torchfg.ops.knn.reference import METRICS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Distances of O(D) magnitude computed in fp32 against fp64 brute force.
+TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+
+
+def brute_force_matrix(query: torch.Tensor, gallery: torch.Tensor, metric: str) -> torch.Tensor:
+    """(Q, G) fp64 distances from explicit differences / normalised rows: independent of the fast paths."""
+    q, g = query.double().cpu(), gallery.double().cpu()
+    if metric in ("sqeuclidean", "euclidean"):
+        sq = (q.unsqueeze(1) - g.unsqueeze(0)).square().sum(-1)
+        return sq if metric == "sqeuclidean" else sq.sqrt()
+    if metric == "dot":
+        return -(q @ g.T)
+    qn, gn = q.norm(dim=1, keepdim=True), g.norm(dim=1, keepdim=True)
+    qh = torch.where(qn > 0, q / qn.clamp_min(1e-300), 0.0)
+    gh = torch.where(gn > 0, g / gn.clamp_min(1e-300), 0.0)
+    return 1 - qh @ gh.T
+
+
+def brute_force_knn(query, gallery, k, metric, exclude_self=False):
+    """(distances, indices) in fp64 with a stable sort: ties go to the lower index."""
+    full = brute_force_matrix(query, query if gallery is None else gallery, metric)
+    if exclude_self:
+        rows = torch.arange(query.shape[0])
+        full[rows, rows] = float("inf")
+    order = torch.sort(full, dim=1, stable=True).indices[:, :k]
+    return full.gather(1, order), order, full
+
+
+def assert_knn_matches(distances, indices, query, gallery, k, metric, exclude_self=False, tol=1e-4):
+    """Distances match the brute force position by position; indices match wherever the brute-force
+    distance is separated by more than ``tol`` from its neighbours (near-ties may legitimately swap
+    under rounding); ties in the output are ordered by index; every index is a valid, distinct row."""
+    num_query = query.shape[0]
+    assert distances.shape == (num_query, k) and indices.shape == (num_query, k)
+    assert indices.dtype == torch.int64
+    assert distances.dtype == query.dtype
+    distances, indices = distances.double().cpu(), indices.cpu()
+    ref_d, ref_i, full = brute_force_knn(query, gallery, k, metric, exclude_self)
+    num_gallery = full.shape[1]
+    assert ((indices >= 0) & (indices < num_gallery)).all()
+    assert not torch.isnan(distances).any()
+    assert (torch.sort(indices, dim=1).values.diff(dim=1) > 0).all(), "indices must be distinct"
+    if exclude_self:
+        assert (indices != torch.arange(num_query).unsqueeze(1)).all()
+    scale = 1.0 + full.abs().amax()
+    atol = tol * float(scale)
+    torch.testing.assert_close(distances, ref_d, atol=atol, rtol=0)
+    # The pairs returned are at the distance reported.
+    torch.testing.assert_close(full.gather(1, indices), distances, atol=atol, rtol=0)
+    assert (distances.diff(dim=1) >= 0).all()
+    if query.dtype not in (torch.float16, torch.bfloat16):
+        # (Half outputs are rounded from the fp32 distances that decided the order, so rounding
+        # may create equal values that were not ties.)
+        same = distances.diff(dim=1) == 0
+        assert (indices.diff(dim=1)[same] > 0).all(), "equal distances must be ordered by index"
+    # Where the brute-force order is unambiguous, the indices must be identical.
+    gaps = torch.sort(full, dim=1, stable=True).values.diff(dim=1)
+    pad = torch.full((num_query, 1), float("inf"), dtype=gaps.dtype)
+    before, after = torch.cat([pad, gaps], 1)[:, :k], torch.cat([gaps, pad], 1)[:, :k]
+    separated = (before > 2 * atol) & (after > 2 * atol)
+    assert torch.equal(indices[separated], ref_i[separated])
+
+
+def integer_data(gen, rows, dim, low=-2, high=3):
+    """Small integers: every product and sum is exact in fp32, so equal distances are exact ties."""
+    return torch.randint(low, high, (rows, dim), generator=gen).float()
+
+
+# ---------------------------------------------------------------------------------------------
+# torch backend (the reference) against brute force
+
+
+@given(
+    num_query=st.integers(1, 40),
+    num_gallery=st.integers(1, 60),
+    dim=st.integers(1, 20),
+    k_frac=st.floats(0, 1),
+    metric=st.sampled_from(METRICS),
+    self_search=st.booleans(),
+    exclude_self=st.booleans(),
+    chunk=st.sampled_from([None, 1, 3, 7]),
+    integers=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_torch_backend_equals_brute_force(
+    num_query, num_gallery, dim, k_frac, metric, self_search, exclude_self, chunk, integers, seed
+):
+    gen = torch.Generator().manual_seed(seed)
+    draw = (lambda r: integer_data(gen, r, dim)) if integers else (lambda r: torch.randn(r, dim, generator=gen))
+    query = draw(num_query)
+    gallery = None if self_search else draw(max(num_gallery, num_query if exclude_self else 0))
+    num_g = num_query if gallery is None else gallery.shape[0]
+    eligible = num_g - int(exclude_self)
+    if eligible < 1:
+        return
+    k = 1 + int(k_frac * (eligible - 1))
+    d, i = knn(query, gallery, k, metric=metric, exclude_self=exclude_self, backend="torch", chunk_size=chunk)
+    if integers and metric != "cosine":
+        # Exact arithmetic: identical distances and identical (tie-broken) indices.
+        ref_d, ref_i, _ = brute_force_knn(query, gallery, k, metric, exclude_self)
+        assert torch.equal(i, ref_i)
+        torch.testing.assert_close(d.double(), ref_d, atol=1e-6 if metric == "euclidean" else 0, rtol=1e-6)
+    else:
+        assert_knn_matches(d, i, query, gallery, k, metric, exclude_self)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_edge_shapes_k1_kG_q1_d1(metric):
+    gen = torch.Generator().manual_seed(3)
+    g = torch.randn(9, 1, generator=gen, dtype=torch.float64)
+    q = torch.randn(1, 1, generator=gen, dtype=torch.float64)
+    for k in (1, 9):
+        d, i = knn(q, g, k, metric=metric, backend="torch")
+        assert_knn_matches(d, i, q, g, k, metric, tol=1e-9)
+    d, i = knn(g, k=8, metric=metric, exclude_self=True, backend="torch")
+    assert_knn_matches(d, i, g, None, 8, metric, exclude_self=True, tol=1e-9)
+
+
+def test_symmetric_path_tiles(monkeypatch):
+    """Self-search over symmetric tiles of 8 rows (a partial last tile), 37 points with ties."""
+    calls = []
+    real_symmetric = ref_module._knn_symmetric
+    monkeypatch.setattr(ref_module, "_knn_symmetric", lambda *a: calls.append(1) or real_symmetric(*a))
+    gen = torch.Generator().manual_seed(11)
+    x = integer_data(gen, 37, 3, -1, 2)
+    for metric in ("sqeuclidean", "euclidean", "dot"):
+        for exclude in (False, True):
+            k = 36 if exclude else 37
+            for kk in (1, 5, k):
+                d, i = knn(x, k=kk, metric=metric, exclude_self=exclude, backend="torch", chunk_size=8)
+                ref_d, ref_i, _ = brute_force_knn(x, None, kk, metric, exclude)
+                assert torch.equal(i, ref_i), (metric, exclude, kk)
+                torch.testing.assert_close(d.double(), ref_d, atol=1e-6, rtol=0)
+    assert len(calls) == 2 * 3 * 3
+
+
+def test_self_search_puts_each_row_first_at_distance_zero():
+    x = torch.randn(45, 6)
+    x[3] = 0.0  # cosine: a zero row is at distance 1 from everything, itself included
+    for metric in ("sqeuclidean", "euclidean", "cosine"):
+        d, i = knn(x, k=3, metric=metric, backend="torch")
+        rows = torch.arange(45)
+        nonzero = rows != 3
+        assert torch.equal(i[nonzero, 0], rows[nonzero]), metric
+        assert (d[nonzero, 0] == 0).all(), metric
+    d, i = knn(x, k=3, metric="cosine", backend="torch")
+    assert (d[3] == 1).all()
+
+
+def test_reference_never_allocates_query_by_gallery(monkeypatch):
+    """Memory: no working tensor of Q x G elements (chunk 5 of 61 queries against 53 rows)."""
+    sizes = []
+    real_empty, real_mm = torch.empty, torch.mm
+
+    def recording_empty(*args, **kwargs):
+        out = real_empty(*args, **kwargs)
+        sizes.append(out.numel())
+        return out
+
+    def recording_mm(*args, **kwargs):
+        out = real_mm(*args, **kwargs)
+        sizes.append(out.numel())
+        return out
+
+    monkeypatch.setattr(ref_module.torch, "empty", recording_empty)
+    monkeypatch.setattr(ref_module.torch, "mm", recording_mm)
+    q, g = torch.randn(61, 4), torch.randn(53, 4)
+    knn(q, g, 4, metric="dot", backend="torch", chunk_size=5)
+    knn(q, k=4, metric="dot", backend="torch", chunk_size=16)
+    assert sizes and max(sizes) <= 16 * 61 < 61 * 53
+
+
+def test_bf16_and_fp16_inputs_return_input_dtype():
+    gen = torch.Generator().manual_seed(5)
+    for dtype in (torch.bfloat16, torch.float16):
+        q = torch.randn(20, 16, generator=gen).to(dtype)
+        g = torch.randn(50, 16, generator=gen).to(dtype)
+        d, i = knn(q, g, 6, metric="euclidean", backend="torch")
+        assert d.dtype == dtype
+        assert_knn_matches(d, i, q, g, 6, "euclidean", tol=TOL[dtype])
+
+
+def test_empty_query_and_zero_dim():
+    d, i = knn(torch.randn(0, 4), torch.randn(5, 4), 3, backend="torch")
+    assert d.shape == (0, 3) and i.shape == (0, 3)
+    # D = 0: every distance is 0 (cosine: 1), ties resolved by index.
+    d, i = knn(torch.randn(3, 0), torch.randn(5, 0), 2, metric="sqeuclidean", backend="torch")
+    assert torch.equal(i, torch.tensor([[0, 1]] * 3)) and (d == 0).all()
+
+
+def test_progress_reports_every_query():
+    x = torch.randn(50, 5)
+    for gallery, exclude in ((None, True), (torch.randn(30, 5), False)):
+        seen = []
+        d, i = knn_search(x, gallery, 4, metric="cosine", exclude_self=exclude, backend="torch", chunk_size=7,
+                          progress=seen.append)
+        assert sum(seen) == 50 and len(seen) > 1
+        d2, i2 = knn(x, gallery, 4, metric="cosine", exclude_self=exclude, backend="torch", chunk_size=7)
+        assert torch.equal(i, i2)
+
+
+def test_torch_compile_fullgraph():
+    q, g = torch.randn(9, 6), torch.randn(14, 6)
+
+    def fn(a, b):
+        d, i = knn(a, b, 3, metric="euclidean", backend="torch")
+        return d * 2, i
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    (d1, i1), (d2, i2) = compiled(q, g), fn(q, g)
+    torch.testing.assert_close(d1, d2)
+    assert torch.equal(i1, i2)
+
+
+# ---------------------------------------------------------------------------------------------
+# faiss-cpu
+
+
+def test_cpu_equals_faiss_flat_l2_and_ip():
+    faiss = pytest.importorskip("faiss")
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(97, 24, generator=gen)
+    g = torch.randn(403, 24, generator=gen)
+    k = 13
+    for metric, index_type in (("sqeuclidean", faiss.IndexFlatL2), ("dot", faiss.IndexFlatIP)):
+        index = index_type(24)
+        index.add(g.numpy())
+        f_d, f_i = index.search(q.numpy(), k)
+        f_d, f_i = torch.from_numpy(f_d), torch.from_numpy(f_i)
+        if metric == "dot":
+            f_d = -f_d
+        d, i = knn(q, g, k, metric=metric, backend="torch")
+        torch.testing.assert_close(d, f_d, atol=1e-3, rtol=1e-4)
+        # Identical neighbours wherever the order is not decided by rounding noise.
+        _, _, full = brute_force_knn(q, g, k, metric)
+        gaps = torch.sort(full, dim=1).values[:, : k + 1].diff(dim=1)
+        clear = torch.ones(97, k, dtype=torch.bool)
+        clear[:, 1:] &= gaps[:, : k - 1] > 1e-3
+        clear &= gaps[:, :k] > 1e-3
+        assert clear.float().mean() > 0.9
+        assert torch.equal(i[clear], f_i[clear]), metric
+    # Self-search against an index of the same points.
+    index = faiss.IndexFlatL2(24)
+    index.add(g.numpy())
+    f_d, f_i = index.search(g.numpy(), 5)
+    d, i = knn(g, k=5, metric="sqeuclidean", backend="torch")
+    assert (torch.from_numpy(f_i) == i).float().mean() > 0.99
+    torch.testing.assert_close(d, torch.from_numpy(f_d).clamp_min(0), atol=1e-3, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton (interpreter on CPU) and CUDA kernels against brute force / the reference
+
+
+def _kernel_backends() -> list[str]:
+    return [b for b in backends_to_test() if b != "torch"] + (["cuda"] if _cuda_ready() else [])
+
+
+def _cuda_ready() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    from torchfg.ops import _cuda_extension
+
+    return _cuda_extension.status()[0]
+
+
+kernel_backends = pytest.mark.parametrize(
+    "backend",
+    _kernel_backends() or [pytest.param("none", marks=pytest.mark.skip(reason="no kernel backend runs here"))],
+)
+
+
+@kernel_backends
+@settings(max_examples=10)
+@given(
+    num_query=st.integers(1, 21),
+    num_gallery=st.integers(1, 40),
+    dim=st.integers(1, 19),
+    k_frac=st.floats(0, 1),
+    metric=st.sampled_from(METRICS),
+    self_search=st.booleans(),
+    exclude_self=st.booleans(),
+    integers=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_kernel_equals_brute_force(
+    backend, num_query, num_gallery, dim, k_frac, metric, self_search, exclude_self, integers, seed
+):
+    gen = torch.Generator().manual_seed(seed)
+    draw = (lambda r: integer_data(gen, r, dim)) if integers else (lambda r: torch.randn(r, dim, generator=gen))
+    query = draw(num_query).to(TEST_DEVICE)
+    gallery = None if self_search else draw(max(num_gallery, num_query if exclude_self else 0)).to(TEST_DEVICE)
+    num_g = num_query if gallery is None else gallery.shape[0]
+    eligible = num_g - int(exclude_self)
+    if eligible < 1:
+        return
+    k = 1 + int(k_frac * (min(eligible, 40) - 1))
+    d, i = knn(query, gallery, k, metric=metric, exclude_self=exclude_self, backend=backend)
+    if integers and metric != "cosine":
+        ref_d, ref_i, _ = brute_force_knn(query, gallery, k, metric, exclude_self)
+        assert torch.equal(i.cpu(), ref_i)
+        torch.testing.assert_close(d.double().cpu(), ref_d, atol=1e-5, rtol=1e-6)
+    else:
+        assert_knn_matches(d, i, query, gallery, k, metric, exclude_self)
+
+
+@requires_triton
+def test_dispatch_limit_matches_triton_kernel():
+    from torchfg.ops.knn import TRITON_MAX_K
+    from torchfg.ops.knn.triton import MAX_K
+
+    assert TRITON_MAX_K == MAX_K
+
+
+@requires_triton
+def test_triton_gallery_splits_and_ties():
+    """Splits of 16 rows, merged on (distance, index), over data with many exact ties."""
+    from torchfg.ops.knn.triton import TileConfig, knn_triton
+
+    gen = torch.Generator().manual_seed(2)
+    q = integer_data(gen, 19, 2, -1, 2).to(TEST_DEVICE)
+    g = integer_data(gen, 70, 2, -1, 2).to(TEST_DEVICE)
+    for metric in ("sqeuclidean", "dot"):
+        for splits in (1, 3):
+            cfg = TileConfig(block_q=16, block_g=16, block_d=16, splits=splits)
+            for k in (1, 9, 33):
+                d, i = knn_triton(q, g, k, metric, config=cfg)
+                ref_d, ref_i, _ = brute_force_knn(q, g, k, metric)
+                assert torch.equal(i.cpu(), ref_i), (metric, splits, k)
+                assert torch.equal(d.double().cpu(), ref_d), (metric, splits, k)
+
+
+@requires_triton
+def test_triton_writes_every_output(monkeypatch):
+    """Poison the kernel's output buffers: an unwritten slot would surface as NaN or index -7."""
+    import torchfg.ops.knn.triton as tri
+
+    real_empty = torch.empty
+
+    def poisoned_empty(*args, **kwargs):
+        out = real_empty(*args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out.fill_(-7)
+
+    monkeypatch.setattr(tri.torch, "empty", poisoned_empty)
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(23, 11, generator=gen).to(TEST_DEVICE)
+    g = torch.randn(37, 11, generator=gen).to(TEST_DEVICE)
+    for metric in METRICS:
+        for cfg in (None, tri.TileConfig(block_q=16, block_g=16, block_d=16, splits=2)):
+            d, i = tri.knn_triton(q, g, 17, metric, config=cfg)
+            assert not torch.isnan(d).any() and (i >= 0).all(), metric
+            assert_knn_matches(d, i, q, g, 17, metric)
+
+
+@requires_triton
+def test_triton_half_inputs():
+    gen = torch.Generator().manual_seed(9)
+    for dtype in (torch.bfloat16, torch.float16):
+        q = torch.randn(17, 24, generator=gen).to(dtype).to(TEST_DEVICE)
+        g = torch.randn(33, 24, generator=gen).to(dtype).to(TEST_DEVICE)
+        d, i = knn(q, g, 5, metric="cosine", backend="triton")
+        assert d.dtype == dtype
+        assert_knn_matches(d, i, q, g, 5, "cosine", tol=TOL[dtype])
+
+
+@pytest.mark.skipif(not _cuda_ready(), reason="CUDA extension unavailable (needs a GPU and nvcc)")
+def test_cuda_kernel_large_k_and_splits():
+    from torchfg.ops.knn.cuda import knn_cuda
+
+    gen = torch.Generator().manual_seed(12)
+    q = torch.randn(70, 100, generator=gen).cuda()
+    g = torch.randn(3000, 100, generator=gen).cuda()
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for metric in METRICS:
+            for k, split in ((1, None), (100, None), (300, 256), (1000, 640)):
+                d, i = knn_cuda(q.to(dtype), g.to(dtype), k, metric, split_size=split)
+                assert_knn_matches(d, i, q.to(dtype), g.to(dtype), k, metric, tol=TOL[dtype])
+
+
+_TRITON_GPU_COMPILE = """
+import inspect
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from torchfg.ops.knn import triton as kt
+
+names = list(inspect.signature(kt._knn_kernel.fn).parameters)
+consts = dict(K=10, K_PAD=16, METRIC=1, SYMMETRIC=True, EXCLUDE=True, DOT_DTYPE=tl.bfloat16,
+              INPUT_PRECISION="ieee", BLOCK_Q=64, BLOCK_G=64, BLOCK_D=64)
+pointers = {"q_ptr": "*bf16", "g_ptr": "*bf16", "out_i_ptr": "*i32"}
+signature = {n: "constexpr" if n in consts else pointers.get(n, "*fp32" if n.endswith("_ptr") else "i32")
+             for n in names}
+source = ASTSource(fn=kt._knn_kernel, signature=signature,
+                   constexprs={(names.index(n),): v for n, v in consts.items()})
+compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
+assert compiled.asm["cubin"]
+print("compiled")
+"""
+
+
+def _triton_has_cuda_backend() -> bool:
+    try:
+        return importlib.util.find_spec("triton.backends.nvidia") is not None
+    except ImportError:
+        return False
+
+
+@requires_triton
+@pytest.mark.skipif(not _triton_has_cuda_backend(), reason="triton has no CUDA compiler backend here")
+def test_triton_kernel_compiles_for_sm90():
+    """The interpreter accepts code the GPU compiler rejects (e.g. non-constexpr globals): compile
+    the kernel for sm_90 ahead of time, in a process without TRITON_INTERPRET. Needs no GPU."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    result = subprocess.run(
+        [sys.executable, "-c", _TRITON_GPU_COMPILE], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input
+
+
+def test_bad_input_raises_clear_errors():
+    x = torch.randn(6, 3)
+    with pytest.raises(TypeError, match="query"):
+        knn([[1.0]], k=1)
+    with pytest.raises(TypeError, match="query"):
+        knn(torch.ones(4, 2, dtype=torch.int64), k=1)
+    with pytest.raises(ValueError, match="query"):
+        knn(torch.randn(5), k=1)
+    with pytest.raises(ValueError, match="gallery"):
+        knn(x, torch.randn(2, 3, 3), k=1)
+    with pytest.raises(TypeError, match="dtype"):
+        knn(x, x.double(), k=1)
+    with pytest.raises(ValueError, match="feature size"):
+        knn(x, torch.randn(6, 4), k=1)
+    with pytest.raises(ValueError, match="k"):
+        knn(x, k=0)
+    with pytest.raises(TypeError, match="k must be an int"):
+        knn(x, k=2.0)
+    with pytest.raises(TypeError, match="k must be an int"):
+        knn(x, k=True)
+    with pytest.raises(ValueError, match="k=7 exceeds the 6"):
+        knn(x, k=7)
+    with pytest.raises(ValueError, match="own row"):
+        knn(x, k=6, exclude_self=True)
+    with pytest.raises(ValueError, match="len\\(query\\) <= len\\(gallery\\)"):
+        knn(x, x[:3], k=1, exclude_self=True)
+    with pytest.raises(ValueError, match="metric"):
+        knn(x, k=1, metric="manhattan")
+    with pytest.raises(TypeError, match="exclude_self"):
+        knn(x, k=1, exclude_self=1)
+    with pytest.raises(ValueError, match="chunk_size"):
+        knn(x, k=1, chunk_size=0)
+    with pytest.raises(ValueError, match="backend"):
+        knn(x, k=1, backend="faiss")
+    bad = x.clone()
+    bad[2, 1] = float("nan")
+    with pytest.raises(ValueError, match="query contains NaN"):
+        knn(bad, k=1)
+    with pytest.raises(ValueError, match="gallery contains NaN"):
+        knn(x, bad.clone().fill_(float("inf")), k=1)
+    with pytest.raises(ValueError, match="overflow"):
+        knn(x * 1e19, k=1, metric="sqeuclidean")
+    with pytest.raises(ValueError, match="k=1 exceeds the 0"):
+        knn(x, torch.randn(0, 3), k=1)
+
+
+def test_unavailable_backends_are_reported():
+    x = torch.randn(6, 3)
+    if not torch.cuda.is_available():
+        with pytest.raises(BackendUnavailableError, match="cuda"):
+            knn(x, k=1, backend="cuda")
+    with pytest.raises(BackendUnavailableError, match="not implemented"):
+        knn(x.double(), k=1, backend="triton")
+    with pytest.raises(BackendUnavailableError, match="not implemented"):
+        knn(torch.randn(200, 3), k=129, backend="triton")
+
+
+# ---------------------------------------------------------------------------------------------
+# csrc: compile-only check with the machine's nvcc
+
+
+def _nvcc() -> str | None:
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    for candidate in ("/usr/local/cuda/bin/nvcc", "/usr/local/bin/nvcc"):
+        if os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+@pytest.mark.skipif(_nvcc() is None, reason="nvcc not found")
+def test_csrc_compiles_for_sm90():
+    result = subprocess.run(
+        ["bash", str(ROOT / "csrc" / "check_compile.sh")],
+        env={**os.environ, "NVCC": _nvcc(), "ARCH": "sm_90"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "ok   knn/knn_kernel.cu (sm_90)" in result.stdout
+
+
+def test_cuda_extension_sources_are_found():
+    from torchfg.ops import _cuda_extension
+
+    found = _cuda_extension.csrc_dir()
+    assert found is not None
+    for source in _cuda_extension.SOURCES:
+        assert (found / source).is_file()
+    ok, why = _cuda_extension.status()
+    assert isinstance(ok, bool) and why
+    # Python's k bound of the CUDA kernel is the header's.
+    from torchfg.ops.knn.cuda import KERNEL_MAX_K
+
+    header = (found / "knn" / "knn_kernel.h").read_text()
+    assert f"#define TORCHFG_KNN_MAX_K {KERNEL_MAX_K}" in header

@@ -1,0 +1,187 @@
+"""Retrieval metrics: pytorch-metric-learning's AccuracyCalculator, hand-computed cases, bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import TEST_DEVICE, backends_to_test
+from torchfg.metrics import map_at_r, precision_at_1, r_precision, recall_at_k, retrieval_metrics
+from torchfg.metrics import retrieval as retrieval_module
+
+PML_KEYS = {
+    "precision_at_1": "precision_at_1",
+    "r_precision": "r_precision",
+    "map_at_r": "mean_average_precision_at_r",
+}
+
+
+def clustered(gen, num_items, num_classes, dim, spread=0.8):
+    """Embeddings around class centres: non-trivial metrics, distinct distances."""
+    labels = torch.randint(0, num_classes, (num_items,), generator=gen)
+    centres = torch.randn(num_classes, dim, generator=gen)
+    return centres[labels] + spread * torch.randn(num_items, dim, generator=gen), labels
+
+
+def pml_accuracy(query, query_labels, gallery=None, gallery_labels=None):
+    pytest.importorskip("faiss")
+    calculator_module = pytest.importorskip("pytorch_metric_learning.utils.accuracy_calculator")
+    calculator = calculator_module.AccuracyCalculator(
+        include=tuple(PML_KEYS.values()), k=None, device=torch.device("cpu")
+    )
+    if gallery is None:
+        return calculator.get_accuracy(query, query_labels)
+    return calculator.get_accuracy(query, query_labels, gallery, gallery_labels)
+
+
+@settings(max_examples=8)
+@given(
+    num_items=st.integers(3, 120),
+    num_classes=st.integers(1, 25),
+    dim=st.integers(2, 16),
+    separate_gallery=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_equals_pytorch_metric_learning(num_items, num_classes, dim, separate_gallery, seed):
+    gen = torch.Generator().manual_seed(seed)
+    num_queries = 1 + num_items // 3
+    everything, all_labels = clustered(gen, num_items + num_queries, num_classes, dim)
+    x, labels = everything[:num_items], all_labels[:num_items].clone()
+    labels[0] = 10_000  # a lone item: no relevant item anywhere
+    if separate_gallery:
+        q, ql = everything[num_items:], all_labels[num_items:].clone()
+        ql[0] = 20_000  # a query whose label is not in the gallery
+        gallery, gallery_labels = x, labels
+    else:
+        q, ql, gallery, gallery_labels = x, labels, None, None
+    expected = pml_accuracy(q, ql, gallery, gallery_labels)
+    # PML searches with faiss IndexFlatL2: the Euclidean ranking. With normalised embeddings the
+    # same ranking is the cosine one.
+    ours = retrieval_metrics(q, ql, gallery, gallery_labels, metric="euclidean", progress=False)
+    for key, pml_key in PML_KEYS.items():
+        if math.isnan(expected[pml_key]):
+            assert math.isnan(ours[key]), key
+        else:
+            assert ours[key] == pytest.approx(expected[pml_key], abs=1e-12), key
+    normalised_q = torch.nn.functional.normalize(q, dim=1)
+    normalised_g = None if gallery is None else torch.nn.functional.normalize(gallery, dim=1)
+    expected = pml_accuracy(normalised_q, ql, normalised_g, gallery_labels)
+    ours = retrieval_metrics(q, ql, gallery, gallery_labels, metric="cosine", progress=False)
+    for key, pml_key in PML_KEYS.items():
+        if not math.isnan(expected[pml_key]):
+            assert ours[key] == pytest.approx(expected[pml_key], abs=1e-12), key
+
+
+def test_single_metric_functions_agree_with_retrieval_metrics():
+    gen = torch.Generator().manual_seed(1)
+    everything, all_labels = clustered(gen, 120, 12, 8)
+    x, labels, q, ql = everything[:90], all_labels[:90], everything[90:], all_labels[90:]
+    for gallery, gallery_labels, query, query_labels in ((None, None, x, labels), (x, labels, q, ql)):
+        everything = retrieval_metrics(query, query_labels, gallery, gallery_labels, ks=(1, 3, 5), progress=False)
+        assert recall_at_k(query, query_labels, gallery, gallery_labels, ks=(1, 3, 5), progress=False) == {
+            k: everything[f"recall@{k}"] for k in (1, 3, 5)
+        }
+        p_at_1 = precision_at_1(query, query_labels, gallery, gallery_labels, progress=False)
+        assert p_at_1 == everything["precision_at_1"]
+        assert r_precision(query, query_labels, gallery, gallery_labels, progress=False) == everything["r_precision"]
+        assert map_at_r(query, query_labels, gallery, gallery_labels, progress=False) == everything["map_at_r"]
+        assert everything["recall@1"] == everything["precision_at_1"]
+
+
+def test_hand_computed_recall_and_map():
+    # Points on a line; self-search with each query's own item excluded.
+    #   item:   0    1    2    3    4     5
+    #   x:      0    1    3    6   10    15
+    #   label:  a    b    a    b    a     c (lone)
+    x = torch.tensor([[0.0], [1.0], [3.0], [6.0], [10.0], [15.0]])
+    labels = torch.tensor([0, 1, 0, 1, 0, 2])
+    # Neighbours by Euclidean distance (ties to the lower index), R = other items of the label:
+    #   q0 (0):  1 b, 2 a, 3 b, 4 a, 5 c       R=2
+    #   q1 (1):  0 a, 2 a, 3 b, 4 a, 5 c       R=1
+    #   q2 (3):  1 b, 0 a, 3 b, 4 a, 5 c       R=2  (0 and 3 tie at distance 3)
+    #   q3 (6):  2 a, 4 a, 1 b, 0 a, 5 c       R=1
+    #   q4 (10): 3 b, 5 c, 2 a, 1 b, 0 a       R=2
+    #   q5: lone (no other c), left out
+    # First relevant rank: q0 2, q1 3, q2 2, q3 3, q4 3.
+    rec = recall_at_k(x, labels, ks=(1, 2, 3, 4, 10), metric="euclidean", progress=False)
+    assert rec == {1: 0.0, 2: pytest.approx(2 / 5), 3: 1.0, 4: 1.0, 10: 1.0}
+    # MAP@R: q0 and q2 hit at rank 2 of R=2: AP = (1/2) / 2; the others have no hit within R.
+    assert map_at_r(x, labels, metric="euclidean", progress=False) == pytest.approx((0.25 + 0.25) / 5)
+    assert r_precision(x, labels, metric="euclidean", progress=False) == pytest.approx((0.5 + 0.5) / 5)
+    assert precision_at_1(x, labels, metric="euclidean", progress=False) == 0.0
+
+
+def test_hand_computed_recall_with_separate_gallery():
+    gallery = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])
+    gallery_labels = torch.tensor([0, 1, 2, 3])
+    query = torch.tensor([[0.9, 0.2], [0.1, -1.0], [-0.2, 0.9]])
+    query_labels = torch.tensor([0, 1, 1])
+    # Cosine ranks: q0 -> 0, 1, 3, 2 (label 0 first); q1 -> 3, 0, 2, 1 (label 1 last);
+    # q2 -> 1, 2, 0, 3 (label 1 first).
+    rec = recall_at_k(query, query_labels, gallery, gallery_labels, ks=(1, 3, 4), progress=False)
+    assert rec == {1: pytest.approx(2 / 3), 3: pytest.approx(2 / 3), 4: 1.0}
+
+
+def test_all_lone_queries_give_nan():
+    x = torch.randn(5, 3)
+    labels = torch.arange(5)
+    out = retrieval_metrics(x, labels, progress=False)
+    assert all(math.isnan(v) for v in out.values())
+
+
+@pytest.mark.parametrize("backend", backends_to_test())
+def test_backends_agree(backend):
+    gen = torch.Generator().manual_seed(8)
+    x, labels = clustered(gen, 45, 6, 10)
+    x, labels = x.to(TEST_DEVICE), labels.to(TEST_DEVICE)
+    expected = retrieval_metrics(x, labels, ks=(1, 2), backend="torch", progress=False)
+    assert retrieval_metrics(x, labels, ks=(1, 2), backend=backend, progress=False) == pytest.approx(expected)
+
+
+def test_progress_bar_for_large_searches(monkeypatch, capsys):
+    monkeypatch.setattr(retrieval_module, "_PROGRESS_MIN_PAIRS", 0)
+    x = torch.randn(40, 4)
+    labels = torch.randint(0, 4, (40,))
+    retrieval_metrics(x, labels, progress=True)
+    assert "k-NN search" in capsys.readouterr().err
+    retrieval_metrics(x, labels, progress=False)
+    assert "k-NN search" not in capsys.readouterr().err
+
+
+def test_bad_input():
+    x = torch.randn(6, 3)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    with pytest.raises(ValueError, match="query_labels"):
+        recall_at_k(x, labels[:5])
+    with pytest.raises(TypeError, match="query_labels"):
+        recall_at_k(x, labels.float())
+    with pytest.raises(ValueError, match="gallery_labels was given without gallery"):
+        recall_at_k(x, labels, gallery_labels=labels)
+    with pytest.raises(ValueError, match="without gallery_labels"):
+        recall_at_k(x, labels, x)
+    with pytest.raises(ValueError, match="gallery_labels"):
+        recall_at_k(x, labels, x, labels[:2])
+    with pytest.raises(ValueError, match="ks"):
+        recall_at_k(x, labels, ks=(0, 1))
+    with pytest.raises(TypeError, match="ks"):
+        recall_at_k(x, labels, ks=())
+    with pytest.raises(TypeError, match="ks"):
+        recall_at_k(x, labels, ks=(1.5,))
+    with pytest.raises(TypeError, match="progress"):
+        recall_at_k(x, labels, progress="yes")
+    with pytest.raises(ValueError, match="metric"):
+        recall_at_k(x, labels, metric="hamming")
+    with pytest.raises(ValueError, match="query is empty"):
+        recall_at_k(x[:0], labels[:0])
+    with pytest.raises(ValueError, match="at least 2 items"):
+        recall_at_k(x[:1], labels[:1])
+    with pytest.raises(ValueError, match="query"):
+        recall_at_k(torch.randn(6), labels)
+    bad = x.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        map_at_r(bad, labels)

@@ -1,0 +1,288 @@
+"""Retrieval metrics over exact k-NN: Recall@K, precision@1, R-precision and MAP@R.
+
+Definitions follow pytorch-metric-learning's ``AccuracyCalculator`` where they overlap:
+
+* a query's relevant items are the gallery items with its label; R is their number. When the
+  gallery is the query set (``gallery=None``), each query's own item is excluded from the
+  neighbours and from R.
+* queries with R = 0 ("lone" queries: nothing relevant to find) are left out of every average;
+  with no query left the metric is NaN.
+* ``precision_at_1``: fraction of queries whose nearest neighbour is relevant.
+* ``r_precision``: mean over queries of (relevant among the R nearest) / R.
+* ``map_at_r``: mean over queries of (1 / R) * sum over the R nearest of precision@i at each
+  relevant position i ("MAP@R", Musgrave et al., A Metric Learning Reality Check, 2020).
+* ``recall_at_k`` (not in AccuracyCalculator; the usual Recall@K of retrieval papers): fraction
+  of queries with at least one relevant item among their k nearest. A k beyond the number of
+  gallery items counts all of them.
+
+Neighbours come from :func:`torchfg.knn` (ties broken by the lower gallery index), one search
+for all metrics of a call. Searches over many pairs show a tqdm progress bar
+(``progress=False`` turns it off).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from torchfg._validation import check_labels
+from torchfg.ops.knn import knn_search
+
+__all__ = ["recall_at_k", "precision_at_1", "r_precision", "map_at_r", "retrieval_metrics"]
+
+# Searches over fewer (query, gallery) pairs than this finish too fast to need a progress bar.
+_PROGRESS_MIN_PAIRS = 2**26
+
+
+def _check_ks(ks: object) -> tuple[int, ...]:
+    if isinstance(ks, int) and not isinstance(ks, bool):
+        ks = (ks,)
+    if not isinstance(ks, Sequence) or isinstance(ks, str) or len(ks) == 0:
+        raise TypeError(f"ks must be a non-empty sequence of ints, got {ks!r}")
+    for k in ks:
+        if not isinstance(k, int) or isinstance(k, bool):
+            raise TypeError(f"ks must contain ints, got {k!r}")
+        if k < 1:
+            raise ValueError(f"ks must contain values >= 1, got {k}")
+    return tuple(ks)
+
+
+def _relevance(
+    query: torch.Tensor,
+    query_labels: torch.Tensor,
+    gallery: torch.Tensor | None,
+    gallery_labels: torch.Tensor | None,
+    k_wanted: int,
+    need_r: bool,
+    metric: str,
+    backend: str,
+    progress: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(same-label matrix (Q, k) bool over the k nearest, R per query (Q,) int64)."""
+    if not isinstance(query, torch.Tensor):
+        raise TypeError(f"query must be a torch.Tensor, got {type(query).__name__}")
+    if query.dim() != 2:
+        raise ValueError(f"query must have 2 dims (Q, D), got shape {tuple(query.shape)}")
+    query_labels = check_labels(query_labels, "query_labels", query.shape[0], device=query.device)
+    if gallery is None:
+        if gallery_labels is not None:
+            raise ValueError("gallery_labels was given without gallery")
+        gallery_labels = query_labels
+        self_search = True
+    else:
+        if gallery_labels is None:
+            raise ValueError("gallery was given without gallery_labels")
+        if not isinstance(gallery, torch.Tensor):
+            raise TypeError(f"gallery must be a torch.Tensor, got {type(gallery).__name__}")
+        if gallery.dim() != 2:
+            raise ValueError(f"gallery must have 2 dims (G, D), got shape {tuple(gallery.shape)}")
+        gallery_labels = check_labels(gallery_labels, "gallery_labels", gallery.shape[0], device=query.device)
+        self_search = False
+    if not isinstance(progress, bool):
+        raise TypeError(f"progress must be a bool, got {type(progress).__name__}")
+    num_query = query.shape[0]
+    num_gallery = num_query if gallery is None else gallery.shape[0]
+    eligible = num_gallery - int(self_search)
+    if num_query == 0:
+        raise ValueError("query is empty: retrieval metrics need at least one query")
+    if eligible < 1:
+        raise ValueError(
+            "the gallery has no item to retrieve"
+            + (" (a self-search needs at least 2 items)" if self_search else "")
+        )
+
+    unique, counts = torch.unique(gallery_labels, return_counts=True)
+    position = torch.searchsorted(unique, query_labels).clamp_max(unique.numel() - 1)
+    found = unique[position] == query_labels
+    relevant_count = torch.where(found, counts[position], 0) - int(self_search)
+
+    k = k_wanted
+    if need_r:
+        k = max(k, int(relevant_count.max()))
+    k = max(1, min(k, eligible))
+    bar = tqdm(
+        total=num_query,
+        desc="k-NN search",
+        unit="query",
+        disable=not progress or num_query * num_gallery < _PROGRESS_MIN_PAIRS,
+        leave=False,
+    )
+    with bar:
+        _, indices = knn_search(
+            query, gallery, k, metric=metric, exclude_self=self_search, backend=backend, progress=bar.update
+        )
+    same = gallery_labels[indices] == query_labels.unsqueeze(1)
+    return same, relevant_count
+
+
+def _mean_over_answerable(per_query: torch.Tensor, relevant_count: torch.Tensor) -> float:
+    answerable = relevant_count > 0
+    if not bool(answerable.any()):
+        return float("nan")
+    return per_query[answerable].double().mean().item()
+
+
+def _recall(same: torch.Tensor, relevant_count: torch.Tensor, ks: tuple[int, ...]) -> dict[int, float]:
+    return {k: _mean_over_answerable(same[:, :k].any(1), relevant_count) for k in ks}
+
+
+def _r_masked_hits(same: torch.Tensor, relevant_count: torch.Tensor) -> torch.Tensor:
+    within_r = torch.arange(same.shape[1], device=same.device).unsqueeze(0) < relevant_count.unsqueeze(1)
+    return same & within_r
+
+
+def _r_precision(same: torch.Tensor, relevant_count: torch.Tensor) -> float:
+    hits = _r_masked_hits(same, relevant_count).sum(1).double()
+    return _mean_over_answerable(hits / relevant_count.clamp_min(1), relevant_count)
+
+
+def _map_at_r(same: torch.Tensor, relevant_count: torch.Tensor) -> float:
+    hits = _r_masked_hits(same, relevant_count)
+    ranks = torch.arange(1, same.shape[1] + 1, device=same.device, dtype=torch.float64)
+    precision_at_hits = hits.cumsum(1).double() * hits / ranks
+    average_precision = precision_at_hits.sum(1) / relevant_count.clamp_min(1)
+    return _mean_over_answerable(average_precision, relevant_count)
+
+
+def retrieval_metrics(
+    query: torch.Tensor,
+    query_labels: torch.Tensor,
+    gallery: torch.Tensor | None = None,
+    gallery_labels: torch.Tensor | None = None,
+    *,
+    ks: Sequence[int] = (1, 2, 4, 8),
+    metric: str = "cosine",
+    backend: str = "auto",
+    progress: bool = True,
+) -> dict[str, float]:
+    """All retrieval metrics from one k-NN search.
+
+    Args:
+        query: (Q, D) embeddings.
+        query_labels: (Q,) integer labels.
+        gallery: (G, D) embeddings, same dtype and device; None uses the query set (each
+            query's own item excluded).
+        gallery_labels: (G,) integer labels; required with ``gallery``.
+        ks: the K of Recall@K.
+        metric: distance of :func:`torchfg.knn`.
+        backend: k-NN backend (see :mod:`torchfg.backends`).
+        progress: show a progress bar for large searches.
+
+    Returns:
+        ``{"recall@K": ... for K in ks, "precision_at_1": ..., "r_precision": ...,
+        "map_at_r": ...}``, floats in [0, 1] (NaN when no query has a relevant item).
+
+    Example:
+        >>> x = torch.tensor([[0.0, 1.0], [0.1, 1.0], [1.0, 0.0], [1.0, 0.2]])
+        >>> labels = torch.tensor([0, 0, 1, 1])
+        >>> retrieval_metrics(x, labels, ks=(1,), progress=False)
+        {'recall@1': 1.0, 'precision_at_1': 1.0, 'r_precision': 1.0, 'map_at_r': 1.0}
+    """
+    ks = _check_ks(ks)
+    same, relevant_count = _relevance(
+        query, query_labels, gallery, gallery_labels, max(ks), True, metric, backend, progress
+    )
+    out = {f"recall@{k}": v for k, v in _recall(same, relevant_count, ks).items()}
+    out["precision_at_1"] = _mean_over_answerable(same[:, 0], relevant_count)
+    out["r_precision"] = _r_precision(same, relevant_count)
+    out["map_at_r"] = _map_at_r(same, relevant_count)
+    return out
+
+
+def recall_at_k(
+    query: torch.Tensor,
+    query_labels: torch.Tensor,
+    gallery: torch.Tensor | None = None,
+    gallery_labels: torch.Tensor | None = None,
+    ks: Sequence[int] = (1, 2, 4, 8),
+    metric: str = "cosine",
+    *,
+    backend: str = "auto",
+    progress: bool = True,
+) -> dict[int, float]:
+    """Recall@K: fraction of queries with a same-label item among their K nearest gallery items.
+
+    Args: as :func:`retrieval_metrics`.
+
+    Returns:
+        ``{K: recall}`` for each K in ``ks``.
+
+    Example:
+        >>> x = torch.tensor([[0.0], [1.0], [2.0], [10.0]])
+        >>> recall_at_k(x, torch.tensor([0, 1, 0, 1]), ks=(1, 2), metric="euclidean", progress=False)
+        {1: 0.0, 2: 0.75}
+    """
+    ks = _check_ks(ks)
+    same, relevant_count = _relevance(
+        query, query_labels, gallery, gallery_labels, max(ks), False, metric, backend, progress
+    )
+    return _recall(same, relevant_count, ks)
+
+
+def precision_at_1(
+    query: torch.Tensor,
+    query_labels: torch.Tensor,
+    gallery: torch.Tensor | None = None,
+    gallery_labels: torch.Tensor | None = None,
+    metric: str = "cosine",
+    *,
+    backend: str = "auto",
+    progress: bool = True,
+) -> float:
+    """Fraction of queries whose nearest gallery item has their label (AccuracyCalculator's
+    ``precision_at_1``). Args as :func:`retrieval_metrics`.
+
+    Example:
+        >>> x = torch.tensor([[0.0], [1.0], [2.0], [10.0]])
+        >>> precision_at_1(x, torch.tensor([0, 0, 1, 1]), metric="euclidean", progress=False)
+        0.75
+    """
+    same, relevant_count = _relevance(query, query_labels, gallery, gallery_labels, 1, False, metric, backend, progress)
+    return _mean_over_answerable(same[:, 0], relevant_count)
+
+
+def r_precision(
+    query: torch.Tensor,
+    query_labels: torch.Tensor,
+    gallery: torch.Tensor | None = None,
+    gallery_labels: torch.Tensor | None = None,
+    metric: str = "cosine",
+    *,
+    backend: str = "auto",
+    progress: bool = True,
+) -> float:
+    """Mean over queries of (same-label items among the R nearest) / R, R = number of same-label
+    gallery items (AccuracyCalculator's ``r_precision``). Args as :func:`retrieval_metrics`.
+
+    Example:
+        >>> x = torch.tensor([[0.0], [1.0], [2.0], [10.0]])
+        >>> r_precision(x, torch.tensor([0, 1, 0, 0]), metric="euclidean", progress=False)
+        0.5
+    """
+    same, relevant_count = _relevance(query, query_labels, gallery, gallery_labels, 1, True, metric, backend, progress)
+    return _r_precision(same, relevant_count)
+
+
+def map_at_r(
+    query: torch.Tensor,
+    query_labels: torch.Tensor,
+    gallery: torch.Tensor | None = None,
+    gallery_labels: torch.Tensor | None = None,
+    metric: str = "cosine",
+    *,
+    backend: str = "auto",
+    progress: bool = True,
+) -> float:
+    """MAP@R: mean over queries of the average precision over the R nearest, R = number of
+    same-label gallery items (AccuracyCalculator's ``mean_average_precision_at_r``). Args as
+    :func:`retrieval_metrics`.
+
+    Example:
+        >>> x = torch.tensor([[0.0], [1.0], [2.0], [10.0]])
+        >>> round(map_at_r(x, torch.tensor([0, 1, 0, 0]), metric="euclidean", progress=False), 4)
+        0.3333
+    """
+    same, relevant_count = _relevance(query, query_labels, gallery, gallery_labels, 1, True, metric, backend, progress)
+    return _map_at_r(same, relevant_count)

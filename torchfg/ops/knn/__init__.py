@@ -1,0 +1,244 @@
+"""Exact k-nearest-neighbour search: chunked PyTorch reference, streaming Triton and CUDA kernels."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Callable
+
+import torch
+
+from torchfg._validation import accumulation_dtype, check_choice, check_float_tensor, check_same_device_dtype
+from torchfg.backends import ENV_VAR, BackendUnavailableError, resolve_backend
+from torchfg.ops.knn.cuda import KERNEL_MAX_K as CUDA_MAX_K
+from torchfg.ops.knn.reference import METRICS, knn_reference
+
+__all__ = ["knn", "METRICS", "TRITON_MAX_K", "AUTO_TRITON_MAX_K"]
+
+# Largest k of the Triton kernel (its running top-k lives in registers); equals
+# torchfg.ops.knn.triton.MAX_K, repeated here so that dispatch does not import triton.
+TRITON_MAX_K = 128
+# Largest k for which "auto" prefers Triton over the CUDA kernel on GPUs. Both kernels are
+# untuned; revisit with measurements (benchmarks/bench_knn.py).
+AUTO_TRITON_MAX_K = 64
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@torch.library.custom_op("torchfg::knn", mutates_args=())
+def _knn_op(
+    query: torch.Tensor,
+    gallery: torch.Tensor,
+    k: int,
+    metric: str,
+    symmetric: bool,
+    self_offset: int,
+    backend: str,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if backend == "triton":
+        from torchfg.ops.knn.triton import knn_triton
+
+        return knn_triton(query, gallery, k, metric, symmetric, self_offset)
+    if backend == "cuda":
+        from torchfg.ops.knn.cuda import knn_cuda
+
+        return knn_cuda(query, gallery, k, metric, symmetric, self_offset)
+    return knn_reference(query, gallery, k, metric, symmetric, self_offset, chunk_size or None)
+
+
+@_knn_op.register_fake
+def _(query, gallery, k, metric, symmetric, self_offset, backend, chunk_size):
+    return query.new_empty(query.shape[0], k), query.new_empty(query.shape[0], k, dtype=torch.int64)
+
+
+def _check_magnitudes(x: torch.Tensor, name: str) -> None:
+    """Finite rows whose squared norms (and so every distance) stay finite in the accumulation dtype."""
+    acc = accumulation_dtype(x.dtype)
+    # |q|^2 + |g|^2 - 2 q.g <= 4 max(|q|^2, |g|^2): bounding the norms bounds every distance.
+    limit = (torch.finfo(acc).max / 4) ** 0.5
+    norms = torch.linalg.vector_norm(x, dim=1, dtype=acc)
+    if bool((norms <= limit).all()):
+        return
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    raise ValueError(f"{name} has rows with norms above {limit:.3g}: their distances would overflow {acc}")
+
+
+def _explicit_backend(backend: str) -> bool:
+    return backend != "auto" or os.environ.get(ENV_VAR, "").strip().lower() not in ("", "auto")
+
+
+def _choose_backend(backend: str, device: torch.device, dtype: torch.dtype, k: int) -> str:
+    implemented = ["torch"]
+    if dtype in _KERNEL_DTYPES:
+        if k <= TRITON_MAX_K:
+            implemented.append("triton")
+        if k <= CUDA_MAX_K:
+            implemented.append("cuda")
+    preference = ("triton", "cuda", "torch") if k <= AUTO_TRITON_MAX_K else ("cuda", "triton", "torch")
+    chosen = resolve_backend(backend, device, op="knn", implemented=implemented, preference=preference)
+    if chosen != "cuda":
+        return chosen
+    try:
+        from torchfg.ops import _cuda_extension
+        from torchfg.ops.knn.cuda import max_k
+
+        _cuda_extension.load()
+        limit = max_k(device.index if device.index is not None else torch.cuda.current_device())
+        if k > limit:
+            raise BackendUnavailableError(f"knn: the CUDA kernel supports k <= {limit} on this device, got k={k}")
+    except BackendUnavailableError as exc:
+        if _explicit_backend(backend):
+            raise
+        warnings.warn(f"knn: the CUDA backend is unavailable ({exc}); using another backend", stacklevel=3)
+        implemented.remove("cuda")
+        return resolve_backend("auto", device, op="knn", implemented=implemented, preference=preference)
+    return chosen
+
+
+def _validate(
+    query: torch.Tensor,
+    gallery: torch.Tensor | None,
+    k: int,
+    metric: str,
+    exclude_self: bool,
+    chunk_size: int | None,
+) -> None:
+    check_float_tensor(query, "query", ndim=2)
+    if gallery is not None:
+        check_float_tensor(gallery, "gallery", ndim=2)
+        check_same_device_dtype(query, "query", gallery, "gallery")
+        if gallery.shape[1] != query.shape[1]:
+            raise ValueError(
+                f"query and gallery must have the same feature size D, got {query.shape[1]} and {gallery.shape[1]}"
+            )
+    if not isinstance(k, int) or isinstance(k, bool):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    check_choice(metric, "metric", METRICS)
+    if not isinstance(exclude_self, bool):
+        raise TypeError(f"exclude_self must be a bool, got {type(exclude_self).__name__}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
+    num_query = query.shape[0]
+    num_gallery = num_query if gallery is None else gallery.shape[0]
+    if exclude_self and gallery is not None and num_query > num_gallery:
+        raise ValueError(
+            "exclude_self=True with a gallery means query row i is gallery row i, so it needs "
+            f"len(query) <= len(gallery), got {num_query} > {num_gallery}"
+        )
+    eligible = num_gallery - (1 if exclude_self else 0)
+    if num_query and k > eligible:
+        own = " once each query's own row is excluded" if exclude_self else ""
+        raise ValueError(f"k={k} exceeds the {eligible} gallery rows available to each query{own}")
+    if not torch.compiler.is_compiling():
+        _check_magnitudes(query, "query")
+        if gallery is not None:
+            _check_magnitudes(gallery, "gallery")
+
+
+def knn(
+    query: torch.Tensor,
+    gallery: torch.Tensor | None = None,
+    k: int = 10,
+    *,
+    metric: str = "cosine",
+    exclude_self: bool = False,
+    backend: str = "auto",
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact k nearest neighbours of every query row among the gallery rows.
+
+    Never materialises the (Q, G) distance matrix: memory is O((Q + G) D + Q k) plus one
+    bounded working block.
+
+    Args:
+        query: (Q, D) floating-point tensor (fp16, bf16, fp32 or fp64).
+        gallery: (G, D), same dtype and device; None searches ``query`` against itself (then
+            d(i, i) is exactly 0 for the Euclidean metrics and for non-zero rows under cosine,
+            and the torch backend computes each pair once).
+        k: neighbours per query, 1 <= k <= G (G - 1 with ``exclude_self``).
+        metric: ``"cosine"`` (1 - cosine similarity; a zero row has similarity 0 to everything),
+            ``"euclidean"``, ``"sqeuclidean"`` or ``"dot"`` (negative inner product), the
+            definitions of :func:`torchfg.pairwise_distance`.
+        exclude_self: never return query i's own row: gallery row i. With an explicit gallery
+            this means the queries are the first Q gallery rows (needs Q <= G).
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"`` (see :mod:`torchfg.backends`).
+            Auto on a GPU takes Triton for k <= 64 and the CUDA kernel beyond (JIT-built on
+            first use when nvcc is present), falling back to the chunked PyTorch search.
+        chunk_size: torch backend only: queries per chunk (default: a (chunk, G) fp32 block
+            of 256 MiB on CPU, 512 MiB on GPU). A self-search of at least two tiles uses it as
+            the tile side instead (default 8192: two 256 MiB fp32 tiles).
+
+    Returns:
+        ``(distances, indices)``, each (Q, k): distances in the input dtype (computed in fp32,
+        fp64 for fp64), indices int64, sorted by increasing distance with ties broken by the
+        lower gallery index (ties of the fp32 distances: rounding fp16/bf16 outputs can make
+        distinct distances equal). Not differentiable (compute :func:`torchfg.pairwise_distance` on
+        the returned pairs for gradients).
+
+    Raises:
+        ValueError: k out of range, NaN/inf inputs, mismatched shapes, unknown metric.
+        TypeError: non-float tensors, mismatched dtypes, non-int k.
+
+    Example:
+        >>> x = torch.tensor([[0.0], [1.0], [3.0], [4.0]])
+        >>> d, i = knn(x, k=2, metric="euclidean", exclude_self=True)
+        >>> i.tolist()
+        [[1, 2], [0, 2], [3, 1], [2, 1]]
+        >>> d[:, 0].tolist()
+        [1.0, 1.0, 1.0, 1.0]
+    """
+    _validate(query, gallery, k, metric, exclude_self, chunk_size)
+    symmetric = gallery is None
+    chosen = _choose_backend(backend, query.device, query.dtype, k)
+    query = query.detach()
+    gallery = query if gallery is None else gallery.detach()
+    self_offset = 0 if exclude_self else -1
+    return _knn_op(query, gallery, k, metric, symmetric, self_offset, chosen, chunk_size or 0)
+
+
+def knn_search(
+    query: torch.Tensor,
+    gallery: torch.Tensor | None,
+    k: int,
+    *,
+    metric: str,
+    exclude_self: bool,
+    backend: str = "auto",
+    chunk_size: int | None = None,
+    progress: Callable[[int], None] | None = None,
+    query_block: int = 8192,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`knn` that reports progress: ``progress(n)`` after every ``n`` finished queries.
+
+    For evaluation loops (torchfg.metrics). The torch backend reports from inside its chunk
+    loop; the kernel backends run ``query_block`` queries per call. A self-search without
+    ``exclude_self`` is not split (kernels set d(i, i) only on the full square), so it reports
+    once at the end.
+    """
+    _validate(query, gallery, k, metric, exclude_self, chunk_size)
+    chosen = _choose_backend(backend, query.device, query.dtype, k)
+    query = query.detach()
+    symmetric = gallery is None
+    gallery = query if gallery is None else gallery.detach()
+    self_offset = 0 if exclude_self else -1
+    num_query = query.shape[0]
+    if chosen == "torch":
+        return knn_reference(query, gallery, k, metric, symmetric, self_offset, chunk_size, progress)
+    if (symmetric and not exclude_self) or num_query <= query_block:
+        out = _knn_op(query, gallery, k, metric, symmetric, self_offset, chosen, 0)
+        if progress is not None:
+            progress(num_query)
+        return out
+    distances, indices = [], []
+    for start in range(0, num_query, query_block):
+        stop = min(start + query_block, num_query)
+        offset = start if exclude_self else -1
+        d, i = _knn_op(query[start:stop], gallery, k, metric, False, offset, chosen, 0)
+        distances.append(d)
+        indices.append(i)
+        if progress is not None:
+            progress(stop - start)
+    return torch.cat(distances), torch.cat(indices)
