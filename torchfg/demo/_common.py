@@ -91,12 +91,17 @@ def seed_everything(seed: int) -> torch.Generator:
     return generator
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=2)
 def _render_cached(num_products: int, views_per_domain: int, seed: int, image_size: int) -> ProductSample:
     dataset = SyntheticProducts(
         "all", num_products=num_products, views_per_domain=views_per_domain, image_size=image_size, seed=seed
     )
     return dataset.render_batch()
+
+
+def clear_render_cache() -> None:
+    """Free the rendered catalogues kept by :func:`render_products` (~160 MB for the full demo)."""
+    _render_cached.cache_clear()
 
 
 def render_products(

@@ -33,7 +33,7 @@ from torchfg.demo._common import (
 )
 from torchfg.demo.backbone import EmbeddingNet
 from torchfg.losses import AdaptiveTripletLoss, TripletMarginLoss
-from torchfg.ops.pairwise import pairwise_distance
+from torchfg.metrics import recall_at_k
 
 __all__ = ["recall_curve", "atl_vs_triplet_experiment"]
 
@@ -48,6 +48,9 @@ def recall_curve(
     metric: str = "euclidean",
 ) -> torch.Tensor:
     """Recall@1 .. Recall@max_k: the share of queries with a same-label item among their k nearest.
+
+    :func:`torchfg.metrics.recall_at_k` for every k up to ``max_k``, as one tensor (for plotting).
+    Queries without any same-label gallery item are left out, as there.
 
     Args:
         query: (Q, D) query embeddings.
@@ -68,11 +71,9 @@ def recall_curve(
     max_k = check_int(max_k, "max_k", 1)
     if max_k > gallery.shape[0]:
         raise ValueError(f"max_k must be <= the gallery size {gallery.shape[0]}, got {max_k}")
-    distances = pairwise_distance(query.float(), gallery.float(), metric)
-    nearest = distances.topk(max_k, dim=1, largest=False).indices  # (Q, max_k), closest first
-    hits = gallery_labels.to(nearest.device)[nearest] == query_labels.to(nearest.device)[:, None]
-    first_hit_within = hits.cummax(dim=1).values  # True from the first correct neighbour on
-    return first_hit_within.double().mean(dim=0).cpu()
+    ks = range(1, max_k + 1)
+    recalls = recall_at_k(query.float(), query_labels, gallery.float(), gallery_labels, ks, metric, progress=False)
+    return torch.tensor([recalls[k] for k in ks], dtype=torch.float64)
 
 
 def _mean_adaptive_margin(text: torch.Tensor, base_margin: float, margin_scale: float) -> float:

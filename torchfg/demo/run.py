@@ -16,6 +16,7 @@ from torchfg.demo._common import (
     Stopwatch,
     check_bool,
     check_int,
+    clear_render_cache,
     default_threads,
     render_products,
     resolve_device,
@@ -178,6 +179,7 @@ def run_demo(
                 results["figure"] = str(png)
             else:
                 say(f"PNG skipped: {MATPLOTLIB_MISSING}")
+    clear_render_cache()  # the experiments share one rendering; nothing needs it after the run
     results["timing"] = clock.seconds()
     json_path = out_path / "results.json"
     json_path.write_text(json.dumps(results, indent=2, default=_jsonable) + "\n")
