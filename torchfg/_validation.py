@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from typing import Iterable
 
 import torch
@@ -67,3 +68,22 @@ def check_positive(value: object, name: str, *, allow_zero: bool = False) -> flo
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 for half types and fp32, fp64 stays fp64."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_int(value: object, name: str, minimum: int = 0) -> int:
+    """``value`` as a Python int ``>= minimum`` (numpy / index-like ints accepted, bool refused)."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got bool")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_bool(value: object, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value

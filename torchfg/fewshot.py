@@ -21,6 +21,7 @@ from torchfg.data.samplers import EpisodicSampler
 from torchfg.functional.fewshot import PROTOTYPE_METRICS
 from torchfg.metrics.fewshot import few_shot_accuracy
 from torchfg.ops.pairwise import pairwise_distance
+from torchfg._validation import check_int as _check_int
 
 __all__ = ["evaluate", "embed_dataset"]
 
@@ -37,14 +38,6 @@ def _progress_bar(iterable: Any, *, enabled: bool, **kwargs: Any) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(iterable, **kwargs)
-
-
-def _check_int(value: object, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
 
 
 def _module_device(embed_fn: object) -> Optional[torch.device]:

@@ -42,6 +42,7 @@ from torchfg.datasets._render import (
     SceneParams,
     render_scenes,
 )
+from torchfg._validation import check_int as _check_int
 
 __all__ = [
     "ATTRIBUTE_GROUPS",
@@ -156,14 +157,6 @@ class ProductSample(NamedTuple):
     description: str | list[str]
     domain: int | torch.Tensor
     view: int | torch.Tensor
-
-
-def _check_int(value: object, name: str, *, minimum: int) -> int:
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
 
 
 @functools.lru_cache(maxsize=1)

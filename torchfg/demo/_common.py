@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import math
-import operator
 import time
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -14,29 +13,12 @@ from torch import nn
 
 from torchfg.datasets import SyntheticProducts
 from torchfg.datasets.synthetic_products import ProductSample
+from torchfg._validation import check_bool, check_int  # noqa: F401  (re-exported to the demo modules)
+
 
 # The product region of the semantic map: (body, trim). The background channel is their complement
 # (the three sum to 1), so it adds no information; leaving it out makes "all channels" mean "the product".
 PRODUCT_CHANNELS = (1, 2)
-
-
-def check_int(value: object, name: str, minimum: int) -> int:
-    """``value`` as an int ``>= minimum``; ``TypeError`` / ``ValueError`` naming ``name`` otherwise."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got bool")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
-def check_bool(value: object, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return value
 
 
 def resolve_device(device: torch.device | str | None) -> torch.device:

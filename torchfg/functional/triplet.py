@@ -38,6 +38,7 @@ from torchfg.ops.triplet import (
     pair_distances,
 )
 from torchfg.ops.triplet import _check_number  # shared numeric argument check
+from torchfg._validation import check_bool as _check_flag
 
 __all__ = ["triplet_margin_loss", "adaptive_triplet_loss", "mine_triplets", "REDUCTIONS", "MINING_STRATEGIES"]
 
@@ -121,12 +122,6 @@ def _check_text(text_embeddings: object, n: int, device: torch.device) -> torch.
         raise ValueError(f"text_embeddings must be on the device of embeddings ({device}), got {text_embeddings.device}")
     # Weak labels are targets, not parameters: no gradient flows into the text encoder.
     return text_embeddings.detach()
-
-
-def _check_flag(value: object, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return value
 
 
 def _validated(validate, cross_rank: bool):

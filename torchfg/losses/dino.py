@@ -10,20 +10,9 @@ from torch import nn
 from torchfg._validation import check_choice, check_float_tensor, check_positive
 from torchfg.backends import BACKENDS
 from torchfg.functional.dino import dino_loss
+from torchfg._validation import check_int as _check_int
 
 __all__ = ["DINOLoss"]
-
-
-def _check_int(value: object, name: str, minimum: int) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got bool")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
 
 class DINOLoss(nn.Module):

@@ -3,25 +3,13 @@
 from __future__ import annotations
 
 import math
-import operator
 
 import numpy as np
 import torch
 from torch import nn
+from torchfg._validation import check_int as _check_int
 
 __all__ = ["cosine_schedule", "ema_update_"]
-
-
-def _check_int(value: object, name: str, minimum: int) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got bool")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
 
 def _check_number(value: object, name: str) -> float:

@@ -8,7 +8,6 @@ the (crops x B x out_dim) probabilities. Registered with ``torch.library`` so th
 
 from __future__ import annotations
 
-import operator
 
 import torch
 
@@ -20,6 +19,7 @@ from torchfg.ops.dino.reference import (
     dino_loss_reference,
     n_pairs,
 )
+from torchfg._validation import check_int as _check_count
 
 __all__ = ["dino_loss", "IMPLEMENTED"]
 
@@ -106,18 +106,6 @@ def _backward(ctx, grad_loss, _grad_student_lse, _grad_teacher_lse):
 
 
 _dino_loss_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _check_count(value: object, name: str, minimum: int) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got bool")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
 
 def dino_loss(

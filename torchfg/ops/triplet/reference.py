@@ -146,19 +146,24 @@ class _SameLabelPairs:
     """
 
     def __init__(self, anchor_labels: torch.Tensor, candidate_labels: torch.Tensor) -> None:
-        self.order = torch.argsort(candidate_labels, stable=True)
-        sorted_labels = candidate_labels.index_select(0, self.order)
-        self.first = torch.searchsorted(sorted_labels, anchor_labels, side="left")
-        self.counts = torch.searchsorted(sorted_labels, anchor_labels, side="right") - self.first
-        self.total = int(self.counts.sum())
+        order = torch.argsort(candidate_labels, stable=True)
+        sorted_labels = candidate_labels.index_select(0, order)
+        first = torch.searchsorted(sorted_labels, anchor_labels, side="left")
+        counts = torch.searchsorted(sorted_labels, anchor_labels, side="right") - first
+        self.ends = torch.cumsum(counts, 0)
+        self.total = int(self.ends[-1]) if counts.numel() else 0
+        # All pairs at once (few ops, whatever the number of chunks): anchor row, candidate index.
+        self.rows = torch.repeat_interleave(torch.arange(counts.shape[0], device=counts.device), counts)
+        within = torch.arange(self.total, device=counts.device) - (self.ends - counts).index_select(0, self.rows)
+        self.cols = order.index_select(0, first.index_select(0, self.rows) + within)
+        self._ends = None
 
     def chunk(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(row within the chunk, candidate index) of the pairs of anchors[start:stop], by row."""
-        counts = self.counts[start:stop]
-        rows = torch.repeat_interleave(torch.arange(stop - start, device=counts.device), counts)
-        run_start = torch.cumsum(counts, 0) - counts
-        within = torch.arange(rows.shape[0], device=counts.device) - run_start.index_select(0, rows)
-        return rows, self.order.index_select(0, self.first[start:stop].index_select(0, rows) + within)
+        if self._ends is None:
+            self._ends = [0] + self.ends.tolist()  # one host copy, then plain slicing per chunk
+        lo, hi = self._ends[start], self._ends[stop]
+        return self.rows[lo:hi] - start, self.cols[lo:hi]
 
 
 def _segment_argmax(values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, n_rows: int, n_cols: int):
