@@ -10,9 +10,11 @@ Methods:
 
 Each row reports the median / p20 / p80 time in ms and the peak extra memory: on CUDA the
 allocator's peak above the inputs, on the CPU the growth of the process's peak RSS over the whole
-run (warm-up included, peak mark reset first where Linux allows), which is only meaningful in a fresh process: use --fresh-process (one (method, N, dtype) per
-subprocess) for CPU memory figures. Before the baseline, each method runs once on a tiny batch so
-that one-off code loading (imports, dispatch tables, BLAS scratch) is not counted.
+run (warm-up included; the peak mark is reset first where Linux allows), which is only meaningful
+in a fresh process: use --fresh-process (one (method, N, dtype) per subprocess) for CPU memory
+figures. Before the baseline, each method runs once on a tiny batch so that one-off code loading
+(imports, dispatch tables, BLAS scratch) is not counted. Rows carry the 1-minute load average:
+on a shared CPU, timings (and especially multi-threaded ones) are inflated by other processes.
 
 Examples:
   python benchmarks/bench_triplet.py --device cuda --csv benchmarks/results/triplet_h100.csv

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import backends_to_test
+from conftest import TEST_DEVICE, backends_to_test
 from torchfg import functional as TF
 from torchfg.backends import BackendUnavailableError
 from torchfg.losses import AdaptiveTripletLoss, TripletMarginLoss
@@ -307,12 +307,13 @@ def test_backend_equals_reference_exact(backend, case):
         pytest.skip("torchfg/ops/triplet/triton.py is not there yet")
     case = {k: (v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in case.items()}
     expected = run_reference(case)
+    on_device = {k: (v.to(TEST_DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
     got = mine_hardest(
-        case["anchors"], case["candidates"], case["al"], case["cl"], case["at"], case["ct"], metric=case["metric"],
-        base_margin=case["base_margin"], margin_scale=case["margin_scale"], text_positive_threshold=case["threshold"],
-        self_offset=case["self_offset"], backend=backend,
+        on_device["anchors"], on_device["candidates"], on_device["al"], on_device["cl"], on_device["at"],
+        on_device["ct"], metric=case["metric"], base_margin=case["base_margin"], margin_scale=case["margin_scale"],
+        text_positive_threshold=case["threshold"], self_offset=case["self_offset"], backend=backend,
     )
-    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    assert torch.equal(got[0].cpu(), expected[0]) and torch.equal(got[1].cpu(), expected[1])
 
 
 @pytest.mark.parametrize("backend", backends_to_test())
@@ -321,9 +322,9 @@ def test_backend_losses_equal_reference(backend, dtype):
     if backend == "triton" and not TRITON_FILE:
         pytest.skip("torchfg/ops/triplet/triton.py is not there yet")
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(37, 24, generator=g).to(dtype)
-    labels = torch.randint(0, 7, (37,), generator=g)
-    text = torch.randn(37, 10, generator=g)
+    x = torch.randn(37, 24, generator=g).to(TEST_DEVICE, dtype)
+    labels = torch.randint(0, 7, (37,), generator=g).to(TEST_DEVICE)
+    text = torch.randn(37, 10, generator=g).to(TEST_DEVICE)
     for loss_fn in (
         lambda b: TF.triplet_margin_loss(x, labels, margin=0.3, reduction="none", backend=b),
         lambda b: TF.adaptive_triplet_loss(x, labels, text, margin_scale=1.0, reduction="none", backend=b),

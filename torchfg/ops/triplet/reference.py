@@ -42,8 +42,10 @@ MIN_CHUNK_ROWS = 16
 # Rows per chunk for semi-hard / all mining, whose temporaries are larger per row.
 DEFAULT_CHUNK_ROWS = 128
 # Positives are listed as pairs (instead of masked in the block) when the same-label pairs are
-# fewer than N * M / SPARSE_PAIR_FRACTION.
+# fewer than N * M / SPARSE_PAIR_FRACTION and than MAX_SPARSE_PAIRS (their index lists take 16
+# bytes per pair).
 SPARSE_PAIR_FRACTION = 16
+MAX_SPARSE_PAIRS = 1 << 21
 
 _NEG_INF = float("-inf")
 _POS_INF = float("inf")
@@ -146,24 +148,29 @@ class _SameLabelPairs:
     """
 
     def __init__(self, anchor_labels: torch.Tensor, candidate_labels: torch.Tensor) -> None:
-        order = torch.argsort(candidate_labels, stable=True)
-        sorted_labels = candidate_labels.index_select(0, order)
-        first = torch.searchsorted(sorted_labels, anchor_labels, side="left")
-        counts = torch.searchsorted(sorted_labels, anchor_labels, side="right") - first
-        self.ends = torch.cumsum(counts, 0)
-        self.total = int(self.ends[-1]) if counts.numel() else 0
-        # All pairs at once (few ops, whatever the number of chunks): anchor row, candidate index.
-        self.rows = torch.repeat_interleave(torch.arange(counts.shape[0], device=counts.device), counts)
-        within = torch.arange(self.total, device=counts.device) - (self.ends - counts).index_select(0, self.rows)
-        self.cols = order.index_select(0, first.index_select(0, self.rows) + within)
-        self._ends = None
+        self.order = torch.argsort(candidate_labels, stable=True)
+        sorted_labels = candidate_labels.index_select(0, self.order)
+        self.first = torch.searchsorted(sorted_labels, anchor_labels, side="left")
+        self.counts = torch.searchsorted(sorted_labels, anchor_labels, side="right") - self.first
+        self.ends = torch.cumsum(self.counts, 0)
+        self.total = int(self.ends[-1]) if self.counts.numel() else 0
+        self._pairs: tuple[torch.Tensor, torch.Tensor, list[int]] | None = None
+
+    def _all_pairs(self) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        # All pairs at once (a few ops, whatever the number of chunks), then plain slicing.
+        if self._pairs is None:
+            device = self.counts.device
+            rows = torch.repeat_interleave(torch.arange(self.counts.shape[0], device=device), self.counts)
+            within = torch.arange(self.total, device=device) - (self.ends - self.counts).index_select(0, rows)
+            cols = self.order.index_select(0, self.first.index_select(0, rows) + within)
+            self._pairs = rows, cols, [0] + self.ends.tolist()
+        return self._pairs
 
     def chunk(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(row within the chunk, candidate index) of the pairs of anchors[start:stop], by row."""
-        if self._ends is None:
-            self._ends = [0] + self.ends.tolist()  # one host copy, then plain slicing per chunk
-        lo, hi = self._ends[start], self._ends[stop]
-        return self.rows[lo:hi] - start, self.cols[lo:hi]
+        rows, cols, ends = self._all_pairs()
+        lo, hi = ends[start], ends[stop]
+        return rows[lo:hi] - start, cols[lo:hi]
 
 
 def _segment_argmax(values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, n_rows: int, n_cols: int):
@@ -238,7 +245,7 @@ def mine_hardest_reference(
     pairs = None
     if sparse_positives is not False:
         pairs = _SameLabelPairs(anchor_labels, candidate_labels)
-        if sparse_positives is None and pairs.total * SPARSE_PAIR_FRACTION > n * m:
+        if sparse_positives is None and (pairs.total * SPARSE_PAIR_FRACTION > n * m or pairs.total > MAX_SPARSE_PAIRS):
             pairs = None
 
     for start in range(0, n, chunk_rows):
