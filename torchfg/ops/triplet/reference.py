@@ -218,6 +218,13 @@ def mine_hardest_reference(
     Returns:
         (positive_idx (N,), negative_idx (N,)) int64 indices into candidates; -1 where an anchor
         has no valid positive / negative. Ties go to the lowest index.
+
+    Example:
+        >>> x = torch.tensor([[0.0], [1.0], [5.0], [5.5], [9.0]])
+        >>> labels = torch.tensor([0, 0, 1, 1, 2])
+        >>> mine_hardest_reference(x, x, labels, labels, None, None, metric="euclidean", base_margin=0.2,
+        ...                        margin_scale=0.0, text_positive_threshold=None, self_offset=0)
+        (tensor([ 1,  0,  3,  2, -1]), tensor([2, 2, 1, 4, 3]))
     """
     device = anchors.device
     n, m = anchors.shape[0], candidates.shape[0]
