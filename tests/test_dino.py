@@ -3,8 +3,6 @@ MultiCropWrapper and the schedules."""
 
 from __future__ import annotations
 
-import datetime
-import socket
 
 import numpy as np
 import pytest
@@ -423,46 +421,31 @@ def test_loss_uses_centre_before_update_and_backward_survives_it():
     assert torch.isfinite(student.grad).all()
 
 
-def _center_worker(rank, world_size, port, student_chunks, teacher_chunks, result_dir):
-    import torch.distributed as dist
-
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-        timeout=datetime.timedelta(seconds=60),
-    )
-    try:
-        criterion = DINOLoss(24, 3, n_global_crops=2, n_epochs=3, center_momentum=0.7, backend="torch")
-        for step, (student, teacher) in enumerate(zip(student_chunks[rank], teacher_chunks[rank])):
-            criterion(student, teacher, step)
-        torch.save(criterion.center, f"{result_dir}/center_{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def _center_worker(rank, world_size, student_chunks, teacher_chunks):
+    criterion = DINOLoss(24, 3, n_global_crops=2, n_epochs=3, center_momentum=0.7, backend="torch")
+    for step, (student, teacher) in enumerate(zip(student_chunks[rank], teacher_chunks[rank])):
+        criterion(student, teacher, step)
+    return criterion.center
 
 
 @pytest.mark.distributed
-def test_center_update_across_two_ranks_matches_single_process(tmp_path):
+def test_center_update_across_two_ranks_matches_single_process():
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("torch.distributed with gloo is unavailable")
-    import torch.multiprocessing as mp
+    from dist_utils import run_on_ranks
 
     world_size, steps = 2, 3
     batches = (3, 5)  # unequal per-rank batches: the average must still be over all rows
     g = torch.Generator().manual_seed(0)
     teacher_chunks = [[torch.randn(2 * b, 24, generator=g) + r for _ in range(steps)] for r, b in enumerate(batches)]
     student_chunks = [[torch.randn(3 * b, 24, generator=g) for _ in range(steps)] for b in batches]
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(
-        _center_worker, args=(world_size, port, student_chunks, teacher_chunks, str(tmp_path)),
-        nprocs=world_size, join=True,
-    )
+    results = run_on_ranks(_center_worker, world_size, student_chunks, teacher_chunks)
+    assert all(r[0] == "ok" for r in results), results
     single = DINOLoss(24, 3, n_global_crops=2, n_epochs=3, center_momentum=0.7, backend="torch")
     for step in range(steps):
         # The concatenated batch is no longer crop-major, but the centre only needs the row mean.
         single.update_center(torch.cat([teacher_chunks[r][step] for r in range(world_size)]))
-    for rank in range(world_size):
-        center = torch.load(tmp_path / f"center_{rank}.pt")
+    for _, center in results:
         torch.testing.assert_close(center, single.center, rtol=1e-6, atol=1e-6)
 
 
