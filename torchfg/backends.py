@@ -24,6 +24,8 @@ from typing import Sequence
 
 import torch
 
+from torchfg.errors import BackendUnavailableError
+
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
@@ -35,10 +37,6 @@ __all__ = [
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
 ENV_VAR = "TORCHFG_BACKEND"
-
-
-class BackendUnavailableError(RuntimeError):
-    """A backend was requested that cannot run here; the message says why."""
 
 
 def triton_interpreter_enabled() -> bool:

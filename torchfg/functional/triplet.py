@@ -2,7 +2,7 @@
 
 Mining (:mod:`torchfg.ops.triplet`) only selects indices, on the fast GEMM path. The loss of the
 selected pairs is then recomputed exactly from ``a - b`` on the gathered rows
-(:func:`torchfg.ops.triplet.anchor_pair_distances` / ``pair_distances``, whose analytic backward
+(:func:`torchfg.ops.pair_distances.anchor_pair_distances` / ``pair_distances``, whose analytic backward
 is chunked), so for
 ``batch_hard`` and the adaptive loss the backward touches 2N pairs: O(N D) time and memory, never
 an N x N matrix. The euclidean gradient at zero distance (duplicate embeddings) is 0, never NaN.
@@ -29,14 +29,8 @@ from torchfg._validation import accumulation_dtype, check_choice, check_float_te
 from torchfg.backends import BACKENDS
 from torchfg.distributed import all_reduce_sum, gather_batch, is_distributed, raise_on_all_ranks, world_size
 from torchfg.ops.pairwise import pairwise_distance
-from torchfg.ops.triplet import (
-    METRICS,
-    anchor_pair_distances,
-    mine_all_triplets,
-    mine_hardest,
-    mine_semi_hard,
-    pair_distances,
-)
+from torchfg.ops.pair_distances import anchor_pair_distances, pair_distances
+from torchfg.ops.triplet import METRICS, mine_all_triplets, mine_hardest, mine_semi_hard
 from torchfg.ops.triplet import _check_number  # shared numeric argument check
 from torchfg._validation import check_bool as _check_flag
 

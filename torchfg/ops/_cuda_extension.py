@@ -27,7 +27,7 @@ from types import ModuleType
 
 import torch
 
-from torchfg.backends import BackendUnavailableError
+from torchfg.errors import ExtensionBuildError
 
 __all__ = ["SOURCES", "csrc_dir", "status", "load", "ops", "is_loaded", "ExtensionBuildError"]
 
@@ -41,10 +41,6 @@ _CSRC_ENV = "TORCHFG_CSRC_DIR"
 _lock = threading.Lock()
 _loaded: str | None = None  # how the ops got registered, once they are
 _build_error: str | None = None
-
-
-class ExtensionBuildError(BackendUnavailableError):
-    """The CUDA extension could not be built or loaded; the message carries the reason."""
 
 
 def csrc_dir() -> Path | None:

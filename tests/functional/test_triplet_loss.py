@@ -18,18 +18,12 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from brute_force import cosine_matrix, exact_distances
 from conftest import TEST_DEVICE, backends_to_test
 from torchfg import functional as TF
 from torchfg.backends import BackendUnavailableError
 from torchfg.losses import AdaptiveTripletLoss, TripletMarginLoss
-from torchfg.ops.triplet import (
-    anchor_pair_distances,
-    implemented_backends,
-    mine_all_triplets,
-    mine_hardest,
-    mine_semi_hard,
-    pair_distances,
-)
+from torchfg.ops.triplet import implemented_backends, mine_all_triplets, mine_hardest, mine_semi_hard
 from torchfg.ops.triplet.reference import METRICS, mine_hardest_reference
 
 pml = pytest.importorskip("pytorch_metric_learning")
@@ -42,23 +36,6 @@ TRITON_FILE = importlib.util.find_spec("torchfg.ops.triplet.triton") is not None
 
 
 # ----------------------------------------------------------------------------- brute force
-
-
-def exact_distances(a: torch.Tensor, c: torch.Tensor, metric: str) -> torch.Tensor:
-    """(N, M) distances in fp64 from explicit differences / normalised rows."""
-    a, c = a.double(), c.double()
-    if metric in ("euclidean", "sqeuclidean"):
-        sq = (a[:, None, :] - c[None, :, :]).square().sum(-1)
-        return sq.sqrt() if metric == "euclidean" else sq
-    if metric == "dot":
-        return -(a @ c.T)
-    return 1.0 - cosine_matrix(a, c)
-
-
-def cosine_matrix(a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    a, c = a.double(), c.double()
-    norms = a.norm(dim=1)[:, None] * c.norm(dim=1)[None, :]
-    return torch.where(norms > 0, (a @ c.T) / norms.clamp_min(1e-300), torch.zeros_like(norms))
 
 
 def brute_force_keys(anchors, candidates, al, cl, at, ct, *, metric, base_margin, margin_scale, threshold, self_offset):
@@ -649,60 +626,6 @@ def test_half_precision_inputs(dtype):
     ref.backward()
     torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)  # same rows, same selection, fp32 math
     torch.testing.assert_close(x.grad.float(), x32.grad, atol=1e-2, rtol=1e-2)
-
-
-@pytest.mark.parametrize("metric", METRICS)
-def test_pair_distances_gradcheck(metric):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(7, 5, generator=g, dtype=torch.float64, requires_grad=True)
-    y = torch.randn(9, 5, generator=g, dtype=torch.float64, requires_grad=True)
-    xi, yi = torch.randint(0, 7, (13,), generator=g), torch.randint(0, 9, (13,), generator=g)
-    assert torch.autograd.gradcheck(lambda a, b: pair_distances(a, xi, yi, b, metric=metric), (x, y))
-    xj = torch.randint(0, 7, (13,), generator=g)
-    assert torch.autograd.gradcheck(lambda a: pair_distances(a, xi, xj, metric=metric), (x,))
-    expected = exact_distances(x, y, metric)[xi, yi]
-    torch.testing.assert_close(pair_distances(x, xi, yi, y, metric=metric), expected)
-
-
-@pytest.mark.parametrize("metric", METRICS)
-@pytest.mark.parametrize("separate_y", [False, True])
-def test_anchor_pair_distances_gradcheck_and_chunks(metric, separate_y, monkeypatch):
-    import torchfg.ops.triplet.reference as reference
-
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(11, 5, generator=g, dtype=torch.float64, requires_grad=True)
-    y = torch.randn(8, 5, generator=g, dtype=torch.float64, requires_grad=True) if separate_y else None
-    idx = torch.randint(0, 8 if separate_y else 11, (11, 3), generator=g)
-    if not separate_y:
-        idx[0, 0] = 0  # a zero distance: euclidean gradient 0 there, not NaN
-    expected = exact_distances(x, x if y is None else y, metric).gather(1, idx)
-    whole = anchor_pair_distances(x, idx, y, metric=metric)
-    torch.testing.assert_close(whole, expected)
-    inputs = (x,) if y is None else (x, y)
-    grads = torch.autograd.grad(whole.square().sum(), inputs)
-    monkeypatch.setattr(reference, "ANCHORED_CHUNK_ELEMENTS", 2 * 3 * 5)  # 2 anchors per chunk
-    chunked = anchor_pair_distances(x, idx, y, metric=metric)
-    torch.testing.assert_close(chunked, whole)
-    for a, b in zip(torch.autograd.grad(chunked.square().sum(), inputs), grads):
-        torch.testing.assert_close(a, b)
-    if not separate_y:
-        idx[0, 0] = 1  # gradcheck away from the non-differentiable zero distance
-    assert torch.autograd.gradcheck(lambda *t: anchor_pair_distances(t[0], idx, t[1] if len(t) > 1 else None,
-                                                                    metric=metric), inputs)
-
-
-def test_pair_distances_chunks_match_whole(monkeypatch):
-    import torchfg.ops.triplet.reference as reference
-
-    g = torch.Generator().manual_seed(2)
-    x = torch.randn(9, 4, generator=g, dtype=torch.float64, requires_grad=True)
-    xi, yi = torch.randint(0, 9, (17,), generator=g), torch.randint(0, 9, (17,), generator=g)
-    whole = pair_distances(x, xi, yi)
-    (grad,) = torch.autograd.grad(whole.sum(), x)
-    monkeypatch.setattr(reference, "PAIR_CHUNK_ELEMENTS", 3 * 4)
-    chunked = pair_distances(x, xi, yi)
-    torch.testing.assert_close(chunked, whole)
-    torch.testing.assert_close(torch.autograd.grad(chunked.sum(), x)[0], grad)
 
 
 def test_mining_chunk_size_does_not_change_the_result(monkeypatch):

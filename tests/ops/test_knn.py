@@ -21,7 +21,7 @@ from torchfg.ops.knn import knn_search
 from torchfg.ops.knn import reference as ref_module
 from torchfg.ops.knn.reference import METRICS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # Distances of O(D) magnitude computed in fp32 against fp64 brute force.
 TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}

@@ -1,0 +1,43 @@
+"""The distance metrics every op shares: names, kernel codes and the zero-safe row statistics.
+
+One table so that the references, the Triton and CUDA kernels and the public functions agree on
+what ``metric="cosine"`` means. All metrics are dissimilarities (smaller = closer):
+
+* ``"sqeuclidean"``: ``|a - b|^2``;
+* ``"euclidean"``: ``|a - b|`` (gradient 0, not NaN, at a zero distance);
+* ``"cosine"``: ``1 - cos(a, b)``, where a zero row has cosine 0 to everything;
+* ``"dot"``: ``-a.b``, the negative inner product.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["METRICS", "METRIC_CODES", "DEFAULT_METRIC", "metric_code", "safe_inverse", "inverse_norms", "unit_rows"]
+
+METRICS = ("sqeuclidean", "euclidean", "cosine", "dot")
+# The integer each kernel receives as its METRIC constexpr (the order of METRICS).
+METRIC_CODES = {name: code for code, name in enumerate(METRICS)}
+# The default of every function whose math is a plain distance between embeddings.
+DEFAULT_METRIC = "euclidean"
+
+
+def metric_code(metric: str) -> int:
+    """The kernels' integer code of ``metric`` (validated by the caller)."""
+    return METRIC_CODES[metric]
+
+
+def safe_inverse(norm: torch.Tensor) -> torch.Tensor:
+    """``1 / norm`` elementwise, and 0 where ``norm`` is 0: a zero row has cosine 0 to everything."""
+    return torch.where(norm > 0, 1.0 / norm.clamp_min(torch.finfo(norm.dtype).tiny), torch.zeros_like(norm))
+
+
+def inverse_norms(x: torch.Tensor, dtype: torch.dtype, *, keepdim: bool = False) -> torch.Tensor:
+    """(R, D) -> (R,) (or (R, 1)) zero-safe inverse row norms computed in ``dtype``."""
+    return safe_inverse(torch.linalg.vector_norm(x, dim=-1, keepdim=keepdim, dtype=dtype))
+
+
+def unit_rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(R, D) rows scaled to unit norm in ``dtype``; a zero row stays zero."""
+    x = x.to(dtype)
+    return x * inverse_norms(x, dtype, keepdim=True)
