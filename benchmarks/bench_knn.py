@@ -44,7 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from torchfg.backends import cuda_extension_status, triton_status  # noqa: E402
+from torchfg.backends import backend_status, triton_status  # noqa: E402
 from torchfg.ops.knn import knn  # noqa: E402
 from torchfg.utils.benchmark import append_csv, environment_fields, matmul_floor, measure  # noqa: E402
 
@@ -202,7 +202,7 @@ def available(impl: str, device: torch.device, dtype: torch.dtype) -> tuple[bool
         return False, "kernel backends need a CUDA device (interpreted Triton is not a benchmark)"
     if impl == "triton":
         return triton_status(device)
-    return cuda_extension_status(device)
+    return backend_status("knn", "cuda", device)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,8 +6,13 @@ Every op in :mod:`torchfg.ops` takes ``backend="auto" | "torch" | "triton" | "cu
 * ``"triton"``: fused Triton kernels, for CUDA tensors. CPU tensors are accepted only
   under Triton's interpreter (``TRITON_INTERPRET=1``), which is how CI checks kernels.
 * ``"cuda"``: kernels from ``csrc/`` compiled with ``torch.utils.cpp_extension``.
-* ``"auto"``: the fastest backend that the op implements and that is available for
-  the tensor's device (``cuda`` > ``triton`` > ``torch`` unless the op says otherwise).
+* ``"auto"``: the first backend, in the op's order of preference, that supports the inputs
+  (dtype, ``k``), can run on the tensor's device and needs no build; else ``"torch"``.
+
+Each op declares its backends once, with what they can do, through :func:`register_op` (in
+its ``ops/<op>/__init__.py``), and resolves the user's choice with :func:`resolve_backend`:
+this module is the only place that reads ``TORCHFG_BACKEND`` and decides. It imports nothing
+from :mod:`torchfg.ops` (status functions of compiled backends are handed in by the op).
 
 The environment variable ``TORCHFG_BACKEND`` replaces ``"auto"`` globally: with
 ``TORCHFG_BACKEND=triton`` every op that has a Triton kernel runs it (and raises if
@@ -20,7 +25,8 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 
@@ -28,10 +34,14 @@ from torchfg.errors import BackendUnavailableError
 
 __all__ = [
     "BACKENDS",
+    "BackendSpec",
     "BackendUnavailableError",
+    "backend_is_forced",
+    "backend_status",
+    "register_op",
+    "registered_ops",
     "resolve_backend",
     "triton_status",
-    "cuda_extension_status",
     "triton_interpreter_enabled",
 ]
 
@@ -71,77 +81,181 @@ def triton_status(device: torch.device | None = None) -> tuple[bool, str]:
     return True, why
 
 
-def cuda_extension_status(device: torch.device | None = None) -> tuple[bool, str]:
-    """Whether the compiled ``csrc/`` extension can run on ``device``, and why not."""
-    if device is not None and device.type != "cuda":
-        return False, f"the CUDA extension needs a CUDA tensor, got device {device.type!r}"
-    if not torch.cuda.is_available():
-        return False, "no CUDA device is available"
-    try:
-        from torchfg.ops import _cuda_extension
-    except ImportError:
-        return False, "torchfg was installed without the CUDA extension sources"
-    return _cuda_extension.status()
+@dataclass(frozen=True)
+class BackendSpec:
+    """One backend of one op and what it can do.
+
+    Attributes:
+        name: ``"torch"``, ``"triton"`` or ``"cuda"``.
+        dtypes: input dtypes it supports (None: every float dtype).
+        max_k: largest ``k`` it supports (ops with a ``k``; None: no bound).
+        auto_max_k: ``"auto"`` prefers this backend only up to this ``k`` (None: no bound);
+            past it, ``auto`` tries the next backends first and comes back to this one last.
+        status: ``device -> (available, why not)``; None uses the default of ``name``.
+        needs_build: the backend is compiled on first use (minutes): ``"auto"`` takes it only
+            once ``is_built()`` says so, an explicit request builds it through ``prepare()``.
+        is_built: whether the build is done (needs_build only).
+        prepare: ``device -> None``, run when the backend is chosen explicitly (e.g. build it).
+        device_max_k: ``device -> largest k`` once prepared (a limit known only at run time).
+    """
+
+    name: str
+    dtypes: tuple[torch.dtype, ...] | None = None
+    max_k: int | None = None
+    auto_max_k: int | None = None
+    status: Callable[[torch.device], tuple[bool, str]] | None = None
+    needs_build: bool = False
+    is_built: Callable[[], bool] | None = None
+    prepare: Callable[[torch.device], None] | None = None
+    device_max_k: Callable[[torch.device], int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.name not in BACKENDS or self.name == "auto":
+            raise ValueError(f"BackendSpec.name must be one of {BACKENDS[1:]}, got {self.name!r}")
+
+    def unsupported(self, dtype: torch.dtype, k: int | None) -> str | None:
+        """Why this backend cannot take inputs of ``dtype`` (and ``k``), or None if it can."""
+        if self.dtypes is not None and dtype not in self.dtypes:
+            return f"it supports dtypes {tuple(str(d) for d in self.dtypes)}, got {dtype}"
+        if k is not None and self.max_k is not None and k > self.max_k:
+            return f"it supports k <= {self.max_k}, got k={k}"
+        return None
+
+    def available(self, device: torch.device) -> tuple[bool, str]:
+        if self.status is not None:
+            return self.status(device)
+        if self.name == "torch":
+            return True, "pure PyTorch"
+        if self.name == "triton":
+            return triton_status(device)
+        return False, f"no status function was registered for the {self.name} backend"
 
 
-def _status(backend: str, device: torch.device) -> tuple[bool, str]:
-    if backend == "torch":
-        return True, "pure PyTorch"
-    if backend == "triton":
-        return triton_status(device)
-    if backend == "cuda":
-        return cuda_extension_status(device)
-    raise AssertionError(backend)
+_TORCH = BackendSpec("torch")
+_REGISTRY: dict[str, tuple[BackendSpec, ...]] = {}
+
+
+def register_op(op: str, *backends: BackendSpec) -> None:
+    """Declare the backends of ``op`` beyond its reference, in ``"auto"``'s order of preference.
+
+    The ``"torch"`` reference is always implied and always last. Registering an op again
+    replaces its entry (so that reloading a module is harmless).
+    """
+    names = [spec.name for spec in backends]
+    if "torch" in names or len(set(names)) != len(names):
+        raise ValueError(f"{op}: register each non-torch backend once (torch is implied), got {names}")
+    _REGISTRY[op] = tuple(backends) + (_TORCH,)
+
+
+def registered_ops() -> dict[str, tuple[BackendSpec, ...]]:
+    """Every registered op and its backends (torch last), for ``torchfg info`` and the docs."""
+    return dict(_REGISTRY)
+
+
+def backend_status(op: str, backend: str, device: torch.device) -> tuple[bool, str]:
+    """Whether ``op``'s ``backend`` can run on ``device`` (never builds anything), and why not."""
+    for spec in _REGISTRY.get(op, ()):
+        if spec.name == backend:
+            return spec.available(device)
+    return False, f"{op} has no {backend} backend"
+
+
+def _environment_backend() -> str | None:
+    env = os.environ.get(ENV_VAR, "").strip().lower()
+    if not env or env == "auto":
+        return None
+    if env not in BACKENDS:
+        raise ValueError(f"{ENV_VAR} must be one of {BACKENDS}, got {env!r}")
+    return env
+
+
+def backend_is_forced(backend: str | None) -> bool:
+    """Whether ``backend`` (or, for ``"auto"``, ``TORCHFG_BACKEND``) names a backend explicitly."""
+    return (backend not in (None, "auto")) or _environment_backend() is not None
+
+
+def _auto(specs: Sequence[BackendSpec], device: torch.device, dtype: torch.dtype, k: int | None) -> str:
+    def usable(spec: BackendSpec) -> bool:
+        if spec.unsupported(dtype, k) is not None or not spec.available(device)[0]:
+            return False
+        # Interpreted Triton is for checking kernels, never a default.
+        if spec.name == "triton" and device.type == "cpu":
+            return False
+        # Never start a build that can take minutes behind the user's back.
+        if spec.needs_build and not (spec.is_built is not None and spec.is_built()):
+            return False
+        if k is not None and spec.device_max_k is not None and k > spec.device_max_k(device):
+            return False
+        return True
+
+    kernels = [s for s in specs if s.name != "torch"]  # the reference is the fallback, always last
+    preferred = [s for s in kernels if k is None or s.auto_max_k is None or k <= s.auto_max_k]
+    later = [s for s in kernels if s not in preferred]
+    for spec in preferred + later:
+        if usable(spec):
+            return spec.name
+    return "torch"
 
 
 def resolve_backend(
-    backend: str | None,
-    device: torch.device,
-    *,
     op: str,
-    implemented: Sequence[str] = ("torch",),
-    preference: Sequence[str] = ("cuda", "triton", "torch"),
+    device: torch.device,
+    dtype: torch.dtype,
+    backend: str | None = "auto",
+    *,
+    k: int | None = None,
 ) -> str:
-    """Turn a user's ``backend`` argument into the concrete backend to run.
+    """Turn a user's ``backend`` argument into the concrete backend ``op`` runs on.
 
     Args:
-        backend: ``"auto"``, ``"torch"``, ``"triton"``, ``"cuda"`` or None (= ``"auto"``).
+        op: a name given to :func:`register_op`.
         device: device of the op's inputs.
-        op: op name, used in error messages.
-        implemented: backends that this op has.
-        preference: order tried by ``"auto"``; ``"torch"`` must be in it.
+        dtype: dtype of the op's inputs.
+        backend: ``"auto"``, ``"torch"``, ``"triton"``, ``"cuda"`` or None (= ``"auto"``).
+        k: the op's ``k``, for backends with a bound on it.
+
+    Returns:
+        The backend's name. ``"auto"`` takes the first registered backend that supports the
+        inputs, can run on ``device`` and needs no build, else ``"torch"``.
 
     Raises:
-        ValueError: unknown backend name.
-        BackendUnavailableError: an explicitly requested backend cannot run here.
+        ValueError: unknown backend name (argument or ``TORCHFG_BACKEND``).
+        BackendUnavailableError: an explicitly requested backend cannot run these inputs here.
     """
     if backend is None:
         backend = "auto"
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
+    if op not in _REGISTRY:
+        raise KeyError(f"{op!r} is not a registered op (torchfg.backends.register_op)")
+    specs = _REGISTRY[op]
     from_env = False
     if backend == "auto":
-        env = os.environ.get(ENV_VAR, "").strip().lower()
-        if env and env != "auto":
-            if env not in BACKENDS:
-                raise ValueError(f"{ENV_VAR} must be one of {BACKENDS}, got {env!r}")
+        env = _environment_backend()
+        if env is not None:
             backend, from_env = env, True
     if backend == "auto":
-        for candidate in preference:
-            if candidate in implemented and _status(candidate, device)[0]:
-                # Interpreted Triton is for checking kernels, never a default.
-                if candidate == "triton" and device.type == "cpu":
-                    continue
-                return candidate
-        return "torch"
-    if backend not in implemented:
-        if from_env:
+        return _auto(specs, device, dtype, k)
+    source = f"{ENV_VAR}={backend}" if from_env else f"backend={backend!r}"
+    spec = next((s for s in specs if s.name == backend), None)
+    if spec is None:
+        if from_env:  # a global switch: ops without that backend run their reference
             return "torch"
         raise BackendUnavailableError(
-            f"{op}: backend={backend!r} is not implemented for this op (it has {tuple(implemented)})"
+            f"{op}: backend={backend!r} is not implemented for this op (it has {tuple(s.name for s in specs)})"
         )
-    ok, why = _status(backend, device)
+    why = spec.unsupported(dtype, k)
+    if why is not None:
+        if from_env:
+            return "torch"
+        raise BackendUnavailableError(f"{op}: {source} cannot run these inputs: {why}")
+    ok, why = spec.available(device)
     if not ok:
-        source = f"{ENV_VAR}={backend}" if from_env else f"backend={backend!r}"
         raise BackendUnavailableError(f"{op}: {source} is unavailable: {why}")
+    if spec.prepare is not None:
+        spec.prepare(device)
+    if k is not None and spec.device_max_k is not None:
+        limit = spec.device_max_k(device)
+        if k > limit:
+            raise BackendUnavailableError(f"{op}: {source} supports k <= {limit} on {device}, got k={k}")
     return backend

@@ -10,7 +10,8 @@ from typing import Sequence
 import torch
 
 import torchfg
-from torchfg.backends import cuda_extension_status, triton_interpreter_enabled, triton_status
+import torchfg.ops  # noqa: F401  (registers every op's backends)
+from torchfg.backends import registered_ops, triton_interpreter_enabled
 
 
 def _device() -> torch.device:
@@ -26,11 +27,21 @@ def info_lines() -> list[str]:
         f"torch   {torch.__version__} (CUDA build: {torch.version.cuda or 'no'})",
         f"device  {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}",
         f"TRITON_INTERPRET={'1' if triton_interpreter_enabled() else 'unset'}",
-        "backends:",
-        "  torch   available (pure PyTorch reference, any device)",
+        "backends per op (auto's order; torch, the pure PyTorch reference, runs anywhere):",
     ]
-    for name, (ok, why) in (("triton", triton_status(device)), ("cuda", cuda_extension_status(device))):
-        lines.append(f"  {name:<7} {'available' if ok else 'unavailable'} ({why})")
+    for op, specs in sorted(registered_ops().items()):
+        lines.append(f"  {op}")
+        for spec in specs:
+            ok, why = spec.available(device)
+            limits = []
+            if spec.dtypes is not None:
+                limits.append("dtypes " + "/".join(str(d).removeprefix("torch.") for d in spec.dtypes))
+            if spec.max_k is not None:
+                limits.append(f"k <= {spec.max_k}")
+            if spec.needs_build:
+                limits.append("built on first explicit use; auto takes it once built")
+            extra = f"; {', '.join(limits)}" if limits else ""
+            lines.append(f"    {spec.name:<7} {'available' if ok else 'unavailable'} ({why}{extra})")
     return lines
 
 

@@ -253,3 +253,59 @@ def test_reference_chunking_matches_single_chunk():
             pairwise_distance_reference(x, x, metric, symmetric=True, chunk_rows=7),
             pairwise_distance_reference(x, x, metric, symmetric=True),
         )
+
+
+# ----------------------------------------------------------------------------- the backend registry
+
+
+def test_registry_resolves_by_capability(monkeypatch):
+    from torchfg import backends
+
+    monkeypatch.delenv("TORCHFG_BACKEND", raising=False)
+    calls = []
+    spec = backends.BackendSpec(
+        "cuda", dtypes=(torch.float32,), max_k=8, status=lambda device: (True, "test"), needs_build=True,
+        is_built=lambda: False, prepare=lambda device: calls.append("built"),
+    )
+    backends.register_op("test_registry_op", backends.BackendSpec("triton", max_k=4, auto_max_k=2), spec)
+    cpu = torch.device("cpu")
+    try:
+        # auto: no interpreted Triton on the CPU, and never a build behind the user's back
+        assert backends.resolve_backend("test_registry_op", cpu, torch.float32, "auto", k=1) == "torch"
+        assert calls == []
+        assert backends.resolve_backend("test_registry_op", cpu, torch.float32, "cuda", k=3) == "cuda"
+        assert calls == ["built"]
+        with pytest.raises(BackendUnavailableError, match="supports dtypes"):
+            backends.resolve_backend("test_registry_op", cpu, torch.float64, "cuda")
+        with pytest.raises(BackendUnavailableError, match="k <= 8"):
+            backends.resolve_backend("test_registry_op", cpu, torch.float32, "cuda", k=9)
+        monkeypatch.setenv("TORCHFG_BACKEND", "cuda")  # a global switch falls back where it cannot apply
+        assert backends.resolve_backend("test_registry_op", cpu, torch.float64) == "torch"
+        assert backends.resolve_backend("test_registry_op", cpu, torch.float32, "torch") == "torch"
+        with pytest.raises(ValueError, match="backend must be one of"):
+            backends.resolve_backend("test_registry_op", cpu, torch.float32, "fast")
+        with pytest.raises(KeyError, match="not a registered op"):
+            backends.resolve_backend("no_such_op", cpu, torch.float32)
+    finally:
+        backends._REGISTRY.pop("test_registry_op", None)
+
+
+def test_auto_order_honours_auto_max_k(monkeypatch):
+    from torchfg import backends
+
+    monkeypatch.delenv("TORCHFG_BACKEND", raising=False)
+    ready = lambda device: (True, "test")  # noqa: E731
+    backends.register_op(
+        "test_order_op",
+        backends.BackendSpec("triton", max_k=128, auto_max_k=64, status=ready),
+        backends.BackendSpec("cuda", max_k=1024, status=ready, needs_build=True, is_built=lambda: built[0]),
+    )
+    gpu = torch.device("cuda")  # only the status functions above look at it
+    built = [False]
+    try:
+        pick = lambda k: backends.resolve_backend("test_order_op", gpu, torch.float16, k=k)  # noqa: E731
+        assert (pick(10), pick(100), pick(500)) == ("triton", "triton", "torch")  # cuda not built yet
+        built[0] = True
+        assert (pick(10), pick(100), pick(500)) == ("triton", "cuda", "cuda")
+    finally:
+        backends._REGISTRY.pop("test_order_op", None)

@@ -81,9 +81,9 @@ def _faiss_ok(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
 
 
 def _cuda_extension_ok(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
-    from torchfg.backends import cuda_extension_status
+    from torchfg.backends import backend_status
 
-    return cuda_extension_status(device)
+    return backend_status("knn", "cuda", device)
 
 
 def cases() -> list[Case]:

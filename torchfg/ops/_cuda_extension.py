@@ -19,6 +19,8 @@ data), then ``csrc/`` next to the ``torchfg`` package (a source checkout).
 
 from __future__ import annotations
 
+import functools
+import importlib
 import os
 import shutil
 import threading
@@ -29,7 +31,7 @@ import torch
 
 from torchfg.errors import ExtensionBuildError
 
-__all__ = ["SOURCES", "csrc_dir", "status", "load", "ops", "is_loaded", "ExtensionBuildError"]
+__all__ = ["SOURCES", "csrc_dir", "status", "backend_status", "is_built", "load", "ops", "is_loaded", "ExtensionBuildError"]
 
 # Sources of the extension, relative to the csrc directory.
 SOURCES = ("knn/knn_kernel.cu", "knn/knn_binding.cpp")
@@ -66,13 +68,19 @@ def _nvcc() -> str | None:
     return shutil.which("nvcc")
 
 
-def _try_aot() -> bool:
-    global _loaded
+@functools.lru_cache(maxsize=None)
+def _aot_module_present() -> bool:
+    # Cached: "auto" asks on every op call, and a failed import scans sys.path each time.
     try:
-        import importlib
-
         importlib.import_module(_AOT_MODULE)
     except ImportError:
+        return False
+    return True
+
+
+def _try_aot() -> bool:
+    global _loaded
+    if not _aot_module_present():
         return False
     _loaded = f"ahead-of-time build ({_AOT_MODULE})"
     return True
@@ -80,6 +88,20 @@ def _try_aot() -> bool:
 
 def is_loaded() -> bool:
     return _loaded is not None
+
+
+def is_built() -> bool:
+    """Whether the ops are registered now, or an ahead-of-time build can register them at once."""
+    return _loaded is not None or _try_aot()
+
+
+def backend_status(device: torch.device) -> tuple[bool, str]:
+    """Whether the ``cuda`` backend can run on ``device`` (built, or buildable on first use), and why not."""
+    if device.type != "cuda":
+        return False, f"the CUDA extension needs a CUDA tensor, got device {device.type!r}"
+    if not torch.cuda.is_available():
+        return False, "no CUDA device is available"
+    return status()
 
 
 def status() -> tuple[bool, str]:

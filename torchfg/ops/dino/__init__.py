@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from torchfg._validation import check_float_tensor, check_positive
-from torchfg.backends import resolve_backend
+from torchfg.backends import BackendSpec, register_op, resolve_backend
 from torchfg.ops.dino.reference import (
     dino_accumulation_dtype,
     dino_loss_backward_reference,
@@ -21,9 +21,9 @@ from torchfg.ops.dino.reference import (
 )
 from torchfg._validation import check_int as _check_count
 
-__all__ = ["dino_loss", "IMPLEMENTED"]
+__all__ = ["dino_loss"]
 
-IMPLEMENTED = ("torch", "triton")
+register_op("dino_loss", BackendSpec("triton"))
 
 
 @torch.library.custom_op("torchfg::dino_loss", mutates_args=())
@@ -194,7 +194,7 @@ def dino_loss(
                 f"student_output and {name} must be on the same device, got {student_output.device} "
                 f"and {tensor.device}"
             )
-    backend = resolve_backend(backend, student_output.device, op="dino_loss", implemented=IMPLEMENTED)
+    backend = resolve_backend("dino_loss", student_output.device, student_output.dtype, backend)
     loss, _student_lse, _teacher_lse = _dino_loss_op(
         student_output, teacher_output.detach(), center.detach(),
         n_crops, n_global_crops, student_temp, teacher_temp, backend,

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import warnings
 from typing import Callable
 
 import torch
 
 from torchfg._validation import accumulation_dtype, check_choice, check_float_tensor, check_same_device_dtype
-from torchfg.backends import ENV_VAR, BackendUnavailableError, resolve_backend
+from torchfg.backends import BackendSpec, register_op, resolve_backend
+from torchfg.ops import _cuda_extension
 from torchfg.ops.knn.cuda import KERNEL_MAX_K as CUDA_MAX_K
 from torchfg.ops.knn.reference import METRICS, knn_reference
 
@@ -64,36 +63,26 @@ def _check_magnitudes(x: torch.Tensor, name: str) -> None:
     raise ValueError(f"{name} has rows with norms above {limit:.3g}: their distances would overflow {acc}")
 
 
-def _explicit_backend(backend: str) -> bool:
-    return backend != "auto" or os.environ.get(ENV_VAR, "").strip().lower() not in ("", "auto")
+def _cuda_device_max_k(device: torch.device) -> int:
+    from torchfg.ops.knn.cuda import max_k
+
+    return max_k(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def _choose_backend(backend: str, device: torch.device, dtype: torch.dtype, k: int) -> str:
-    implemented = ["torch"]
-    if dtype in _KERNEL_DTYPES:
-        if k <= TRITON_MAX_K:
-            implemented.append("triton")
-        if k <= CUDA_MAX_K:
-            implemented.append("cuda")
-    preference = ("triton", "cuda", "torch") if k <= AUTO_TRITON_MAX_K else ("cuda", "triton", "torch")
-    chosen = resolve_backend(backend, device, op="knn", implemented=implemented, preference=preference)
-    if chosen != "cuda":
-        return chosen
-    try:
-        from torchfg.ops import _cuda_extension
-        from torchfg.ops.knn.cuda import max_k
-
-        _cuda_extension.load()
-        limit = max_k(device.index if device.index is not None else torch.cuda.current_device())
-        if k > limit:
-            raise BackendUnavailableError(f"knn: the CUDA kernel supports k <= {limit} on this device, got k={k}")
-    except BackendUnavailableError as exc:
-        if _explicit_backend(backend):
-            raise
-        warnings.warn(f"knn: the CUDA backend is unavailable ({exc}); using another backend", stacklevel=3)
-        implemented.remove("cuda")
-        return resolve_backend("auto", device, op="knn", implemented=implemented, preference=preference)
-    return chosen
+register_op(
+    "knn",
+    BackendSpec("triton", dtypes=_KERNEL_DTYPES, max_k=TRITON_MAX_K, auto_max_k=AUTO_TRITON_MAX_K),
+    BackendSpec(
+        "cuda",
+        dtypes=_KERNEL_DTYPES,
+        max_k=CUDA_MAX_K,
+        status=_cuda_extension.backend_status,
+        needs_build=True,
+        is_built=_cuda_extension.is_built,
+        prepare=lambda device: _cuda_extension.load(),
+        device_max_k=_cuda_device_max_k,
+    ),
+)
 
 
 def _validate(
@@ -165,8 +154,9 @@ def knn(
         exclude_self: never return query i's own row: gallery row i. With an explicit gallery
             this means the queries are the first Q gallery rows (needs Q <= G).
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"`` (see :mod:`torchfg.backends`).
-            Auto on a GPU takes Triton for k <= 64 and the CUDA kernel beyond (JIT-built on
-            first use when nvcc is present), falling back to the chunked PyTorch search.
+            Auto on a GPU takes Triton for k <= 64 and the CUDA kernel beyond once it is built
+            (``backend="cuda"`` JIT-builds it, minutes the first time; auto never does), else
+            Triton up to k = 128, else the chunked PyTorch search.
         chunk_size: torch backend only: queries per chunk (default: a (chunk, G) fp32 block
             of 256 MiB on CPU, 512 MiB on GPU). A self-search of at least two tiles uses it as
             the tile side instead (default 8192: two 256 MiB fp32 tiles).
@@ -192,7 +182,7 @@ def knn(
     """
     _validate(query, gallery, k, metric, exclude_self, chunk_size)
     symmetric = gallery is None
-    chosen = _choose_backend(backend, query.device, query.dtype, k)
+    chosen = resolve_backend("knn", query.device, query.dtype, backend, k=k)
     query = query.detach()
     gallery = query if gallery is None else gallery.detach()
     self_offset = 0 if exclude_self else -1
@@ -219,7 +209,7 @@ def knn_search(
     once at the end.
     """
     _validate(query, gallery, k, metric, exclude_self, chunk_size)
-    chosen = _choose_backend(backend, query.device, query.dtype, k)
+    chosen = resolve_backend("knn", query.device, query.dtype, backend, k=k)
     query = query.detach()
     symmetric = gallery is None
     gallery = query if gallery is None else gallery.detach()

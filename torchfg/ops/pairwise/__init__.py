@@ -7,7 +7,7 @@ import math
 import torch
 
 from torchfg._validation import check_choice, check_float_tensor
-from torchfg.backends import resolve_backend
+from torchfg.backends import BackendSpec, register_op, resolve_backend
 from torchfg.ops.pairwise.reference import (
     METRICS,
     pairwise_distance_backward_reference,
@@ -16,7 +16,7 @@ from torchfg.ops.pairwise.reference import (
 
 __all__ = ["pairwise_distance", "METRICS"]
 
-IMPLEMENTED = ("torch", "triton")
+register_op("pairwise_distance", BackendSpec("triton"))
 
 
 @torch.library.custom_op("torchfg::pairwise_distance", mutates_args=())
@@ -109,7 +109,7 @@ def pairwise_distance(
                 f"x and y must have the same feature size D (last dim), got {x.shape[-1]} and {y.shape[-1]}"
             )
     check_choice(metric, "metric", METRICS)
-    backend = resolve_backend(backend, x.device, op="pairwise_distance", implemented=IMPLEMENTED)
+    backend = resolve_backend("pairwise_distance", x.device, x.dtype, backend)
     try:
         batch = torch.broadcast_shapes(x.shape[:-2], y.shape[:-2])
     except RuntimeError as exc:

@@ -12,13 +12,12 @@ and :func:`mine_all_triplets` use the chunked reference on every device.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import torch
 
 from torchfg._validation import accumulation_dtype, check_choice, check_float_tensor, check_labels, check_tensor
-from torchfg.backends import resolve_backend
+from torchfg.backends import BackendSpec, register_op, resolve_backend
 from torchfg.ops.triplet.reference import (
     METRICS,
     mine_all_triplets_reference,
@@ -31,16 +30,10 @@ __all__ = [
     "mine_semi_hard",
     "mine_all_triplets",
     "METRICS",
-    "implemented_backends",
 ]
 
 
-def implemented_backends() -> tuple[str, ...]:
-    """Backends :func:`mine_hardest` has in this installation (triton only if its module ships)."""
-    # find_spec does not import the module, so triton itself stays unimported until it is chosen.
-    if importlib.util.find_spec("torchfg.ops.triplet.triton") is not None:
-        return ("torch", "triton")
-    return ("torch",)
+register_op("mine_hardest", BackendSpec("triton"))
 
 
 # ----------------------------------------------------------------------------- registered ops
@@ -244,7 +237,7 @@ def mine_hardest(
         anchor_text, candidate_text = anchor_text.detach(), candidate_text.detach()
     if text_positive_threshold is not None:
         text_positive_threshold = _check_number(text_positive_threshold, "text_positive_threshold", low=-1.0, high=1.0)
-    backend = resolve_backend(backend, anchors.device, op="mine_hardest", implemented=implemented_backends())
+    backend = resolve_backend("mine_hardest", anchors.device, anchors.dtype, backend)
     return _mine_hardest_op(
         anchors.detach(),
         candidates.detach(),
