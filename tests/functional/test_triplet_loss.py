@@ -24,7 +24,8 @@ from torchfg import functional as TF
 from torchfg.backends import BackendUnavailableError
 from torchfg.losses import AdaptiveTripletLoss, TripletMarginLoss
 from torchfg.ops.triplet import mine_all_triplets, mine_hardest, mine_semi_hard
-from torchfg.ops.triplet.reference import METRICS, mine_hardest_reference
+from torchfg.ops.metric import METRICS
+from torchfg.ops.triplet.reference import mine_hardest_reference
 
 pml = pytest.importorskip("pytorch_metric_learning")
 from pytorch_metric_learning import distances as pml_distances  # noqa: E402

@@ -19,7 +19,7 @@ from torchfg import knn
 from torchfg.backends import BackendUnavailableError
 from torchfg.ops.knn import knn_search
 from torchfg.ops.knn import reference as ref_module
-from torchfg.ops.knn.reference import METRICS
+from torchfg.ops.metric import METRICS
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 from conftest import TEST_DEVICE, backends_to_test, requires_triton
 from torchfg import pairwise_distance
 from torchfg.backends import BackendUnavailableError
-from torchfg.ops.pairwise.reference import METRICS, pairwise_distance_reference
+from torchfg.ops.metric import METRICS
+from torchfg.ops.pairwise.reference import pairwise_distance_reference
 
 # (atol, rtol) per dtype for values of size ~ D.
 TOLERANCES = {

@@ -14,6 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import TEST_DEVICE, requires_triton
+from torchfg.ops.triplet import mine_hardest
 
 pytestmark = requires_triton
 
@@ -450,21 +451,22 @@ def _bad_call(**changes):
     options = dict(_BASIC)
     for key, value in changes.items():
         (args if key in args else options)[key] = value
-    return mine_hardest_triton(*args.values(), **options)
+    # Inputs are checked once, by the public op; the launcher keeps torch._check preconditions only.
+    return mine_hardest(*args.values(), **options, backend="triton")
 
 
 @pytest.mark.parametrize(
     "changes, error, name",
     [
         (dict(anchors=torch.randn(5, 3, 1)), ValueError, "anchors"),
-        (dict(candidates=torch.randn(5, 4)), ValueError, "embedding size"),
+        (dict(candidates=torch.randn(5, 4)), ValueError, "feature size D"),
         (dict(candidates=torch.randn(5, 3, dtype=torch.float64)), TypeError, "dtype"),
         (dict(anchors=torch.ones(5, 3, dtype=torch.int64)), TypeError, "anchors"),
         (dict(anchor_labels=torch.zeros(4, dtype=torch.int64)), ValueError, "anchor_labels"),
         (dict(candidate_labels=torch.zeros(5)), TypeError, "candidate_labels"),
         (dict(metric="manhattan"), ValueError, "metric"),
         (dict(anchor_text=torch.randn(5, 2)), ValueError, "candidate_text"),
-        (dict(anchor_text=torch.randn(5, 2), candidate_text=torch.randn(5, 3)), ValueError, "same width"),
+        (dict(anchor_text=torch.randn(5, 2), candidate_text=torch.randn(5, 3)), ValueError, "same size T"),
         (dict(anchor_text=torch.randn(4, 2), candidate_text=torch.randn(5, 2)), ValueError, "anchor_text"),
         (dict(self_offset=1), ValueError, "self_offset"),
         (dict(self_offset=-2), ValueError, "self_offset"),

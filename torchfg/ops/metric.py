@@ -13,7 +13,16 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["METRICS", "METRIC_CODES", "DEFAULT_METRIC", "metric_code", "safe_inverse", "inverse_norms", "unit_rows"]
+__all__ = [
+    "METRICS",
+    "METRIC_CODES",
+    "DEFAULT_METRIC",
+    "metric_code",
+    "safe_inverse",
+    "inverse_norms",
+    "unit_rows",
+    "row_statistics",
+]
 
 METRICS = ("sqeuclidean", "euclidean", "cosine", "dot")
 # The integer each kernel receives as its METRIC constexpr (the order of METRICS).
@@ -41,3 +50,14 @@ def unit_rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(R, D) rows scaled to unit norm in ``dtype``; a zero row stays zero."""
     x = x.to(dtype)
     return x * inverse_norms(x, dtype, keepdim=True)
+
+
+def row_statistics(x: torch.Tensor, metric: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(R, D) -> (R,) what a GEMM-based kernel needs per row to finish a distance tile in ``dtype``.
+
+    Inverse norms for ``"cosine"`` (0 for a zero row), squared norms for the Euclidean metrics
+    (summed squares: a sqrt-then-square would add a rounding step). ``"dot"`` needs none.
+    """
+    if metric == "cosine":
+        return inverse_norms(x, dtype)
+    return x.to(dtype).square().sum(1)

@@ -10,7 +10,8 @@ from torchfg._validation import accumulation_dtype, check_choice, check_float_te
 from torchfg.backends import BackendSpec, register_op, resolve_backend
 from torchfg.ops import _cuda_extension
 from torchfg.ops.knn.cuda import KERNEL_MAX_K as CUDA_MAX_K
-from torchfg.ops.knn.reference import METRICS, knn_reference
+from torchfg.ops.knn.reference import knn_reference
+from torchfg.ops.metric import METRICS
 
 __all__ = ["knn", "METRICS", "TRITON_MAX_K", "AUTO_TRITON_MAX_K"]
 

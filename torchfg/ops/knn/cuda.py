@@ -12,11 +12,11 @@ import functools
 import torch
 
 from torchfg.ops import _cuda_extension
+from torchfg.ops.metric import metric_code, row_statistics
 from torchfg.ops.knn.reference import select_candidates
 
 __all__ = ["KERNEL_MAX_K", "max_k", "knn_cuda"]
 
-_METRIC_CODES = {"sqeuclidean": 0, "euclidean": 1, "cosine": 2, "dot": 3}
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Compile-time bound of the kernel (TORCHFG_KNN_MAX_K); a device may allow less (shared memory).
 KERNEL_MAX_K = 1024
@@ -39,15 +39,6 @@ def max_k(device_index: int) -> int:
         else:
             hi = mid - 1
     return lo
-
-
-def _row_aux(x: torch.Tensor, metric: str) -> torch.Tensor:
-    """fp32 per-row inverse norms (cosine; 0 for zero rows) or squared norms (Euclidean metrics)."""
-    if metric == "cosine":
-        norms = torch.linalg.vector_norm(x, dim=1, dtype=torch.float32)
-        return torch.where(norms > 0, 1.0 / norms.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(norms))
-    # Summed squares rather than a squared norm: sqrt-then-square would add a rounding step.
-    return x.float().square().sum(1)
 
 
 def _split_size(num_query: int, num_gallery: int, device: torch.device) -> int:
@@ -84,11 +75,11 @@ def knn_cuda(
     if metric == "dot":
         q_aux = g_aux = torch.empty(0, dtype=torch.float32, device=query.device)
     else:
-        q_aux = _row_aux(query, metric)
-        g_aux = q_aux if symmetric else _row_aux(gallery, metric)
+        q_aux = row_statistics(query, metric)
+        g_aux = q_aux if symmetric else row_statistics(gallery, metric)
     size = split_size or _split_size(num_query, num_gallery, query.device)
     out_d, out_i = _cuda_extension.ops().knn(
-        query, gallery, q_aux, g_aux, k, _METRIC_CODES[metric], symmetric, self_offset, size
+        query, gallery, q_aux, g_aux, k, metric_code(metric), symmetric, self_offset, size
     )
     splits = out_d.shape[0]
     if splits == 1:

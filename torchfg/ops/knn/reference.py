@@ -19,8 +19,8 @@ from typing import Callable
 import torch
 
 from torchfg._validation import accumulation_dtype
+from torchfg.ops.metric import safe_inverse
 
-METRICS = ("sqeuclidean", "euclidean", "cosine", "dot")
 
 # Bytes of fp32 distance block per query chunk when chunk_size is not given: CPU GEMMs lose
 # speed below ~1000 rows, GPU ones below a few thousand.
@@ -42,11 +42,6 @@ def default_tile_size(device: torch.device) -> int:
     rows, and each tile side is the row width of one of its two selections.
     """
     return 8192
-
-
-def _inverse_norms(norms: torch.Tensor) -> torch.Tensor:
-    # A zero row has no direction: its cosine similarity to anything is 0 (distance 1).
-    return torch.where(norms > 0, 1.0 / norms.clamp_min(torch.finfo(norms.dtype).tiny), torch.zeros_like(norms))
 
 
 def sort_by_distance_then_index(distances: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,7 +118,7 @@ def prepare_rows(x: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.Tens
     rows = x.to(acc)
     if metric == "cosine":
         norms = torch.linalg.vector_norm(rows, dim=1)
-        return rows * _inverse_norms(norms).unsqueeze(1), None
+        return rows * safe_inverse(norms).unsqueeze(1), None
     if metric in ("sqeuclidean", "euclidean"):
         return rows, rows.square().sum(1)
     return rows, None

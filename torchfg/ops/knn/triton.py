@@ -27,12 +27,13 @@ import triton
 import triton.language as tl
 
 from torchfg.backends import triton_interpreter_enabled
+from torchfg.ops._triton_utils import dot_dtypes
+from torchfg.ops.metric import metric_code, row_statistics
 from torchfg.ops.knn.reference import select_candidates, sort_by_distance_then_index
 
 __all__ = ["MAX_K", "TileConfig", "knn_triton"]
 
-_METRIC_CODES = {"sqeuclidean": 0, "euclidean": 1, "cosine": 2, "dot": 3}
-_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # The running buffer lives in registers: past this width it spills and the CUDA kernel is the
 # better choice.
@@ -94,6 +95,7 @@ def _knn_kernel(
     split = tl.program_id(1)
     rows = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     row_ok = rows < Q
+    q_offsets = rows.to(tl.int64)[:, None] * stride_qn
     slots = tl.arange(0, K_PAD)
     # Empty slots hold (+inf, distinct sentinel) so that exactly one slot is the worst; padding
     # slots beyond K hold (-inf, ...) so that they are never the worst and never replaced.
@@ -110,16 +112,18 @@ def _knn_kernel(
     for g0 in tl.range(g_start, g_stop, BLOCK_G):
         cols = g0 + tl.arange(0, BLOCK_G)
         col_ok = cols < g_stop
+        # 64-bit row offsets: G * D passes 2**31 at the documented sizes (2**20 rows x 4096).
+        g_offsets = cols.to(tl.int64)[:, None] * stride_gn
         acc = tl.zeros((BLOCK_Q, BLOCK_G), dtype=tl.float32)
         for d0 in tl.range(0, D, BLOCK_D):
             ds = d0 + tl.arange(0, BLOCK_D)
             d_ok = ds < D
             q_tile = tl.load(
-                q_ptr + rows[:, None] * stride_qn + ds[None, :] * stride_qd,
+                q_ptr + q_offsets + ds[None, :] * stride_qd,
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0,
             ).to(DOT_DTYPE)
             g_tile = tl.load(
-                g_ptr + cols[:, None] * stride_gn + ds[None, :] * stride_gd,
+                g_ptr + g_offsets + ds[None, :] * stride_gd,
                 mask=col_ok[:, None] & d_ok[None, :], other=0.0,
             ).to(DOT_DTYPE)
             acc += tl.dot(q_tile, tl.trans(g_tile), out_dtype=tl.float32, input_precision=INPUT_PRECISION)
@@ -161,29 +165,10 @@ def _knn_kernel(
             min_i = tl.min(tl.where(cand_d == min_d[:, None], cand_i, _NO_INDEX), axis=1)
             improves = _lex_less(min_d, min_i, worst_d, worst_i)
 
-    out_offsets = split * stride_os + rows[:, None] * stride_oq + slots[None, :]
+    out_offsets = split.to(tl.int64) * stride_os + rows.to(tl.int64)[:, None] * stride_oq + slots[None, :]
     out_mask = row_ok[:, None] & real_slot[None, :]
     tl.store(out_d_ptr + out_offsets, best_d, mask=out_mask)
     tl.store(out_i_ptr + out_offsets, best_i, mask=out_mask)
-
-
-def _compute_dtypes(dtype: torch.dtype) -> tuple[tl.dtype, str]:
-    """(dtype fed to tl.dot, input precision) for an input dtype."""
-    if dtype in (torch.float16, torch.bfloat16) and not triton_interpreter_enabled():
-        return _TL_DTYPES[dtype], "ieee"
-    # fp32 follows torch's matmul setting: TF32 only where the user allowed it. The interpreter
-    # mishandles half arithmetic, so it gets fp32 operands.
-    tf32 = torch.backends.cuda.matmul.allow_tf32 and not triton_interpreter_enabled()
-    return tl.float32, "tf32" if tf32 else "ieee"
-
-
-def _row_aux(x: torch.Tensor, metric: str) -> torch.Tensor:
-    """fp32 per-row inverse norms (cosine; 0 for zero rows) or squared norms (Euclidean metrics)."""
-    if metric == "cosine":
-        norms = torch.linalg.vector_norm(x, dim=1, dtype=torch.float32)
-        return torch.where(norms > 0, 1.0 / norms.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(norms))
-    # Summed squares rather than a squared norm: sqrt-then-square would add a rounding step.
-    return x.float().square().sum(1)
 
 
 def _num_splits(num_query_blocks: int, num_gallery: int, block_g: int, device: torch.device) -> int:
@@ -211,7 +196,7 @@ def knn_triton(
     """
     if not 1 <= k <= MAX_K:
         raise ValueError(f"knn_triton supports 1 <= k <= {MAX_K}, got k={k}")
-    if query.dtype not in _TL_DTYPES:
+    if query.dtype not in _KERNEL_DTYPES:
         raise TypeError(f"knn_triton supports float16, bfloat16 and float32 inputs, got {query.dtype}")
     num_query, dim = query.shape
     num_gallery = gallery.shape[0]
@@ -226,22 +211,22 @@ def knn_triton(
     if metric == "dot":
         q_aux = g_aux = torch.empty(1, device=query.device)
     else:
-        q_aux = _row_aux(query, metric)
-        g_aux = q_aux if symmetric else _row_aux(gallery, metric)
+        q_aux = row_statistics(query, metric)
+        g_aux = q_aux if symmetric else row_statistics(gallery, metric)
     q_blocks = triton.cdiv(num_query, cfg.block_q)
     splits = cfg.splits or _num_splits(q_blocks, num_gallery, cfg.block_g, query.device)
     split_size = triton.cdiv(triton.cdiv(num_gallery, splits), cfg.block_g) * cfg.block_g
     splits = triton.cdiv(num_gallery, split_size)
     out_d = torch.empty(splits, num_query, k, dtype=torch.float32, device=query.device)
     out_i = torch.empty(splits, num_query, k, dtype=torch.int32, device=query.device)
-    dot_dtype, precision = _compute_dtypes(query.dtype)
+    dot_dtype, _acc, precision = dot_dtypes(query.dtype)
     _knn_kernel[(q_blocks, splits)](
         query, gallery, q_aux, g_aux, out_d, out_i,
         num_query, num_gallery, dim, split_size, max(self_offset, 0),
         query.stride(0), query.stride(1), gallery.stride(0), gallery.stride(1),
         out_d.stride(0), out_d.stride(1),
         K=k, K_PAD=k_pad,
-        METRIC=_METRIC_CODES[metric], SYMMETRIC=symmetric, EXCLUDE=self_offset >= 0,
+        METRIC=metric_code(metric), SYMMETRIC=symmetric, EXCLUDE=self_offset >= 0,
         DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision,
         BLOCK_Q=cfg.block_q, BLOCK_G=cfg.block_g, BLOCK_D=cfg.block_d,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

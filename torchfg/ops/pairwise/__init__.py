@@ -8,11 +8,8 @@ import torch
 
 from torchfg._validation import check_choice, check_float_tensor
 from torchfg.backends import BackendSpec, register_op, resolve_backend
-from torchfg.ops.pairwise.reference import (
-    METRICS,
-    pairwise_distance_backward_reference,
-    pairwise_distance_reference,
-)
+from torchfg.ops.metric import METRICS
+from torchfg.ops.pairwise.reference import pairwise_distance_backward_reference, pairwise_distance_reference
 
 __all__ = ["pairwise_distance", "METRICS"]
 

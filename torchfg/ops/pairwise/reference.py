@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 
 from torchfg._validation import accumulation_dtype
+from torchfg.ops.metric import safe_inverse
 
-METRICS = ("sqeuclidean", "euclidean", "cosine", "dot")
 
 # Rows of x per chunk; bounds the fp32 temporaries when the output is half precision.
 DEFAULT_CHUNK_ROWS = 4096
@@ -20,11 +20,6 @@ DEFAULT_CHUNK_ROWS = 4096
 def row_norms(x: torch.Tensor) -> torch.Tensor:
     """(B, N, D) -> (B, N) Euclidean norms in the accumulation dtype."""
     return torch.linalg.vector_norm(x, dim=-1, dtype=accumulation_dtype(x.dtype))
-
-
-def _inverse_norms(norms: torch.Tensor) -> torch.Tensor:
-    # A zero row has no direction: its cosine similarity to anything is defined as 0.
-    return torch.where(norms > 0, 1.0 / norms.clamp_min(torch.finfo(norms.dtype).tiny), torch.zeros_like(norms))
 
 
 def pairwise_distance_reference(
@@ -49,7 +44,7 @@ def pairwise_distance_reference(
     if metric in ("sqeuclidean", "euclidean"):
         y_sq = row_norms(y).square()
     elif metric == "cosine":
-        y_acc = y_acc * _inverse_norms(row_norms(y)).unsqueeze(-1)
+        y_acc = y_acc * safe_inverse(row_norms(y)).unsqueeze(-1)
     y_t = y_acc.transpose(1, 2)
     for start in range(0, N, chunk_rows):
         stop = min(start + chunk_rows, N)
@@ -57,7 +52,7 @@ def pairwise_distance_reference(
         if metric == "dot":
             block = torch.bmm(x_chunk, y_t).neg_()
         elif metric == "cosine":
-            x_chunk = x_chunk * _inverse_norms(row_norms(x[:, start:stop])).unsqueeze(-1)
+            x_chunk = x_chunk * safe_inverse(row_norms(x[:, start:stop])).unsqueeze(-1)
             block = torch.bmm(x_chunk, y_t).neg_().add_(1.0)
         else:
             x_sq = x_chunk.square().sum(-1)
@@ -96,8 +91,8 @@ def pairwise_distance_backward_reference(
         gx = -torch.bmm(g, ya)
         gy = -torch.bmm(g.transpose(1, 2), xa)
     elif metric == "cosine":
-        x_inv = _inverse_norms(row_norms(x)).unsqueeze(-1)
-        y_inv = _inverse_norms(row_norms(y)).unsqueeze(-1)
+        x_inv = safe_inverse(row_norms(x)).unsqueeze(-1)
+        y_inv = safe_inverse(row_norms(y)).unsqueeze(-1)
         x_hat, y_hat = xa * x_inv, ya * y_inv
         gx_hat = -torch.bmm(g, y_hat)
         gy_hat = -torch.bmm(g.transpose(1, 2), x_hat)

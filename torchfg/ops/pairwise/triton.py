@@ -17,10 +17,10 @@ import triton
 import triton.language as tl
 
 from torchfg.backends import triton_interpreter_enabled
-from torchfg.ops.pairwise.reference import _inverse_norms, row_norms
+from torchfg.ops._triton_utils import dot_dtypes
+from torchfg.ops.metric import metric_code, safe_inverse
+from torchfg.ops.pairwise.reference import row_norms
 
-_METRIC_CODES = {"sqeuclidean": 0, "euclidean": 1, "cosine": 2, "dot": 3}
-_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float64: tl.float64}
 
 
 @triton.jit
@@ -37,9 +37,11 @@ def _pairwise_forward_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    b = tl.program_id(2)
+    # 64-bit offsets: B * N * M passes 2**31 for outputs the docs allow (up to 2**34 elements).
+    b = tl.program_id(2).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows64, cols64 = rows.to(tl.int64), cols.to(tl.int64)
     row_ok = rows < N
     col_ok = cols < M
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
@@ -47,11 +49,11 @@ def _pairwise_forward_kernel(
         ds = d0 + tl.arange(0, BLOCK_D)
         d_ok = ds < D
         x_tile = tl.load(
-            x_ptr + b * stride_xb + rows[:, None] * stride_xn + ds[None, :] * stride_xd,
+            x_ptr + b * stride_xb + rows64[:, None] * stride_xn + ds[None, :] * stride_xd,
             mask=row_ok[:, None] & d_ok[None, :], other=0.0,
         ).to(DOT_DTYPE)
         y_tile = tl.load(
-            y_ptr + b * stride_yb + cols[:, None] * stride_ym + ds[None, :] * stride_yd,
+            y_ptr + b * stride_yb + cols64[:, None] * stride_ym + ds[None, :] * stride_yd,
             mask=col_ok[:, None] & d_ok[None, :], other=0.0,
         ).to(DOT_DTYPE)
         acc += tl.dot(x_tile, tl.trans(y_tile), out_dtype=ACC_DTYPE, input_precision=INPUT_PRECISION)
@@ -73,7 +75,7 @@ def _pairwise_forward_kernel(
         elif METRIC != 3:
             dist = tl.where(on_diag, 0.0, dist)
     tl.store(
-        out_ptr + b * stride_ob + rows[:, None] * stride_on + cols[None, :] * stride_om,
+        out_ptr + b * stride_ob + rows64[:, None] * stride_on + cols64[None, :] * stride_om,
         dist.to(out_ptr.dtype.element_ty),
         mask=row_ok[:, None] & col_ok[None, :],
     )
@@ -99,29 +101,32 @@ def _pairwise_backward_kernel(
     #   cosine:    -G @ (y * y_scale)            (the radial projection is applied by the launcher)
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
-    b = tl.program_id(2)
+    # 64-bit offsets: B * N * M passes 2**31 for outputs the docs allow (up to 2**34 elements).
+    b = tl.program_id(2).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     ds = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    rows64 = rows.to(tl.int64)
     row_ok = rows < N
     d_ok = ds < D
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=ACC_DTYPE)
     w_rowsum = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
     for n0 in tl.range(0, M, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
+        cols64 = cols.to(tl.int64)
         col_ok = cols < M
         tile_ok = row_ok[:, None] & col_ok[None, :]
         w = tl.load(
-            g_ptr + b * stride_gb + rows[:, None] * stride_gn + cols[None, :] * stride_gm,
+            g_ptr + b * stride_gb + rows64[:, None] * stride_gn + cols64[None, :] * stride_gm,
             mask=tile_ok, other=0.0,
         ).to(ACC_DTYPE)
         if METRIC == 1:
             dist = tl.load(
-                out_ptr + b * stride_ob + rows[:, None] * stride_on + cols[None, :] * stride_om,
+                out_ptr + b * stride_ob + rows64[:, None] * stride_on + cols64[None, :] * stride_om,
                 mask=tile_ok, other=0.0,
             ).to(ACC_DTYPE)
             w = tl.where(dist > 0, w / (2.0 * tl.where(dist > 0, dist, 1.0)), 0.0)
         y_tile = tl.load(
-            y_ptr + b * stride_yb + cols[:, None] * stride_ym + ds[None, :] * stride_yd,
+            y_ptr + b * stride_yb + cols64[:, None] * stride_ym + ds[None, :] * stride_yd,
             mask=col_ok[:, None] & d_ok[None, :], other=0.0,
         ).to(ACC_DTYPE)
         if METRIC == 2:
@@ -132,29 +137,17 @@ def _pairwise_backward_kernel(
         acc += tl.dot(w.to(DOT_DTYPE), y_tile.to(DOT_DTYPE), out_dtype=ACC_DTYPE, input_precision=INPUT_PRECISION)
     if METRIC <= 1:
         x_tile = tl.load(
-            x_ptr + b * stride_xb + rows[:, None] * stride_xn + ds[None, :] * stride_xd,
+            x_ptr + b * stride_xb + rows64[:, None] * stride_xn + ds[None, :] * stride_xd,
             mask=row_ok[:, None] & d_ok[None, :], other=0.0,
         ).to(ACC_DTYPE)
         grad = 2.0 * (w_rowsum[:, None] * x_tile - acc)
     else:
         grad = -acc
     tl.store(
-        gx_ptr + b * stride_gxb + rows[:, None] * stride_gxn + ds[None, :] * stride_gxd,
+        gx_ptr + b * stride_gxb + rows64[:, None] * stride_gxn + ds[None, :] * stride_gxd,
         grad.to(gx_ptr.dtype.element_ty),
         mask=row_ok[:, None] & d_ok[None, :],
     )
-
-
-def _compute_dtypes(dtype: torch.dtype) -> tuple[tl.dtype, tl.dtype, str]:
-    """(dtype fed to tl.dot, accumulation dtype, input precision) for an input dtype."""
-    if dtype == torch.float64:
-        return tl.float64, tl.float64, "ieee"
-    if dtype in (torch.float16, torch.bfloat16) and not triton_interpreter_enabled():
-        # Tensor cores take half operands and accumulate in fp32.
-        return _TL_DTYPES[dtype], tl.float32, "ieee"
-    # fp32 follows torch's matmul setting: TF32 only where the user allowed it.
-    tf32 = torch.backends.cuda.matmul.allow_tf32 and not triton_interpreter_enabled()
-    return tl.float32, tl.float32, "tf32" if tf32 else "ieee"
 
 
 def _block_sizes(n: int, m: int, d: int) -> tuple[int, int, int]:
@@ -166,7 +159,7 @@ def _block_sizes(n: int, m: int, d: int) -> tuple[int, int, int]:
 def _metric_norms(x: torch.Tensor, metric: str) -> torch.Tensor:
     norms = row_norms(x)
     if metric == "cosine":
-        return _inverse_norms(norms)
+        return safe_inverse(norms)
     return norms.square()
 
 
@@ -179,7 +172,7 @@ def pairwise_distance_triton(x: torch.Tensor, y: torch.Tensor, metric: str, symm
         return out
     x_norm = _metric_norms(x, metric)
     y_norm = x_norm if symmetric else _metric_norms(y, metric)
-    dot_dtype, acc_dtype, precision = _compute_dtypes(x.dtype)
+    dot_dtype, acc_dtype, precision = dot_dtypes(x.dtype)
     block_m, block_n, block_d = _block_sizes(N, M, D)
     grid = (triton.cdiv(N, block_m), triton.cdiv(M, block_n), B)
     _pairwise_forward_kernel[grid](
@@ -187,7 +180,7 @@ def pairwise_distance_triton(x: torch.Tensor, y: torch.Tensor, metric: str, symm
         N, M, D,
         *x.stride(), *y.stride(), *out.stride(),
         x_norm.stride(0), y_norm.stride(0),
-        METRIC=_METRIC_CODES[metric], SYMMETRIC=symmetric,
+        METRIC=metric_code(metric), SYMMETRIC=symmetric,
         DOT_DTYPE=dot_dtype, ACC_DTYPE=acc_dtype, INPUT_PRECISION=precision,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
     )
@@ -208,8 +201,8 @@ def _backward_one_side(
         return gx.to(x.dtype)
     if M == 0:
         return gx.zero_().to(x.dtype)
-    y_scale = _inverse_norms(row_norms(y)) if metric == "cosine" else torch.empty(B, 1, device=x.device)
-    dot_dtype, acc_dtype, precision = _compute_dtypes(x.dtype)
+    y_scale = safe_inverse(row_norms(y)) if metric == "cosine" else torch.empty(B, 1, device=x.device)
+    dot_dtype, acc_dtype, precision = dot_dtypes(x.dtype)
     block_m, block_n, block_d = _block_sizes(N, M, D)
     grid = (triton.cdiv(N, block_m), triton.cdiv(D, block_d), B)
     _pairwise_backward_kernel[grid](
@@ -217,13 +210,13 @@ def _backward_one_side(
         N, M, D,
         *grad.stride(), *out.stride(), *x.stride(), *y.stride(),
         y_scale.stride(0), *gx.stride(),
-        METRIC=_METRIC_CODES[metric],
+        METRIC=metric_code(metric),
         DOT_DTYPE=dot_dtype, ACC_DTYPE=acc_dtype, INPUT_PRECISION=precision,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
     )
     if metric == "cosine":
         # d(x/|x|)/dx = (I - x_hat x_hat^T) / |x|: an O(N D) epilogue over the kernel's dL/dx_hat.
-        x_inv = _inverse_norms(row_norms(x)).unsqueeze(-1)
+        x_inv = safe_inverse(row_norms(x)).unsqueeze(-1)
         x_hat = x.to(acc_torch) * x_inv
         gx = (gx - (gx * x_hat).sum(-1, keepdim=True) * x_hat) * x_inv
     return gx.to(x.dtype)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from torchfg._validation import accumulation_dtype
+from torchfg.ops.metric import METRICS, unit_rows  # noqa: F401  (METRICS: the metrics mining supports)
 
 __all__ = [
     "METRICS",
@@ -27,7 +28,6 @@ __all__ = [
     "text_similarity_operands",
 ]
 
-METRICS = ("euclidean", "sqeuclidean", "cosine", "dot")
 
 # Anchor rows per chunk of mining: at most MAX_CHUNK_ROWS, and a (chunk x M) fp32 block of at
 # most MAX_BLOCK_ELEMENTS (64 MiB). Few chunks matter on a shared CPU, where each parallel region
@@ -47,20 +47,12 @@ _NEG_INF = float("-inf")
 _POS_INF = float("inf")
 
 
-def _unit_rows(x: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    """Rows scaled to unit norm in ``acc``; a zero row stays zero (its cosine to anything is 0)."""
-    x = x.to(acc)
-    norms = torch.linalg.vector_norm(x, dim=1, keepdim=True)
-    inverse = torch.where(norms > 0, 1.0 / norms.clamp_min(torch.finfo(acc).tiny), torch.zeros_like(norms))
-    return x * inverse
-
-
 def text_similarity_operands(
     anchor_text: torch.Tensor, candidate_text: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Unit-norm fp32 (fp64 for fp64) copies of the text rows: ``a @ c.T`` is the cosine matrix."""
     acc = accumulation_dtype(anchor_text.dtype)
-    return _unit_rows(anchor_text, acc), _unit_rows(candidate_text, acc)
+    return unit_rows(anchor_text, acc), unit_rows(candidate_text, acc)
 
 
 class _DistanceBlocks:
@@ -78,7 +70,7 @@ class _DistanceBlocks:
         self.acc = accumulation_dtype(anchors.dtype)
         self.anchors = anchors
         self.euclidean = metric in ("euclidean", "sqeuclidean")
-        self.candidates = _unit_rows(candidates, self.acc) if metric == "cosine" else candidates.to(self.acc)
+        self.candidates = unit_rows(candidates, self.acc) if metric == "cosine" else candidates.to(self.acc)
         self.candidates_t = self.candidates.T
         if self.euclidean:
             self.candidate_sq = torch.linalg.vecdot(self.candidates, self.candidates)
@@ -88,7 +80,7 @@ class _DistanceBlocks:
     def rows(self, start: int, stop: int) -> torch.Tensor:
         """Anchor rows as GEMM operands (accumulation dtype, unit norm for cosine)."""
         if self.metric == "cosine":
-            return _unit_rows(self.anchors[start:stop], self.acc)
+            return unit_rows(self.anchors[start:stop], self.acc)
         return self.anchors[start:stop].to(self.acc)
 
     def row_offsets(self) -> torch.Tensor | None:

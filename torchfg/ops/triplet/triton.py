@@ -30,19 +30,17 @@ then done on squared distances (same order, no sqrt per pair).
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 import triton
 import triton.language as tl
 
-from torchfg._validation import check_choice, check_float_tensor, check_labels, check_same_device_dtype
 from torchfg.backends import triton_interpreter_enabled
+from torchfg.ops._triton_utils import dot_dtypes
+from torchfg.ops.metric import metric_code as metric_code_of
 
 __all__ = ["TileConfig", "mine_hardest_triton", "mine_hardest_triton_tiled"]
 
-METRICS = ("sqeuclidean", "euclidean", "cosine", "dot")
-_METRIC_CODES = {"sqeuclidean": 0, "euclidean": 1, "cosine": 2, "dot": 3}
 
 # Every tile width used by the GPU configs divides this, so a split is a whole number of tiles.
 _SPLIT_GRANULE = 128
@@ -174,7 +172,9 @@ def _mine_hardest_kernel(
                 d_ok = ds[None, :] < D
                 a = tl.load(anchor_base + ds[None, :] * stride_ad, mask=d_ok, other=0.0)
                 b = tl.load(cand_base + ds[None, :] * stride_cd, mask=d_ok, other=0.0)
-            dot = tl.dot(a.to(DOT_DTYPE), tl.trans(b.to(DOT_DTYPE)), dot, input_precision=INPUT_PRECISION)
+            # out_dtype names the accumulator's dtype: triton < 3.9 asserts on an fp64 accumulator without it.
+            dot = tl.dot(a.to(DOT_DTYPE), tl.trans(b.to(DOT_DTYPE)), dot, input_precision=INPUT_PRECISION,
+                         out_dtype=ACC_DTYPE)
 
         if METRIC == 3:  # dot: negative inner product
             dist = -dot
@@ -206,7 +206,7 @@ def _mine_hardest_kernel(
                     ta = tl.load(anchor_text_base + ts[None, :] * stride_atd, mask=t_ok, other=0.0)
                     tb = tl.load(cand_text_base + ts[None, :] * stride_ctd, mask=t_ok, other=0.0)
                 sim = tl.dot(ta.to(TEXT_DOT_DTYPE), tl.trans(tb.to(TEXT_DOT_DTYPE)), sim,
-                             input_precision=TEXT_INPUT_PRECISION)
+                             input_precision=TEXT_INPUT_PRECISION, out_dtype=TEXT_ACC_DTYPE)
             cand_text_inv = tl.load(cand_text_inv_ptr + cols_safe).to(TEXT_ACC_DTYPE)
             sim = sim * anchor_text_inv[:, None] * cand_text_inv[None, :]
             if HAS_THRESHOLD:
@@ -257,8 +257,10 @@ def _merge_splits_kernel(
     # Splits hold increasing candidate ranges: visiting them in order with a strict comparison
     # keeps the lowest index among equal values.
     rows64 = rows.to(tl.int64)
+    # 64-bit: SPLITS * N can pass 2**31 (N up to 2**20 anchors, thousands of splits).
+    n64 = N.to(tl.int64)
     for s in tl.range(0, SPLITS):
-        offsets = rows64 + s * N
+        offsets = rows64 + s * n64
         value = tl.load(pos_val_ptr + offsets, mask=row_ok, other=float("-inf"))
         index = tl.load(pos_idx_ptr + offsets, mask=row_ok, other=-1)
         take = value > best_pos
@@ -303,34 +305,6 @@ _mine_hardest_kernel_tuned = triton.autotune(configs=_gpu_configs(), key=["n_buc
 )
 
 
-def _fp32_dot_precision() -> str:
-    """``tl.dot`` input precision for fp32 operands, following PyTorch's matmul setting."""
-    if triton_interpreter_enabled():
-        return "ieee"
-    try:
-        setting = torch.backends.cuda.matmul.fp32_precision
-        if setting in ("tf32", "ieee"):
-            return setting
-    except (AttributeError, RuntimeError):
-        pass
-    try:
-        return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
-    except RuntimeError:  # mixed legacy/new precision APIs: stay exact
-        return "ieee"
-
-
-def _dot_dtypes(dtype: torch.dtype) -> tuple[tl.dtype, tl.dtype, str]:
-    """(operand dtype for tl.dot, accumulation dtype, input precision) for an input dtype."""
-    if dtype == torch.float64:
-        return tl.float64, tl.float64, "ieee"
-    if dtype in (torch.float16, torch.bfloat16) and not triton_interpreter_enabled():
-        return (tl.float16 if dtype == torch.float16 else tl.bfloat16), tl.float32, "ieee"
-    # The interpreter mishandles bf16 arithmetic, so half inputs are upcast right after loading.
-    if dtype in (torch.float16, torch.bfloat16):
-        return tl.float32, tl.float32, "ieee"
-    return tl.float32, tl.float32, _fp32_dot_precision()
-
-
 def _row_stats(x: torch.Tensor, inverse_norm: bool) -> torch.Tensor:
     """(R, C) -> (R,) squared norms (or inverse norms) in the accumulation dtype, without an upcast copy."""
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -354,60 +328,6 @@ def _is_row_slice(anchors: torch.Tensor, candidates: torch.Tensor, self_offset: 
     if anchors.untyped_storage().data_ptr() != candidates.untyped_storage().data_ptr():
         return False
     return anchors.data_ptr() == candidates.data_ptr() + self_offset * candidates.stride(0) * candidates.element_size()
-
-
-def _validate(anchors, candidates, anchor_labels, candidate_labels, anchor_text, candidate_text, metric,
-              base_margin, margin_scale, text_positive_threshold, self_offset) -> None:
-    check_float_tensor(anchors, "anchors", ndim=2)
-    check_float_tensor(candidates, "candidates", ndim=2)
-    check_same_device_dtype(anchors, "anchors", candidates, "candidates")
-    if anchors.shape[1] != candidates.shape[1]:
-        raise ValueError(
-            f"anchors and candidates must have the same embedding size, got {anchors.shape[1]} and {candidates.shape[1]}"
-        )
-    check_labels(anchor_labels, "anchor_labels", anchors.shape[0])
-    check_labels(candidate_labels, "candidate_labels", candidates.shape[0])
-    for labels, name in ((anchor_labels, "anchor_labels"), (candidate_labels, "candidate_labels")):
-        if labels.device != anchors.device:
-            raise ValueError(f"{name} must be on {anchors.device} like anchors, got {labels.device}")
-    check_choice(metric, "metric", METRICS)
-    if (anchor_text is None) != (candidate_text is None):
-        raise ValueError("anchor_text and candidate_text must both be given or both be None")
-    if anchor_text is not None:
-        check_float_tensor(anchor_text, "anchor_text", ndim=2)
-        check_float_tensor(candidate_text, "candidate_text", ndim=2)
-        check_same_device_dtype(anchor_text, "anchor_text", candidate_text, "candidate_text")
-        if anchor_text.device != anchors.device:
-            raise ValueError(f"anchor_text must be on {anchors.device} like anchors, got {anchor_text.device}")
-        if anchor_text.shape[0] != anchors.shape[0]:
-            raise ValueError(f"anchor_text must have {anchors.shape[0]} rows (one per anchor), got {anchor_text.shape[0]}")
-        if candidate_text.shape[0] != candidates.shape[0]:
-            raise ValueError(
-                f"candidate_text must have {candidates.shape[0]} rows (one per candidate), got {candidate_text.shape[0]}"
-            )
-        if anchor_text.shape[1] != candidate_text.shape[1]:
-            raise ValueError(
-                f"anchor_text and candidate_text must have the same width, got {anchor_text.shape[1]} and {candidate_text.shape[1]}"
-            )
-    numbers = [(base_margin, "base_margin"), (margin_scale, "margin_scale")]
-    if text_positive_threshold is not None:
-        numbers.append((text_positive_threshold, "text_positive_threshold"))
-    for value, name in numbers:
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-        if not math.isfinite(value):
-            raise ValueError(f"{name} must be finite, got {value!r}")
-    if not isinstance(self_offset, int) or isinstance(self_offset, bool):
-        raise TypeError(f"self_offset must be an int, got {type(self_offset).__name__}")
-    if self_offset < -1 or (self_offset >= 0 and self_offset + anchors.shape[0] > candidates.shape[0]):
-        raise ValueError(
-            f"self_offset must be -1 or an offset with self_offset + N <= M (N={anchors.shape[0]}, "
-            f"M={candidates.shape[0]}), got {self_offset}"
-        )
-    if anchors.device.type != "cuda" and not (anchors.device.type == "cpu" and triton_interpreter_enabled()):
-        raise ValueError(
-            f"anchors must be a CUDA tensor for the Triton kernel (CPU only with TRITON_INTERPRET=1), got {anchors.device}"
-        )
 
 
 def _new_workspace(splits: int, n: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -451,8 +371,13 @@ def mine_hardest_triton_tiled(
     fixed tiles under the interpreter) and optional preallocated ``out`` = (positive_idx,
     negative_idx), each (N,) int64, which the kernels overwrite entirely. For tests and
     benchmarks; the other arguments as there."""
-    _validate(anchors, candidates, anchor_labels, candidate_labels, anchor_text, candidate_text, metric,
-              base_margin, margin_scale, text_positive_threshold, self_offset)
+    # Inputs are validated by the public op (torchfg.ops.triplet.mine_hardest); these are the
+    # kernel's own preconditions.
+    torch._check(anchors.dim() == 2 and candidates.dim() == 2 and anchors.shape[1] == candidates.shape[1])
+    torch._check(anchors.dtype == candidates.dtype and anchors.device == candidates.device)
+    torch._check(anchor_labels.shape == (anchors.shape[0],) and candidate_labels.shape == (candidates.shape[0],))
+    torch._check(self_offset == -1 or 0 <= self_offset <= candidates.shape[0] - anchors.shape[0])
+    torch._check((anchor_text is None) == (candidate_text is None))
     n, m = anchors.shape[0], candidates.shape[0]
     device = anchors.device
     if out is None:
@@ -483,8 +408,8 @@ def mine_hardest_triton_tiled(
     # Text that neither changes a margin nor excludes a negative is never read.
     need_text = margin_aware or has_threshold
     t = anchor_text.shape[1] if need_text else 0
-    metric_code = _METRIC_CODES[metric]
-    dot_dtype, acc_dtype, precision = _dot_dtypes(anchors.dtype)
+    metric_code = metric_code_of(metric)
+    dot_dtype, acc_dtype, precision = dot_dtypes(anchors.dtype)
     acc_torch = torch.float64 if acc_dtype == tl.float64 else torch.float32
 
     if metric_code == 3:
@@ -496,7 +421,7 @@ def mine_hardest_triton_tiled(
         else:
             anchor_stat = _row_stats(anchors, inverse_norm=metric_code == 2)
     if need_text:
-        text_dot_dtype, text_acc_dtype, text_precision = _dot_dtypes(anchor_text.dtype)
+        text_dot_dtype, text_acc_dtype, text_precision = dot_dtypes(anchor_text.dtype)
         cand_text_inv = _row_stats(candidate_text, inverse_norm=True)
         if _is_row_slice(anchor_text, candidate_text, self_offset):
             anchor_text_inv = cand_text_inv[self_offset:self_offset + n]
