@@ -62,3 +62,119 @@ def test_pair_distances_chunks_match_whole(monkeypatch):
     chunked = pair_distances(x, xi, yi)
     torch.testing.assert_close(chunked, whole)
     torch.testing.assert_close(torch.autograd.grad(chunked.sum(), x)[0], grad)
+
+
+# ----------------------------------------------------------------------------- triton backend
+
+from conftest import requires_triton  # noqa: E402
+
+# (atol, rtol) of the triton backend against the reference, per input dtype. Both accumulate in
+# fp32 (fp64) from the same input values, so only summation order differs.
+_TOLERANCES = {
+    torch.float64: (1e-12, 1e-10),
+    torch.float32: (2e-5, 2e-5),
+    torch.bfloat16: (1e-4, 1e-4),  # distances: fp32 from exact bf16 inputs
+    torch.float16: (1e-4, 1e-4),
+}
+# Gradients are rounded to the input dtype at the end: one ulp of it.
+_GRAD_TOLERANCES = {torch.float64: (1e-12, 1e-10), torch.float32: (2e-5, 2e-5),
+                    torch.bfloat16: (2e-2, 1.6e-2), torch.float16: (2e-3, 2e-3)}
+
+
+def _random_case(g, n, m, d, k, dtype, separate_y):
+    x = torch.randn(n, d, generator=g).to(dtype).requires_grad_()
+    y = torch.randn(m, d, generator=g).to(dtype).requires_grad_() if separate_y else None
+    idx = torch.randint(0, m if separate_y else n, (n, k), generator=g)
+    return x, y, idx
+
+
+@requires_triton
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("separate_y", [False, True])
+def test_anchor_pair_distances_triton_matches_reference(metric, dtype, separate_y):
+    # Fresh random odd sizes every run (several anchor blocks and D chunks of the interpreter tiles).
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    g = torch.Generator().manual_seed(seed)
+    n, m, d, k = (int(v) for v in torch.randint(9, 30, (4,), generator=g))
+    k = k % 4 + 1
+    x, y, idx = _random_case(g, n, m, d, k, dtype, separate_y)
+    # Duplicate partners (the same row twice for one anchor, and one row for many anchors): the
+    # backward's atomics must accumulate every term.
+    idx[1, :] = idx[1, 0]
+    idx[: n // 2, 0] = idx[0, 0]
+    weights = torch.randn(n, k, generator=g, dtype=torch.float64)
+    inputs = (x,) if y is None else (x, y)
+    results = {}
+    for backend in ("torch", "triton"):
+        dist = anchor_pair_distances(x, idx, y, metric=metric, backend=backend)
+        grads = torch.autograd.grad((dist * weights.to(dist.dtype)).sum(), inputs)
+        results[backend] = dist, grads
+    (ref, ref_grads), (out, grads) = results["torch"], results["triton"]
+    atol, rtol = _TOLERANCES[dtype]
+    assert out.dtype == ref.dtype and out.shape == (n, k)
+    torch.testing.assert_close(out, ref, atol=atol, rtol=rtol, msg=lambda m: f"seed {seed}: {m}")
+    atol, rtol = _GRAD_TOLERANCES[dtype]
+    for got, want in zip(grads, ref_grads):
+        assert got.dtype == dtype and got.shape == want.shape
+        torch.testing.assert_close(got, want, atol=atol, rtol=rtol, msg=lambda m: f"seed {seed}: {m}")
+
+
+@requires_triton
+@pytest.mark.parametrize("metric", METRICS)
+def test_anchor_pair_distances_triton_zero_distance_and_zero_rows(metric):
+    # A partner equal to its anchor (distance 0), and an all-zero row (cosine 0 to everything):
+    # finite gradients, 0 where the reference defines a zero subgradient.
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(7, 5, generator=g, dtype=torch.float64)
+    x[4] = 0.0
+    x = x.requires_grad_()
+    idx = torch.tensor([[0, 1], [1, 1], [0, 2], [3, 3], [4, 0], [6, 5], [4, 4]])
+    grads = []
+    for backend in ("torch", "triton"):
+        dist = anchor_pair_distances(x, idx, metric=metric, backend=backend)
+        grads.append(torch.autograd.grad(dist.sum(), x)[0])
+        assert torch.isfinite(grads[-1]).all()
+    torch.testing.assert_close(grads[1], grads[0])
+    if metric == "euclidean":
+        # Row 3 only meets itself (distance 0): no gradient at all, not NaN.
+        assert (grads[1][3] == 0).all()
+
+
+@requires_triton
+@pytest.mark.parametrize("metric", METRICS)
+def test_anchor_pair_distances_triton_writes_every_output(metric):
+    from torchfg.ops.pair_distances.reference import anchor_pair_distances_reference
+    from torchfg.ops.pair_distances.triton import anchor_pair_distances_triton
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(19, 21, generator=g)
+    y = torch.randn(23, 21, generator=g)
+    idx = torch.randint(0, 23, (19, 3), generator=g)
+    poisoned = torch.full((19, 3), float("nan"))
+    out = anchor_pair_distances_triton(x, y, idx, metric, out=poisoned)
+    assert out is poisoned and not out.isnan().any()
+    torch.testing.assert_close(out, anchor_pair_distances_reference(x, y, idx, metric), atol=2e-5, rtol=2e-5)
+
+
+@requires_triton
+def test_anchor_pair_distances_triton_detached_partners_and_strides():
+    # y without requires_grad (a cross-batch memory): only anchor gradients; strided inputs.
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(15, 22, generator=g, dtype=torch.float64)
+    x = base[:, ::2].requires_grad_()  # non-contiguous rows
+    bank = torch.randn(40, 11, generator=g, dtype=torch.float64)
+    idx = torch.randint(0, 40, (15, 2), generator=g)
+    grads = []
+    for backend in ("torch", "triton"):
+        dist = anchor_pair_distances(x, idx, bank, backend=backend)
+        grads.append(torch.autograd.grad(dist.sum(), x)[0])
+    torch.testing.assert_close(grads[1], grads[0])
+
+
+def test_anchor_pair_distances_rejects_out_of_range_partners():
+    x = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="y_idx"):
+        anchor_pair_distances(x, torch.tensor([[0], [1], [2], [4]]))
+    with pytest.raises(ValueError, match="y_idx"):
+        anchor_pair_distances(x, torch.tensor([[0], [-1], [2], [3]]), torch.randn(5, 3))

@@ -225,7 +225,12 @@ def _hardest_triplet_losses(
     # Invalid anchors gather row 0 and are masked out below: shapes stay static (compile-friendly).
     positive_idx, negative_idx = positive_idx.clamp_min(0), negative_idx.clamp_min(0)
     other = None if candidates is embeddings else candidates
-    d = anchor_pair_distances(embeddings, torch.stack([positive_idx, negative_idx], 1), other, metric=metric)
+    # Same backend as the mining (the fused Triton kernels on CUDA); the miner's indices are in
+    # range by construction, so the op's range check (a reduction and a host sync) is skipped.
+    d = anchor_pair_distances(
+        embeddings, torch.stack([positive_idx, negative_idx], 1), other, metric=metric, backend=backend,
+        check_indices=False,
+    )
     d_ap, d_an = d[:, 0], d[:, 1]
     margin: torch.Tensor | float = base_margin
     if text_embeddings is not None and margin_scale != 0.0:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from torchfg._validation import accumulation_dtype, check_choice, check_float_tensor, check_tensor
+from torchfg.backends import BackendSpec, register_op, resolve_backend
 from torchfg.ops.metric import METRICS
 from torchfg.ops.pair_distances.reference import (
     anchor_pair_distances_backward_reference,
@@ -20,6 +21,9 @@ from torchfg.ops.pair_distances.reference import (
 )
 
 __all__ = ["pair_distances", "anchor_pair_distances"]
+
+# The flat pair_distances has the reference only; anchor_pair_distances has a fused Triton kernel.
+register_op("anchor_pair_distances", BackendSpec("triton"))
 
 
 @torch.library.custom_op("torchfg::pair_distances", mutates_args=())
@@ -71,40 +75,63 @@ _pair_distances_op.register_autograd(_pair_distances_backward, setup_context=_pa
 
 
 @torch.library.custom_op("torchfg::anchor_pair_distances", mutates_args=())
-def _anchor_pair_distances_op(x: torch.Tensor, y: torch.Tensor | None, y_idx: torch.Tensor, metric: str) -> torch.Tensor:
+def _anchor_pair_distances_op(
+    x: torch.Tensor, y: torch.Tensor | None, y_idx: torch.Tensor, metric: str, backend: str
+) -> torch.Tensor:
+    if backend == "triton":
+        from torchfg.ops.pair_distances.triton import anchor_pair_distances_triton
+
+        return anchor_pair_distances_triton(x, x if y is None else y, y_idx, metric)
     return anchor_pair_distances_reference(x, x if y is None else y, y_idx, metric)
 
 
 @_anchor_pair_distances_op.register_fake
-def _(x, y, y_idx, metric):
+def _(x, y, y_idx, metric, backend):
     return x.new_empty(y_idx.shape, dtype=accumulation_dtype(x.dtype))
 
 
 @torch.library.custom_op("torchfg::anchor_pair_distances_backward", mutates_args=())
 def _anchor_pair_distances_backward_op(
-    grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor | None, y_idx: torch.Tensor, out: torch.Tensor, metric: str
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor | None,
+    y_idx: torch.Tensor,
+    out: torch.Tensor,
+    metric: str,
+    backend: str,
+    needs_grad_y: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    if backend == "triton":
+        from torchfg.ops.pair_distances.triton import anchor_pair_distances_backward_triton
+
+        return anchor_pair_distances_backward_triton(
+            grad, x, x if y is None else y, y_idx, out, metric, y_is_x=y is None, needs_grad_y=needs_grad_y
+        )
     return anchor_pair_distances_backward_reference(grad, x, x if y is None else y, y_idx, out, metric, y_is_x=y is None)
 
 
 @_anchor_pair_distances_backward_op.register_fake
-def _(grad, x, y, y_idx, out, metric):
+def _(grad, x, y, y_idx, out, metric, backend, needs_grad_y):
     return torch.empty_like(x), (x.new_empty(0) if y is None else torch.empty_like(y))
 
 
 def _anchor_pair_distances_setup_context(ctx, inputs, output):
-    x, y, y_idx, metric = inputs
+    x, y, y_idx, metric, backend = inputs
     ctx.save_for_backward(x, y, y_idx, output)
-    ctx.metric = metric
+    ctx.metric, ctx.backend = metric, backend
     ctx.y_is_x = y is None
 
 
 def _anchor_pair_distances_backward(ctx, grad):
     x, y, y_idx, out = ctx.saved_tensors
+    # A detached y (e.g. a cross-batch memory) needs no partner gradient: skip its O(N K D) writes.
+    needs_grad_y = not ctx.y_is_x and ctx.needs_input_grad[1]
     grad_x, grad_y = _anchor_pair_distances_backward_op(
-        grad.contiguous(), x, None if ctx.y_is_x else y, y_idx, out, ctx.metric
+        grad.contiguous(), x, None if ctx.y_is_x else y, y_idx, out, ctx.metric, ctx.backend, needs_grad_y
     )
-    return grad_x, (None if ctx.y_is_x else grad_y), None, None
+    if not needs_grad_y:
+        grad_y = None
+    return grad_x, grad_y, None, None, None
 
 
 _anchor_pair_distances_op.register_autograd(
@@ -164,6 +191,8 @@ def anchor_pair_distances(
     y: torch.Tensor | None = None,
     *,
     metric: str = "euclidean",
+    backend: str = "auto",
+    check_indices: bool = True,
 ) -> torch.Tensor:
     """Distances of every anchor row to K chosen partners, ``d(x[i], y[y_idx[i, k]])``, exactly.
 
@@ -176,6 +205,11 @@ def anchor_pair_distances(
         y_idx: (N, K) integer indices into y.
         y: (M, D) same dtype/device, or None for y = x (gradients then go to x only).
         metric: ``"euclidean"``, ``"sqeuclidean"``, ``"cosine"`` or ``"dot"``.
+        backend: ``"auto"``, ``"torch"`` (chunked reference) or ``"triton"`` (one fused launch
+            forward, one backward; see ``triton.py``), as in :mod:`torchfg.backends`.
+        check_indices: check that every ``y_idx`` entry is in range (one reduction and a host
+            sync); False for indices known valid, e.g. a miner's, keeps a training step free of
+            both. The Triton kernel gathers the rows unchecked.
 
     Returns:
         (N, K) distances in fp32 (fp64 for fp64 inputs).
@@ -201,4 +235,12 @@ def anchor_pair_distances(
         raise ValueError(f"y_idx must have shape (N, K) with N = {x.shape[0]}, got {tuple(y_idx.shape)}")
     if y_idx.dtype.is_floating_point or y_idx.dtype == torch.bool:
         raise TypeError(f"y_idx must be an integer tensor, got {y_idx.dtype}")
-    return _anchor_pair_distances_op(x, y, y_idx.to(x.device, torch.int64).contiguous(), metric)
+    y_idx = y_idx.to(x.device, torch.int64).contiguous()
+    rows = x.shape[0] if y is None else y.shape[0]
+    # The kernel gathers rows unchecked: an out-of-range partner must fail here, not read garbage.
+    if check_indices and y_idx.numel():
+        low, high = (int(v) for v in torch.aminmax(y_idx))
+        if low < 0 or high >= rows:
+            raise ValueError(f"y_idx entries must be in [0, {rows}), got values in [{low}, {high}]")
+    backend = resolve_backend("anchor_pair_distances", x.device, x.dtype, backend)
+    return _anchor_pair_distances_op(x, y, y_idx, metric, backend)
