@@ -9,3 +9,7 @@ __all__ += ["DINOLoss"]
 from torchfg.losses.triplet import AdaptiveTripletLoss, TripletMarginLoss  # noqa: E402
 
 __all__ += ["TripletMarginLoss", "AdaptiveTripletLoss"]
+
+from torchfg.losses.xbm import CrossBatchMemory  # noqa: E402
+
+__all__ += ["CrossBatchMemory"]

@@ -1,0 +1,209 @@
+"""torchfg.losses.CrossBatchMemory against pytorch-metric-learning's and a brute-force ATL reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import backends_to_test
+from dist_utils import run_on_ranks
+from torchfg.losses import AdaptiveTripletLoss, CrossBatchMemory, TripletMarginLoss
+
+pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
+from pytorch_metric_learning.distances import LpDistance  # noqa: E402
+from pytorch_metric_learning.miners import BatchHardMiner  # noqa: E402
+from pytorch_metric_learning.reducers import MeanReducer  # noqa: E402
+
+
+def _pml_xbm(dim: int, memory_size: int, reduction: str):
+    distance = LpDistance(normalize_embeddings=False)
+    reducer = MeanReducer() if reduction == "mean" else None  # None: PML's AvgNonZeroReducer
+    kwargs = {"reducer": reducer} if reducer is not None else {}
+    loss = pml_losses.TripletMarginLoss(margin=0.2, distance=distance, **kwargs)
+    return pml_losses.CrossBatchMemory(loss, dim, memory_size=memory_size, miner=BatchHardMiner(distance=distance))
+
+
+def _batches(g, steps, batch, dim, classes, dtype=torch.float64):
+    return [(torch.randn(batch, dim, generator=g, dtype=dtype), torch.randint(0, classes, (batch,), generator=g))
+            for _ in range(steps)]
+
+
+@pytest.mark.parametrize("backend", backends_to_test())
+@pytest.mark.parametrize("reduction", ["mean", "mean_nonzero"])
+def test_matches_pml_over_steps_with_wrap_around(backend, reduction):
+    # memory 20, batches of 7: the third step wraps around the ring (slots 14..19, 0), and
+    # later steps overwrite the oldest rows; loss and gradient must match PML at every step.
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+    dim, memory_size = 5, 20
+    ours = CrossBatchMemory(TripletMarginLoss(margin=0.2, reduction=reduction, backend=backend), dim, memory_size)
+    theirs = _pml_xbm(dim, memory_size, reduction)
+    for step, (emb, labels) in enumerate(_batches(g, 6, 7, dim, 3)):
+        a = emb.clone().requires_grad_()
+        b = emb.clone().requires_grad_()
+        loss_ours, loss_theirs = ours(a, labels), theirs(b, labels)
+        loss_ours.backward()
+        loss_theirs.backward()
+        torch.testing.assert_close(loss_ours, loss_theirs.to(loss_ours.dtype), msg=f"step {step}")
+        torch.testing.assert_close(a.grad, b.grad, msg=f"step {step}")
+        assert ours.queue_idx == theirs.queue_idx and ours.has_been_filled == theirs.has_been_filled
+        torch.testing.assert_close(ours.embedding_memory, theirs.embedding_memory)
+        assert torch.equal(ours.label_memory, theirs.label_memory)
+
+
+@pytest.mark.parametrize("backend", backends_to_test())
+def test_enqueue_mask_matches_pml(backend):
+    g = torch.Generator().manual_seed(11)
+    dim, memory_size = 4, 16
+    ours = CrossBatchMemory(TripletMarginLoss(margin=0.2, backend=backend), dim, memory_size)
+    theirs = _pml_xbm(dim, memory_size, "mean")
+    for emb, labels in _batches(g, 4, 10, dim, 3):
+        mask = torch.rand(10, generator=g) < 0.5
+        mask[0], mask[1] = True, False
+        a, b = emb.clone().requires_grad_(), emb.clone().requires_grad_()
+        loss_ours, loss_theirs = ours(a, labels, enqueue_mask=mask), theirs(b, labels, enqueue_mask=mask)
+        torch.testing.assert_close(loss_ours, loss_theirs.to(loss_ours.dtype))
+        loss_ours.backward()
+        loss_theirs.backward()
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+def _brute_force_atl(emb, labels, text, memory, memory_labels, memory_text, self_slots, m0, s):
+    """Mean ATL of anchors against memory rows (own slot excluded from positives), from matrices."""
+    d = torch.cdist(emb, memory)
+    t = torch.nn.functional.normalize(text, dim=1) @ torch.nn.functional.normalize(memory_text, dim=1).T
+    margins = m0 + s * (1 - t) / 2
+    same = labels[:, None] == memory_labels[None, :]
+    positive = same.clone()
+    positive[torch.arange(len(emb)), self_slots] = False
+    losses = []
+    for i in range(len(emb)):
+        if not positive[i].any() or same[i].all():
+            continue
+        p = torch.where(positive[i], d[i], torch.tensor(-float("inf"), dtype=d.dtype)).argmax()
+        n = torch.where(~same[i], margins[i] - d[i], torch.tensor(-float("inf"), dtype=d.dtype)).argmax()
+        losses.append(torch.relu(d[i, p] - d[i, n] + margins[i, n]))
+    return torch.stack(losses).mean() if losses else emb.sum() * 0
+
+
+@pytest.mark.parametrize("backend", backends_to_test())
+def test_adaptive_triplet_loss_with_a_text_memory(backend):
+    g = torch.Generator().manual_seed(12)
+    dim, text_dim, memory_size, batch = 6, 5, 18, 8
+    xbm = CrossBatchMemory(AdaptiveTripletLoss(base_margin=0.1, margin_scale=0.5, backend=backend), dim, memory_size,
+                           text_size=text_dim)
+    memory, memory_labels, memory_text = [], [], []
+    for step in range(4):  # the third step wraps around
+        emb = torch.randn(batch, dim, generator=g, dtype=torch.float64)
+        labels = torch.randint(0, 3, (batch,), generator=g)
+        text = torch.randn(batch, text_dim, generator=g, dtype=torch.float64)
+        start = xbm.queue_idx
+        a = emb.clone().requires_grad_()
+        loss = xbm(a, labels, text_embeddings=text)
+        (grad,) = torch.autograd.grad(loss, a)
+        # The ring after this step, rebuilt by hand.
+        memory += list(emb)
+        memory_labels += list(labels)
+        memory_text += list(text)
+        slots = [(start + i) % memory_size for i in range(batch)]
+        ring = torch.zeros(memory_size, dim, dtype=torch.float64)
+        ring_labels = torch.zeros(memory_size, dtype=torch.int64)
+        ring_text = torch.zeros(memory_size, text_dim, dtype=torch.float64)
+        for j, (e, lab, t) in enumerate(zip(memory, memory_labels, memory_text)):
+            ring[j % memory_size], ring_labels[j % memory_size], ring_text[j % memory_size] = e, lab, t
+        size = min(len(memory), memory_size)
+        b = emb.clone().requires_grad_()
+        expected = _brute_force_atl(b, labels, text, ring[:size], ring_labels[:size], ring_text[:size],
+                                    torch.tensor(slots), 0.1, 0.5)
+        torch.testing.assert_close(loss, expected, msg=f"step {step}")
+        torch.testing.assert_close(grad, torch.autograd.grad(expected, b)[0], msg=f"step {step}")
+        torch.testing.assert_close(xbm.text_memory[:size], ring_text[:size])
+
+
+def test_indices_tuple_adds_triplets_like_pml():
+    g = torch.Generator().manual_seed(13)
+    dim, memory_size = 4, 12
+    ours = CrossBatchMemory(TripletMarginLoss(margin=0.2), dim, memory_size)
+    theirs = _pml_xbm(dim, memory_size, "mean")
+    for emb, labels in _batches(g, 3, 6, dim, 2):
+        extra = (torch.tensor([0, 1]), torch.tensor([2, 3]), torch.tensor([4, 5]))
+        a, b = emb.clone().requires_grad_(), emb.clone().requires_grad_()
+        loss_ours, loss_theirs = ours(a, labels, indices_tuple=extra), theirs(b, labels, indices_tuple=extra)
+        torch.testing.assert_close(loss_ours, loss_theirs.to(loss_ours.dtype))
+        loss_ours.backward()
+        loss_theirs.backward()
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_state_dict_round_trip_and_device_dtype_follow():
+    g = torch.Generator().manual_seed(14)
+    xbm = CrossBatchMemory(TripletMarginLoss(), 4, 10)
+    for emb, labels in _batches(g, 2, 6, 4, 3, dtype=torch.float32):
+        xbm(emb, labels)
+    assert xbm.embedding_memory.dtype == torch.float32 and (xbm.queue_idx, xbm.size) == (2, 10)
+    state = xbm.state_dict()
+    assert {"embedding_memory", "label_memory", "_extra_state"} <= set(state)
+    clone = CrossBatchMemory(TripletMarginLoss(), 4, 10)
+    clone.load_state_dict(state)
+    assert (clone.queue_idx, clone.size) == (2, 10)
+    emb, labels = _batches(g, 1, 6, 4, 3, dtype=torch.float32)[0]
+    torch.testing.assert_close(clone(emb, labels), xbm(emb, labels))
+    assert torch.equal(clone.embedding_memory, xbm.embedding_memory)
+    xbm.reset_queue()
+    assert xbm.size == 0 and xbm.queue_idx == 0
+
+
+def test_bad_arguments_name_themselves():
+    with pytest.raises(TypeError, match="loss"):
+        CrossBatchMemory(torch.nn.MSELoss(), 4)
+    with pytest.raises(ValueError, match="mining"):
+        CrossBatchMemory(TripletMarginLoss(mining="semi_hard"), 4)
+    with pytest.raises(ValueError, match="miner"):
+        CrossBatchMemory(TripletMarginLoss(), 4, miner=object())
+    with pytest.raises(ValueError, match="text_size"):
+        CrossBatchMemory(AdaptiveTripletLoss(), 4)
+    with pytest.raises(ValueError, match="memory_size"):
+        CrossBatchMemory(TripletMarginLoss(), 4, 0)
+    xbm = CrossBatchMemory(TripletMarginLoss(), 4, 5)
+    with pytest.raises(ValueError, match="embedding_size"):
+        xbm(torch.randn(3, 6), torch.tensor([0, 1, 0]))
+    with pytest.raises(ValueError, match="memory_size"):
+        xbm(torch.randn(6, 4), torch.zeros(6, dtype=torch.int64))
+    with pytest.raises(ValueError, match="enqueue_mask"):
+        xbm(torch.randn(3, 4), torch.tensor([0, 1, 0]), enqueue_mask=torch.tensor([1, 0, 1]))
+    with pytest.raises(ValueError, match="text_embeddings"):
+        xbm(torch.randn(3, 4), torch.tensor([0, 1, 0]), text_embeddings=torch.randn(3, 2))
+    assert xbm.size == 0  # nothing was enqueued by a rejected call
+
+
+def _cross_rank_steps(rank, world, batches, backend):
+    torch.manual_seed(0)
+    xbm = CrossBatchMemory(AdaptiveTripletLoss(cross_rank=True, backend=backend), 4, 20, text_size=3)
+    results = []
+    for emb, labels, text in batches:
+        rows = slice(rank * len(emb) // world, (rank + 1) * len(emb) // world)
+        a = emb[rows].clone().requires_grad_()
+        loss = xbm(a, labels[rows], text_embeddings=text[rows])
+        loss.backward()
+        results.append((loss.detach(), a.grad))
+    return results, xbm.embedding_memory.clone()
+
+
+@pytest.mark.parametrize("backend", backends_to_test())
+def test_cross_rank_matches_single_process_on_the_concatenated_batch(backend):
+    g = torch.Generator().manual_seed(15)
+    world, batch = 2, 8
+    batches = [(torch.randn(batch, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (batch,), generator=g),
+                torch.randn(batch, 3, generator=g, dtype=torch.float64)) for _ in range(4)]
+    outcomes = run_on_ranks(_cross_rank_steps, world, batches, backend)
+    assert all(o[0] == "ok" for o in outcomes), outcomes
+    single = CrossBatchMemory(AdaptiveTripletLoss(backend=backend), 4, 20, text_size=3)
+    for step, (emb, labels, text) in enumerate(batches):
+        a = emb.clone().requires_grad_()
+        loss = single(a, labels, text_embeddings=text)
+        loss.backward()
+        per_rank = [o[1][0][step] for o in outcomes]
+        # Mean of the ranks' values = the single-process loss; each rank's rows get world x grad.
+        torch.testing.assert_close(sum(r[0] for r in per_rank) / world, loss.detach())
+        torch.testing.assert_close(torch.cat([r[1] for r in per_rank]), world * a.grad)
+    for outcome in outcomes:
+        torch.testing.assert_close(outcome[1][1], single.embedding_memory)

@@ -1,0 +1,165 @@
+"""Cross-batch memory (XBM): the stateless half of :class:`torchfg.losses.CrossBatchMemory`.
+
+A cross-batch memory is a FIFO ring of the S most recent embeddings (with their labels and, for
+the adaptive triplet loss, their text embeddings), stored detached. Each step first enqueues the
+batch, then mines every anchor of the batch against the whole memory (which now holds the batch
+too, so an anchor's own copy is excluded from its positives) and computes the loss of the
+selected pairs exactly, with gradients to the anchors only. These are the semantics of
+pytorch-metric-learning's ``CrossBatchMemory`` (``enqueue_mask`` included).
+
+Mining goes through the fused kernel of :func:`torchfg.ops.triplet.mine_hardest` with the memory
+as the candidate set: no batch x memory matrix is ever written. An anchor's copy sits at slot
+``(start + i) % S``; when the batch wraps around the end of the ring, the anchors are mined in two
+groups so that each group's copies are contiguous (``self_offset``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from torchfg.distributed import gather_batch
+from torchfg.functional.triplet import _hardest_triplet_losses, _hinge, _reduce, _text_cosine
+from torchfg.ops.pair_distances import pair_distances
+
+__all__ = ["enqueue", "gather_for_memory", "memory_triplet_loss"]
+
+
+def enqueue(
+    memory: list[torch.Tensor | None],
+    items: list[torch.Tensor | None],
+    position: int,
+    size: int,
+) -> tuple[int, int, int]:
+    """Write ``items`` into the ring ``memory`` at ``position`` (in place, detached, wrapping around).
+
+    Args:
+        memory: ring buffers, each (S, ...) (None entries are skipped, with their items).
+        items: per buffer, B rows to write (B <= S), same trailing shape and device.
+        position: slot of the next write, in [0, S).
+        size: number of valid slots before the write (the valid rows are ``[:size]``).
+
+    Returns:
+        (start, new_position, new_size): the slot of the first written row, the next write slot
+        and the number of valid slots after the write.
+    """
+    capacity = next(m for m in memory if m is not None).shape[0]
+    rows = next(t for t in items if t is not None).shape[0]
+    if rows > capacity:
+        raise ValueError(f"cannot enqueue {rows} items into a memory of {capacity} slots")
+    first = min(rows, capacity - position)
+    for buffer, values in zip(memory, items):
+        if buffer is None:
+            continue
+        values = values.detach().to(buffer.dtype)
+        # Two slice copies (no index tensor): the part up to the end of the ring, then the wrap.
+        buffer[position : position + first].copy_(values[:first])
+        if first < rows:
+            buffer[: rows - first].copy_(values[first:])
+    return position, (position + rows) % capacity, min(size + rows, capacity)
+
+
+def _self_groups(n: int, start: int, capacity: int) -> list[tuple[int, int, int]]:
+    """(first anchor, end anchor, self_offset) groups whose memory copies are contiguous."""
+    if start < 0:
+        return [(0, n, -1)]
+    first = min(n, capacity - start)
+    groups = [(0, first, start)]
+    if first < n:
+        groups.append((first, n, 0))
+    return groups
+
+
+def memory_triplet_loss(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    memory: torch.Tensor,
+    memory_labels: torch.Tensor,
+    self_start: int,
+    *,
+    text_embeddings: torch.Tensor | None = None,
+    memory_text: torch.Tensor | None = None,
+    margin: float = 0.2,
+    margin_scale: float = 0.0,
+    text_positive_threshold: float | None = None,
+    metric: str = "euclidean",
+    reduction: str = "mean",
+    smooth: bool = False,
+    indices_tuple: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    cross_rank: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Batch-hard (or adaptive, with text) triplet loss of a batch's anchors against a memory.
+
+    Args:
+        embeddings: (N, D) anchors (the only rows that receive gradients).
+        labels: (N,) integer labels.
+        memory: (S, D) valid memory rows, same dtype and device (detached).
+        memory_labels: (S,) labels of the memory rows.
+        self_start: anchor i's own copy is memory row ``(self_start + i) % S`` and is never its
+            positive; -1 when the anchors are not in the memory.
+        text_embeddings: (N, T) text of the anchors (adaptive margins), or None.
+        memory_text: (S, T) text of the memory rows (with ``text_embeddings``).
+        margin: the base margin m0.
+        margin_scale: s of the adaptive margin ``m0 + s (1 - cos(t_a, t_n)) / 2`` (with text).
+        text_positive_threshold: see :func:`torchfg.functional.adaptive_triplet_loss`.
+        metric: ``"euclidean"``, ``"sqeuclidean"``, ``"cosine"`` or ``"dot"``.
+        reduction: ``"mean"`` (over valid triplets), ``"sum"``, ``"none"`` or ``"mean_nonzero"``.
+        smooth: softplus instead of the hinge.
+        indices_tuple: extra triplets (anchor into embeddings, positive and negative into
+            memory) whose losses are added to the mined ones, as pytorch-metric-learning
+            concatenates a given ``indices_tuple`` with its miner's.
+        cross_rank: the count of the mean is summed over ranks and the value scaled by the
+            world size, as in :func:`torchfg.functional.triplet_margin_loss`.
+        backend: ``"auto"``, ``"torch"`` or ``"triton"`` (mining and exact pair distances).
+
+    Returns:
+        Scalar loss (per-anchor losses, then the given triplets', for ``"none"``) in fp32 (fp64
+        for fp64 embeddings).
+    """
+    n, capacity = embeddings.shape[0], memory.shape[0]
+    losses, valid = [], []
+    for lo, hi, offset in _self_groups(n, self_start, capacity):
+        group_losses, group_valid = _hardest_triplet_losses(
+            embeddings[lo:hi],
+            labels[lo:hi],
+            memory,
+            memory_labels,
+            offset,
+            metric=metric,
+            base_margin=margin,
+            margin_scale=margin_scale,
+            text_embeddings=None if text_embeddings is None else text_embeddings[lo:hi],
+            candidate_text=memory_text,
+            text_positive_threshold=text_positive_threshold,
+            smooth=smooth,
+            backend=backend,
+        )
+        losses.append(group_losses)
+        valid.append(group_valid)
+    if indices_tuple is not None:
+        anchor_idx, positive_idx, negative_idx = (t.to(embeddings.device, torch.int64) for t in indices_tuple)
+        k = anchor_idx.shape[0]
+        d = pair_distances(
+            embeddings, anchor_idx.repeat(2), torch.cat([positive_idx, negative_idx]), memory, metric=metric
+        )
+        triplet_margin = torch.full((k,), margin, dtype=d.dtype, device=d.device)
+        if text_embeddings is not None and margin_scale != 0.0:
+            cos = _text_cosine(text_embeddings.index_select(0, anchor_idx), memory_text.index_select(0, negative_idx))
+            triplet_margin = triplet_margin + margin_scale * (1.0 - cos.to(d.dtype)) * 0.5
+        losses.append(_hinge(d[:k] - d[k:] + triplet_margin, smooth))
+        valid.append(torch.ones(k, dtype=torch.bool, device=d.device))
+    all_losses = losses[0] if len(losses) == 1 else torch.cat(losses)
+    all_valid = valid[0] if len(valid) == 1 else torch.cat(valid)
+    return _reduce(all_losses, all_valid, reduction, cross_rank)
+
+
+def gather_for_memory(
+    items: list[torch.Tensor | None], names: list[str], cross_rank: bool
+) -> tuple[list[torch.Tensor | None], int]:
+    """(items of all ranks, this rank's first row in them), detached; the identity without ranks."""
+    if not cross_rank:
+        return items, 0
+    with torch.no_grad():
+        batch = gather_batch([None if t is None else t.detach() for t in items], names,
+                             with_grad=[False] * len(items))
+    return batch.tensors, batch.offset

@@ -1,0 +1,181 @@
+"""Cross-batch memory (XBM) around a triplet loss: a thin module over :mod:`torchfg.functional.xbm`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchfg._validation import check_float_tensor, check_int, check_labels
+from torchfg.functional.xbm import enqueue, gather_for_memory, memory_triplet_loss
+from torchfg.losses.triplet import AdaptiveTripletLoss, TripletMarginLoss
+
+__all__ = ["CrossBatchMemory"]
+
+
+class CrossBatchMemory(nn.Module):
+    """A FIFO memory of past embeddings that every batch's anchors are mined against (XBM).
+
+    The API of pytorch-metric-learning's ``CrossBatchMemory``: each call enqueues the batch
+    (detached) into a ring of the ``memory_size`` most recent embeddings, labels and (for
+    :class:`AdaptiveTripletLoss`) text embeddings, then mines each anchor's hardest positive and
+    (margin-aware) hardest negative among all memory rows with the fused kernel of
+    :func:`torchfg.ops.triplet.mine_hardest` (no batch x memory matrix; an anchor's own copy is
+    never its positive) and returns the loss of the selected pairs, computed exactly. Gradients
+    flow to the batch's embeddings as anchors only, as in pytorch-metric-learning. The memory is
+    made of registered buffers, so ``.to(device)`` and ``state_dict()`` carry it (the write
+    position and fill level travel as the module's extra state).
+
+    Args:
+        loss: a batch-hard :class:`TripletMarginLoss` or an :class:`AdaptiveTripletLoss`; its
+            margin, metric, reduction, ``cross_rank`` and backend are used.
+        embedding_size: D.
+        memory_size: S, the number of memory slots.
+        miner: must be None: the loss's own batch-hard / adaptive mining runs against the memory.
+        text_size: T, the text embedding size (required with :class:`AdaptiveTripletLoss`).
+
+    Shapes:
+        forward(embeddings (N, D), labels (N,), indices_tuple = None, enqueue_mask (N,) bool = None,
+        text_embeddings (N, T) = None) -> scalar. With ``enqueue_mask``, the masked rows are only
+        enqueued and the other rows are the anchors (and are not stored). ``indices_tuple`` adds
+        explicit (anchor, memory positive, memory negative) triplets to the mined ones.
+        With ``cross_rank=True`` (from ``loss``) the rows to enqueue are gathered from every rank
+        first, so all ranks keep the same memory; this rank's rows are the anchors.
+
+    Example:
+        >>> xbm = CrossBatchMemory(TripletMarginLoss(margin=0.2), embedding_size=16, memory_size=64)
+        >>> emb = torch.randn(8, 16, requires_grad=True)
+        >>> loss = xbm(emb, torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
+        >>> loss.backward()
+        >>> xbm.size
+        8
+    """
+
+    def __init__(
+        self,
+        loss: nn.Module,
+        embedding_size: int,
+        memory_size: int = 1024,
+        miner: Any = None,
+        *,
+        text_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(loss, (TripletMarginLoss, AdaptiveTripletLoss)):
+            raise TypeError(f"loss must be a TripletMarginLoss or AdaptiveTripletLoss, got {type(loss).__name__}")
+        if isinstance(loss, TripletMarginLoss) and loss.mining != "batch_hard":
+            raise ValueError(f"loss must use mining='batch_hard' (the memory is mined batch-hard), got {loss.mining!r}")
+        if miner is not None:
+            raise ValueError("miner must be None: the loss's batch-hard mining runs against the memory (fused kernel)")
+        self.loss = loss
+        self.embedding_size = check_int(embedding_size, "embedding_size", 1)
+        self.memory_size = check_int(memory_size, "memory_size", 1)
+        self.adaptive = isinstance(loss, AdaptiveTripletLoss)
+        if self.adaptive and text_size is None:
+            raise ValueError("text_size is required with an AdaptiveTripletLoss (the memory keeps text embeddings)")
+        self.text_size = None if text_size is None else check_int(text_size, "text_size", 1)
+        self.register_buffer("embedding_memory", torch.zeros(self.memory_size, self.embedding_size))
+        self.register_buffer("label_memory", torch.zeros(self.memory_size, dtype=torch.int64))
+        text = torch.zeros(self.memory_size, self.text_size) if self.text_size is not None else None
+        self.register_buffer("text_memory", text)
+        self.reset_queue()
+
+    def reset_queue(self) -> None:
+        """Empty the memory (the buffers keep their device and dtype)."""
+        self.queue_idx = 0  # slot of the next write
+        self.size = 0  # valid slots: rows [:size]
+
+    @property
+    def has_been_filled(self) -> bool:
+        return self.size == self.memory_size
+
+    def get_extra_state(self) -> dict[str, int]:
+        return {"queue_idx": self.queue_idx, "size": self.size}
+
+    def set_extra_state(self, state: dict[str, int]) -> None:
+        self.queue_idx, self.size = int(state["queue_idx"]), int(state["size"])
+
+    def _match(self, embeddings: torch.Tensor, text: torch.Tensor | None) -> None:
+        # Like pytorch-metric-learning, the memory follows the embeddings' device and dtype.
+        if self.embedding_memory.device != embeddings.device or self.embedding_memory.dtype != embeddings.dtype:
+            self.embedding_memory = self.embedding_memory.to(embeddings.device, embeddings.dtype)
+        if self.label_memory.device != embeddings.device:
+            self.label_memory = self.label_memory.to(embeddings.device)
+        if text is not None and (self.text_memory.device != text.device or self.text_memory.dtype != text.dtype):
+            self.text_memory = self.text_memory.to(text.device, text.dtype)
+
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        indices_tuple: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        enqueue_mask: torch.Tensor | None = None,
+        text_embeddings: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        embeddings = check_float_tensor(embeddings, "embeddings", ndim=2)
+        if embeddings.shape[1] != self.embedding_size:
+            raise ValueError(f"embeddings must have {self.embedding_size} columns (embedding_size), got {embeddings.shape[1]}")
+        labels = check_labels(labels, "labels", embeddings.shape[0], device=embeddings.device).long()
+        if self.adaptive:
+            if text_embeddings is None:
+                raise ValueError("text_embeddings are required with an AdaptiveTripletLoss")
+            text_embeddings = check_float_tensor(text_embeddings, "text_embeddings", ndim=2)
+            if text_embeddings.shape != (embeddings.shape[0], self.text_size):
+                raise ValueError(
+                    f"text_embeddings must have shape ({embeddings.shape[0]}, {self.text_size}), got {tuple(text_embeddings.shape)}"
+                )
+            text_embeddings = text_embeddings.to(embeddings.device).detach()
+        elif text_embeddings is not None:
+            raise ValueError("text_embeddings need an AdaptiveTripletLoss")
+        if indices_tuple is not None and enqueue_mask is not None:
+            raise ValueError("indices_tuple and enqueue_mask are mutually exclusive")
+        if enqueue_mask is not None:
+            enqueue_mask = torch.as_tensor(enqueue_mask, device=embeddings.device)
+            if enqueue_mask.dtype != torch.bool or enqueue_mask.shape != labels.shape:
+                raise ValueError(f"enqueue_mask must be a ({labels.shape[0]},) bool tensor, got {enqueue_mask.dtype} {tuple(enqueue_mask.shape)}")
+        self._match(embeddings, text_embeddings)
+
+        cross_rank = self.loss.cross_rank
+        text = text_embeddings
+        if enqueue_mask is not None:
+            queued = [embeddings[enqueue_mask], labels[enqueue_mask], None if text is None else text[enqueue_mask]]
+            keep = ~enqueue_mask
+            embeddings, labels = embeddings[keep], labels[keep]
+            text = None if text is None else text[keep]
+        else:
+            queued = [embeddings, labels, text]
+        queued, offset = gather_for_memory(queued, ["embeddings", "labels", "text_embeddings"], cross_rank)
+        if queued[0].shape[0] > self.memory_size:
+            raise ValueError(f"a step enqueues {queued[0].shape[0]} rows, more than memory_size={self.memory_size}")
+        start, self.queue_idx, self.size = enqueue(
+            [self.embedding_memory, self.label_memory, self.text_memory if self.adaptive else None],
+            queued, self.queue_idx, self.size,
+        )
+        # The anchors' own copies: at (start + offset + i) % S unless they were not enqueued.
+        self_start = -1 if enqueue_mask is not None else (start + offset) % self.memory_size
+        loss = self.loss
+        return memory_triplet_loss(
+            embeddings,
+            labels,
+            self.embedding_memory[: self.size],
+            self.label_memory[: self.size],
+            self_start,
+            text_embeddings=text,
+            memory_text=self.text_memory[: self.size] if self.adaptive else None,
+            margin=loss.base_margin if self.adaptive else loss.margin,
+            margin_scale=loss.margin_scale if self.adaptive else 0.0,
+            text_positive_threshold=loss.text_positive_threshold if self.adaptive else None,
+            metric=loss.metric,
+            reduction=loss.reduction,
+            smooth=False if self.adaptive else loss.smooth,
+            indices_tuple=indices_tuple,
+            cross_rank=cross_rank,
+            backend=loss.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"embedding_size={self.embedding_size}, memory_size={self.memory_size}, text_size={self.text_size}, "
+            f"size={self.size}, queue_idx={self.queue_idx}"
+        )
