@@ -178,3 +178,33 @@ def test_anchor_pair_distances_rejects_out_of_range_partners():
         anchor_pair_distances(x, torch.tensor([[0], [1], [2], [4]]))
     with pytest.raises(ValueError, match="y_idx"):
         anchor_pair_distances(x, torch.tensor([[0], [-1], [2], [3]]), torch.randn(5, 3))
+
+
+@requires_triton
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("separate_y", [False, True])
+def test_anchor_pair_distances_triton_backward_writes_every_gradient_row(metric, separate_y, monkeypatch):
+    # Gradients are written row by row into torch.empty buffers: poison every float allocation
+    # with NaN so that a row the kernels skip (e.g. one no anchor chose) is caught.
+    from torchfg.ops.pair_distances.reference import anchor_pair_distances_backward_reference
+    from torchfg.ops.pair_distances.triton import anchor_pair_distances_backward_triton
+
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(17, 19, generator=g, dtype=torch.float64)
+    y = torch.randn(29, 19, generator=g, dtype=torch.float64) if separate_y else x
+    idx = torch.randint(0, y.shape[0] // 2, (17, 2), generator=g)  # half of y's rows are nobody's partner
+    out = anchor_pair_distances(x, idx, None if not separate_y else y, metric=metric)
+    grad = torch.randn(17, 2, generator=g, dtype=torch.float64)
+    expected = anchor_pair_distances_backward_reference(grad, x, y, idx, out, metric, y_is_x=not separate_y)
+    real_empty = torch.empty
+
+    def poisoned_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", poisoned_empty)
+    got = anchor_pair_distances_backward_triton(grad, x, y, idx, out, metric, y_is_x=not separate_y)
+    monkeypatch.undo()
+    for a, b in zip(got, expected):
+        assert not a.isnan().any()
+        torch.testing.assert_close(a, b)

@@ -6,11 +6,12 @@ The batch-hard layout: anchor row ``i`` of x against its K partners ``y[y_idx[i,
   ``BLOCK_D`` columns of the anchor rows and of the gathered partner rows, accumulating in fp32
   (fp64 for fp64) ``|a - b|^2`` (exactly from the difference, never ``|a|^2 + |b|^2 - 2 a.b``),
   or ``a.b`` and the two squared norms for cosine / dot. Nothing but the (N, K) result is written.
-* backward: one launch (plus the zero fill of its accumulator, and a cast for fp16/bf16 inputs).
-  Each program recomputes what the metric's gradient needs for its anchors and adds the anchor
-  terms and the partner terms into an fp32 (fp64) gradient with atomics: a partner row may be
-  chosen by many anchors (and, with y = x, also be an anchor itself). Summation order, and so
-  the last bits of a gradient row that several anchors touch, is not deterministic.
+* backward: one launch per gradient (x's; y's when y is a separate tensor that needs one). Each
+  program owns BLOCK_R gradient rows and writes each exactly once, in the input dtype, from an
+  fp32 (fp64) sum in registers: the row's own anchor terms plus the terms of every pair that chose
+  it as a partner, found through a CSR of ``y_idx`` by partner row (stable argsort + bincount,
+  O(N K) indices). No gradient-sized fp32 buffer, no atomics, deterministic; the extra memory of
+  the backward is O(N K) (plus O(N) inverse norms for cosine).
 
 The euclidean gradient of a zero distance is 0 (never NaN); a zero row has cosine 0 to
 everything and gets no cosine gradient, as in ``reference.py``.
@@ -85,74 +86,83 @@ def _anchor_pair_fwd_kernel(
 
 @triton.jit
 def _anchor_pair_bwd_kernel(
-    grad_ptr, out_ptr, x_ptr, y_ptr, idx_ptr, gx_ptr, gy_ptr,
-    N, K, D,
+    grad_ptr, out_ptr, x_ptr, y_ptr, idx_ptr, x_inv_ptr, y_inv_ptr, order_ptr, ends_ptr, counts_ptr, g_ptr,
+    R, K, D,
     stride_xn, stride_xd, stride_yn, stride_yd,
-    METRIC: tl.constexpr, ACC_DTYPE: tl.constexpr, GRAD_Y: tl.constexpr,
+    METRIC: tl.constexpr, ACC_DTYPE: tl.constexpr, OWN: tl.constexpr, PARTNER: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """gx (N, D) and gy (M, D) are contiguous accumulators in ACC_DTYPE (gx may be gy)."""
+    """Rows [0, R) of one gradient, each written once, in the gradient's dtype (no atomics).
+
+    OWN: row j is anchor j of x; add the terms of its K pairs (x's gradient).
+    PARTNER: row j is a partner row (of y, which may be x); add the terms of every pair that
+    chose it, listed by ``order[ends[j] - counts[j] : ends[j]]`` (pair ids i * K + k, the CSR of
+    y_idx by partner, in anchor order, so the sum is deterministic).
+    """
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rows < N
+    row_ok = rows < R
     rows64 = rows.to(tl.int64)
-    a_base = x_ptr + rows64[:, None] * stride_xn
-    ga_base = gx_ptr + rows64[:, None] * D
-    a_inv = tl.zeros((BLOCK_R,), dtype=ACC_DTYPE)
+    if PARTNER:
+        count = tl.load(counts_ptr + rows64, mask=row_ok, other=0)
+        first = tl.load(ends_ptr + rows64, mask=row_ok, other=0) - count
+        longest = tl.max(count, axis=0)
     if METRIC == 2:
-        a_sq = tl.zeros((BLOCK_R, BLOCK_D), dtype=ACC_DTYPE)
-        for d0 in tl.range(0, D, BLOCK_D):
-            cols = d0 + tl.arange(0, BLOCK_D)
-            a = tl.load(a_base + cols[None, :] * stride_xd, mask=row_ok[:, None] & (cols[None, :] < D), other=0.0)
+        if OWN:
+            own_inv = tl.load(x_inv_ptr + rows64, mask=row_ok, other=0.0)
+        if PARTNER:
+            row_inv = tl.load(y_inv_ptr + rows64, mask=row_ok, other=0.0)
+    for d0 in tl.range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        mask = row_ok[:, None] & (cols[None, :] < D)
+        acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=ACC_DTYPE)
+        if OWN:
+            # Upcast right after the load: the interpreter mishandles bf16 arithmetic.
+            a = tl.load(x_ptr + rows64[:, None] * stride_xn + cols[None, :] * stride_xd, mask=mask, other=0.0)
             a = a.to(ACC_DTYPE)
-            a_sq += a * a
-        a_norm = tl.sqrt(tl.sum(a_sq, axis=1))
-        a_inv = tl.where(a_norm > 0, 1.0 / tl.where(a_norm > 0, a_norm, 1.0), 0.0)
-    for k in tl.range(0, K):
-        partner = tl.load(idx_ptr + rows64 * K + k, mask=row_ok, other=0).to(tl.int64)
-        b_base = y_ptr + partner[:, None] * stride_yn
-        gb_base = gy_ptr + partner[:, None] * D
-        g = tl.load(grad_ptr + rows64 * K + k, mask=row_ok, other=0.0).to(ACC_DTYPE)
-        dist = tl.load(out_ptr + rows64 * K + k, mask=row_ok, other=0.0).to(ACC_DTYPE)
-        if METRIC == 1:
-            # d|a-b|/da = (a - b) / |a - b|, and 0 (a subgradient) at a zero distance.
-            coef = tl.where(dist > 0, g / tl.where(dist > 0, dist, 1.0), 0.0)
-        elif METRIC == 0:
-            coef = 2.0 * g
-        else:
-            coef = g
-        b_inv = tl.zeros((BLOCK_R,), dtype=ACC_DTYPE)
-        cos = tl.zeros((BLOCK_R,), dtype=ACC_DTYPE)
-        if METRIC == 2:
-            b_sq = tl.zeros((BLOCK_R, BLOCK_D), dtype=ACC_DTYPE)
-            for d0 in tl.range(0, D, BLOCK_D):
-                cols = d0 + tl.arange(0, BLOCK_D)
-                b = tl.load(b_base + cols[None, :] * stride_yd, mask=row_ok[:, None] & (cols[None, :] < D), other=0.0)
+            for k in tl.range(0, K):
+                pair = rows64 * K + k
+                partner = tl.load(idx_ptr + pair, mask=row_ok, other=0).to(tl.int64)
+                g = tl.load(grad_ptr + pair, mask=row_ok, other=0.0).to(ACC_DTYPE)
+                dist = tl.load(out_ptr + pair, mask=row_ok, other=0.0).to(ACC_DTYPE)
+                b = tl.load(y_ptr + partner[:, None] * stride_yn + cols[None, :] * stride_yd, mask=mask, other=0.0)
                 b = b.to(ACC_DTYPE)
-                b_sq += b * b
-            b_norm = tl.sqrt(tl.sum(b_sq, axis=1))
-            b_inv = tl.where(b_norm > 0, 1.0 / tl.where(b_norm > 0, b_norm, 1.0), 0.0)
-            cos = 1.0 - dist
-        for d0 in tl.range(0, D, BLOCK_D):
-            cols = d0 + tl.arange(0, BLOCK_D)
-            col_ok = cols[None, :] < D
-            mask = row_ok[:, None] & col_ok
-            a = tl.load(a_base + cols[None, :] * stride_xd, mask=mask, other=0.0).to(ACC_DTYPE)
-            b = tl.load(b_base + cols[None, :] * stride_yd, mask=mask, other=0.0).to(ACC_DTYPE)
-            if METRIC <= 1:
-                ga = coef[:, None] * (a - b)
-                gb = -ga
-            elif METRIC == 2:
-                # d(1 - a^.b^)/da = -(b^ - cos a^) / |a|, and symmetrically for b.
-                a_hat = a * a_inv[:, None]
-                b_hat = b * b_inv[:, None]
-                ga = -coef[:, None] * (b_hat - cos[:, None] * a_hat) * a_inv[:, None]
-                gb = -coef[:, None] * (a_hat - cos[:, None] * b_hat) * b_inv[:, None]
-            else:
-                ga = -coef[:, None] * b
-                gb = -coef[:, None] * a
-            tl.atomic_add(ga_base + cols[None, :], ga, mask=mask)
-            if GRAD_Y:
-                tl.atomic_add(gb_base + cols[None, :], gb, mask=mask)
+                if METRIC == 1:
+                    # d|a-b|/da = (a - b) / |a - b|, and 0 (a subgradient) at a zero distance.
+                    coef = tl.where(dist > 0, g / tl.where(dist > 0, dist, 1.0), 0.0)
+                    acc += coef[:, None] * (a - b)
+                elif METRIC == 0:
+                    acc += (2.0 * g)[:, None] * (a - b)
+                elif METRIC == 2:
+                    # d(1 - a^.b^)/da = -(b^ - cos a^) / |a|.
+                    b_inv = tl.load(y_inv_ptr + partner, mask=row_ok, other=0.0)
+                    cos = 1.0 - dist
+                    acc -= (g * own_inv)[:, None] * (b * b_inv[:, None] - cos[:, None] * a * own_inv[:, None])
+                else:
+                    acc -= g[:, None] * b
+        if PARTNER:
+            b = tl.load(y_ptr + rows64[:, None] * stride_yn + cols[None, :] * stride_yd, mask=mask, other=0.0)
+            b = b.to(ACC_DTYPE)
+            for t in tl.range(0, longest):
+                listed = row_ok & (t < count)
+                pair = tl.load(order_ptr + first + t, mask=listed, other=0).to(tl.int64)
+                anchor = pair // K
+                g = tl.load(grad_ptr + pair, mask=listed, other=0.0).to(ACC_DTYPE)
+                dist = tl.load(out_ptr + pair, mask=listed, other=0.0).to(ACC_DTYPE)
+                a_mask = listed[:, None] & (cols[None, :] < D)
+                a = tl.load(x_ptr + anchor[:, None] * stride_xn + cols[None, :] * stride_xd, mask=a_mask, other=0.0)
+                a = a.to(ACC_DTYPE)
+                if METRIC == 1:
+                    coef = tl.where(dist > 0, g / tl.where(dist > 0, dist, 1.0), 0.0)
+                    acc += coef[:, None] * (b - a)
+                elif METRIC == 0:
+                    acc += (2.0 * g)[:, None] * (b - a)
+                elif METRIC == 2:
+                    a_inv = tl.load(x_inv_ptr + anchor, mask=listed, other=0.0)
+                    cos = 1.0 - dist
+                    acc -= (g * row_inv)[:, None] * (a * a_inv[:, None] - cos[:, None] * b * row_inv[:, None])
+                else:
+                    acc -= g[:, None] * a
+        tl.store(g_ptr + rows64[:, None] * D + cols[None, :], acc.to(g_ptr.dtype.element_ty), mask=mask)
 
 
 def _acc_dtype(dtype: torch.dtype) -> tuple[torch.dtype, tl.dtype]:
@@ -191,6 +201,19 @@ def anchor_pair_distances_triton(
     return out
 
 
+def _csr_by_partner(y_idx: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(order, ends, counts): pair ids i * K + k grouped by partner row, stably (anchor order)."""
+    flat = y_idx.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=rows)
+    return order, counts.cumsum(0), counts
+
+
+def _inverse_norms(x: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    norms = torch.linalg.vector_norm(x, dim=1, dtype=acc)
+    return torch.where(norms > 0, 1.0 / norms.clamp_min(torch.finfo(acc).tiny), 0.0)
+
+
 def anchor_pair_distances_backward_triton(
     grad: torch.Tensor,
     x: torch.Tensor,
@@ -203,24 +226,44 @@ def anchor_pair_distances_backward_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dL/dx (N, D), dL/dy (M, D)) in the input dtype from ``grad`` = dL/d(out) (N, K).
 
+    Every gradient row is written once, in the input dtype, from an fp32 (fp64) sum kept in
+    registers: no gradient-sized accumulator, no atomics, deterministic. The partner terms are
+    found through a CSR of ``y_idx`` by partner row (a stable argsort and a bincount, O(N K)).
     With ``y_is_x`` the partner terms go into dL/dx and the second tensor is empty; without
-    ``needs_grad_y`` (e.g. a detached cross-batch memory) the partner terms are skipped and the
+    ``needs_grad_y`` (e.g. a detached cross-batch memory) they are skipped (no CSR) and the
     second tensor is empty too.
     """
     acc, acc_tl = _acc_dtype(x.dtype)
     n, k = y_idx.shape
     d = x.shape[1]
-    grad_x = torch.zeros(x.shape, dtype=acc, device=x.device)
-    grad_y = grad_x if y_is_x else (torch.zeros(y.shape, dtype=acc, device=y.device) if needs_grad_y else grad_x)
-    if n and k and d:
-        block_r, block_d, warps = _blocks(d)
-        _anchor_pair_bwd_kernel[(triton.cdiv(n, block_r),)](
-            grad.contiguous(), out.contiguous(), x, y, y_idx, grad_x, grad_y, n, k, d,
-            x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-            METRIC=metric_code(metric), ACC_DTYPE=acc_tl, GRAD_Y=y_is_x or needs_grad_y,
-            BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps,
-        )
-    grad_x_out = grad_x.to(x.dtype)
-    if y_is_x or not needs_grad_y:
-        return grad_x_out, x.new_empty(0)
-    return grad_x_out, grad_y.to(y.dtype)
+    partner_grad = y_is_x or needs_grad_y
+    grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    grad_y = torch.empty(y.shape, dtype=y.dtype, device=y.device) if needs_grad_y and not y_is_x else x.new_empty(0)
+    if d == 0:
+        return grad_x, grad_y
+    grad, out = grad.contiguous(), out.contiguous()
+    dummy = out  # placeholder pointer for arguments a launch does not read
+    if k and partner_grad:
+        order, ends, counts = _csr_by_partner(y_idx, y.shape[0])
+    else:
+        order = ends = counts = dummy
+    x_inv = _inverse_norms(x, acc) if metric == "cosine" else dummy
+    y_inv = (x_inv if y_is_x else _inverse_norms(y, acc)) if metric == "cosine" else dummy
+    block_r, block_d, warps = _blocks(d)
+    common = dict(METRIC=metric_code(metric), ACC_DTYPE=acc_tl, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps)
+    strides = (x.stride(0), x.stride(1), y.stride(0), y.stride(1))
+
+    def launch(target: torch.Tensor, rows: int, own: bool, partner: bool) -> None:
+        if rows:
+            _anchor_pair_bwd_kernel[(triton.cdiv(rows, block_r),)](
+                grad, out, x, y, y_idx, x_inv, y_inv, order, ends, counts, target, rows, k, d, *strides,
+                OWN=own and k > 0, PARTNER=partner and k > 0, **common,
+            )
+
+    if y_is_x:
+        launch(grad_x, n, True, True)
+        return grad_x, grad_y
+    launch(grad_x, n, True, False)
+    if needs_grad_y:
+        launch(grad_y, y.shape[0], False, True)
+    return grad_x, grad_y
