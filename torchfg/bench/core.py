@@ -38,7 +38,7 @@ __all__ = [
     "default_dtype",
 ]
 
-OP_NAMES = ("pairwise", "triplet", "atl", "knn", "dino")
+OP_NAMES = ("pairwise", "triplet", "atl", "knn", "dino", "xbm")
 
 DTYPES = {
     "float32": torch.float32,
