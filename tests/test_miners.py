@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from torchfg import functional as TF
-from torchfg.miners import BatchHardMiner, SemiHardMiner
+from torchfg.errors import BackendUnavailableError
+from torchfg.miners import BatchHardMiner, SemiHardMiner, TripletMarginMiner
 
 pytest.importorskip("pytorch_metric_learning")
 from pytorch_metric_learning import distances as pml_distances  # noqa: E402
@@ -64,16 +65,95 @@ def test_semi_hard_miner_triplets_are_valid():
     assert torch.all(a[1:] >= a[:-1])  # sorted by anchor
 
 
-def test_miners_have_no_gradient_and_respect_metric():
+@pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean", "cosine", "dot"])
+def test_miner_triplets_are_valid_and_leave_autograd_alone(metric):
     x, labels = _batch(6)
     x = x.requires_grad_(True)
-    for miner in (BatchHardMiner(metric="cosine"), SemiHardMiner(metric="dot")):
-        out = miner(x, labels)
-        assert not any(t.requires_grad for t in out)
-    cosine = BatchHardMiner(metric="cosine")(x * torch.rand(x.shape[0], 1, dtype=x.dtype) * 10 + 0, labels)
-    # Cosine mining ignores row scale.
-    assert all(torch.equal(a, b) for a, b in zip(cosine, BatchHardMiner(metric="cosine")(x, labels)))
+    for miner in (BatchHardMiner(metric=metric), SemiHardMiner(metric=metric), TripletMarginMiner(0.3, metric=metric)):
+        a, p, n = miner(x, labels)
+        assert a.numel() > 0 and miner.num_triplets == a.numel()
+        assert (labels[a] == labels[p]).all() and (a != p).all() and (labels[a] != labels[n]).all()
+        # Mining on a tensor that requires grad must not put anything into its gradient.
+        loss = (x[a] - x[p]).square().sum()
+        (grad,) = torch.autograd.grad(loss, x)
+        expected = torch.zeros_like(x).index_add_(0, a, 2 * (x[a] - x[p]).detach()).index_add_(0, p, -2 * (x[a] - x[p]).detach())
+        torch.testing.assert_close(grad, expected)
+
+
+def test_cosine_mining_ignores_row_scale():
+    x, labels = _batch(6)
+    scaled = x * torch.rand(x.shape[0], 1, dtype=x.dtype, generator=torch.Generator().manual_seed(0)) * 10
+    for miner in (BatchHardMiner(metric="cosine"), TripletMarginMiner(0.1, metric="cosine")):
+        assert all(torch.equal(a, b) for a, b in zip(miner(scaled, labels), miner(x, labels)))
     assert "cosine" in repr(BatchHardMiner(metric="cosine"))
+
+
+def _pml_margin_miner(margin, kind, metric="euclidean", **kw):
+    distance = pml_distances.LpDistance(normalize_embeddings=False, power=2 if metric == "sqeuclidean" else 1)
+    return pml_miners.TripletMarginMiner(margin=margin, type_of_triplets=kind, distance=distance, **kw)
+
+
+@pytest.mark.parametrize("kind", ["all", "hard", "semihard", "easy"])
+@pytest.mark.parametrize("margin", [0.4, -0.2])
+@pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean"])
+def test_triplet_margin_miner_equals_pml(kind, margin, metric):
+    x, labels = _batch(7, n=37, d=6, classes=5)
+    ours = TripletMarginMiner(margin, kind, metric=metric, collect_stats=True)
+    theirs = _pml_margin_miner(margin, kind, metric, collect_stats=True)
+    got, expected = ours(x, labels), theirs(x, labels)
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+    assert ours.num_triplets == theirs.num_triplets == got[0].numel()
+    for name in ("pos_pair_dist", "neg_pair_dist", "avg_triplet_margin"):
+        assert getattr(ours, name) == pytest.approx(getattr(theirs, name), rel=1e-9, abs=1e-12)
+
+
+def test_triplet_margin_miner_with_reference_set_equals_pml():
+    x, labels = _batch(8, n=15)
+    ref, ref_labels = _batch(9, n=41)
+    for kind in ("all", "semihard"):
+        got = TripletMarginMiner(0.5, kind)(x, labels, ref, ref_labels)
+        expected = _pml_margin_miner(0.5, kind)(x, labels, ref, ref_labels)
+        assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+def test_triplet_margin_miner_classifies_exact_boundaries_exactly():
+    # Integer points where t = d(a, n) - d(a, p) is exactly 0 or exactly the margin (sqeuclidean):
+    # the fp32 fast path is off by rounding, the exact test is not.
+    x = torch.tensor([[3.0, 0, 3], [1, -3, 0], [3, 1, -1], [2, -3, 2]]) + 1000.0
+    labels = torch.tensor([3, 1, 1, 0])
+    dist = (x.double()[:, None] - x.double()[None]).square().sum(-1)
+    for kind in ("all", "hard", "semihard", "easy"):
+        a, p, n = TripletMarginMiner(1.0, kind, metric="sqeuclidean")(x, labels)
+        t = dist[a, n] - dist[a, p]
+        every = TF.mine_triplets(x, labels, strategy="all")
+        t_all = dist[every[0], every[2]] - dist[every[0], every[1]]
+        keep = {"all": t_all <= 1, "hard": t_all <= 0, "semihard": (t_all > 0) & (t_all <= 1), "easy": t_all > 1}[kind]
+        assert torch.equal(a, every[0][keep]) and torch.equal(n, every[2][keep]), kind
+        assert t.numel() == int(keep.sum())
+    assert (t_all == 1).any()  # the case holds a margin exactly on the boundary
+
+
+def test_miner_statistics_of_the_returned_triplets():
+    # PML's BatchHardMiner records min/max pair distances; ours records the means over the
+    # returned triplets (documented), checked here against PML's triplets and exact distances.
+    x, labels = _batch(10)
+    ours = BatchHardMiner(collect_stats=True)
+    theirs = pml_miners.BatchHardMiner(distance=_pml_distance())
+    ours(x, labels)
+    a, p, n = theirs(x, labels)
+    assert ours.num_triplets == theirs.num_triplets == a.numel()
+    assert ours.pos_pair_dist == pytest.approx((x[a] - x[p]).norm(dim=1).mean().item(), rel=1e-12)
+    assert ours.neg_pair_dist == pytest.approx((x[a] - x[n]).norm(dim=1).mean().item(), rel=1e-12)
+    assert ours.avg_triplet_margin == pytest.approx(ours.neg_pair_dist - ours.pos_pair_dist)
+    assert BatchHardMiner().pos_pair_dist is None  # off by default: no host sync in training
+
+
+def test_semi_hard_miner_honours_or_rejects_backend():
+    x, labels = _batch(11)
+    assert all(torch.equal(a, b) for a, b in zip(SemiHardMiner(backend="torch")(x, labels), SemiHardMiner()(x, labels)))
+    with pytest.raises(BackendUnavailableError, match="semi_hard"):
+        SemiHardMiner(backend="triton")
 
 
 def test_miner_bad_input():
@@ -83,3 +163,9 @@ def test_miner_bad_input():
         BatchHardMiner()(torch.randn(4, 3), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="ref_labels"):
         SemiHardMiner()(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]), torch.randn(5, 3))
+    with pytest.raises(ValueError, match="type_of_triplets"):
+        TripletMarginMiner(type_of_triplets="semi_hard")
+    with pytest.raises(ValueError, match="margin"):
+        TripletMarginMiner(margin=float("inf"))
+    with pytest.raises(TypeError, match="collect_stats"):
+        BatchHardMiner(collect_stats=1)

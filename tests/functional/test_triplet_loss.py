@@ -293,7 +293,10 @@ def test_backend_equals_reference_exact(backend, case):
     assert torch.equal(got[0].cpu(), expected[0]) and torch.equal(got[1].cpu(), expected[1])
 
 
-@pytest.mark.parametrize("backend", backends_to_test())
+KERNEL_BACKENDS = [b for b in backends_to_test() if b != "torch"]  # compared with the reference below
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_backend_losses_equal_reference(backend, dtype):
     if backend == "triton" and not TRITON_FILE:
@@ -307,6 +310,27 @@ def test_backend_losses_equal_reference(backend, dtype):
         lambda b: TF.adaptive_triplet_loss(x, labels, text, margin_scale=1.0, reduction="none", backend=b),
     ):
         torch.testing.assert_close(loss_fn(backend), loss_fn("torch"), atol=1e-2 if dtype == torch.bfloat16 else 1e-5, rtol=1e-3)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_reference_batch_hard_loss_equals_brute_force(metric):
+    # The reference (backend="torch") against explicit loops over fp64 distances, so that the
+    # kernel-vs-reference test above compares with something independently checked.
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(31, 9, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 6, (31,), generator=g)
+    labels[0] = 77  # no positive
+    ours = TF.triplet_margin_loss(x, labels, margin=0.25, metric=metric, reduction="none", backend="torch")
+    dist = exact_distances(x, x, metric)
+    expected = torch.zeros(31, dtype=torch.float64)
+    for i in range(31):
+        positives = [j for j in range(31) if j != i and labels[j] == labels[i]]
+        negatives = [j for j in range(31) if labels[j] != labels[i]]
+        if positives and negatives:
+            hardest = max(float(dist[i, j]) for j in positives) - min(float(dist[i, j]) for j in negatives)
+            expected[i] = max(hardest + 0.25, 0.0)
+    torch.testing.assert_close(ours, expected, rtol=1e-10, atol=1e-12)
+    assert ours[0].item() == 0.0
 
 
 # ----------------------------------------------------------------------------- against pytorch-metric-learning
@@ -685,7 +709,7 @@ BAD_CALLS = [
     (lambda x, y: TF.triplet_margin_loss(x.long(), y), TypeError, "embeddings"),
     (lambda x, y: TF.triplet_margin_loss(x, y.float()), TypeError, "labels"),
     (lambda x, y: TF.triplet_margin_loss(x, y[:-1]), ValueError, "labels"),
-    (lambda x, y: TF.triplet_margin_loss(x, y, margin=-0.1), ValueError, "margin"),
+    (lambda x, y: TF.triplet_margin_loss(x, y, margin=float("inf")), ValueError, "margin"),
     (lambda x, y: TF.triplet_margin_loss(x, y, margin=float("nan")), ValueError, "margin"),
     (lambda x, y: TF.triplet_margin_loss(x, y, metric="l1"), ValueError, "metric"),
     (lambda x, y: TF.triplet_margin_loss(x, y, mining="hard"), ValueError, "mining"),
@@ -705,7 +729,23 @@ BAD_CALLS = [
     (lambda x, y: TF.mine_triplets(x, y, strategy="semi_hard", text_embeddings=x), ValueError, "strategy"),
     (lambda x, y: TF.mine_triplets(x, y, margin_scale=0.5), ValueError, "margin_scale"),
     (lambda x, y: TF.mine_triplets(x, y, strategy="random"), ValueError, "strategy"),
-    (lambda x, y: TripletMarginLoss(margin=-1), ValueError, "margin"),
+    (lambda x, y: TripletMarginLoss(margin=float("nan")), ValueError, "margin"),
+    (lambda x, y: TF.triplet_margin_loss(x, y, mining="semi_hard", backend="triton"), BackendUnavailableError, "semi_hard"),
+    (lambda x, y: TF.triplet_margin_loss(x, y, mining="all", backend="cuda"), BackendUnavailableError, "all"),
+    (lambda x, y: TripletMarginLoss(mining="semi_hard", backend="triton"), BackendUnavailableError, "semi_hard"),
+    (lambda x, y: TF.mine_triplets(x, y, strategy="semi_hard", backend="triton"), BackendUnavailableError, "semi_hard"),
+    (lambda x, y: TF.triplet_margin_loss(x, y, (y, y)), ValueError, "indices_tuple"),
+    (lambda x, y: TF.triplet_margin_loss(x, y, y), ValueError, "indices_tuple"),
+    (lambda x, y: TF.triplet_margin_loss(x, y, (y, y, y.float())), TypeError, "negatives"),
+    (lambda x, y: TF.triplet_margin_loss(x, y, (y, y, y[:-1])), ValueError, "equal lengths"),
+    (lambda x, y: TF.triplet_margin_loss(x, y, (y, y + 5, y)), ValueError, "positives"),
+    (lambda x, y: TF.triplet_margin_loss(x, y, (y - 1, y, y)), ValueError, "anchors"),
+    (lambda x, y: TF.triplet_margin_loss(x, y, (y, y, y[:3], y)), ValueError, "anchors2"),
+    (lambda x, y: TF.triplet_margin_loss(x, y, mining="all", triplets_per_anchor=0), ValueError, "triplets_per_anchor"),
+    (lambda x, y: TF.triplet_margin_loss(x, y, triplets_per_anchor=3), ValueError, "triplets_per_anchor"),
+    (lambda x, y: TF.triplet_margin_loss(x, y, mining="all", triplets_per_anchor="some"), TypeError, "triplets_per_anchor"),
+    (lambda x, y: TF.triplet_margin_loss(x, y, swap=1), TypeError, "swap"),
+    (lambda x, y: TF.adaptive_triplet_loss(x, y, x, (y, y)), ValueError, "indices_tuple"),
     (lambda x, y: AdaptiveTripletLoss(reduction="max"), ValueError, "reduction"),
 ]
 
@@ -716,3 +756,244 @@ def test_bad_input_raises_naming_the_argument(call, error, name):
     y = torch.tensor([0, 0, 1, 1, 2, 2])
     with pytest.raises(error, match=name):
         call(x, y)
+
+
+# ----------------------------------------------------------------------------- "all" mining, exactly (issue 18)
+
+
+def _brute_all(x, labels, margin, metric, reduction, swap=False, smooth=False):
+    """Every triplet by loops, distances by explicit differences (autograd through them)."""
+    values = []
+    n = x.shape[0]
+
+    def dist(i, j):
+        if metric == "cosine":
+            return 1.0 - F.cosine_similarity(x[i], x[j], dim=0)
+        if metric == "dot":
+            return -(x[i] * x[j]).sum()
+        sq = (x[i] - x[j]).square().sum()
+        return sq.sqrt() if metric == "euclidean" else sq
+
+    for a in range(n):
+        for p in range(n):
+            if p == a or labels[p] != labels[a]:
+                continue
+            for q in range(n):
+                if labels[q] == labels[a]:
+                    continue
+                d_an = torch.minimum(dist(a, q), dist(p, q)) if swap else dist(a, q)
+                v = dist(a, p) - d_an + margin
+                values.append(F.softplus(v) if smooth else F.relu(v))
+    v = torch.stack(values)
+    if reduction == "mean":
+        return v.mean()
+    if reduction == "sum":
+        return v.sum()
+    return v.sum() / (v > 0).sum().clamp_min(1)
+
+
+def _pml_all(x, labels, margin, metric, reducer, swap=False, smooth=False, indices_tuple=None, ref=None, ref_labels=None):
+    distance = pml_distances.LpDistance(normalize_embeddings=False, power=2 if metric == "sqeuclidean" else 1)
+    loss_fn = pml_losses.TripletMarginLoss(margin=margin, distance=distance, reducer=reducer, swap=swap, smooth_loss=smooth)
+    return loss_fn(x, labels, indices_tuple, ref, ref_labels)
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
+
+
+def _three_way(x64, labels, margin, metric, reduction, reducer):
+    """(ours fp32, PML fp32, brute force fp64): (loss, grad) each."""
+    out = []
+    for who in ("ours", "pml", "brute"):
+        x = x64.to(torch.float64 if who == "brute" else torch.float32).clone().requires_grad_(True)
+        if who == "ours":
+            loss = TF.triplet_margin_loss(x, labels, margin=margin, metric=metric, mining="all", reduction=reduction)
+        elif who == "pml":
+            loss = _pml_all(x, labels, margin, metric, reducer)
+        else:
+            loss = _brute_all(x, labels, margin, metric, reduction)
+        out.append((loss.detach().double(), torch.autograd.grad(loss, x)[0].double()))
+    return out
+
+
+def test_all_mining_is_exact_for_close_unit_vectors():
+    # Issue 18.1: 16 unit vectors 0.1 degree apart, margin 0.2. Before: gradient error 2.3e-3 vs
+    # fp64 (expanded-form distances); PML and now torchfg: 6.5e-6 by this measure.
+    angle = torch.arange(16, dtype=torch.float64) * math.radians(0.1)
+    x = torch.stack([angle.cos(), angle.sin()], 1)
+    labels = torch.arange(16) // 4
+    (ol, og), (pl, pg), (bl, bg) = _three_way(x, labels, 0.2, "euclidean", "mean", pml_reducers.MeanReducer())
+    assert abs(ol - bl).item() <= 1e-6 * bl.item() and abs(ol - pl).item() <= 1e-6 * pl.item()
+    assert _rel(og, bg) <= max(1.5 * _rel(pg, bg), 1e-6) and _rel(og, bg) < 2e-5
+    assert _rel(og, pg) <= 1e-6
+
+
+def test_all_mining_margin_zero_mean_nonzero_like_pml_miner_test():
+    # Issue 18.1, PML's own miner test flavour: unit vectors, margin 0, mean over non-zero.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 8, generator=g, dtype=torch.float64)
+    x = x / x.norm(dim=1, keepdim=True)
+    labels = torch.randint(0, 4, (32,), generator=g)
+    (ol, og), (pl, pg), (bl, bg) = _three_way(x, labels, 0.0, "euclidean", "mean_nonzero", pml_reducers.AvgNonZeroReducer())
+    assert abs(ol - bl).item() <= 1e-6 * bl.item() and abs(ol - pl).item() <= 1e-6 * pl.item()
+    assert _rel(og, bg) <= 1e-6 and _rel(og, pg) <= 1e-6
+
+
+def test_exact_zero_violation_is_not_counted():
+    # Issue 18.2: triplet (1, 2, 0) has violation exactly 0 (sqeuclidean, margin 1). Before: 7.33.
+    x = torch.tensor([[3, 0, 3], [1, -3, 0], [3, 1, -1], [2, -3, 2]], dtype=torch.float64)
+    labels = torch.tensor([3, 1, 1, 0])
+    (ol, og), (pl, pg), (bl, bg) = _three_way(x, labels, 1.0, "sqeuclidean", "mean_nonzero", pml_reducers.AvgNonZeroReducer())
+    assert ol.item() == pl.item() == bl.item() == 11.0
+    assert torch.equal(og, pg) and torch.equal(og, bg)
+    per = TF.triplet_margin_loss(x.float(), labels, margin=1.0, metric="sqeuclidean", mining="all", reduction="none")
+    a, p, n = TF.mine_triplets(x, labels, strategy="all")
+    assert per[((a == 1) & (p == 2) & (n == 0)).nonzero().item()].item() == 0.0
+
+
+@st.composite
+def hard_for_the_fast_path(draw):
+    """Batches where the expanded form is wrong: large offsets, near-duplicates, integer ties."""
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    n = draw(st.integers(2, 24))
+    d = draw(st.integers(1, 40))
+    kind = draw(st.sampled_from(["offset", "duplicates", "integers", "unit"]))
+    if kind == "offset":
+        x = 300.0 + torch.randn(n, d, generator=gen) * 1e-2
+    elif kind == "duplicates":
+        base = torch.randn(max(n // 3, 1), d, generator=gen) * 5
+        x = base[torch.randint(0, base.shape[0], (n,), generator=gen)] + torch.randn(n, d, generator=gen) * 1e-4
+    elif kind == "integers":
+        x = torch.randint(-3, 4, (n, d), generator=gen).float()
+    else:
+        x = F.normalize(torch.randn(n, d, generator=gen), dim=1)
+    labels = torch.randint(0, draw(st.integers(2, 5)), (n,), generator=gen)
+    margin = draw(st.sampled_from([0.0, 1e-3, 0.2, 1.0, -0.1]))
+    return x, labels, margin, draw(st.sampled_from(METRICS))
+
+
+@given(case=hard_for_the_fast_path(), smooth=st.booleans())
+@settings(max_examples=25, deadline=None)
+def test_all_mining_never_drops_or_adds_a_triplet(case, smooth):
+    # The band selection against the full list: every triplet's loss from exact fp32 pair distances.
+    x, labels, margin, metric = case
+    a, p, n = TF.mine_triplets(x, labels, strategy="all")
+    from torchfg.ops.pair_distances import pair_distances
+
+    v = pair_distances(x, a, p, metric=metric) - pair_distances(x, a, n, metric=metric) + margin
+    full = F.softplus(v) if smooth else F.relu(v)
+    per = TF.triplet_margin_loss(x, labels, margin=margin, metric=metric, mining="all", reduction="none", smooth=smooth)
+    assert per.shape == full.shape
+    torch.testing.assert_close(per, full, rtol=0, atol=0)
+    expected = full.sum() / (full > 0).sum().clamp_min(1)
+    got = TF.triplet_margin_loss(x, labels, margin=margin, metric=metric, mining="all", reduction="mean_nonzero", smooth=smooth)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_all_mining_streams_in_chunks(monkeypatch):
+    import torchfg.functional._triplet_selection as selection
+
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(40, 5, generator=g, requires_grad=True)
+    labels = torch.randint(0, 5, (40,), generator=g)
+    expected = TF.triplet_margin_loss(x, labels, mining="all", reduction="none", swap=True)
+    grad = torch.autograd.grad(expected.sum(), x)[0]
+    monkeypatch.setattr(selection, "BLOCK_ELEMENTS", 64)  # one anchor / one pair per chunk
+    got = TF.triplet_margin_loss(x, labels, mining="all", reduction="none", swap=True)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(torch.autograd.grad(got.sum(), x)[0], grad)
+
+
+# ----------------------------------------------------------------------------- PML's options (issue 17.2, 18.4)
+
+
+@pytest.mark.parametrize("reduction,reducer", [("mean", pml_reducers.MeanReducer), ("mean_nonzero", pml_reducers.AvgNonZeroReducer)])
+def test_indices_tuple_equals_own_mining_and_pml(reduction, reducer):
+    from torchfg.miners import BatchHardMiner
+
+    g = torch.Generator().manual_seed(21)
+    emb = torch.randn(48, 12, generator=g, requires_grad=True)
+    labels = torch.randint(0, 8, (48,), generator=g)
+    loss_fn = TripletMarginLoss(reduction=reduction)
+    tuple_loss = loss_fn(emb, labels, indices_tuple=BatchHardMiner()(emb, labels))
+    own = loss_fn(emb, labels)
+    torch.testing.assert_close(tuple_loss, own, rtol=0, atol=0)
+    triplets = BatchHardMiner()(emb, labels)
+    theirs = _pml_all(emb, labels, 0.2, "euclidean", reducer(), indices_tuple=triplets)
+    torch.testing.assert_close(tuple_loss, theirs)
+    torch.testing.assert_close(torch.autograd.grad(tuple_loss, emb)[0], torch.autograd.grad(theirs, emb)[0])
+
+
+def test_pair_tuple_and_reference_set_follow_pml():
+    g = torch.Generator().manual_seed(22)
+    x = torch.randn(20, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    ref = torch.randn(33, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    labels, ref_labels = torch.randint(0, 4, (20,), generator=g), torch.randint(0, 4, (33,), generator=g)
+    pairs = pml_miners.PairMarginMiner(pos_margin=0.5, neg_margin=3.0)(x, labels, ref, ref_labels)
+    assert all(t.numel() for t in pairs)
+    ours = TF.triplet_margin_loss(x, labels, pairs, margin=0.3, ref_embeddings=ref, ref_labels=ref_labels,
+                                  reduction="mean_nonzero")
+    theirs = _pml_all(x, labels, 0.3, "euclidean", pml_reducers.AvgNonZeroReducer(), indices_tuple=pairs, ref=ref,
+                      ref_labels=ref_labels)
+    torch.testing.assert_close(ours, theirs)
+    for a, b in zip(torch.autograd.grad(ours, (x, ref)), torch.autograd.grad(theirs, (x, ref))):
+        torch.testing.assert_close(a, b)
+
+
+def test_atl_with_indices_tuple_uses_text_margins():
+    g = torch.Generator().manual_seed(23)
+    x = torch.randn(18, 5, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 4, (18,), generator=g)
+    text = torch.randn(18, 7, generator=g, dtype=torch.float64)
+    a, p, n = TF.mine_triplets(x, labels, strategy="semi_hard")
+    per = TF.adaptive_triplet_loss(x, labels, text, (a, p, n), base_margin=0.1, margin_scale=2.0, reduction="none")
+    dist = exact_distances(x, x, "euclidean")
+    cos = cosine_matrix(text, text)
+    expected = F.relu(dist[a, p] - dist[a, n] + 0.1 + 2.0 * (1 - cos[a, n]) / 2)
+    torch.testing.assert_close(per, expected)
+    # The own mining equals the tuple of the margin-aware miner.
+    own = TF.adaptive_triplet_loss(x, labels, text, base_margin=0.1, margin_scale=2.0)
+    mined = TF.mine_triplets(x, labels, text_embeddings=text, base_margin=0.1, margin_scale=2.0)
+    torch.testing.assert_close(AdaptiveTripletLoss(0.1, 2.0)(x, labels, text, mined), own)
+
+
+@pytest.mark.parametrize("mining", ["all", "batch_hard"])
+@pytest.mark.parametrize("margin", [0.3, -0.05])
+def test_swap_and_negative_margin_match_pml(mining, margin):
+    g = torch.Generator().manual_seed(24)
+    x = torch.randn(26, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 5, (26,), generator=g)
+    ours = TF.triplet_margin_loss(x, labels, margin=margin, mining=mining, swap=True, reduction="mean_nonzero")
+    tuple_ = None if mining == "all" else pml_miners.BatchHardMiner(distance=pml_distances.LpDistance(normalize_embeddings=False))(x, labels)
+    theirs = _pml_all(x, labels, margin, "euclidean", pml_reducers.AvgNonZeroReducer(), swap=True, indices_tuple=tuple_)
+    torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(torch.autograd.grad(ours, x)[0], torch.autograd.grad(theirs, x)[0])
+    # swap never lowers any triplet's loss
+    plain = TF.triplet_margin_loss(x, labels, margin=margin, mining=mining, reduction="sum")
+    assert TF.triplet_margin_loss(x, labels, margin=margin, mining=mining, swap=True, reduction="sum") >= plain
+
+
+def test_triplets_per_anchor_samples_valid_triplets_like_pml():
+    g = torch.Generator().manual_seed(25)
+    x = torch.randn(30, 4, generator=g, requires_grad=True)
+    labels = torch.randint(0, 4, (30,), generator=g)
+    labels[0] = 9  # no positive: no triplet
+    torch.manual_seed(0)
+    per = TF.triplet_margin_loss(x, labels, mining="all", triplets_per_anchor=5, reduction="none", margin=10.0)
+    assert per.shape == (29 * 5,)
+    from torchfg.functional._triplet_selection import sample_triplets
+
+    a, p, n = sample_triplets(labels, labels, 0, 5, torch.Generator().manual_seed(1))
+    assert torch.equal(torch.bincount(a, minlength=30), torch.tensor([0] + [5] * 29))
+    assert (labels[a] == labels[p]).all() and (a != p).all() and (labels[a] != labels[n]).all()
+    # One positive and one negative per anchor: every draw is that triplet, so k changes nothing but the count.
+    x2, ref = torch.randn(2, 3, generator=g, dtype=torch.float64), torch.randn(2, 3, generator=g, dtype=torch.float64) * 0.1
+    l2 = torch.tensor([0, 1])
+    module = TripletMarginLoss(0.5, mining="all", triplets_per_anchor=3, reduction="sum")
+    once = TF.triplet_margin_loss(x2, l2, margin=0.5, mining="all", reduction="sum", ref_embeddings=ref, ref_labels=l2)
+    assert once > 0
+    torch.testing.assert_close(module(x2, l2, None, ref, l2), 3 * once)
+    pml_loss = pml_losses.TripletMarginLoss(margin=0.5, triplets_per_anchor=3, distance=pml_distances.LpDistance(normalize_embeddings=False),
+                                            reducer=pml_reducers.MeanReducer())
+    torch.testing.assert_close(pml_loss(x2, l2, None, ref, l2.clone()), module(x2, l2, None, ref, l2) / 6)

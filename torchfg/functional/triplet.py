@@ -25,10 +25,24 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from torchfg._validation import accumulation_dtype, check_choice, check_float_tensor, check_labels
+from torchfg._validation import (
+    accumulation_dtype,
+    check_choice,
+    check_float_tensor,
+    check_int,
+    check_labels,
+    check_tensor,
+)
 from torchfg.backends import BACKENDS
 from torchfg.distributed import all_reduce_sum, gather_batch, is_distributed, raise_on_all_ranks, world_size
-from torchfg.ops.pairwise import pairwise_distance
+from torchfg.errors import BackendUnavailableError
+from torchfg.functional._triplet_selection import (
+    MarginInterval,
+    exact_triplet_distances,
+    sample_triplets,
+    select_triplets,
+    violating,
+)
 from torchfg.ops.pair_distances import anchor_pair_distances, pair_distances
 from torchfg.ops.triplet import METRICS, mine_all_triplets, mine_hardest, mine_semi_hard
 from torchfg.ops.triplet import _check_number  # shared numeric argument check
@@ -44,26 +58,6 @@ DEFAULT_MARGIN_SCALE = 0.5
 
 
 # ----------------------------------------------------------------------------- exact pair distances
-
-
-def _anchor_pair_distances(
-    embeddings: torch.Tensor,
-    candidates: torch.Tensor,
-    anchor_idx: torch.Tensor,
-    *candidate_idx: torch.Tensor,
-    metric: str,
-) -> list[torch.Tensor]:
-    """d(embeddings[anchor_idx], candidates[idx]) for each index tensor, in one exact pass.
-
-    Goes through :func:`torchfg.ops.triplet.pair_distances`: exact from ``a - b``, backward
-    O(K D) with a zero (not NaN) euclidean gradient at zero distance.
-    """
-    k = anchor_idx.shape[0]
-    other = None if candidates is embeddings else candidates
-    d = pair_distances(
-        embeddings, anchor_idx.repeat(len(candidate_idx)), torch.cat(candidate_idx), other, metric=metric
-    )
-    return [d[i * k : (i + 1) * k] for i in range(len(candidate_idx))]
 
 
 def _text_cosine(anchor_text: torch.Tensor, other_text: torch.Tensor) -> torch.Tensor:
@@ -154,8 +148,15 @@ def _keep_gather_in_graph(loss: torch.Tensor, candidates: torch.Tensor, cross_ra
 # ----------------------------------------------------------------------------- losses
 
 
-def _reduce(losses: torch.Tensor, counted: torch.Tensor | None, reduction: str, cross_rank: bool = False) -> torch.Tensor:
-    """losses: (K,) with zeros where ``counted`` is False (None: all counted).
+def _reduce(
+    losses: torch.Tensor,
+    counted: torch.Tensor | None,
+    reduction: str,
+    cross_rank: bool = False,
+    count: int | None = None,
+) -> torch.Tensor:
+    """losses: (K,) with zeros where ``counted`` is False (None: all counted); ``count``: the
+    divisor of ``"mean"`` when it is not K (``"all"`` mining lists only the violating triplets).
 
     With ``cross_rank`` the count is summed over ranks and the result scaled by the world size
     (see the module docstring), so that DDP's averaging gives the single-process gradient.
@@ -166,7 +167,10 @@ def _reduce(losses: torch.Tensor, counted: torch.Tensor | None, reduction: str, 
     if reduction == "sum":
         return total
     if reduction == "mean":
-        count = losses.new_tensor(losses.shape[0]) if counted is None else counted.sum()
+        if count is not None:
+            count = torch.tensor(count, device=losses.device)
+        else:
+            count = losses.new_tensor(losses.shape[0]) if counted is None else counted.sum()
     else:  # mean_nonzero
         nonzero = losses > 0
         count = (nonzero if counted is None else nonzero & counted).sum()
@@ -178,6 +182,86 @@ def _reduce(losses: torch.Tensor, counted: torch.Tensor | None, reduction: str, 
 
 def _hinge(violation: torch.Tensor, smooth: bool) -> torch.Tensor:
     return F.softplus(violation) if smooth else F.relu(violation)
+
+
+def _hardest_pairs(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    candidates: torch.Tensor,
+    candidate_labels: torch.Tensor,
+    self_offset: int,
+    *,
+    metric: str,
+    backend: str,
+    text_embeddings: torch.Tensor | None = None,
+    candidate_text: torch.Tensor | None = None,
+    base_margin: float = 0.0,
+    margin_scale: float = 0.0,
+    text_positive_threshold: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch-hard mining, the one call of :func:`torchfg.ops.triplet.mine_hardest`.
+
+    Returns (positive_idx (N,), negative_idx (N,)) into candidates, -1 where an anchor has none.
+    """
+    return mine_hardest(
+        embeddings,
+        candidates,
+        labels,
+        candidate_labels,
+        text_embeddings,
+        candidate_text,
+        metric=metric,
+        base_margin=base_margin,
+        margin_scale=margin_scale,
+        text_positive_threshold=text_positive_threshold,
+        self_offset=self_offset,
+        backend=backend,
+    )
+
+
+def _listed_triplets(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    candidates: torch.Tensor,
+    candidate_labels: torch.Tensor,
+    self_offset: int,
+    *,
+    strategy: str,
+    metric: str,
+    backend: str,
+    triplets_per_anchor: int | str = "all",
+    **hardest,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The one mining path: (anchors, positives, negatives) of ``strategy``, no gradient.
+
+    batch_hard keeps the anchors that have a triplet; ``"all"`` lists every valid triplet by labels
+    alone (or ``triplets_per_anchor`` random ones per anchor, as PML samples them).
+    """
+    with torch.no_grad():
+        if strategy == "semi_hard":
+            return mine_semi_hard(embeddings, candidates, labels, candidate_labels, metric=metric, self_offset=self_offset)
+        if strategy == "all":
+            if triplets_per_anchor != "all":
+                return sample_triplets(labels, candidate_labels, self_offset, triplets_per_anchor)
+            return mine_all_triplets(labels, candidate_labels, self_offset=self_offset)
+        if embeddings.shape[0] == 0 or candidates.shape[0] == 0:
+            return tuple(torch.empty(0, dtype=torch.int64, device=embeddings.device) for _ in range(3))
+        positive_idx, negative_idx = _hardest_pairs(
+            embeddings, labels, candidates, candidate_labels, self_offset, metric=metric, backend=backend, **hardest
+        )
+        anchors = ((positive_idx >= 0) & (negative_idx >= 0)).nonzero().squeeze(1)
+        return anchors, positive_idx[anchors], negative_idx[anchors]
+
+
+def _check_mining_backend(strategy: str, backend: str) -> None:
+    """semi_hard and all mining run their chunked reference on every device: an explicit request
+    for a kernel must fail, not be dropped (``auto`` and the TORCHFG_BACKEND switch fall back)."""
+    check_choice(backend, "backend", BACKENDS)
+    if strategy in ("semi_hard", "all") and backend not in ("auto", "torch"):
+        raise BackendUnavailableError(
+            f"backend={backend!r} is not implemented for mining={strategy!r}: it runs the chunked torch "
+            "reference on every device; pass backend='auto' or 'torch'"
+        )
 
 
 def _hardest_triplet_losses(
@@ -195,6 +279,7 @@ def _hardest_triplet_losses(
     text_positive_threshold: float | None,
     smooth: bool,
     backend: str,
+    swap: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-anchor batch-hard / adaptive losses (N,) (0 where invalid) and the validity mask (N,).
 
@@ -207,19 +292,10 @@ def _hardest_triplet_losses(
         # Keeps the graph connected so backward() gives zero gradients instead of failing.
         zeros = embeddings.to(acc).sum(1) * 0.0
         return zeros, torch.zeros(n, dtype=torch.bool, device=embeddings.device)
-    positive_idx, negative_idx = mine_hardest(
-        embeddings,
-        candidates,
-        labels,
-        candidate_labels,
-        text_embeddings,
-        candidate_text,
-        metric=metric,
-        base_margin=base_margin,
-        margin_scale=margin_scale,
-        text_positive_threshold=text_positive_threshold,
-        self_offset=self_offset,
-        backend=backend,
+    positive_idx, negative_idx = _hardest_pairs(
+        embeddings, labels, candidates, candidate_labels, self_offset, metric=metric, backend=backend,
+        text_embeddings=text_embeddings, candidate_text=candidate_text, base_margin=base_margin,
+        margin_scale=margin_scale, text_positive_threshold=text_positive_threshold,
     )
     valid = (positive_idx >= 0) & (negative_idx >= 0)
     # Invalid anchors gather row 0 and are masked out below: shapes stay static (compile-friendly).
@@ -232,6 +308,8 @@ def _hardest_triplet_losses(
         check_indices=False,
     )
     d_ap, d_an = d[:, 0], d[:, 1]
+    if swap:
+        d_an = torch.minimum(d_an, pair_distances(candidates, positive_idx, negative_idx, metric=metric))
     margin: torch.Tensor | float = base_margin
     if text_embeddings is not None and margin_scale != 0.0:
         text_cos = _text_cosine(text_embeddings, candidate_text.index_select(0, negative_idx))
@@ -240,30 +318,102 @@ def _hardest_triplet_losses(
     return torch.where(valid, losses, torch.zeros_like(losses)), valid
 
 
-def _listed_triplet_losses(
+def _listed_losses(
     embeddings: torch.Tensor,
     candidates: torch.Tensor,
     triplets: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     *,
     metric: str,
+    margin: float | torch.Tensor,
+    smooth: bool,
+    swap: bool,
+) -> torch.Tensor:
+    """Losses (T,) of explicit triplets (anchor into embeddings, positive/negative into candidates),
+    from distances recomputed exactly from ``a - b``."""
+    anchor_idx, positive_idx, negative_idx = triplets
+    if anchor_idx.numel() == 0:
+        acc = accumulation_dtype(embeddings.dtype)
+        return (embeddings.to(acc).sum() * 0.0).expand(0)
+    d_ap, d_an = exact_triplet_distances(embeddings, candidates, anchor_idx, positive_idx, negative_idx, metric, swap)
+    return _hinge(d_ap - d_an + margin, smooth)
+
+
+def _all_triplet_losses(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    candidates: torch.Tensor,
+    candidate_labels: torch.Tensor,
+    self_offset: int,
+    *,
+    metric: str,
     margin: float,
     smooth: bool,
-    exact: bool,
-    backend: str,
+    swap: bool,
+    reduction: str,
+    cross_rank: bool,
 ) -> torch.Tensor:
-    """Losses (T,) of explicit triplets (anchor into embeddings, positive/negative into candidates)."""
-    anchor_idx, positive_idx, negative_idx = triplets
-    if exact:
-        d_ap, d_an = _anchor_pair_distances(embeddings, candidates, anchor_idx, positive_idx, negative_idx, metric=metric)
-    else:
-        # Every pair may carry gradient: the differentiable GEMM-path distance matrix is cheaper
-        # than gathering one row copy per triplet.
-        acc = accumulation_dtype(embeddings.dtype)
-        symmetric = candidates is embeddings
-        matrix = pairwise_distance(embeddings, None if symmetric else candidates, metric, backend=backend).to(acc)
-        d_ap = matrix[anchor_idx, positive_idx]
-        d_an = matrix[anchor_idx, negative_idx]
-    return _hinge(d_ap - d_an + margin, smooth)
+    """Every valid triplet, exactly: only the violating ones (all with ``smooth``) carry a loss.
+
+    The violating triplets are selected on the fast path with an error band, recomputed exactly
+    from ``a - b`` and re-tested (:mod:`torchfg.functional._triplet_selection`), so a triplet whose
+    exact violation is 0 is neither counted nor given a gradient, and memory stays O(chunk x M + S).
+    """
+    interval = MarginInterval() if smooth else violating(margin)
+    selected = select_triplets(
+        embeddings, labels, candidates, candidate_labels, self_offset, metric=metric, interval=interval, swap=swap
+    )
+    losses = _hinge(selected.d_ap - selected.d_an + margin, smooth)
+    if reduction == "none":
+        out = losses.new_zeros(selected.total)
+        return out.index_copy(0, selected.position, losses) if losses.numel() else out + losses.sum()
+    if reduction == "mean":
+        return _reduce(losses, None, reduction, cross_rank, count=selected.total)
+    return _reduce(losses, None, reduction, cross_rank)
+
+
+def _check_indices_tuple(
+    indices_tuple: object, n_anchors: int, n_candidates: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PML's ``indices_tuple`` as triplets: (a, p, n) as given, or pairs (a1, p, a2, n) converted as
+    PML converts them (every positive pair with every negative pair of the same anchor)."""
+    if not isinstance(indices_tuple, (tuple, list)) or len(indices_tuple) not in (3, 4):
+        length = len(indices_tuple) if isinstance(indices_tuple, (tuple, list)) else type(indices_tuple).__name__
+        raise ValueError(
+            "indices_tuple must be a triplet tuple (anchors, positives, negatives) or a pair tuple "
+            f"(anchors1, positives, anchors2, negatives) of index tensors, as pytorch-metric-learning's miners return, got {length}"
+        )
+    names = ("anchors", "positives", "negatives") if len(indices_tuple) == 3 else ("anchors1", "positives", "anchors2", "negatives")
+    tensors = []
+    for name, t in zip(names, indices_tuple):
+        t = check_tensor(t, f"indices_tuple {name}")
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool or t.dim() != 1:
+            raise TypeError(f"indices_tuple {name} must be a 1-D integer tensor, got {t.dtype} of shape {tuple(t.shape)}")
+        tensors.append(t.to(device, torch.int64))
+    groups = [(0, 1, 2)] if len(tensors) == 3 else [(0, 1), (2, 3)]
+    for group in groups:
+        if len({tensors[i].shape[0] for i in group}) != 1:
+            raise ValueError(f"indices_tuple {', '.join(names[i] for i in group)} must have equal lengths, "
+                             f"got {[tensors[i].shape[0] for i in group]}")
+    for name, t in zip(names, tensors):
+        bound = n_anchors if name.startswith("anchors") else n_candidates
+        if t.numel():
+            low, high = (int(v) for v in torch.aminmax(t))
+            if low < 0 or high >= bound:
+                raise ValueError(f"indices_tuple {name} must be in [0, {bound}), got values in [{low}, {high}]")
+    if len(tensors) == 3:
+        return tensors[0], tensors[1], tensors[2]
+    a1, p, a2, n = tensors
+    p_idx, n_idx = torch.where(a1[:, None] == a2[None, :])
+    return a1[p_idx], p[p_idx], n[n_idx]
+
+
+def _check_triplets_per_anchor(value: object, strategy: str, has_tuple: bool) -> int | str:
+    if isinstance(value, str) and value == "all":
+        return value
+    value = check_int(value, "triplets_per_anchor", minimum=1)
+    if strategy != "all" or has_tuple:
+        raise ValueError("triplets_per_anchor (random triplets per anchor) needs mining='all' and no indices_tuple")
+    return value
 
 
 def _triplet_margin_loss_impl(
@@ -279,46 +429,48 @@ def _triplet_margin_loss_impl(
     reduction: str,
     smooth: bool,
     backend: str,
+    swap: bool = False,
+    triplets_per_anchor: int | str = "all",
+    indices_tuple: tuple[torch.Tensor, ...] | None = None,
     cross_rank: bool = False,
 ) -> torch.Tensor:
     """The loss once inputs are checked; ``self_offset`` as in :func:`torchfg.ops.triplet.mine_hardest`."""
-    if mining == "batch_hard":
+    if indices_tuple is not None:
+        triplets = _check_indices_tuple(indices_tuple, embeddings.shape[0], candidates.shape[0], embeddings.device)
+    elif mining == "batch_hard":
         losses, valid = _hardest_triplet_losses(
-            embeddings,
-            labels,
-            candidates,
-            candidate_labels,
-            self_offset,
-            metric=metric,
-            base_margin=margin,
-            margin_scale=0.0,
-            text_embeddings=None,
-            candidate_text=None,
-            text_positive_threshold=None,
-            smooth=smooth,
-            backend=backend,
+            embeddings, labels, candidates, candidate_labels, self_offset, metric=metric, base_margin=margin,
+            margin_scale=0.0, text_embeddings=None, candidate_text=None, text_positive_threshold=None,
+            smooth=smooth, swap=swap, backend=backend,
         )
         return _keep_gather_in_graph(_reduce(losses, valid, reduction, cross_rank), candidates, cross_rank)
-    if mining == "semi_hard":
-        triplets = mine_semi_hard(embeddings, candidates, labels, candidate_labels, metric=metric, self_offset=self_offset)
+    elif mining == "all" and triplets_per_anchor == "all":
+        loss = _all_triplet_losses(
+            embeddings, labels, candidates, candidate_labels, self_offset, metric=metric, margin=margin,
+            smooth=smooth, swap=swap, reduction=reduction, cross_rank=cross_rank,
+        )
+        return _keep_gather_in_graph(loss, candidates, cross_rank)
     else:
-        triplets = mine_all_triplets(labels, candidate_labels, self_offset=self_offset)
-    losses = _listed_triplet_losses(
-        embeddings, candidates, triplets, metric=metric, margin=margin, smooth=smooth, exact=mining == "semi_hard",
-        backend=backend,
-    )
+        triplets = _listed_triplets(
+            embeddings, labels, candidates, candidate_labels, self_offset, strategy=mining, metric=metric,
+            backend=backend, triplets_per_anchor=triplets_per_anchor,
+        )
+    losses = _listed_losses(embeddings, candidates, triplets, metric=metric, margin=margin, smooth=smooth, swap=swap)
     return _keep_gather_in_graph(_reduce(losses, None, reduction, cross_rank), candidates, cross_rank)
 
 
 def triplet_margin_loss(
     embeddings: torch.Tensor,
     labels: torch.Tensor,
+    indices_tuple: tuple[torch.Tensor, ...] | None = None,
     *,
     margin: float = 0.2,
     metric: str = "euclidean",
     mining: str = "batch_hard",
     reduction: str = "mean",
     smooth: bool = False,
+    swap: bool = False,
+    triplets_per_anchor: int | str = "all",
     ref_embeddings: torch.Tensor | None = None,
     ref_labels: torch.Tensor | None = None,
     cross_rank: bool = False,
@@ -326,38 +478,52 @@ def triplet_margin_loss(
 ) -> torch.Tensor:
     """Triplet margin loss ``max(0, d(a, p) - d(a, n) + margin)`` with online mining.
 
-    Mining strategies:
+    Mining strategies (used when ``indices_tuple`` is None):
 
     * ``"batch_hard"``: one triplet per anchor, its farthest positive and closest negative
       (fused Triton kernel on CUDA, chunked reference elsewhere; memory O(N D)).
     * ``"semi_hard"``: FaceNet; one triplet per anchor-positive pair with the closest negative
       strictly farther than the positive, else the farthest negative (chunked reference on every
-      device; distances of the selected pairs exact).
-    * ``"all"``: every valid triplet (chunked reference mining on every device). Since every pair
-      carries gradient, the distances come from the differentiable GEMM-path matrix
-      (:func:`torchfg.pairwise_distance`): O(N M) memory, plus O(T) for the T triplets.
+      device).
+    * ``"all"``: every valid triplet (PML's default). The violating ones are selected on the fast
+      path with a rigorous error band, their distances recomputed exactly and the violation test
+      re-applied (see :mod:`torchfg.functional._triplet_selection`): memory O(chunk x M) plus the
+      selected triplets, never N x M x M. A triplet whose exact violation is 0 gets no loss, no
+      gradient and is not counted by ``"mean_nonzero"``.
 
-    An anchor without a positive or without a negative contributes nothing. A batch without any
-    valid triplet gives 0 with a zero gradient.
+    The distances of every selected triplet are computed exactly from ``a - b``. An anchor without
+    a positive or without a negative contributes nothing. A batch without any valid triplet gives
+    0 with a zero gradient.
 
     Args:
         embeddings: (N, D) float anchors (and candidates unless ``ref_embeddings`` is given).
         labels: (N,) integer labels.
-        margin: margin >= 0.
+        indices_tuple: triplets from any miner instead of ``mining``, as in pytorch-metric-learning:
+            ``(anchors, positives, negatives)`` or pairs ``(anchors1, positives, anchors2,
+            negatives)`` (converted to every triplet sharing an anchor, as PML does). Anchors index
+            ``embeddings``; positives and negatives index ``ref_embeddings`` when given.
+        margin: any finite number (negative margins allowed, as in PML).
         metric: ``"euclidean"``, ``"sqeuclidean"``, ``"cosine"`` (1 - cos) or ``"dot"`` (-a.b).
         mining: ``"batch_hard"``, ``"semi_hard"`` or ``"all"``.
-        reduction: ``"mean"`` (over valid triplets), ``"sum"``, ``"none"`` ((N,) per anchor for
+        reduction: ``"mean"`` (over valid triplets: anchors for batch_hard, every valid triplet for
+            ``"all"``, the listed ones for a tuple), ``"sum"``, ``"none"`` ((N,) per anchor for
             batch_hard, 0 for anchors without a triplet; (T,) per triplet otherwise, in the order
-            of :func:`mine_triplets`) or ``"mean_nonzero"`` (mean over triplets with positive loss,
-            0 if none).
-        smooth: use ``softplus`` instead of the hinge.
+            of :func:`mine_triplets` or of the tuple) or ``"mean_nonzero"`` (mean over triplets
+            with positive loss, 0 if none: PML's default ``AvgNonZeroReducer``).
+        smooth: use ``softplus`` instead of the hinge (PML's ``smooth_loss``).
+        swap: use ``min(d(a, n), d(p, n))`` as the negative distance (PML / torch ``swap``).
+        triplets_per_anchor: ``"all"`` or an int k: with ``mining="all"``, k random (positive,
+            negative) pairs per anchor drawn with replacement from the global RNG, as PML's
+            ``triplets_per_anchor``.
         ref_embeddings: (M, D) positives/negatives come from here instead (e.g. a cross-batch
             memory); the anchors are then not among the candidates.
         ref_labels: (M,) labels of ``ref_embeddings``.
         cross_rank: under torch.distributed, mine positives and negatives among the embeddings
             (and labels) of all ranks; this rank's items are the anchors. See the module docstring
             for the world-size scaling. Cannot be combined with ``ref_embeddings``.
-        backend: mining backend, ``"auto"``, ``"torch"`` or ``"triton"``.
+        backend: ``"auto"``, ``"torch"`` or ``"triton"`` for batch_hard's mining and distances;
+            semi_hard and all have the torch reference only (another explicit backend raises
+            :class:`torchfg.errors.BackendUnavailableError`).
 
     Returns:
         Scalar loss (or per-anchor / per-triplet losses for ``reduction="none"``) in fp32 (fp64 for
@@ -380,10 +546,16 @@ def triplet_margin_loss(
         check_choice(metric, "metric", METRICS)
         check_choice(mining, "mining", MINING_STRATEGIES)
         check_choice(reduction, "reduction", REDUCTIONS)
-        check_choice(backend, "backend", BACKENDS)
-        return (*checked, _check_number(margin, "margin", low=0.0), _check_flag(smooth, "smooth"))
+        if indices_tuple is None:
+            _check_mining_backend(mining, backend)
+        else:
+            check_choice(backend, "backend", BACKENDS)
+        per_anchor = _check_triplets_per_anchor(triplets_per_anchor, mining, indices_tuple is not None)
+        return (*checked, _check_number(margin, "margin"), _check_flag(smooth, "smooth"), _check_flag(swap, "swap"),
+                per_anchor)
 
-    embeddings, labels, candidates, candidate_labels, self_offset, margin, smooth = _validated(validate, cross_rank)
+    (embeddings, labels, candidates, candidate_labels, self_offset, margin, smooth, swap,
+     per_anchor) = _validated(validate, cross_rank)
     if cross_rank:
         candidates, candidate_labels, _, self_offset = _gather_candidates(embeddings, labels, None)
     return _triplet_margin_loss_impl(
@@ -398,6 +570,9 @@ def triplet_margin_loss(
         reduction=reduction,
         smooth=smooth,
         backend=backend,
+        swap=swap,
+        triplets_per_anchor=per_anchor,
+        indices_tuple=indices_tuple,
         cross_rank=cross_rank,
     )
 
@@ -417,8 +592,17 @@ def _adaptive_triplet_loss_impl(
     text_positive_threshold: float | None,
     reduction: str,
     backend: str,
+    indices_tuple: tuple[torch.Tensor, ...] | None = None,
     cross_rank: bool = False,
 ) -> torch.Tensor:
+    if indices_tuple is not None:
+        a, p, n = _check_indices_tuple(indices_tuple, embeddings.shape[0], candidates.shape[0], embeddings.device)
+        margin: torch.Tensor | float = base_margin
+        if margin_scale != 0.0 and a.numel():
+            text_cos = _text_cosine(text_embeddings.index_select(0, a), candidate_text.index_select(0, n))
+            margin = (base_margin + margin_scale * (1.0 - text_cos) * 0.5).to(accumulation_dtype(embeddings.dtype))
+        losses = _listed_losses(embeddings, candidates, (a, p, n), metric=metric, margin=margin, smooth=False, swap=False)
+        return _keep_gather_in_graph(_reduce(losses, None, reduction, cross_rank), candidates, cross_rank)
     losses, valid = _hardest_triplet_losses(
         embeddings,
         labels,
@@ -432,6 +616,7 @@ def _adaptive_triplet_loss_impl(
         candidate_text=candidate_text,
         text_positive_threshold=text_positive_threshold,
         smooth=False,
+        swap=False,
         backend=backend,
     )
     return _keep_gather_in_graph(_reduce(losses, valid, reduction, cross_rank), candidates, cross_rank)
@@ -441,6 +626,7 @@ def adaptive_triplet_loss(
     embeddings: torch.Tensor,
     labels: torch.Tensor,
     text_embeddings: torch.Tensor,
+    indices_tuple: tuple[torch.Tensor, ...] | None = None,
     *,
     base_margin: float = 0.1,
     margin_scale: float = 0.5,
@@ -464,12 +650,16 @@ def adaptive_triplet_loss(
         labels: (N,) integer labels (e.g. product ids).
         text_embeddings: (N, T) float text embeddings of the descriptions (the weak labels). They
             are treated as constants: no gradient flows into them.
+        indices_tuple: triplets from any miner instead of the margin-aware batch-hard mining,
+            ``(anchors, positives, negatives)`` or PML pairs ``(anchors1, positives, anchors2,
+            negatives)``; each triplet's margin comes from the text of its anchor and negative.
         base_margin: m0 >= 0.
         margin_scale: s >= 0.
         metric: ``"euclidean"``, ``"sqeuclidean"``, ``"cosine"`` or ``"dot"``.
         text_positive_threshold: items with another label whose description cosine is at least
             this (in [-1, 1]) are near-duplicates and never negatives; None turns it off.
-        reduction: ``"mean"``, ``"sum"``, ``"none"`` ((N,) per anchor) or ``"mean_nonzero"``.
+        reduction: ``"mean"``, ``"sum"``, ``"none"`` ((N,) per anchor, (T,) per triplet of a tuple)
+            or ``"mean_nonzero"``.
         cross_rank: under torch.distributed, mine among the embeddings, labels and text
             embeddings of all ranks (see :func:`triplet_margin_loss`).
         backend: mining backend, ``"auto"``, ``"torch"`` or ``"triton"``.
@@ -519,6 +709,7 @@ def adaptive_triplet_loss(
         text_positive_threshold=text_positive_threshold,
         reduction=reduction,
         backend=backend,
+        indices_tuple=indices_tuple,
         cross_rank=cross_rank,
     )
 
@@ -621,7 +812,7 @@ def _mine_triplets_checked(
     """mine_triplets once embeddings/labels/candidates are checked (candidate_text: gathered text)."""
     check_choice(strategy, "strategy", MINING_STRATEGIES)
     check_choice(metric, "metric", METRICS)
-    check_choice(backend, "backend", BACKENDS)
+    _check_mining_backend(strategy, backend)
     margin = _check_number(margin, "margin", low=0.0)
     if text_embeddings is not None:
         if strategy != "batch_hard":
@@ -642,26 +833,8 @@ def _mine_triplets_checked(
             if value is not None:
                 raise ValueError(f"{name} needs text_embeddings")
         base_margin, margin_scale = margin, 0.0
-    with torch.no_grad():
-        if strategy == "semi_hard":
-            return mine_semi_hard(embeddings, candidates, labels, candidate_labels, metric=metric, self_offset=self_offset)
-        if strategy == "all":
-            return mine_all_triplets(labels, candidate_labels, self_offset=self_offset)
-        if embeddings.shape[0] == 0 or candidates.shape[0] == 0:
-            return tuple(torch.empty(0, dtype=torch.int64, device=embeddings.device) for _ in range(3))
-        positive_idx, negative_idx = mine_hardest(
-            embeddings,
-            candidates,
-            labels,
-            candidate_labels,
-            text_embeddings,
-            candidate_text,
-            metric=metric,
-            base_margin=base_margin,
-            margin_scale=margin_scale,
-            text_positive_threshold=text_positive_threshold,
-            self_offset=self_offset,
-            backend=backend,
-        )
-        anchors = ((positive_idx >= 0) & (negative_idx >= 0)).nonzero().squeeze(1)
-        return anchors, positive_idx[anchors], negative_idx[anchors]
+    return _listed_triplets(
+        embeddings.detach(), labels, candidates.detach(), candidate_labels, self_offset, strategy=strategy,
+        metric=metric, backend=backend, text_embeddings=text_embeddings, candidate_text=candidate_text,
+        base_margin=base_margin, margin_scale=margin_scale, text_positive_threshold=text_positive_threshold,
+    )

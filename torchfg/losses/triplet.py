@@ -10,6 +10,8 @@ from torchfg.functional.triplet import (
     MINING_STRATEGIES,
     REDUCTIONS,
     _check_flag,
+    _check_mining_backend,
+    _check_triplets_per_anchor,
     _check_number,
     adaptive_triplet_loss,
     triplet_margin_loss,
@@ -23,24 +25,35 @@ class TripletMarginLoss(nn.Module):
     """Triplet margin loss with online mining; see :func:`torchfg.functional.triplet_margin_loss`.
 
     Args:
-        margin: margin >= 0.
+        margin: any finite number (negative margins allowed, as in PML).
         metric: ``"euclidean"``, ``"sqeuclidean"``, ``"cosine"`` or ``"dot"``.
-        mining: ``"batch_hard"``, ``"semi_hard"`` or ``"all"``.
-        reduction: ``"mean"``, ``"sum"``, ``"none"`` or ``"mean_nonzero"``.
+        mining: the default miner, used when ``forward`` gets no ``indices_tuple``:
+            ``"batch_hard"``, ``"semi_hard"`` or ``"all"``.
+        reduction: ``"mean"``, ``"sum"``, ``"none"`` or ``"mean_nonzero"``. The default ``"mean"``
+            differs from PML's (``AvgNonZeroReducer``, i.e. ``"mean_nonzero"``): see
+            docs/how-to/migrate-from-pml.md.
         smooth: softplus instead of the hinge.
+        swap: ``min(d(a, n), d(p, n))`` as the negative distance (PML / torch ``swap``).
+        triplets_per_anchor: ``"all"`` or k random triplets per anchor (``mining="all"``).
         cross_rank: under torch.distributed, mine among the items of all ranks (local items are
             the anchors); scaled so that DDP's gradient averaging gives the single-process
             gradient over the concatenated batch. See :mod:`torchfg.functional.triplet`.
         backend: mining backend, ``"auto"``, ``"torch"`` or ``"triton"``.
 
     Shapes:
-        forward(embeddings (N, D), labels (N,), ref_embeddings (M, D) = None, ref_labels (M,) = None)
-        -> scalar (or (N,) / (T,) with ``reduction="none"``).
+        forward(embeddings (N, D), labels (N,), indices_tuple = None, ref_embeddings (M, D) = None,
+        ref_labels (M,) = None) -> scalar (or (N,) / (T,) with ``reduction="none"``), as
+        pytorch-metric-learning's losses: ``indices_tuple`` is any miner's output, triplets
+        ``(a, p, n)`` or pairs ``(a1, p, a2, n)``.
 
     Example:
+        >>> from torchfg.miners import BatchHardMiner
         >>> loss_fn = TripletMarginLoss(margin=0.2)
         >>> emb = torch.randn(8, 16, requires_grad=True)
-        >>> loss = loss_fn(emb, torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
+        >>> labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+        >>> loss = loss_fn(emb, labels, BatchHardMiner()(emb, labels))
+        >>> torch.equal(loss, loss_fn(emb, labels))
+        True
         >>> loss.backward()
     """
 
@@ -52,33 +65,42 @@ class TripletMarginLoss(nn.Module):
         mining: str = "batch_hard",
         reduction: str = "mean",
         smooth: bool = False,
+        swap: bool = False,
+        triplets_per_anchor: int | str = "all",
         cross_rank: bool = False,
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        self.margin = _check_number(margin, "margin", low=0.0)
+        self.margin = _check_number(margin, "margin")
         self.metric = check_choice(metric, "metric", METRICS)
         self.mining = check_choice(mining, "mining", MINING_STRATEGIES)
         self.reduction = check_choice(reduction, "reduction", REDUCTIONS)
         self.smooth = _check_flag(smooth, "smooth")
+        self.swap = _check_flag(swap, "swap")
+        self.triplets_per_anchor = _check_triplets_per_anchor(triplets_per_anchor, mining, False)
         self.cross_rank = _check_flag(cross_rank, "cross_rank")
+        _check_mining_backend(mining, backend)
         self.backend = backend
 
     def forward(
         self,
         embeddings: torch.Tensor,
         labels: torch.Tensor,
+        indices_tuple: tuple[torch.Tensor, ...] | None = None,
         ref_embeddings: torch.Tensor | None = None,
         ref_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return triplet_margin_loss(
             embeddings,
             labels,
+            indices_tuple,
             margin=self.margin,
             metric=self.metric,
             mining=self.mining,
             reduction=self.reduction,
             smooth=self.smooth,
+            swap=self.swap,
+            triplets_per_anchor=self.triplets_per_anchor,
             ref_embeddings=ref_embeddings,
             ref_labels=ref_labels,
             cross_rank=self.cross_rank,
@@ -88,7 +110,8 @@ class TripletMarginLoss(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"margin={self.margin}, metric={self.metric!r}, mining={self.mining!r}, "
-            f"reduction={self.reduction!r}, smooth={self.smooth}, cross_rank={self.cross_rank}"
+            f"reduction={self.reduction!r}, smooth={self.smooth}, swap={self.swap}, "
+            f"triplets_per_anchor={self.triplets_per_anchor!r}, cross_rank={self.cross_rank}"
         )
 
 
@@ -109,7 +132,10 @@ class AdaptiveTripletLoss(nn.Module):
         backend: mining backend, ``"auto"``, ``"torch"`` or ``"triton"``.
 
     Shapes:
-        forward(embeddings (N, D), labels (N,), text_embeddings (N, T)) -> scalar ((N,) for "none").
+        forward(embeddings (N, D), labels (N,), text_embeddings (N, T), indices_tuple = None)
+        -> scalar ((N,) for "none", (T,) per triplet of a tuple). ``indices_tuple`` (any miner's
+        triplets or PML pairs) replaces the margin-aware batch-hard mining; each triplet's margin
+        comes from its anchor's and negative's text.
 
     Example:
         >>> loss_fn = AdaptiveTripletLoss(base_margin=0.1, margin_scale=0.5)
@@ -140,11 +166,18 @@ class AdaptiveTripletLoss(nn.Module):
         self.cross_rank = _check_flag(cross_rank, "cross_rank")
         self.backend = backend
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        text_embeddings: torch.Tensor,
+        indices_tuple: tuple[torch.Tensor, ...] | None = None,
+    ) -> torch.Tensor:
         return adaptive_triplet_loss(
             embeddings,
             labels,
             text_embeddings,
+            indices_tuple,
             base_margin=self.base_margin,
             margin_scale=self.margin_scale,
             metric=self.metric,

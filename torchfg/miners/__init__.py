@@ -2,6 +2,6 @@
 
 __all__: list[str] = []
 
-from torchfg.miners.triplet import BatchHardMiner, SemiHardMiner  # noqa: E402
+from torchfg.miners.triplet import BatchHardMiner, SemiHardMiner, TripletMarginMiner  # noqa: E402
 
-__all__ += ["BatchHardMiner", "SemiHardMiner"]
+__all__ += ["BatchHardMiner", "SemiHardMiner", "TripletMarginMiner"]
