@@ -185,3 +185,41 @@ def test_bad_input():
     bad[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         map_at_r(bad, labels)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_ref_includes_query_equals_pytorch_metric_learning(seed):
+    # Issue 18.4: the queries are the first Q items of a larger reference set.
+    pytest.importorskip("faiss")
+    calculator_module = pytest.importorskip("pytorch_metric_learning.utils.accuracy_calculator")
+    gen = torch.Generator().manual_seed(seed)
+    reference, reference_labels = clustered(gen, 90, 12, 6)
+    reference_labels[0] = 10_000  # a query that is its label's only item: lone, left out
+    q = 31
+    calculator = calculator_module.AccuracyCalculator(include=tuple(PML_KEYS.values()), k=None, device=torch.device("cpu"))
+    expected = calculator.get_accuracy(reference[:q], reference_labels[:q], reference, reference_labels, ref_includes_query=True)
+    ours = retrieval_metrics(reference[:q], reference_labels[:q], reference, reference_labels, metric="euclidean",
+                             progress=False, ref_includes_query=True)
+    for key, pml_key in PML_KEYS.items():
+        assert ours[key] == pytest.approx(expected[pml_key], abs=1e-12), key
+    # The gallery=None self-search is the special case Q = G; without the flag the query's own
+    # copy is found first and every answerable query scores precision@1 = 1.
+    torch.testing.assert_close(
+        torch.tensor(list(retrieval_metrics(reference, reference_labels, reference, reference_labels, metric="euclidean",
+                                            progress=False, ref_includes_query=True).values())),
+        torch.tensor(list(retrieval_metrics(reference, reference_labels, metric="euclidean", progress=False).values())),
+    )
+    assert precision_at_1(reference[:q], reference_labels[:q], reference, reference_labels, metric="euclidean",
+                          progress=False) == 1.0
+    assert map_at_r(reference[:q], reference_labels[:q], reference, reference_labels, metric="euclidean", progress=False,
+                    ref_includes_query=True) == pytest.approx(expected["mean_average_precision_at_r"], abs=1e-12)
+
+
+def test_ref_includes_query_bad_input():
+    x, labels = torch.randn(6, 3), torch.tensor([0, 0, 1, 1, 2, 2])
+    with pytest.raises(ValueError, match="ref_includes_query"):
+        retrieval_metrics(x, labels, x.flip(0), labels, progress=False, ref_includes_query=True)
+    with pytest.raises(ValueError, match="ref_includes_query"):
+        recall_at_k(x, labels, x[:3], labels[:3], progress=False, ref_includes_query=True)
+    with pytest.raises(TypeError, match="ref_includes_query"):
+        r_precision(x, labels, x, labels, progress=False, ref_includes_query=1)

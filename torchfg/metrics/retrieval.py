@@ -4,7 +4,8 @@ Definitions follow pytorch-metric-learning's ``AccuracyCalculator`` where they o
 
 * a query's relevant items are the gallery items with its label; R is their number. When the
   gallery is the query set (``gallery=None``), each query's own item is excluded from the
-  neighbours and from R.
+  neighbours and from R; likewise with ``ref_includes_query=True``, where the queries are the
+  first Q rows of a larger gallery (PML's ``ref_includes_query``).
 * queries with R = 0 ("lone" queries: nothing relevant to find) are left out of every average;
   with no query left the metric is NaN.
 * ``precision_at_1``: fraction of queries whose nearest neighbour is relevant.
@@ -59,6 +60,7 @@ def _relevance(
     metric: str,
     backend: str,
     progress: bool,
+    ref_includes_query: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(same-label matrix (Q, k) bool over the k nearest, R per query (Q,) int64)."""
     if not isinstance(query, torch.Tensor):
@@ -79,7 +81,7 @@ def _relevance(
         if gallery.dim() != 2:
             raise ValueError(f"gallery must have 2 dims (G, D), got shape {tuple(gallery.shape)}")
         gallery_labels = check_labels(gallery_labels, "gallery_labels", gallery.shape[0], device=query.device)
-        self_search = False
+        self_search = _check_ref_includes_query(ref_includes_query, query, query_labels, gallery, gallery_labels)
     if not isinstance(progress, bool):
         raise TypeError(f"progress must be a bool, got {type(progress).__name__}")
     num_query = query.shape[0]
@@ -115,6 +117,29 @@ def _relevance(
         )
     same = gallery_labels[indices] == query_labels.unsqueeze(1)
     return same, relevant_count
+
+
+def _check_ref_includes_query(
+    ref_includes_query: object,
+    query: torch.Tensor,
+    query_labels: torch.Tensor,
+    gallery: torch.Tensor,
+    gallery_labels: torch.Tensor,
+) -> bool:
+    """Whether query i is gallery item i (and so never its own neighbour), checked as PML checks it."""
+    if not isinstance(ref_includes_query, bool):
+        raise TypeError(f"ref_includes_query must be a bool, got {type(ref_includes_query).__name__}")
+    if not ref_includes_query:
+        return False
+    q = query.shape[0]
+    if gallery.shape[0] < q or not (
+        torch.equal(gallery[:q], query) and torch.equal(gallery_labels[:q], query_labels)
+    ):
+        raise ValueError(
+            "ref_includes_query=True needs the first Q rows of gallery and gallery_labels to be the query "
+            f"and query_labels (Q = {q}, G = {gallery.shape[0]})"
+        )
+    return True
 
 
 def _mean_over_answerable(per_query: torch.Tensor, relevant_count: torch.Tensor) -> float:
@@ -156,6 +181,7 @@ def retrieval_metrics(
     metric: str = "cosine",
     backend: str = "auto",
     progress: bool = True,
+    ref_includes_query: bool = False,
 ) -> dict[str, float]:
     """All retrieval metrics from one k-NN search.
 
@@ -169,6 +195,9 @@ def retrieval_metrics(
         metric: distance of :func:`torchfg.knn`.
         backend: k-NN backend (see :mod:`torchfg.backends`).
         progress: show a progress bar for large searches.
+        ref_includes_query: the queries are the first Q items of ``gallery`` (a reference set
+            larger than the query set, as PML's ``ref_includes_query``): each query's own item is
+            excluded from its neighbours and from R.
 
     Returns:
         ``{"recall@K": ... for K in ks, "precision_at_1": ..., "r_precision": ...,
@@ -182,7 +211,7 @@ def retrieval_metrics(
     """
     ks = _check_ks(ks)
     same, relevant_count = _relevance(
-        query, query_labels, gallery, gallery_labels, max(ks), True, metric, backend, progress
+        query, query_labels, gallery, gallery_labels, max(ks), True, metric, backend, progress, ref_includes_query
     )
     out = {f"recall@{k}": v for k, v in _recall(same, relevant_count, ks).items()}
     out["precision_at_1"] = _mean_over_answerable(same[:, 0], relevant_count)
@@ -201,6 +230,7 @@ def recall_at_k(
     *,
     backend: str = "auto",
     progress: bool = True,
+    ref_includes_query: bool = False,
 ) -> dict[int, float]:
     """Recall@K: fraction of queries with a same-label item among their K nearest gallery items.
 
@@ -216,7 +246,7 @@ def recall_at_k(
     """
     ks = _check_ks(ks)
     same, relevant_count = _relevance(
-        query, query_labels, gallery, gallery_labels, max(ks), False, metric, backend, progress
+        query, query_labels, gallery, gallery_labels, max(ks), False, metric, backend, progress, ref_includes_query
     )
     return _recall(same, relevant_count, ks)
 
@@ -230,6 +260,7 @@ def precision_at_1(
     *,
     backend: str = "auto",
     progress: bool = True,
+    ref_includes_query: bool = False,
 ) -> float:
     """Fraction of queries whose nearest gallery item has their label (AccuracyCalculator's
     ``precision_at_1``). Args as :func:`retrieval_metrics`.
@@ -239,7 +270,8 @@ def precision_at_1(
         >>> precision_at_1(x, torch.tensor([0, 0, 1, 1]), metric="euclidean", progress=False)
         0.75
     """
-    same, relevant_count = _relevance(query, query_labels, gallery, gallery_labels, 1, False, metric, backend, progress)
+    same, relevant_count = _relevance(query, query_labels, gallery, gallery_labels, 1, False, metric, backend, progress,
+                                        ref_includes_query)
     return _mean_over_answerable(same[:, 0], relevant_count)
 
 
@@ -252,6 +284,7 @@ def r_precision(
     *,
     backend: str = "auto",
     progress: bool = True,
+    ref_includes_query: bool = False,
 ) -> float:
     """Mean over queries of (same-label items among the R nearest) / R, R = number of same-label
     gallery items (AccuracyCalculator's ``r_precision``). Args as :func:`retrieval_metrics`.
@@ -261,7 +294,8 @@ def r_precision(
         >>> r_precision(x, torch.tensor([0, 1, 0, 0]), metric="euclidean", progress=False)
         0.5
     """
-    same, relevant_count = _relevance(query, query_labels, gallery, gallery_labels, 1, True, metric, backend, progress)
+    same, relevant_count = _relevance(query, query_labels, gallery, gallery_labels, 1, True, metric, backend, progress,
+                                        ref_includes_query)
     return _r_precision(same, relevant_count)
 
 
@@ -274,6 +308,7 @@ def map_at_r(
     *,
     backend: str = "auto",
     progress: bool = True,
+    ref_includes_query: bool = False,
 ) -> float:
     """MAP@R: mean over queries of the average precision over the R nearest, R = number of
     same-label gallery items (AccuracyCalculator's ``mean_average_precision_at_r``). Args as
@@ -284,5 +319,6 @@ def map_at_r(
         >>> round(map_at_r(x, torch.tensor([0, 1, 0, 0]), metric="euclidean", progress=False), 4)
         0.3333
     """
-    same, relevant_count = _relevance(query, query_labels, gallery, gallery_labels, 1, True, metric, backend, progress)
+    same, relevant_count = _relevance(query, query_labels, gallery, gallery_labels, 1, True, metric, backend, progress,
+                                        ref_includes_query)
     return _map_at_r(same, relevant_count)
