@@ -13,8 +13,13 @@ from torchfg._validation import accumulation_dtype
 from torchfg.ops.metric import safe_inverse
 
 
-# Rows of x per chunk; bounds the fp32 temporaries when the output is half precision.
-DEFAULT_CHUNK_ROWS = 4096
+# Elements of one (B, rows, M) block of temporaries, forward and backward (16 MiB in fp32): the
+# reference then needs O(block) memory beyond its inputs, output and gradients, whatever N is.
+BLOCK_ELEMENTS = 1 << 22
+
+
+def _rows_per_block(b: int, n: int, m: int) -> int:
+    return max(1, min(n, BLOCK_ELEMENTS // max(b * m, 1)))
 
 
 def row_norms(x: torch.Tensor) -> torch.Tensor:
@@ -27,12 +32,13 @@ def pairwise_distance_reference(
     y: torch.Tensor,
     metric: str,
     symmetric: bool = False,
-    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    chunk_rows: int | None = None,
 ) -> torch.Tensor:
     """Distances between the rows of x (B, N, D) and y (B, M, D) -> (B, N, M) in x's dtype.
 
     ``symmetric=True`` says y is x: the diagonal is then set to exactly 0 for the metrics
-    where d(a, a) = 0 (the fast path leaves rounding noise there).
+    where d(a, a) = 0 (the fast path leaves rounding noise there). ``chunk_rows`` rows of x per
+    block (default: blocks of :data:`BLOCK_ELEMENTS`).
     """
     acc = accumulation_dtype(x.dtype)
     B, N, _ = x.shape
@@ -46,6 +52,7 @@ def pairwise_distance_reference(
     elif metric == "cosine":
         y_acc = y_acc * safe_inverse(row_norms(y)).unsqueeze(-1)
     y_t = y_acc.transpose(1, 2)
+    chunk_rows = chunk_rows or _rows_per_block(B, N, M)
     for start in range(0, N, chunk_rows):
         stop = min(start + chunk_rows, N)
         x_chunk = x[:, start:stop].to(acc)
@@ -56,7 +63,8 @@ def pairwise_distance_reference(
             block = torch.bmm(x_chunk, y_t).neg_().add_(1.0)
         else:
             x_sq = x_chunk.square().sum(-1)
-            block = torch.baddbmm(x_sq.unsqueeze(-1) + y_sq.unsqueeze(1), x_chunk, y_t, alpha=-2.0)
+            # In place on the GEMM's output: one (B, rows, M) temporary, not three.
+            block = torch.bmm(x_chunk, y_t).mul_(-2.0).add_(x_sq.unsqueeze(-1)).add_(y_sq.unsqueeze(1))
             block.clamp_min_(0.0)
             if metric == "euclidean":
                 block.sqrt_()
@@ -82,27 +90,42 @@ def pairwise_distance_backward_reference(
     """Analytic gradients (dL/dx (B, N, D), dL/dy (B, M, D)) from dL/dout (B, N, M).
 
     For ``euclidean`` the gradient of a zero distance is 0 (the subgradient of
-    sqrt at 0 that keeps training finite) rather than NaN.
+    sqrt at 0 that keeps training finite) rather than NaN. Rows of x are processed in chunks,
+    so the temporaries are O(chunk x M), not extra (B, N, M) tensors.
     """
     acc = accumulation_dtype(x.dtype)
-    g = grad.to(acc)
+    B, N, _ = x.shape
+    M = y.shape[1]
     xa, ya = x.to(acc), y.to(acc)
-    if metric == "dot":
-        gx = -torch.bmm(g, ya)
-        gy = -torch.bmm(g.transpose(1, 2), xa)
-    elif metric == "cosine":
+    if metric == "cosine":
         x_inv = safe_inverse(row_norms(x)).unsqueeze(-1)
         y_inv = safe_inverse(row_norms(y)).unsqueeze(-1)
-        x_hat, y_hat = xa * x_inv, ya * y_inv
-        gx_hat = -torch.bmm(g, y_hat)
-        gy_hat = -torch.bmm(g.transpose(1, 2), x_hat)
-        # Project out the radial part: d(x/|x|)/dx = (I - x_hat x_hat^T) / |x|.
-        gx = (gx_hat - (gx_hat * x_hat).sum(-1, keepdim=True) * x_hat) * x_inv
-        gy = (gy_hat - (gy_hat * y_hat).sum(-1, keepdim=True) * y_hat) * y_inv
-    else:
+        xa, ya = xa * x_inv, ya * y_inv  # the unit rows: the gradients below are dL/dx_hat, dL/dy_hat
+    gx = torch.empty(xa.shape, dtype=acc, device=x.device)
+    gy = torch.zeros(ya.shape, dtype=acc, device=y.device)
+    col_sums = torch.zeros(B, M, 1, dtype=acc, device=y.device) if metric in ("euclidean", "sqeuclidean") else None
+    step = _rows_per_block(B, N, M)
+    for start in range(0, N, step):
+        stop = min(start + step, N)
+        w = grad[:, start:stop].to(acc)
         if metric == "euclidean":
-            d = out.to(acc)
-            g = torch.where(d > 0, g / (2.0 * d).clamp_min(torch.finfo(acc).tiny), torch.zeros_like(g))
-        gx = 2.0 * (g.sum(-1, keepdim=True) * xa - torch.bmm(g, ya))
-        gy = 2.0 * (g.sum(-2).unsqueeze(-1) * ya - torch.bmm(g.transpose(1, 2), xa))
+            d = out[:, start:stop].to(acc)
+            w = w / (2.0 * d)
+            w.masked_fill_(d == 0, 0.0)
+        x_rows = xa[:, start:stop]
+        if metric in ("euclidean", "sqeuclidean"):
+            # d|x - y|^2/dx = 2 (x - y): summed over the pairs, 2 (rowsum(W) x - W y).
+            torch.baddbmm(x_rows * w.sum(-1, keepdim=True), w, ya, alpha=-1.0, out=gx[:, start:stop])
+            col_sums += w.sum(-2).unsqueeze(-1)
+            gy.baddbmm_(w.transpose(1, 2), x_rows, alpha=-1.0)
+        else:  # dot and cosine: d(-x.y)/dx = -y
+            torch.bmm(w, ya, out=gx[:, start:stop]).neg_()
+            gy.baddbmm_(w.transpose(1, 2), x_rows, alpha=-1.0)
+    if col_sums is not None:
+        gx.mul_(2.0)
+        gy.add_(col_sums * ya).mul_(2.0)
+    elif metric == "cosine":
+        # Project out the radial part: d(x/|x|)/dx = (I - x_hat x_hat^T) / |x|.
+        gx = (gx - (gx * xa).sum(-1, keepdim=True) * xa) * x_inv
+        gy = (gy - (gy * ya).sum(-1, keepdim=True) * ya) * y_inv
     return gx.to(x.dtype), gy.to(y.dtype)
