@@ -48,7 +48,7 @@ def pairwise_distance_reference(
         return out
     y_acc = y.to(acc)
     if metric in ("sqeuclidean", "euclidean"):
-        y_sq = row_norms(y).square()
+        y_sq = y_acc.square().sum(-1)  # summed squares: a sqrt-then-square would add a rounding
     elif metric == "cosine":
         y_acc = y_acc * safe_inverse(row_norms(y)).unsqueeze(-1)
     y_t = y_acc.transpose(1, 2)
