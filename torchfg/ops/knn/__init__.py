@@ -11,7 +11,7 @@ from torchfg.backends import BackendSpec, register_op, resolve_backend
 from torchfg.ops import _cuda_extension
 from torchfg.ops.knn.cuda import KERNEL_MAX_K as CUDA_MAX_K
 from torchfg.ops.knn.reference import knn_reference
-from torchfg.ops.metric import METRICS
+from torchfg.ops.metric import METRICS, unit_rows
 
 __all__ = ["knn", "METRICS", "TRITON_MAX_K", "AUTO_TRITON_MAX_K"]
 
@@ -22,6 +22,57 @@ TRITON_MAX_K = 128
 # untuned; revisit with measurements (benchmarks/bench_knn.py).
 AUTO_TRITON_MAX_K = 64
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# Elements of one (rows, k, D) block of gathered gallery rows in the exact recomputation
+# (16 MiB in fp32): bounded so that the recomputation never costs more than the search.
+_RECOMPUTE_BLOCK = 1 << 22
+
+
+def _exact_selected(
+    query: torch.Tensor, gallery: torch.Tensor, distances: torch.Tensor, indices: torch.Tensor, metric: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k selected distances recomputed from the rows themselves, re-sorted by (distance, index).
+
+    Every backend selects with the expanded GEMM form |q|^2 + |g|^2 - 2 q.g, whose fp32 rounding
+    error grows with the row norms (up to ~5e-3 for a row and its identical copy at norm 8).
+    Recomputing only the k winners from the difference q - g costs O(Q k D), and makes the
+    returned distances as exact as a brute force: a duplicated row is at exactly 0. Cosine uses
+    |q^ - g^|^2 / 2 (= 1 - cos for unit rows; exact 0 for parallel rows), 1 where either row is 0.
+
+    The selection itself is unchanged (the same k indices); only their order within the k may
+    change where the recomputed distances reorder them. The sort is by (distance, index), so the
+    lower-index tie rule holds on the returned distances.
+    """
+    num_query, k = indices.shape
+    if num_query == 0 or k == 0:
+        return distances, indices
+    acc = accumulation_dtype(query.dtype)
+    if metric == "cosine":
+        query, gallery = unit_rows(query, acc), unit_rows(gallery, acc)
+        query_nonzero, gallery_nonzero = query.abs().amax(1) > 0, gallery.abs().amax(1) > 0
+    rows_per_block = max(1, _RECOMPUTE_BLOCK // max(1, k * query.shape[1]))
+    exact = torch.empty(num_query, k, dtype=acc, device=query.device)
+    for start in range(0, num_query, rows_per_block):
+        stop = min(start + rows_per_block, num_query)
+        q = query[start:stop].to(acc).unsqueeze(1)
+        idx = indices[start:stop]
+        g = gallery[idx].to(acc)  # (rows, k, D)
+        if metric == "dot":
+            block = -(q * g).sum(-1)
+        else:
+            block = (q - g).square().sum(-1)
+            if metric == "euclidean":
+                block = block.sqrt()
+            elif metric == "cosine":
+                both = query_nonzero[start:stop].unsqueeze(1) & gallery_nonzero[idx]
+                block = torch.where(both, block * 0.5, torch.ones_like(block))
+        exact[start:stop] = block
+    # (distance, index) order: sort by index, then a stable sort by distance keeps index order on ties.
+    by_index = indices.argsort(dim=1)
+    exact, indices = exact.gather(1, by_index), indices.gather(1, by_index)
+    order = exact.argsort(dim=1, stable=True)
+    return exact.gather(1, order).to(distances.dtype), indices.gather(1, order)
 
 
 @torch.library.custom_op("torchfg::knn", mutates_args=())
@@ -38,12 +89,14 @@ def _knn_op(
     if backend == "triton":
         from torchfg.ops.knn.triton import knn_triton
 
-        return knn_triton(query, gallery, k, metric, symmetric, self_offset)
-    if backend == "cuda":
+        distances, indices = knn_triton(query, gallery, k, metric, symmetric, self_offset)
+    elif backend == "cuda":
         from torchfg.ops.knn.cuda import knn_cuda
 
-        return knn_cuda(query, gallery, k, metric, symmetric, self_offset)
-    return knn_reference(query, gallery, k, metric, symmetric, self_offset, chunk_size or None)
+        distances, indices = knn_cuda(query, gallery, k, metric, symmetric, self_offset)
+    else:
+        distances, indices = knn_reference(query, gallery, k, metric, symmetric, self_offset, chunk_size or None)
+    return _exact_selected(query, gallery, distances, indices, metric)
 
 
 @_knn_op.register_fake
@@ -166,7 +219,11 @@ def knn(
         ``(distances, indices)``, each (Q, k): distances in the input dtype (computed in fp32,
         fp64 for fp64), indices int64, sorted by increasing distance with ties broken by the
         lower gallery index (ties of the fp32 distances: rounding fp16/bf16 outputs can make
-        distinct distances equal). Not differentiable (compute :func:`torchfg.pairwise_distance` on
+        distinct distances equal). Every backend selects the k neighbours with the fast GEMM
+        form, then the returned distances are recomputed exactly from the selected rows (from
+        ``q - g``; cosine from the unit rows' difference), as faiss does: a row's identical copy
+        is at exactly 0 whatever the row norm. The k are then re-sorted by (recomputed distance,
+        index); the selection is unchanged. Not differentiable (compute :func:`torchfg.pairwise_distance` on
         the returned pairs for gradients).
 
     Raises:
@@ -217,7 +274,8 @@ def knn_search(
     self_offset = 0 if exclude_self else -1
     num_query = query.shape[0]
     if chosen == "torch":
-        return knn_reference(query, gallery, k, metric, symmetric, self_offset, chunk_size, progress)
+        distances, indices = knn_reference(query, gallery, k, metric, symmetric, self_offset, chunk_size, progress)
+        return _exact_selected(query, gallery, distances, indices, metric)
     if (symmetric and not exclude_self) or num_query <= query_block:
         out = _knn_op(query, gallery, k, metric, symmetric, self_offset, chosen, 0)
         if progress is not None:
