@@ -1,0 +1,86 @@
+"""torch.library.opcheck on every custom op in torch.ops.torchfg (schema, fake, autograd registration).
+
+The op calls are captured from the PUBLIC functions (forward and backward) by a dispatch mode,
+so every op is checked with the arguments the library really passes. The op list comes from
+``torch.ops.torchfg``: a new op that no public call below reaches fails
+``test_every_custom_op_is_checked``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import torchfg.ops.dino as dino_ops
+import torchfg.ops.knn as knn_ops
+import torchfg.ops.pair_distances as pair_ops
+import torchfg.ops.pairwise as pairwise_ops
+import torchfg.ops.triplet as triplet_ops
+
+# Ops whose forward has an autograd formula: opcheck gets inputs that require grad.
+DIFFERENTIABLE = {"pairwise_distance", "pair_distances", "anchor_pair_distances", "dino_loss"}
+
+
+class _FirstCalls(TorchDispatchMode):
+    """The first (args, kwargs) each torchfg::* op is called with."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: dict[str, tuple[torch._ops.OpOverload, tuple, dict]] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace == "torchfg":
+            name = func._schema.name.split("::")[1]
+            keep = torch.utils._pytree.tree_map_only(torch.Tensor, lambda t: t.detach().clone(), (args, kwargs))
+            self.calls.setdefault(name, (func, *keep))
+        return func(*args, **kwargs)
+
+
+def _public_calls() -> None:
+    gen = torch.Generator().manual_seed(17)
+    x = torch.randn(7, 5, generator=gen, requires_grad=True)
+    y = torch.randn(6, 5, generator=gen, requires_grad=True)
+    pairwise_ops.pairwise_distance(x, y, "euclidean", backend="torch").sum().backward()
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 0])
+    triplet_ops.mine_hardest(x.detach(), x.detach(), labels, labels, backend="torch")
+    triplet_ops.mine_semi_hard(x.detach(), x.detach(), labels, labels)
+    triplet_ops.mine_all_triplets(labels, labels)
+    idx_a, idx_b = torch.tensor([0, 1, 2, 6]), torch.tensor([1, 3, 0, 6])
+    pair_ops.pair_distances(x, idx_a, idx_b).sum().backward()
+    pair_ops.anchor_pair_distances(x, torch.tensor([[1, 2], [0, 2], [3, 1], [2, 1], [5, 4], [4, 5], [0, 3]]), backend="torch").sum().backward()
+    knn_ops.knn(x.detach(), y.detach(), 3, metric="euclidean", backend="torch")
+    student = torch.randn(3 * 2, 9, generator=gen, requires_grad=True)
+    teacher = torch.randn(2 * 2, 9, generator=gen)
+    dino_ops.dino_loss(
+        student, teacher, torch.zeros(9), n_crops=3, n_global_crops=2, student_temp=0.1, teacher_temp=0.04,
+        backend="torch",
+    ).backward()
+
+
+@pytest.fixture(scope="module")
+def captured() -> dict:
+    with _FirstCalls() as mode:
+        _public_calls()
+    return mode.calls
+
+
+def _all_ops() -> list[str]:
+    return sorted(n for n in dir(torch.ops.torchfg) if not n.startswith("_") and n != "name")
+
+
+def test_every_custom_op_is_checked(captured):
+    assert len(_all_ops()) >= 12  # pairwise, pair, anchor-pair, dino (each + backward), knn, 3 mining
+    missing = set(_all_ops()) - set(captured)
+    assert not missing, f"custom ops no public call in this file reaches (add one): {sorted(missing)}"
+
+
+@pytest.mark.parametrize("name", _all_ops())
+def test_opcheck(captured, name):
+    if name not in captured:
+        pytest.fail(f"torchfg::{name} was not reached by the public calls")
+    func, args, kwargs = captured[name]
+    if name in DIFFERENTIABLE:
+        args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+    torch.library.opcheck(func, args, kwargs)
