@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import operator
 from typing import Iterable
 
@@ -86,4 +87,15 @@ def check_int(value: object, name: str, minimum: int = 0) -> int:
 def check_bool(value: object, name: str) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def check_number(value: object, name: str, *, low: float | None = None, high: float | None = None) -> float:
+    """``value`` as a finite Python float, optionally within ``[low, high]`` (bool refused)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"in [{low}, {high}]" if low is not None and high is not None else (f">= {low}" if low is not None else "finite")
+        raise ValueError(f"{name} must be finite and {bounds}, got {value!r}")
     return value

@@ -45,7 +45,7 @@ from torchfg.functional._triplet_selection import (
 )
 from torchfg.ops.pair_distances import anchor_pair_distances, pair_distances
 from torchfg.ops.triplet import METRICS, mine_all_triplets, mine_hardest, mine_semi_hard
-from torchfg.ops.triplet import _check_number  # shared numeric argument check
+from torchfg._validation import check_number as _check_number  # shared numeric argument check
 from torchfg._validation import check_bool as _check_flag
 
 __all__ = ["triplet_margin_loss", "adaptive_triplet_loss", "mine_triplets", "REDUCTIONS", "MINING_STRATEGIES"]

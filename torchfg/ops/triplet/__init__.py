@@ -12,11 +12,17 @@ and :func:`mine_all_triplets` use the chunked reference on every device.
 
 from __future__ import annotations
 
-import math
 
 import torch
 
-from torchfg._validation import accumulation_dtype, check_choice, check_float_tensor, check_labels, check_tensor
+from torchfg._validation import (
+    accumulation_dtype,
+    check_choice,
+    check_float_tensor,
+    check_labels,
+    check_number,
+    check_tensor,
+)
 from torchfg.backends import BackendSpec, register_op, resolve_backend
 from torchfg.ops.triplet.reference import (
     METRICS,
@@ -142,16 +148,6 @@ def _check_mining_inputs(
     return anchor_labels, candidate_labels
 
 
-def _check_number(value: object, name: str, *, low: float | None = None, high: float | None = None) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or (low is not None and value < low) or (high is not None and value > high):
-        bounds = f"in [{low}, {high}]" if low is not None and high is not None else (f">= {low}" if low is not None else "finite")
-        raise ValueError(f"{name} must be finite and {bounds}, got {value!r}")
-    return value
-
-
 # ----------------------------------------------------------------------------- public ops
 
 
@@ -213,8 +209,8 @@ def mine_hardest(
     anchor_labels, candidate_labels = _check_mining_inputs(
         anchors, candidates, anchor_labels, candidate_labels, metric, self_offset
     )
-    base_margin = _check_number(base_margin, "base_margin")
-    margin_scale = _check_number(margin_scale, "margin_scale", low=0.0)
+    base_margin = check_number(base_margin, "base_margin")
+    margin_scale = check_number(margin_scale, "margin_scale", low=0.0)
     if (anchor_text is None) != (candidate_text is None):
         raise ValueError("anchor_text and candidate_text must be given together (or both None)")
     if anchor_text is not None:
@@ -236,7 +232,7 @@ def mine_hardest(
             raise ValueError("anchor_text and candidate_text must be on the device of anchors")
         anchor_text, candidate_text = anchor_text.detach(), candidate_text.detach()
     if text_positive_threshold is not None:
-        text_positive_threshold = _check_number(text_positive_threshold, "text_positive_threshold", low=-1.0, high=1.0)
+        text_positive_threshold = check_number(text_positive_threshold, "text_positive_threshold", low=-1.0, high=1.0)
     backend = resolve_backend("mine_hardest", anchors.device, anchors.dtype, backend)
     return _mine_hardest_op(
         anchors.detach(),
