@@ -104,17 +104,26 @@ def _(query, gallery, k, metric, symmetric, self_offset, backend, chunk_size):
     return query.new_empty(query.shape[0], k), query.new_empty(query.shape[0], k, dtype=torch.int64)
 
 
-def _check_magnitudes(x: torch.Tensor, name: str) -> None:
-    """Finite rows whose squared norms (and so every distance) stay finite in the accumulation dtype."""
-    acc = accumulation_dtype(x.dtype)
+def _check_magnitudes(tensors: tuple[tuple[torch.Tensor, str], ...]) -> None:
+    """Finite rows whose squared norms (and so every distance) stay finite in the accumulation dtype.
+
+    One host read for all the tensors together (on CUDA, one device sync per call rather than one
+    per tensor); the per-tensor diagnosis below runs only when the check fails. Skipping the
+    check on CUDA would save that sync but return NaN/inf distances silently for bad input.
+    """
+    if not tensors:
+        return
+    acc = accumulation_dtype(tensors[0][0].dtype)
     # |q|^2 + |g|^2 - 2 q.g <= 4 max(|q|^2, |g|^2): bounding the norms bounds every distance.
     limit = (torch.finfo(acc).max / 4) ** 0.5
-    norms = torch.linalg.vector_norm(x, dim=1, dtype=acc)
-    if bool((norms <= limit).all()):
+    within = [(torch.linalg.vector_norm(x, dim=1, dtype=acc) <= limit).all() for x, _ in tensors]
+    if bool(torch.stack(within).all()):
         return
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name} contains NaN or infinite values")
-    raise ValueError(f"{name} has rows with norms above {limit:.3g}: their distances would overflow {acc}")
+    for x, name in tensors:
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"{name} contains NaN or infinite values")
+        if not bool((torch.linalg.vector_norm(x, dim=1, dtype=acc) <= limit).all()):
+            raise ValueError(f"{name} has rows with norms above {limit:.3g}: their distances would overflow {acc}")
 
 
 def _cuda_device_max_k(device: torch.device) -> int:
@@ -176,9 +185,7 @@ def _validate(
         own = " once each query's own row is excluded" if exclude_self else ""
         raise ValueError(f"k={k} exceeds the {eligible} gallery rows available to each query{own}")
     if not torch.compiler.is_compiling():
-        _check_magnitudes(query, "query")
-        if gallery is not None:
-            _check_magnitudes(gallery, "gallery")
+        _check_magnitudes(((query, "query"),) + (() if gallery is None else ((gallery, "gallery"),)))
 
 
 def knn(
