@@ -12,6 +12,8 @@ roles of x and y swapped (G and the output read transposed through strides, no c
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
@@ -31,12 +33,22 @@ def _pairwise_forward_kernel(
     stride_yb, stride_ym, stride_yd,
     stride_ob, stride_on, stride_om,
     stride_xnb, stride_ynb,
+    N_BUCKET, M_BUCKET,
     METRIC: tl.constexpr, SYMMETRIC: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    # N_BUCKET / M_BUCKET only key the autotuner (sizes rounded to powers of two, so that a new
+    # batch size does not re-tune). Programs are ordered in groups of GROUP_M row blocks per
+    # column block so that consecutive programs share y tiles and x tiles in L2.
+    pid = tl.program_id(0)
+    blocks_m = tl.cdiv(N, BLOCK_M)
+    blocks_n = tl.cdiv(M, BLOCK_N)
+    per_group = GROUP_M * blocks_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(blocks_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
     # 64-bit offsets: B * N * M passes 2**31 for outputs the docs allow (up to 2**34 elements).
     b = tl.program_id(2).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -91,6 +103,7 @@ def _pairwise_backward_kernel(
     stride_yb, stride_ym, stride_yd,
     stride_ysb,
     stride_gxb, stride_gxn, stride_gxd,
+    N_BUCKET, M_BUCKET,
     METRIC: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -98,9 +111,11 @@ def _pairwise_backward_kernel(
     # Computes, for the rows of x owned by this program and one D slice:
     #   sq/euclid: 2 * (rowsum(W) * x - W @ y),  W = G (sq) or G / (2 out) masked (euclid)
     #   dot:       -G @ y
-    #   cosine:    -G @ (y * y_scale)            (the radial projection is applied by the launcher)
-    pid_m = tl.program_id(0)
-    pid_d = tl.program_id(1)
+    #   cosine:    -(G * y_scale^T) @ y          (the radial projection is applied by the launcher)
+    # The D slice varies fastest: the programs of one row block run together and read the same
+    # (BLOCK_M, M) strip of G (and of the output), so it comes from HBM once and from L2 after.
+    pid_d = tl.program_id(0)
+    pid_m = tl.program_id(1)
     # 64-bit offsets: B * N * M passes 2**31 for outputs the docs allow (up to 2**34 elements).
     b = tl.program_id(2).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -125,16 +140,18 @@ def _pairwise_backward_kernel(
                 mask=tile_ok, other=0.0,
             ).to(ACC_DTYPE)
             w = tl.where(dist > 0, w / (2.0 * tl.where(dist > 0, dist, 1.0)), 0.0)
+        if METRIC == 2:
+            # W @ (y * s) = (W * s^T) @ y: scaling W's columns leaves the y tile untouched, so it
+            # goes from global to shared memory to the tensor cores without passing registers.
+            y_scale = tl.load(y_scale_ptr + b * stride_ysb + cols, mask=col_ok, other=0.0).to(ACC_DTYPE)
+            w = w * y_scale[None, :]
         y_tile = tl.load(
             y_ptr + b * stride_yb + cols64[:, None] * stride_ym + ds[None, :] * stride_yd,
             mask=col_ok[:, None] & d_ok[None, :], other=0.0,
-        ).to(ACC_DTYPE)
-        if METRIC == 2:
-            y_scale = tl.load(y_scale_ptr + b * stride_ysb + cols, mask=col_ok, other=0.0).to(ACC_DTYPE)
-            y_tile = y_tile * y_scale[:, None]
+        ).to(DOT_DTYPE)
         if METRIC <= 1:
             w_rowsum += tl.sum(w, axis=1)
-        acc += tl.dot(w.to(DOT_DTYPE), y_tile.to(DOT_DTYPE), out_dtype=ACC_DTYPE, input_precision=INPUT_PRECISION)
+        acc += tl.dot(w.to(DOT_DTYPE), y_tile, out_dtype=ACC_DTYPE, input_precision=INPUT_PRECISION)
     if METRIC <= 1:
         x_tile = tl.load(
             x_ptr + b * stride_xb + rows64[:, None] * stride_xn + ds[None, :] * stride_xd,
@@ -150,10 +167,109 @@ def _pairwise_backward_kernel(
     )
 
 
-def _block_sizes(n: int, m: int, d: int) -> tuple[int, int, int]:
-    if triton_interpreter_enabled():
-        return 16, 16, 32
-    return 64, 64, 32
+@dataclasses.dataclass(frozen=True)
+class PairwiseConfig:
+    """Tile sizes and launch options of one pairwise kernel launch.
+
+    Forward: ``block_m x block_n`` output tile, ``block_d`` columns per ``tl.dot`` step.
+    Backward: ``block_m x block_d`` gradient tile, ``block_n`` rows of the other side per step.
+    """
+
+    block_m: int
+    block_n: int
+    block_d: int
+    num_warps: int = 4
+    num_stages: int = 3
+    group_m: int = 8
+
+
+# Candidates the autotuner times on a GPU, per operand class ("16bit": fp16/bf16, "fp32": tf32 or
+# ieee, "fp64"). Shared memory per stage is (block_m + block_n) * block_d * itemsize: the largest
+# 16-bit and fp32 tiles take 96 KiB at 3 stages, inside Hopper's 227 KiB with room for 2 CTAs.
+FORWARD_CONFIGS: dict[str, tuple[PairwiseConfig, ...]] = {
+    "16bit": (
+        PairwiseConfig(128, 128, 64, num_warps=8, num_stages=3),
+        PairwiseConfig(128, 64, 64, num_warps=4, num_stages=4),
+        PairwiseConfig(64, 128, 64, num_warps=4, num_stages=4),
+        PairwiseConfig(64, 64, 64, num_warps=4, num_stages=3),
+    ),
+    "fp32": (
+        PairwiseConfig(128, 128, 32, num_warps=8, num_stages=3),
+        PairwiseConfig(128, 64, 32, num_warps=4, num_stages=4),
+        PairwiseConfig(64, 64, 32, num_warps=4, num_stages=3),
+    ),
+    "fp64": (
+        PairwiseConfig(64, 32, 16, num_warps=4, num_stages=2),
+        PairwiseConfig(32, 32, 16, num_warps=4, num_stages=2),
+    ),
+}
+# The backward's accumulator is block_m x block_d: a wide block_d covers D = 128-512 in 1-4
+# slices, so the G strip of a row block is read that many times (from L2 after the first).
+BACKWARD_CONFIGS: dict[str, tuple[PairwiseConfig, ...]] = {
+    # 8 warps where the tile is 64 x 128: at 4 the euclidean variant (which also reads the saved
+    # distances) spills on sm_90 (255 registers + ~400 bytes, ptxas -v, triton 3.9).
+    "16bit": (
+        PairwiseConfig(64, 64, 128, num_warps=8, num_stages=3),
+        PairwiseConfig(128, 32, 128, num_warps=8, num_stages=3),
+        PairwiseConfig(128, 64, 64, num_warps=8, num_stages=3),
+        PairwiseConfig(64, 64, 64, num_warps=4, num_stages=3),
+    ),
+    "fp32": (
+        PairwiseConfig(64, 32, 128, num_warps=8, num_stages=3),
+        PairwiseConfig(64, 32, 64, num_warps=4, num_stages=3),
+        PairwiseConfig(64, 64, 64, num_warps=4, num_stages=3),
+    ),
+    "fp64": (
+        PairwiseConfig(32, 16, 64, num_warps=4, num_stages=2),
+        PairwiseConfig(32, 32, 32, num_warps=4, num_stages=2),
+    ),
+}
+# Under the interpreter every tile element is numpy work: small tiles keep tests fast, and the
+# autotuner (which needs a GPU timer) is not used.
+INTERPRETER_CONFIG = PairwiseConfig(16, 16, 32)
+
+
+def operand_class(dtype: torch.dtype) -> str:
+    """The config table key of an input dtype."""
+    if dtype == torch.float64:
+        return "fp64"
+    return "fp32" if dtype == torch.float32 else "16bit"
+
+
+def _bucket(size: int) -> int:
+    return triton.next_power_of_2(max(size, 1))
+
+
+_autotuned: dict[tuple[str, str], object] = {}
+
+
+def _launcher(kernel, direction: str, dtype: torch.dtype, config: PairwiseConfig | None):
+    """(callable kernel[grid], meta kwargs): an explicit config, the interpreter's, or the autotuner."""
+    if config is None and triton_interpreter_enabled():
+        config = INTERPRETER_CONFIG
+    if config is not None:
+        meta = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=config.block_d)
+        if direction == "forward":
+            meta["GROUP_M"] = config.group_m
+        return kernel, meta, config.num_warps, config.num_stages
+    key = (direction, operand_class(dtype))
+    if key not in _autotuned:
+        table = FORWARD_CONFIGS if direction == "forward" else BACKWARD_CONFIGS
+        configs = []
+        for c in table[key[1]]:
+            meta = dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_D=c.block_d)
+            if direction == "forward":
+                meta["GROUP_M"] = c.group_m
+            configs.append(triton.Config(meta, num_warps=c.num_warps, num_stages=c.num_stages))
+        _autotuned[key] = triton.autotune(configs=configs, key=["N_BUCKET", "M_BUCKET", "D"])(kernel)
+    return _autotuned[key], {}, None, None
+
+
+def _launch(kernel, grid, args, meta, num_warps, num_stages, **constexprs):
+    if num_warps is None:  # autotuned: the config supplies tiles, warps and stages
+        kernel[grid](*args, **constexprs)
+    else:
+        kernel[grid](*args, **constexprs, **meta, num_warps=num_warps, num_stages=num_stages)
 
 
 def _metric_norms(x: torch.Tensor, metric: str) -> torch.Tensor:
@@ -163,8 +279,14 @@ def _metric_norms(x: torch.Tensor, metric: str) -> torch.Tensor:
     return norms.square()
 
 
-def pairwise_distance_triton(x: torch.Tensor, y: torch.Tensor, metric: str, symmetric: bool) -> torch.Tensor:
-    """Triton forward: x (B, N, D), y (B, M, D) -> (B, N, M) in x's dtype."""
+def pairwise_distance_triton(
+    x: torch.Tensor, y: torch.Tensor, metric: str, symmetric: bool, config: PairwiseConfig | None = None
+) -> torch.Tensor:
+    """Triton forward: x (B, N, D), y (B, M, D) -> (B, N, M) in x's dtype.
+
+    ``config`` pins one tile configuration (tests, benchmarks); by default the autotuner picks
+    among :data:`FORWARD_CONFIGS` per dtype class and power-of-two size bucket.
+    """
     B, N, D = x.shape
     M = y.shape[1]
     out = torch.empty(B, N, M, dtype=x.dtype, device=x.device)
@@ -173,22 +295,34 @@ def pairwise_distance_triton(x: torch.Tensor, y: torch.Tensor, metric: str, symm
     x_norm = _metric_norms(x, metric)
     y_norm = x_norm if symmetric else _metric_norms(y, metric)
     dot_dtype, acc_dtype, precision = dot_dtypes(x.dtype)
-    block_m, block_n, block_d = _block_sizes(N, M, D)
-    grid = (triton.cdiv(N, block_m), triton.cdiv(M, block_n), B)
-    _pairwise_forward_kernel[grid](
+    kernel, meta, num_warps, num_stages = _launcher(_pairwise_forward_kernel, "forward", x.dtype, config)
+
+    def grid(m):
+        return (triton.cdiv(N, m["BLOCK_M"]) * triton.cdiv(M, m["BLOCK_N"]), 1, B)
+
+    args = (
         x, y, out, x_norm, y_norm,
         N, M, D,
         *x.stride(), *y.stride(), *out.stride(),
         x_norm.stride(0), y_norm.stride(0),
+        _bucket(N), _bucket(M),
+    )
+    _launch(
+        kernel, (lambda m: grid({**m, **meta})), args, meta, num_warps, num_stages,
         METRIC=metric_code(metric), SYMMETRIC=symmetric,
         DOT_DTYPE=dot_dtype, ACC_DTYPE=acc_dtype, INPUT_PRECISION=precision,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
     )
     return out
 
 
 def _backward_one_side(
-    grad: torch.Tensor, out: torch.Tensor, x: torch.Tensor, y: torch.Tensor, metric: str, transpose: bool
+    grad: torch.Tensor,
+    out: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    metric: str,
+    transpose: bool,
+    config: PairwiseConfig | None,
 ) -> torch.Tensor:
     """dL/dx when transpose=False; dL/dy (x and y swapped, G and out read transposed) otherwise."""
     if transpose:
@@ -196,23 +330,31 @@ def _backward_one_side(
     B, N, D = x.shape
     M = y.shape[1]
     acc_torch = torch.float64 if x.dtype == torch.float64 else torch.float32
-    gx = torch.empty(B, N, D, dtype=acc_torch, device=x.device)
+    # The kernel writes the final gradient in the input dtype from its fp32 registers; only cosine
+    # keeps an fp32 buffer, for its O(N D) radial projection epilogue.
+    gx = torch.empty(B, N, D, dtype=acc_torch if metric == "cosine" else x.dtype, device=x.device)
     if gx.numel() == 0:
         return gx.to(x.dtype)
     if M == 0:
         return gx.zero_().to(x.dtype)
     y_scale = safe_inverse(row_norms(y)) if metric == "cosine" else torch.empty(B, 1, device=x.device)
     dot_dtype, acc_dtype, precision = dot_dtypes(x.dtype)
-    block_m, block_n, block_d = _block_sizes(N, M, D)
-    grid = (triton.cdiv(N, block_m), triton.cdiv(D, block_d), B)
-    _pairwise_backward_kernel[grid](
+    kernel, meta, num_warps, num_stages = _launcher(_pairwise_backward_kernel, "backward", x.dtype, config)
+
+    def grid(m):
+        m = {**m, **meta}
+        return (triton.cdiv(D, m["BLOCK_D"]), triton.cdiv(N, m["BLOCK_M"]), B)
+
+    args = (
         grad, out, x, y, y_scale, gx,
         N, M, D,
         *grad.stride(), *out.stride(), *x.stride(), *y.stride(),
         y_scale.stride(0), *gx.stride(),
-        METRIC=metric_code(metric),
-        DOT_DTYPE=dot_dtype, ACC_DTYPE=acc_dtype, INPUT_PRECISION=precision,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        _bucket(N), _bucket(M),
+    )
+    _launch(
+        kernel, grid, args, meta, num_warps, num_stages,
+        METRIC=metric_code(metric), DOT_DTYPE=dot_dtype, ACC_DTYPE=acc_dtype, INPUT_PRECISION=precision,
     )
     if metric == "cosine":
         # d(x/|x|)/dx = (I - x_hat x_hat^T) / |x|: an O(N D) epilogue over the kernel's dL/dx_hat.
@@ -223,10 +365,15 @@ def _backward_one_side(
 
 
 def pairwise_distance_backward_triton(
-    grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor, out: torch.Tensor, metric: str
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    out: torch.Tensor,
+    metric: str,
+    config: PairwiseConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton backward: (dL/dx (B, N, D), dL/dy (B, M, D)) from dL/dout (B, N, M)."""
     return (
-        _backward_one_side(grad, out, x, y, metric, transpose=False),
-        _backward_one_side(grad, out, x, y, metric, transpose=True),
+        _backward_one_side(grad, out, x, y, metric, transpose=False, config=config),
+        _backward_one_side(grad, out, x, y, metric, transpose=True, config=config),
     )
