@@ -4,15 +4,26 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from torchfg.bench import CSV_COLUMNS, OP_NAMES, format_table, load_op, run_benchmarks
+from torchfg.bench import presets as bench_presets
 from torchfg.bench import report as bench_report
 from torchfg.bench import worker as bench_worker
 from torchfg.bench.core import Problem, _find_case, _measure_isolated
+from torchfg.bench.measure import append_csv
 from torchfg.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 CPU = torch.device("cpu")
 
@@ -117,22 +128,26 @@ def _outputs(op_name: str, case_name: str, problem: Problem):
 
 # (op, baseline that must agree with torchfg[torch] in value and gradient)
 AGREEING_BASELINES = [
-    ("pairwise", "torch.cdist"),
-    ("pairwise", "pml.LpDistance"),
-    ("triplet", "torch.cdist+masks"),
-    ("atl", "torch.cdist+masks"),
-    ("dino", "plain PyTorch (DINO repo)"),
-    ("knn", "torch.cdist+topk"),
-    ("knn", "faiss.IndexFlatL2"),
+    ("pairwise", "torch.cdist", {}),
+    ("pairwise", "pml.LpDistance", {}),
+    ("triplet", "torch.cdist+masks", {}),
+    ("triplet", "pml.BatchHard", {}),
+    ("atl", "torch.cdist+masks", {}),
+    ("dino", "dino_official", {}),
+    ("dino", "dino_official", {"n_crops": 5}),
+    ("xbm", "pml.CrossBatchMemory", {}),
+    ("knn", "torch.cdist+topk", {}),
+    ("knn", "torchfg[torch] gallery=x", {}),
+    *[("knn", "faiss.IndexFlat", {"metric": metric, "k": 4}) for metric in ("euclidean", "sqeuclidean", "cosine", "dot")],
 ]
 
 # (rtol, atol) per baseline where the baseline cannot match fp64 to the last bits: faiss computes in
 # fp32; torch.cdist's GEMM path leaves rounding noise on d(i, i), which torchfg sets to exactly 0.
-TOLERANCES = {"faiss.IndexFlatL2": (1e-4, 1e-4), "torch.cdist+topk": (1e-6, 1e-6)}
+TOLERANCES = {"faiss.IndexFlat": (1e-4, 1e-4), "torch.cdist+topk": (1e-6, 1e-6)}
 
 
-@pytest.mark.parametrize("op_name,baseline", AGREEING_BASELINES)
-def test_baselines_compute_what_torchfg_computes(op_name, baseline):
+@pytest.mark.parametrize("op_name,baseline,params", AGREEING_BASELINES)
+def test_baselines_compute_what_torchfg_computes(op_name, baseline, params):
     op = load_op(op_name)
     ok, why = op.requires()
     if not ok:
@@ -142,7 +157,8 @@ def test_baselines_compute_what_torchfg_computes(op_name, baseline):
     if not ok:
         pytest.skip(why)
     # Odd sizes, fp64 so that no near-tie flips a hardest pair between the two routes.
-    problem = op.make_problem(37, 11, torch.float64, CPU, seed=3)
+    problem = op.make_problem(37, 11, torch.float64, CPU, seed=3, **params)
+    assert case.supports(problem)[0]
     expected = _outputs(op_name, "torchfg[torch]", problem)
     got = _outputs(op_name, baseline, problem)
     assert len(expected) == len(got)
@@ -157,11 +173,34 @@ def test_baselines_compute_what_torchfg_computes(op_name, baseline):
 
 
 def test_worker_and_isolated_run():
-    op = load_op("pairwise")
-    problem = op.make_problem(24, 8, torch.float32, CPU)
-    m, floor_ms = _measure_isolated(op, _find_case(op, "torch.cdist"), problem, warmup=0, repeat=3, max_seconds=None)
+    """The worker rebuilds the problem from its parameters (k here: a wrong k fails the shape check)."""
+    op = load_op("knn")
+    problem = op.make_problem(24, 8, torch.float32, CPU, k=3)
+    run = _measure_isolated(op, _find_case(op, "torch.cdist+topk"), problem, warmup=0, repeat=3, max_seconds=None)
+    m = run.measurement
     assert m.repeats == 3 and m.p20_ms <= m.median_ms <= m.p80_ms and m.memory_method.startswith("rss")
-    assert floor_ms is not None and floor_ms > 0
+    assert run.floor_ms is not None and run.floor_ms > 0 and run.launches is None
+
+
+def test_launches_are_counted_per_step():
+    (result,) = run_benchmarks(["knn"], sizes=[24], dim=8, device="cpu", repeat=1, warmup=0, params={"k": 3},
+                               cases=["torch.cdist+topk"], launches=True)
+    # cdist (its kernels) + topk: at least two launches, and the same count in the CSV row.
+    assert result.launches is not None and result.launches >= 2
+    assert result.csv_row()["launches"] == result.launches
+
+
+def test_isolated_limits_become_error_rows():
+    """Over the time or memory limit, a case is a row whose status says why (the run goes on)."""
+    results = run_benchmarks(["pairwise"], sizes=[12000], dim=4, device="cpu", repeat=1, warmup=0,
+                             cases=["torch.cdist"], isolate=True, memory_limit_bytes=2**29)
+    # The (N, N) upstream gradient alone is 549 MiB over a 512 MiB limit.
+    (result,) = results
+    assert result.status.startswith("error: MemoryError: over the memory limit of 0.5 GiB"), result.status
+    assert bench_report.is_csv_row(result) and result.csv_row()["median_ms"] == ""
+    (result,) = run_benchmarks(["pairwise"], sizes=[16], dim=4, device="cpu", repeat=1, warmup=0,
+                               cases=["torch.cdist"], isolate=True, case_timeout=0.05)
+    assert result.status.startswith("error: RuntimeError: timeout: not done after 0.05 s"), result.status
 
 
 def test_worker_reports_errors_as_json(capsys):
@@ -170,6 +209,143 @@ def test_worker_reports_errors_as_json(capsys):
     assert bench_worker.main([json.dumps(request)]) == 0
     reply = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert "no case" in reply["error"]
+
+
+def test_cases_and_params_select_and_reach_the_problem():
+    results = run_benchmarks(["knn"], sizes=[20], dim=6, device="cpu", repeat=1, warmup=0,
+                             cases=["torch.cdist+topk", "torchfg[torch]"], params={"k": 3, "metric": "cosine"})
+    assert {r.case: r.status.split(":")[0] for r in results} == {"torchfg[torch]": "ok", "torch.cdist+topk": "skipped"}
+    assert all(r.params == "k=3;metric=cosine" and "k = 3, cosine" in r.shape for r in results)
+    with pytest.raises(ValueError, match="params"):
+        run_benchmarks(["knn"], sizes=[20], device="cpu", params={"n_crops": 3})
+    with pytest.raises(ValueError, match="cases"):
+        run_benchmarks(["knn"], sizes=[20], device="cpu", cases=["pml.BatchHard"])
+    with pytest.raises(ValueError, match="metric"):
+        run_benchmarks(["knn"], sizes=[20], device="cpu", params={"metric": "manhattan"})
+
+
+def test_cli_rejects_bad_params_and_foreign_csv(tmp_path, capsys):
+    assert main(["bench", "--ops", "knn", "--param", "k=0", "--no-progress", "--device", "cpu"]) == 2
+    assert "k must be >= 1" in capsys.readouterr().err
+    foreign = tmp_path / "old.csv"
+    foreign.write_text("method,loss,n,median_ms\nfloor,-,4096,385.9\n")
+    assert main(["bench", "--ops", "pairwise", "--sizes", "8", "--csv", str(foreign), "--no-progress"]) == 2
+    assert "not written by torchfg bench" in capsys.readouterr().err
+    assert foreign.read_text() == "method,loss,n,median_ms\nfloor,-,4096,385.9\n"
+
+
+def test_csv_rows_are_on_disk_as_each_case_finishes(tmp_path, monkeypatch):
+    """Row i is in the file (complete, parseable) before case i + 1 starts."""
+    from torchfg.bench import core
+
+    path = tmp_path / "stream.csv"
+    seen: list[int] = []
+    original = core.measure_case_and_floor
+
+    def spy(*args, **kwargs):
+        seen.append(len(_read_csv(path)) if path.exists() else 0)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(core, "measure_case_and_floor", spy)
+    assert main(["bench", "--ops", "pairwise", "--sizes", "8,9", "--dim", "4", "--repeat", "1", "--warmup", "0",
+                 "--cases", "torch.cdist,torchfg[torch]", "--device", "cpu", "--no-progress",
+                 "--csv", str(path)]) == 0
+    assert seen == [0, 1, 2, 3] and len(_read_csv(path)) == 4
+
+
+def test_killed_run_keeps_the_rows_it_finished(tmp_path):
+    """``timeout`` (SIGTERM) or SIGKILL in the middle of a run: the finished rows are in the CSV."""
+    path = tmp_path / "killed.csv"
+    script = textwrap.dedent(f"""
+        import time
+        from torchfg.bench import core
+        original = core.measure_case_and_floor
+        def slow_after_two(*args, **kwargs):
+            slow_after_two.calls += 1
+            if slow_after_two.calls > 2:
+                time.sleep(600)  # the third case never ends: the parent kills the run
+            return original(*args, **kwargs)
+        slow_after_two.calls = 0
+        core.measure_case_and_floor = slow_after_two
+        from torchfg.cli import main
+        main(["bench", "--ops", "pairwise", "--sizes", "8,9", "--dim", "4", "--repeat", "1", "--warmup", "0",
+              "--cases", "torch.cdist,torchfg[torch]", "--device", "cpu", "--no-progress", "--csv", {str(path)!r}])
+    """)
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if path.exists() and len(_read_csv(path)) >= 2:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    rows = _read_csv(path)
+    assert [(r["case"], r["n"], r["status"]) for r in rows] == [("torchfg[torch]", "8", "ok"), ("torch.cdist", "8", "ok")]
+    assert all(float(r["median_ms"]) > 0 for r in rows)
+
+
+def test_append_csv_appends_and_widens_the_header(tmp_path):
+    path = tmp_path / "a.csv"
+    append_csv(path, [{"op": "knn", "median_ms": 1.0}])
+    before = path.read_bytes()
+    append_csv(path, [{"op": "dino", "median_ms": 2.0}])
+    assert path.read_bytes().startswith(before)  # appended, not rewritten
+    append_csv(path, [{"op": "xbm", "median_ms": 3.0, "launches": 7}])
+    assert _read_csv(path) == [
+        {"op": "knn", "median_ms": "1.0", "launches": ""},
+        {"op": "dino", "median_ms": "2.0", "launches": ""},
+        {"op": "xbm", "median_ms": "3.0", "launches": "7"},
+    ]
+    assert not list(tmp_path.glob("*.tmp"))
+    # A file whose last line lost its newline (an old writer killed mid-row) does not swallow the next row.
+    path.write_bytes(path.read_bytes().rstrip(b"\r\n"))
+    append_csv(path, [{"op": "pairwise", "median_ms": 4.0, "launches": 1}])
+    assert [r["op"] for r in _read_csv(path)] == ["knn", "dino", "xbm", "pairwise"]
+
+
+@pytest.mark.parametrize("name", sorted(bench_presets.PRESETS))
+def test_preset_runs_through_the_engine(name, tmp_path, capsys):
+    """Each preset (benchmarks/bench_<name>.py) at a tiny size: every run's op, parameters and cases reach the CSV."""
+    path = tmp_path / f"{name}.csv"
+    tiny = ["--device", "cpu", "--sizes", "12", "--dim", "8", "--repeat", "1", "--warmup", "0", "--no-isolate",
+            "--no-progress", "--csv", str(path)]
+    if name == "dino":
+        tiny += ["--dtype", "fp32"]  # the CPU preset also runs bf16; one dtype is enough here
+    assert bench_presets.main(name, tiny) == 0
+    rows = _read_csv(path)
+    assert rows and all(r["status"] == "ok" for r in rows), [(r["case"], r["status"]) for r in rows]
+    runs = bench_presets.preset_runs(name, "cpu")
+    ops = {op for run in runs for op in run[run.index("--ops") + 1].split(",")}
+    assert {r["op"] for r in rows} == ops
+    baselines = {r["case"] for r in rows if r["kind"] == "baseline"}
+    expected = {"triplet": {"pml.BatchHard", "torch.cdist+masks"}, "knn": {"faiss.IndexFlat", "torch.cdist+topk"},
+                "dino": {"dino_official"}, "xbm": {"pml.CrossBatchMemory", "pml.BatchHard"}}[name]
+    assert expected <= baselines, baselines
+    if name == "knn":
+        assert {r["params"] for r in rows} == {"k=10;metric=euclidean", "k=100;metric=euclidean"}
+        # k = 100 is capped at the gallery's 12 rows.
+        assert {r["shape"] for r in rows} == {f"query = gallery (12, 8), k = {k}, euclidean" for k in (10, 12)}
+    if name == "xbm":
+        assert all(r["launches"] for r in rows if r["case"] != "faiss.IndexFlat")
+        assert {r["n"] for r in rows if r["op"] == "xbm"} == {"12"}
+    out = capsys.readouterr().out
+    assert f"== {sorted(ops)[0]}" in out
+
+
+def test_preset_scripts_are_thin_and_show_their_commands():
+    for script in sorted((ROOT / "benchmarks").glob("bench_*.py")):
+        name = script.stem.removeprefix("bench_")
+        assert name in bench_presets.PRESETS, script
+        assert len(script.read_text().splitlines()) < 40, f"{script} should only call the preset"
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_knn.py"), "--device", "cpu", "--show",
+                          "--sizes", "64"], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out == ["torchfg bench " + " ".join(run + ["--device", "cpu", "--sizes", "64"])
+                   for run in bench_presets.preset_runs("knn", "cpu")]
 
 
 def test_markdown_tables_from_csv(tmp_path):
@@ -202,7 +378,7 @@ def test_run_benchmarks_rejects_bad_arguments(kwargs, name):
 
 def test_cpu_peak_memory_sees_an_allocation_after_warmup():
     """The CPU memory window covers the warm-up: freed pages kept by the allocator must not hide it."""
-    from torchfg.utils.benchmark import measure
+    from torchfg.bench.measure import measure
 
     size = 64 * 2**20
 

@@ -1,6 +1,7 @@
 """Benchmark of the adaptive triplet loss (:func:`torchfg.functional.adaptive_triplet_loss`), forward + backward.
 
-N image embeddings of width D in classes of 4, text embeddings of width T = D, euclidean
+N image embeddings of width D in classes of 4 (parameter ``per_class``), text embeddings of width
+T = D (parameter ``text_dim``, 0 meaning D), euclidean
 distance, ``base_margin`` 0.1 and ``margin_scale`` 0.5: the margin of the pair (a, n) is
 ``0.1 + 0.5 * (1 - cos(t_a, t_n)) / 2`` and the negative is the margin-aware hardest one. FLOP
 model: 2 N^2 D + 2 N^2 T, the two N x N products (image distances, text similarities) any exact
@@ -14,6 +15,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from torchfg._validation import check_int
 from torchfg.bench.core import Case, OpBench, Problem, api_available, triton_available
 from torchfg.bench.triplet import PER_CLASS, class_labels
 
@@ -21,9 +23,20 @@ BASE_MARGIN = 0.1
 MARGIN_SCALE = 0.5
 
 
-def make_problem(n: int, d: int, dtype: torch.dtype, device: torch.device, seed: int = 0) -> Problem:
-    """The :class:`Problem` of size ``n``: N embeddings of width D, text of width T = D, classes of 4."""
-    return Problem("atl", n, n, d, dtype, device, seed, {"per_class": PER_CLASS, "text_dim": d})
+def make_problem(
+    n: int,
+    d: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    seed: int = 0,
+    *,
+    per_class: int = PER_CLASS,
+    text_dim: int = 0,
+) -> Problem:
+    """The :class:`Problem` of size ``n``: N embeddings of width D, text of width T (0: T = D), classes of ``per_class``."""
+    params = {"per_class": check_int(per_class, "per_class", 2), "text_dim": check_int(text_dim, "text_dim", 0)}
+    extra = {"per_class": params["per_class"], "text_dim": params["text_dim"] or d}
+    return Problem("atl", n, n, d, dtype, device, seed, extra, params)
 
 
 def _inputs(problem: Problem) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -96,7 +109,7 @@ def cases() -> list[Case]:
 
 BENCH = OpBench(
     name="atl",
-    title=f"adaptive triplet loss (text width T = D, base_margin {BASE_MARGIN}, margin_scale {MARGIN_SCALE}), "
+    title=f"adaptive triplet loss (text width T, base_margin {BASE_MARGIN}, margin_scale {MARGIN_SCALE}), "
     "forward + backward",
     flop_model="2*N*N*D + 2*N*N*T (distance and text-similarity matrices)",
     flops=lambda p: 2.0 * p.n * p.n * (p.d + p.extra["text_dim"]),
@@ -108,4 +121,5 @@ BENCH = OpBench(
     floor_shape=lambda p: (p.n, p.n, p.d + p.extra["text_dim"]),
     shape=lambda p: f"embeddings ({p.n}, {p.d}), text ({p.n}, {p.extra['text_dim']}), labels ({p.n},)",
     requires=api_available("torchfg.functional", "adaptive_triplet_loss"),
+    params={"per_class": PER_CLASS, "text_dim": 0},
 )

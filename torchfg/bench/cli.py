@@ -8,9 +8,9 @@ import sys
 
 import torch
 
-from torchfg.bench.core import OP_NAMES, default_dtype, parse_dtype, resolve_device, run_benchmarks
+from torchfg.bench.core import OP_NAMES, default_dtype, parse_dtype, parse_param, resolve_device, run_benchmarks
 
-__all__ = ["add_arguments", "run"]
+__all__ = ["add_arguments", "run", "check_csv_format"]
 
 
 def _csv_list(text: str) -> list[str]:
@@ -65,6 +65,34 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _param(text: str) -> tuple[str, object]:
+    try:
+        return parse_param(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--param: {exc}") from None
+
+
+def check_csv_format(path: str | os.PathLike) -> str | None:
+    """Why rows of ``torchfg bench`` must not be appended to ``path`` (None: they may).
+
+    A CSV written by another tool (the per-op scripts before the engine, a spreadsheet) would be
+    rewritten under the union of both headers; better to say so before measuring anything.
+    """
+    import csv
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.exists() or path.stat().st_size == 0:
+        return None
+    with path.open(newline="") as f:
+        header = next(csv.reader(f), [])
+    core = {"op", "case", "status", "n", "median_ms"}
+    if not core <= set(header):
+        return (f"{path} was not written by torchfg bench (its header lacks {sorted(core - set(header))}); "
+                "append to a new file")
+    return None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``torchfg bench``."""
     parser.add_argument("--ops", type=_ops, default=list(OP_NAMES),
@@ -72,15 +100,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sizes", type=_sizes, default=None,
                         help="comma list of N (default: per op and device; small on CPU)")
     parser.add_argument("--dim", type=_positive_int, default=None, help="feature width D (default: per op and device)")
-    parser.add_argument("--dtype", default="auto", help="bf16, fp16, fp32, fp64 or auto (bf16 on CUDA, fp32 on CPU)")
+    parser.add_argument("--dtype", default="auto",
+                        help="bf16, fp16, fp32, fp64 or auto (bf16 on CUDA, fp32 on CPU); a comma list runs each in turn")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--repeat", type=_positive_int, default=10, help="timed runs per measurement (default 10)")
     parser.add_argument("--warmup", type=_non_negative_int, default=None, help="untimed runs first (default 2 on CUDA, 1 on CPU)")
     parser.add_argument("--max-seconds", type=_positive_float, default=5.0,
                         help="time budget of one measurement's timed runs; at least 3 runs (default 5)")
-    parser.add_argument("--csv", default=None, metavar="PATH", help="append one row per measurement to this CSV")
+    parser.add_argument("--cases", type=_csv_list, default=None,
+                        help="comma list of case names to run (default: all), e.g. 'torchfg[torch],pml.BatchHard'")
+    parser.add_argument("--param", type=_param, action="append", default=[], metavar="NAME=VALUE",
+                        help="an op parameter, e.g. k=100 (knn), n_crops=6 (dino), batch=4096 (xbm); repeatable")
+    parser.add_argument("--launches", action="store_true",
+                        help="also count each case's kernel launches per step (one extra profiled step)")
+    parser.add_argument("--case-timeout", type=_positive_float, default=None, metavar="SECONDS",
+                        help="with --isolate: a measurement not done after this long is recorded as timed out")
+    parser.add_argument("--memory-limit-gib", type=_positive_float, default=None, metavar="GIB",
+                        help="with --isolate: a measurement allocating more is recorded as out of memory")
+    parser.add_argument("--csv", default=None, metavar="PATH",
+                        help="append one row per measurement to this CSV, written and flushed as each is measured")
     parser.add_argument("--plot", default=None, metavar="PATH", help="write time-vs-N and memory-vs-N charts to this PNG")
-    parser.add_argument("--isolate", action="store_true",
+    parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=False,
                         help="run each measurement in a fresh subprocess (needed for meaningful CPU peak memory)")
     parser.add_argument("--threads", type=_positive_int, default=None,
                         help="CPU threads for torch (torch.set_num_threads); default: torch's default")
@@ -90,17 +130,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``torchfg bench`` with parsed arguments; returns the exit status."""
+    """Run ``torchfg bench`` with parsed arguments; returns the exit status.
+
+    Each CSV row is appended and flushed to disk as soon as its case is measured (or has failed),
+    so a run stopped by a timeout or a kill keeps every row it finished.
+    """
+    from torchfg.bench.measure import append_csv
     from torchfg.bench.report import MATPLOTLIB_MISSING, format_table, is_csv_row, matplotlib_available, plot_results
-    from torchfg.utils.benchmark import append_csv
 
     if args.plot and not matplotlib_available():
         # Fail before spending minutes measuring.
         print(f"torchfg bench: {MATPLOTLIB_MISSING}", file=sys.stderr)
         return 2
+    if args.csv:
+        why = check_csv_format(args.csv)
+        if why:
+            print(f"torchfg bench: --csv: {why}", file=sys.stderr)
+            return 2
+    if (args.case_timeout or args.memory_limit_gib) and not args.isolate:
+        # Only a separate process can be stopped or bounded; say so rather than fail a preset run.
+        print("torchfg bench: --case-timeout and --memory-limit-gib apply with --isolate only; ignored",
+              file=sys.stderr)
+        args.case_timeout = args.memory_limit_gib = None
     try:
         device = resolve_device(args.device)
-        dtype = default_dtype(device) if args.dtype == "auto" else parse_dtype(args.dtype)
+        names = _csv_list(args.dtype) or ["auto"]
+        dtypes = [default_dtype(device) if name == "auto" else parse_dtype(name) for name in names]
     except ValueError as exc:
         print(f"torchfg bench: {exc}", file=sys.stderr)
         return 2
@@ -113,26 +168,38 @@ def run(args: argparse.Namespace) -> int:
     written = []
 
     def save(result) -> None:
-        # Row by row, so that a long run that is interrupted keeps what it measured.
+        # Row by row, written and flushed now: a run that is interrupted keeps what it measured.
         if args.csv and is_csv_row(result):
             append_csv(args.csv, [result.csv_row()])
             written.append(result)
 
-    results = run_benchmarks(
-        args.ops,
-        sizes=args.sizes,
-        dim=args.dim,
-        dtype=dtype,
-        device=device,
-        repeat=args.repeat,
-        warmup=args.warmup,
-        max_seconds=args.max_seconds,
-        isolate=args.isolate,
-        seed=args.seed,
-        progress=not args.no_progress,
-        extra_fields={"note": args.note} if args.note else None,
-        on_result=save,
-    )
+    results = []
+    for dtype in dtypes:
+        try:
+            results += run_benchmarks(
+                args.ops,
+                sizes=args.sizes,
+                dim=args.dim,
+                dtype=dtype,
+                device=device,
+                repeat=args.repeat,
+                warmup=args.warmup,
+                max_seconds=args.max_seconds,
+                isolate=args.isolate,
+                seed=args.seed,
+                progress=not args.no_progress,
+                extra_fields={"note": args.note} if args.note else None,
+                on_result=save,
+                cases=args.cases,
+                params=dict(args.param),
+                launches=args.launches,
+                case_timeout=args.case_timeout,
+                memory_limit_bytes=int(args.memory_limit_gib * 2**30) if args.memory_limit_gib else None,
+            )
+        except (ValueError, TypeError) as exc:
+            # Bad --cases / --param values are found while planning, before anything is measured.
+            print(f"torchfg bench: {exc}", file=sys.stderr)
+            return 2
     print(format_table(results))
     if args.csv:
         print(f"\n{len(written)} rows appended to {args.csv}")

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from torchfg.utils.benchmark import Measurement, environment_fields, matmul_floor, measure
+from torchfg.bench.measure import Measurement, environment_fields, matmul_floor, measure
 
 __all__ = [
     "Problem",
@@ -36,6 +36,7 @@ __all__ = [
     "parse_dtype",
     "resolve_device",
     "default_dtype",
+    "parse_param",
 ]
 
 OP_NAMES = ("pairwise", "triplet", "atl", "knn", "dino", "xbm")
@@ -87,8 +88,10 @@ def default_dtype(device: torch.device) -> torch.dtype:
 class Problem:
     """One benchmark size: ``n`` rows (anchors / queries / batch) against ``m`` candidates, width ``d``.
 
-    ``extra`` holds op-specific sizes (classes per batch, text width, k, crops, ...); the setup
-    functions build their inputs from it with ``seed`` so that a subprocess rebuilds the same data.
+    ``params`` are the op's settable parameters (``torchfg bench --param k=100``) after the
+    defaults were filled in; ``extra`` holds every op-specific size derived from them (classes per
+    batch, text width, k, crops, ...). The setup functions build their inputs from ``extra`` with
+    ``seed``, so that a subprocess given ``(n, d, dtype, device, seed, params)`` rebuilds the same data.
     """
 
     op: str
@@ -99,6 +102,11 @@ class Problem:
     device: torch.device
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def params_text(self) -> str:
+        """``"k=10;metric=euclidean"``: the parameters as stored in the CSV's ``params`` column."""
+        return ";".join(f"{key}={value}" for key, value in sorted(self.params.items()))
 
     def generator(self) -> torch.Generator:
         return torch.Generator(device="cpu").manual_seed(self.seed)
@@ -120,6 +128,10 @@ class Case:
         kind: ``"torchfg"`` or ``"baseline"``.
         available: ``(device, dtype) -> (ok, why not)``; checked before ``setup``.
         gpu_kernel: a GPU kernel (listed as skipped on a CPU machine).
+        countable: its work runs through PyTorch ops, so :func:`torchfg.bench.profile.profile_step`
+            can count its launches (False for faiss, whose work is invisible to PyTorch).
+        supports: ``problem -> (ok, why not)``: whether the case computes this problem's
+            parameters (e.g. a baseline with one metric only); checked before ``setup``.
     """
 
     name: str
@@ -127,6 +139,8 @@ class Case:
     kind: str = "torchfg"
     available: Callable[[torch.device, torch.dtype], tuple[bool, str]] = lambda device, dtype: (True, "")
     gpu_kernel: bool = False
+    countable: bool = True
+    supports: Callable[[Problem], tuple[bool, str]] = lambda problem: (True, "")
 
 
 @dataclass(frozen=True)
@@ -137,7 +151,7 @@ class OpBench:
         name: op name on the command line.
         title: what is timed, e.g. ``"pairwise_distance(x) euclidean, forward + backward"``.
         flop_model: the FLOP count formula in words; ``flops`` evaluates it (None: not compute bound).
-        make_problem: ``(n, d, dtype, device, seed) -> Problem``.
+        make_problem: ``(n, d, dtype, device, seed, **params) -> Problem``.
         cases: ``() -> list[Case]``.
         default_sizes: N per device type.
         default_dim: D per device type.
@@ -145,6 +159,8 @@ class OpBench:
         floor_shape: ``Problem -> (n, m, d)`` of the ``x @ y.T`` floor (default ``(n, m, d)``).
         floor: alternative floor ``Problem -> (label, closure)`` for ops that are not GEMM bound.
         requires: ``() -> (ok, why not)``: whether the op's public API is importable.
+        params: the op's settable parameters and their defaults (``torchfg bench --param``);
+            ``make_problem`` checks their values.
     """
 
     name: str
@@ -159,6 +175,7 @@ class OpBench:
     floor_shape: Callable[[Problem], tuple[int, int, int]] | None = None
     floor: Callable[[Problem], tuple[str, Callable[[], Any]]] | None = None
     requires: Callable[[], tuple[bool, str]] = lambda: (True, "")
+    params: dict[str, Any] = field(default_factory=dict)
 
     def floor_label(self, problem: Problem) -> str:
         if self.floor is not None:
@@ -188,6 +205,8 @@ class Result:
     isolated: bool = False
     gpu_kernel: bool = False
     env: dict[str, str] = field(default_factory=dict)
+    params: str = ""
+    launches: int | None = None
 
     @property
     def tflops(self) -> float | None:
@@ -219,6 +238,7 @@ class Result:
             "d": self.d,
             "dtype": self.dtype,
             "shape": self.shape,
+            "params": self.params,
             "median_ms": num(m and m.median_ms, 5),
             "p20_ms": num(m and m.p20_ms, 5),
             "p80_ms": num(m and m.p80_ms, 5),
@@ -231,6 +251,7 @@ class Result:
             "floor_ratio": num(self.floor_ratio),
             "peak_extra_mib": "" if m is None else f"{m.peak_extra_bytes / 2**20:.2f}",
             "memory_method": "" if m is None else m.memory_method,
+            "launches": "" if self.launches is None else self.launches,
             "isolated": int(self.isolated),
         }
 
@@ -281,6 +302,26 @@ def load_op(name: str) -> OpBench:
     return importlib.import_module(f"torchfg.bench.{name}").BENCH
 
 
+def parse_param(text: str) -> tuple[str, Any]:
+    """``"k=100"`` -> ``("k", 100)``: ints and floats are converted, anything else stays text.
+
+    Example:
+        >>> parse_param("k=100"), parse_param("margin=0.5"), parse_param("metric=cosine")
+        (('k', 100), ('margin', 0.5), ('metric', 'cosine'))
+    """
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not key or not key.isidentifier():
+        raise ValueError(f"params must look like NAME=VALUE, got {text!r}")
+    value = value.strip()
+    for convert in (int, float):
+        try:
+            return key, convert(value)
+        except ValueError:
+            pass
+    return key, value
+
+
 def _find_case(op: OpBench, case_name: str) -> Case:
     for case in op.cases():
         if case.name == case_name:
@@ -290,20 +331,45 @@ def _find_case(op: OpBench, case_name: str) -> Case:
 
 def _warm_libraries(op: OpBench, case: Case, problem: Problem) -> None:
     """Run the case once on a tiny problem: loads libraries and compiles kernels outside the window."""
-    tiny = op.make_problem(min(problem.n, 32), problem.d, problem.dtype, problem.device, problem.seed)
+    tiny = op.make_problem(min(problem.n, 32), problem.d, problem.dtype, problem.device, problem.seed, **problem.params)
     fn = case.setup(tiny)
     fn()
     del fn
 
 
+@dataclass
+class CaseRun:
+    """What :func:`measure_case_and_floor` returns: the case's timing, its floor and its launch count."""
+
+    measurement: Measurement
+    floor_ms: float | None = None
+    launches: int | None = None
+
+
 def measure_case(
-    op: OpBench, case: Case, problem: Problem, *, warmup: int, repeat: int, max_seconds: float | None
-) -> Measurement:
-    """Set up ``case`` on ``problem`` and time it (after warming its libraries on a tiny problem)."""
+    op: OpBench,
+    case: Case,
+    problem: Problem,
+    *,
+    warmup: int,
+    repeat: int,
+    max_seconds: float | None,
+    launches: bool = False,
+) -> CaseRun:
+    """Set up ``case`` on ``problem`` and time it (after warming its libraries on a tiny problem).
+
+    With ``launches`` (and a ``countable`` case) one more step runs under
+    :func:`torchfg.bench.profile.profile_step` after the timed ones, to count its kernel launches.
+    """
     _warm_libraries(op, case, problem)
     fn = case.setup(problem)
     try:
-        return measure(fn, device=problem.device, warmup=warmup, repeat=repeat, max_seconds=max_seconds)
+        run = CaseRun(measure(fn, device=problem.device, warmup=warmup, repeat=repeat, max_seconds=max_seconds))
+        if launches and case.countable:
+            from torchfg.bench.profile import profile_step
+
+            run.launches = profile_step(fn).launches
+        return run
     finally:
         del fn
         if problem.device.type == "cuda":
@@ -330,21 +396,53 @@ def measure_floor(
 
 
 def measure_case_and_floor(
-    op: OpBench, case: Case, problem: Problem, *, warmup: int, repeat: int, max_seconds: float | None
-) -> tuple[Measurement, float | None]:
+    op: OpBench,
+    case: Case,
+    problem: Problem,
+    *,
+    warmup: int,
+    repeat: int,
+    max_seconds: float | None,
+    launches: bool = False,
+) -> CaseRun:
     """:func:`measure_case`, then the floor right after it in the same process.
 
     The floor is timed next to every case rather than once per size: on a shared machine the
     load drifts, and the ratio of two times taken minutes apart would measure the drift.
     """
-    measurement = measure_case(op, case, problem, warmup=warmup, repeat=repeat, max_seconds=max_seconds)
-    return measurement, measure_floor(op, problem, warmup=warmup, repeat=repeat, max_seconds=max_seconds)
+    run = measure_case(op, case, problem, warmup=warmup, repeat=repeat, max_seconds=max_seconds, launches=launches)
+    run.floor_ms = measure_floor(op, problem, warmup=warmup, repeat=repeat, max_seconds=max_seconds)
+    return run
+
+
+def _limit_memory(limit_bytes: int) -> Callable[[], None]:
+    def apply() -> None:
+        import resource
+
+        # RLIMIT_DATA covers the heap and private anonymous mappings (every large tensor) since
+        # Linux 4.7: an allocation over the limit fails with an error instead of the OOM killer.
+        resource.setrlimit(resource.RLIMIT_DATA, (limit_bytes, limit_bytes))
+
+    return apply
 
 
 def _measure_isolated(
-    op: OpBench, case: Case, problem: Problem, *, warmup: int, repeat: int, max_seconds: float | None
-) -> tuple[Measurement, float | None]:
-    """:func:`measure_case_and_floor` in a fresh Python process (CPU peak-RSS figures need one)."""
+    op: OpBench,
+    case: Case,
+    problem: Problem,
+    *,
+    warmup: int,
+    repeat: int,
+    max_seconds: float | None,
+    launches: bool = False,
+    timeout: float | None = None,
+    memory_limit_bytes: int | None = None,
+) -> CaseRun:
+    """:func:`measure_case_and_floor` in a fresh Python process (CPU peak-RSS figures need one).
+
+    ``timeout`` (seconds) and ``memory_limit_bytes`` bound the process; going over either raises
+    a RuntimeError that says so (recorded as the case's status).
+    """
     request = {
         "op": op.name,
         "case": case.name,
@@ -353,24 +451,37 @@ def _measure_isolated(
         "dtype": dtype_name(problem.dtype),
         "device": str(problem.device),
         "seed": problem.seed,
+        "params": problem.params,
         "warmup": warmup,
         "repeat": repeat,
         "max_seconds": max_seconds,
+        "launches": launches,
     }
-    proc = subprocess.run(
-        [sys.executable, "-m", "torchfg.bench.worker", json.dumps(request)],
-        capture_output=True,
-        text=True,
-        env=os.environ.copy(),
-    )
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "torchfg.bench.worker", json.dumps(request)],
+            capture_output=True,
+            text=True,
+            env=os.environ.copy(),
+            timeout=timeout,
+            preexec_fn=_limit_memory(memory_limit_bytes) if memory_limit_bytes else None,
+        )
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"timeout: not done after {timeout:g} s (--case-timeout)") from None
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        if memory_limit_bytes and ("memory" in tail[0].lower() or proc.returncode < 0):
+            raise MemoryError(f"over the memory limit of {memory_limit_bytes / 2**30:g} GiB (exit {proc.returncode}): {tail[0]}")
         raise RuntimeError(f"isolated run failed (exit {proc.returncode}): {tail[0]}")
     reply = json.loads(lines[-1])
     if "error" in reply:
-        raise RuntimeError(reply["error"])
-    return Measurement(**reply["measurement"]), reply.get("floor_ms")
+        error = reply["error"]
+        if memory_limit_bytes and ("can't allocate memory" in error or error.startswith("MemoryError")
+                                   or "out of memory" in error.lower()):
+            raise MemoryError(f"over the memory limit of {memory_limit_bytes / 2**30:g} GiB: {error}")
+        raise RuntimeError(error)
+    return CaseRun(Measurement(**reply["measurement"]), reply.get("floor_ms"), reply.get("launches"))
 
 
 def _gpu_or_unavailable_skip(case: Case, device: torch.device, dtype: torch.dtype) -> str | None:
@@ -384,7 +495,12 @@ def _gpu_or_unavailable_skip(case: Case, device: torch.device, dtype: torch.dtyp
 
 def _short_error(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
-    return f"error: {type(exc).__name__}: {text[0] if text else ''}"[:200]
+    return f"error: {type(exc).__name__}: {text[0] if text else ''}"[:240]
+
+
+def _op_params(op: OpBench, params: dict[str, Any]) -> dict[str, Any]:
+    """The op's defaults, overridden by those of ``params`` the op declares."""
+    return {**op.params, **{key: value for key, value in params.items() if key in op.params}}
 
 
 def run_benchmarks(
@@ -399,9 +515,14 @@ def run_benchmarks(
     max_seconds: float | None = 5.0,
     isolate: bool = False,
     seed: int = 0,
-    progress: bool = True,
+    progress: bool = False,
     on_result: Callable[[Result], None] | None = None,
     extra_fields: dict[str, str] | None = None,
+    cases: Sequence[str] | None = None,
+    params: dict[str, Any] | None = None,
+    launches: bool = False,
+    case_timeout: float | None = None,
+    memory_limit_bytes: int | None = None,
 ) -> list[Result]:
     """Measure every case of every op at every size.
 
@@ -416,13 +537,19 @@ def run_benchmarks(
         max_seconds: time budget of the timed runs of one measurement.
         isolate: run each measurement in a fresh subprocess (CPU peak-RSS memory figures).
         seed: seed of the random inputs.
-        progress: show a tqdm progress bar on stderr.
+        progress: show a tqdm progress bar on stderr (the CLI turns it on).
         on_result: called with each :class:`Result` as soon as it exists (streaming CSV rows).
         extra_fields: columns added to every CSV row (e.g. ``{"note": "laptop on battery"}``).
+        cases: only the cases with these names (each must name a case of one of ``ops``).
+        params: op parameters, e.g. ``{"k": 100}`` (each must be declared by one of ``ops``).
+        launches: also count each case's kernel launches per step (one extra profiled step).
+        case_timeout: seconds one isolated measurement may take (needs ``isolate``).
+        memory_limit_bytes: memory one isolated measurement may allocate (needs ``isolate``).
 
     Returns:
         One :class:`Result` per (op, size, case), in that order; an op whose API is not importable
-        gives one ``"skipped: not available"`` result.
+        gives one ``"skipped: not available"`` result. A case that fails (out of memory, over the
+        time limit, an unsupported dtype) gives a result whose status says why.
 
     Example:
         >>> results = run_benchmarks(["pairwise"], sizes=[16], dim=8, device="cpu", repeat=2, progress=False)
@@ -443,26 +570,47 @@ def run_benchmarks(
         raise ValueError(f"warmup must be >= 0, got {warmup}")
     if max_seconds is not None and not max_seconds > 0:
         raise ValueError(f"max_seconds must be > 0 or None, got {max_seconds}")
+    if (case_timeout is not None or memory_limit_bytes is not None) and not isolate:
+        raise ValueError("case_timeout and memory_limit_bytes need isolate=True (one process per measurement)")
+    if case_timeout is not None and not case_timeout > 0:
+        raise ValueError(f"case_timeout must be > 0 or None, got {case_timeout}")
+    if memory_limit_bytes is not None and memory_limit_bytes <= 0:
+        raise ValueError(f"memory_limit_bytes must be > 0 or None, got {memory_limit_bytes}")
     unknown = [name for name in ops if name not in OP_NAMES]
     if unknown:
         raise ValueError(f"ops must be among {OP_NAMES}, got {unknown}")
+    benches = [load_op(name) for name in ops]
+    params = dict(params or {})
+    declared = {key for op in benches for key in op.params}
+    if set(params) - declared:
+        raise ValueError(
+            f"params {sorted(set(params) - declared)} are not parameters of {list(ops)}; "
+            f"they take {sorted(declared) or 'none'}"
+        )
+    if cases is not None:
+        known = {case.name for op in benches for case in op.cases()}
+        if not cases or set(cases) - known:
+            raise ValueError(f"cases must name cases of {list(ops)} ({sorted(known)}), got {list(cases)}")
     env = {**environment_fields(device), **(extra_fields or {})}
 
     plan: list[tuple[OpBench, Problem | None, Case | None, str]] = []
     results: list[Result] = []
-    for name in ops:
-        op = load_op(name)
+    for op in benches:
         ok, why = op.requires()
         if not ok:
             plan.append((op, None, None, f"skipped: not available ({why})"))
             continue
         d = dim or op.default_dim[device.type]
-        cases = op.cases()
+        selected = [case for case in op.cases() if cases is None or case.name in cases]
+        if not selected:
+            continue
+        op_params = _op_params(op, params)
         for n in sizes or op.default_sizes[device.type]:
-            problem = op.make_problem(n, d, dtype, device, seed)
-            for case in cases:
+            problem = op.make_problem(n, d, dtype, device, seed, **op_params)
+            for case in selected:
                 plan.append((op, problem, case, ""))
 
+    limits = {"launches": launches, "case_timeout": case_timeout, "memory_limit_bytes": memory_limit_bytes}
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -475,7 +623,7 @@ def run_benchmarks(
             else:
                 if bar is not None:
                     bar.set_postfix_str(f"{op.name} N={problem.n} {case.name}")
-                result = _run_one(op, problem, case, env, repeat, warmup, max_seconds, isolate)
+                result = _run_one(op, problem, case, env, repeat, warmup, max_seconds, isolate, **limits)
             results.append(result)
             if on_result is not None:
                 on_result(result)
@@ -496,6 +644,10 @@ def _run_one(
     warmup: int,
     max_seconds: float | None,
     isolate: bool,
+    *,
+    launches: bool = False,
+    case_timeout: float | None = None,
+    memory_limit_bytes: int | None = None,
 ) -> Result:
     result = Result(
         op=op.name,
@@ -511,22 +663,28 @@ def _run_one(
         isolated=isolate,
         gpu_kernel=case.gpu_kernel,
         env=env,
+        params=problem.params_text(),
     )
     skip = _gpu_or_unavailable_skip(case, problem.device, problem.dtype)
+    ok, why = case.supports(problem)
+    if skip is None and not ok:
+        skip = f"skipped: {why}"
     if skip is not None:
         result.status = skip
         return result
+    kwargs: dict[str, Any] = {"warmup": warmup, "repeat": repeat, "max_seconds": max_seconds, "launches": launches}
+    if isolate:
+        kwargs.update(timeout=case_timeout, memory_limit_bytes=memory_limit_bytes)
     run = _measure_isolated if isolate else measure_case_and_floor
     try:
-        result.measurement, result.floor_ms = run(
-            op, case, problem, warmup=warmup, repeat=repeat, max_seconds=max_seconds
-        )
+        outcome = run(op, case, problem, **kwargs)
     except (RuntimeError, MemoryError, ValueError, TypeError, NotImplementedError) as exc:
-        # One failing case (out of memory, an unsupported dtype in a baseline) must not end the run.
+        # One failing case (out of memory, over time, an unsupported dtype in a baseline) must not end the run.
         result.status = _short_error(exc)
         if problem.device.type == "cuda":
             torch.cuda.empty_cache()
         return result
+    result.measurement, result.floor_ms, result.launches = outcome.measurement, outcome.floor_ms, outcome.launches
     result.flops = op.flops(problem)
     result.floor = op.floor_label(problem)
     return result

@@ -1,9 +1,13 @@
 """Benchmark of exact k-nearest-neighbour search (:func:`torchfg.knn`), forward only.
 
 Queries = gallery = N rows of width D (the gallery is the query set, as in retrieval
-evaluation), euclidean distance, k = 10 including the item itself. FLOP model: 2 N^2 D, the
-distance matrix any exact search computes. The plain PyTorch route materialises the whole
-N x N matrix and calls ``topk``; faiss-cpu's ``IndexFlatL2`` runs on CPU tensors only.
+evaluation), k = 10 including the item itself, euclidean distance (parameters ``k`` and
+``metric``). FLOP model: 2 N^2 D, the distance matrix any exact search computes. Cases:
+torchfg's self-search (``gallery=None``, each pair computed once), the same search given the
+gallery explicitly (the general chunked path), the kernels, the plain PyTorch route (the whole
+N x N ``torch.cdist`` matrix, then ``topk``; euclidean only) and faiss-cpu's flat index
+(``IndexFlatL2``, or ``IndexFlatIP`` for ``dot`` / ``cosine``; CPU tensors only, fp32). Building
+the faiss index is part of its timed step.
 """
 
 from __future__ import annotations
@@ -12,27 +16,34 @@ from typing import Any, Callable
 
 import torch
 
+from torchfg._validation import check_choice, check_int
 from torchfg.bench.core import Case, OpBench, Problem, api_available, module_installed, triton_available
 
 K = 10
 METRIC = "euclidean"
+METRICS = ("sqeuclidean", "euclidean", "cosine", "dot")
 
 
-def make_problem(n: int, d: int, dtype: torch.dtype, device: torch.device, seed: int = 0) -> Problem:
-    """The :class:`Problem` of size ``n``: queries = gallery = N rows of width D, k = min(10, N)."""
-    return Problem("knn", n, n, d, dtype, device, seed, {"k": min(K, n)})
+def make_problem(
+    n: int, d: int, dtype: torch.dtype, device: torch.device, seed: int = 0, *, k: int = K, metric: str = METRIC
+) -> Problem:
+    """The :class:`Problem` of size ``n``: queries = gallery = N rows of width D, k = min(k, N)."""
+    k = check_int(k, "k", 1)
+    metric = check_choice(metric, "metric", METRICS)
+    return Problem("knn", n, n, d, dtype, device, seed, {"k": min(k, n), "metric": metric}, {"k": k, "metric": metric})
 
 
 def _query(problem: Problem) -> torch.Tensor:
     return problem.randn(problem.n, problem.d)
 
 
-def _torchfg(backend: str) -> Callable[[Problem], Callable[[], Any]]:
+def _torchfg(backend: str, explicit_gallery: bool = False) -> Callable[[Problem], Callable[[], Any]]:
     def setup(problem: Problem) -> Callable[[], Any]:
         from torchfg.ops.knn import knn
 
-        x, k = _query(problem), problem.extra["k"]
-        return lambda: knn(x, None, k, metric=METRIC, backend=backend)
+        x, k, metric = _query(problem), problem.extra["k"], problem.extra["metric"]
+        gallery = x if explicit_gallery else None
+        return lambda: knn(x, gallery, k, metric=metric, backend=backend)
 
     return setup
 
@@ -55,20 +66,38 @@ def _cdist_topk(problem: Problem) -> Callable[[], Any]:
     return lambda: knn_cdist_topk(x, k)
 
 
+def faiss_flat_search(x: torch.Tensor, k: int, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """faiss-cpu's exact flat index over ``x`` (N, D), searched with ``x``: the faiss baseline.
+
+    Builds ``IndexFlatL2`` (euclidean, sqeuclidean) or ``IndexFlatIP`` (dot; cosine on
+    L2-normalised rows), adds the rows, searches them; returns ``(distances, indices)`` (N, k)
+    under torchfg's metric definitions (faiss returns squared L2 or inner products).
+    """
+    import faiss
+
+    data = x.detach().float()
+    if metric == "cosine":
+        data = torch.nn.functional.normalize(data, dim=1)
+    data = data.contiguous().numpy()
+    index = (faiss.IndexFlatL2 if metric in ("sqeuclidean", "euclidean") else faiss.IndexFlatIP)(x.shape[1])
+    index.add(data)
+    scores, indices = index.search(data, k)
+    scores = torch.from_numpy(scores)
+    if metric == "euclidean":
+        scores = scores.clamp_min_(0).sqrt_()
+    elif metric == "cosine":
+        scores = 1.0 - scores
+    elif metric == "dot":
+        scores = -scores
+    return scores, torch.from_numpy(indices)
+
+
 def _faiss(problem: Problem) -> Callable[[], Any]:
     import faiss
 
     faiss.omp_set_num_threads(torch.get_num_threads())
-    x, k = _query(problem).float().contiguous().numpy(), problem.extra["k"]
-    index = faiss.IndexFlatL2(problem.d)
-    index.add(x)
-
-    def run() -> tuple[torch.Tensor, torch.Tensor]:
-        squared, indices = index.search(x, k)
-        # IndexFlatL2 returns squared distances.
-        return torch.from_numpy(squared).clamp_min_(0).sqrt_(), torch.from_numpy(indices)
-
-    return run
+    x, k, metric = _query(problem), problem.extra["k"], problem.extra["metric"]
+    return lambda: faiss_flat_search(x, k, metric)
 
 
 def _faiss_ok(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
@@ -86,26 +115,34 @@ def _cuda_extension_ok(device: torch.device, dtype: torch.dtype) -> tuple[bool, 
     return backend_status("knn", "cuda", device)
 
 
+def _euclidean_only(problem: Problem) -> tuple[bool, str]:
+    if problem.extra["metric"] != "euclidean":
+        return False, f"torch.cdist computes euclidean distances, not {problem.extra['metric']}"
+    return True, ""
+
+
 def cases() -> list[Case]:
     """torchfg backends first, then the baselines."""
     return [
         Case("torchfg[torch]", _torchfg("torch")),
+        Case("torchfg[torch] gallery=x", _torchfg("torch", explicit_gallery=True)),
         Case("torchfg[triton]", _torchfg("triton"), available=triton_available, gpu_kernel=True),
         Case("torchfg[cuda]", _torchfg("cuda"), available=_cuda_extension_ok, gpu_kernel=True),
-        Case("torch.cdist+topk", _cdist_topk, kind="baseline"),
-        Case("faiss.IndexFlatL2", _faiss, kind="baseline", available=_faiss_ok),
+        Case("torch.cdist+topk", _cdist_topk, kind="baseline", supports=_euclidean_only),
+        Case("faiss.IndexFlat", _faiss, kind="baseline", available=_faiss_ok, countable=False),
     ]
 
 
 BENCH = OpBench(
     name="knn",
-    title=f"exact k-NN, queries = gallery = N, {METRIC}, k = {K}, forward",
+    title="exact k-NN, queries = gallery = N, forward",
     flop_model="2*N*N*D (the distance matrix)",
     flops=lambda p: 2.0 * p.n * p.n * p.d,
     make_problem=make_problem,
     cases=cases,
     default_sizes={"cpu": (1024, 2048, 4096), "cuda": (8192, 32768, 131072)},
     default_dim={"cpu": 128, "cuda": 512},
-    shape=lambda p: f"query = gallery ({p.n}, {p.d}), k = {p.extra['k']}",
+    shape=lambda p: f"query = gallery ({p.n}, {p.d}), k = {p.extra['k']}, {p.extra['metric']}",
     requires=api_available("torchfg.ops.knn", "knn"),
+    params={"k": K, "metric": METRIC},
 )

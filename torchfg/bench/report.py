@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Sequence
 
 from torchfg.bench.core import Result, load_op
-from torchfg.utils.benchmark import append_csv
+from torchfg.bench.measure import append_csv
 
 __all__ = ["format_table", "write_csv", "is_csv_row", "plot_results", "matplotlib_available", "MATPLOTLIB_MISSING"]
 

@@ -87,40 +87,56 @@ def generic_markdown(rows: Iterable[Mapping[str, str]]) -> str:
 
 
 def rows_to_markdown(rows: Iterable[Mapping[str, str]]) -> str:
-    """One markdown table per (device, dtype, op) of the measured rows (status ``ok``).
+    """One markdown table per (device, dtype, op, params) of the rows.
 
-    Rows that are not in ``torchfg bench``'s format (another script's CSV) go through
-    :func:`generic_markdown` instead.
+    Measured rows (status ``ok``) fill the table; a failed one (out of memory, over its time
+    limit) is a row with its status in place of the numbers, so a baseline that could not run at
+    a size says so. Rows that are not in ``torchfg bench``'s format (another script's CSV) go
+    through :func:`generic_markdown` instead. A ``launches`` column appears when rows carry one.
     """
     rows = list(rows)
     if rows and not {"case", "n", "median_ms"} <= set(rows[0]):
         return generic_markdown(rows)
-    groups: dict[tuple[str, str, str], list[Mapping[str, str]]] = defaultdict(list)
+    groups: dict[tuple[str, str, str, str], list[Mapping[str, str]]] = defaultdict(list)
     for row in rows:
-        if row.get("status", "ok") != "ok":
+        if row.get("status", "ok").startswith("skipped"):
             continue
-        groups[(row.get("device", "?"), row.get("dtype", "?"), row.get("op", "?"))].append(row)
+        key = (row.get("device", "?"), row.get("dtype", "?"), row.get("op", "?"), row.get("params") or "")
+        groups[key].append(row)
     parts: list[str] = []
-    for (device, dtype, op), group in groups.items():
+    for (device, dtype, op, params), group in groups.items():
         group = sorted(group, key=lambda r: (_int(r.get("n", "0")), _int(r.get("d", "0"))))
         first = group[0]
         setting = f"**{op}** on {device}, {dtype}"
+        if params:
+            setting += f", {params.replace(';', ', ')}"
         if first.get("threads"):
             setting += f", {first['threads']} thread(s)"
         floor = (first.get("floor") or "n/a").split(" (")[0]
-        parts.append(f"{setting}. FLOP model: `{first.get('flop_model') or 'n/a'}`; floor: `{floor}`.")
+        line = f"{setting}. FLOP model: `{first.get('flop_model') or 'n/a'}`; floor: `{floor}`."
+        loads = sorted({r.get("load_avg", "") for r in group} - {""}, key=float)
+        if loads:
+            line += f" 1-minute load average: {loads[0] if len(loads) == 1 else f'{loads[0]} to {loads[-1]}'}."
+        parts.append(line)
         notes = sorted({r.get("note", "") for r in group} - {""})
         if notes:
             parts.append("")
             parts.append("Note: " + "; ".join(notes))
+        launches = any(r.get("launches") for r in group)
         parts.append("")
-        parts.append(HEADER)
-        parts.append(RULE)
+        parts.append(HEADER + (" launches / step |" if launches else ""))
+        parts.append(RULE + ("---:|" if launches else ""))
         for r in group:
-            timing = f"{_short(r.get('median_ms'))} ({_short(r.get('p20_ms'))}-{_short(r.get('p80_ms'))})"
-            cells = [r.get("n", ""), r.get("d", ""), r.get("case", ""), timing,
-                     _short(r.get("tflops")) or "-", _short(r.get("floor_ratio")) or "-",
-                     _short(r.get("peak_extra_mib")) or "-"]
+            status = r.get("status", "ok")
+            if status != "ok":
+                cells = [r.get("n", ""), r.get("d", ""), r.get("case", ""), _cell(status), "-", "-", "-"]
+            else:
+                timing = f"{_short(r.get('median_ms'))} ({_short(r.get('p20_ms'))}-{_short(r.get('p80_ms'))})"
+                cells = [r.get("n", ""), r.get("d", ""), r.get("case", ""), timing,
+                         _short(r.get("tflops")) or "-", _short(r.get("floor_ratio")) or "-",
+                         _short(r.get("peak_extra_mib")) or "-"]
+            if launches:
+                cells.append(r.get("launches") or "-")
             parts.append("| " + " | ".join(cells) + " |")
         parts.append("")
     return "\n".join(parts).rstrip("\n")

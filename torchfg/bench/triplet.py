@@ -1,7 +1,7 @@
 """Benchmark of batch-hard triplet loss (:func:`torchfg.functional.triplet_margin_loss`), forward + backward.
 
-The batch has N embeddings of width D in classes of 4 (P x K sampling with K = 4), euclidean
-distance, margin 0.2. FLOP model: 2 N^2 D, the one N x N distance matrix any exact miner has to
+The batch has N embeddings of width D in classes of 4 (P x K sampling with K = 4; parameter
+``per_class``), euclidean distance, margin 0.2 (parameter ``margin``). FLOP model: 2 N^2 D, the one N x N distance matrix any exact miner has to
 compute; it is the same for every case, so TFLOP/s compares their times directly. torchfg's
 backward touches only the selected pairs (O(N D)); the baselines backpropagate through the
 whole distance matrix.
@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import torch
 
+from torchfg._validation import check_int, check_number
 from torchfg.bench.core import Case, OpBench, Problem, api_available, module_installed, triton_available
 
 MARGIN = 0.2
@@ -32,9 +33,19 @@ def class_labels(n: int, per_class: int, gen: torch.Generator) -> torch.Tensor:
     return labels[torch.randperm(n, generator=gen)]
 
 
-def make_problem(n: int, d: int, dtype: torch.dtype, device: torch.device, seed: int = 0) -> Problem:
-    """The :class:`Problem` of size ``n``: N embeddings of width D in classes of 4."""
-    return Problem("triplet", n, n, d, dtype, device, seed, {"per_class": PER_CLASS, "margin": MARGIN})
+def make_problem(
+    n: int,
+    d: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    seed: int = 0,
+    *,
+    per_class: int = PER_CLASS,
+    margin: float = MARGIN,
+) -> Problem:
+    """The :class:`Problem` of size ``n``: N embeddings of width D in classes of ``per_class``."""
+    params = {"per_class": check_int(per_class, "per_class", 2), "margin": check_number(margin, "margin", low=0)}
+    return Problem("triplet", n, n, d, dtype, device, seed, dict(params), params)
 
 
 def _inputs(problem: Problem) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,8 +71,9 @@ def _torchfg(backend: str) -> Callable[[Problem], Callable[[], Any]]:
     def setup(problem: Problem) -> Callable[[], Any]:
         from torchfg.functional import triplet_margin_loss
 
+        margin = problem.extra["margin"]
         return _loss_and_grad(
-            lambda x, y: triplet_margin_loss(x, y, margin=MARGIN, mining="batch_hard", backend=backend), problem
+            lambda x, y: triplet_margin_loss(x, y, margin=margin, mining="batch_hard", backend=backend), problem
         )
 
     return setup
@@ -88,13 +100,35 @@ def batch_hard_cdist(x: torch.Tensor, labels: torch.Tensor, margin: float) -> to
 
 
 def _cdist(problem: Problem) -> Callable[[], Any]:
-    return _loss_and_grad(lambda x, y: batch_hard_cdist(x, y, MARGIN), problem)
+    margin = problem.extra["margin"]
+    return _loss_and_grad(lambda x, y: batch_hard_cdist(x, y, margin), problem)
+
+
+def pml_batch_hard(margin: float) -> Callable[..., torch.Tensor]:
+    """pytorch-metric-learning's batch-hard triplet loss: the PML baseline of ``triplet`` and ``xbm``.
+
+    ``BatchHardMiner`` + ``TripletMarginLoss`` with un-normalised euclidean distances
+    (``LpDistance(normalize_embeddings=False)``) and a mean over the mined triplets, which is
+    torchfg's definition. Returns the loss module; call it as ``loss(x, labels, miner(x, labels))``
+    through :func:`pml_batch_hard_loss`.
+    """
+    from pytorch_metric_learning import losses, reducers
+    from pytorch_metric_learning.distances import LpDistance
+
+    distance = LpDistance(normalize_embeddings=False)
+    return losses.TripletMarginLoss(margin=margin, distance=distance, reducer=reducers.MeanReducer())
+
+
+def pml_batch_hard_miner() -> Callable[..., Any]:
+    """PML's ``BatchHardMiner`` on un-normalised euclidean distances (see :func:`pml_batch_hard`)."""
+    from pytorch_metric_learning import miners
+    from pytorch_metric_learning.distances import LpDistance
+
+    return miners.BatchHardMiner(distance=LpDistance(normalize_embeddings=False))
 
 
 def _pml(problem: Problem) -> Callable[[], Any]:
-    from pytorch_metric_learning import losses, miners
-
-    miner, loss_fn = miners.BatchHardMiner(), losses.TripletMarginLoss(margin=MARGIN)
+    loss_fn, miner = pml_batch_hard(problem.extra["margin"]), pml_batch_hard_miner()
     return _loss_and_grad(lambda x, y: loss_fn(x, y, miner(x, y)), problem)
 
 
@@ -110,7 +144,7 @@ def cases() -> list[Case]:
 
 BENCH = OpBench(
     name="triplet",
-    title=f"batch-hard triplet loss (euclidean, margin {MARGIN}, classes of {PER_CLASS}), forward + backward",
+    title="batch-hard triplet loss (euclidean), forward + backward",
     flop_model="2*N*N*D (one distance matrix; backward of the selected pairs is O(N*D))",
     flops=lambda p: 2.0 * p.n * p.n * p.d,
     make_problem=make_problem,
@@ -119,4 +153,5 @@ BENCH = OpBench(
     default_dim={"cpu": 128, "cuda": 512},
     shape=lambda p: f"embeddings ({p.n}, {p.d}), labels ({p.n},)",
     requires=api_available("torchfg.functional", "triplet_margin_loss"),
+    params={"per_class": PER_CLASS, "margin": MARGIN},
 )

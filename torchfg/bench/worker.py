@@ -2,7 +2,7 @@
 
 Used by ``torchfg bench --isolate``: the peak resident set size of a CPU process only says
 something about one measurement when nothing else ran in that process before it. Prints one JSON
-line, ``{"measurement": {...}, "floor_ms": ...}`` or ``{"error": "..."}``.
+line, ``{"measurement": {...}, "floor_ms": ..., "launches": ...}`` or ``{"error": "..."}``.
 """
 
 from __future__ import annotations
@@ -25,20 +25,27 @@ def main(argv: list[str] | None = None) -> int:
         op = load_op(request["op"])
         case = _find_case(op, request["case"])
         problem = op.make_problem(
-            request["n"], request["d"], parse_dtype(request["dtype"]), torch.device(request["device"]), request["seed"]
+            request["n"],
+            request["d"],
+            parse_dtype(request["dtype"]),
+            torch.device(request["device"]),
+            request["seed"],
+            **request.get("params", {}),
         )
-        m, floor_ms = measure_case_and_floor(
+        run = measure_case_and_floor(
             op,
             case,
             problem,
             warmup=request["warmup"],
             repeat=request["repeat"],
             max_seconds=request["max_seconds"],
+            launches=request.get("launches", False),
         )
     except Exception as exc:  # reported to the parent, which records the case as failed
         print(json.dumps({"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}))
         return 0
-    print(json.dumps({"measurement": measurement_to_json(m), "floor_ms": floor_ms}))
+    print(json.dumps({"measurement": measurement_to_json(run.measurement), "floor_ms": run.floor_ms,
+                      "launches": run.launches}))
     return 0
 
 

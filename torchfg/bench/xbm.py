@@ -1,32 +1,26 @@
 """Benchmark of cross-batch memory (:class:`torchfg.losses.CrossBatchMemory`), one training step.
 
-A batch of B embeddings (B = 4096 on CUDA, 256 on the CPU) in classes of 4 is enqueued into a
-memory of M rows (the benchmark's size; filled beforehand with random rows of the same classes)
-and mined against all M rows, batch-hard, euclidean, margin 0.2; forward + backward. FLOP model:
-2 B M D, the one B x M distance product any exact miner computes; the floor is ``x @ memory.T``.
-The baseline is pytorch-metric-learning's ``CrossBatchMemory(TripletMarginLoss, BatchHardMiner)``,
-which builds the B x M matrix.
+A batch of B embeddings (parameter ``batch``; 0, the default, means 4096 on CUDA and 256 on the
+CPU) in classes of 4 is enqueued into a memory of M rows (the benchmark's size N; filled
+beforehand with random rows of the same classes) and mined against all M rows, batch-hard,
+euclidean, margin 0.2; forward + backward. FLOP model: 2 B M D, the one B x M distance product
+any exact miner computes; the floor is ``x @ memory.T``. The baseline is pytorch-metric-learning's
+``CrossBatchMemory(TripletMarginLoss, BatchHardMiner)``, which builds the B x M matrix.
 
-:func:`profile_step` counts what one step launches and allocates (used by
-``tests/test_step_budget.py`` and ``benchmarks/bench_xbm.py``): Triton launches are counted at the
-launcher, ATen ops that launch a kernel on a GPU through a ``TorchDispatchMode`` (views, empty
-allocations and metadata ops excluded; the inside of torchfg's custom ops included), and the bytes
-of every new tensor storage.
+(:func:`profile_step`, which counts what a step launches and allocates, lives in
+:mod:`torchfg.bench.profile`; it is re-exported here for older imports.)
 """
 
 from __future__ import annotations
 
-import collections
-import contextlib
-import dataclasses
-import weakref
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from torchfg._validation import check_int
 from torchfg.bench.core import Case, OpBench, Problem, api_available, module_installed, triton_available
-from torchfg.bench.triplet import class_labels
+from torchfg.bench.profile import StepProfile, profile_step
+from torchfg.bench.triplet import class_labels, pml_batch_hard, pml_batch_hard_miner
 
 __all__ = ["StepProfile", "profile_step", "BENCH"]
 
@@ -34,157 +28,30 @@ MARGIN = 0.2
 PER_CLASS = 4
 BATCH = {"cuda": 4096, "cpu": 256}
 
-# ATen ops that launch no kernel: allocation without initialisation, metadata, aliasing.
-_NO_KERNEL = {
-    "aten.empty.memory_format", "aten.empty_strided.default", "aten.empty_like.default", "aten.new_empty.default",
-    "aten.new_empty_strided.default", "aten.detach.default", "aten.alias.default", "aten.lift_fresh.default",
-    "aten.to.dtype", "aten.to.device", "aten.to.dtype_layout", "aten._local_scalar_dense.default",
-    "aten.sym_size.int", "aten.sym_stride.int", "aten.sym_numel.default", "aten.is_same_size.default",
-    "aten.set_.source_Storage_storage_offset", "aten.resize_.default",
-}
-
-
-@dataclasses.dataclass
-class StepProfile:
-    """What one step launched and allocated.
-
-    Attributes:
-        triton: Triton launches by kernel name.
-        aten: ATen ops that launch a GPU kernel, by op name.
-        host_syncs: device-to-host reads (``.item()``, ``bool(tensor)``, ...).
-        allocated_bytes: bytes of every new tensor storage, summed over the step.
-        peak_live_bytes: peak of the bytes of the step's tensors alive at once.
-    """
-
-    triton: collections.Counter = dataclasses.field(default_factory=collections.Counter)
-    aten: collections.Counter = dataclasses.field(default_factory=collections.Counter)
-    host_syncs: int = 0
-    allocated_bytes: int = 0
-    peak_live_bytes: int = 0
-
-    @property
-    def launches(self) -> int:
-        """Kernel launches of the step: Triton kernels plus ATen kernels."""
-        return sum(self.triton.values()) + sum(self.aten.values())
-
-
-class _Recorder(TorchDispatchMode):
-    def __init__(self, profile: StepProfile) -> None:
-        super().__init__()
-        self.profile = profile
-        self.in_kernel = 0
-        self.live = 0
-
-    def _release(self, nbytes: int) -> None:
-        self.live -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func.namespace == "torchfg":
-            # A custom op is opaque to the mode: run its Python implementation under the mode so
-            # that what it launches and allocates is counted.
-            from torch._library.custom_ops import _maybe_get_opdef
-
-            with self:
-                return _maybe_get_opdef(func)._init_fn(*args, **kwargs)
-        out = func(*args, **kwargs)
-        if self.in_kernel:  # the Triton interpreter's own tensor traffic is not the step's
-            return out
-        name = str(func)
-        if name == "aten._local_scalar_dense.default":
-            self.profile.host_syncs += 1
-        if not func.is_view and name not in _NO_KERNEL:
-            self.profile.aten[name] += 1
-        if not func.is_view:
-            inputs = {t.untyped_storage().data_ptr() for t in _tensors((args, kwargs))}
-            for t in _tensors(out):
-                storage = t.untyped_storage()
-                if storage.data_ptr() in inputs or storage.nbytes() == 0:
-                    continue  # in-place or out= results reuse an input's storage
-                inputs.add(storage.data_ptr())
-                self.profile.allocated_bytes += storage.nbytes()
-                self.live += storage.nbytes()
-                self.profile.peak_live_bytes = max(self.profile.peak_live_bytes, self.live)
-                weakref.finalize(t, self._release, storage.nbytes())
-        return out
-
-
-def _tensors(tree: Any) -> Iterator[torch.Tensor]:
-    if isinstance(tree, torch.Tensor):
-        yield tree
-    elif isinstance(tree, (list, tuple)):
-        for item in tree:
-            yield from _tensors(item)
-    elif isinstance(tree, dict):
-        for item in tree.values():
-            yield from _tensors(item)
-
-
-@contextlib.contextmanager
-def _count_triton(recorder: _Recorder) -> Iterator[None]:
-    """Count Triton launches (compiled: ``JITFunction.run``; interpreted: ``GridExecutor``)."""
-    patches = []
-    try:
-        from triton.runtime import interpreter, jit
-    except ImportError:  # no triton: nothing to count
-        yield
-        return
-
-    def wrap(owner: type, attr: str, name_of: Callable[[Any], str], is_launch: Callable[..., bool]) -> None:
-        original = getattr(owner, attr)
-
-        def counted(self, *args, **kwargs):
-            if not is_launch(kwargs):
-                return original(self, *args, **kwargs)
-            if not recorder.in_kernel:
-                recorder.profile.triton[name_of(self)] += 1
-            recorder.in_kernel += 1
-            try:
-                return original(self, *args, **kwargs)
-            finally:
-                recorder.in_kernel -= 1
-
-        setattr(owner, attr, counted)
-        patches.append((owner, attr, original))
-
-    wrap(interpreter.GridExecutor, "__call__", lambda ex: getattr(ex.fn, "__name__", "kernel"), lambda kw: True)
-    wrap(jit.JITFunction, "run", lambda fn: fn.fn.__name__, lambda kw: not kw.get("warmup", False))
-    try:
-        yield
-    finally:
-        for owner, attr, original in reversed(patches):
-            setattr(owner, attr, original)
-
-
-def profile_step(step: Callable[[], Any]) -> StepProfile:
-    """Run ``step()`` once (e.g. a loss and its backward) and return what it launched and allocated.
-
-    Example:
-        >>> x = torch.randn(8, 4, requires_grad=True)
-        >>> p = profile_step(lambda: (x * 2).sum().backward())
-        >>> sorted(p.aten.elements())
-        ['aten.mul.Tensor', 'aten.mul.Tensor', 'aten.ones_like.default', 'aten.sum.default']
-    """
-    profile = StepProfile()
-    recorder = _Recorder(profile)
-    with _count_triton(recorder), recorder:
-        step()
-    return profile
-
-
 # ----------------------------------------------------------------------------- benchmark cases
 
 
-def make_problem(m: int, d: int, dtype: torch.dtype, device: torch.device, seed: int = 0) -> Problem:
-    """A batch of B (``BATCH`` of the device type, at most M) against a memory of M rows."""
-    batch = min(BATCH.get(torch.device(device).type, BATCH["cpu"]), m)
-    return Problem("xbm", batch, m, d, dtype, device, seed, {"per_class": PER_CLASS, "margin": MARGIN})
+def make_problem(
+    m: int,
+    d: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    seed: int = 0,
+    *,
+    batch: int = 0,
+    per_class: int = PER_CLASS,
+) -> Problem:
+    """A batch of B rows (``batch``; 0: ``BATCH`` of the device type), at most M, against a memory of M rows."""
+    params = {"batch": check_int(batch, "batch", 0), "per_class": check_int(per_class, "per_class", 2)}
+    b = min(params["batch"] or BATCH.get(torch.device(device).type, BATCH["cpu"]), m)
+    extra = {"per_class": params["per_class"], "margin": MARGIN}
+    return Problem("xbm", b, m, d, dtype, device, seed, extra, params)
 
 
 def _inputs(problem: Problem) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     gen = problem.generator()
     x = problem.randn(problem.n, problem.d, requires_grad=True, gen=gen)
-    classes = max(problem.m // PER_CLASS, 1)
+    classes = max(problem.m // problem.extra["per_class"], 1)
     labels = class_labels(problem.n, problem.extra["per_class"], gen) % classes
     memory = problem.randn(problem.m, problem.d, gen=gen)
     memory_labels = torch.randint(0, classes, (problem.m,), generator=gen)
@@ -217,13 +84,10 @@ def _torchfg(backend: str) -> Callable[[Problem], Callable[[], Any]]:
 
 
 def _pml(problem: Problem) -> Callable[[], Any]:
-    from pytorch_metric_learning import losses, miners
-    from pytorch_metric_learning.distances import LpDistance
-    from pytorch_metric_learning.reducers import MeanReducer
+    from pytorch_metric_learning import losses
 
-    distance = LpDistance(normalize_embeddings=False)
-    loss = losses.TripletMarginLoss(margin=MARGIN, distance=distance, reducer=MeanReducer())
-    xbm = losses.CrossBatchMemory(loss, problem.d, memory_size=problem.m, miner=miners.BatchHardMiner(distance=distance))
+    loss = pml_batch_hard(MARGIN)
+    xbm = losses.CrossBatchMemory(loss, problem.d, memory_size=problem.m, miner=pml_batch_hard_miner())
     run, memory, memory_labels = _step(xbm, problem)
     xbm.embedding_memory = memory.clone()
     xbm.label_memory = memory_labels.clone()
@@ -242,7 +106,7 @@ def cases() -> list[Case]:
 
 BENCH = OpBench(
     name="xbm",
-    title=f"cross-batch memory, batch-hard triplet loss (margin {MARGIN}), batch against a memory of N rows, "
+    title=f"cross-batch memory, batch-hard triplet loss (margin {MARGIN}), batch B against a memory of M = N rows, "
     "forward + backward",
     flop_model="2*B*M*D (batch x memory distance product)",
     flops=lambda p: 2.0 * p.n * p.m * p.d,
@@ -252,4 +116,5 @@ BENCH = OpBench(
     default_dim={"cpu": 128, "cuda": 512},
     shape=lambda p: f"batch ({p.n}, {p.d}), memory ({p.m}, {p.d}), labels ({p.n},)",
     requires=api_available("torchfg.losses", "CrossBatchMemory"),
+    params={"batch": 0, "per_class": PER_CLASS},
 )

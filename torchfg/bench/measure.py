@@ -1,4 +1,4 @@
-"""Timing and memory measurement shared by `torchfg bench` and the scripts in benchmarks/.
+"""Timing, memory and CSV helpers of the benchmark engine (``torchfg bench`` and its presets).
 
 Times are medians with p20/p80 over repeated runs (CUDA events on GPU, perf_counter on CPU).
 Peak extra memory is the allocator's peak above what was allocated before the call on GPU. On
@@ -247,28 +247,61 @@ def environment_fields(device: torch.device | str) -> dict[str, str]:
 
 
 def append_csv(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> None:
-    """Append rows to a CSV, writing the header when the file is new. Columns are the union of keys."""
-    rows = list(rows)
+    """Append rows to a CSV and flush them to disk before returning; the header is written when the file is new.
+
+    Rows are appended to the end of the file (never a rewrite), flushed and fsynced, so a run
+    killed right after this call (``timeout``, SIGKILL, an out-of-memory kill) keeps every row
+    written so far. Only when a row brings a column the header lacks is the file rewritten with
+    the union of the columns, through a temporary file and an atomic rename, so that an
+    interruption leaves either the old file or the new one.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "r.csv"
+        >>> append_csv(path, [{"case": "a", "ms": 1.5}])
+        >>> append_csv(path, [{"case": "b", "ms": 2.0, "note": "x"}])
+        >>> path.read_text().splitlines()
+        ['case,ms,note', 'a,1.5,', 'b,2.0,x']
+    """
+    rows = [{k: (asdict(v) if isinstance(v, Measurement) else v) for k, v in r.items()} for r in rows]
     if not rows:
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fields: list[str] = []
+    header: list[str] = []
     if path.exists() and path.stat().st_size > 0:
         with path.open(newline="") as f:
-            fields = next(csv.reader(f), [])
+            header = next(csv.reader(f), [])
+    fields = list(header)
     for row in rows:
-        for key in row:
-            if key not in fields:
-                fields.append(key)
-    existing: list[dict[str, str]] = []
-    if path.exists() and path.stat().st_size > 0:
+        fields += [key for key in row if key not in fields]
+    if header and fields != header:
+        # A new column: rewrite the whole file under the wider header, atomically.
         with path.open(newline="") as f:
             existing = list(csv.DictReader(f))
-    with path.open("w", newline="") as f:
+        tmp = path.with_name(path.name + ".tmp")
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(existing + rows)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return
+    if header:
+        _ensure_trailing_newline(path)
+    with path.open("a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        for row in existing + [
-            {k: (asdict(v) if isinstance(v, Measurement) else v) for k, v in r.items()} for r in rows
-        ]:
-            writer.writerow(row)
+        if not header:
+            writer.writeheader()
+        writer.writerows(rows)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _ensure_trailing_newline(path: Path) -> None:
+    """A file cut mid-line (by hand, or an old writer killed mid-write) must not merge with the next row."""
+    with path.open("rb+") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) not in (b"\n", b"\r"):
+            f.write(b"\r\n")
