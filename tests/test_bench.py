@@ -182,6 +182,15 @@ def test_worker_and_isolated_run():
     assert run.floor_ms is not None and run.floor_ms > 0 and run.launches is None
 
 
+def test_isolated_run_rebuilds_a_problem_whose_n_is_not_its_size():
+    """xbm's size N is the memory (m), its n the batch: the worker must rebuild that problem, not an N-row batch."""
+    (result,) = run_benchmarks(["xbm"], sizes=[40], dim=4, device="cpu", repeat=1, warmup=0, params={"batch": 8},
+                               cases=["torchfg[torch]"], isolate=True)
+    assert result.status == "ok", result.status
+    assert (result.n, result.m, result.size) == (8, 40, 40) and result.floor == "x @ y.T (8x4 @ 4x40)"
+    assert "\n     40 torchfg[torch]" in format_table([result])
+
+
 def test_launches_are_counted_per_step():
     (result,) = run_benchmarks(["knn"], sizes=[24], dim=8, device="cpu", repeat=1, warmup=0, params={"k": 3},
                                cases=["torch.cdist+topk"], launches=True)
@@ -356,6 +365,14 @@ def test_markdown_tables_from_csv(tmp_path):
     bench_report.write_csv(path, results)
     text = csv_to_markdown(path)
     assert "**pairwise** on CPU" in text and "| 16 | 4 | torch.cdist |" in text
+    # A batch against a memory: the table shows M; a failed case is a row that says why.
+    xbm = run_benchmarks(["xbm"], sizes=[40], dim=4, device="cpu", repeat=1, warmup=0, params={"batch": 8},
+                         cases=["torchfg[torch]"], launches=True)
+    xbm[0].status, xbm[0].measurement = "error: MemoryError: over the memory limit", None
+    bench_report.write_csv(path, results + xbm)
+    text = csv_to_markdown(path)
+    assert "| N | M | D | case |" in text and "launches / step" in text
+    assert "| 8 | 40 | 4 | torchfg[torch] | error: MemoryError: over the memory limit |" in text
 
 
 @pytest.mark.parametrize(

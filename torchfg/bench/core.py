@@ -103,6 +103,16 @@ class Problem:
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)
+    size: int = 0
+
+    @property
+    def requested_size(self) -> int:
+        """The N this problem was made for (``make_problem``'s first argument; ``n`` unless set).
+
+        It differs from ``n`` where N sizes something else: ``xbm``'s N is the memory (``m``),
+        its ``n`` the batch.
+        """
+        return self.size or self.n
 
     def params_text(self) -> str:
         """``"k=10;metric=euclidean"``: the parameters as stored in the CSV's ``params`` column."""
@@ -207,6 +217,7 @@ class Result:
     env: dict[str, str] = field(default_factory=dict)
     params: str = ""
     launches: int | None = None
+    size: int = 0
 
     @property
     def tflops(self) -> float | None:
@@ -331,7 +342,7 @@ def _find_case(op: OpBench, case_name: str) -> Case:
 
 def _warm_libraries(op: OpBench, case: Case, problem: Problem) -> None:
     """Run the case once on a tiny problem: loads libraries and compiles kernels outside the window."""
-    tiny = op.make_problem(min(problem.n, 32), problem.d, problem.dtype, problem.device, problem.seed, **problem.params)
+    tiny = op.make_problem(min(problem.requested_size, 32), problem.d, problem.dtype, problem.device, problem.seed, **problem.params)
     fn = case.setup(tiny)
     fn()
     del fn
@@ -446,7 +457,7 @@ def _measure_isolated(
     request = {
         "op": op.name,
         "case": case.name,
-        "n": problem.n,
+        "n": problem.requested_size,
         "d": problem.d,
         "dtype": dtype_name(problem.dtype),
         "device": str(problem.device),
@@ -475,6 +486,9 @@ def _measure_isolated(
             raise MemoryError(f"over the memory limit of {memory_limit_bytes / 2**30:g} GiB (exit {proc.returncode}): {tail[0]}")
         raise RuntimeError(f"isolated run failed (exit {proc.returncode}): {tail[0]}")
     reply = json.loads(lines[-1])
+    if "error" not in reply and reply.get("shape") != [problem.n, problem.m, problem.d]:
+        # The worker must rebuild exactly this problem, or its numbers belong to another one.
+        raise RuntimeError(f"the isolated run measured shape {reply.get('shape')}, not {[problem.n, problem.m, problem.d]}")
     if "error" in reply:
         error = reply["error"]
         if memory_limit_bytes and ("can't allocate memory" in error or error.startswith("MemoryError")
@@ -606,7 +620,7 @@ def run_benchmarks(
             continue
         op_params = _op_params(op, params)
         for n in sizes or op.default_sizes[device.type]:
-            problem = op.make_problem(n, d, dtype, device, seed, **op_params)
+            problem = dataclasses.replace(op.make_problem(n, d, dtype, device, seed, **op_params), size=n)
             for case in selected:
                 plan.append((op, problem, case, ""))
 
@@ -664,6 +678,7 @@ def _run_one(
         gpu_kernel=case.gpu_kernel,
         env=env,
         params=problem.params_text(),
+        size=problem.requested_size,
     )
     skip = _gpu_or_unavailable_skip(case, problem.device, problem.dtype)
     ok, why = case.supports(problem)

@@ -48,16 +48,16 @@ def format_table(results: Sequence[Result]) -> str:
         lines.append(header)
         previous_n = None
         for r in rows:
-            if previous_n is not None and r.n != previous_n:
+            if previous_n is not None and (r.size or r.n) != previous_n:
                 lines.append("")
-            previous_n = r.n
+            previous_n = r.size or r.n
             m = r.measurement
             if m is None:
-                lines.append(f"{r.n:>7} {r.case:<26} {'-':>11} {'-':>21} {'-':>8} {'-':>8} {'-':>9}  {r.status}")
+                lines.append(f"{r.size or r.n:>7} {r.case:<26} {'-':>11} {'-':>21} {'-':>8} {'-':>8} {'-':>9}  {r.status}")
                 continue
             spread = f"{m.p20_ms:.4g}-{m.p80_ms:.4g}"
             lines.append(
-                f"{r.n:>7} {r.case:<26} {m.median_ms:>11.4g} {spread:>21} {_fmt(r.tflops, '.3g'):>8} "
+                f"{r.size or r.n:>7} {r.case:<26} {m.median_ms:>11.4g} {spread:>21} {_fmt(r.tflops, '.3g'):>8} "
                 f"{_fmt(r.floor_ratio, '.3g'):>8} {m.peak_extra_bytes / 2**20:>9.1f}  ok (floor {_fmt(r.floor_ms, '.4g')} ms)"
             )
         lines.append("")
@@ -115,7 +115,7 @@ def plot_results(results: Sequence[Result], path: str | os.PathLike) -> Path:
         rows = [r for r in measured if r.op == op_name]
         time_ax, mem_ax = axes[0][col], axes[1][col]
         for case in dict.fromkeys(r.case for r in rows):
-            pts = sorted((r.n, r.measurement.median_ms, r.measurement.p20_ms, r.measurement.p80_ms,
+            pts = sorted((r.size or r.n, r.measurement.median_ms, r.measurement.p20_ms, r.measurement.p80_ms,
                           r.measurement.peak_extra_bytes / 2**20) for r in rows if r.case == case)
             ns = [p[0] for p in pts]
             line = time_ax.plot(ns, [p[1] for p in pts], marker="o", label=case)[0]
@@ -125,7 +125,7 @@ def plot_results(results: Sequence[Result], path: str | os.PathLike) -> Path:
         floor_times: dict[int, list[float]] = defaultdict(list)
         for r in rows:
             if r.floor_ms:
-                floor_times[r.n].append(r.floor_ms)
+                floor_times[r.size or r.n].append(r.floor_ms)
         floor = [(n, statistics.median(times)) for n, times in sorted(floor_times.items())]
         if floor:
             time_ax.plot([f[0] for f in floor], [f[1] for f in floor], "k--", label=f"floor: {rows[0].floor.split(' (')[0]}")

@@ -105,7 +105,7 @@ def rows_to_markdown(rows: Iterable[Mapping[str, str]]) -> str:
         groups[key].append(row)
     parts: list[str] = []
     for (device, dtype, op, params), group in groups.items():
-        group = sorted(group, key=lambda r: (_int(r.get("n", "0")), _int(r.get("d", "0"))))
+        group = sorted(group, key=lambda r: (_int(r.get("n", "0")), _int(r.get("m", "0")), _int(r.get("d", "0"))))
         first = group[0]
         setting = f"**{op}** on {device}, {dtype}"
         if params:
@@ -123,16 +123,22 @@ def rows_to_markdown(rows: Iterable[Mapping[str, str]]) -> str:
             parts.append("")
             parts.append("Note: " + "; ".join(notes))
         launches = any(r.get("launches") for r in group)
+        # Rows of N against M candidates (cross-batch memory: a batch against a memory) show M too.
+        with_m = any(r.get("m") not in (None, "", r.get("n")) for r in group)
+        header, rule = HEADER, RULE
+        if with_m:
+            header, rule = header.replace("| N |", "| N | M |", 1), rule.replace("|---:|", "|---:|---:|", 1)
         parts.append("")
-        parts.append(HEADER + (" launches / step |" if launches else ""))
-        parts.append(RULE + ("---:|" if launches else ""))
+        parts.append(header + (" launches / step |" if launches else ""))
+        parts.append(rule + ("---:|" if launches else ""))
         for r in group:
             status = r.get("status", "ok")
+            sizes = [r.get("n", "")] + ([r.get("m", "")] if with_m else []) + [r.get("d", "")]
             if status != "ok":
-                cells = [r.get("n", ""), r.get("d", ""), r.get("case", ""), _cell(status), "-", "-", "-"]
+                cells = [*sizes, r.get("case", ""), _cell(status), "-", "-", "-"]
             else:
                 timing = f"{_short(r.get('median_ms'))} ({_short(r.get('p20_ms'))}-{_short(r.get('p80_ms'))})"
-                cells = [r.get("n", ""), r.get("d", ""), r.get("case", ""), timing,
+                cells = [*sizes, r.get("case", ""), timing,
                          _short(r.get("tflops")) or "-", _short(r.get("floor_ratio")) or "-",
                          _short(r.get("peak_extra_mib")) or "-"]
             if launches:

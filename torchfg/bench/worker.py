@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}))
         return 0
     print(json.dumps({"measurement": measurement_to_json(run.measurement), "floor_ms": run.floor_ms,
-                      "launches": run.launches}))
+                      "launches": run.launches, "shape": [problem.n, problem.m, problem.d]}))
     return 0
 
 
