@@ -441,6 +441,74 @@ def test_gpu_sized_tiles():
     assert torch.equal(neg.cpu(), first_argmax(-pos_key, neg_valid).cpu())
 
 
+@pytest.mark.parametrize("m", [64, 67])
+@pytest.mark.parametrize("per_split", [32, 40, None])
+def test_interior_tiles_without_masks_and_partial_last_tiles(m, per_split):
+    # m = 64 with splits of 32: every tile is whole (EVEN_N, no column mask anywhere); m = 67 or
+    # splits of 40: the last tile of a split is partial and is the only one that masks.
+    gen = torch.Generator().manual_seed(m + (per_split or 0))
+    x = torch.randint(-2, 3, (m, 9), generator=gen).float().to(TEST_DEVICE)
+    y = torch.randint(0, 4, (m,), generator=gen).to(TEST_DEVICE)
+    n = 37
+    tiles = TileConfig(block_m=16, block_n=16, block_d=16, block_t=16, num_warps=1, num_stages=1,
+                       candidates_per_split=per_split, flatten=True, maxnreg=128)
+    for offset in (-1, m - n):
+        anchors = x[offset:offset + n] if offset >= 0 else x[:n].flip(0).contiguous()
+        labels = y[offset:offset + n] if offset >= 0 else y[:n].flip(0).contiguous()
+        options = {**_BASIC, "metric": "sqeuclidean", "self_offset": offset}
+        pos, neg = run_kernel(anchors, x, labels, y, None, None, tiles, **options)
+        pos_key, pos_valid, _, neg_valid = brute_force_keys(anchors, x, labels, y, None, None, **options)
+        assert torch.equal(pos.cpu(), first_argmax(pos_key, pos_valid).cpu())
+        assert torch.equal(neg.cpu(), first_argmax(-pos_key, neg_valid).cpu())
+
+
+@pytest.mark.parametrize("high_words", ["differ", "same_nonzero", "negative", "differ_in_one_split"])
+def test_64_bit_labels_compare_both_words(high_words):
+    # Labels whose low 32 bits collide must still differ: a program that sees one high word
+    # compares low words only, one that sees several compares both words.
+    gen = torch.Generator().manual_seed(3)
+    m = 48
+    x = torch.randint(-2, 3, (m, 5), generator=gen).float().to(TEST_DEVICE)
+    low = torch.randint(0, 3, (m,), generator=gen)
+    if high_words == "differ":
+        high = torch.randint(0, 3, (m,), generator=gen)
+    elif high_words == "same_nonzero":
+        high = torch.full((m,), 5)
+    elif high_words == "negative":
+        high = torch.full((m,), -1)
+    else:
+        high = (torch.arange(m) >= 32).long() * torch.randint(0, 3, (m,), generator=gen)
+    y = (high * 2**32 + low).to(TEST_DEVICE)
+    options = {**_BASIC, "metric": "sqeuclidean"}
+    tiles = TileConfig(block_m=16, block_n=16, block_d=16, block_t=16, num_warps=1, num_stages=1,
+                       candidates_per_split=16)
+    pos, neg = run_kernel(x, x, y, y, None, None, tiles, **options)
+    pos_key, pos_valid, _, neg_valid = brute_force_keys(x, x, y, y, None, None, **options)
+    assert torch.equal(pos.cpu(), first_argmax(pos_key, pos_valid).cpu())
+    assert torch.equal(neg.cpu(), first_argmax(-pos_key, neg_valid).cpu())
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
+def test_narrow_label_types_match_int64(dtype):
+    x, y = _cluster_batch(seed=9)
+    expected = run_kernel(x, x, y, y, None, None, TILES[2], **_BASIC)
+    got = run_kernel(x, x, y.to(dtype), y.to(dtype), None, None, TILES[2], **_BASIC)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    mixed = run_kernel(x, x, y.to(dtype), y, None, None, TILES[2], **_BASIC)
+    assert torch.equal(mixed[0], expected[0]) and torch.equal(mixed[1], expected[1])
+
+
+def test_gpu_config_table_is_complete():
+    # Every (kind, operand width) the launcher asks for has configs, each tl.dot-sized.
+    for kind in ("batch_hard", "atl"):
+        for width in ("16bit", "fp32"):
+            configs = kernel.GPU_CONFIGS[kind, width]
+            assert configs
+            for c in configs:
+                assert min(c.block_m, c.block_n, c.block_d, c.block_t) >= 16
+                assert c.maxnreg is None or c.maxnreg * 32 * c.num_warps <= 65536
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

@@ -19,6 +19,15 @@ When there are few anchor blocks, the candidates are split over a second grid ax
 is filled; each split writes its (value, index) per anchor to a small (splits, N) workspace and a
 merge kernel reduces the splits in candidate order. Extra memory is O((N + M) + splits x N).
 
+Register budget (issue 14): the configs of ``GPU_CONFIGS`` fit two programs per SM on sm_90 with no
+spills, so one program's epilogue (metric, masks, two arg-maxima) overlaps another's MMA loop.
+What keeps the epilogue small: labels are compared as int32 words (int64 labels are read as word
+pairs, and the rare programs whose labels differ in their high words go to a second, separate
+pass); only the last tile of a split masks its columns; the row statistics of all inputs come
+from one pre-pass launch. Label and statistic loads stay after the MMA loop: issued before it,
+the software pipeliner keeps one copy per stage in registers (measured: hundreds of bytes of
+spills at 128 registers), while a second resident program hides their latency anyway.
+
 Selection rules (see ``torchfg/ops/triplet/__init__.py`` for the public op): the hardest positive
 maximises d over same-label candidates other than the anchor itself; the hardest negative maximises
 m - d over other-label candidates, with m = base_margin + margin_scale * (1 - cos_text) / 2 when
@@ -30,6 +39,7 @@ then done on squared distances (same order, no sqrt per pair).
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 import torch
 import triton
@@ -62,7 +72,10 @@ class TileConfig:
             the device. A value >= M gives a single split (no merge pass).
         flatten: ask Triton to flatten the candidate-tile and D loops into one pipelined loop
             (``tl.range(flatten=True)``), which avoids refilling the load pipeline at every tile.
-            Off by default until measured on a GPU; ignored by the interpreter.
+            Ignored by the interpreter.
+        maxnreg: register cap per thread (``None``: the compiler's choice). 128 with 8 warps (or
+            up to 255 with 4) lets two programs share an SM, so that one's epilogue overlaps the
+            other's MMA loop.
 
     On a GPU every block size must be a power of two >= 16 (``tl.dot``'s minimum); the
     interpreter accepts any power of two.
@@ -76,9 +89,14 @@ class TileConfig:
     num_stages: int = 3
     candidates_per_split: int | None = None
     flatten: bool = False
+    maxnreg: int | None = None
 
 
 _FP64_CONFIG = TileConfig(block_m=64, block_n=64, block_d=32, block_t=32, num_warps=4, num_stages=2)
+
+# Tiles (except BLOCK_M, the main pass's) of the second pass for 64-bit labels that differ in their
+# high words: a cold path, small tiles so that it compiles quickly for any dtype.
+_WIDE_PASS_CONFIG = TileConfig(block_m=64, block_n=64, block_d=32, block_t=32, num_warps=4, num_stages=2)
 
 # Small fixed tiles for Triton's CPU interpreter: cheap to run and they exercise multiple tiles,
 # D chunks and splits at test sizes.
@@ -87,13 +105,12 @@ _INTERPRETER_CONFIG = TileConfig(block_m=16, block_n=16, block_d=16, block_t=16,
 
 
 @triton.jit
-def _row_stat_kernel(
-    x_ptr, out_ptr, R, C, stride_r, stride_c,
-    INVERSE_NORM: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+def _row_stat_block(
+    x_ptr, out_ptr, R, C, stride_r, stride_c, block,
+    INVERSE_NORM: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Per row: squared norm, or inverse norm (0 for a zero row, whose cosine is defined as 0)."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < R
     row_base = x_ptr + rows.to(tl.int64)[:, None] * stride_r
     sq = tl.zeros((BLOCK_R, BLOCK_C), dtype=ACC_DTYPE)
@@ -115,6 +132,134 @@ def _row_stat_kernel(
 
 
 @triton.jit
+def _row_stat_kernel(
+    x_ptr, out_ptr, R, C, stride_r, stride_c,
+    y_ptr, out_y_ptr, R_Y, C_Y, stride_yr, stride_yc,
+    x_blocks,
+    INVERSE_NORM: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    INVERSE_NORM_Y: tl.constexpr, ACC_DTYPE_Y: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Row statistics of up to two matrices in one launch: programs [0, x_blocks) take x, the rest y."""
+    pid = tl.program_id(0)
+    if pid < x_blocks:
+        _row_stat_block(x_ptr, out_ptr, R, C, stride_r, stride_c, pid, INVERSE_NORM, ACC_DTYPE, BLOCK_R, BLOCK_C)
+    else:
+        _row_stat_block(y_ptr, out_y_ptr, R_Y, C_Y, stride_yr, stride_yc, pid - x_blocks, INVERSE_NORM_Y, ACC_DTYPE_Y,
+                        BLOCK_R, BLOCK_C)
+
+
+@triton.jit
+def _take_first_max(best, best_idx, key, n0):
+    """Running (value, index) maximum per row over a (BLOCK_M, BLOCK_N) key tile starting at column n0.
+
+    Strictly greater: an equal value in a later tile has a higher index and loses the tie; within
+    the tile the lowest column wins.
+    """
+    tile_best, tile_at = tl.max(key, axis=1, return_indices=True, return_indices_tie_break_left=True)
+    take = tile_best > best
+    return tl.where(take, tile_best, best), tl.where(take, n0 + tile_at.to(tl.int32), best_idx)
+
+
+@triton.jit
+def _mine_tile(
+    n0, rows, best_pos, best_pos_idx, best_neg, best_neg_idx,
+    anchor_base, anchor_label, anchor_label_hi, anchor_stat, anchor_text_base, anchor_text_inv,
+    cand_ptr, cand_stat_ptr, cand_label_ptr, cand_text_ptr, cand_text_inv_ptr,
+    M, D, T, tile_end,
+    stride_ad, stride_cm, stride_cd, stride_atd, stride_ctm, stride_ctd,
+    self_offset, base_margin, margin_scale, text_threshold,
+    METRIC: tl.constexpr, HAS_SELF: tl.constexpr, NEED_TEXT: tl.constexpr, MARGIN_AWARE: tl.constexpr,
+    HAS_THRESHOLD: tl.constexpr, LABEL_STRIDE: tl.constexpr, WIDE_LABELS: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    TEXT_DOT_DTYPE: tl.constexpr, TEXT_ACC_DTYPE: tl.constexpr, TEXT_INPUT_PRECISION: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_T: tl.constexpr, MASK_COLS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """One candidate tile [n0, n0 + BLOCK_N): distances (and text similarities), then both running maxima.
+
+    Only the last tile of a split masks its columns (``MASK_COLS``); interior tiles are mask-free.
+    """
+    cols = n0 + tl.arange(0, BLOCK_N)
+    if MASK_COLS:
+        col_ok = cols < tile_end
+        # Columns past the end re-read the last candidate: loads need no mask, the keys do.
+        cols = tl.minimum(cols, M - 1)
+    cand_base = cand_ptr + cols.to(tl.int64)[:, None] * stride_cm
+
+    dot = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    for d0 in tl.range(0, D, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        if EVEN_D:
+            a = tl.load(anchor_base + ds[None, :] * stride_ad)
+            b = tl.load(cand_base + ds[None, :] * stride_cd)
+        else:
+            d_ok = ds[None, :] < D
+            a = tl.load(anchor_base + ds[None, :] * stride_ad, mask=d_ok, other=0.0)
+            b = tl.load(cand_base + ds[None, :] * stride_cd, mask=d_ok, other=0.0)
+        # out_dtype names the accumulator's dtype: triton < 3.9 asserts on an fp64 accumulator without it.
+        dot = tl.dot(a.to(DOT_DTYPE), tl.trans(b.to(DOT_DTYPE)), dot, input_precision=INPUT_PRECISION,
+                     out_dtype=ACC_DTYPE)
+
+    if METRIC == 3:  # dot: negative inner product
+        dist = -dot
+    else:
+        # Per-column loads after the MMA loop (see the module docstring).
+        cand_stat = tl.load(cand_stat_ptr + cols).to(ACC_DTYPE)
+        if METRIC == 2:  # cosine: stats hold inverse norms
+            dist = 1.0 - dot * anchor_stat[:, None] * cand_stat[None, :]
+        else:  # (sq)euclidean: squared distance, the selection key of positives (same order)
+            dist = tl.maximum(anchor_stat[:, None] + cand_stat[None, :] - 2.0 * dot, 0.0)
+
+    cand_label = tl.load(cand_label_ptr + cols * LABEL_STRIDE)
+    if WIDE_LABELS:
+        cand_label_hi = tl.load(cand_label_ptr + cols * LABEL_STRIDE + 1)
+    same_label = anchor_label[:, None] == cand_label[None, :]
+    if WIDE_LABELS:
+        same_label = same_label & (anchor_label_hi[:, None] == cand_label_hi[None, :])
+    pos_ok = same_label
+    neg_ok = ~same_label
+    if MASK_COLS:
+        pos_ok = pos_ok & col_ok[None, :]
+        neg_ok = neg_ok & col_ok[None, :]
+    if HAS_SELF:
+        pos_ok = pos_ok & (cols[None, :] != rows[:, None] + self_offset)
+
+    if NEED_TEXT:
+        sim = tl.zeros((BLOCK_M, BLOCK_N), dtype=TEXT_ACC_DTYPE)
+        cand_text_base = cand_text_ptr + cols.to(tl.int64)[:, None] * stride_ctm
+        for t0 in tl.range(0, T, BLOCK_T):
+            ts = t0 + tl.arange(0, BLOCK_T)
+            if EVEN_T:
+                ta = tl.load(anchor_text_base + ts[None, :] * stride_atd)
+                tb = tl.load(cand_text_base + ts[None, :] * stride_ctd)
+            else:
+                t_ok = ts[None, :] < T
+                ta = tl.load(anchor_text_base + ts[None, :] * stride_atd, mask=t_ok, other=0.0)
+                tb = tl.load(cand_text_base + ts[None, :] * stride_ctd, mask=t_ok, other=0.0)
+            sim = tl.dot(ta.to(TEXT_DOT_DTYPE), tl.trans(tb.to(TEXT_DOT_DTYPE)), sim,
+                         input_precision=TEXT_INPUT_PRECISION, out_dtype=TEXT_ACC_DTYPE)
+        cand_text_inv = tl.load(cand_text_inv_ptr + cols).to(TEXT_ACC_DTYPE)
+        sim = sim * anchor_text_inv[:, None] * cand_text_inv[None, :]
+        if HAS_THRESHOLD:
+            neg_ok = neg_ok & (sim < text_threshold)
+    if MARGIN_AWARE:
+        margin = (base_margin + margin_scale * 0.5 * (1.0 - sim)).to(ACC_DTYPE)
+        # m - d is not monotone in d^2, so the margin-aware key needs the true distance.
+        if METRIC == 1:
+            neg_key = margin - tl.sqrt(dist)
+        else:
+            neg_key = margin - dist
+    else:
+        # A constant margin: the hardest negative is simply the closest one.
+        neg_key = -dist
+
+    best_pos, best_pos_idx = _take_first_max(best_pos, best_pos_idx, tl.where(pos_ok, dist, float("-inf")), n0)
+    best_neg, best_neg_idx = _take_first_max(best_neg, best_neg_idx, tl.where(neg_ok, neg_key, float("-inf")), n0)
+    return best_pos, best_pos_idx, best_neg, best_neg_idx
+
+
+@triton.jit
 def _mine_hardest_kernel(
     anchor_ptr, cand_ptr, anchor_stat_ptr, cand_stat_ptr,
     anchor_label_ptr, cand_label_ptr,
@@ -125,28 +270,36 @@ def _mine_hardest_kernel(
     stride_atm, stride_atd, stride_ctm, stride_ctd,
     self_offset, candidates_per_split,
     base_margin, margin_scale, text_threshold,
-    n_bucket,  # autotuning key only: the tiles that fill the GPU depend on the anchor count
+    n_bucket, m_bucket,  # autotuning keys only: the tiles that fill the GPU depend on the problem size
     METRIC: tl.constexpr, HAS_SELF: tl.constexpr, NEED_TEXT: tl.constexpr, MARGIN_AWARE: tl.constexpr,
     HAS_THRESHOLD: tl.constexpr,
-    STORE_VALUES: tl.constexpr,
+    STORE_VALUES: tl.constexpr, LABEL_WORDS: tl.constexpr, WIDE_PASS: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     TEXT_DOT_DTYPE: tl.constexpr, TEXT_ACC_DTYPE: tl.constexpr, TEXT_INPUT_PRECISION: tl.constexpr,
-    EVEN_D: tl.constexpr, EVEN_T: tl.constexpr, FLATTEN: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_T: tl.constexpr, EVEN_N: tl.constexpr, FLATTEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
+    """Grid (row blocks, splits). Labels are int32 words: LABEL_WORDS = 1 for int32 labels, 2 for
+    int64 labels read as (low, high) little-endian word pairs; with 2, a program runs in exactly one
+    of the two passes (WIDE_PASS False / True). EVEN_N: every split is a whole number of BLOCK_N
+    tiles (no tile masks its columns)."""
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
     # Out-of-range rows re-read the last anchor so that the hot loop needs no row mask; their
     # results are never stored.
-    rows_safe = tl.minimum(rows, N - 1).to(tl.int64)
-    anchor_base = anchor_ptr + rows_safe[:, None] * stride_am
-    anchor_label = tl.load(anchor_label_ptr + rows_safe)
+    rows_safe = tl.minimum(rows, N - 1)
+    anchor_base = anchor_ptr + rows_safe.to(tl.int64)[:, None] * stride_am
+    anchor_label = tl.load(anchor_label_ptr + rows_safe * LABEL_WORDS)
+    anchor_label_hi = anchor_label  # placeholder unless labels are int64
+    anchor_stat = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
     if METRIC != 3:
         anchor_stat = tl.load(anchor_stat_ptr + rows_safe).to(ACC_DTYPE)
+    anchor_text_base = anchor_base  # placeholders unless the text is read
+    anchor_text_inv = anchor_stat.to(TEXT_ACC_DTYPE)
     if NEED_TEXT:
-        anchor_text_base = anchor_text_ptr + rows_safe[:, None] * stride_atm
+        anchor_text_base = anchor_text_ptr + rows_safe.to(tl.int64)[:, None] * stride_atm
         anchor_text_inv = tl.load(anchor_text_inv_ptr + rows_safe).to(TEXT_ACC_DTYPE)
 
     best_pos = tl.full((BLOCK_M,), float("-inf"), ACC_DTYPE)
@@ -156,91 +309,81 @@ def _mine_hardest_kernel(
 
     split_start = split * candidates_per_split
     split_end = tl.minimum(split_start + candidates_per_split, M)
-    for n0 in tl.range(split_start, split_end, BLOCK_N, flatten=FLATTEN):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < split_end
-        cols_safe = tl.minimum(cols, M - 1).to(tl.int64)
-        cand_base = cand_ptr + cols_safe[:, None] * stride_cm
+    if EVEN_N:
+        full_end = split_end
+    else:
+        full_end = split_start + (split_end - split_start) // BLOCK_N * BLOCK_N
 
-        dot = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-        for d0 in tl.range(0, D, BLOCK_D):
-            ds = d0 + tl.arange(0, BLOCK_D)
-            if EVEN_D:
-                a = tl.load(anchor_base + ds[None, :] * stride_ad)
-                b = tl.load(cand_base + ds[None, :] * stride_cd)
-            else:
-                d_ok = ds[None, :] < D
-                a = tl.load(anchor_base + ds[None, :] * stride_ad, mask=d_ok, other=0.0)
-                b = tl.load(cand_base + ds[None, :] * stride_cd, mask=d_ok, other=0.0)
-            # out_dtype names the accumulator's dtype: triton < 3.9 asserts on an fp64 accumulator without it.
-            dot = tl.dot(a.to(DOT_DTYPE), tl.trans(b.to(DOT_DTYPE)), dot, input_precision=INPUT_PRECISION,
-                         out_dtype=ACC_DTYPE)
-
-        if METRIC == 3:  # dot: negative inner product
-            dist = -dot
-        elif METRIC == 2:  # cosine: stats hold inverse norms
-            cand_stat = tl.load(cand_stat_ptr + cols_safe).to(ACC_DTYPE)
-            dist = 1.0 - dot * anchor_stat[:, None] * cand_stat[None, :]
-        else:  # (sq)euclidean: stats hold squared norms
-            cand_stat = tl.load(cand_stat_ptr + cols_safe).to(ACC_DTYPE)
-            dist = tl.maximum(anchor_stat[:, None] + cand_stat[None, :] - 2.0 * dot, 0.0)
-        # `dist` is the selection key of positives: squared distance for euclidean (same order).
-
-        cand_label = tl.load(cand_label_ptr + cols_safe)
-        same_label = anchor_label[:, None] == cand_label[None, :]
-        pos_ok = same_label & col_ok[None, :]
-        if HAS_SELF:
-            pos_ok = pos_ok & (cols[None, :] != rows[:, None] + self_offset)
-        neg_ok = (~same_label) & col_ok[None, :]
-
-        if NEED_TEXT:
-            sim = tl.zeros((BLOCK_M, BLOCK_N), dtype=TEXT_ACC_DTYPE)
-            cand_text_base = cand_text_ptr + cols_safe[:, None] * stride_ctm
-            for t0 in tl.range(0, T, BLOCK_T):
-                ts = t0 + tl.arange(0, BLOCK_T)
-                if EVEN_T:
-                    ta = tl.load(anchor_text_base + ts[None, :] * stride_atd)
-                    tb = tl.load(cand_text_base + ts[None, :] * stride_ctd)
-                else:
-                    t_ok = ts[None, :] < T
-                    ta = tl.load(anchor_text_base + ts[None, :] * stride_atd, mask=t_ok, other=0.0)
-                    tb = tl.load(cand_text_base + ts[None, :] * stride_ctd, mask=t_ok, other=0.0)
-                sim = tl.dot(ta.to(TEXT_DOT_DTYPE), tl.trans(tb.to(TEXT_DOT_DTYPE)), sim,
-                             input_precision=TEXT_INPUT_PRECISION, out_dtype=TEXT_ACC_DTYPE)
-            cand_text_inv = tl.load(cand_text_inv_ptr + cols_safe).to(TEXT_ACC_DTYPE)
-            sim = sim * anchor_text_inv[:, None] * cand_text_inv[None, :]
-            if HAS_THRESHOLD:
-                neg_ok = neg_ok & (sim < text_threshold)
-        if MARGIN_AWARE:
-            margin = (base_margin + margin_scale * 0.5 * (1.0 - sim)).to(ACC_DTYPE)
-            # m - d is not monotone in d^2, so the margin-aware key needs the true distance.
-            if METRIC == 1:
-                neg_key = margin - tl.sqrt(dist)
-            else:
-                neg_key = margin - dist
+    # 64-bit labels: when every label this program sees has the same high word (any label set
+    # within 31 bits), comparing low words is exact and costs half the registers. The main pass
+    # (WIDE_PASS = False) mines those programs; the others are left to a second launch of the
+    # kernel (WIDE_PASS = True) that compares both words, so that the hot loop never carries the
+    # register cost of the rare case.
+    run = True
+    if LABEL_WORDS == 2:
+        anchor_label_hi = tl.load(anchor_label_ptr + rows_safe * 2 + 1)
+        hi_min = tl.min(anchor_label_hi, axis=0)
+        hi_max = tl.max(anchor_label_hi, axis=0)
+        for c0 in tl.range(split_start, split_end, BLOCK_N):
+            cs = c0 + tl.arange(0, BLOCK_N)
+            cand_hi = tl.load(cand_label_ptr + cs * 2 + 1, mask=cs < split_end, other=hi_min)
+            hi_min = tl.minimum(hi_min, tl.min(cand_hi, axis=0))
+            hi_max = tl.maximum(hi_max, tl.max(cand_hi, axis=0))
+        if WIDE_PASS:
+            run = hi_min != hi_max
         else:
-            # A constant margin: the hardest negative is simply the closest one.
-            neg_key = -dist
+            run = hi_min == hi_max
 
-        pos_key = tl.where(pos_ok, dist, float("-inf"))
-        tile_pos, tile_pos_at = tl.max(pos_key, axis=1, return_indices=True, return_indices_tie_break_left=True)
-        # Strictly greater: an equal value in a later tile has a higher index and loses the tie.
-        take = tile_pos > best_pos
-        best_pos = tl.where(take, tile_pos, best_pos)
-        best_pos_idx = tl.where(take, n0 + tile_pos_at.to(tl.int32), best_pos_idx)
+    if run:
+        if WIDE_PASS:
+            for n0 in tl.range(split_start, split_end, BLOCK_N):
+                best_pos, best_pos_idx, best_neg, best_neg_idx = _mine_tile(
+                    n0, rows, best_pos, best_pos_idx, best_neg, best_neg_idx,
+                    anchor_base, anchor_label, anchor_label_hi, anchor_stat, anchor_text_base, anchor_text_inv,
+                    cand_ptr, cand_stat_ptr, cand_label_ptr, cand_text_ptr, cand_text_inv_ptr,
+                    M, D, T, split_end,
+                    stride_ad, stride_cm, stride_cd, stride_atd, stride_ctm, stride_ctd,
+                    self_offset, base_margin, margin_scale, text_threshold,
+                    METRIC, HAS_SELF, NEED_TEXT, MARGIN_AWARE, HAS_THRESHOLD, LABEL_WORDS, True,
+                    DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION, TEXT_DOT_DTYPE, TEXT_ACC_DTYPE, TEXT_INPUT_PRECISION,
+                    EVEN_D, EVEN_T, True,
+                    BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_T,
+                )
+        else:
+            for n0 in tl.range(split_start, full_end, BLOCK_N, flatten=FLATTEN):
+                best_pos, best_pos_idx, best_neg, best_neg_idx = _mine_tile(
+                    n0, rows, best_pos, best_pos_idx, best_neg, best_neg_idx,
+                    anchor_base, anchor_label, anchor_label_hi, anchor_stat, anchor_text_base, anchor_text_inv,
+                    cand_ptr, cand_stat_ptr, cand_label_ptr, cand_text_ptr, cand_text_inv_ptr,
+                    M, D, T, split_end,
+                    stride_ad, stride_cm, stride_cd, stride_atd, stride_ctm, stride_ctd,
+                    self_offset, base_margin, margin_scale, text_threshold,
+                    METRIC, HAS_SELF, NEED_TEXT, MARGIN_AWARE, HAS_THRESHOLD, LABEL_WORDS, False,
+                    DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION, TEXT_DOT_DTYPE, TEXT_ACC_DTYPE, TEXT_INPUT_PRECISION,
+                    EVEN_D, EVEN_T, False,
+                    BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_T,
+                )
+            if not EVEN_N:
+                if full_end < split_end:
+                    best_pos, best_pos_idx, best_neg, best_neg_idx = _mine_tile(
+                        full_end, rows, best_pos, best_pos_idx, best_neg, best_neg_idx,
+                        anchor_base, anchor_label, anchor_label_hi, anchor_stat, anchor_text_base, anchor_text_inv,
+                        cand_ptr, cand_stat_ptr, cand_label_ptr, cand_text_ptr, cand_text_inv_ptr,
+                        M, D, T, split_end,
+                        stride_ad, stride_cm, stride_cd, stride_atd, stride_ctm, stride_ctd,
+                        self_offset, base_margin, margin_scale, text_threshold,
+                        METRIC, HAS_SELF, NEED_TEXT, MARGIN_AWARE, HAS_THRESHOLD, LABEL_WORDS, False,
+                        DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION, TEXT_DOT_DTYPE, TEXT_ACC_DTYPE, TEXT_INPUT_PRECISION,
+                        EVEN_D, EVEN_T, True,
+                        BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_T,
+                    )
 
-        neg_key = tl.where(neg_ok, neg_key, float("-inf"))
-        tile_neg, tile_neg_at = tl.max(neg_key, axis=1, return_indices=True, return_indices_tie_break_left=True)
-        take = tile_neg > best_neg
-        best_neg = tl.where(take, tile_neg, best_neg)
-        best_neg_idx = tl.where(take, n0 + tile_neg_at.to(tl.int32), best_neg_idx)
-
-    out_offsets = split.to(tl.int64) * N + rows
-    tl.store(pos_idx_ptr + out_offsets, best_pos_idx.to(pos_idx_ptr.dtype.element_ty), mask=row_ok)
-    tl.store(neg_idx_ptr + out_offsets, best_neg_idx.to(neg_idx_ptr.dtype.element_ty), mask=row_ok)
-    if STORE_VALUES:
-        tl.store(pos_val_ptr + out_offsets, best_pos, mask=row_ok)
-        tl.store(neg_val_ptr + out_offsets, best_neg, mask=row_ok)
+        out_offsets = split.to(tl.int64) * N + rows
+        tl.store(pos_idx_ptr + out_offsets, best_pos_idx.to(pos_idx_ptr.dtype.element_ty), mask=row_ok)
+        tl.store(neg_idx_ptr + out_offsets, best_neg_idx.to(neg_idx_ptr.dtype.element_ty), mask=row_ok)
+        if STORE_VALUES:
+            tl.store(pos_val_ptr + out_offsets, best_pos, mask=row_ok)
+            tl.store(neg_val_ptr + out_offsets, best_neg, mask=row_ok)
 
 
 @triton.jit
@@ -275,50 +418,112 @@ def _merge_splits_kernel(
     tl.store(neg_out_ptr + rows, best_neg_idx, mask=row_ok)
 
 
-def _gpu_configs() -> list[triton.Config]:
-    shapes = [
-        # (BLOCK_M, BLOCK_N, BLOCK_D, warps, stages)
-        (128, 128, 64, 8, 3),
-        (128, 128, 32, 8, 4),
-        (128, 64, 64, 4, 3),
-        (64, 128, 64, 4, 3),
-        (64, 64, 64, 4, 4),
-    ]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd, "FLATTEN": False}, num_warps=w, num_stages=s)
-        for bm, bn, bd, w, s in shapes
-    ]
+def _sm90(block_m: int, block_n: int, block_d: int, num_warps: int, num_stages: int, maxnreg: int | None) -> TileConfig:
+    return TileConfig(block_m=block_m, block_n=block_n, block_d=block_d, block_t=block_d, num_warps=num_warps,
+                      num_stages=num_stages, flatten=True, maxnreg=maxnreg)
 
 
-# The GPU path tunes tile sizes per (anchor-count bucket, D, T, metric, text or not, dtypes); the
-# text tile width and the "no tail mask" flags follow from the chosen tiles.
+# The autotuned GPU configs, per kind ("batch_hard": no text read; "atl": the text GEMM too) and
+# operand width ("16bit": fp16/bf16; "fp32": TF32 operands, twice the shared memory per tile).
+# Each was compiled for sm_90a with triton 3.6 and 3.9 and read with ptxas -v, for int32 and
+# int64 labels: no spills, and at least 2 programs per SM by registers and shared memory (so that
+# one program's epilogue overlaps another's MMA loop), except the last batch-hard entries, the
+# pre-issue 1-program tiles (no spills either). Per line: registers (3.6 / 3.9), shared memory.
+GPU_CONFIGS: dict[tuple[str, str], tuple[TileConfig, ...]] = {
+    ("batch_hard", "16bit"): (
+        _sm90(128, 64, 64, 8, 3, 128),   # 119-124 / 128 registers, 72 KB, 2 programs per SM
+        _sm90(64, 128, 32, 4, 4, None),  # 175-177 / 185, 48 KB, 2
+        _sm90(64, 64, 64, 4, 4, None),   # 128-133 / 126-128, 64 KB, 3
+        TileConfig(128, 128, 64, 64, 8, 3),  # 180-213 / 171-189, 96 KB, 1
+    ),
+    ("batch_hard", "fp32"): (
+        _sm90(128, 64, 32, 8, 4, 128),   # 119-122 / 128, 96 KB, 2
+        _sm90(64, 128, 32, 4, 4, None),  # 202-214 / 211-212, 96 KB, 2
+        TileConfig(128, 128, 32, 32, 8, 3),  # 176-213 / 189-194, 96 KB, 1
+    ),
+    ("atl", "16bit"): (
+        _sm90(64, 128, 64, 4, 3, None),  # 255 / 248, 72 KB, 2
+        _sm90(64, 64, 64, 4, 4, None),   # 218-240 / 192-201, 64 KB, 2
+    ),
+    ("atl", "fp32"): (
+        _sm90(64, 128, 32, 4, 4, None),  # 255 / 252-254, 96 KB, 2
+        _sm90(64, 64, 32, 4, 4, None),   # 242 / 210-220, 64 KB, 2
+    ),
+}
+
+
 def _text_block(args: dict) -> int:
-    return min(args["BLOCK_D"], max(16, triton.next_power_of_2(args["T"])))
+    return min(args["BLOCK_T"], max(16, triton.next_power_of_2(args["T"])))
 
 
-_mine_hardest_kernel_tuned = triton.autotune(configs=_gpu_configs(), key=["n_bucket", "D", "T", "METRIC", "NEED_TEXT"])(
-    triton.heuristics({
+def _autotuned(configs: tuple[TileConfig, ...]):
+    """The mining kernel autotuned over ``configs`` per size bucket (anchors, candidates), D, T and metric."""
+    return triton.autotune(
+        configs=[
+            triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "BLOCK_D": c.block_d, "BLOCK_T": c.block_t,
+                           "FLATTEN": c.flatten}, num_warps=c.num_warps, num_stages=c.num_stages, maxnreg=c.maxnreg)
+            for c in configs
+        ],
+        key=["n_bucket", "m_bucket", "D", "T", "METRIC", "NEED_TEXT", "LABEL_WORDS"],
+    )(triton.heuristics({
         "BLOCK_T": _text_block,
         "EVEN_D": lambda args: args["D"] % args["BLOCK_D"] == 0,
         "EVEN_T": lambda args: args["T"] % _text_block(args) == 0,
-    })(_mine_hardest_kernel)
-)
+        # Splits are whole multiples of 128 candidates on a GPU: only M's tail can be partial.
+        "EVEN_N": lambda args: args["M"] % args["BLOCK_N"] == 0 and args["candidates_per_split"] % args["BLOCK_N"] == 0,
+        # Flattening an empty inner loop has been miscompiled (triton-lang/triton#11656).
+        "FLATTEN": lambda args: args["FLATTEN"] and args["D"] > 0 and (args["T"] > 0 or not args["NEED_TEXT"]),
+    })(_mine_hardest_kernel))
 
 
-def _row_stats(x: torch.Tensor, inverse_norm: bool) -> torch.Tensor:
-    """(R, C) -> (R,) squared norms (or inverse norms) in the accumulation dtype, without an upcast copy."""
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    out = torch.empty(x.shape[0], dtype=acc, device=x.device)
-    if x.shape[0] == 0:
-        return out
+_TUNED_KERNELS: dict[tuple[str, str], object] = {}
+
+
+def _tuned_kernel(kind: str, width: str):
+    if (kind, width) not in _TUNED_KERNELS:
+        _TUNED_KERNELS[kind, width] = _autotuned(GPU_CONFIGS[kind, width])
+    return _TUNED_KERNELS[kind, width]
+
+
+def _size_bucket(count: int) -> int:
+    """Autotuning bucket of a size: the next power of two."""
+    return triton.next_power_of_2(max(count, 1))
+
+
+def _label_words(anchor_labels: torch.Tensor, candidate_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Labels as the kernel reads them: int32 words, 1 per label (int32 and narrower types), or 2
+    (64-bit labels, read as little-endian (low, high) word pairs without a copy)."""
+    if anchor_labels.element_size() == 8 or candidate_labels.element_size() == 8:
+        torch._check(sys.byteorder == "little", lambda: "64-bit labels are read as little-endian word pairs")
+        words = [(x if x.element_size() == 8 else x.to(torch.int64)).contiguous().view(torch.int32)
+                 for x in (anchor_labels, candidate_labels)]
+        return words[0], words[1], 2
+    # Exact: every integer type of 4 bytes or less maps one-to-one onto int32.
+    return anchor_labels.contiguous().to(torch.int32), candidate_labels.contiguous().to(torch.int32), 1
+
+
+def _row_stats(*jobs: tuple[torch.Tensor, bool]) -> list[torch.Tensor]:
+    """Per (x (R, C), inverse_norm) job, (R,) squared norms (or inverse norms) in x's accumulation
+    dtype, without an upcast copy. Two jobs share a launch."""
+    outs = [torch.empty(x.shape[0], dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=x.device)
+            for x, _ in jobs]
     block_r = 16 if triton_interpreter_enabled() else 32
     block_c = 16 if triton_interpreter_enabled() else 128
-    _row_stat_kernel[(triton.cdiv(x.shape[0], block_r),)](
-        x, out, x.shape[0], x.shape[1], x.stride(0), x.stride(1),
-        INVERSE_NORM=inverse_norm, ACC_DTYPE=tl.float64 if acc == torch.float64 else tl.float32,
-        BLOCK_R=block_r, BLOCK_C=block_c,
-    )
-    return out
+    pending = [(x, inverse, out) for (x, inverse), out in zip(jobs, outs) if x.shape[0] > 0]
+    for first in range(0, len(pending), 2):
+        pair = pending[first:first + 2]
+        (x, inverse, out), (y, inverse_y, out_y) = pair[0], pair[-1]
+        x_blocks = triton.cdiv(x.shape[0], block_r)
+        y_blocks = triton.cdiv(y.shape[0], block_r) if len(pair) == 2 else 0
+        _row_stat_kernel[(x_blocks + y_blocks,)](
+            x, out, x.shape[0], x.shape[1], x.stride(0), x.stride(1),
+            y, out_y, y.shape[0], y.shape[1], y.stride(0), y.stride(1),
+            x_blocks,
+            INVERSE_NORM=inverse, ACC_DTYPE=tl.float64 if out.dtype == torch.float64 else tl.float32,
+            INVERSE_NORM_Y=inverse_y, ACC_DTYPE_Y=tl.float64 if out_y.dtype == torch.float64 else tl.float32,
+            BLOCK_R=block_r, BLOCK_C=block_c,
+        )
+    return outs
 
 
 def _is_row_slice(anchors: torch.Tensor, candidates: torch.Tensor, self_offset: int) -> bool:
@@ -399,9 +604,7 @@ def mine_hardest_triton_tiled(
         tiles = _FP64_CONFIG
 
     d = anchors.shape[1]
-    # The kernel indexes labels as dense vectors.
-    anchor_labels = anchor_labels.contiguous()
-    candidate_labels = candidate_labels.contiguous()
+    anchor_labels, candidate_labels, label_words = _label_words(anchor_labels, candidate_labels)
     has_text = anchor_text is not None
     has_threshold = has_text and text_positive_threshold is not None
     margin_aware = has_text and margin_scale != 0.0
@@ -412,21 +615,29 @@ def mine_hardest_triton_tiled(
     dot_dtype, acc_dtype, precision = dot_dtypes(anchors.dtype)
     acc_torch = torch.float64 if acc_dtype == tl.float64 else torch.float32
 
+    # All row statistics (embeddings unless the metric is dot, text when it is read; the anchors'
+    # own only when they are not a row slice of the candidates) in as few launches as possible.
+    shared_rows = _is_row_slice(anchors, candidates, self_offset)
+    shared_text = need_text and _is_row_slice(anchor_text, candidate_text, self_offset)
+    jobs: list[tuple[torch.Tensor, bool]] = []
+    if metric_code != 3:
+        jobs.append((candidates, metric_code == 2))
+        if not shared_rows:
+            jobs.append((anchors, metric_code == 2))
+    if need_text:
+        jobs.append((candidate_text, True))
+        if not shared_text:
+            jobs.append((anchor_text, True))
+    stats = iter(_row_stats(*jobs))
     if metric_code == 3:
         cand_stat = anchor_stat = torch.empty(1, dtype=acc_torch, device=device)  # unused by the kernel
     else:
-        cand_stat = _row_stats(candidates, inverse_norm=metric_code == 2)
-        if _is_row_slice(anchors, candidates, self_offset):
-            anchor_stat = cand_stat[self_offset:self_offset + n]
-        else:
-            anchor_stat = _row_stats(anchors, inverse_norm=metric_code == 2)
+        cand_stat = next(stats)
+        anchor_stat = cand_stat[self_offset:self_offset + n] if shared_rows else next(stats)
     if need_text:
         text_dot_dtype, text_acc_dtype, text_precision = dot_dtypes(anchor_text.dtype)
-        cand_text_inv = _row_stats(candidate_text, inverse_norm=True)
-        if _is_row_slice(anchor_text, candidate_text, self_offset):
-            anchor_text_inv = cand_text_inv[self_offset:self_offset + n]
-        else:
-            anchor_text_inv = _row_stats(anchor_text, inverse_norm=True)
+        cand_text_inv = next(stats)
+        anchor_text_inv = cand_text_inv[self_offset:self_offset + n] if shared_text else next(stats)
         text_args = (anchor_text, candidate_text, anchor_text_inv, cand_text_inv)
         text_strides = (anchor_text.stride(0), anchor_text.stride(1), candidate_text.stride(0), candidate_text.stride(1))
     else:
@@ -456,27 +667,47 @@ def mine_hardest_triton_tiled(
         self_offset, per_split,
         float(base_margin), float(margin_scale),
         float(text_positive_threshold) if has_threshold else 0.0,
-        triton.next_power_of_2(n) if tiles is None else 0,
+        _size_bucket(n) if tiles is None else 0, _size_bucket(m) if tiles is None else 0,
     )
     flags = dict(
         METRIC=metric_code, HAS_SELF=self_offset >= 0, NEED_TEXT=need_text, MARGIN_AWARE=margin_aware,
         HAS_THRESHOLD=has_threshold,
-        STORE_VALUES=splits > 1,
+        STORE_VALUES=splits > 1, LABEL_WORDS=label_words,
         DOT_DTYPE=dot_dtype, ACC_DTYPE=acc_dtype, INPUT_PRECISION=precision,
         TEXT_DOT_DTYPE=text_dot_dtype, TEXT_ACC_DTYPE=text_acc_dtype, TEXT_INPUT_PRECISION=text_precision,
     )
     if tiles is None:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), splits)  # noqa: E731
-        _mine_hardest_kernel_tuned[grid](*args, **flags)
+        kind = "atl" if need_text else "batch_hard"
+        width = "fp32" if anchors.dtype == torch.float32 else "16bit"
+        tuned = _tuned_kernel(kind, width)
+        tuned[grid](*args, **flags, WIDE_PASS=False)
+        block_m = tuned.best_config.kwargs["BLOCK_M"]
     else:
         block_t = tiles.block_t
+        extra = {} if tiles.maxnreg is None else {"maxnreg": tiles.maxnreg}
         _mine_hardest_kernel[(triton.cdiv(n, tiles.block_m), splits)](
-            *args, **flags,
+            *args, **flags, WIDE_PASS=False,
             EVEN_D=d % tiles.block_d == 0, EVEN_T=t % block_t == 0,
+            EVEN_N=m % tiles.block_n == 0 and per_split % tiles.block_n == 0,
             # Flattening an empty inner loop has been miscompiled (triton-lang/triton#11656).
             FLATTEN=tiles.flatten and d > 0 and (t > 0 or not need_text),
             BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_D=tiles.block_d, BLOCK_T=block_t,
-            num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+            num_warps=tiles.num_warps, num_stages=tiles.num_stages, **extra,
+        )
+        block_m = tiles.block_m
+    if label_words == 2:
+        # The programs whose labels differ in their high words (none for labels within 31 bits,
+        # where every program of this launch exits after its label scan): same row blocks and
+        # splits as the main pass, so each is mined by exactly one of the two launches.
+        wide = _WIDE_PASS_CONFIG if tiles is None else tiles
+        block_d = min(wide.block_d, max(16, triton.next_power_of_2(d)))
+        block_t = min(wide.block_t, max(16, triton.next_power_of_2(max(t, 1))))
+        _mine_hardest_kernel[(triton.cdiv(n, block_m), splits)](
+            *args, **flags, WIDE_PASS=True,
+            EVEN_D=d % block_d == 0, EVEN_T=t % block_t == 0, EVEN_N=False, FLATTEN=False,
+            BLOCK_M=block_m, BLOCK_N=wide.block_n, BLOCK_D=block_d, BLOCK_T=block_t,
+            num_warps=wide.num_warps, num_stages=wide.num_stages,
         )
     if splits > 1:
         block = 128
