@@ -403,6 +403,33 @@ def test_triton_gallery_splits_and_ties():
 
 
 @requires_triton
+def test_triton_selection_when_every_tile_improves():
+    """A gallery in decreasing distance: every tile beats everything before it, so lane queues fill
+    and merge on every tile; rows orthogonal to the queries are exact dot ties that go to the lower
+    index. Exact against the brute force, for k below, at and above the tile width, with and
+    without splits."""
+    from torchfg.ops.knn.triton import TileConfig, knn_triton
+
+    num_gallery = 150
+    steps = torch.arange(num_gallery, 0, -1, dtype=torch.float32)  # 150 .. 1
+    gallery = torch.zeros(num_gallery, 3)
+    gallery[:, 0] = steps
+    gallery[::7, 0] = 0.0  # orthogonal rows: dot 0 with every query
+    gallery[::7, 1] = torch.arange(0, num_gallery, 7, dtype=torch.float32) % 3 - 1
+    query = torch.zeros(6, 3)
+    query[:, 0] = -torch.arange(1, 7, dtype=torch.float32)  # dot distance = |q0| * g0, increasing in g0
+    query[:, 2] = 1.0
+    query, gallery = query.to(TEST_DEVICE), gallery.to(TEST_DEVICE)
+    cases = [("sqeuclidean", 1, 16), ("sqeuclidean", 3, 1), ("sqeuclidean", 1, 40), ("dot", 1, 40), ("dot", 3, 15)]
+    for metric, splits, k in cases:
+        cfg = TileConfig(block_q=16, block_g=16, block_d=16, splits=splits)
+        d, i = knn_triton(query, gallery, k, metric, config=cfg)
+        ref_d, ref_i, _ = brute_force_knn(query, gallery, k, metric)
+        assert torch.equal(i.cpu(), ref_i), (metric, splits, k)
+        assert torch.equal(d.double().cpu(), ref_d), (metric, splits, k)
+
+
+@requires_triton
 def test_triton_writes_every_output(monkeypatch):
     """Poison the kernel's output buffers: an unwritten slot would surface as NaN or index -7."""
     import torchfg.ops.knn.triton as tri

@@ -107,17 +107,26 @@ def _(query, gallery, k, metric, symmetric, self_offset, backend, chunk_size):
 def _check_magnitudes(tensors: tuple[tuple[torch.Tensor, str], ...]) -> None:
     """Finite rows whose squared norms (and so every distance) stay finite in the accumulation dtype.
 
-    One host read for all the tensors together (on CUDA, one device sync per call rather than one
-    per tensor); the per-tensor diagnosis below runs only when the check fails. Skipping the
-    check on CUDA would save that sync but return NaN/inf distances silently for bad input.
+    On a GPU the check never synchronises with the host: it is a device-side assertion
+    (``torch._assert_async``) queued before the search, which fails the CUDA stream with the
+    message below if the input is bad (and, like every device-side assert, leaves that CUDA
+    context unusable). Elsewhere it is one host read for all the tensors together, with a
+    per-tensor diagnosis that runs only when the check fails.
     """
     if not tensors:
         return
     acc = accumulation_dtype(tensors[0][0].dtype)
     # |q|^2 + |g|^2 - 2 q.g <= 4 max(|q|^2, |g|^2): bounding the norms bounds every distance.
+    # A NaN norm fails the comparison too, so one reduction covers non-finite values.
     limit = (torch.finfo(acc).max / 4) ** 0.5
-    within = [(torch.linalg.vector_norm(x, dim=1, dtype=acc) <= limit).all() for x, _ in tensors]
-    if bool(torch.stack(within).all()):
+    within = torch.stack([(torch.linalg.vector_norm(x, dim=1, dtype=acc) <= limit).all() for x, _ in tensors]).all()
+    if within.device.type == "cuda":
+        names = " or ".join(name for _, name in tensors)
+        torch._assert_async(
+            within, f"torchfg.knn: {names} contains NaN/infinite values or rows with norms above {limit:.3g}"
+        )
+        return
+    if bool(within):
         return
     for x, name in tensors:
         if not bool(torch.isfinite(x).all()):

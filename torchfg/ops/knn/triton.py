@@ -6,16 +6,16 @@ streams ``BLOCK_G``-wide gallery tiles through on-chip memory:
 * distance tile: ``tl.dot`` over ``BLOCK_D`` chunks (fp32 accumulation; fp16/bf16 operands go to
   the tensor cores as they are), finished with the metric's epilogue from per-row statistics
   precomputed in an O((Q + G) D) pre-pass (squared norms, or inverse norms for cosine);
-* a running top-k per query kept in registers as a (BLOCK_Q, K_PAD) buffer of
-  (distance, index) pairs, unsorted, together with its worst entry. A tile is merged by
-  repeatedly extracting each row's best remaining candidate and letting it replace the row's
-  worst entry while it is better. Once the buffer holds good neighbours almost every tile is
-  rejected by the first comparison, so the merge costs about one pass over the tile.
+* a selection in the style of faiss's WarpSelect (see ``_knn_kernel``): a per-row sorted top-K
+  in registers, an admission threshold (the K-th best so far) and a two-deep queue per
+  (query, tile column) lane. A tile costs a few element-wise integer operations; the queues are
+  merged into the top-K (a bitonic sort) only when a lane would overflow, which becomes rare as
+  the threshold settles. There is no data-dependent loop over a tile.
 
-Pairs are compared lexicographically on (distance, gallery index), so ties go to the lower
-index exactly as in the reference. With more than one split, each split writes its k best to a
-(splits, Q, k) workspace and the splits are merged on (distance, index) afterwards. The final
-buffer is sorted outside the kernel (a (Q, k) sort). Extra memory: O(Q * k * splits).
+Candidates are compared on (distance, gallery index), packed into one int64, so ties go to the
+lower index exactly as in the reference. With more than one split, each split writes its k best
+to a (splits, Q, k) workspace and the splits are merged on (distance, index) afterwards.
+Extra memory: O(Q * k * splits).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import triton.language as tl
 from torchfg.backends import triton_interpreter_enabled
 from torchfg.ops._triton_utils import dot_dtypes
 from torchfg.ops.metric import metric_code, row_statistics
-from torchfg.ops.knn.reference import select_candidates, sort_by_distance_then_index
+from torchfg.ops.knn.reference import select_candidates
 
 __all__ = ["MAX_K", "TileConfig", "knn_triton"]
 
@@ -68,16 +68,55 @@ class TileConfig:
 def default_config(k_pad: int) -> TileConfig:
     if triton_interpreter_enabled():
         return TileConfig(block_q=16, block_g=16, block_d=16)
-    # The (block_q, k_pad) running buffer costs 2 * k_pad * block_q / (32 * num_warps) registers
-    # per thread; keep it near 32.
+    # Registers per thread: the (block_q, k_pad) int64 top-K, the two (block_q, block_g) int64 lane
+    # queues and the fp32 distance tile, plus the bitonic sort's temporaries. With 8 warps these
+    # compile without spills on sm_90 (ptxas -v, triton 3.9: 64 x 64 x 64 at k <= 32 takes
+    # 217-230 registers and wgmma; 32 x 64 x 64 at k <= 64 takes 170, 32 x 128 x 32 at k <= 128
+    # takes 254). The launcher raises block_g to k_pad.
     if k_pad <= 32:
-        return TileConfig(block_q=64, block_g=64, block_d=64, num_warps=4)
-    return TileConfig(block_q=32, block_g=64, block_d=64, num_warps=8)
+        return TileConfig(block_q=64, block_g=64, block_d=64, num_warps=8)
+    return TileConfig(block_q=32, block_g=64, block_d=64 if k_pad <= 64 else 32, num_warps=8)
+
+
+# A candidate is packed into one int64 whose signed order is the (distance, index) order: the
+# fp32 distance's bits made order-preserving in the high word, the gallery index in the low word.
+# Every selection step is then one integer min/max/sort, with ties going to the lower index.
+_SENTINEL_VALUE = (0x7F800000 << 32) | _NO_INDEX_VALUE  # (+inf, no index): never a real candidate
+_SENTINEL = tl.constexpr(_SENTINEL_VALUE)
 
 
 @triton.jit
-def _lex_less(a_d, a_i, b_d, b_i):
-    return (a_d < b_d) | ((a_d == b_d) & (a_i < b_i))
+def _pack(dist, index):
+    dist = tl.where(dist == 0.0, 0.0, dist)  # -0.0 and +0.0 must pack alike: ties are by index
+    bits = dist.to(tl.int32, bitcast=True)
+    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    return (key.to(tl.int64) << 32) | index.to(tl.int64)
+
+
+@triton.jit
+def _unpack(packed):
+    key = (packed >> 32).to(tl.int32)
+    bits = tl.where(key >= 0, key, key ^ 0x7FFFFFFF)
+    return bits.to(tl.float32, bitcast=True), (packed & 0x7FFFFFFF).to(tl.int32)
+
+
+@triton.jit
+def _merge_lanes(best, lanes, BLOCK_Q: tl.constexpr, BLOCK_G: tl.constexpr, K_PAD: tl.constexpr):
+    """The K_PAD smallest of ``best`` (BLOCK_Q, K_PAD), sorted, and ``lanes`` (BLOCK_Q, BLOCK_G).
+
+    Sorting ``lanes`` descending puts its K_PAD smallest in the last K_PAD columns, and they are
+    the column-wise minimum over the K_PAD-wide chunks. Against the ascending ``best`` the
+    element-wise minimum is the K_PAD smallest of the union (bitonic merge), sorted once more.
+    """
+    lanes = tl.sort(lanes, dim=1, descending=True)
+    smallest = tl.min(tl.reshape(lanes, (BLOCK_Q, BLOCK_G // K_PAD, K_PAD)), axis=1)
+    return tl.sort(tl.minimum(best, smallest), dim=1)
+
+
+@triton.jit
+def _kth(best, slots, K: tl.constexpr):
+    """Each row's K-th smallest packed candidate (``best`` is sorted): the admission threshold."""
+    return tl.min(tl.where(slots[None, :] >= K - 1, best, _SENTINEL), axis=1)
 
 
 @triton.jit
@@ -91,19 +130,24 @@ def _knn_kernel(
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    # Selection in the style of faiss's WarpSelect: every (query, tile column) lane keeps a
+    # two-deep queue of candidates below the row's admission threshold (its K-th best so far).
+    # A tile costs a few element-wise integer min/max and one block-wide test; only when some
+    # lane would receive a third candidate are the queues merged into the sorted per-row top-K
+    # (a bitonic sort of the lanes), which tightens the threshold. No candidate below the
+    # threshold is ever dropped and none at or above it can be among the K best, so the result
+    # is exact; merges become rare once the threshold has settled.
     pid_q = tl.program_id(0)
     split = tl.program_id(1)
     rows = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     row_ok = rows < Q
     q_offsets = rows.to(tl.int64)[:, None] * stride_qn
     slots = tl.arange(0, K_PAD)
-    # Empty slots hold (+inf, distinct sentinel) so that exactly one slot is the worst; padding
-    # slots beyond K hold (-inf, ...) so that they are never the worst and never replaced.
-    real_slot = slots < K
-    best_d = tl.where(real_slot, float("inf"), float("-inf"))[None, :] + tl.zeros((BLOCK_Q, K_PAD), tl.float32)
-    best_i = tl.where(real_slot, _NO_INDEX - slots, -1)[None, :] + tl.zeros((BLOCK_Q, K_PAD), tl.int32)
-    worst_d = tl.full((BLOCK_Q,), float("inf"), tl.float32)
-    worst_i = tl.full((BLOCK_Q,), _NO_INDEX, tl.int32)
+    no_candidates = tl.full((BLOCK_Q, BLOCK_G), _SENTINEL, tl.int64)
+    best = tl.full((BLOCK_Q, K_PAD), _SENTINEL, tl.int64)
+    threshold = tl.full((BLOCK_Q,), _SENTINEL, tl.int64)
+    lane_first = no_candidates
+    lane_second = no_candidates
 
     if METRIC != 3:
         q_aux = tl.load(q_aux_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
@@ -146,27 +190,25 @@ def _knn_kernel(
         valid = col_ok[None, :] & row_ok[:, None]
         if EXCLUDE:
             valid = valid & (cols[None, :] != rows[:, None] + self_offset)
-        cand_d = tl.where(valid, dist, float("inf"))
-        cand_i = tl.where(valid, cols[None, :], _NO_INDEX)
+        candidate = _pack(dist, cols[None, :] + tl.zeros((BLOCK_Q, BLOCK_G), tl.int32))
+        candidate = tl.where(valid & (candidate < threshold[:, None]), candidate, _SENTINEL)
+        overflow = (candidate != _SENTINEL) & (lane_second != _SENTINEL)
+        if tl.max(tl.max(overflow.to(tl.int32), axis=1), axis=0) > 0:
+            best = _merge_lanes(best, lane_first, BLOCK_Q, BLOCK_G, K_PAD)
+            best = _merge_lanes(best, lane_second, BLOCK_Q, BLOCK_G, K_PAD)
+            threshold = _kth(best, slots, K)
+            lane_first = no_candidates
+            lane_second = no_candidates
+            candidate = tl.where(candidate < threshold[:, None], candidate, _SENTINEL)
+        carried = tl.maximum(lane_first, candidate)
+        lane_first = tl.minimum(lane_first, candidate)
+        lane_second = tl.minimum(lane_second, carried)
 
-        min_d = tl.min(cand_d, axis=1)
-        min_i = tl.min(tl.where(cand_d == min_d[:, None], cand_i, _NO_INDEX), axis=1)
-        improves = _lex_less(min_d, min_i, worst_d, worst_i)
-        while tl.max(improves.to(tl.int32), axis=0) > 0:
-            replace = (best_d == worst_d[:, None]) & (best_i == worst_i[:, None]) & improves[:, None]
-            best_d = tl.where(replace, min_d[:, None], best_d)
-            best_i = tl.where(replace, min_i[:, None], best_i)
-            taken = cand_i == min_i[:, None]
-            cand_d = tl.where(taken, float("inf"), cand_d)
-            cand_i = tl.where(taken, _NO_INDEX, cand_i)
-            worst_d = tl.max(best_d, axis=1)
-            worst_i = tl.max(tl.where(best_d == worst_d[:, None], best_i, -1), axis=1)
-            min_d = tl.min(cand_d, axis=1)
-            min_i = tl.min(tl.where(cand_d == min_d[:, None], cand_i, _NO_INDEX), axis=1)
-            improves = _lex_less(min_d, min_i, worst_d, worst_i)
-
+    best = _merge_lanes(best, lane_first, BLOCK_Q, BLOCK_G, K_PAD)
+    best = _merge_lanes(best, lane_second, BLOCK_Q, BLOCK_G, K_PAD)
+    best_d, best_i = _unpack(best)
     out_offsets = split.to(tl.int64) * stride_os + rows.to(tl.int64)[:, None] * stride_oq + slots[None, :]
-    out_mask = row_ok[:, None] & real_slot[None, :]
+    out_mask = row_ok[:, None] & (slots < K)[None, :]
     tl.store(out_d_ptr + out_offsets, best_d, mask=out_mask)
     tl.store(out_i_ptr + out_offsets, best_i, mask=out_mask)
 
@@ -208,14 +250,16 @@ def knn_triton(
         return query.new_empty(0, k), torch.empty(0, k, dtype=torch.int64, device=query.device)
     k_pad = max(16, triton.next_power_of_2(k))
     cfg = config or default_config(k_pad)
+    # The lanes' K_PAD smallest are read off K_PAD-wide chunks of a gallery tile.
+    block_g = max(cfg.block_g, k_pad)
     if metric == "dot":
         q_aux = g_aux = torch.empty(1, device=query.device)
     else:
         q_aux = row_statistics(query, metric)
         g_aux = q_aux if symmetric else row_statistics(gallery, metric)
     q_blocks = triton.cdiv(num_query, cfg.block_q)
-    splits = cfg.splits or _num_splits(q_blocks, num_gallery, cfg.block_g, query.device)
-    split_size = triton.cdiv(triton.cdiv(num_gallery, splits), cfg.block_g) * cfg.block_g
+    splits = cfg.splits or _num_splits(q_blocks, num_gallery, block_g, query.device)
+    split_size = triton.cdiv(triton.cdiv(num_gallery, splits), block_g) * block_g
     splits = triton.cdiv(num_gallery, split_size)
     out_d = torch.empty(splits, num_query, k, dtype=torch.float32, device=query.device)
     out_i = torch.empty(splits, num_query, k, dtype=torch.int32, device=query.device)
@@ -228,12 +272,12 @@ def knn_triton(
         K=k, K_PAD=k_pad,
         METRIC=metric_code(metric), SYMMETRIC=symmetric, EXCLUDE=self_offset >= 0,
         DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision,
-        BLOCK_Q=cfg.block_q, BLOCK_G=cfg.block_g, BLOCK_D=cfg.block_d,
+        BLOCK_Q=cfg.block_q, BLOCK_G=block_g, BLOCK_D=cfg.block_d,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     indices = out_i.to(torch.int64)
-    if splits == 1:
-        distances, indices = sort_by_distance_then_index(out_d[0], indices[0])
+    if splits == 1:  # the kernel's top-k is sorted by (distance, index) already
+        distances, indices = out_d[0], indices[0]
     else:
         # Candidates from different splits have disjoint indices: an exact (distance, index)
         # selection over their union is the global answer.
