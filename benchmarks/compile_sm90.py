@@ -185,9 +185,11 @@ class _Recorder:
             recorder.record(fn, args, kwargs)
 
         def autotune_run(tuner, *args, **kwargs):
-            # Every config in the list may win on some GPU and shape: compile them all.
+            # Every config in the list may win on some GPU and shape: compile them all. The
+            # launcher may read the winner afterwards; it sees the last one.
             for config in tuner.configs:
                 tuner.fn.run(*args, **{**kwargs, **config.all_kwargs()})
+                tuner.best_config = config
 
         jit.JITFunction.run = jit_run
         autotuner.Autotuner.run = autotune_run
@@ -369,20 +371,21 @@ def _trace_triplet(level: str) -> Iterator[tuple[str, Callable[[], Any]]]:
     axes = {"dtype": DTYPES, "tiles": ("auto", "default", "flatten", "split"),
             "text": ("none", "margin", "threshold", "margin+threshold"), "text_dtype": ("same", "fp32"),
             "metric": ("euclidean", "sqeuclidean", "cosine", "dot"), "anchors": ("self", "other"),
-            "layout": ("D512", "D100", "colmajor"), "T": (384, 100)}
+            "layout": ("D512", "D100", "colmajor"), "T": (384, 100), "labels": ("int64", "int32")}
     for c in _combos(axes, ("dtype", "tiles", "text"), level):
         def run(c: dict = c) -> None:
             d = 100 if c["layout"] == "D100" else 512
             layout = "colmajor" if c["layout"] == "colmajor" else "row"
             n = 700
             x = _matrix(n, d, c["dtype"], layout)
-            labels = torch.arange(n) % 50
+            label_dtype = getattr(torch, c["labels"])
+            labels = (torch.arange(n) % 50).to(label_dtype)
             text_dtype = c["dtype"] if c["text_dtype"] == "same" else "fp32"
             text = _matrix(n, c["T"], text_dtype, "row", seed=2) if c["text"] != "none" else None
             if c["anchors"] == "self":
                 anchors, anchor_labels, anchor_text, self_offset = x, labels, text, 0
             else:
-                anchors, anchor_labels = _matrix(257, d, c["dtype"], layout, seed=3), torch.arange(257) % 50
+                anchors, anchor_labels = _matrix(257, d, c["dtype"], layout, seed=3), (torch.arange(257) % 50).to(label_dtype)
                 anchor_text = _matrix(257, c["T"], text_dtype, "row", seed=4) if text is not None else None
                 self_offset = -1
             base = triplet._FP64_CONFIG if c["dtype"] == "fp64" else triplet.TileConfig()
