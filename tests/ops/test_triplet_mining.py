@@ -509,6 +509,19 @@ def test_gpu_config_table_is_complete():
                 assert c.maxnreg is None or c.maxnreg * 32 * c.num_warps <= 65536
 
 
+def test_reference_text_operands_share_a_row_slice():
+    from torchfg.ops.triplet.reference import text_similarity_operands
+
+    text = torch.randn(10, 4, device=TEST_DEVICE)
+    text[3] = 0.0
+    expected = text / text.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    for anchors, offset, shared in ((text[2:7], 2, True), (text[2:7].clone(), 2, False), (text[2:7], 1, False),
+                                    (text[2:7], -1, False)):
+        a, c = text_similarity_operands(anchors, text, offset)
+        assert torch.allclose(a, expected[2:7], atol=1e-6) and torch.allclose(c, expected, atol=1e-6)
+        assert (a.data_ptr() == c[2:].data_ptr()) == shared, (offset, shared)
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

@@ -48,11 +48,29 @@ _POS_INF = float("inf")
 
 
 def text_similarity_operands(
-    anchor_text: torch.Tensor, candidate_text: torch.Tensor
+    anchor_text: torch.Tensor, candidate_text: torch.Tensor, self_offset: int = -1
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unit-norm fp32 (fp64 for fp64) copies of the text rows: ``a @ c.T`` is the cosine matrix."""
+    """Unit-norm fp32 (fp64 for fp64) copies of the text rows: ``a @ c.T`` is the cosine matrix.
+
+    When ``anchor_text`` is ``candidate_text[self_offset : self_offset + N]`` (the same memory, as in
+    a batch mined against itself), the anchors' copy is a view of the candidates' one.
+    """
     acc = accumulation_dtype(anchor_text.dtype)
-    return unit_rows(anchor_text, acc), unit_rows(candidate_text, acc)
+    candidate_unit = unit_rows(candidate_text, acc)
+    if _is_row_slice(anchor_text, candidate_text, self_offset):
+        return candidate_unit[self_offset:self_offset + anchor_text.shape[0]], candidate_unit
+    return unit_rows(anchor_text, acc), candidate_unit
+
+
+def _is_row_slice(rows: torch.Tensor, of: torch.Tensor, offset: int) -> bool:
+    """Whether ``rows`` is exactly ``of[offset : offset + len(rows)]`` (same memory and strides)."""
+    if offset < 0 or rows.shape[0] == 0 or rows.shape[1:] != of.shape[1:] or rows.stride() != of.stride():
+        return False
+    if rows.dtype != of.dtype or rows.device != of.device or offset + rows.shape[0] > of.shape[0]:
+        return False
+    if rows.untyped_storage().data_ptr() != of.untyped_storage().data_ptr():
+        return False
+    return rows.data_ptr() == of.data_ptr() + offset * of.stride(0) * of.element_size()
 
 
 class _DistanceBlocks:
@@ -220,13 +238,12 @@ def mine_hardest_reference(
     negative_idx = torch.full((n,), -1, dtype=torch.int64, device=device)
     if n == 0 or m == 0:
         return positive_idx, negative_idx
-    chunk_rows = _chunk_rows_for(m, chunk_rows)
-
     use_text = anchor_text is not None and candidate_text is not None
     margin_aware = use_text and margin_scale != 0.0
     threshold = text_positive_threshold if use_text else None
+    chunk_rows = _chunk_rows_for(m, chunk_rows)
     if margin_aware or threshold is not None:
-        anchor_unit_text, candidate_unit_text = text_similarity_operands(anchor_text, candidate_text)
+        anchor_unit_text, candidate_unit_text = text_similarity_operands(anchor_text, candidate_text, self_offset)
         candidate_unit_text_t = candidate_unit_text.T
     distances = _DistanceBlocks(anchors, candidates, metric)
     acc = distances.acc
