@@ -3,6 +3,9 @@ MultiCropWrapper and the schedules."""
 
 from __future__ import annotations
 
+import argparse
+import math
+import warnings
 
 import numpy as np
 import pytest
@@ -14,7 +17,7 @@ from torch import nn
 from conftest import TEST_DEVICE, backends_to_test, requires_triton
 from torchfg.backends import BackendUnavailableError
 from torchfg.functional import dino_loss
-from torchfg.heads import DINOHead
+from torchfg.heads import DINOHead, load_dino_checkpoint
 from torchfg.layers import MultiCropWrapper
 from torchfg.losses import DINOLoss
 from torchfg.ops.dino.reference import dino_loss_backward_reference, dino_loss_reference
@@ -578,3 +581,378 @@ def test_ema_update():
         ema_update_(nn.Linear(4, 3), nn.Linear(4, 2), 0.5)
     with pytest.raises(ValueError, match="same parameters"):
         ema_update_(nn.Linear(4, 3), nn.Linear(4, 3, bias=False), 0.5)
+
+
+# --------------------------------------------------------------------------- porting from facebookresearch/dino
+# The original classes, written here from their published definitions (facebookresearch/dino,
+# vision_transformer.py, main_dino.py, utils.py): the peer the ported checkpoints come from.
+
+
+def official_trunc_normal_(tensor, mean=0.0, std=1.0, a=-2.0, b=2.0):
+    def norm_cdf(x):
+        return (1.0 + math.erf(x / math.sqrt(2.0))) / 2.0
+
+    with torch.no_grad():
+        low, high = norm_cdf((a - mean) / std), norm_cdf((b - mean) / std)
+        tensor.uniform_(2 * low - 1, 2 * high - 1)
+        tensor.erfinv_()
+        tensor.mul_(std * math.sqrt(2.0))
+        tensor.add_(mean)
+        tensor.clamp_(min=a, max=b)
+        return tensor
+
+
+class OfficialDINOHead(nn.Module):
+    def __init__(self, in_dim, out_dim, use_bn=False, norm_last_layer=True, nlayers=3, hidden_dim=2048,
+                 bottleneck_dim=256):
+        super().__init__()
+        nlayers = max(nlayers, 1)
+        if nlayers == 1:
+            self.mlp = nn.Linear(in_dim, bottleneck_dim)
+        else:
+            layers = [nn.Linear(in_dim, hidden_dim)]
+            if use_bn:
+                layers.append(nn.BatchNorm1d(hidden_dim))
+            layers.append(nn.GELU())
+            for _ in range(nlayers - 2):
+                layers.append(nn.Linear(hidden_dim, hidden_dim))
+                if use_bn:
+                    layers.append(nn.BatchNorm1d(hidden_dim))
+                layers.append(nn.GELU())
+            layers.append(nn.Linear(hidden_dim, bottleneck_dim))
+            self.mlp = nn.Sequential(*layers)
+        self.apply(self._init_weights)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.nn.utils.weight_norm is deprecated
+            self.last_layer = nn.utils.weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
+        self.last_layer.weight_g.data.fill_(1)
+        if norm_last_layer:
+            self.last_layer.weight_g.requires_grad = False
+
+    def _init_weights(self, m):
+        if isinstance(m, nn.Linear):
+            official_trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.constant_(m.bias, 0)
+
+    def forward(self, x):
+        x = self.mlp(x)
+        x = nn.functional.normalize(x, dim=-1, p=2)
+        return self.last_layer(x)
+
+
+class OfficialDINOLoss(nn.Module):
+    def __init__(self, out_dim, ncrops, warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs,
+                 student_temp=0.1, center_momentum=0.9):
+        super().__init__()
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.ncrops = ncrops
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        self.teacher_temp_schedule = np.concatenate((
+            np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs),
+            np.ones(nepochs - warmup_teacher_temp_epochs) * teacher_temp,
+        ))
+
+    def forward(self, student_output, teacher_output, epoch):
+        student_out = (student_output / self.student_temp).chunk(self.ncrops)
+        temp = self.teacher_temp_schedule[epoch]
+        teacher_out = nn.functional.softmax((teacher_output - self.center) / temp, dim=-1).detach().chunk(2)
+        total_loss, n_loss_terms = 0, 0
+        for iq, q in enumerate(teacher_out):
+            for v in range(len(student_out)):
+                if v == iq:
+                    continue
+                loss = torch.sum(-q * nn.functional.log_softmax(student_out[v], dim=-1), dim=-1)
+                total_loss += loss.mean()
+                n_loss_terms += 1
+        total_loss /= n_loss_terms
+        self.update_center(teacher_output)
+        return total_loss
+
+    @torch.no_grad()
+    def update_center(self, teacher_output):
+        batch_center = torch.sum(teacher_output, dim=0, keepdim=True)
+        world = 1  # dist.all_reduce(batch_center) and dist.get_world_size() in the original
+        batch_center = batch_center / (len(teacher_output) * world)
+        self.center = self.center * self.center_momentum + batch_center * (1 - self.center_momentum)
+
+
+class OfficialMultiCropWrapper(nn.Module):
+    def __init__(self, backbone, head):
+        super().__init__()
+        backbone.fc, backbone.head = nn.Identity(), nn.Identity()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, x):
+        if not isinstance(x, list):
+            x = [x]
+        idx_crops = torch.cumsum(
+            torch.unique_consecutive(torch.tensor([inp.shape[-1] for inp in x]), return_counts=True)[1], 0
+        )
+        start_idx, output = 0, torch.empty(0).to(x[0].device)
+        for end_idx in idx_crops:
+            _out = self.backbone(torch.cat(x[start_idx:end_idx]))
+            if isinstance(_out, tuple):
+                _out = _out[0]
+            output = torch.cat((output, _out))
+            start_idx = end_idx
+        return self.head(output)
+
+
+class ResNetLike(nn.Module):
+    """A torchvision-style backbone: features, then an ImageNet classifier named ``fc``."""
+
+    def __init__(self, width=6, classes=11):
+        super().__init__()
+        self.conv = nn.Conv2d(3, width, 3, padding=1)
+        self.bn = nn.BatchNorm2d(width)
+        self.fc = nn.Linear(width, classes)
+
+    def forward(self, x):
+        return self.fc(self.bn(self.conv(x)).relu().mean(dim=(2, 3)))
+
+
+class ViTLike(nn.Module):
+    """A timm/DINO-ViT-style backbone: patch features, a CLS-like pooled token, a classifier ``head``."""
+
+    def __init__(self, width=6, classes=11):
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.randn(1, width))
+        self.patch_embed = nn.Conv2d(3, width, 4, stride=4)
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x):
+        return self.head(self.norm(self.patch_embed(x).mean(dim=(2, 3)) + self.cls_token))
+
+
+def official_state_dict(head):
+    """The original head's state dict with torchfg's parameter names (no translation of values)."""
+    return {
+        key.replace("last_layer.weight_g", "last_layer.parametrizations.weight.original0").replace(
+            "last_layer.weight_v", "last_layer.parametrizations.weight.original1"
+        ): value
+        for key, value in head.state_dict().items()
+    }
+
+
+@pytest.mark.parametrize("n_layers, use_bn, norm_last_layer", [(1, False, True), (3, False, True), (2, True, False)])
+def test_dino_head_initialisation_equals_the_original_under_the_same_seed(n_layers, use_bn, norm_last_layer):
+    """Same seed, same draws: every parameter equals the original head's, the last layer's directions
+    included (kaiming-uniform, not the MLP's truncated normal)."""
+    kwargs = dict(use_bn=use_bn, norm_last_layer=norm_last_layer, hidden_dim=40, bottleneck_dim=64)
+    torch.manual_seed(123)
+    official = OfficialDINOHead(24, 300, nlayers=n_layers, **kwargs)
+    torch.manual_seed(123)
+    ours = DINOHead(24, 300, n_layers=n_layers, **kwargs)
+    expected, got = official_state_dict(official), ours.state_dict()
+    assert set(got) == set(expected)
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), key
+    assert (ours.last_layer.parametrizations.weight.original0.requires_grad
+            == official.last_layer.weight_g.requires_grad == (not norm_last_layer))
+    x = torch.randn(7, 24)
+    torch.testing.assert_close(ours(x), official(x), rtol=0, atol=0)
+
+
+def test_dino_head_last_layer_init_statistics():
+    """Directions ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)): variance 1/(3 fan_in), row norm ~ 1/sqrt(3),
+    1.8x the norm of a std-0.02 truncated normal at fan_in = 256 (what the head used before)."""
+    torch.manual_seed(0)
+    head = DINOHead(16, out_dim=4000, hidden_dim=32, bottleneck_dim=256)
+    v = head.last_layer.parametrizations.weight.original1.detach()
+    bound = 1 / math.sqrt(256)
+    assert v.abs().max() <= bound
+    assert v.var().item() == pytest.approx(1 / (3 * 256), rel=0.02)
+    assert v.norm(dim=1).mean().item() == pytest.approx(1 / math.sqrt(3), rel=0.01)
+    assert v.norm(dim=1).mean().item() / (0.02 * math.sqrt(256)) == pytest.approx(1.8, rel=0.02)
+
+
+def test_dino_head_load_state_dict_accepts_legacy_weight_norm_names():
+    torch.manual_seed(5)
+    official = OfficialDINOHead(12, 50, nlayers=2, hidden_dim=20, bottleneck_dim=8)
+    with torch.no_grad():
+        official.last_layer.weight_g.uniform_(0.5, 2.0)  # a trained magnitude, not the initial 1
+    ours = DINOHead(12, 50, n_layers=2, hidden_dim=20, bottleneck_dim=8)
+    ours.load_state_dict(official.state_dict())
+    x = torch.randn(5, 12)
+    torch.testing.assert_close(ours(x), official(x))
+
+
+def make_official_run(tmp_path, *, use_bn, n_layers, backbone_cls, steps=2):
+    """Train the original classes for a few steps and save a checkpoint laid out as main_dino.py does."""
+    torch.manual_seed(0)
+    out_dim, n_local, batch = 40, 3, 4
+    head_kwargs = dict(use_bn=use_bn, nlayers=n_layers, hidden_dim=16, bottleneck_dim=8)
+    student = OfficialMultiCropWrapper(backbone_cls(), OfficialDINOHead(6, out_dim, **head_kwargs))
+    teacher = OfficialMultiCropWrapper(backbone_cls(), OfficialDINOHead(6, out_dim, **head_kwargs))
+    teacher.load_state_dict(student.state_dict())
+    criterion = OfficialDINOLoss(out_dim, 2 + n_local, 0.04, 0.07, 2, 4, center_momentum=0.8)
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.5)
+    for step in range(steps):
+        crops = [torch.randn(batch, 3, 16, 16) for _ in range(2)] + [torch.randn(batch, 3, 8, 8) for _ in range(n_local)]
+        loss = criterion(student(crops), teacher(crops[:2]).detach(), step)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            for pt, ps in zip(teacher.parameters(), student.parameters()):
+                pt.mul_(0.9).add_(ps.detach(), alpha=0.1)
+    # DDP wraps the student (and the teacher only when it has BatchNorm): keys under 'module.'.
+    prefix_teacher = "module." if use_bn else ""
+    checkpoint = {
+        "student": {f"module.{k}": v for k, v in student.state_dict().items()},
+        "teacher": {f"{prefix_teacher}{k}": v for k, v in teacher.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "epoch": steps,
+        "args": argparse.Namespace(arch="toy", out_dim=out_dim, norm_last_layer=True, local_crops_number=n_local),
+        "dino_loss": criterion.state_dict(),
+    }
+    path = tmp_path / "checkpoint.pth"
+    torch.save(checkpoint, path)
+    return path, student, teacher, criterion, dict(out_dim=out_dim, n_local=n_local, batch=batch)
+
+
+@pytest.mark.parametrize("use_bn, n_layers, backbone_cls", [(False, 3, ViTLike), (True, 2, ResNetLike), (False, 1, ViTLike)])
+def test_load_dino_checkpoint_reproduces_the_original(tmp_path, use_bn, n_layers, backbone_cls):
+    """A checkpoint of the original classes (DDP prefixes, weight_g/weight_v, centre (1, K), pickled
+    args) loads into torchfg's modules, which then give the same outputs, loss and centre updates."""
+    path, official_student, official_teacher, official_loss, sizes = make_official_run(
+        tmp_path, use_bn=use_bn, n_layers=n_layers, backbone_cls=backbone_cls
+    )
+    n_crops = 2 + sizes["n_local"]
+    for which, official in (("teacher", official_teacher), ("student", official_student)):
+        head = DINOHead.from_dino_checkpoint(path, which=which)
+        assert len([m for m in head.mlp.modules() if isinstance(m, nn.Linear)]) == n_layers
+        backbone = backbone_cls(classes=3)  # a different classifier: stripped by the wrapper anyway
+        ours = MultiCropWrapper(backbone, head)
+        load_dino_checkpoint(path, backbone=backbone, which=which)
+        fresh_head = DINOHead(6, sizes["out_dim"], use_bn=use_bn, n_layers=n_layers, hidden_dim=16,
+                              bottleneck_dim=8)
+        load_dino_checkpoint(path, head=fresh_head, which=which)
+        for key, value in fresh_head.state_dict().items():
+            assert torch.equal(value, head.state_dict()[key]), key
+        ours.eval()
+        official.eval()  # BatchNorm's running statistics came from the checkpoint too
+        crops = [torch.randn(3, 3, 16, 16) for _ in range(2)] + [torch.randn(3, 3, 8, 8) for _ in range(3)]
+        torch.testing.assert_close(ours(crops), official(crops), rtol=1e-6, atol=1e-6)
+
+    criterion = DINOLoss(sizes["out_dim"], n_crops, warmup_teacher_temp=0.04, teacher_temp=0.07,
+                         warmup_teacher_temp_epochs=2, n_epochs=4, center_momentum=0.8, backend="torch")
+    load_dino_checkpoint(path, loss=criterion)
+    assert torch.equal(criterion.center, official_loss.center[0])
+    g = torch.Generator().manual_seed(1)
+    for epoch in (1, 2):  # the loss and the centre keep matching the original's, step after step
+        student_out = torch.randn(n_crops * 5, sizes["out_dim"], generator=g)
+        teacher_out = torch.randn(2 * 5, sizes["out_dim"], generator=g) + 1
+        expected = official_loss(student_out, teacher_out, epoch)
+        torch.testing.assert_close(criterion(student_out, teacher_out, epoch), expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(criterion.center, official_loss.center[0], rtol=1e-6, atol=1e-7)
+
+
+def test_load_dino_checkpoint_forms_and_loss_state_dict(tmp_path):
+    torch.manual_seed(2)
+    official = OfficialDINOHead(10, 30, nlayers=2, hidden_dim=12, bottleneck_dim=6)
+    x = torch.randn(4, 10)
+    for form in (
+        official.state_dict(),                                                   # a head on its own
+        {f"head.{k}": v for k, v in official.state_dict().items()},              # a wrapper's state dict
+        {f"module.head.{k}": v for k, v in official.state_dict().items()},       # under DDP
+        {"teacher": {f"head.{k}": v for k, v in official.state_dict().items()}},  # a training checkpoint
+    ):
+        head = DINOHead(10, 30, n_layers=2, hidden_dim=12, bottleneck_dim=6)
+        load_dino_checkpoint(form, head=head)
+        torch.testing.assert_close(head(x), official(x))
+    # DINOLoss.load_state_dict takes the original (1, K) centre as it is.
+    official_loss = OfficialDINOLoss(30, 4, 0.04, 0.04, 0, 3)
+    official_loss.center = torch.randn(1, 30)
+    ours = DINOLoss(30, 4, n_epochs=3)
+    ours.load_state_dict(official_loss.state_dict())
+    assert ours.center.shape == (30,) and torch.equal(ours.center, official_loss.center[0])
+    ours = DINOLoss(30, 4, n_epochs=3)
+    load_dino_checkpoint(official_loss.state_dict(), loss=ours)
+    assert torch.equal(ours.center, official_loss.center[0])
+
+
+def test_load_dino_checkpoint_errors_name_the_key_and_shapes(tmp_path):
+    torch.manual_seed(3)
+    official = OfficialDINOHead(10, 30, nlayers=2, hidden_dim=12, bottleneck_dim=6)
+    checkpoint = {
+        "teacher": {f"head.{k}": v for k, v in official.state_dict().items()},
+        "dino_loss": {"center": torch.zeros(1, 30)},
+    }
+    wrong_k = DINOHead(10, 31, n_layers=2, hidden_dim=12, bottleneck_dim=6)
+    before = {k: v.clone() for k, v in wrong_k.state_dict().items()}
+    criterion = DINOLoss(30, 4, n_epochs=3)
+    criterion.center.fill_(7.0)
+    with pytest.raises(ValueError, match=r"teacher:head\.last_layer\.weight_v' has shape \(30, 6\).*\(31, 6\)"):
+        load_dino_checkpoint(checkpoint, head=wrong_k, loss=criterion)
+    # Nothing was loaded anywhere: the loss's centre (which did fit) is untouched too.
+    assert all(torch.equal(v, before[k]) for k, v in wrong_k.state_dict().items())
+    assert torch.equal(criterion.center, torch.full((30,), 7.0))
+    with pytest.raises(ValueError, match=r"center.*\(1, 30\).*\(29,\)"):
+        load_dino_checkpoint(checkpoint, loss=DINOLoss(29, 4, n_epochs=3))
+    with pytest.raises(ValueError, match=r"missing from the checkpoint"):
+        load_dino_checkpoint(checkpoint, head=DINOHead(10, 30, n_layers=3, hidden_dim=12, bottleneck_dim=6))
+    with pytest.raises(ValueError, match="no 'student' entry"):
+        load_dino_checkpoint(checkpoint, head=DINOHead(10, 30), which="student")
+    with pytest.raises(ValueError, match="which"):
+        load_dino_checkpoint(checkpoint, head=DINOHead(10, 30), which="both")
+    with pytest.raises(ValueError, match="no teacher backbone"):
+        load_dino_checkpoint(checkpoint, backbone=nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="no DINO loss centre"):
+        load_dino_checkpoint({"teacher": checkpoint["teacher"]}, loss=DINOLoss(30, 4, n_epochs=3))
+    with pytest.raises(ValueError, match="nothing to load"):
+        load_dino_checkpoint(checkpoint)
+    with pytest.raises(TypeError, match="checkpoint"):
+        load_dino_checkpoint(42, head=DINOHead(10, 30))
+    with pytest.raises(TypeError, match="head"):
+        load_dino_checkpoint(checkpoint, head=lambda x: x)
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="junk.pth"):
+        load_dino_checkpoint(tmp_path / "junk.pth", head=DINOHead(10, 30))
+
+
+def test_centre_updates_on_every_forward_in_training_mode_like_the_original():
+    """A fresh DINOLoss is in training mode: forward after forward, loss and centre follow the
+    original's (which updates on every forward). eval() freezes the centre, as BatchNorm's stats."""
+    official = OfficialDINOLoss(20, 4, 0.04, 0.07, 2, 5, center_momentum=0.7)
+    ours = DINOLoss(20, 4, warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=2, n_epochs=5,
+                    center_momentum=0.7, backend="torch")
+    g = torch.Generator().manual_seed(0)
+    for epoch in range(3):
+        student, teacher = torch.randn(4 * 3, 20, generator=g), torch.randn(2 * 3, 20, generator=g) + epoch
+        torch.testing.assert_close(ours(student, teacher, epoch), official(student, teacher, epoch))
+        torch.testing.assert_close(ours.center, official.center[0])
+    ours.eval()
+    frozen = ours.center.clone()
+    ours(torch.randn(12, 20, generator=g), torch.randn(6, 20, generator=g) + 5, 3)
+    assert torch.equal(ours.center, frozen)
+    ours.update_center(torch.full((6, 20), 2.0))  # the explicit update works in any mode
+    torch.testing.assert_close(ours.center, 0.7 * frozen + 0.3 * 2.0)
+
+
+@pytest.mark.parametrize("backbone_cls, name", [(ResNetLike, "fc"), (ViTLike, "head")])
+def test_multicrop_wrapper_strips_the_classifier_like_the_original(backbone_cls, name):
+    torch.manual_seed(0)
+    ours_backbone = backbone_cls()
+    official_backbone = backbone_cls()
+    official_backbone.load_state_dict(ours_backbone.state_dict())
+    head = nn.Linear(6, 5)
+    ours = MultiCropWrapper(ours_backbone, head)
+    official = OfficialMultiCropWrapper(official_backbone, head)
+    assert isinstance(getattr(ours.backbone, name), nn.Identity)
+    assert not any(key.startswith(name) for key in ours.backbone.state_dict())
+    assert set(ours.state_dict()) == set(official.state_dict())
+    crops = [torch.randn(2, 3, 16, 16) for _ in range(2)] + [torch.randn(2, 3, 8, 8) for _ in range(4)]
+    out = ours(crops)
+    assert out.shape == (12, 5)  # the features (width 6) reached the head, not 11 class logits
+    torch.testing.assert_close(out, official(crops))
+    kept = backbone_cls()
+    MultiCropWrapper(kept, nn.Identity(), strip_classifier=False)
+    assert isinstance(getattr(kept, name), nn.Linear)
+    assert MultiCropWrapper(kept, nn.Identity(), strip_classifier=False)(torch.randn(2, 3, 8, 8)).shape == (2, 11)
+    with pytest.raises(TypeError, match="strip_classifier"):
+        MultiCropWrapper(backbone_cls(), nn.Identity(), strip_classifier=1)

@@ -10,6 +10,6 @@ from torchfg.heads.prototypical import PrototypicalHead  # noqa: E402
 
 __all__ += ["PrototypicalHead"]
 
-from torchfg.heads.dino import DINOHead  # noqa: E402
+from torchfg.heads.dino import DINOHead, load_dino_checkpoint  # noqa: E402
 
-__all__ += ["DINOHead"]
+__all__ += ["DINOHead", "load_dino_checkpoint"]

@@ -7,6 +7,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from torchfg._validation import check_bool
+
 __all__ = ["MultiCropWrapper"]
 
 
@@ -18,9 +20,15 @@ class MultiCropWrapper(nn.Module):
     concatenated crop-major, in the order of the input list, and the head runs once. A backbone
     returning a tuple contributes its first element.
 
+    As in the original code (facebookresearch/dino), the backbone's ImageNet classifier is removed:
+    its ``fc`` (torchvision ResNets) and ``head`` (timm and DINO ViTs) submodules, where present,
+    are replaced in place by ``nn.Identity()``, so the backbone returns its features. Pass
+    ``strip_classifier=False`` for a backbone whose ``fc`` or ``head`` is part of the features.
+
     Args:
         backbone: maps (n * B, C, H, W) images (any per-crop shape) to (n * B, D) features.
         head: maps (N, D) features to the output, e.g. :class:`torchfg.heads.DINOHead`.
+        strip_classifier: replace ``backbone.fc`` and ``backbone.head`` by ``nn.Identity()``.
 
     Shapes:
         crops: a tensor (B, ...) or a sequence of n tensors (B, ...), all with the same B
@@ -34,12 +42,17 @@ class MultiCropWrapper(nn.Module):
         torch.Size([32, 10])
     """
 
-    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+    def __init__(self, backbone: nn.Module, head: nn.Module, *, strip_classifier: bool = True) -> None:
         super().__init__()
         if not isinstance(backbone, nn.Module):
             raise TypeError(f"backbone must be an nn.Module, got {type(backbone).__name__}")
         if not isinstance(head, nn.Module):
             raise TypeError(f"head must be an nn.Module, got {type(head).__name__}")
+        if check_bool(strip_classifier, "strip_classifier"):
+            for name in ("fc", "head"):
+                # Only submodules: an attribute of another kind named fc/head is not a classifier.
+                if isinstance(getattr(backbone, name, None), nn.Module):
+                    setattr(backbone, name, nn.Identity())
         self.backbone = backbone
         self.head = head
 

@@ -15,6 +15,13 @@ from torchfg._validation import check_int as _check_int
 __all__ = ["DINOLoss"]
 
 
+def _accept_row_center(module: nn.Module, state_dict: dict, prefix: str, *_args: object) -> None:
+    """load_state_dict pre-hook: the original code stores the centre as (1, out_dim)."""
+    center = state_dict.get(prefix + "center")
+    if isinstance(center, torch.Tensor) and center.dim() == 2 and center.shape[0] == 1:
+        state_dict[prefix + "center"] = center[0]
+
+
 class DINOLoss(nn.Module):
     """Cross-entropy between a centred, sharpened teacher and the student over crop pairs (DINO).
 
@@ -26,6 +33,15 @@ class DINOLoss(nn.Module):
     when ``torch.distributed`` is initialised the batch mean is taken over all ranks with one
     ``all_reduce`` (exact also for unequal per-rank batch sizes). The loss of a step uses the
     centre from before that step's update. No gradient flows into the teacher.
+
+    The original code (facebookresearch/dino) updates the centre on every forward whatever the
+    mode. A module starts in training mode, so a loop that never calls ``.eval()`` on the loss
+    updates on every forward exactly as the original does. In eval mode the centre is frozen, like
+    BatchNorm's running statistics, so that a validation loss (or a model-wide ``.eval()``) does not
+    move the training state; call :meth:`update_center` to update it explicitly.
+
+    ``load_state_dict`` also accepts the original code's centre of shape (1, out_dim);
+    :func:`torchfg.heads.load_dino_checkpoint` loads it from a whole checkpoint.
 
     The teacher temperature ramps linearly from ``warmup_teacher_temp`` at epoch 0 to
     ``teacher_temp`` at epoch ``warmup_teacher_temp_epochs - 1`` (the original method's
@@ -96,6 +112,7 @@ class DINOLoss(nn.Module):
         self.center_momentum = momentum
         self.backend = check_choice(backend, "backend", BACKENDS)
         self.register_buffer("center", torch.zeros(self.out_dim))
+        self.register_load_state_dict_pre_hook(_accept_row_center)
 
     def teacher_temp_at(self, epoch: int) -> float:
         """Teacher temperature at ``epoch`` (an int in ``[0, n_epochs)``)."""
