@@ -312,21 +312,132 @@ def test_cli_demo_quick_runs_end_to_end_at_tiny_size(tmp_path, monkeypatch, caps
     assert "AdaptiveTripletLoss" in capsys.readouterr().out
 
 
-def test_torchfg_demo_quick_subprocess(tmp_path):
-    """The README's main job: the installed ``torchfg`` console script (module fallback in a bare checkout)."""
+@pytest.fixture(scope="module")
+def quick_demo_through_pipes(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    """``torchfg demo --quick`` at its real sizes, stdout and stderr piped (as under CI or ``| cat``).
+
+    The one run of the real quick demo in the suite (~25 CPU-seconds): every test that needs it shares it.
+    The installed ``torchfg`` console script, with a module fallback in a bare checkout.
+    """
     import shutil
 
+    out = tmp_path_factory.mktemp("quick_demo")
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     script = shutil.which("torchfg")
     command = [script] if script else [sys.executable, "-m", "torchfg.cli"]
     completed = subprocess.run(
-        [*command, "demo", "--quick", "--out", str(tmp_path), "--device", "cpu"],
-        capture_output=True,
+        [*command, "demo", "--quick", "--out", str(out), "--device", "cpu", "--no-figure"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
         env=env,
         timeout=300,
     )
     assert completed.returncode == 0, completed.stderr[-2000:]
-    saved = json.loads((tmp_path / "results.json").read_text())
+    return completed, out
+
+
+def test_torchfg_demo_quick_subprocess(quick_demo_through_pipes):
+    """The README's main job: the quick demo runs, shows every method of the full table and beats chance."""
+    completed, out = quick_demo_through_pipes
+    saved = json.loads((out / "results.json").read_text())
     assert saved["mode"] == "quick"
+    assert set(saved["few_shot"]["methods"]) == {"untrained", "dino", "supervised"}
+    for label in ("SemanticChannelAttention", "features masked by map", "AdaptiveTripletLoss",
+                  "TripletMarginLoss", "DINO (self-supervised)", "supervised (cross-entropy)"):
+        assert label in completed.stdout, label
+    assert "DINO 4 (full: 10)" in completed.stdout  # the shortened schedules are stated
+
+
+def test_quick_demo_log_stays_short_through_a_pipe(quick_demo_through_pipes):
+    """Under a pipe (CI logs, ``| tee``, ``| cat``) progress is one plain line per stage, never redrawn bars."""
+    completed, _ = quick_demo_through_pipes
+    assert "\r" not in completed.stdout and "\r" not in completed.stderr
+    lines = completed.stdout.splitlines() + completed.stderr.splitlines()
+    assert len(lines) < 100, len(lines)
+    # One line per training stage: 5 attribute methods, 2 retrieval losses, DINO and supervised.
+    stages = [line for line in completed.stderr.splitlines() if " steps in " in line]
+    assert len(stages) == 9, completed.stderr
+    assert stages[0].startswith("[1/3] attributes: baseline: 20/20 steps in ")
+    assert "it/s" not in completed.stderr  # no tqdm bar leaked into the log
+
+
+def test_progress_bar_is_a_live_tqdm_on_a_terminal_and_one_line_elsewhere(monkeypatch):
+    import io
+
+    from tqdm import tqdm
+
+    from torchfg.demo._common import StageLine, progress_bar
+
+    class FakeTerminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = FakeTerminal()
+    with progress_bar(3, "stage", True, stream=terminal) as bar:
+        assert isinstance(bar, tqdm)
+        for _ in range(3):
+            bar.update(1)
+    assert "\r" in terminal.getvalue()  # a live bar redraws in place
+
+    log = io.StringIO()
+    with progress_bar(3, "stage", True, stream=log) as bar:
+        assert isinstance(bar, StageLine)
+        for _ in range(3):
+            bar.update(1)
+            bar.set_postfix(loss="0.5")
+        assert log.getvalue() == ""  # nothing until the stage ends
+    assert log.getvalue().startswith("stage: 3/3 steps in ") and log.getvalue().endswith(" s (loss=0.5)\n")
+    assert log.getvalue().count("\n") == 1
+
+    silent = io.StringIO()
+    with progress_bar(3, "stage", False, stream=silent) as bar:
+        bar.update(3)
+    assert silent.getvalue() == ""
+
+
+def test_library_progress_is_off_by_default_and_tqdm_lazy():
+    """torchfg.fewshot and torchfg.metrics show no bar unless asked, and importing them loads no tqdm."""
+    import inspect
+
+    import torchfg.fewshot
+    import torchfg.metrics.retrieval as retrieval
+
+    for fn in (torchfg.fewshot.evaluate, torchfg.fewshot.embed_dataset, retrieval.retrieval_metrics,
+               retrieval.recall_at_k, retrieval.precision_at_1, retrieval.r_precision, retrieval.map_at_r):
+        assert inspect.signature(fn).parameters["progress"].default is False, fn.__name__
+    # `import torch` itself loads tqdm (torch.hub), so sys.modules cannot tell; read the sources instead:
+    # no torchfg module imports tqdm at module level.
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "torchfg"
+    offenders = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            if any(name == "tqdm" or name.startswith("tqdm.") for name in names):
+                offenders.append(f"{path.relative_to(root.parent)}:{node.lineno}")
+    assert not offenders, offenders
+
+
+def test_fewshot_progress_on_a_pipe_redraws_rarely():
+    import io
+
+    from torchfg.fewshot import _NON_TTY_INTERVAL_S, _progress_bar
+
+    class FakeTerminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    assert _progress_bar([1, 2], enabled=False) == [1, 2]
+    log = io.StringIO()
+    with _progress_bar(range(3), enabled=True, file=log) as bar:
+        assert bar.mininterval == _NON_TTY_INTERVAL_S >= 10  # a pipe or log: rare redraws
+        assert list(bar) == [0, 1, 2]
+    with _progress_bar(range(3), enabled=True, file=FakeTerminal()) as bar:
+        assert bar.mininterval < 1  # a terminal: tqdm's live default

@@ -31,12 +31,26 @@ DatasetOrTensors = Union[Dataset, tuple[torch.Tensor, torch.Tensor], list[torch.
 # Episodes are evaluated in chunks whose gathered embeddings stay under this many elements (~64 MiB fp32).
 _CHUNK_ELEMENTS = 1 << 24
 
+# Seconds between redraws of a progress bar written to a pipe or log file.
+_NON_TTY_INTERVAL_S = 30.0
+
 
 def _progress_bar(iterable: Any, *, enabled: bool, **kwargs: Any) -> Any:
+    """A tqdm bar (imported only when one is asked for), or ``iterable`` itself when disabled.
+
+    On a stream that is not a terminal (a pipe, a CI log) tqdm's redraws would pile up as repeated
+    lines, so there the bar redraws at most every ``_NON_TTY_INTERVAL_S`` seconds.
+    """
     if not enabled:
         return iterable
+    import sys
+
     from tqdm.auto import tqdm
 
+    stream = kwargs.setdefault("file", sys.stderr)
+    isatty = getattr(stream, "isatty", None)
+    if not (callable(isatty) and isatty()):
+        kwargs.setdefault("mininterval", _NON_TTY_INTERVAL_S)
     return tqdm(iterable, **kwargs)
 
 
@@ -109,7 +123,7 @@ def embed_dataset(
     *,
     batch_size: int = 256,
     device: Union[torch.device, str, None] = None,
-    progress: bool = True,
+    progress: bool = False,
     num_workers: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Embed every item once, without gradients; the first half of :func:`evaluate`.
@@ -166,7 +180,7 @@ def evaluate(
     seed: int = 0,
     batch_size: int = 256,
     device: Union[torch.device, str, None] = None,
-    progress: bool = True,
+    progress: bool = False,
     metric: str = "sqeuclidean",
     normalize: bool = False,
     num_workers: int = 0,
@@ -202,7 +216,7 @@ def evaluate(
         batch_size: embedding batch size.
         device: where inputs are sent and the episodes run; default: the device of ``embed_fn``'s
             parameters for an ``nn.Module``, otherwise where the inputs / embeddings already are.
-        progress: show tqdm progress bars (embedding, then episodes per shot).
+        progress: show tqdm progress bars (embedding, then episodes per shot); off by default.
         metric: ``"sqeuclidean"``, ``"euclidean"``, ``"cosine"`` or ``"dot"``.
         normalize: L2-normalise embeddings before building prototypes (see :class:`PrototypicalHead`).
         num_workers: DataLoader workers, for a Dataset.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 import time
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -102,11 +103,76 @@ def render_products(
     return dataset, _render_cached(num_products, views_per_domain, seed, image_size)
 
 
-def progress_bar(total: int, desc: str, enabled: bool) -> Any:
-    """A tqdm bar (a no-op one when ``enabled`` is False)."""
+def interactive_stream(stream: Any) -> bool:
+    """Whether ``stream`` shows a live progress bar well: a terminal, or a Jupyter kernel's widgets.
+
+    Anywhere else (a pipe, ``| tee``, a CI log, a file) tqdm's carriage-return redraws pile up into
+    thousands of characters of repeated bars, so the demo prints one plain line per stage there.
+    """
+    try:
+        if stream.isatty():
+            return True
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+    ipython = sys.modules.get("IPython")
+    if ipython is None:
+        return False
+    try:
+        shell = ipython.get_ipython()
+    except Exception:  # an IPython being imported or shut down
+        return False
+    return shell is not None and "IPKernelApp" in getattr(shell, "config", {})
+
+
+class StageLine:
+    """The non-interactive stand-in for a tqdm bar: one line when the stage ends, nothing before.
+
+    Same calls as the bars the demo uses (``update``, ``set_postfix``, ``close``, context manager);
+    the line reads ``"<desc>: <n>/<total> <unit>s in <s> s (<postfix>)"``.
+    """
+
+    def __init__(self, total: int, desc: str, stream: Any, unit: str = "step") -> None:
+        self.total, self.desc, self.stream, self.unit = total, desc, stream, unit
+        self.n = 0
+        self.postfix = ""
+        self.start = time.perf_counter()
+        self.closed = False
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+
+    def set_postfix(self, **values: object) -> None:
+        self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        seconds = time.perf_counter() - self.start
+        extra = f" ({self.postfix})" if self.postfix else ""
+        print(f"{self.desc}: {self.n}/{self.total} {self.unit}s in {seconds:.1f} s{extra}", file=self.stream,
+              flush=True)
+
+    def __enter__(self) -> "StageLine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def progress_bar(total: int, desc: str, enabled: bool, *, stream: Any = None) -> Any:
+    """Progress of one training stage on ``stream`` (default ``sys.stderr``).
+
+    A live tqdm bar on a terminal or in a notebook; one :class:`StageLine` when the stage ends
+    anywhere else (pipes, CI logs); a disabled (silent) tqdm when ``enabled`` is False.
+    """
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True, unit="step")
+    stream = sys.stderr if stream is None else stream
+    if enabled and not interactive_stream(stream):
+        return StageLine(total, desc, stream)
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True, unit="step",
+                file=stream)
 
 
 def random_flip(images: torch.Tensor, *others: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:

@@ -28,7 +28,7 @@ def _positive_int(text: str) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``torchfg demo``."""
     parser.add_argument("--quick", action="store_true",
-                        help="small sizes, supervised few-shot embedder (under a minute on one CPU core)")
+                        help="every method with fewer steps on a smaller catalogue (under a minute on one CPU core)")
     parser.add_argument("--out", default="torchfg_demo", metavar="DIR",
                         help="directory for results.json and demo.png (default: ./torchfg_demo)")
     parser.add_argument("--device", default="auto", help="auto (default: CUDA if available), cpu, cuda or cuda:N")

@@ -17,8 +17,8 @@ Definitions follow pytorch-metric-learning's ``AccuracyCalculator`` where they o
   gallery items counts all of them.
 
 Neighbours come from :func:`torchfg.knn` (ties broken by the lower gallery index), one search
-for all metrics of a call. Searches over many pairs show a tqdm progress bar
-(``progress=False`` turns it off).
+for all metrics of a call. ``progress=True`` shows a tqdm progress bar for searches over many
+pairs (off by default; tqdm is imported only then).
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from torchfg._validation import check_labels
 from torchfg.ops.knn import knn_search
@@ -104,6 +103,8 @@ def _relevance(
     if need_r:
         k = max(k, int(relevant_count.max()))
     k = max(1, min(k, eligible))
+    from tqdm.auto import tqdm  # lazily: importing torchfg.metrics does not load tqdm
+
     bar = tqdm(
         total=num_query,
         desc="k-NN search",
@@ -180,7 +181,7 @@ def retrieval_metrics(
     ks: Sequence[int] = (1, 2, 4, 8),
     metric: str = "cosine",
     backend: str = "auto",
-    progress: bool = True,
+    progress: bool = False,
     ref_includes_query: bool = False,
 ) -> dict[str, float]:
     """All retrieval metrics from one k-NN search.
@@ -194,7 +195,7 @@ def retrieval_metrics(
         ks: the K of Recall@K.
         metric: distance of :func:`torchfg.knn`.
         backend: k-NN backend (see :mod:`torchfg.backends`).
-        progress: show a progress bar for large searches.
+        progress: show a progress bar for large searches (default off).
         ref_includes_query: the queries are the first Q items of ``gallery`` (a reference set
             larger than the query set, as PML's ``ref_includes_query``): each query's own item is
             excluded from its neighbours and from R.
@@ -229,7 +230,7 @@ def recall_at_k(
     metric: str = "cosine",
     *,
     backend: str = "auto",
-    progress: bool = True,
+    progress: bool = False,
     ref_includes_query: bool = False,
 ) -> dict[int, float]:
     """Recall@K: fraction of queries with a same-label item among their K nearest gallery items.
@@ -259,7 +260,7 @@ def precision_at_1(
     metric: str = "cosine",
     *,
     backend: str = "auto",
-    progress: bool = True,
+    progress: bool = False,
     ref_includes_query: bool = False,
 ) -> float:
     """Fraction of queries whose nearest gallery item has their label (AccuracyCalculator's
@@ -283,7 +284,7 @@ def r_precision(
     metric: str = "cosine",
     *,
     backend: str = "auto",
-    progress: bool = True,
+    progress: bool = False,
     ref_includes_query: bool = False,
 ) -> float:
     """Mean over queries of (same-label items among the R nearest) / R, R = number of same-label
@@ -307,7 +308,7 @@ def map_at_r(
     metric: str = "cosine",
     *,
     backend: str = "auto",
-    progress: bool = True,
+    progress: bool = False,
     ref_includes_query: bool = False,
 ) -> float:
     """MAP@R: mean over queries of the average precision over the R nearest, R = number of
