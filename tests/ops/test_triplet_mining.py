@@ -507,6 +507,11 @@ def test_gpu_config_table_is_complete():
             for c in configs:
                 assert min(c.block_m, c.block_n, c.block_d, c.block_t) >= 16
                 assert c.maxnreg is None or c.maxnreg * 32 * c.num_warps <= 65536
+            # The autotuned launcher: its configs set only constexprs of the kernel.
+            tuned = kernel._tuned_kernel(kind, width)
+            names = set(kernel._mine_hardest_kernel.arg_names)
+            assert len(tuned.configs) == len(configs)
+            assert all(set(cfg.kwargs) <= names for cfg in tuned.configs)
 
 
 def test_reference_text_operands_share_a_row_slice():
