@@ -568,8 +568,9 @@ def ctas_per_sm(registers: int, smem: int, num_warps: int) -> tuple[int, str]:
     return limits[limiter], limiter
 
 
-def compile_specs(specs: list[Spec]) -> list[dict[str, Any]]:
-    """Compile every spec for sm_90a with the installed Triton; one CSV row each."""
+def compile_specs(specs: list[Spec], ir_dir: Path | None = None) -> list[dict[str, Any]]:
+    """Compile every spec for sm_90a with the installed Triton; one CSV row each. With ``ir_dir``,
+    each spec's TTIR is written there as ``<index>.ttir`` next to ``<index>.json`` (the spec)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler.compiler import ASTSource, make_backend
@@ -582,7 +583,7 @@ def compile_specs(specs: list[Spec]) -> list[dict[str, Any]]:
     ptxas_version = (re.findall(r"release ([\d.]+)", version) or ["?"])[0]
     modules: dict[str, dict[str, Any]] = {}
     rows = []
-    for spec in specs:
+    for index, spec in enumerate(specs):
         path, name = spec.kernel.split(":")
         row: dict[str, Any] = {
             "triton": triton.__version__, "ptxas": ptxas_version, "kernel": spec.kernel,
@@ -600,6 +601,10 @@ def compile_specs(specs: list[Spec]) -> list[dict[str, Any]]:
             kernel = triton.compile(ASTSource(fn, dict(spec.signature), constexprs, attrs), target=target,
                                     options=dict(spec.options))
             ptx = kernel.asm["ptx"]
+            if ir_dir is not None:
+                ir_dir.mkdir(parents=True, exist_ok=True)
+                (ir_dir / f"{index}.ttir").write_text(kernel.asm["ttir"])
+                (ir_dir / f"{index}.json").write_text(json.dumps(dataclasses.asdict(spec)))
             report = ptxas_report(ptx, ptxas, flags)
             smem_dynamic = int(kernel.metadata.shared)
             ctas, limiter = ctas_per_sm(report["registers"], report["smem_static"] + smem_dynamic,
@@ -630,9 +635,9 @@ def default_csv(version: str) -> Path:
     return RESULTS / f"sm90_compile_triton{major_minor}.csv"
 
 
-def _compile_in_chunks(specs: list[Spec], jobs: int) -> list[dict[str, Any]]:
-    if jobs <= 1 or len(specs) < 2:
-        return compile_specs(specs)
+def _compile_in_chunks(specs: list[Spec], jobs: int, ir_dir: Path | None) -> list[dict[str, Any]]:
+    if jobs <= 1 or len(specs) < 2 or ir_dir is not None:
+        return compile_specs(specs, ir_dir)
     import multiprocessing
 
     chunks = [specs[i::jobs] for i in range(jobs)]
@@ -653,6 +658,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="another interpreter (e.g. a triton 3.6 venv) that compiles the same specs")
     parser.add_argument("--out-dir", type=Path, default=RESULTS, help="directory of the --python CSVs")
     parser.add_argument("--jobs", type=int, default=1, help="compile processes")
+    parser.add_argument("--ir-dir", type=Path, help="write each spec's TTIR here (<index>.ttir, <index>.json)")
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
@@ -670,7 +676,7 @@ def main(argv: list[str] | None = None) -> int:
     import triton
 
     status = 0
-    rows = _compile_in_chunks(specs, args.jobs)
+    rows = _compile_in_chunks(specs, args.jobs, args.ir_dir)
     out = args.out or default_csv(triton.__version__)
     write_csv(rows, out)
     errors = [r for r in rows if r["error"]]

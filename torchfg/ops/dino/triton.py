@@ -45,7 +45,9 @@ def _dino_forward_kernel(
 ):
     b = tl.program_id(0)
     split = tl.program_id(1)
-    k_begin = split * k_per_split
+    # 64-bit offsets: split * k_per_split and the (splits, crops, B) workspace index are bounded by
+    # K and the workspace size only through the launcher; int64 makes that hold by type.
+    k_begin = split.to(tl.int64) * k_per_split
     k_end = tl.minimum(k_begin + k_per_split, K)
     inv_student_temp = tl.load(scalars_ptr).to(ACC)
     inv_teacher_temp = tl.load(scalars_ptr + 1).to(ACC)
@@ -91,10 +93,10 @@ def _dino_forward_kernel(
         t_dot = t_dot * rescale + tl.sum(e * paired, axis=1)
         t_max = t_new_max
 
-    stat = (split * n_crops + crops) * B + b
+    stat = (split.to(tl.int64) * n_crops + crops) * B + b
     tl.store(s_max_ptr + stat, s_max, mask=is_crop)
     tl.store(s_sum_ptr + stat, s_sum, mask=is_crop)
-    stat = (split * n_global + crops) * B + b
+    stat = (split.to(tl.int64) * n_global + crops) * B + b
     tl.store(t_max_ptr + stat, t_max, mask=is_global)
     tl.store(t_sum_ptr + stat, t_sum, mask=is_global)
     tl.store(t_dot_ptr + stat, t_dot, mask=is_global)

@@ -60,10 +60,12 @@ def _anchor_pair_fwd_kernel(
         b_sq = tl.zeros((BLOCK_R, BLOCK_D), dtype=ACC_DTYPE)
         for d0 in tl.range(0, D, BLOCK_D):
             cols = d0 + tl.arange(0, BLOCK_D)
+            # 64-bit: a column-major operand steps columns by N (up to 2**20): col * stride passes 2**31.
+            cols64 = cols.to(tl.int64)
             mask = row_ok[:, None] & (cols[None, :] < D)
             # Upcast right after the load: the interpreter mishandles bf16 arithmetic.
-            a = tl.load(a_base + cols[None, :] * stride_xd, mask=mask, other=0.0).to(ACC_DTYPE)
-            b = tl.load(b_base + cols[None, :] * stride_yd, mask=mask, other=0.0).to(ACC_DTYPE)
+            a = tl.load(a_base + cols64[None, :] * stride_xd, mask=mask, other=0.0).to(ACC_DTYPE)
+            b = tl.load(b_base + cols64[None, :] * stride_yd, mask=mask, other=0.0).to(ACC_DTYPE)
             if METRIC <= 1:
                 diff = a - b
                 first += diff * diff
@@ -113,18 +115,20 @@ def _anchor_pair_bwd_kernel(
             row_inv = tl.load(y_inv_ptr + rows64, mask=row_ok, other=0.0)
     for d0 in tl.range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
+        # 64-bit: a column-major operand steps columns by N (up to 2**20): col * stride passes 2**31.
+        cols64 = cols.to(tl.int64)
         mask = row_ok[:, None] & (cols[None, :] < D)
         acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=ACC_DTYPE)
         if OWN:
             # Upcast right after the load: the interpreter mishandles bf16 arithmetic.
-            a = tl.load(x_ptr + rows64[:, None] * stride_xn + cols[None, :] * stride_xd, mask=mask, other=0.0)
+            a = tl.load(x_ptr + rows64[:, None] * stride_xn + cols64[None, :] * stride_xd, mask=mask, other=0.0)
             a = a.to(ACC_DTYPE)
             for k in tl.range(0, K):
                 pair = rows64 * K + k
                 partner = tl.load(idx_ptr + pair, mask=row_ok, other=0).to(tl.int64)
                 g = tl.load(grad_ptr + pair, mask=row_ok, other=0.0).to(ACC_DTYPE)
                 dist = tl.load(out_ptr + pair, mask=row_ok, other=0.0).to(ACC_DTYPE)
-                b = tl.load(y_ptr + partner[:, None] * stride_yn + cols[None, :] * stride_yd, mask=mask, other=0.0)
+                b = tl.load(y_ptr + partner[:, None] * stride_yn + cols64[None, :] * stride_yd, mask=mask, other=0.0)
                 b = b.to(ACC_DTYPE)
                 if METRIC == 1:
                     # d|a-b|/da = (a - b) / |a - b|, and 0 (a subgradient) at a zero distance.
@@ -140,7 +144,7 @@ def _anchor_pair_bwd_kernel(
                 else:
                     acc -= g[:, None] * b
         if PARTNER:
-            b = tl.load(y_ptr + rows64[:, None] * stride_yn + cols[None, :] * stride_yd, mask=mask, other=0.0)
+            b = tl.load(y_ptr + rows64[:, None] * stride_yn + cols64[None, :] * stride_yd, mask=mask, other=0.0)
             b = b.to(ACC_DTYPE)
             for t in tl.range(0, longest):
                 listed = row_ok & (t < count)
@@ -149,7 +153,7 @@ def _anchor_pair_bwd_kernel(
                 g = tl.load(grad_ptr + pair, mask=listed, other=0.0).to(ACC_DTYPE)
                 dist = tl.load(out_ptr + pair, mask=listed, other=0.0).to(ACC_DTYPE)
                 a_mask = listed[:, None] & (cols[None, :] < D)
-                a = tl.load(x_ptr + anchor[:, None] * stride_xn + cols[None, :] * stride_xd, mask=a_mask, other=0.0)
+                a = tl.load(x_ptr + anchor[:, None] * stride_xn + cols64[None, :] * stride_xd, mask=a_mask, other=0.0)
                 a = a.to(ACC_DTYPE)
                 if METRIC == 1:
                     coef = tl.where(dist > 0, g / tl.where(dist > 0, dist, 1.0), 0.0)

@@ -1,0 +1,56 @@
+"""benchmarks/gpu_session.sh, the one GPU run of a session, end to end in its CPU dry run: the same
+steps (info, compile check, kernel tests, bf16 / fp32 / DINO benchmarks) at tiny sizes, each
+under its `timeout -s INT` budget, the budgets inside 8 minutes, every test path existing."""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu_session.sh"
+
+
+@pytest.mark.skipif(shutil.which("timeout") is None or shutil.which("bash") is None, reason="needs bash and timeout")
+def test_gpu_session_dry_run(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["OUT"] = str(tmp_path)
+    # The dry run calls `python3`: make it this interpreter, as on the GPU box it is the system one.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    wrapper = bin_dir / "python3"
+    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    wrapper.chmod(0o755)
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
+    done = subprocess.run(["bash", str(SCRIPT), "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    session = (tmp_path / "session.txt").read_text()
+    planned = int(re.search(r"plan: (\d+) s of (\d+) s", session).group(1))
+    assert planned < 480, session
+    for step in ("info", "compile", "tests", "bench_bf16", "bench_fp32", "bench_dino"):
+        assert re.search(rf"^{step}: exit 0 in \d+s$", session, re.M), f"{step} did not succeed:\n{session}"
+    assert "tests collected" in (tmp_path / "tests.txt").read_text()
+    assert (tmp_path / "sm90_specs.json").stat().st_size > 0
+    rows = list(csv.DictReader((tmp_path / "bench.csv").open()))
+    assert {(r["op"], r["dtype"]) for r in rows} >= {("pairwise", "bfloat16"), ("pairwise", "float32"),
+                                                        ("dino", "bfloat16")}
+    assert all(r["status"] == "ok" for r in rows), rows
+
+
+def test_gpu_session_budgets_fit_in_eight_minutes() -> None:
+    text = SCRIPT.read_text()
+    budgets = dict(re.findall(r"(B_\w+)=(\d+)", text.split("planned=")[0]))
+    grace = int(re.search(r"^GRACE=(\d+)", text, re.M).group(1))
+    total = int(re.search(r"^TOTAL=(\d+)", text, re.M).group(1))
+    assert sum(map(int, budgets.values())) + len(budgets) * grace <= total < 480
+    # pytest is interrupted with SIGINT (it prints its summary) and never stops at the first failure.
+    assert "timeout -s INT" in text and "--maxfail=" in text and " -x " not in text
