@@ -1,12 +1,16 @@
 // Torch binding of the k-NN CUDA kernel: the op torchfg_cuda::knn.
 //
 // Registered under its own namespace (torchfg_cuda) so that it never clashes with the Python
-// custom ops of the torchfg:: namespace; torchfg/ops/knn/cuda.py calls it and registers the
-// fake (meta) implementation.
+// custom ops of the torchfg:: namespace. It has a CUDA kernel only, no fake (meta) one: it is
+// called by torchfg/ops/knn/cuda.py from inside the torchfg::knn custom op, whose fake
+// (torchfg/ops/knn/__init__.py) is what torch.compile and fake-tensor tracing see; they never
+// reach torchfg_cuda::knn itself.
 //
-// JIT builds (torch.utils.cpp_extension.load, is_python_module=False) load the library for its
-// registrations alone. Ahead-of-time builds define TORCHFG_AOT_MODULE and become the importable
-// module torchfg._C_cuda (see PyInit__C_cuda at the end).
+// Builds: just in time only (torch.utils.cpp_extension.load, is_python_module=False, which loads
+// the library for its registrations alone; see torchfg/ops/_cuda_extension.py and
+// docs/concepts/backends.md). There is no ahead-of-time build recipe; the TORCHFG_AOT_MODULE
+// branch below (the library as an importable module torchfg._C_cuda, which the loader imports
+// first when present) is a hook for one, and is compiled only by csrc/check_compile.sh.
 #ifdef TORCHFG_AOT_MODULE
 #include <Python.h>
 #endif
