@@ -150,6 +150,26 @@ def test_semantic_attention_experiment_tiny(semantic_result):
     assert semantic_result["config"]["test_images"] == 12 and semantic_result["config"]["train_images"] == 24
 
 
+def test_semantic_experiment_trains_on_predicted_maps_by_default_and_on_both(semantic_result):
+    assert semantic_result["map_quality"] == "predicted" and list(semantic_result["by_map_quality"]) == ["predicted"]
+    assert semantic_result["by_map_quality"]["predicted"] == semantic_result["methods"]
+    tiny = dict(TINY_SEMANTIC, methods=("baseline", "mask"))
+    both = semantic_attention_experiment(seed=1, map_quality=("exact", "predicted"), **tiny, **COMMON)
+    assert both["map_quality"] == "exact" and list(both["by_map_quality"]) == ["exact", "predicted"]
+    exact, predicted = both["by_map_quality"]["exact"], both["by_map_quality"]["predicted"]
+    # The baseline never sees the map: trained once, the same in both.
+    assert exact["baseline"] == predicted["baseline"]
+    assert _drop_timings(predicted["baseline"]) == _drop_timings(semantic_result["methods"]["baseline"])
+    # Each quality's run is the run of that quality alone (same seed, same batches); the maps differ.
+    assert _drop_timings(predicted["mask"]) == _drop_timings(semantic_result["methods"]["mask"])
+    alone = semantic_attention_experiment(seed=1, map_quality="exact", **tiny, **COMMON)
+    assert _drop_timings(alone["methods"]) == _drop_timings(exact)
+    assert exact["mask"]["per_label_auc"] != predicted["mask"]["per_label_auc"]
+    text = format_table({"semantic_attention": both})
+    assert "street photos, exact maps" in text and "street photos, predicted maps" in text
+    assert len(format_table({"semantic_attention": both}, markdown=True).splitlines()) == 2 + 2 + 2
+
+
 def test_atl_vs_triplet_experiment_tiny(retrieval_result):
     methods = retrieval_result["methods"]
     assert list(methods) == ["untrained", "triplet", "atl"]
@@ -204,6 +224,10 @@ def test_dino_few_shot_is_reproducible(few_shot_result):
         (lambda: few_shot_experiment(num_products=8, views_per_domain=2, shots=(4,), **COMMON), "shots"),
         (lambda: few_shot_experiment(dino_domains=("moon",), **COMMON), "dino_domains"),
         (lambda: semantic_attention_experiment(device="tpu", progress=False), "device"),
+        (lambda: semantic_attention_experiment(map_quality="perfect", **COMMON), "map_quality"),
+        (lambda: semantic_attention_experiment(map_quality=("exact", "exact"), **COMMON), "map_quality"),
+        (lambda: run_demo(experiments=["semantic"], progress=False), "experiments"),
+        (lambda: run_demo(map_quality="perfect", progress=False), "map_quality"),
     ],
 )
 def test_bad_arguments_raise_value_error(call, match):
@@ -277,6 +301,16 @@ def test_run_demo_without_matplotlib_skips_the_png(tmp_path, capsys, monkeypatch
     assert json.loads((tmp_path / "results.json").read_text())["figure"] is None
 
 
+def test_run_demo_one_experiment_on_both_map_qualities(tmp_path, capsys):
+    results = run_demo(quick=True, out_dir=tmp_path, device="cpu", seed=4, overrides=TINY_OVERRIDES, figure=False,
+                       experiments=["semantic_attention"], map_quality="both")
+    assert "atl_vs_triplet" not in results and "few_shot" not in results
+    assert list(results["semantic_attention"]["by_map_quality"]) == ["exact", "predicted"]
+    assert results["command"].endswith("--only semantic_attention --map-quality both")
+    printed = capsys.readouterr().out
+    assert "one experiment" in printed and "exact maps" in printed and "predicted maps" in printed
+
+
 def test_run_demo_rejects_unknown_override(tmp_path):
     with pytest.raises(ValueError, match="overrides"):
         run_demo(quick=True, out_dir=tmp_path, device="cpu", overrides={"semantic": {}}, progress=False)
@@ -287,6 +321,12 @@ def test_cli_parses_demo_options():
     assert (args.quick, args.out, args.seed, args.device, args.threads) == (True, "x", 7, "cpu", None)
     args = build_parser().parse_args(["demo"])
     assert (args.quick, args.out, args.seed, args.device) == (False, "torchfg_demo", 0, "auto")
+    assert (args.only, args.map_quality) == (None, None)
+    args = build_parser().parse_args(["demo", "--only", "semantic_attention", "--only", "few_shot", "--map-quality",
+                                      "both"])
+    assert (args.only, args.map_quality) == (["semantic_attention", "few_shot"], "both")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["demo", "--only", "semantic"])
     with pytest.raises(SystemExit):
         build_parser().parse_args(["demo", "--seed", "-1"])
 

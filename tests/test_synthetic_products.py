@@ -358,3 +358,76 @@ def test_text_encoder_similarity_follows_shared_words() -> None:
         encoder([1, 2])
     with pytest.raises(ValueError, match="dim"):
         HashedBagOfWordsEncoder(dim=0)
+
+
+# ---------------------------------------------------------------------------- predicted semantic maps
+
+
+@pytest.fixture(scope="module")
+def street_maps() -> tuple[SyntheticProducts, ProductSample, ProductSample]:
+    """Street photos of 24 products, rendered with exact and with predicted maps."""
+    options = dict(num_products=24, views_per_domain=2, domains=("street",), seed=5)
+    exact = SyntheticProducts("all", **options)
+    predicted = SyntheticProducts("all", map_quality="predicted", **options)
+    return predicted, exact.render_batch(), predicted.render_batch()
+
+
+def test_predicted_maps_change_only_the_map_and_stay_valid(street_maps) -> None:
+    _, exact, predicted = street_maps
+    assert torch.equal(predicted.image, exact.image)
+    assert torch.equal(predicted.attributes, exact.attributes)
+    maps = predicted.semantic_map
+    assert maps.shape == exact.semantic_map.shape
+    assert float(maps.min()) >= 0.0 and float(maps.max()) <= 1.0
+    torch.testing.assert_close(maps.sum(1), torch.ones_like(maps[:, 0]))
+    assert not torch.allclose(maps, exact.semantic_map, atol=0.05)
+
+
+def test_predicted_maps_have_a_parsers_errors(street_maps) -> None:
+    _, exact, predicted = street_maps
+    true_product = exact.semantic_map[:, 1:].sum(1)
+    product = predicted.semantic_map[:, 1:].sum(1)
+    inside = true_product > 0.99
+    # Far from the product: beyond what the offset and blur can reach (8 px at 64 x 64).
+    near = torch.nn.functional.max_pool2d((true_product > 0.01).float().unsqueeze(1), 17, stride=1, padding=8)
+    outside = near.squeeze(1) < 0.5
+    # Blurred edges: probabilities strictly between 0 and 1 on many more pixels than the exact map's
+    # one-pixel anti-aliasing.
+    soft = lambda m: ((m > 0.05) & (m < 0.95)).float().mean()  # noqa: E731
+    assert float(soft(product)) > 2 * float(soft(true_product))
+    # Missed parts: some images lose most of the probability somewhere on the product.
+    missed = torch.stack([(product[i][inside[i]] < 0.3).float().mean() for i in range(len(product))])
+    assert 0.2 < float((missed > 0.05).float().mean()) < 1.0
+    # False detections: some images have confident product probability on the background.
+    false_blobs = torch.stack([(product[i][outside[i]] > 0.3).float().sum() for i in range(len(product))])
+    assert 0.1 < float((false_blobs > 4).float().mean()) < 0.9
+    # Still mostly right: the thresholded maps overlap.
+    iou = ((product > 0.5) & (true_product > 0.5)).flatten(1).sum(1) / ((product > 0.5) | (true_product > 0.5)).flatten(
+        1
+    ).sum(1)
+    assert 0.5 < float(iou.mean()) < 0.95, iou
+
+
+def test_predicted_maps_are_deterministic_per_sample(street_maps) -> None:
+    dataset, exact, predicted = street_maps
+    torch.manual_seed(0)  # the global RNG must not matter
+    picked = [7, 0, 30, 7]
+    torch.testing.assert_close(dataset.render_batch(picked).semantic_map, predicted.semantic_map[picked])
+    torch.testing.assert_close(dataset[30].semantic_map, predicted.semantic_map[30])
+    # From maps rendered exact, the same result without rendering again.
+    torch.testing.assert_close(dataset.predicted_maps(exact.semantic_map[picked], picked), predicted.semantic_map[picked])
+    again = SyntheticProducts("all", num_products=24, views_per_domain=2, domains=("street",), seed=5,
+                              map_quality="predicted").render_batch([3, 4])
+    torch.testing.assert_close(again.semantic_map, predicted.semantic_map[[3, 4]])
+    other_seed = SyntheticProducts("all", num_products=24, views_per_domain=2, domains=("street",), seed=6)
+    other_maps = other_seed.render_batch([3, 4]).semantic_map
+    assert not torch.allclose(other_seed.predicted_maps(other_maps, [3, 4]), predicted.semantic_map[[3, 4]])
+
+
+def test_map_quality_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="map_quality"):
+        small(map_quality="perfect")
+    dataset = small(map_quality="predicted")
+    with pytest.raises(ValueError, match="exact must be"):
+        dataset.predicted_maps(torch.zeros(2, 3, 64, 64), [0])
+    assert "map_quality='predicted'" in repr(dataset)

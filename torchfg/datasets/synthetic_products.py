@@ -34,6 +34,7 @@ import torch
 from torch.utils.data import Dataset
 
 from torchfg._validation import check_choice
+from torchfg.datasets._predicted_maps import predict_semantic_maps, sample_map_errors
 from torchfg.datasets._render import (
     PATTERN_NAMES,
     SHAPE_NAMES,
@@ -49,6 +50,7 @@ __all__ = [
     "ATTRIBUTE_NAMES",
     "COLOUR_PALETTE",
     "DOMAIN_NAMES",
+    "MAP_QUALITIES",
     "SEMANTIC_NAMES",
     "MAX_PRODUCTS",
     "TRIM_COLOUR_PALETTE",
@@ -99,12 +101,17 @@ SEMANTIC_NAMES: tuple[str, ...] = ("background", "body", "trim")
 DOMAIN_NAMES: tuple[str, ...] = ("studio", "street")
 """Domain tags; a sample's ``domain`` is an index into this tuple."""
 
+MAP_QUALITIES: tuple[str, ...] = ("exact", "predicted")
+"""Values of ``SyntheticProducts(map_quality=...)``: ``"exact"``, the rendered ground truth, or
+``"predicted"``, that map with the errors of a parsing model (see :meth:`SyntheticProducts.predicted_maps`)."""
+
 # Trim colours too close to the body colour would make the trim attribute invisible.
 _MIN_TRIM_CONTRAST = 0.3
 _COLOUR_JITTER = 0.04
 _CATALOGUE_STREAM = 0x0CA7A106
 _SCENE_STREAM = 0x5CE7E
 _NOISE_STREAM = 0x7015E
+_MAP_STREAM = 0x3A9E
 _NOISE_BANK_SIZE = 8
 _COLOURS = np.array(list(COLOUR_PALETTE.values()))
 _TRIM_COLOURS = np.array(list(TRIM_COLOUR_PALETTE.values()))
@@ -143,7 +150,9 @@ class ProductSample(NamedTuple):
         attributes: ``(A,)`` float32 multi-hot vector of the product's attributes, ``A = 23``, names in
             :data:`ATTRIBUTE_NAMES` (batched: ``(B, A)``). Distractors do not contribute.
         semantic_map: ``(K, H, W)`` float32 in ``[0, 1]``, ``K = 3`` channels (background, body, trim)
-            of the product that sum to 1 per pixel; soft only on one-pixel edges (batched: ``(B, K, H, W)``).
+            of the product that sum to 1 per pixel (batched: ``(B, K, H, W)``). With
+            ``map_quality="exact"`` the rendered ground truth, soft only on one-pixel edges; with
+            ``"predicted"`` blurred, offset, with missed parts and false blobs, like a parser's output.
         description: short text such as ``"red striped shirt with white collar"`` (batched: a list of
             str from :meth:`SyntheticProducts.render_batch`, a tuple from ``default_collate``).
         domain: index into :data:`DOMAIN_NAMES`, 0 = studio, 1 = street (batched: ``(B,)`` int64).
@@ -301,6 +310,9 @@ class SyntheticProducts(Dataset[ProductSample]):
         image_size: height = width of the images and semantic maps (>= 16).
         num_distractors: ``(min, max)`` distractor garments per street image.
         seed: catalogue and rendering seed (int >= 0).
+        map_quality: ``"exact"`` (default): the semantic map is the rendered ground truth, exact to
+            the pixel; ``"predicted"``: what a human-parsing / segmentation model would give instead
+            (see :meth:`predicted_maps`), the realistic input of a semantic-guided classifier.
         transform: optional callable applied to the ``(3, H, W)`` image in :meth:`__getitem__` (not in
             :meth:`render_batch`), e.g. augmentations.
 
@@ -332,9 +344,11 @@ class SyntheticProducts(Dataset[ProductSample]):
         image_size: int = 64,
         num_distractors: tuple[int, int] = (2, 4),
         seed: int = 0,
+        map_quality: str = "exact",
         transform: Callable[[torch.Tensor], object] | None = None,
     ) -> None:
         self.split = check_choice(split, "split", ("train", "novel", "all"))
+        self.map_quality = check_choice(map_quality, "map_quality", MAP_QUALITIES)
         self.seed = _check_int(seed, "seed", minimum=0)
         self.views_per_domain = _check_int(views_per_domain, "views_per_domain", minimum=1)
         self.image_size = _check_int(image_size, "image_size", minimum=16)
@@ -480,6 +494,8 @@ class SyntheticProducts(Dataset[ProductSample]):
                 image, semantic = render_scenes(
                     scene, size, include_product=include_product, include_distractors=include_distractors
                 )
+                if self.map_quality == "predicted":
+                    semantic = self._predict(semantic, keys[start : start + chunk_size], scene.product)
                 images.append(image)
                 semantics.append(semantic)
         product_ids = torch.tensor([k[0] for k in keys], dtype=torch.int64)
@@ -493,6 +509,54 @@ class SyntheticProducts(Dataset[ProductSample]):
             domain=torch.tensor([k[1] for k in keys], dtype=torch.int64),
             view=torch.tensor([k[2] for k in keys], dtype=torch.int64),
         )
+
+    # ------------------------------------------------------------------ predicted maps
+    def predicted_maps(
+        self, exact: torch.Tensor, indices: Sequence[int] | torch.Tensor
+    ) -> torch.Tensor:
+        """What a parsing model would predict for these samples, from their exact maps.
+
+        ``render_batch`` of a ``map_quality="predicted"`` dataset returns exactly this; calling it on
+        exact maps already rendered gives both versions of a sample for the cost of one rendering.
+        Four errors, each drawn per sample from a generator seeded by ``(seed, product, domain, view)``
+        alone (the same sample always gets the same predicted map):
+
+        * offset: the map is shifted by up to 4% of the image width along each axis;
+        * blur: a Gaussian of 0.6 to 1.9 pixels at 64 x 64 (soft, uncertain edges);
+        * missed parts: in each of two slots with probability 0.6, a disc on the product (radius a
+          quarter to a half of the garment's half size) where 60-100% of the probability is lost;
+        * false detections: in each of two slots with probability 0.4, a Gaussian blob of product
+          probability anywhere in the image, on the background or on a distractor.
+
+        Args:
+            exact: ``(B, 3, S, S)`` exact maps of the samples (``S = image_size``).
+            indices: the B sample indices of this dataset they belong to.
+
+        Returns:
+            ``(B, 3, S, S)`` maps (background, body, trim) in [0, 1], summing to 1 per pixel, on
+            ``exact``'s device.
+        """
+        if isinstance(indices, torch.Tensor):
+            indices = indices.tolist()
+        keys = [self.locate(i) for i in indices]
+        size = self.image_size
+        if not isinstance(exact, torch.Tensor) or exact.shape != (len(keys), 3, size, size):
+            shape = tuple(exact.shape) if isinstance(exact, torch.Tensor) else type(exact).__name__
+            raise ValueError(f"exact must be a ({len(keys)}, 3, {size}, {size}) tensor (one map per index), got {shape}")
+        if not keys:
+            return exact.clone()
+        poses = torch.from_numpy(np.stack([self._sample_scene(*key)["pose"] for key in keys]).astype(np.float32))
+        with _single_intra_op_thread(exact.device):
+            return self._predict_pose(exact.float(), keys, poses[:, :2], poses[:, 2])
+
+    def _predict(self, exact: torch.Tensor, keys: Sequence[tuple[int, int, int]], product: ObjectParams) -> torch.Tensor:
+        return self._predict_pose(exact, keys, product.centre.cpu(), product.scale.cpu())
+
+    def _predict_pose(
+        self, exact: torch.Tensor, keys: Sequence[tuple[int, int, int]], centre: torch.Tensor, scale: torch.Tensor
+    ) -> torch.Tensor:
+        rngs = [np.random.default_rng([self.seed, *key, _MAP_STREAM]) for key in keys]
+        return predict_semantic_maps(exact, sample_map_errors(rngs, centre, scale))
 
     # ------------------------------------------------------------------ scene sampling
     def scene_params(self, keys: Sequence[tuple[int, int, int]]) -> SceneParams:
@@ -636,5 +700,5 @@ class SyntheticProducts(Dataset[ProductSample]):
         return (
             f"SyntheticProducts(split={self.split!r}, products={self.num_classes}/{self.num_products}, "
             f"domains={self.domains}, views_per_domain={self.views_per_domain}, image_size={self.image_size}, "
-            f"seed={self.seed}, len={len(self)})"
+            f"seed={self.seed}, map_quality={self.map_quality!r}, len={len(self)})"
         )

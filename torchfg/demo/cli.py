@@ -7,6 +7,8 @@ import sys
 
 __all__ = ["add_arguments", "run"]
 
+EXPERIMENT_NAMES = ("semantic_attention", "atl_vs_triplet", "few_shot")
+
 
 def _non_negative_int(text: str) -> int:
     try:
@@ -38,6 +40,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch CPU threads during the run (default 1: the demo's small convolutions gain "
                              "little from more, and one thread makes results independent of the core count)")
     parser.add_argument("--no-figure", action="store_true", help="do not write demo.png")
+    parser.add_argument("--only", action="append", choices=EXPERIMENT_NAMES, metavar="EXPERIMENT",
+                        help="run only this experiment (repeatable): " + ", ".join(EXPERIMENT_NAMES))
+    parser.add_argument("--map-quality", choices=("predicted", "exact", "both"), default=None,
+                        help="semantic maps of the attribute experiment: predicted (default; a parsing model's "
+                             "errors), exact (the rendered ground truth) or both")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -57,5 +64,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         threads=args.threads,
         figure=not args.no_figure,
+        experiments=args.only,
+        map_quality=args.map_quality,
     )
     return 0

@@ -45,11 +45,14 @@ def result_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     rows: list[tuple[str, str, str, str]] = []
     semantic = results.get("semantic_attention")
     if semantic:
-        for name, m in semantic["methods"].items():
-            value = _num(m["mean_auc"])
-            if name != "baseline":
-                value += f" ({_pct(m['relative_improvement'], signed=True)})"
-            rows.append(("1. attributes, street photos", _METHOD_LABELS[name], "mean AUC (rel. to baseline)", value))
+        by_quality = semantic.get("by_map_quality") or {semantic.get("map_quality", "exact"): semantic["methods"]}
+        for quality, methods in by_quality.items():
+            experiment = f"1. attributes, street photos, {quality} maps"
+            for name, m in methods.items():
+                value = _num(m["mean_auc"])
+                if name != "baseline":
+                    value += f" ({_pct(m['relative_improvement'], signed=True)})"
+                rows.append((experiment, _METHOD_LABELS[name], "mean AUC (rel. to baseline)", value))
     retrieval = results.get("atl_vs_triplet")
     if retrieval:
         for name, m in retrieval["methods"].items():
@@ -128,7 +131,9 @@ def plot_results(
             axes[1][i].set_axis_off()
             if sample_titles:
                 axes[0][i].set_title(sample_titles[i], fontsize=7)
-        panels[0][0].suptitle("street photos and their semantic maps (blue: body, gold: trim)", fontsize=10)
+        quality = (results.get("semantic_attention") or {}).get("map_quality", "")
+        panels[0][0].suptitle(f"street photos and their {quality} semantic maps (blue: body, gold: trim)".replace(
+            "  ", " "), fontsize=10)
 
     semantic = results.get("semantic_attention")
     if semantic:
@@ -146,7 +151,8 @@ def plot_results(
         low = min(values) if values else 0.5
         ax.set_ylim(max(0.0, low - 0.1), 1.02)
         ax.set_ylabel("mean per-label AUC (held-out street views)")
-        ax.set_title("1. attributes in clutter: semantic map usage", fontsize=10)
+        ax.set_title(f"1. attributes in clutter: semantic map usage ({semantic.get('map_quality', 'exact')} maps)",
+                     fontsize=10)
 
     retrieval = results.get("atl_vs_triplet")
     if retrieval:

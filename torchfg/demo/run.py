@@ -7,7 +7,7 @@ import json
 import platform
 import textwrap
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -22,6 +22,8 @@ from torchfg.demo._common import (
     resolve_device,
     torch_threads,
 )
+from torchfg._validation import check_choice
+from torchfg.datasets.synthetic_products import MAP_QUALITIES
 from torchfg.demo.fewshot import few_shot_experiment
 from torchfg.demo.report import MATPLOTLIB_MISSING, format_table, matplotlib_available, plot_results
 from torchfg.demo.retrieval import atl_vs_triplet_experiment
@@ -66,12 +68,18 @@ _SAMPLES = 4  # street photos shown in the figure
 
 
 def _sample_street_photos(config: Mapping[str, Any], seed: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """First-view street photos of a few products, their semantic maps and wrapped descriptions."""
+    """First-view street photos of a few products, the semantic maps the attribute experiment used
+    (the first of its map qualities) and wrapped descriptions."""
     dataset, batch = render_products(config["num_products"], config["views_per_domain"], seed)
     street = dataset.domain_names.index("street")
     rows = ((batch.domain == street) & (batch.view == 0)).nonzero().squeeze(1)[:_SAMPLES]
     titles = ["\n".join(textwrap.wrap(batch.description[i], 18)) for i in rows.tolist()]
-    return batch.image[rows], batch.semantic_map[rows], titles
+    quality = config.get("map_quality", "predicted")
+    quality = quality if isinstance(quality, str) else tuple(quality)[0]
+    maps = batch.semantic_map[rows]
+    if quality == "predicted":
+        maps = dataset.predicted_maps(maps, rows)
+    return batch.image[rows], maps, titles
 
 
 def _quick_note(configs: Mapping[str, Mapping[str, Any]]) -> str:
@@ -104,6 +112,8 @@ def run_demo(
     progress: bool = True,
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
     figure: bool = True,
+    experiments: Sequence[str] | None = None,
+    map_quality: str | Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Run the three demo experiments, print one results table, write ``results.json`` and ``demo.png``.
 
@@ -130,6 +140,11 @@ def run_demo(
         overrides: per-experiment keyword arguments replacing the preset's, keyed by
             ``"semantic_attention"``, ``"atl_vs_triplet"`` and ``"few_shot"``.
         figure: write ``demo.png`` (skipped, with a message, when matplotlib is missing).
+        experiments: run only these of ``"semantic_attention"``, ``"atl_vs_triplet"``, ``"few_shot"``
+            (default: all three).
+        map_quality: the semantic maps of the attribute experiment: ``"predicted"`` (the default, what a
+            parsing model gives), ``"exact"`` (the rendered ground truth) or ``"both"`` (every map-using
+            method trained on each; the table shows both).
 
     Returns:
         The dict written to ``results.json``: one entry per experiment (see each function), plus
@@ -150,6 +165,20 @@ def run_demo(
         if name not in configs:
             raise ValueError(f"overrides keys must be among {tuple(configs)}, got {name!r}")
         configs[name].update(extra)
+    if experiments is None:
+        chosen = list(_EXPERIMENTS)
+    else:
+        if isinstance(experiments, str) or not experiments:
+            raise TypeError(f"experiments must be a non-empty sequence of names from {tuple(_EXPERIMENTS)}, "
+                            f"got {experiments!r}")
+        for name in experiments:
+            check_choice(name, "experiments", tuple(_EXPERIMENTS))
+        chosen = [name for name in _EXPERIMENTS if name in experiments]
+    if map_quality is not None:
+        qualities = MAP_QUALITIES if map_quality == "both" else map_quality
+        if isinstance(qualities, str):
+            check_choice(qualities, "map_quality", MAP_QUALITIES + ("both",))
+        configs["semantic_attention"]["map_quality"] = qualities
     out_path = Path(out_dir)
     out_path.mkdir(parents=True, exist_ok=True)
     mode = "quick" if quick else "full"
@@ -158,7 +187,8 @@ def run_demo(
         if progress:
             print(text, flush=True)
 
-    say(f"torchfg demo ({mode}): three experiments on SyntheticProducts, rendered on the fly (nothing downloaded)")
+    count = {1: "one experiment", 2: "two experiments", 3: "three experiments"}[len(chosen)]
+    say(f"torchfg demo ({mode}): {count} on SyntheticProducts, rendered on the fly (nothing downloaded)")
     say(
         f"seed {seed} (dataset, initial weights, batch order and few-shot episodes); device {target}; "
         f"torch threads {threads}"
@@ -170,7 +200,9 @@ def run_demo(
         "device": str(target),
         "threads": threads,
         "command": f"torchfg demo{' --quick' if quick else ''} --seed {seed} --device {target.type}"
-        + (f" --threads {threads}" if threads != default_threads() else ""),
+        + (f" --threads {threads}" if threads != default_threads() else "")
+        + "".join(f" --only {name}" for name in chosen if len(chosen) < len(_EXPERIMENTS))
+        + (f" --map-quality {map_quality}" if isinstance(map_quality, str) else ""),
         "versions": {
             "torchfg": torchfg.__version__,
             "torch": torch.__version__,
@@ -179,6 +211,8 @@ def run_demo(
     }
     with torch_threads(threads):
         for number, (name, experiment) in enumerate(_EXPERIMENTS.items(), start=1):
+            if name not in chosen:
+                continue
             result = experiment(seed=seed, device=target, progress=progress, **configs[name])
             results[name] = result
             timing = result["timing"]

@@ -8,9 +8,10 @@ CNN (same initial weights, same batches); only how the product's semantic map en
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,7 @@ from torchfg.demo._common import (
     steps_per_epoch,
     torch_threads,
 )
+from torchfg.datasets.synthetic_products import MAP_QUALITIES
 from torchfg.demo.backbone import SmallCNN
 from torchfg.heads import MultiLabelHead
 from torchfg.layers import SemanticFusion, make_semantic_module, widen_first_conv, wrap_backbone
@@ -108,6 +110,7 @@ def semantic_attention_experiment(
     lr: float = 3e-3,
     methods: tuple[str, ...] = SEMANTIC_METHODS,
     stage: str = "stage3",
+    map_quality: str | Sequence[str] = "predicted",
     seed: int = 0,
     device: torch.device | str | None = "auto",
     threads: int | None = None,
@@ -118,7 +121,9 @@ def semantic_attention_experiment(
     Data: the ``street`` images of all ``num_products`` products (seeded :class:`SyntheticProducts`);
     views ``0 .. views_per_domain - test_views - 1`` of each product train, the last ``test_views``
     views test. Targets: the product's 23 multi-hot attributes (distractors do not count). The map
-    given to the methods is the product region, channels (body, trim) of the semantic map.
+    given to the methods is the product region, channels (body, trim) of the semantic map: by default
+    the *predicted* map (:meth:`torchfg.datasets.SyntheticProducts.predicted_maps`: blurred, offset,
+    with missed parts and false blobs, as a parsing model would give it), or the exact rendered one.
 
     Training: AdamW with a one-cycle schedule, BCE-with-logits, random horizontal flips (of images and
     maps together); the same seed, hence the same initial weights and batch order, for every method.
@@ -132,6 +137,8 @@ def semantic_attention_experiment(
         lr: peak learning rate.
         methods: which of :data:`SEMANTIC_METHODS` to train; must include ``"baseline"``.
         stage: where the feature-level modules sit (see :class:`AttributeClassifier`).
+        map_quality: ``"predicted"``, ``"exact"``, or a sequence of both to train every map-using method
+            on each (the images, hence the baseline, are the same for both: it is trained once).
         seed: dataset and training seed.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ... (images are rendered on the CPU).
         threads: ``torch.set_num_threads`` during the run (None: unchanged).
@@ -142,7 +149,9 @@ def semantic_attention_experiment(
         ``per_label_auc`` (None where the test images hold a single class of that label), ``relative_improvement``
         over the baseline (mean of per-label ``(auc - auc_base) / auc_base`` over the labels with both AUCs
         defined and ``auc_base > 0``; 0 for the baseline itself) and
-        timings; ``"label_names"``, ``"undefined_auc_labels"``, ``"config"`` and total ``"timing"``.
+        timings, on the first ``map_quality``; ``"by_map_quality"`` the same for every map quality run
+        (each with the baseline); ``"map_quality"`` (the first), ``"label_names"``,
+        ``"undefined_auc_labels"``, ``"config"`` and total ``"timing"``.
 
     Example:
         >>> result = semantic_attention_experiment(num_products=20, views_per_domain=3, epochs=1, progress=False)
@@ -164,6 +173,11 @@ def semantic_attention_experiment(
     if "baseline" not in methods or len(set(methods)) != len(methods):
         raise ValueError(f"methods must hold distinct names including 'baseline', got {methods!r}")
     check_choice(stage, "stage", STAGES)
+    qualities = (map_quality,) if isinstance(map_quality, str) else tuple(map_quality)
+    for quality in qualities:
+        check_choice(quality, "map_quality", MAP_QUALITIES)
+    if not qualities or len(set(qualities)) != len(qualities):
+        raise ValueError(f"map_quality must be one of {MAP_QUALITIES} or a sequence of distinct ones, got {map_quality!r}")
     target = resolve_device(device)
     clock = Stopwatch()
 
@@ -172,17 +186,23 @@ def semantic_attention_experiment(
         street = batch.domain == dataset.domain_names.index("street")
         train_rows = (street & (batch.view < views_per_domain - test_views)).nonzero().squeeze(1)
         test_rows = (street & (batch.view >= views_per_domain - test_views)).nonzero().squeeze(1)
-        semantic = batch.semantic_map[:, list(PRODUCT_CHANNELS)]
-        train_images, train_maps = batch.image[train_rows].to(target), semantic[train_rows].to(target)
+
+        def product_maps(rows: torch.Tensor, quality: str) -> torch.Tensor:
+            exact = batch.semantic_map[rows]
+            maps = exact if quality == "exact" else dataset.predicted_maps(exact, rows)
+            return maps[:, list(PRODUCT_CHANNELS)].to(target)
+
+        train_images = batch.image[train_rows].to(target)
         train_targets = batch.attributes[train_rows].to(target)
-        test_images, test_maps = batch.image[test_rows].to(target), semantic[test_rows].to(target)
+        test_images = batch.image[test_rows].to(target)
         test_targets = batch.attributes[test_rows]
+        maps = {q: (product_maps(train_rows, q), product_maps(test_rows, q)) for q in qualities}
         render_timing = clock.seconds()
 
-        results: dict[str, dict[str, Any]] = {}
-        per_label: dict[str, torch.Tensor] = {}
         n_steps = epochs * steps_per_epoch(train_rows.numel(), batch_size)
-        for method in methods:
+
+        def train_and_test(method: str, quality: str) -> tuple[dict[str, Any], torch.Tensor]:
+            train_maps, test_maps = maps[quality]
             method_clock = Stopwatch()
             generator = seed_everything(seed)
             model = AttributeClassifier(method, dataset.num_attributes, len(PRODUCT_CHANNELS), stage=stage)
@@ -190,12 +210,13 @@ def semantic_attention_experiment(
             optimizer, scheduler = make_optimizer(model, n_steps, lr=lr)
             model.train()
             last_loss = float("nan")
-            with progress_bar(n_steps, f"[1/3] attributes: {method}", progress) as bar:
+            label = method if method == "baseline" or len(qualities) == 1 else f"{method} ({quality} maps)"
+            with progress_bar(n_steps, f"[1/3] attributes: {label}", progress) as bar:
                 for _ in range(epochs):
                     for index in shuffled_batches(train_rows.numel(), batch_size, generator):
                         index = index.to(target)
-                        images, maps = random_flip(train_images[index], train_maps[index], generator=generator)
-                        logits = model(images.contiguous(memory_format=torch.channels_last), maps)
+                        images, batch_maps = random_flip(train_images[index], train_maps[index], generator=generator)
+                        logits = model(images.contiguous(memory_format=torch.channels_last), batch_maps)
                         loss = F.binary_cross_entropy_with_logits(logits, train_targets[index])
                         optimizer.zero_grad(set_to_none=True)
                         loss.backward()
@@ -211,29 +232,43 @@ def semantic_attention_experiment(
                 # they are None in per_label_auc, listed in "undefined_auc_labels" and left out of means.
                 warnings.simplefilter("ignore", UserWarning)
                 auc = multilabel_auc(scores, test_targets, average=None)
-            per_label[method] = auc
-            results[method] = {
+            return {
                 "mean_auc": finite_or_none(torch.nanmean(auc)),
                 "per_label_auc": [finite_or_none(a) for a in auc.tolist()],
                 "final_train_loss": finite_or_none(last_loss),
                 "parameters": sum(p.numel() for p in model.parameters()),
                 **method_clock.seconds(),
-            }
-        # A baseline AUC of exactly 0 (possible only with a handful of test images) has no relative
-        # change: such labels are left out of the mean, like labels without an AUC.
-        base = per_label["baseline"].masked_fill(per_label["baseline"] == 0, float("nan"))
-        for method in methods:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)  # no label left: None, as documented
-                improvement = relative_improvement(per_label[method], base)
-            results[method]["relative_improvement"] = finite_or_none(improvement)
+            }, auc
+
+        # The baseline never sees the map, and the images are the same for every map quality.
+        baseline, baseline_auc = train_and_test("baseline", qualities[0])
+        by_quality: dict[str, dict[str, dict[str, Any]]] = {}
+        for quality in qualities:
+            results: dict[str, dict[str, Any]] = {}
+            per_label: dict[str, torch.Tensor] = {}
+            for method in methods:
+                if method == "baseline":
+                    results[method], per_label[method] = copy.deepcopy(baseline), baseline_auc
+                else:
+                    results[method], per_label[method] = train_and_test(method, quality)
+            # A baseline AUC of exactly 0 (possible only with a handful of test images) has no relative
+            # change: such labels are left out of the mean, like labels without an AUC.
+            base = baseline_auc.masked_fill(baseline_auc == 0, float("nan"))
+            for method in methods:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)  # no label left: None, as documented
+                    improvement = relative_improvement(per_label[method], base)
+                results[method]["relative_improvement"] = finite_or_none(improvement)
+            by_quality[quality] = results
 
     return {
         "experiment": "semantic_attention",
-        "methods": results,
+        "methods": by_quality[qualities[0]],
+        "map_quality": qualities[0],
+        "by_map_quality": by_quality,
         "label_names": list(dataset.attribute_names),
         "undefined_auc_labels": [
-            name for name, a in zip(dataset.attribute_names, per_label["baseline"].tolist()) if math.isnan(a)
+            name for name, a in zip(dataset.attribute_names, baseline_auc.tolist()) if math.isnan(a)
         ],
         "config": {
             "num_products": num_products,
@@ -245,6 +280,7 @@ def semantic_attention_experiment(
             "batch_size": batch_size,
             "lr": lr,
             "stage": stage,
+            "map_quality": list(qualities),
             "seed": seed,
             "device": str(target),
         },
