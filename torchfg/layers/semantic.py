@@ -5,7 +5,8 @@ the region of interest (human parsing, segmentation, localisation; K channels, a
 embedded by a small conv stack and, together with the features pooled over the region of interest,
 drives a squeeze-and-excitation style MLP whose per-channel weights rescale the backbone features.
 :class:`SemanticFusion` holds the three baselines the method was compared with, and
-:func:`wrap_backbone` inserts any of them after a named stage of a CNN.
+:func:`wrap_backbone` inserts any of them after a named stage of a CNN (or, through
+:class:`TokenGridAdapter`, after a block of a vision transformer).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ __all__ = [
     "SemanticChannelAttention",
     "SemanticFusion",
     "SemanticBackbone",
+    "TokenGridAdapter",
     "make_semantic_module",
     "widen_first_conv",
     "wrap_backbone",
@@ -337,6 +339,74 @@ def make_semantic_module(kind: str, in_channels: int, semantic_channels: int, **
     if kind == "attention":
         return SemanticChannelAttention(in_channels, semantic_channels, **kwargs)
     return SemanticFusion(in_channels, semantic_channels, mode=kind, **kwargs)
+
+
+class TokenGridAdapter(nn.Module):
+    """Run a feature-map module (B, C, H, W) on the patch tokens (B, P + H * W, C) of a vision transformer.
+
+    The output of a ViT block is a token sequence: ``P`` prefix tokens (the class token, register
+    tokens) followed by one token per patch in row-major order. The adapter lays the patch tokens
+    out as a (B, C, H, W) map, applies ``module(map, semantic)`` (e.g. :class:`SemanticChannelAttention`
+    or :class:`SemanticFusion` ``"mask"``), and puts them back; the prefix tokens pass through
+    unchanged. With :func:`wrap_backbone` it inserts a semantic module after any block of a timm
+    ``VisionTransformer`` (``prefix_tokens=vit.num_prefix_tokens``, ``grid_size=vit.patch_embed.grid_size``).
+
+    Args:
+        module: a module with ``forward(features (B, C, H, W), semantic) -> (B, C, H, W)``.
+        prefix_tokens: P, tokens before the patch tokens (1 for a class token, 0 for none).
+        grid_size: (H, W) of the patch grid; default: a square grid inferred from the token count.
+
+    Shapes:
+        tokens (B, P + H * W, C), semantic (B, K, h, w) -> (B, P + H * W, C).
+
+    Example:
+        >>> adapter = TokenGridAdapter(SemanticChannelAttention(384, 20), prefix_tokens=1)
+        >>> tokens = torch.randn(2, 1 + 14 * 14, 384)             # ViT-S/16 block output at 224 x 224
+        >>> adapter(tokens, torch.rand(2, 20, 56, 56)).shape
+        torch.Size([2, 197, 384])
+    """
+
+    def __init__(
+        self, module: nn.Module, *, prefix_tokens: int = 1, grid_size: Sequence[int] | None = None
+    ) -> None:
+        super().__init__()
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"module must be an nn.Module with forward(x, semantic), got {type(module).__name__}")
+        if not isinstance(prefix_tokens, int) or isinstance(prefix_tokens, bool) or prefix_tokens < 0:
+            raise ValueError(f"prefix_tokens must be an int >= 0, got {prefix_tokens!r}")
+        if grid_size is not None:
+            grid_size = tuple(grid_size)
+            if len(grid_size) != 2 or any(not isinstance(g, int) or isinstance(g, bool) or g < 1 for g in grid_size):
+                raise ValueError(f"grid_size must be two positive ints (H, W), got {grid_size!r}")
+        self.module = module
+        self.prefix_tokens = prefix_tokens
+        self.grid_size: tuple[int, int] | None = grid_size  # type: ignore[assignment]
+
+    def extra_repr(self) -> str:
+        return f"prefix_tokens={self.prefix_tokens}, grid_size={self.grid_size}"
+
+    def forward(self, tokens: torch.Tensor, semantic: torch.Tensor) -> torch.Tensor:
+        """Tokens (B, P + H * W, C) with the patch tokens transformed by the module."""
+        tokens = check_float_tensor(tokens, "tokens", ndim=3)
+        b, n, c = tokens.shape
+        patches = n - self.prefix_tokens
+        if self.grid_size is not None:
+            h, w = self.grid_size
+        else:
+            h = w = math.isqrt(max(patches, 0))
+        if patches < 1 or h * w != patches:
+            raise ValueError(
+                f"tokens must hold prefix_tokens={self.prefix_tokens} tokens and then "
+                + (f"a {h} x {w} grid of patch tokens" if self.grid_size is not None else "a square grid of patch tokens")
+                + f", got {n} tokens (pass grid_size for a non-square grid)"
+            )
+        prefix, grid = tokens[:, : self.prefix_tokens], tokens[:, self.prefix_tokens :]
+        features = grid.transpose(1, 2).reshape(b, c, h, w)
+        out = self.module(features, semantic)
+        if not isinstance(out, torch.Tensor) or out.shape != features.shape:
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"module must return features of shape {tuple(features.shape)}, got {shape}")
+        return torch.cat((prefix, out.flatten(2).transpose(1, 2)), dim=1)
 
 
 class SemanticBackbone(nn.Module):
