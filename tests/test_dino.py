@@ -304,7 +304,7 @@ def test_torch_compile_fake_tensor_shapes():
     import torchfg.ops.dino as op
 
     torch.library.opcheck(
-        op._dino_loss_op, (student, teacher, center, 3, 2, 0.1, 0.04, "torch"),
+        torch.ops.torchfg.dino_loss.default, (student, teacher, center, 3, 2, 0.1, 0.04, "torch"),
         test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
     )
 

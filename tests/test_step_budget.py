@@ -123,15 +123,13 @@ print("dynamo imported:", "torch._dynamo" in sys.modules)
 """
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14 CPU target (first call vs steady step): the first call of any "
-                   "torch.library.custom_op imports torch._dynamo (torch/_library/custom_ops.py wraps every kernel in "
-                   "torch._disable_dynamo), about 140 MiB of RSS and 1.5 s once per process, most of the 194 MiB "
-                   "first-call peak against 16-32 MiB for a steady step at N = 4096; the fix belongs to the op "
-                   "registrations (ops/*/__init__.py), see the issue 14 mining report")
 def test_first_training_step_does_not_import_dynamo():
-    # Measured on the CPU at N = 4096, D = 512 (VmHWM over VmRSS, fresh process): the step's own
-    # tensors peak at the same bytes on the first and later calls; the first call's extra is the
-    # import checked here (plus ~20 MiB of one-time BLAS/OpenMP state).
+    # Issue 14's CPU target (first call vs steady step). torch.library.custom_op's first call
+    # imports torch._dynamo (~140 MiB of RSS, 1.5 s per process); torchfg registers its ops with
+    # the lower-level torch.library API instead (torchfg/ops/_library.py). Measured on the CPU at
+    # N = 4096, D = 512 (VmHWM over VmRSS, fresh process), the step's own tensors peak at the same
+    # bytes on the first and later calls; the first call's extra was this import (plus ~20 MiB of
+    # one-time BLAS/OpenMP state).
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run([sys.executable, "-c", _FIRST_CALL], env=env, capture_output=True, text=True, timeout=300)

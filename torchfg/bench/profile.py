@@ -69,10 +69,10 @@ class _Recorder(TorchDispatchMode):
         if func.namespace == "torchfg":
             # A custom op is opaque to the mode: run its Python implementation under the mode so
             # that what it launches and allocates is counted.
-            from torch._library.custom_ops import _maybe_get_opdef
+            from torchfg.ops._library import python_kernel
 
             with self:
-                return _maybe_get_opdef(func)._init_fn(*args, **kwargs)
+                return python_kernel(func)(*args, **kwargs)
         out = func(*args, **kwargs)
         if self.in_kernel:  # the Triton interpreter's own tensor traffic is not the step's
             return out

@@ -13,6 +13,7 @@ import torch
 
 from torchfg._validation import check_float_tensor, check_positive
 from torchfg.backends import BackendSpec, register_op, resolve_backend
+from torchfg.ops._library import custom_op
 from torchfg.ops.dino.reference import (
     dino_accumulation_dtype,
     dino_loss_backward_reference,
@@ -26,7 +27,7 @@ __all__ = ["dino_loss"]
 register_op("dino_loss", BackendSpec("triton"))
 
 
-@torch.library.custom_op("torchfg::dino_loss", mutates_args=())
+@custom_op("torchfg::dino_loss")
 def _dino_loss_op(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -54,7 +55,7 @@ def _(student, teacher, center, n_crops, n_global, student_temp, teacher_temp, b
     )
 
 
-@torch.library.custom_op("torchfg::dino_loss_backward", mutates_args=())
+@custom_op("torchfg::dino_loss_backward")
 def _dino_loss_backward_op(
     grad_loss: torch.Tensor,
     student: torch.Tensor,

@@ -8,6 +8,7 @@ import torch
 
 from torchfg._validation import accumulation_dtype, check_choice, check_float_tensor, check_same_device_dtype
 from torchfg.backends import BackendSpec, register_op, resolve_backend
+from torchfg.ops._library import custom_op
 from torchfg.ops import _cuda_extension
 from torchfg.ops.knn.cuda import KERNEL_MAX_K as CUDA_MAX_K
 from torchfg.ops.knn.reference import knn_reference
@@ -75,7 +76,7 @@ def _exact_selected(
     return exact.gather(1, order).to(distances.dtype), indices.gather(1, order)
 
 
-@torch.library.custom_op("torchfg::knn", mutates_args=())
+@custom_op("torchfg::knn")
 def _knn_op(
     query: torch.Tensor,
     gallery: torch.Tensor,

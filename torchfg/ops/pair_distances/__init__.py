@@ -12,6 +12,7 @@ import torch
 
 from torchfg._validation import accumulation_dtype, check_choice, check_float_tensor, check_tensor
 from torchfg.backends import BackendSpec, register_op, resolve_backend
+from torchfg.ops._library import custom_op
 from torchfg.ops.metric import METRICS
 from torchfg.ops.pair_distances.reference import (
     anchor_pair_distances_backward_reference,
@@ -26,7 +27,7 @@ __all__ = ["pair_distances", "anchor_pair_distances"]
 register_op("anchor_pair_distances", BackendSpec("triton"))
 
 
-@torch.library.custom_op("torchfg::pair_distances", mutates_args=())
+@custom_op("torchfg::pair_distances")
 def _pair_distances_op(
     x: torch.Tensor, y: torch.Tensor | None, x_idx: torch.Tensor, y_idx: torch.Tensor, metric: str
 ) -> torch.Tensor:
@@ -38,7 +39,7 @@ def _(x, y, x_idx, y_idx, metric):
     return x.new_empty(x_idx.shape[0], dtype=accumulation_dtype(x.dtype))
 
 
-@torch.library.custom_op("torchfg::pair_distances_backward", mutates_args=())
+@custom_op("torchfg::pair_distances_backward")
 def _pair_distances_backward_op(
     grad: torch.Tensor,
     x: torch.Tensor,
@@ -74,7 +75,7 @@ def _pair_distances_backward(ctx, grad):
 _pair_distances_op.register_autograd(_pair_distances_backward, setup_context=_pair_distances_setup_context)
 
 
-@torch.library.custom_op("torchfg::anchor_pair_distances", mutates_args=())
+@custom_op("torchfg::anchor_pair_distances")
 def _anchor_pair_distances_op(
     x: torch.Tensor, y: torch.Tensor | None, y_idx: torch.Tensor, metric: str, backend: str
 ) -> torch.Tensor:
@@ -90,7 +91,7 @@ def _(x, y, y_idx, metric, backend):
     return x.new_empty(y_idx.shape, dtype=accumulation_dtype(x.dtype))
 
 
-@torch.library.custom_op("torchfg::anchor_pair_distances_backward", mutates_args=())
+@custom_op("torchfg::anchor_pair_distances_backward")
 def _anchor_pair_distances_backward_op(
     grad: torch.Tensor,
     x: torch.Tensor,

@@ -8,6 +8,7 @@ import torch
 
 from torchfg._validation import check_choice, check_float_tensor
 from torchfg.backends import BackendSpec, register_op, resolve_backend
+from torchfg.ops._library import custom_op
 from torchfg.ops.metric import METRICS
 from torchfg.ops.pairwise.reference import pairwise_distance_backward_reference, pairwise_distance_reference
 
@@ -16,7 +17,7 @@ __all__ = ["pairwise_distance", "METRICS"]
 register_op("pairwise_distance", BackendSpec("triton"))
 
 
-@torch.library.custom_op("torchfg::pairwise_distance", mutates_args=())
+@custom_op("torchfg::pairwise_distance")
 def _pairwise_distance_op(x: torch.Tensor, y: torch.Tensor, metric: str, symmetric: bool, backend: str) -> torch.Tensor:
     if backend == "triton":
         from torchfg.ops.pairwise.triton import pairwise_distance_triton
@@ -30,7 +31,7 @@ def _(x: torch.Tensor, y: torch.Tensor, metric: str, symmetric: bool, backend: s
     return x.new_empty(x.shape[0], x.shape[1], y.shape[1])
 
 
-@torch.library.custom_op("torchfg::pairwise_distance_backward", mutates_args=())
+@custom_op("torchfg::pairwise_distance_backward")
 def _pairwise_distance_backward_op(
     grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor, out: torch.Tensor, metric: str, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:

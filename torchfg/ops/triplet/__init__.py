@@ -24,6 +24,7 @@ from torchfg._validation import (
     check_tensor,
 )
 from torchfg.backends import BackendSpec, register_op, resolve_backend
+from torchfg.ops._library import custom_op
 from torchfg.ops.triplet.reference import (
     METRICS,
     mine_all_triplets_reference,
@@ -45,7 +46,7 @@ register_op("mine_hardest", BackendSpec("triton"))
 # ----------------------------------------------------------------------------- registered ops
 
 
-@torch.library.custom_op("torchfg::mine_hardest", mutates_args=())
+@custom_op("torchfg::mine_hardest")
 def _mine_hardest_op(
     anchors: torch.Tensor,
     candidates: torch.Tensor,
@@ -81,7 +82,7 @@ def _(anchors, candidates, anchor_labels, candidate_labels, anchor_text, candida
     return anchors.new_empty(n, dtype=torch.int64), anchors.new_empty(n, dtype=torch.int64)
 
 
-@torch.library.custom_op("torchfg::mine_semi_hard", mutates_args=())
+@custom_op("torchfg::mine_semi_hard")
 def _mine_semi_hard_op(
     anchors: torch.Tensor,
     candidates: torch.Tensor,
@@ -101,7 +102,7 @@ def _(anchors, candidates, anchor_labels, candidate_labels, metric, self_offset)
     return tuple(anchors.new_empty(count, dtype=torch.int64) for _ in range(3))
 
 
-@torch.library.custom_op("torchfg::mine_all_triplets", mutates_args=())
+@custom_op("torchfg::mine_all_triplets")
 def _mine_all_triplets_op(
     anchor_labels: torch.Tensor, candidate_labels: torch.Tensor, self_offset: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
