@@ -248,19 +248,27 @@ def test_semi_hard_and_all_mining_equal_brute_force(batch, metric):
             else:
                 k = min(negatives, key=lambda k: (-dist[i][k], k))
             expected_semi.append((i, j, k))
-    semi = mine_semi_hard(anchors, candidates, al, cl, metric=metric, self_offset=offset)
+    self_rows = dict(exclude_self=offset >= 0, anchor_offset=max(offset, 0))
+    semi = mine_semi_hard(anchors, candidates, al, cl, metric=metric, **self_rows)
     assert list(zip(*(t.tolist() for t in semi))) == expected_semi
-    every = mine_all_triplets(al, cl, self_offset=offset)
+    every = mine_all_triplets(al, cl, **self_rows)
     assert list(zip(*(t.tolist() for t in every))) == expected_all
 
 
 def test_mine_hardest_example_and_validation():
     x = torch.tensor([[0.0], [1.0], [5.0], [5.5]])
     labels = torch.tensor([0, 0, 1, 1])
-    pos, neg = mine_hardest(x, x, labels, labels, self_offset=0, backend="torch")
+    pos, neg = mine_hardest(x, x, labels, labels, exclude_self=True, backend="torch")
     assert pos.tolist() == [1, 0, 3, 2] and neg.tolist() == [2, 2, 1, 1]
-    with pytest.raises(ValueError, match="self_offset"):
-        mine_hardest(x, x, labels, labels, self_offset=1)
+    # Without exclude_self an anchor may be its own positive (a zero distance never wins argmax here).
+    pos, _ = mine_hardest(x[:2], x, labels[:2], labels, exclude_self=False, backend="torch")
+    assert pos.tolist() == [1, 0]
+    pos, _ = mine_hardest(x[2:], x, labels[2:], labels, exclude_self=True, anchor_offset=2, backend="torch")
+    assert pos.tolist() == [3, 2]
+    with pytest.raises(ValueError, match="anchor_offset"):
+        mine_hardest(x, x, labels, labels, exclude_self=True, anchor_offset=1)
+    with pytest.raises(TypeError, match="exclude_self"):
+        mine_hardest(x, x, labels, labels, exclude_self=0)
     with pytest.raises(ValueError, match="anchor_text and candidate_text"):
         mine_hardest(x, x, labels, labels, torch.randn(4, 3), None)
     with pytest.raises(ValueError, match="margin_scale"):
@@ -276,7 +284,10 @@ def test_mine_hardest_example_and_validation():
 # ----------------------------------------------------------------------------- every backend
 
 
-@pytest.mark.parametrize("backend", backends_to_test())
+KERNEL_BACKENDS = [b for b in backends_to_test() if b != "torch"]  # compared with the reference
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @given(case=mining_cases(integer_data=True))
 @settings(max_examples=6)
 def test_backend_equals_reference_exact(backend, case):
@@ -288,12 +299,12 @@ def test_backend_equals_reference_exact(backend, case):
     got = mine_hardest(
         on_device["anchors"], on_device["candidates"], on_device["al"], on_device["cl"], on_device["at"],
         on_device["ct"], metric=case["metric"], base_margin=case["base_margin"], margin_scale=case["margin_scale"],
-        text_positive_threshold=case["threshold"], self_offset=case["self_offset"], backend=backend,
+        text_positive_threshold=case["threshold"], exclude_self=case["self_offset"] >= 0,
+        anchor_offset=max(case["self_offset"], 0), backend=backend,
     )
     assert torch.equal(got[0].cpu(), expected[0]) and torch.equal(got[1].cpu(), expected[1])
 
 
-KERNEL_BACKENDS = [b for b in backends_to_test() if b != "torch"]  # compared with the reference below
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

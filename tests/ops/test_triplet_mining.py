@@ -534,7 +534,8 @@ def _bad_call(**changes):
     x = torch.randn(5, 3, device=TEST_DEVICE)
     y = torch.zeros(5, dtype=torch.int64, device=TEST_DEVICE)
     args = dict(anchors=x, candidates=x, anchor_labels=y, candidate_labels=y, anchor_text=None, candidate_text=None)
-    options = dict(_BASIC)
+    options = {**_BASIC, "exclude_self": True}
+    del options["self_offset"]  # the launchers' internal name; the public op takes exclude_self
     for key, value in changes.items():
         (args if key in args else options)[key] = value
     # Inputs are checked once, by the public op; the launcher keeps torch._check preconditions only.
@@ -554,9 +555,10 @@ def _bad_call(**changes):
         (dict(anchor_text=torch.randn(5, 2)), ValueError, "candidate_text"),
         (dict(anchor_text=torch.randn(5, 2), candidate_text=torch.randn(5, 3)), ValueError, "same size T"),
         (dict(anchor_text=torch.randn(4, 2), candidate_text=torch.randn(5, 2)), ValueError, "anchor_text"),
-        (dict(self_offset=1), ValueError, "self_offset"),
-        (dict(self_offset=-2), ValueError, "self_offset"),
-        (dict(self_offset=0.0), TypeError, "self_offset"),
+        (dict(anchor_offset=1), ValueError, "anchor_offset"),
+        (dict(anchor_offset=-1), ValueError, "anchor_offset"),
+        (dict(anchor_offset=0.0), TypeError, "anchor_offset"),
+        (dict(exclude_self=1), TypeError, "exclude_self"),
         (dict(base_margin=float("nan")), ValueError, "base_margin"),
         (dict(margin_scale=None), TypeError, "margin_scale"),
     ],

@@ -158,20 +158,20 @@ def _chunks(total: int, per_item: int):
         yield start, min(start + step, total)
 
 
-def _label_masks(labels_chunk: torch.Tensor, candidate_labels: torch.Tensor, start: int, self_offset: int):
+def _label_masks(labels_chunk: torch.Tensor, candidate_labels: torch.Tensor, start: int, anchor_offset: int | None):
     same = labels_chunk[:, None] == candidate_labels[None, :]
     negative = ~same
-    if self_offset >= 0:
-        same.diagonal(offset=self_offset + start)[: labels_chunk.shape[0]].fill_(False)
+    if anchor_offset is not None:
+        same.diagonal(offset=anchor_offset + start)[: labels_chunk.shape[0]].fill_(False)
     return same, negative
 
 
-def count_triplets(labels: torch.Tensor, candidate_labels: torch.Tensor, self_offset: int) -> int:
+def count_triplets(labels: torch.Tensor, candidate_labels: torch.Tensor, anchor_offset: int | None) -> int:
     """Number of valid triplets, sum over anchors of (#positives x #negatives)."""
     total = 0
     m = candidate_labels.shape[0]
     for start, stop in _chunks(labels.shape[0], m):
-        same, negative = _label_masks(labels[start:stop], candidate_labels, start, self_offset)
+        same, negative = _label_masks(labels[start:stop], candidate_labels, start, anchor_offset)
         total += int((same.sum(1) * negative.sum(1)).sum())
     return total
 
@@ -193,7 +193,7 @@ def select_triplets(
     labels: torch.Tensor,
     candidates: torch.Tensor,
     candidate_labels: torch.Tensor,
-    self_offset: int,
+    anchor_offset: int | None,
     *,
     metric: str,
     interval: MarginInterval,
@@ -203,7 +203,7 @@ def select_triplets(
     """Every valid triplet whose exact margin t lies in ``interval``, lexicographic (anchor, positive, negative).
 
     Anchors index ``embeddings``, positives and negatives ``candidates`` (anchor i is candidate
-    ``self_offset + i``; -1: not a candidate). ``fast_stats``: also the means over *all* valid
+    ``anchor_offset + i``; None: not a candidate). ``fast_stats``: also the means over *all* valid
     triplets of d(a, p), d(a, n) and t from the fast path (PML's miner statistics), one extra pass
     of additions, no exactness claim.
     """
@@ -216,11 +216,11 @@ def select_triplets(
     total = 0
     sums = torch.zeros(3, dtype=torch.float64, device=device) if fast_stats else None
     if interval.empty and not fast_stats:
-        total = count_triplets(labels, candidate_labels, self_offset)
+        total = count_triplets(labels, candidate_labels, anchor_offset)
     else:
         bounds = _FastBounds(embeddings, candidates, metric)
         for start, stop in _chunks(embeddings.shape[0], m):
-            same, negative = _label_masks(labels[start:stop], candidate_labels, start, self_offset)
+            same, negative = _label_masks(labels[start:stop], candidate_labels, start, anchor_offset)
             n_pos, n_neg = same.sum(1), negative.sum(1)
             per_anchor = n_pos * n_neg
             base = total + torch.cumsum(per_anchor, 0) - per_anchor
@@ -303,7 +303,7 @@ def select_triplets(
 def sample_triplets(
     labels: torch.Tensor,
     candidate_labels: torch.Tensor,
-    self_offset: int,
+    anchor_offset: int | None,
     per_anchor: int,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -316,7 +316,7 @@ def sample_triplets(
     m = candidate_labels.shape[0]
     out_a, out_p, out_n = [], [], []
     for start, stop in _chunks(labels.shape[0], m):
-        same, negative = _label_masks(labels[start:stop], candidate_labels, start, self_offset)
+        same, negative = _label_masks(labels[start:stop], candidate_labels, start, anchor_offset)
         n_pos, n_neg = same.sum(1), negative.sum(1)
         rows = ((n_pos > 0) & (n_neg > 0)).nonzero().squeeze(1)
         if rows.numel() == 0:

@@ -44,7 +44,8 @@ from torchfg.functional._triplet_selection import (
     violating,
 )
 from torchfg.ops.pair_distances import anchor_pair_distances, pair_distances
-from torchfg.ops.triplet import METRICS, mine_all_triplets, mine_hardest, mine_semi_hard
+from torchfg.ops.metric import DEFAULT_METRIC, METRICS
+from torchfg.ops.triplet import mine_all_triplets, mine_hardest, mine_semi_hard
 from torchfg._validation import check_number as _check_number  # shared numeric argument check
 from torchfg._validation import check_bool as _check_flag
 
@@ -77,8 +78,12 @@ def _check_embeddings(
     labels: object,
     ref_embeddings: object,
     ref_labels: object,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """Returns (embeddings, labels, candidates, candidate_labels, self_offset)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int | None]:
+    """Returns (embeddings, labels, candidates, candidate_labels, anchor_offset).
+
+    ``anchor_offset``: the candidate row of anchor 0 when the anchors are among the candidates
+    (anchor i is candidate ``anchor_offset + i`` and never its own positive), None when they are not.
+    """
     embeddings = check_float_tensor(embeddings, "embeddings", ndim=2)
     if embeddings.shape[1] == 0:
         raise ValueError(f"embeddings must have a non-empty feature dim, got shape {tuple(embeddings.shape)}")
@@ -99,7 +104,7 @@ def _check_embeddings(
             f"ref_embeddings must have the feature size of embeddings ({embeddings.shape[1]}), got {ref_embeddings.shape[1]}"
         )
     ref_labels = check_labels(ref_labels, "ref_labels", ref_embeddings.shape[0], device=embeddings.device).long()
-    return embeddings, labels, ref_embeddings, ref_labels, -1
+    return embeddings, labels, ref_embeddings, ref_labels, None
 
 
 def _check_text(text_embeddings: object, n: int, device: torch.device) -> torch.Tensor:
@@ -127,7 +132,7 @@ def _validated(validate, cross_rank: bool):
 def _gather_candidates(
     embeddings: torch.Tensor, labels: torch.Tensor, text_embeddings: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
-    """(candidates, candidate_labels, candidate_text, self_offset) over all ranks' batches."""
+    """(candidates, candidate_labels, candidate_text, anchor_offset) over all ranks' batches."""
     batch = gather_batch(
         [embeddings, labels, text_embeddings],
         ["embeddings", "labels", "text_embeddings"],
@@ -184,12 +189,17 @@ def _hinge(violation: torch.Tensor, smooth: bool) -> torch.Tensor:
     return F.softplus(violation) if smooth else F.relu(violation)
 
 
+def _self_rows(anchor_offset: int | None) -> dict[str, object]:
+    """The mining ops' ``exclude_self`` / ``anchor_offset`` for an offset (None: anchors not candidates)."""
+    return {"exclude_self": anchor_offset is not None, "anchor_offset": anchor_offset or 0}
+
+
 def _hardest_pairs(
     embeddings: torch.Tensor,
     labels: torch.Tensor,
     candidates: torch.Tensor,
     candidate_labels: torch.Tensor,
-    self_offset: int,
+    anchor_offset: int | None,
     *,
     metric: str,
     backend: str,
@@ -214,7 +224,7 @@ def _hardest_pairs(
         base_margin=base_margin,
         margin_scale=margin_scale,
         text_positive_threshold=text_positive_threshold,
-        self_offset=self_offset,
+        **_self_rows(anchor_offset),
         backend=backend,
     )
 
@@ -224,7 +234,7 @@ def _listed_triplets(
     labels: torch.Tensor,
     candidates: torch.Tensor,
     candidate_labels: torch.Tensor,
-    self_offset: int,
+    anchor_offset: int | None,
     *,
     strategy: str,
     metric: str,
@@ -239,15 +249,15 @@ def _listed_triplets(
     """
     with torch.no_grad():
         if strategy == "semi_hard":
-            return mine_semi_hard(embeddings, candidates, labels, candidate_labels, metric=metric, self_offset=self_offset)
+            return mine_semi_hard(embeddings, candidates, labels, candidate_labels, metric=metric, **_self_rows(anchor_offset))
         if strategy == "all":
             if triplets_per_anchor != "all":
-                return sample_triplets(labels, candidate_labels, self_offset, triplets_per_anchor)
-            return mine_all_triplets(labels, candidate_labels, self_offset=self_offset)
+                return sample_triplets(labels, candidate_labels, anchor_offset, triplets_per_anchor)
+            return mine_all_triplets(labels, candidate_labels, **_self_rows(anchor_offset))
         if embeddings.shape[0] == 0 or candidates.shape[0] == 0:
             return tuple(torch.empty(0, dtype=torch.int64, device=embeddings.device) for _ in range(3))
         positive_idx, negative_idx = _hardest_pairs(
-            embeddings, labels, candidates, candidate_labels, self_offset, metric=metric, backend=backend, **hardest
+            embeddings, labels, candidates, candidate_labels, anchor_offset, metric=metric, backend=backend, **hardest
         )
         anchors = ((positive_idx >= 0) & (negative_idx >= 0)).nonzero().squeeze(1)
         return anchors, positive_idx[anchors], negative_idx[anchors]
@@ -269,7 +279,7 @@ def _hardest_triplet_losses(
     labels: torch.Tensor,
     candidates: torch.Tensor,
     candidate_labels: torch.Tensor,
-    self_offset: int,
+    anchor_offset: int | None,
     *,
     metric: str,
     base_margin: float,
@@ -283,8 +293,8 @@ def _hardest_triplet_losses(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-anchor batch-hard / adaptive losses (N,) (0 where invalid) and the validity mask (N,).
 
-    ``candidates`` (M, D) with ``candidate_labels`` (M,); anchor i is candidate ``self_offset + i``
-    (``-1``: anchors are not among the candidates).
+    ``candidates`` (M, D) with ``candidate_labels`` (M,); anchor i is candidate ``anchor_offset + i``
+    (None: anchors are not among the candidates).
     """
     acc = accumulation_dtype(embeddings.dtype)
     n = embeddings.shape[0]
@@ -293,7 +303,7 @@ def _hardest_triplet_losses(
         zeros = embeddings.to(acc).sum(1) * 0.0
         return zeros, torch.zeros(n, dtype=torch.bool, device=embeddings.device)
     positive_idx, negative_idx = _hardest_pairs(
-        embeddings, labels, candidates, candidate_labels, self_offset, metric=metric, backend=backend,
+        embeddings, labels, candidates, candidate_labels, anchor_offset, metric=metric, backend=backend,
         text_embeddings=text_embeddings, candidate_text=candidate_text, base_margin=base_margin,
         margin_scale=margin_scale, text_positive_threshold=text_positive_threshold,
     )
@@ -343,7 +353,7 @@ def _all_triplet_losses(
     labels: torch.Tensor,
     candidates: torch.Tensor,
     candidate_labels: torch.Tensor,
-    self_offset: int,
+    anchor_offset: int | None,
     *,
     metric: str,
     margin: float,
@@ -360,7 +370,7 @@ def _all_triplet_losses(
     """
     interval = MarginInterval() if smooth else violating(margin)
     selected = select_triplets(
-        embeddings, labels, candidates, candidate_labels, self_offset, metric=metric, interval=interval, swap=swap
+        embeddings, labels, candidates, candidate_labels, anchor_offset, metric=metric, interval=interval, swap=swap
     )
     losses = _hinge(selected.d_ap - selected.d_an + margin, smooth)
     if reduction == "none":
@@ -421,7 +431,7 @@ def _triplet_margin_loss_impl(
     labels: torch.Tensor,
     candidates: torch.Tensor,
     candidate_labels: torch.Tensor,
-    self_offset: int,
+    anchor_offset: int | None,
     *,
     margin: float,
     metric: str,
@@ -434,25 +444,25 @@ def _triplet_margin_loss_impl(
     indices_tuple: tuple[torch.Tensor, ...] | None = None,
     cross_rank: bool = False,
 ) -> torch.Tensor:
-    """The loss once inputs are checked; ``self_offset`` as in :func:`torchfg.ops.triplet.mine_hardest`."""
+    """The loss once inputs are checked; ``anchor_offset`` as returned by :func:`_check_embeddings`."""
     if indices_tuple is not None:
         triplets = _check_indices_tuple(indices_tuple, embeddings.shape[0], candidates.shape[0], embeddings.device)
     elif mining == "batch_hard":
         losses, valid = _hardest_triplet_losses(
-            embeddings, labels, candidates, candidate_labels, self_offset, metric=metric, base_margin=margin,
+            embeddings, labels, candidates, candidate_labels, anchor_offset, metric=metric, base_margin=margin,
             margin_scale=0.0, text_embeddings=None, candidate_text=None, text_positive_threshold=None,
             smooth=smooth, swap=swap, backend=backend,
         )
         return _keep_gather_in_graph(_reduce(losses, valid, reduction, cross_rank), candidates, cross_rank)
     elif mining == "all" and triplets_per_anchor == "all":
         loss = _all_triplet_losses(
-            embeddings, labels, candidates, candidate_labels, self_offset, metric=metric, margin=margin,
+            embeddings, labels, candidates, candidate_labels, anchor_offset, metric=metric, margin=margin,
             smooth=smooth, swap=swap, reduction=reduction, cross_rank=cross_rank,
         )
         return _keep_gather_in_graph(loss, candidates, cross_rank)
     else:
         triplets = _listed_triplets(
-            embeddings, labels, candidates, candidate_labels, self_offset, strategy=mining, metric=metric,
+            embeddings, labels, candidates, candidate_labels, anchor_offset, strategy=mining, metric=metric,
             backend=backend, triplets_per_anchor=triplets_per_anchor,
         )
     losses = _listed_losses(embeddings, candidates, triplets, metric=metric, margin=margin, smooth=smooth, swap=swap)
@@ -465,7 +475,7 @@ def triplet_margin_loss(
     indices_tuple: tuple[torch.Tensor, ...] | None = None,
     *,
     margin: float = 0.2,
-    metric: str = "euclidean",
+    metric: str = DEFAULT_METRIC,
     mining: str = "batch_hard",
     reduction: str = "mean",
     smooth: bool = False,
@@ -554,16 +564,16 @@ def triplet_margin_loss(
         return (*checked, _check_number(margin, "margin"), _check_flag(smooth, "smooth"), _check_flag(swap, "swap"),
                 per_anchor)
 
-    (embeddings, labels, candidates, candidate_labels, self_offset, margin, smooth, swap,
+    (embeddings, labels, candidates, candidate_labels, anchor_offset, margin, smooth, swap,
      per_anchor) = _validated(validate, cross_rank)
     if cross_rank:
-        candidates, candidate_labels, _, self_offset = _gather_candidates(embeddings, labels, None)
+        candidates, candidate_labels, _, anchor_offset = _gather_candidates(embeddings, labels, None)
     return _triplet_margin_loss_impl(
         embeddings,
         labels,
         candidates,
         candidate_labels,
-        self_offset,
+        anchor_offset,
         margin=margin,
         metric=metric,
         mining=mining,
@@ -584,7 +594,7 @@ def _adaptive_triplet_loss_impl(
     candidates: torch.Tensor,
     candidate_labels: torch.Tensor,
     candidate_text: torch.Tensor,
-    self_offset: int,
+    anchor_offset: int | None,
     *,
     base_margin: float,
     margin_scale: float,
@@ -608,7 +618,7 @@ def _adaptive_triplet_loss_impl(
         labels,
         candidates,
         candidate_labels,
-        self_offset,
+        anchor_offset,
         metric=metric,
         base_margin=base_margin,
         margin_scale=margin_scale,
@@ -630,7 +640,7 @@ def adaptive_triplet_loss(
     *,
     base_margin: float = 0.1,
     margin_scale: float = 0.5,
-    metric: str = "euclidean",
+    metric: str = DEFAULT_METRIC,
     text_positive_threshold: float | None = None,
     reduction: str = "mean",
     cross_rank: bool = False,
@@ -690,11 +700,11 @@ def adaptive_triplet_loss(
         margins = (_check_number(base_margin, "base_margin", low=0.0), _check_number(margin_scale, "margin_scale", low=0.0))
         return (*checked, text, *margins, threshold)
 
-    (embeddings, labels, candidates, candidate_labels, self_offset, text_embeddings, base_margin, margin_scale,
+    (embeddings, labels, candidates, candidate_labels, anchor_offset, text_embeddings, base_margin, margin_scale,
      text_positive_threshold) = _validated(validate, cross_rank)
     candidate_text = text_embeddings
     if cross_rank:
-        candidates, candidate_labels, candidate_text, self_offset = _gather_candidates(embeddings, labels, text_embeddings)
+        candidates, candidate_labels, candidate_text, anchor_offset = _gather_candidates(embeddings, labels, text_embeddings)
     return _adaptive_triplet_loss_impl(
         embeddings,
         labels,
@@ -702,7 +712,7 @@ def adaptive_triplet_loss(
         candidates,
         candidate_labels,
         candidate_text,
-        self_offset,
+        anchor_offset,
         base_margin=base_margin,
         margin_scale=margin_scale,
         metric=metric,
@@ -719,7 +729,7 @@ def mine_triplets(
     labels: torch.Tensor,
     *,
     strategy: str = "batch_hard",
-    metric: str = "euclidean",
+    metric: str = DEFAULT_METRIC,
     margin: float = 0.2,
     text_embeddings: torch.Tensor | None = None,
     base_margin: float | None = None,
@@ -773,19 +783,19 @@ def mine_triplets(
 
         embeddings, labels, *_ = _validated(validate, cross_rank)
         with torch.no_grad():
-            candidates, candidate_labels, gathered_text, self_offset = _gather_candidates(
+            candidates, candidate_labels, gathered_text, anchor_offset = _gather_candidates(
                 embeddings.detach(), labels, None if text_embeddings is None else text_embeddings.detach()
             )
         return _mine_triplets_checked(
-            embeddings.detach(), labels, candidates, candidate_labels, self_offset, strategy=strategy, metric=metric,
+            embeddings.detach(), labels, candidates, candidate_labels, anchor_offset, strategy=strategy, metric=metric,
             margin=margin, text_embeddings=text_embeddings, candidate_text=gathered_text, base_margin=base_margin,
             margin_scale=margin_scale, text_positive_threshold=text_positive_threshold, has_ref=False, backend=backend,
         )
-    embeddings, labels, candidates, candidate_labels, self_offset = _check_embeddings(
+    embeddings, labels, candidates, candidate_labels, anchor_offset = _check_embeddings(
         embeddings, labels, ref_embeddings, ref_labels
     )
     return _mine_triplets_checked(
-        embeddings, labels, candidates, candidate_labels, self_offset, strategy=strategy, metric=metric, margin=margin,
+        embeddings, labels, candidates, candidate_labels, anchor_offset, strategy=strategy, metric=metric, margin=margin,
         text_embeddings=text_embeddings, candidate_text=None, base_margin=base_margin, margin_scale=margin_scale,
         text_positive_threshold=text_positive_threshold, has_ref=ref_embeddings is not None, backend=backend,
     )
@@ -796,7 +806,7 @@ def _mine_triplets_checked(
     labels: torch.Tensor,
     candidates: torch.Tensor,
     candidate_labels: torch.Tensor,
-    self_offset: int,
+    anchor_offset: int | None,
     *,
     strategy: str,
     metric: str,
@@ -834,7 +844,7 @@ def _mine_triplets_checked(
                 raise ValueError(f"{name} needs text_embeddings")
         base_margin, margin_scale = margin, 0.0
     return _listed_triplets(
-        embeddings.detach(), labels, candidates.detach(), candidate_labels, self_offset, strategy=strategy,
+        embeddings.detach(), labels, candidates.detach(), candidate_labels, anchor_offset, strategy=strategy,
         metric=metric, backend=backend, text_embeddings=text_embeddings, candidate_text=candidate_text,
         base_margin=base_margin, margin_scale=margin_scale, text_positive_threshold=text_positive_threshold,
     )

@@ -10,7 +10,7 @@ pytorch-metric-learning's ``CrossBatchMemory`` (``enqueue_mask`` included).
 Mining goes through the fused kernel of :func:`torchfg.ops.triplet.mine_hardest` with the memory
 as the candidate set: no batch x memory matrix is ever written. An anchor's copy sits at slot
 ``(start + i) % S``; when the batch wraps around the end of the ring, the anchors are mined in two
-groups so that each group's copies are contiguous (``self_offset``).
+groups so that each group's copies are contiguous (the mining ops' ``anchor_offset``).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 
 from torchfg.distributed import gather_batch
 from torchfg.functional.triplet import _hardest_triplet_losses, _hinge, _reduce, _text_cosine
+from torchfg.ops.metric import DEFAULT_METRIC
 from torchfg.ops.pair_distances import pair_distances
 
 __all__ = ["enqueue", "gather_for_memory", "memory_triplet_loss"]
@@ -58,10 +59,11 @@ def enqueue(
     return position, (position + rows) % capacity, min(size + rows, capacity)
 
 
-def _self_groups(n: int, start: int, capacity: int) -> list[tuple[int, int, int]]:
-    """(first anchor, end anchor, self_offset) groups whose memory copies are contiguous."""
-    if start < 0:
-        return [(0, n, -1)]
+def _self_groups(n: int, start: int | None, capacity: int) -> list[tuple[int, int, int | None]]:
+    """(first anchor, end anchor, anchor_offset) groups whose memory copies are contiguous
+    (anchor_offset None: the anchors are not in the memory)."""
+    if start is None:
+        return [(0, n, None)]
     first = min(n, capacity - start)
     groups = [(0, first, start)]
     if first < n:
@@ -74,14 +76,14 @@ def memory_triplet_loss(
     labels: torch.Tensor,
     memory: torch.Tensor,
     memory_labels: torch.Tensor,
-    self_start: int,
+    self_start: int | None,
     *,
     text_embeddings: torch.Tensor | None = None,
     memory_text: torch.Tensor | None = None,
     margin: float = 0.2,
     margin_scale: float = 0.0,
     text_positive_threshold: float | None = None,
-    metric: str = "euclidean",
+    metric: str = DEFAULT_METRIC,
     reduction: str = "mean",
     smooth: bool = False,
     indices_tuple: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
@@ -96,7 +98,7 @@ def memory_triplet_loss(
         memory: (S, D) valid memory rows, same dtype and device (detached).
         memory_labels: (S,) labels of the memory rows.
         self_start: anchor i's own copy is memory row ``(self_start + i) % S`` and is never its
-            positive; -1 when the anchors are not in the memory.
+            positive; None when the anchors are not in the memory.
         text_embeddings: (N, T) text of the anchors (adaptive margins), or None.
         memory_text: (S, T) text of the memory rows (with ``text_embeddings``).
         margin: the base margin m0.

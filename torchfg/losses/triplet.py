@@ -16,7 +16,7 @@ from torchfg.functional.triplet import (
     adaptive_triplet_loss,
     triplet_margin_loss,
 )
-from torchfg.ops.triplet import METRICS
+from torchfg.ops.metric import DEFAULT_METRIC, METRICS
 
 __all__ = ["TripletMarginLoss", "AdaptiveTripletLoss"]
 
@@ -61,7 +61,7 @@ class TripletMarginLoss(nn.Module):
         self,
         margin: float = 0.2,
         *,
-        metric: str = "euclidean",
+        metric: str = DEFAULT_METRIC,
         mining: str = "batch_hard",
         reduction: str = "mean",
         smooth: bool = False,
@@ -149,7 +149,7 @@ class AdaptiveTripletLoss(nn.Module):
         base_margin: float = 0.1,
         margin_scale: float = 0.5,
         *,
-        metric: str = "euclidean",
+        metric: str = DEFAULT_METRIC,
         text_positive_threshold: float | None = None,
         reduction: str = "mean",
         cross_rank: bool = False,

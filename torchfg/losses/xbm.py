@@ -153,7 +153,7 @@ class CrossBatchMemory(nn.Module):
             queued, self.queue_idx, self.size,
         )
         # The anchors' own copies: at (start + offset + i) % S unless they were not enqueued.
-        self_start = -1 if enqueue_mask is not None else (start + offset) % self.memory_size
+        self_start = None if enqueue_mask is not None else (start + offset) % self.memory_size
         loss = self.loss
         return memory_triplet_loss(
             embeddings,

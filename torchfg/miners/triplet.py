@@ -19,7 +19,7 @@ from torchfg.functional.triplet import (
     _validated,
     mine_triplets,
 )
-from torchfg.ops.metric import METRICS
+from torchfg.ops.metric import DEFAULT_METRIC, METRICS
 
 __all__ = ["BatchHardMiner", "SemiHardMiner", "TripletMarginMiner", "TRIPLET_TYPES"]
 
@@ -31,7 +31,7 @@ class _TripletMiner(nn.Module):
     strategy: str
 
     def __init__(
-        self, *, metric: str = "euclidean", cross_rank: bool = False, backend: str = "auto", collect_stats: bool = False
+        self, *, metric: str = DEFAULT_METRIC, cross_rank: bool = False, backend: str = "auto", collect_stats: bool = False
     ) -> None:
         super().__init__()
         self.metric = check_choice(metric, "metric", METRICS)
@@ -182,7 +182,7 @@ class TripletMarginMiner(_TripletMiner):
         margin: float = 0.2,
         type_of_triplets: str = "all",
         *,
-        metric: str = "euclidean",
+        metric: str = DEFAULT_METRIC,
         collect_stats: bool = False,
     ) -> None:
         super().__init__(metric=metric, collect_stats=collect_stats)
@@ -196,13 +196,13 @@ class TripletMarginMiner(_TripletMiner):
         ref_embeddings: torch.Tensor | None = None,
         ref_labels: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        embeddings, labels, candidates, candidate_labels, self_offset = _check_embeddings(
+        embeddings, labels, candidates, candidate_labels, anchor_offset = _check_embeddings(
             embeddings, labels, ref_embeddings, ref_labels
         )
         with torch.no_grad():
             selected = select_triplets(
                 embeddings.detach(), labels, candidates.detach() if candidates is not embeddings else embeddings.detach(),
-                candidate_labels, self_offset, metric=self.metric,
+                candidate_labels, anchor_offset, metric=self.metric,
                 interval=pml_triplet_type(self.type_of_triplets, self.margin), fast_stats=self.collect_stats,
             )
         self.num_triplets = int(selected.anchors.shape[0])

@@ -16,17 +16,18 @@ from __future__ import annotations
 import torch
 
 from torchfg._validation import (
-    accumulation_dtype,
+    check_bool,
     check_choice,
     check_float_tensor,
+    check_int,
     check_labels,
     check_number,
     check_tensor,
 )
 from torchfg.backends import BackendSpec, register_op, resolve_backend
 from torchfg.ops._library import custom_op
+from torchfg.ops.metric import DEFAULT_METRIC, METRICS
 from torchfg.ops.triplet.reference import (
-    METRICS,
     mine_all_triplets_reference,
     mine_hardest_reference,
     mine_semi_hard_reference,
@@ -36,7 +37,6 @@ __all__ = [
     "mine_hardest",
     "mine_semi_hard",
     "mine_all_triplets",
-    "METRICS",
 ]
 
 
@@ -124,8 +124,9 @@ def _check_mining_inputs(
     anchor_labels: object,
     candidate_labels: object,
     metric: object,
-    self_offset: object,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    exclude_self: object,
+    anchor_offset: object,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     anchors = check_float_tensor(anchors, "anchors", ndim=2)
     candidates = check_float_tensor(candidates, "candidates", ndim=2)
     if candidates.device != anchors.device:
@@ -139,14 +140,22 @@ def _check_mining_inputs(
     anchor_labels = check_labels(anchor_labels, "anchor_labels", anchors.shape[0], device=anchors.device).long()
     candidate_labels = check_labels(candidate_labels, "candidate_labels", candidates.shape[0], device=anchors.device).long()
     check_choice(metric, "metric", METRICS)
-    if not isinstance(self_offset, int) or isinstance(self_offset, bool):
-        raise TypeError(f"self_offset must be an int, got {type(self_offset).__name__}")
-    if self_offset != -1 and not 0 <= self_offset <= candidates.shape[0] - anchors.shape[0]:
+    self_offset = _self_offset(exclude_self, anchor_offset, anchors.shape[0], candidates.shape[0])
+    return anchor_labels, candidate_labels, self_offset
+
+
+def _self_offset(exclude_self: object, anchor_offset: object, n: int, m: int) -> int:
+    """The kernels' internal ``self_offset`` (candidate index of anchor 0, -1: none) from the public pair."""
+    exclude_self = check_bool(exclude_self, "exclude_self")
+    anchor_offset = check_int(anchor_offset, "anchor_offset")
+    if not exclude_self:
+        return -1
+    if anchor_offset > m - n:
         raise ValueError(
-            f"self_offset must be -1 (anchors are not candidates) or in [0, M - N] = "
-            f"[0, {candidates.shape[0] - anchors.shape[0]}], got {self_offset}"
+            f"anchor_offset must be in [0, M - N] = [0, {m - n}] with exclude_self=True "
+            f"(anchor i is candidate anchor_offset + i), got {anchor_offset}"
         )
-    return anchor_labels, candidate_labels
+    return anchor_offset
 
 
 # ----------------------------------------------------------------------------- public ops
@@ -160,18 +169,20 @@ def mine_hardest(
     anchor_text: torch.Tensor | None = None,
     candidate_text: torch.Tensor | None = None,
     *,
-    metric: str = "euclidean",
+    metric: str = DEFAULT_METRIC,
     base_margin: float = 0.0,
     margin_scale: float = 0.0,
     text_positive_threshold: float | None = None,
-    self_offset: int = -1,
+    exclude_self: bool = False,
+    anchor_offset: int = 0,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per anchor, the hardest positive and the hardest (margin-aware) negative candidate.
 
     With d the metric distance (computed on the fast path in fp32, fp64 for fp64), for anchor i:
 
-    * positive j: same label and ``j != self_offset + i``; ``positive_idx[i] = argmax_j d(i, j)``.
+    * positive j: same label and, with ``exclude_self``, ``j != anchor_offset + i``;
+      ``positive_idx[i] = argmax_j d(i, j)``.
     * text similarity ``c(i, j) = cos(anchor_text[i], candidate_text[j])`` (0 for a zero row),
       margin ``m(i, j) = base_margin + margin_scale * (1 - c(i, j)) / 2`` (``base_margin``
       without text).
@@ -194,8 +205,11 @@ def mine_hardest(
         margin_scale: s >= 0; ignored without text.
         text_positive_threshold: cosine in [-1, 1] at or above which an item with another label is
             a near-duplicate, never a negative; None turns it off. Ignored without text.
-        self_offset: anchor i is candidate ``self_offset + i`` (0 when candidates are the anchors);
-            -1 when the anchors are not among the candidates.
+        exclude_self: the anchors are among the candidates (anchor i is candidate
+            ``anchor_offset + i``) and are never their own positive. False when the two sets are
+            disjoint (e.g. a separate reference set).
+        anchor_offset: with ``exclude_self``, the candidate row of anchor 0, in [0, M - N] (0 when
+            the candidates are the anchors; a rank's first row in a gathered batch, a memory slot).
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see :mod:`torchfg.backends`).
 
     Returns:
@@ -204,11 +218,11 @@ def mine_hardest(
     Example:
         >>> x = torch.tensor([[0.0], [1.0], [5.0], [5.5]])
         >>> labels = torch.tensor([0, 0, 1, 1])
-        >>> mine_hardest(x, x, labels, labels, self_offset=0)
+        >>> mine_hardest(x, x, labels, labels, exclude_self=True)
         (tensor([1, 0, 3, 2]), tensor([2, 2, 1, 1]))
     """
-    anchor_labels, candidate_labels = _check_mining_inputs(
-        anchors, candidates, anchor_labels, candidate_labels, metric, self_offset
+    anchor_labels, candidate_labels, self_offset = _check_mining_inputs(
+        anchors, candidates, anchor_labels, candidate_labels, metric, exclude_self, anchor_offset
     )
     base_margin = check_number(base_margin, "base_margin")
     margin_scale = check_number(margin_scale, "margin_scale", low=0.0)
@@ -257,8 +271,9 @@ def mine_semi_hard(
     anchor_labels: torch.Tensor,
     candidate_labels: torch.Tensor,
     *,
-    metric: str = "euclidean",
-    self_offset: int = -1,
+    metric: str = DEFAULT_METRIC,
+    exclude_self: bool = False,
+    anchor_offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """FaceNet semi-hard triplets, one per anchor-positive pair (chunked reference, any device).
 
@@ -269,7 +284,7 @@ def mine_semi_hard(
         anchors: (N, D) float; candidates: (M, D) same dtype/device.
         anchor_labels: (N,) int; candidate_labels: (M,) int.
         metric: see :func:`mine_hardest`.
-        self_offset: see :func:`mine_hardest`.
+        exclude_self, anchor_offset: see :func:`mine_hardest`.
 
     Returns:
         (anchor_idx, positive_idx, negative_idx) int64 of equal length, sorted by anchor then
@@ -278,30 +293,34 @@ def mine_semi_hard(
     Example:
         >>> x = torch.tensor([[0.0], [1.0], [1.5], [4.0]])
         >>> labels = torch.tensor([0, 0, 1, 1])
-        >>> mine_semi_hard(x, x, labels, labels, self_offset=0)
+        >>> mine_semi_hard(x, x, labels, labels, exclude_self=True)
         (tensor([0, 1, 2, 3]), tensor([1, 0, 3, 2]), tensor([2, 3, 0, 1]))
     """
-    anchor_labels, candidate_labels = _check_mining_inputs(
-        anchors, candidates, anchor_labels, candidate_labels, metric, self_offset
+    anchor_labels, candidate_labels, self_offset = _check_mining_inputs(
+        anchors, candidates, anchor_labels, candidate_labels, metric, exclude_self, anchor_offset
     )
     return _mine_semi_hard_op(anchors.detach(), candidates.detach(), anchor_labels, candidate_labels, metric, self_offset)
 
 
 def mine_all_triplets(
-    anchor_labels: torch.Tensor, candidate_labels: torch.Tensor, *, self_offset: int = -1
+    anchor_labels: torch.Tensor,
+    candidate_labels: torch.Tensor,
+    *,
+    exclude_self: bool = False,
+    anchor_offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Every valid triplet (a, p, n) in lexicographic order (chunked reference, any device).
 
     Args:
         anchor_labels: (N,) int; candidate_labels: (M,) int (same device).
-        self_offset: see :func:`mine_hardest`.
+        exclude_self, anchor_offset: see :func:`mine_hardest`.
 
     Returns:
         (anchor_idx, positive_idx, negative_idx) int64 of length T = sum_a P_a * N_a.
 
     Example:
         >>> labels = torch.tensor([0, 0, 1])
-        >>> mine_all_triplets(labels, labels, self_offset=0)
+        >>> mine_all_triplets(labels, labels, exclude_self=True)
         (tensor([0, 1]), tensor([1, 0]), tensor([2, 2]))
     """
     candidate_labels = check_tensor(candidate_labels, "candidate_labels")
@@ -310,8 +329,5 @@ def mine_all_triplets(
     anchor_labels = check_labels(
         anchor_labels, "anchor_labels", anchor_labels.shape[0] if anchor_labels.dim() else -1, device=candidate_labels.device
     ).long()
-    if not isinstance(self_offset, int) or isinstance(self_offset, bool):
-        raise TypeError(f"self_offset must be an int, got {type(self_offset).__name__}")
-    if self_offset != -1 and not 0 <= self_offset <= candidate_labels.shape[0] - anchor_labels.shape[0]:
-        raise ValueError(f"self_offset must be -1 or in [0, M - N], got {self_offset}")
+    self_offset = _self_offset(exclude_self, anchor_offset, anchor_labels.shape[0], candidate_labels.shape[0])
     return _mine_all_triplets_op(anchor_labels, candidate_labels, self_offset)
