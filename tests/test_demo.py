@@ -400,6 +400,11 @@ def test_quick_demo_log_stays_short_through_a_pipe(quick_demo_through_pipes):
     stages = [line for line in completed.stderr.splitlines() if " steps in " in line]
     assert len(stages) == 9, completed.stderr
     assert stages[0].startswith("[1/3] attributes: baseline: 20/20 steps in ")
+    import re
+
+    for line in stages:  # every stage ran the steps its line announces
+        done, total = re.search(r": (\d+)/(\d+) steps in ", line).groups()
+        assert done == total, line
     assert "it/s" not in completed.stderr  # no tqdm bar leaked into the log
 
 

@@ -173,7 +173,8 @@ def _train_dino(
         center_momentum=0.9,
     ).to(images.device)
     per_epoch = steps_per_epoch(images.shape[0], batch_size)
-    n_steps = epochs * per_epoch
+    # A last batch of one image is skipped (BatchNorm needs two): the bar counts the steps taken.
+    n_steps = epochs * (per_epoch - int(images.shape[0] % batch_size == 1))
     lr_schedule = cosine_schedule(lr, lr * 0.01, epochs, per_epoch, warmup_epochs=min(1, epochs - 1))
     # A short run needs a teacher that follows the student closely at first.
     momentum_schedule = cosine_schedule(0.98, 1.0, epochs, per_epoch)
