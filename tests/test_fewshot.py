@@ -392,7 +392,7 @@ def test_evaluate_bad_input() -> None:
         evaluate(None, embeddings, progress=False)
     with pytest.raises(ValueError, match="dataset_or_tensors.*same length"):
         evaluate(None, (embeddings, labels[:-1]), progress=False)
-    with pytest.raises(TypeError, match="labels.*integers"):
+    with pytest.raises(TypeError, match="labels.*integer"):
         evaluate(None, (embeddings, labels.float()), progress=False)
     with pytest.raises(ValueError, match="embed_fn's output.*shape"):
         evaluate(lambda x: x.sum(1), (embeddings, labels), progress=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -11,7 +12,7 @@ from hypothesis import strategies as st
 
 from brute_force import exact_distances
 from conftest import TEST_DEVICE, backends_to_test
-from torchfg.metrics import map_at_r, precision_at_1, r_precision, recall_at_k, retrieval_metrics
+from torchfg.metrics import RetrievalMetrics, map_at_r, precision_at_1, r_precision, recall_at_k, retrieval_metrics
 from torchfg.metrics import retrieval as retrieval_module
 
 PML_KEYS = {
@@ -91,6 +92,26 @@ def test_single_metric_functions_agree_with_retrieval_metrics():
         assert r_precision(query, query_labels, gallery, gallery_labels, progress=False) == everything["r_precision"]
         assert map_at_r(query, query_labels, gallery, gallery_labels, progress=False) == everything["map_at_r"]
         assert everything["recall@1"] == everything["precision_at_1"]
+        # The fields are what the single-metric functions return, the mapping the flat PML keys.
+        assert everything.recall == {k: everything[f"recall@{k}"] for k in (1, 3, 5)}
+        assert everything.map_at_r == everything["map_at_r"] and everything.r_precision == everything["r_precision"]
+        assert list(everything) == ["recall@1", "recall@3", "recall@5", "precision_at_1", "r_precision", "map_at_r"]
+        assert everything == everything.as_dict() and len(everything) == 6
+
+
+def test_retrieval_metrics_result_is_frozen_and_a_read_only_mapping():
+    x = torch.tensor([[0.0], [1.0], [2.0], [10.0]])
+    result = retrieval_metrics(x, torch.tensor([0, 1, 0, 1]), ks=(1, 2), metric="euclidean", progress=False)
+    assert isinstance(result, RetrievalMetrics)
+    assert result.recall == {1: 0.0, 2: 0.75}
+    assert dict(result) == {"recall@1": 0.0, "recall@2": 0.75, "precision_at_1": 0.0,
+                            "r_precision": result.r_precision, "map_at_r": result.map_at_r}
+    with pytest.raises(KeyError):
+        result["recall@4"]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        result.map_at_r = 1.0
+    with pytest.raises(TypeError):
+        result["map_at_r"] = 1.0
 
 
 def test_hand_computed_recall_and_map():

@@ -105,7 +105,7 @@ def test_episodic_sampler_bad_input() -> None:
         EpisodicSampler(labels, 7, 1, 1, 10)
     with pytest.warns(UserWarning, match="skipping 6 of 6"), pytest.raises(ValueError, match="only 0 classes"):
         EpisodicSampler(labels, 2, 2, 3, 10)
-    with pytest.raises(TypeError, match="labels.*integers"):
+    with pytest.raises(TypeError, match="labels.*integer"):
         EpisodicSampler(labels.float(), 2, 1, 1, 10)
     with pytest.raises(ValueError, match="labels.*1-D"):
         EpisodicSampler(labels.view(4, 6), 2, 1, 1, 10)
@@ -190,7 +190,7 @@ def test_pk_sampler_bad_input() -> None:
         PKSampler(labels, 2, 0)
     with pytest.raises(TypeError, match="p must be an int"):
         PKSampler(labels, 2.5, 2)
-    with pytest.raises(TypeError, match="labels.*integers"):
+    with pytest.raises(TypeError, match="labels.*integer"):
         PKSampler(labels.double(), 2, 2)
     with pytest.raises(ValueError, match="labels must not be empty"):
         PKSampler(torch.empty(0, dtype=torch.long), 1, 2)

@@ -36,14 +36,14 @@ def check_float_tensor(x: object, name: str, *, ndim: int | None = None, min_ndi
     return x
 
 
-def check_labels(labels: object, name: str, n: int, *, device: torch.device | None = None) -> torch.Tensor:
-    """1-D integer labels of length ``n``; moved to ``device`` when given."""
+def check_labels(labels: object, name: str, n: int | None = None, *, device: torch.device | None = None) -> torch.Tensor:
+    """1-D integer labels (of length ``n`` when given); moved to ``device`` when given."""
     labels = check_tensor(labels, name)
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise TypeError(f"{name} must be an integer tensor, got {labels.dtype}")
     if labels.dim() != 1:
         raise ValueError(f"{name} must be 1-D, got shape {tuple(labels.shape)}")
-    if labels.shape[0] != n:
+    if n is not None and labels.shape[0] != n:
         raise ValueError(f"{name} must have length {n} (one per embedding), got {labels.shape[0]}")
     if device is not None and labels.device != device:
         labels = labels.to(device)

@@ -16,10 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from torchfg._validation import check_choice
+from torchfg._validation import check_choice, check_labels
 from torchfg.data.samplers import EpisodicSampler
-from torchfg.functional.fewshot import PROTOTYPE_METRICS
 from torchfg.metrics.fewshot import few_shot_accuracy
+from torchfg.ops.metric import METRICS
 from torchfg.ops.pairwise import pairwise_distance
 from torchfg._validation import check_int as _check_int
 
@@ -63,16 +63,6 @@ def _module_device(embed_fn: object) -> Optional[torch.device]:
     return None
 
 
-def _check_batch_labels(labels: object, name: str) -> torch.Tensor:
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"{name} must be integer tensors, got {type(labels).__name__}")
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise TypeError(f"{name} must be integers, got dtype {labels.dtype}")
-    if labels.dim() != 1:
-        raise ValueError(f"{name} must be 1-D (one label per item), got shape {tuple(labels.shape)}")
-    return labels
-
-
 def _batches(
     dataset_or_tensors: object, batch_size: int, num_workers: int
 ) -> tuple[Iterator[tuple[Any, torch.Tensor]], Optional[int]]:
@@ -85,7 +75,7 @@ def _batches(
         inputs, labels = dataset_or_tensors
         if not isinstance(inputs, torch.Tensor):
             raise TypeError(f"dataset_or_tensors[0] (inputs) must be a torch.Tensor, got {type(inputs).__name__}")
-        labels = _check_batch_labels(labels, "dataset_or_tensors[1] (labels)")
+        labels = check_labels(labels, "dataset_or_tensors[1] (labels)")
         if inputs.dim() == 0 or inputs.shape[0] != labels.shape[0]:
             raise ValueError(
                 f"dataset_or_tensors: inputs and labels must have the same length, got inputs of shape "
@@ -107,7 +97,7 @@ def _batches(
                         "dataset_or_tensors: a Dataset must return (input, label, ...) tuples; "
                         f"a collated batch was a {type(batch).__name__}"
                     )
-                yield batch[0], _check_batch_labels(batch[1], "dataset_or_tensors: the Dataset's labels")
+                yield batch[0], check_labels(batch[1], "dataset_or_tensors: the Dataset's labels")
 
         return from_loader(), n_batches
     raise TypeError(
@@ -245,7 +235,7 @@ def evaluate(
     shots = [_check_int(s, "n_shot", 1) for s in shots]
     if len(set(shots)) != len(shots):
         raise ValueError(f"n_shot must not repeat a value, got {n_shot!r}")
-    metric = check_choice(metric, "metric", PROTOTYPE_METRICS)
+    metric = check_choice(metric, "metric", METRICS)
 
     embeddings, labels = embed_dataset(
         embed_fn, dataset_or_tensors, batch_size=batch_size, device=device, progress=progress, num_workers=num_workers

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from torchfg._validation import check_int, check_labels, check_tensor
+
 __all__ = ["EpisodicSampler", "PKSampler", "split_episode"]
 
 LabelsLike = Union[torch.Tensor, np.ndarray, Sequence[int]]
@@ -35,19 +37,7 @@ def _labels_to_numpy(labels: object, name: str = "labels") -> np.ndarray:
             raise TypeError(f"{name} must be 1-D integer labels, could not convert: {exc}") from None
     else:
         raise TypeError(f"{name} must be a 1-D integer tensor, array or sequence, got {type(labels).__name__}")
-    if tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool:
-        raise TypeError(f"{name} must hold integers, got dtype {tensor.dtype}")
-    if tensor.dim() != 1:
-        raise ValueError(f"{name} must be 1-D, got shape {tuple(tensor.shape)}")
-    return tensor.numpy().astype(np.int64, copy=False)
-
-
-def _check_count(value: object, name: str, *, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
+    return check_labels(tensor, name).numpy().astype(np.int64, copy=False)
 
 
 def _resolve_seed(seed: object) -> int:
@@ -74,7 +64,7 @@ class _EpochSeeded:
 
     def set_epoch(self, epoch: int) -> None:
         """Use ``epoch``'s indices on the next iteration (then continue from ``epoch + 1``)."""
-        self.epoch = _check_count(epoch, "epoch", minimum=0)
+        self.epoch = check_int(epoch, "epoch", 0)
 
     def _next_rng(self) -> np.random.Generator:
         # SeedSequence mixes (seed, epoch) so that nearby seeds / epochs give unrelated streams.
@@ -128,10 +118,10 @@ class EpisodicSampler(_EpochSeeded, Sampler[list[int]]):
         seed: int | None = None,
     ) -> None:
         label_array = _labels_to_numpy(labels)
-        self.n_way = _check_count(n_way, "n_way")
-        self.n_shot = _check_count(n_shot, "n_shot")
-        self.n_query = _check_count(n_query, "n_query", minimum=0)
-        self.n_episodes = _check_count(n_episodes, "n_episodes")
+        self.n_way = check_int(n_way, "n_way", 1)
+        self.n_shot = check_int(n_shot, "n_shot", 1)
+        self.n_query = check_int(n_query, "n_query", 0)
+        self.n_episodes = check_int(n_episodes, "n_episodes", 1)
         _EpochSeeded.__init__(self, seed)
         per_class = self.n_shot + self.n_query
         classes, members = _group_by_class(label_array)
@@ -193,17 +183,11 @@ def split_episode(
         >>> support_labels.tolist(), query_labels.tolist()
         ([7, 3], [7, 7, 3, 3])
     """
-    n_way = _check_count(n_way, "n_way")
-    n_shot = _check_count(n_shot, "n_shot")
-    n_query = _check_count(n_query, "n_query", minimum=0)
-    if not isinstance(embeddings, torch.Tensor):
-        raise TypeError(f"embeddings must be a torch.Tensor, got {type(embeddings).__name__}")
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
-    if labels.dim() != 1:
-        raise ValueError(f"labels must be 1-D, got shape {tuple(labels.shape)}")
+    n_way = check_int(n_way, "n_way", 1)
+    n_shot = check_int(n_shot, "n_shot", 1)
+    n_query = check_int(n_query, "n_query", 0)
+    embeddings = check_tensor(embeddings, "embeddings")
+    labels = check_labels(labels, "labels")
     total = n_way * (n_shot + n_query)
     if embeddings.dim() == 0 or embeddings.shape[0] != total:
         raise ValueError(
@@ -302,8 +286,8 @@ class PKSampler(_EpochSeeded, Sampler[list[int]]):
         num_batches: int | None = None,
     ) -> None:
         label_array = _labels_to_numpy(labels)
-        self.p = _check_count(p, "p")
-        self.k = _check_count(k, "k")
+        self.p = check_int(p, "p", 1)
+        self.k = check_int(k, "k", 1)
         if label_array.shape[0] == 0:
             raise ValueError("labels must not be empty")
         _EpochSeeded.__init__(self, seed)
@@ -313,7 +297,7 @@ class PKSampler(_EpochSeeded, Sampler[list[int]]):
         if num_batches is None:
             self.num_batches = max(1, label_array.shape[0] // (self.p * self.k))
         else:
-            self.num_batches = _check_count(num_batches, "num_batches")
+            self.num_batches = check_int(num_batches, "num_batches", 1)
 
     @property
     def batch_size(self) -> int:

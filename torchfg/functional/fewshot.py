@@ -19,12 +19,10 @@ from torchfg._validation import (
     check_positive,
     check_same_device_dtype,
 )
+from torchfg.ops.metric import METRICS
 from torchfg.ops.pairwise import pairwise_distance
 
-__all__ = ["PROTOTYPE_METRICS", "class_prototypes", "prototype_logits", "prototypical_logits"]
-
-PROTOTYPE_METRICS = ("sqeuclidean", "euclidean", "cosine", "dot")
-
+__all__ = ["class_prototypes", "prototype_logits", "prototypical_logits"]
 
 def _check_support(support: object, support_labels: object) -> tuple[torch.Tensor, torch.Tensor]:
     support = check_float_tensor(support, "support", ndim=2)
@@ -99,7 +97,7 @@ def prototype_logits(
         >>> prototype_logits(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 0.0], [1.0, 1.0]]))
         tensor([[-1., -1.]])
     """
-    metric = check_choice(metric, "metric", PROTOTYPE_METRICS)
+    metric = check_choice(metric, "metric", METRICS)
     temperature = check_positive(temperature, "temperature")
     query = check_float_tensor(query, "query", ndim=2)
     prototypes = check_float_tensor(prototypes, "prototypes", ndim=2)

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from torchfg._validation import check_choice, check_positive
-from torchfg.functional.fewshot import PROTOTYPE_METRICS, class_prototypes, prototype_logits
+from torchfg.ops.metric import METRICS
+from torchfg.functional.fewshot import class_prototypes, prototype_logits
 
 __all__ = ["PrototypicalHead"]
 
@@ -61,7 +62,7 @@ class PrototypicalHead(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        self.metric = check_choice(metric, "metric", PROTOTYPE_METRICS)
+        self.metric = check_choice(metric, "metric", METRICS)
         self.temperature = check_positive(temperature, "temperature")
         self.normalize = bool(normalize)
         self.backend = backend

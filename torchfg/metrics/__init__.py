@@ -10,6 +10,6 @@ from torchfg.metrics.fewshot import few_shot_accuracy  # noqa: E402
 
 __all__ += ["few_shot_accuracy"]
 
-from torchfg.metrics.retrieval import map_at_r, precision_at_1, r_precision, recall_at_k, retrieval_metrics  # noqa: E402
+from torchfg.metrics.retrieval import RetrievalMetrics, map_at_r, precision_at_1, r_precision, recall_at_k, retrieval_metrics  # noqa: E402
 
-__all__ += ["recall_at_k", "precision_at_1", "r_precision", "map_at_r", "retrieval_metrics"]
+__all__ += ["RetrievalMetrics", "recall_at_k", "precision_at_1", "r_precision", "map_at_r", "retrieval_metrics"]

@@ -8,6 +8,8 @@ from typing import Sequence, Union
 import numpy as np
 import torch
 
+from torchfg._validation import check_labels
+
 __all__ = ["few_shot_accuracy"]
 
 EpisodeResults = Union[
@@ -25,10 +27,7 @@ def _episode_accuracy(index: int, logits: object, labels: object) -> float:
         raise TypeError(f"{name} must be a (logits, labels) pair of tensors")
     if logits.dim() != 2 or logits.shape[0] == 0 or logits.shape[1] == 0:
         raise ValueError(f"{name}: logits must have shape (Q, C) with Q, C >= 1, got {tuple(logits.shape)}")
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise TypeError(f"{name}: labels must be an integer tensor, got {labels.dtype}")
-    if labels.shape != logits.shape[:1]:
-        raise ValueError(f"{name}: labels must have shape ({logits.shape[0]},), got {tuple(labels.shape)}")
+    labels = check_labels(labels, f"{name}: labels", logits.shape[0])
     if bool(((labels < 0) | (labels >= logits.shape[1])).any()):
         raise ValueError(f"{name}: labels must be column indices in [0, {logits.shape[1]}) of the logits")
     correct = (logits.argmax(dim=1) == labels.to(logits.device)).sum().item()

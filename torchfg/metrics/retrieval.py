@@ -16,6 +16,13 @@ Definitions follow pytorch-metric-learning's ``AccuracyCalculator`` where they o
   of queries with at least one relevant item among their k nearest. A k beyond the number of
   gallery items counts all of them.
 
+Return types, one rule: a metric with one value returns a Python ``float``; Recall@K, one value
+per K, returns ``dict[int, float]`` keyed by K; :func:`retrieval_metrics` returns a frozen
+:class:`RetrievalMetrics` whose fields are exactly what the single-metric functions return
+(``.recall == recall_at_k(...)``, ``.map_at_r == map_at_r(...)``). It is also a read-only mapping
+with pytorch-metric-learning's flat keys (``result["recall@1"]``, ``result["map_at_r"]``,
+``dict(result)``), so code written for the earlier plain-dict return keeps working.
+
 Neighbours come from :func:`torchfg.knn` (ties broken by the lower gallery index), one search
 for all metrics of a call. ``progress=True`` shows a tqdm progress bar for searches over many
 pairs (off by default; tqdm is imported only then).
@@ -23,6 +30,8 @@ pairs (off by default; tqdm is imported only then).
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -30,10 +39,44 @@ import torch
 from torchfg._validation import check_labels
 from torchfg.ops.knn import knn_search
 
-__all__ = ["recall_at_k", "precision_at_1", "r_precision", "map_at_r", "retrieval_metrics"]
+__all__ = ["RetrievalMetrics", "recall_at_k", "precision_at_1", "r_precision", "map_at_r", "retrieval_metrics"]
 
 # Searches over fewer (query, gallery) pairs than this finish too fast to need a progress bar.
 _PROGRESS_MIN_PAIRS = 2**26
+
+
+@dataclass(frozen=True, eq=False)
+class RetrievalMetrics(Mapping):
+    """Every retrieval metric of one search (floats in [0, 1], NaN when no query has a relevant item).
+
+    Attributes:
+        recall: ``{K: Recall@K}`` for each requested K (as :func:`recall_at_k` returns it).
+        precision_at_1, r_precision, map_at_r: as the functions of the same name return them.
+
+    As a read-only mapping it has PML ``AccuracyCalculator``-style flat keys, in this order:
+    ``"recall@K"`` for each K, ``"precision_at_1"``, ``"r_precision"``, ``"map_at_r"``; it compares
+    equal to a dict with the same items.
+    """
+
+    recall: dict[int, float]
+    precision_at_1: float
+    r_precision: float
+    map_at_r: float
+
+    def as_dict(self) -> dict[str, float]:
+        """The flat ``{"recall@K": ..., "precision_at_1": ..., "r_precision": ..., "map_at_r": ...}``."""
+        out = {f"recall@{k}": v for k, v in self.recall.items()}
+        out.update(precision_at_1=self.precision_at_1, r_precision=self.r_precision, map_at_r=self.map_at_r)
+        return out
+
+    def __getitem__(self, key: str) -> float:
+        return self.as_dict()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.as_dict())
+
+    def __len__(self) -> int:
+        return len(self.recall) + 3
 
 
 def _check_ks(ks: object) -> tuple[int, ...]:
@@ -183,7 +226,7 @@ def retrieval_metrics(
     backend: str = "auto",
     progress: bool = False,
     ref_includes_query: bool = False,
-) -> dict[str, float]:
+) -> RetrievalMetrics:
     """All retrieval metrics from one k-NN search.
 
     Args:
@@ -201,24 +244,30 @@ def retrieval_metrics(
             excluded from its neighbours and from R.
 
     Returns:
-        ``{"recall@K": ... for K in ks, "precision_at_1": ..., "r_precision": ...,
-        "map_at_r": ...}``, floats in [0, 1] (NaN when no query has a relevant item).
+        :class:`RetrievalMetrics`: ``.recall`` ``{K: Recall@K}``, ``.precision_at_1``,
+        ``.r_precision``, ``.map_at_r``; also a mapping with the flat keys ``"recall@K"``,
+        ``"precision_at_1"``, ``"r_precision"``, ``"map_at_r"``. Floats in [0, 1] (NaN when no
+        query has a relevant item).
 
     Example:
         >>> x = torch.tensor([[0.0, 1.0], [0.1, 1.0], [1.0, 0.0], [1.0, 0.2]])
         >>> labels = torch.tensor([0, 0, 1, 1])
-        >>> retrieval_metrics(x, labels, ks=(1,), progress=False)
+        >>> result = retrieval_metrics(x, labels, ks=(1,), progress=False)
+        >>> result.recall, result.map_at_r
+        ({1: 1.0}, 1.0)
+        >>> dict(result)
         {'recall@1': 1.0, 'precision_at_1': 1.0, 'r_precision': 1.0, 'map_at_r': 1.0}
     """
     ks = _check_ks(ks)
     same, relevant_count = _relevance(
         query, query_labels, gallery, gallery_labels, max(ks), True, metric, backend, progress, ref_includes_query
     )
-    out = {f"recall@{k}": v for k, v in _recall(same, relevant_count, ks).items()}
-    out["precision_at_1"] = _mean_over_answerable(same[:, 0], relevant_count)
-    out["r_precision"] = _r_precision(same, relevant_count)
-    out["map_at_r"] = _map_at_r(same, relevant_count)
-    return out
+    return RetrievalMetrics(
+        recall=_recall(same, relevant_count, ks),
+        precision_at_1=_mean_over_answerable(same[:, 0], relevant_count),
+        r_precision=_r_precision(same, relevant_count),
+        map_at_r=_map_at_r(same, relevant_count),
+    )
 
 
 def recall_at_k(
@@ -238,7 +287,7 @@ def recall_at_k(
     Args: as :func:`retrieval_metrics`.
 
     Returns:
-        ``{K: recall}`` for each K in ``ks``.
+        ``{K: recall}`` for each K in ``ks`` (``retrieval_metrics(...).recall``).
 
     Example:
         >>> x = torch.tensor([[0.0], [1.0], [2.0], [10.0]])
