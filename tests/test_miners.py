@@ -150,8 +150,20 @@ def test_miner_statistics_of_the_returned_triplets():
 
 
 def test_semi_hard_miner_honours_or_rejects_backend():
-    x, labels = _batch(11)
-    assert all(torch.equal(a, b) for a, b in zip(SemiHardMiner(backend="torch")(x, labels), SemiHardMiner()(x, labels)))
+    # backend="torch" runs (against a brute-force FaceNet rule), an explicit kernel is refused.
+    x, labels = _batch(11, n=23)
+    a, p, n = SemiHardMiner(backend="torch")(x, labels)
+    dist = torch.cdist(x, x)
+    expected = []
+    for i in range(x.shape[0]):
+        negatives = [k for k in range(x.shape[0]) if labels[k] != labels[i]]
+        for j in range(x.shape[0]):
+            if j == i or labels[j] != labels[i] or not negatives:
+                continue
+            farther = [k for k in negatives if dist[i, k] > dist[i, j]]
+            k = min(farther, key=lambda k: (dist[i, k], k)) if farther else min(negatives, key=lambda k: (-dist[i, k], k))
+            expected.append((i, j, k))
+    assert expected and list(zip(a.tolist(), p.tolist(), n.tolist())) == expected
     with pytest.raises(BackendUnavailableError, match="semi_hard"):
         SemiHardMiner(backend="triton")
 

@@ -57,6 +57,15 @@ def check_same_device_dtype(a: torch.Tensor, a_name: str, b: torch.Tensor, b_nam
         raise TypeError(f"{a_name} and {b_name} must have the same dtype, got {a.dtype} and {b.dtype}")
 
 
+def check_row_sets(a: torch.Tensor, a_name: str, b: torch.Tensor, b_name: str, *, size_name: str = "D") -> None:
+    """Two sets of rows compared with each other: same device, dtype and row size (last dim)."""
+    check_same_device_dtype(a, a_name, b, b_name)
+    if a.shape[-1] != b.shape[-1]:
+        raise ValueError(
+            f"{a_name} and {b_name} must have the same feature size {size_name}, got {a.shape[-1]} and {b.shape[-1]}"
+        )
+
+
 def check_positive(value: object, name: str, *, allow_zero: bool = False) -> float:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")

@@ -553,7 +553,7 @@ def _bad_call(**changes):
         (dict(candidate_labels=torch.zeros(5)), TypeError, "candidate_labels"),
         (dict(metric="manhattan"), ValueError, "metric"),
         (dict(anchor_text=torch.randn(5, 2)), ValueError, "candidate_text"),
-        (dict(anchor_text=torch.randn(5, 2), candidate_text=torch.randn(5, 3)), ValueError, "same size T"),
+        (dict(anchor_text=torch.randn(5, 2), candidate_text=torch.randn(5, 3)), ValueError, "feature size T"),
         (dict(anchor_text=torch.randn(4, 2), candidate_text=torch.randn(5, 2)), ValueError, "anchor_text"),
         (dict(anchor_offset=1), ValueError, "anchor_offset"),
         (dict(anchor_offset=-1), ValueError, "anchor_offset"),

@@ -31,6 +31,7 @@ from torchfg._validation import (
     check_float_tensor,
     check_int,
     check_labels,
+    check_row_sets,
     check_tensor,
 )
 from torchfg.backends import BACKENDS
@@ -93,16 +94,7 @@ def _check_embeddings(
     if ref_embeddings is None:
         return embeddings, labels, embeddings, labels, 0
     ref_embeddings = check_float_tensor(ref_embeddings, "ref_embeddings", ndim=2)
-    if ref_embeddings.device != embeddings.device:
-        raise ValueError(
-            f"ref_embeddings must be on the device of embeddings ({embeddings.device}), got {ref_embeddings.device}"
-        )
-    if ref_embeddings.dtype != embeddings.dtype:
-        raise TypeError(f"ref_embeddings must have the dtype of embeddings ({embeddings.dtype}), got {ref_embeddings.dtype}")
-    if ref_embeddings.shape[1] != embeddings.shape[1]:
-        raise ValueError(
-            f"ref_embeddings must have the feature size of embeddings ({embeddings.shape[1]}), got {ref_embeddings.shape[1]}"
-        )
+    check_row_sets(embeddings, "embeddings", ref_embeddings, "ref_embeddings")
     ref_labels = check_labels(ref_labels, "ref_labels", ref_embeddings.shape[0], device=embeddings.device).long()
     return embeddings, labels, ref_embeddings, ref_labels, None
 

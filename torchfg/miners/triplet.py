@@ -9,14 +9,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from torchfg._validation import check_bool, check_choice
+from torchfg._validation import check_bool, check_choice, check_number
 from torchfg.functional._triplet_selection import exact_triplet_distances, pml_triplet_type, select_triplets
 from torchfg.functional.triplet import (
     _check_embeddings,
     _check_mining_backend,
-    _check_number,
-    _gather_candidates,
-    _validated,
     mine_triplets,
 )
 from torchfg.ops.metric import DEFAULT_METRIC, METRICS
@@ -186,7 +183,7 @@ class TripletMarginMiner(_TripletMiner):
         collect_stats: bool = False,
     ) -> None:
         super().__init__(metric=metric, collect_stats=collect_stats)
-        self.margin = _check_number(margin, "margin")
+        self.margin = check_number(margin, "margin")
         self.type_of_triplets = check_choice(type_of_triplets, "type_of_triplets", TRIPLET_TYPES)
 
     def forward(

@@ -22,6 +22,7 @@ from torchfg._validation import (
     check_int,
     check_labels,
     check_number,
+    check_row_sets,
     check_tensor,
 )
 from torchfg.backends import BackendSpec, register_op, resolve_backend
@@ -129,14 +130,7 @@ def _check_mining_inputs(
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     anchors = check_float_tensor(anchors, "anchors", ndim=2)
     candidates = check_float_tensor(candidates, "candidates", ndim=2)
-    if candidates.device != anchors.device:
-        raise ValueError(f"anchors and candidates must be on the same device, got {anchors.device} and {candidates.device}")
-    if candidates.dtype != anchors.dtype:
-        raise TypeError(f"anchors and candidates must have the same dtype, got {anchors.dtype} and {candidates.dtype}")
-    if candidates.shape[1] != anchors.shape[1]:
-        raise ValueError(
-            f"anchors and candidates must have the same feature size D, got {anchors.shape[1]} and {candidates.shape[1]}"
-        )
+    check_row_sets(anchors, "anchors", candidates, "candidates")
     anchor_labels = check_labels(anchor_labels, "anchor_labels", anchors.shape[0], device=anchors.device).long()
     candidate_labels = check_labels(candidate_labels, "candidate_labels", candidates.shape[0], device=anchors.device).long()
     check_choice(metric, "metric", METRICS)
@@ -237,13 +231,8 @@ def mine_hardest(
             raise ValueError(
                 f"candidate_text must have {candidates.shape[0]} rows (one per candidate), got {candidate_text.shape[0]}"
             )
-        if candidate_text.shape[1] != anchor_text.shape[1]:
-            raise ValueError(
-                f"anchor_text and candidate_text must have the same size T, got {anchor_text.shape[1]} and {candidate_text.shape[1]}"
-            )
-        if candidate_text.dtype != anchor_text.dtype:
-            raise TypeError(f"anchor_text and candidate_text must have the same dtype, got {anchor_text.dtype} and {candidate_text.dtype}")
-        if anchor_text.device != anchors.device or candidate_text.device != anchors.device:
+        check_row_sets(anchor_text, "anchor_text", candidate_text, "candidate_text", size_name="T")
+        if anchor_text.device != anchors.device:
             raise ValueError("anchor_text and candidate_text must be on the device of anchors")
         anchor_text, candidate_text = anchor_text.detach(), candidate_text.detach()
     if text_positive_threshold is not None:
