@@ -9,7 +9,6 @@ embedding space, which is why it is the usual few-shot evaluation head for froze
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from torchfg._validation import (
     accumulation_dtype,
@@ -19,7 +18,7 @@ from torchfg._validation import (
     check_positive,
     check_same_device_dtype,
 )
-from torchfg.ops.metric import METRICS
+from torchfg.ops.metric import METRICS, unit_rows
 from torchfg.ops.pairwise import pairwise_distance
 
 __all__ = ["class_prototypes", "prototype_logits", "prototypical_logits"]
@@ -62,9 +61,8 @@ def class_prototypes(
     """
     support, support_labels = _check_support(support, support_labels)
     classes, column = torch.unique(support_labels, sorted=True, return_inverse=True)
-    acc = support.to(accumulation_dtype(support.dtype))
-    if normalize:
-        acc = F.normalize(acc, dim=-1)
+    acc = accumulation_dtype(support.dtype)
+    acc = unit_rows(support, acc) if normalize else support.to(acc)
     sums = acc.new_zeros(classes.shape[0], acc.shape[1]).index_add(0, column, acc)
     counts = torch.bincount(column, minlength=classes.shape[0]).to(acc.dtype)
     return (sums / counts.unsqueeze(1)).to(support.dtype), classes
@@ -110,7 +108,7 @@ def prototype_logits(
         )
     check_same_device_dtype(query, "query", prototypes, "support")
     if normalize:
-        query = F.normalize(query.to(accumulation_dtype(query.dtype)), dim=-1).to(prototypes.dtype)
+        query = unit_rows(query, accumulation_dtype(query.dtype)).to(prototypes.dtype)
     distances = pairwise_distance(query, prototypes, metric, backend=backend)
     logits = -distances
     return logits / temperature if temperature != 1.0 else logits

@@ -45,7 +45,7 @@ from torchfg.functional._triplet_selection import (
     violating,
 )
 from torchfg.ops.pair_distances import anchor_pair_distances, pair_distances
-from torchfg.ops.metric import DEFAULT_METRIC, METRICS
+from torchfg.ops.metric import DEFAULT_METRIC, METRICS, inverse_norms
 from torchfg.ops.triplet import mine_all_triplets, mine_hardest, mine_semi_hard
 from torchfg._validation import check_number as _check_number  # shared numeric argument check
 from torchfg._validation import check_bool as _check_flag
@@ -66,9 +66,7 @@ def _text_cosine(anchor_text: torch.Tensor, other_text: torch.Tensor) -> torch.T
     """Row-wise cosine of two (K, T) text-embedding sets; 0 for a zero row. No gradient."""
     acc = accumulation_dtype(anchor_text.dtype)
     a, b = anchor_text.to(acc), other_text.to(acc)
-    norms = torch.linalg.vector_norm(a, dim=1) * torch.linalg.vector_norm(b, dim=1)
-    dots = torch.linalg.vecdot(a, b)
-    return torch.where(norms > 0, dots / norms.clamp_min(torch.finfo(acc).tiny), torch.zeros_like(dots))
+    return torch.linalg.vecdot(a, b) * inverse_norms(a, acc) * inverse_norms(b, acc)
 
 
 # ----------------------------------------------------------------------------- validation
