@@ -18,10 +18,10 @@ import torch
 
 from torchfg._validation import check_choice, check_int
 from torchfg.bench.core import Case, OpBench, Problem, api_available, module_installed, triton_available
+from torchfg.ops.metric import METRICS
 
 K = 10
 METRIC = "euclidean"
-METRICS = ("sqeuclidean", "euclidean", "cosine", "dot")
 
 
 def make_problem(

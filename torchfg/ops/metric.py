@@ -27,7 +27,10 @@ __all__ = [
 METRICS = ("sqeuclidean", "euclidean", "cosine", "dot")
 # The integer each kernel receives as its METRIC constexpr (the order of METRICS).
 METRIC_CODES = {name: code for code, name in enumerate(METRICS)}
-# The default of every function whose math is a plain distance between embeddings.
+# The default of every function whose math is a plain distance between embeddings (losses, miners,
+# mining ops, pairwise distances). Two other families keep their field's convention, each the same
+# everywhere in it: searches (knn, retrieval metrics) default to "cosine", prototype logits
+# (few-shot) to "sqeuclidean" (Snell et al.).
 DEFAULT_METRIC = "euclidean"
 
 
