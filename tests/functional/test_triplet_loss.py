@@ -260,9 +260,10 @@ def test_mine_hardest_example_and_validation():
     labels = torch.tensor([0, 0, 1, 1])
     pos, neg = mine_hardest(x, x, labels, labels, exclude_self=True, backend="torch")
     assert pos.tolist() == [1, 0, 3, 2] and neg.tolist() == [2, 2, 1, 1]
-    # Without exclude_self an anchor may be its own positive (a zero distance never wins argmax here).
-    pos, _ = mine_hardest(x[:2], x, labels[:2], labels, exclude_self=False, backend="torch")
-    assert pos.tolist() == [1, 0]
+    # Anchor 0 is its label's only candidate: without exclude_self it is its own positive, with it none.
+    alone = torch.tensor([0, 1, 1, 1])
+    assert mine_hardest(x[:1], x, alone[:1], alone, exclude_self=False, backend="torch")[0].tolist() == [0]
+    assert mine_hardest(x[:1], x, alone[:1], alone, exclude_self=True, backend="torch")[0].tolist() == [-1]
     pos, _ = mine_hardest(x[2:], x, labels[2:], labels, exclude_self=True, anchor_offset=2, backend="torch")
     assert pos.tolist() == [3, 2]
     with pytest.raises(ValueError, match="anchor_offset"):
