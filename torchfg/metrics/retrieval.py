@@ -36,7 +36,7 @@ from typing import Sequence
 
 import torch
 
-from torchfg._validation import check_labels
+from torchfg._validation import check_bool, check_int, check_labels, check_tensor
 from torchfg.ops.knn import knn_search
 
 __all__ = ["RetrievalMetrics", "recall_at_k", "precision_at_1", "r_precision", "map_at_r", "retrieval_metrics"]
@@ -84,12 +84,7 @@ def _check_ks(ks: object) -> tuple[int, ...]:
         ks = (ks,)
     if not isinstance(ks, Sequence) or isinstance(ks, str) or len(ks) == 0:
         raise TypeError(f"ks must be a non-empty sequence of ints, got {ks!r}")
-    for k in ks:
-        if not isinstance(k, int) or isinstance(k, bool):
-            raise TypeError(f"ks must contain ints, got {k!r}")
-        if k < 1:
-            raise ValueError(f"ks must contain values >= 1, got {k}")
-    return tuple(ks)
+    return tuple(check_int(k, "ks", 1) for k in ks)
 
 
 def _relevance(
@@ -105,8 +100,7 @@ def _relevance(
     ref_includes_query: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(same-label matrix (Q, k) bool over the k nearest, R per query (Q,) int64)."""
-    if not isinstance(query, torch.Tensor):
-        raise TypeError(f"query must be a torch.Tensor, got {type(query).__name__}")
+    query = check_tensor(query, "query")
     if query.dim() != 2:
         raise ValueError(f"query must have 2 dims (Q, D), got shape {tuple(query.shape)}")
     query_labels = check_labels(query_labels, "query_labels", query.shape[0], device=query.device)
@@ -118,14 +112,12 @@ def _relevance(
     else:
         if gallery_labels is None:
             raise ValueError("gallery was given without gallery_labels")
-        if not isinstance(gallery, torch.Tensor):
-            raise TypeError(f"gallery must be a torch.Tensor, got {type(gallery).__name__}")
+        gallery = check_tensor(gallery, "gallery")
         if gallery.dim() != 2:
             raise ValueError(f"gallery must have 2 dims (G, D), got shape {tuple(gallery.shape)}")
         gallery_labels = check_labels(gallery_labels, "gallery_labels", gallery.shape[0], device=query.device)
         self_search = _check_ref_includes_query(ref_includes_query, query, query_labels, gallery, gallery_labels)
-    if not isinstance(progress, bool):
-        raise TypeError(f"progress must be a bool, got {type(progress).__name__}")
+    check_bool(progress, "progress")
     num_query = query.shape[0]
     num_gallery = num_query if gallery is None else gallery.shape[0]
     eligible = num_gallery - int(self_search)
@@ -171,9 +163,7 @@ def _check_ref_includes_query(
     gallery_labels: torch.Tensor,
 ) -> bool:
     """Whether query i is gallery item i (and so never its own neighbour), checked as PML checks it."""
-    if not isinstance(ref_includes_query, bool):
-        raise TypeError(f"ref_includes_query must be a bool, got {type(ref_includes_query).__name__}")
-    if not ref_includes_query:
+    if not check_bool(ref_includes_query, "ref_includes_query"):
         return False
     q = query.shape[0]
     if gallery.shape[0] < q or not (
