@@ -151,7 +151,7 @@ def _knn_kernel(
 
     if METRIC != 3:
         q_aux = tl.load(q_aux_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    g_start = split * split_size
+    g_start = split.to(tl.int64) * split_size  # < G + split_size, but the product is formed first
     g_stop = tl.minimum(g_start + split_size, G)
     for g0 in tl.range(g_start, g_stop, BLOCK_G):
         cols = g0 + tl.arange(0, BLOCK_G)
@@ -163,11 +163,11 @@ def _knn_kernel(
             ds = d0 + tl.arange(0, BLOCK_D)
             d_ok = ds < D
             q_tile = tl.load(
-                q_ptr + q_offsets + ds[None, :] * stride_qd,
+                q_ptr + q_offsets + ds.to(tl.int64)[None, :] * stride_qd,
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0,
             ).to(DOT_DTYPE)
             g_tile = tl.load(
-                g_ptr + g_offsets + ds[None, :] * stride_gd,
+                g_ptr + g_offsets + ds.to(tl.int64)[None, :] * stride_gd,
                 mask=col_ok[:, None] & d_ok[None, :], other=0.0,
             ).to(DOT_DTYPE)
             acc += tl.dot(q_tile, tl.trans(g_tile), out_dtype=tl.float32, input_precision=INPUT_PRECISION)

@@ -51,9 +51,11 @@ def _pairwise_forward_kernel(
     pid_n = (pid % per_group) // group_rows
     # 64-bit offsets: B * N * M passes 2**31 for outputs the docs allow (up to 2**34 elements).
     b = tl.program_id(2).to(tl.int64)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows64, cols64 = rows.to(tl.int64), cols.to(tl.int64)
+    # Row and column indices in int64: the grouped program order divides by a runtime group
+    # size, so their i32 range cannot be bounded at compile time (the offset-width check).
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows64, cols64 = rows, cols
     row_ok = rows < N
     col_ok = cols < M
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
@@ -61,11 +63,11 @@ def _pairwise_forward_kernel(
         ds = d0 + tl.arange(0, BLOCK_D)
         d_ok = ds < D
         x_tile = tl.load(
-            x_ptr + b * stride_xb + rows64[:, None] * stride_xn + ds[None, :] * stride_xd,
+            x_ptr + b * stride_xb + rows64[:, None] * stride_xn + ds.to(tl.int64)[None, :] * stride_xd,
             mask=row_ok[:, None] & d_ok[None, :], other=0.0,
         ).to(DOT_DTYPE)
         y_tile = tl.load(
-            y_ptr + b * stride_yb + cols64[:, None] * stride_ym + ds[None, :] * stride_yd,
+            y_ptr + b * stride_yb + cols64[:, None] * stride_ym + ds.to(tl.int64)[None, :] * stride_yd,
             mask=col_ok[:, None] & d_ok[None, :], other=0.0,
         ).to(DOT_DTYPE)
         acc += tl.dot(x_tile, tl.trans(y_tile), out_dtype=ACC_DTYPE, input_precision=INPUT_PRECISION)
@@ -146,7 +148,7 @@ def _pairwise_backward_kernel(
             y_scale = tl.load(y_scale_ptr + b * stride_ysb + cols, mask=col_ok, other=0.0).to(ACC_DTYPE)
             w = w * y_scale[None, :]
         y_tile = tl.load(
-            y_ptr + b * stride_yb + cols64[:, None] * stride_ym + ds[None, :] * stride_yd,
+            y_ptr + b * stride_yb + cols64[:, None] * stride_ym + ds.to(tl.int64)[None, :] * stride_yd,
             mask=col_ok[:, None] & d_ok[None, :], other=0.0,
         ).to(DOT_DTYPE)
         if METRIC <= 1:
@@ -154,14 +156,14 @@ def _pairwise_backward_kernel(
         acc += tl.dot(w.to(DOT_DTYPE), y_tile, out_dtype=ACC_DTYPE, input_precision=INPUT_PRECISION)
     if METRIC <= 1:
         x_tile = tl.load(
-            x_ptr + b * stride_xb + rows64[:, None] * stride_xn + ds[None, :] * stride_xd,
+            x_ptr + b * stride_xb + rows64[:, None] * stride_xn + ds.to(tl.int64)[None, :] * stride_xd,
             mask=row_ok[:, None] & d_ok[None, :], other=0.0,
         ).to(ACC_DTYPE)
         grad = 2.0 * (w_rowsum[:, None] * x_tile - acc)
     else:
         grad = -acc
     tl.store(
-        gx_ptr + b * stride_gxb + rows64[:, None] * stride_gxn + ds[None, :] * stride_gxd,
+        gx_ptr + b * stride_gxb + rows64[:, None] * stride_gxn + ds.to(tl.int64)[None, :] * stride_gxd,
         grad.to(gx_ptr.dtype.element_ty),
         mask=row_ok[:, None] & d_ok[None, :],
     )

@@ -110,13 +110,14 @@ def _row_stat_block(
     INVERSE_NORM: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Per row: squared norm, or inverse norm (0 for a zero row, whose cosine is defined as 0)."""
-    rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
+    # int64 indices: a column-major operand has stride_c up to 2**20 rows.
+    rows = block.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < R
-    row_base = x_ptr + rows.to(tl.int64)[:, None] * stride_r
+    row_base = x_ptr + rows[:, None] * stride_r
     sq = tl.zeros((BLOCK_R, BLOCK_C), dtype=ACC_DTYPE)
     for c0 in tl.range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
-        x = tl.load(row_base + cols[None, :] * stride_c, mask=row_ok[:, None] & (cols[None, :] < C), other=0.0)
+        x = tl.load(row_base + cols.to(tl.int64)[None, :] * stride_c, mask=row_ok[:, None] & (cols[None, :] < C), other=0.0)
         x = x.to(ACC_DTYPE)
         sq += x * x
     total = tl.sum(sq, axis=1)
@@ -191,12 +192,12 @@ def _mine_tile(
     for d0 in tl.range(0, D, BLOCK_D):
         ds = d0 + tl.arange(0, BLOCK_D)
         if EVEN_D:
-            a = tl.load(anchor_base + ds[None, :] * stride_ad)
-            b = tl.load(cand_base + ds[None, :] * stride_cd)
+            a = tl.load(anchor_base + ds.to(tl.int64)[None, :] * stride_ad)
+            b = tl.load(cand_base + ds.to(tl.int64)[None, :] * stride_cd)
         else:
             d_ok = ds[None, :] < D
-            a = tl.load(anchor_base + ds[None, :] * stride_ad, mask=d_ok, other=0.0)
-            b = tl.load(cand_base + ds[None, :] * stride_cd, mask=d_ok, other=0.0)
+            a = tl.load(anchor_base + ds.to(tl.int64)[None, :] * stride_ad, mask=d_ok, other=0.0)
+            b = tl.load(cand_base + ds.to(tl.int64)[None, :] * stride_cd, mask=d_ok, other=0.0)
         # out_dtype names the accumulator's dtype: triton < 3.9 asserts on an fp64 accumulator without it.
         dot = tl.dot(a.to(DOT_DTYPE), tl.trans(b.to(DOT_DTYPE)), dot, input_precision=INPUT_PRECISION,
                      out_dtype=ACC_DTYPE)
@@ -231,12 +232,12 @@ def _mine_tile(
         for t0 in tl.range(0, T, BLOCK_T):
             ts = t0 + tl.arange(0, BLOCK_T)
             if EVEN_T:
-                ta = tl.load(anchor_text_base + ts[None, :] * stride_atd)
-                tb = tl.load(cand_text_base + ts[None, :] * stride_ctd)
+                ta = tl.load(anchor_text_base + ts.to(tl.int64)[None, :] * stride_atd)
+                tb = tl.load(cand_text_base + ts.to(tl.int64)[None, :] * stride_ctd)
             else:
                 t_ok = ts[None, :] < T
-                ta = tl.load(anchor_text_base + ts[None, :] * stride_atd, mask=t_ok, other=0.0)
-                tb = tl.load(cand_text_base + ts[None, :] * stride_ctd, mask=t_ok, other=0.0)
+                ta = tl.load(anchor_text_base + ts.to(tl.int64)[None, :] * stride_atd, mask=t_ok, other=0.0)
+                tb = tl.load(cand_text_base + ts.to(tl.int64)[None, :] * stride_ctd, mask=t_ok, other=0.0)
             sim = tl.dot(ta.to(TEXT_DOT_DTYPE), tl.trans(tb.to(TEXT_DOT_DTYPE)), sim,
                          input_precision=TEXT_INPUT_PRECISION, out_dtype=TEXT_ACC_DTYPE)
         cand_text_inv = tl.load(cand_text_inv_ptr + cols).to(TEXT_ACC_DTYPE)
