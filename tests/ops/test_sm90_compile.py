@@ -276,11 +276,20 @@ def _bounds(value: str, defs: dict, args: dict, memo: dict) -> tuple[int, int] |
     return result
 
 
-def offset_overflows(ttir: str) -> list[str]:
+def offset_overflows(ttir: str, assume: dict[str, tuple[int, int]] | None = None) -> list[str]:
     """Every 32-bit product (and 32-bit pointer offset) in an address computation that can leave
-    [-2**31, 2**31) at the documented sizes, or whose bound is unknown."""
+    [-2**31, 2**31) at the documented sizes, or whose bound is unknown.
+
+    ``assume`` bounds named values (``{"split_start": (lo, hi)}`` bounds ``%split_start`` and its
+    ``_N`` copies) with relational facts the interval arithmetic cannot derive; each such fact
+    must be shown by a test of its own.
+    """
     defs, args = _parse_ttir(ttir)
     memo: dict = {}
+    for value in defs:
+        for name, bound in (assume or {}).items():
+            if re.fullmatch(rf"%{name}(_\d+)?", value.split("@")[0]):
+                memo[value] = bound
     problems = []
     seen: set[str] = set()
 
@@ -312,11 +321,13 @@ def offset_overflows(ttir: str) -> list[str]:
 
 # Kernels the check still flags (issue 13): each is an expected
 # failure until fixed, and strict, so the marker must go once the kernel passes.
-KNOWN_OVERFLOWS = {
-    "_mine_hardest_kernel": "`split * candidates_per_split` and the candidate columns of the split loop are i32 "
-    "products the interval check cannot bound (each is < M + candidates_per_split <= 2**21 at the documented "
-    "sizes, but the checker bounds program ids by 2**20 and sees 2**40)",
-}
+KNOWN_OVERFLOWS: dict[str, str] = {}
+# Relational facts the interval check cannot derive. A mining program of split s starts at
+# split_start = s * candidates_per_split, below M (<= 2**20 rows) because the grid has
+# cdiv(M, candidates_per_split) splits (shown by test_mining_split_starts_stay_below_the_candidate_count).
+# Its unmasked tiles end at full_end = split_start + (split_end - split_start) // BLOCK_N * BLOCK_N
+# with split_end = min(split_start + candidates_per_split, M): split_start <= full_end <= M.
+ASSUMED_BOUNDS = {"_mine_hardest_kernel": {"split_start": (0, ROWS - 1), "full_end": (0, ROWS)}}
 
 
 @pytest.mark.parametrize("kernel", [
@@ -329,7 +340,9 @@ def test_offset_products_fit_in_32_bits(compiled: dict, kernel: str) -> None:
     specs = [json.loads(p.read_text()) | {"ttir": p.with_suffix(".ttir")} for p in ir_dir.glob("*.json")]
     mine = [s for s in specs if s["kernel"] == kernel]
     assert mine, f"no TTIR of {kernel}"
-    failures = sorted({f"({s['case']}): {problem}" for s in mine for problem in offset_overflows(s["ttir"].read_text())})
+    assume = ASSUMED_BOUNDS.get(kernel.split(":")[1])
+    failures = sorted({f"({s['case']}): {problem}" for s in mine
+                       for problem in offset_overflows(s["ttir"].read_text(), assume)})
     assert not failures, f"{kernel}: 32-bit offset arithmetic can overflow:\n" + "\n".join(failures[:40])
 
 
@@ -356,3 +369,36 @@ def test_offset_check_catches_a_32_bit_product() -> None:
 """
     assert len(offset_overflows(narrow)) == 2  # the product and the offset
     assert offset_overflows(wide) == []
+
+
+def test_mining_split_starts_stay_below_the_candidate_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fact ASSUMED_BOUNDS gives the offset check: every program of a mining launch starts its
+    candidate split at split * candidates_per_split < M (recorded from real launches, split sizes
+    that do and do not divide M)."""
+    import torch
+
+    import torchfg.ops.triplet.triton as tri
+
+    kernel = tri._mine_hardest_kernel
+    names = kernel.arg_names
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((grid, args[names.index("M")], args[names.index("candidates_per_split")]))
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(tri, "_mine_hardest_kernel", Recorder())
+    gen = torch.Generator().manual_seed(5)
+    for m, per_split in [(37, 16), (48, 16), (50, 49), (20, 10**9)]:
+        x = torch.randn(m, 8, generator=gen)
+        labels = torch.randint(0, 4, (m,), generator=gen)
+        tiles = tri.TileConfig(block_m=16, block_n=16, block_d=16, block_t=16, num_warps=1, num_stages=1,
+                               candidates_per_split=per_split)
+        tri.mine_hardest_triton_tiled(x, x, labels, labels, None, None, metric="euclidean", base_margin=0.1,
+                                      margin_scale=0.0, text_positive_threshold=None, self_offset=0, tiles=tiles)
+    assert len(launches) >= 4
+    for grid, m, per_split in launches:
+        assert (grid[1] - 1) * per_split < m, (grid, m, per_split)
