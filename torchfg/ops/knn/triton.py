@@ -40,7 +40,6 @@ _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_K = 128
 # Index sentinel of empty buffer slots and rejected candidates; gallery indices stay below it.
 _NO_INDEX_VALUE = 2**31 - 1
-_NO_INDEX = tl.constexpr(_NO_INDEX_VALUE)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from torchfg._validation import accumulation_dtype
-from torchfg.ops.metric import safe_inverse
+from torchfg.ops.metric import inverse_norms
 
 __all__ = [
     "pair_distances_reference",
@@ -72,8 +72,8 @@ def pair_distances_reference(
             if metric == "euclidean":
                 value.sqrt_()
         elif metric == "cosine":
-            a_inv = safe_inverse(torch.linalg.vector_norm(a, dim=1))
-            b_inv = safe_inverse(torch.linalg.vector_norm(b, dim=1))
+            a_inv = inverse_norms(a, a.dtype)
+            b_inv = inverse_norms(b, b.dtype)
             value = torch.linalg.vecdot(a, b).mul_(a_inv).mul_(b_inv).neg_().add_(1.0)
         else:
             value = torch.linalg.vecdot(a, b).neg_()
@@ -122,8 +122,8 @@ def pair_distances_backward_reference(
             grad_y.index_add_(0, yi, contribution.neg_())
         elif metric == "cosine":
             # d(1 - a^.b^)/da = -(b^ - cos a^) / |a|
-            a_inv = safe_inverse(torch.linalg.vector_norm(a, dim=1, keepdim=True))
-            b_inv = safe_inverse(torch.linalg.vector_norm(b, dim=1, keepdim=True))
+            a_inv = inverse_norms(a, a.dtype, keepdim=True)
+            b_inv = inverse_norms(b, b.dtype, keepdim=True)
             a_hat, b_hat = a.mul_(a_inv), b.mul_(b_inv)
             cos = torch.linalg.vecdot(a_hat, b_hat).unsqueeze(1)
             c = c.neg()
@@ -180,8 +180,8 @@ def anchor_pair_distances_reference(x: torch.Tensor, y: torch.Tensor, y_idx: tor
             if metric == "euclidean":
                 value.sqrt_()
         elif metric == "cosine":
-            a_inv = safe_inverse(torch.linalg.vector_norm(a, dim=1))
-            b_inv = safe_inverse(torch.linalg.vector_norm(b, dim=2))
+            a_inv = inverse_norms(a, a.dtype)
+            b_inv = inverse_norms(b, b.dtype)
             value = torch.linalg.vecdot(b, a.unsqueeze(1)).mul_(a_inv.unsqueeze(1)).mul_(b_inv).neg_().add_(1.0)
         else:
             value = torch.linalg.vecdot(b, a.unsqueeze(1)).neg_()
@@ -233,8 +233,8 @@ def anchor_pair_distances_backward_reference(
             grad_y.index_add_(0, flat_idx, contribution.view(rows * k, d))
         elif metric == "cosine":
             # d(1 - a^.b^)/da = -(b^ - cos a^) / |a|, and symmetrically for b.
-            a_inv = safe_inverse(torch.linalg.vector_norm(a, dim=1, keepdim=True))
-            b_inv = safe_inverse(torch.linalg.vector_norm(b, dim=2, keepdim=True))
+            a_inv = inverse_norms(a, a.dtype, keepdim=True)
+            b_inv = inverse_norms(b, b.dtype, keepdim=True)
             a_hat = (a * a_inv).unsqueeze(1)
             b_hat = b.mul_(b_inv)
             cos = torch.linalg.vecdot(b_hat, a_hat).unsqueeze(2)

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from torchfg.backends import triton_interpreter_enabled
-from torchfg.ops.metric import metric_code
+from torchfg.ops.metric import inverse_norms, metric_code
 
 __all__ = ["anchor_pair_distances_triton", "anchor_pair_distances_backward_triton"]
 
@@ -213,11 +213,6 @@ def _csr_by_partner(y_idx: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch
     return order, counts.cumsum(0), counts
 
 
-def _inverse_norms(x: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    norms = torch.linalg.vector_norm(x, dim=1, dtype=acc)
-    return torch.where(norms > 0, 1.0 / norms.clamp_min(torch.finfo(acc).tiny), 0.0)
-
-
 def anchor_pair_distances_backward_triton(
     grad: torch.Tensor,
     x: torch.Tensor,
@@ -251,8 +246,8 @@ def anchor_pair_distances_backward_triton(
         order, ends, counts = _csr_by_partner(y_idx, y.shape[0])
     else:
         order = ends = counts = dummy
-    x_inv = _inverse_norms(x, acc) if metric == "cosine" else dummy
-    y_inv = (x_inv if y_is_x else _inverse_norms(y, acc)) if metric == "cosine" else dummy
+    x_inv = inverse_norms(x, acc) if metric == "cosine" else dummy
+    y_inv = (x_inv if y_is_x else inverse_norms(y, acc)) if metric == "cosine" else dummy
     block_r, block_d, warps = _blocks(d)
     common = dict(METRIC=metric_code(metric), ACC_DTYPE=acc_tl, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps)
     strides = (x.stride(0), x.stride(1), y.stride(0), y.stride(1))

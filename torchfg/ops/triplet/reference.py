@@ -415,7 +415,7 @@ def mine_all_triplets_reference(
         (anchor_idx, positive_idx, negative_idx), int64 of length T, in lexicographic order.
     """
     device = anchor_labels.device
-    n, m = anchor_labels.shape[0], candidate_labels.shape[0]
+    n = anchor_labels.shape[0]
     out_a, out_p, out_n = [], [], []
     for start in range(0, n, chunk_rows):
         stop = min(start + chunk_rows, n)
