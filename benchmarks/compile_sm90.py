@@ -58,13 +58,6 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
-KERNEL_FILES = (
-    "torchfg/ops/pairwise/triton.py",
-    "torchfg/ops/knn/triton.py",
-    "torchfg/ops/triplet/triton.py",
-    "torchfg/ops/pair_distances/triton.py",
-    "torchfg/ops/dino/triton.py",
-)
 
 # H100 SXM (compute capability 9.0) per-SM limits, for the CTAs-per-SM column.
 H100 = SimpleNamespace(
