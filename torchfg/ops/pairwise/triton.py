@@ -245,33 +245,29 @@ def _bucket(size: int) -> int:
 _autotuned: dict[tuple[str, str], object] = {}
 
 
+def _tile_meta(config: PairwiseConfig, direction: str) -> dict[str, int]:
+    meta = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=config.block_d)
+    if direction == "forward":
+        meta["GROUP_M"] = config.group_m
+    return meta
+
+
 def _launcher(kernel, direction: str, dtype: torch.dtype, config: PairwiseConfig | None):
-    """(callable kernel[grid], meta kwargs): an explicit config, the interpreter's, or the autotuner."""
+    """(kernel to index with a grid, its launch kwargs): a pinned config (explicit or the
+    interpreter's) passes tiles, warps and stages; the autotuner supplies them itself."""
     if config is None and triton_interpreter_enabled():
         config = INTERPRETER_CONFIG
     if config is not None:
-        meta = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=config.block_d)
-        if direction == "forward":
-            meta["GROUP_M"] = config.group_m
-        return kernel, meta, config.num_warps, config.num_stages
+        return kernel, dict(_tile_meta(config, direction), num_warps=config.num_warps, num_stages=config.num_stages)
     key = (direction, operand_class(dtype))
     if key not in _autotuned:
         table = FORWARD_CONFIGS if direction == "forward" else BACKWARD_CONFIGS
-        configs = []
-        for c in table[key[1]]:
-            meta = dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_D=c.block_d)
-            if direction == "forward":
-                meta["GROUP_M"] = c.group_m
-            configs.append(triton.Config(meta, num_warps=c.num_warps, num_stages=c.num_stages))
+        configs = [
+            triton.Config(_tile_meta(c, direction), num_warps=c.num_warps, num_stages=c.num_stages)
+            for c in table[key[1]]
+        ]
         _autotuned[key] = triton.autotune(configs=configs, key=["N_BUCKET", "M_BUCKET", "D"])(kernel)
-    return _autotuned[key], {}, None, None
-
-
-def _launch(kernel, grid, args, meta, num_warps, num_stages, **constexprs):
-    if num_warps is None:  # autotuned: the config supplies tiles, warps and stages
-        kernel[grid](*args, **constexprs)
-    else:
-        kernel[grid](*args, **constexprs, **meta, num_warps=num_warps, num_stages=num_stages)
+    return _autotuned[key], {}
 
 
 def _metric_norms(x: torch.Tensor, metric: str) -> torch.Tensor:
@@ -297,22 +293,20 @@ def pairwise_distance_triton(
     x_norm = _metric_norms(x, metric)
     y_norm = x_norm if symmetric else _metric_norms(y, metric)
     dot_dtype, acc_dtype, precision = dot_dtypes(x.dtype)
-    kernel, meta, num_warps, num_stages = _launcher(_pairwise_forward_kernel, "forward", x.dtype, config)
+    kernel, launch = _launcher(_pairwise_forward_kernel, "forward", x.dtype, config)
 
-    def grid(m):
-        return (triton.cdiv(N, m["BLOCK_M"]) * triton.cdiv(M, m["BLOCK_N"]), 1, B)
+    def grid(meta):
+        return (triton.cdiv(N, meta["BLOCK_M"]) * triton.cdiv(M, meta["BLOCK_N"]), 1, B)
 
-    args = (
+    kernel[grid](
         x, y, out, x_norm, y_norm,
         N, M, D,
         *x.stride(), *y.stride(), *out.stride(),
         x_norm.stride(0), y_norm.stride(0),
         _bucket(N), _bucket(M),
-    )
-    _launch(
-        kernel, (lambda m: grid({**m, **meta})), args, meta, num_warps, num_stages,
         METRIC=metric_code(metric), SYMMETRIC=symmetric,
         DOT_DTYPE=dot_dtype, ACC_DTYPE=acc_dtype, INPUT_PRECISION=precision,
+        **launch,
     )
     return out
 
@@ -341,22 +335,19 @@ def _backward_one_side(
         return gx.zero_().to(x.dtype)
     y_scale = safe_inverse(row_norms(y)) if metric == "cosine" else torch.empty(B, 1, device=x.device)
     dot_dtype, acc_dtype, precision = dot_dtypes(x.dtype)
-    kernel, meta, num_warps, num_stages = _launcher(_pairwise_backward_kernel, "backward", x.dtype, config)
+    kernel, launch = _launcher(_pairwise_backward_kernel, "backward", x.dtype, config)
 
-    def grid(m):
-        m = {**m, **meta}
-        return (triton.cdiv(D, m["BLOCK_D"]), triton.cdiv(N, m["BLOCK_M"]), B)
+    def grid(meta):
+        return (triton.cdiv(D, meta["BLOCK_D"]), triton.cdiv(N, meta["BLOCK_M"]), B)
 
-    args = (
+    kernel[grid](
         grad, out, x, y, y_scale, gx,
         N, M, D,
         *grad.stride(), *out.stride(), *x.stride(), *y.stride(),
         y_scale.stride(0), *gx.stride(),
         _bucket(N), _bucket(M),
-    )
-    _launch(
-        kernel, grid, args, meta, num_warps, num_stages,
         METRIC=metric_code(metric), DOT_DTYPE=dot_dtype, ACC_DTYPE=acc_dtype, INPUT_PRECISION=precision,
+        **launch,
     )
     if metric == "cosine":
         # d(x/|x|)/dx = (I - x_hat x_hat^T) / |x|: an O(N D) epilogue over the kernel's dL/dx_hat.
