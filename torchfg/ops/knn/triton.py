@@ -113,6 +113,13 @@ def _merge_lanes(best, lanes, BLOCK_Q: tl.constexpr, BLOCK_G: tl.constexpr, K_PA
 
 
 @triton.jit
+def _merge_queues(best, first, second, BLOCK_Q: tl.constexpr, BLOCK_G: tl.constexpr, K_PAD: tl.constexpr):
+    """``best`` with both lane queues merged in (see :func:`_merge_lanes`)."""
+    best = _merge_lanes(best, first, BLOCK_Q, BLOCK_G, K_PAD)
+    return _merge_lanes(best, second, BLOCK_Q, BLOCK_G, K_PAD)
+
+
+@triton.jit
 def _kth(best, slots, K: tl.constexpr):
     """Each row's K-th smallest packed candidate (``best`` is sorted): the admission threshold."""
     return tl.min(tl.where(slots[None, :] >= K - 1, best, _SENTINEL), axis=1)
@@ -193,8 +200,7 @@ def _knn_kernel(
         candidate = tl.where(valid & (candidate < threshold[:, None]), candidate, _SENTINEL)
         overflow = (candidate != _SENTINEL) & (lane_second != _SENTINEL)
         if tl.max(tl.max(overflow.to(tl.int32), axis=1), axis=0) > 0:
-            best = _merge_lanes(best, lane_first, BLOCK_Q, BLOCK_G, K_PAD)
-            best = _merge_lanes(best, lane_second, BLOCK_Q, BLOCK_G, K_PAD)
+            best = _merge_queues(best, lane_first, lane_second, BLOCK_Q, BLOCK_G, K_PAD)
             threshold = _kth(best, slots, K)
             lane_first = no_candidates
             lane_second = no_candidates
@@ -203,8 +209,7 @@ def _knn_kernel(
         lane_first = tl.minimum(lane_first, candidate)
         lane_second = tl.minimum(lane_second, carried)
 
-    best = _merge_lanes(best, lane_first, BLOCK_Q, BLOCK_G, K_PAD)
-    best = _merge_lanes(best, lane_second, BLOCK_Q, BLOCK_G, K_PAD)
+    best = _merge_queues(best, lane_first, lane_second, BLOCK_Q, BLOCK_G, K_PAD)
     best_d, best_i = _unpack(best)
     out_offsets = split.to(tl.int64) * stride_os + rows.to(tl.int64)[:, None] * stride_oq + slots[None, :]
     out_mask = row_ok[:, None] & (slots < K)[None, :]
