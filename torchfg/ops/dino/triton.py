@@ -82,6 +82,14 @@ def _online_logsumexp(x, k_ok, row_max, row_sum):
 
 
 @triton.jit
+def _store_student_stats(s_max_ptr, s_sum_ptr, split, n_crops, B, b, crops, crops_ok, row_max, row_sum):
+    """One crop block's per-(split, crop, sample) running max and sum into the (splits, crops, B) workspace."""
+    stat = (split.to(tl.int64) * n_crops + crops) * B + b
+    tl.store(s_max_ptr + stat, row_max, mask=crops_ok)
+    tl.store(s_sum_ptr + stat, row_sum, mask=crops_ok)
+
+
+@triton.jit
 def _dino_forward_kernel(
     student_ptr, teacher_ptr, center_ptr, scalars_ptr,
     s_max_ptr, s_sum_ptr, t_max_ptr, t_sum_ptr, t_dot_ptr,
@@ -163,21 +171,13 @@ def _dino_forward_kernel(
         t_dot = t_dot * rescale + tl.sum(e * paired, axis=1)
         t_max = t_new_max
 
-    stat = (split.to(tl.int64) * n_crops + g) * B + b
-    tl.store(s_max_ptr + stat, g_max, mask=g_ok)
-    tl.store(s_sum_ptr + stat, g_sum, mask=g_ok)
+    _store_student_stats(s_max_ptr, s_sum_ptr, split, n_crops, B, b, g, g_ok, g_max, g_sum)
     if BLOCK_L1 > 0:
-        stat = (split.to(tl.int64) * n_crops + l1) * B + b
-        tl.store(s_max_ptr + stat, l1_max, mask=l1_ok)
-        tl.store(s_sum_ptr + stat, l1_sum, mask=l1_ok)
+        _store_student_stats(s_max_ptr, s_sum_ptr, split, n_crops, B, b, l1, l1_ok, l1_max, l1_sum)
     if BLOCK_L2 > 0:
-        stat = (split.to(tl.int64) * n_crops + l2) * B + b
-        tl.store(s_max_ptr + stat, l2_max, mask=l2_ok)
-        tl.store(s_sum_ptr + stat, l2_sum, mask=l2_ok)
+        _store_student_stats(s_max_ptr, s_sum_ptr, split, n_crops, B, b, l2, l2_ok, l2_max, l2_sum)
     if BLOCK_L3 > 0:
-        stat = (split.to(tl.int64) * n_crops + l3) * B + b
-        tl.store(s_max_ptr + stat, l3_max, mask=l3_ok)
-        tl.store(s_sum_ptr + stat, l3_sum, mask=l3_ok)
+        _store_student_stats(s_max_ptr, s_sum_ptr, split, n_crops, B, b, l3, l3_ok, l3_max, l3_sum)
     stat = (split.to(tl.int64) * n_global + g) * B + b
     tl.store(t_max_ptr + stat, t_max, mask=g_ok)
     tl.store(t_sum_ptr + stat, t_sum, mask=g_ok)
