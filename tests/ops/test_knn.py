@@ -160,6 +160,42 @@ def test_symmetric_path_tiles(monkeypatch):
     assert len(calls) == 2 * 3 * 3
 
 
+@pytest.mark.parametrize("k", [7, 40])
+def test_default_cpu_tiles_cover_a_partial_last_tile(monkeypatch, k):
+    """With no chunk_size a CPU self-search of 2 * tile + 37 rows takes the symmetric path at the
+    default tile side (1024 for small k, 2048 for large k): exact on integer data with ties."""
+    tile = ref_module.default_tile_size(torch.device("cpu"), k)
+    tiles_seen = []
+    real_symmetric = ref_module._knn_symmetric
+    monkeypatch.setattr(ref_module, "_knn_symmetric", lambda *a: tiles_seen.append(a[4]) or real_symmetric(*a))
+    x = integer_data(torch.Generator().manual_seed(k), 2 * tile + 37, 3, -2, 3)
+    d, i = knn(x, k=k, metric="sqeuclidean", exclude_self=True, backend="torch")
+    ref_d, ref_i, _ = brute_force_knn(x, None, k, "sqeuclidean", True)
+    assert tiles_seen == [tile]
+    assert torch.equal(i, ref_i)
+    torch.testing.assert_close(d.double(), ref_d, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("metric", METRICS)
+def test_exact_recomputation_over_many_blocks(monkeypatch, metric, dtype):
+    """The recomputation of the selected distances in cache-sized blocks (here 3-4 rows per block,
+    with a partial last block) equals the brute force for every metric, input dtype and a zero row."""
+    import torchfg.ops.knn as knn_module
+
+    gen = torch.Generator().manual_seed(5)
+    query = torch.randn(23, 9, generator=gen).to(dtype)
+    gallery = torch.randn(31, 9, generator=gen).to(dtype)
+    query[4] = 0.0
+    gallery[7] = 0.0
+    k = 5
+    monkeypatch.setattr(knn_module, "_RECOMPUTE_BLOCK_CPU", 3 * k * 9 + 7)
+    d, i = knn(query, gallery, k, metric=metric, backend="torch")
+    assert_knn_matches(d, i, query, gallery, k, metric, tol=TOL[dtype])
+    full = brute_force_matrix(query, gallery, metric)
+    torch.testing.assert_close(d.double(), full.gather(1, i).to(dtype).double(), atol=TOL[dtype], rtol=0)
+
+
 def test_self_search_puts_each_row_first_at_distance_zero():
     x = torch.randn(45, 6)
     x[3] = 0.0  # cosine: a zero row is at distance 1 from everything, itself included
