@@ -197,6 +197,9 @@ def test_launches_are_counted_per_step():
     # cdist (its kernels) + topk: at least two launches, and the same count in the CSV row.
     assert result.launches is not None and result.launches >= 2
     assert result.csv_row()["launches"] == result.launches
+    # The profiled step's tensors: at least the 24 x 24 fp32 cdist matrix was alive at once.
+    assert result.tensor_peak_bytes is not None and result.tensor_peak_bytes >= 24 * 24 * 4
+    assert float(result.csv_row()["tensor_peak_mib"]) == pytest.approx(result.tensor_peak_bytes / 2**20, abs=0.01)
 
 
 def test_isolated_limits_become_error_rows():

@@ -176,6 +176,40 @@ def test_default_cpu_tiles_cover_a_partial_last_tile(monkeypatch, k):
     torch.testing.assert_close(d.double(), ref_d, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("finish_kind", ["sqrt", "aux_sqrt", "plus_one", "identity"])
+def test_smallest_k_where_the_finish_merges_keys_at_the_cut(finish_kind, dtype):
+    """Raw keys a few ulps apart, which the finish (sqrt, + |q|^2 with a large |q|^2, + 1) maps to
+    equal distances: the k selected are the k smallest (distance, column) pairs of the finished
+    block, as an explicit full sort finds them."""
+    gen = torch.Generator().manual_seed(hash(finish_kind) % 2**16)
+    rows, width = 37, 211
+    aux = (torch.rand(rows, generator=gen, dtype=torch.float64) * 1e6).to(dtype)
+    finishes = {
+        "sqrt": lambda raw, r: raw.clamp_min(0.0).sqrt(),
+        "aux_sqrt": lambda raw, r: (raw + aux[r].unsqueeze(1)).clamp_min(0.0).sqrt(),
+        "plus_one": lambda raw, r: raw + 1.0,
+        "identity": lambda raw, r: raw,
+    }
+    finish = finishes[finish_kind]
+    base = {"sqrt": 1024.0, "aux_sqrt": 1.0, "plus_one": -0.5, "identity": 3.0}[finish_kind]
+    for trial in range(4):
+        # A few base values, each spread over 0-40 ulps: long runs of keys that merge when finished.
+        levels = base * (1 + torch.rand(rows, 6, generator=gen, dtype=torch.float64)).to(dtype)
+        block = levels.gather(1, torch.randint(0, 6, (rows, width), generator=gen))
+        ulps = torch.randint(0, 40, (rows, width), generator=gen)
+        for _ in range(int(ulps.max())):
+            block = torch.where(ulps > 0, torch.nextafter(block, torch.full_like(block, float("inf"))), block)
+            ulps = ulps - 1
+        for k in (1, 7, 50, width - 1):
+            distances, columns = ref_module.smallest_k(block, k, finish)
+            full = finish(block, torch.arange(rows))
+            by_column = torch.arange(width).expand(rows, width)
+            expected_d, expected_c = ref_module.sort_by_distance_then_index(full, by_column)
+            assert torch.equal(columns, expected_c[:, :k]), (finish_kind, trial, k)
+            assert torch.equal(distances, expected_d[:, :k]), (finish_kind, trial, k)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("metric", METRICS)
 def test_exact_recomputation_over_many_blocks(monkeypatch, metric, dtype):

@@ -112,7 +112,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--param", type=_param, action="append", default=[], metavar="NAME=VALUE",
                         help="an op parameter, e.g. k=100 (knn), n_crops=6 (dino), batch=4096 (xbm); repeatable")
     parser.add_argument("--launches", action="store_true",
-                        help="also count each case's kernel launches per step (one extra profiled step)")
+                        help="also count each case's kernel launches per step and the peak bytes of its tensors "
+                             "alive at once (one extra profiled step)")
     parser.add_argument("--case-timeout", type=_positive_float, default=None, metavar="SECONDS",
                         help="with --isolate: a measurement not done after this long is recorded as timed out")
     parser.add_argument("--memory-limit-gib", type=_positive_float, default=None, metavar="GIB",

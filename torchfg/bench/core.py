@@ -217,6 +217,7 @@ class Result:
     env: dict[str, str] = field(default_factory=dict)
     params: str = ""
     launches: int | None = None
+    tensor_peak_bytes: int | None = None
     size: int = 0
 
     @property
@@ -263,6 +264,7 @@ class Result:
             "peak_extra_mib": "" if m is None else f"{m.peak_extra_bytes / 2**20:.2f}",
             "memory_method": "" if m is None else m.memory_method,
             "launches": "" if self.launches is None else self.launches,
+            "tensor_peak_mib": "" if self.tensor_peak_bytes is None else f"{self.tensor_peak_bytes / 2**20:.2f}",
             "isolated": int(self.isolated),
         }
 
@@ -350,11 +352,13 @@ def _warm_libraries(op: OpBench, case: Case, problem: Problem) -> None:
 
 @dataclass
 class CaseRun:
-    """What :func:`measure_case_and_floor` returns: the case's timing, its floor and its launch count."""
+    """What :func:`measure_case_and_floor` returns: the case's timing, its floor, and from the
+    profiled step (``launches``) its launch count and the peak bytes of its tensors alive at once."""
 
     measurement: Measurement
     floor_ms: float | None = None
     launches: int | None = None
+    tensor_peak_bytes: int | None = None
 
 
 def measure_case(
@@ -370,7 +374,9 @@ def measure_case(
     """Set up ``case`` on ``problem`` and time it (after warming its libraries on a tiny problem).
 
     With ``launches`` (and a ``countable`` case) one more step runs under
-    :func:`torchfg.bench.profile.profile_step` after the timed ones, to count its kernel launches.
+    :func:`torchfg.bench.profile.profile_step` after the timed ones, to count its kernel launches
+    and the peak bytes of its tensors alive at once: on a CPU the one exact memory figure (the
+    peak-RSS growth also holds the C allocator's retained pages and the libraries' buffers).
     """
     _warm_libraries(op, case, problem)
     fn = case.setup(problem)
@@ -379,7 +385,8 @@ def measure_case(
         if launches and case.countable:
             from torchfg.bench.profile import profile_step
 
-            run.launches = profile_step(fn).launches
+            profile = profile_step(fn)
+            run.launches, run.tensor_peak_bytes = profile.launches, profile.peak_live_bytes
         return run
     finally:
         del fn
@@ -495,7 +502,9 @@ def _measure_isolated(
                                    or "out of memory" in error.lower()):
             raise MemoryError(f"over the memory limit of {memory_limit_bytes / 2**30:g} GiB: {error}")
         raise RuntimeError(error)
-    return CaseRun(Measurement(**reply["measurement"]), reply.get("floor_ms"), reply.get("launches"))
+    return CaseRun(
+        Measurement(**reply["measurement"]), reply.get("floor_ms"), reply.get("launches"), reply.get("tensor_peak_bytes")
+    )
 
 
 def _gpu_or_unavailable_skip(case: Case, device: torch.device, dtype: torch.dtype) -> str | None:
@@ -699,7 +708,8 @@ def _run_one(
         if problem.device.type == "cuda":
             torch.cuda.empty_cache()
         return result
-    result.measurement, result.floor_ms, result.launches = outcome.measurement, outcome.floor_ms, outcome.launches
+    result.measurement, result.floor_ms = outcome.measurement, outcome.floor_ms
+    result.launches, result.tensor_peak_bytes = outcome.launches, outcome.tensor_peak_bytes
     result.flops = op.flops(problem)
     result.floor = op.floor_label(problem)
     return result

@@ -92,7 +92,8 @@ def rows_to_markdown(rows: Iterable[Mapping[str, str]]) -> str:
     Measured rows (status ``ok``) fill the table; a failed one (out of memory, over its time
     limit) is a row with its status in place of the numbers, so a baseline that could not run at
     a size says so. Rows that are not in ``torchfg bench``'s format (another script's CSV) go
-    through :func:`generic_markdown` instead. A ``launches`` column appears when rows carry one.
+    through :func:`generic_markdown` instead. ``launches`` and ``tensor peak MiB`` columns appear
+    when rows carry them.
     """
     rows = list(rows)
     if rows and not {"case", "n", "median_ms"} <= set(rows[0]):
@@ -123,14 +124,15 @@ def rows_to_markdown(rows: Iterable[Mapping[str, str]]) -> str:
             parts.append("")
             parts.append("Note: " + "; ".join(notes))
         launches = any(r.get("launches") for r in group)
+        tensor_peak = any(r.get("tensor_peak_mib") for r in group)
         # Rows of N against M candidates (cross-batch memory: a batch against a memory) show M too.
         with_m = any(r.get("m") not in (None, "", r.get("n")) for r in group)
         header, rule = HEADER, RULE
         if with_m:
             header, rule = header.replace("| N |", "| N | M |", 1), rule.replace("|---:|", "|---:|---:|", 1)
         parts.append("")
-        parts.append(header + (" launches / step |" if launches else ""))
-        parts.append(rule + ("---:|" if launches else ""))
+        parts.append(header + (" launches / step |" if launches else "") + (" tensor peak MiB |" if tensor_peak else ""))
+        parts.append(rule + ("---:|" if launches else "") + ("---:|" if tensor_peak else ""))
         for r in group:
             status = r.get("status", "ok")
             sizes = [r.get("n", "")] + ([r.get("m", "")] if with_m else []) + [r.get("d", "")]
@@ -143,6 +145,8 @@ def rows_to_markdown(rows: Iterable[Mapping[str, str]]) -> str:
                          _short(r.get("peak_extra_mib")) or "-"]
             if launches:
                 cells.append(r.get("launches") or "-")
+            if tensor_peak:
+                cells.append(_short(r.get("tensor_peak_mib")) or "-")
             parts.append("| " + " | ".join(cells) + " |")
         parts.append("")
     return "\n".join(parts).rstrip("\n")

@@ -2,7 +2,7 @@
 
 Used by ``torchfg bench --isolate``: the peak resident set size of a CPU process only says
 something about one measurement when nothing else ran in that process before it. Prints one JSON
-line, ``{"measurement": {...}, "floor_ms": ..., "launches": ...}`` or ``{"error": "..."}``.
+line, ``{"measurement": {...}, "floor_ms": ..., "launches": ..., "tensor_peak_bytes": ...}`` or ``{"error": "..."}``.
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}))
         return 0
     print(json.dumps({"measurement": measurement_to_json(run.measurement), "floor_ms": run.floor_ms,
-                      "launches": run.launches, "shape": [problem.n, problem.m, problem.d]}))
+                      "launches": run.launches, "tensor_peak_bytes": run.tensor_peak_bytes,
+                      "shape": [problem.n, problem.m, problem.d]}))
     return 0
 
 

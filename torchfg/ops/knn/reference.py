@@ -104,18 +104,71 @@ def smallest_k(block: torch.Tensor, k: int, finish: Finish) -> tuple[torch.Tenso
     tied_cut = torch.nonzero(distances[:, k] == distances[:, k - 1]).flatten()
     distances, columns = order_ties_by_index(distances[:, :k], columns[:, :k])
     if tied_cut.numel():
-        # Keep every entry below the cut value and the lowest-indexed entries equal to it.
-        sub = finish(block.index_select(0, tied_cut), tied_cut)
-        cut = distances.index_select(0, tied_cut)[:, k - 1 : k]
-        below = sub < cut
-        equal = sub == cut
-        need = k - below.sum(1, keepdim=True)
-        keep = below | (equal & (equal.cumsum(1) <= need))
-        kept_columns = keep.nonzero()[:, 1].view(-1, k)
-        fixed_d, fixed_c = sort_by_distance_then_index(sub.gather(1, kept_columns), kept_columns)
+        # Keep every entry below the cut value and the lowest-indexed entries equal to it. Only
+        # the raw keys that can finish at or below the cut are finished: a monotone finish maps
+        # exactly the prefix (-inf, bound] there, and finishing whole rows cost 12% of a search.
+        sub = block.index_select(0, tied_cut)
+        cut = distances.index_select(0, tied_cut)[:, k - 1]
+        bound = _largest_raw_at_most(finish, tied_cut, raw.index_select(0, tied_cut)[:, k - 1], cut)
+        sub_rows, sub_columns = (sub <= bound.unsqueeze(1)).nonzero().unbind(1)
+        values = finish(sub[sub_rows, sub_columns].unsqueeze(1), tied_cut[sub_rows]).squeeze(1)
+        # Order by (row, distance, column): nonzero lists columns in increasing order per row,
+        # and the two stable sorts keep that order among equal keys.
+        order = torch.sort(values, stable=True).indices
+        order = order[torch.sort(sub_rows[order], stable=True).indices]
+        sub_rows, values, sub_columns = sub_rows[order], values[order], sub_columns[order]
+        # Every tied row has at least k entries inside the bound (its k selected ones).
+        counts = torch.bincount(sub_rows, minlength=tied_cut.numel())
+        first = torch.cumsum(counts, 0) - counts
+        taken = (first.unsqueeze(1) + torch.arange(k, device=block.device)).flatten()
+        fixed_d = values[taken].view(-1, k)
+        fixed_c = sub_columns[taken].view(-1, k)
         distances = distances.index_copy(0, tied_cut, fixed_d)
         columns = columns.index_copy(0, tied_cut, fixed_c)
     return distances, columns
+
+
+def _ordered_bits(x: torch.Tensor) -> torch.Tensor:
+    """Integers in the order of the floats ``x`` (fp32 or fp64), one apart for adjacent floats."""
+    bits = x.view(torch.int32 if x.dtype == torch.float32 else torch.int64).to(torch.int64)
+    magnitude = bits & (0x7FFFFFFF if x.dtype == torch.float32 else 0x7FFFFFFFFFFFFFFF)
+    return torch.where(bits >= 0, bits, -magnitude)
+
+
+def _float_of_ordered(ordered: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of :func:`_ordered_bits`."""
+    # Negative floats: the sign bit plus the magnitude, as a (negative) two's-complement integer.
+    if dtype == torch.float32:
+        bits = torch.where(ordered >= 0, ordered, -ordered + torch.iinfo(torch.int32).min).to(torch.int32)
+        return bits.view(torch.float32)
+    return torch.where(ordered >= 0, ordered, -ordered + torch.iinfo(torch.int64).min).view(torch.float64)
+
+
+def _largest_raw_at_most(finish: Finish, rows: torch.Tensor, start: torch.Tensor, cut: torch.Tensor) -> torch.Tensor:
+    """Per row, the largest raw key whose finished distance is <= ``cut``, given that ``start``
+    finishes to ``cut``: a galloping then bisecting search over adjacent floats (a few steps,
+    since a finish merges only nearby keys)."""
+    dtype = start.dtype
+    limit = _ordered_bits(torch.tensor([float("inf")], dtype=dtype, device=start.device))
+
+    def at_most_cut(ordered: torch.Tensor) -> torch.Tensor:
+        return finish(_float_of_ordered(ordered, dtype).unsqueeze(1), rows).squeeze(1) <= cut
+
+    low = _ordered_bits(start)
+    step = torch.ones_like(low)
+    high = torch.minimum(low + step, limit)
+    while True:
+        still = at_most_cut(high) & (high < limit)
+        if not bool(still.any()):
+            break
+        low = torch.where(still, high, low)
+        step = torch.where(still, step * 2, step)
+        high = torch.where(still, torch.minimum(low + step, limit), high)
+    while bool((high - low > 1).any()):
+        middle = low + (high - low) // 2
+        below = at_most_cut(middle)
+        low, high = torch.where(below, middle, low), torch.where(below, high, middle)
+    return _float_of_ordered(low, dtype)
 
 
 def prepare_rows(x: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -238,10 +291,12 @@ def _symmetric_keys(x: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.T
     right = torch.empty(n, width + 2, dtype=acc, device=x.device)
     left[:, :width] = x
     rows = left[:, :width]
-    torch.linalg.vecdot(rows, rows, out=left[:, width + 1])
+    # Squared norms as a batch of row dot products: one pass (a square-then-sum is two).
+    squared_norms = torch.bmm(rows.unsqueeze(1), rows.unsqueeze(2)).view(n)
     left[:, width] = 1.0
+    left[:, width + 1] = squared_norms
     torch.mul(rows, -2.0, out=right[:, :width])
-    right[:, width] = left[:, width + 1]
+    right[:, width] = squared_norms
     right[:, width + 1] = 1.0
     squared = metric == "sqeuclidean"
 
