@@ -178,9 +178,12 @@ class _Recorder:
             recorder.record(fn, args, kwargs)
 
         def autotune_run(tuner, *args, **kwargs):
-            # Every config in the list may win on some GPU and shape: compile them all. The
-            # launcher may read the winner afterwards; it sees the last one.
-            for config in tuner.configs:
+            # Every config that survives the launcher's own pruning may win on some GPU and
+            # shape: compile them all. The launcher may read the winner afterwards; it sees the
+            # last one.
+            tuner.nargs = dict(zip(tuner.arg_names, args))
+            configs = tuner.prune_configs(kwargs) if tuner.early_config_prune else tuner.configs
+            for config in configs:
                 tuner.fn.run(*args, **{**kwargs, **config.all_kwargs()})
                 tuner.best_config = config
 

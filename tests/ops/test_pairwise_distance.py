@@ -406,3 +406,27 @@ def test_every_gpu_config_matches_reference(direction, monkeypatch):
                 scale = m if dtype != torch.bfloat16 else 8 * m
                 torch.testing.assert_close(gx.double(), gx_ref, atol=atol * scale, rtol=rtol * 4, msg=f"{config} {metric}")
                 torch.testing.assert_close(gy.double(), gy_ref, atol=atol * scale, rtol=rtol * 4, msg=f"{config} {metric}")
+
+
+@requires_triton
+def test_autotune_prune_drops_the_configs_that_spill_at_a_ragged_d():
+    """At D = 100 (not a multiple of BLOCK_D) the autotuner only times the configs that compiled
+    without spills on sm_90 (benchmarks/results/sm90_compile_*.csv); at D = 512 it times them all."""
+    import triton
+
+    import torchfg.ops.pairwise.triton as tri
+
+    for direction, table in (("forward", tri.FORWARD_CONFIGS), ("backward", tri.BACKWARD_CONFIGS)):
+        prune = tri.prune_for_ragged_d(direction)
+        configs = [
+            triton.Config(tri._tile_meta(c, direction), num_warps=c.num_warps, num_stages=c.num_stages)
+            for c in table["16bit"]
+        ]
+        assert prune(configs, {"D": 512}) == configs
+        kept = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_D"], c.num_warps) for c in prune(configs, {"D": 100})}
+        if direction == "forward":
+            assert kept == {(64, 64, 64, 4)}
+        else:
+            assert (128, 32, 128, 8) not in kept and (64, 64, 64, 4) in kept and len(kept) == 3
+        # Never empty: a D that no config divides keeps at least the smallest accumulator.
+        assert prune(configs[:1], {"D": 100})

@@ -252,6 +252,31 @@ def _tile_meta(config: PairwiseConfig, direction: str) -> dict[str, int]:
     return meta
 
 
+# Accumulator elements per warp above which a config spills on sm_90 when D is not a multiple of
+# BLOCK_D (the masked D loop keeps its masks live across the pipeline stages): at D = 100, bf16,
+# the forward's 128 x 128 (8 warps), 128 x 64 and 64 x 128 (4 warps) tiles and the backward's
+# 128 x 128 accumulator (8 warps) spilled 90-860 bytes (ptxas -v, triton 3.6 and 3.9); tiles at
+# 1024 elements per warp or fewer did not spill beyond 8 bytes.
+RAGGED_D_MAX_ACC_PER_WARP = 1024
+
+
+def prune_for_ragged_d(direction: str):
+    """The autotuner's early prune: for a D that is not a multiple of a config's BLOCK_D, only
+    configs whose accumulator fits :data:`RAGGED_D_MAX_ACC_PER_WARP` per warp (at least one kept)."""
+
+    def prune(configs: list, named_args: dict, **kwargs) -> list:
+        d = named_args["D"]
+
+        def acc_per_warp(config) -> int:
+            other = config.kwargs["BLOCK_N"] if direction == "forward" else config.kwargs["BLOCK_D"]
+            return config.kwargs["BLOCK_M"] * other // config.num_warps
+
+        kept = [c for c in configs if d % c.kwargs["BLOCK_D"] == 0 or acc_per_warp(c) <= RAGGED_D_MAX_ACC_PER_WARP]
+        return kept or [min(configs, key=acc_per_warp)]
+
+    return prune
+
+
 def _launcher(kernel, direction: str, dtype: torch.dtype, config: PairwiseConfig | None):
     """(kernel to index with a grid, its launch kwargs): a pinned config (explicit or the
     interpreter's) passes tiles, warps and stages; the autotuner supplies them itself."""
@@ -266,7 +291,10 @@ def _launcher(kernel, direction: str, dtype: torch.dtype, config: PairwiseConfig
             triton.Config(_tile_meta(c, direction), num_warps=c.num_warps, num_stages=c.num_stages)
             for c in table[key[1]]
         ]
-        _autotuned[key] = triton.autotune(configs=configs, key=["N_BUCKET", "M_BUCKET", "D"])(kernel)
+        _autotuned[key] = triton.autotune(
+            configs=configs, key=["N_BUCKET", "M_BUCKET", "D"],
+            prune_configs_by={"early_config_prune": prune_for_ragged_d(direction)},
+        )(kernel)
     return _autotuned[key], {}
 
 

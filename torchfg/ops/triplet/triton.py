@@ -78,13 +78,16 @@ class TileConfig:
             other's MMA loop.
 
     On a GPU every block size must be a power of two >= 16 (``tl.dot``'s minimum); the
-    interpreter accepts any power of two.
+    interpreter accepts any power of two. The defaults (for an explicit config; the launcher
+    picks from ``GPU_CONFIGS`` otherwise) are a 64 x 64 tile on 8 warps: with text the former
+    128 x 128 default spilled 0.4-2.4 KB on sm_90 (ptxas -v, triton 3.6 and 3.9), this one 0-16
+    bytes; a column-major input with a text threshold still spills (~0.6 KB) with either.
     """
 
-    block_m: int = 128
-    block_n: int = 128
+    block_m: int = 64
+    block_n: int = 64
     block_d: int = 64
-    block_t: int = 64
+    block_t: int = 32
     num_warps: int = 8
     num_stages: int = 3
     candidates_per_split: int | None = None
