@@ -163,8 +163,8 @@ def test_symmetric_path_tiles(monkeypatch):
 @pytest.mark.parametrize("k", [7, 40])
 def test_default_cpu_tiles_cover_a_partial_last_tile(monkeypatch, k):
     """With no chunk_size a CPU self-search of 2 * tile + 37 rows takes the symmetric path at the
-    default tile side (1024 for small k, 2048 for large k): exact on integer data with ties."""
-    tile = ref_module.default_tile_size(torch.device("cpu"), k)
+    default tile side: exact on integer data with ties, for a small and a large k."""
+    tile = ref_module.default_tile_size(torch.device("cpu"))
     tiles_seen = []
     real_symmetric = ref_module._knn_symmetric
     monkeypatch.setattr(ref_module, "_knn_symmetric", lambda *a: tiles_seen.append(a[4]) or real_symmetric(*a))
@@ -176,12 +176,14 @@ def test_default_cpu_tiles_cover_a_partial_last_tile(monkeypatch, k):
     torch.testing.assert_close(d.double(), ref_d, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("transposed", [False, True], ids=["rows", "transposed_view"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("finish_kind", ["sqrt", "aux_sqrt", "plus_one", "identity"])
-def test_smallest_k_where_the_finish_merges_keys_at_the_cut(finish_kind, dtype):
+def test_smallest_k_where_the_finish_merges_keys_at_the_cut(finish_kind, dtype, transposed):
     """Raw keys a few ulps apart, which the finish (sqrt, + |q|^2 with a large |q|^2, + 1) maps to
     equal distances: the k selected are the k smallest (distance, column) pairs of the finished
-    block, as an explicit full sort finds them."""
+    block, as an explicit full sort finds them. Also for a block that is a transposed view (the
+    symmetric search's second selection reads its tile that way)."""
     gen = torch.Generator().manual_seed(hash(finish_kind) % 2**16)
     rows, width = 37, 211
     aux = (torch.rand(rows, generator=gen, dtype=torch.float64) * 1e6).to(dtype)
@@ -201,6 +203,8 @@ def test_smallest_k_where_the_finish_merges_keys_at_the_cut(finish_kind, dtype):
         for _ in range(int(ulps.max())):
             block = torch.where(ulps > 0, torch.nextafter(block, torch.full_like(block, float("inf"))), block)
             ulps = ulps - 1
+        if transposed:
+            block = block.t().contiguous().t()
         for k in (1, 7, 50, width - 1):
             distances, columns = ref_module.smallest_k(block, k, finish)
             full = finish(block, torch.arange(rows))
@@ -208,6 +212,28 @@ def test_smallest_k_where_the_finish_merges_keys_at_the_cut(finish_kind, dtype):
             expected_d, expected_c = ref_module.sort_by_distance_then_index(full, by_column)
             assert torch.equal(columns, expected_c[:, :k]), (finish_kind, trial, k)
             assert torch.equal(distances, expected_d[:, :k]), (finish_kind, trial, k)
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["rows", "transposed_view"])
+def test_smallest_raw_matches_topk_where_it_discards_groups(transposed):
+    """The grouped selection (group minima, then the candidates of the best groups) returns the
+    values torch.topk returns, and columns that hold them, on odd widths (a partial last group)
+    and with many ties; the widths cover every group size and the plain-topk fallback."""
+    gen = torch.Generator().manual_seed(5)
+    seen_sizes = set()
+    for rows, width, count in [(9, 4099, 2), (33, 1031, 11), (17, 1000, 5), (5, 333, 2), (7, 200, 6), (12, 96, 7), (3, 64, 4)]:
+        seen_sizes.add(ref_module._group_size(width, count))
+        for levels in (3, 1000):
+            block = torch.randint(0, levels, (rows, width), generator=gen).float()
+            if transposed:
+                block = block.t().contiguous().t()
+            values, columns = ref_module.smallest_raw(block, count)
+            expected = torch.topk(block, count, dim=1, largest=False, sorted=True).values
+            assert torch.equal(values, expected), (rows, width, count, levels)
+            assert torch.equal(block.gather(1, columns), values)
+            # Distinct columns per row.
+            assert bool((columns.sort(1).values.diff(1) > 0).all())
+    assert seen_sizes == {1, 2, 4, 8, 16}, seen_sizes
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
