@@ -191,6 +191,22 @@ def test_isolated_run_rebuilds_a_problem_whose_n_is_not_its_size():
     assert "\n     40 torchfg[torch]" in format_table([result])
 
 
+def test_a_case_with_its_own_thread_pool_runs_in_its_own_process(monkeypatch):
+    """faiss brings a second OpenMP runtime: on a CPU it is measured in a fresh process even when the
+    run is not isolated, and the other cases of that run stay in-process."""
+    pytest.importorskip("faiss")
+    import torchfg.bench.core as core
+
+    isolated_cases = []
+    real = core._measure_isolated
+    monkeypatch.setattr(core, "_measure_isolated", lambda op, case, *a, **kw: isolated_cases.append(case.name) or real(op, case, *a, **kw))
+    results = run_benchmarks(["knn"], sizes=[24], dim=8, device="cpu", repeat=1, warmup=0, params={"k": 3},
+                             cases=["torchfg[torch]", "faiss.IndexFlat"], isolate=False)
+    assert [r.status for r in results] == ["ok", "ok"]
+    assert isolated_cases == ["faiss.IndexFlat"]
+    assert [r.csv_row()["isolated"] for r in results] == [0, 1]
+
+
 def test_launches_are_counted_per_step():
     (result,) = run_benchmarks(["knn"], sizes=[24], dim=8, device="cpu", repeat=1, warmup=0, params={"k": 3},
                                cases=["torch.cdist+topk"], launches=True)

@@ -142,6 +142,10 @@ class Case:
             can count its launches (False for faiss, whose work is invisible to PyTorch).
         supports: ``problem -> (ok, why not)``: whether the case computes this problem's
             parameters (e.g. a baseline with one metric only); checked before ``setup``.
+        own_thread_pool: on a CPU the case runs on an OpenMP runtime of its own (faiss-cpu
+            bundles a second libgomp): it is always measured in a fresh process, because two
+            runtimes in one process starve each other's threads (measured on 2 cores: faiss
+            and torchfg k-NN at N = 512 took 21 and 10 ms in one process, 2.5 and 3.6 ms apart).
     """
 
     name: str
@@ -151,6 +155,7 @@ class Case:
     gpu_kernel: bool = False
     countable: bool = True
     supports: Callable[[Problem], tuple[bool, str]] = lambda problem: (True, "")
+    own_thread_pool: bool = False
 
 
 @dataclass(frozen=True)
@@ -672,6 +677,7 @@ def _run_one(
     case_timeout: float | None = None,
     memory_limit_bytes: int | None = None,
 ) -> Result:
+    isolate = isolate or (case.own_thread_pool and problem.device.type == "cpu")
     result = Result(
         op=op.name,
         case=case.name,

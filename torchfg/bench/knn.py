@@ -129,7 +129,7 @@ def cases() -> list[Case]:
         Case("torchfg[triton]", _torchfg("triton"), available=triton_available, gpu_kernel=True),
         Case("torchfg[cuda]", _torchfg("cuda"), available=_cuda_extension_ok, gpu_kernel=True),
         Case("torch.cdist+topk", _cdist_topk, kind="baseline", supports=_euclidean_only),
-        Case("faiss.IndexFlat", _faiss, kind="baseline", available=_faiss_ok, countable=False),
+        Case("faiss.IndexFlat", _faiss, kind="baseline", available=_faiss_ok, countable=False, own_thread_pool=True),
     ]
 
 
