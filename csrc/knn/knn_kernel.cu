@@ -56,10 +56,11 @@ static_assert((kCand & (kCand - 1)) == 0, "bitonic sort needs a power of two");
 // The per-k configuration table. A k uses the first row whose max_k covers it; where the device
 // lacks the shared memory for that row, the next rows (smaller footprints) are tried. Footprints
 // on sm_90 (227 KB per block, 228 KB per SM, 1 KB reserved per block) with kCand = 128:
-//   row 0, BQ 32, 3 stages, k <= 128: 79 KB (k = 32) .. 103 KB (k = 128) -> 2 blocks/SM
-//   row 1, BQ 16, 3 stages, k <= 512: 60 KB (k = 129) .. 107 KB (k = 512) -> 2 blocks/SM
-//   row 2, BQ 16, 2 stages, k <= 1024: 159 KB .. 165 KB -> 1 block/SM
-// (the lists, 8 bytes per slot and query, dominate; csrc/knn_ptxas_report.py prints the table).
+//   row 0, BQ 32, 3 stages, k <= 128:   71 KB (k = 1)   .. 103 KB (k = 128)  -> 2-3 blocks/SM
+//   row 1, BQ 16, 3 stages, k <= 512:   59 KB (k = 129) .. 107 KB (k = 512)  -> 2 blocks/SM
+//   row 2, BQ 16, 2 stages, k <= 1024: 101 KB (k = 513) .. 165 KB (k = 1024) -> 1-2 blocks/SM
+// (the lists, 8 bytes per slot and query, dominate; csrc/knn_ptxas_report.py writes the table
+// with registers and blocks per SM to benchmarks/results/knn_cuda_ptxas_sm90.csv).
 struct ConfigRow {
     int block_q, stages, max_k, min_blocks;
 };
