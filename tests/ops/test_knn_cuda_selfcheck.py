@@ -157,3 +157,29 @@ def test_failed_self_check_takes_cuda_out_of_auto(monkeypatch):
     ok, why = _cuda_extension.backend_status(device)
     assert not ok and "self-check" in why and "wrong neighbours" in why
     assert resolve_backend("knn", device, torch.float16, "auto", k=200) == "torch"
+
+
+def _cuda_ready() -> bool:
+    return torch.cuda.is_available() and _cuda_extension.status()[0]
+
+
+@pytest.mark.skipif(not _cuda_ready(), reason="CUDA extension unavailable (needs a GPU and nvcc)")
+def test_real_kernel_passes_its_self_check():
+    device = torch.device("cuda", torch.cuda.current_device())
+    limit = knn_cuda_mod.max_k(device.index)
+    failures = knn_cuda_mod.run_self_check(device, limit)
+    assert failures == [], "\n".join(failures)
+
+
+@pytest.mark.skipif(not _cuda_ready(), reason="CUDA extension unavailable (needs a GPU and nvcc)")
+def test_real_kernel_config_table():
+    index = torch.cuda.current_device()
+    major, _ = torch.cuda.get_device_capability(index)
+    for dtype in knn_cuda_mod.SUPPORTED_DTYPES:
+        sizes = [knn_cuda_mod.smem_bytes(dtype, k) for k in range(1, knn_cuda_mod.KERNEL_MAX_K + 1)]
+        assert all(b >= a > 0 for a, b in zip(sizes, sizes[1:]))  # max_k's bisection relies on it
+        assert knn_cuda_mod.smem_bytes(dtype, knn_cuda_mod.KERNEL_MAX_K + 1) == -1
+        if major >= 9:  # 227 KB per block: the whole table fits, small k on 32-query blocks
+            assert knn_cuda_mod.max_k(index, dtype) == knn_cuda_mod.KERNEL_MAX_K
+            assert knn_cuda_mod.kernel_config(dtype, 10, index).block_q == 32
+            assert knn_cuda_mod.kernel_config(dtype, 1024, index).index == 2
