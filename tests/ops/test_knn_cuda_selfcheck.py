@@ -16,7 +16,7 @@ from torchfg.backends import resolve_backend
 from torchfg.ops import _cuda_extension
 from torchfg.ops.knn import cuda as knn_cuda_mod
 
-LIMIT_K = 300  # the battery's "device limit" k on the CPU (keeps the brute force quick)
+LIMIT_K = 600  # the battery's "device limit" k on the CPU (keeps the brute force quick)
 
 
 def _brute_distances(query, gallery, query_aux, gallery_aux, metric, symmetric, self_offset):
@@ -129,6 +129,18 @@ def test_self_check_catches_a_wrong_kernel(monkeypatch, mutation):
         knn_cuda_mod.self_check(torch.device("cpu"), LIMIT_K)
     with pytest.raises(_cuda_extension.KernelSelfCheckError):
         _cuda_extension.load()
+
+
+def test_cases_past_the_device_limit_are_skipped(monkeypatch):
+    correct = _fake_kernel()
+
+    def small_device(query, gallery, query_aux, gallery_aux, k, *args):
+        if k > 100:
+            raise RuntimeError("torchfg_cuda::knn: k needs more shared memory than this device offers")
+        return correct(query, gallery, query_aux, gallery_aux, k, *args)
+
+    monkeypatch.setattr(knn_cuda_mod, "_kernel_call", small_device)
+    assert knn_cuda_mod.run_self_check(torch.device("cpu"), 100) == []
 
 
 def test_battery_covers_the_contract():
