@@ -95,6 +95,19 @@ def _fresh_state(monkeypatch):
     monkeypatch.setattr(knn_cuda_mod, "_self_checked", set())
 
 
+def test_self_check_reaches_unaligned_rows(monkeypatch):
+    seen = []
+    correct = _fake_kernel()
+
+    def spy(query, gallery, *args):
+        seen.append(query.data_ptr() % 16 != 0 or (query.stride(0) * query.element_size()) % 16 != 0)
+        return correct(query, gallery, *args)
+
+    monkeypatch.setattr(knn_cuda_mod, "_kernel_call", spy)
+    assert knn_cuda_mod.run_self_check(torch.device("cpu"), LIMIT_K) == []
+    assert any(seen) and not all(seen)
+
+
 def test_self_check_passes_a_correct_kernel(monkeypatch):
     monkeypatch.setattr(knn_cuda_mod, "_kernel_call", _fake_kernel())
     assert knn_cuda_mod.run_self_check(torch.device("cpu"), LIMIT_K) == []
@@ -154,6 +167,12 @@ def test_battery_covers_the_contract():
     assert any(c.duplicates for c in cases) and any(c.zero_row for c in cases)
     assert any(c.split_size < 1000 and c.k > c.split_size for c in cases)  # unfilled split slots
     assert any(c.dim % 8 for c in cases) and any(c.num_query % 16 for c in cases)
+    assert {c.dtype for c in cases if c.unaligned} >= {torch.float16, torch.float32}
+    # every configuration row of the kernel (k <= 128, <= 512, <= 1024) sees every dtype
+    for lo, hi in ((1, 128), (129, 512), (513, 1024)):
+        assert {c.dtype for c in cases if lo <= c.k <= hi or (c.k <= 0 and hi == 1024)} == set(
+            knn_cuda_mod.SUPPORTED_DTYPES
+        ), (lo, hi)
 
 
 def test_failed_self_check_takes_cuda_out_of_auto(monkeypatch):

@@ -143,16 +143,22 @@ def _knn_fp32(
     symmetric: bool,
     self_offset: int,
     split_size: int,
+    align: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Kernel search with the splits merged: (Q, D), (G, D) -> (fp32 distances (Q, k), int64 indices (Q, k))."""
+    """Kernel search with the splits merged: (Q, D), (G, D) -> (fp32 distances (Q, k), int64 indices (Q, k)).
+
+    ``align=False`` hands the rows over as they are (unit column stride needed), so that the
+    self-check also reaches the kernel's element-wise staging of unaligned rows.
+    """
     num_query = query.shape[0]
     if metric == "dot":
         q_aux = g_aux = torch.empty(0, dtype=torch.float32, device=query.device)
     else:
         q_aux = row_statistics(query, metric)
         g_aux = q_aux if symmetric else row_statistics(gallery, metric)
-    query = _aligned_rows(query)
-    gallery = query if symmetric else _aligned_rows(gallery)
+    if align:
+        query = _aligned_rows(query)
+        gallery = query if symmetric else _aligned_rows(gallery)
     out_d, out_i = _kernel_call(query, gallery, q_aux, g_aux, k, metric_code(metric), symmetric, self_offset, split_size)
     splits = out_d.shape[0]
     if splits == 1:
@@ -219,6 +225,7 @@ class _Case(NamedTuple):
     split_size: int = 1 << 20  # one split unless smaller
     duplicates: bool = False  # gallery rows repeated: exact ties between distinct indices
     zero_row: bool = False
+    unaligned: bool = False  # rows passed as views starting 1 element into 16-byte-unaligned rows
 
 
 # Small integer entries make every product, sum and distance exact in fp32 (and the inputs exact
@@ -239,6 +246,11 @@ _CASES = (
     _Case(torch.float32, "sqeuclidean", 17, 130, 33, 128, self_offset=2),
     _Case(torch.float16, "sqeuclidean", 5, 0, 8, 0),
     _Case(torch.float32, "dot", 4, 0, 70, -1),
+    _Case(torch.float32, "sqeuclidean", 21, 400, 20, 257, split_size=192),
+    _Case(torch.float16, "euclidean", 300, 0, 24, 200, symmetric=True, self_offset=0),
+    _Case(torch.bfloat16, "dot", 7, 760, 24, 700),
+    _Case(torch.float16, "sqeuclidean", 37, 150, 21, 6, unaligned=True),
+    _Case(torch.float32, "cosine", 151, 0, 13, 140, symmetric=True, unaligned=True),
 )
 
 
@@ -256,6 +268,13 @@ def _case_inputs(case: _Case, k: int, device: torch.device, gen: torch.Generator
     if case.zero_row:
         query[3] = 0
     return query.to(device), gallery.to(device)
+
+
+def _unaligned_view(x: torch.Tensor) -> torch.Tensor:
+    """(R, D) -> the same values as a view one element into rows of D + 3 elements (unaligned)."""
+    wide = x.new_zeros(x.shape[0], x.shape[1] + 3)
+    wide[:, 1 : x.shape[1] + 1] = x
+    return wide[:, 1 : x.shape[1] + 1]
 
 
 def _compare(
@@ -351,8 +370,10 @@ def run_self_check(device: torch.device, limit_k: int) -> list[str]:
         try:
             want = knn_reference(query, gallery, k, case.metric, case.symmetric, case.self_offset)
             q, g = query.to(case.dtype), gallery.to(case.dtype)
+            if case.unaligned:
+                q, g = _unaligned_view(q), _unaligned_view(g)
             got = _knn_fp32(q, q if case.symmetric else g, k, case.metric, case.symmetric, case.self_offset,
-                            case.split_size)
+                            case.split_size, align=not case.unaligned)
             why = _compare(case, query, gallery, got, want)
             if why is None and case.split_size < gallery.shape[0] and not case.symmetric and case.self_offset < 0:
                 why = _check_splits(case, query, gallery, k)
