@@ -81,6 +81,8 @@ def _fake_kernel(mutation: str | None = None) -> Callable:
             out_d[:, :, 512:], out_i[:, :, 512:] = float("inf"), -1
         if mutation == "off_by_ulp":
             out_d = torch.nextafter(out_d, torch.tensor(float("inf")))
+        if mutation == "unaligned_rows_misread" and query.data_ptr() % 16:
+            out_i = torch.where(out_i >= 0, (out_i + 1) % num_gallery, out_i)
         if mutation == "crash" and k == 129:
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
         return out_d, out_i
@@ -124,6 +126,7 @@ MUTATIONS = [
     "unfilled_zero",
     "large_k_truncated",
     "off_by_ulp",
+    "unaligned_rows_misread",
     "crash",
 ]
 
