@@ -23,6 +23,7 @@
 
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "knn_kernel.h"
 
@@ -84,10 +85,18 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda(
     return {out_d, out_i};
 }
 
-// Shared memory a launch needs for this k (bytes, block of 16 queries), -1 if k is out of range;
-// lets Python tell which k the device supports.
-int64_t knn_smem_bytes(int64_t k) {
-    return torchfg_knn_smem_bytes(TORCHFG_KNN_FLOAT32, static_cast<int>(k), 16);
+// Smallest shared memory (bytes) any configuration needs for this dtype code and k, -1 if k is
+// out of range; non-decreasing in k, so Python finds the device's largest k by bisection.
+int64_t knn_smem_bytes(int64_t dtype, int64_t k) {
+    return torchfg_knn_smem_bytes(static_cast<int>(dtype), static_cast<int>(k));
+}
+
+// The configuration a launch uses for this dtype code and k on a device offering max_smem bytes
+// per block: [table index (-1: none fits), block_q, block_g, block_d, stages, candidates,
+// smem_bytes].
+std::vector<int64_t> knn_config(int64_t dtype, int64_t k, int64_t max_smem) {
+    const TorchfgKnnConfig c = torchfg_knn_config(static_cast<int>(dtype), static_cast<int>(k), static_cast<int>(max_smem));
+    return {c.index, c.block_q, c.block_g, c.block_d, c.stages, c.candidates, c.smem_bytes};
 }
 
 }  // namespace
@@ -95,7 +104,8 @@ int64_t knn_smem_bytes(int64_t k) {
 TORCH_LIBRARY(torchfg_cuda, m) {
     m.def("knn(Tensor query, Tensor gallery, Tensor query_aux, Tensor gallery_aux, int k, int metric, "
           "bool symmetric, int self_offset, int split_size) -> (Tensor, Tensor)");
-    m.def("knn_smem_bytes(int k) -> int", &knn_smem_bytes);
+    m.def("knn_smem_bytes(int dtype, int k) -> int", &knn_smem_bytes);
+    m.def("knn_config(int dtype, int k, int max_smem) -> int[]", &knn_config);
 }
 
 TORCH_LIBRARY_IMPL(torchfg_cuda, CUDA, m) {

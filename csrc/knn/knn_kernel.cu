@@ -1,20 +1,27 @@
-// Exact k-nearest-neighbour search: tiled distances (tensor cores for fp16/bf16) with a per-query
-// top-k list in shared memory, merged across gallery tiles.
+// Exact k-nearest-neighbour search: a pipelined tensor-core (fp16/bf16) or register-blocked FMA
+// (fp32) distance tile per block, a per-query running top-k list in shared memory, and block-wide
+// merges of the candidates each tile lets through.
 //
-// One block owns `block_q` (32 or 16) queries and one contiguous gallery range (a split). For
-// every 64-row gallery tile it
-//   1. computes the block_q x 64 tile of inner products: WMMA 16x16x16 fragments with fp32
-//      accumulators for fp16/bf16 (one fragment per warp), plain fp32 FMAs otherwise, over
-//      32-column slices of D staged in shared memory (zero-padded, so any D and any alignment
-//      works);
-//   2. finishes the metric per pair and lets every pair below the query's current k-th distance
-//      into a per-query candidate buffer (warp ballot, no atomics);
-//   3. when a buffer could overflow on the next tile, one warp merges it into the query's sorted
-//      list: bitonic sort of the buffer, then every element's final rank by binary search in
-//      the other sorted sequence, so the merge needs no second copy of the list.
-// Pairs are ordered by (distance, gallery index). Gallery tiles are visited in increasing index
-// order, so a new pair can only beat an equal listed distance if it is strictly smaller: the
-// strict "<" filter keeps ties on the lower index, and the merge sorts on the pair.
+// One block owns BQ queries (16 or 32, from the per-k table below) and one contiguous gallery
+// range (a split). For every 64-row gallery tile it
+//   1. computes the BQ x 64 tile of inner products over 64-byte column slices of D, staged in
+//      shared memory by 16-byte cp.async copies through a STAGES-deep ring (one __syncthreads per
+//      slice; the first slices of the next tile are requested before this tile's top-k work, so
+//      the copies overlap it). fp16/bf16: mma.sync m16n8k16 with fp32 accumulators, operands
+//      read with ldmatrix; fp32: each thread accumulates a (BQ/16) x 4 register block from 16-byte
+//      shared-memory vectors. Rows outside the matrix and columns past D are zero-filled by the
+//      copy itself, so any Q, G and D work;
+//   2. finishes the metric in the accumulator registers (row statistics, self exclusion, exact
+//      diagonal) and writes the fp32 distance tile to shared memory;
+//   3. each warp runs the queries it owns over the tile: a pair enters the query's candidate buffer
+//      when it is below the query's current k-th distance (warp ballot, no atomics);
+//   4. when some buffer could overflow on the next tile, all warps merge every buffer into its
+//      list together: a bitonic sort of the buffers, then each element's final rank by binary
+//      search in the other sorted sequence, lists moved in place from the back in block-wide
+//      rounds (an element only moves up, so a round reads before anything lands on it).
+// Pairs are ordered by (distance, gallery index). Tiles are visited in increasing index order, so
+// a new pair can only beat an equal listed distance if it is strictly smaller: the strict "<"
+// filter keeps ties on the lower index, and the merge sorts on the pair.
 //
 // No torch headers: this file compiles standalone with nvcc (see csrc/check_compile.sh).
 
@@ -27,22 +34,38 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <mma.h>
 
 namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kBlockG = 64;             // gallery rows per tile
-constexpr int kBlockD = 32;             // embedding columns per staged slice
-constexpr int kPitchHalf = kBlockD + 8; // smem row pitch (elements) of 16-bit operands: WMMA ldm % 8 == 0
-constexpr int kPitchFloat = kBlockD + 1;  // smem row pitch of fp32 operands: conflict-free column reads
-constexpr int kPitchTile = kBlockG + 4; // smem row pitch of the fp32 product tile: WMMA ldm % 4 == 0
-constexpr int kCand = 128;              // candidate buffer per query; power of two for the bitonic sort
+constexpr int kBlockG = 64;              // gallery rows per tile
+constexpr int kSliceBytes = 64;          // bytes of a row per pipeline stage (4 cp.async chunks)
+constexpr int kChunks = kSliceBytes / 16;
+// Row pitch of a staged slice: 80 bytes puts the 8 rows an ldmatrix (or a quarter warp's 16-byte
+// loads) touches on 8 distinct 16-byte bank groups, and keeps every chunk 16-byte aligned.
+constexpr int kPitchBytes = kSliceBytes + 16;
+constexpr int kPitchTile = kBlockG + 4;  // fp32 distance tile row pitch (floats)
+constexpr int kCand = 128;               // candidate buffer per query; power of two (bitonic sort)
+constexpr int kMergeItems = 4;           // list elements per thread per in-place merge round
 constexpr unsigned kFullMask = 0xffffffffu;
 
-static_assert(kCand >= 2 * kBlockG, "a merge must leave room for a whole tile");
-static_assert(kBlockG % 32 == 0 && kBlockD % 16 == 0, "tile sizes");
+static_assert(kCand >= 2 * kBlockG, "after a merge a buffer must take a whole tile");
+static_assert((kCand & (kCand - 1)) == 0, "bitonic sort needs a power of two");
+
+// The per-k configuration table. A k uses the first row whose max_k covers it; where the device
+// lacks the shared memory for that row, the next rows (smaller footprints) are tried. Footprints
+// on sm_90 (227 KB per block, 228 KB per SM, 1 KB reserved per block) with kCand = 128:
+//   row 0, BQ 32, 3 stages, k <= 128:   71 KB (k = 1)   .. 103 KB (k = 128)  -> 2-3 blocks/SM
+//   row 1, BQ 16, 3 stages, k <= 512:   59 KB (k = 129) .. 107 KB (k = 512)  -> 2 blocks/SM
+//   row 2, BQ 16, 2 stages, k <= 1024: 101 KB (k = 513) .. 165 KB (k = 1024) -> 1-2 blocks/SM
+// (the lists, 8 bytes per slot and query, dominate; csrc/knn_ptxas_report.py writes the table
+// with registers and blocks per SM to benchmarks/results/knn_cuda_ptxas_sm90.csv).
+struct ConfigRow {
+    int block_q, stages, max_k, min_blocks;
+};
+constexpr ConfigRow kConfigs[] = {{32, 3, 128, 2}, {16, 3, 512, 2}, {16, 2, TORCHFG_KNN_MAX_K, 1}};
+constexpr int kNumConfigs = sizeof(kConfigs) / sizeof(kConfigs[0]);
 
 struct Params {
     const void* query;
@@ -51,31 +74,32 @@ struct Params {
     const float* gallery_aux;
     int64_t num_query, num_gallery, dim, query_stride, gallery_stride;
     int64_t self_offset, split_size;
-    int k, metric, symmetric, block_q;
+    int k, metric, symmetric, aligned;
     float* out_distances;
     int64_t* out_indices;
 };
 
 __host__ __device__ constexpr size_t align_up(size_t n, size_t a) { return (n + a - 1) / a * a; }
 
-// Byte offsets of the shared-memory regions for a block of `block_q` queries.
+// Byte offsets of the shared-memory regions of a block of `block_q` queries.
 struct Layout {
-    size_t a, b, tile, list_d, list_i, cand_d, cand_i, list_len, cand_count, thresh, total;
-    __host__ __device__ Layout(int block_q, int k) {
-        // Operand tiles sized for the larger of the fp32 and the 16-bit layouts.
-        size_t a_bytes = (size_t)block_q * kPitchFloat * sizeof(float);
-        size_t b_bytes = (size_t)kBlockG * kPitchFloat * sizeof(float);
-        a = 0;
-        b = align_up(a + a_bytes, 128);
-        tile = align_up(b + b_bytes, 128);
-        list_d = align_up(tile + (size_t)block_q * kPitchTile * sizeof(float), 128);
-        list_i = align_up(list_d + (size_t)block_q * k * sizeof(float), 16);
-        cand_d = align_up(list_i + (size_t)block_q * k * sizeof(int), 16);
+    size_t operands, scratch, q_aux, cand_d, cand_i, list_d, list_i, list_len, cand_count, thresh, flag, total;
+    __host__ __device__ Layout(int block_q, int stages, int k) {
+        const size_t tile_bytes = (size_t)block_q * kPitchTile * sizeof(float);
+        const size_t rank_bytes = (size_t)block_q * kCand * sizeof(int);
+        operands = 0;
+        // The distance tile and, during a merge, the candidates' ranks (never live together).
+        scratch = align_up(operands + (size_t)stages * (block_q + kBlockG) * kPitchBytes, 128);
+        q_aux = align_up(scratch + (tile_bytes > rank_bytes ? tile_bytes : rank_bytes), 16);
+        cand_d = align_up(q_aux + (size_t)block_q * sizeof(float), 16);
         cand_i = align_up(cand_d + (size_t)block_q * kCand * sizeof(float), 16);
-        list_len = align_up(cand_i + (size_t)block_q * kCand * sizeof(int), 16);
+        list_d = align_up(cand_i + (size_t)block_q * kCand * sizeof(int), 16);
+        list_i = align_up(list_d + (size_t)block_q * k * sizeof(float), 16);
+        list_len = align_up(list_i + (size_t)block_q * k * sizeof(int), 16);
         cand_count = align_up(list_len + (size_t)block_q * sizeof(int), 16);
         thresh = align_up(cand_count + (size_t)block_q * sizeof(int), 16);
-        total = align_up(thresh + (size_t)block_q * sizeof(float), 16);
+        flag = align_up(thresh + (size_t)block_q * sizeof(float), 16);
+        total = align_up(flag + sizeof(int), 16);
     }
 };
 
@@ -86,22 +110,46 @@ __device__ __forceinline__ float to_float(T v) {
     else return v;
 }
 
-template <typename T>
-__device__ __forceinline__ T zero_value() {
-    if constexpr (std::is_same<T, __half>::value) return __float2half(0.0f);
-    else if constexpr (std::is_same<T, __nv_bfloat16>::value) return __float2bfloat16(0.0f);
-    else return T(0);
-}
-
-// Whether this device pass runs T through WMMA (bf16 fragments need sm_80, fp16 sm_70).
+// Whether this device pass runs T through mma.sync (m16n8k16 f16/bf16 needs sm_80).
 template <typename T>
 __device__ constexpr bool use_tensor_cores() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
     return std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value;
-#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
-    return std::is_same<T, __half>::value;
 #else
     return false;
+#endif
+}
+
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+    return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte global -> shared copy of src_bytes (0..16) bytes, the rest zero-filled.
+__device__ __forceinline__ void copy16(void* dst, const void* src, int src_bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(src_bytes));
+#else
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (src_bytes == 16) {
+        v = *static_cast<const uint4*>(src);
+    } else {
+        unsigned char* bytes = reinterpret_cast<unsigned char*>(&v);
+        for (int b = 0; b < src_bytes; ++b) bytes[b] = static_cast<const unsigned char*>(src)[b];
+    }
+    *static_cast<uint4*>(dst) = v;
+#endif
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 #endif
 }
 
@@ -113,7 +161,7 @@ __device__ __forceinline__ bool lex_less(float a_d, int a_i, float b_d, int b_i)
 __device__ __forceinline__ int count_less(const float* seq_d, const int* seq_i, int n, float d, int i) {
     int lo = 0, hi = n;
     while (lo < hi) {
-        int mid = (lo + hi) >> 1;
+        const int mid = (lo + hi) >> 1;
         if (lex_less(seq_d[mid], seq_i[mid], d, i)) lo = mid + 1; else hi = mid;
     }
     return lo;
@@ -128,121 +176,238 @@ __device__ __forceinline__ float finish_distance(float dot, float q_aux, float g
     }
 }
 
-// Stages rows [row0, row0 + rows) x columns [d0, d0 + kBlockD) of a row-major matrix into shared
-// memory, zero-filling outside [0, row_end) x [0, dim).
-template <typename T, typename S>
-__device__ __forceinline__ void stage_rows(S* dst, int pitch, const T* src, int64_t stride, int64_t row0, int rows,
-                                           int64_t row_end, int64_t d0, int64_t dim) {
-    for (int idx = threadIdx.x; idx < rows * kBlockD; idx += kThreads) {
-        int r = idx / kBlockD, c = idx % kBlockD;
-        int64_t row = row0 + r, col = d0 + c;
-        S v;
-        if (row < row_end && col < dim) {
-            if constexpr (std::is_same<S, float>::value) v = to_float<T>(src[row * stride + col]);
-            else v = src[row * stride + col];
+template <typename T, int BQ, int STAGES>
+struct Tile {
+    static constexpr int kBlockD = kSliceBytes / (int)sizeof(T);  // elements per staged slice
+    static constexpr int kElemsPerChunk = 16 / (int)sizeof(T);
+    static constexpr int kStageBytes = (BQ + kBlockG) * kPitchBytes;
+    // mma layout: BQ / 16 warps down the queries, the rest across the 64 gallery rows.
+    static constexpr int kWarpsM = BQ / 16;
+    static constexpr int kWarpsN = kWarps / kWarpsM;
+    static constexpr int kWarpN = kBlockG / kWarpsN;  // gallery rows per warp
+    static constexpr int kNTiles = kWarpN / 8;
+    // FMA layout: 16 x 16 threads, each (BQ / 16) query rows x 4 gallery rows, both strided by 16.
+    static constexpr int kTM = BQ / 16;
+    static constexpr int kTN = kBlockG / 16;
+    static_assert(BQ % 16 == 0 && kWarpsM >= 1 && kWarpsM <= kWarps && kNTiles >= 1, "tile shape");
+    static_assert(kTN == 4 && kTM * 16 == BQ, "FMA path: 4 gallery rows, BQ / 16 query rows per thread");
+};
+
+// Requests slice `slice` (columns [slice * BD, (slice + 1) * BD)) of the block's query rows and of
+// gallery rows [g0, g0 + 64) into one pipeline stage. Rows past the matrix are zero-filled.
+template <typename T, int BQ, int STAGES>
+__device__ __forceinline__ void load_stage(const Params& p, unsigned char* stage, int64_t q0, int64_t g0, int slice) {
+    using Cfg = Tile<T, BQ, STAGES>;
+    const int64_t col0 = (int64_t)slice * Cfg::kBlockD;
+    for (int c = threadIdx.x; c < (BQ + kBlockG) * kChunks; c += kThreads) {
+        const int row = c / kChunks, chunk = c % kChunks;
+        const bool is_query = row < BQ;
+        const int64_t grow = is_query ? q0 + row : g0 + (row - BQ);
+        const int64_t rows = is_query ? p.num_query : p.num_gallery;
+        const T* base = static_cast<const T*>(is_query ? p.query : p.gallery);
+        const int64_t stride = is_query ? p.query_stride : p.gallery_stride;
+        const int64_t col = col0 + chunk * Cfg::kElemsPerChunk;
+        int64_t elems = grow < rows ? p.dim - col : 0;
+        elems = elems < 0 ? 0 : (elems > Cfg::kElemsPerChunk ? Cfg::kElemsPerChunk : elems);
+        unsigned char* dst = stage + row * kPitchBytes + chunk * 16;
+        const T* src = elems > 0 ? base + grow * stride + col : base;
+        if (p.aligned) {
+            copy16(dst, src, (int)elems * (int)sizeof(T));
         } else {
-            if constexpr (std::is_same<S, float>::value) v = 0.0f;
-            else v = zero_value<S>();
+            // Rows not 16-byte aligned (odd D or strides): element copies, synchronous.
+            using Raw = typename std::conditional<sizeof(T) == 2, unsigned short, unsigned int>::type;
+            Raw* d = reinterpret_cast<Raw*>(dst);
+            const Raw* s = reinterpret_cast<const Raw*>(src);
+#pragma unroll
+            for (int e = 0; e < Cfg::kElemsPerChunk; ++e) d[e] = e < elems ? s[e] : Raw(0);
         }
-        dst[r * pitch + c] = v;
     }
 }
 
-// Inner products of the block's queries with gallery rows [g0, g0 + kBlockG) into `tile`.
+// Four consecutive staged elements as floats (16-byte or 8-byte shared-memory vector).
 template <typename T>
-__device__ void product_tile(const Params& p, unsigned char* smem, const Layout& lay, int64_t q0, int64_t g0,
-                             int64_t g_end, float* tile) {
-    const T* query = static_cast<const T*>(p.query);
-    const T* gallery = static_cast<const T*>(p.gallery);
-    const int block_q = p.block_q;
-    const int64_t q_end = p.num_query;
+__device__ __forceinline__ float4 load4(const unsigned char* p) {
+    if constexpr (std::is_same<T, float>::value) {
+        return *reinterpret_cast<const float4*>(p);
+    } else {
+        const T* v = reinterpret_cast<const T*>(p);
+        return make_float4(to_float<T>(v[0]), to_float<T>(v[1]), to_float<T>(v[2]), to_float<T>(v[3]));
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&c)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
+    if constexpr (std::is_same<T, __half>::value) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%0,%1,%2,%3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    } else {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%0,%1,%2,%3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    }
+}
+
+// Distance of the block's query row r to gallery column c of the tile from their inner product.
+__device__ __forceinline__ float tile_distance(const Params& p, const float* s_qaux, int r, int c, int64_t q0,
+                                              int64_t g0, int64_t g_end, float dot) {
+    const int64_t qg = q0 + r, j = g0 + c;
+    if (j >= g_end || (p.self_offset >= 0 && j == qg + p.self_offset)) return INFINITY;
+    const float q_aux = s_qaux[r];
+    const float g_aux = p.metric == TORCHFG_KNN_DOT ? 0.0f : __ldg(p.gallery_aux + j);
+    float d = finish_distance(dot, q_aux, g_aux, p.metric);
+    if (p.symmetric && j == qg) {
+        if (p.metric == TORCHFG_KNN_COSINE) d = q_aux > 0.0f ? 0.0f : d;
+        else if (p.metric != TORCHFG_KNN_DOT) d = 0.0f;
+    }
+    return d;
+}
+
+// Inner products of the block's queries with gallery rows [g0, g0 + 64), finished into distances
+// in `tile`. Expects the first STAGES - 1 slices of this tile requested (one commit group each);
+// before returning, requests those of the tile at g_next (if < g_end) the same way.
+template <typename T, int BQ, int STAGES>
+__device__ __forceinline__ void distance_tile(const Params& p, unsigned char* operands, const float* s_qaux,
+                                              float* tile, int64_t q0, int64_t g0, int64_t g_next, int64_t g_end,
+                                              int slices) {
+    using Cfg = Tile<T, BQ, STAGES>;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     if constexpr (use_tensor_cores<T>()) {
-        using namespace nvcuda;
-        T* sa = reinterpret_cast<T*>(smem + lay.a);
-        T* sb = reinterpret_cast<T*>(smem + lay.b);
-        const int warp = threadIdx.x / 32;
-        const int fragments = (block_q / 16) * (kBlockG / 16);
-        const bool has_fragment = warp < fragments;
-        const int fm = warp / (kBlockG / 16), fn = warp % (kBlockG / 16);
-        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-        wmma::fill_fragment(acc, 0.0f);
-        for (int64_t d0 = 0; d0 < p.dim; d0 += kBlockD) {
-            stage_rows<T, T>(sa, kPitchHalf, query, p.query_stride, q0, block_q, q_end, d0, p.dim);
-            stage_rows<T, T>(sb, kPitchHalf, gallery, p.gallery_stride, g0, kBlockG, g_end, d0, p.dim);
-            __syncthreads();
-            if (has_fragment) {
+        const int warp_m = warp / Cfg::kWarpsN, warp_n = warp % Cfg::kWarpsN;
+        float acc[Cfg::kNTiles][4];
 #pragma unroll
-                for (int kk = 0; kk < kBlockD; kk += 16) {
-                    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-                    // Gallery rows as the columns of B: B(k, n) = sb[n * pitch + k], i.e. col-major.
-                    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
-                    wmma::load_matrix_sync(a, sa + fm * 16 * kPitchHalf + kk, kPitchHalf);
-                    wmma::load_matrix_sync(b, sb + fn * 16 * kPitchHalf + kk, kPitchHalf);
-                    wmma::mma_sync(acc, a, b, acc);
+        for (int n = 0; n < Cfg::kNTiles; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+        for (int s = 0; s < slices; ++s) {
+            cp_async_wait<STAGES - 2>();
+            // Slice s has landed for every thread, and every warp is done with slice s - 1, whose
+            // stage the next request reuses.
+            __syncthreads();
+            if (s + STAGES - 1 < slices) {
+                load_stage<T, BQ, STAGES>(p, operands + ((s + STAGES - 1) % STAGES) * Cfg::kStageBytes, q0, g0,
+                                          s + STAGES - 1);
+            }
+            cp_async_commit();
+            const unsigned char* sa = operands + (s % STAGES) * Cfg::kStageBytes;
+            const unsigned char* sb = sa + BQ * kPitchBytes;
+#pragma unroll
+            for (int kk = 0; kk < kSliceBytes; kk += 32) {  // 32 bytes = k16 of 16-bit elements
+                unsigned a[4];
+                const unsigned char* pa = sa + (warp_m * 16 + lane % 16) * kPitchBytes + kk + (lane / 16) * 16;
+                asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                             : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
+                             : "r"(smem_addr(pa)));
+#pragma unroll
+                for (int n = 0; n < Cfg::kNTiles; ++n) {
+                    unsigned b[2];
+                    // Gallery rows are the columns of B, stored k-contiguous: ldmatrix without
+                    // .trans yields the col-major B fragment. Lanes 16..31 repeat valid addresses.
+                    const unsigned char* pb = sb + (warp_n * Cfg::kWarpN + n * 8 + lane % 8) * kPitchBytes + kk +
+                                              ((lane / 8) % 2) * 16;
+                    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
+                                 : "=r"(b[0]), "=r"(b[1])
+                                 : "r"(smem_addr(pb)));
+                    mma_16816<T>(acc[n], a, b);
                 }
             }
-            __syncthreads();
         }
-        if (has_fragment) {
-            wmma::store_matrix_sync(tile + fm * 16 * kPitchTile + fn * 16, acc, kPitchTile, wmma::mem_row_major);
+        __syncthreads();  // every warp is done with the stages the next requests overwrite
+        if (g_next < g_end) {
+#pragma unroll
+            for (int s = 0; s < STAGES - 1; ++s) {
+                if (s < slices) load_stage<T, BQ, STAGES>(p, operands + s * Cfg::kStageBytes, q0, g_next, s);
+                cp_async_commit();
+            }
+        }
+#pragma unroll
+        for (int n = 0; n < Cfg::kNTiles; ++n) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int r = warp_m * 16 + lane / 4 + 8 * h;
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int c = warp_n * Cfg::kWarpN + n * 8 + 2 * (lane % 4) + e;
+                    tile[r * kPitchTile + c] = tile_distance(p, s_qaux, r, c, q0, g0, g_end, acc[n][2 * h + e]);
+                }
+            }
         }
     } else {
-        float* sa = reinterpret_cast<float*>(smem + lay.a);
-        float* sb = reinterpret_cast<float*>(smem + lay.b);
-        // Thread -> one gallery column and every (kThreads / kBlockG)-th query row.
-        constexpr int kRowGroups = kThreads / kBlockG;
-        const int col = threadIdx.x % kBlockG, row_group = threadIdx.x / kBlockG;
-        const int rows_per_thread = block_q / kRowGroups;  // <= 8
-        float acc[8];
+        const int tr = threadIdx.x / 16, tc = threadIdx.x % 16;
+        float acc[Cfg::kTM][Cfg::kTN];
 #pragma unroll
-        for (int t = 0; t < 8; ++t) acc[t] = 0.0f;
-        for (int64_t d0 = 0; d0 < p.dim; d0 += kBlockD) {
-            stage_rows<T, float>(sa, kPitchFloat, query, p.query_stride, q0, block_q, q_end, d0, p.dim);
-            stage_rows<T, float>(sb, kPitchFloat, gallery, p.gallery_stride, g0, kBlockG, g_end, d0, p.dim);
+        for (int i = 0; i < Cfg::kTM; ++i)
+#pragma unroll
+            for (int j = 0; j < Cfg::kTN; ++j) acc[i][j] = 0.0f;
+        for (int s = 0; s < slices; ++s) {
+            cp_async_wait<STAGES - 2>();
             __syncthreads();
-#pragma unroll 4
-            for (int kk = 0; kk < kBlockD; ++kk) {
-                const float b = sb[col * kPitchFloat + kk];
+            if (s + STAGES - 1 < slices) {
+                load_stage<T, BQ, STAGES>(p, operands + ((s + STAGES - 1) % STAGES) * Cfg::kStageBytes, q0, g0,
+                                          s + STAGES - 1);
+            }
+            cp_async_commit();
+            const unsigned char* sa = operands + (s % STAGES) * Cfg::kStageBytes;
+            const unsigned char* sb = sa + BQ * kPitchBytes;
 #pragma unroll
-                for (int t = 0; t < 8; ++t) {
-                    if (t < rows_per_thread) acc[t] = fmaf(sa[(row_group + kRowGroups * t) * kPitchFloat + kk], b, acc[t]);
+            for (int kk = 0; kk < Cfg::kBlockD; kk += 4) {
+                float4 a[Cfg::kTM], b[Cfg::kTN];
+#pragma unroll
+                for (int i = 0; i < Cfg::kTM; ++i) a[i] = load4<T>(sa + (tr + 16 * i) * kPitchBytes + kk * sizeof(T));
+#pragma unroll
+                for (int j = 0; j < Cfg::kTN; ++j) b[j] = load4<T>(sb + (tc + 16 * j) * kPitchBytes + kk * sizeof(T));
+#pragma unroll
+                for (int i = 0; i < Cfg::kTM; ++i) {
+#pragma unroll
+                    for (int j = 0; j < Cfg::kTN; ++j) {
+                        acc[i][j] = fmaf(a[i].x, b[j].x, acc[i][j]);
+                        acc[i][j] = fmaf(a[i].y, b[j].y, acc[i][j]);
+                        acc[i][j] = fmaf(a[i].z, b[j].z, acc[i][j]);
+                        acc[i][j] = fmaf(a[i].w, b[j].w, acc[i][j]);
+                    }
                 }
             }
-            __syncthreads();
+        }
+        __syncthreads();
+        if (g_next < g_end) {
+#pragma unroll
+            for (int s = 0; s < STAGES - 1; ++s) {
+                if (s < slices) load_stage<T, BQ, STAGES>(p, operands + s * Cfg::kStageBytes, q0, g_next, s);
+                cp_async_commit();
+            }
         }
 #pragma unroll
-        for (int t = 0; t < 8; ++t) {
-            if (t < rows_per_thread) tile[(row_group + kRowGroups * t) * kPitchTile + col] = acc[t];
+        for (int i = 0; i < Cfg::kTM; ++i) {
+#pragma unroll
+            for (int j = 0; j < Cfg::kTN; ++j) {
+                const int r = tr + 16 * i, c = tc + 16 * j;
+                tile[r * kPitchTile + c] = tile_distance(p, s_qaux, r, c, q0, g0, g_end, acc[i][j]);
+            }
         }
     }
 }
 
-// Merges query `qi`'s candidate buffer into its sorted list. Called by one whole warp.
-__device__ void merge_candidates(const Params& p, unsigned char* smem, const Layout& lay, int qi) {
-    const int lane = threadIdx.x % 32;
-    const int k = p.k;
-    float* list_d = reinterpret_cast<float*>(smem + lay.list_d) + (size_t)qi * k;
-    int* list_i = reinterpret_cast<int*>(smem + lay.list_i) + (size_t)qi * k;
-    float* cand_d = reinterpret_cast<float*>(smem + lay.cand_d) + (size_t)qi * kCand;
-    int* cand_i = reinterpret_cast<int*>(smem + lay.cand_i) + (size_t)qi * kCand;
-    int* list_len = reinterpret_cast<int*>(smem + lay.list_len);
-    int* cand_count = reinterpret_cast<int*>(smem + lay.cand_count);
-    float* thresh = reinterpret_cast<float*>(smem + lay.thresh);
-
-    const int n = cand_count[qi];
-    const int len = list_len[qi];
-    __syncwarp();
-    for (int t = lane; t < kCand; t += 32) {
-        if (t >= n) { cand_d[t] = FLT_MAX; cand_i[t] = INT_MAX; }
+// Merges every query's candidate buffer into its sorted list, all warps together. Starts and ends
+// at a block-wide barrier.
+template <int BQ>
+__device__ void merge_block(int k, int* rank, float* cand_d, int* cand_i, float* list_d, int* list_i, int* list_len,
+                            int* cand_count, float* thresh) {
+    for (int t = threadIdx.x; t < BQ * kCand; t += kThreads) {
+        const int q = t / kCand;
+        if (t % kCand >= cand_count[q]) { cand_d[t] = INFINITY; cand_i[t] = INT_MAX; }
     }
-    __syncwarp();
-    // Bitonic sort of the buffer on (distance, index).
+    __syncthreads();
+    // Bitonic sort of each buffer on (distance, index); empty buffers are skipped.
     for (int size = 2; size <= kCand; size <<= 1) {
         for (int stride = size >> 1; stride > 0; stride >>= 1) {
-            for (int t = lane; t < kCand / 2; t += 32) {
-                const int i = 2 * stride * (t / stride) + (t % stride);
+            for (int t = threadIdx.x; t < BQ * (kCand / 2); t += kThreads) {
+                const int q = t / (kCand / 2), u = t % (kCand / 2);
+                if (cand_count[q] == 0) continue;
+                const int i = q * kCand + 2 * stride * (u / stride) + (u % stride);
                 const int j = i + stride;
-                const bool ascending = (i & size) == 0;
+                const bool ascending = ((i % kCand) & size) == 0;
                 const float di = cand_d[i], dj = cand_d[j];
                 const int ii = cand_i[i], ij = cand_i[j];
                 if (lex_less(dj, ij, di, ii) == ascending) {
@@ -250,147 +415,214 @@ __device__ void merge_candidates(const Params& p, unsigned char* smem, const Lay
                     cand_d[j] = di; cand_i[j] = ii;
                 }
             }
-            __syncwarp();
+            __syncthreads();
         }
     }
-    // Final rank of every candidate among list + buffer (keys are unique: distinct indices),
-    // taken before the list moves.
-    int cand_rank[kCand / 32];
-#pragma unroll
-    for (int u = 0; u < kCand / 32; ++u) {
-        const int r = lane + 32 * u;
-        cand_rank[u] = r < n ? r + count_less(list_d, list_i, len, cand_d[r], cand_i[r]) : INT_MAX;
+    // Final rank of every candidate among list + buffer (keys are unique: distinct indices), taken
+    // before any list entry moves.
+    for (int t = threadIdx.x; t < BQ * kCand; t += kThreads) {
+        const int q = t / kCand, r = t % kCand;
+        if (r < cand_count[q]) {
+            rank[t] = r + count_less(list_d + (size_t)q * k, list_i + (size_t)q * k, list_len[q], cand_d[t], cand_i[t]);
+        }
     }
-    __syncwarp();
-    // List entries only move to higher positions: moving them in rounds of 32 from the back, an
-    // entry is always read before anything is written over it.
-    if (len > 0) {
-        for (int base = ((len - 1) / 32) * 32; base >= 0; base -= 32) {
-            const int pos = base + lane;
-            float d = 0.0f;
-            int idx = 0, rank = INT_MAX;
-            if (pos < len) {
-                d = list_d[pos];
-                idx = list_i[pos];
-                rank = pos + count_less(cand_d, cand_i, n, d, idx);
+    __syncthreads();
+    // List entries only move up: rounds of kPositions positions per query from the back, each read
+    // completely before it writes, never write over a position a later round still has to read.
+    constexpr int kPositions = kThreads * kMergeItems / BQ;
+    static_assert(kPositions * BQ == kThreads * kMergeItems, "merge rounds cover whole rows");
+    for (int base = ((k - 1) / kPositions) * kPositions; base >= 0; base -= kPositions) {
+        float d[kMergeItems];
+        int idx[kMergeItems], dest[kMergeItems];
+#pragma unroll
+        for (int it = 0; it < kMergeItems; ++it) {
+            const int item = threadIdx.x + kThreads * it;
+            const int q = item / kPositions, pos = base + item % kPositions;
+            dest[it] = -1;
+            d[it] = 0.0f;
+            idx[it] = 0;
+            const int n = cand_count[q];
+            if (n > 0 && pos < list_len[q]) {
+                d[it] = list_d[(size_t)q * k + pos];
+                idx[it] = list_i[(size_t)q * k + pos];
+                const int to = pos + count_less(cand_d + q * kCand, cand_i + q * kCand, n, d[it], idx[it]);
+                dest[it] = to < k && to != pos ? q * k + to : -1;
             }
-            __syncwarp();
-            if (rank < k) { list_d[rank] = d; list_i[rank] = idx; }
-            __syncwarp();
         }
-    }
+        __syncthreads();
 #pragma unroll
-    for (int u = 0; u < kCand / 32; ++u) {
-        if (cand_rank[u] < k) {
-            const int r = lane + 32 * u;
-            list_d[cand_rank[u]] = cand_d[r];
-            list_i[cand_rank[u]] = cand_i[r];
+        for (int it = 0; it < kMergeItems; ++it) {
+            if (dest[it] >= 0) { list_d[dest[it]] = d[it]; list_i[dest[it]] = idx[it]; }
+        }
+        __syncthreads();
+    }
+    for (int t = threadIdx.x; t < BQ * kCand; t += kThreads) {
+        const int q = t / kCand, r = t % kCand;
+        if (r < cand_count[q] && rank[t] < k) {
+            list_d[(size_t)q * k + rank[t]] = cand_d[t];
+            list_i[(size_t)q * k + rank[t]] = cand_i[t];
         }
     }
-    __syncwarp();
-    if (lane == 0) {
-        const int new_len = min(k, len + n);
-        list_len[qi] = new_len;
-        cand_count[qi] = 0;
-        thresh[qi] = new_len == k ? list_d[k - 1] : INFINITY;
+    __syncthreads();
+    for (int q = threadIdx.x; q < BQ; q += kThreads) {
+        const int len = min(k, list_len[q] + cand_count[q]);
+        list_len[q] = len;
+        cand_count[q] = 0;
+        thresh[q] = len == k ? list_d[(size_t)q * k + k - 1] : INFINITY;
     }
-    __syncwarp();
+    __syncthreads();
 }
 
-template <typename T>
-__global__ void __launch_bounds__(kThreads) knn_kernel(Params p) {
+template <typename T, int BQ, int STAGES, int MIN_BLOCKS>
+__global__ void __launch_bounds__(kThreads, MIN_BLOCKS) knn_kernel(Params p) {
+    using Cfg = Tile<T, BQ, STAGES>;
     extern __shared__ __align__(128) unsigned char smem[];
-    const int block_q = p.block_q;
-    const Layout lay(block_q, p.k);
+    const Layout lay(BQ, STAGES, p.k);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int64_t q0 = (int64_t)blockIdx.x * block_q;
+    const int k = p.k;
+    const int64_t q0 = (int64_t)blockIdx.x * BQ;
     const int64_t g_begin = (int64_t)blockIdx.y * p.split_size;
     const int64_t g_end = min(g_begin + p.split_size, p.num_gallery);
+    const int slices = (int)((p.dim + Cfg::kBlockD - 1) / Cfg::kBlockD);
 
-    float* tile = reinterpret_cast<float*>(smem + lay.tile);
+    unsigned char* operands = smem + lay.operands;
+    float* tile = reinterpret_cast<float*>(smem + lay.scratch);
+    int* rank = reinterpret_cast<int*>(smem + lay.scratch);
+    float* s_qaux = reinterpret_cast<float*>(smem + lay.q_aux);
     float* cand_d = reinterpret_cast<float*>(smem + lay.cand_d);
     int* cand_i = reinterpret_cast<int*>(smem + lay.cand_i);
+    float* list_d = reinterpret_cast<float*>(smem + lay.list_d);
+    int* list_i = reinterpret_cast<int*>(smem + lay.list_i);
     int* list_len = reinterpret_cast<int*>(smem + lay.list_len);
     int* cand_count = reinterpret_cast<int*>(smem + lay.cand_count);
     float* thresh = reinterpret_cast<float*>(smem + lay.thresh);
-    for (int i = threadIdx.x; i < block_q; i += kThreads) {
+    int* need_merge = reinterpret_cast<int*>(smem + lay.flag);
+
+    if (g_begin < g_end) {
+#pragma unroll
+        for (int s = 0; s < STAGES - 1; ++s) {
+            if (s < slices) load_stage<T, BQ, STAGES>(p, operands + s * Cfg::kStageBytes, q0, g_begin, s);
+            cp_async_commit();
+        }
+    }
+    for (int i = threadIdx.x; i < BQ; i += kThreads) {
         list_len[i] = 0;
         cand_count[i] = 0;
         thresh[i] = INFINITY;
+        s_qaux[i] = (p.metric == TORCHFG_KNN_DOT || q0 + i >= p.num_query) ? 0.0f : p.query_aux[q0 + i];
     }
+    if (threadIdx.x == 0) *need_merge = 0;
     __syncthreads();
 
     for (int64_t g0 = g_begin; g0 < g_end; g0 += kBlockG) {
-        product_tile<T>(p, smem, lay, q0, g0, g_end, tile);
+        distance_tile<T, BQ, STAGES>(p, operands, s_qaux, tile, q0, g0, g0 + kBlockG, g_end, slices);
         __syncthreads();
-        for (int qi = warp; qi < block_q; qi += kWarps) {
-            const int64_t qg = q0 + qi;
-            if (qg >= p.num_query) break;  // warp-uniform
-            const float q_aux = p.metric == TORCHFG_KNN_DOT ? 0.0f : p.query_aux[qg];
+        // Each warp filters the queries it owns against their running k-th distance.
+        for (int qi = warp; qi < BQ; qi += kWarps) {
+            if (q0 + qi >= p.num_query) break;  // warp-uniform
             const float limit = thresh[qi];
             int count = cand_count[qi];
-            float* my_cand_d = cand_d + (size_t)qi * kCand;
-            int* my_cand_i = cand_i + (size_t)qi * kCand;
+            float* my_d = cand_d + qi * kCand;
+            int* my_i = cand_i + qi * kCand;
+#pragma unroll
             for (int c = lane; c < kBlockG; c += 32) {
-                const int64_t j = g0 + c;
-                bool valid = j < g_end && !(p.self_offset >= 0 && j == qg + p.self_offset);
-                float d = INFINITY;
-                if (valid) {
-                    const float g_aux = p.metric == TORCHFG_KNN_DOT ? 0.0f : p.gallery_aux[j];
-                    d = finish_distance(tile[qi * kPitchTile + c], q_aux, g_aux, p.metric);
-                    if (p.symmetric && j == qg) {
-                        if (p.metric == TORCHFG_KNN_COSINE) d = q_aux > 0.0f ? 0.0f : d;
-                        else if (p.metric != TORCHFG_KNN_DOT) d = 0.0f;
-                    }
-                }
-                const bool keep = valid && d < limit;
+                const float d = tile[qi * kPitchTile + c];
+                const bool keep = d < limit;
                 const unsigned ballot = __ballot_sync(kFullMask, keep);
                 if (keep) {
                     const int pos = count + __popc(ballot & ((1u << lane) - 1u));
-                    my_cand_d[pos] = d;
-                    my_cand_i[pos] = (int)j;
+                    my_d[pos] = d;
+                    my_i[pos] = (int)(g0 + c);
                 }
                 count += __popc(ballot);
             }
-            __syncwarp();
-            if (lane == 0) cand_count[qi] = count;
-            __syncwarp();
-            if (count > kCand - kBlockG) merge_candidates(p, smem, lay, qi);
+            if (lane == 0) {
+                cand_count[qi] = count;
+                if (count > kCand - kBlockG) *need_merge = 1;
+            }
         }
         __syncthreads();
-    }
-
-    float* list_d = reinterpret_cast<float*>(smem + lay.list_d);
-    int* list_i = reinterpret_cast<int*>(smem + lay.list_i);
-    for (int qi = warp; qi < block_q; qi += kWarps) {
-        const int64_t qg = q0 + qi;
-        if (qg >= p.num_query) break;
-        if (cand_count[qi] > 0) merge_candidates(p, smem, lay, qi);
-        const int len = list_len[qi];
-        const size_t out = ((size_t)blockIdx.y * p.num_query + qg) * p.k;
-        for (int t = lane; t < p.k; t += 32) {
-            const bool have = t < len;
-            p.out_distances[out + t] = have ? list_d[(size_t)qi * p.k + t] : INFINITY;
-            p.out_indices[out + t] = have ? (int64_t)list_i[(size_t)qi * p.k + t] : (int64_t)-1;
+        if (*need_merge) {  // block-uniform: read between two barriers
+            merge_block<BQ>(k, rank, cand_d, cand_i, list_d, list_i, list_len, cand_count, thresh);
+            if (threadIdx.x == 0) *need_merge = 0;
+            __syncthreads();
         }
+    }
+    cp_async_wait<0>();
+    merge_block<BQ>(k, rank, cand_d, cand_i, list_d, list_i, list_len, cand_count, thresh);
+
+    for (int t = threadIdx.x; t < BQ * k; t += kThreads) {
+        const int q = t / k, slot = t % k;
+        const int64_t qg = q0 + q;
+        if (qg >= p.num_query) break;  // t only grows
+        const size_t out = ((size_t)blockIdx.y * p.num_query + qg) * k + slot;
+        const bool have = slot < list_len[q];
+        p.out_distances[out] = have ? list_d[t] : INFINITY;
+        p.out_indices[out] = have ? (int64_t)list_i[t] : (int64_t)-1;
     }
 }
 
-template <typename T>
-cudaError_t launch_typed(const Params& p, int splits, size_t smem_bytes, cudaStream_t stream) {
-    cudaError_t err = cudaFuncSetAttribute(knn_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_bytes);
+template <typename T, int C>
+cudaError_t launch_config(const Params& p, int splits, size_t smem_bytes, cudaStream_t stream) {
+    constexpr ConfigRow row = kConfigs[C];
+    auto kernel = knn_kernel<T, row.block_q, row.stages, row.min_blocks>;
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_bytes);
     if (err != cudaSuccess) return err;
-    const dim3 grid((unsigned)((p.num_query + p.block_q - 1) / p.block_q), (unsigned)splits);
-    knn_kernel<T><<<grid, kThreads, smem_bytes, stream>>>(p);
+    // Two blocks per SM need the whole unified L1/shared array as shared memory.
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
+    if (err != cudaSuccess) return err;
+    const dim3 grid((unsigned)((p.num_query + row.block_q - 1) / row.block_q), (unsigned)splits);
+    kernel<<<grid, kThreads, smem_bytes, stream>>>(p);
     return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_typed(const Params& p, int config, int splits, size_t smem_bytes, cudaStream_t stream) {
+    static_assert(kNumConfigs == 3, "one case per table row");
+    switch (config) {
+        case 0: return launch_config<T, 0>(p, splits, smem_bytes, stream);
+        case 1: return launch_config<T, 1>(p, splits, smem_bytes, stream);
+        case 2: return launch_config<T, 2>(p, splits, smem_bytes, stream);
+        default: return cudaErrorInvalidValue;
+    }
+}
+
+int element_size(int dtype) { return dtype == TORCHFG_KNN_FLOAT32 ? 4 : 2; }
+
+TorchfgKnnConfig describe(int index, int dtype, int k) {
+    TorchfgKnnConfig c;
+    c.index = index;
+    c.block_q = kConfigs[index].block_q;
+    c.block_g = kBlockG;
+    c.block_d = kSliceBytes / element_size(dtype);
+    c.stages = kConfigs[index].stages;
+    c.candidates = kCand;
+    c.smem_bytes = (int)Layout(c.block_q, c.stages, k).total;
+    return c;
 }
 
 }  // namespace
 
-extern "C" int torchfg_knn_smem_bytes(int dtype, int k, int block_q) {
-    (void)dtype;  // the operand region is sized for fp32 staging, the largest case
-    if (k < 1 || k > TORCHFG_KNN_MAX_K || (block_q != 16 && block_q != 32)) return -1;
-    return (int)Layout(block_q, k).total;
+extern "C" TorchfgKnnConfig torchfg_knn_config(int dtype, int k, int max_dynamic_smem) {
+    TorchfgKnnConfig none = {-1, 0, 0, 0, 0, 0, -1};
+    if (k < 1 || k > TORCHFG_KNN_MAX_K || dtype < TORCHFG_KNN_FLOAT32 || dtype > TORCHFG_KNN_BFLOAT16) return none;
+    int first = 0;
+    while (first < kNumConfigs - 1 && k > kConfigs[first].max_k) ++first;
+    for (int i = first; i < kNumConfigs; ++i) {
+        const TorchfgKnnConfig c = describe(i, dtype, k);
+        if (c.smem_bytes <= max_dynamic_smem) return c;
+    }
+    return none;
+}
+
+extern "C" int torchfg_knn_smem_bytes(int dtype, int k) {
+    if (k < 1 || k > TORCHFG_KNN_MAX_K || dtype < TORCHFG_KNN_FLOAT32 || dtype > TORCHFG_KNN_BFLOAT16) return -1;
+    int best = INT_MAX;
+    for (int i = 0; i < kNumConfigs; ++i) {
+        const int bytes = describe(i, dtype, k).smem_bytes;
+        best = bytes < best ? bytes : best;
+    }
+    return best;
 }
 
 extern "C" int torchfg_knn_launch(
@@ -407,11 +639,12 @@ extern "C" int torchfg_knn_launch(
         return (int)cudaErrorInvalidValue;
     }
     if (num_query == 0) return (int)cudaSuccess;
-    int block_q = 32;
-    if (torchfg_knn_smem_bytes(dtype, k, block_q) > max_dynamic_smem) block_q = 16;
-    const int smem = torchfg_knn_smem_bytes(dtype, k, block_q);
-    if (smem < 0 || smem > max_dynamic_smem) return (int)cudaErrorInvalidConfiguration;
+    const TorchfgKnnConfig config = torchfg_knn_config(dtype, k, max_dynamic_smem);
+    if (config.index < 0) return (int)cudaErrorInvalidConfiguration;
 
+    const int es = element_size(dtype);
+    const bool aligned = reinterpret_cast<uintptr_t>(query) % 16 == 0 && reinterpret_cast<uintptr_t>(gallery) % 16 == 0 &&
+                         (query_stride * es) % 16 == 0 && (gallery_stride * es) % 16 == 0;
     Params p;
     p.query = query;
     p.gallery = gallery;
@@ -427,13 +660,14 @@ extern "C" int torchfg_knn_launch(
     p.k = k;
     p.metric = metric;
     p.symmetric = symmetric;
-    p.block_q = block_q;
+    p.aligned = aligned ? 1 : 0;
     p.out_distances = out_distances;
     p.out_indices = out_indices;
+    const size_t smem = (size_t)config.smem_bytes;
     switch (dtype) {
-        case TORCHFG_KNN_FLOAT32: return (int)launch_typed<float>(p, splits, (size_t)smem, stream);
-        case TORCHFG_KNN_FLOAT16: return (int)launch_typed<__half>(p, splits, (size_t)smem, stream);
-        case TORCHFG_KNN_BFLOAT16: return (int)launch_typed<__nv_bfloat16>(p, splits, (size_t)smem, stream);
+        case TORCHFG_KNN_FLOAT32: return (int)launch_typed<float>(p, config.index, splits, smem, stream);
+        case TORCHFG_KNN_FLOAT16: return (int)launch_typed<__half>(p, config.index, splits, smem, stream);
+        case TORCHFG_KNN_BFLOAT16: return (int)launch_typed<__nv_bfloat16>(p, config.index, splits, smem, stream);
         default: return (int)cudaErrorInvalidValue;
     }
 }

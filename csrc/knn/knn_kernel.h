@@ -22,8 +22,19 @@ enum TorchfgKnnDtype { TORCHFG_KNN_FLOAT32 = 0, TORCHFG_KNN_FLOAT16 = 1, TORCHFG
 //   3 dot:         -q.g                             (aux unused, may be null)
 enum TorchfgKnnMetric { TORCHFG_KNN_SQEUCLIDEAN = 0, TORCHFG_KNN_EUCLIDEAN = 1, TORCHFG_KNN_COSINE = 2, TORCHFG_KNN_DOT = 3 };
 
-// Largest k the kernel accepts (the running list lives in shared memory).
+// Largest k the kernel accepts (the running lists live in shared memory).
 #define TORCHFG_KNN_MAX_K 1024
+
+// One launch configuration of the kernel (an entry of the per-k table in knn_kernel.cu).
+typedef struct TorchfgKnnConfig {
+    int index;        // position in the table (-1: no configuration fits)
+    int block_q;      // query rows per block
+    int block_g;      // gallery rows per tile
+    int block_d;      // embedding columns per pipeline stage (16-bit: 32, fp32: 16)
+    int stages;       // cp.async pipeline depth
+    int candidates;   // per-query candidate buffer between merges
+    int smem_bytes;   // dynamic shared memory of a launch with this k
+} TorchfgKnnConfig;
 
 // Finds, for each of the num_query rows of `query` (row-major, row stride query_stride elements,
 // unit column stride), the k gallery rows at the smallest distance, ties broken by the lower
@@ -49,8 +60,14 @@ int torchfg_knn_launch(
     float* out_distances, int64_t* out_indices,
     int max_dynamic_smem, cudaStream_t stream);
 
-// Dynamic shared memory (bytes) a launch with this k and block of queries needs, or -1.
-int torchfg_knn_smem_bytes(int dtype, int k, int block_q);
+// The configuration a launch with this dtype and k uses on a device offering max_dynamic_smem
+// bytes per block (the k's preferred table entry, else the first smaller one that fits); index
+// -1 when none fits or the arguments are out of range.
+TorchfgKnnConfig torchfg_knn_config(int dtype, int k, int max_dynamic_smem);
+
+// Smallest dynamic shared memory (bytes) any configuration needs for this k, or -1 for a k out of
+// range. Non-decreasing in k: the largest k a device supports is found by bisection on it.
+int torchfg_knn_smem_bytes(int dtype, int k);
 
 #ifdef __cplusplus
 }

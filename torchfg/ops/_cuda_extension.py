@@ -31,7 +31,20 @@ import torch
 
 from torchfg.errors import ExtensionBuildError
 
-__all__ = ["SOURCES", "csrc_dir", "status", "backend_status", "is_built", "load", "ops", "is_loaded", "ExtensionBuildError"]
+__all__ = [
+    "SOURCES",
+    "csrc_dir",
+    "status",
+    "backend_status",
+    "is_built",
+    "load",
+    "ops",
+    "is_loaded",
+    "mark_self_check_failed",
+    "self_check_failure",
+    "ExtensionBuildError",
+    "KernelSelfCheckError",
+]
 
 # Sources of the extension, relative to the csrc directory.
 SOURCES = ("knn/knn_kernel.cu", "knn/knn_binding.cpp")
@@ -43,6 +56,26 @@ _CSRC_ENV = "TORCHFG_CSRC_DIR"
 _lock = threading.Lock()
 _loaded: str | None = None  # how the ops got registered, once they are
 _build_error: str | None = None
+# Set once a kernel disagrees with the torch reference on its first use: the kernels are
+# compiled but never run in CI, so a wrong one must take the backend out of service rather than
+# keep returning wrong neighbours.
+_self_check_failure: str | None = None
+
+
+class KernelSelfCheckError(ExtensionBuildError):
+    """A CUDA kernel failed its first-use self-check; the ``cuda`` backend is disabled for the process."""
+
+
+def mark_self_check_failed(reason: str) -> None:
+    """Record that a kernel failed its self-check: :func:`status` and :func:`backend_status` then
+    report the ``cuda`` backend unavailable (so ``"auto"`` never picks it) and :func:`load` raises."""
+    global _self_check_failure
+    _self_check_failure = reason
+
+
+def self_check_failure() -> str | None:
+    """Why the ``cuda`` backend failed its self-check in this process, or None."""
+    return _self_check_failure
 
 
 def csrc_dir() -> Path | None:
@@ -109,6 +142,8 @@ def status() -> tuple[bool, str]:
 
     Never compiles anything; :func:`load` does.
     """
+    if _self_check_failure is not None:
+        return False, f"the CUDA kernel failed its first-use self-check: {_self_check_failure}"
     if _loaded is not None:
         return True, f"loaded: {_loaded}"
     if _build_error is not None:
@@ -136,6 +171,8 @@ def load(verbose: bool = False) -> None:
             remembered so that later calls fail fast.
     """
     global _loaded, _build_error
+    if _self_check_failure is not None:
+        raise KernelSelfCheckError(_self_check_failure)
     if _loaded is not None:
         return
     with _lock:
