@@ -164,7 +164,8 @@ def test_symmetric_path_tiles(monkeypatch):
 def test_default_cpu_tiles_cover_a_partial_last_tile(monkeypatch, k):
     """With no chunk_size a CPU self-search of 2 * tile + 37 rows takes the symmetric path at the
     default tile side: exact on integer data with ties, for a small and a large k."""
-    tile = ref_module.default_tile_size(torch.device("cpu"))
+    tile = ref_module.default_tile_size(torch.device("cpu"), 2 * 1024 + 37)
+    assert tile == 1024 and ref_module.default_tile_size(torch.device("cpu"), 8192) == 2048
     tiles_seen = []
     real_symmetric = ref_module._knn_symmetric
     monkeypatch.setattr(ref_module, "_knn_symmetric", lambda *a: tiles_seen.append(a[4]) or real_symmetric(*a))

@@ -244,7 +244,8 @@ def knn(
             Triton up to k = 128, else the chunked PyTorch search.
         chunk_size: torch backend only: queries per chunk (default: a (chunk, G) fp32 block
             of 16 MiB, at least 256 rows, on CPU; 512 MiB on GPU). A self-search of at least
-            two tiles uses it as the tile side instead (default 2048 on CPU, 8192 on GPU).
+            two tiles uses it as the tile side instead (default on CPU: 1024 below 8192 rows,
+            else 2048; on GPU 8192).
 
     Returns:
         ``(distances, indices)``, each (Q, k): distances in the input dtype (computed in fp32,

@@ -38,19 +38,21 @@ def default_chunk_size(num_gallery: int, device: torch.device) -> int:
     return max(_CPU_MIN_CHUNK, _CPU_BLOCK_BYTES // (4 * max(num_gallery, 1)))
 
 
-def default_tile_size(device: torch.device) -> int:
-    """Side of the square tiles of the symmetric self-search.
+def default_tile_size(device: torch.device, num_rows: int) -> int:
+    """Side of the square tiles of the symmetric self-search of ``num_rows`` rows.
 
     On a CPU the GEMM work is (b + 1) / (2 b) of the plain search with b tiles per side, and a
-    16 MiB tile is written and selected from cache. Wider tiles cost more GEMM work but make the
-    selections cheaper per element (``torch.topk`` and the grouped selection pay per row): at
-    D = 512 on one core, 2048 beat 1024 at k = 10 (N = 4096: 192 against 200 ms, N = 8192: 651
-    against 706 ms) and at k = 100 (1282 against 1571 ms at N = 8192), and 4096 was no faster.
-    On a GPU the tiles are wide (two 256 MiB fp32 tiles), so that each launch has work enough.
+    4-16 MiB tile is written and selected from cache. Wider tiles cost more GEMM work but make the
+    selections cheaper per element (``torch.topk`` and the grouped selection pay per row), so the
+    tiles are as wide as keeps four of them per side, within 1024-2048. Measured at D = 512, k = 10
+    on 2 cores: N = 4096 took 92 ms with 1024 tiles and 101 ms with 2048; N = 8192 345 ms with
+    2048, 363 ms with 1024 and 403 ms with 4096 (one core, k = 100, N = 8192: 2048 1282 ms,
+    1024 1571 ms). On a GPU the tiles are wide (two 256 MiB fp32 tiles), so that each launch has
+    work enough.
     """
     if device.type == "cuda":
         return 8192
-    return 2048
+    return 2048 if num_rows >= 8192 else 1024
 
 
 def sort_by_distance_then_index(distances: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -457,7 +459,7 @@ def knn_reference(
     indices = torch.empty(num_query, k, dtype=torch.int64, device=query.device)
     if num_query == 0 or k == 0:
         return distances, indices
-    tile = chunk_size or default_tile_size(query.device)
+    tile = chunk_size or default_tile_size(query.device, num_query)
     # Below two tiles per side the symmetric path saves no GEMM work (the diagonal tiles are
     # computed whole) and only adds the transposed selections.
     if symmetric and self_offset in (-1, 0) and num_query >= 2 * tile:
