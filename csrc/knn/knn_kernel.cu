@@ -224,6 +224,39 @@ __device__ __forceinline__ void load_stage(const Params& p, unsigned char* stage
     }
 }
 
+// Waits for slice s of the current tile, then requests slice s + STAGES - 1 into the stage that
+// slice s - 1 used; returns slice s's stage. Every thread calls it (it holds a block barrier).
+template <typename T, int BQ, int STAGES>
+__device__ __forceinline__ const unsigned char* begin_slice(const Params& p, unsigned char* operands, int64_t q0,
+                                                            int64_t g0, int s, int slices) {
+    using Cfg = Tile<T, BQ, STAGES>;
+    cp_async_wait<STAGES - 2>();
+    // Slice s has landed for every thread, and every warp is done with slice s - 1, whose stage
+    // the next request reuses.
+    __syncthreads();
+    if (s + STAGES - 1 < slices) {
+        load_stage<T, BQ, STAGES>(p, operands + ((s + STAGES - 1) % STAGES) * Cfg::kStageBytes, q0, g0, s + STAGES - 1);
+    }
+    cp_async_commit();
+    return operands + (s % STAGES) * Cfg::kStageBytes;
+}
+
+// After the last slice of a tile: requests the first STAGES - 1 slices of the tile at g_next (if
+// < g_end), one commit group each, so that they land while this tile's top-k work runs.
+template <typename T, int BQ, int STAGES>
+__device__ __forceinline__ void request_next_tile(const Params& p, unsigned char* operands, int64_t q0, int64_t g_next,
+                                                  int64_t g_end, int slices) {
+    using Cfg = Tile<T, BQ, STAGES>;
+    __syncthreads();  // every warp is done with the stages the next requests overwrite
+    if (g_next < g_end) {
+#pragma unroll
+        for (int s = 0; s < STAGES - 1; ++s) {
+            if (s < slices) load_stage<T, BQ, STAGES>(p, operands + s * Cfg::kStageBytes, q0, g_next, s);
+            cp_async_commit();
+        }
+    }
+}
+
 // Four consecutive staged elements as floats (16-byte or 8-byte shared-memory vector).
 template <typename T>
 __device__ __forceinline__ float4 load4(const unsigned char* p) {
@@ -282,16 +315,7 @@ __device__ __forceinline__ void distance_tile(const Params& p, unsigned char* op
 #pragma unroll
         for (int n = 0; n < Cfg::kNTiles; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
         for (int s = 0; s < slices; ++s) {
-            cp_async_wait<STAGES - 2>();
-            // Slice s has landed for every thread, and every warp is done with slice s - 1, whose
-            // stage the next request reuses.
-            __syncthreads();
-            if (s + STAGES - 1 < slices) {
-                load_stage<T, BQ, STAGES>(p, operands + ((s + STAGES - 1) % STAGES) * Cfg::kStageBytes, q0, g0,
-                                          s + STAGES - 1);
-            }
-            cp_async_commit();
-            const unsigned char* sa = operands + (s % STAGES) * Cfg::kStageBytes;
+            const unsigned char* sa = begin_slice<T, BQ, STAGES>(p, operands, q0, g0, s, slices);
             const unsigned char* sb = sa + BQ * kPitchBytes;
 #pragma unroll
             for (int kk = 0; kk < kSliceBytes; kk += 32) {  // 32 bytes = k16 of 16-bit elements
@@ -314,14 +338,7 @@ __device__ __forceinline__ void distance_tile(const Params& p, unsigned char* op
                 }
             }
         }
-        __syncthreads();  // every warp is done with the stages the next requests overwrite
-        if (g_next < g_end) {
-#pragma unroll
-            for (int s = 0; s < STAGES - 1; ++s) {
-                if (s < slices) load_stage<T, BQ, STAGES>(p, operands + s * Cfg::kStageBytes, q0, g_next, s);
-                cp_async_commit();
-            }
-        }
+        request_next_tile<T, BQ, STAGES>(p, operands, q0, g_next, g_end, slices);
 #pragma unroll
         for (int n = 0; n < Cfg::kNTiles; ++n) {
 #pragma unroll
@@ -342,14 +359,7 @@ __device__ __forceinline__ void distance_tile(const Params& p, unsigned char* op
 #pragma unroll
             for (int j = 0; j < Cfg::kTN; ++j) acc[i][j] = 0.0f;
         for (int s = 0; s < slices; ++s) {
-            cp_async_wait<STAGES - 2>();
-            __syncthreads();
-            if (s + STAGES - 1 < slices) {
-                load_stage<T, BQ, STAGES>(p, operands + ((s + STAGES - 1) % STAGES) * Cfg::kStageBytes, q0, g0,
-                                          s + STAGES - 1);
-            }
-            cp_async_commit();
-            const unsigned char* sa = operands + (s % STAGES) * Cfg::kStageBytes;
+            const unsigned char* sa = begin_slice<T, BQ, STAGES>(p, operands, q0, g0, s, slices);
             const unsigned char* sb = sa + BQ * kPitchBytes;
 #pragma unroll
             for (int kk = 0; kk < Cfg::kBlockD; kk += 4) {
@@ -370,14 +380,7 @@ __device__ __forceinline__ void distance_tile(const Params& p, unsigned char* op
                 }
             }
         }
-        __syncthreads();
-        if (g_next < g_end) {
-#pragma unroll
-            for (int s = 0; s < STAGES - 1; ++s) {
-                if (s < slices) load_stage<T, BQ, STAGES>(p, operands + s * Cfg::kStageBytes, q0, g_next, s);
-                cp_async_commit();
-            }
-        }
+        request_next_tile<T, BQ, STAGES>(p, operands, q0, g_next, g_end, slices);
 #pragma unroll
         for (int i = 0; i < Cfg::kTM; ++i) {
 #pragma unroll
