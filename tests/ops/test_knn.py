@@ -215,6 +215,77 @@ def test_smallest_k_where_the_finish_merges_keys_at_the_cut(finish_kind, dtype, 
             assert torch.equal(distances, expected_d[:, :k]), (finish_kind, trial, k)
 
 
+def merging_keys(gen, rows, width, base, dtype=torch.float32, levels=6, spread=40):
+    """Raw keys on a few levels, each spread over 0-``spread`` ulps: runs that finish to equal
+    distances under sqrt or + 1, and exact ties."""
+    values = base * (1 + torch.rand(rows, levels, generator=gen, dtype=torch.float64)).to(dtype)
+    block = values.gather(1, torch.randint(0, levels, (rows, width), generator=gen))
+    ulps = torch.randint(0, spread, (rows, width), generator=gen)
+    for _ in range(int(ulps.max())):
+        block = torch.where(ulps > 0, torch.nextafter(block, torch.full_like(block, float("inf"))), block)
+        ulps = ulps - 1
+    return block
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["rows", "transposed_view"])
+@pytest.mark.parametrize("finish_kind", ["sqrt", "plus_one", "identity"])
+def test_bounded_pool_equals_a_full_sort(finish_kind, transposed):
+    """The symmetric search's running-bound pool, offered a row block tile by tile (tiles of
+    widths that group by 4, by 2 and not at all, with a partial last group), returns exactly the
+    k smallest (distance, column) pairs of the whole finished row, on keys with exact ties and
+    with runs that the finish merges; an excluded diagonal (+inf) is never returned."""
+    gen = torch.Generator().manual_seed(len(finish_kind) + 10 * transposed)
+    finish = {
+        "sqrt": lambda raw, r: raw.clamp_min(0.0).sqrt(),
+        "plus_one": lambda raw, r: raw + 1.0,
+        "identity": lambda raw, r: raw,
+    }[finish_kind]
+    base = {"sqrt": 1024.0, "plus_one": -0.5, "identity": 3.0}[finish_kind]
+    rows, widths = 37, [64, 66, 50, 64, 13, 64]
+    seen_sizes = set()
+    for k in (1, 3, 6, 7):
+        for trial in range(3):
+            full = merging_keys(gen, rows, sum(widths), base, levels=3 if trial == 0 else 6)
+            full[torch.arange(rows), torch.randint(0, sum(widths), (rows,), generator=gen)] = float("inf")
+            pool = ref_module._BoundedPool(k, rows, finish, full.dtype, full.device)
+            offset = 0
+            for width in widths:
+                seen_sizes.add(ref_module._bounded_group_size(width, k))
+                tile = full[:, offset : offset + width]
+                pool.add(tile.t().contiguous().t() if transposed else tile.contiguous(), offset)
+                offset += width
+            distances, columns = pool.result()
+            columns_all = torch.arange(full.shape[1]).expand_as(full)
+            expected_d, expected_c = ref_module.sort_by_distance_then_index(finish(full, None), columns_all)
+            assert columns.dtype == torch.int64
+            assert torch.equal(columns, expected_c[:, :k]), (k, trial)
+            assert torch.equal(distances, expected_d[:, :k]), (k, trial)
+    assert seen_sizes == {0, 2, 4}, seen_sizes
+
+
+def test_symmetric_search_with_running_bounds(monkeypatch):
+    """A self-search over enough tiles per side to take the running-bound pools, on integer data
+    (exact ties everywhere) with a partial last tile: equal to the brute force, index for index."""
+    calls = []
+    real = ref_module._knn_symmetric_bounded
+    monkeypatch.setattr(ref_module, "_knn_symmetric_bounded", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(ref_module, "_BOUNDED_MIN_K", 1)
+    tile = 32
+    x = integer_data(torch.Generator().manual_seed(3), ref_module._BOUNDED_MIN_TILES * tile + 7, 3, -2, 3)
+    for metric in ("sqeuclidean", "euclidean", "dot", "cosine"):
+        for exclude in (False, True):
+            for k in (1, 4, 8):
+                d, i = knn(x, k=k, metric=metric, exclude_self=exclude, backend="torch", chunk_size=tile)
+                ref_d, ref_i, _ = brute_force_knn(x, None, k, metric, exclude)
+                if metric == "cosine":
+                    # Unit rows are rounded: compare as the other metrics' near-ties allow.
+                    assert_knn_matches(d, i, x, None, k, metric, exclude_self=exclude)
+                    continue
+                assert torch.equal(i, ref_i), (metric, exclude, k)
+                torch.testing.assert_close(d.double(), ref_d, atol=1e-6, rtol=0)
+    assert len(calls) == 4 * 2 * 3
+
+
 @pytest.mark.parametrize("transposed", [False, True], ids=["rows", "transposed_view"])
 def test_smallest_raw_matches_topk_where_it_discards_groups(transposed):
     """The grouped selection (group minima, then the candidates of the best groups) returns the

@@ -79,10 +79,9 @@ def order_ties_by_index(distances: torch.Tensor, indices: torch.Tensor) -> tuple
 
 Finish = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-# Smallest row width (in multiples of the number kept) at which the selection first discards
-# whole groups of columns. torch.topk costs 2-6 ns per element on rows of a few thousand
-# (and sorts pairs on rows under 64 k), against 0.1 ns for a min-reduction.
-_GROUPED_MIN_RATIO = 16
+# Columns per group, largest first. torch.topk costs 2-6 ns per element on rows of a few
+# thousand (and sorts pairs on rows under 64 k), against 0.1 ns for a min-reduction, so the
+# selection discards whole groups once the row is 16x the number kept (G = 2).
 _GROUP_SIZES = (16, 8, 4, 2)
 
 
@@ -93,8 +92,6 @@ def _group_size(width: int, count: int) -> int:
     largest G that keeps the candidates under an eighth of the row, as measured on 2 cores:
     (1024, 1024) k = 11 in 1.6 ms instead of 2.8 ms, its transpose 1.9 ms instead of 3.9 ms.
     """
-    if width < _GROUPED_MIN_RATIO * count:
-        return 1
     for size in _GROUP_SIZES:
         if count * size * 8 <= width:
             return size
@@ -335,6 +332,197 @@ class _CandidatePool:
         return d, i
 
 
+def _best_positions(distances: torch.Tensor, columns: torch.Tensor, k: int) -> torch.Tensor:
+    """Positions (R, k) of the k best of (R, M) candidates, sorted by (distance, column); k <= M."""
+    if distances.shape[1] > k:
+        values, order = torch.topk(distances, k + 1, dim=1, largest=False, sorted=True)
+    else:
+        values, order = torch.sort(distances, dim=1)
+    # Distinct values up to the (k+1)-th make the set and its order unique; rows with any tie
+    # among them are sorted whole by (distance, column).
+    tied = torch.nonzero((values[:, 1:] == values[:, :-1]).any(1)).flatten()
+    order = order[:, :k]
+    if tied.numel():
+        by_column = torch.argsort(columns.index_select(0, tied), dim=1)
+        by_distance = torch.sort(distances.index_select(0, tied).gather(1, by_column), dim=1, stable=True).indices
+        order = order.index_copy(0, tied, by_column.gather(1, by_distance)[:, :k])
+    return order
+
+
+def _bounded_group_size(width: int, k: int) -> int:
+    """Columns per group for :class:`_BoundedPool` on rows of ``width`` (0: too narrow to group).
+
+    4 where that leaves at least 2k groups (so that the k-th smallest group minimum of a first
+    tile is a tight bound), else 2. Measured at N = 16384, D = 512 on 2 cores (k = 100 / 10):
+    groups of 4 took 3.03 / 1.75 s, of 2 3.58 / 2.56 s, of 16 3.46 / 1.90 s (larger groups
+    gather more candidates per entry within the bound, smaller ones cost more minima).
+    """
+    for size in (4, 2):
+        if width // size >= 2 * k:
+            return size
+    return 0
+
+
+# When the symmetric search keeps running bounds: from 8 tiles per side (with fewer, most of a
+# row's tiles come before its bound is tight: at N = 4096, 4 tiles of 1024, k = 100 took 310
+# against 305 ms) and from k = 32, where the per-tile selection is a topk over most of the tile
+# (k = 10 is selected in groups of 16 at 1.6 ns per entry, and the bounds gain nothing there:
+# 1.68 / 7.01 s against 1.87 / 6.60 s at N = 16384 / 32768). Medians on 2 cores, D = 512:
+# k = 32, N = 16384: 1.83 against 2.16 s; k = 100: 2.13 against 2.93 s, N = 32768: 9.2 against 13.3 s.
+_BOUNDED_MIN_TILES = 8
+_BOUNDED_MIN_K = 32
+
+
+def _use_running_bounds(num_tiles: int, tile: int, k: int) -> bool:
+    return num_tiles >= _BOUNDED_MIN_TILES and k >= _BOUNDED_MIN_K and _bounded_group_size(tile, k) > 0
+
+
+def _keep_best_raw(
+    raw: torch.Tensor, columns: torch.Tensor, k: int, finish: Finish, rows: torch.Tensor
+) -> torch.Tensor:
+    """Positions (R, k) of the k best of (R, M) raw-key candidates by (distance, column), unordered.
+
+    An unsorted topk of k + 1 raw keys is a linear-time selection, and only those are
+    finished: where the largest of their distances is unique, dropping it leaves the unique k
+    best. Rows where it is repeated and finite (a tie at the cut) are settled by
+    :func:`_best_positions` on the whole row. An infinite cut is padding or an excluded
+    diagonal, neither of which can be among the k nearest of finite rows.
+    """
+    values, order = torch.topk(raw, k + 1, dim=1, largest=False, sorted=False)
+    distances = finish(values, rows)
+    top, at = distances.max(1, keepdim=True)
+    order.scatter_(1, at, order[:, k:])
+    order = order[:, :k]
+    tied = torch.nonzero(((distances == top).sum(1) > 1) & torch.isfinite(top.squeeze(1))).flatten()
+    if tied.numel():
+        sub_rows = rows.index_select(0, tied)
+        exact = _best_positions(finish(raw.index_select(0, tied), sub_rows), columns.index_select(0, tied), k)
+        order = order.index_copy(0, tied, exact)
+    return order
+
+
+class _BoundedPool:
+    """The k nearest of a block of rows, offered the columns tile by tile in increasing order.
+
+    Each row keeps an upper bound on the raw keys that can still be among its k nearest, and a
+    tile is reduced to the groups of columns (strided, as in :func:`smallest_raw`) whose minimum
+    is within it: one contiguous min-reduction, then a gather of a few candidates per row,
+    where ``torch.topk`` on the whole tile cost 8 ns per entry at k = 100 on 2 cores.
+
+    The bounds: once the pool holds k candidates, a later column whose raw key is at least the
+    largest of theirs finishes at or above each of their distances (the finish is monotone) and
+    loses the tie on index. Before that, the first tile bounds itself: its k smallest group
+    minima are k of its entries, so an entry whose distance exceeds that of the k-th smallest
+    minimum cannot be among the k nearest.
+    """
+
+    def __init__(self, k: int, num_rows: int, finish: Finish, dtype: torch.dtype, device: torch.device) -> None:
+        self.k, self.finish = k, finish
+        self.rows = torch.arange(num_rows, device=device)
+        self.bound = torch.full((num_rows,), float("inf"), dtype=dtype, device=device)
+        self.filled = False
+        self.raw: list[torch.Tensor] = []
+        self.columns: list[torch.Tensor] = []
+        self.size = 0
+        # Each reduction is a selection over the whole list (8 ns per entry at k = 100); reducing
+        # more often tightens the bounds sooner.
+        self.capacity = 4 * k
+
+    def add(self, block: torch.Tensor, offset: int) -> None:
+        """Offer ``block`` (R, W) of raw keys, columns ``offset`` to ``offset + W``, all above
+        every column offered before. ``block`` may be a transposed view of a contiguous matrix."""
+        num_rows, width = block.shape
+        size = _bounded_group_size(width, self.k)
+        if size == 0:
+            # Too narrow to group (a partial last tile): every entry is a candidate.
+            columns = torch.arange(width, dtype=torch.int32, device=block.device) + offset
+            self._append(block.contiguous(), columns.expand(num_rows, width))
+        else:
+            self._add_groups(block, offset, size)
+        if self.size >= self.k and (not self.filled or self.size > self.capacity):
+            self._reduce()
+
+    def _add_groups(self, block: torch.Tensor, offset: int, size: int) -> None:
+        num_rows, width = block.shape
+        device = block.device
+        groups = width // size
+        body = groups * size
+        transposed = block.stride(1) != 1
+        # Group j is columns j, j + groups, ...: halving the strip pairwise is one vectorised
+        # elementwise minimum per level over contiguous memory.
+        minima = block.t()[:body] if transposed else block[:, :body]
+        dim = 0 if transposed else 1
+        while minima.shape[dim] > groups:
+            half = minima.shape[dim] // 2
+            minima = torch.minimum(minima.narrow(dim, 0, half), minima.narrow(dim, half, half))
+        if transposed:
+            minima = minima.t()  # (R, groups) view of a contiguous (groups, R)
+        if not self.filled:
+            kth = torch.topk(minima, self.k, dim=1, largest=False, sorted=False).values.amax(1)
+            cut = self.finish(kth.unsqueeze(1), self.rows).squeeze(1)
+            self.bound = torch.minimum(self.bound, _largest_raw_at_most(self.finish, self.rows, kth, cut))
+        within = minima <= self.bound.unsqueeze(1)
+        counts = within.sum(1)
+        widest = int(counts.max())
+        if widest:
+            if transposed:
+                # Pairs in the order of memory (group-major) so that the gather below reads the
+                # tile's rows in sequence; a row's slots count its earlier groups.
+                pair_groups, pair_rows = torch.nonzero(within.t(), as_tuple=True)
+                slots = (within.t().to(torch.int32).cumsum(0) - 1)[pair_groups, pair_rows]
+            else:
+                pair_rows, pair_groups = torch.nonzero(within, as_tuple=True)
+                starts = counts.cumsum(0) - counts
+                slots = torch.arange(pair_rows.numel(), device=device) - starts[pair_rows]
+            # Candidates are laid out (R, size, widest), strip-major, so that every index
+            # computation below broadcasts over a long contiguous inner dimension.
+            strips = torch.arange(size, device=device).unsqueeze(1)
+            row_stride, column_stride = block.stride()
+            first = pair_rows * row_stride + pair_groups * column_stride + block.storage_offset()
+            flat = (strips * (groups * column_stride) + first).view(-1)  # (size, P)
+            storage = block.as_strided((block.untyped_storage().nbytes() // block.element_size(),), (1,), 0)
+            slot_of_pair = pair_rows * (size * widest) + slots
+            destination = (strips * widest + slot_of_pair).view(-1)
+            raw = torch.full((num_rows * size * widest,), float("inf"), dtype=block.dtype, device=device)
+            raw.index_copy_(0, destination, storage.index_select(0, flat))
+            # The columns of a padding slot are never read: its raw key is infinite.
+            table = torch.zeros(num_rows * widest, dtype=torch.int32, device=device)
+            table.index_copy_(0, pair_rows * widest + slots, pair_groups.to(torch.int32))
+            columns = table.view(num_rows, 1, widest) + (strips * groups + offset).to(torch.int32)
+            self._append(raw.view(num_rows, -1), columns.view(num_rows, -1))
+        if body < width:
+            tail = torch.arange(body, width, dtype=torch.int32, device=device) + offset
+            self._append(block[:, body:].contiguous(), tail.expand(num_rows, width - body))
+
+    def _append(self, raw: torch.Tensor, columns: torch.Tensor) -> None:
+        self.raw.append(raw)
+        self.columns.append(columns)
+        self.size += raw.shape[1]
+
+    def _gathered(self) -> tuple[torch.Tensor, torch.Tensor]:
+        raw = torch.cat(self.raw, 1) if len(self.raw) > 1 else self.raw[0]
+        columns = torch.cat(self.columns, 1) if len(self.columns) > 1 else self.columns[0]
+        return raw, columns
+
+    def _reduce(self) -> None:
+        raw, columns = self._gathered()
+        best = _keep_best_raw(raw, columns, self.k, self.finish, self.rows)
+        raw, columns = raw.gather(1, best), columns.gather(1, best)
+        self.raw, self.columns, self.size = [raw], [columns], self.k
+        # Raw keys below the largest kept: torch.nextafter keeps the comparison inclusive.
+        self.bound = torch.minimum(self.bound, torch.nextafter(raw.amax(1), raw.new_tensor(float("-inf"))))
+        self.filled = True
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(distances (R, k), columns (R, k) int64) of the k nearest, sorted by (distance, column)."""
+        if self.size > self.k:
+            self._reduce()
+        raw, columns = self._gathered()
+        distances = self.finish(raw, self.rows)
+        best = _best_positions(distances, columns, self.k)
+        return distances.gather(1, best), columns.gather(1, best).to(torch.int64)
+
+
 def _symmetric_keys(x: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.Tensor, Finish]:
     """Left (N, D') and right (N, D') rows whose products are symmetric raw keys, and their finish.
 
@@ -379,8 +567,8 @@ def _knn_symmetric(
     progress: Callable[[int], None] | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Self-search that computes each pair once: tile (I, J) with J > I serves rows I, and its
-    transpose (read in place) serves rows J. With b tiles per side the GEMM work is (b + 1) / (2 b) of the plain
-    chunked search (the diagonal tiles are computed whole)."""
+    transpose (read in place) serves rows J. With b tiles per side the GEMM work is
+    (b + 1) / (2 b) of the plain chunked search (the diagonal tiles are computed whole)."""
     n = x.shape[0]
     left, right, finish = _symmetric_keys(x, metric)
     if exclude_self:
@@ -393,6 +581,8 @@ def _knn_symmetric(
     else:
         diagonal = torch.zeros(n, dtype=left.dtype, device=x.device)
     starts = list(range(0, n, tile))
+    if _use_running_bounds(len(starts), tile, k):
+        return _knn_symmetric_bounded(left, right, finish, diagonal, k, tile, x.dtype, progress)
     pools = [_CandidatePool(k, 4 * k) for _ in starts]
     buffer = torch.empty(tile, tile, dtype=left.dtype, device=x.device)
     distances = torch.empty(n, k, dtype=x.dtype, device=x.device)
@@ -415,6 +605,50 @@ def _knn_symmetric(
             d, c = smallest_k(block, min(k, j1 - j0), finish)
             pools[bi].add(d, c + j0)
         d, c = pools[bi].reduce()
+        distances[i0:i1] = d
+        indices[i0:i1] = c
+        pools[bi] = None  # type: ignore[call-overload]
+        if progress is not None:
+            progress(i1 - i0)
+    return distances, indices
+
+
+def _knn_symmetric_bounded(
+    left: torch.Tensor,
+    right: torch.Tensor,
+    finish: Finish,
+    diagonal: torch.Tensor | None,
+    k: int,
+    tile: int,
+    dtype: torch.dtype,
+    progress: Callable[[int], None] | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_knn_symmetric` with a :class:`_BoundedPool` per row tile (k <= tile / 4).
+
+    Row tile I is offered the transposes of tiles (0, I) ... (I - 1, I), then tiles (I, I) ...:
+    its columns in increasing order, as the pool's bounds require.
+    """
+    n = left.shape[0]
+    device = left.device
+    starts = list(range(0, n, tile))
+    pools = [_BoundedPool(k, min(tile, n - i0), finish, left.dtype, device) for i0 in starts]
+    buffer = torch.empty(tile, tile, dtype=left.dtype, device=device)
+    distances = torch.empty(n, k, dtype=dtype, device=device)
+    indices = torch.empty(n, k, dtype=torch.int64, device=device)
+    for bi, i0 in enumerate(starts):
+        i1 = min(i0 + tile, n)
+        for bj in range(bi, len(starts)):
+            j0 = starts[bj]
+            j1 = min(j0 + tile, n)
+            block = torch.mm(left[i0:i1], right[j0:j1].t(), out=buffer[: i1 - i0, : j1 - j0])
+            if bi == bj:
+                if diagonal is not None:
+                    local = torch.arange(i1 - i0, device=device)
+                    block[local, local] = diagonal[i0:i1]
+            else:
+                pools[bj].add(block.t(), i0)
+            pools[bi].add(block, j0)
+        d, c = pools[bi].result()
         distances[i0:i1] = d
         indices[i0:i1] = c
         pools[bi] = None  # type: ignore[call-overload]
