@@ -670,7 +670,9 @@ def knn_reference(
     """k nearest gallery rows of every query row, streamed over query chunks.
 
     A self-search (``symmetric``) over at least two tiles computes each pair once instead: the
-    (I, J) tile of the distance matrix serves the rows of I and, transposed, those of J.
+    (I, J) tile of the distance matrix serves the rows of I and, transposed, those of J. From 8
+    tiles per side and k >= 32, each row tile also keeps a running bound on the keys that can
+    still be among its k nearest and selects only among the columns within it.
 
     Args:
         query: (Q, D) floating tensor.
