@@ -252,7 +252,7 @@ def test_bounded_pool_equals_a_full_sort(finish_kind, transposed):
             for width in widths:
                 seen_sizes.add(ref_module._bounded_group_size(width, k))
                 tile = full[:, offset : offset + width]
-                pool.add(tile.t().contiguous().t() if transposed else tile.contiguous(), offset)
+                pool.offer(tile.t().contiguous().t() if transposed else tile.contiguous(), offset)
                 offset += width
             distances, columns = pool.result()
             columns_all = torch.arange(full.shape[1]).expand_as(full)
@@ -267,8 +267,8 @@ def test_symmetric_search_with_running_bounds(monkeypatch):
     """A self-search over enough tiles per side to take the running-bound pools, on integer data
     (exact ties everywhere) with a partial last tile: equal to the brute force, index for index."""
     calls = []
-    real = ref_module._knn_symmetric_bounded
-    monkeypatch.setattr(ref_module, "_knn_symmetric_bounded", lambda *a: calls.append(1) or real(*a))
+    real = ref_module._use_running_bounds
+    monkeypatch.setattr(ref_module, "_use_running_bounds", lambda *a: calls.append(real(*a)) or calls[-1])
     monkeypatch.setattr(ref_module, "_BOUNDED_MIN_K", 1)
     tile = 32
     x = integer_data(torch.Generator().manual_seed(3), ref_module._BOUNDED_MIN_TILES * tile + 7, 3, -2, 3)
@@ -283,7 +283,7 @@ def test_symmetric_search_with_running_bounds(monkeypatch):
                     continue
                 assert torch.equal(i, ref_i), (metric, exclude, k)
                 torch.testing.assert_close(d.double(), ref_d, atol=1e-6, rtol=0)
-    assert len(calls) == 4 * 2 * 3
+    assert calls == [True] * (4 * 2 * 3)
 
 
 @pytest.mark.parametrize("transposed", [False, True], ids=["rows", "transposed_view"])

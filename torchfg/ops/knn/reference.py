@@ -55,13 +55,16 @@ def default_tile_size(device: torch.device, num_rows: int) -> int:
     return 2048 if num_rows >= 8192 else 1024
 
 
+def order_by_distance_then_index(distances: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Positions (R, M) that sort each row of (R, M) candidates by (distance, index), ascending."""
+    by_index = torch.argsort(indices, dim=1)
+    # A stable sort on distance keeps the index order among equal distances.
+    return by_index.gather(1, torch.sort(distances.gather(1, by_index), dim=1, stable=True).indices)
+
+
 def sort_by_distance_then_index(distances: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sort each row of (R, k) candidates by (distance, index), ascending."""
-    by_index = torch.argsort(indices, dim=1)
-    distances = distances.gather(1, by_index)
-    indices = indices.gather(1, by_index)
-    # A stable sort on distance keeps the index order among equal distances.
-    order = torch.sort(distances, dim=1, stable=True).indices
+    order = order_by_distance_then_index(distances, indices)
     return distances.gather(1, order), indices.gather(1, order)
 
 
@@ -310,13 +313,23 @@ def select_candidates(distances: torch.Tensor, indices: torch.Tensor, k: int) ->
 
 
 class _CandidatePool:
-    """Per-query candidate lists gathered tile by tile, reduced to the best k when they grow."""
+    """Per-query candidate lists gathered tile by tile, reduced to the best k when they grow.
 
-    def __init__(self, k: int, capacity: int) -> None:
-        self.k, self.capacity = k, capacity
+    Each tile offered is reduced to its own k nearest by :func:`smallest_k` first.
+    """
+
+    def __init__(self, k: int, capacity: int, finish: Finish) -> None:
+        self.k, self.capacity, self.finish = k, capacity, finish
         self.distances: list[torch.Tensor] = []
         self.indices: list[torch.Tensor] = []
         self.size = 0
+
+    def offer(self, block: torch.Tensor, offset: int) -> None:
+        """Offer ``block`` (R, W) of raw keys for columns ``offset`` to ``offset + W``; ``block``
+        may be a transposed view (the selection reads it in place: a transposed copy cost 10%
+        of a search)."""
+        distances, columns = smallest_k(block, min(self.k, block.shape[1]), self.finish)
+        self.add(distances, columns + offset)
 
     def add(self, distances: torch.Tensor, indices: torch.Tensor) -> None:
         self.distances.append(distances)
@@ -331,6 +344,8 @@ class _CandidatePool:
         self.distances, self.indices, self.size = [d], [i], d.shape[1]
         return d, i
 
+    result = reduce
+
 
 def _best_positions(distances: torch.Tensor, columns: torch.Tensor, k: int) -> torch.Tensor:
     """Positions (R, k) of the k best of (R, M) candidates, sorted by (distance, column); k <= M."""
@@ -343,9 +358,8 @@ def _best_positions(distances: torch.Tensor, columns: torch.Tensor, k: int) -> t
     tied = torch.nonzero((values[:, 1:] == values[:, :-1]).any(1)).flatten()
     order = order[:, :k]
     if tied.numel():
-        by_column = torch.argsort(columns.index_select(0, tied), dim=1)
-        by_distance = torch.sort(distances.index_select(0, tied).gather(1, by_column), dim=1, stable=True).indices
-        order = order.index_copy(0, tied, by_column.gather(1, by_distance)[:, :k])
+        exact = order_by_distance_then_index(distances.index_select(0, tied), columns.index_select(0, tied))
+        order = order.index_copy(0, tied, exact[:, :k])
     return order
 
 
@@ -428,7 +442,7 @@ class _BoundedPool:
         # more often tightens the bounds sooner.
         self.capacity = 4 * k
 
-    def add(self, block: torch.Tensor, offset: int) -> None:
+    def offer(self, block: torch.Tensor, offset: int) -> None:
         """Offer ``block`` (R, W) of raw keys, columns ``offset`` to ``offset + W``, all above
         every column offered before. ``block`` may be a transposed view of a contiguous matrix."""
         num_rows, width = block.shape
@@ -581,12 +595,16 @@ def _knn_symmetric(
     else:
         diagonal = torch.zeros(n, dtype=left.dtype, device=x.device)
     starts = list(range(0, n, tile))
+    pools: list[_CandidatePool] | list[_BoundedPool]
     if _use_running_bounds(len(starts), tile, k):
-        return _knn_symmetric_bounded(left, right, finish, diagonal, k, tile, x.dtype, progress)
-    pools = [_CandidatePool(k, 4 * k) for _ in starts]
+        pools = [_BoundedPool(k, min(tile, n - i0), finish, left.dtype, x.device) for i0 in starts]
+    else:
+        pools = [_CandidatePool(k, 4 * k, finish) for _ in starts]
     buffer = torch.empty(tile, tile, dtype=left.dtype, device=x.device)
     distances = torch.empty(n, k, dtype=x.dtype, device=x.device)
     indices = torch.empty(n, k, dtype=torch.int64, device=x.device)
+    # Row tile J is offered the transposes of tiles (0, J) ... (J - 1, J), then tiles (J, J) ...:
+    # its columns in increasing order, as the bounded pool requires.
     for bi, i0 in enumerate(starts):
         i1 = min(i0 + tile, n)
         for bj in range(bi, len(starts)):
@@ -598,56 +616,9 @@ def _knn_symmetric(
                     local = torch.arange(i1 - i0, device=x.device)
                     block[local, local] = diagonal[i0:i1]
             else:
-                # The tile's transpose holds rows J against columns I (the keys are symmetric);
-                # the selection reads it in place (a transposed copy cost 10% of a search).
-                d_t, c_t = smallest_k(block.t(), min(k, i1 - i0), finish)
-                pools[bj].add(d_t, c_t + i0)
-            d, c = smallest_k(block, min(k, j1 - j0), finish)
-            pools[bi].add(d, c + j0)
-        d, c = pools[bi].reduce()
-        distances[i0:i1] = d
-        indices[i0:i1] = c
-        pools[bi] = None  # type: ignore[call-overload]
-        if progress is not None:
-            progress(i1 - i0)
-    return distances, indices
-
-
-def _knn_symmetric_bounded(
-    left: torch.Tensor,
-    right: torch.Tensor,
-    finish: Finish,
-    diagonal: torch.Tensor | None,
-    k: int,
-    tile: int,
-    dtype: torch.dtype,
-    progress: Callable[[int], None] | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`_knn_symmetric` with a :class:`_BoundedPool` per row tile (k <= tile / 4).
-
-    Row tile I is offered the transposes of tiles (0, I) ... (I - 1, I), then tiles (I, I) ...:
-    its columns in increasing order, as the pool's bounds require.
-    """
-    n = left.shape[0]
-    device = left.device
-    starts = list(range(0, n, tile))
-    pools = [_BoundedPool(k, min(tile, n - i0), finish, left.dtype, device) for i0 in starts]
-    buffer = torch.empty(tile, tile, dtype=left.dtype, device=device)
-    distances = torch.empty(n, k, dtype=dtype, device=device)
-    indices = torch.empty(n, k, dtype=torch.int64, device=device)
-    for bi, i0 in enumerate(starts):
-        i1 = min(i0 + tile, n)
-        for bj in range(bi, len(starts)):
-            j0 = starts[bj]
-            j1 = min(j0 + tile, n)
-            block = torch.mm(left[i0:i1], right[j0:j1].t(), out=buffer[: i1 - i0, : j1 - j0])
-            if bi == bj:
-                if diagonal is not None:
-                    local = torch.arange(i1 - i0, device=device)
-                    block[local, local] = diagonal[i0:i1]
-            else:
-                pools[bj].add(block.t(), i0)
-            pools[bi].add(block, j0)
+                # The tile's transpose holds rows J against columns I (the keys are symmetric).
+                pools[bj].offer(block.t(), i0)
+            pools[bi].offer(block, j0)
         d, c = pools[bi].result()
         distances[i0:i1] = d
         indices[i0:i1] = c
