@@ -420,6 +420,47 @@ def _trace_pair_distances(level: str) -> Iterator[tuple[str, Callable[[], Any]]]
         yield _label("pair_distances", c), run
 
 
+def _trace_hardest_loss(level: str) -> Iterator[tuple[str, Callable[[], Any]]]:
+    import torch
+
+    from torchfg.ops.hardest_triplet_loss.triton import (
+        hardest_triplet_loss_backward_triton,
+        hardest_triplet_loss_triton,
+    )
+
+    # The fused loss's forward and backward (and the mining launches they make). 700 candidates
+    # on an emulated H100 are two mining splits (the forward merges them), 300 are one.
+    axes = {"dtype": DTYPES, "metric": ("euclidean", "sqeuclidean", "cosine", "dot"),
+            "text": ("none", "margin"), "reduction": ("mean", "none", "sum", "mean_nonzero"),
+            "smooth": (False, True), "N": (700, 300), "candidates": ("self", "other_grad", "other_detached"),
+            "layout": ("D512", "D100", "colmajor")}
+    for c in _combos(axes, ("dtype", "candidates", "text"), level):
+        def run(c: dict = c) -> None:
+            d = 100 if c["layout"] == "D100" else 512
+            layout = "colmajor" if c["layout"] == "colmajor" else "row"
+            n = c["N"]
+            x = _matrix(n, d, c["dtype"], layout)
+            labels = torch.arange(n) % 50
+            text = _matrix(n, 384, c["dtype"], "row", seed=2) if c["text"] != "none" else None
+            self_mode = c["candidates"] == "self"
+            y = x if self_mode else _matrix(n + 64, d, c["dtype"], layout, seed=3)
+            y_labels = labels if self_mode else torch.arange(n + 64) % 50
+            y_text = text if self_mode or text is None else _matrix(n + 64, 384, c["dtype"], "row", seed=4)
+            with _Precision(c["dtype"]):
+                loss, pairs, terms, count, links, y_inv, x_inv = hardest_triplet_loss_triton(
+                    x, y, labels, y_labels, text, y_text, metric=c["metric"], base_margin=0.2,
+                    margin_scale=0.5 if text is not None else 0.0, text_positive_threshold=None,
+                    self_offset=0 if self_mode else -1, smooth=c["smooth"], reduction=c["reduction"],
+                    link=c["candidates"] != "other_detached",
+                )
+                hardest_triplet_loss_backward_triton(
+                    torch.ones_like(loss), x, y, pairs, terms, count, links, y_inv, x_inv, metric=c["metric"],
+                    reduction=c["reduction"], candidates_are_anchors=self_mode,
+                    needs_candidate_grad=c["candidates"] == "other_grad",
+                )
+        yield _label("hardest_loss", c), run
+
+
 def _trace_dino(level: str) -> Iterator[tuple[str, Callable[[], Any]]]:
     import torch
 
@@ -446,6 +487,7 @@ TRACERS = {
     "knn": _trace_knn,
     "triplet": _trace_triplet,
     "pair_distances": _trace_pair_distances,
+    "hardest_loss": _trace_hardest_loss,
     "dino": _trace_dino,
 }
 
@@ -492,7 +534,12 @@ def load_kernels(relative_path: str) -> dict[str, Any]:
         exec(compile(ast.Module(body=[node], type_ignores=[]), str(path), "exec"), namespace)
 
     for node in tree.body:
-        if isinstance(node, (ast.Import, ast.ImportFrom)):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("torchfg.") and node.module.endswith(".triton"):
+            # Another kernel file's jit helpers (e.g. a shared merge or distance epilogue): loaded
+            # the same way, without torch.
+            helpers = load_kernels(node.module.replace(".", "/") + ".py")
+            namespace.update({a.asname or a.name: helpers[a.name] for a in node.names if a.name in helpers})
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
             modules = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
             if all(m == "__future__" or m.split(".")[0] in ("triton", "math", "dataclasses") for m in modules):
                 run(node)

@@ -74,7 +74,8 @@ echo "plan: $planned s of $TOTAL s; dry run: $DRY; out: $OUT" | tee -a "$OUT/ses
 # Kernel tests that exist today (a missing path is an error here, not a silent skip).
 TESTS=(tests/ops/test_pairwise_distance.py tests/ops/test_knn.py tests/ops/test_triplet_mining.py
        tests/ops/test_pair_distances.py tests/ops/test_precision.py tests/ops/test_opcheck.py
-       tests/ops/test_knn_cuda_selfcheck.py tests/test_dino.py tests/functional/test_triplet_loss.py)
+       tests/ops/test_knn_cuda_selfcheck.py tests/ops/test_hardest_triplet_loss.py tests/test_step_budget.py
+       tests/test_dino.py tests/functional/test_triplet_loss.py)
 for t in "${TESTS[@]}"; do
   [ -f "$t" ] || { echo "gpu_session.sh: test file $t does not exist" >&2; exit 2; }
 done

@@ -50,6 +50,12 @@ def check_labels(labels: object, name: str, n: int | None = None, *, device: tor
     return labels
 
 
+def mining_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Checked labels in the dtype the mining kernels take: int32 as they are (one 32-bit word per
+    label, a single mining pass), any other integer type as int64."""
+    return labels if labels.dtype == torch.int32 else labels.long()
+
+
 def check_same_device_dtype(a: torch.Tensor, a_name: str, b: torch.Tensor, b_name: str) -> None:
     if a.device != b.device:
         raise ValueError(f"{a_name} and {b_name} must be on the same device, got {a.device} and {b.device}")

@@ -13,13 +13,14 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import torchfg.ops.dino as dino_ops
+import torchfg.ops.hardest_triplet_loss as hardest_loss_ops
 import torchfg.ops.knn as knn_ops
 import torchfg.ops.pair_distances as pair_ops
 import torchfg.ops.pairwise as pairwise_ops
 import torchfg.ops.triplet as triplet_ops
 
 # Ops whose forward has an autograd formula: opcheck gets inputs that require grad.
-DIFFERENTIABLE = {"pairwise_distance", "pair_distances", "anchor_pair_distances", "dino_loss"}
+DIFFERENTIABLE = {"pairwise_distance", "pair_distances", "anchor_pair_distances", "dino_loss", "hardest_triplet_loss"}
 
 
 class _FirstCalls(TorchDispatchMode):
@@ -51,6 +52,10 @@ def _public_calls() -> None:
     pair_ops.pair_distances(x, idx_a, idx_b).sum().backward()
     pair_ops.anchor_pair_distances(x, torch.tensor([[1, 2], [0, 2], [3, 1], [2, 1], [5, 4], [4, 5], [0, 3]]), backend="torch").sum().backward()
     knn_ops.knn(x.detach(), y.detach(), 3, metric="euclidean", backend="torch")
+    text = torch.randn(7, 4, generator=gen)
+    hardest_loss_ops.hardest_triplet_loss(
+        x, x, labels, labels, text, text, margin_scale=0.5, exclude_self=True, backend="torch"
+    ).backward()
     student = torch.randn(3 * 2, 9, generator=gen, requires_grad=True)
     teacher = torch.randn(2 * 2, 9, generator=gen)
     dino_ops.dino_loss(
@@ -71,7 +76,7 @@ def _all_ops() -> list[str]:
 
 
 def test_every_custom_op_is_checked(captured):
-    assert len(_all_ops()) >= 12  # pairwise, pair, anchor-pair, dino (each + backward), knn, 3 mining
+    assert len(_all_ops()) >= 14  # pairwise, pair, anchor-pair, dino, hardest loss (each + backward), knn, 3 mining
     missing = set(_all_ops()) - set(captured)
     assert not missing, f"custom ops no public call in this file reaches (add one): {sorted(missing)}"
 

@@ -6,6 +6,9 @@ selected pairs is then recomputed exactly from ``a - b`` on the gathered rows
 is chunked), so for
 ``batch_hard`` and the adaptive loss the backward touches 2N pairs: O(N D) time and memory, never
 an N x N matrix. The euclidean gradient at zero distance (duplicate embeddings) is 0, never NaN.
+On the Triton backend (and without ``swap`` or ``cross_rank``) those two run as the single fused
+op :func:`torchfg.ops.hardest_triplet_loss.hardest_triplet_loss`: the same loss and gradient in
+five or six kernel launches per step.
 
 Anchors always come from ``embeddings``; positives and negatives come from a candidate set, which
 is ``embeddings`` itself (anchor i is then candidate i and never its own positive) or a separate
@@ -33,8 +36,9 @@ from torchfg._validation import (
     check_labels,
     check_row_sets,
     check_tensor,
+    mining_labels,
 )
-from torchfg.backends import BACKENDS
+from torchfg.backends import BACKENDS, resolve_backend
 from torchfg.distributed import all_reduce_sum, gather_batch, is_distributed, raise_on_all_ranks, world_size
 from torchfg.errors import BackendUnavailableError
 from torchfg.functional._triplet_selection import (
@@ -44,8 +48,10 @@ from torchfg.functional._triplet_selection import (
     select_triplets,
     violating,
 )
+from torchfg.ops.hardest_triplet_loss import hardest_triplet_loss
+from torchfg.ops.hardest_triplet_loss.reference import text_cosine
 from torchfg.ops.pair_distances import anchor_pair_distances, pair_distances
-from torchfg.ops.metric import DEFAULT_METRIC, METRICS, inverse_norms
+from torchfg.ops.metric import DEFAULT_METRIC, METRICS
 from torchfg.ops.triplet import mine_all_triplets, mine_hardest, mine_semi_hard
 from torchfg._validation import check_number as _check_number  # shared numeric argument check
 from torchfg._validation import check_bool as _check_flag
@@ -60,13 +66,6 @@ DEFAULT_MARGIN_SCALE = 0.5
 
 
 # ----------------------------------------------------------------------------- exact pair distances
-
-
-def _text_cosine(anchor_text: torch.Tensor, other_text: torch.Tensor) -> torch.Tensor:
-    """Row-wise cosine of two (K, T) text-embedding sets; 0 for a zero row. No gradient."""
-    acc = accumulation_dtype(anchor_text.dtype)
-    a, b = anchor_text.to(acc), other_text.to(acc)
-    return torch.linalg.vecdot(a, b) * inverse_norms(a, acc) * inverse_norms(b, acc)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -86,14 +85,14 @@ def _check_embeddings(
     embeddings = check_float_tensor(embeddings, "embeddings", ndim=2)
     if embeddings.shape[1] == 0:
         raise ValueError(f"embeddings must have a non-empty feature dim, got shape {tuple(embeddings.shape)}")
-    labels = check_labels(labels, "labels", embeddings.shape[0], device=embeddings.device).long()
+    labels = mining_labels(check_labels(labels, "labels", embeddings.shape[0], device=embeddings.device))
     if (ref_embeddings is None) != (ref_labels is None):
         raise ValueError("ref_embeddings and ref_labels must be given together (or both None)")
     if ref_embeddings is None:
         return embeddings, labels, embeddings, labels, 0
     ref_embeddings = check_float_tensor(ref_embeddings, "ref_embeddings", ndim=2)
     check_row_sets(embeddings, "embeddings", ref_embeddings, "ref_embeddings")
-    ref_labels = check_labels(ref_labels, "ref_labels", ref_embeddings.shape[0], device=embeddings.device).long()
+    ref_labels = mining_labels(check_labels(ref_labels, "ref_labels", ref_embeddings.shape[0], device=embeddings.device))
     return embeddings, labels, ref_embeddings, ref_labels, None
 
 
@@ -264,6 +263,37 @@ def _check_mining_backend(strategy: str, backend: str) -> None:
         )
 
 
+def _fused_hardest_loss(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    candidates: torch.Tensor,
+    candidate_labels: torch.Tensor,
+    anchor_offset: int | None,
+    *,
+    metric: str,
+    base_margin: float,
+    margin_scale: float,
+    text_embeddings: torch.Tensor | None,
+    candidate_text: torch.Tensor | None,
+    text_positive_threshold: float | None,
+    smooth: bool,
+    reduction: str,
+    backend: str,
+    swap: bool,
+    cross_rank: bool,
+) -> torch.Tensor | None:
+    """The batch-hard / ATL loss as the one fused op (:mod:`torchfg.ops.hardest_triplet_loss`)
+    where it runs the Triton kernels; None where the composition of mining, pair distances and
+    reduction below is used instead (the torch backend, ``swap``, ``cross_rank``)."""
+    if swap or cross_rank or resolve_backend("hardest_triplet_loss", embeddings.device, embeddings.dtype, backend) != "triton":
+        return None
+    return hardest_triplet_loss(
+        embeddings, candidates, labels, candidate_labels, text_embeddings, candidate_text, metric=metric,
+        base_margin=base_margin, margin_scale=margin_scale, text_positive_threshold=text_positive_threshold,
+        **_self_rows(anchor_offset), smooth=smooth, reduction=reduction, backend="triton",
+    )
+
+
 def _hardest_triplet_losses(
     embeddings: torch.Tensor,
     labels: torch.Tensor,
@@ -312,7 +342,7 @@ def _hardest_triplet_losses(
         d_an = torch.minimum(d_an, pair_distances(candidates, positive_idx, negative_idx, metric=metric))
     margin: torch.Tensor | float = base_margin
     if text_embeddings is not None and margin_scale != 0.0:
-        text_cos = _text_cosine(text_embeddings, candidate_text.index_select(0, negative_idx))
+        text_cos = text_cosine(text_embeddings, candidate_text.index_select(0, negative_idx))
         margin = (base_margin + margin_scale * (1.0 - text_cos) * 0.5).to(d_ap.dtype)
     losses = _hinge(d_ap - d_an + margin, smooth)
     return torch.where(valid, losses, torch.zeros_like(losses)), valid
@@ -438,6 +468,13 @@ def _triplet_margin_loss_impl(
     if indices_tuple is not None:
         triplets = _check_indices_tuple(indices_tuple, embeddings.shape[0], candidates.shape[0], embeddings.device)
     elif mining == "batch_hard":
+        fused = _fused_hardest_loss(
+            embeddings, labels, candidates, candidate_labels, anchor_offset, metric=metric, base_margin=margin,
+            margin_scale=0.0, text_embeddings=None, candidate_text=None, text_positive_threshold=None,
+            smooth=smooth, reduction=reduction, backend=backend, swap=swap, cross_rank=cross_rank,
+        )
+        if fused is not None:
+            return fused
         losses, valid = _hardest_triplet_losses(
             embeddings, labels, candidates, candidate_labels, anchor_offset, metric=metric, base_margin=margin,
             margin_scale=0.0, text_embeddings=None, candidate_text=None, text_positive_threshold=None,
@@ -599,10 +636,18 @@ def _adaptive_triplet_loss_impl(
         a, p, n = _check_indices_tuple(indices_tuple, embeddings.shape[0], candidates.shape[0], embeddings.device)
         margin: torch.Tensor | float = base_margin
         if margin_scale != 0.0 and a.numel():
-            text_cos = _text_cosine(text_embeddings.index_select(0, a), candidate_text.index_select(0, n))
+            text_cos = text_cosine(text_embeddings.index_select(0, a), candidate_text.index_select(0, n))
             margin = (base_margin + margin_scale * (1.0 - text_cos) * 0.5).to(accumulation_dtype(embeddings.dtype))
         losses = _listed_losses(embeddings, candidates, (a, p, n), metric=metric, margin=margin, smooth=False, swap=False)
         return _keep_gather_in_graph(_reduce(losses, None, reduction, cross_rank), candidates, cross_rank)
+    fused = _fused_hardest_loss(
+        embeddings, labels, candidates, candidate_labels, anchor_offset, metric=metric, base_margin=base_margin,
+        margin_scale=margin_scale, text_embeddings=text_embeddings, candidate_text=candidate_text,
+        text_positive_threshold=text_positive_threshold, smooth=False, reduction=reduction, backend=backend,
+        swap=False, cross_rank=cross_rank,
+    )
+    if fused is not None:
+        return fused
     losses, valid = _hardest_triplet_losses(
         embeddings,
         labels,

@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 
 from torchfg.distributed import gather_batch
-from torchfg.functional.triplet import _hardest_triplet_losses, _hinge, _reduce, _text_cosine
+from torchfg.functional.triplet import _fused_hardest_loss, _hardest_triplet_losses, _hinge, _reduce
+from torchfg.ops.hardest_triplet_loss.reference import text_cosine
 from torchfg.ops.metric import DEFAULT_METRIC
 from torchfg.ops.pair_distances import pair_distances
 
@@ -119,8 +120,20 @@ def memory_triplet_loss(
         for fp64 embeddings).
     """
     n, capacity = embeddings.shape[0], memory.shape[0]
+    groups = _self_groups(n, self_start, capacity)
+    if len(groups) == 1 and indices_tuple is None:
+        # One launch sequence with the fused loss on the Triton backend (the memory is detached:
+        # its backward writes the anchors' gradient only).
+        fused = _fused_hardest_loss(
+            embeddings, labels, memory, memory_labels, groups[0][2], metric=metric, base_margin=margin,
+            margin_scale=margin_scale, text_embeddings=text_embeddings, candidate_text=memory_text,
+            text_positive_threshold=text_positive_threshold, smooth=smooth, reduction=reduction, backend=backend,
+            swap=False, cross_rank=cross_rank,
+        )
+        if fused is not None:
+            return fused
     losses, valid = [], []
-    for lo, hi, offset in _self_groups(n, self_start, capacity):
+    for lo, hi, offset in groups:
         group_losses, group_valid = _hardest_triplet_losses(
             embeddings[lo:hi],
             labels[lo:hi],
@@ -146,7 +159,7 @@ def memory_triplet_loss(
         )
         triplet_margin = torch.full((k,), margin, dtype=d.dtype, device=d.device)
         if text_embeddings is not None and margin_scale != 0.0:
-            cos = _text_cosine(text_embeddings.index_select(0, anchor_idx), memory_text.index_select(0, negative_idx))
+            cos = text_cosine(text_embeddings.index_select(0, anchor_idx), memory_text.index_select(0, negative_idx))
             triplet_margin = triplet_margin + margin_scale * (1.0 - cos.to(d.dtype)) * 0.5
         losses.append(_hinge(d[:k] - d[k:] + triplet_margin, smooth))
         valid.append(torch.ones(k, dtype=torch.bool, device=d.device))

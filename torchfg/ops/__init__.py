@@ -4,4 +4,4 @@ Importing this package imports every op, so that each has declared its backends 
 :mod:`torchfg.backends` (what ``torchfg info`` lists). Kernels themselves load lazily.
 """
 
-from torchfg.ops import dino, knn, pair_distances, pairwise, triplet  # noqa: F401  (registers the backends)
+from torchfg.ops import dino, hardest_triplet_loss, knn, pair_distances, pairwise, triplet  # noqa: F401  (registers the backends)

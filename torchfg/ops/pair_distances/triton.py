@@ -26,7 +26,12 @@ import triton.language as tl
 from torchfg.backends import triton_interpreter_enabled
 from torchfg.ops.metric import inverse_norms, metric_code
 
-__all__ = ["anchor_pair_distances_triton", "anchor_pair_distances_backward_triton"]
+__all__ = [
+    "anchor_pair_distances_triton",
+    "anchor_pair_distances_backward_triton",
+    "finish_pair_distance",
+    "pair_distance_gradient",
+]
 
 _SQEUCLIDEAN, _EUCLIDEAN, _COSINE, _DOT = 0, 1, 2, 3
 
@@ -38,6 +43,38 @@ def _blocks(d: int) -> tuple[int, int, int]:
         return 8, 16, 1
     block_d = min(256, max(32, triton.next_power_of_2(d)))
     return 16, block_d, 4
+
+
+@triton.jit
+def finish_pair_distance(first, a_sq, b_sq, METRIC: tl.constexpr):
+    """Per row, the distance from the row sums of |a-b|^2 (Euclidean metrics) or a.b, |a|^2, |b|^2."""
+    if METRIC == 1:
+        return tl.sqrt(first)
+    elif METRIC == 2:
+        norms = tl.sqrt(a_sq) * tl.sqrt(b_sq)
+        cos = tl.where(norms > 0, first / tl.where(norms > 0, norms, 1.0), 0.0)
+        return 1.0 - cos
+    elif METRIC == 3:
+        return -first
+    return first
+
+
+@triton.jit
+def pair_distance_gradient(g, dist, a, b, a_inv, b_inv, METRIC: tl.constexpr):
+    """(R, BLOCK_D) columns of g * d(d(a, b))/da per row, from the forward's distance ``dist`` (R,)
+    and, for cosine, the inverse norms (R,) of a and b. The gradient of b is this with a and b
+    swapped (every metric is symmetric)."""
+    if METRIC == 1:
+        # d|a-b|/da = (a - b) / |a - b|, and 0 (a subgradient) at a zero distance.
+        coef = tl.where(dist > 0, g / tl.where(dist > 0, dist, 1.0), 0.0)
+        return coef[:, None] * (a - b)
+    elif METRIC == 0:
+        return (2.0 * g)[:, None] * (a - b)
+    elif METRIC == 2:
+        # d(1 - a^.b^)/da = -(b^ - cos a^) / |a|.
+        cos = 1.0 - dist
+        return -(g * a_inv)[:, None] * (b * b_inv[:, None] - cos[:, None] * a * a_inv[:, None])
+    return -g[:, None] * b
 
 
 @triton.jit
@@ -74,15 +111,7 @@ def _anchor_pair_fwd_kernel(
                 if METRIC == 2:
                     a_sq += a * a
                     b_sq += b * b
-        value = tl.sum(first, axis=1)
-        if METRIC == 1:
-            value = tl.sqrt(value)
-        elif METRIC == 2:
-            norms = tl.sqrt(tl.sum(a_sq, axis=1)) * tl.sqrt(tl.sum(b_sq, axis=1))
-            cos = tl.where(norms > 0, value / tl.where(norms > 0, norms, 1.0), 0.0)
-            value = 1.0 - cos
-        elif METRIC == 3:
-            value = -value
+        value = finish_pair_distance(tl.sum(first, axis=1), tl.sum(a_sq, axis=1), tl.sum(b_sq, axis=1), METRIC)
         tl.store(out_ptr + rows64 * K + k, value, mask=row_ok)
 
 
@@ -108,6 +137,9 @@ def _anchor_pair_bwd_kernel(
         count = tl.load(counts_ptr + rows64, mask=row_ok, other=0)
         first = tl.load(ends_ptr + rows64, mask=row_ok, other=0) - count
         longest = tl.max(count, axis=0)
+    # Inverse norms are read for cosine only; the other metrics ignore these.
+    own_inv = tl.zeros((BLOCK_R,), dtype=ACC_DTYPE)
+    row_inv = tl.zeros((BLOCK_R,), dtype=ACC_DTYPE)
     if METRIC == 2:
         if OWN:
             own_inv = tl.load(x_inv_ptr + rows64, mask=row_ok, other=0.0)
@@ -130,19 +162,10 @@ def _anchor_pair_bwd_kernel(
                 dist = tl.load(out_ptr + pair, mask=row_ok, other=0.0).to(ACC_DTYPE)
                 b = tl.load(y_ptr + partner[:, None] * stride_yn + cols64[None, :] * stride_yd, mask=mask, other=0.0)
                 b = b.to(ACC_DTYPE)
-                if METRIC == 1:
-                    # d|a-b|/da = (a - b) / |a - b|, and 0 (a subgradient) at a zero distance.
-                    coef = tl.where(dist > 0, g / tl.where(dist > 0, dist, 1.0), 0.0)
-                    acc += coef[:, None] * (a - b)
-                elif METRIC == 0:
-                    acc += (2.0 * g)[:, None] * (a - b)
-                elif METRIC == 2:
-                    # d(1 - a^.b^)/da = -(b^ - cos a^) / |a|.
+                b_inv = g
+                if METRIC == 2:
                     b_inv = tl.load(y_inv_ptr + partner, mask=row_ok, other=0.0)
-                    cos = 1.0 - dist
-                    acc -= (g * own_inv)[:, None] * (b * b_inv[:, None] - cos[:, None] * a * own_inv[:, None])
-                else:
-                    acc -= g[:, None] * b
+                acc += pair_distance_gradient(g, dist, a, b, own_inv, b_inv, METRIC)
         if PARTNER:
             b = tl.load(y_ptr + rows64[:, None] * stride_yn + cols64[None, :] * stride_yd, mask=mask, other=0.0)
             b = b.to(ACC_DTYPE)
@@ -155,17 +178,10 @@ def _anchor_pair_bwd_kernel(
                 a_mask = listed[:, None] & (cols[None, :] < D)
                 a = tl.load(x_ptr + anchor[:, None] * stride_xn + cols64[None, :] * stride_xd, mask=a_mask, other=0.0)
                 a = a.to(ACC_DTYPE)
-                if METRIC == 1:
-                    coef = tl.where(dist > 0, g / tl.where(dist > 0, dist, 1.0), 0.0)
-                    acc += coef[:, None] * (b - a)
-                elif METRIC == 0:
-                    acc += (2.0 * g)[:, None] * (b - a)
-                elif METRIC == 2:
+                a_inv = g
+                if METRIC == 2:
                     a_inv = tl.load(x_inv_ptr + anchor, mask=listed, other=0.0)
-                    cos = 1.0 - dist
-                    acc -= (g * row_inv)[:, None] * (a * a_inv[:, None] - cos[:, None] * b * row_inv[:, None])
-                else:
-                    acc -= g[:, None] * a
+                acc += pair_distance_gradient(g, dist, b, a, row_inv, a_inv, METRIC)
         tl.store(g_ptr + rows64[:, None] * D + cols[None, :], acc.to(g_ptr.dtype.element_ty), mask=mask)
 
 

@@ -24,6 +24,7 @@ from torchfg._validation import (
     check_number,
     check_row_sets,
     check_tensor,
+    mining_labels,
 )
 from torchfg.backends import BackendSpec, register_op, resolve_backend
 from torchfg.ops._library import custom_op
@@ -131,11 +132,42 @@ def _check_mining_inputs(
     anchors = check_float_tensor(anchors, "anchors", ndim=2)
     candidates = check_float_tensor(candidates, "candidates", ndim=2)
     check_row_sets(anchors, "anchors", candidates, "candidates")
-    anchor_labels = check_labels(anchor_labels, "anchor_labels", anchors.shape[0], device=anchors.device).long()
-    candidate_labels = check_labels(candidate_labels, "candidate_labels", candidates.shape[0], device=anchors.device).long()
+    anchor_labels = mining_labels(check_labels(anchor_labels, "anchor_labels", anchors.shape[0], device=anchors.device))
+    candidate_labels = mining_labels(
+        check_labels(candidate_labels, "candidate_labels", candidates.shape[0], device=anchors.device)
+    )
     check_choice(metric, "metric", METRICS)
     self_offset = _self_offset(exclude_self, anchor_offset, anchors.shape[0], candidates.shape[0])
     return anchor_labels, candidate_labels, self_offset
+
+
+def _check_text_inputs(
+    anchor_text: object,
+    candidate_text: object,
+    text_positive_threshold: object,
+    anchors: torch.Tensor,
+    candidates: torch.Tensor,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, float | None]:
+    """(anchor_text, candidate_text) checked against the rows they describe and detached (weak
+    labels get no gradient), and the threshold checked; for every op that mines with text."""
+    if (anchor_text is None) != (candidate_text is None):
+        raise ValueError("anchor_text and candidate_text must be given together (or both None)")
+    if anchor_text is not None:
+        check_float_tensor(anchor_text, "anchor_text", ndim=2)
+        check_float_tensor(candidate_text, "candidate_text", ndim=2)
+        if anchor_text.shape[0] != anchors.shape[0]:
+            raise ValueError(f"anchor_text must have {anchors.shape[0]} rows (one per anchor), got {anchor_text.shape[0]}")
+        if candidate_text.shape[0] != candidates.shape[0]:
+            raise ValueError(
+                f"candidate_text must have {candidates.shape[0]} rows (one per candidate), got {candidate_text.shape[0]}"
+            )
+        check_row_sets(anchor_text, "anchor_text", candidate_text, "candidate_text", size_name="T")
+        if anchor_text.device != anchors.device:
+            raise ValueError("anchor_text and candidate_text must be on the device of anchors")
+        anchor_text, candidate_text = anchor_text.detach(), candidate_text.detach()
+    if text_positive_threshold is not None:
+        text_positive_threshold = check_number(text_positive_threshold, "text_positive_threshold", low=-1.0, high=1.0)
+    return anchor_text, candidate_text, text_positive_threshold
 
 
 def _self_offset(exclude_self: object, anchor_offset: object, n: int, m: int) -> int:
@@ -220,23 +252,9 @@ def mine_hardest(
     )
     base_margin = check_number(base_margin, "base_margin")
     margin_scale = check_number(margin_scale, "margin_scale", low=0.0)
-    if (anchor_text is None) != (candidate_text is None):
-        raise ValueError("anchor_text and candidate_text must be given together (or both None)")
-    if anchor_text is not None:
-        check_float_tensor(anchor_text, "anchor_text", ndim=2)
-        check_float_tensor(candidate_text, "candidate_text", ndim=2)
-        if anchor_text.shape[0] != anchors.shape[0]:
-            raise ValueError(f"anchor_text must have {anchors.shape[0]} rows (one per anchor), got {anchor_text.shape[0]}")
-        if candidate_text.shape[0] != candidates.shape[0]:
-            raise ValueError(
-                f"candidate_text must have {candidates.shape[0]} rows (one per candidate), got {candidate_text.shape[0]}"
-            )
-        check_row_sets(anchor_text, "anchor_text", candidate_text, "candidate_text", size_name="T")
-        if anchor_text.device != anchors.device:
-            raise ValueError("anchor_text and candidate_text must be on the device of anchors")
-        anchor_text, candidate_text = anchor_text.detach(), candidate_text.detach()
-    if text_positive_threshold is not None:
-        text_positive_threshold = check_number(text_positive_threshold, "text_positive_threshold", low=-1.0, high=1.0)
+    anchor_text, candidate_text, text_positive_threshold = _check_text_inputs(
+        anchor_text, candidate_text, text_positive_threshold, anchors, candidates
+    )
     backend = resolve_backend("mine_hardest", anchors.device, anchors.dtype, backend)
     return _mine_hardest_op(
         anchors.detach(),

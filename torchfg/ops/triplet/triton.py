@@ -45,11 +45,12 @@ import torch
 import triton
 import triton.language as tl
 
+from torchfg._validation import accumulation_dtype
 from torchfg.backends import triton_interpreter_enabled
 from torchfg.ops._triton_utils import dot_dtypes
 from torchfg.ops.metric import metric_code as metric_code_of
 
-__all__ = ["TileConfig", "mine_hardest_triton", "mine_hardest_triton_tiled"]
+__all__ = ["TileConfig", "SplitBests", "mine_hardest_triton", "mine_hardest_triton_tiled", "mine_hardest_splits_triton"]
 
 
 # Every tile width used by the GPU configs divides this, so a split is a whole number of tiles.
@@ -139,13 +140,22 @@ def _row_stat_block(
 def _row_stat_kernel(
     x_ptr, out_ptr, R, C, stride_r, stride_c,
     y_ptr, out_y_ptr, R_Y, C_Y, stride_yr, stride_yc,
-    x_blocks,
+    x_blocks, fill_ptr, fill_len, fill_value,
     INVERSE_NORM: tl.constexpr, ACC_DTYPE: tl.constexpr,
     INVERSE_NORM_Y: tl.constexpr, ACC_DTYPE_Y: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    FILL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Row statistics of up to two matrices in one launch: programs [0, x_blocks) take x, the rest y."""
+    """Row statistics of up to two matrices in one launch: programs [0, x_blocks) take x, the rest y.
+
+    FILL: the programs also set ``fill_ptr[0:fill_len]`` to ``fill_value`` (grid-stride), the
+    scratch of the fused triplet loss that runs after the mining: one launch fewer per step.
+    """
     pid = tl.program_id(0)
+    if FILL:
+        step = tl.num_programs(0) * BLOCK_R
+        for f0 in tl.range(pid * BLOCK_R, fill_len, step):
+            spots = tl.arange(0, BLOCK_R).to(tl.int64) + f0
+            tl.store(fill_ptr + spots, tl.full((BLOCK_R,), fill_value, tl.int32), mask=spots < fill_len)
     if pid < x_blocks:
         _row_stat_block(x_ptr, out_ptr, R, C, stride_r, stride_c, pid, INVERSE_NORM, ACC_DTYPE, BLOCK_R, BLOCK_C)
     else:
@@ -391,12 +401,12 @@ def _mine_hardest_kernel(
 
 
 @triton.jit
-def _merge_splits_kernel(
-    pos_val_ptr, pos_idx_ptr, neg_val_ptr, neg_idx_ptr, pos_out_ptr, neg_out_ptr,
-    N, SPLITS, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+def merge_split_bests(
+    pos_val_ptr, pos_idx_ptr, neg_val_ptr, neg_idx_ptr, rows, row_ok, N, SPLITS,
+    ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    row_ok = rows < N
+    """(positive, negative) int64 candidate index per row of ``rows`` from the (SPLITS, N) per-split
+    bests; -1 where no split found one. Shared by the merge kernel and the fused triplet loss."""
     best_pos = tl.full((BLOCK,), float("-inf"), ACC_DTYPE)
     best_pos_idx = tl.full((BLOCK,), -1, tl.int64)
     best_neg = tl.full((BLOCK,), float("-inf"), ACC_DTYPE)
@@ -409,15 +419,28 @@ def _merge_splits_kernel(
     for s in tl.range(0, SPLITS):
         offsets = rows64 + s * n64
         value = tl.load(pos_val_ptr + offsets, mask=row_ok, other=float("-inf"))
-        index = tl.load(pos_idx_ptr + offsets, mask=row_ok, other=-1)
+        index = tl.load(pos_idx_ptr + offsets, mask=row_ok, other=-1).to(tl.int64)
         take = value > best_pos
         best_pos = tl.where(take, value, best_pos)
         best_pos_idx = tl.where(take, index, best_pos_idx)
         value = tl.load(neg_val_ptr + offsets, mask=row_ok, other=float("-inf"))
-        index = tl.load(neg_idx_ptr + offsets, mask=row_ok, other=-1)
+        index = tl.load(neg_idx_ptr + offsets, mask=row_ok, other=-1).to(tl.int64)
         take = value > best_neg
         best_neg = tl.where(take, value, best_neg)
         best_neg_idx = tl.where(take, index, best_neg_idx)
+    return best_pos_idx, best_neg_idx
+
+
+@triton.jit
+def _merge_splits_kernel(
+    pos_val_ptr, pos_idx_ptr, neg_val_ptr, neg_idx_ptr, pos_out_ptr, neg_out_ptr,
+    N, SPLITS, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    row_ok = rows < N
+    best_pos_idx, best_neg_idx = merge_split_bests(
+        pos_val_ptr, pos_idx_ptr, neg_val_ptr, neg_idx_ptr, rows, row_ok, N, SPLITS, ACC_DTYPE, BLOCK
+    )
     tl.store(pos_out_ptr + rows, best_pos_idx, mask=row_ok)
     tl.store(neg_out_ptr + rows, best_neg_idx, mask=row_ok)
 
@@ -506,27 +529,33 @@ def _label_words(anchor_labels: torch.Tensor, candidate_labels: torch.Tensor) ->
     return anchor_labels.contiguous().to(torch.int32), candidate_labels.contiguous().to(torch.int32), 1
 
 
-def _row_stats(*jobs: tuple[torch.Tensor, bool]) -> list[torch.Tensor]:
+def _row_stats(*jobs: tuple[torch.Tensor, bool], fill: tuple[torch.Tensor, int] | None = None) -> list[torch.Tensor]:
     """Per (x (R, C), inverse_norm) job, (R,) squared norms (or inverse norms) in x's accumulation
-    dtype, without an upcast copy. Two jobs share a launch."""
+    dtype, without an upcast copy. Two jobs share a launch. ``fill`` = (int32 buffer, value): the
+    first launch also sets the buffer to the value (a fill launch of its own when there is no job)."""
     outs = [torch.empty(x.shape[0], dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=x.device)
             for x, _ in jobs]
     block_r = 16 if triton_interpreter_enabled() else 32
     block_c = 16 if triton_interpreter_enabled() else 128
     pending = [(x, inverse, out) for (x, inverse), out in zip(jobs, outs) if x.shape[0] > 0]
+    if fill is not None and not pending:
+        fill[0].fill_(fill[1])
+        fill = None
     for first in range(0, len(pending), 2):
         pair = pending[first:first + 2]
         (x, inverse, out), (y, inverse_y, out_y) = pair[0], pair[-1]
         x_blocks = triton.cdiv(x.shape[0], block_r)
         y_blocks = triton.cdiv(y.shape[0], block_r) if len(pair) == 2 else 0
+        fill_buffer, fill_value = (out, 0) if fill is None else fill
         _row_stat_kernel[(x_blocks + y_blocks,)](
             x, out, x.shape[0], x.shape[1], x.stride(0), x.stride(1),
             y, out_y, y.shape[0], y.shape[1], y.stride(0), y.stride(1),
-            x_blocks,
+            x_blocks, fill_buffer, fill_buffer.numel(), fill_value,
             INVERSE_NORM=inverse, ACC_DTYPE=tl.float64 if out.dtype == torch.float64 else tl.float32,
             INVERSE_NORM_Y=inverse_y, ACC_DTYPE_Y=tl.float64 if out_y.dtype == torch.float64 else tl.float32,
-            BLOCK_R=block_r, BLOCK_C=block_c,
+            FILL=fill is not None, BLOCK_R=block_r, BLOCK_C=block_c,
         )
+        fill = None
     return outs
 
 
@@ -560,6 +589,29 @@ def _default_candidates_per_split(n: int, m: int, device: torch.device) -> int:
     return triton.cdiv(per_split, _SPLIT_GRANULE) * _SPLIT_GRANULE
 
 
+@dataclasses.dataclass(frozen=True)
+class SplitBests:
+    """The mining kernel's output before its splits are merged (:func:`mine_hardest_splits_triton`).
+
+    Attributes:
+        pos_val, neg_val: (splits, N) best selection key per split (fp32, fp64 for fp64 inputs);
+            unused (1 element) when ``splits == 1``.
+        pos_idx, neg_idx: (splits, N) int32 candidate index of each split's best, -1 for none;
+            with ``splits == 1`` the final (N,) int64 indices instead.
+        splits: number of candidate splits.
+        candidate_stat, anchor_stat: (M,) and (N,) row statistics of the metric (squared norms,
+            inverse norms for cosine; None for dot), for the fused loss's backward.
+    """
+
+    pos_val: torch.Tensor
+    pos_idx: torch.Tensor
+    neg_val: torch.Tensor
+    neg_idx: torch.Tensor
+    splits: int
+    candidate_stat: torch.Tensor | None
+    anchor_stat: torch.Tensor | None
+
+
 def mine_hardest_triton_tiled(
     anchors: torch.Tensor,
     candidates: torch.Tensor,
@@ -580,6 +632,51 @@ def mine_hardest_triton_tiled(
     fixed tiles under the interpreter) and optional preallocated ``out`` = (positive_idx,
     negative_idx), each (N,) int64, which the kernels overwrite entirely. For tests and
     benchmarks; the other arguments as there."""
+    n = anchors.shape[0]
+    if out is not None:
+        for buf, name in zip(out, ("out[0]", "out[1]")):
+            if buf.shape != (n,) or buf.dtype != torch.int64 or buf.device != anchors.device or not buf.is_contiguous():
+                raise ValueError(f"{name} must be a contiguous ({n},) int64 tensor on {anchors.device}")
+    bests = mine_hardest_splits_triton(
+        anchors, candidates, anchor_labels, candidate_labels, anchor_text, candidate_text, metric=metric,
+        base_margin=base_margin, margin_scale=margin_scale, text_positive_threshold=text_positive_threshold,
+        self_offset=self_offset, tiles=tiles, out=out,
+    )
+    if bests.splits == 1:
+        return bests.pos_idx, bests.neg_idx
+    positive_idx, negative_idx = out if out is not None else (torch.empty(n, dtype=torch.int64, device=anchors.device)
+                                                               for _ in range(2))
+    block = 128
+    _merge_splits_kernel[(triton.cdiv(n, block),)](
+        bests.pos_val, bests.pos_idx, bests.neg_val, bests.neg_idx, positive_idx, negative_idx, n, bests.splits,
+        ACC_DTYPE=tl.float64 if bests.pos_val.dtype == torch.float64 else tl.float32, BLOCK=block,
+    )
+    return positive_idx, negative_idx
+
+
+def mine_hardest_splits_triton(
+    anchors: torch.Tensor,
+    candidates: torch.Tensor,
+    anchor_labels: torch.Tensor,
+    candidate_labels: torch.Tensor,
+    anchor_text: torch.Tensor | None,
+    candidate_text: torch.Tensor | None,
+    *,
+    metric: str,
+    base_margin: float,
+    margin_scale: float,
+    text_positive_threshold: float | None,
+    self_offset: int,
+    tiles: TileConfig | None = None,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    fill: tuple[torch.Tensor, int] | None = None,
+) -> SplitBests:
+    """The mining launches without the merge: the fused triplet loss merges the splits itself.
+
+    ``out``: (N,) int64 buffers for the indices when there is a single split. ``fill`` = (int32
+    buffer, value): set by the row-statistics pre-pass, in the same launch (the fused loss's
+    scratch). Other arguments as :func:`mine_hardest_triton`.
+    """
     # Inputs are validated by the public op (torchfg.ops.triplet.mine_hardest); these are the
     # kernel's own preconditions.
     torch._check(anchors.dim() == 2 and candidates.dim() == 2 and anchors.shape[1] == candidates.shape[1])
@@ -594,13 +691,13 @@ def mine_hardest_triton_tiled(
         negative_idx = torch.empty(n, dtype=torch.int64, device=device)
     else:
         positive_idx, negative_idx = out
-        for buf, name in ((positive_idx, "out[0]"), (negative_idx, "out[1]")):
-            if buf.shape != (n,) or buf.dtype != torch.int64 or buf.device != device or not buf.is_contiguous():
-                raise ValueError(f"{name} must be a contiguous ({n},) int64 tensor on {device}")
     if n == 0 or m == 0:
         positive_idx.fill_(-1)
         negative_idx.fill_(-1)
-        return positive_idx, negative_idx
+        if fill is not None:
+            fill[0].fill_(fill[1])
+        unused = torch.empty(1, dtype=accumulation_dtype(anchors.dtype), device=device)
+        return SplitBests(unused, positive_idx, unused, negative_idx, 1, None, None)
     if tiles is None and triton_interpreter_enabled():
         tiles = _INTERPRETER_CONFIG
     elif tiles is None and anchors.dtype == torch.float64:
@@ -632,7 +729,7 @@ def mine_hardest_triton_tiled(
         jobs.append((candidate_text, True))
         if not shared_text:
             jobs.append((anchor_text, True))
-    stats = iter(_row_stats(*jobs))
+    stats = iter(_row_stats(*jobs, fill=fill))
     if metric_code == 3:
         cand_stat = anchor_stat = torch.empty(1, dtype=acc_torch, device=device)  # unused by the kernel
     else:
@@ -713,13 +810,9 @@ def mine_hardest_triton_tiled(
             BLOCK_M=block_m, BLOCK_N=wide.block_n, BLOCK_D=block_d, BLOCK_T=block_t,
             num_warps=wide.num_warps, num_stages=wide.num_stages,
         )
-    if splits > 1:
-        block = 128
-        _merge_splits_kernel[(triton.cdiv(n, block),)](
-            pos_val, pos_part, neg_val, neg_part, positive_idx, negative_idx, n, splits,
-            ACC_DTYPE=acc_dtype, BLOCK=block,
-        )
-    return positive_idx, negative_idx
+    if metric_code == 3:
+        return SplitBests(pos_val, pos_part, neg_val, neg_part, splits, None, None)
+    return SplitBests(pos_val, pos_part, neg_val, neg_part, splits, cand_stat, anchor_stat)
 
 
 def mine_hardest_triton(

@@ -1,0 +1,227 @@
+"""torchfg.ops.hardest_triplet_loss: the fused Triton forward/backward against the reference.
+
+The Triton kernels run under the interpreter here (small tiles: 8 anchors per program, 16 columns
+per step, 32 candidates per mining split), on fresh random inputs of odd sizes; every buffer the
+kernels write is allocated poisoned, so an element they leave unwritten shows up as a mismatch.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from brute_force import exact_distances
+from conftest import requires_triton
+from torchfg.ops.hardest_triplet_loss import REDUCTIONS, _hardest_triplet_loss_op, hardest_triplet_loss
+from torchfg.ops.metric import METRICS
+
+TOLERANCE = {torch.float32: dict(rtol=2e-5, atol=2e-5), torch.float64: dict(rtol=1e-10, atol=1e-10),
+             # one bf16 rounding of the gradient (the interpreter truncates, a GPU rounds to nearest)
+             torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2)}
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """torch.empty / empty_like return NaN-filled floats and -7-filled integers."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        return t.fill_(float("nan") if t.is_floating_point() else -7)
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
+
+
+def _problem(n, m, d, dtype, *, seed, classes=5, text=0, separate=False, int32=False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64).to(dtype)
+    labels = torch.randint(0, classes, (n,), generator=g)
+    y = torch.randn(m, d, generator=g, dtype=torch.float64).to(dtype) if separate else None
+    y_labels = torch.randint(0, classes, (m,), generator=g) if separate else labels
+    if int32:
+        labels, y_labels = labels.int(), y_labels.int()
+    t = torch.randn(n, text, generator=g) if text else None
+    yt = (torch.randn(m, text, generator=g) if separate else t) if text else None
+    return x, labels, y, y_labels, t, yt
+
+
+def _run(backend, x, labels, y, y_labels, t, yt, *, grad_seed=0, candidate_grad=True, **kwargs):
+    """(loss, dL/dx, dL/dy or None) for a fresh random upstream gradient."""
+    xx = x.clone().requires_grad_()
+    yy = None if y is None else y.clone().requires_grad_(candidate_grad)
+    loss = hardest_triplet_loss(xx, xx if yy is None else yy, labels, y_labels, t, yt, backend=backend, **kwargs)
+    upstream = torch.randn(loss.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=loss.dtype)
+    loss.backward(upstream)
+    return loss.detach(), xx.grad, None if yy is None else yy.grad
+
+
+def _assert_same(expected, actual, dtype):
+    for e, a in zip(expected, actual):
+        if e is None or a is None:
+            assert e is None and a is None
+            continue
+        torch.testing.assert_close(a.double(), e.double(), **TOLERANCE[dtype])
+
+
+CASES = list(itertools.product(METRICS, REDUCTIONS))
+
+
+@requires_triton
+@pytest.mark.parametrize("metric,reduction", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batch_hard_matches_reference(metric, reduction, dtype, poisoned):
+    # 41 anchors: 6 programs, the last one partial; 41 candidates: two mining splits to merge.
+    problem = _problem(41, 41, 21, dtype, seed=hash((metric, reduction)) % 1000)
+    kwargs = dict(metric=metric, base_margin=0.3, exclude_self=True, reduction=reduction, smooth=reduction == "sum")
+    _assert_same(_run("torch", *problem, **kwargs), _run("triton", *problem, **kwargs), dtype)
+
+
+@requires_triton
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("threshold", [None, 0.2])
+def test_adaptive_margins_match_reference(metric, threshold, poisoned):
+    problem = _problem(29, 29, 19, torch.float32, seed=3, text=11)
+    kwargs = dict(metric=metric, base_margin=0.1, margin_scale=0.7, text_positive_threshold=threshold,
+                  exclude_self=True, reduction="mean")
+    _assert_same(_run("torch", *problem, **kwargs), _run("triton", *problem, **kwargs), torch.float32)
+
+
+@requires_triton
+@pytest.mark.parametrize("exclude_self,offset", [(False, 0), (True, 4)])
+@pytest.mark.parametrize("candidate_grad", [True, False])
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_separate_candidates(exclude_self, offset, candidate_grad, metric, poisoned):
+    # A memory-like candidate set of 45 rows (two splits), with or without its own gradient;
+    # with exclude_self, anchor i is candidate offset + i.
+    x, labels, y, y_labels, t, yt = _problem(13, 45, 17, torch.float32, seed=5, separate=True, text=6)
+    if exclude_self:
+        y[offset:offset + 13] = x
+        y_labels[offset:offset + 13] = labels
+    kwargs = dict(metric=metric, base_margin=0.2, margin_scale=0.5, exclude_self=exclude_self, anchor_offset=offset,
+                  reduction="mean", candidate_grad=candidate_grad)
+    expected = _run("torch", x, labels, y, y_labels, t, yt, **kwargs)
+    actual = _run("triton", x, labels, y, y_labels, t, yt, **kwargs)
+    _assert_same(expected, actual, torch.float32)
+    assert (actual[2] is None) == (not candidate_grad)
+
+
+@requires_triton
+@pytest.mark.parametrize("n", [1, 7, 16, 33])
+@pytest.mark.parametrize("int32", [False, True])
+def test_sizes_splits_and_label_widths(n, int32, poisoned):
+    # 1 to 33 anchors: one partial program up to five; up to 32 candidates a single mining split
+    # (no merge in the forward), 33 two. int64 labels take the mining's second (wide) pass.
+    problem = _problem(n, n, 35, torch.float32, seed=n, classes=3, int32=int32)
+    kwargs = dict(metric="euclidean", base_margin=0.25, exclude_self=True, reduction="mean")
+    _assert_same(_run("torch", *problem, **kwargs), _run("triton", *problem, **kwargs), torch.float32)
+
+
+@requires_triton
+def test_internal_outputs_match_reference(poisoned):
+    # pairs, per-anchor terms (d_ap, d_an, slope) and the count, including anchors without a
+    # triplet (a singleton label: no positive) and ties (duplicated rows).
+    x, labels, *_ = _problem(23, 23, 9, torch.float32, seed=9, classes=4)
+    labels[0] = 99
+    x[5] = x[6]
+    labels[5] = labels[6]
+    for reduction in REDUCTIONS:
+        args = (x, None, labels, labels, None, None, "euclidean", 0.5, 0.0, None, 0, False, reduction)
+        reference = _hardest_triplet_loss_op(*args, False, "torch")
+        fused = _hardest_triplet_loss_op(*args, True, "triton")
+        for r, f in zip(reference[:4], fused[:4]):
+            torch.testing.assert_close(f, r)
+        assert reference[1][0, 0] == -1 and reference[2][0].eq(0).all()
+        # links: [heads (23), ticket, next (46)]; the ticket ends at programs - 1 (it starts at -1).
+        assert fused[4].shape == (23 + 1 + 46,) and fused[4][23] == 2
+
+
+@requires_triton
+def test_duplicate_rows_have_zero_gradient_not_nan(poisoned):
+    x = torch.tensor([[1.0, 2.0], [1.0, 2.0], [5.0, 5.0], [5.0, 5.5]])
+    labels = torch.tensor([0, 0, 1, 1])
+    loss, grad, _ = _run("triton", x, labels, None, labels, None, None, metric="euclidean", exclude_self=True,
+                         base_margin=1.0)
+    expected = _run("torch", x, labels, None, labels, None, None, metric="euclidean", exclude_self=True, base_margin=1.0)
+    assert torch.isfinite(grad).all()
+    _assert_same(expected, (loss, grad, None), torch.float32)
+
+
+@requires_triton
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_no_triplet_gives_zero_loss_and_gradient(reduction, poisoned):
+    x = torch.randn(6, 4)
+    labels = torch.arange(6)  # every label once: no positive anywhere
+    loss, grad, _ = _run("triton", x, labels, None, labels, None, None, exclude_self=True, reduction=reduction)
+    assert loss.eq(0).all() and grad.eq(0).all()
+    loss, grad, _ = _run("triton", x[:0], labels[:0], None, labels[:0], None, None, exclude_self=True, reduction=reduction)
+    assert loss.eq(0).all() and grad.shape == (0, 4)
+
+
+@requires_triton
+def test_fp64_matches_brute_force(poisoned):
+    # A brute-force batch-hard loss from the full distance matrix, in fp64.
+    x, labels, *_ = _problem(19, 19, 7, torch.float64, seed=11, classes=3)
+    dist = exact_distances(x, x, "euclidean")
+    same = labels[:, None] == labels[None, :]
+    eye = torch.eye(19, dtype=torch.bool)
+    hardest_pos = dist.masked_fill(~same | eye, float("-inf")).amax(1)
+    hardest_neg = dist.masked_fill(same, float("inf")).amin(1)
+    expected = torch.relu(hardest_pos - hardest_neg + 0.4).mean()
+    loss, _, _ = _run("triton", x, labels, None, labels, None, None, metric="euclidean", exclude_self=True,
+                      base_margin=0.4)
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+
+
+@requires_triton
+def test_deterministic_mode_sorts_instead_of_linking(poisoned):
+    problem = _problem(37, 37, 13, torch.float32, seed=13)
+    kwargs = dict(metric="sqeuclidean", base_margin=0.3, exclude_self=True, reduction="mean")
+    expected = _run("triton", *problem, **kwargs)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        x, labels = problem[0].clone().requires_grad_(), problem[1]
+        outputs = _hardest_triplet_loss_op(x, None, labels, labels, None, None, "sqeuclidean", 0.3, 0.0, None, 0,
+                                           False, "mean", False, "triton")
+        assert outputs[4].numel() == 0  # no partner lists
+        actual = _run("triton", *problem, **kwargs)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    _assert_same(expected, actual, torch.float32)
+
+
+def test_bad_arguments_name_themselves():
+    x = torch.randn(4, 3)
+    labels = torch.tensor([0, 0, 1, 1])
+    with pytest.raises(ValueError, match="reduction"):
+        hardest_triplet_loss(x, x, labels, labels, reduction="avg")
+    with pytest.raises(ValueError, match="anchor_labels"):
+        hardest_triplet_loss(x, x, labels[:3], labels)
+    with pytest.raises(ValueError, match="margin_scale"):
+        hardest_triplet_loss(x, x, labels, labels, margin_scale=-1.0)
+    with pytest.raises(TypeError, match="smooth"):
+        hardest_triplet_loss(x, x, labels, labels, smooth="yes")
+    with pytest.raises(ValueError, match="anchor_text and candidate_text"):
+        hardest_triplet_loss(x, x, labels, labels, torch.randn(4, 2))
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=requires_triton)])
+@pytest.mark.filterwarnings("error:.*custom operator.*:UserWarning")  # outputs must not alias
+def test_torch_compile_fullgraph(backend):
+    x, labels, _, _, text, _ = _problem(21, 21, 8, torch.float32, seed=17, text=5)
+
+    def step(x, labels, text):
+        return hardest_triplet_loss(x, x, labels, labels, text, text, margin_scale=0.5, exclude_self=True,
+                                    backend=backend)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    out = compiled(x1, labels, text)
+    out.backward()
+    expected = step(x2, labels, text)
+    expected.backward()
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(x1.grad, x2.grad)

@@ -1,0 +1,245 @@
+"""Batch-hard / ATL triplet loss as one op: mining, exact pair distances, margin, hinge, reduction.
+
+:func:`hardest_triplet_loss` is what ``triplet_margin_loss(mining="batch_hard")`` and
+``adaptive_triplet_loss`` compute, fused for the GPU: the ``"triton"`` backend runs a training
+step in four launches (row statistics, mining, the loss forward, its backward; five for 64-bit
+labels whose high words differ inside a block of anchors), with no N x M matrix, no reduction or
+fill kernels and no host sync (``triton.py``). The ``"torch"`` backend is the reference
+(``reference.py``); :mod:`torchfg.functional.triplet` keeps its own composition of the public ops
+on that backend.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from torchfg._validation import accumulation_dtype, check_bool, check_choice, check_number
+from torchfg.backends import BackendSpec, register_op, resolve_backend
+from torchfg.ops._library import custom_op
+from torchfg.ops.hardest_triplet_loss.reference import (
+    anchor_loss_scale,
+    hardest_triplet_loss_backward_reference,
+    hardest_triplet_loss_reference,
+)
+from torchfg.ops.metric import DEFAULT_METRIC
+from torchfg.ops.triplet import _check_mining_inputs, _check_text_inputs
+
+__all__ = ["hardest_triplet_loss", "REDUCTIONS"]
+
+REDUCTIONS = ("mean", "sum", "none", "mean_nonzero")
+
+register_op("hardest_triplet_loss", BackendSpec("triton"))
+
+
+@custom_op("torchfg::hardest_triplet_loss")
+def _hardest_triplet_loss_op(
+    anchors: torch.Tensor,
+    candidates: torch.Tensor | None,
+    anchor_labels: torch.Tensor,
+    candidate_labels: torch.Tensor,
+    anchor_text: torch.Tensor | None,
+    candidate_text: torch.Tensor | None,
+    metric: str,
+    base_margin: float,
+    margin_scale: float,
+    text_positive_threshold: float | None,
+    self_offset: int,
+    smooth: bool,
+    reduction: str,
+    link: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, pairs (N, 2) int64, terms (N, 3), count (1,), links, candidate_inv, anchor_inv).
+
+    ``terms`` = (d(a, p), d(a, n), slope of the hinge) per anchor, 0 where it has no triplet;
+    ``count``: the divisor of the means. The last three are the Triton backward's scratch (the
+    partner lists; the cosine inverse norms), empty for the reference. ``candidates`` None: the
+    anchors themselves.
+    """
+    others = anchors if candidates is None else candidates
+    kwargs = dict(metric=metric, base_margin=base_margin, margin_scale=margin_scale,
+                  text_positive_threshold=text_positive_threshold, self_offset=self_offset, smooth=smooth,
+                  reduction=reduction)
+    if backend == "triton":
+        from torchfg.ops.hardest_triplet_loss.triton import hardest_triplet_loss_triton
+
+        loss, pairs, terms, count, links, candidate_inv, anchor_inv = hardest_triplet_loss_triton(
+            anchors, others, anchor_labels, candidate_labels, anchor_text, candidate_text, link=link, **kwargs
+        )
+        if anchor_inv.numel() and anchor_inv.untyped_storage().data_ptr() == candidate_inv.untyped_storage().data_ptr():
+            # Anchors that are rows of the candidates share their statistics: outputs must not alias.
+            anchor_inv = anchor_inv.new_empty(0) if candidates is None else anchor_inv.clone()
+        return loss, pairs, terms, count, links, candidate_inv, anchor_inv
+    loss, pairs, terms, count = hardest_triplet_loss_reference(
+        anchors, others, anchor_labels, candidate_labels, anchor_text, candidate_text, **kwargs
+    )
+    empty = anchors.new_empty(0, dtype=accumulation_dtype(anchors.dtype))
+    return loss, pairs, terms, count, empty.to(torch.int32), empty, empty.clone()
+
+
+@_hardest_triplet_loss_op.register_fake
+def _(anchors, candidates, anchor_labels, candidate_labels, anchor_text, candidate_text, metric, base_margin,
+      margin_scale, text_positive_threshold, self_offset, smooth, reduction, link, backend):
+    n = anchors.shape[0]
+    m = n if candidates is None else candidates.shape[0]
+    acc = accumulation_dtype(anchors.dtype)
+    triton = backend == "triton"
+    cosine = triton and metric == "cosine"
+    return (
+        anchors.new_empty(n if reduction == "none" else (), dtype=acc),
+        anchors.new_empty(n, 2, dtype=torch.int64),
+        anchors.new_empty(n, 3, dtype=acc),
+        anchors.new_empty(1, dtype=acc),
+        anchors.new_empty(m + 1 + 2 * n if triton and link else 0, dtype=torch.int32),
+        anchors.new_empty(m if cosine else 0, dtype=acc),
+        anchors.new_empty(n if cosine and candidates is not None else 0, dtype=acc),
+    )
+
+
+@custom_op("torchfg::hardest_triplet_loss_backward")
+def _hardest_triplet_loss_backward_op(
+    grad: torch.Tensor,
+    anchors: torch.Tensor,
+    candidates: torch.Tensor | None,
+    pairs: torch.Tensor,
+    terms: torch.Tensor,
+    count: torch.Tensor,
+    links: torch.Tensor,
+    candidate_inv: torch.Tensor,
+    anchor_inv: torch.Tensor,
+    metric: str,
+    reduction: str,
+    needs_candidate_grad: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    others = anchors if candidates is None else candidates
+    if backend == "triton" and (links.numel() or (candidates is not None and not needs_candidate_grad)):
+        from torchfg.ops.hardest_triplet_loss.triton import hardest_triplet_loss_backward_triton
+
+        if candidates is None and metric == "cosine":
+            anchor_inv = candidate_inv
+        return hardest_triplet_loss_backward_triton(
+            grad, anchors, others, pairs, terms, count, links, candidate_inv, anchor_inv, metric=metric,
+            reduction=reduction, candidates_are_anchors=candidates is None, needs_candidate_grad=needs_candidate_grad,
+        )
+    if backend == "triton":
+        # No partner lists (deterministic mode): the pair-distance backward, whose partner rows
+        # come from a stable sort of the pairs, in anchor order.
+        from torchfg.ops.pair_distances.triton import anchor_pair_distances_backward_triton
+
+        coef = terms[:, 2] * anchor_loss_scale(grad.to(terms.dtype), count, reduction)
+        return anchor_pair_distances_backward_triton(
+            torch.stack([coef, -coef], 1), anchors, others, pairs.clamp_min(0), terms[:, :2].contiguous(), metric,
+            y_is_x=candidates is None, needs_grad_y=needs_candidate_grad,
+        )
+    grad_x, grad_y = hardest_triplet_loss_backward_reference(
+        grad, anchors, others, pairs, terms, count, metric=metric, reduction=reduction,
+        candidates_are_anchors=candidates is None,
+    )
+    return grad_x, (grad_y if needs_candidate_grad and candidates is not None else anchors.new_empty(0))
+
+
+@_hardest_triplet_loss_backward_op.register_fake
+def _(grad, anchors, candidates, pairs, terms, count, links, candidate_inv, anchor_inv, metric, reduction,
+      needs_candidate_grad, backend):
+    grad_y = torch.empty_like(candidates) if candidates is not None and needs_candidate_grad else anchors.new_empty(0)
+    return torch.empty_like(anchors), grad_y
+
+
+def _setup_context(ctx, inputs, output):
+    anchors, candidates = inputs[0], inputs[1]
+    _, pairs, terms, count, links, candidate_inv, anchor_inv = output
+    ctx.save_for_backward(anchors, candidates, pairs, terms, count, links, candidate_inv, anchor_inv)
+    ctx.metric, ctx.reduction, ctx.backend = inputs[6], inputs[12], inputs[14]
+    ctx.mark_non_differentiable(*output[1:])
+    # The other outputs get no gradient: no zero tensors (fill launches) for them in the backward.
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad, *unused):
+    anchors, candidates, pairs, terms, count, links, candidate_inv, anchor_inv = ctx.saved_tensors
+    needs_candidate_grad = candidates is not None and ctx.needs_input_grad[1]
+    grad_x, grad_y = _hardest_triplet_loss_backward_op(
+        grad, anchors, candidates, pairs, terms, count, links, candidate_inv, anchor_inv, ctx.metric,
+        ctx.reduction, needs_candidate_grad, ctx.backend,
+    )
+    return (grad_x, grad_y if needs_candidate_grad else None) + (None,) * 13
+
+
+_hardest_triplet_loss_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def hardest_triplet_loss(
+    anchors: torch.Tensor,
+    candidates: torch.Tensor,
+    anchor_labels: torch.Tensor,
+    candidate_labels: torch.Tensor,
+    anchor_text: torch.Tensor | None = None,
+    candidate_text: torch.Tensor | None = None,
+    *,
+    metric: str = DEFAULT_METRIC,
+    base_margin: float = 0.2,
+    margin_scale: float = 0.0,
+    text_positive_threshold: float | None = None,
+    exclude_self: bool = False,
+    anchor_offset: int = 0,
+    smooth: bool = False,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Batch-hard triplet loss (ATL with text) of every anchor against the candidates, one op.
+
+    The triplets are those of :func:`torchfg.ops.triplet.mine_hardest` (same arguments); each
+    anchor with a positive and a negative contributes ``h(d(a, p) - d(a, n) + m(a, n))`` with
+    ``m = base_margin + margin_scale * (1 - cos(t_a, t_n)) / 2`` (``base_margin`` without text),
+    h the hinge (softplus with ``smooth``), and d recomputed exactly from ``a - b``.
+
+    Args:
+        anchors: (N, D) float16/bfloat16/float32/float64; differentiable.
+        candidates: (M, D), same dtype and device; pass ``anchors`` itself for a batch mined
+            against itself (its gradient then goes to ``anchors``), or a separate tensor
+            (differentiable or not, e.g. a cross-batch memory).
+        anchor_labels, candidate_labels: (N,) and (M,) integer labels.
+        anchor_text, candidate_text: (N, T) and (M, T) text embeddings (no gradient), or None.
+        metric, base_margin, margin_scale, text_positive_threshold, exclude_self, anchor_offset:
+            as :func:`torchfg.ops.triplet.mine_hardest` (``base_margin`` any finite number).
+        smooth: softplus instead of the hinge.
+        reduction: ``"mean"`` (over anchors with a triplet), ``"sum"``, ``"none"`` ((N,), 0 for
+            anchors without one) or ``"mean_nonzero"`` (over anchors with a positive loss).
+        backend: ``"auto"``, ``"torch"`` or ``"triton"``. Under
+            ``torch.use_deterministic_algorithms(True)`` the Triton backward finds each candidate's
+            pairs with a stable sort instead of lists built in the forward (deterministic; a
+            few more launches).
+
+    Returns:
+        Scalar loss ((N,) for ``"none"``) in fp32 (fp64 for fp64 anchors).
+
+    Example:
+        >>> x = torch.tensor([[0.0], [1.0], [5.0], [5.5]], requires_grad=True)
+        >>> labels = torch.tensor([0, 0, 1, 1])
+        >>> loss = hardest_triplet_loss(x, x, labels, labels, exclude_self=True, base_margin=5.0)
+        >>> loss.backward()
+        >>> round(loss.item(), 4), x.grad.squeeze(1).tolist()
+        (1.375, [-0.25, 1.25, -1.25, 0.25])
+    """
+    anchor_labels, candidate_labels, self_offset = _check_mining_inputs(
+        anchors, candidates, anchor_labels, candidate_labels, metric, exclude_self, anchor_offset
+    )
+    anchor_text, candidate_text, text_positive_threshold = _check_text_inputs(
+        anchor_text, candidate_text, text_positive_threshold, anchors, candidates
+    )
+    base_margin = check_number(base_margin, "base_margin")
+    margin_scale = check_number(margin_scale, "margin_scale", low=0.0)
+    smooth = check_bool(smooth, "smooth")
+    check_choice(reduction, "reduction", REDUCTIONS)
+    backend = resolve_backend("hardest_triplet_loss", anchors.device, anchors.dtype, backend)
+    same = candidates is anchors
+    # Partner lists are built only for a partner gradient, and only when a nondeterministic
+    # summation order is allowed.
+    link = (torch.is_grad_enabled() and not torch.are_deterministic_algorithms_enabled()
+            and (anchors.requires_grad if same else candidates.requires_grad))
+    outputs = _hardest_triplet_loss_op(
+        anchors, None if same else candidates, anchor_labels, candidate_labels, anchor_text, candidate_text, metric,
+        base_margin, margin_scale, text_positive_threshold, self_offset, smooth, reduction, link, backend,
+    )
+    return outputs[0]
