@@ -5,7 +5,7 @@
 #   info.txt        GPU, driver, torch/triton versions, torchfg's backend table
 #   compile.txt     every Triton kernel compiled for sm_90a with this box's triton (+ sm90_compile.csv)
 #   tests.txt       the kernel tests on CUDA (pytest summary even when a step times out)
-#   bench.csv       benchmarks, bf16 then fp32, one row appended and flushed per measurement
+#   bench.csv       benchmarks, bf16, fp32, DINO, cross-batch memory; one row appended and flushed per measurement
 #   bench_*.txt     the benchmark tables; session.txt: each step's exit status and seconds
 #
 # Each step has its own time budget and is stopped with SIGINT (pytest then prints its summary; the
@@ -63,8 +63,8 @@ step() {
 FAILED=""
 
 # The plan: budgets (seconds) that add up, with the kill grace of each step, to TOTAL at most.
-B_INFO=25 B_WHEELS=30 B_COMPILE=70 B_TESTS=120 B_BF16=90 B_FP32=60 B_DINO=35
-planned=$(( B_INFO + B_WHEELS + B_COMPILE + B_TESTS + B_BF16 + B_FP32 + B_DINO + 7 * GRACE ))
+B_INFO=25 B_WHEELS=30 B_COMPILE=70 B_TESTS=120 B_BF16=90 B_FP32=35 B_DINO=35 B_XBM=20
+planned=$(( B_INFO + B_WHEELS + B_COMPILE + B_TESTS + B_BF16 + B_FP32 + B_DINO + B_XBM + 8 * GRACE ))
 if [ "$planned" -gt "$TOTAL" ]; then
   echo "gpu_session.sh: step budgets ($planned s) exceed the session ($TOTAL s)" >&2
   exit 2
@@ -89,12 +89,16 @@ if [ "$DRY" = 1 ]; then
   BENCH_BF16=(--ops pairwise "${BENCH[@]}")
   BENCH_FP32=(--ops pairwise "${BENCH[@]}")
   BENCH_DINO=(--ops dino "${BENCH[@]}")
+  BENCH_XBM=(--ops xbm "${BENCH[@]}")
 else
   COMPILE=(--level smoke --jobs 8 --out "$OUT/sm90_compile.csv")
   PYTEST_ARGS=(--maxfail=25)
   BENCH_BF16=(--ops pairwise,triplet,atl,knn --sizes 8192,32768 --dim 512)
   BENCH_FP32=(--ops pairwise,triplet,knn --sizes 8192 --dim 512)
   BENCH_DINO=(--ops dino)
+  # Issue 14: a batch of 4096 mined against 65,536 and 1,048,576 rows (target: under 20 ms at 1M),
+  # the fused step's launches counted; PML's B x M matrices would not fit the budget.
+  BENCH_XBM=(--ops xbm --sizes 65536,1048576 --dim 512 --cases 'torchfg[triton]' --launches)
 fi
 
 step info "$B_INFO" "$OUT/info.txt" bash -c \
@@ -121,6 +125,8 @@ step bench_fp32 "$B_FP32" "$OUT/bench_fp32.txt" \
   $PY -m torchfg.cli bench "${BENCH_FP32[@]}" --dtype fp32 --csv "$OUT/bench.csv" --no-progress
 step bench_dino "$B_DINO" "$OUT/bench_dino.txt" \
   $PY -m torchfg.cli bench "${BENCH_DINO[@]}" --dtype bf16 --csv "$OUT/bench.csv" --no-progress
+step bench_xbm "$B_XBM" "$OUT/bench_xbm.txt" \
+  $PY -m torchfg.cli bench "${BENCH_XBM[@]}" --dtype bf16 --csv "$OUT/bench.csv" --no-progress
 
 echo "total: $(( SECONDS - START ))s; failed steps:${FAILED:- none}" | tee -a "$OUT/session.txt"
 [ -z "$FAILED" ]
