@@ -18,6 +18,7 @@ from conftest import TEST_DEVICE, backends_to_test, requires_triton
 from torchfg import knn
 from torchfg.backends import BackendUnavailableError
 from torchfg.ops.knn import knn_search
+from torchfg.ops.knn import cpu as cpu_module
 from torchfg.ops.knn import reference as ref_module
 from torch.utils._python_dispatch import TorchDispatchMode
 from torchfg.ops.metric import METRICS
@@ -144,6 +145,8 @@ def test_edge_shapes_k1_kG_q1_d1(metric):
 
 def test_symmetric_path_tiles(monkeypatch):
     """Self-search over symmetric tiles of 8 rows (a partial last tile), 37 points with ties."""
+    # Counts the reference's own searches (the compiled selection may search twice: test_knn_cpu.py).
+    monkeypatch.setattr(cpu_module, "enabled", False)
     calls = []
     real_symmetric = ref_module._knn_symmetric
     monkeypatch.setattr(ref_module, "_knn_symmetric", lambda *a: calls.append(1) or real_symmetric(*a))
@@ -166,6 +169,8 @@ def test_default_cpu_tiles_cover_a_partial_last_tile(monkeypatch, k):
     default tile side: exact on integer data with ties, for a small and a large k."""
     tile = ref_module.default_tile_size(torch.device("cpu"), 2 * 1024 + 37)
     assert tile == 1024 and ref_module.default_tile_size(torch.device("cpu"), 8192) == 2048
+    # The PyTorch selection's default tiles (the compiled one has its own: test_knn_cpu.py).
+    monkeypatch.setattr(cpu_module, "enabled", False)
     tiles_seen = []
     real_symmetric = ref_module._knn_symmetric
     monkeypatch.setattr(ref_module, "_knn_symmetric", lambda *a: tiles_seen.append(a[4]) or real_symmetric(*a))
@@ -266,6 +271,8 @@ def test_bounded_pool_equals_a_full_sort(finish_kind, transposed):
 def test_symmetric_search_with_running_bounds(monkeypatch):
     """A self-search over enough tiles per side to take the running-bound pools, on integer data
     (exact ties everywhere) with a partial last tile: equal to the brute force, index for index."""
+    # The running bounds belong to the pure PyTorch selection (the compiled one has its own test file).
+    monkeypatch.setattr(cpu_module, "enabled", False)
     calls = []
     real = ref_module._use_running_bounds
     monkeypatch.setattr(ref_module, "_use_running_bounds", lambda *a: calls.append(real(*a)) or calls[-1])

@@ -3,8 +3,9 @@
 Queries = gallery = N rows of width D (the gallery is the query set, as in retrieval
 evaluation), k = 10 including the item itself, euclidean distance (parameters ``k`` and
 ``metric``). FLOP model: 2 N^2 D, the distance matrix any exact search computes. Cases:
-torchfg's self-search (``gallery=None``, each pair computed once), the same search given the
-gallery explicitly (the general chunked path), the kernels, the plain PyTorch route (the whole
+torchfg's self-search (``gallery=None``, each pair computed once), on a CPU the same with the
+pure PyTorch selection instead of the compiled one (``TORCHFG_CPU_KERNELS=0``), the same search
+given the gallery explicitly (the general chunked path), the kernels, the plain PyTorch route (the whole
 N x N ``torch.cdist`` matrix, then ``topk``; euclidean only) and faiss-cpu's flat index
 (``IndexFlatL2``, or ``IndexFlatIP`` for ``dot`` / ``cosine``; CPU tensors only, fp32). Building
 the faiss index is part of its timed step.
@@ -46,6 +47,33 @@ def _torchfg(backend: str, explicit_gallery: bool = False) -> Callable[[Problem]
         return lambda: knn(x, gallery, k, metric=metric, backend=backend)
 
     return setup
+
+
+def _torchfg_pure_selection(problem: Problem) -> Callable[[], Any]:
+    """The ``torch`` backend's self-search with the compiled CPU selection switched off."""
+    from torchfg.ops.knn import cpu, knn
+
+    x, k, metric = _query(problem), problem.extra["k"], problem.extra["metric"]
+
+    def run() -> Any:
+        previous, cpu.enabled = cpu.enabled, False
+        try:
+            return knn(x, None, k, metric=metric, backend="torch")
+        finally:
+            cpu.enabled = previous
+
+    return run
+
+
+def _compiled_cpu_selection_ok(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
+    from torchfg.ops.knn import cpu
+
+    if device.type != "cpu":
+        return False, "the compiled selection is the CPU path"
+    ok, why = cpu.status()
+    if not ok or not cpu.is_usable(device, dtype):
+        return False, f"torchfg[torch] already runs the pure PyTorch selection here ({why})"
+    return True, ""
 
 
 def knn_cdist_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,6 +153,7 @@ def cases() -> list[Case]:
     """torchfg backends first, then the baselines."""
     return [
         Case("torchfg[torch]", _torchfg("torch")),
+        Case("torchfg[torch] TORCHFG_CPU_KERNELS=0", _torchfg_pure_selection, available=_compiled_cpu_selection_ok),
         Case("torchfg[torch] gallery=x", _torchfg("torch", explicit_gallery=True)),
         Case("torchfg[triton]", _torchfg("triton"), available=triton_available, gpu_kernel=True),
         Case("torchfg[cuda]", _torchfg("cuda"), available=_cuda_extension_ok, gpu_kernel=True),

@@ -11,6 +11,7 @@ from torchfg.backends import BackendSpec, register_op, resolve_backend
 from torchfg.ops._library import custom_op
 from torchfg.ops import _cuda_extension
 from torchfg.ops.knn.cuda import KERNEL_MAX_K as CUDA_MAX_K
+from torchfg.ops.knn import cpu as _cpu
 from torchfg.ops.knn.reference import knn_reference
 from torchfg.ops.metric import METRICS, unit_rows
 
@@ -110,8 +111,26 @@ def _knn_op(
 
         distances, indices = knn_cuda(query, gallery, k, metric, symmetric, self_offset)
     else:
-        distances, indices = knn_reference(query, gallery, k, metric, symmetric, self_offset, chunk_size or None)
+        distances, indices = _torch_search(query, gallery, k, metric, symmetric, self_offset, chunk_size or None)
     return _exact_selected(query, gallery, distances, indices, metric)
+
+
+def _torch_search(
+    query: torch.Tensor,
+    gallery: torch.Tensor,
+    k: int,
+    metric: str,
+    symmetric: bool,
+    self_offset: int,
+    chunk_size: int | None,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``torch`` backend: the reference search, with the compiled selection of
+    :mod:`torchfg.ops.knn.cpu` on CPU tensors where it built (same neighbours, bit for bit;
+    ``TORCHFG_CPU_KERNELS=0`` keeps the pure PyTorch selection)."""
+    if _cpu.is_usable(query.device, query.dtype):
+        return _cpu.knn_cpu(query, gallery, k, metric, symmetric, self_offset, chunk_size, progress)
+    return knn_reference(query, gallery, k, metric, symmetric, self_offset, chunk_size, progress)
 
 
 @_knn_op.register_fake
@@ -306,7 +325,7 @@ def knn_search(
     self_offset = 0 if exclude_self else -1
     num_query = query.shape[0]
     if chosen == "torch":
-        distances, indices = knn_reference(query, gallery, k, metric, symmetric, self_offset, chunk_size, progress)
+        distances, indices = _torch_search(query, gallery, k, metric, symmetric, self_offset, chunk_size, progress)
         return _exact_selected(query, gallery, distances, indices, metric)
     if (symmetric and not exclude_self) or num_query <= query_block:
         out = _knn_op(query, gallery, k, metric, symmetric, self_offset, chosen, 0)

@@ -14,7 +14,7 @@ differs from the k-th, the k smallest form a unique set and only their order nee
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional, Protocol
 
 import torch
 
@@ -81,6 +81,28 @@ def order_ties_by_index(distances: torch.Tensor, indices: torch.Tensor) -> tuple
 
 
 Finish = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class RowPool(Protocol):
+    """The k nearest of a block of R query rows, offered the columns block by block.
+
+    :class:`_CandidatePool` and :class:`_BoundedPool` here, and the compiled pool of
+    :mod:`torchfg.ops.knn.cpu`, which the searches below take through a :data:`PoolFactory`.
+    """
+
+    def offer(self, block: torch.Tensor, offset: int) -> None:
+        """Offer ``block`` (R, W) of raw keys for columns ``offset .. offset + W - 1``, all above
+        every column offered before; ``block`` may be a transposed view of a contiguous matrix."""
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(distances (R, k), columns (R, k) int64), sorted by (distance, column)."""
+
+
+# A pool for ``num_rows`` query rows: ``factory(k, num_rows, metric, query_aux)``. Its finish is
+# the metric's (see :func:`finisher`): ``query_aux`` (num_rows,) are the rows' squared norms,
+# added to the raw keys of the chunked search's Euclidean metrics; None where the raw keys
+# already hold them (the symmetric search) and for ``dot`` / ``cosine``.
+PoolFactory = Callable[[int, int, str, Optional[torch.Tensor]], RowPool]
 
 # Columns per group, largest first. torch.topk costs 2-6 ns per element on rows of a few
 # thousand (and sorts pairs on rows under 64 k), against 0.1 ns for a min-reduction, so the
@@ -579,10 +601,14 @@ def _knn_symmetric(
     exclude_self: bool,
     tile: int,
     progress: Callable[[int], None] | None,
+    pool_factory: PoolFactory | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Self-search that computes each pair once: tile (I, J) with J > I serves rows I, and its
     transpose (read in place) serves rows J. With b tiles per side the GEMM work is
-    (b + 1) / (2 b) of the plain chunked search (the diagonal tiles are computed whole)."""
+    (b + 1) / (2 b) of the plain chunked search (the diagonal tiles are computed whole).
+
+    Each row tile's selection is a :class:`_CandidatePool` or a :class:`_BoundedPool`, or the
+    pool ``pool_factory`` makes (the compiled CPU selection)."""
     n = x.shape[0]
     left, right, finish = _symmetric_keys(x, metric)
     if exclude_self:
@@ -595,8 +621,10 @@ def _knn_symmetric(
     else:
         diagonal = torch.zeros(n, dtype=left.dtype, device=x.device)
     starts = list(range(0, n, tile))
-    pools: list[_CandidatePool] | list[_BoundedPool]
-    if _use_running_bounds(len(starts), tile, k):
+    pools: list[RowPool]
+    if pool_factory is not None:
+        pools = [pool_factory(k, min(tile, n - i0), metric, None) for i0 in starts]
+    elif _use_running_bounds(len(starts), tile, k):
         pools = [_BoundedPool(k, min(tile, n - i0), finish, left.dtype, x.device) for i0 in starts]
     else:
         pools = [_CandidatePool(k, 4 * k, finish) for _ in starts]
@@ -637,6 +665,7 @@ def knn_reference(
     self_offset: int = -1,
     chunk_size: int | None = None,
     progress: Callable[[int], None] | None = None,
+    pool_factory: PoolFactory | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """k nearest gallery rows of every query row, streamed over query chunks.
 
@@ -657,6 +686,8 @@ def knn_reference(
             256 rows, on CPU; 512 MiB on GPU); also the tile side of the symmetric self-search
             (default: :func:`default_tile_size`).
         progress: called with the number of query rows finished after each chunk.
+        pool_factory: the selection of each chunk / row tile (see :data:`PoolFactory`); by
+            default the pure PyTorch one. The distance blocks and their order are the same.
 
     Returns:
         (distances (Q, k) in query's dtype, indices (Q, k) int64), sorted by (distance, index).
@@ -670,7 +701,7 @@ def knn_reference(
     # Below two tiles per side the symmetric path saves no GEMM work (the diagonal tiles are
     # computed whole) and only adds the transposed selections.
     if symmetric and self_offset in (-1, 0) and num_query >= 2 * tile:
-        return _knn_symmetric(query, k, metric, self_offset == 0, tile, progress)
+        return _knn_symmetric(query, k, metric, self_offset == 0, tile, progress, pool_factory)
     chunk = min(chunk_size or default_chunk_size(num_gallery, query.device), num_query)
     query_rows, query_aux = prepare_rows(query, metric)
     if symmetric:
@@ -691,8 +722,13 @@ def knn_reference(
             excluded = rows + (start + self_offset)
             inside = excluded < num_gallery
             block[rows[inside], excluded[inside]] = float("inf")
-        finish = finisher(metric, None if query_aux is None else query_aux[start:stop])
-        values, columns = smallest_k(block, k, finish)
+        chunk_aux = None if query_aux is None else query_aux[start:stop]
+        if pool_factory is not None:
+            pool = pool_factory(k, stop - start, metric, chunk_aux)
+            pool.offer(block, 0)
+            values, columns = pool.result()
+        else:
+            values, columns = smallest_k(block, k, finisher(metric, chunk_aux))
         distances[start:stop] = values
         indices[start:stop] = columns
         if progress is not None:

@@ -1,0 +1,357 @@
+"""The compiled CPU selection of the k-NN search (torchfg/ops/knn/cpu.py, csrc/knn_cpu/) against the
+pure PyTorch selection it replaces, a full sort and the brute force; and the fallback to the
+PyTorch path when it is switched off or cannot be built."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from brute_force import exact_distances
+from torchfg import knn
+from torchfg.ops.knn import cpu as cpu_module
+from torchfg.ops.knn import knn_search
+from torchfg.ops.knn import reference as ref_module
+from torchfg.ops.metric import METRICS
+
+COMPILED_OK, COMPILED_WHY = cpu_module.status()
+requires_compiled = pytest.mark.skipif(not COMPILED_OK, reason=f"compiled CPU selection unavailable: {COMPILED_WHY}")
+
+FINISHES = {
+    "euclidean": lambda raw, aux: ((raw if aux is None else raw + aux.unsqueeze(1)).clamp_min(0.0)).sqrt(),
+    "sqeuclidean": lambda raw, aux: (raw if aux is None else raw + aux.unsqueeze(1)).clamp_min(0.0),
+    "cosine": lambda raw, aux: raw + 1.0,
+    "dot": lambda raw, aux: raw,
+}
+
+
+def merging_keys(gen: torch.Generator, rows: int, width: int, base: float, levels: int = 6, spread: int = 40) -> torch.Tensor:
+    """(rows, width) fp32 keys on a few levels, each spread over 0-``spread`` ulps: exact ties, and
+    runs of distinct keys that the finishes (sqrt, + 1, + a large norm) map to equal distances."""
+    values = base * (1 + torch.rand(rows, levels, generator=gen, dtype=torch.float64)).float()
+    block = values.gather(1, torch.randint(0, levels, (rows, width), generator=gen))
+    ulps = torch.randint(0, spread, (rows, width), generator=gen)
+    for _ in range(int(ulps.max())):
+        block = torch.where(ulps > 0, torch.nextafter(block, torch.full_like(block, float("inf"))), block)
+        ulps = ulps - 1
+    return block
+
+
+def integer_data(gen: torch.Generator, rows: int, dim: int, low: int = -2, high: int = 3) -> torch.Tensor:
+    """Small integers: products and sums are exact in fp32, so equal distances are exact ties."""
+    return torch.randint(low, high, (rows, dim), generator=gen).float()
+
+
+def both_paths(*args, **kwargs):
+    """``knn(*args, **kwargs)`` with the compiled selection, then with the pure PyTorch one."""
+    compiled = knn(*args, **kwargs)
+    cpu_module.enabled = False
+    try:
+        pure = knn(*args, **kwargs)
+    finally:
+        cpu_module.enabled = True
+    return compiled, pure
+
+
+def assert_identical(compiled, pure, context) -> None:
+    assert torch.equal(compiled[1], pure[1]), context
+    # Bit for bit, -0.0 included (torch.equal would accept -0.0 == 0.0).
+    assert torch.equal(compiled[0].view(torch.int32 if compiled[0].dtype == torch.float32 else torch.int16),
+                       pure[0].view(torch.int32 if pure[0].dtype == torch.float32 else torch.int16)), context
+
+
+@pytest.fixture
+def count_offers(monkeypatch):
+    """Counts the blocks offered to compiled pools: a test of the compiled path fails if the
+    search silently took the PyTorch one."""
+    calls = []
+    real = cpu_module.CompiledPool.offer
+    monkeypatch.setattr(cpu_module.CompiledPool, "offer", lambda self, *a: calls.append(1) or real(self, *a))
+    return calls
+
+
+# ---------------------------------------------------------------------------------------------
+# The pool alone
+
+
+@requires_compiled
+@pytest.mark.parametrize("transposed", [False, True], ids=["rows", "transposed_view"])
+@pytest.mark.parametrize("finish_kind", ["euclidean", "aux_euclidean", "sqeuclidean", "aux_sqeuclidean", "cosine", "dot"])
+def test_pool_equals_a_full_sort(finish_kind, transposed):
+    """Offered a row block tile by tile (odd widths, one narrower than k), the pool returns exactly
+    the k smallest (distance, column) pairs of the finished row (finished by torch), on keys with
+    exact ties and with runs the finish merges (where selecting on the raw key alone would take
+    the wrong column); an excluded entry (+inf) is never returned. Where torch's sqrt merges more
+    entries at the k-th distance than the Euclidean slack holds, the pool says so instead."""
+    gen = torch.Generator().manual_seed(len(finish_kind) + 100 * transposed)
+    metric = finish_kind.removeprefix("aux_")
+    base = {"euclidean": 1024.0, "sqeuclidean": 3.0, "cosine": -0.5, "dot": 3.0}[metric]
+    rows, widths = 45, [64, 3, 71, 1, 40, 97]
+    total = sum(widths)
+    aux = (torch.rand(rows, generator=gen, dtype=torch.float64) * 1e6).float() if finish_kind.startswith("aux_") else None
+    returned = exhausted = 0
+    for k in (1, 2, 9, 33, 150, total - 1):
+        for trial in range(3):
+            if trial == 2:
+                full = torch.rand(rows, total, generator=gen) * base  # few merges: never exhausts the slack
+            else:
+                full = merging_keys(gen, rows, total, base, levels=3 if trial == 0 else 8)
+            if metric == "sqeuclidean":
+                full = full - 4.5  # half the keys negative: the clamp merges them all at 0
+            full[torch.arange(rows), torch.randint(0, total, (rows,), generator=gen)] = float("inf")
+            pool = cpu_module.CompiledPool(k, rows, metric, aux)
+            offset = 0
+            for width in widths:
+                tile = full[:, offset : offset + width]
+                pool.offer(tile.t().contiguous().t() if transposed else tile.contiguous(), offset)
+                offset += width
+            try:
+                distances, columns = pool.result()
+            except cpu_module.SlackExhausted:
+                assert metric == "euclidean" and trial < 2, (k, trial)
+                exhausted += 1
+                continue
+            returned += 1
+            finished = FINISHES[metric](full, aux)
+            order = torch.sort(finished, dim=1, stable=True).indices[:, :k]
+            assert columns.dtype == torch.int64 and distances.dtype == torch.float32
+            assert torch.equal(columns, order), (k, trial)
+            assert torch.equal(distances, finished.gather(1, order)), (k, trial)
+            assert torch.isfinite(distances).all()
+    assert returned >= 6
+
+
+@requires_compiled
+def test_pool_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="metric"):
+        cpu_module.CompiledPool(3, 4, "manhattan")
+    with pytest.raises(ValueError, match="k must be"):
+        cpu_module.CompiledPool(0, 4, "dot")
+    pool = cpu_module.CompiledPool(2, 4, "dot")
+    with pytest.raises(RuntimeError, match="offset"):
+        pool.offer(torch.randn(4, 5), -1)
+    with pytest.raises(RuntimeError, match=r"\(4, W\)"):
+        pool.offer(torch.randn(3, 5), 0)
+    with pytest.raises(RuntimeError, match="fp32"):
+        pool.offer(torch.randn(4, 5, dtype=torch.float64), 10)
+    # A block that is neither row- nor column-contiguous is copied, not misread.
+    strided = torch.randn(8, 30)[::2, ::3]
+    pool = cpu_module.CompiledPool(3, 4, "dot")
+    pool.offer(strided, 0)
+    distances, columns = pool.result()
+    expected = torch.sort(strided, dim=1, stable=True)
+    assert torch.equal(columns, expected.indices[:, :3]) and torch.equal(distances, expected.values[:, :3])
+
+
+# ---------------------------------------------------------------------------------------------
+# The search: compiled selection against the pure PyTorch one, bit for bit
+
+
+@requires_compiled
+@pytest.mark.parametrize("metric", METRICS)
+def test_self_search_equals_the_torch_path(metric, count_offers):
+    """Symmetric tiles (a partial last tile) and the plain chunked search, k from 1 to more than a
+    tile,
+    with and without exclude_self, on random and on integer data (exact ties everywhere): the
+    same indices and distances as the pure PyTorch selection, bit for bit."""
+    gen = torch.Generator().manual_seed(METRICS.index(metric))
+    for integers in (False, True):
+        x = integer_data(gen, 131, 5) if integers else torch.randn(131, 24, generator=gen)
+        for tile in (40, None):
+            for exclude in (False, True):
+                for k in (1, 7, 45):
+                    compiled, pure = both_paths(x, k=k, metric=metric, exclude_self=exclude, backend="torch", chunk_size=tile)
+                    assert_identical(compiled, pure, (integers, tile, exclude, k))
+    assert count_offers
+
+
+@requires_compiled
+@pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean", "dot"])
+def test_integer_data_equals_the_brute_force(metric):
+    """Exact arithmetic: the compiled search returns the brute force's indices (ties to the lower
+    index) over symmetric tiles, a plain chunked search and a gallery with exclude_self."""
+    gen = torch.Generator().manual_seed(7)
+    x = integer_data(gen, 173, 4, -1, 2)
+    gallery = torch.cat([x, integer_data(gen, 30, 4, -1, 2)])
+    for query, other, exclude, chunk in ((x, None, True, 16), (x, None, False, 16), (x, None, True, None), (x, gallery, True, 50)):
+        reference = gallery if other is not None else x
+        full = exact_distances(query, reference, metric)
+        if exclude:
+            full[torch.arange(query.shape[0]), torch.arange(query.shape[0])] = float("inf")
+        for k in (1, 5, 60):
+            d, i = knn(query, other, k, metric=metric, exclude_self=exclude, backend="torch", chunk_size=chunk)
+            order = torch.sort(full, dim=1, stable=True).indices[:, :k]
+            assert torch.equal(i, order), (exclude, chunk, k)
+            torch.testing.assert_close(d.double(), full.gather(1, order), atol=1e-6, rtol=0)
+
+
+@requires_compiled
+@pytest.mark.parametrize("metric", METRICS)
+def test_query_gallery_search_equals_the_torch_path(metric, count_offers):
+    """The chunked query-by-gallery search (per-row norms added before the clamp), odd sizes,
+    several chunk sizes, exclude_self with a gallery: bit for bit the pure PyTorch selection."""
+    gen = torch.Generator().manual_seed(10 + METRICS.index(metric))
+    for integers in (False, True):
+        draw = (lambda r: integer_data(gen, r, 7)) if integers else (lambda r: torch.randn(r, 33, generator=gen) * 3)
+        query, gallery = draw(67), draw(211)
+        for chunk in (1, 13, None):
+            for exclude in (False, True):
+                for k in (1, 11, 210):
+                    compiled, pure = both_paths(query, gallery, k, metric=metric, exclude_self=exclude, backend="torch", chunk_size=chunk)
+                    assert_identical(compiled, pure, (integers, chunk, exclude, k))
+    assert count_offers
+
+
+@requires_compiled
+@pytest.mark.parametrize("copies", [40, 100])
+def test_euclidean_fallback_when_the_slack_is_exhausted(monkeypatch, copies):
+    """Many copies of a few rows (a k-th distance shared by dozens of entries) exhaust the
+    Euclidean slack of 8: the search is redone with a slack of 64 (enough for 40 copies), then
+    with the PyTorch selection (100 copies). Either way it returns the same as the pure path and
+    reports each query once. Random rows never need a second attempt."""
+    attempts = []
+    real_search = ref_module.knn_reference
+
+    def spy(*args):
+        attempts.append(args[8] is None if len(args) > 8 else True)  # True: the PyTorch selection
+        return real_search(*args)
+
+    monkeypatch.setattr(cpu_module, "knn_reference", spy)
+    gen = torch.Generator().manual_seed(21)
+    x = torch.randn(6 if copies == 40 else 3, 10, generator=gen).repeat(copies, 1)
+    for chunk in (64, None):
+        seen = []
+        attempts.clear()
+        d, i = knn_search(x, None, 12, metric="euclidean", exclude_self=True, backend="torch", chunk_size=chunk, progress=seen.append)
+        assert attempts == ([False, False] if copies == 40 else [False, False, True]), chunk
+        assert sum(seen) == x.shape[0], chunk
+        cpu_module.enabled = False
+        try:
+            pure = knn(x, k=12, metric="euclidean", exclude_self=True, backend="torch", chunk_size=chunk)
+        finally:
+            cpu_module.enabled = True
+        assert_identical((d, i), pure, chunk)
+    attempts.clear()
+    x = torch.randn(500, 32, generator=gen)
+    for chunk in (64, 1000):
+        compiled, pure = both_paths(x, k=20, metric="euclidean", backend="torch", chunk_size=chunk)
+        assert_identical(compiled, pure, chunk)
+    assert attempts == [False, False]
+
+
+@requires_compiled
+def test_half_inputs_and_progress(count_offers):
+    """fp16 / bf16 inputs are selected on their fp32 blocks by the compiled path; knn_search
+    reports progress from it and returns the same as knn."""
+    gen = torch.Generator().manual_seed(4)
+    for dtype in (torch.float16, torch.bfloat16):
+        x = torch.randn(150, 16, generator=gen).to(dtype)
+        compiled, pure = both_paths(x, k=9, metric="euclidean", exclude_self=True, backend="torch", chunk_size=40)
+        assert_identical(compiled, pure, dtype)
+        assert compiled[0].dtype == dtype
+    seen = []
+    x = torch.randn(150, 16, generator=gen)
+    d, i = knn_search(x, None, 5, metric="cosine", exclude_self=True, backend="torch", chunk_size=40, progress=seen.append)
+    assert sum(seen) == 150 and len(seen) > 1
+    assert torch.equal(i, knn(x, k=5, metric="cosine", exclude_self=True, backend="torch", chunk_size=40)[1])
+    assert count_offers
+
+
+@requires_compiled
+def test_default_tiles_of_the_compiled_search(monkeypatch):
+    """With no chunk_size, a self-search of two default tiles and a partial one takes the symmetric
+    path at the compiled path's tile side and equals the pure PyTorch search."""
+    tile = cpu_module.default_tile_size(2 * 512 + 37)
+    tiles_seen = []
+    real_symmetric = ref_module._knn_symmetric
+    monkeypatch.setattr(ref_module, "_knn_symmetric", lambda *a: tiles_seen.append(a[4]) or real_symmetric(*a))
+    x = integer_data(torch.Generator().manual_seed(2), 2 * tile + 37, 3)
+    compiled, pure = both_paths(x, k=12, metric="sqeuclidean", exclude_self=True, backend="torch")
+    assert tiles_seen[0] == tile
+    assert_identical(compiled, pure, tile)
+
+
+# ---------------------------------------------------------------------------------------------
+# Build, cache, fallback
+
+
+@requires_compiled
+def test_build_is_cached(tmp_path, monkeypatch):
+    """A build into an empty cache writes the library once; a second build finds it without
+    running the compiler."""
+    monkeypatch.setenv("TORCHFG_CACHE_DIR", str(tmp_path))
+    source, compiler = cpu_module._source_path(), cpu_module._compiler()
+    path = cpu_module._build(source, compiler)
+    assert path.is_file() and tmp_path in path.parents
+    monkeypatch.setattr(cpu_module.subprocess, "run", lambda *a, **k: pytest.fail("compiled again"))
+    assert cpu_module._build(source, compiler) == path
+
+
+def test_failed_build_falls_back_to_the_torch_path(tmp_path, monkeypatch):
+    """A compiler that fails (or none) leaves the search on the PyTorch path, with the reason in
+    status(); nothing raises."""
+    monkeypatch.setattr(cpu_module, "_library", None)
+    monkeypatch.setattr(cpu_module, "_failure", None)
+    monkeypatch.setenv("TORCHFG_CACHE_DIR", str(tmp_path))
+    fake = tmp_path / "broken-cc"
+    fake.write_text("#!/bin/sh\necho 'cc: internal error' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CC", str(fake))
+    ok, why = cpu_module.status()
+    assert not ok and "internal error" in why
+    assert not cpu_module.is_usable(torch.device("cpu"), torch.float32)
+    x = integer_data(torch.Generator().manual_seed(0), 90, 3)
+    d, i = knn(x, k=4, metric="euclidean", exclude_self=True, backend="torch", chunk_size=16)
+    full = exact_distances(x, x, "euclidean")
+    full.fill_diagonal_(float("inf"))
+    assert torch.equal(i, torch.sort(full, dim=1, stable=True).indices[:, :4])
+
+    monkeypatch.setattr(cpu_module, "_failure", None)
+    monkeypatch.setattr(cpu_module, "_compiler", lambda: None)
+    ok, why = cpu_module.status()
+    assert not ok and "no C compiler" in why
+
+
+def test_switches_keep_the_torch_path(monkeypatch):
+    """TORCHFG_CPU_KERNELS=0 and the module flag: no compiled pool is made, and the search is the
+    pure PyTorch one; fp64 inputs never take the fp32 kernel."""
+    monkeypatch.setattr(cpu_module, "CompiledPool", lambda *a, **k: pytest.fail("compiled pool used"))
+    x = torch.randn(70, 6)
+    monkeypatch.setenv("TORCHFG_CPU_KERNELS", "0")
+    ok, why = cpu_module.status()
+    assert not ok and "TORCHFG_CPU_KERNELS=0" in why
+    knn(x, k=5, metric="euclidean", backend="torch", chunk_size=16)
+    monkeypatch.delenv("TORCHFG_CPU_KERNELS")
+    monkeypatch.setattr(cpu_module, "enabled", False)
+    assert "enabled = False" in cpu_module.status()[1]
+    knn(x, k=5, metric="euclidean", backend="torch", chunk_size=16)
+    monkeypatch.setattr(cpu_module, "enabled", True)
+    assert not cpu_module.is_usable(torch.device("cpu"), torch.float64)
+    knn(x.double(), k=5, metric="euclidean", backend="torch", chunk_size=16)
+
+
+@requires_compiled
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_shares_torchs_openmp_runtime_next_to_faiss():
+    """The kernel runs on torch's libgomp (no second OpenMP runtime of its own), and a process
+    that also runs faiss (which brings its own libgomp) gets the same neighbours from both."""
+    faiss = pytest.importorskip("faiss")
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(600, 32, generator=gen)
+    d, i = knn(x, k=8, metric="sqeuclidean", backend="torch", chunk_size=128)
+    index = faiss.IndexFlatL2(32)
+    index.add(x.numpy())
+    _, faiss_i = index.search(x.numpy(), 8)
+    d2, i2 = knn(x, k=8, metric="sqeuclidean", backend="torch", chunk_size=128)
+    assert torch.equal(i, i2)
+    # Distances from explicit differences: the index sets may differ only at fp32 near-ties.
+    assert (torch.from_numpy(faiss_i) == i).float().mean() > 0.99
+    mapped = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines() if "libgomp" in line}
+    # The kernel asks for the soname libgomp.so.1: a second file of that name (e.g. the system's
+    # next to torch's) would be a second runtime. Wheels that bundle their own copy (faiss,
+    # scikit-learn) load it under a mangled name (libgomp-<hash>.so), which is theirs, not ours.
+    ours = [path for path in mapped if Path(path).name == "libgomp.so.1"]
+    assert len(ours) <= 1, f"torch and the kernel loaded two OpenMP runtimes: {ours}"
