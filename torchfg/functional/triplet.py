@@ -263,37 +263,6 @@ def _check_mining_backend(strategy: str, backend: str) -> None:
         )
 
 
-def _fused_hardest_loss(
-    embeddings: torch.Tensor,
-    labels: torch.Tensor,
-    candidates: torch.Tensor,
-    candidate_labels: torch.Tensor,
-    anchor_offset: int | None,
-    *,
-    metric: str,
-    base_margin: float,
-    margin_scale: float,
-    text_embeddings: torch.Tensor | None,
-    candidate_text: torch.Tensor | None,
-    text_positive_threshold: float | None,
-    smooth: bool,
-    reduction: str,
-    backend: str,
-    swap: bool,
-    cross_rank: bool,
-) -> torch.Tensor | None:
-    """The batch-hard / ATL loss as the one fused op (:mod:`torchfg.ops.hardest_triplet_loss`)
-    where it runs the Triton kernels; None where the composition of mining, pair distances and
-    reduction below is used instead (the torch backend, ``swap``, ``cross_rank``)."""
-    if swap or cross_rank or resolve_backend("hardest_triplet_loss", embeddings.device, embeddings.dtype, backend) != "triton":
-        return None
-    return hardest_triplet_loss(
-        embeddings, candidates, labels, candidate_labels, text_embeddings, candidate_text, metric=metric,
-        base_margin=base_margin, margin_scale=margin_scale, text_positive_threshold=text_positive_threshold,
-        **_self_rows(anchor_offset), smooth=smooth, reduction=reduction, backend="triton",
-    )
-
-
 def _hardest_triplet_losses(
     embeddings: torch.Tensor,
     labels: torch.Tensor,
@@ -346,6 +315,44 @@ def _hardest_triplet_losses(
         margin = (base_margin + margin_scale * (1.0 - text_cos) * 0.5).to(d_ap.dtype)
     losses = _hinge(d_ap - d_an + margin, smooth)
     return torch.where(valid, losses, torch.zeros_like(losses)), valid
+
+
+def _batch_hard_loss(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    candidates: torch.Tensor,
+    candidate_labels: torch.Tensor,
+    anchor_offset: int | None,
+    *,
+    metric: str,
+    base_margin: float,
+    margin_scale: float,
+    text_embeddings: torch.Tensor | None,
+    candidate_text: torch.Tensor | None,
+    text_positive_threshold: float | None,
+    smooth: bool,
+    swap: bool,
+    reduction: str,
+    cross_rank: bool,
+    backend: str,
+) -> torch.Tensor:
+    """The reduced batch-hard / ATL loss. On the Triton backend (without ``swap`` or
+    ``cross_rank``) the one fused op :func:`torchfg.ops.hardest_triplet_loss.hardest_triplet_loss`;
+    elsewhere the per-anchor losses of :func:`_hardest_triplet_losses`, reduced."""
+    hardest = dict(metric=metric, base_margin=base_margin, margin_scale=margin_scale,
+                   text_positive_threshold=text_positive_threshold, smooth=smooth)
+    if not (swap or cross_rank) and resolve_backend(
+        "hardest_triplet_loss", embeddings.device, embeddings.dtype, backend
+    ) == "triton":
+        return hardest_triplet_loss(
+            embeddings, candidates, labels, candidate_labels, text_embeddings, candidate_text,
+            **_self_rows(anchor_offset), reduction=reduction, backend="triton", **hardest,
+        )
+    losses, valid = _hardest_triplet_losses(
+        embeddings, labels, candidates, candidate_labels, anchor_offset, text_embeddings=text_embeddings,
+        candidate_text=candidate_text, swap=swap, backend=backend, **hardest,
+    )
+    return _keep_gather_in_graph(_reduce(losses, valid, reduction, cross_rank), candidates, cross_rank)
 
 
 def _listed_losses(
@@ -468,19 +475,11 @@ def _triplet_margin_loss_impl(
     if indices_tuple is not None:
         triplets = _check_indices_tuple(indices_tuple, embeddings.shape[0], candidates.shape[0], embeddings.device)
     elif mining == "batch_hard":
-        fused = _fused_hardest_loss(
+        return _batch_hard_loss(
             embeddings, labels, candidates, candidate_labels, anchor_offset, metric=metric, base_margin=margin,
             margin_scale=0.0, text_embeddings=None, candidate_text=None, text_positive_threshold=None,
-            smooth=smooth, reduction=reduction, backend=backend, swap=swap, cross_rank=cross_rank,
+            smooth=smooth, swap=swap, reduction=reduction, cross_rank=cross_rank, backend=backend,
         )
-        if fused is not None:
-            return fused
-        losses, valid = _hardest_triplet_losses(
-            embeddings, labels, candidates, candidate_labels, anchor_offset, metric=metric, base_margin=margin,
-            margin_scale=0.0, text_embeddings=None, candidate_text=None, text_positive_threshold=None,
-            smooth=smooth, swap=swap, backend=backend,
-        )
-        return _keep_gather_in_graph(_reduce(losses, valid, reduction, cross_rank), candidates, cross_rank)
     elif mining == "all" and triplets_per_anchor == "all":
         loss = _all_triplet_losses(
             embeddings, labels, candidates, candidate_labels, anchor_offset, metric=metric, margin=margin,
@@ -640,31 +639,12 @@ def _adaptive_triplet_loss_impl(
             margin = (base_margin + margin_scale * (1.0 - text_cos) * 0.5).to(accumulation_dtype(embeddings.dtype))
         losses = _listed_losses(embeddings, candidates, (a, p, n), metric=metric, margin=margin, smooth=False, swap=False)
         return _keep_gather_in_graph(_reduce(losses, None, reduction, cross_rank), candidates, cross_rank)
-    fused = _fused_hardest_loss(
+    return _batch_hard_loss(
         embeddings, labels, candidates, candidate_labels, anchor_offset, metric=metric, base_margin=base_margin,
         margin_scale=margin_scale, text_embeddings=text_embeddings, candidate_text=candidate_text,
-        text_positive_threshold=text_positive_threshold, smooth=False, reduction=reduction, backend=backend,
-        swap=False, cross_rank=cross_rank,
+        text_positive_threshold=text_positive_threshold, smooth=False, swap=False, reduction=reduction,
+        cross_rank=cross_rank, backend=backend,
     )
-    if fused is not None:
-        return fused
-    losses, valid = _hardest_triplet_losses(
-        embeddings,
-        labels,
-        candidates,
-        candidate_labels,
-        anchor_offset,
-        metric=metric,
-        base_margin=base_margin,
-        margin_scale=margin_scale,
-        text_embeddings=text_embeddings,
-        candidate_text=candidate_text,
-        text_positive_threshold=text_positive_threshold,
-        smooth=False,
-        swap=False,
-        backend=backend,
-    )
-    return _keep_gather_in_graph(_reduce(losses, valid, reduction, cross_rank), candidates, cross_rank)
 
 
 def adaptive_triplet_loss(

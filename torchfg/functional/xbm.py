@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from torchfg.distributed import gather_batch
-from torchfg.functional.triplet import _fused_hardest_loss, _hardest_triplet_losses, _hinge, _reduce
+from torchfg.functional.triplet import _batch_hard_loss, _hardest_triplet_losses, _hinge, _reduce
 from torchfg.ops.hardest_triplet_loss.reference import text_cosine
 from torchfg.ops.metric import DEFAULT_METRIC
 from torchfg.ops.pair_distances import pair_distances
@@ -122,16 +122,14 @@ def memory_triplet_loss(
     n, capacity = embeddings.shape[0], memory.shape[0]
     groups = _self_groups(n, self_start, capacity)
     if len(groups) == 1 and indices_tuple is None:
-        # One launch sequence with the fused loss on the Triton backend (the memory is detached:
-        # its backward writes the anchors' gradient only).
-        fused = _fused_hardest_loss(
+        # One group: the shared batch-hard loss (the fused op on the Triton backend; the memory is
+        # detached, so its backward writes the anchors' gradient only).
+        return _batch_hard_loss(
             embeddings, labels, memory, memory_labels, groups[0][2], metric=metric, base_margin=margin,
             margin_scale=margin_scale, text_embeddings=text_embeddings, candidate_text=memory_text,
-            text_positive_threshold=text_positive_threshold, smooth=smooth, reduction=reduction, backend=backend,
-            swap=False, cross_rank=cross_rank,
+            text_positive_threshold=text_positive_threshold, smooth=smooth, swap=False, reduction=reduction,
+            cross_rank=cross_rank, backend=backend,
         )
-        if fused is not None:
-            return fused
     losses, valid = [], []
     for lo, hi, offset in groups:
         group_losses, group_valid = _hardest_triplet_losses(

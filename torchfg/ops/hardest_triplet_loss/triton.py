@@ -34,14 +34,12 @@ import triton.language as tl
 
 from torchfg.backends import triton_interpreter_enabled
 from torchfg.ops.metric import metric_code
-from torchfg.ops.pair_distances.triton import finish_pair_distance, pair_distance_gradient
+from torchfg.ops.pair_distances.triton import _acc_dtype, finish_pair_distance, pair_distance_gradient
 from torchfg.ops.triplet.triton import merge_split_bests
 
 __all__ = ["REDUCTION_CODES", "hardest_triplet_loss_triton", "hardest_triplet_loss_backward_triton"]
 
 REDUCTION_CODES = {"none": 0, "sum": 1, "mean": 2, "mean_nonzero": 3}
-# Above this, softplus(v) is v in fp32 (torch.nn.functional.softplus's default threshold).
-_SOFTPLUS_THRESHOLD = 20.0
 
 
 def _blocks(d: int, dtype: torch.dtype) -> tuple[int, int, int]:
@@ -147,7 +145,7 @@ def _hardest_triplet_fwd_kernel(
         margin = base_margin + margin_scale * (1.0 - cos) * 0.5
         violation = d_ap - d_an + margin.to(ACC_DTYPE)
     if SMOOTH:
-        # softplus and its derivative as torch computes them (threshold 20).
+        # softplus and its derivative as torch computes them (reference.SOFTPLUS_THRESHOLD = 20).
         z = tl.exp(tl.minimum(violation, 20.0))
         big = violation > 20.0
         loss = tl.where(big, violation, _log1p(z))
@@ -292,10 +290,6 @@ def _hardest_triplet_bwd_kernel(
         tl.store(g_ptr + rows64[:, None] * D + cols[None, :], acc.to(g_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok)
 
 
-def _acc_dtype(dtype: torch.dtype) -> tuple[torch.dtype, tl.dtype]:
-    return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
-
-
 def hardest_triplet_loss_triton(
     anchors: torch.Tensor,
     candidates: torch.Tensor,
@@ -324,11 +318,12 @@ def hardest_triplet_loss_triton(
     n, m, d = anchors.shape[0], candidates.shape[0], anchors.shape[1]
     device = anchors.device
     acc, acc_tl = _acc_dtype(anchors.dtype)
-    links = torch.empty(m + 1 + 2 * n, dtype=torch.int32, device=device)
+    # [heads (M), ticket (1), next (2N)]: without partner lists only the ticket is used (and set).
+    links = torch.empty(m + 1 + (2 * n if link else 0), dtype=torch.int32, device=device)
     bests = mine_hardest_splits_triton(
         anchors, candidates, anchor_labels, candidate_labels, anchor_text, candidate_text, metric=metric,
         base_margin=base_margin, margin_scale=margin_scale, text_positive_threshold=text_positive_threshold,
-        self_offset=self_offset, fill=(links[: m + 1], -1),
+        self_offset=self_offset, fill=(links[: m + 1] if link else links[m:], -1),
     )
     block_r, block_d, warps = _blocks(d, anchors.dtype)
     programs = max(1, triton.cdiv(n, block_r))
@@ -338,7 +333,6 @@ def hardest_triplet_loss_triton(
     count = torch.empty(1, dtype=acc, device=device)
     partial = torch.empty(programs, 2, dtype=acc, device=device)
     margin_aware = anchor_text is not None and margin_scale != 0.0
-    text_acc = anchor_text.dtype if margin_aware and anchor_text.dtype == torch.float64 else torch.float32
     text_args = (anchor_text, candidate_text) if margin_aware else (anchors, candidates)
     t = anchor_text.shape[1] if margin_aware else 0
     text_strides = ((anchor_text.stride(0), anchor_text.stride(1), candidate_text.stride(0), candidate_text.stride(1))
@@ -356,7 +350,7 @@ def hardest_triplet_loss_triton(
             float(base_margin), float(margin_scale),
             METRIC=metric_code(metric), MARGIN_AWARE=margin_aware, SMOOTH=smooth,
             REDUCTION=REDUCTION_CODES[reduction], MERGE=bests.splits > 1, LINK=link, ACC_DTYPE=acc_tl,
-            TEXT_ACC_DTYPE=tl.float64 if text_acc == torch.float64 else tl.float32,
+            TEXT_ACC_DTYPE=tl.float64 if margin_aware and anchor_text.dtype == torch.float64 else tl.float32,
             BLOCK_R=block_r, BLOCK_D=block_d, BLOCK_T=min(64, max(16, triton.next_power_of_2(max(t, 1)))),
             BLOCK_P=128, num_warps=warps,
         )

@@ -686,12 +686,15 @@ def mine_hardest_splits_triton(
     torch._check((anchor_text is None) == (candidate_text is None))
     n, m = anchors.shape[0], candidates.shape[0]
     device = anchors.device
-    if out is None:
-        positive_idx = torch.empty(n, dtype=torch.int64, device=device)
-        negative_idx = torch.empty(n, dtype=torch.int64, device=device)
-    else:
-        positive_idx, negative_idx = out
+
+    def final_indices() -> tuple[torch.Tensor, torch.Tensor]:
+        # Written by the kernel only with a single split; with several the splits are the output.
+        if out is not None:
+            return out
+        return torch.empty(n, dtype=torch.int64, device=device), torch.empty(n, dtype=torch.int64, device=device)
+
     if n == 0 or m == 0:
+        positive_idx, negative_idx = final_indices()
         positive_idx.fill_(-1)
         negative_idx.fill_(-1)
         if fill is not None:
@@ -753,7 +756,7 @@ def mine_hardest_splits_triton(
     splits = triton.cdiv(m, per_split)
     if splits == 1:
         pos_val = neg_val = torch.empty(1, dtype=acc_torch, device=device)  # not stored
-        pos_part, neg_part = positive_idx, negative_idx
+        pos_part, neg_part = final_indices()
     else:
         pos_val, pos_part, neg_val, neg_part = _new_workspace(splits, n, acc_torch, device)
 
