@@ -499,19 +499,36 @@ def test_narrow_label_types_match_int64(dtype):
 
 
 def test_gpu_config_table_is_complete():
-    # Every (kind, operand width) the launcher asks for has configs, each tl.dot-sized.
+    # Every (kind, operand width) the launcher asks for has configs, each tl.dot-sized, and at
+    # least one for any layout, so that the autotuner's pruning never leaves it empty.
     for kind in ("batch_hard", "atl"):
-        for width in ("16bit", "fp32"):
-            configs = kernel.GPU_CONFIGS[kind, width]
-            assert configs
-            for c in configs:
+        for width in ("16bit", "tf32", "fp32"):
+            entries = kernel.GPU_CONFIGS[kind, width]
+            assert any(scope == kernel.ANY_LAYOUT for scope, _ in entries), (kind, width)
+            for scope, c in entries:
+                assert scope in (kernel.ANY_LAYOUT, kernel.ROW_MAJOR, kernel.DENSE)
                 assert min(c.block_m, c.block_n, c.block_d, c.block_t) >= 16
                 assert c.maxnreg is None or c.maxnreg * 32 * c.num_warps <= 65536
             # The autotuned launcher: its configs set only constexprs of the kernel.
             tuned = kernel._tuned_kernel(kind, width)
             names = set(kernel._mine_hardest_kernel.arg_names)
-            assert len(tuned.configs) == len(configs)
+            assert len(tuned.configs) == len(entries)
             assert all(set(cfg.kwargs) <= names for cfg in tuned.configs)
+
+
+@pytest.mark.parametrize("unit_stride, d, expected", [
+    (True, 512, {"any", "row_major", "dense"}),
+    (True, 100, {"any", "row_major"}),     # 100 is not a multiple of BLOCK_D = 64
+    (False, 512, {"any"}),
+])
+def test_autotune_pruning_follows_config_scopes(unit_stride, d, expected):
+    # The pruning the autotuner applies keeps exactly the configs whose scope covers the call.
+    entries = (("any", TileConfig(64, 64, 64, 64)), ("row_major", TileConfig(64, 64, 64, 64)),
+               ("dense", TileConfig(64, 64, 64, 64)))
+    tuned = kernel._autotuned(entries)
+    kept = tuned.early_config_prune(tuned.configs, {"unit_stride": int(unit_stride), "D": d})
+    assert {scope for (scope, _), cfg in zip(entries, tuned.configs) if any(cfg is k for k in kept)} == expected
+    assert kernel.config_fits("dense", 32, 96, True) and not kernel.config_fits("dense", 64, 96, True)
 
 
 def test_reference_text_operands_share_a_row_slice():

@@ -19,8 +19,10 @@ When there are few anchor blocks, the candidates are split over a second grid ax
 is filled; each split writes its (value, index) per anchor to a small (splits, N) workspace and a
 merge kernel reduces the splits in candidate order. Extra memory is O((N + M) + splits x N).
 
-Register budget (issue 14): the configs of ``GPU_CONFIGS`` fit two programs per SM on sm_90 with no
-spills, so one program's epilogue (metric, masks, two arg-maxima) overlaps another's MMA loop.
+Register budget (issue 14): every config of ``GPU_CONFIGS`` compiles for sm_90 without spills
+(triton 3.6 and 3.9) over the layouts it is allowed on; the autotuner prunes the others per call
+(column-major operands, or a D that is not a multiple of BLOCK_D). Most fit two programs per SM,
+so that one program's epilogue (metric, masks, two arg-maxima) overlaps another's MMA loop.
 What keeps the epilogue small: labels are compared as int32 words (int64 labels are read as word
 pairs, and the rare programs whose labels differ in their high words go to a second, separate
 pass); only the last tile of a split masks its columns; the row statistics of all inputs come
@@ -96,11 +98,19 @@ class TileConfig:
     maxnreg: int | None = None
 
 
-_FP64_CONFIG = TileConfig(block_m=64, block_n=64, block_d=32, block_t=32, num_warps=4, num_stages=2)
+# fp64 is a correctness path (an FMA dot, operands in registers): 32 x 32 tiles compile without
+# spills on sm_90 except 16 bytes for column-major inputs with text (64 x 64 x 32 spilled up to 1.2 KB).
+_FP64_CONFIG = TileConfig(block_m=32, block_n=32, block_d=16, block_t=16, num_warps=4, num_stages=2)
 
-# Tiles (except BLOCK_M, the main pass's) of the second pass for 64-bit labels that differ in their
-# high words: a cold path, small tiles so that it compiles quickly for any dtype.
-_WIDE_PASS_CONFIG = TileConfig(block_m=64, block_n=64, block_d=32, block_t=32, num_warps=4, num_stages=2)
+
+def _wide_pass_config(block_m: int, fma_dot: bool) -> TileConfig:
+    """Tiles of the second pass for 64-bit labels that differ in their high words, a cold path.
+
+    BLOCK_M is the main pass's (same row blocks). 128 rows take 8 warps and FMA dots (IEEE fp32,
+    fp64) narrow chunks: on 4 warps, or with 32-wide chunks, this pass spilled 100-1200 bytes.
+    """
+    return TileConfig(block_m=block_m, block_n=32 if fma_dot else 64, block_d=16 if fma_dot else 32,
+                      block_t=16 if fma_dot else 32, num_warps=8 if block_m >= 128 else 4, num_stages=2)
 
 # Small fixed tiles for Triton's CPU interpreter: cheap to run and they exercise multiple tiles,
 # D chunks and splits at test sizes.
@@ -284,7 +294,9 @@ def _mine_hardest_kernel(
     stride_atm, stride_atd, stride_ctm, stride_ctd,
     self_offset, candidates_per_split,
     base_margin, margin_scale, text_threshold,
-    n_bucket, m_bucket,  # autotuning keys only: the tiles that fill the GPU depend on the problem size
+    # Autotuning keys only: the tiles that fill the GPU depend on the problem size, and the tiles
+    # that compile without spills on the layout (unit_stride: every operand read has unit feature stride).
+    n_bucket, m_bucket, unit_stride,
     METRIC: tl.constexpr, HAS_SELF: tl.constexpr, NEED_TEXT: tl.constexpr, MARGIN_AWARE: tl.constexpr,
     HAS_THRESHOLD: tl.constexpr,
     STORE_VALUES: tl.constexpr, LABEL_WORDS: tl.constexpr, WIDE_PASS: tl.constexpr,
@@ -450,48 +462,97 @@ def _sm90(block_m: int, block_n: int, block_d: int, num_warps: int, num_stages: 
                       num_stages=num_stages, flatten=True, maxnreg=maxnreg)
 
 
+# Where an autotuned config may run: each compiles for sm_90a without register spills (ptxas -v,
+# triton 3.6 and 3.9) over its whole scope, int32 and int64 labels, every metric.
+# ANY_LAYOUT: any strides and any D. ROW_MAJOR: every operand the kernel reads (embeddings, and
+# text when read) has unit stride along its features; column-major operands spill there (the
+# loads are transposed through registers). DENSE: row-major and D a multiple of BLOCK_D; the
+# masked D loop keeps its masks live across the pipeline stages and spills there.
+ANY_LAYOUT = "any"
+ROW_MAJOR = "row_major"
+DENSE = "dense"
+
+
 # The autotuned GPU configs, per kind ("batch_hard": no text read; "atl": the text GEMM too) and
-# operand width ("16bit": fp16/bf16; "fp32": TF32 operands, twice the shared memory per tile).
-# Each was compiled for sm_90a with triton 3.6 and 3.9 and read with ptxas -v, for int32 and
-# int64 labels: no spills, and at least 2 programs per SM by registers and shared memory (so that
-# one program's epilogue overlaps another's MMA loop), except the last batch-hard entries, the
-# pre-issue 1-program tiles (no spills either). Per line: registers (3.6 / 3.9), shared memory.
-GPU_CONFIGS: dict[tuple[str, str], tuple[TileConfig, ...]] = {
+# operand width ("16bit": fp16/bf16; "tf32": fp32 operands on the tensor cores, twice the shared
+# memory per tile; "fp32": IEEE fp32, an FMA dot whose operands live in registers, hence the
+# narrow BLOCK_D). Every list has ANY_LAYOUT entries, so pruning never empties it. Programs per SM
+# (registers and shared memory, H100) are at least 2 except where marked 1: two resident programs
+# let one's epilogue overlap the other's MMA loop. The 8-warp maxnreg=128 tiles that issue 14
+# suggested spill 4-880 bytes (12 B on the headline bf16 batch-hard case with int64 labels under
+# triton 3.9; 100-600 B with text), so the 2-program 128-row tiles run on 4 warps instead.
+GPU_CONFIGS: dict[tuple[str, str], tuple[tuple[str, TileConfig], ...]] = {
     ("batch_hard", "16bit"): (
-        _sm90(128, 64, 64, 8, 3, 128),   # 119-124 / 128 registers, 72 KB, 2 programs per SM
-        _sm90(64, 128, 32, 4, 4, None),  # 175-177 / 185, 48 KB, 2
-        _sm90(64, 64, 64, 4, 4, None),   # 128-133 / 126-128, 64 KB, 3
-        TileConfig(128, 128, 64, 64, 8, 3),  # 180-213 / 171-189, 96 KB, 1
+        (DENSE, _sm90(128, 64, 64, 4, 3, None)),       # 2 programs per SM
+        (DENSE, _sm90(64, 128, 32, 4, 4, None)),       # 2
+        (ANY_LAYOUT, _sm90(64, 64, 64, 4, 4, None)),   # 2-3
+        (ANY_LAYOUT, _sm90(128, 64, 64, 8, 3, None)),  # 1
+        (ANY_LAYOUT, _sm90(64, 128, 64, 8, 3, None)),  # 1
+    ),
+    ("batch_hard", "tf32"): (
+        (DENSE, _sm90(128, 64, 32, 4, 3, None)),       # 2
+        (DENSE, _sm90(64, 128, 32, 4, 4, None)),       # 2
+        (ANY_LAYOUT, _sm90(64, 64, 16, 4, 3, None)),   # 2-3
+        (ANY_LAYOUT, _sm90(128, 64, 32, 8, 3, None)),  # 1
+        (ANY_LAYOUT, _sm90(64, 64, 32, 8, 3, None)),   # 1-2
     ),
     ("batch_hard", "fp32"): (
-        _sm90(128, 64, 32, 8, 4, 128),   # 119-122 / 128, 96 KB, 2
-        _sm90(64, 128, 32, 4, 4, None),  # 202-214 / 211-212, 96 KB, 2
-        TileConfig(128, 128, 32, 32, 8, 3),  # 176-213 / 189-194, 96 KB, 1
+        (ANY_LAYOUT, _sm90(32, 64, 16, 4, 3, None)),   # 3-4
+        (ANY_LAYOUT, _sm90(64, 32, 16, 4, 3, None)),   # 3-4
+        (ROW_MAJOR, _sm90(64, 64, 16, 8, 3, None)),    # 1-2
     ),
     ("atl", "16bit"): (
-        _sm90(64, 128, 64, 4, 3, None),  # 255 / 248, 72 KB, 2
-        _sm90(64, 64, 64, 4, 4, None),   # 218-240 / 192-201, 64 KB, 2
+        (ANY_LAYOUT, _sm90(64, 64, 64, 4, 4, None)),   # 2
+        (ANY_LAYOUT, _sm90(64, 64, 32, 4, 3, None)),   # 2
+        (ANY_LAYOUT, _sm90(128, 64, 64, 8, 3, None)),  # 1
+        # 64 x 128 x 64 on 8 warps spilled 8-20 bytes with fp32 text under IEEE precision.
+    ),
+    ("atl", "tf32"): (
+        (ROW_MAJOR, _sm90(64, 64, 16, 4, 3, None)),    # 2
+        (ANY_LAYOUT, _sm90(64, 64, 32, 8, 3, None)),   # 1
+        (ROW_MAJOR, _sm90(128, 64, 32, 8, 3, None)),   # 1
     ),
     ("atl", "fp32"): (
-        _sm90(64, 128, 32, 4, 4, None),  # 255 / 252-254, 96 KB, 2
-        _sm90(64, 64, 32, 4, 4, None),   # 242 / 210-220, 64 KB, 2
+        (ANY_LAYOUT, _sm90(64, 64, 16, 8, 3, None)),   # 1
+        (ROW_MAJOR, _sm90(32, 64, 16, 4, 3, None)),    # 2
+        (ROW_MAJOR, _sm90(64, 32, 16, 4, 3, None)),    # 2
     ),
 }
+
+
+def config_fits(scope: str, block_d: int, d: int, unit_stride: bool) -> bool:
+    """Whether a config of this scope compiles without spills for these operands (see ``GPU_CONFIGS``)."""
+    if scope == ANY_LAYOUT:
+        return True
+    if not unit_stride:
+        return False
+    return scope == ROW_MAJOR or d % block_d == 0
 
 
 def _text_block(args: dict) -> int:
     return min(args["BLOCK_T"], max(16, triton.next_power_of_2(args["T"])))
 
 
-def _autotuned(configs: tuple[TileConfig, ...]):
-    """The mining kernel autotuned over ``configs`` per size bucket (anchors, candidates), D, T and metric."""
+def _autotuned(entries: tuple[tuple[str, TileConfig], ...]):
+    """The mining kernel autotuned over ``entries`` per size bucket (anchors, candidates), D, T,
+    metric and layout; configs are pruned to those whose scope covers the call (:func:`config_fits`)."""
+    configs, scopes = [], {}
+    for scope, c in entries:
+        config = triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "BLOCK_D": c.block_d,
+                                "BLOCK_T": c.block_t, "FLATTEN": c.flatten},
+                               num_warps=c.num_warps, num_stages=c.num_stages, maxnreg=c.maxnreg)
+        configs.append(config)
+        scopes[id(config)] = scope
+
+    def prune(candidates: list, named_args: dict, **kwargs) -> list:
+        unit_stride = bool(named_args["unit_stride"])
+        return [c for c in candidates
+                if config_fits(scopes[id(c)], c.kwargs["BLOCK_D"], named_args["D"], unit_stride)]
+
     return triton.autotune(
-        configs=[
-            triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "BLOCK_D": c.block_d, "BLOCK_T": c.block_t,
-                           "FLATTEN": c.flatten}, num_warps=c.num_warps, num_stages=c.num_stages, maxnreg=c.maxnreg)
-            for c in configs
-        ],
-        key=["n_bucket", "m_bucket", "D", "T", "METRIC", "NEED_TEXT", "LABEL_WORDS"],
+        configs=configs,
+        key=["n_bucket", "m_bucket", "unit_stride", "D", "T", "METRIC", "NEED_TEXT", "LABEL_WORDS"],
+        prune_configs_by={"early_config_prune": prune},
     )(triton.heuristics({
         "BLOCK_T": _text_block,
         "EVEN_D": lambda args: args["D"] % args["BLOCK_D"] == 0,
@@ -749,6 +810,10 @@ def mine_hardest_splits_triton(
         text_args = (anchors, candidates, anchor_stat, cand_stat)  # placeholders, never read
         text_strides = (0, 0, 0, 0)
 
+    # Column-major (or otherwise strided) features limit the autotuned tiles (GPU_CONFIGS scopes).
+    unit_stride = anchors.stride(1) == 1 and candidates.stride(1) == 1 and (
+        not need_text or (anchor_text.stride(1) == 1 and candidate_text.stride(1) == 1))
+
     if tiles is not None and tiles.candidates_per_split is not None:
         per_split = min(max(1, tiles.candidates_per_split), m)
     else:
@@ -772,6 +837,7 @@ def mine_hardest_splits_triton(
         float(base_margin), float(margin_scale),
         float(text_positive_threshold) if has_threshold else 0.0,
         _size_bucket(n) if tiles is None else 0, _size_bucket(m) if tiles is None else 0,
+        int(unit_stride) if tiles is None else 0,
     )
     flags = dict(
         METRIC=metric_code, HAS_SELF=self_offset >= 0, NEED_TEXT=need_text, MARGIN_AWARE=margin_aware,
@@ -783,7 +849,7 @@ def mine_hardest_splits_triton(
     if tiles is None:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), splits)  # noqa: E731
         kind = "atl" if need_text else "batch_hard"
-        width = "fp32" if anchors.dtype == torch.float32 else "16bit"
+        width = "16bit" if anchors.element_size() == 2 else ("tf32" if precision == "tf32" else "fp32")
         tuned = _tuned_kernel(kind, width)
         tuned[grid](*args, **flags, WIDE_PASS=False)
         block_m = tuned.best_config.kwargs["BLOCK_M"]
@@ -804,7 +870,8 @@ def mine_hardest_splits_triton(
         # The programs whose labels differ in their high words (none for labels within 31 bits,
         # where every program of this launch exits after its label scan): same row blocks and
         # splits as the main pass, so each is mined by exactly one of the two launches.
-        wide = _WIDE_PASS_CONFIG if tiles is None else tiles
+        wide = _wide_pass_config(block_m, fma_dot=precision == "ieee" and anchors.element_size() >= 4) \
+            if tiles is None else tiles
         block_d = min(wide.block_d, max(16, triton.next_power_of_2(d)))
         block_t = min(wide.block_t, max(16, triton.next_power_of_2(max(t, 1))))
         _mine_hardest_kernel[(triton.cdiv(n, block_m), splits)](
