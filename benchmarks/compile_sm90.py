@@ -144,6 +144,11 @@ class _Recorder:
         self.backend = make_backend(GPUTarget("cuda", 90, 32))
         self.specs: list[Spec] = []
         self.case = ""
+        # Which surviving config an autotuned launch reports as the winner (modulo their count), and
+        # the most configs any autotuned launch of the current case had: a launcher that reads the
+        # winner (e.g. the mining kernel's BLOCK_M for its second pass) is rerun once per winner.
+        self.winner = 0
+        self.most_configs = 1
 
     def record(self, fn: Any, args: tuple, kwargs: dict) -> None:
         from triton.runtime.jit import create_function_from_signature
@@ -180,12 +185,13 @@ class _Recorder:
         def autotune_run(tuner, *args, **kwargs):
             # Every config that survives the launcher's own pruning may win on some GPU and
             # shape: compile them all. The launcher may read the winner afterwards; it sees the
-            # last one.
+            # one `recorder.winner` names, and trace() reruns the case for each of them.
             tuner.nargs = dict(zip(tuner.arg_names, args))
             configs = tuner.prune_configs(kwargs) if tuner.early_config_prune else tuner.configs
             for config in configs:
                 tuner.fn.run(*args, **{**kwargs, **config.all_kwargs()})
-                tuner.best_config = config
+            tuner.best_config = configs[recorder.winner % len(configs)]
+            recorder.most_configs = max(recorder.most_configs, len(configs))
 
         jit.JITFunction.run = jit_run
         autotuner.Autotuner.run = autotune_run
@@ -501,9 +507,14 @@ def trace(level: str, ops: Iterable[str] = tuple(TRACERS)) -> list[Spec]:
             for label, run in TRACERS[op](level):
                 recorder.case = label
                 before = len(recorder.specs)
+                recorder.winner, recorder.most_configs = 0, 1
                 run()
                 if len(recorder.specs) == before:
                     raise RuntimeError(f"{label}: the launcher launched no kernel")
+                # Every autotune winner once (duplicate specs are dropped below).
+                for winner in range(1, recorder.most_configs):
+                    recorder.winner = winner
+                    run()
         for spec in recorder.specs:
             unique.setdefault(spec.key(), spec)
     return list(unique.values())

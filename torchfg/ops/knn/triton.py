@@ -64,17 +64,30 @@ class TileConfig:
     splits: int | None = None
 
 
-def default_config(k_pad: int) -> TileConfig:
+def default_config(k_pad: int, dtype: torch.dtype, precision: str, dim: int) -> TileConfig:
+    """Tiles for a search at padded k ``k_pad`` over ``dim``-wide rows of ``dtype``, whose fp32
+    operands multiply as ``precision`` ("tf32" or "ieee")."""
     if triton_interpreter_enabled():
         return TileConfig(block_q=16, block_g=16, block_d=16)
     # Registers per thread: the (block_q, k_pad) int64 top-K, the two (block_q, block_g) int64 lane
-    # queues and the fp32 distance tile, plus the bitonic sort's temporaries. With 8 warps these
-    # compile without spills on sm_90 (ptxas -v, triton 3.9: 64 x 64 x 64 at k <= 32 takes
-    # 217-230 registers and wgmma; 32 x 64 x 64 at k <= 64 takes 170, 32 x 128 x 32 at k <= 128
-    # takes 254). The launcher raises block_g to k_pad.
+    # queues and the fp32 distance tile, plus the bitonic sort's temporaries. These compile without
+    # spills on sm_90 (ptxas -v, triton 3.6 and 3.9; every dtype, k, metric and layout of
+    # compile_sm90.py's full level). 16-bit: 64 x 64 x 64 at k <= 32 takes 217-230 registers and
+    # wgmma; 32 x 64 x 64 at k <= 64 takes 170, 32 x 128 x 32 at k <= 128 takes 254 (16 columns
+    # when D is not a multiple of 32: 56-112 bytes of spills otherwise). TF32 operands take twice the
+    # registers per column: 32 columns (64 spilled 24-450 bytes). IEEE fp32 is an FMA dot whose
+    # operands sit in registers: 16 columns and narrower query blocks (64 x 64 x 16 spilled 8-80).
+    # The launcher raises block_g to k_pad.
+    if dtype == torch.float32 and precision == "ieee":
+        if k_pad <= 64:
+            return TileConfig(block_q=32, block_g=64, block_d=16, num_warps=8)
+        return TileConfig(block_q=16, block_g=128, block_d=16, num_warps=8)
+    wide_d = 32 if dtype == torch.float32 else 64
     if k_pad <= 32:
-        return TileConfig(block_q=64, block_g=64, block_d=64, num_warps=8)
-    return TileConfig(block_q=32, block_g=64, block_d=64 if k_pad <= 64 else 32, num_warps=8)
+        return TileConfig(block_q=64, block_g=64, block_d=wide_d, num_warps=8)
+    if k_pad <= 64:
+        return TileConfig(block_q=32, block_g=64, block_d=wide_d, num_warps=8)
+    return TileConfig(block_q=32, block_g=64, block_d=32 if dim % 32 == 0 else 16, num_warps=8)
 
 
 # A candidate is packed into one int64 whose signed order is the (distance, index) order: the
@@ -253,7 +266,8 @@ def knn_triton(
     if num_query == 0:
         return query.new_empty(0, k), torch.empty(0, k, dtype=torch.int64, device=query.device)
     k_pad = max(16, triton.next_power_of_2(k))
-    cfg = config or default_config(k_pad)
+    dot_dtype, _acc, precision = dot_dtypes(query.dtype)
+    cfg = config or default_config(k_pad, query.dtype, precision, dim)
     # The lanes' K_PAD smallest are read off K_PAD-wide chunks of a gallery tile.
     block_g = max(cfg.block_g, k_pad)
     if metric == "dot":
@@ -267,7 +281,6 @@ def knn_triton(
     splits = triton.cdiv(num_gallery, split_size)
     out_d = torch.empty(splits, num_query, k, dtype=torch.float32, device=query.device)
     out_i = torch.empty(splits, num_query, k, dtype=torch.int32, device=query.device)
-    dot_dtype, _acc, precision = dot_dtypes(query.dtype)
     _knn_kernel[(q_blocks, splits)](
         query, gallery, q_aux, g_aux, out_d, out_i,
         num_query, num_gallery, dim, split_size, max(self_offset, 0),

@@ -19,10 +19,11 @@ When there are few anchor blocks, the candidates are split over a second grid ax
 is filled; each split writes its (value, index) per anchor to a small (splits, N) workspace and a
 merge kernel reduces the splits in candidate order. Extra memory is O((N + M) + splits x N).
 
-Register budget (issue 14): every config of ``GPU_CONFIGS`` compiles for sm_90 without spills
-(triton 3.6 and 3.9) over the layouts it is allowed on; the autotuner prunes the others per call
-(column-major operands, or a D that is not a multiple of BLOCK_D). Most fit two programs per SM,
-so that one program's epilogue (metric, masks, two arg-maxima) overlaps another's MMA loop.
+Register budget (issue 14): the configs of ``GPU_CONFIGS`` with tensor-core dots (fp16/bf16, TF32)
+compile for sm_90 without spills (triton 3.6 and 3.9) over the layouts they are allowed on, and
+the FMA-dot ones (IEEE fp32) keep at most a few dozen bytes; the autotuner prunes the others per
+call (column-major operands, or a D that is not a multiple of BLOCK_D). Most fit two programs per
+SM, so that one program's epilogue (metric, masks, two arg-maxima) overlaps another's MMA loop.
 What keeps the epilogue small: labels are compared as int32 words (int64 labels are read as word
 pairs, and the rare programs whose labels differ in their high words go to a second, separate
 pass); only the last tile of a split masks its columns; the row statistics of all inputs come
@@ -84,7 +85,9 @@ class TileConfig:
     interpreter accepts any power of two. The defaults (for an explicit config; the launcher
     picks from ``GPU_CONFIGS`` otherwise) are a 64 x 64 tile on 8 warps: with text the former
     128 x 128 default spilled 0.4-2.4 KB on sm_90 (ptxas -v, triton 3.6 and 3.9), this one 0-16
-    bytes; a column-major input with a text threshold still spills (~0.6 KB) with either.
+    bytes on 16-bit row-major inputs, but up to ~1 KB with fp32 text or column-major operands
+    (quick-level CSVs in benchmarks/results). An explicit config bypasses the autotuner's
+    per-layout pruning; ``tiles=None`` is the spill-free choice.
     """
 
     block_m: int = 64
@@ -98,16 +101,18 @@ class TileConfig:
     maxnreg: int | None = None
 
 
-# fp64 is a correctness path (an FMA dot, operands in registers): 32 x 32 tiles compile without
-# spills on sm_90 except 16 bytes for column-major inputs with text (64 x 64 x 32 spilled up to 1.2 KB).
+# fp64 is a correctness path (an FMA dot, operands in registers): 32 x 32 x 16 tiles spill at most
+# 16 bytes on sm_90 (column-major with text; 12 at D = 100 with cosine and text on triton 3.6),
+# where 64 x 64 x 32 spilled up to 1.2 KB.
 _FP64_CONFIG = TileConfig(block_m=32, block_n=32, block_d=16, block_t=16, num_warps=4, num_stages=2)
 
 
 def _wide_pass_config(block_m: int, fma_dot: bool) -> TileConfig:
     """Tiles of the second pass for 64-bit labels that differ in their high words, a cold path.
 
-    BLOCK_M is the main pass's (same row blocks). 128 rows take 8 warps and FMA dots (IEEE fp32,
-    fp64) narrow chunks: on 4 warps, or with 32-wide chunks, this pass spilled 100-1200 bytes.
+    BLOCK_M is the main pass's (same row blocks). 128 rows take 8 warps, and an FMA dot (IEEE fp32
+    embeddings or text) narrow chunks: on 4 warps, or with 32-wide chunks, this pass spilled
+    100-1200 bytes. (fp64 passes its fixed tiles instead.)
     """
     return TileConfig(block_m=block_m, block_n=32 if fma_dot else 64, block_d=16 if fma_dot else 32,
                       block_t=16 if fma_dot else 32, num_warps=8 if block_m >= 128 else 4, num_stages=2)
@@ -462,8 +467,9 @@ def _sm90(block_m: int, block_n: int, block_d: int, num_warps: int, num_stages: 
                       num_stages=num_stages, flatten=True, maxnreg=maxnreg)
 
 
-# Where an autotuned config may run: each compiles for sm_90a without register spills (ptxas -v,
-# triton 3.6 and 3.9) over its whole scope, int32 and int64 labels, every metric.
+# Where an autotuned config may run: over its whole scope (int32 and int64 labels, every metric)
+# each compiles for sm_90a without register spills (ptxas -v, triton 3.6 and 3.9), except that the
+# IEEE fp32 lists keep up to 28 bytes (an FMA dot's operands live in registers).
 # ANY_LAYOUT: any strides and any D. ROW_MAJOR: every operand the kernel reads (embeddings, and
 # text when read) has unit stride along its features; column-major operands spill there (the
 # loads are transposed through registers). DENSE: row-major and D a multiple of BLOCK_D; the
@@ -870,8 +876,10 @@ def mine_hardest_splits_triton(
         # The programs whose labels differ in their high words (none for labels within 31 bits,
         # where every program of this launch exits after its label scan): same row blocks and
         # splits as the main pass, so each is mined by exactly one of the two launches.
-        wide = _wide_pass_config(block_m, fma_dot=precision == "ieee" and anchors.element_size() >= 4) \
-            if tiles is None else tiles
+        # An FMA dot (IEEE fp32 or fp64 operands) on the embeddings or on the text needs narrow chunks.
+        fma_dot = (precision == "ieee" and anchors.element_size() >= 4) or (
+            need_text and text_precision == "ieee" and anchor_text.element_size() >= 4)
+        wide = _wide_pass_config(block_m, fma_dot) if tiles is None else tiles
         block_d = min(wide.block_d, max(16, triton.next_power_of_2(d)))
         block_t = min(wide.block_t, max(16, triton.next_power_of_2(max(t, 1))))
         _mine_hardest_kernel[(triton.cdiv(n, block_m), splits)](
