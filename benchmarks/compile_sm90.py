@@ -373,7 +373,8 @@ def _trace_triplet(level: str) -> Iterator[tuple[str, Callable[[], Any]]]:
     axes = {"dtype": DTYPES, "tiles": ("auto", "default", "flatten", "split"),
             "text": ("none", "margin", "threshold", "margin+threshold"), "text_dtype": ("same", "fp32"),
             "metric": ("euclidean", "sqeuclidean", "cosine", "dot"), "anchors": ("self", "other"),
-            "layout": ("D512", "D100", "colmajor"), "T": (384, 100), "labels": ("int64", "int32")}
+            "layout": ("D512", "D100", "colmajor"), "T": (384, 100), "labels": ("int64", "int32"),
+            "text_layout": ("row", "colmajor")}
     for c in _combos(axes, ("dtype", "tiles", "text"), level):
         def run(c: dict = c) -> None:
             d = 100 if c["layout"] == "D100" else 512
@@ -383,12 +384,12 @@ def _trace_triplet(level: str) -> Iterator[tuple[str, Callable[[], Any]]]:
             label_dtype = getattr(torch, c["labels"])
             labels = (torch.arange(n) % 50).to(label_dtype)
             text_dtype = c["dtype"] if c["text_dtype"] == "same" else "fp32"
-            text = _matrix(n, c["T"], text_dtype, "row", seed=2) if c["text"] != "none" else None
+            text = _matrix(n, c["T"], text_dtype, c["text_layout"], seed=2) if c["text"] != "none" else None
             if c["anchors"] == "self":
                 anchors, anchor_labels, anchor_text, self_offset = x, labels, text, 0
             else:
                 anchors, anchor_labels = _matrix(257, d, c["dtype"], layout, seed=3), (torch.arange(257) % 50).to(label_dtype)
-                anchor_text = _matrix(257, c["T"], text_dtype, "row", seed=4) if text is not None else None
+                anchor_text = _matrix(257, c["T"], text_dtype, c["text_layout"], seed=4) if text is not None else None
                 self_offset = -1
             base = triplet._FP64_CONFIG if c["dtype"] == "fp64" else triplet.TileConfig()
             tiles = {"auto": None, "default": base, "flatten": dataclasses.replace(base, flatten=True),

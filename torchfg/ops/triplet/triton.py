@@ -557,7 +557,8 @@ def _autotuned(entries: tuple[tuple[str, TileConfig], ...]):
 
     return triton.autotune(
         configs=configs,
-        key=["n_bucket", "m_bucket", "unit_stride", "D", "T", "METRIC", "NEED_TEXT", "LABEL_WORDS"],
+        key=["n_bucket", "m_bucket", "unit_stride", "D", "T", "METRIC", "NEED_TEXT", "LABEL_WORDS",
+             "INPUT_PRECISION", "TEXT_INPUT_PRECISION"],
         prune_configs_by={"early_config_prune": prune},
     )(triton.heuristics({
         "BLOCK_T": _text_block,
@@ -856,6 +857,10 @@ def mine_hardest_splits_triton(
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), splits)  # noqa: E731
         kind = "atl" if need_text else "batch_hard"
         width = "16bit" if anchors.element_size() == 2 else ("tf32" if precision == "tf32" else "fp32")
+        if need_text and text_precision == "ieee" and anchor_text.element_size() >= 4:
+            # An FMA text dot (IEEE fp32 text next to any embeddings) needs the IEEE list's narrow
+            # chunks: with 16-bit tiles it spilled 112-1700 bytes (column-major operands).
+            width = "fp32"
         tuned = _tuned_kernel(kind, width)
         tuned[grid](*args, **flags, WIDE_PASS=False)
         block_m = tuned.best_config.kwargs["BLOCK_M"]
