@@ -820,6 +820,11 @@ def mine_hardest_splits_triton(
     # Column-major (or otherwise strided) features limit the autotuned tiles (GPU_CONFIGS scopes).
     unit_stride = anchors.stride(1) == 1 and candidates.stride(1) == 1 and (
         not need_text or (anchor_text.stride(1) == 1 and candidate_text.stride(1) == 1))
+    # An FMA dot (IEEE fp32 or fp64 operands), on the embeddings or on the text, keeps its operands
+    # in registers and needs narrow chunks: the "fp32" autotune list and the wide pass's narrow
+    # tiles. With 16-bit tiles an IEEE fp32 text dot spilled 112-1700 bytes (column-major operands).
+    fma_dot = (precision == "ieee" and anchors.element_size() >= 4) or (
+        need_text and text_precision == "ieee" and anchor_text.element_size() >= 4)
 
     if tiles is not None and tiles.candidates_per_split is not None:
         per_split = min(max(1, tiles.candidates_per_split), m)
@@ -856,11 +861,7 @@ def mine_hardest_splits_triton(
     if tiles is None:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), splits)  # noqa: E731
         kind = "atl" if need_text else "batch_hard"
-        width = "16bit" if anchors.element_size() == 2 else ("tf32" if precision == "tf32" else "fp32")
-        if need_text and text_precision == "ieee" and anchor_text.element_size() >= 4:
-            # An FMA text dot (IEEE fp32 text next to any embeddings) needs the IEEE list's narrow
-            # chunks: with 16-bit tiles it spilled 112-1700 bytes (column-major operands).
-            width = "fp32"
+        width = "fp32" if fma_dot else ("16bit" if anchors.element_size() == 2 else "tf32")
         tuned = _tuned_kernel(kind, width)
         tuned[grid](*args, **flags, WIDE_PASS=False)
         block_m = tuned.best_config.kwargs["BLOCK_M"]
@@ -881,9 +882,6 @@ def mine_hardest_splits_triton(
         # The programs whose labels differ in their high words (none for labels within 31 bits,
         # where every program of this launch exits after its label scan): same row blocks and
         # splits as the main pass, so each is mined by exactly one of the two launches.
-        # An FMA dot (IEEE fp32 or fp64 operands) on the embeddings or on the text needs narrow chunks.
-        fma_dot = (precision == "ieee" and anchors.element_size() >= 4) or (
-            need_text and text_precision == "ieee" and anchor_text.element_size() >= 4)
         wide = _wide_pass_config(block_m, fma_dot) if tiles is None else tiles
         block_d = min(wide.block_d, max(16, triton.next_power_of_2(d)))
         block_t = min(wide.block_t, max(16, triton.next_power_of_2(max(t, 1))))
