@@ -5,8 +5,10 @@ machines' triton 3.6 is checked from a small venv that holds only triton and num
 
 1. **trace** (needs torch and torchfg): calls the real launchers (``pairwise_distance_triton``,
    ``knn_triton``, ``mine_hardest_triton_tiled``, ...) on small CPU tensors over the
-   specialisation axes (dtype fp16/bf16/fp32 ieee/fp32 tf32/fp64, metric, text on/off, flatten,
-   even/uneven D, row/column-major inputs, splits, ...). Kernel launches are intercepted: every
+   specialisation axes (dtype fp16/bf16/fp32 ieee/fp32 tf32/fp64, metric, text on/off and its
+   dtype (fp32 or fp64 text next to other embeddings), flatten, even/uneven D, row/column-major
+   inputs, row-major inputs that are not 16-byte aligned (a column slice of a wider matrix),
+   splits, ...). Kernel launches are intercepted: every
    ``kernel[grid](...)`` is bound with Triton's own binder for an sm_90 target (so the signature,
    constexprs and 16-divisibility attributes are exactly those a launch on an H100 would compile),
    autotuned kernels expand to every config in their list, and the few helpers that size grids
@@ -275,13 +277,18 @@ class _Precision:
 
 
 def _matrix(rows: int, cols: int, dtype_name: str, layout: str, seed: int = 0) -> Any:
-    """A (rows, cols) input: row-major, or column-major (a transposed view, any strides are allowed)."""
+    """A (rows, cols) input: row-major, column-major (a transposed view, any strides are allowed),
+    or "slice": row-major with unit feature stride but not 16-byte aligned, the column slice
+    ``big[:, 1:cols + 1]`` of a (rows, cols + 1) matrix (base pointer one element in, row stride
+    cols + 1: Triton specialises neither as divisible by 16)."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
     dtype = _torch_dtype(dtype_name)
     if layout == "colmajor":
         return torch.randn(cols, rows, generator=g).to(dtype).t()
+    if layout == "slice":
+        return torch.randn(rows, cols + 1, generator=g).to(dtype)[:, 1:]
     return torch.randn(rows, cols, generator=g).to(dtype)
 
 
@@ -371,19 +378,19 @@ def _trace_triplet(level: str) -> Iterator[tuple[str, Callable[[], Any]]]:
     # TileConfig as tests and benchmarks do: the default tiles, flattened loops, and a small
     # split so that the per-split workspace and the merge kernel are compiled.
     axes = {"dtype": DTYPES, "tiles": ("auto", "default", "flatten", "split"),
-            "text": ("none", "margin", "threshold", "margin+threshold"), "text_dtype": ("same", "fp32"),
+            "text": ("none", "margin", "threshold", "margin+threshold"), "text_dtype": ("same", "fp32", "fp64"),
             "metric": ("euclidean", "sqeuclidean", "cosine", "dot"), "anchors": ("self", "other"),
-            "layout": ("D512", "D100", "colmajor"), "T": (384, 100), "labels": ("int64", "int32"),
-            "text_layout": ("row", "colmajor")}
+            "layout": ("D512", "D100", "colmajor", "slice"), "T": (384, 100), "labels": ("int64", "int32"),
+            "text_layout": ("row", "colmajor", "slice")}
     for c in _combos(axes, ("dtype", "tiles", "text"), level):
         def run(c: dict = c) -> None:
             d = 100 if c["layout"] == "D100" else 512
-            layout = "colmajor" if c["layout"] == "colmajor" else "row"
+            layout = c["layout"] if c["layout"] in ("colmajor", "slice") else "row"
             n = 700
             x = _matrix(n, d, c["dtype"], layout)
             label_dtype = getattr(torch, c["labels"])
             labels = (torch.arange(n) % 50).to(label_dtype)
-            text_dtype = c["dtype"] if c["text_dtype"] == "same" else "fp32"
+            text_dtype = c["dtype"] if c["text_dtype"] == "same" else c["text_dtype"]
             text = _matrix(n, c["T"], text_dtype, c["text_layout"], seed=2) if c["text"] != "none" else None
             if c["anchors"] == "self":
                 anchors, anchor_labels, anchor_text, self_offset = x, labels, text, 0
@@ -440,19 +447,22 @@ def _trace_hardest_loss(level: str) -> Iterator[tuple[str, Callable[[], Any]]]:
     axes = {"dtype": DTYPES, "metric": ("euclidean", "sqeuclidean", "cosine", "dot"),
             "text": ("none", "margin"), "reduction": ("mean", "none", "sum", "mean_nonzero"),
             "smooth": (False, True), "N": (700, 300), "candidates": ("self", "other_grad", "other_detached"),
-            "layout": ("D512", "D100", "colmajor")}
+            "layout": ("D512", "D100", "colmajor", "slice"), "text_dtype": ("same", "fp32", "fp64")}
     for c in _combos(axes, ("dtype", "candidates", "text"), level):
         def run(c: dict = c) -> None:
             d = 100 if c["layout"] == "D100" else 512
-            layout = "colmajor" if c["layout"] == "colmajor" else "row"
+            layout = c["layout"] if c["layout"] in ("colmajor", "slice") else "row"
             n = c["N"]
             x = _matrix(n, d, c["dtype"], layout)
             labels = torch.arange(n) % 50
-            text = _matrix(n, 384, c["dtype"], "row", seed=2) if c["text"] != "none" else None
+            # The text follows the embeddings' layout when it is a row slice (else row-major).
+            text_dtype = c["dtype"] if c["text_dtype"] == "same" else c["text_dtype"]
+            text_layout = "slice" if layout == "slice" else "row"
+            text = _matrix(n, 384, text_dtype, text_layout, seed=2) if c["text"] != "none" else None
             self_mode = c["candidates"] == "self"
             y = x if self_mode else _matrix(n + 64, d, c["dtype"], layout, seed=3)
             y_labels = labels if self_mode else torch.arange(n + 64) % 50
-            y_text = text if self_mode or text is None else _matrix(n + 64, 384, c["dtype"], "row", seed=4)
+            y_text = text if self_mode or text is None else _matrix(n + 64, 384, text_dtype, text_layout, seed=4)
             with _Precision(c["dtype"]):
                 loss, pairs, terms, count, links, y_inv, x_inv = hardest_triplet_loss_triton(
                     x, y, labels, y_labels, text, y_text, metric=c["metric"], base_margin=0.2,

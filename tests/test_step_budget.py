@@ -101,6 +101,28 @@ def test_int32_labels_need_one_mining_pass(gpu_like_splits):
     assert step.triton["_mine_hardest_kernel"] == 1 and step.launches == TRITON_LAUNCH_LIMIT - 1, (step.triton, step.aten)
 
 
+@requires_triton
+def test_cross_batch_memory_step_that_wraps_the_ring_is_one_fused_step(gpu_like_splits):
+    # A memory of 40 slots and batches of 16: the third step writes slots 32..39 and 0..7. It is
+    # mined in the same single fused pass as the others (anchor i is slot (32 + i) % 40): the same
+    # Triton launches, plus the enqueue's slice copies (two per tensor where the batch wraps).
+    from torchfg.losses import CrossBatchMemory, TripletMarginLoss
+
+    xbm = CrossBatchMemory(TripletMarginLoss(margin=0.2, backend="triton"), D, memory_size=40)
+    g = torch.Generator().manual_seed(3)
+    steps = []
+    for _ in range(3):
+        x = torch.randn(16, D, generator=g).to(TEST_DEVICE, torch.bfloat16).requires_grad_()
+        labels = (torch.randint(0, 6, (16,), generator=g)).to(TEST_DEVICE)
+        steps.append(profile_step(lambda: xbm(x, labels).backward()))
+    assert xbm.queue_idx == 8
+    plain, wrapped = steps[1], steps[2]
+    assert wrapped.triton == plain.triton == {"_row_stat_kernel": 1, "_mine_hardest_kernel": 2,
+                                              "_hardest_triplet_fwd_kernel": 1, "_hardest_triplet_bwd_kernel": 1}
+    assert dict(plain.aten) == {"aten.ones_like.default": 1, "aten.copy_.default": 2}, plain.aten
+    assert dict(wrapped.aten) == {"aten.ones_like.default": 1, "aten.copy_.default": 4}, wrapped.aten
+
+
 def _linear(values: list[int]) -> tuple[float, float]:
     (n0, n1), (v0, v1) = SIZES[:2], values[:2]
     slope = (v1 - v0) / (n1 - n0)

@@ -266,8 +266,14 @@ def test_mine_hardest_example_and_validation():
     assert mine_hardest(x[:1], x, alone[:1], alone, exclude_self=True, backend="torch")[0].tolist() == [-1]
     pos, _ = mine_hardest(x[2:], x, labels[2:], labels, exclude_self=True, anchor_offset=2, backend="torch")
     assert pos.tolist() == [3, 2]
+    # Anchor i is candidate (anchor_offset + i) % M: from slot 3 the second anchor is candidate 0.
+    wrapped = torch.tensor([3, 0])
+    pos, neg = mine_hardest(x[wrapped], x, labels[wrapped], labels, exclude_self=True, anchor_offset=3, backend="torch")
+    assert pos.tolist() == [2, 1] and neg.tolist() == [1, 2]
     with pytest.raises(ValueError, match="anchor_offset"):
-        mine_hardest(x, x, labels, labels, exclude_self=True, anchor_offset=1)
+        mine_hardest(x, x, labels, labels, exclude_self=True, anchor_offset=4)
+    with pytest.raises(ValueError, match="anchor_offset"):
+        mine_hardest(torch.cat([x, x]), x, labels.repeat(2), labels, exclude_self=True)
     with pytest.raises(TypeError, match="exclude_self"):
         mine_hardest(x, x, labels, labels, exclude_self=0)
     with pytest.raises(ValueError, match="anchor_text and candidate_text"):

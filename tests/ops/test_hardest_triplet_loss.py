@@ -89,16 +89,18 @@ def test_adaptive_margins_match_reference(metric, threshold, poisoned):
 
 
 @requires_triton
-@pytest.mark.parametrize("exclude_self,offset", [(False, 0), (True, 4)])
+@pytest.mark.parametrize("exclude_self,offset", [(False, 0), (True, 4), (True, 40)])
 @pytest.mark.parametrize("candidate_grad", [True, False])
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
 def test_separate_candidates(exclude_self, offset, candidate_grad, metric, poisoned):
     # A memory-like candidate set of 45 rows (two splits), with or without its own gradient;
-    # with exclude_self, anchor i is candidate offset + i.
+    # with exclude_self, anchor i is candidate (offset + i) % 45 (from 40: a batch that wraps
+    # around the end of a ring memory).
     x, labels, y, y_labels, t, yt = _problem(13, 45, 17, torch.float32, seed=5, separate=True, text=6)
     if exclude_self:
-        y[offset:offset + 13] = x
-        y_labels[offset:offset + 13] = labels
+        slots = (offset + torch.arange(13)) % 45
+        y[slots] = x
+        y_labels[slots] = labels
     kwargs = dict(metric=metric, base_margin=0.2, margin_scale=0.5, exclude_self=exclude_self, anchor_offset=offset,
                   reduction="mean", candidate_grad=candidate_grad)
     expected = _run("torch", x, labels, y, y_labels, t, yt, **kwargs)

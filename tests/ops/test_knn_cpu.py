@@ -1,9 +1,11 @@
-"""The compiled CPU selection of the k-NN search (torchfg/ops/knn/cpu.py, csrc/knn_cpu/) against the
-pure PyTorch selection it replaces, a full sort and the brute force; and the fallback to the
-PyTorch path when it is switched off or cannot be built."""
+"""The compiled CPU kernels of the k-NN search (torchfg/ops/knn/cpu.py, csrc/knn_cpu/): the selection
+against the pure PyTorch selection it replaces (bit for bit), a full sort and the brute force; the
+exact recomputation of the selected distances against fp64 and the PyTorch recomputation; and the
+fallback to the PyTorch path when they are switched off or cannot be built."""
 
 from __future__ import annotations
 
+import ctypes
 import sys
 from pathlib import Path
 
@@ -12,8 +14,8 @@ import torch
 
 from brute_force import exact_distances
 from torchfg import knn
+from torchfg.ops.knn import _exact_selected, _torch_search, knn_search
 from torchfg.ops.knn import cpu as cpu_module
-from torchfg.ops.knn import knn_search
 from torchfg.ops.knn import reference as ref_module
 from torchfg.ops.metric import METRICS
 
@@ -45,15 +47,25 @@ def integer_data(gen: torch.Generator, rows: int, dim: int, low: int = -2, high:
     return torch.randint(low, high, (rows, dim), generator=gen).float()
 
 
-def both_paths(*args, **kwargs):
-    """``knn(*args, **kwargs)`` with the compiled selection, then with the pure PyTorch one."""
-    compiled = knn(*args, **kwargs)
+def pure_torch(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` with the compiled kernels switched off."""
     cpu_module.enabled = False
     try:
-        pure = knn(*args, **kwargs)
+        return fn(*args, **kwargs)
     finally:
         cpu_module.enabled = True
-    return compiled, pure
+
+
+def both_paths(*args, **kwargs):
+    """``knn(*args, **kwargs)`` with the compiled kernels, then with the pure PyTorch path."""
+    return knn(*args, **kwargs), pure_torch(knn, *args, **kwargs)
+
+
+def both_selections(query, gallery, k, metric, exclude_self=False, chunk_size=None):
+    """The search before the exact recomputation (``_torch_search``), with the compiled selection
+    and with the PyTorch one."""
+    args = (query, query if gallery is None else gallery, k, metric, gallery is None, 0 if exclude_self else -1, chunk_size)
+    return _torch_search(*args), pure_torch(_torch_search, *args)
 
 
 def assert_identical(compiled, pure, context) -> None:
@@ -61,6 +73,27 @@ def assert_identical(compiled, pure, context) -> None:
     # Bit for bit, -0.0 included (torch.equal would accept -0.0 == 0.0).
     assert torch.equal(compiled[0].view(torch.int32 if compiled[0].dtype == torch.float32 else torch.int16),
                        pure[0].view(torch.int32 if pure[0].dtype == torch.float32 else torch.int16)), context
+
+
+def assert_sorted_by_distance_then_index(distances, indices, context) -> None:
+    d = distances.float()
+    step_up = d[:, 1:] > d[:, :-1]
+    tie_by_index = (d[:, 1:] == d[:, :-1]) & (indices[:, 1:] > indices[:, :-1])
+    assert bool((step_up | tie_by_index).all()), context
+
+
+def assert_same_search(compiled, pure, context) -> None:
+    """The compiled path's result against the PyTorch path's: the same neighbours, and distances
+    that differ by the rounding of the recomputation's sums only (its order of summation is not
+    torch's), each result in (distance, index) order."""
+    (d, i), (pure_d, pure_i) = compiled, pure
+    by_index, pure_by_index = i.argsort(dim=1), pure_i.argsort(dim=1)
+    assert torch.equal(i.gather(1, by_index), pure_i.gather(1, pure_by_index)), context
+    # Relative to the largest distance: a dot product's rounding error scales with its terms.
+    eps = torch.finfo(d.dtype).eps
+    atol = 32 * eps * (1.0 + float(pure_d.abs().max())) if pure_d.numel() else 0.0
+    torch.testing.assert_close(d.gather(1, by_index), pure_d.gather(1, pure_by_index), rtol=4 * eps, atol=atol, msg=str(context))
+    assert_sorted_by_distance_then_index(d, i, context)
 
 
 @pytest.fixture
@@ -154,17 +187,22 @@ def test_pool_rejects_bad_arguments():
 @pytest.mark.parametrize("metric", METRICS)
 def test_self_search_equals_the_torch_path(metric, count_offers):
     """Symmetric tiles (a partial last tile) and the plain chunked search, k from 1 to more than a
-    tile,
-    with and without exclude_self, on random and on integer data (exact ties everywhere): the
-    same indices and distances as the pure PyTorch selection, bit for bit."""
+    tile, with and without exclude_self, on random and on integer data (exact ties everywhere):
+    the compiled selection returns the same indices and distances as the pure PyTorch selection,
+    bit for bit; after the exact recomputation, the same neighbours (bit for bit on integer data,
+    whose sums are exact in any order, but for the Euclidean root: the kernel's is IEEE)."""
     gen = torch.Generator().manual_seed(METRICS.index(metric))
     for integers in (False, True):
         x = integer_data(gen, 131, 5) if integers else torch.randn(131, 24, generator=gen)
         for tile in (40, None):
             for exclude in (False, True):
                 for k in (1, 7, 45):
+                    context = (integers, tile, exclude, k)
+                    assert_identical(*both_selections(x, None, k, metric, exclude, tile), context)
                     compiled, pure = both_paths(x, k=k, metric=metric, exclude_self=exclude, backend="torch", chunk_size=tile)
-                    assert_identical(compiled, pure, (integers, tile, exclude, k))
+                    # Integer data sums exactly in any order (cosine: its unit rows do not; torch's CPU sqrt is not IEEE, cpu.py).
+                    exact = integers and metric in ("sqeuclidean", "dot")
+                    (assert_identical if exact else assert_same_search)(compiled, pure, context)
     assert count_offers
 
 
@@ -192,7 +230,8 @@ def test_integer_data_equals_the_brute_force(metric):
 @pytest.mark.parametrize("metric", METRICS)
 def test_query_gallery_search_equals_the_torch_path(metric, count_offers):
     """The chunked query-by-gallery search (per-row norms added before the clamp), odd sizes,
-    several chunk sizes, exclude_self with a gallery: bit for bit the pure PyTorch selection."""
+    several chunk sizes, exclude_self with a gallery: bit for bit the pure PyTorch selection, and
+    the same neighbours after the recomputation."""
     gen = torch.Generator().manual_seed(10 + METRICS.index(metric))
     for integers in (False, True):
         draw = (lambda r: integer_data(gen, r, 7)) if integers else (lambda r: torch.randn(r, 33, generator=gen) * 3)
@@ -200,8 +239,12 @@ def test_query_gallery_search_equals_the_torch_path(metric, count_offers):
         for chunk in (1, 13, None):
             for exclude in (False, True):
                 for k in (1, 11, 210):
+                    context = (integers, chunk, exclude, k)
+                    assert_identical(*both_selections(query, gallery, k, metric, exclude, chunk), context)
                     compiled, pure = both_paths(query, gallery, k, metric=metric, exclude_self=exclude, backend="torch", chunk_size=chunk)
-                    assert_identical(compiled, pure, (integers, chunk, exclude, k))
+                    # Integer data sums exactly in any order (cosine: its unit rows do not; torch's CPU sqrt is not IEEE, cpu.py).
+                    exact = integers and metric in ("sqeuclidean", "dot")
+                    (assert_identical if exact else assert_same_search)(compiled, pure, context)
     assert count_offers
 
 
@@ -228,17 +271,13 @@ def test_euclidean_fallback_when_the_slack_is_exhausted(monkeypatch, copies):
         d, i = knn_search(x, None, 12, metric="euclidean", exclude_self=True, backend="torch", chunk_size=chunk, progress=seen.append)
         assert attempts == ([False, False] if copies == 40 else [False, False, True]), chunk
         assert sum(seen) == x.shape[0], chunk
-        cpu_module.enabled = False
-        try:
-            pure = knn(x, k=12, metric="euclidean", exclude_self=True, backend="torch", chunk_size=chunk)
-        finally:
-            cpu_module.enabled = True
-        assert_identical((d, i), pure, chunk)
+        pure = pure_torch(knn, x, k=12, metric="euclidean", exclude_self=True, backend="torch", chunk_size=chunk)
+        assert_same_search((d, i), pure, chunk)
     attempts.clear()
     x = torch.randn(500, 32, generator=gen)
     for chunk in (64, 1000):
         compiled, pure = both_paths(x, k=20, metric="euclidean", backend="torch", chunk_size=chunk)
-        assert_identical(compiled, pure, chunk)
+        assert_same_search(compiled, pure, chunk)
     assert attempts == [False, False]
 
 
@@ -275,7 +314,136 @@ def test_default_tiles_of_the_compiled_search(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
+# The exact recomputation of the selected distances
+
+
+def distinct_columns(gen: torch.Generator, rows: int, num_gallery: int, k: int) -> torch.Tensor:
+    """(rows, k) distinct gallery rows per query, in random order, as a search selects them."""
+    return torch.rand(rows, num_gallery, generator=gen).argsort(dim=1)[:, :k]
+
+
+def fp64_distances(query, gallery, columns, metric):
+    q, g = query.double().unsqueeze(1), gallery.double()[columns]
+    if metric == "dot":
+        return -(q * g).sum(-1)
+    if metric == "cosine":
+        q, g = q / q.norm(dim=-1, keepdim=True), g / g.norm(dim=-1, keepdim=True)
+        both = (q.abs().amax(-1) > 0) & (g.abs().amax(-1) > 0)
+        return torch.where(both, ((q - g) ** 2).sum(-1).nan_to_num() * 0.5, torch.ones_like(both, dtype=torch.float64))
+    squared = ((q - g) ** 2).sum(-1)
+    return squared.sqrt() if metric == "euclidean" else squared
+
+
+@requires_compiled
+@pytest.mark.parametrize("metric", METRICS)
+def test_exact_recomputation_against_fp64(metric):
+    """Widths around the kernel's 32 lanes, strided query rows (a slice of a wider matrix), k from 1
+    to the whole gallery, zero rows (cosine: distance 1) and queries with an identical gallery row
+    (exactly 0): the compiled recomputation returns the selected columns with their fp64 distances
+    to fp32 rounding, in (distance, index) order, and agrees with the PyTorch recomputation."""
+    gen = torch.Generator().manual_seed(30 + METRICS.index(metric))
+    for width in (1, 31, 32, 33, 70, 130):
+        wide = torch.randn(23, width + 5, generator=gen) * 3
+        query = wide[:, 2 : width + 2]  # row stride width + 5
+        gallery = torch.randn(41, width, generator=gen) * 3
+        gallery[7] = query[4]
+        gallery[12] = query[4]  # a tie at distance 0, which goes to the lower index
+        query[9] = 0.0
+        gallery[3] = 0.0
+        for k in (1, 6, 41):
+            columns = distinct_columns(gen, 23, 41, k)
+            columns[4, :2] = torch.tensor([12, 7] if k > 1 else [7])  # in reverse order
+            if k > 2:
+                rest = [c for c in range(41) if c not in (7, 12)]
+                columns[4, 2:] = torch.tensor(rest)[torch.randperm(len(rest), generator=gen)[: k - 2]]
+            distances = torch.full((23, k), float("nan"))
+            d, i = _exact_selected(query, gallery, distances, columns, metric)
+            context = (width, k)
+            assert d.dtype == torch.float32 and i.dtype == torch.int64, context
+            assert torch.equal(i.sort(dim=1).values, columns.sort(dim=1).values), context
+            expected = fp64_distances(query, gallery, i, metric)
+            scale = 1.0 if metric == "cosine" else 9.0 * width
+            torch.testing.assert_close(d.double(), expected, rtol=1e-5, atol=1e-5 * scale, msg=str(context))
+            assert_sorted_by_distance_then_index(d, i, context)
+            if metric != "dot":
+                copies = (i[4] == 7) | (i[4] == 12)
+                assert int(copies.sum()) == min(k, 2) and (d[4][copies] == 0.0).all(), context
+            pure = pure_torch(_exact_selected, query, gallery, distances, columns, metric)
+            assert_same_search((d, i), pure, context)
+
+
+@requires_compiled
+def test_exact_recomputation_bits_do_not_depend_on_simd_or_threads(tmp_path, monkeypatch):
+    """The 32 lanes are summed in one fixed order: a build without AVX2 and one thread return the
+    same bits as the loaded library on all threads."""
+    monkeypatch.setenv("TORCHFG_CACHE_DIR", str(tmp_path))
+    flags = [flag for flag in cpu_module._flags() if flag != "-mavx2"]
+    monkeypatch.setattr(cpu_module, "_flags", lambda: flags)
+    scalar = ctypes.CDLL(str(cpu_module._build(cpu_module._source_path(), cpu_module._compiler())))
+    cpu_module._bind(scalar)
+    assert scalar.tfg_knn_cpu_simd() == 1
+    gen = torch.Generator().manual_seed(5)
+    for width in (33, 512):
+        query, gallery = torch.randn(300, width, generator=gen), torch.randn(200, width, generator=gen)
+        columns = distinct_columns(gen, 300, 200, 17)
+        nonzero_q, nonzero_g = torch.ones(300, dtype=torch.bool), torch.ones(200, dtype=torch.bool)
+        for metric in METRICS:
+            loaded = cpu_module.exact_selected(query, gallery, columns, metric, nonzero_q, nonzero_g)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                plain = cpu_module.exact_selected(query, gallery, columns, metric, nonzero_q, nonzero_g, library=scalar)
+            finally:
+                torch.set_num_threads(threads)
+            assert_identical(loaded, plain, (width, metric))
+
+
+@requires_compiled
+def test_exact_recomputation_rejects_bad_arguments():
+    x, columns = torch.randn(4, 6), torch.zeros(4, 2, dtype=torch.int64)
+    columns[:, 1] = 1
+    with pytest.raises(ValueError, match="indices must lie in"):
+        cpu_module.exact_selected(x, x, columns + 3, "dot")
+    with pytest.raises(ValueError, match="indices must lie in"):
+        cpu_module.exact_selected(x, x, columns - 1, "dot")
+    with pytest.raises(ValueError, match="query must be"):
+        cpu_module.exact_selected(x.double(), x, columns, "dot")
+    with pytest.raises(ValueError, match="gallery must be"):
+        cpu_module.exact_selected(x, torch.randn(4, 5), columns, "dot")
+    with pytest.raises(ValueError, match="indices must be"):
+        cpu_module.exact_selected(x, x, columns.int(), "dot")
+    with pytest.raises(ValueError, match="metric"):
+        cpu_module.exact_selected(x, x, columns, "manhattan")
+    with pytest.raises(ValueError, match="cosine needs"):
+        cpu_module.exact_selected(x, x, columns, "cosine")
+
+
+@requires_compiled
+def test_knn_takes_the_compiled_recomputation(monkeypatch):
+    """fp32 rows (and the fp32 unit rows of cosine, whatever the input dtype) are recomputed by the
+    kernel; fp16 / bf16 rows under the other metrics keep the PyTorch recomputation."""
+    calls = []
+    real = cpu_module.exact_selected
+    monkeypatch.setattr(cpu_module, "exact_selected", lambda *a, **k: calls.append(a[0].dtype) or real(*a, **k))
+    x = torch.randn(60, 8)
+    knn(x, k=3, metric="euclidean", backend="torch")
+    assert calls == [torch.float32]
+    knn(x.half(), k=3, metric="cosine", backend="torch")
+    assert calls == [torch.float32] * 2
+    knn(x.bfloat16(), k=3, metric="euclidean", backend="torch")
+    knn(x.double(), k=3, metric="euclidean", backend="torch")
+    assert len(calls) == 2
+
+
+# ---------------------------------------------------------------------------------------------
 # Build, cache, fallback
+
+
+@pytest.mark.skipif(cpu_module._compiler() is None, reason="no C compiler: the PyTorch path is the only one")
+def test_kernels_are_usable_where_a_compiler_exists():
+    """Every other test of the kernels skips when they are unusable, so a kernel that fails its
+    first-use self-check (or a build that breaks) must fail here instead of passing quietly."""
+    assert COMPILED_OK, COMPILED_WHY
 
 
 @requires_compiled
@@ -319,6 +487,7 @@ def test_switches_keep_the_torch_path(monkeypatch):
     """TORCHFG_CPU_KERNELS=0 and the module flag: no compiled pool is made, and the search is the
     pure PyTorch one; fp64 inputs never take the fp32 kernel."""
     monkeypatch.setattr(cpu_module, "CompiledPool", lambda *a, **k: pytest.fail("compiled pool used"))
+    monkeypatch.setattr(cpu_module, "exact_selected", lambda *a, **k: pytest.fail("compiled recomputation used"))
     x = torch.randn(70, 6)
     monkeypatch.setenv("TORCHFG_CPU_KERNELS", "0")
     ok, why = cpu_module.status()

@@ -71,7 +71,7 @@ def brute_force_keys(
     positive_valid = same.clone()
     if self_offset >= 0:
         rows = torch.arange(n, device=a.device)
-        positive_valid[rows, rows + self_offset] = False
+        positive_valid[rows, (rows + self_offset) % m] = False
     negative_valid = ~same
     margin = torch.full((n, m), float(base_margin), dtype=torch.float64, device=a.device)
     if anchor_text is not None:
@@ -171,11 +171,15 @@ def mining_cases(draw, integer_data: bool):
     seed = draw(st.integers(0, 2**31 - 1))
     gen = torch.Generator().manual_seed(seed)
     n = draw(st.integers(1, 70))
-    self_mode = draw(st.sampled_from(["none", "same", "slice", "slice_copy"]))
+    self_mode = draw(st.sampled_from(["none", "same", "slice", "slice_copy", "wrapped"]))
     if self_mode == "none":  # anchors are not among the candidates (a cross-batch memory)
         m, offset = draw(st.integers(1, 70)), -1
     elif self_mode == "same":
         m, offset = n, 0
+    elif self_mode == "wrapped":  # anchor i is candidate (offset + i) % m, past the last row
+        extra = draw(st.integers(0, 30))
+        m = n + extra
+        offset = draw(st.integers(extra + 1, m - 1)) if n > 1 else extra
     else:  # anchors are rows offset .. offset + n of the candidates
         extra = draw(st.integers(0, 30))
         m, offset = n + extra, draw(st.integers(0, extra))
@@ -211,6 +215,9 @@ def mining_cases(draw, integer_data: bool):
             anchor_text = torch.randn(n, text_width, generator=gen)
         anchors, anchor_text = anchors.to(dtype).to(TEST_DEVICE), anchor_text.to(dtype).to(TEST_DEVICE)
         anchor_labels = _labels(label_kind, n, classes, gen).to(TEST_DEVICE)
+    elif self_mode == "wrapped":  # a batch across the end of a ring memory: copies, not a slice
+        rows = (offset + torch.arange(n)) % m
+        anchors, anchor_text, anchor_labels = candidates[rows], candidate_text[rows], candidate_labels[rows]
     else:
         anchors = candidates[offset:offset + n]
         anchor_text = candidate_text[offset:offset + n]
@@ -356,6 +363,30 @@ def test_ties_with_self_excluded():
     expected = [second[int(c)] if i == first[int(c)] else first[int(c)] for i, c in enumerate(y.tolist())]
     assert pos.tolist() == expected
     assert neg.tolist() == [1 if c == 0 else 0 for c in y.tolist()]
+
+
+@pytest.mark.parametrize("offset", [14, 32])
+def test_ties_with_self_excluded_across_the_last_candidate(offset):
+    # Anchor i is candidate (offset + i) % 33: 20 anchors from slot 14 end at slot 0, from slot
+    # 32 they wrap after the first. All points identical: the hardest positive is the first
+    # same-label candidate other than the anchor's own slot. The kernel (every tiling, splits
+    # included) and the reference agree.
+    x = torch.ones(33, 4, device=TEST_DEVICE)
+    y = torch.arange(33, device=TEST_DEVICE) % 3
+    slots = (offset + torch.arange(20, device=TEST_DEVICE)) % 33
+    options = {**_BASIC, "metric": "sqeuclidean", "self_offset": offset}
+    expected = []
+    for slot in slots.tolist():
+        same = [j for j in range(33) if y[j] == y[slot] and j != slot]
+        expected.append(same[0])
+    for tiles in TILES:
+        pos, _ = run_kernel(x[slots], x, y[slots], y, None, None, tiles, **options)
+        assert pos.tolist() == expected, tiles
+    if mine_hardest_reference is not None:
+        pos, _ = mine_hardest_reference(x[slots], x, y[slots], y, None, None, **options)
+        assert pos.tolist() == expected
+    public, _ = mine_hardest(x[slots], x, y[slots], y, exclude_self=True, anchor_offset=offset, backend="torch")
+    assert public.tolist() == expected
 
 
 def test_zero_rows_have_cosine_zero():
@@ -506,7 +537,7 @@ def test_gpu_config_table_is_complete():
             entries = kernel.GPU_CONFIGS[kind, width]
             assert any(scope == kernel.ANY_LAYOUT for scope, _ in entries), (kind, width)
             for scope, c in entries:
-                assert scope in (kernel.ANY_LAYOUT, kernel.ROW_MAJOR, kernel.DENSE)
+                assert scope in (kernel.ANY_LAYOUT, kernel.ROW_MAJOR, kernel.DENSE, kernel.ALIGNED_OR_STRIDED)
                 assert min(c.block_m, c.block_n, c.block_d, c.block_t) >= 16
                 assert c.maxnreg is None or c.maxnreg * 32 * c.num_warps <= 65536
             # The autotuned launcher: its configs set only constexprs of the kernel.
@@ -517,18 +548,46 @@ def test_gpu_config_table_is_complete():
 
 
 @pytest.mark.parametrize("unit_stride, d, expected", [
-    (True, 512, {"any", "row_major", "dense"}),
-    (True, 100, {"any", "row_major"}),     # 100 is not a multiple of BLOCK_D = 64
-    (False, 512, {"any"}),
+    (True, 512, {"any", "row_major", "dense", "aligned_or_strided"}),
+    (True, 100, {"any", "row_major", "aligned_or_strided"}),  # 100 is not a multiple of BLOCK_D = 64
+    (False, 512, {"any", "aligned_or_strided"}),
+    (kernel.UNALIGNED, 512, {"any", "row_major"}),  # unit stride, rows not 16-byte aligned
+    (kernel.MIXED, 512, {"any"}),  # some operands strided, others unaligned
 ])
 def test_autotune_pruning_follows_config_scopes(unit_stride, d, expected):
-    # The pruning the autotuner applies keeps exactly the configs whose scope covers the call.
+    # The pruning the autotuner applies keeps exactly the configs whose scope covers the call
+    # (the unit_stride key carries the layout class; True / False read as ALIGNED / STRIDED).
     entries = (("any", TileConfig(64, 64, 64, 64)), ("row_major", TileConfig(64, 64, 64, 64)),
-               ("dense", TileConfig(64, 64, 64, 64)))
+               ("dense", TileConfig(64, 64, 64, 64)), ("aligned_or_strided", TileConfig(64, 64, 64, 64)))
     tuned = kernel._autotuned(entries)
     kept = tuned.early_config_prune(tuned.configs, {"unit_stride": int(unit_stride), "D": d})
     assert {scope for (scope, _), cfg in zip(entries, tuned.configs) if any(cfg is k for k in kept)} == expected
     assert kernel.config_fits("dense", 32, 96, True) and not kernel.config_fits("dense", 64, 96, True)
+    assert not kernel.config_fits("dense", 32, 512, kernel.UNALIGNED)
+
+
+def test_layout_class_follows_16_byte_alignment():
+    # What Triton specialises on: base pointers divisible by 16 bytes, row strides by 16 elements.
+    # Row-major operands that are not (a column slice, a row pitch, D = 100) are UNALIGNED, and
+    # prune the tiles that spill there on sm_90 (compile_sm90's "slice" layouts).
+    big = torch.randn(40, 80)
+    dense, other = big[:, :64].contiguous(), torch.randn(40, 64)
+    column_slice, pitch, d100 = big[:, 1:65], big[:, :64], torch.randn(40, 100)
+    column_major = torch.randn(64, 40).t()
+    assert kernel._layout_class(dense, other) == kernel.ALIGNED
+    assert pitch.stride(0) % 16 == 0 and pitch.data_ptr() % 16 == 0  # 80 columns: still aligned
+    assert kernel._layout_class(dense, pitch) == kernel.ALIGNED
+    assert kernel._layout_class(dense, column_slice) == kernel.UNALIGNED  # base pointer 4 bytes in
+    assert kernel._layout_class(torch.randn(40, 72)[:, :64], dense) == kernel.UNALIGNED  # row stride 72
+    assert kernel._layout_class(d100, d100) == kernel.UNALIGNED
+    assert kernel._layout_class(column_major, dense) == kernel.STRIDED
+    assert kernel._layout_class(column_major, column_slice) == kernel.MIXED
+    # The wide-label pass narrows its chunks, on 8 warps, on anything but aligned rows.
+    aligned = kernel._wide_pass_config(64, False, kernel.ALIGNED)
+    assert (aligned.block_d, aligned.num_warps) == (32, 4)
+    for layout in (kernel.STRIDED, kernel.UNALIGNED, kernel.MIXED):
+        wide = kernel._wide_pass_config(64, False, layout)
+        assert (wide.block_n, wide.block_d, wide.num_warps) == (32, 16, 8), layout
 
 
 def test_reference_text_operands_share_a_row_slice():
@@ -572,7 +631,8 @@ def _bad_call(**changes):
         (dict(anchor_text=torch.randn(5, 2)), ValueError, "candidate_text"),
         (dict(anchor_text=torch.randn(5, 2), candidate_text=torch.randn(5, 3)), ValueError, "feature size T"),
         (dict(anchor_text=torch.randn(4, 2), candidate_text=torch.randn(5, 2)), ValueError, "anchor_text"),
-        (dict(anchor_offset=1), ValueError, "anchor_offset"),
+        (dict(anchor_offset=5), ValueError, "anchor_offset"),
+        (dict(candidates=torch.randn(4, 3), candidate_labels=torch.zeros(4, dtype=torch.int64)), ValueError, "anchor_offset"),
         (dict(anchor_offset=-1), ValueError, "anchor_offset"),
         (dict(anchor_offset=0.0), TypeError, "anchor_offset"),
         (dict(exclude_self=1), TypeError, "exclude_self"),

@@ -9,8 +9,8 @@ pytorch-metric-learning's ``CrossBatchMemory`` (``enqueue_mask`` included).
 
 Mining goes through the fused kernel of :func:`torchfg.ops.triplet.mine_hardest` with the memory
 as the candidate set: no batch x memory matrix is ever written. An anchor's copy sits at slot
-``(start + i) % S``; when the batch wraps around the end of the ring, the anchors are mined in two
-groups so that each group's copies are contiguous (the mining ops' ``anchor_offset``).
+``(start + i) % S``, which is the hardest miners' ``anchor_offset`` contract, so a batch that wraps
+around the end of the ring is mined in the same single pass (the fused loss on the Triton backend).
 """
 
 from __future__ import annotations
@@ -60,18 +60,6 @@ def enqueue(
     return position, (position + rows) % capacity, min(size + rows, capacity)
 
 
-def _self_groups(n: int, start: int | None, capacity: int) -> list[tuple[int, int, int | None]]:
-    """(first anchor, end anchor, anchor_offset) groups whose memory copies are contiguous
-    (anchor_offset None: the anchors are not in the memory)."""
-    if start is None:
-        return [(0, n, None)]
-    first = min(n, capacity - start)
-    groups = [(0, first, start)]
-    if first < n:
-        groups.append((first, n, 0))
-    return groups
-
-
 def memory_triplet_loss(
     embeddings: torch.Tensor,
     labels: torch.Tensor,
@@ -119,50 +107,29 @@ def memory_triplet_loss(
         Scalar loss (per-anchor losses, then the given triplets', for ``"none"``) in fp32 (fp64
         for fp64 embeddings).
     """
-    n, capacity = embeddings.shape[0], memory.shape[0]
-    groups = _self_groups(n, self_start, capacity)
-    if len(groups) == 1 and indices_tuple is None:
-        # One group: the shared batch-hard loss (the fused op on the Triton backend; the memory is
-        # detached, so its backward writes the anchors' gradient only).
+    if indices_tuple is None:
+        # The shared batch-hard loss (the fused op on the Triton backend; the memory is detached,
+        # so its backward writes the anchors' gradient only).
         return _batch_hard_loss(
-            embeddings, labels, memory, memory_labels, groups[0][2], metric=metric, base_margin=margin,
+            embeddings, labels, memory, memory_labels, self_start, metric=metric, base_margin=margin,
             margin_scale=margin_scale, text_embeddings=text_embeddings, candidate_text=memory_text,
             text_positive_threshold=text_positive_threshold, smooth=smooth, swap=False, reduction=reduction,
             cross_rank=cross_rank, backend=backend,
         )
-    losses, valid = [], []
-    for lo, hi, offset in groups:
-        group_losses, group_valid = _hardest_triplet_losses(
-            embeddings[lo:hi],
-            labels[lo:hi],
-            memory,
-            memory_labels,
-            offset,
-            metric=metric,
-            base_margin=margin,
-            margin_scale=margin_scale,
-            text_embeddings=None if text_embeddings is None else text_embeddings[lo:hi],
-            candidate_text=memory_text,
-            text_positive_threshold=text_positive_threshold,
-            smooth=smooth,
-            backend=backend,
-        )
-        losses.append(group_losses)
-        valid.append(group_valid)
-    if indices_tuple is not None:
-        anchor_idx, positive_idx, negative_idx = (t.to(embeddings.device, torch.int64) for t in indices_tuple)
-        k = anchor_idx.shape[0]
-        d = pair_distances(
-            embeddings, anchor_idx.repeat(2), torch.cat([positive_idx, negative_idx]), memory, metric=metric
-        )
-        triplet_margin = torch.full((k,), margin, dtype=d.dtype, device=d.device)
-        if text_embeddings is not None and margin_scale != 0.0:
-            cos = text_cosine(text_embeddings.index_select(0, anchor_idx), memory_text.index_select(0, negative_idx))
-            triplet_margin = triplet_margin + margin_scale * (1.0 - cos.to(d.dtype)) * 0.5
-        losses.append(_hinge(d[:k] - d[k:] + triplet_margin, smooth))
-        valid.append(torch.ones(k, dtype=torch.bool, device=d.device))
-    all_losses = losses[0] if len(losses) == 1 else torch.cat(losses)
-    all_valid = valid[0] if len(valid) == 1 else torch.cat(valid)
+    mined_losses, mined_valid = _hardest_triplet_losses(
+        embeddings, labels, memory, memory_labels, self_start, metric=metric, base_margin=margin,
+        margin_scale=margin_scale, text_embeddings=text_embeddings, candidate_text=memory_text,
+        text_positive_threshold=text_positive_threshold, smooth=smooth, backend=backend,
+    )
+    anchor_idx, positive_idx, negative_idx = (t.to(embeddings.device, torch.int64) for t in indices_tuple)
+    k = anchor_idx.shape[0]
+    d = pair_distances(embeddings, anchor_idx.repeat(2), torch.cat([positive_idx, negative_idx]), memory, metric=metric)
+    triplet_margin = torch.full((k,), margin, dtype=d.dtype, device=d.device)
+    if text_embeddings is not None and margin_scale != 0.0:
+        cos = text_cosine(text_embeddings.index_select(0, anchor_idx), memory_text.index_select(0, negative_idx))
+        triplet_margin = triplet_margin + margin_scale * (1.0 - cos.to(d.dtype)) * 0.5
+    all_losses = torch.cat([mined_losses, _hinge(d[:k] - d[k:] + triplet_margin, smooth)])
+    all_valid = torch.cat([mined_valid, torch.ones(k, dtype=torch.bool, device=d.device)])
     return _reduce(all_losses, all_valid, reduction, cross_rank)
 
 

@@ -42,15 +42,27 @@ __all__ = ["REDUCTION_CODES", "hardest_triplet_loss_triton", "hardest_triplet_lo
 REDUCTION_CODES = {"none": 0, "sum": 1, "mean": 2, "mean_nonzero": 3}
 
 
-def _blocks(d: int, dtype: torch.dtype) -> tuple[int, int, int]:
-    """(BLOCK_R rows, BLOCK_D columns, num_warps) per program."""
+def _blocks(d: int, dtype: torch.dtype, aligned: bool = True) -> tuple[int, int, int]:
+    """(BLOCK_R rows, BLOCK_D columns, num_warps) per program; ``aligned``: every row operand is
+    16-byte aligned (base pointer and row stride, what Triton specialises on)."""
     if triton_interpreter_enabled():
         # Small tiles so that test sizes still cover several programs and D chunks.
         return 8, 16, 1
-    # sm_90, ptxas -v (triton 3.6 / 3.9): 16 x 128 keeps the 16-bit forward at ~56 registers and
-    # the backward at ~90, no spills; fp64 cosine with text spilled ~1.3 KB at 128 columns and
-    # 200 bytes in the backward at 64.
-    return 16, min(32 if dtype == torch.float64 else 128, max(32, triton.next_power_of_2(d))), 4
+    # sm_90, ptxas -v (triton 3.6 / 3.9; compile_sm90's quick level): 16 x 128 keeps the 16-bit
+    # forward at ~56 registers and the backward at ~90, no spills. Narrower where they spilled:
+    # fp64 16 columns (cosine with text spilled ~1.3 KB at 128 columns, 200 bytes in the backward
+    # at 64 and 12 at 32); a D that is not a multiple of 64 (the masked chunk: 32-44 bytes in the
+    # backward at D = 100 with 128), fp32 and rows that are not 16-byte aligned 64 (4-48 bytes in
+    # the forward with 128: element-wise loads).
+    if dtype == torch.float64:
+        return 16, 16, 4
+    if d % 64 or dtype == torch.float32 or not aligned:
+        return 16, 64 if d > 32 else 32, 4
+    return 16, min(128, max(32, triton.next_power_of_2(d))), 4
+
+
+def _aligned(*rows: torch.Tensor) -> bool:
+    return all(x.data_ptr() % 16 == 0 and x.stride(0) % 16 == 0 for x in rows)
 
 
 @triton.jit
@@ -326,7 +338,7 @@ def hardest_triplet_loss_triton(
         base_margin=base_margin, margin_scale=margin_scale, text_positive_threshold=text_positive_threshold,
         self_offset=self_offset, fill=(links[: m + 1] if link else links[m:], -1),
     )
-    block_r, block_d, warps = _blocks(d, anchors.dtype)
+    block_r, block_d, warps = _blocks(d, anchors.dtype, _aligned(anchors, candidates))
     programs = max(1, triton.cdiv(n, block_r))
     pairs = torch.empty(n, 2, dtype=torch.int64, device=device)
     terms = torch.empty(n, 3, dtype=acc, device=device)
@@ -352,7 +364,10 @@ def hardest_triplet_loss_triton(
             METRIC=metric_code(metric), MARGIN_AWARE=margin_aware, SMOOTH=smooth,
             REDUCTION=REDUCTION_CODES[reduction], MERGE=bests.splits > 1, LINK=link, ACC_DTYPE=acc_tl,
             TEXT_ACC_DTYPE=tl.float64 if margin_aware and anchor_text.dtype == torch.float64 else tl.float32,
-            BLOCK_R=block_r, BLOCK_D=block_d, BLOCK_T=min(64, max(16, triton.next_power_of_2(max(t, 1)))),
+            BLOCK_R=block_r, BLOCK_D=block_d,
+            # fp64 embeddings with 64 text columns spilled 8 bytes (triton 3.6).
+            BLOCK_T=min(16 if torch.float64 in (anchors.dtype, text_args[0].dtype) else 64,
+                        max(16, triton.next_power_of_2(max(t, 1)))),
             BLOCK_P=128, num_warps=warps,
         )
     cosine = metric == "cosine" and bests.candidate_stat is not None
@@ -398,7 +413,7 @@ def hardest_triplet_loss_backward_triton(
     dummy = terms
     x_inv = anchor_inv if metric == "cosine" else dummy
     y_inv = candidate_inv if metric == "cosine" else dummy
-    block_r, block_d, warps = _blocks(d, anchors.dtype)
+    block_r, block_d, warps = _blocks(d, anchors.dtype, _aligned(anchors, candidates))
     common = dict(METRIC=metric_code(metric), REDUCTION=REDUCTION_CODES[reduction], ACC_DTYPE=acc_tl,
                   BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps)
     strides = (anchors.stride(0), anchors.stride(1), candidates.stride(0), candidates.stride(1))

@@ -26,8 +26,9 @@ AUTO_TRITON_MAX_K = 64
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-# Elements of one (rows, k, D) block of gathered gallery rows in the exact recomputation. On a
-# CPU the block should stay in the L2 cache (2 MiB of fp32), so that the gather, the difference
+# Elements of one (rows, k, D) block of gathered gallery rows in the PyTorch exact recomputation
+# (fp32 CPU rows take the compiled one, torchfg.ops.knn.cpu.exact_selected). On a CPU the block
+# should stay in the L2 cache (2 MiB of fp32), so that the gather, the difference
 # and the reduction each run from cache: 16 MiB blocks made the recomputation 20x slower at
 # N = 4096, k = 10 (73 ms against 3 ms on 2 cores), as slow as the search. On a GPU every block
 # is a few launches, so blocks are large.
@@ -48,15 +49,23 @@ def _exact_selected(
 
     The selection itself is unchanged (the same k indices); only their order within the k may
     change where the recomputed distances reorder them. The sort is by (distance, index), so the
-    lower-index tie rule holds on the returned distances.
+    lower-index tie rule holds on the returned distances. fp32 rows on a CPU are recomputed by the
+    compiled kernel (one pass per pair, its own order of summation: the same neighbours as the
+    PyTorch recomputation, with distances that differ by rounding).
     """
     num_query, k = indices.shape
     if num_query == 0 or k == 0:
         return distances, indices
     acc = accumulation_dtype(query.dtype)
+    query_nonzero = gallery_nonzero = None
     if metric == "cosine":
         query, gallery = unit_rows(query, acc), unit_rows(gallery, acc)
         query_nonzero, gallery_nonzero = query.abs().amax(1) > 0, gallery.abs().amax(1) > 0
+    if query.dtype == torch.float32 and _cpu.is_usable(query.device, query.dtype):
+        # fp32 rows on a CPU (cosine: the unit rows of any input): the compiled recomputation,
+        # one pass per pair over the rows where they lie.
+        exact, indices = _cpu.exact_selected(query, gallery, indices, metric, query_nonzero, gallery_nonzero)
+        return exact.to(distances.dtype), indices
     width = query.shape[1]
     budget = _RECOMPUTE_BLOCK_GPU if query.device.type == "cuda" else _RECOMPUTE_BLOCK_CPU
     rows_per_block = min(num_query, max(1, budget // max(1, k * width)))

@@ -128,6 +128,8 @@ def _check_mining_inputs(
     metric: object,
     exclude_self: object,
     anchor_offset: object,
+    *,
+    wraps: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     anchors = check_float_tensor(anchors, "anchors", ndim=2)
     candidates = check_float_tensor(candidates, "candidates", ndim=2)
@@ -137,7 +139,7 @@ def _check_mining_inputs(
         check_labels(candidate_labels, "candidate_labels", candidates.shape[0], device=anchors.device)
     )
     check_choice(metric, "metric", METRICS)
-    self_offset = _self_offset(exclude_self, anchor_offset, anchors.shape[0], candidates.shape[0])
+    self_offset = _self_offset(exclude_self, anchor_offset, anchors.shape[0], candidates.shape[0], wraps=wraps)
     return anchor_labels, candidate_labels, self_offset
 
 
@@ -170,12 +172,21 @@ def _check_text_inputs(
     return anchor_text, candidate_text, text_positive_threshold
 
 
-def _self_offset(exclude_self: object, anchor_offset: object, n: int, m: int) -> int:
-    """The kernels' internal ``self_offset`` (candidate index of anchor 0, -1: none) from the public pair."""
+def _self_offset(exclude_self: object, anchor_offset: object, n: int, m: int, *, wraps: bool = False) -> int:
+    """The kernels' internal ``self_offset`` (candidate index of anchor 0, -1: none) from the public
+    pair. ``wraps``: the op takes anchor i as candidate ``(anchor_offset + i) % M`` (the hardest
+    miners; a batch across the end of a ring memory), so any offset in [0, M) is valid."""
     exclude_self = check_bool(exclude_self, "exclude_self")
     anchor_offset = check_int(anchor_offset, "anchor_offset")
     if not exclude_self:
         return -1
+    if wraps:
+        if n > m or not 0 <= anchor_offset < max(m, 1):
+            raise ValueError(
+                f"anchor_offset must be in [0, M) = [0, {m}) with exclude_self=True, and N <= M (anchor i is "
+                f"candidate (anchor_offset + i) % M), got anchor_offset={anchor_offset}, N={n}, M={m}"
+            )
+        return anchor_offset
     if anchor_offset > m - n:
         raise ValueError(
             f"anchor_offset must be in [0, M - N] = [0, {m - n}] with exclude_self=True "
@@ -207,7 +218,7 @@ def mine_hardest(
 
     With d the metric distance (computed on the fast path in fp32, fp64 for fp64), for anchor i:
 
-    * positive j: same label and, with ``exclude_self``, ``j != anchor_offset + i``;
+    * positive j: same label and, with ``exclude_self``, ``j != (anchor_offset + i) % M``;
       ``positive_idx[i] = argmax_j d(i, j)``.
     * text similarity ``c(i, j) = cos(anchor_text[i], candidate_text[j])`` (0 for a zero row),
       margin ``m(i, j) = base_margin + margin_scale * (1 - c(i, j)) / 2`` (``base_margin``
@@ -232,10 +243,11 @@ def mine_hardest(
         text_positive_threshold: cosine in [-1, 1] at or above which an item with another label is
             a near-duplicate, never a negative; None turns it off. Ignored without text.
         exclude_self: the anchors are among the candidates (anchor i is candidate
-            ``anchor_offset + i``) and are never their own positive. False when the two sets are
-            disjoint (e.g. a separate reference set).
-        anchor_offset: with ``exclude_self``, the candidate row of anchor 0, in [0, M - N] (0 when
-            the candidates are the anchors; a rank's first row in a gathered batch, a memory slot).
+            ``(anchor_offset + i) % M``) and are never their own positive. False when the two sets
+            are disjoint (e.g. a separate reference set).
+        anchor_offset: with ``exclude_self``, the candidate row of anchor 0, in [0, M) (0 when
+            the candidates are the anchors; a rank's first row in a gathered batch; a ring
+            memory's write position, where a batch past the last slot continues at slot 0).
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see :mod:`torchfg.backends`).
 
     Returns:
@@ -248,7 +260,7 @@ def mine_hardest(
         (tensor([1, 0, 3, 2]), tensor([2, 2, 1, 1]))
     """
     anchor_labels, candidate_labels, self_offset = _check_mining_inputs(
-        anchors, candidates, anchor_labels, candidate_labels, metric, exclude_self, anchor_offset
+        anchors, candidates, anchor_labels, candidate_labels, metric, exclude_self, anchor_offset, wraps=True
     )
     base_margin = check_number(base_margin, "base_margin")
     margin_scale = check_number(margin_scale, "margin_scale", low=0.0)

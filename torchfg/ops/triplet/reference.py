@@ -8,8 +8,9 @@ indices. The loss of the selected pairs is recomputed exactly from ``a - b`` by 
 backward is chunked too.
 
 All functions take candidates ``(M, D)`` that may or may not contain the anchors: with
-``self_offset >= 0`` anchor ``i`` is candidate ``self_offset + i`` and is never its own positive;
-with ``self_offset = -1`` the two sets are disjoint (a cross-batch memory).
+``self_offset >= 0`` anchor ``i`` is candidate ``(self_offset + i) % M`` and is never its own
+positive (the modulo lets a batch that wraps around the end of a ring memory be mined in one
+pass); with ``self_offset = -1`` the two sets are disjoint.
 """
 
 from __future__ import annotations
@@ -126,12 +127,17 @@ class _DistanceBlocks:
 
 
 def _exclude_self(block: torch.Tensor, start: int, self_offset: int, fill: float) -> None:
-    """Sets block[i, self_offset + start + i] = fill for the chunk's rows (in place)."""
+    """Sets block[i, (self_offset + start + i) % M] = fill for the chunk's rows (in place)."""
     if self_offset < 0:
         return
-    # The self entries of a chunk lie on one diagonal of the block (self_offset + N <= M was
-    # checked by the caller), so a strided view reaches them without an index tensor.
-    block.diagonal(offset=self_offset + start)[: block.shape[0]].fill_(fill)
+    # The self entries lie on one diagonal of the (rows, M) block, and on a second one for the
+    # rows whose column wraps past M - 1 (a batch across the end of a ring memory).
+    rows, m = block.shape
+    first = self_offset + start
+    if first < m:
+        block.diagonal(offset=first)[:rows].fill_(fill)
+    if first + rows > m:
+        block.diagonal(offset=first - m).fill_(fill)
 
 
 def _chunk_rows_for(m: int, chunk_rows: int | None) -> int:
@@ -282,7 +288,7 @@ def mine_hardest_reference(
                 # Clamp as the true squared distance would be clamped, so ties at 0 match.
                 values = values.add_(offset.squeeze(1).index_select(0, pair_rows)).clamp_min_(0.0)
             if self_offset >= 0:
-                values.masked_fill_(pair_cols == pair_rows + (self_offset + start), _NEG_INF)
+                values.masked_fill_(pair_cols == (pair_rows + (self_offset + start)) % m, _NEG_INF)
             best, _ = _segment_argmax(values, pair_rows, pair_cols, rows, m)
             positive_idx[start:stop] = best
             other_label = None
@@ -421,8 +427,7 @@ def mine_all_triplets_reference(
         stop = min(start + chunk_rows, n)
         same_label = anchor_labels[start:stop, None] == candidate_labels[None, :]
         negative_mask = ~same_label
-        if self_offset >= 0:
-            same_label.diagonal(offset=self_offset + start)[: stop - start].fill_(False)
+        _exclude_self(same_label, start, self_offset, False)
         pos_row, pos_col = same_label.nonzero(as_tuple=True)
         neg_row, neg_col = negative_mask.nonzero(as_tuple=True)
         neg_count = negative_mask.sum(1)

@@ -22,7 +22,8 @@ merge kernel reduces the splits in candidate order. Extra memory is O((N + M) + 
 Register budget (issue 14): the configs of ``GPU_CONFIGS`` with tensor-core dots (fp16/bf16, TF32)
 compile for sm_90 without spills (triton 3.6 and 3.9) over the layouts they are allowed on, and
 the FMA-dot ones (IEEE fp32) keep at most a few dozen bytes; the autotuner prunes the others per
-call (column-major operands, or a D that is not a multiple of BLOCK_D). Most fit two programs per
+call (column-major operands, row-major operands that are not 16-byte aligned, or a D that is not a
+multiple of BLOCK_D). Most fit two programs per
 SM, so that one program's epilogue (metric, masks, two arg-maxima) overlaps another's MMA loop.
 What keeps the epilogue small: labels are compared as int32 words (int64 labels are read as word
 pairs, and the rare programs whose labels differ in their high words go to a second, separate
@@ -107,15 +108,20 @@ class TileConfig:
 _FP64_CONFIG = TileConfig(block_m=32, block_n=32, block_d=16, block_t=16, num_warps=4, num_stages=2)
 
 
-def _wide_pass_config(block_m: int, fma_dot: bool) -> TileConfig:
+def _wide_pass_config(block_m: int, fma_dot: bool, layout: int) -> TileConfig:
     """Tiles of the second pass for 64-bit labels that differ in their high words, a cold path.
 
     BLOCK_M is the main pass's (same row blocks). 128 rows take 8 warps, and an FMA dot (IEEE fp32
     embeddings or text) narrow chunks: on 4 warps, or with 32-wide chunks, this pass spilled
-    100-1200 bytes. (fp64 passes its fixed tiles instead.)
+    100-1200 bytes. Operands that are not ALIGNED (see ``GPU_CONFIGS``) take the narrow chunks too:
+    there the 16-bit ATL chunks spilled 8-80 bytes (triton 3.9: column-major operands, and rows that
+    are not 16-byte aligned). Narrow chunks run on 8 warps: on 4, fp64 text (an fp64 FMA dot) next
+    to 16-bit or fp32 embeddings spilled 8-84 bytes at 32 and 64 rows. (fp64 passes its fixed tiles
+    instead.)
     """
-    return TileConfig(block_m=block_m, block_n=32 if fma_dot else 64, block_d=16 if fma_dot else 32,
-                      block_t=16 if fma_dot else 32, num_warps=8 if block_m >= 128 else 4, num_stages=2)
+    narrow = fma_dot or layout != ALIGNED
+    return TileConfig(block_m=block_m, block_n=32 if narrow else 64, block_d=16 if narrow else 32,
+                      block_t=16 if narrow else 32, num_warps=8 if narrow or block_m >= 128 else 4, num_stages=2)
 
 # Small fixed tiles for Triton's CPU interpreter: cheap to run and they exercise multiple tiles,
 # D chunks and splits at test sizes.
@@ -252,7 +258,11 @@ def _mine_tile(
         pos_ok = pos_ok & col_ok[None, :]
         neg_ok = neg_ok & col_ok[None, :]
     if HAS_SELF:
-        pos_ok = pos_ok & (cols[None, :] != rows[:, None] + self_offset)
+        # Anchor i is candidate (self_offset + i) % M: a batch may wrap around the end of a ring
+        # memory. One compare per row, not per element.
+        self_col = rows + self_offset
+        self_col = tl.where(self_col >= M, self_col - M, self_col)
+        pos_ok = pos_ok & (cols[None, :] != self_col[:, None])
 
     if NEED_TEXT:
         sim = tl.zeros((BLOCK_M, BLOCK_N), dtype=TEXT_ACC_DTYPE)
@@ -300,7 +310,8 @@ def _mine_hardest_kernel(
     self_offset, candidates_per_split,
     base_margin, margin_scale, text_threshold,
     # Autotuning keys only: the tiles that fill the GPU depend on the problem size, and the tiles
-    # that compile without spills on the layout (unit_stride: every operand read has unit feature stride).
+    # that compile without spills on the layout (unit_stride: the operands' layout class, STRIDED,
+    # ALIGNED, UNALIGNED or MIXED; see GPU_CONFIGS).
     n_bucket, m_bucket, unit_stride,
     METRIC: tl.constexpr, HAS_SELF: tl.constexpr, NEED_TEXT: tl.constexpr, MARGIN_AWARE: tl.constexpr,
     HAS_THRESHOLD: tl.constexpr,
@@ -467,22 +478,36 @@ def _sm90(block_m: int, block_n: int, block_d: int, num_warps: int, num_stages: 
                       num_stages=num_stages, flatten=True, maxnreg=maxnreg)
 
 
+# Layout classes of a call (the ``unit_stride`` autotuning key), over every operand the kernel
+# reads (embeddings, and text when read). STRIDED: some operand has a feature stride other than 1
+# (e.g. column-major). ALIGNED: unit feature strides, and every base pointer and row stride is
+# divisible by 16 (bytes for the pointer, elements for the stride: what Triton specialises on), so
+# rows load in 16-byte vectors. UNALIGNED: unit feature strides, but some base pointer or row stride
+# is not (a column slice ``big[:, 1:D + 1]``, a row pitch such as D + 8, or a D such as 100): Triton
+# cannot prove 16-byte rows and loads element by element. MIXED: some operands STRIDED, others
+# UNALIGNED. True / False read as ALIGNED / STRIDED.
+STRIDED, ALIGNED, UNALIGNED, MIXED = 0, 1, 2, 3
+
 # Where an autotuned config may run: over its whole scope (int32 and int64 labels, every metric)
 # each compiles for sm_90a without register spills (ptxas -v, triton 3.6 and 3.9), except that the
 # IEEE fp32 lists keep up to 28 bytes (an FMA dot's operands live in registers).
-# ANY_LAYOUT: any strides and any D. ROW_MAJOR: every operand the kernel reads (embeddings, and
-# text when read) has unit stride along its features; column-major operands spill there (the
-# loads are transposed through registers). DENSE: row-major and D a multiple of BLOCK_D; the
-# masked D loop keeps its masks live across the pipeline stages and spills there.
+# ANY_LAYOUT: any layout class and any D. ROW_MAJOR: ALIGNED or UNALIGNED; strided operands spill
+# there (the loads are transposed through registers). DENSE: ALIGNED and D a multiple of BLOCK_D;
+# the masked D loop keeps its masks live across the pipeline stages and spills there, and on
+# UNALIGNED rows these tiles spilled 20-680 bytes. ALIGNED_OR_STRIDED: ALIGNED or STRIDED, any D
+# (16-bit batch-hard 64 x 64 x 64 spilled 8 bytes on UNALIGNED rows; compile_sm90's "slice"
+# layout). MIXED takes ANY_LAYOUT only.
 ANY_LAYOUT = "any"
 ROW_MAJOR = "row_major"
 DENSE = "dense"
+ALIGNED_OR_STRIDED = "aligned_or_strided"
 
 
 # The autotuned GPU configs, per kind ("batch_hard": no text read; "atl": the text GEMM too) and
 # operand width ("16bit": fp16/bf16; "tf32": fp32 operands on the tensor cores, twice the shared
 # memory per tile; "fp32": IEEE fp32, an FMA dot whose operands live in registers, hence the
-# narrow BLOCK_D). Every list has ANY_LAYOUT entries, so pruning never empties it. Programs per SM
+# narrow BLOCK_D; fp64 text next to 16-bit or fp32 embeddings, an FMA text dot, takes it too).
+# Every list has ANY_LAYOUT entries, so pruning never empties it. Programs per SM
 # (registers and shared memory, H100) are at least 2 except where marked 1: two resident programs
 # let one's epilogue overlap the other's MMA loop. The 8-warp maxnreg=128 tiles that issue 14
 # suggested spill 4-880 bytes (12 B on the headline bf16 batch-hard case with int64 labels under
@@ -491,7 +516,7 @@ GPU_CONFIGS: dict[tuple[str, str], tuple[tuple[str, TileConfig], ...]] = {
     ("batch_hard", "16bit"): (
         (DENSE, _sm90(128, 64, 64, 4, 3, None)),       # 2 programs per SM
         (DENSE, _sm90(64, 128, 32, 4, 4, None)),       # 2
-        (ANY_LAYOUT, _sm90(64, 64, 64, 4, 4, None)),   # 2-3
+        (ALIGNED_OR_STRIDED, _sm90(64, 64, 64, 4, 4, None)),  # 2-3
         (ANY_LAYOUT, _sm90(128, 64, 64, 8, 3, None)),  # 1
         (ANY_LAYOUT, _sm90(64, 128, 64, 8, 3, None)),  # 1
     ),
@@ -507,32 +532,55 @@ GPU_CONFIGS: dict[tuple[str, str], tuple[tuple[str, TileConfig], ...]] = {
         (ANY_LAYOUT, _sm90(64, 32, 16, 4, 3, None)),   # 3-4
         (ROW_MAJOR, _sm90(64, 64, 16, 8, 3, None)),    # 1-2
     ),
+    # Column-major embeddings and text (both) spilled 36-940 bytes with the first three (20-48 with
+    # 64 x 64 x 32), unaligned rows 52-1000 bytes: they are for aligned rows only.
     ("atl", "16bit"): (
-        (ANY_LAYOUT, _sm90(64, 64, 64, 4, 4, None)),   # 2
-        (ANY_LAYOUT, _sm90(64, 64, 32, 4, 3, None)),   # 2
-        (ANY_LAYOUT, _sm90(128, 64, 64, 8, 3, None)),  # 1
+        (DENSE, _sm90(64, 64, 64, 4, 4, None)),        # 2
+        (DENSE, _sm90(64, 64, 32, 4, 3, None)),        # 2
+        (DENSE, _sm90(128, 64, 64, 8, 3, None)),       # 1
+        (ANY_LAYOUT, _sm90(64, 64, 32, 8, 3, None)),   # 1
         # 64 x 128 x 64 on 8 warps spilled 8-20 bytes with fp32 text under IEEE precision.
     ),
+    # With column-major embeddings and/or text, 64 x 64 x 32 on 8 warps spilled 12-132 bytes and
+    # 128 x 64 x 32 48-800 (40 with unaligned rows); 64 x 64 x 16 on 8 warps, or on 4 with 2
+    # stages, none.
     ("atl", "tf32"): (
         (ROW_MAJOR, _sm90(64, 64, 16, 4, 3, None)),    # 2
-        (ANY_LAYOUT, _sm90(64, 64, 32, 8, 3, None)),   # 1
-        (ROW_MAJOR, _sm90(128, 64, 32, 8, 3, None)),   # 1
+        (ANY_LAYOUT, _sm90(64, 64, 16, 4, 2, None)),   # 2
+        (ANY_LAYOUT, _sm90(64, 64, 16, 8, 3, None)),   # 1
+        (ROW_MAJOR, _sm90(64, 64, 32, 8, 3, None)),    # 1
+        (DENSE, _sm90(128, 64, 32, 8, 3, None)),       # 1
     ),
     ("atl", "fp32"): (
         (ANY_LAYOUT, _sm90(64, 64, 16, 8, 3, None)),   # 1
-        (ROW_MAJOR, _sm90(32, 64, 16, 4, 3, None)),    # 2
+        # 12 bytes at D = 100 (unaligned rows) with fp16 embeddings and IEEE fp32 text (triton 3.9).
+        (DENSE, _sm90(32, 64, 16, 4, 3, None)),        # 2
         (ROW_MAJOR, _sm90(64, 32, 16, 4, 3, None)),    # 2
     ),
 }
 
 
-def config_fits(scope: str, block_d: int, d: int, unit_stride: bool) -> bool:
-    """Whether a config of this scope compiles without spills for these operands (see ``GPU_CONFIGS``)."""
+def config_fits(scope: str, block_d: int, d: int, layout: int) -> bool:
+    """Whether a config of this scope compiles without spills for operands of this layout class
+    (STRIDED, ALIGNED, UNALIGNED or MIXED; a bool reads as ALIGNED / STRIDED) and D (see ``GPU_CONFIGS``)."""
+    layout = int(layout)
     if scope == ANY_LAYOUT:
         return True
-    if not unit_stride:
-        return False
-    return scope == ROW_MAJOR or d % block_d == 0
+    if scope == ALIGNED_OR_STRIDED:
+        return layout in (ALIGNED, STRIDED)
+    if scope == ROW_MAJOR:
+        return layout in (ALIGNED, UNALIGNED)
+    return layout == ALIGNED and d % block_d == 0  # DENSE
+
+
+def _layout_class(*operands: torch.Tensor) -> int:
+    """STRIDED, ALIGNED, UNALIGNED or MIXED (see ``GPU_CONFIGS``) for the operands the kernel reads."""
+    strided = any(x.stride(1) != 1 for x in operands)
+    # Triton's 16-divisibility specialisation: the base pointer in bytes, the row stride in elements.
+    unaligned = any(x.stride(1) == 1 and (x.data_ptr() % 16 != 0 or x.stride(0) % 16 != 0) for x in operands)
+    if strided:
+        return MIXED if unaligned else STRIDED
+    return UNALIGNED if unaligned else ALIGNED
 
 
 def _text_block(args: dict) -> int:
@@ -551,9 +599,9 @@ def _autotuned(entries: tuple[tuple[str, TileConfig], ...]):
         scopes[id(config)] = scope
 
     def prune(candidates: list, named_args: dict, **kwargs) -> list:
-        unit_stride = bool(named_args["unit_stride"])
+        layout = int(named_args["unit_stride"])
         return [c for c in candidates
-                if config_fits(scopes[id(c)], c.kwargs["BLOCK_D"], named_args["D"], unit_stride)]
+                if config_fits(scopes[id(c)], c.kwargs["BLOCK_D"], named_args["D"], layout)]
 
     return triton.autotune(
         configs=configs,
@@ -630,6 +678,8 @@ def _row_stats(*jobs: tuple[torch.Tensor, bool], fill: tuple[torch.Tensor, int] 
 def _is_row_slice(anchors: torch.Tensor, candidates: torch.Tensor, self_offset: int) -> bool:
     """Whether anchors is exactly candidates[self_offset : self_offset + N] (shared row stats)."""
     if self_offset < 0 or anchors.shape[0] == 0 or anchors.stride() != candidates.stride():
+        return False
+    if self_offset + anchors.shape[0] > candidates.shape[0]:  # a wrapped batch is not a slice
         return False
     if anchors.untyped_storage().data_ptr() != candidates.untyped_storage().data_ptr():
         return False
@@ -750,7 +800,7 @@ def mine_hardest_splits_triton(
     torch._check(anchors.dim() == 2 and candidates.dim() == 2 and anchors.shape[1] == candidates.shape[1])
     torch._check(anchors.dtype == candidates.dtype and anchors.device == candidates.device)
     torch._check(anchor_labels.shape == (anchors.shape[0],) and candidate_labels.shape == (candidates.shape[0],))
-    torch._check(self_offset == -1 or 0 <= self_offset <= candidates.shape[0] - anchors.shape[0])
+    torch._check(self_offset == -1 or (0 <= self_offset < max(candidates.shape[0], 1) and anchors.shape[0] <= candidates.shape[0]))
     torch._check((anchor_text is None) == (candidate_text is None))
     n, m = anchors.shape[0], candidates.shape[0]
     device = anchors.device
@@ -817,9 +867,9 @@ def mine_hardest_splits_triton(
         text_args = (anchors, candidates, anchor_stat, cand_stat)  # placeholders, never read
         text_strides = (0, 0, 0, 0)
 
-    # Column-major (or otherwise strided) features limit the autotuned tiles (GPU_CONFIGS scopes).
-    unit_stride = anchors.stride(1) == 1 and candidates.stride(1) == 1 and (
-        not need_text or (anchor_text.stride(1) == 1 and candidate_text.stride(1) == 1))
+    # Column-major (or otherwise strided) features, and row-major operands that are not 16-byte
+    # aligned, limit the autotuned tiles (GPU_CONFIGS scopes).
+    layout = _layout_class(anchors, candidates, *((anchor_text, candidate_text) if need_text else ()))
     # An FMA dot (IEEE fp32 or fp64 operands), on the embeddings or on the text, keeps its operands
     # in registers and needs narrow chunks: the "fp32" autotune list and the wide pass's narrow
     # tiles. With 16-bit tiles an IEEE fp32 text dot spilled 112-1700 bytes (column-major operands).
@@ -849,7 +899,7 @@ def mine_hardest_splits_triton(
         float(base_margin), float(margin_scale),
         float(text_positive_threshold) if has_threshold else 0.0,
         _size_bucket(n) if tiles is None else 0, _size_bucket(m) if tiles is None else 0,
-        int(unit_stride) if tiles is None else 0,
+        layout if tiles is None else 0,
     )
     flags = dict(
         METRIC=metric_code, HAS_SELF=self_offset >= 0, NEED_TEXT=need_text, MARGIN_AWARE=margin_aware,
@@ -882,7 +932,7 @@ def mine_hardest_splits_triton(
         # The programs whose labels differ in their high words (none for labels within 31 bits,
         # where every program of this launch exits after its label scan): same row blocks and
         # splits as the main pass, so each is mined by exactly one of the two launches.
-        wide = _wide_pass_config(block_m, fma_dot) if tiles is None else tiles
+        wide = _wide_pass_config(block_m, fma_dot, layout) if tiles is None else tiles
         block_d = min(wide.block_d, max(16, triton.next_power_of_2(d)))
         block_t = min(wide.block_t, max(16, triton.next_power_of_2(max(t, 1))))
         _mine_hardest_kernel[(triton.cdiv(n, block_m), splits)](
@@ -923,8 +973,8 @@ def mine_hardest_triton(
         margin_scale: s (ignored without text).
         text_positive_threshold: candidates of another label with text cosine >= this are never
             negatives; None = off (ignored without text).
-        self_offset: anchor i is candidate ``self_offset + i`` (excluded from its positives);
-            -1 when the anchors are not among the candidates.
+        self_offset: anchor i is candidate ``(self_offset + i) % M`` (excluded from its
+            positives); -1 when the anchors are not among the candidates.
 
     Returns:
         (positive_idx, negative_idx), each (N,) int64 candidate indices, -1 where an anchor has
