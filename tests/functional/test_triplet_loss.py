@@ -272,6 +272,10 @@ def test_mine_hardest_example_and_validation():
     assert pos.tolist() == [2, 1] and neg.tolist() == [1, 2]
     with pytest.raises(ValueError, match="anchor_offset"):
         mine_hardest(x, x, labels, labels, exclude_self=True, anchor_offset=4)
+    with pytest.raises(ValueError, match="candidates is anchors"):  # a rotation needs a separate tensor
+        mine_hardest(x, x, labels, labels, exclude_self=True, anchor_offset=1)
+    pos, _ = mine_hardest(x, x.clone(), labels, labels, exclude_self=True, anchor_offset=1, backend="torch")
+    assert pos.tolist() == [0, 0, 2, 2]  # anchor i excludes candidate (1 + i) % 4, not itself
     with pytest.raises(ValueError, match="anchor_offset"):
         mine_hardest(torch.cat([x, x]), x, labels.repeat(2), labels, exclude_self=True)
     with pytest.raises(TypeError, match="exclude_self"):

@@ -416,6 +416,10 @@ def test_exact_recomputation_rejects_bad_arguments():
         cpu_module.exact_selected(x, x, columns, "manhattan")
     with pytest.raises(ValueError, match="cosine needs"):
         cpu_module.exact_selected(x, x, columns, "cosine")
+    # The kernel reads the flags at every selected row and column: short ones would be read past.
+    with pytest.raises(ValueError, match="nonzero must have shapes"):
+        cpu_module.exact_selected(x, torch.randn(40, 6), columns, "cosine", torch.ones(4, dtype=torch.bool),
+                                  torch.ones(1, dtype=torch.bool))
 
 
 @requires_compiled

@@ -632,6 +632,7 @@ def _bad_call(**changes):
         (dict(anchor_text=torch.randn(5, 2), candidate_text=torch.randn(5, 3)), ValueError, "feature size T"),
         (dict(anchor_text=torch.randn(4, 2), candidate_text=torch.randn(5, 2)), ValueError, "anchor_text"),
         (dict(anchor_offset=5), ValueError, "anchor_offset"),
+        (dict(anchor_offset=1), ValueError, "anchor_offset"),  # candidates is anchors: row i is candidate i
         (dict(candidates=torch.randn(4, 3), candidate_labels=torch.zeros(4, dtype=torch.int64)), ValueError, "anchor_offset"),
         (dict(anchor_offset=-1), ValueError, "anchor_offset"),
         (dict(anchor_offset=0.0), TypeError, "anchor_offset"),

@@ -51,12 +51,12 @@ def _blocks(d: int, dtype: torch.dtype, aligned: bool = True) -> tuple[int, int,
     # sm_90, ptxas -v (triton 3.6 / 3.9; compile_sm90's quick level): 16 x 128 keeps the 16-bit
     # forward at ~56 registers and the backward at ~90, no spills. Narrower where they spilled:
     # fp64 16 columns (cosine with text spilled ~1.3 KB at 128 columns, 200 bytes in the backward
-    # at 64 and 12 at 32); a D that is not a multiple of 64 (the masked chunk: 32-44 bytes in the
-    # backward at D = 100 with 128), fp32 and rows that are not 16-byte aligned 64 (4-48 bytes in
-    # the forward with 128: element-wise loads).
+    # at 64 and 12 at 32); 64 columns where D is not a multiple of 128 (a masked last chunk of 128
+    # spilled 32-44 bytes in the backward at D = 100), for fp32, and for rows that are not 16-byte
+    # aligned (4-48 bytes in the forward with 128: element-wise loads).
     if dtype == torch.float64:
         return 16, 16, 4
-    if d % 64 or dtype == torch.float32 or not aligned:
+    if d % 128 or dtype == torch.float32 or not aligned:
         return 16, 64 if d > 32 else 32, 4
     return 16, min(128, max(32, triton.next_power_of_2(d))), 4
 
@@ -338,7 +338,9 @@ def hardest_triplet_loss_triton(
         base_margin=base_margin, margin_scale=margin_scale, text_positive_threshold=text_positive_threshold,
         self_offset=self_offset, fill=(links[: m + 1] if link else links[m:], -1),
     )
-    block_r, block_d, warps = _blocks(d, anchors.dtype, _aligned(anchors, candidates))
+    block_r, block_d, warps = _blocks(
+        d, anchors.dtype, _aligned(anchors, candidates, *((anchor_text, candidate_text) if anchor_text is not None else ()))
+    )
     programs = max(1, triton.cdiv(n, block_r))
     pairs = torch.empty(n, 2, dtype=torch.int64, device=device)
     terms = torch.empty(n, 3, dtype=acc, device=device)

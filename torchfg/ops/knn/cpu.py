@@ -485,6 +485,12 @@ def exact_selected(
     if metric == "cosine":
         if query_nonzero is None or gallery_nonzero is None:
             raise ValueError("cosine needs query_nonzero and gallery_nonzero")
+        # The kernel reads them at every selected row and column.
+        if query_nonzero.shape != (num_query,) or gallery_nonzero.shape != (gallery.shape[0],):
+            raise ValueError(
+                f"query_nonzero and gallery_nonzero must have shapes ({num_query},) and ({gallery.shape[0]},), "
+                f"got {tuple(query_nonzero.shape)} and {tuple(gallery_nonzero.shape)}"
+            )
         query_nonzero = query_nonzero.to(torch.uint8).contiguous()
         gallery_nonzero = gallery_nonzero.to(torch.uint8).contiguous()
     # The kernel reads rows with unit feature stride; a single column may report any stride.

@@ -140,6 +140,10 @@ def _check_mining_inputs(
     )
     check_choice(metric, "metric", METRICS)
     self_offset = _self_offset(exclude_self, anchor_offset, anchors.shape[0], candidates.shape[0], wraps=wraps)
+    if self_offset > 0 and candidates is anchors:
+        # Any offset in [0, M) is a valid rotation of a full ring, but with the anchors passed as
+        # their own candidates row i is candidate i: another offset would let it be its own positive.
+        raise ValueError(f"anchor_offset must be 0 when candidates is anchors (anchor i is candidate i), got {self_offset}")
     return anchor_labels, candidate_labels, self_offset
 
 
