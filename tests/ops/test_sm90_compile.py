@@ -188,7 +188,7 @@ ARG_BOUNDS = {
     **dict.fromkeys(("N", "M", "Q", "G", "R", "B", "K", "SPLITS", "split_size", "self_offset",
                      "candidates_per_split", "k_per_split", "n_bucket", "m_bucket"), ROWS),
     **dict.fromkeys(("n_crops", "n_global"), 64),
-    "unit_stride": 3,  # the layout class of the mining launch (STRIDED, ALIGNED, UNALIGNED, MIXED)
+    "layout_class": 3,  # the layout class of the mining launch (STRIDED, ALIGNED, UNALIGNED, MIXED)
 }
 # Strides: of a batch axis (or a split axis) up to the whole operand, i.e. anything below 2**31;
 # of a row or column axis, the size of the other axis of a compact (N, D) operand in either

@@ -547,20 +547,20 @@ def test_gpu_config_table_is_complete():
             assert all(set(cfg.kwargs) <= names for cfg in tuned.configs)
 
 
-@pytest.mark.parametrize("unit_stride, d, expected", [
+@pytest.mark.parametrize("layout_class, d, expected", [
     (True, 512, {"any", "row_major", "dense", "aligned_or_strided"}),
     (True, 100, {"any", "row_major", "aligned_or_strided"}),  # 100 is not a multiple of BLOCK_D = 64
     (False, 512, {"any", "aligned_or_strided"}),
     (kernel.UNALIGNED, 512, {"any", "row_major"}),  # unit stride, rows not 16-byte aligned
     (kernel.MIXED, 512, {"any"}),  # some operands strided, others unaligned
 ])
-def test_autotune_pruning_follows_config_scopes(unit_stride, d, expected):
+def test_autotune_pruning_follows_config_scopes(layout_class, d, expected):
     # The pruning the autotuner applies keeps exactly the configs whose scope covers the call
-    # (the unit_stride key carries the layout class; True / False read as ALIGNED / STRIDED).
+    # (the layout_class key; True / False read as ALIGNED / STRIDED).
     entries = (("any", TileConfig(64, 64, 64, 64)), ("row_major", TileConfig(64, 64, 64, 64)),
                ("dense", TileConfig(64, 64, 64, 64)), ("aligned_or_strided", TileConfig(64, 64, 64, 64)))
     tuned = kernel._autotuned(entries)
-    kept = tuned.early_config_prune(tuned.configs, {"unit_stride": int(unit_stride), "D": d})
+    kept = tuned.early_config_prune(tuned.configs, {"layout_class": int(layout_class), "D": d})
     assert {scope for (scope, _), cfg in zip(entries, tuned.configs) if any(cfg is k for k in kept)} == expected
     assert kernel.config_fits("dense", 32, 96, True) and not kernel.config_fits("dense", 64, 96, True)
     assert not kernel.config_fits("dense", 32, 512, kernel.UNALIGNED)

@@ -35,7 +35,7 @@ import triton.language as tl
 from torchfg.backends import triton_interpreter_enabled
 from torchfg.ops.metric import metric_code
 from torchfg.ops.pair_distances.triton import _acc_dtype, finish_pair_distance, pair_distance_gradient
-from torchfg.ops.triplet.triton import merge_split_bests
+from torchfg.ops.triplet.triton import merge_split_bests, rows_aligned
 
 __all__ = ["REDUCTION_CODES", "hardest_triplet_loss_triton", "hardest_triplet_loss_backward_triton"]
 
@@ -59,10 +59,6 @@ def _blocks(d: int, dtype: torch.dtype, aligned: bool = True) -> tuple[int, int,
     if d % 128 or dtype == torch.float32 or not aligned:
         return 16, 64 if d > 32 else 32, 4
     return 16, min(128, max(32, triton.next_power_of_2(d))), 4
-
-
-def _aligned(*rows: torch.Tensor) -> bool:
-    return all(x.data_ptr() % 16 == 0 and x.stride(0) % 16 == 0 for x in rows)
 
 
 @triton.jit
@@ -339,7 +335,7 @@ def hardest_triplet_loss_triton(
         self_offset=self_offset, fill=(links[: m + 1] if link else links[m:], -1),
     )
     block_r, block_d, warps = _blocks(
-        d, anchors.dtype, _aligned(anchors, candidates, *((anchor_text, candidate_text) if anchor_text is not None else ()))
+        d, anchors.dtype, rows_aligned(anchors, candidates, *((anchor_text, candidate_text) if anchor_text is not None else ()))
     )
     programs = max(1, triton.cdiv(n, block_r))
     pairs = torch.empty(n, 2, dtype=torch.int64, device=device)
@@ -415,7 +411,7 @@ def hardest_triplet_loss_backward_triton(
     dummy = terms
     x_inv = anchor_inv if metric == "cosine" else dummy
     y_inv = candidate_inv if metric == "cosine" else dummy
-    block_r, block_d, warps = _blocks(d, anchors.dtype, _aligned(anchors, candidates))
+    block_r, block_d, warps = _blocks(d, anchors.dtype, rows_aligned(anchors, candidates))
     common = dict(METRIC=metric_code(metric), REDUCTION=REDUCTION_CODES[reduction], ACC_DTYPE=acc_tl,
                   BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps)
     strides = (anchors.stride(0), anchors.stride(1), candidates.stride(0), candidates.stride(1))

@@ -310,9 +310,9 @@ def _mine_hardest_kernel(
     self_offset, candidates_per_split,
     base_margin, margin_scale, text_threshold,
     # Autotuning keys only: the tiles that fill the GPU depend on the problem size, and the tiles
-    # that compile without spills on the layout (unit_stride: the operands' layout class, STRIDED,
-    # ALIGNED, UNALIGNED or MIXED; see GPU_CONFIGS).
-    n_bucket, m_bucket, unit_stride,
+    # that compile without spills on the operands' layout (layout_class: STRIDED, ALIGNED, UNALIGNED
+    # or MIXED; see GPU_CONFIGS).
+    n_bucket, m_bucket, layout_class,
     METRIC: tl.constexpr, HAS_SELF: tl.constexpr, NEED_TEXT: tl.constexpr, MARGIN_AWARE: tl.constexpr,
     HAS_THRESHOLD: tl.constexpr,
     STORE_VALUES: tl.constexpr, LABEL_WORDS: tl.constexpr, WIDE_PASS: tl.constexpr,
@@ -478,7 +478,7 @@ def _sm90(block_m: int, block_n: int, block_d: int, num_warps: int, num_stages: 
                       num_stages=num_stages, flatten=True, maxnreg=maxnreg)
 
 
-# Layout classes of a call (the ``unit_stride`` autotuning key), over every operand the kernel
+# Layout classes of a call (the ``layout_class`` autotuning key), over every operand the kernel
 # reads (embeddings, and text when read). STRIDED: some operand has a feature stride other than 1
 # (e.g. column-major). ALIGNED: unit feature strides, and every base pointer and row stride is
 # divisible by 16 (bytes for the pointer, elements for the stride: what Triton specialises on), so
@@ -573,11 +573,16 @@ def config_fits(scope: str, block_d: int, d: int, layout: int) -> bool:
     return layout == ALIGNED and d % block_d == 0  # DENSE
 
 
+def rows_aligned(*operands: torch.Tensor) -> bool:
+    """Whether every operand's rows are 16-byte aligned as Triton specialises on it: the base pointer
+    divisible by 16 bytes, the row stride by 16 elements."""
+    return all(x.data_ptr() % 16 == 0 and x.stride(0) % 16 == 0 for x in operands)
+
+
 def _layout_class(*operands: torch.Tensor) -> int:
     """STRIDED, ALIGNED, UNALIGNED or MIXED (see ``GPU_CONFIGS``) for the operands the kernel reads."""
     strided = any(x.stride(1) != 1 for x in operands)
-    # Triton's 16-divisibility specialisation: the base pointer in bytes, the row stride in elements.
-    unaligned = any(x.stride(1) == 1 and (x.data_ptr() % 16 != 0 or x.stride(0) % 16 != 0) for x in operands)
+    unaligned = any(x.stride(1) == 1 and not rows_aligned(x) for x in operands)
     if strided:
         return MIXED if unaligned else STRIDED
     return UNALIGNED if unaligned else ALIGNED
@@ -599,13 +604,13 @@ def _autotuned(entries: tuple[tuple[str, TileConfig], ...]):
         scopes[id(config)] = scope
 
     def prune(candidates: list, named_args: dict, **kwargs) -> list:
-        layout = int(named_args["unit_stride"])
+        layout = int(named_args["layout_class"])
         return [c for c in candidates
                 if config_fits(scopes[id(c)], c.kwargs["BLOCK_D"], named_args["D"], layout)]
 
     return triton.autotune(
         configs=configs,
-        key=["n_bucket", "m_bucket", "unit_stride", "D", "T", "METRIC", "NEED_TEXT", "LABEL_WORDS",
+        key=["n_bucket", "m_bucket", "layout_class", "D", "T", "METRIC", "NEED_TEXT", "LABEL_WORDS",
              "INPUT_PRECISION", "TEXT_INPUT_PRECISION"],
         prune_configs_by={"early_config_prune": prune},
     )(triton.heuristics({
