@@ -480,8 +480,9 @@ def exact_selected(
     if num_query == 0 or k == 0:
         return distances, columns
     # The kernel reads the rows these name: one out of range would read outside the gallery.
-    if int(indices.min()) < 0 or int(indices.max()) >= gallery.shape[0]:
-        raise ValueError(f"indices must lie in [0, {gallery.shape[0]}), got [{int(indices.min())}, {int(indices.max())}]")
+    low, high = (int(v) for v in torch.aminmax(indices))
+    if low < 0 or high >= gallery.shape[0]:
+        raise ValueError(f"indices must lie in [0, {gallery.shape[0]}), got [{low}, {high}]")
     if metric == "cosine":
         if query_nonzero is None or gallery_nonzero is None:
             raise ValueError("cosine needs query_nonzero and gallery_nonzero")
