@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import backends_to_test
+from conftest import TEST_DEVICE, backends_to_test
 from hypothesis import given
 from hypothesis import strategies as st
 from torch.utils.data import Dataset
@@ -57,8 +57,9 @@ def loop_distance(a: torch.Tensor, b: torch.Tensor, metric: str) -> float:
 @pytest.mark.parametrize("backend", backends_to_test())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_logits_equal_negative_squared_cdist(backend: str, dtype: torch.dtype) -> None:
-    support, labels, query = make_episode(7, 13, 37, seed=1, dtype=dtype)
-    logits = torch.full((13, 7), float("nan"), dtype=dtype)  # poison: every entry must be written
+    # On the test device: on a GPU machine the triton backend takes CUDA tensors only.
+    support, labels, query = (t.to(TEST_DEVICE) for t in make_episode(7, 13, 37, seed=1, dtype=dtype))
+    logits = torch.full((13, 7), float("nan"), dtype=dtype, device=TEST_DEVICE)  # poison: every entry written
     logits.copy_(prototypical_logits(support, labels, query, backend=backend))
     prototypes, classes = loop_prototypes(support, labels)
     expected = -torch.cdist(query, prototypes) ** 2

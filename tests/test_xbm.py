@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import backends_to_test
+from conftest import TEST_DEVICE, backends_to_test
 from dist_utils import run_on_ranks
 from torchfg.losses import AdaptiveTripletLoss, CrossBatchMemory, TripletMarginLoss
 
@@ -24,7 +24,9 @@ def _pml_xbm(dim: int, memory_size: int, reduction: str):
 
 
 def _batches(g, steps, batch, dim, classes, dtype=torch.float64):
-    return [(torch.randn(batch, dim, generator=g, dtype=dtype), torch.randint(0, classes, (batch,), generator=g))
+    """Drawn on the CPU, on the test device: a GPU machine's triton backend takes CUDA tensors only."""
+    return [(torch.randn(batch, dim, generator=g, dtype=dtype).to(TEST_DEVICE),
+             torch.randint(0, classes, (batch,), generator=g).to(TEST_DEVICE))
             for _ in range(steps)]
 
 
@@ -57,7 +59,7 @@ def test_enqueue_mask_matches_pml(backend):
     ours = CrossBatchMemory(TripletMarginLoss(margin=0.2, backend=backend), dim, memory_size)
     theirs = _pml_xbm(dim, memory_size, "mean")
     for emb, labels in _batches(g, 4, 10, dim, 3):
-        mask = torch.rand(10, generator=g) < 0.5
+        mask = (torch.rand(10, generator=g) < 0.5).to(TEST_DEVICE)
         mask[0], mask[1] = True, False
         a, b = emb.clone().requires_grad_(), emb.clone().requires_grad_()
         loss_ours, loss_theirs = ours(a, labels, enqueue_mask=mask), theirs(b, labels, enqueue_mask=mask)
@@ -74,13 +76,13 @@ def _brute_force_atl(emb, labels, text, memory, memory_labels, memory_text, self
     margins = m0 + s * (1 - t) / 2
     same = labels[:, None] == memory_labels[None, :]
     positive = same.clone()
-    positive[torch.arange(len(emb)), self_slots] = False
+    positive[torch.arange(len(emb), device=emb.device), self_slots] = False
     losses = []
     for i in range(len(emb)):
         if not positive[i].any() or same[i].all():
             continue
-        p = torch.where(positive[i], d[i], torch.tensor(-float("inf"), dtype=d.dtype)).argmax()
-        n = torch.where(~same[i], margins[i] - d[i], torch.tensor(-float("inf"), dtype=d.dtype)).argmax()
+        p = torch.where(positive[i], d[i], torch.tensor(-float("inf"), dtype=d.dtype, device=d.device)).argmax()
+        n = torch.where(~same[i], margins[i] - d[i], torch.tensor(-float("inf"), dtype=d.dtype, device=d.device)).argmax()
         losses.append(torch.relu(d[i, p] - d[i, n] + margins[i, n]))
     return torch.stack(losses).mean() if losses else emb.sum() * 0
 
@@ -93,9 +95,9 @@ def test_adaptive_triplet_loss_with_a_text_memory(backend):
                            text_size=text_dim)
     memory, memory_labels, memory_text = [], [], []
     for step in range(4):  # the third step wraps around
-        emb = torch.randn(batch, dim, generator=g, dtype=torch.float64)
-        labels = torch.randint(0, 3, (batch,), generator=g)
-        text = torch.randn(batch, text_dim, generator=g, dtype=torch.float64)
+        emb = torch.randn(batch, dim, generator=g, dtype=torch.float64).to(TEST_DEVICE)
+        labels = torch.randint(0, 3, (batch,), generator=g).to(TEST_DEVICE)
+        text = torch.randn(batch, text_dim, generator=g, dtype=torch.float64).to(TEST_DEVICE)
         start = xbm.queue_idx
         a = emb.clone().requires_grad_()
         loss = xbm(a, labels, text_embeddings=text)
@@ -105,15 +107,15 @@ def test_adaptive_triplet_loss_with_a_text_memory(backend):
         memory_labels += list(labels)
         memory_text += list(text)
         slots = [(start + i) % memory_size for i in range(batch)]
-        ring = torch.zeros(memory_size, dim, dtype=torch.float64)
-        ring_labels = torch.zeros(memory_size, dtype=torch.int64)
-        ring_text = torch.zeros(memory_size, text_dim, dtype=torch.float64)
+        ring = torch.zeros(memory_size, dim, dtype=torch.float64, device=TEST_DEVICE)
+        ring_labels = torch.zeros(memory_size, dtype=torch.int64, device=TEST_DEVICE)
+        ring_text = torch.zeros(memory_size, text_dim, dtype=torch.float64, device=TEST_DEVICE)
         for j, (e, lab, t) in enumerate(zip(memory, memory_labels, memory_text)):
             ring[j % memory_size], ring_labels[j % memory_size], ring_text[j % memory_size] = e, lab, t
         size = min(len(memory), memory_size)
         b = emb.clone().requires_grad_()
         expected = _brute_force_atl(b, labels, text, ring[:size], ring_labels[:size], ring_text[:size],
-                                    torch.tensor(slots), 0.1, 0.5)
+                                    torch.tensor(slots, device=TEST_DEVICE), 0.1, 0.5)
         torch.testing.assert_close(loss, expected, msg=f"step {step}")
         torch.testing.assert_close(grad, torch.autograd.grad(expected, b)[0], msg=f"step {step}")
         torch.testing.assert_close(xbm.text_memory[:size], ring_text[:size])
@@ -125,7 +127,7 @@ def test_indices_tuple_adds_triplets_like_pml():
     ours = CrossBatchMemory(TripletMarginLoss(margin=0.2), dim, memory_size)
     theirs = _pml_xbm(dim, memory_size, "mean")
     for emb, labels in _batches(g, 3, 6, dim, 2):
-        extra = (torch.tensor([0, 1]), torch.tensor([2, 3]), torch.tensor([4, 5]))
+        extra = tuple(torch.tensor(pair, device=TEST_DEVICE) for pair in ([0, 1], [2, 3], [4, 5]))
         a, b = emb.clone().requires_grad_(), emb.clone().requires_grad_()
         loss_ours, loss_theirs = ours(a, labels, indices_tuple=extra), theirs(b, labels, indices_tuple=extra)
         torch.testing.assert_close(loss_ours, loss_theirs.to(loss_ours.dtype))
@@ -190,6 +192,8 @@ def _cross_rank_steps(rank, world, batches, backend):
 
 @pytest.mark.parametrize("backend", backends_to_test())
 def test_cross_rank_matches_single_process_on_the_concatenated_batch(backend):
+    if backend == "triton" and TEST_DEVICE.type == "cuda":
+        pytest.skip("the gloo ranks hold CPU tensors, which the triton backend takes under the interpreter only")
     g = torch.Generator().manual_seed(15)
     world, batch = 2, 8
     batches = [(torch.randn(batch, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (batch,), generator=g),

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from brute_force import exact_distances
-from conftest import requires_triton
+from conftest import TEST_DEVICE, requires_triton
 from torchfg.ops.hardest_triplet_loss import REDUCTIONS, _hardest_triplet_loss_op, hardest_triplet_loss
 from torchfg.ops.metric import METRICS
 
@@ -44,7 +44,8 @@ def _problem(n, m, d, dtype, *, seed, classes=5, text=0, separate=False, int32=F
         labels, y_labels = labels.int(), y_labels.int()
     t = torch.randn(n, text, generator=g) if text else None
     yt = (torch.randn(m, text, generator=g) if separate else t) if text else None
-    return x, labels, y, y_labels, t, yt
+    # On the test device: on a GPU machine the triton backend takes CUDA tensors only.
+    return tuple(None if v is None else v.to(TEST_DEVICE) for v in (x, labels, y, y_labels, t, yt))
 
 
 def _run(backend, x, labels, y, y_labels, t, yt, *, grad_seed=0, candidate_grad=True, **kwargs):
@@ -53,6 +54,7 @@ def _run(backend, x, labels, y, y_labels, t, yt, *, grad_seed=0, candidate_grad=
     yy = None if y is None else y.clone().requires_grad_(candidate_grad)
     loss = hardest_triplet_loss(xx, xx if yy is None else yy, labels, y_labels, t, yt, backend=backend, **kwargs)
     upstream = torch.randn(loss.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=loss.dtype)
+    upstream = upstream.to(loss.device)
     loss.backward(upstream)
     return loss.detach(), xx.grad, None if yy is None else yy.grad
 
@@ -98,7 +100,7 @@ def test_separate_candidates(exclude_self, offset, candidate_grad, metric, poiso
     # around the end of a ring memory).
     x, labels, y, y_labels, t, yt = _problem(13, 45, 17, torch.float32, seed=5, separate=True, text=6)
     if exclude_self:
-        slots = (offset + torch.arange(13)) % 45
+        slots = (offset + torch.arange(13, device=TEST_DEVICE)) % 45
         y[slots] = x
         y_labels[slots] = labels
     kwargs = dict(metric=metric, base_margin=0.2, margin_scale=0.5, exclude_self=exclude_self, anchor_offset=offset,
@@ -141,8 +143,8 @@ def test_internal_outputs_match_reference(poisoned):
 
 @requires_triton
 def test_duplicate_rows_have_zero_gradient_not_nan(poisoned):
-    x = torch.tensor([[1.0, 2.0], [1.0, 2.0], [5.0, 5.0], [5.0, 5.5]])
-    labels = torch.tensor([0, 0, 1, 1])
+    x = torch.tensor([[1.0, 2.0], [1.0, 2.0], [5.0, 5.0], [5.0, 5.5]], device=TEST_DEVICE)
+    labels = torch.tensor([0, 0, 1, 1], device=TEST_DEVICE)
     loss, grad, _ = _run("triton", x, labels, None, labels, None, None, metric="euclidean", exclude_self=True,
                          base_margin=1.0)
     expected = _run("torch", x, labels, None, labels, None, None, metric="euclidean", exclude_self=True, base_margin=1.0)
@@ -153,8 +155,8 @@ def test_duplicate_rows_have_zero_gradient_not_nan(poisoned):
 @requires_triton
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_no_triplet_gives_zero_loss_and_gradient(reduction, poisoned):
-    x = torch.randn(6, 4)
-    labels = torch.arange(6)  # every label once: no positive anywhere
+    x = torch.randn(6, 4, device=TEST_DEVICE)
+    labels = torch.arange(6, device=TEST_DEVICE)  # every label once: no positive anywhere
     loss, grad, _ = _run("triton", x, labels, None, labels, None, None, exclude_self=True, reduction=reduction)
     assert loss.eq(0).all() and grad.eq(0).all()
     loss, grad, _ = _run("triton", x[:0], labels[:0], None, labels[:0], None, None, exclude_self=True, reduction=reduction)
@@ -167,7 +169,7 @@ def test_fp64_matches_brute_force(poisoned):
     x, labels, *_ = _problem(19, 19, 7, torch.float64, seed=11, classes=3)
     dist = exact_distances(x, x, "euclidean")
     same = labels[:, None] == labels[None, :]
-    eye = torch.eye(19, dtype=torch.bool)
+    eye = torch.eye(19, dtype=torch.bool, device=x.device)
     hardest_pos = dist.masked_fill(~same | eye, float("-inf")).amax(1)
     hardest_neg = dist.masked_fill(same, float("inf")).amin(1)
     expected = torch.relu(hardest_pos - hardest_neg + 0.4).mean()

@@ -66,7 +66,7 @@ def test_pair_distances_chunks_match_whole(monkeypatch):
 
 # ----------------------------------------------------------------------------- triton backend
 
-from conftest import requires_triton  # noqa: E402
+from conftest import TEST_DEVICE, requires_triton  # noqa: E402
 
 # (atol, rtol) of the triton backend against the reference, per input dtype. Both accumulate in
 # fp32 (fp64) from the same input values, so only summation order differs.
@@ -82,9 +82,11 @@ _GRAD_TOLERANCES = {torch.float64: (1e-12, 1e-10), torch.float32: (2e-5, 2e-5),
 
 
 def _random_case(g, n, m, d, k, dtype, separate_y):
-    x = torch.randn(n, d, generator=g).to(dtype).requires_grad_()
-    y = torch.randn(m, d, generator=g).to(dtype).requires_grad_() if separate_y else None
-    idx = torch.randint(0, m if separate_y else n, (n, k), generator=g)
+    # Drawn on the CPU (one generator), used on the test device: on a GPU machine the triton
+    # backend takes CUDA tensors only.
+    x = torch.randn(n, d, generator=g).to(dtype).to(TEST_DEVICE).requires_grad_()
+    y = torch.randn(m, d, generator=g).to(dtype).to(TEST_DEVICE).requires_grad_() if separate_y else None
+    idx = torch.randint(0, m if separate_y else n, (n, k), generator=g).to(TEST_DEVICE)
     return x, y, idx
 
 
@@ -103,7 +105,7 @@ def test_anchor_pair_distances_triton_matches_reference(metric, dtype, separate_
     # backward's atomics must accumulate every term.
     idx[1, :] = idx[1, 0]
     idx[: n // 2, 0] = idx[0, 0]
-    weights = torch.randn(n, k, generator=g, dtype=torch.float64)
+    weights = torch.randn(n, k, generator=g, dtype=torch.float64).to(TEST_DEVICE)
     inputs = (x,) if y is None else (x, y)
     results = {}
     for backend in ("torch", "triton"):
@@ -128,8 +130,8 @@ def test_anchor_pair_distances_triton_zero_distance_and_zero_rows(metric):
     g = torch.Generator().manual_seed(3)
     x = torch.randn(7, 5, generator=g, dtype=torch.float64)
     x[4] = 0.0
-    x = x.requires_grad_()
-    idx = torch.tensor([[0, 1], [1, 1], [0, 2], [3, 3], [4, 0], [6, 5], [4, 4]])
+    x = x.to(TEST_DEVICE).requires_grad_()
+    idx = torch.tensor([[0, 1], [1, 1], [0, 2], [3, 3], [4, 0], [6, 5], [4, 4]], device=TEST_DEVICE)
     grads = []
     for backend in ("torch", "triton"):
         dist = anchor_pair_distances(x, idx, metric=metric, backend=backend)
@@ -148,10 +150,10 @@ def test_anchor_pair_distances_triton_writes_every_output(metric):
     from torchfg.ops.pair_distances.triton import anchor_pair_distances_triton
 
     g = torch.Generator().manual_seed(4)
-    x = torch.randn(19, 21, generator=g)
-    y = torch.randn(23, 21, generator=g)
-    idx = torch.randint(0, 23, (19, 3), generator=g)
-    poisoned = torch.full((19, 3), float("nan"))
+    x = torch.randn(19, 21, generator=g).to(TEST_DEVICE)
+    y = torch.randn(23, 21, generator=g).to(TEST_DEVICE)
+    idx = torch.randint(0, 23, (19, 3), generator=g).to(TEST_DEVICE)
+    poisoned = torch.full((19, 3), float("nan"), device=TEST_DEVICE)
     out = anchor_pair_distances_triton(x, y, idx, metric, out=poisoned)
     assert out is poisoned and not out.isnan().any()
     torch.testing.assert_close(out, anchor_pair_distances_reference(x, y, idx, metric), atol=2e-5, rtol=2e-5)
@@ -161,10 +163,10 @@ def test_anchor_pair_distances_triton_writes_every_output(metric):
 def test_anchor_pair_distances_triton_detached_partners_and_strides():
     # y without requires_grad (a cross-batch memory): only anchor gradients; strided inputs.
     g = torch.Generator().manual_seed(5)
-    base = torch.randn(15, 22, generator=g, dtype=torch.float64)
+    base = torch.randn(15, 22, generator=g, dtype=torch.float64).to(TEST_DEVICE)
     x = base[:, ::2].requires_grad_()  # non-contiguous rows
-    bank = torch.randn(40, 11, generator=g, dtype=torch.float64)
-    idx = torch.randint(0, 40, (15, 2), generator=g)
+    bank = torch.randn(40, 11, generator=g, dtype=torch.float64).to(TEST_DEVICE)
+    idx = torch.randint(0, 40, (15, 2), generator=g).to(TEST_DEVICE)
     grads = []
     for backend in ("torch", "triton"):
         dist = anchor_pair_distances(x, idx, bank, backend=backend)
@@ -190,11 +192,11 @@ def test_anchor_pair_distances_triton_backward_writes_every_gradient_row(metric,
     from torchfg.ops.pair_distances.triton import anchor_pair_distances_backward_triton
 
     g = torch.Generator().manual_seed(6)
-    x = torch.randn(17, 19, generator=g, dtype=torch.float64)
-    y = torch.randn(29, 19, generator=g, dtype=torch.float64) if separate_y else x
-    idx = torch.randint(0, y.shape[0] // 2, (17, 2), generator=g)  # half of y's rows are nobody's partner
+    x = torch.randn(17, 19, generator=g, dtype=torch.float64).to(TEST_DEVICE)
+    y = torch.randn(29, 19, generator=g, dtype=torch.float64).to(TEST_DEVICE) if separate_y else x
+    idx = torch.randint(0, y.shape[0] // 2, (17, 2), generator=g).to(TEST_DEVICE)  # half of y's rows: no anchor's
     out = anchor_pair_distances(x, idx, None if not separate_y else y, metric=metric)
-    grad = torch.randn(17, 2, generator=g, dtype=torch.float64)
+    grad = torch.randn(17, 2, generator=g, dtype=torch.float64).to(TEST_DEVICE)
     expected = anchor_pair_distances_backward_reference(grad, x, y, idx, out, metric, y_is_x=not separate_y)
     real_empty = torch.empty
 
