@@ -12,7 +12,10 @@
 #                   exit status and seconds
 #
 # Each step has its own time budget and is stopped with SIGINT (pytest then prints its summary; the
-# benchmark keeps the rows it wrote). The budgets add up to TOTAL (9 minutes): with a start of a
+# benchmark keeps the rows it wrote). Each budget is a cap, and every step is also cut at TOTAL
+# (9 minutes): the steps up to the batch-hard/ATL benchmark are guaranteed their caps, the later ones
+# share what the earlier ones left (on the first H200 run, info took 12 s of 45, the CUDA build
+# 14 s, the cross-batch memory benchmark 21 s of 30). With a start of a
 # minute or two this is one call of the 15-minute device budget, so the run is planned as the
 # only one and ordered by what the open issues need most. The compile-only check for sm_90 is not
 # repeated here: benchmarks/compile_sm90.py runs it without a GPU.
@@ -73,8 +76,11 @@ step() {
 }
 FAILED=""
 
-# The plan: budgets (seconds) that add up, with the kill grace of each step, to TOTAL at most.
-B_INFO=45 B_WHEELS=15 B_BUILD=75 B_TESTS=105 B_TRIPLET=80 B_XBM=30 B_KNN=50 B_PAIRWISE=35 B_DINO=30 B_FP32=30
+# The plan: caps (seconds) in priority order. The first five, with their kill grace, fit in TOTAL;
+# the rest run in whatever time is left. Tests: 635 on 16 workers; the first H200 run compiled
+# for about 0.4 s of worker time per test.
+B_INFO=45 B_WHEELS=15 B_BUILD=40 B_TESTS=200 B_TRIPLET=80
+B_XBM=30 B_KNN=70 B_PAIRWISE=50 B_DINO=40 B_FP32=30
 # A follow-up call inside the same device budget: ONLY="build tests" runs those steps alone (info
 # always runs), and B_<STEP>_SET (seconds) replaces that step's budget; TOTAL_SET the total.
 for b in B_INFO B_WHEELS B_BUILD B_TESTS B_TRIPLET B_XBM B_KNN B_PAIRWISE B_DINO B_FP32; do
@@ -82,13 +88,13 @@ for b in B_INFO B_WHEELS B_BUILD B_TESTS B_TRIPLET B_XBM B_KNN B_PAIRWISE B_DINO
   if [ -n "${!over:-}" ]; then printf -v "$b" '%s' "${!over}"; fi
 done
 ONLY="${ONLY:-}"
-planned=$(( B_INFO + B_WHEELS + B_BUILD + B_TESTS + B_TRIPLET + B_XBM + B_KNN + B_PAIRWISE + B_DINO + B_FP32
-            + 10 * GRACE ))
+planned=$(( B_INFO + B_WHEELS + B_BUILD + B_TESTS + B_TRIPLET + 5 * GRACE ))
+capped=$(( planned + B_XBM + B_KNN + B_PAIRWISE + B_DINO + B_FP32 + 5 * GRACE ))
 if [ "$planned" -gt "$TOTAL" ]; then
-  echo "gpu_session.sh: step budgets ($planned s) exceed the session ($TOTAL s)" >&2
+  echo "gpu_session.sh: the guaranteed steps' budgets ($planned s) exceed the session ($TOTAL s)" >&2
   exit 2
 fi
-echo "plan: $planned s of $TOTAL s; dry run: $DRY; out: $OUT" | tee -a "$OUT/session.txt"
+echo "plan: $planned s of $TOTAL s guaranteed, $capped s of caps; dry run: $DRY; out: $OUT" | tee -a "$OUT/session.txt"
 
 # Kernel tests that exist today (a missing path is an error here, not a silent skip).
 TESTS=(tests/ops/test_pairwise_distance.py tests/ops/test_knn.py tests/ops/test_triplet_mining.py
@@ -112,7 +118,7 @@ if [ "$DRY" = 1 ]; then
   BENCH_FP32=(--ops pairwise --sizes 64 "${SMALL[@]}")
 else
   BUILD=(-c 'from torchfg.ops import _cuda_extension as ext; ext.load(verbose=True); print(ext.status())')
-  PYTEST_ARGS=(--maxfail=60 -n "${TEST_WORKERS:-8}" --tb=short)
+  PYTEST_ARGS=(--maxfail=60 -n "${TEST_WORKERS:-16}" --tb=short)
   # Issue 14: forward+backward against the x @ x.T floor and PML, launches and peak memory per step.
   BENCH_TRIPLET=(--ops triplet,atl --sizes 8192,32768 --dim 512 --launches)
   # Issue 14: a batch of 4096 mined against 65,536 and 1,048,576 rows (target: under 20 ms at 1M);

@@ -36,7 +36,7 @@ def test_gpu_session_dry_run(tmp_path: Path) -> None:
 
     session = (tmp_path / "session.txt").read_text()
     planned = int(re.search(r"plan: (\d+) s of (\d+) s", session).group(1))
-    assert planned <= 540, session
+    assert planned <= 540 and "guaranteed" in session, session
     steps = ("info", "build", "tests", "bench_triplet", "bench_xbm", "bench_knn", "bench_pairwise", "bench_dino",
              "bench_fp32")
     for step in steps:
@@ -57,6 +57,9 @@ def test_gpu_session_budgets_fit_in_nine_minutes() -> None:
     grace = int(re.search(r"^GRACE=(\d+)", text, re.M).group(1))
     total = int(re.search(r"^TOTAL=(\d+)", text, re.M).group(1))
     # 9 minutes of steps + a start of 1-2 minutes + transfers: one call of the 15-minute device budget.
-    assert sum(map(int, budgets.values())) + len(budgets) * grace <= total <= 540
+    # The steps up to the batch-hard/ATL benchmark are guaranteed their caps; the later ones share the rest.
+    guaranteed = ["B_INFO", "B_WHEELS", "B_BUILD", "B_TESTS", "B_TRIPLET"]
+    assert set(guaranteed) < set(budgets), budgets
+    assert sum(int(budgets[b]) for b in guaranteed) + len(guaranteed) * grace <= total <= 540
     # pytest is interrupted with SIGINT (it prints its summary) and never stops at the first failure.
     assert "timeout -s INT" in text and "--maxfail=" in text and " -x " not in text
