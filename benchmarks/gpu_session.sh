@@ -6,6 +6,7 @@
 #                   ends the run at once, so that a broken box costs seconds, not the budget)
 #   build.txt       the csrc/ CUDA extension JIT-built once, before the tests and benchmarks load it
 #   tests.txt       the kernel tests on CUDA, 8 pytest-xdist workers (summary even on a timeout)
+#   kernels.csv     batch-hard, ATL and cross-batch memory: each GPU kernel's time per step
 #   bench.csv       one row appended and flushed per measurement, in the order of the issues'
 #                   targets: batch-hard and ATL (bf16), cross-batch memory, k-NN (k = 10, 100),
 #                   pairwise, DINO, then fp32; bench_*.txt: the tables; session.txt: each step's
@@ -110,8 +111,8 @@ if [ "$DRY" = 1 ]; then
   BUILD=(-c 'from torchfg.ops import _cuda_extension as ext; print(ext.status())')
   PYTEST_ARGS=(--collect-only)
   SMALL=(--device cpu --dim 16 --repeat 1 --warmup 0 --max-seconds 1 --no-isolate --cases 'torchfg[torch]')
-  BENCH_TRIPLET=(--ops triplet,atl --sizes 64 "${SMALL[@]}" --launches)
-  BENCH_XBM=(--ops xbm --sizes 64 "${SMALL[@]}" --launches)
+  BENCH_TRIPLET=(--ops triplet,atl --sizes 64 "${SMALL[@]}" --launches --kernel-times "$OUT/kernels.csv")
+  BENCH_XBM=(--ops xbm --sizes 64 "${SMALL[@]}" --launches --kernel-times "$OUT/kernels.csv")
   BENCH_KNN=(--ops knn --sizes 64 "${SMALL[@]}")
   BENCH_PAIRWISE=(--ops pairwise --sizes 64 "${SMALL[@]}")
   BENCH_DINO=(--ops dino --sizes 64 "${SMALL[@]}")
@@ -119,11 +120,13 @@ if [ "$DRY" = 1 ]; then
 else
   BUILD=(-c 'from torchfg.ops import _cuda_extension as ext; ext.load(verbose=True); print(ext.status())')
   PYTEST_ARGS=(--maxfail=60 -n "${TEST_WORKERS:-16}" --tb=short)
-  # Issue 14: forward+backward against the x @ x.T floor and PML, launches and peak memory per step.
-  BENCH_TRIPLET=(--ops triplet,atl --sizes 8192,32768 --dim 512 --launches)
+  # Issue 14: forward+backward against the x @ x.T floor and PML, launches and peak memory per step,
+  # and each kernel's device time per step (kernels.csv: is it the mining or the loss kernels?).
+  BENCH_TRIPLET=(--ops triplet,atl --sizes 8192,32768 --dim 512 --launches --kernel-times "$OUT/kernels.csv")
   # Issue 14: a batch of 4096 mined against 65,536 and 1,048,576 rows (target: under 20 ms at 1M);
   # PML's B x M matrices would not fit the budget.
-  BENCH_XBM=(--ops xbm --sizes 65536,1048576 --dim 512 --cases 'torchfg[triton]' --launches)
+  BENCH_XBM=(--ops xbm --sizes 65536,1048576 --dim 512 --cases 'torchfg[triton]' --launches
+             --kernel-times "$OUT/kernels.csv")
   # Issue 15: N = Q = G = 32768 against mm + top-k (faiss is timed on the CPU machine).
   BENCH_KNN=(--ops knn --sizes 32768 --dim 512 --cases 'torchfg[torch],torchfg[triton],torchfg[cuda],torch.cdist+topk')
   BENCH_PAIRWISE=(--ops pairwise --sizes 8192,32768 --dim 512)
@@ -132,6 +135,7 @@ else
 fi
 
 export MAX_JOBS=16          # the CUDA extension's ninja build
+export TRITON_PRINT_AUTOTUNING=1   # each autotuned key's chosen config and tuning time, in the logs
 step info "$B_INFO" "$LOGS/info.txt" bash -c \
   "nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv 2>&1 || echo 'no nvidia-smi';
    $PY -c 'import sys, torch, triton; print(sys.version.split()[0], \"torch\", torch.__version__, \"triton\", triton.__version__, \"cuda\", torch.cuda.is_available())' &&

@@ -218,6 +218,36 @@ def test_launches_are_counted_per_step():
     assert float(result.csv_row()["tensor_peak_mib"]) == pytest.approx(result.tensor_peak_bytes / 2**20, abs=0.01)
 
 
+def test_kernel_times_break_a_step_down_by_kernel(tmp_path, capsys):
+    from torchfg.bench.profile import kernel_times
+
+    # The profile of a known step: 3 matrix products per step (forward, two backward), the
+    # largest cost of a 96 x 512 @ 512 x 96 product and its backward.
+    x = torch.randn(96, 512, requires_grad=True)
+    kernels = kernel_times(lambda: (x @ x.T).sum().backward(), torch.device("cpu"), steps=4)
+    by_name = {k.name: k for k in kernels}
+    assert by_name["aten::mm"].calls == 3 and by_name["aten::mm"].ms > 0
+    assert [k.ms for k in kernels] == sorted((k.ms for k in kernels), reverse=True)
+
+    # Through the CLI: one CSV row per kernel of each profiled case, next to the usual CSV.
+    path = tmp_path / "kernels.csv"
+    argv = ["bench", "--ops", "triplet", "--sizes", "24", "--dim", "8", "--repeat", "1", "--warmup", "0",
+            "--device", "cpu", "--cases", "torchfg[torch],torch.cdist+masks", "--no-progress"]
+    assert main(argv + ["--kernel-times", str(path)]) == 0
+    rows = list(csv.DictReader(path.open()))
+    assert {r["case"] for r in rows} == {"torchfg[torch]", "torch.cdist+masks"}
+    for case in ("torchfg[torch]", "torch.cdist+masks"):
+        mine = [r for r in rows if r["case"] == case]
+        assert 0 < len(mine) <= 12 and all(r["kernel"].startswith("aten::") for r in mine)
+        assert all(float(r["ms_per_step"]) >= 0 and float(r["calls_per_step"]) > 0 for r in mine)
+        assert sum(float(r["share"]) for r in mine) == pytest.approx(1.0, abs=0.01)
+        assert float(mine[0]["step_ms"]) > 0 and mine[0]["n"] == "24" and mine[0]["op"] == "triplet"
+    # A fresh process per measurement cannot hand its profile back: said, not silently empty.
+    capsys.readouterr()
+    assert main(argv + ["--isolate", "--kernel-times", str(tmp_path / "none.csv")]) == 0
+    assert "--kernel-times" in capsys.readouterr().err and not (tmp_path / "none.csv").exists()
+
+
 def test_isolated_limits_become_error_rows():
     """Over the time or memory limit, a case is a row whose status says why (the run goes on)."""
     results = run_benchmarks(["pairwise"], sizes=[12000], dim=4, device="cpu", repeat=1, warmup=0,

@@ -46,6 +46,8 @@ def test_gpu_session_dry_run(tmp_path: Path) -> None:
     rows = list(csv.DictReader((tmp_path / "bench.csv").open()))
     assert {(r["op"], r["dtype"]) for r in rows} >= {
         (op, "bfloat16") for op in ("triplet", "atl", "xbm", "knn", "pairwise", "dino")} | {("pairwise", "float32")}
+    kernels = list(csv.DictReader((tmp_path / "kernels.csv").open()))
+    assert {r["op"] for r in kernels} >= {"triplet", "atl", "xbm"}, kernels[:3]
     knn_params = " ".join(r["params"] for r in rows if r["op"] == "knn")
     assert "k=10" in knn_params and "k=100" in knn_params, knn_params
     assert all(r["status"] == "ok" for r in rows), rows

@@ -8,7 +8,9 @@ import sys
 
 import torch
 
-from torchfg.bench.core import OP_NAMES, default_dtype, parse_dtype, parse_param, resolve_device, run_benchmarks
+from torchfg.bench.core import (
+    OP_NAMES, default_dtype, kernel_time_rows, parse_dtype, parse_param, resolve_device, run_benchmarks,
+)
 
 __all__ = ["add_arguments", "run", "check_csv_format"]
 
@@ -111,6 +113,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma list of case names to run (default: all), e.g. 'torchfg[torch],pml.BatchHard'")
     parser.add_argument("--param", type=_param, action="append", default=[], metavar="NAME=VALUE",
                         help="an op parameter, e.g. k=100 (knn), n_crops=6 (dino), batch=4096 (xbm); repeatable")
+    parser.add_argument("--kernel-times", metavar="PATH",
+                        help="also profile 3 steps of each case and append its largest kernels' times per step "
+                             "to this CSV (GPU kernels on CUDA, ATen ops' CPU time on a CPU; not with --isolate)")
     parser.add_argument("--launches", action="store_true",
                         help="also count each case's kernel launches per step and the peak bytes of its tensors "
                              "alive at once (one extra profiled step)")
@@ -148,6 +153,9 @@ def run(args: argparse.Namespace) -> int:
         if why:
             print(f"torchfg bench: --csv: {why}", file=sys.stderr)
             return 2
+    if args.kernel_times and args.isolate:
+        print("torchfg bench: --kernel-times profiles in this process; with --isolate it is ignored", file=sys.stderr)
+        args.kernel_times = None
     if (args.case_timeout or args.memory_limit_gib) and not args.isolate:
         # Only a separate process can be stopped or bounded; say so rather than fail a preset run.
         print("torchfg bench: --case-timeout and --memory-limit-gib apply with --isolate only; ignored",
@@ -173,6 +181,8 @@ def run(args: argparse.Namespace) -> int:
         if args.csv and is_csv_row(result):
             append_csv(args.csv, [result.csv_row()])
             written.append(result)
+        if args.kernel_times and result.kernel_times:
+            append_csv(args.kernel_times, kernel_time_rows(result))
 
     results = []
     for dtype in dtypes:
@@ -194,6 +204,7 @@ def run(args: argparse.Namespace) -> int:
                 cases=args.cases,
                 params=dict(args.param),
                 launches=args.launches,
+                kernel_times=bool(args.kernel_times),
                 case_timeout=args.case_timeout,
                 memory_limit_bytes=int(args.memory_limit_gib * 2**30) if args.memory_limit_gib else None,
             )

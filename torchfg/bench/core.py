@@ -224,6 +224,7 @@ class Result:
     launches: int | None = None
     tensor_peak_bytes: int | None = None
     size: int = 0
+    kernel_times: list | None = None  # not a CSV column: ``torchfg bench --kernel-times`` writes its own file
 
     @property
     def tflops(self) -> float | None:
@@ -364,6 +365,7 @@ class CaseRun:
     floor_ms: float | None = None
     launches: int | None = None
     tensor_peak_bytes: int | None = None
+    kernel_times: list | None = None  # torchfg.bench.profile.KernelTime, with kernel_times=True
 
 
 def measure_case(
@@ -375,6 +377,7 @@ def measure_case(
     repeat: int,
     max_seconds: float | None,
     launches: bool = False,
+    kernel_times: bool = False,
 ) -> CaseRun:
     """Set up ``case`` on ``problem`` and time it (after warming its libraries on a tiny problem).
 
@@ -392,6 +395,13 @@ def measure_case(
 
             profile = profile_step(fn)
             run.launches, run.tensor_peak_bytes = profile.launches, profile.peak_live_bytes
+        if kernel_times and case.countable:
+            from torchfg.bench.profile import kernel_times as profile_kernels
+
+            try:
+                run.kernel_times = profile_kernels(fn, problem.device)
+            except RuntimeError as exc:  # a profiler that cannot start (no CUPTI) must not cost the timing
+                print(f"torchfg bench: no kernel times for {case.name}: {exc}".splitlines()[0], file=sys.stderr)
         return run
     finally:
         del fn
@@ -427,13 +437,15 @@ def measure_case_and_floor(
     repeat: int,
     max_seconds: float | None,
     launches: bool = False,
+    kernel_times: bool = False,
 ) -> CaseRun:
     """:func:`measure_case`, then the floor right after it in the same process.
 
     The floor is timed next to every case rather than once per size: on a shared machine the
     load drifts, and the ratio of two times taken minutes apart would measure the drift.
     """
-    run = measure_case(op, case, problem, warmup=warmup, repeat=repeat, max_seconds=max_seconds, launches=launches)
+    run = measure_case(op, case, problem, warmup=warmup, repeat=repeat, max_seconds=max_seconds, launches=launches,
+                       kernel_times=kernel_times)
     run.floor_ms = measure_floor(op, problem, warmup=warmup, repeat=repeat, max_seconds=max_seconds)
     return run
 
@@ -551,6 +563,7 @@ def run_benchmarks(
     launches: bool = False,
     case_timeout: float | None = None,
     memory_limit_bytes: int | None = None,
+    kernel_times: bool = False,
 ) -> list[Result]:
     """Measure every case of every op at every size.
 
@@ -571,6 +584,8 @@ def run_benchmarks(
         cases: only the cases with these names (each must name a case of one of ``ops``).
         params: op parameters, e.g. ``{"k": 100}`` (each must be declared by one of ``ops``).
         launches: also count each case's kernel launches per step (one extra profiled step).
+        kernel_times: also profile a few steps of each case and keep its kernels' times per step in
+            ``Result.kernel_times`` (:func:`torchfg.bench.profile.kernel_times`; not with ``isolate``).
         case_timeout: seconds one isolated measurement may take (needs ``isolate``).
         memory_limit_bytes: memory one isolated measurement may allocate (needs ``isolate``).
 
@@ -638,7 +653,8 @@ def run_benchmarks(
             for case in selected:
                 plan.append((op, problem, case, ""))
 
-    limits = {"launches": launches, "case_timeout": case_timeout, "memory_limit_bytes": memory_limit_bytes}
+    limits = {"launches": launches, "kernel_times": kernel_times, "case_timeout": case_timeout,
+              "memory_limit_bytes": memory_limit_bytes}
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -674,6 +690,7 @@ def _run_one(
     isolate: bool,
     *,
     launches: bool = False,
+    kernel_times: bool = False,
     case_timeout: float | None = None,
     memory_limit_bytes: int | None = None,
 ) -> Result:
@@ -705,6 +722,8 @@ def _run_one(
     kwargs: dict[str, Any] = {"warmup": warmup, "repeat": repeat, "max_seconds": max_seconds, "launches": launches}
     if isolate:
         kwargs.update(timeout=case_timeout, memory_limit_bytes=memory_limit_bytes)
+    else:  # the kernel breakdown is an in-process profile (GPU runs are not isolated)
+        kwargs.update(kernel_times=kernel_times)
     run = _measure_isolated if isolate else measure_case_and_floor
     try:
         outcome = run(op, case, problem, **kwargs)
@@ -716,9 +735,22 @@ def _run_one(
         return result
     result.measurement, result.floor_ms = outcome.measurement, outcome.floor_ms
     result.launches, result.tensor_peak_bytes = outcome.launches, outcome.tensor_peak_bytes
+    result.kernel_times = outcome.kernel_times
     result.flops = op.flops(problem)
     result.floor = op.floor_label(problem)
     return result
+
+
+def kernel_time_rows(result: Result) -> list[dict[str, Any]]:
+    """The ``--kernel-times`` CSV rows of one result: its environment and case, then one row per
+    kernel with its calls and milliseconds per step and its share of the profiled kernels' time."""
+    kernels = result.kernel_times or []
+    total = sum(k.ms for k in kernels) or 1.0
+    case = {**result.env, "op": result.op, "case": result.case, "n": result.n, "m": result.m, "d": result.d,
+            "dtype": result.dtype, "params": result.params,
+            "step_ms": "" if result.measurement is None else f"{result.measurement.median_ms:.5g}"}
+    return [{**case, "kernel": k.name, "calls_per_step": f"{k.calls:g}", "ms_per_step": f"{k.ms:.5g}",
+             "share": f"{k.ms / total:.3f}"} for k in kernels]
 
 
 def measurement_to_json(m: Measurement) -> dict[str, Any]:

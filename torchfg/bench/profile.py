@@ -1,4 +1,5 @@
-"""What one step launches and allocates: :func:`profile_step` (``torchfg bench --launches``).
+"""What one step launches and allocates: :func:`profile_step` (``torchfg bench --launches``), and
+where its time goes: :func:`kernel_times` (``torchfg bench --kernel-times``).
 
 Triton launches are counted at the launcher, ATen ops that launch a kernel on a GPU through a
 ``TorchDispatchMode`` (views, empty allocations and metadata ops excluded; the inside of torchfg's
@@ -18,7 +19,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["StepProfile", "profile_step"]
+__all__ = ["KernelTime", "StepProfile", "kernel_times", "profile_step"]
 
 # ATen ops that launch no kernel: allocation without initialisation, metadata, aliasing.
 _NO_KERNEL = {
@@ -156,3 +157,55 @@ def profile_step(step: Callable[[], Any]) -> StepProfile:
     with _count_triton(recorder), recorder:
         step()
     return profile
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelTime:
+    """One kernel's share of a step: ``calls`` and ``ms`` are per step (averaged over the profiled steps)."""
+
+    name: str
+    calls: float
+    ms: float
+
+
+def kernel_times(step: Callable[[], Any], device: torch.device, *, steps: int = 3, top: int = 12) -> list[KernelTime]:
+    """Where the time of ``step()`` goes, kernel by kernel: the ``top`` largest, by time per step.
+
+    On a CUDA device, each GPU kernel's device time from the profiler's CUDA activity (Triton
+    kernels under their function names, ATen's under theirs, copies and fills included): what
+    a step's wall time cannot say, e.g. whether the mining or the loss kernels dominate. On a
+    CPU, each ATen op's self CPU time (Triton's interpreter runs in no ATen op, so it is not
+    charged). ``step()`` runs once first, unprofiled, so that compiling and autotuning stay out.
+
+    Example:
+        >>> x = torch.randn(512, 256)
+        >>> [k.name for k in kernel_times(lambda: x @ x.T, torch.device("cpu"))][:1]
+        ['aten::mm']
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    step()
+    if cuda:
+        torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize(device)
+    totals: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0])
+    for event in prof.events():
+        if cuda:
+            if event.device_type != DeviceType.CUDA:
+                continue
+            us = event.time_range.elapsed_us()
+        else:
+            if event.device_type != DeviceType.CPU or not event.name.startswith("aten::"):
+                continue
+            us = event.self_cpu_time_total
+        total = totals[event.name]
+        total[0] += 1
+        total[1] += us
+    found = [KernelTime(name, calls / steps, us / steps / 1000.0) for name, (calls, us) in totals.items()]
+    return sorted(found, key=lambda k: -k.ms)[:top]
