@@ -184,7 +184,7 @@ def test_triton_matches_reference_on_drawn_shapes(n_crops, n_global_pick, batch,
     torch.testing.assert_close(loss, ref_loss, rtol=2e-5, atol=2e-5)
     torch.testing.assert_close(s_lse, ref_s_lse, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(t_lse, ref_t_lse, rtol=1e-5, atol=1e-5)
-    upstream = torch.tensor(1.7)
+    upstream = torch.tensor(1.7, device=TEST_DEVICE)
     grad = dino_loss_backward_triton(upstream, *args[:3], ref_s_lse, ref_t_lse, *args[3:], block_k=block_k)
     ref_grad = dino_loss_backward_reference(upstream, *args[:3], ref_s_lse, ref_t_lse, *args[3:])
     assert_grad_close(grad, ref_grad, torch.float32, rounding_floor(*args, upstream=1.7))

@@ -34,6 +34,15 @@ def poisoned(monkeypatch):
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
 
 
+@pytest.fixture
+def small_splits(monkeypatch):
+    """32 candidates per mining split on a GPU too, as the interpreter's tiles have: the sizes below
+    then merge several splits' bests on both (a GPU's default splits are 512 candidates or more)."""
+    import torchfg.ops.triplet.triton as mining
+
+    monkeypatch.setattr(mining, "_default_candidates_per_split", lambda n, m, device: 32)
+
+
 def _problem(n, m, d, dtype, *, seed, classes=5, text=0, separate=False, int32=False):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d, generator=g, dtype=torch.float64).to(dtype)
@@ -73,7 +82,7 @@ CASES = list(itertools.product(METRICS, REDUCTIONS))
 @requires_triton
 @pytest.mark.parametrize("metric,reduction", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_batch_hard_matches_reference(metric, reduction, dtype, poisoned):
+def test_batch_hard_matches_reference(metric, reduction, dtype, poisoned, small_splits):
     # 41 anchors: 6 programs, the last one partial; 41 candidates: two mining splits to merge.
     problem = _problem(41, 41, 21, dtype, seed=hash((metric, reduction)) % 1000)
     kwargs = dict(metric=metric, base_margin=0.3, exclude_self=True, reduction=reduction, smooth=reduction == "sum")
@@ -94,7 +103,7 @@ def test_adaptive_margins_match_reference(metric, threshold, poisoned):
 @pytest.mark.parametrize("exclude_self,offset", [(False, 0), (True, 4), (True, 40)])
 @pytest.mark.parametrize("candidate_grad", [True, False])
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
-def test_separate_candidates(exclude_self, offset, candidate_grad, metric, poisoned):
+def test_separate_candidates(exclude_self, offset, candidate_grad, metric, poisoned, small_splits):
     # A memory-like candidate set of 45 rows (two splits), with or without its own gradient;
     # with exclude_self, anchor i is candidate (offset + i) % 45 (from 40: a batch that wraps
     # around the end of a ring memory).
@@ -114,7 +123,7 @@ def test_separate_candidates(exclude_self, offset, candidate_grad, metric, poiso
 @requires_triton
 @pytest.mark.parametrize("n", [1, 7, 16, 33])
 @pytest.mark.parametrize("int32", [False, True])
-def test_sizes_splits_and_label_widths(n, int32, poisoned):
+def test_sizes_splits_and_label_widths(n, int32, poisoned, small_splits):
     # 1 to 33 anchors: one partial program up to five; up to 32 candidates a single mining split
     # (no merge in the forward), 33 two. int64 labels take the mining's second (wide) pass.
     problem = _problem(n, n, 35, torch.float32, seed=n, classes=3, int32=int32)

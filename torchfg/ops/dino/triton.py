@@ -398,7 +398,8 @@ def dino_loss_backward_triton(
     config = launch_config(n_crops, n_global)
     if block_k:
         config = config._replace(block_k=block_k)
-    coef = grad_loss.to(acc).reshape(1) / (n_pairs(n_crops, n_global) * batch * student_temp)
+    # On the kernel's device whatever the caller passed (a CPU scalar upstream gradient too).
+    coef = grad_loss.to(device=device, dtype=acc).reshape(1) / (n_pairs(n_crops, n_global) * batch * student_temp)
     scalars = torch.cat(
         [torch.tensor([1.0 / student_temp, 1.0 / teacher_temp], dtype=acc, device=device), coef]
     )
