@@ -21,7 +21,10 @@
 # only one and ordered by what the open issues need most. The compile-only check for sm_90 is not
 # repeated here: benchmarks/compile_sm90.py runs it without a GPU.
 #
-#   run(command="bash benchmarks/gpu_session.sh", carry=["wheels"], timeout_s=590)
+#   run(command="TORCHFG_BENCH_COMMIT=<git rev-parse --short HEAD here> bash benchmarks/gpu_session.sh",
+#       carry=["wheels"], timeout_s=590)
+#
+# (the device copy's git history is the last landed commit's, not the tree's: name the commit)
 #
 # Baselines: pytorch-metric-learning is not on the box. Carry its wheel (faiss is timed on the
 # CPU machine, where the issue's faiss target lives):

@@ -218,6 +218,15 @@ def test_launches_are_counted_per_step():
     assert float(result.csv_row()["tensor_peak_mib"]) == pytest.approx(result.tensor_peak_bytes / 2**20, abs=0.01)
 
 
+def test_commit_column_can_be_given(monkeypatch):
+    from torchfg.bench.measure import environment_fields
+
+    monkeypatch.setenv("TORCHFG_BENCH_COMMIT", "abc1234")
+    assert environment_fields("cpu")["commit"] == "abc1234"
+    monkeypatch.setenv("TORCHFG_BENCH_COMMIT", "")
+    assert environment_fields("cpu")["commit"] not in ("", "abc1234")
+
+
 def test_kernel_times_break_a_step_down_by_kernel(tmp_path, capsys):
     from torchfg.bench.profile import kernel_times
 

@@ -215,8 +215,13 @@ def _git_commit() -> str:
     """Short commit of the checkout, with ``+dirty`` when the measured code differs from it.
 
     The measured code is the package and the CUDA sources (changed or untracked files there);
-    unrelated files of the checkout (notebooks, results) do not count.
+    unrelated files of the checkout (notebooks, results) do not count. ``TORCHFG_BENCH_COMMIT``
+    overrides it, for a copy of the tree whose git history is not the code's (the device
+    machines here ship the working tree over the last landed commit's history).
     """
+    override = os.environ.get("TORCHFG_BENCH_COMMIT", "").strip()
+    if override:
+        return override
     try:
         commit = _git("rev-parse", "--short", "HEAD")
         if not commit:
