@@ -178,11 +178,10 @@ bench bench_pairwise "$B_PAIRWISE" bf16 "${BENCH_PAIRWISE[@]}"
 bench bench_dino "$B_DINO" bf16 "${BENCH_DINO[@]}"
 bench bench_fp32 "$B_FP32" fp32 "${BENCH_FP32[@]}"
 
+# Last, so that the reply's tail holds them: the failed tests, one line each.
+failed_tests=$(grep -E "^(FAILED|ERROR) " "$LOGS/tests.txt" 2>/dev/null | cut -c1-220 | head -80)
 cp "$OUT/session.txt" "$LOGS/"
 tar czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$LOGS"
-# Last, so that the reply's tail holds them: the failed tests, one line each.
-if [ -f "$OUT/logs.tgz" ]; then
-  tar xzOf "$OUT/logs.tgz" logs/tests.txt 2>/dev/null | grep -E "^(FAILED|ERROR) " | cut -c1-220 | head -80
-fi
+[ -n "$failed_tests" ] && echo "$failed_tests"
 echo "total: $(( SECONDS - START ))s; failed steps:${FAILED:- none}" | tee -a "$OUT/session.txt"
 [ -z "$FAILED" ]

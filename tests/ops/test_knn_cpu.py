@@ -75,6 +75,14 @@ def assert_identical(compiled, pure, context) -> None:
                        pure[0].view(torch.int32 if pure[0].dtype == torch.float32 else torch.int16)), context
 
 
+def assert_same_final_search(compiled, pure, integers: bool, metric: str, context) -> None:
+    """After the exact recomputation: bit for bit on integer data, which sums exactly in any order
+    (but cosine, whose unit rows do not, and euclidean, since torch's CPU sqrt is not IEEE: cpu.py);
+    else the same neighbours with distances equal up to rounding (:func:`assert_same_search`)."""
+    exact = integers and metric in ("sqeuclidean", "dot")
+    (assert_identical if exact else assert_same_search)(compiled, pure, context)
+
+
 def assert_sorted_by_distance_then_index(distances, indices, context) -> None:
     d = distances.float()
     step_up = d[:, 1:] > d[:, :-1]
@@ -200,9 +208,7 @@ def test_self_search_equals_the_torch_path(metric, count_offers):
                     context = (integers, tile, exclude, k)
                     assert_identical(*both_selections(x, None, k, metric, exclude, tile), context)
                     compiled, pure = both_paths(x, k=k, metric=metric, exclude_self=exclude, backend="torch", chunk_size=tile)
-                    # Integer data sums exactly in any order (cosine: its unit rows do not; torch's CPU sqrt is not IEEE, cpu.py).
-                    exact = integers and metric in ("sqeuclidean", "dot")
-                    (assert_identical if exact else assert_same_search)(compiled, pure, context)
+                    assert_same_final_search(compiled, pure, integers, metric, context)
     assert count_offers
 
 
@@ -242,9 +248,7 @@ def test_query_gallery_search_equals_the_torch_path(metric, count_offers):
                     context = (integers, chunk, exclude, k)
                     assert_identical(*both_selections(query, gallery, k, metric, exclude, chunk), context)
                     compiled, pure = both_paths(query, gallery, k, metric=metric, exclude_self=exclude, backend="torch", chunk_size=chunk)
-                    # Integer data sums exactly in any order (cosine: its unit rows do not; torch's CPU sqrt is not IEEE, cpu.py).
-                    exact = integers and metric in ("sqeuclidean", "dot")
-                    (assert_identical if exact else assert_same_search)(compiled, pure, context)
+                    assert_same_final_search(compiled, pure, integers, metric, context)
     assert count_offers
 
 

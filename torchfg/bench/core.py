@@ -746,9 +746,9 @@ def kernel_time_rows(result: Result) -> list[dict[str, Any]]:
     kernel with its calls and milliseconds per step and its share of the profiled kernels' time."""
     kernels = result.kernel_times or []
     total = sum(k.ms for k in kernels) or 1.0
-    case = {**result.env, "op": result.op, "case": result.case, "n": result.n, "m": result.m, "d": result.d,
-            "dtype": result.dtype, "params": result.params,
-            "step_ms": "" if result.measurement is None else f"{result.measurement.median_ms:.5g}"}
+    row = result.csv_row()  # the case's columns as the main CSV writes them
+    case = {key: row[key] for key in (*result.env, "op", "case", "n", "m", "d", "dtype", "params")}
+    case["step_ms"] = row["median_ms"]
     return [{**case, "kernel": k.name, "calls_per_step": f"{k.calls:g}", "ms_per_step": f"{k.ms:.5g}",
              "share": f"{k.ms / total:.3f}"} for k in kernels]
 
