@@ -53,8 +53,16 @@ def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
+# Dynamo must not trace the probe: torch 2.11 traces through lru_cache wrappers and refuses
+# importlib.util.find_spec, which broke torch.compile(fullgraph=True) of every op on a GPU box.
+# assume_constant_result runs it eagerly at trace time and folds the answer into the graph.
+@torch.compiler.assume_constant_result
 def _triton_import_status() -> tuple[bool, str]:
+    return _probe_triton_import()
+
+
+@functools.lru_cache(maxsize=None)
+def _probe_triton_import() -> tuple[bool, str]:
     if importlib.util.find_spec("triton") is None:
         return False, "triton is not installed (pip install 'torchfg[triton]')"
     try:

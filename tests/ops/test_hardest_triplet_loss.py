@@ -191,6 +191,25 @@ def test_fp64_matches_brute_force(poisoned):
 
 
 @requires_triton
+def test_margins_reach_the_kernel_at_fp64_precision():
+    # A compiled kernel takes a Python float as fp32; the interpreter keeps fp64, so the fp64 test
+    # above passes here either way: the (hi, lo) split itself is what this checks.
+    import struct
+
+    from torchfg.ops._triton_utils import split_scalar
+
+    def is_fp32(v):
+        return struct.unpack("f", struct.pack("f", v))[0] == v
+
+    for value in (0.4, 0.1, -1e-3, 123.456, 1e-30, 0.0, 2.0**-140):
+        hi, lo = split_scalar(value)
+        assert is_fp32(hi) and is_fp32(lo)
+        assert abs(hi + lo - value) <= 2.0**-46 * abs(value), value
+    assert split_scalar(float("inf")) == (float("inf"), 0.0)
+    assert split_scalar(-1e300) == (float("-inf"), 0.0)  # past fp32: inf in the kernel, as before
+
+
+@requires_triton
 def test_deterministic_mode_sorts_instead_of_linking(poisoned):
     problem = _problem(37, 37, 13, torch.float32, seed=13)
     kwargs = dict(metric="sqeuclidean", base_margin=0.3, exclude_self=True, reduction="mean")

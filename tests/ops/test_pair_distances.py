@@ -103,8 +103,9 @@ def test_anchor_pair_distances_triton_matches_reference(metric, dtype, separate_
     x, y, idx = _random_case(g, n, m, d, k, dtype, separate_y)
     # Duplicate partners (the same row twice for one anchor, and one row for many anchors): the
     # backward's atomics must accumulate every term.
-    idx[1, :] = idx[1, 0]
-    idx[: n // 2, 0] = idx[0, 0]
+    # (Python ints: CUDA refuses a write whose source element is a view of the written tensor.)
+    idx[1, :] = int(idx[1, 0])
+    idx[: n // 2, 0] = int(idx[0, 0])
     weights = torch.randn(n, k, generator=g, dtype=torch.float64).to(TEST_DEVICE)
     inputs = (x,) if y is None else (x, y)
     results = {}

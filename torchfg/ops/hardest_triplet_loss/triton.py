@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from torchfg.backends import triton_interpreter_enabled
+from torchfg.ops._triton_utils import split_scalar
 from torchfg.ops.metric import metric_code
 from torchfg.ops.pair_distances.triton import _acc_dtype, finish_pair_distance, pair_distance_gradient
 from torchfg.ops.triplet.triton import merge_split_bests, rows_aligned
@@ -80,7 +81,7 @@ def _hardest_triplet_fwd_kernel(
     pairs_ptr, terms_ptr, loss_ptr, partial_ptr, count_ptr, links_ptr,
     N, M, D, T, SPLITS,
     stride_xn, stride_xd, stride_yn, stride_yd, stride_atn, stride_atd, stride_ctn, stride_ctd,
-    base_margin, margin_scale,
+    base_margin_hi, base_margin_lo, margin_scale_hi, margin_scale_lo,
     METRIC: tl.constexpr, MARGIN_AWARE: tl.constexpr, SMOOTH: tl.constexpr, REDUCTION: tl.constexpr,
     MERGE: tl.constexpr, LINK: tl.constexpr, ACC_DTYPE: tl.constexpr, TEXT_ACC_DTYPE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -133,6 +134,8 @@ def _hardest_triplet_fwd_kernel(
     d_ap = finish_pair_distance(first_p, a_sq, p_sq, METRIC)
     d_an = finish_pair_distance(first_n, a_sq, n_sq, METRIC)
 
+    # The margins arrive as fp32 (hi, lo) pairs: one fp32 argument would round an fp64 loss.
+    base_margin = tl.cast(base_margin_hi, ACC_DTYPE) + tl.cast(base_margin_lo, ACC_DTYPE)
     violation = d_ap - d_an + base_margin
     if MARGIN_AWARE:
         # ATL: margin = base + scale * (1 - cos(text_a, text_n)) / 2, in the text's accumulation dtype.
@@ -151,6 +154,7 @@ def _hardest_triplet_fwd_kernel(
             ta_sq += tl.sum(ta * ta, axis=1)
             tn_sq += tl.sum(tn * tn, axis=1)
         cos = dot * _inverse_norm(ta_sq) * _inverse_norm(tn_sq)
+        margin_scale = tl.cast(margin_scale_hi, TEXT_ACC_DTYPE) + tl.cast(margin_scale_lo, TEXT_ACC_DTYPE)
         margin = base_margin + margin_scale * (1.0 - cos) * 0.5
         violation = d_ap - d_an + margin.to(ACC_DTYPE)
     if SMOOTH:
@@ -358,7 +362,7 @@ def hardest_triplet_loss_triton(
             pairs, terms, loss, partial, count, links,
             n, m, d, t, bests.splits,
             anchors.stride(0), anchors.stride(1), candidates.stride(0), candidates.stride(1), *text_strides,
-            float(base_margin), float(margin_scale),
+            *split_scalar(base_margin), *split_scalar(margin_scale),
             METRIC=metric_code(metric), MARGIN_AWARE=margin_aware, SMOOTH=smooth,
             REDUCTION=REDUCTION_CODES[reduction], MERGE=bests.splits > 1, LINK=link, ACC_DTYPE=acc_tl,
             TEXT_ACC_DTYPE=tl.float64 if margin_aware and anchor_text.dtype == torch.float64 else tl.float32,
