@@ -334,6 +334,8 @@ def _label(op: str, combo: dict[str, Any]) -> str:
 
 
 def _trace_pairwise(level: str) -> Iterator[tuple[str, Callable[[], Any]]]:
+    import torch
+
     from torchfg.ops.pairwise.triton import pairwise_distance_backward_triton, pairwise_distance_triton
 
     axes = {"dtype": DTYPES, "metric": ("euclidean", "sqeuclidean", "cosine", "dot"),
@@ -347,7 +349,15 @@ def _trace_pairwise(level: str) -> Iterator[tuple[str, Callable[[], Any]]]:
             with _Precision(c["dtype"]):
                 out = pairwise_distance_triton(x, y, c["metric"], c["symmetric"])
                 if c["pass"] == "backward":
-                    pairwise_distance_backward_triton(out.clone().normal_(), x, y, out, c["metric"])
+                    grad = out.clone().normal_()
+                    pairwise_distance_backward_triton(grad, x, y, out, c["metric"])
+                    if x.dtype in (torch.float16, torch.bfloat16):
+                        # 16-bit takes the W + GEMM path; deterministic mode keeps the fused kernel.
+                        torch.use_deterministic_algorithms(True)
+                        try:
+                            pairwise_distance_backward_triton(grad, x, y, out, c["metric"])
+                        finally:
+                            torch.use_deterministic_algorithms(False)
         yield _label("pairwise", c), run
 
 

@@ -335,6 +335,39 @@ def test_exact_recomputation_over_many_blocks(monkeypatch, metric, dtype):
     torch.testing.assert_close(d.double(), full.gather(1, i).to(dtype).double(), atol=TOL[dtype], rtol=0)
 
 
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("metric", METRICS)
+def test_kernel_searches_recompute_with_the_pair_kernel(monkeypatch, metric, dtype):
+    """The Triton search recomputes its k winners with the selected-pair kernel (one launch, not
+    the chunked loop), and the result equals the brute force, zero rows included."""
+    import torchfg.ops.pair_distances.triton as pair_triton
+
+    calls = []
+    real = pair_triton.anchor_pair_distances_triton
+
+    def counted(*args, **kwargs):
+        calls.append(args[3])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pair_triton, "anchor_pair_distances_triton", counted)
+    gen = torch.Generator().manual_seed(6)
+    query = torch.randn(21, 11, generator=gen).to(dtype)
+    gallery = torch.randn(37, 11, generator=gen).to(dtype)
+    query[4] = 0.0
+    gallery[7] = 0.0
+    gallery[12] = query[2]  # a duplicate: distance exactly 0
+    k = 6
+    d, i = knn(query.to(TEST_DEVICE), gallery.to(TEST_DEVICE), k, metric=metric, backend="triton")
+    assert calls == ["sqeuclidean" if metric == "cosine" else metric]
+    d, i = d.cpu(), i.cpu()
+    assert_knn_matches(d, i, query, gallery, k, metric, tol=TOL[dtype])
+    full = brute_force_matrix(query, gallery, metric)
+    torch.testing.assert_close(d.double(), full.gather(1, i).to(dtype).double(), atol=TOL[dtype], rtol=0)
+    if metric != "dot":
+        assert i[2, 0] == 12 and d[2, 0] == 0
+
+
 def test_self_search_puts_each_row_first_at_distance_zero():
     x = torch.randn(45, 6)
     x[3] = 0.0  # cosine: a zero row is at distance 1 from everything, itself included

@@ -13,7 +13,7 @@ from conftest import TEST_DEVICE, backends_to_test, requires_triton
 from torchfg import pairwise_distance
 from torchfg.backends import BackendUnavailableError
 from torchfg.ops.metric import METRICS
-from torchfg.ops.pairwise.reference import pairwise_distance_reference
+from torchfg.ops.pairwise.reference import pairwise_distance_backward_reference, pairwise_distance_reference
 
 # (atol, rtol) per dtype for values of size ~ D.
 TOLERANCES = {
@@ -430,3 +430,44 @@ def test_autotune_prune_drops_the_configs_that_spill_at_a_ragged_d():
             assert (128, 32, 128, 8) not in kept and (64, 64, 64, 4) in kept and len(kept) == 3
         # Never empty: a D that no config divides keeps at least the smallest accumulator.
         assert prune(configs[:1], {"D": 100})
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_weights_gemm_backward_matches_reference(dtype, monkeypatch):
+    """The 16-bit backward (W in row chunks, then two GEMMs): several chunks, row blocks and
+    column steps, a batch of 2, buffers poisoned; gradients within a few 16-bit roundings of the
+    fp64 reference relative to their scale (a missed chunk or a wrong sum is an O(1) error)."""
+    import torchfg.ops.pairwise.triton as tri
+
+    real_empty = torch.empty
+
+    def poisoned_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    def fused_path(*args, **kwargs):
+        raise AssertionError("the 16-bit backward took the fused kernel")
+
+    monkeypatch.setattr(tri.torch, "empty", poisoned_empty)
+    monkeypatch.setattr(tri, "_backward_one_side", fused_path)
+    g = torch.Generator().manual_seed(zlib.crc32(f"weights-gemm-{dtype}".encode()))
+    n, m, d = 29, 37, 21
+    # 3 chunks of 12, 12 and 5 rows: each a few row blocks of the interpreter's 8-row tiles.
+    monkeypatch.setattr(tri, "WEIGHTS_BLOCK_ELEMENTS", 2 * 12 * m)
+    x = torch.randn(2, n, d, generator=g).to(TEST_DEVICE, dtype)
+    y = torch.randn(2, m, d, generator=g).to(TEST_DEVICE, dtype)
+    y[0, 3] = x[0, 5]  # a zero euclidean distance: W is 0 there
+    x[1, 2] = 0  # a zero row: cosine's scale is 0
+    for metric in METRICS:
+        out = pairwise_distance_reference(x, y, metric)
+        grad = torch.randn(2, n, m, generator=g).to(TEST_DEVICE, dtype)
+        gx, gy = tri.pairwise_distance_backward_triton(grad, x, y, out, metric)
+        # The reference backward in fp64 (its euclidean gradient is 0 at a zero distance).
+        x64, y64 = x.double(), y.double()
+        gx_ref, gy_ref = pairwise_distance_backward_reference(
+            grad.double(), x64, y64, pairwise_distance_reference(x64, y64, metric), metric)
+        for got, want, name in ((gx, gx_ref, "x"), (gy, gy_ref, "y")):
+            assert got.dtype == dtype and got.shape == want.shape and not got.isnan().any()
+            err = (got.double() - want).abs().max() / want.abs().max()
+            assert err < 3e-2, f"{metric} d{name}: relative error {err:.3g}"
