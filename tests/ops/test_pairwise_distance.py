@@ -435,9 +435,9 @@ def test_autotune_prune_drops_the_configs_that_spill_at_a_ragged_d():
 @requires_triton
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_weights_gemm_backward_matches_reference(dtype, monkeypatch):
-    """The 16-bit backward (W in row chunks, then two GEMMs): several chunks, row blocks and
-    column steps, a batch of 2, buffers poisoned; gradients within a few 16-bit roundings of the
-    fp64 reference relative to their scale (a missed chunk or a wrong sum is an O(1) error)."""
+    """The 16-bit backward (W in row chunks, then two GEMMs that also give its sums): several
+    chunks and column blocks, a batch of 2, buffers poisoned; gradients within a few 16-bit
+    roundings of the fp64 reference relative to their scale (a missed chunk or sum is O(1))."""
     import torchfg.ops.pairwise.triton as tri
 
     real_empty = torch.empty
@@ -453,7 +453,7 @@ def test_weights_gemm_backward_matches_reference(dtype, monkeypatch):
     monkeypatch.setattr(tri, "_backward_one_side", fused_path)
     g = torch.Generator().manual_seed(zlib.crc32(f"weights-gemm-{dtype}".encode()))
     n, m, d = 29, 37, 21
-    # 3 chunks of 12, 12 and 5 rows: each a few row blocks of the interpreter's 8-row tiles.
+    # 3 chunks of 12, 12 and 5 rows, each row in 3 column blocks of the interpreter's 16.
     monkeypatch.setattr(tri, "WEIGHTS_BLOCK_ELEMENTS", 2 * 12 * m)
     x = torch.randn(2, n, d, generator=g).to(TEST_DEVICE, dtype)
     y = torch.randn(2, m, d, generator=g).to(TEST_DEVICE, dtype)

@@ -6,10 +6,10 @@ with tl.dot (fp32 accumulation), then applies the metric's epilogue from precomp
 Backward: dL/dx = a * x + W @ (s * y), where the coefficient matrix W is derived from the
 upstream gradient G (and the saved output for ``euclidean``). Two ways:
 
-* fp16/bf16 (the training dtypes): W is computed once, with its row and column sums, by
+* fp16/bf16 (the training dtypes): W is computed once by the element-wise
   :func:`_pairwise_grad_weights_kernel`, in row chunks of at most :data:`WEIGHTS_BLOCK_ELEMENTS`
   (``sqeuclidean`` and ``dot`` use G itself), and the two products ``W @ y`` and ``W^T @ x`` are
-  cuBLAS GEMMs. On the H200 the fused kernel below took 35 ms for both sides at N = M = 32768,
+  cuBLAS GEMMs, which also give W's row and column sums (a ones column appended to y and x). On the H200 the fused kernel below took 35 ms for both sides at N = M = 32768,
   D = 512 (60 TFLOP/s): it derives each W element (a division for ``euclidean``) for only
   BLOCK_D multiply-adds, and again for every D slice and for each side, so its element-wise work
   outweighed the tensor cores about 4 to 1.
@@ -180,51 +180,28 @@ def _pairwise_backward_kernel(
 
 @triton.jit
 def _pairwise_grad_weights_kernel(
-    g_ptr, out_ptr, x_scale_ptr, y_scale_ptr, w_ptr, row_sum_ptr, col_sum_ptr,
-    N, M,
-    stride_gb, stride_gn, stride_gm,
-    stride_ob, stride_on, stride_om,
-    stride_xsb, stride_ysb, stride_rsb,
-    stride_wb, stride_wn, stride_wm,
-    METRIC: tl.constexpr, STORE_W: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    g_ptr, out_ptr, x_scale_ptr, y_scale_ptr, w_ptr,
+    M,
+    stride_gb, stride_gn, stride_ob, stride_on, stride_xsb, stride_ysb, stride_wb, stride_wn,
+    METRIC: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    # W for one block of rows, all columns, from G in fp32:
-    #   sqeuclidean: G (not stored: the GEMMs read G)    euclidean: G / (2 out), 0 where out = 0
-    #   cosine: G * x_scale_i * y_scale_j (inverse norms, both sides' scale folded in)
-    # Row sums stay in registers (one program per row block, deterministic); column sums are
-    # added atomically (fp32), one vector per tile.
-    pid_m = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows64 = rows.to(tl.int64)
-    row_ok = rows < N
-    if METRIC == 2:
-        x_scale = tl.load(x_scale_ptr + b * stride_xsb + rows, mask=row_ok, other=0.0).to(tl.float32)
-    row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for n0 in tl.range(0, M, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        cols64 = cols.to(tl.int64)
-        col_ok = cols < M
-        tile_ok = row_ok[:, None] & col_ok[None, :]
-        # Upcast right after the load: the interpreter mishandles 16-bit arithmetic.
-        w = tl.load(g_ptr + b * stride_gb + rows64[:, None] * stride_gn + cols64[None, :] * stride_gm,
-                    mask=tile_ok, other=0.0).to(tl.float32)
-        if METRIC == 1:
-            dist = tl.load(out_ptr + b * stride_ob + rows64[:, None] * stride_on + cols64[None, :] * stride_om,
-                           mask=tile_ok, other=0.0).to(tl.float32)
-            w = tl.where(dist > 0, w / (2.0 * tl.where(dist > 0, dist, 1.0)), 0.0)
-        if METRIC == 2:
-            y_scale = tl.load(y_scale_ptr + b * stride_ysb + cols, mask=col_ok, other=0.0).to(tl.float32)
-            w = w * x_scale[:, None] * y_scale[None, :]
-        if METRIC <= 1:
-            row_sum += tl.sum(w, axis=1)
-            tl.atomic_add(col_sum_ptr + b * M + cols64, tl.sum(w, axis=0), mask=col_ok, sem="relaxed")
-        if STORE_W:
-            tl.store(w_ptr + b * stride_wb + rows64[:, None] * stride_wn + cols64[None, :] * stride_wm,
-                     w.to(w_ptr.dtype.element_ty), mask=tile_ok)
-    if METRIC <= 1:
-        tl.store(row_sum_ptr + b * stride_rsb + rows64, row_sum, mask=row_ok)
+    # W for BLOCK columns of one row, from G in fp32 (unit column strides):
+    #   euclidean: G / (2 out), 0 where out = 0      cosine: G * x_scale_i * y_scale_j
+    # A plain element-wise map: the row and column sums come out of the GEMMs (a ones column).
+    row = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < M
+    # Upcast right after the load: the interpreter mishandles 16-bit arithmetic.
+    w = tl.load(g_ptr + b * stride_gb + row * stride_gn + cols, mask=ok, other=0.0).to(tl.float32)
+    if METRIC == 1:
+        dist = tl.load(out_ptr + b * stride_ob + row * stride_on + cols, mask=ok, other=0.0).to(tl.float32)
+        w = tl.where(dist > 0, w / (2.0 * tl.where(dist > 0, dist, 1.0)), 0.0)
+    else:
+        x_scale = tl.load(x_scale_ptr + b * stride_xsb + row).to(tl.float32)
+        y_scale = tl.load(y_scale_ptr + b * stride_ysb + cols, mask=ok, other=0.0).to(tl.float32)
+        w = w * x_scale * y_scale
+    tl.store(w_ptr + b * stride_wb + row * stride_wn + cols, w.to(w_ptr.dtype.element_ty), mask=ok)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -446,12 +423,12 @@ def _backward_one_side(
 # Elements of one row chunk of the W matrix of the 16-bit backward (256 MiB in bf16): the extra
 # memory of a backward whose output is larger than this, whatever N x M is.
 WEIGHTS_BLOCK_ELEMENTS = 1 << 27
-# W pass: rows per program, columns per step, warps, stages. ptxas -v for sm_90 (triton 3.9):
-# 32 x 64 at 4 warps keeps bf16 euclidean at 186 registers (2 CTAs per SM) and sqeuclidean at
-# 96 (5), no spills; 64 x 128 at 4 or 8 warps, 32 x 128 and 64 x 64 spilled 40-1192 bytes. Small
-# under the interpreter, so that tests cover several row blocks and column steps.
-_WEIGHTS_TILE = (32, 64, 4, 1)
-_WEIGHTS_TILE_INTERPRETER = (8, 16, 1, 1)
+# Columns per program of the W map (4 warps: 8 per thread, one 16-byte access); small under the
+# interpreter so that tests cover several column blocks.
+_WEIGHTS_BLOCK, _WEIGHTS_BLOCK_INTERPRETER = 1024, 16
+# The GEMM operands gain a ones column (for the sums) padded to a multiple of this many columns:
+# cuBLAS takes the tensor-core path on 16-byte-aligned rows.
+_SUM_COLUMN_PAD = 8
 
 
 def uses_weights_gemm(dtype: torch.dtype) -> bool:
@@ -459,52 +436,65 @@ def uses_weights_gemm(dtype: torch.dtype) -> bool:
     return dtype in (torch.float16, torch.bfloat16) and not torch.are_deterministic_algorithms_enabled()
 
 
+def _with_ones_column(x: torch.Tensor) -> torch.Tensor:
+    """(B, N, D) -> (B, N, D + pad): x, a column of ones (its GEMM output is a row sum), zeros."""
+    B, N, D = x.shape
+    out = torch.zeros(B, N, D + _SUM_COLUMN_PAD, dtype=x.dtype, device=x.device)
+    out[..., :D] = x
+    out[..., D] = 1
+    return out
+
+
 def _backward_weights_gemm(
     grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor, out: torch.Tensor, metric: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dL/dx, dL/dy) of 16-bit inputs: W once (in row chunks), then ``W @ y`` and ``W^T @ x``."""
+    """(dL/dx, dL/dy) of 16-bit inputs: W once (in row chunks), then ``W @ y`` and ``W^T @ x``.
+
+    The row and column sums of W that the Euclidean metrics need come out of the same GEMMs, as
+    the product with a ones column appended to y and x: no atomics and no second pass. They are
+    then the sums of the 16-bit W (fp32 accumulation, rounded to the input dtype), as the products.
+    """
     B, N, D = x.shape
     M = y.shape[1]
-    device = x.device
+    grad = grad.contiguous()
     if metric == "dot":  # W = G, no sums: two GEMMs
         return torch.bmm(grad, y).neg_(), torch.bmm(grad.transpose(1, 2), x).neg_()
-    code = metric_code(metric)
     sums = metric in ("sqeuclidean", "euclidean")
-    store_w = metric in ("euclidean", "cosine")
-    row_sum = torch.empty(B, N, dtype=torch.float32, device=device) if sums else None
-    col_sum = torch.zeros(B, M, dtype=torch.float32, device=device) if sums else None
-    if metric == "cosine":
-        x_scale, y_scale = safe_inverse(row_norms(x)), safe_inverse(row_norms(y))
+    x_op, y_op = (_with_ones_column(x), _with_ones_column(y)) if sums else (x, y)
+    if metric == "sqeuclidean":  # W = G: no map, no chunks
+        wy, wtx = torch.bmm(grad, y_op), torch.bmm(grad.transpose(1, 2), x_op)
     else:
-        x_scale = y_scale = torch.empty(B, 1, dtype=torch.float32, device=device)  # never read
-    block_m, block_n, warps, stages = _WEIGHTS_TILE_INTERPRETER if triton_interpreter_enabled() else _WEIGHTS_TILE
-    # sqeuclidean stores nothing: one pass over all rows for the sums.
-    rows_per_chunk = max(1, min(N, WEIGHTS_BLOCK_ELEMENTS // max(B * M, 1))) if store_w else N
-    w_buffer = torch.empty(B, rows_per_chunk, M, dtype=x.dtype, device=device) if store_w else grad
-    wx_chunks = []
-    wtx = None  # sum over chunks of W_c^T @ x_c (fp32 when there are several chunks)
-    for r0 in range(0, N, rows_per_chunk):
-        r1 = min(N, r0 + rows_per_chunk)
-        g_c = grad[:, r0:r1]
-        w_c = w_buffer[:, : r1 - r0] if store_w else g_c
-        _pairwise_grad_weights_kernel[(triton.cdiv(r1 - r0, block_m), B)](
-            g_c, out[:, r0:r1], x_scale[:, r0:r1] if metric == "cosine" else x_scale, y_scale, w_c,
-            row_sum[:, r0:r1] if sums else x_scale, col_sum if sums else x_scale,
-            r1 - r0, M,
-            *g_c.stride(), out.stride(0), out.stride(1), out.stride(2),
-            x_scale.stride(0), y_scale.stride(0), row_sum.stride(0) if sums else 0, *w_c.stride(),
-            METRIC=code, STORE_W=store_w, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages,
-        )
-        wx_chunks.append(torch.bmm(w_c, y))
-        part = torch.bmm(w_c.transpose(1, 2), x[:, r0:r1])
-        if wtx is None:
-            wtx = part if r1 == N else part.float()
+        out = out.contiguous()
+        if metric == "cosine":
+            x_scale, y_scale = safe_inverse(row_norms(x)), safe_inverse(row_norms(y))
         else:
-            wtx += part
-    wy = wx_chunks[0] if len(wx_chunks) == 1 else torch.cat(wx_chunks, dim=1)
+            x_scale = y_scale = torch.empty(B, 1, dtype=torch.float32, device=x.device)  # never read
+        block = _WEIGHTS_BLOCK_INTERPRETER if triton_interpreter_enabled() else _WEIGHTS_BLOCK
+        rows_per_chunk = max(1, min(N, WEIGHTS_BLOCK_ELEMENTS // max(B * M, 1)))
+        w_buffer = torch.empty(B, rows_per_chunk, M, dtype=x.dtype, device=x.device)
+        wy_chunks = []
+        wtx = None  # sum over chunks of W_c^T @ x_c (fp32 when there are several chunks)
+        for r0 in range(0, N, rows_per_chunk):
+            r1 = min(N, r0 + rows_per_chunk)
+            w_c = w_buffer[:, : r1 - r0]
+            g_c, out_c = grad[:, r0:r1], out[:, r0:r1]
+            x_scale_c = x_scale[:, r0:r1] if metric == "cosine" else x_scale
+            _pairwise_grad_weights_kernel[(r1 - r0, triton.cdiv(M, block), B)](
+                g_c, out_c, x_scale_c, y_scale, w_c, M,
+                g_c.stride(0), g_c.stride(1), out_c.stride(0), out_c.stride(1),
+                x_scale_c.stride(0), y_scale.stride(0), w_c.stride(0), w_c.stride(1),
+                METRIC=metric_code(metric), BLOCK=block, num_warps=4,
+            )
+            wy_chunks.append(torch.bmm(w_c, y_op))
+            part = torch.bmm(w_c.transpose(1, 2), x_op[:, r0:r1])
+            if wtx is None:
+                wtx = part if r1 == N else part.float()
+            else:
+                wtx += part
+        wy = wy_chunks[0] if len(wy_chunks) == 1 else torch.cat(wy_chunks, dim=1)
     if sums:
-        gx = 2.0 * (row_sum.unsqueeze(-1) * x.float() - wy.float())
-        gy = 2.0 * (col_sum.unsqueeze(-1) * y.float() - wtx.float())
+        gx = 2.0 * (wy[..., D:D + 1].float() * x.float() - wy[..., :D].float())
+        gy = 2.0 * (wtx[..., D:D + 1].float() * y.float() - wtx[..., :D].float())
         return gx.to(x.dtype), gy.to(y.dtype)
     # cosine: v = -(W @ y) is dL/dx_hat already divided by |x|; project out the radial part.
     return _project_out_radial(wy.float().neg_(), x), _project_out_radial(wtx.float().neg_(), y)
