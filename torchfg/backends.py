@@ -53,12 +53,16 @@ def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-# Dynamo must not trace the probe: torch 2.11 traces through lru_cache wrappers and refuses
-# importlib.util.find_spec, which broke torch.compile(fullgraph=True) of every op on a GPU box.
-# assume_constant_result runs it eagerly at trace time and folds the answer into the graph.
-@torch.compiler.assume_constant_result
 def _triton_import_status() -> tuple[bool, str]:
     return _probe_triton_import()
+
+
+# Dynamo must not trace the probe: torch 2.11 traces through lru_cache wrappers and refuses
+# importlib.util.find_spec, which broke torch.compile(fullgraph=True) of every op on a GPU box.
+# What torch.compiler.assume_constant_result does (run it eagerly at trace time, fold the answer
+# into the graph), without the decorator's import of torch._dynamo: seconds on a first training
+# step that never compiles (tests/test_step_budget.py guards that). The decorator sets only this.
+_triton_import_status._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 @functools.lru_cache(maxsize=None)
