@@ -352,7 +352,11 @@ def _trace_pairwise(level: str) -> Iterator[tuple[str, Callable[[], Any]]]:
                     grad = out.clone().normal_()
                     pairwise_distance_backward_triton(grad, x, y, out, c["metric"])
                     if x.dtype in (torch.float16, torch.bfloat16):
-                        # 16-bit takes the W + GEMM path; deterministic mode keeps the fused kernel.
+                        # 16-bit takes the W + GEMM path, whose element-wise W map runs for these
+                        # two metrics whatever this combination's; deterministic mode keeps the
+                        # fused kernel.
+                        for metric in ("euclidean", "cosine"):
+                            pairwise_distance_backward_triton(grad, x, y, out, metric)
                         torch.use_deterministic_algorithms(True)
                         try:
                             pairwise_distance_backward_triton(grad, x, y, out, c["metric"])

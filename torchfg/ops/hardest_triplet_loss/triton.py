@@ -12,9 +12,10 @@ backward (two when the candidates are a separate tensor that needs a gradient):
   taken with an atomic add) adds them in program order, so the reduced loss is deterministic
   and no reduction launch follows. Pairs whose slope is not 0 are pushed onto per-partner lists
   (an atomic exchange on the list head), which the backward walks.
-* backward: each program owns ``BLOCK_R`` gradient rows and writes each exactly once, in the
-  input dtype, from an fp32 (fp64) sum in registers: the row's own terms as an anchor, plus the
-  terms of every pair on its partner list. No gradient-sized fp32 buffer, no zero fill, no sort.
+* backward: each program owns ``BLOCK_R`` gradient rows by ``BLOCK_D`` columns and writes each
+  element exactly once, in the input dtype, from an fp32 (fp64) sum in registers: the row's own
+  terms as an anchor, plus the terms of every pair on its partner list. No gradient-sized fp32
+  buffer, no zero fill, no sort.
 
 The scratch (list heads and the ticket, int32, set to -1) is filled by the mining's
 row-statistics pre-pass in the same launch, so a step launches: row statistics, mining (a
@@ -237,7 +238,8 @@ def _hardest_triplet_bwd_kernel(
     METRIC: tl.constexpr, REDUCTION: tl.constexpr, OWN: tl.constexpr, PARTNER: tl.constexpr,
     ACC_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Rows [0, R) of one gradient, each written once, in the gradient's dtype.
+    """Rows [0, R) by columns [d0, d0 + BLOCK_D) of one gradient, each element written once, in
+    the gradient's dtype.
 
     OWN: row j is anchor j of x; add its two pairs' terms (x's gradient). PARTNER: row j is a
     candidate row (of y, which may be x); add the terms of every pair on its list.
@@ -265,42 +267,46 @@ def _hardest_triplet_bwd_kernel(
         row_inv = tl.zeros((BLOCK_R,), dtype=ACC_DTYPE)
         if METRIC == 2:
             row_inv = tl.load(y_inv_ptr + rows64, mask=row_ok, other=0.0).to(ACC_DTYPE)
-    for d0 in tl.range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        # 64-bit: a column-major operand steps columns by N (up to 2**20): col * stride passes 2**31.
-        cols64 = cols.to(tl.int64)[None, :]
-        col_ok = cols[None, :] < D
-        acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=ACC_DTYPE)
-        if OWN:
-            mask = active[:, None] & col_ok
-            # Upcast right after the load: the interpreter mishandles bf16 arithmetic.
-            a = tl.load(x_ptr + rows64[:, None] * stride_xn + cols64 * stride_xd, mask=mask, other=0.0).to(ACC_DTYPE)
-            p = tl.load(y_ptr + pos[:, None] * stride_yn + cols64 * stride_yd, mask=mask, other=0.0).to(ACC_DTYPE)
-            n = tl.load(y_ptr + neg[:, None] * stride_yn + cols64 * stride_yd, mask=mask, other=0.0).to(ACC_DTYPE)
-            acc += pair_distance_gradient(coef, d_ap, a, p, own_inv, pos_inv, METRIC)
-            acc += pair_distance_gradient(-coef, d_an, a, n, own_inv, neg_inv, METRIC)
-        if PARTNER:
-            mask = row_ok[:, None] & col_ok
-            b = tl.load(y_ptr + rows64[:, None] * stride_yn + cols64 * stride_yd, mask=mask, other=0.0).to(ACC_DTYPE)
-            pair = head
-            while tl.max(pair, axis=0) >= 0:
-                listed = pair >= 0
-                pair64 = pair.to(tl.int64)
-                anchor = pair64 // 2
-                role = pair64 - anchor * 2  # 0: this row is the anchor's positive, 1: its negative
-                slope = tl.load(terms_ptr + anchor * 3 + 2, mask=listed, other=0.0)
-                g = slope * _anchor_scale(grad_ptr, count_ptr, anchor, listed, REDUCTION, ACC_DTYPE)
-                g = tl.where(role == 0, g, -g)
-                dist = tl.load(terms_ptr + anchor * 3 + role, mask=listed, other=0.0)
-                a_mask = listed[:, None] & col_ok
-                a = tl.load(x_ptr + anchor[:, None] * stride_xn + cols64 * stride_xd, mask=a_mask, other=0.0)
-                a = a.to(ACC_DTYPE)
-                a_inv = tl.zeros((BLOCK_R,), dtype=ACC_DTYPE)
-                if METRIC == 2:
-                    a_inv = tl.load(x_inv_ptr + anchor, mask=listed, other=0.0).to(ACC_DTYPE)
-                acc += pair_distance_gradient(g, dist, b, a, row_inv, a_inv, METRIC)
-                pair = tl.load(links_ptr + (M + 1) + pair64, mask=listed, other=-1)
-        tl.store(g_ptr + rows64[:, None] * D + cols[None, :], acc.to(g_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok)
+    # One column chunk per program (grid axis 1): a partner's list is walked once per chunk, and
+    # the chunks of a row block walk theirs in parallel. Rows that many anchors picked (hubs of
+    # random data: hundreds of pairs) made the serial walk the whole kernel's time when one program
+    # looped over the chunks (0.26 ms at N = 8192 on the H200, for O(N D) work).
+    d0 = tl.program_id(1) * BLOCK_D
+    cols = d0 + tl.arange(0, BLOCK_D)
+    # 64-bit: a column-major operand steps columns by N (up to 2**20): col * stride passes 2**31.
+    cols64 = cols.to(tl.int64)[None, :]
+    col_ok = cols[None, :] < D
+    acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=ACC_DTYPE)
+    if OWN:
+        mask = active[:, None] & col_ok
+        # Upcast right after the load: the interpreter mishandles bf16 arithmetic.
+        a = tl.load(x_ptr + rows64[:, None] * stride_xn + cols64 * stride_xd, mask=mask, other=0.0).to(ACC_DTYPE)
+        p = tl.load(y_ptr + pos[:, None] * stride_yn + cols64 * stride_yd, mask=mask, other=0.0).to(ACC_DTYPE)
+        n = tl.load(y_ptr + neg[:, None] * stride_yn + cols64 * stride_yd, mask=mask, other=0.0).to(ACC_DTYPE)
+        acc += pair_distance_gradient(coef, d_ap, a, p, own_inv, pos_inv, METRIC)
+        acc += pair_distance_gradient(-coef, d_an, a, n, own_inv, neg_inv, METRIC)
+    if PARTNER:
+        mask = row_ok[:, None] & col_ok
+        b = tl.load(y_ptr + rows64[:, None] * stride_yn + cols64 * stride_yd, mask=mask, other=0.0).to(ACC_DTYPE)
+        pair = head
+        while tl.max(pair, axis=0) >= 0:
+            listed = pair >= 0
+            pair64 = pair.to(tl.int64)
+            anchor = pair64 // 2
+            role = pair64 - anchor * 2  # 0: this row is the anchor's positive, 1: its negative
+            slope = tl.load(terms_ptr + anchor * 3 + 2, mask=listed, other=0.0)
+            g = slope * _anchor_scale(grad_ptr, count_ptr, anchor, listed, REDUCTION, ACC_DTYPE)
+            g = tl.where(role == 0, g, -g)
+            dist = tl.load(terms_ptr + anchor * 3 + role, mask=listed, other=0.0)
+            a_mask = listed[:, None] & col_ok
+            a = tl.load(x_ptr + anchor[:, None] * stride_xn + cols64 * stride_xd, mask=a_mask, other=0.0)
+            a = a.to(ACC_DTYPE)
+            a_inv = tl.zeros((BLOCK_R,), dtype=ACC_DTYPE)
+            if METRIC == 2:
+                a_inv = tl.load(x_inv_ptr + anchor, mask=listed, other=0.0).to(ACC_DTYPE)
+            acc += pair_distance_gradient(g, dist, b, a, row_inv, a_inv, METRIC)
+            pair = tl.load(links_ptr + (M + 1) + pair64, mask=listed, other=-1)
+    tl.store(g_ptr + rows64[:, None] * D + cols[None, :], acc.to(g_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok)
 
 
 def hardest_triplet_loss_triton(
@@ -422,7 +428,7 @@ def hardest_triplet_loss_backward_triton(
 
     def launch(target: torch.Tensor, rows: int, own: bool, partner_terms: bool) -> None:
         if rows:
-            _hardest_triplet_bwd_kernel[(triton.cdiv(rows, block_r),)](
+            _hardest_triplet_bwd_kernel[(triton.cdiv(rows, block_r), triton.cdiv(d, block_d))](
                 grad, anchors, candidates, pairs, terms, count, links if partner_terms else pairs, x_inv, y_inv, target,
                 rows, m, d, *strides, OWN=own, PARTNER=partner_terms, **common,
             )

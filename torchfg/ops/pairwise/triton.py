@@ -9,10 +9,11 @@ upstream gradient G (and the saved output for ``euclidean``). Two ways:
 * fp16/bf16 (the training dtypes): W is computed once by the element-wise
   :func:`_pairwise_grad_weights_kernel`, in row chunks of at most :data:`WEIGHTS_BLOCK_ELEMENTS`
   (``sqeuclidean`` and ``dot`` use G itself), and the two products ``W @ y`` and ``W^T @ x`` are
-  cuBLAS GEMMs, which also give W's row and column sums (a ones column appended to y and x). On the H200 the fused kernel below took 35 ms for both sides at N = M = 32768,
-  D = 512 (60 TFLOP/s): it derives each W element (a division for ``euclidean``) for only
-  BLOCK_D multiply-adds, and again for every D slice and for each side, so its element-wise work
-  outweighed the tensor cores about 4 to 1.
+  cuBLAS GEMMs, which also give W's row and column sums (a ones column appended to y and x).
+  On the H200 the fused kernel below took 35 ms for both sides at N = M = 32768, D = 512
+  (60 TFLOP/s): it derives each W element (a division for ``euclidean``) for only BLOCK_D
+  multiply-adds, and again for every D slice and for each side, so its element-wise work
+  outweighed the tensor cores about 4 to 1. This path: 10.6 ms forward + backward (cdist 15.5).
 * fp32/fp64, deterministic mode and pinned configs: each program owns a (BLOCK_M x BLOCK_D) tile
   of dL/dx and loops over the M axis, deriving its W tiles on the fly; dL/dy is the same kernel
   with x and y swapped (G and the output read transposed through strides, no copy). No (B, N, M)
