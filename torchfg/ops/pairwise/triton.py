@@ -6,15 +6,16 @@ with tl.dot (fp32 accumulation), then applies the metric's epilogue from precomp
 Backward: dL/dx = a * x + W @ (s * y), where the coefficient matrix W is derived from the
 upstream gradient G (and the saved output for ``euclidean``). Two ways:
 
-* fp16/bf16 (the training dtypes): W is computed once by the element-wise
-  :func:`_pairwise_grad_weights_kernel`, in row chunks of at most :data:`WEIGHTS_BLOCK_ELEMENTS`
-  (``sqeuclidean`` and ``dot`` use G itself), and the two products ``W @ y`` and ``W^T @ x`` are
-  cuBLAS GEMMs, which also give W's row and column sums (a ones column appended to y and x).
+* fp16/bf16 (the training dtypes), euclidean, sqeuclidean and dot: W is computed once by the
+  element-wise :func:`_pairwise_grad_weights_kernel`, in row chunks of at most
+  :data:`WEIGHTS_BLOCK_ELEMENTS` (``sqeuclidean`` and ``dot`` use G itself), and the two
+  products ``W @ y`` and ``W^T @ x`` are cuBLAS GEMMs, which also give W's row and column sums
+  (a ones column appended to the centred operands).
   On the H200 the fused kernel below took 35 ms for both sides at N = M = 32768, D = 512
   (60 TFLOP/s): it derives each W element (a division for ``euclidean``) for only BLOCK_D
   multiply-adds, and again for every D slice and for each side, so its element-wise work
   outweighed the tensor cores about 4 to 1. This path: 10.6 ms forward + backward (cdist 15.5).
-* fp32/fp64, deterministic mode and pinned configs: each program owns a (BLOCK_M x BLOCK_D) tile
+* fp32/fp64, cosine, deterministic mode and pinned configs: each program owns a (BLOCK_M x BLOCK_D) tile
   of dL/dx and loops over the M axis, deriving its W tiles on the fly; dL/dy is the same kernel
   with x and y swapped (G and the output read transposed through strides, no copy). No (B, N, M)
   temporary is written in either direction.
@@ -181,27 +182,21 @@ def _pairwise_backward_kernel(
 
 @triton.jit
 def _pairwise_grad_weights_kernel(
-    g_ptr, out_ptr, x_scale_ptr, y_scale_ptr, w_ptr,
+    g_ptr, out_ptr, w_ptr,
     M,
-    stride_gb, stride_gn, stride_ob, stride_on, stride_xsb, stride_ysb, stride_wb, stride_wn,
-    METRIC: tl.constexpr, BLOCK: tl.constexpr,
+    stride_gb, stride_gn, stride_ob, stride_on, stride_wb, stride_wn,
+    BLOCK: tl.constexpr,
 ):
-    # W for BLOCK columns of one row, from G in fp32 (unit column strides):
-    #   euclidean: G / (2 out), 0 where out = 0      cosine: G * x_scale_i * y_scale_j
-    # A plain element-wise map: the row and column sums come out of the GEMMs (a ones column).
+    # Euclidean W = G / (2 out), 0 where out = 0, for BLOCK columns of one row (unit column
+    # strides), from fp32. A plain element-wise map: W's row and column sums come out of the GEMMs.
     row = tl.program_id(0).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < M
     # Upcast right after the load: the interpreter mishandles 16-bit arithmetic.
     w = tl.load(g_ptr + b * stride_gb + row * stride_gn + cols, mask=ok, other=0.0).to(tl.float32)
-    if METRIC == 1:
-        dist = tl.load(out_ptr + b * stride_ob + row * stride_on + cols, mask=ok, other=0.0).to(tl.float32)
-        w = tl.where(dist > 0, w / (2.0 * tl.where(dist > 0, dist, 1.0)), 0.0)
-    else:
-        x_scale = tl.load(x_scale_ptr + b * stride_xsb + row).to(tl.float32)
-        y_scale = tl.load(y_scale_ptr + b * stride_ysb + cols, mask=ok, other=0.0).to(tl.float32)
-        w = w * x_scale * y_scale
+    dist = tl.load(out_ptr + b * stride_ob + row * stride_on + cols, mask=ok, other=0.0).to(tl.float32)
+    w = tl.where(dist > 0, w / (2.0 * tl.where(dist > 0, dist, 1.0)), 0.0)
     tl.store(w_ptr + b * stride_wb + row * stride_wn + cols, w.to(w_ptr.dtype.element_ty), mask=ok)
 
 
@@ -427,20 +422,27 @@ WEIGHTS_BLOCK_ELEMENTS = 1 << 27
 # Columns per program of the W map (4 warps: 8 per thread, one 16-byte access); small under the
 # interpreter so that tests cover several column blocks.
 _WEIGHTS_BLOCK, _WEIGHTS_BLOCK_INTERPRETER = 1024, 16
-# The GEMM operands gain a ones column (for the sums) padded to a multiple of this many columns:
-# cuBLAS takes the tensor-core path on 16-byte-aligned rows.
-_SUM_COLUMN_PAD = 8
+# The GEMM operands gain a ones column (for the sums) and zeros up to a multiple of this many
+# columns: cuBLAS takes the tensor-core path on 16-byte-aligned rows.
+_SUM_COLUMN_ALIGN = 8
+# The metrics whose 16-bit backward takes the W + GEMM path. Cosine keeps the fused kernel: its
+# gradient is the difference of two nearly parallel vectors when rows point alike, and a GEMM
+# output rounded to 16 bits before that difference lost up to 10x the fused kernel's accuracy.
+WEIGHTS_GEMM_METRICS = ("euclidean", "sqeuclidean", "dot")
 
 
-def uses_weights_gemm(dtype: torch.dtype) -> bool:
+def uses_weights_gemm(dtype: torch.dtype, metric: str) -> bool:
     """Whether the backward of ``dtype`` inputs takes the W + GEMM path (see the module docstring)."""
-    return dtype in (torch.float16, torch.bfloat16) and not torch.are_deterministic_algorithms_enabled()
+    return (dtype in (torch.float16, torch.bfloat16) and metric in WEIGHTS_GEMM_METRICS
+            and not torch.are_deterministic_algorithms_enabled())
 
 
-def _with_ones_column(x: torch.Tensor) -> torch.Tensor:
-    """(B, N, D) -> (B, N, D + pad): x, a column of ones (its GEMM output is a row sum), zeros."""
+def _with_ones_column(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, N, D) -> (B, N, D') in ``dtype``: x, a column of ones (its GEMM output is a row sum),
+    zeros up to D' = D + 1 rounded up to :data:`_SUM_COLUMN_ALIGN`."""
     B, N, D = x.shape
-    out = torch.zeros(B, N, D + _SUM_COLUMN_PAD, dtype=x.dtype, device=x.device)
+    width = -(-(D + 1) // _SUM_COLUMN_ALIGN) * _SUM_COLUMN_ALIGN
+    out = torch.zeros(B, N, width, dtype=dtype, device=x.device)
     out[..., :D] = x
     out[..., D] = 1
     return out
@@ -451,25 +453,31 @@ def _backward_weights_gemm(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dL/dx, dL/dy) of 16-bit inputs: W once (in row chunks), then ``W @ y`` and ``W^T @ x``.
 
-    The row and column sums of W that the Euclidean metrics need come out of the same GEMMs, as
-    the product with a ones column appended to y and x: no atomics and no second pass. They are
-    then the sums of the 16-bit W (fp32 accumulation, rounded to the input dtype), as the products.
+    dL/dx_i = 2 sum_j w_ij (x_i - y_j) = 2 (rowsum_i (x_i - c) - (W @ (y - c))_i) for any shift
+    c: the rows are centred on the mean of all rows of x and y (per batch) before they become
+    16-bit GEMM operands, so that data far from the origin does not turn the difference into a
+    cancellation of two large rounded products (at an offset of 32 the uncentred bf16 gradient
+    was 5 % off, the fused kernel 0.5 %). The row and column sums of W come out of the same GEMMs,
+    as the product with a ones column appended to the operands.
+
+    Limit: a pair of (near-)identical rows whose GEMM-form distance is a small positive number
+    gets a large Euclidean W = g / (2 d), applied to two rounded products rather than to their
+    exact difference as the fused kernel does: an error of about g |x - c| / d times the 16-bit
+    epsilon (0.7 % of the gradient's scale in an fp16 test with a duplicate at offset 32).
     """
     B, N, D = x.shape
     M = y.shape[1]
     grad = grad.contiguous()
     if metric == "dot":  # W = G, no sums: two GEMMs
         return torch.bmm(grad, y).neg_(), torch.bmm(grad.transpose(1, 2), x).neg_()
-    sums = metric in ("sqeuclidean", "euclidean")
-    x_op, y_op = (_with_ones_column(x), _with_ones_column(y)) if sums else (x, y)
+    x32, y32 = x.float(), y.float()
+    centre = (x32.sum(1, keepdim=True) + y32.sum(1, keepdim=True)) / (N + M)
+    x32, y32 = x32 - centre, y32 - centre
+    x_op, y_op = _with_ones_column(x32, x.dtype), _with_ones_column(y32, y.dtype)
     if metric == "sqeuclidean":  # W = G: no map, no chunks
         wy, wtx = torch.bmm(grad, y_op), torch.bmm(grad.transpose(1, 2), x_op)
     else:
         out = out.contiguous()
-        if metric == "cosine":
-            x_scale, y_scale = safe_inverse(row_norms(x)), safe_inverse(row_norms(y))
-        else:
-            x_scale = y_scale = torch.empty(B, 1, dtype=torch.float32, device=x.device)  # never read
         block = _WEIGHTS_BLOCK_INTERPRETER if triton_interpreter_enabled() else _WEIGHTS_BLOCK
         rows_per_chunk = max(1, min(N, WEIGHTS_BLOCK_ELEMENTS // max(B * M, 1)))
         w_buffer = torch.empty(B, rows_per_chunk, M, dtype=x.dtype, device=x.device)
@@ -479,12 +487,10 @@ def _backward_weights_gemm(
             r1 = min(N, r0 + rows_per_chunk)
             w_c = w_buffer[:, : r1 - r0]
             g_c, out_c = grad[:, r0:r1], out[:, r0:r1]
-            x_scale_c = x_scale[:, r0:r1] if metric == "cosine" else x_scale
             _pairwise_grad_weights_kernel[(r1 - r0, triton.cdiv(M, block), B)](
-                g_c, out_c, x_scale_c, y_scale, w_c, M,
-                g_c.stride(0), g_c.stride(1), out_c.stride(0), out_c.stride(1),
-                x_scale_c.stride(0), y_scale.stride(0), w_c.stride(0), w_c.stride(1),
-                METRIC=metric_code(metric), BLOCK=block, num_warps=4,
+                g_c, out_c, w_c, M,
+                g_c.stride(0), g_c.stride(1), out_c.stride(0), out_c.stride(1), w_c.stride(0), w_c.stride(1),
+                BLOCK=block, num_warps=4,
             )
             wy_chunks.append(torch.bmm(w_c, y_op))
             part = torch.bmm(w_c.transpose(1, 2), x_op[:, r0:r1])
@@ -493,18 +499,9 @@ def _backward_weights_gemm(
             else:
                 wtx += part
         wy = wy_chunks[0] if len(wy_chunks) == 1 else torch.cat(wy_chunks, dim=1)
-    if sums:
-        gx = 2.0 * (wy[..., D:D + 1].float() * x.float() - wy[..., :D].float())
-        gy = 2.0 * (wtx[..., D:D + 1].float() * y.float() - wtx[..., :D].float())
-        return gx.to(x.dtype), gy.to(y.dtype)
-    # cosine: v = -(W @ y) is dL/dx_hat already divided by |x|; project out the radial part.
-    return _project_out_radial(wy.float().neg_(), x), _project_out_radial(wtx.float().neg_(), y)
-
-
-def _project_out_radial(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``v - (v . x_hat) x_hat`` per row, in x's dtype (x_hat = 0 for a zero row)."""
-    x_hat = x.float() * safe_inverse(row_norms(x)).unsqueeze(-1)
-    return (v - (v * x_hat).sum(-1, keepdim=True) * x_hat).to(x.dtype)
+    gx = 2.0 * (wy[..., D:D + 1].float() * x32 - wy[..., :D].float())
+    gy = 2.0 * (wtx[..., D:D + 1].float() * y32 - wtx[..., :D].float())
+    return gx.to(x.dtype), gy.to(y.dtype)
 
 
 def pairwise_distance_backward_triton(
@@ -518,10 +515,11 @@ def pairwise_distance_backward_triton(
     """Triton backward: (dL/dx (B, N, D), dL/dy (B, M, D)) from dL/dout (B, N, M).
 
     16-bit inputs take the W + GEMM path (extra memory: one row chunk of W, at most
-    :data:`WEIGHTS_BLOCK_ELEMENTS` elements); ``config`` pins the fused kernel's tiles (and with
-    it the fused path, as do fp32/fp64 and ``torch.use_deterministic_algorithms``).
+    :data:`WEIGHTS_BLOCK_ELEMENTS` elements) except for cosine; ``config`` pins the fused
+    kernel's tiles (and with it the fused path, as do fp32/fp64, cosine and
+    ``torch.use_deterministic_algorithms``).
     """
-    if config is None and uses_weights_gemm(x.dtype) and x.numel() and y.numel() and grad.numel():
+    if config is None and uses_weights_gemm(x.dtype, metric) and x.numel() and y.numel() and grad.numel():
         return _backward_weights_gemm(grad, x, y, out, metric)
     return (
         _backward_one_side(grad, out, x, y, metric, transpose=False, config=config),
