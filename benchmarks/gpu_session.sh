@@ -6,7 +6,7 @@
 #                   ends the run at once, so that a broken box costs seconds, not the budget)
 #   build.txt       the csrc/ CUDA extension JIT-built once, before the tests and benchmarks load it
 #   tests.txt       the kernel tests on CUDA, 8 pytest-xdist workers (summary even on a timeout)
-#   kernels.csv     batch-hard, ATL and cross-batch memory: each GPU kernel's time per step
+#   kernels.csv     batch-hard, ATL, cross-batch memory, k-NN and pairwise: each GPU kernel's time per step
 #   bench.csv       one row appended and flushed per measurement, in the order of the issues'
 #                   targets: batch-hard and ATL (bf16), cross-batch memory, k-NN (k = 10, 100),
 #                   pairwise, DINO, then fp32; bench_*.txt: the tables; session.txt: each step's
@@ -116,8 +116,8 @@ if [ "$DRY" = 1 ]; then
   SMALL=(--device cpu --dim 16 --repeat 1 --warmup 0 --max-seconds 1 --no-isolate --cases 'torchfg[torch]')
   BENCH_TRIPLET=(--ops triplet,atl --sizes 64 "${SMALL[@]}" --launches --kernel-times "$OUT/kernels.csv")
   BENCH_XBM=(--ops xbm --sizes 64 "${SMALL[@]}" --launches --kernel-times "$OUT/kernels.csv")
-  BENCH_KNN=(--ops knn --sizes 64 "${SMALL[@]}")
-  BENCH_PAIRWISE=(--ops pairwise --sizes 64 "${SMALL[@]}")
+  BENCH_KNN=(--ops knn --sizes 64 "${SMALL[@]}" --kernel-times "$OUT/kernels.csv")
+  BENCH_PAIRWISE=(--ops pairwise --sizes 64 "${SMALL[@]}" --kernel-times "$OUT/kernels.csv")
   BENCH_DINO=(--ops dino --sizes 64 "${SMALL[@]}")
   BENCH_FP32=(--ops pairwise --sizes 64 "${SMALL[@]}")
 else
@@ -131,8 +131,11 @@ else
   BENCH_XBM=(--ops xbm --sizes 65536,1048576 --dim 512 --cases 'torchfg[triton]' --launches
              --kernel-times "$OUT/kernels.csv")
   # Issue 15: N = Q = G = 32768 against mm + top-k (faiss is timed on the CPU machine).
-  BENCH_KNN=(--ops knn --sizes 32768 --dim 512 --cases 'torchfg[torch],torchfg[triton],torchfg[cuda],torch.cdist+topk')
-  BENCH_PAIRWISE=(--ops pairwise --sizes 8192,32768 --dim 512)
+  # Each kernel's time per step too: the second H200 session found the pairwise backward's and
+  # the k-NN recomputation's costs there (h200_kernels.csv).
+  BENCH_KNN=(--ops knn --sizes 32768 --dim 512 --cases 'torchfg[torch],torchfg[triton],torchfg[cuda],torch.cdist+topk'
+             --kernel-times "$OUT/kernels.csv")
+  BENCH_PAIRWISE=(--ops pairwise --sizes 8192,32768 --dim 512 --kernel-times "$OUT/kernels.csv")
   BENCH_DINO=(--ops dino)
   BENCH_FP32=(--ops triplet,pairwise --sizes 8192 --dim 512 --cases 'torchfg[triton],torch.cdist,torch.cdist+masks,pml.BatchHard,pml.LpDistance')
 fi
