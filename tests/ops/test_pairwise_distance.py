@@ -479,3 +479,26 @@ def test_weights_gemm_backward_matches_reference(dtype, offset, monkeypatch):
     # Cosine keeps the fused kernel (its projection cancels when rows point alike).
     with pytest.raises(AssertionError, match="fused kernel"):
         tri.pairwise_distance_backward_triton(grad, x, y, pairwise_distance_reference(x, y, "cosine"), "cosine")
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_weights_gemm_backward_of_duplicate_rows(dtype):
+    """A P x K batch with repeated images: identical rows' distances from the GEMM-form forward
+    are rounding noise, not 0. The W + GEMM backward gives them the zero subgradient (as the
+    reference does at distance 0) instead of a W of g / noise, which was 5 g of error in bf16."""
+    import torchfg.ops.pairwise.triton as tri
+
+    g = torch.Generator().manual_seed(zlib.crc32(f"duplicates-{dtype}".encode()))
+    rows = torch.nn.functional.normalize(torch.randn(2, 12, 48, generator=g), dim=-1) * 3
+    x = rows.repeat(1, 3, 1).to(TEST_DEVICE, dtype)  # every row three times
+    out = tri.pairwise_distance_triton(x, x, "euclidean", symmetric=True)  # as the op's forward
+    grad = torch.randn(out.shape, generator=g).to(TEST_DEVICE, dtype)
+    gx, gy = tri.pairwise_distance_backward_triton(grad, x, x, out, "euclidean")
+    assert tri.uses_weights_gemm(dtype, "euclidean")
+    x64 = x.double()
+    gx_ref, gy_ref = pairwise_distance_backward_reference(
+        grad.double(), x64, x64, pairwise_distance_reference(x64, x64, "euclidean"), "euclidean")
+    for got, want, name in ((gx, gx_ref, "x"), (gy, gy_ref, "y")):
+        err = (got.double() - want).abs().max() / want.abs().max()
+        assert err < 2e-2, f"d{name}: relative error {err:.3g}"

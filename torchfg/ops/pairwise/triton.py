@@ -180,15 +180,21 @@ def _pairwise_backward_kernel(
     )
 
 
+# Squared Euclidean distances below this fraction of |x|^2 + |y|^2 get the zero subgradient in the
+# 16-bit W + GEMM backward (d below 0.4 % of the rows' norm; see _backward_weights_gemm).
+_NOISE_FLOOR_SQ = tl.constexpr(2.0**-16)
+
+
 @triton.jit
 def _pairwise_grad_weights_kernel(
-    g_ptr, out_ptr, w_ptr,
+    g_ptr, out_ptr, x_sq_ptr, y_sq_ptr, w_ptr,
     M,
-    stride_gb, stride_gn, stride_ob, stride_on, stride_wb, stride_wn,
+    stride_gb, stride_gn, stride_ob, stride_on, stride_xsb, stride_ysb, stride_wb, stride_wn,
     BLOCK: tl.constexpr,
 ):
-    # Euclidean W = G / (2 out), 0 where out = 0, for BLOCK columns of one row (unit column
-    # strides), from fp32. A plain element-wise map: W's row and column sums come out of the GEMMs.
+    # Euclidean W = G / (2 out) for BLOCK columns of one row (unit column strides), from fp32;
+    # 0 below the GEMM form's noise floor (see _backward_weights_gemm). A plain element-wise map:
+    # W's row and column sums come out of the GEMMs.
     row = tl.program_id(0).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -196,7 +202,10 @@ def _pairwise_grad_weights_kernel(
     # Upcast right after the load: the interpreter mishandles 16-bit arithmetic.
     w = tl.load(g_ptr + b * stride_gb + row * stride_gn + cols, mask=ok, other=0.0).to(tl.float32)
     dist = tl.load(out_ptr + b * stride_ob + row * stride_on + cols, mask=ok, other=0.0).to(tl.float32)
-    w = tl.where(dist > 0, w / (2.0 * tl.where(dist > 0, dist, 1.0)), 0.0)
+    x_sq = tl.load(x_sq_ptr + b * stride_xsb + row)
+    y_sq = tl.load(y_sq_ptr + b * stride_ysb + cols, mask=ok, other=0.0)
+    resolved = dist * dist > _NOISE_FLOOR_SQ * (x_sq + y_sq)
+    w = tl.where(resolved, w / (2.0 * tl.where(resolved, dist, 1.0)), 0.0)
     tl.store(w_ptr + b * stride_wb + row * stride_wn + cols, w.to(w_ptr.dtype.element_ty), mask=ok)
 
 
@@ -460,10 +469,14 @@ def _backward_weights_gemm(
     was 5 % off, the fused kernel 0.5 %). The row and column sums of W come out of the same GEMMs,
     as the product with a ones column appended to the operands.
 
-    Limit: a pair of (near-)identical rows whose GEMM-form distance is a small positive number
-    gets a large Euclidean W = g / (2 d), applied to two rounded products rather than to their
-    exact difference as the fused kernel does: an error of about g |x - c| / d times the 16-bit
-    epsilon (0.7 % of the gradient's scale in an fp16 test with a duplicate at offset 32).
+    The Euclidean W = g / (2 d) meets two rounded products instead of the exact difference
+    x_i - y_j the fused kernel multiplies, which costs about g |x - c| / d times the 16-bit
+    epsilon. Identical rows (a P x K sampler's duplicates) have a GEMM-form distance of rounding
+    noise, not 0 (about 1e-3 |x| for bf16 rows), so their W was huge: 5 g of error where the
+    reference's subgradient is 0. Pairs closer than 2**-8 sqrt(|x|^2 + |y|^2), the scale at which
+    the forward's own distance is ~1 % off, therefore get the zero subgradient of identical rows;
+    past it the error per pair stays under ~0.7 g (bf16, at the threshold) and ~0.01 g for typical
+    distances, within the 16-bit rounding of a sum over many pairs.
     """
     B, N, D = x.shape
     M = y.shape[1]
@@ -471,6 +484,8 @@ def _backward_weights_gemm(
     if metric == "dot":  # W = G, no sums: two GEMMs
         return torch.bmm(grad, y).neg_(), torch.bmm(grad.transpose(1, 2), x).neg_()
     x32, y32 = x.float(), y.float()
+    if metric == "euclidean":  # the noise floor's scale, from the rows as the forward saw them
+        x_sq, y_sq = x32.square().sum(-1), y32.square().sum(-1)
     centre = (x32.sum(1, keepdim=True) + y32.sum(1, keepdim=True)) / (N + M)
     x32, y32 = x32 - centre, y32 - centre
     x_op, y_op = _with_ones_column(x32, x.dtype), _with_ones_column(y32, y.dtype)
@@ -487,9 +502,11 @@ def _backward_weights_gemm(
             r1 = min(N, r0 + rows_per_chunk)
             w_c = w_buffer[:, : r1 - r0]
             g_c, out_c = grad[:, r0:r1], out[:, r0:r1]
+            x_sq_c = x_sq[:, r0:r1]
             _pairwise_grad_weights_kernel[(r1 - r0, triton.cdiv(M, block), B)](
-                g_c, out_c, w_c, M,
-                g_c.stride(0), g_c.stride(1), out_c.stride(0), out_c.stride(1), w_c.stride(0), w_c.stride(1),
+                g_c, out_c, x_sq_c, y_sq, w_c, M,
+                g_c.stride(0), g_c.stride(1), out_c.stride(0), out_c.stride(1),
+                x_sq_c.stride(0), y_sq.stride(0), w_c.stride(0), w_c.stride(1),
                 BLOCK=block, num_warps=4,
             )
             wy_chunks.append(torch.bmm(w_c, y_op))
