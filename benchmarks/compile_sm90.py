@@ -352,11 +352,10 @@ def _trace_pairwise(level: str) -> Iterator[tuple[str, Callable[[], Any]]]:
                     grad = out.clone().normal_()
                     pairwise_distance_backward_triton(grad, x, y, out, c["metric"])
                     if x.dtype in (torch.float16, torch.bfloat16):
-                        # 16-bit takes the W + GEMM path, whose element-wise W map runs for these
-                        # two metrics whatever this combination's; deterministic mode keeps the
-                        # fused kernel.
-                        for metric in ("euclidean", "cosine"):
-                            pairwise_distance_backward_triton(grad, x, y, out, metric)
+                        # 16-bit takes the W + GEMM path, whose element-wise W map runs for
+                        # euclidean only, whatever this combination's metric; deterministic mode
+                        # keeps the fused kernel.
+                        pairwise_distance_backward_triton(grad, x, y, out, "euclidean")
                         torch.use_deterministic_algorithms(True)
                         try:
                             pairwise_distance_backward_triton(grad, x, y, out, c["metric"])

@@ -14,11 +14,12 @@ upstream gradient G (and the saved output for ``euclidean``). Two ways:
   On the H200 the fused kernel below took 35 ms for both sides at N = M = 32768, D = 512
   (60 TFLOP/s): it derives each W element (a division for ``euclidean``) for only BLOCK_D
   multiply-adds, and again for every D slice and for each side, so its element-wise work
-  outweighed the tensor cores about 4 to 1. This path: 10.6 ms forward + backward (cdist 15.5).
-* fp32/fp64, cosine, deterministic mode and pinned configs: each program owns a (BLOCK_M x BLOCK_D) tile
-  of dL/dx and loops over the M axis, deriving its W tiles on the fly; dL/dy is the same kernel
-  with x and y swapped (G and the output read transposed through strides, no copy). No (B, N, M)
-  temporary is written in either direction.
+  outweighed the tensor cores about 4 to 1. This path (33335f0, before its operands were centred):
+  10.6 ms forward + backward (cdist 15.5).
+* fp32/fp64, cosine, deterministic mode and pinned configs: each program owns a
+  (BLOCK_M x BLOCK_D) tile of dL/dx and loops over the M axis, deriving its W tiles on the fly;
+  dL/dy is the same kernel with x and y swapped (G and the output read transposed through
+  strides, no copy). No (B, N, M) temporary is written in either direction.
 """
 
 from __future__ import annotations
@@ -484,9 +485,10 @@ def _backward_weights_gemm(
     grad = grad.contiguous()
     if metric == "dot":  # W = G, no sums: two GEMMs
         return torch.bmm(grad, y).neg_(), torch.bmm(grad.transpose(1, 2), x).neg_()
+    if metric == "euclidean":  # the noise floor's scale: the forward's own squared norms
+        x_sq = _metric_norms(x, metric)
+        y_sq = x_sq if y is x else _metric_norms(y, metric)
     x32, y32 = x.float(), y.float()
-    if metric == "euclidean":  # the noise floor's scale, from the rows as the forward saw them
-        x_sq, y_sq = x32.square().sum(-1), y32.square().sum(-1)
     centre = (x32.sum(1, keepdim=True) + y32.sum(1, keepdim=True)) / (N + M)
     x32, y32 = x32 - centre, y32 - centre
     x_op, y_op = _with_ones_column(x32, x.dtype), _with_ones_column(y32, y.dtype)
