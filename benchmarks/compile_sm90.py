@@ -214,7 +214,7 @@ class _EmulatedH100:
 
     HELPERS = {
         "torchfg.ops.knn.triton": ("_num_splits",),
-        "torchfg.ops.triplet.triton": ("_default_candidates_per_split",),
+        "torchfg.ops.triplet.triton": ("_default_candidates_per_split", "_symmetric_splits"),
         "torchfg.ops.dino.triton": ("_num_splits",),
     }
 
@@ -382,6 +382,23 @@ def _trace_knn(level: str) -> Iterator[tuple[str, Callable[[], Any]]]:
         yield _label("knn", c), run
 
 
+class _SymmetricMining:
+    """Sets TORCHFG_SYMMETRIC_MINING for one traced call (when ``on``)."""
+
+    def __init__(self, on: bool) -> None:
+        self.on = on
+
+    def __enter__(self) -> None:
+        self.saved = os.environ.get("TORCHFG_SYMMETRIC_MINING")
+        os.environ["TORCHFG_SYMMETRIC_MINING"] = "1" if self.on else "0"
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.saved is None:
+            del os.environ["TORCHFG_SYMMETRIC_MINING"]
+        else:
+            os.environ["TORCHFG_SYMMETRIC_MINING"] = self.saved
+
+
 def _trace_triplet(level: str) -> Iterator[tuple[str, Callable[[], Any]]]:
     import torch
 
@@ -390,7 +407,7 @@ def _trace_triplet(level: str) -> Iterator[tuple[str, Callable[[], Any]]]:
     # "auto": the public path (autotuned on a GPU; fp64 takes its fixed tiles). The others pass a
     # TileConfig as tests and benchmarks do: the default tiles, flattened loops, and a small
     # split so that the per-split workspace and the merge kernel are compiled.
-    axes = {"dtype": DTYPES, "tiles": ("auto", "default", "flatten", "split"),
+    axes = {"dtype": DTYPES, "tiles": ("auto", "default", "flatten", "split", "symmetric"),
             "text": ("none", "margin", "threshold", "margin+threshold"), "text_dtype": ("same", "fp32", "fp64"),
             "metric": ("euclidean", "sqeuclidean", "cosine", "dot"), "anchors": ("self", "other"),
             "layout": ("D512", "D100", "colmajor", "slice"), "T": (384, 100), "labels": ("int64", "int32"),
@@ -400,21 +417,30 @@ def _trace_triplet(level: str) -> Iterator[tuple[str, Callable[[], Any]]]:
             d = 100 if c["layout"] == "D100" else 512
             layout = c["layout"] if c["layout"] in ("colmajor", "slice") else "row"
             n = 700
-            x = _matrix(n, d, c["dtype"], layout)
+            symmetric = c["tiles"] == "symmetric"
+            # The symmetric kernel takes no fp64: its case compiles bf16 instead.
+            dtype = "bf16" if symmetric and c["dtype"] == "fp64" else c["dtype"]
+            x = _matrix(n, d, dtype, layout)
             label_dtype = getattr(torch, c["labels"])
             labels = (torch.arange(n) % 50).to(label_dtype)
-            text_dtype = c["dtype"] if c["text_dtype"] == "same" else c["text_dtype"]
+            text_dtype = dtype if c["text_dtype"] == "same" or (symmetric and c["text_dtype"] == "fp64") else (
+                c["text_dtype"])
             text = _matrix(n, c["T"], text_dtype, c["text_layout"], seed=2) if c["text"] != "none" else None
-            if c["anchors"] == "self":
+            # The symmetric kernel serves a batch mined against itself only.
+            if c["anchors"] == "self" or c["tiles"] == "symmetric":
                 anchors, anchor_labels, anchor_text, self_offset = x, labels, text, 0
             else:
-                anchors, anchor_labels = _matrix(257, d, c["dtype"], layout, seed=3), (torch.arange(257) % 50).to(label_dtype)
+                anchors, anchor_labels = _matrix(257, d, dtype, layout, seed=3), (torch.arange(257) % 50).to(label_dtype)
                 anchor_text = _matrix(257, c["T"], text_dtype, c["text_layout"], seed=4) if text is not None else None
                 self_offset = -1
-            base = triplet._FP64_CONFIG if c["dtype"] == "fp64" else triplet.TileConfig()
+            base = triplet._FP64_CONFIG if dtype == "fp64" else triplet.TileConfig()
+            # "symmetric": the autotuned symmetric kernel (a batch against itself); explicit tiles
+            # where the call has an IEEE fp32 dot, which the autotuned path keeps off it.
+            fma = dtype == "fp32" or (c["text"] != "none" and text_dtype == "fp32")
             tiles = {"auto": None, "default": base, "flatten": dataclasses.replace(base, flatten=True),
-                     "split": dataclasses.replace(base, candidates_per_split=256)}[c["tiles"]]
-            with _Precision(c["dtype"]):
+                     "split": dataclasses.replace(base, candidates_per_split=256),
+                     "symmetric": dataclasses.replace(base, symmetric=True) if fma else None}[c["tiles"]]
+            with _Precision(dtype), _SymmetricMining(symmetric):
                 triplet.mine_hardest_triton_tiled(
                     anchors, x, anchor_labels, labels, anchor_text, text if anchor_text is not None else None,
                     metric=c["metric"], base_margin=0.2, margin_scale=0.5 if "margin" in c["text"] else 0.0,
@@ -460,7 +486,8 @@ def _trace_hardest_loss(level: str) -> Iterator[tuple[str, Callable[[], Any]]]:
     axes = {"dtype": DTYPES, "metric": ("euclidean", "sqeuclidean", "cosine", "dot"),
             "text": ("none", "margin"), "reduction": ("mean", "none", "sum", "mean_nonzero"),
             "smooth": (False, True), "N": (700, 300), "candidates": ("self", "other_grad", "other_detached"),
-            "layout": ("D512", "D100", "colmajor", "slice"), "text_dtype": ("same", "fp32", "fp64")}
+            "layout": ("D512", "D100", "colmajor", "slice"), "text_dtype": ("same", "fp32", "fp64"),
+            "mining": ("default", "symmetric")}
     for c in _combos(axes, ("dtype", "candidates", "text"), level):
         def run(c: dict = c) -> None:
             d = 100 if c["layout"] == "D100" else 512
@@ -476,7 +503,7 @@ def _trace_hardest_loss(level: str) -> Iterator[tuple[str, Callable[[], Any]]]:
             y = x if self_mode else _matrix(n + 64, d, c["dtype"], layout, seed=3)
             y_labels = labels if self_mode else torch.arange(n + 64) % 50
             y_text = text if self_mode or text is None else _matrix(n + 64, 384, text_dtype, text_layout, seed=4)
-            with _Precision(c["dtype"]):
+            with _Precision(c["dtype"]), _SymmetricMining(c["mining"] == "symmetric"):
                 loss, pairs, terms, count, links, y_inv, x_inv = hardest_triplet_loss_triton(
                     x, y, labels, y_labels, text, y_text, metric=c["metric"], base_margin=0.2,
                     margin_scale=0.5 if text is not None else 0.0, text_positive_threshold=None,

@@ -38,7 +38,7 @@ def test_gpu_session_dry_run(tmp_path: Path) -> None:
     planned = int(re.search(r"plan: (\d+) s of (\d+) s", session).group(1))
     assert planned <= 540 and "guaranteed" in session, session
     steps = ("info", "build", "tests", "bench_triplet", "bench_xbm", "bench_knn", "bench_pairwise", "bench_dino",
-             "bench_fp32")
+             "bench_fp32", "bench_mining_1m")
     for step in steps:
         assert re.search(rf"^{step}: exit 0 in \d+s$", session, re.M), f"{step} did not succeed:\n{session}"
     with tarfile.open(tmp_path / "logs.tgz") as logs:  # the logs come back as one file

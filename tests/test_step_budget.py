@@ -97,6 +97,23 @@ def test_kernel_launches_per_step_meet_the_target(kind, gpu_like_splits, profile
 
 
 @requires_triton
+@pytest.mark.parametrize("kind", ["batch_hard", "atl"])
+def test_symmetric_mining_step_keeps_the_launch_and_memory_budget(kind, gpu_like_splits, monkeypatch):
+    # The symmetric kernel replaces the mining launches one for one (its packed bests are set by
+    # the row-statistics launch) and adds 16 bytes per row.
+    monkeypatch.setenv("TORCHFG_SYMMETRIC_MINING", "1")
+    steps = [profile_step(_step(kind, n)) for n in SIZES]
+    assert all(p.launches == steps[0].launches <= TRITON_LAUNCH_LIMIT for p in steps), [p.launches for p in steps]
+    assert steps[-1].triton == {"_row_stat_kernel": 1, "_mine_symmetric_kernel": 2, "_hardest_triplet_fwd_kernel": 1,
+                                "_hardest_triplet_bwd_kernel": 1}, steps[-1].triton
+    assert dict(steps[-1].aten) == {"aten.ones_like.default": 1}, steps[-1].aten
+    values = [p.peak_live_bytes for p in steps]
+    slope, intercept = _linear(values)
+    assert abs(values[2] - (slope * SIZES[2] + intercept)) <= 0.01 * values[2] + 256, values
+    assert slope * TARGET_N + intercept < TARGET_BYTES
+
+
+@requires_triton
 def test_int32_labels_need_one_mining_pass(gpu_like_splits):
     step = profile_step(_step("batch_hard", 32, torch.int32))
     assert step.triton["_mine_hardest_kernel"] == 1 and step.launches == TRITON_LAUNCH_LIMIT - 1, (step.triton, step.aten)

@@ -50,7 +50,8 @@ def _problem(n, m, d, dtype, *, seed, classes=5, text=0, separate=False, int32=F
     y = torch.randn(m, d, generator=g, dtype=torch.float64).to(dtype) if separate else None
     y_labels = torch.randint(0, classes, (m,), generator=g) if separate else labels
     if int32:
-        labels, y_labels = labels.int(), y_labels.int()
+        labels = labels.int()
+        y_labels = y_labels.int() if separate else labels
     t = torch.randn(n, text, generator=g) if text else None
     yt = (torch.randn(m, text, generator=g) if separate else t) if text else None
     # On the test device: on a GPU machine the triton backend takes CUDA tensors only.
@@ -97,6 +98,27 @@ def test_adaptive_margins_match_reference(metric, threshold, poisoned):
     kwargs = dict(metric=metric, base_margin=0.1, margin_scale=0.7, text_positive_threshold=threshold,
                   exclude_self=True, reduction="mean")
     _assert_same(_run("torch", *problem, **kwargs), _run("triton", *problem, **kwargs), torch.float32)
+
+
+@requires_triton
+@pytest.mark.parametrize("kind,dtype", [("batch_hard", torch.bfloat16), ("batch_hard", torch.float32),
+                                        ("atl", torch.float32)])
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("n,int32", [(7, False), (41, True), (41, False)])
+def test_symmetric_mining_matches_reference(kind, dtype, metric, n, int32, poisoned, monkeypatch):
+    # The symmetric mining kernel (one tile per pair of row blocks, packed bests) under the loss.
+    import torchfg.ops.triplet.triton as mining
+
+    launches = []
+    launch = mining._launch_symmetric
+    monkeypatch.setattr(mining, "_launch_symmetric", lambda *a, **k: launches.append(1) or launch(*a, **k))
+    monkeypatch.setenv("TORCHFG_SYMMETRIC_MINING", "1")
+    problem = _problem(n, n, 21, dtype, seed=n + len(metric), int32=int32, text=9 if kind == "atl" else 0)
+    kwargs = dict(metric=metric, base_margin=0.3, exclude_self=True, reduction="mean")
+    if kind == "atl":
+        kwargs.update(margin_scale=0.7, text_positive_threshold=0.2)
+    _assert_same(_run("torch", *problem, **kwargs), _run("triton", *problem, **kwargs), dtype)
+    assert launches == [1]
 
 
 @requires_triton

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 import re
 import csv
 import os
@@ -139,7 +140,7 @@ FMA_DOT_SPILL_BYTES = 32
 
 def _spill_budget(row: dict[str, str]) -> int | None:
     """Bytes of spills allowed for a compiled row; None when the tiles were pinned by the caller."""
-    if row["kernel"].endswith(":_mine_hardest_kernel"):
+    if row["kernel"].endswith((":_mine_hardest_kernel", ":_mine_symmetric_kernel")):
         if re.search(r"\btiles=(?!auto)", row["case"]):
             return None  # an explicit TileConfig (tests, benchmarks): the caller's choice of tiles
         spec = dict(item.split("=", 1) for item in row["specialisation"].split() if "=" in item)
@@ -297,7 +298,12 @@ def _bounds(value: str, defs: dict, args: dict, memo: dict) -> tuple[int, int] |
             result = (b[0][0], b[1][1]) if b[0] and b[1] else None
         elif op in _PASS_THROUGH:
             result = b[0]
-        elif all(b) and len(b) >= 2:
+        elif op in ("arith.minsi", "arith.maxsi") and len(b) == 2 and any(b):
+            # A clamp bounds an unbounded value: min(x, c) <= c and max(x, c) >= c whatever x is.
+            (alo, ahi), (blo, bhi) = (x or (-math.inf, math.inf) for x in b)
+            result = (min(alo, blo), min(ahi, bhi)) if op == "arith.minsi" else (max(alo, blo), max(ahi, bhi))
+        elif all(b) and len(b) >= 2 and not any(math.isinf(v) for bound in b for v in bound):
+            # (A half-bounded operand, one side of a clamp, leaves the result unbounded.)
             (alo, ahi), (blo, bhi) = b[0], b[1]
             if op == "arith.addi":
                 result = (alo + blo, ahi + bhi)
@@ -310,10 +316,6 @@ def _bounds(value: str, defs: dict, args: dict, memo: dict) -> tuple[int, int] |
                 result = (alo // max(bhi, 1), ahi // max(blo, 1))  # a divisor is never 0 at run time
             elif op in ("arith.remsi", "arith.remui") and alo >= 0:
                 result = (0, max(min(ahi, max(abs(blo), abs(bhi)) - 1), 0))
-            elif op == "arith.minsi":
-                result = (min(alo, blo), min(ahi, bhi))
-            elif op == "arith.maxsi":
-                result = (max(alo, blo), max(ahi, bhi))
             elif op == "arith.andi" and alo >= 0 and blo >= 0:
                 result = (0, min(ahi, bhi))
             elif op == "arith.select" and len(b) == 3 and b[2]:
@@ -415,6 +417,23 @@ def test_offset_check_catches_a_32_bit_product() -> None:
 """
     assert len(offset_overflows(narrow)) == 2  # the product and the offset
     assert offset_overflows(wide) == []
+
+
+def test_offset_check_accepts_a_clamped_value_only() -> None:
+    # %block has no known bound (an argument the checker does not know, like a loop-carried value);
+    # clamped to [0, N] it is bounded, half-clamped it is not.
+    head = """  tt.func public @k(%x_ptr: !tt.ptr<f16> loc("x_ptr"(#loc)), %N: i32 loc("N"(#loc)), %block: i32 loc("block"(#loc))) {
+    %c0_i32 = arith.constant 0 : i32 loc(#loc1)
+    %low = arith.maxsi %block, %c0_i32 : i32 loc(#loc1)
+"""
+    tail = """    %r = tt.splat %v : i32 -> tensor<64xi32> loc(#loc1)
+    %p = tt.splat %x_ptr : !tt.ptr<f16> -> tensor<64x!tt.ptr<f16>> loc(#loc1)
+    %q = tt.addptr %p, %r : tensor<64x!tt.ptr<f16>>, tensor<64xi32> loc(#loc1)
+"""
+    clamped = head + "    %v = arith.minsi %low, %N : i32 loc(#loc1)\n" + tail
+    half = head + "    %v = arith.addi %low, %N : i32 loc(#loc1)\n" + tail
+    assert offset_overflows(clamped) == []
+    assert len(offset_overflows(half)) == 1
 
 
 def test_mining_split_starts_stay_below_the_candidate_count(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,6 +8,8 @@ match exactly; on generic random inputs the kernel's choice must be valid and it
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import given
@@ -40,6 +42,12 @@ TILES = (
     TileConfig(block_m=16, block_n=32, block_d=16, block_t=32, num_warps=2, num_stages=2, candidates_per_split=None),
     TileConfig(block_m=16, block_n=16, block_d=32, block_t=16, num_warps=2, num_stages=2, candidates_per_split=48,
                flatten=True),
+    # The symmetric kernel (used where the anchors are the candidates, self_offset 0): 2-tile
+    # splits that cut pairs of row blocks into segments, and one split per pair.
+    TileConfig(block_m=16, block_n=16, block_d=16, block_t=16, num_warps=1, num_stages=1, candidates_per_split=32,
+               symmetric=True),
+    TileConfig(block_m=32, block_n=32, block_d=16, block_t=16, num_warps=2, num_stages=2, candidates_per_split=None,
+               symmetric=True),
 )
 
 
@@ -294,6 +302,96 @@ def test_matches_reference(case):
             assert_valid_best(name + " (reference)", theirs, key, valid, tol)
 
 
+@st.composite
+def symmetric_cases(draw):
+    """One batch mined against itself (the symmetric kernel's calls), exact integer data."""
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    n = draw(st.integers(1, 90))
+    d = draw(st.integers(1, 40))
+    dtype = draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
+    x = torch.randint(-2, 3, (n, d), generator=gen).to(dtype)
+    if draw(st.booleans()):
+        x = _strided(x)
+    label_kind = draw(st.sampled_from(["few", "few", "singletons", "single", "int32", "wide"]))
+    labels = _labels("few" if label_kind in ("int32", "wide") else label_kind, n, draw(st.integers(2, 6)), gen)
+    if label_kind == "int32":
+        labels = labels.int()
+    elif label_kind == "wide":  # low words collide across high words: the wide pass
+        labels = labels + torch.randint(0, 2, (n,), generator=gen) * 2**32
+    text = None
+    use_text = draw(st.booleans())
+    if use_text:
+        text = _axis_text(n, draw(st.integers(1, 20)), gen).to(dtype).to(TEST_DEVICE)
+    block = draw(st.sampled_from([16, 32]))
+    tiles = TileConfig(block_m=block, block_n=block, block_d=16, block_t=16, num_warps=1, num_stages=1,
+                       candidates_per_split=draw(st.sampled_from([None, 16, 32, 48, 64])), symmetric=True,
+                       flatten=draw(st.booleans()))
+    options = dict(
+        metric=draw(st.sampled_from(["sqeuclidean", "dot", "euclidean"])),
+        base_margin=draw(st.sampled_from([0.0, 0.25, 1.0])),
+        margin_scale=draw(st.sampled_from([0.0, 0.5])) if use_text else 0.0,
+        text_positive_threshold=draw(st.sampled_from([None, 0.0, 0.5])) if use_text else None,
+        self_offset=0,
+    )
+    if options["metric"] == "euclidean" and options["margin_scale"] != 0.0:
+        options["metric"] = "sqeuclidean"  # m - sqrt(k) rounds differently everywhere: no exact ties
+    return x.to(TEST_DEVICE), labels.to(TEST_DEVICE), text, options, tiles
+
+
+@given(case=symmetric_cases())
+def test_symmetric_kernel_gives_exact_indices(case):
+    x, labels, text, options, tiles = case
+    bests = kernel.mine_hardest_splits_triton(x, x, labels, labels, text, text, tiles=tiles, **options)
+    assert bests.packed
+    pos, neg = run_kernel(x, x, labels, labels, text, text, tiles, **options)
+    pos_key, pos_valid, neg_key, neg_valid = brute_force_keys(x, x, labels, labels, text, text, **options)
+    if options["margin_scale"] == 0.0:
+        neg_key = -pos_key
+    expected_pos, expected_neg = first_argmax(pos_key, pos_valid), first_argmax(neg_key, neg_valid)
+    assert torch.equal(pos.cpu(), expected_pos.cpu()), (pos.tolist(), expected_pos.tolist())
+    assert torch.equal(neg.cpu(), expected_neg.cpu()), (neg.tolist(), expected_neg.tolist())
+
+
+def test_symmetric_kernel_runs_only_on_a_batch_against_itself(monkeypatch):
+    x, y = _cluster_batch(n=40)
+    square = TileConfig(block_m=16, block_n=16, block_d=16, block_t=16, num_warps=1, num_stages=1)
+
+    def packed(anchors, candidates, al, cl, tiles=square, offset=0, text=(None, None), **changes):
+        return kernel.mine_hardest_splits_triton(anchors, candidates, al, cl, *text, tiles=tiles,
+                                                 **{**_BASIC, "self_offset": offset, **changes}).packed
+
+    on = dataclasses.replace(square, symmetric=True)
+    assert packed(x, x, y, y, tiles=on)
+    assert packed(x, x, y, y, tiles=on, metric="cosine")
+    text = torch.randn(40, 6, device=TEST_DEVICE)
+    assert packed(x, x, y, y, tiles=on, text=(text, text), margin_scale=0.5)
+    assert packed(x, x, y, y, tiles=on, text=(text, text.clone()))  # text that is never read
+    assert not packed(x, x, y, y, tiles=on, text=(text, text.clone()), margin_scale=0.5)
+    assert not packed(x, x.clone(), y, y, tiles=on)
+    assert not packed(x, x, y, y.clone(), tiles=on)
+    assert not packed(x[:30], x, y[:30], y, tiles=on)
+    assert not packed(x[5:], x, y[5:], y, tiles=on, offset=5)
+    assert not packed(x.double(), x.double(), y, y, tiles=on)  # fp64 keeps its own tiles
+    assert not packed(x, x, y, y, tiles=dataclasses.replace(square, symmetric=False))
+    # Unset: the environment decides, for square tiles only.
+    monkeypatch.delenv("TORCHFG_SYMMETRIC_MINING", raising=False)
+    assert not packed(x, x, y, y)
+    monkeypatch.setenv("TORCHFG_SYMMETRIC_MINING", "1")
+    assert packed(x, x, y, y) and packed(x, x, y, y, tiles=None)
+    assert not packed(x, x, y, y, tiles=dataclasses.replace(square, block_m=32))
+    with pytest.raises(ValueError, match="square"):
+        packed(x, x, y, y, tiles=dataclasses.replace(on, block_m=32))
+    # Autotuned on a GPU, IEEE fp32 (FMA) dots keep the default kernel (no spill-free symmetric tiles).
+    monkeypatch.setattr(kernel, "triton_interpreter_enabled", lambda: False)
+    bf16 = x.bfloat16()
+    assert kernel._takes_symmetric_kernel(None, bf16, bf16, y, y, None, None, 0)
+    assert not kernel._takes_symmetric_kernel(None, x, x, y, y, None, None, 0)
+    assert not kernel._takes_symmetric_kernel(None, bf16, bf16, y, y, text, text, 0)  # fp32 text
+    bf16_text = text.bfloat16()
+    assert kernel._takes_symmetric_kernel(None, bf16, bf16, y, y, bf16_text, bf16_text, 0)
+    assert kernel._takes_symmetric_kernel(square, x, x, y, y, None, None, 0)  # explicit tiles may
+
+
 # ----------------------------------------------------------------------------- fixed cases
 
 _BASIC = dict(metric="euclidean", base_margin=0.2, margin_scale=0.0, text_positive_threshold=None, self_offset=0)
@@ -493,8 +591,9 @@ def test_interior_tiles_without_masks_and_partial_last_tiles(m, per_split):
         assert torch.equal(neg.cpu(), first_argmax(-pos_key, neg_valid).cpu())
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize("high_words", ["differ", "same_nonzero", "negative", "differ_in_one_split"])
-def test_64_bit_labels_compare_both_words(high_words):
+def test_64_bit_labels_compare_both_words(high_words, symmetric):
     # Labels whose low 32 bits collide must still differ: a program that sees one high word
     # compares low words only, one that sees several compares both words.
     gen = torch.Generator().manual_seed(3)
@@ -512,7 +611,7 @@ def test_64_bit_labels_compare_both_words(high_words):
     y = (high * 2**32 + low).to(TEST_DEVICE)
     options = {**_BASIC, "metric": "sqeuclidean"}
     tiles = TileConfig(block_m=16, block_n=16, block_d=16, block_t=16, num_warps=1, num_stages=1,
-                       candidates_per_split=16)
+                       candidates_per_split=16, symmetric=symmetric)
     pos, neg = run_kernel(x, x, y, y, None, None, tiles, **options)
     pos_key, pos_valid, _, neg_valid = brute_force_keys(x, x, y, y, None, None, **options)
     assert torch.equal(pos.cpu(), first_argmax(pos_key, pos_valid).cpu())
@@ -543,6 +642,18 @@ def test_gpu_config_table_is_complete():
             # The autotuned launcher: its configs set only constexprs of the kernel.
             tuned = kernel._tuned_kernel(kind, width)
             names = set(kernel._mine_hardest_kernel.arg_names)
+            assert len(tuned.configs) == len(entries)
+            assert all(set(cfg.kwargs) <= names for cfg in tuned.configs)
+            # The symmetric kernel's: square tiles, one for any layout, constexprs of its kernel
+            # (none for FMA dots, which never take it).
+            if width == "fp32":
+                assert (kind, width) not in kernel.SYMMETRIC_GPU_CONFIGS
+                continue
+            entries = kernel.SYMMETRIC_GPU_CONFIGS[kind, width]
+            assert any(scope == kernel.ANY_LAYOUT for scope, _ in entries), (kind, width)
+            assert all(c.block_m == c.block_n >= 16 and min(c.block_d, c.block_t) >= 16 for _, c in entries)
+            tuned = kernel._symmetric_tuned_kernel(kind, width)
+            names = set(kernel._mine_symmetric_kernel.arg_names)
             assert len(tuned.configs) == len(entries)
             assert all(set(cfg.kwargs) <= names for cfg in tuned.configs)
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from torchfg._validation import check_int
 from torchfg.bench.core import Case, OpBench, Problem, api_available, triton_available
-from torchfg.bench.triplet import PER_CLASS, class_labels
+from torchfg.bench.triplet import PER_CLASS, class_labels, with_symmetric_mining
 
 BASE_MARGIN = 0.1
 MARGIN_SCALE = 0.5
@@ -103,6 +103,8 @@ def cases() -> list[Case]:
     return [
         Case("torchfg[torch]", _torchfg("torch")),
         Case("torchfg[triton]", _torchfg("triton"), available=triton_available, gpu_kernel=True),
+        Case("torchfg[triton] symmetric", with_symmetric_mining(_torchfg("triton")), available=triton_available,
+             gpu_kernel=True),
         Case("torch.cdist+masks", _cdist, kind="baseline"),
     ]
 

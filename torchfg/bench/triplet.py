@@ -9,6 +9,7 @@ whole distance matrix.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
 import torch
@@ -79,6 +80,28 @@ def _torchfg(backend: str) -> Callable[[Problem], Callable[[], Any]]:
     return setup
 
 
+def with_symmetric_mining(setup: Callable[[Problem], Callable[[], Any]]) -> Callable[[Problem], Callable[[], Any]]:
+    """A case's setup whose steps run with ``TORCHFG_SYMMETRIC_MINING=1`` (the symmetric mining
+    kernel, opt-in until a GPU run has timed it against the default)."""
+    def wrapped(problem: Problem) -> Callable[[], Any]:
+        run = setup(problem)
+
+        def run_symmetric() -> Any:
+            saved = os.environ.get("TORCHFG_SYMMETRIC_MINING")
+            os.environ["TORCHFG_SYMMETRIC_MINING"] = "1"
+            try:
+                return run()
+            finally:
+                if saved is None:
+                    del os.environ["TORCHFG_SYMMETRIC_MINING"]
+                else:
+                    os.environ["TORCHFG_SYMMETRIC_MINING"] = saved
+
+        return run_symmetric
+
+    return wrapped
+
+
 def batch_hard_cdist(x: torch.Tensor, labels: torch.Tensor, margin: float) -> torch.Tensor:
     """The plain PyTorch route: full ``torch.cdist`` matrix, masks, max/min per row, hinge, mean.
 
@@ -137,6 +160,8 @@ def cases() -> list[Case]:
     return [
         Case("torchfg[torch]", _torchfg("torch")),
         Case("torchfg[triton]", _torchfg("triton"), available=triton_available, gpu_kernel=True),
+        Case("torchfg[triton] symmetric", with_symmetric_mining(_torchfg("triton")), available=triton_available,
+             gpu_kernel=True),
         Case("torch.cdist+masks", _cdist, kind="baseline"),
         Case("pml.BatchHard", _pml, kind="baseline", available=module_installed("pytorch_metric_learning")),
     ]

@@ -37,7 +37,7 @@ from torchfg.backends import triton_interpreter_enabled
 from torchfg.ops._triton_utils import split_scalar
 from torchfg.ops.metric import metric_code
 from torchfg.ops.pair_distances.triton import _acc_dtype, finish_pair_distance, pair_distance_gradient
-from torchfg.ops.triplet.triton import merge_split_bests, rows_aligned
+from torchfg.ops.triplet.triton import merge_split_bests, rows_aligned, unpack_best_index
 
 __all__ = ["REDUCTION_CODES", "hardest_triplet_loss_triton", "hardest_triplet_loss_backward_triton"]
 
@@ -84,8 +84,8 @@ def _hardest_triplet_fwd_kernel(
     stride_xn, stride_xd, stride_yn, stride_yd, stride_atn, stride_atd, stride_ctn, stride_ctd,
     base_margin_hi, base_margin_lo, margin_scale_hi, margin_scale_lo,
     METRIC: tl.constexpr, MARGIN_AWARE: tl.constexpr, SMOOTH: tl.constexpr, REDUCTION: tl.constexpr,
-    MERGE: tl.constexpr, LINK: tl.constexpr, ACC_DTYPE: tl.constexpr, TEXT_ACC_DTYPE: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr,
+    MERGE: tl.constexpr, PACKED: tl.constexpr, LINK: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    TEXT_ACC_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -94,6 +94,9 @@ def _hardest_triplet_fwd_kernel(
     if MERGE:
         pos, neg = merge_split_bests(pos_val_ptr, pos_idx_ptr, neg_val_ptr, neg_idx_ptr, rows, row_ok, N, SPLITS,
                                      ACC_DTYPE, BLOCK_R)
+    elif PACKED:
+        pos = unpack_best_index(tl.load(pos_idx_ptr + rows64, mask=row_ok, other=-1).to(tl.int64))
+        neg = unpack_best_index(tl.load(neg_idx_ptr + rows64, mask=row_ok, other=-1).to(tl.int64))
     else:
         pos = tl.load(pos_idx_ptr + rows64, mask=row_ok, other=-1).to(tl.int64)
         neg = tl.load(neg_idx_ptr + rows64, mask=row_ok, other=-1).to(tl.int64)
@@ -370,7 +373,7 @@ def hardest_triplet_loss_triton(
             anchors.stride(0), anchors.stride(1), candidates.stride(0), candidates.stride(1), *text_strides,
             *split_scalar(base_margin), *split_scalar(margin_scale),
             METRIC=metric_code(metric), MARGIN_AWARE=margin_aware, SMOOTH=smooth,
-            REDUCTION=REDUCTION_CODES[reduction], MERGE=bests.splits > 1, LINK=link, ACC_DTYPE=acc_tl,
+            REDUCTION=REDUCTION_CODES[reduction], MERGE=bests.splits > 1, PACKED=bests.packed, LINK=link, ACC_DTYPE=acc_tl,
             TEXT_ACC_DTYPE=tl.float64 if margin_aware and anchor_text.dtype == torch.float64 else tl.float32,
             BLOCK_R=block_r, BLOCK_D=block_d,
             # fp64 embeddings with 64 text columns spilled 8 bytes (triton 3.6).

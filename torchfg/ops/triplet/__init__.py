@@ -134,8 +134,11 @@ def _check_mining_inputs(
     anchors = check_float_tensor(anchors, "anchors", ndim=2)
     candidates = check_float_tensor(candidates, "candidates", ndim=2)
     check_row_sets(anchors, "anchors", candidates, "candidates")
+    same_labels = candidate_labels is anchor_labels
     anchor_labels = mining_labels(check_labels(anchor_labels, "anchor_labels", anchors.shape[0], device=anchors.device))
-    candidate_labels = mining_labels(
+    # One labels tensor stays one after conversion: the symmetric mining kernel recognises a batch
+    # mined against itself by its rows, labels and text being the same tensors.
+    candidate_labels = anchor_labels if same_labels and candidates.shape[0] == anchors.shape[0] else mining_labels(
         check_labels(candidate_labels, "candidate_labels", candidates.shape[0], device=anchors.device)
     )
     check_choice(metric, "metric", METRICS)

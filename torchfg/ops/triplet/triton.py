@@ -32,6 +32,11 @@ from one pre-pass launch. Label and statistic loads stay after the MMA loop: iss
 the software pipeliner keeps one copy per stage in registers (measured: hundreds of bytes of
 spills at 128 registers), while a second resident program hides their latency anyway.
 
+A batch mined against itself can take the symmetric kernel instead (``_mine_symmetric_kernel``;
+opt-in, ``TORCHFG_SYMMETRIC_MINING=1`` or ``TileConfig(symmetric=True)``): it computes only the
+tiles on and above the diagonal, half the MMA work, and each off-diagonal tile updates the anchors
+of its rows and of its columns, the latter through atomics on packed (key, index) words.
+
 Selection rules (see ``torchfg/ops/triplet/__init__.py`` for the public op): the hardest positive
 maximises d over same-label candidates other than the anchor itself; the hardest negative maximises
 m - d over other-label candidates, with m = base_margin + margin_scale * (1 - cos_text) / 2 when
@@ -43,6 +48,7 @@ then done on squared distances (same order, no sqrt per pair).
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 
 import torch
@@ -81,6 +87,12 @@ class TileConfig:
         maxnreg: register cap per thread (``None``: the compiler's choice). 128 with 8 warps (or
             up to 255 with 4) lets two programs share an SM, so that one's epilogue overlaps the
             other's MMA loop.
+        symmetric: mine a batch against itself (anchors are the candidates, self_offset 0, the
+            same labels and text; fp16/bf16/fp32) with the symmetric kernel, which computes each
+            pair's tile once for both of its anchors (square ``block_m`` tiles; ``block_n`` must
+            equal it, and ``candidates_per_split`` counts candidates of a row block's tile list).
+            None: the ``TORCHFG_SYMMETRIC_MINING`` environment variable ("1" on, else off).
+            Calls that are not symmetric ignore it.
 
     On a GPU every block size must be a power of two >= 16 (``tl.dot``'s minimum); the
     interpreter accepts any power of two. The defaults (for an explicit config; the launcher
@@ -100,6 +112,7 @@ class TileConfig:
     candidates_per_split: int | None = None
     flatten: bool = False
     maxnreg: int | None = None
+    symmetric: bool | None = None
 
 
 # fp64 is a correctness path (an FMA dot, operands in registers): 32 x 32 x 16 tiles spill at most
@@ -161,22 +174,27 @@ def _row_stat_block(
 def _row_stat_kernel(
     x_ptr, out_ptr, R, C, stride_r, stride_c,
     y_ptr, out_y_ptr, R_Y, C_Y, stride_yr, stride_yc,
-    x_blocks, fill_ptr, fill_len, fill_value,
+    x_blocks, fill_ptr, fill_len, fill_value, fill2_ptr, fill2_len, fill2_value,
     INVERSE_NORM: tl.constexpr, ACC_DTYPE: tl.constexpr,
     INVERSE_NORM_Y: tl.constexpr, ACC_DTYPE_Y: tl.constexpr,
-    FILL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    FILL: tl.constexpr, FILL2: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Row statistics of up to two matrices in one launch: programs [0, x_blocks) take x, the rest y.
 
     FILL: the programs also set ``fill_ptr[0:fill_len]`` to ``fill_value`` (grid-stride), the
-    scratch of the fused triplet loss that runs after the mining: one launch fewer per step.
+    scratch of the fused triplet loss that runs after the mining: one launch fewer per step. FILL2:
+    the same for a second buffer (the symmetric mining's packed bests).
     """
     pid = tl.program_id(0)
+    step = tl.num_programs(0) * BLOCK_R
     if FILL:
-        step = tl.num_programs(0) * BLOCK_R
         for f0 in tl.range(pid * BLOCK_R, fill_len, step):
             spots = tl.arange(0, BLOCK_R).to(tl.int64) + f0
             tl.store(fill_ptr + spots, tl.full((BLOCK_R,), fill_value, tl.int32), mask=spots < fill_len)
+    if FILL2:
+        for f0 in tl.range(pid * BLOCK_R, fill2_len, step):
+            spots = tl.arange(0, BLOCK_R).to(tl.int64) + f0
+            tl.store(fill2_ptr + spots, tl.full((BLOCK_R,), fill2_value, tl.int32), mask=spots < fill2_len)
     if pid < x_blocks:
         _row_stat_block(x_ptr, out_ptr, R, C, stride_r, stride_c, pid, INVERSE_NORM, ACC_DTYPE, BLOCK_R, BLOCK_C)
     else:
@@ -197,8 +215,8 @@ def _take_first_max(best, best_idx, key, n0):
 
 
 @triton.jit
-def _mine_tile(
-    n0, rows, best_pos, best_pos_idx, best_neg, best_neg_idx,
+def _tile_keys(
+    n0, rows,
     anchor_base, anchor_label, anchor_label_hi, anchor_stat, anchor_text_base, anchor_text_inv,
     cand_ptr, cand_stat_ptr, cand_label_ptr, cand_text_ptr, cand_text_inv_ptr,
     M, D, T, tile_end,
@@ -211,9 +229,12 @@ def _mine_tile(
     EVEN_D: tl.constexpr, EVEN_T: tl.constexpr, MASK_COLS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    """One candidate tile [n0, n0 + BLOCK_N): distances (and text similarities), then both running maxima.
+    """Selection keys of one candidate tile [n0, n0 + BLOCK_N): (positive key, negative key), each (BLOCK_M, BLOCK_N).
 
-    Only the last tile of a split masks its columns (``MASK_COLS``); interior tiles are mask-free.
+    Distances (and text similarities) of the tile, then the keys: d (squared for the Euclidean
+    metrics) for positives and m - d (or -d) for negatives, -inf where a candidate is not a valid
+    positive / negative. Only the last tile of a split masks its columns (``MASK_COLS``); interior
+    tiles are mask-free.
     """
     cols = n0 + tl.arange(0, BLOCK_N)
     if MASK_COLS:
@@ -293,8 +314,39 @@ def _mine_tile(
         # A constant margin: the hardest negative is simply the closest one.
         neg_key = -dist
 
-    best_pos, best_pos_idx = _take_first_max(best_pos, best_pos_idx, tl.where(pos_ok, dist, float("-inf")), n0)
-    best_neg, best_neg_idx = _take_first_max(best_neg, best_neg_idx, tl.where(neg_ok, neg_key, float("-inf")), n0)
+    return tl.where(pos_ok, dist, float("-inf")), tl.where(neg_ok, neg_key, float("-inf"))
+
+
+@triton.jit
+def _mine_tile(
+    n0, rows, best_pos, best_pos_idx, best_neg, best_neg_idx,
+    anchor_base, anchor_label, anchor_label_hi, anchor_stat, anchor_text_base, anchor_text_inv,
+    cand_ptr, cand_stat_ptr, cand_label_ptr, cand_text_ptr, cand_text_inv_ptr,
+    M, D, T, tile_end,
+    stride_ad, stride_cm, stride_cd, stride_atd, stride_ctm, stride_ctd,
+    self_offset, base_margin, margin_scale, text_threshold,
+    METRIC: tl.constexpr, HAS_SELF: tl.constexpr, NEED_TEXT: tl.constexpr, MARGIN_AWARE: tl.constexpr,
+    HAS_THRESHOLD: tl.constexpr, LABEL_STRIDE: tl.constexpr, WIDE_LABELS: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    TEXT_DOT_DTYPE: tl.constexpr, TEXT_ACC_DTYPE: tl.constexpr, TEXT_INPUT_PRECISION: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_T: tl.constexpr, MASK_COLS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """One candidate tile: its keys (:func:`_tile_keys`), then both running maxima of the anchors."""
+    pos_key, neg_key = _tile_keys(
+        n0, rows,
+        anchor_base, anchor_label, anchor_label_hi, anchor_stat, anchor_text_base, anchor_text_inv,
+        cand_ptr, cand_stat_ptr, cand_label_ptr, cand_text_ptr, cand_text_inv_ptr,
+        M, D, T, tile_end,
+        stride_ad, stride_cm, stride_cd, stride_atd, stride_ctm, stride_ctd,
+        self_offset, base_margin, margin_scale, text_threshold,
+        METRIC, HAS_SELF, NEED_TEXT, MARGIN_AWARE, HAS_THRESHOLD, LABEL_STRIDE, WIDE_LABELS,
+        DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION, TEXT_DOT_DTYPE, TEXT_ACC_DTYPE, TEXT_INPUT_PRECISION,
+        EVEN_D, EVEN_T, MASK_COLS,
+        BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_T,
+    )
+    best_pos, best_pos_idx = _take_first_max(best_pos, best_pos_idx, pos_key, n0)
+    best_neg, best_neg_idx = _take_first_max(best_neg, best_neg_idx, neg_key, n0)
     return best_pos, best_pos_idx, best_neg, best_neg_idx
 
 
@@ -426,6 +478,270 @@ def _mine_hardest_kernel(
         if STORE_VALUES:
             tl.store(pos_val_ptr + out_offsets, best_pos, mask=row_ok)
             tl.store(neg_val_ptr + out_offsets, best_neg, mask=row_ok)
+
+
+# ----------------------------------------------------------------------------- symmetric mining
+#
+# When the anchors are the candidates (a training batch mined against itself) the distance and
+# text-similarity matrices are symmetric: tile (I, J) holds tile (J, I) transposed. The symmetric
+# kernel computes only the tiles with J >= I, half the MMA work, and each off-diagonal tile serves
+# both sides: its row maxima update the anchors of block I, its column maxima the anchors of block
+# J. Results meet in global memory as packed (key, index) words under an unsigned atomic minimum,
+# which keeps the reference's rule (largest key, lowest index on ties) whatever order the programs
+# run in, and is idempotent (autotuning reruns leave the same answer).
+
+# All ones: the packed word of "no candidate"; every real candidate packs below it.
+_NO_BEST = -1
+
+
+@triton.jit
+def _pack_best(value, index):
+    """(key, candidate index) as an int64 whose unsigned order puts larger keys first, then lower indices.
+
+    The high word is the fp32 key's bits mapped to an unsigned order that decreases with the key;
+    the low word is the index (< 2**31). ``value`` must be fp32.
+    """
+    value = tl.where(value == 0.0, 0.0, value)  # -0.0 and +0.0 must pack alike: ties go by index
+    bits = value.to(tl.int32, bitcast=True)
+    inverted = tl.where(bits >= 0, 0x7FFFFFFF - bits, bits)
+    # The shift drops the sign extension of the high word.
+    return (inverted.to(tl.int64) << 32) | index.to(tl.int64)
+
+
+@triton.jit
+def unpack_best_index(packed):
+    """Candidate index of a packed best (int64), -1 for ``_NO_BEST``."""
+    return tl.where(packed == -1, -1, packed & 0x7FFFFFFF)
+
+
+@triton.jit
+def _mine_symmetric_segment(
+    row_block, j_lo, j_hi,
+    x_ptr, stat_ptr, label_ptr, text_ptr, text_inv_ptr, pos_ptr, neg_ptr,
+    N, D, T,
+    stride_m, stride_d, stride_tm, stride_td,
+    base_margin, margin_scale, text_threshold,
+    METRIC: tl.constexpr, NEED_TEXT: tl.constexpr, MARGIN_AWARE: tl.constexpr, HAS_THRESHOLD: tl.constexpr,
+    LABEL_WORDS: tl.constexpr, WIDE_PASS: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    TEXT_DOT_DTYPE: tl.constexpr, TEXT_ACC_DTYPE: tl.constexpr, TEXT_INPUT_PRECISION: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_T: tl.constexpr, EVEN_N: tl.constexpr, FLATTEN: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """Tiles (row_block, J) for J in [j_lo, j_hi), with j_lo >= row_block: row maxima for the
+    anchors of row_block (published once, at the end), column maxima for those of block J."""
+    # Block indices come through branches and loop-carried values: clamping them to [0, blocks)
+    # (a no-op) states the bound that keeps every 32-bit offset below 2**31 where the offset
+    # analysis of tests/ops/test_sm90_compile.py can see it.
+    last_block = tl.cdiv(N, BLOCK) - 1
+    row_block = tl.minimum(tl.maximum(row_block, 0), last_block)
+    j_lo = tl.minimum(tl.maximum(j_lo, 0), last_block + 1)
+    j_hi = tl.minimum(tl.maximum(j_hi, 0), last_block + 1)
+    rows = row_block * BLOCK + tl.arange(0, BLOCK)
+    row_ok = rows < N
+    rows_safe = tl.minimum(rows, N - 1)
+    anchor_base = x_ptr + rows_safe.to(tl.int64)[:, None] * stride_m
+    anchor_label = tl.load(label_ptr + rows_safe * LABEL_WORDS)
+    anchor_label_hi = anchor_label
+    anchor_stat = tl.zeros((BLOCK,), dtype=ACC_DTYPE)
+    if METRIC != 3:
+        anchor_stat = tl.load(stat_ptr + rows_safe).to(ACC_DTYPE)
+    anchor_text_base = anchor_base
+    anchor_text_inv = anchor_stat.to(TEXT_ACC_DTYPE)
+    if NEED_TEXT:
+        anchor_text_base = text_ptr + rows_safe.to(tl.int64)[:, None] * stride_tm
+        anchor_text_inv = tl.load(text_inv_ptr + rows_safe).to(TEXT_ACC_DTYPE)
+
+    # 64-bit labels: as in _mine_hardest_kernel, a segment whose labels share one high word is
+    # mined by the main pass on low words alone, any other by the wide pass. Both passes scan the
+    # same rows and columns, so each segment runs in exactly one of them.
+    run = True
+    if LABEL_WORDS == 2:
+        anchor_label_hi = tl.load(label_ptr + rows_safe * 2 + 1)
+        hi_min = tl.min(anchor_label_hi, axis=0)
+        hi_max = tl.max(anchor_label_hi, axis=0)
+        col_end = tl.minimum(j_hi * BLOCK, N)
+        for c0 in tl.range(j_lo * BLOCK, col_end, BLOCK):
+            cs = c0 + tl.arange(0, BLOCK)
+            cand_hi = tl.load(label_ptr + cs * 2 + 1, mask=cs < col_end, other=hi_min)
+            hi_min = tl.minimum(hi_min, tl.min(cand_hi, axis=0))
+            hi_max = tl.maximum(hi_max, tl.max(cand_hi, axis=0))
+        if WIDE_PASS:
+            run = hi_min != hi_max
+        else:
+            run = hi_min == hi_max
+
+    if run:
+        best_pos = tl.full((BLOCK,), float("-inf"), ACC_DTYPE)
+        best_pos_idx = tl.full((BLOCK,), -1, tl.int32)
+        best_neg = tl.full((BLOCK,), float("-inf"), ACC_DTYPE)
+        best_neg_idx = tl.full((BLOCK,), -1, tl.int32)
+        j = j_lo
+        if j == row_block:
+            # The diagonal tile holds both orders of every pair in the block: rows only. It also
+            # excludes each anchor from its own positives, and masks columns (it may be the last,
+            # partial block).
+            pos_key, neg_key = _tile_keys(
+                row_block * BLOCK, rows,
+                anchor_base, anchor_label, anchor_label_hi, anchor_stat, anchor_text_base, anchor_text_inv,
+                x_ptr, stat_ptr, label_ptr, text_ptr, text_inv_ptr,
+                N, D, T, N,
+                stride_d, stride_m, stride_d, stride_td, stride_tm, stride_td,
+                0, base_margin, margin_scale, text_threshold,
+                METRIC, True, NEED_TEXT, MARGIN_AWARE, HAS_THRESHOLD, LABEL_WORDS, WIDE_PASS,
+                DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION, TEXT_DOT_DTYPE, TEXT_ACC_DTYPE, TEXT_INPUT_PRECISION,
+                EVEN_D, EVEN_T, True,
+                BLOCK, BLOCK, BLOCK_D, BLOCK_T,
+            )
+            best_pos, best_pos_idx = _take_first_max(best_pos, best_pos_idx, pos_key, row_block * BLOCK)
+            best_neg, best_neg_idx = _take_first_max(best_neg, best_neg_idx, neg_key, row_block * BLOCK)
+            j += 1
+        # Off-diagonal tiles have row_block < J, so their rows are a whole block: only a partial
+        # last block of columns needs masks.
+        if EVEN_N:
+            interior_end = j_hi
+        else:
+            interior_end = tl.minimum(j_hi, N // BLOCK)
+        for jj in tl.range(j, interior_end, flatten=FLATTEN):
+            best_pos, best_pos_idx, best_neg, best_neg_idx = _mine_symmetric_tile(
+                jj, row_block, rows, best_pos, best_pos_idx, best_neg, best_neg_idx,
+                anchor_base, anchor_label, anchor_label_hi, anchor_stat, anchor_text_base, anchor_text_inv,
+                x_ptr, stat_ptr, label_ptr, text_ptr, text_inv_ptr, pos_ptr, neg_ptr,
+                N, D, T, stride_m, stride_d, stride_tm, stride_td,
+                base_margin, margin_scale, text_threshold,
+                METRIC, NEED_TEXT, MARGIN_AWARE, HAS_THRESHOLD, LABEL_WORDS, WIDE_PASS,
+                DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION, TEXT_DOT_DTYPE, TEXT_ACC_DTYPE, TEXT_INPUT_PRECISION,
+                EVEN_D, EVEN_T, False,
+                BLOCK, BLOCK_D, BLOCK_T,
+            )
+        if not EVEN_N:
+            last = tl.maximum(j, interior_end)
+            if last < j_hi:
+                best_pos, best_pos_idx, best_neg, best_neg_idx = _mine_symmetric_tile(
+                    last, row_block, rows, best_pos, best_pos_idx, best_neg, best_neg_idx,
+                    anchor_base, anchor_label, anchor_label_hi, anchor_stat, anchor_text_base, anchor_text_inv,
+                    x_ptr, stat_ptr, label_ptr, text_ptr, text_inv_ptr, pos_ptr, neg_ptr,
+                    N, D, T, stride_m, stride_d, stride_tm, stride_td,
+                    base_margin, margin_scale, text_threshold,
+                    METRIC, NEED_TEXT, MARGIN_AWARE, HAS_THRESHOLD, LABEL_WORDS, WIDE_PASS,
+                    DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION, TEXT_DOT_DTYPE, TEXT_ACC_DTYPE, TEXT_INPUT_PRECISION,
+                    EVEN_D, EVEN_T, True,
+                    BLOCK, BLOCK_D, BLOCK_T,
+                )
+        found = row_ok & (best_pos_idx >= 0)
+        tl.atomic_min(pos_ptr + rows, _pack_best(best_pos, best_pos_idx).to(tl.uint64, bitcast=True), mask=found,
+                      sem="relaxed")
+        found = row_ok & (best_neg_idx >= 0)
+        tl.atomic_min(neg_ptr + rows, _pack_best(best_neg, best_neg_idx).to(tl.uint64, bitcast=True), mask=found,
+                      sem="relaxed")
+
+
+@triton.jit
+def _mine_symmetric_tile(
+    col_block, row_block, rows, best_pos, best_pos_idx, best_neg, best_neg_idx,
+    anchor_base, anchor_label, anchor_label_hi, anchor_stat, anchor_text_base, anchor_text_inv,
+    x_ptr, stat_ptr, label_ptr, text_ptr, text_inv_ptr, pos_ptr, neg_ptr,
+    N, D, T, stride_m, stride_d, stride_tm, stride_td,
+    base_margin, margin_scale, text_threshold,
+    METRIC: tl.constexpr, NEED_TEXT: tl.constexpr, MARGIN_AWARE: tl.constexpr, HAS_THRESHOLD: tl.constexpr,
+    LABEL_WORDS: tl.constexpr, WIDE_PASS: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    TEXT_DOT_DTYPE: tl.constexpr, TEXT_ACC_DTYPE: tl.constexpr, TEXT_INPUT_PRECISION: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_T: tl.constexpr, MASK_COLS: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """An off-diagonal tile (row_block < col_block): the row maxima in registers, the column maxima
+    to memory (the candidates of this tile are anchors too, and the tile's rows their candidates)."""
+    col_block = tl.minimum(tl.maximum(col_block, 0), tl.cdiv(N, BLOCK) - 1)  # see _mine_symmetric_segment
+    n0 = col_block * BLOCK
+    pos_key, neg_key = _tile_keys(
+        n0, rows,
+        anchor_base, anchor_label, anchor_label_hi, anchor_stat, anchor_text_base, anchor_text_inv,
+        x_ptr, stat_ptr, label_ptr, text_ptr, text_inv_ptr,
+        N, D, T, N,
+        stride_d, stride_m, stride_d, stride_td, stride_tm, stride_td,
+        0, base_margin, margin_scale, text_threshold,
+        METRIC, False, NEED_TEXT, MARGIN_AWARE, HAS_THRESHOLD, LABEL_WORDS, WIDE_PASS,
+        DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION, TEXT_DOT_DTYPE, TEXT_ACC_DTYPE, TEXT_INPUT_PRECISION,
+        EVEN_D, EVEN_T, MASK_COLS,
+        BLOCK, BLOCK, BLOCK_D, BLOCK_T,
+    )
+    best_pos, best_pos_idx = _take_first_max(best_pos, best_pos_idx, pos_key, n0)
+    best_neg, best_neg_idx = _take_first_max(best_neg, best_neg_idx, neg_key, n0)
+    cols = n0 + tl.arange(0, BLOCK)
+    row0 = row_block * BLOCK
+    col_best, col_at = tl.max(pos_key, axis=0, return_indices=True, return_indices_tie_break_left=True)
+    found = col_best > float("-inf")
+    if MASK_COLS:
+        found = found & (cols < N)
+    tl.atomic_min(pos_ptr + cols, _pack_best(col_best, row0 + col_at.to(tl.int32)).to(tl.uint64, bitcast=True),
+                  mask=found, sem="relaxed")
+    col_best, col_at = tl.max(neg_key, axis=0, return_indices=True, return_indices_tie_break_left=True)
+    found = col_best > float("-inf")
+    if MASK_COLS:
+        found = found & (cols < N)
+    tl.atomic_min(neg_ptr + cols, _pack_best(col_best, row0 + col_at.to(tl.int32)).to(tl.uint64, bitcast=True),
+                  mask=found, sem="relaxed")
+    return best_pos, best_pos_idx, best_neg, best_neg_idx
+
+
+@triton.jit
+def _mine_symmetric_kernel(
+    x_ptr, stat_ptr, label_ptr, text_ptr, text_inv_ptr, pos_ptr, neg_ptr,
+    N, D, T,
+    stride_m, stride_d, stride_tm, stride_td,
+    base_margin, margin_scale, text_threshold,
+    n_bucket, layout_class,  # autotuning keys only, as in _mine_hardest_kernel
+    METRIC: tl.constexpr, NEED_TEXT: tl.constexpr, MARGIN_AWARE: tl.constexpr, HAS_THRESHOLD: tl.constexpr,
+    LABEL_WORDS: tl.constexpr, WIDE_PASS: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    TEXT_DOT_DTYPE: tl.constexpr, TEXT_ACC_DTYPE: tl.constexpr, TEXT_INPUT_PRECISION: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_T: tl.constexpr, EVEN_N: tl.constexpr, FLATTEN: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """Grid (pairs of row blocks, splits). Pair q joins row block q (tiles J = q .. B - 1) with row
+    block B - 1 - q (tiles J = B - 1 - q .. B - 1), B = cdiv(N, BLOCK) blocks: B + 1 tiles for
+    every pair (the middle block of an odd B stands alone), so equal splits of a pair's tile list
+    balance the grid. A program's share is at most one segment of each of the two rows.
+    ``pos_ptr`` / ``neg_ptr``: (N,) uint64 packed bests, all ones on entry."""
+    pair = tl.program_id(0)
+    split = tl.program_id(1)
+    blocks = tl.cdiv(N, BLOCK)
+    first_count = blocks - pair
+    second_row = blocks - 1 - pair
+    second_count = tl.where(second_row > pair, pair + 1, 0)
+    per_split = tl.cdiv(first_count + second_count, tl.num_programs(1))
+    lo = split * per_split
+    hi = tl.minimum(lo + per_split, first_count + second_count)
+    for segment in tl.range(0, 2):
+        if segment == 0:
+            row_block = pair
+            start = lo
+            end = tl.minimum(hi, first_count)
+        else:
+            row_block = second_row
+            start = tl.maximum(lo, first_count) - first_count
+            end = hi - first_count
+        if start < end:
+            _mine_symmetric_segment(
+                row_block, row_block + start, row_block + end,
+                x_ptr, stat_ptr, label_ptr, text_ptr, text_inv_ptr, pos_ptr, neg_ptr,
+                N, D, T, stride_m, stride_d, stride_tm, stride_td,
+                base_margin, margin_scale, text_threshold,
+                METRIC, NEED_TEXT, MARGIN_AWARE, HAS_THRESHOLD, LABEL_WORDS, WIDE_PASS,
+                DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION, TEXT_DOT_DTYPE, TEXT_ACC_DTYPE, TEXT_INPUT_PRECISION,
+                EVEN_D, EVEN_T, EVEN_N, FLATTEN,
+                BLOCK, BLOCK_D, BLOCK_T,
+            )
+
+
+@triton.jit
+def _unpack_bests_kernel(pos_ptr, neg_ptr, pos_out_ptr, neg_out_ptr, N, BLOCK: tl.constexpr):
+    """Packed bests (int64) to candidate indices, -1 for none."""
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    row_ok = rows < N
+    tl.store(pos_out_ptr + rows, unpack_best_index(tl.load(pos_ptr + rows, mask=row_ok)), mask=row_ok)
+    tl.store(neg_out_ptr + rows, unpack_best_index(tl.load(neg_ptr + rows, mask=row_ok)), mask=row_ok)
 
 
 @triton.jit
@@ -650,33 +966,36 @@ def _label_words(anchor_labels: torch.Tensor, candidate_labels: torch.Tensor) ->
     return anchor_labels.contiguous().to(torch.int32), candidate_labels.contiguous().to(torch.int32), 1
 
 
-def _row_stats(*jobs: tuple[torch.Tensor, bool], fill: tuple[torch.Tensor, int] | None = None) -> list[torch.Tensor]:
+def _row_stats(*jobs: tuple[torch.Tensor, bool], fills: tuple[tuple[torch.Tensor, int], ...] = ()) -> list[torch.Tensor]:
     """Per (x (R, C), inverse_norm) job, (R,) squared norms (or inverse norms) in x's accumulation
-    dtype, without an upcast copy. Two jobs share a launch. ``fill`` = (int32 buffer, value): the
-    first launch also sets the buffer to the value (a fill launch of its own when there is no job)."""
+    dtype, without an upcast copy. Two jobs share a launch. ``fills``: up to two (int32 buffer,
+    value) that the first launch also sets (fill launches of their own when there is no job)."""
     outs = [torch.empty(x.shape[0], dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=x.device)
             for x, _ in jobs]
     block_r = 16 if triton_interpreter_enabled() else 32
     block_c = 16 if triton_interpreter_enabled() else 128
     pending = [(x, inverse, out) for (x, inverse), out in zip(jobs, outs) if x.shape[0] > 0]
-    if fill is not None and not pending:
-        fill[0].fill_(fill[1])
-        fill = None
+    fills = tuple(fills)
+    torch._check(len(fills) <= 2)
+    if fills and not pending:
+        for buffer, value in fills:
+            buffer.fill_(value)
+        fills = ()
     for first in range(0, len(pending), 2):
         pair = pending[first:first + 2]
         (x, inverse, out), (y, inverse_y, out_y) = pair[0], pair[-1]
         x_blocks = triton.cdiv(x.shape[0], block_r)
         y_blocks = triton.cdiv(y.shape[0], block_r) if len(pair) == 2 else 0
-        fill_buffer, fill_value = (out, 0) if fill is None else fill
+        (fill_buffer, fill_value), (fill2_buffer, fill2_value) = (tuple(fills) + ((out, 0),) * 2)[:2]
         _row_stat_kernel[(x_blocks + y_blocks,)](
             x, out, x.shape[0], x.shape[1], x.stride(0), x.stride(1),
             y, out_y, y.shape[0], y.shape[1], y.stride(0), y.stride(1),
-            x_blocks, fill_buffer, fill_buffer.numel(), fill_value,
+            x_blocks, fill_buffer, fill_buffer.numel(), fill_value, fill2_buffer, fill2_buffer.numel(), fill2_value,
             INVERSE_NORM=inverse, ACC_DTYPE=tl.float64 if out.dtype == torch.float64 else tl.float32,
             INVERSE_NORM_Y=inverse_y, ACC_DTYPE_Y=tl.float64 if out_y.dtype == torch.float64 else tl.float32,
-            FILL=fill is not None, BLOCK_R=block_r, BLOCK_C=block_c,
+            FILL=len(fills) >= 1, FILL2=len(fills) == 2, BLOCK_R=block_r, BLOCK_C=block_c,
         )
-        fill = None
+        fills = ()
     return outs
 
 
@@ -712,6 +1031,186 @@ def _default_candidates_per_split(n: int, m: int, device: torch.device) -> int:
     return triton.cdiv(per_split, _SPLIT_GRANULE) * _SPLIT_GRANULE
 
 
+# Square tiles of the symmetric kernel per kind and operand width (see GPU_CONFIGS; fp64 never
+# takes this path). Its epilogue keeps both key tiles live for the row and the column arg-maxima:
+# 128 x 128 tiles spill 470-900 bytes on sm_90 (8 warps, triton 3.9; 340-460 on 3.6). Of the
+# 64 x 64 tiles, 4 warps fit two programs per SM without spills for 16-bit batch-hard only; with
+# text (16-bit ATL) or TF32 operands they spilled 8-36 bytes on some layouts (triton 3.6 and
+# 3.9), 8 warps none. IEEE fp32 (FMA) dots never take this kernel (see _uses_fma_dot).
+SYMMETRIC_GPU_CONFIGS: dict[tuple[str, str], tuple[tuple[str, TileConfig], ...]] = {
+    ("batch_hard", "16bit"): (
+        (DENSE, _sm90(64, 64, 64, 4, 3, None)),        # 2 programs per SM
+        (DENSE, _sm90(64, 64, 64, 8, 3, None)),        # 2 (128 registers)
+        (ANY_LAYOUT, _sm90(64, 64, 32, 4, 3, None)),   # 2
+    ),
+    ("batch_hard", "tf32"): ((ANY_LAYOUT, _sm90(64, 64, 16, 8, 3, None)),),
+    ("atl", "16bit"): (
+        (DENSE, _sm90(64, 64, 64, 8, 3, None)),
+        (ANY_LAYOUT, _sm90(64, 64, 32, 8, 3, None)),
+    ),
+    ("atl", "tf32"): ((ANY_LAYOUT, _sm90(64, 64, 16, 8, 3, None)),),
+}
+
+
+def _symmetric_wide_config(block: int) -> TileConfig:
+    """Tiles of the symmetric kernel's second pass (64-bit labels whose high words differ), a cold
+    path: the narrowest chunks on 8 warps, which compiled without spills for every operand class
+    at 64 rows (4 warps with 32-wide chunks spilled 28-36 bytes with text on triton 3.6)."""
+    return TileConfig(block_m=block, block_n=block, block_d=16, block_t=16, num_warps=8, num_stages=2)
+
+
+def _wants_symmetric(tiles: TileConfig | None) -> bool:
+    """An explicit ``tiles.symmetric``, else the environment's choice for square (or autotuned) tiles."""
+    if tiles is not None and tiles.symmetric is not None:
+        return tiles.symmetric
+    if tiles is not None and tiles.block_m != tiles.block_n:
+        return False
+    return os.environ.get("TORCHFG_SYMMETRIC_MINING", "0") == "1"
+
+
+def _takes_symmetric_kernel(
+    tiles: TileConfig | None, anchors: torch.Tensor, candidates: torch.Tensor, anchor_labels: torch.Tensor,
+    candidate_labels: torch.Tensor, anchor_text: torch.Tensor | None, candidate_text: torch.Tensor | None,
+    self_offset: int,
+) -> bool:
+    """Whether a call runs the symmetric kernel: asked for (:func:`_wants_symmetric`), a batch
+    against itself, and, when it would be autotuned on a GPU, no FMA dot. ``anchor_text``: the
+    text the call reads (None when it reads none)."""
+    if not _wants_symmetric(tiles):
+        return False
+    if tiles is None and not triton_interpreter_enabled() and _uses_fma_dot(anchors, anchor_text):
+        # IEEE fp32 (FMA) dots keep their operands in registers: next to the symmetric kernel's
+        # two live key tiles they spilled 20-120 bytes on sm_90, so it has no autotuned tiles
+        # for them and they keep the default kernel (explicit tiles may still ask for it).
+        return False
+    return _is_symmetric_call(anchors, candidates, anchor_labels, candidate_labels, anchor_text, candidate_text,
+                              self_offset)
+
+
+def _uses_fma_dot(embeddings: torch.Tensor, text: torch.Tensor | None) -> bool:
+    """Whether the mining's embedding or (read) text dot is an IEEE fp32 / fp64 FMA dot."""
+    precision = dot_dtypes(embeddings.dtype)[2]
+    if precision == "ieee" and embeddings.element_size() >= 4:
+        return True
+    return text is not None and dot_dtypes(text.dtype)[2] == "ieee" and text.element_size() >= 4
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
+            and a.data_ptr() == b.data_ptr() and a.device == b.device)
+
+
+def _is_symmetric_call(
+    anchors: torch.Tensor, candidates: torch.Tensor, anchor_labels: torch.Tensor, candidate_labels: torch.Tensor,
+    anchor_text: torch.Tensor | None, candidate_text: torch.Tensor | None, self_offset: int,
+) -> bool:
+    """Whether the call mines one batch against itself: the same rows, labels and (read) text."""
+    if self_offset != 0 or anchors.dtype == torch.float64 or anchors.shape[0] != candidates.shape[0]:
+        return False
+    if not (_is_row_slice(anchors, candidates, 0) and _same_tensor(anchor_labels, candidate_labels)):
+        return False
+    return anchor_text is None or _is_row_slice(anchor_text, candidate_text, 0)
+
+
+def _symmetric_splits(n: int, block: int, device: torch.device, tiles_per_split: int | None) -> tuple[int, int]:
+    """(pairs of row blocks, splits of each pair's tile list) of the symmetric kernel's grid."""
+    blocks = triton.cdiv(n, block)
+    pairs = triton.cdiv(blocks, 2)
+    if tiles_per_split is not None:
+        return pairs, triton.cdiv(blocks + 1, max(1, tiles_per_split))
+    if device.type != "cuda":
+        return pairs, 1
+    target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    # At least 4 tiles per program, or the per-segment set-up and the row atomics dominate.
+    return pairs, max(1, min(triton.cdiv(target, pairs), (blocks + 1) // 4))
+
+
+_SYMMETRIC_TUNED: dict[tuple[str, str], object] = {}
+
+
+def _symmetric_tuned_kernel(kind: str, width: str):
+    if (kind, width) in _SYMMETRIC_TUNED:
+        return _SYMMETRIC_TUNED[kind, width]
+    configs, scopes = [], {}
+    for scope, c in SYMMETRIC_GPU_CONFIGS[kind, width]:
+        config = triton.Config({"BLOCK": c.block_m, "BLOCK_D": c.block_d, "BLOCK_T": c.block_t, "FLATTEN": c.flatten},
+                               num_warps=c.num_warps, num_stages=c.num_stages, maxnreg=c.maxnreg)
+        configs.append(config)
+        scopes[id(config)] = scope
+
+    def prune(candidates: list, named_args: dict, **kwargs) -> list:
+        layout = int(named_args["layout_class"])
+        return [c for c in candidates if config_fits(scopes[id(c)], c.kwargs["BLOCK_D"], named_args["D"], layout)]
+
+    tuned = triton.autotune(
+        configs=configs,
+        key=["n_bucket", "layout_class", "D", "T", "METRIC", "NEED_TEXT", "LABEL_WORDS",
+             "INPUT_PRECISION", "TEXT_INPUT_PRECISION"],
+        prune_configs_by={"early_config_prune": prune},
+        # Every config writes the same minima: restoring the all-ones start keeps each trial's
+        # answer from mixing into the next (their fp32 sums may round differently).
+        restore_value=["pos_ptr", "neg_ptr"],
+    )(triton.heuristics({
+        "BLOCK_T": _text_block,
+        "EVEN_D": lambda args: args["D"] % args["BLOCK_D"] == 0,
+        "EVEN_T": lambda args: args["T"] % _text_block(args) == 0,
+        "EVEN_N": lambda args: args["N"] % args["BLOCK"] == 0,
+        "FLATTEN": lambda args: args["FLATTEN"] and args["D"] > 0 and (args["T"] > 0 or not args["NEED_TEXT"]),
+    })(_mine_symmetric_kernel))
+    _SYMMETRIC_TUNED[kind, width] = tuned
+    return tuned
+
+
+def _launch_symmetric(
+    x: torch.Tensor, labels: torch.Tensor, text: torch.Tensor | None, stat: torch.Tensor,
+    text_inv: torch.Tensor | None, packed: torch.Tensor, label_words: int, tiles: TileConfig | None,
+    layout: int, *, base_margin: float, margin_scale: float, text_threshold: float, **flags,
+) -> None:
+    """The symmetric kernel (and its wide pass for 64-bit labels) into ``packed`` (2, N), all ones on entry."""
+    n, d = x.shape
+    t = text.shape[1] if text is not None else 0
+    pos, neg = packed[0].view(torch.uint64), packed[1].view(torch.uint64)
+    args = (
+        x, stat, labels, text if text is not None else x, text_inv if text_inv is not None else stat, pos, neg,
+        n, d, t, x.stride(0), x.stride(1),
+        text.stride(0) if text is not None else 0, text.stride(1) if text is not None else 0,
+        float(base_margin), float(margin_scale), text_threshold,
+        _size_bucket(n) if tiles is None else 0, layout if tiles is None else 0,
+    )
+    flags["LABEL_WORDS"] = label_words
+    if tiles is None:
+        kind = "atl" if flags["NEED_TEXT"] else "batch_hard"
+        tuned = _symmetric_tuned_kernel(kind, "16bit" if x.element_size() == 2 else "tf32")
+        grid = lambda meta: _symmetric_splits(n, meta["BLOCK"], x.device, None)  # noqa: E731
+        tuned[grid](*args, **flags, WIDE_PASS=False)
+        block = tuned.best_config.kwargs["BLOCK"]
+        tiles_per_split = None
+    else:
+        if tiles.block_m != tiles.block_n:
+            raise ValueError(f"symmetric mining takes square tiles, got block_m={tiles.block_m}, block_n={tiles.block_n}")
+        block = tiles.block_m
+        tiles_per_split = None if tiles.candidates_per_split is None else max(1, tiles.candidates_per_split // block)
+        extra = {} if tiles.maxnreg is None else {"maxnreg": tiles.maxnreg}
+        _mine_symmetric_kernel[_symmetric_splits(n, block, x.device, tiles_per_split)](
+            *args, **flags, WIDE_PASS=False,
+            EVEN_D=d % tiles.block_d == 0, EVEN_T=t % tiles.block_t == 0, EVEN_N=n % block == 0,
+            FLATTEN=tiles.flatten and d > 0 and (t > 0 or not flags["NEED_TEXT"]),
+            BLOCK=block, BLOCK_D=tiles.block_d, BLOCK_T=tiles.block_t,
+            num_warps=tiles.num_warps, num_stages=tiles.num_stages, **extra,
+        )
+    if label_words == 2:
+        # Segments whose labels differ in their high words: same blocks and splits, narrow tiles.
+        wide = _symmetric_wide_config(block) if tiles is None else tiles
+        block_d = min(wide.block_d, max(16, triton.next_power_of_2(d)))
+        block_t = min(wide.block_t, max(16, triton.next_power_of_2(max(t, 1))))
+        _mine_symmetric_kernel[_symmetric_splits(n, block, x.device, tiles_per_split)](
+            *args, **flags, WIDE_PASS=True,
+            EVEN_D=d % block_d == 0, EVEN_T=t % block_t == 0, EVEN_N=False, FLATTEN=False,
+            BLOCK=block, BLOCK_D=block_d, BLOCK_T=block_t,
+            num_warps=wide.num_warps, num_stages=wide.num_stages,
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class SplitBests:
     """The mining kernel's output before its splits are merged (:func:`mine_hardest_splits_triton`).
@@ -724,6 +1223,8 @@ class SplitBests:
         splits: number of candidate splits.
         candidate_stat, anchor_stat: (M,) and (N,) row statistics of the metric (squared norms,
             inverse norms for cosine; None for dot), for the fused loss's backward.
+        packed: the symmetric kernel ran: ``splits == 1`` and pos_idx / neg_idx are (N,) int64
+            packed bests (:func:`unpack_best_index` reads their candidate index).
     """
 
     pos_val: torch.Tensor
@@ -733,6 +1234,7 @@ class SplitBests:
     splits: int
     candidate_stat: torch.Tensor | None
     anchor_stat: torch.Tensor | None
+    packed: bool = False
 
 
 def mine_hardest_triton_tiled(
@@ -765,11 +1267,15 @@ def mine_hardest_triton_tiled(
         base_margin=base_margin, margin_scale=margin_scale, text_positive_threshold=text_positive_threshold,
         self_offset=self_offset, tiles=tiles, out=out,
     )
-    if bests.splits == 1:
+    if bests.splits == 1 and not bests.packed:
         return bests.pos_idx, bests.neg_idx
     positive_idx, negative_idx = out if out is not None else (torch.empty(n, dtype=torch.int64, device=anchors.device)
                                                                for _ in range(2))
     block = 128
+    if bests.packed:
+        _unpack_bests_kernel[(triton.cdiv(n, block),)](
+            bests.pos_idx, bests.neg_idx, positive_idx, negative_idx, n, BLOCK=block)
+        return positive_idx, negative_idx
     _merge_splits_kernel[(triton.cdiv(n, block),)](
         bests.pos_val, bests.pos_idx, bests.neg_val, bests.neg_idx, positive_idx, negative_idx, n, bests.splits,
         ACC_DTYPE=tl.float64 if bests.pos_val.dtype == torch.float64 else tl.float32, BLOCK=block,
@@ -824,6 +1330,7 @@ def mine_hardest_splits_triton(
             fill[0].fill_(fill[1])
         unused = torch.empty(1, dtype=accumulation_dtype(anchors.dtype), device=device)
         return SplitBests(unused, positive_idx, unused, negative_idx, 1, None, None)
+    requested_tiles = tiles
     if tiles is None and triton_interpreter_enabled():
         tiles = _INTERPRETER_CONFIG
     elif tiles is None and anchors.dtype == torch.float64:
@@ -831,12 +1338,15 @@ def mine_hardest_splits_triton(
         tiles = _FP64_CONFIG
 
     d = anchors.shape[1]
-    anchor_labels, candidate_labels, label_words = _label_words(anchor_labels, candidate_labels)
     has_text = anchor_text is not None
     has_threshold = has_text and text_positive_threshold is not None
     margin_aware = has_text and margin_scale != 0.0
     # Text that neither changes a margin nor excludes a negative is never read.
     need_text = margin_aware or has_threshold
+    symmetric = _takes_symmetric_kernel(
+        requested_tiles, anchors, candidates, anchor_labels, candidate_labels, anchor_text if need_text else None,
+        candidate_text if need_text else None, self_offset)
+    anchor_labels, candidate_labels, label_words = _label_words(anchor_labels, candidate_labels)
     t = anchor_text.shape[1] if need_text else 0
     metric_code = metric_code_of(metric)
     dot_dtype, acc_dtype, precision = dot_dtypes(anchors.dtype)
@@ -855,7 +1365,10 @@ def mine_hardest_splits_triton(
         jobs.append((candidate_text, True))
         if not shared_text:
             jobs.append((anchor_text, True))
-    stats = iter(_row_stats(*jobs, fill=fill))
+    # The symmetric kernel's packed bests start as all ones (no candidate), set by the pre-pass.
+    packed = torch.empty(2, n, dtype=torch.int64, device=device) if symmetric else None
+    fills = ((fill,) if fill is not None else ()) + (((packed.view(torch.int32), _NO_BEST),) if symmetric else ())
+    stats = iter(_row_stats(*jobs, fills=fills))
     if metric_code == 3:
         cand_stat = anchor_stat = torch.empty(1, dtype=acc_torch, device=device)  # unused by the kernel
     else:
@@ -878,8 +1391,20 @@ def mine_hardest_splits_triton(
     # An FMA dot (IEEE fp32 or fp64 operands), on the embeddings or on the text, keeps its operands
     # in registers and needs narrow chunks: the "fp32" autotune list and the wide pass's narrow
     # tiles. With 16-bit tiles an IEEE fp32 text dot spilled 112-1700 bytes (column-major operands).
-    fma_dot = (precision == "ieee" and anchors.element_size() >= 4) or (
-        need_text and text_precision == "ieee" and anchor_text.element_size() >= 4)
+    fma_dot = _uses_fma_dot(anchors, anchor_text if need_text else None)
+
+    if symmetric:
+        _launch_symmetric(
+            anchors, anchor_labels, anchor_text if need_text else None, anchor_stat, anchor_text_inv if need_text else None,
+            packed, label_words, tiles, layout,
+            METRIC=metric_code, NEED_TEXT=need_text, MARGIN_AWARE=margin_aware, HAS_THRESHOLD=has_threshold,
+            DOT_DTYPE=dot_dtype, ACC_DTYPE=acc_dtype, INPUT_PRECISION=precision, TEXT_DOT_DTYPE=text_dot_dtype,
+            TEXT_ACC_DTYPE=text_acc_dtype, TEXT_INPUT_PRECISION=text_precision,
+            base_margin=base_margin, margin_scale=margin_scale,
+            text_threshold=float(text_positive_threshold) if has_threshold else 0.0,
+        )
+        stat = None if metric_code == 3 else anchor_stat
+        return SplitBests(packed[0], packed[0], packed[1], packed[1], 1, stat, stat, packed=True)
 
     if tiles is not None and tiles.candidates_per_split is not None:
         per_split = min(max(1, tiles.candidates_per_split), m)
