@@ -101,12 +101,16 @@ def test_adaptive_margins_match_reference(metric, threshold, poisoned):
 
 
 @requires_triton
-@pytest.mark.parametrize("kind,dtype", [("batch_hard", torch.bfloat16), ("batch_hard", torch.float32),
-                                        ("atl", torch.float32)])
-@pytest.mark.parametrize("metric", METRICS)
-@pytest.mark.parametrize("n,int32", [(7, False), (41, True), (41, False)])
+@pytest.mark.parametrize("kind,dtype,metric,n,int32", [
+    *(("batch_hard", torch.bfloat16, metric, 41, True) for metric in METRICS),
+    ("batch_hard", torch.float32, "euclidean", 7, False),
+    ("batch_hard", torch.float32, "cosine", 41, False),
+    ("atl", torch.float32, "euclidean", 41, False),
+    ("atl", torch.float32, "dot", 7, True),
+])
 def test_symmetric_mining_matches_reference(kind, dtype, metric, n, int32, poisoned, monkeypatch):
-    # The symmetric mining kernel (one tile per pair of row blocks, packed bests) under the loss.
+    # The symmetric mining kernel (one tile per pair of row blocks, packed bests) under the loss:
+    # every metric, both label widths (int64 takes the wide pass), one and several row blocks.
     import torchfg.ops.triplet.triton as mining
 
     launches = []
