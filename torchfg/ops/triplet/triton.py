@@ -908,13 +908,13 @@ def _text_block(args: dict) -> int:
     return min(args["BLOCK_T"], max(16, triton.next_power_of_2(args["T"])))
 
 
-def _autotuned(entries: tuple[tuple[str, TileConfig], ...]):
-    """The mining kernel autotuned over ``entries`` per size bucket (anchors, candidates), D, T,
-    metric and layout; configs are pruned to those whose scope covers the call (:func:`config_fits`)."""
+def _scoped_configs(entries: tuple[tuple[str, TileConfig], ...], tile_kwargs):
+    """(triton configs, early prune) for a (scope, TileConfig) table: ``tile_kwargs(c)`` names a
+    config's block constexprs; the prune keeps the configs whose scope covers the call
+    (:func:`config_fits`)."""
     configs, scopes = [], {}
     for scope, c in entries:
-        config = triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "BLOCK_D": c.block_d,
-                                "BLOCK_T": c.block_t, "FLATTEN": c.flatten},
+        config = triton.Config({**tile_kwargs(c), "BLOCK_D": c.block_d, "BLOCK_T": c.block_t, "FLATTEN": c.flatten},
                                num_warps=c.num_warps, num_stages=c.num_stages, maxnreg=c.maxnreg)
         configs.append(config)
         scopes[id(config)] = scope
@@ -924,6 +924,13 @@ def _autotuned(entries: tuple[tuple[str, TileConfig], ...]):
         return [c for c in candidates
                 if config_fits(scopes[id(c)], c.kwargs["BLOCK_D"], named_args["D"], layout)]
 
+    return configs, prune
+
+
+def _autotuned(entries: tuple[tuple[str, TileConfig], ...]):
+    """The mining kernel autotuned over ``entries`` per size bucket (anchors, candidates), D, T,
+    metric and layout; configs are pruned to those whose scope covers the call (:func:`config_fits`)."""
+    configs, prune = _scoped_configs(entries, lambda c: {"BLOCK_M": c.block_m, "BLOCK_N": c.block_n})
     return triton.autotune(
         configs=configs,
         key=["n_bucket", "m_bucket", "layout_class", "D", "T", "METRIC", "NEED_TEXT", "LABEL_WORDS",
@@ -1131,17 +1138,7 @@ _SYMMETRIC_TUNED: dict[tuple[str, str], object] = {}
 def _symmetric_tuned_kernel(kind: str, width: str):
     if (kind, width) in _SYMMETRIC_TUNED:
         return _SYMMETRIC_TUNED[kind, width]
-    configs, scopes = [], {}
-    for scope, c in SYMMETRIC_GPU_CONFIGS[kind, width]:
-        config = triton.Config({"BLOCK": c.block_m, "BLOCK_D": c.block_d, "BLOCK_T": c.block_t, "FLATTEN": c.flatten},
-                               num_warps=c.num_warps, num_stages=c.num_stages, maxnreg=c.maxnreg)
-        configs.append(config)
-        scopes[id(config)] = scope
-
-    def prune(candidates: list, named_args: dict, **kwargs) -> list:
-        layout = int(named_args["layout_class"])
-        return [c for c in candidates if config_fits(scopes[id(c)], c.kwargs["BLOCK_D"], named_args["D"], layout)]
-
+    configs, prune = _scoped_configs(SYMMETRIC_GPU_CONFIGS[kind, width], lambda c: {"BLOCK": c.block_m})
     tuned = triton.autotune(
         configs=configs,
         key=["n_bucket", "layout_class", "D", "T", "METRIC", "NEED_TEXT", "LABEL_WORDS",
