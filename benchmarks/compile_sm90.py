@@ -382,26 +382,10 @@ def _trace_knn(level: str) -> Iterator[tuple[str, Callable[[], Any]]]:
         yield _label("knn", c), run
 
 
-class _SymmetricMining:
-    """Sets TORCHFG_SYMMETRIC_MINING for one traced call (when ``on``)."""
-
-    def __init__(self, on: bool) -> None:
-        self.on = on
-
-    def __enter__(self) -> None:
-        self.saved = os.environ.get("TORCHFG_SYMMETRIC_MINING")
-        os.environ["TORCHFG_SYMMETRIC_MINING"] = "1" if self.on else "0"
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.saved is None:
-            del os.environ["TORCHFG_SYMMETRIC_MINING"]
-        else:
-            os.environ["TORCHFG_SYMMETRIC_MINING"] = self.saved
-
-
 def _trace_triplet(level: str) -> Iterator[tuple[str, Callable[[], Any]]]:
     import torch
 
+    from torchfg.bench.triplet import symmetric_mining
     from torchfg.ops.triplet import triton as triplet
 
     # "auto": the public path (autotuned on a GPU; fp64 takes its fixed tiles). The others pass a
@@ -440,7 +424,7 @@ def _trace_triplet(level: str) -> Iterator[tuple[str, Callable[[], Any]]]:
             tiles = {"auto": None, "default": base, "flatten": dataclasses.replace(base, flatten=True),
                      "split": dataclasses.replace(base, candidates_per_split=256),
                      "symmetric": dataclasses.replace(base, symmetric=True) if fma else None}[c["tiles"]]
-            with _Precision(dtype), _SymmetricMining(symmetric):
+            with _Precision(dtype), symmetric_mining(symmetric):
                 triplet.mine_hardest_triton_tiled(
                     anchors, x, anchor_labels, labels, anchor_text, text if anchor_text is not None else None,
                     metric=c["metric"], base_margin=0.2, margin_scale=0.5 if "margin" in c["text"] else 0.0,
@@ -476,6 +460,7 @@ def _trace_pair_distances(level: str) -> Iterator[tuple[str, Callable[[], Any]]]
 def _trace_hardest_loss(level: str) -> Iterator[tuple[str, Callable[[], Any]]]:
     import torch
 
+    from torchfg.bench.triplet import symmetric_mining
     from torchfg.ops.hardest_triplet_loss.triton import (
         hardest_triplet_loss_backward_triton,
         hardest_triplet_loss_triton,
@@ -503,7 +488,7 @@ def _trace_hardest_loss(level: str) -> Iterator[tuple[str, Callable[[], Any]]]:
             y = x if self_mode else _matrix(n + 64, d, c["dtype"], layout, seed=3)
             y_labels = labels if self_mode else torch.arange(n + 64) % 50
             y_text = text if self_mode or text is None else _matrix(n + 64, 384, text_dtype, text_layout, seed=4)
-            with _Precision(c["dtype"]), _SymmetricMining(c["mining"] == "symmetric"):
+            with _Precision(c["dtype"]), symmetric_mining(c["mining"] == "symmetric"):
                 loss, pairs, terms, count, links, y_inv, x_inv = hardest_triplet_loss_triton(
                     x, y, labels, y_labels, text, y_text, metric=c["metric"], base_margin=0.2,
                     margin_scale=0.5 if text is not None else 0.0, text_positive_threshold=None,

@@ -9,8 +9,9 @@ whole distance matrix.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -80,6 +81,20 @@ def _torchfg(backend: str) -> Callable[[Problem], Callable[[], Any]]:
     return setup
 
 
+@contextlib.contextmanager
+def symmetric_mining(on: bool = True) -> Iterator[None]:
+    """``TORCHFG_SYMMETRIC_MINING`` set to "1" (or "0") inside the block, restored after it."""
+    saved = os.environ.get("TORCHFG_SYMMETRIC_MINING")
+    os.environ["TORCHFG_SYMMETRIC_MINING"] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["TORCHFG_SYMMETRIC_MINING"]
+        else:
+            os.environ["TORCHFG_SYMMETRIC_MINING"] = saved
+
+
 def with_symmetric_mining(setup: Callable[[Problem], Callable[[], Any]]) -> Callable[[Problem], Callable[[], Any]]:
     """A case's setup whose steps run with ``TORCHFG_SYMMETRIC_MINING=1`` (the symmetric mining
     kernel, opt-in until a GPU run has timed it against the default)."""
@@ -87,15 +102,8 @@ def with_symmetric_mining(setup: Callable[[Problem], Callable[[], Any]]) -> Call
         run = setup(problem)
 
         def run_symmetric() -> Any:
-            saved = os.environ.get("TORCHFG_SYMMETRIC_MINING")
-            os.environ["TORCHFG_SYMMETRIC_MINING"] = "1"
-            try:
+            with symmetric_mining():
                 return run()
-            finally:
-                if saved is None:
-                    del os.environ["TORCHFG_SYMMETRIC_MINING"]
-                else:
-                    os.environ["TORCHFG_SYMMETRIC_MINING"] = saved
 
         return run_symmetric
 
