@@ -467,3 +467,18 @@ def test_cpu_peak_memory_sees_an_allocation_after_warmup():
         assert m.peak_extra_bytes >= 0.9 * size, m
     nothing = measure(lambda: None, device="cpu", warmup=1, repeat=3)
     assert nothing.peak_extra_bytes < 0.1 * size
+
+
+def test_step_host_script_times_the_gpu_path_with_launches_stubbed(tmp_path):
+    # benchmarks/step_host.py: the fused step's host time on the GPU code path, any machine. It
+    # must take the autotuned GPU branch (5 JIT launches per step: row statistics, two mining
+    # passes for int64 labels, loss forward, loss backward) and write one row per case.
+    pytest.importorskip("triton")
+    out = tmp_path / "host.csv"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_host.py"), "--n", "96", "--d", "32",
+                    "--warmup", "1", "--chunks", "1", "--steps", "2", "--out", str(out)],
+                   check=True, capture_output=True, text=True, env=env, timeout=300)
+    rows = list(csv.DictReader(out.open()))
+    assert [r["case"] for r in rows] == ["batch_hard", "atl"]
+    assert all(r["jit_launches"] == "5" and float(r["host_us_median"]) > 0 for r in rows)

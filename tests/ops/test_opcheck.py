@@ -89,3 +89,42 @@ def test_opcheck(captured, name):
     if name in DIFFERENTIABLE:
         args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
     torch.library.opcheck(func, args, kwargs)
+
+
+def test_autograd_kernel_passes_needs_input_grad_and_skips_the_graph_without_grad():
+    # torchfg registers its own Autograd kernels (torchfg.ops._library): the user's backward must
+    # see one needs_input_grad flag per op input, and a call without grad must build no graph.
+    x = torch.randn(5, 3, requires_grad=True)
+    y = torch.randn(4, 3, requires_grad=True)
+    weights = torch.randn(5, 4)
+    expected = torch.autograd.grad((torch.cdist(x, y).pow(2) * weights).sum(), (x, y))
+    out = pairwise_ops.pairwise_distance(x, y, "sqeuclidean", backend="torch")
+    actual = torch.autograd.grad((out * weights).sum(), (x, y))
+    for a, e in zip(actual, expected):
+        assert torch.allclose(a, e, atol=1e-5)
+    out = pairwise_ops.pairwise_distance(x, y.detach(), "sqeuclidean", backend="torch")
+    (gx,) = torch.autograd.grad((out * weights).sum(), x)  # y needs no gradient: the backward is told so
+    assert torch.allclose(gx, expected[0], atol=1e-5)
+    with torch.no_grad():
+        assert pairwise_ops.pairwise_distance(x, y, "sqeuclidean", backend="torch").grad_fn is None
+
+
+def test_autograd_kernel_refuses_schemas_it_cannot_pass_through():
+    from torchfg.ops._library import custom_op
+
+    def with_default(x: torch.Tensor, scale: float = 2.0) -> torch.Tensor:
+        return x * scale
+
+    op = custom_op("torchfg::_test_op_with_default")(with_default)
+    with pytest.raises(TypeError, match="default values"):
+        op.register_autograd(lambda ctx, grad: (grad, None), setup_context=lambda ctx, inputs, output: None)
+
+
+def test_host_grid_arithmetic_matches_triton():
+    triton = pytest.importorskip("triton")
+    from torchfg.ops._triton_utils import cdiv, next_power_of_2
+
+    for n in [0, 1, 2, 3, 15, 16, 17, 1000, 4095, 4096, 4097, 2**31 - 1]:
+        assert next_power_of_2(n) == triton.next_power_of_2(n), n
+        for d in (1, 16, 64, 127):
+            assert cdiv(n, d) == triton.cdiv(n, d), (n, d)

@@ -640,7 +640,7 @@ def test_gpu_config_table_is_complete():
                 assert min(c.block_m, c.block_n, c.block_d, c.block_t) >= 16
                 assert c.maxnreg is None or c.maxnreg * 32 * c.num_warps <= 65536
             # The autotuned launcher: its configs set only constexprs of the kernel.
-            tuned = kernel._tuned_kernel(kind, width)
+            tuned = kernel._tuned_kernel(kind, width).tuned
             names = set(kernel._mine_hardest_kernel.arg_names)
             assert len(tuned.configs) == len(entries)
             assert all(set(cfg.kwargs) <= names for cfg in tuned.configs)
@@ -652,7 +652,7 @@ def test_gpu_config_table_is_complete():
             entries = kernel.SYMMETRIC_GPU_CONFIGS[kind, width]
             assert any(scope == kernel.ANY_LAYOUT for scope, _ in entries), (kind, width)
             assert all(c.block_m == c.block_n >= 16 and min(c.block_d, c.block_t) >= 16 for _, c in entries)
-            tuned = kernel._symmetric_tuned_kernel(kind, width)
+            tuned = kernel._symmetric_tuned_kernel(kind, width).tuned
             names = set(kernel._mine_symmetric_kernel.arg_names)
             assert len(tuned.configs) == len(entries)
             assert all(set(cfg.kwargs) <= names for cfg in tuned.configs)

@@ -7,8 +7,9 @@ the memory of a steady triplet step at N = 4096 on the CPU). The ops are defined
 lower-level public API instead, as pytorch/extension-cpp does for C++ ops: the schema inferred
 from the Python signature (``torch.library.infer_schema``, the same inference ``custom_op``
 uses), the kernel registered with ``Library.impl`` for every device, and the fake and autograd
-formulas with ``torch.library.register_fake`` / ``register_autograd``. Under ``torch.compile``
-the ops are opaque graph nodes exactly as before (their fake kernels give the shapes).
+formulas with ``torch.library.register_fake`` and an ``Autograd`` kernel of our own (see
+:meth:`TorchfgOp.register_autograd`). Under ``torch.compile`` the ops are opaque graph nodes
+exactly as before (their fake kernels give the shapes).
 """
 
 from __future__ import annotations
@@ -45,8 +46,59 @@ class TorchfgOp:
         return fake
 
     def register_autograd(self, backward: Callable[..., Any], *, setup_context: Callable[..., Any]) -> None:
-        """The backward formula, as :func:`torch.library.register_autograd`."""
-        torch.library.register_autograd(self.qualname, backward, setup_context=setup_context, lib=_LIBRARY)
+        """The backward formula, with :func:`torch.library.register_autograd`'s contract:
+        ``setup_context(ctx, inputs, output)`` and ``backward(ctx, *grads)`` returning one
+        gradient (or None) per input.
+
+        The kernel is registered for the ``Autograd`` key as ``register_autograd`` registers it,
+        but built here: torch's version rebuilds the argument list against the schema on every
+        call (``torch._library.utils.fill_defaults``, quadratic in the argument count: about
+        95 us of host time per fused triplet step, whose GPU work at N = 8192 is 0.5 ms). Our
+        schemas have no default values or keyword-only arguments, so the dispatcher hands every
+        argument through positionally and there is nothing to fill.
+        """
+        overload = self._overload
+        if any(a.has_default_value() or a.kwarg_only for a in overload._schema.arguments):
+            raise TypeError(f"{self.qualname}: the autograd kernel takes ops without default values or "
+                            "keyword-only arguments (the dispatcher then passes every argument positionally)")
+        _LIBRARY.impl(self.qualname.partition("::")[2], _autograd_kernel(overload, backward, setup_context),
+                      "Autograd", with_keyset=True)
+
+
+def _autograd_kernel(overload: torch._ops.OpOverload, backward: Callable[..., Any],
+                     setup_context: Callable[..., Any]) -> Callable[..., Any]:
+    """The ``Autograd`` dispatch-key kernel of ``overload``: an autograd.Function whose forward
+    redispatches below autograd (the op's own kernels), as torch.library.register_autograd's does."""
+
+    class Function(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, *args: Any) -> Any:
+            # The dispatch key set rides last so that the op's inputs keep their positions.
+            *inputs, keyset = args
+            with torch._C._AutoDispatchBelowAutograd():
+                output = overload.redispatch(keyset & torch._C._after_autograd_keyset, *inputs)
+            setup_context(ctx=ctx, inputs=tuple(inputs), output=output)
+            return output
+
+        @staticmethod
+        def backward(ctx: Any, *grads: Any) -> Any:
+            needs_input_grad = ctx.needs_input_grad
+            ctx.needs_input_grad = needs_input_grad[:-1]  # the user's backward sees the op's inputs only
+            try:
+                result = backward(ctx, *grads)
+            finally:
+                ctx.needs_input_grad = needs_input_grad
+            return (*result, None) if isinstance(result, tuple) else (result, None)
+
+    Function.__name__ = Function.__qualname__ = f"GeneratedBackwardFor_torchfg_{overload._opname}"
+
+    def kernel(keyset: torch._C.DispatchKeySet, *args: Any) -> Any:
+        if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+            return Function.apply(*args, keyset)
+        with torch._C._AutoDispatchBelowAutograd():
+            return overload.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+
+    return kernel
 
 
 def custom_op(qualname: str) -> Callable[[Callable[..., Any]], TorchfgOp]:

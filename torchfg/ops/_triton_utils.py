@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import struct
+from typing import Any
 
 import torch
 import triton.language as tl
@@ -11,9 +12,22 @@ import triton.language as tl
 from torchfg.backends import triton_interpreter_enabled
 from torchfg.ops.precision import dot_operand_dtypes
 
-__all__ = ["TL_DTYPES", "dot_dtypes", "split_scalar"]
+__all__ = ["TL_DTYPES", "AutotunedLaunch", "cdiv", "dot_dtypes", "next_power_of_2", "split_scalar"]
 
 TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float64: tl.float64}
+
+
+# Host-side grid arithmetic. triton.cdiv and triton.next_power_of_2 are constexpr functions whose
+# host calls go through a wrapper that unwraps every argument: about 3 us each, and a fused
+# triplet step made 19 of them.
+def cdiv(numerator: int, denominator: int) -> int:
+    """Ceiling of ``numerator / denominator`` for ints (``triton.cdiv`` on the host)."""
+    return -(-numerator // denominator)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= ``n`` (0 for 0), as ``triton.next_power_of_2`` on the host."""
+    return 0 if n <= 0 else 1 << (n - 1).bit_length()
 
 
 def dot_dtypes(dtype: torch.dtype) -> tuple[tl.dtype, tl.dtype, str]:
@@ -40,3 +54,72 @@ def split_scalar(value: float) -> tuple[float, float]:
         return math.copysign(math.inf, value), 0.0
     lo = value - hi
     return hi, struct.unpack("f", struct.pack("f", lo))[0] if math.isfinite(lo) else 0.0
+
+
+class AutotunedLaunch:
+    """An autotuned kernel (``triton.autotune`` over ``triton.heuristics`` over ``triton.jit``)
+    whose later launches skip the autotuner's and the heuristics' per-call work.
+
+    Triton's ``Autotuner.run`` rebuilds its key from every argument on each call (a dict of all
+    arguments, a list scan per name, ``str(dtype)`` per tensor) and ``Heuristics.run`` builds that
+    dict again per heuristic: about 100 us of host time per mining launch on the CI machine, a
+    fifth of a fused triplet step's host time. Once the autotuner has chosen a config for a call,
+    the final launch arguments (config, heuristic values) are kept under a key of the call's
+    non-tensor arguments and its tensors' dtypes; an equal key is a call the autotuner and the
+    heuristics would answer alike (both read only those), and it goes straight to the JIT
+    function, which still specialises on the tensors (alignment) itself.
+
+    Requirements: the heuristics read scalar arguments only (never a tensor's data pointer or
+    shape), and no config has a ``pre_hook``. Launches the autotuner has not cached (a single
+    config, or a tool that replaced ``Autotuner.run``) are not memoised, except single-config
+    autotuners, whose answer cannot change.
+    """
+
+    def __init__(self, tuned: Any) -> None:
+        from triton.runtime.autotuner import Heuristics
+
+        self.tuned = tuned
+        self._heuristics = tuned.fn if isinstance(tuned.fn, Heuristics) else None
+        self._jit = self._heuristics.fn if self._heuristics is not None else tuned.fn
+        self._memo: dict[tuple, tuple[Any, dict[str, Any]]] = {}
+
+    def __call__(self, grid: Any, *args: Any, **kwargs: Any) -> Any:
+        """Launch on ``grid`` (a tuple, or a callable of the launch's arguments as triton takes);
+        returns the ``triton.Config`` it ran with."""
+        key = (tuple(a.dtype if isinstance(a, torch.Tensor) else a for a in args), tuple(kwargs.items()))
+        try:
+            memo = self._memo.get(key)
+        except TypeError:  # an unhashable argument: no memo for this call
+            key, memo = None, None
+        if memo is not None:
+            config, launch_kwargs = memo
+            self._jit[grid](*args, **launch_kwargs)
+            return config
+        tuned = self.tuned
+        tuned[grid](*args, **kwargs)
+        config = tuned.best_config
+        if key is not None and config.pre_hook is None and self._tuned_answer(args, kwargs) is config:
+            if len(self._memo) >= 256:  # many distinct calls (e.g. varying floats): start over
+                self._memo.clear()
+            self._memo[key] = (config, self._launch_kwargs(args, kwargs, config))
+        return config
+
+    def _tuned_answer(self, args: tuple, kwargs: dict) -> Any:
+        """The config the autotuner holds for this call (as ``Autotuner.run`` keys it), or None."""
+        tuned = self.tuned
+        if len(tuned.configs) == 1:
+            return tuned.configs[0]
+        named = {**dict(zip(tuned.arg_names, args)), **kwargs}
+        named = {k: v for k, v in named.items() if k in tuned.arg_names}
+        key = [named[k] for k in tuned.keys if k in named]
+        key += [str(v.dtype) for v in named.values() if hasattr(v, "dtype")]
+        return tuned.cache.get(tuple(key))
+
+    def _launch_kwargs(self, args: tuple, kwargs: dict, config: Any) -> dict[str, Any]:
+        """The keyword arguments the JIT function received: as ``Autotuner.run`` then
+        ``Heuristics.run`` build them (each heuristic sees the ones before it)."""
+        heuristics = self._heuristics
+        launch_kwargs = {**kwargs, **config.all_kwargs()}
+        for name, heuristic in (heuristics.values.items() if heuristics is not None else ()):
+            launch_kwargs[name] = heuristic({**dict(zip(heuristics.arg_names, args)), **launch_kwargs})
+        return launch_kwargs

@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 
 from torchfg.backends import triton_interpreter_enabled
+from torchfg.ops._triton_utils import cdiv, next_power_of_2
 from torchfg.ops.dino.reference import dino_accumulation_dtype, n_pairs
 
 __all__ = [
@@ -283,11 +284,11 @@ def crop_blocks(n_crops: int, n_global: int) -> tuple[int, tuple[int, int, int]]
     ``n_local = n_crops - n_global``, largest first, the third block rounded up to cover the rest.
     DINO's 2 + 6, 2 + 8 and 2 + 10 crops fill every row: (2, (4, 2, 0)), (2, (8, 0, 0)), (2, (8, 2, 0)).
     """
-    block_g = triton.next_power_of_2(n_global)
+    block_g = next_power_of_2(n_global)
     rest = n_crops - n_global
     local = []
     while rest > 0 and len(local) < 3:
-        size = triton.next_power_of_2(rest) if len(local) == 2 else _floor_power_of_2(rest)
+        size = next_power_of_2(rest) if len(local) == 2 else _floor_power_of_2(rest)
         local.append(size)
         rest -= size
     local += [0] * (3 - len(local))
@@ -308,11 +309,11 @@ def launch_config(n_crops: int, n_global: int, *, interpreter: bool | None = Non
 
 def _num_splits(batch: int, k: int, block_k: int, device: torch.device) -> int:
     """K-splits per sample for the forward, so that small batches still fill the GPU."""
-    tiles = triton.cdiv(k, block_k)
+    tiles = cdiv(k, block_k)
     if triton_interpreter_enabled() or device.type != "cuda":
         return min(tiles, 2)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(tiles, triton.cdiv(4 * sms, batch)))
+    return max(1, min(tiles, cdiv(4 * sms, batch)))
 
 
 def dino_loss_triton(
@@ -340,8 +341,8 @@ def dino_loss_triton(
         config = config._replace(block_k=block_k)
     splits = num_splits or _num_splits(batch, k, config.block_k, device)
     # Whole tiles per split, so that every split starts inside [0, K) and holds a valid column.
-    k_per_split = triton.cdiv(triton.cdiv(k, splits), config.block_k) * config.block_k
-    splits = triton.cdiv(k, k_per_split)
+    k_per_split = cdiv(cdiv(k, splits), config.block_k) * config.block_k
+    splits = cdiv(k, k_per_split)
 
     scalars = torch.tensor([1.0 / student_temp, 1.0 / teacher_temp], dtype=acc, device=device)
     s_max = torch.empty(splits, n_crops, batch, dtype=acc, device=device)
@@ -404,7 +405,7 @@ def dino_loss_backward_triton(
         [torch.tensor([1.0 / student_temp, 1.0 / teacher_temp], dtype=acc, device=device), coef]
     )
     grad = torch.empty(student.shape, dtype=student.dtype, device=device)
-    _dino_backward_kernel[(batch, triton.cdiv(k, config.block_k))](
+    _dino_backward_kernel[(batch, cdiv(k, config.block_k))](
         student, teacher, center, scalars, student_lse, teacher_lse, grad,
         batch, k, n_crops, n_global,
         student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1), center.stride(0),

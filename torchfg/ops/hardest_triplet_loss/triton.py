@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from torchfg.backends import triton_interpreter_enabled
-from torchfg.ops._triton_utils import split_scalar
+from torchfg.ops._triton_utils import cdiv, next_power_of_2, split_scalar
 from torchfg.ops.metric import metric_code
 from torchfg.ops.pair_distances.triton import _acc_dtype, finish_pair_distance, pair_distance_gradient
 from torchfg.ops.triplet.triton import merge_split_bests, rows_aligned, unpack_best_index
@@ -60,7 +60,7 @@ def _blocks(d: int, dtype: torch.dtype, aligned: bool = True) -> tuple[int, int,
         return 16, 16, 4
     if d % 128 or dtype == torch.float32 or not aligned:
         return 16, 64 if d > 32 else 32, 4
-    return 16, min(128, max(32, triton.next_power_of_2(d))), 4
+    return 16, min(128, max(32, next_power_of_2(d))), 4
 
 
 @triton.jit
@@ -350,7 +350,7 @@ def hardest_triplet_loss_triton(
     block_r, block_d, warps = _blocks(
         d, anchors.dtype, rows_aligned(anchors, candidates, *((anchor_text, candidate_text) if anchor_text is not None else ()))
     )
-    programs = max(1, triton.cdiv(n, block_r))
+    programs = max(1, cdiv(n, block_r))
     pairs = torch.empty(n, 2, dtype=torch.int64, device=device)
     terms = torch.empty(n, 3, dtype=acc, device=device)
     loss = torch.empty(n if reduction == "none" else (), dtype=acc, device=device)
@@ -378,7 +378,7 @@ def hardest_triplet_loss_triton(
             BLOCK_R=block_r, BLOCK_D=block_d,
             # fp64 embeddings with 64 text columns spilled 8 bytes (triton 3.6).
             BLOCK_T=min(16 if torch.float64 in (anchors.dtype, text_args[0].dtype) else 64,
-                        max(16, triton.next_power_of_2(max(t, 1)))),
+                        max(16, next_power_of_2(max(t, 1)))),
             BLOCK_P=128, num_warps=warps,
         )
     cosine = metric == "cosine" and bests.candidate_stat is not None
@@ -431,7 +431,7 @@ def hardest_triplet_loss_backward_triton(
 
     def launch(target: torch.Tensor, rows: int, own: bool, partner_terms: bool) -> None:
         if rows:
-            _hardest_triplet_bwd_kernel[(triton.cdiv(rows, block_r), triton.cdiv(d, block_d))](
+            _hardest_triplet_bwd_kernel[(cdiv(rows, block_r), cdiv(d, block_d))](
                 grad, anchors, candidates, pairs, terms, count, links if partner_terms else pairs, x_inv, y_inv, target,
                 rows, m, d, *strides, OWN=own, PARTNER=partner_terms, **common,
             )

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from torchfg.backends import triton_interpreter_enabled
-from torchfg.ops._triton_utils import dot_dtypes
+from torchfg.ops._triton_utils import cdiv, dot_dtypes, next_power_of_2
 from torchfg.ops.metric import metric_code, row_statistics
 from torchfg.ops.knn.reference import select_candidates
 
@@ -265,7 +265,7 @@ def knn_triton(
         )
     if num_query == 0:
         return query.new_empty(0, k), torch.empty(0, k, dtype=torch.int64, device=query.device)
-    k_pad = max(16, triton.next_power_of_2(k))
+    k_pad = max(16, next_power_of_2(k))
     dot_dtype, _acc, precision = dot_dtypes(query.dtype)
     cfg = config or default_config(k_pad, query.dtype, precision, dim)
     # The lanes' K_PAD smallest are read off K_PAD-wide chunks of a gallery tile.
@@ -275,10 +275,10 @@ def knn_triton(
     else:
         q_aux = row_statistics(query, metric)
         g_aux = q_aux if symmetric else row_statistics(gallery, metric)
-    q_blocks = triton.cdiv(num_query, cfg.block_q)
+    q_blocks = cdiv(num_query, cfg.block_q)
     splits = cfg.splits or _num_splits(q_blocks, num_gallery, block_g, query.device)
-    split_size = triton.cdiv(triton.cdiv(num_gallery, splits), block_g) * block_g
-    splits = triton.cdiv(num_gallery, split_size)
+    split_size = cdiv(cdiv(num_gallery, splits), block_g) * block_g
+    splits = cdiv(num_gallery, split_size)
     out_d = torch.empty(splits, num_query, k, dtype=torch.float32, device=query.device)
     out_i = torch.empty(splits, num_query, k, dtype=torch.int32, device=query.device)
     _knn_kernel[(q_blocks, splits)](

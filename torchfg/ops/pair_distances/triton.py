@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from torchfg.backends import triton_interpreter_enabled
+from torchfg.ops._triton_utils import cdiv, next_power_of_2
 from torchfg.ops.metric import inverse_norms, metric_code
 
 __all__ = [
@@ -41,7 +42,7 @@ def _blocks(d: int) -> tuple[int, int, int]:
     if triton_interpreter_enabled():
         # Small tiles so that test sizes still cover several anchor blocks and D chunks.
         return 8, 16, 1
-    block_d = min(256, max(32, triton.next_power_of_2(d)))
+    block_d = min(256, max(32, next_power_of_2(d)))
     return 16, block_d, 4
 
 
@@ -213,7 +214,7 @@ def anchor_pair_distances_triton(
     if n == 0 or k == 0:
         return out
     block_r, block_d, warps = _blocks(x.shape[1])
-    _anchor_pair_fwd_kernel[(triton.cdiv(n, block_r),)](
+    _anchor_pair_fwd_kernel[(cdiv(n, block_r),)](
         x, y, y_idx, out, n, k, x.shape[1],
         x.stride(0), x.stride(1), y.stride(0), y.stride(1),
         METRIC=metric_code(metric), ACC_DTYPE=acc_tl, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps,
@@ -270,7 +271,7 @@ def anchor_pair_distances_backward_triton(
 
     def launch(target: torch.Tensor, rows: int, own: bool, partner: bool) -> None:
         if rows:
-            _anchor_pair_bwd_kernel[(triton.cdiv(rows, block_r),)](
+            _anchor_pair_bwd_kernel[(cdiv(rows, block_r),)](
                 grad, out, x, y, y_idx, x_inv, y_inv, order, ends, counts, target, rows, k, d, *strides,
                 OWN=own and k > 0, PARTNER=partner and k > 0, **common,
             )

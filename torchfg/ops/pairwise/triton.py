@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from torchfg.backends import triton_interpreter_enabled
-from torchfg.ops._triton_utils import dot_dtypes
+from torchfg.ops._triton_utils import cdiv, dot_dtypes, next_power_of_2
 from torchfg.ops.metric import metric_code, safe_inverse
 from torchfg.ops.pairwise.reference import row_norms
 
@@ -280,7 +280,7 @@ def operand_class(dtype: torch.dtype) -> str:
 
 
 def _bucket(size: int) -> int:
-    return triton.next_power_of_2(max(size, 1))
+    return next_power_of_2(max(size, 1))
 
 
 _autotuned: dict[tuple[str, str], object] = {}
@@ -365,7 +365,7 @@ def pairwise_distance_triton(
     kernel, launch = _launcher(_pairwise_forward_kernel, "forward", x.dtype, config)
 
     def grid(meta):
-        return (triton.cdiv(N, meta["BLOCK_M"]) * triton.cdiv(M, meta["BLOCK_N"]), 1, B)
+        return (cdiv(N, meta["BLOCK_M"]) * cdiv(M, meta["BLOCK_N"]), 1, B)
 
     kernel[grid](
         x, y, out, x_norm, y_norm,
@@ -407,7 +407,7 @@ def _backward_one_side(
     kernel, launch = _launcher(_pairwise_backward_kernel, "backward", x.dtype, config)
 
     def grid(meta):
-        return (triton.cdiv(D, meta["BLOCK_D"]), triton.cdiv(N, meta["BLOCK_M"]), B)
+        return (cdiv(D, meta["BLOCK_D"]), cdiv(N, meta["BLOCK_M"]), B)
 
     kernel[grid](
         grad, out, x, y, y_scale, gx,
@@ -506,7 +506,7 @@ def _backward_weights_gemm(
             w_c = w_buffer[:, : r1 - r0]
             g_c, out_c = grad[:, r0:r1], out[:, r0:r1]
             x_sq_c = x_sq[:, r0:r1]
-            _pairwise_grad_weights_kernel[(r1 - r0, triton.cdiv(M, block), B)](
+            _pairwise_grad_weights_kernel[(r1 - r0, cdiv(M, block), B)](
                 g_c, out_c, x_sq_c, y_sq, w_c, M,
                 g_c.stride(0), g_c.stride(1), out_c.stride(0), out_c.stride(1),
                 x_sq_c.stride(0), y_sq.stride(0), w_c.stride(0), w_c.stride(1),

@@ -57,7 +57,7 @@ import triton.language as tl
 
 from torchfg._validation import accumulation_dtype
 from torchfg.backends import triton_interpreter_enabled
-from torchfg.ops._triton_utils import dot_dtypes
+from torchfg.ops._triton_utils import AutotunedLaunch, cdiv, dot_dtypes, next_power_of_2
 from torchfg.ops.metric import metric_code as metric_code_of
 
 __all__ = ["TileConfig", "SplitBests", "mine_hardest_triton", "mine_hardest_triton_tiled", "mine_hardest_splits_triton"]
@@ -905,7 +905,7 @@ def _layout_class(*operands: torch.Tensor) -> int:
 
 
 def _text_block(args: dict) -> int:
-    return min(args["BLOCK_T"], max(16, triton.next_power_of_2(args["T"])))
+    return min(args["BLOCK_T"], max(16, next_power_of_2(args["T"])))
 
 
 def _scoped_configs(entries: tuple[tuple[str, TileConfig], ...], tile_kwargs):
@@ -947,18 +947,18 @@ def _autotuned(entries: tuple[tuple[str, TileConfig], ...]):
     })(_mine_hardest_kernel))
 
 
-_TUNED_KERNELS: dict[tuple[str, str], object] = {}
+_TUNED_KERNELS: dict[tuple[str, str], AutotunedLaunch] = {}
 
 
-def _tuned_kernel(kind: str, width: str):
+def _tuned_kernel(kind: str, width: str) -> AutotunedLaunch:
     if (kind, width) not in _TUNED_KERNELS:
-        _TUNED_KERNELS[kind, width] = _autotuned(GPU_CONFIGS[kind, width])
+        _TUNED_KERNELS[kind, width] = AutotunedLaunch(_autotuned(GPU_CONFIGS[kind, width]))
     return _TUNED_KERNELS[kind, width]
 
 
 def _size_bucket(count: int) -> int:
     """Autotuning bucket of a size: the next power of two."""
-    return triton.next_power_of_2(max(count, 1))
+    return next_power_of_2(max(count, 1))
 
 
 def _label_words(anchor_labels: torch.Tensor, candidate_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -991,8 +991,8 @@ def _row_stats(*jobs: tuple[torch.Tensor, bool], fills: tuple[tuple[torch.Tensor
     for first in range(0, len(pending), 2):
         pair = pending[first:first + 2]
         (x, inverse, out), (y, inverse_y, out_y) = pair[0], pair[-1]
-        x_blocks = triton.cdiv(x.shape[0], block_r)
-        y_blocks = triton.cdiv(y.shape[0], block_r) if len(pair) == 2 else 0
+        x_blocks = cdiv(x.shape[0], block_r)
+        y_blocks = cdiv(y.shape[0], block_r) if len(pair) == 2 else 0
         (fill_buffer, fill_value), (fill2_buffer, fill2_value) = (tuple(fills) + ((out, 0),) * 2)[:2]
         _row_stat_kernel[(x_blocks + y_blocks,)](
             x, out, x.shape[0], x.shape[1], x.stride(0), x.stride(1),
@@ -1032,10 +1032,10 @@ def _default_candidates_per_split(n: int, m: int, device: torch.device) -> int:
     if device.type != "cuda":  # the interpreter runs programs one after another: no need to split
         return max(m, 1)
     sm_count = torch.cuda.get_device_properties(device).multi_processor_count
-    row_blocks = triton.cdiv(n, 128)
-    splits = max(1, triton.cdiv(4 * sm_count, row_blocks))
-    per_split = max(_MIN_CANDIDATES_PER_SPLIT, triton.cdiv(m, splits))
-    return triton.cdiv(per_split, _SPLIT_GRANULE) * _SPLIT_GRANULE
+    row_blocks = cdiv(n, 128)
+    splits = max(1, cdiv(4 * sm_count, row_blocks))
+    per_split = max(_MIN_CANDIDATES_PER_SPLIT, cdiv(m, splits))
+    return cdiv(per_split, _SPLIT_GRANULE) * _SPLIT_GRANULE
 
 
 # Square tiles of the symmetric kernel per kind and operand width (see GPU_CONFIGS; fp64 never
@@ -1121,21 +1121,21 @@ def _is_symmetric_call(
 
 def _symmetric_splits(n: int, block: int, device: torch.device, tiles_per_split: int | None) -> tuple[int, int]:
     """(pairs of row blocks, splits of each pair's tile list) of the symmetric kernel's grid."""
-    blocks = triton.cdiv(n, block)
-    pairs = triton.cdiv(blocks, 2)
+    blocks = cdiv(n, block)
+    pairs = cdiv(blocks, 2)
     if tiles_per_split is not None:
-        return pairs, triton.cdiv(blocks + 1, max(1, tiles_per_split))
+        return pairs, cdiv(blocks + 1, max(1, tiles_per_split))
     if device.type != "cuda":
         return pairs, 1
     target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
     # At least 4 tiles per program, or the per-segment set-up and the row atomics dominate.
-    return pairs, max(1, min(triton.cdiv(target, pairs), (blocks + 1) // 4))
+    return pairs, max(1, min(cdiv(target, pairs), (blocks + 1) // 4))
 
 
-_SYMMETRIC_TUNED: dict[tuple[str, str], object] = {}
+_SYMMETRIC_TUNED: dict[tuple[str, str], AutotunedLaunch] = {}
 
 
-def _symmetric_tuned_kernel(kind: str, width: str):
+def _symmetric_tuned_kernel(kind: str, width: str) -> AutotunedLaunch:
     if (kind, width) in _SYMMETRIC_TUNED:
         return _SYMMETRIC_TUNED[kind, width]
     configs, prune = _scoped_configs(SYMMETRIC_GPU_CONFIGS[kind, width], lambda c: {"BLOCK": c.block_m})
@@ -1154,8 +1154,8 @@ def _symmetric_tuned_kernel(kind: str, width: str):
         "EVEN_N": lambda args: args["N"] % args["BLOCK"] == 0,
         "FLATTEN": lambda args: args["FLATTEN"] and args["D"] > 0 and (args["T"] > 0 or not args["NEED_TEXT"]),
     })(_mine_symmetric_kernel))
-    _SYMMETRIC_TUNED[kind, width] = tuned
-    return tuned
+    _SYMMETRIC_TUNED[kind, width] = AutotunedLaunch(tuned)
+    return _SYMMETRIC_TUNED[kind, width]
 
 
 def _launch_symmetric(
@@ -1179,8 +1179,7 @@ def _launch_symmetric(
         kind = "atl" if flags["NEED_TEXT"] else "batch_hard"
         tuned = _symmetric_tuned_kernel(kind, "16bit" if x.element_size() == 2 else "tf32")
         grid = lambda meta: _symmetric_splits(n, meta["BLOCK"], x.device, None)  # noqa: E731
-        tuned[grid](*args, **flags, WIDE_PASS=False)
-        block = tuned.best_config.kwargs["BLOCK"]
+        block = tuned(grid, *args, **flags, WIDE_PASS=False).kwargs["BLOCK"]
         tiles_per_split = None
     else:
         if tiles.block_m != tiles.block_n:
@@ -1198,8 +1197,8 @@ def _launch_symmetric(
     if label_words == 2:
         # Segments whose labels differ in their high words: same blocks and splits, narrow tiles.
         wide = _symmetric_wide_config(block) if tiles is None else tiles
-        block_d = min(wide.block_d, max(16, triton.next_power_of_2(d)))
-        block_t = min(wide.block_t, max(16, triton.next_power_of_2(max(t, 1))))
+        block_d = min(wide.block_d, max(16, next_power_of_2(d)))
+        block_t = min(wide.block_t, max(16, next_power_of_2(max(t, 1))))
         _mine_symmetric_kernel[_symmetric_splits(n, block, x.device, tiles_per_split)](
             *args, **flags, WIDE_PASS=True,
             EVEN_D=d % block_d == 0, EVEN_T=t % block_t == 0, EVEN_N=False, FLATTEN=False,
@@ -1270,10 +1269,10 @@ def mine_hardest_triton_tiled(
                                                                for _ in range(2))
     block = 128
     if bests.packed:
-        _unpack_bests_kernel[(triton.cdiv(n, block),)](
+        _unpack_bests_kernel[(cdiv(n, block),)](
             bests.pos_idx, bests.neg_idx, positive_idx, negative_idx, n, BLOCK=block)
         return positive_idx, negative_idx
-    _merge_splits_kernel[(triton.cdiv(n, block),)](
+    _merge_splits_kernel[(cdiv(n, block),)](
         bests.pos_val, bests.pos_idx, bests.neg_val, bests.neg_idx, positive_idx, negative_idx, n, bests.splits,
         ACC_DTYPE=tl.float64 if bests.pos_val.dtype == torch.float64 else tl.float32, BLOCK=block,
     )
@@ -1407,7 +1406,7 @@ def mine_hardest_splits_triton(
         per_split = min(max(1, tiles.candidates_per_split), m)
     else:
         per_split = _default_candidates_per_split(n, m, device)
-    splits = triton.cdiv(m, per_split)
+    splits = cdiv(m, per_split)
     if splits == 1:
         pos_val = neg_val = torch.empty(1, dtype=acc_torch, device=device)  # not stored
         pos_part, neg_part = final_indices()
@@ -1436,16 +1435,14 @@ def mine_hardest_splits_triton(
         TEXT_DOT_DTYPE=text_dot_dtype, TEXT_ACC_DTYPE=text_acc_dtype, TEXT_INPUT_PRECISION=text_precision,
     )
     if tiles is None:
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), splits)  # noqa: E731
+        grid = lambda meta: (cdiv(n, meta["BLOCK_M"]), splits)  # noqa: E731
         kind = "atl" if need_text else "batch_hard"
         width = "fp32" if fma_dot else ("16bit" if anchors.element_size() == 2 else "tf32")
-        tuned = _tuned_kernel(kind, width)
-        tuned[grid](*args, **flags, WIDE_PASS=False)
-        block_m = tuned.best_config.kwargs["BLOCK_M"]
+        block_m = _tuned_kernel(kind, width)(grid, *args, **flags, WIDE_PASS=False).kwargs["BLOCK_M"]
     else:
         block_t = tiles.block_t
         extra = {} if tiles.maxnreg is None else {"maxnreg": tiles.maxnreg}
-        _mine_hardest_kernel[(triton.cdiv(n, tiles.block_m), splits)](
+        _mine_hardest_kernel[(cdiv(n, tiles.block_m), splits)](
             *args, **flags, WIDE_PASS=False,
             EVEN_D=d % tiles.block_d == 0, EVEN_T=t % block_t == 0,
             EVEN_N=m % tiles.block_n == 0 and per_split % tiles.block_n == 0,
@@ -1460,9 +1457,9 @@ def mine_hardest_splits_triton(
         # where every program of this launch exits after its label scan): same row blocks and
         # splits as the main pass, so each is mined by exactly one of the two launches.
         wide = _wide_pass_config(block_m, fma_dot, layout) if tiles is None else tiles
-        block_d = min(wide.block_d, max(16, triton.next_power_of_2(d)))
-        block_t = min(wide.block_t, max(16, triton.next_power_of_2(max(t, 1))))
-        _mine_hardest_kernel[(triton.cdiv(n, block_m), splits)](
+        block_d = min(wide.block_d, max(16, next_power_of_2(d)))
+        block_t = min(wide.block_t, max(16, next_power_of_2(max(t, 1))))
+        _mine_hardest_kernel[(cdiv(n, block_m), splits)](
             *args, **flags, WIDE_PASS=True,
             EVEN_D=d % block_d == 0, EVEN_T=t % block_t == 0, EVEN_N=False, FLATTEN=False,
             BLOCK_M=block_m, BLOCK_N=wide.block_n, BLOCK_D=block_d, BLOCK_T=block_t,
