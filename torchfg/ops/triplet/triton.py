@@ -979,8 +979,7 @@ def _row_stats(*jobs: tuple[torch.Tensor, bool], fills: tuple[tuple[torch.Tensor
     value) that the first launch also sets (fill launches of their own when there is no job)."""
     outs = [torch.empty(x.shape[0], dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=x.device)
             for x, _ in jobs]
-    block_r = 16 if triton_interpreter_enabled() else 32
-    block_c = 16 if triton_interpreter_enabled() else 128
+    block_r, block_c = (16, 16) if triton_interpreter_enabled() else (32, 128)
     pending = [(x, inverse, out) for (x, inverse), out in zip(jobs, outs) if x.shape[0] > 0]
     fills = tuple(fills)
     torch._check(len(fills) <= 2)
