@@ -172,11 +172,11 @@ def test_internal_outputs_match_reference(poisoned):
         for r, f in zip(reference[:4], fused[:4]):
             torch.testing.assert_close(f, r)
         assert reference[1][0, 0] == -1 and reference[2][0].eq(0).all()
-        # links: [heads (23), ticket, next (46)]; the ticket ends at programs - 1 (it starts at -1).
+        # links: [ticket, heads (23 x 4 stripes), next (46)]; the ticket ends at programs - 1 (it starts at -1).
         from torchfg.ops.hardest_triplet_loss.triton import _blocks
 
         programs = -(-23 // _blocks(9, torch.float32)[0])  # 8-row programs interpreted, 16 on a GPU
-        assert fused[4].shape == (23 + 1 + 46,) and fused[4][23] == programs - 1
+        assert fused[4].shape == (1 + 23 * 4 + 46,) and fused[4][0] == programs - 1
 
 
 @requires_triton
@@ -286,3 +286,31 @@ def test_torch_compile_fullgraph(backend):
     expected.backward()
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(x1.grad, x2.grad)
+
+
+@requires_triton
+@pytest.mark.parametrize("separate", [False, True])
+def test_hub_rows_on_several_stripes(poisoned, separate):
+    # A row that most anchors pick as their hardest negative (a hub): its pairs spread over the
+    # partner-list stripes (anchor index % LINK_STRIPES), several entries per stripe, next to rows
+    # of one pair or none in the same block; its gradient sums them all.
+    from torchfg.ops.hardest_triplet_loss.links import LINK_STRIPES
+
+    x, labels, y, y_labels, *_ = _problem(41, 29, 24, torch.float32, seed=21, classes=6, separate=separate)
+    x = x / x.norm(dim=1, keepdim=True)
+    y = None if y is None else y / y.norm(dim=1, keepdim=True)
+    hub_of = y if separate else x
+    hub_labels = y_labels if separate else labels
+    # Unit rows in 24 dimensions are about sqrt(2) apart: the origin, at 1, is every anchor's
+    # nearest negative but a few.
+    hub_of[3] = 0.0
+    hub_labels[3] = 99
+    kwargs = dict(metric="euclidean", base_margin=3.0, exclude_self=not separate, reduction="sum")
+    expected = _run("torch", x, labels, y, y_labels, None, None, **kwargs)
+    actual = _run("triton", x, labels, y, y_labels, None, None, **kwargs)
+    _assert_same(expected, actual, torch.float32)
+    pairs = _hardest_triplet_loss_op(x, y, labels, y_labels, None, None, "euclidean", 3.0, 0.0, None,
+                                     0 if not separate else -1, False, "sum", False, "torch")[1]
+    hub_anchors = torch.nonzero(pairs[:, 1] == 3).flatten()
+    assert len(hub_anchors) >= 3 * LINK_STRIPES  # several pairs on every stripe of the hub
+    assert set((hub_anchors % LINK_STRIPES).tolist()) == set(range(LINK_STRIPES))

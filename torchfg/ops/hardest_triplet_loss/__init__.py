@@ -16,6 +16,7 @@ import torch
 from torchfg._validation import accumulation_dtype, check_bool, check_choice, check_number
 from torchfg.backends import BackendSpec, register_op, resolve_backend
 from torchfg.ops._library import custom_op
+from torchfg.ops.hardest_triplet_loss.links import links_size
 from torchfg.ops.hardest_triplet_loss.reference import (
     anchor_loss_scale,
     hardest_triplet_loss_backward_reference,
@@ -90,7 +91,7 @@ def _(anchors, candidates, anchor_labels, candidate_labels, anchor_text, candida
         anchors.new_empty(n, 2, dtype=torch.int64),
         anchors.new_empty(n, 3, dtype=acc),
         anchors.new_empty(1, dtype=acc),
-        anchors.new_empty(m + 1 + 2 * n if triton and link else 0, dtype=torch.int32),
+        anchors.new_empty(links_size(n, m) if triton and link else 0, dtype=torch.int32),
         anchors.new_empty(m if cosine else 0, dtype=acc),
         anchors.new_empty(n if cosine and candidates is not None else 0, dtype=acc),
     )

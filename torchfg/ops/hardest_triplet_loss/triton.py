@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from torchfg.backends import triton_interpreter_enabled
+from torchfg.ops.hardest_triplet_loss.links import LINK_STRIPES, links_size
 from torchfg.ops._triton_utils import cdiv, next_power_of_2, split_scalar
 from torchfg.ops.metric import metric_code
 from torchfg.ops.pair_distances.triton import _acc_dtype, finish_pair_distance, pair_distance_gradient
@@ -84,7 +85,7 @@ def _hardest_triplet_fwd_kernel(
     stride_xn, stride_xd, stride_yn, stride_yd, stride_atn, stride_atd, stride_ctn, stride_ctd,
     base_margin_hi, base_margin_lo, margin_scale_hi, margin_scale_lo,
     METRIC: tl.constexpr, MARGIN_AWARE: tl.constexpr, SMOOTH: tl.constexpr, REDUCTION: tl.constexpr,
-    MERGE: tl.constexpr, PACKED: tl.constexpr, LINK: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    MERGE: tl.constexpr, PACKED: tl.constexpr, LINK: tl.constexpr, STRIPES: tl.constexpr, ACC_DTYPE: tl.constexpr,
     TEXT_ACC_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -180,14 +181,17 @@ def _hardest_triplet_fwd_kernel(
     tl.store(terms_ptr + rows64 * 3 + 1, tl.where(valid, d_an, 0.0), mask=row_ok)
     tl.store(terms_ptr + rows64 * 3 + 2, slope, mask=row_ok)
     if LINK:
-        # Push pair ids 2i (positive) and 2i + 1 (negative) onto their partner's list; links is
-        # [heads (M), ticket (1), next (2N)], heads set to -1 by the mining pre-pass.
+        # Push pair ids 2i (positive) and 2i + 1 (negative) onto one of their partner's STRIPES
+        # lists, anchor i's stripe i % STRIPES; links is [ticket (1), heads (M * STRIPES), next
+        # (2N)], ticket and heads set to -1 by the mining pre-pass. Stripes split a hub's list
+        # (a row that hundreds of anchors picked) into lists that the backward walks together.
         linked = valid & (slope != 0)
         pair = (rows64 * 2).to(tl.int32)
-        previous = tl.atomic_xchg(links_ptr + pos_safe, pair, mask=linked)
-        tl.store(links_ptr + (M + 1) + rows64 * 2, previous, mask=linked)
-        previous = tl.atomic_xchg(links_ptr + neg_safe, pair + 1, mask=linked)
-        tl.store(links_ptr + (M + 1) + rows64 * 2 + 1, previous, mask=linked)
+        stripe = rows64 % STRIPES
+        previous = tl.atomic_xchg(links_ptr + 1 + pos_safe * STRIPES + stripe, pair, mask=linked)
+        tl.store(links_ptr + 1 + M * STRIPES + rows64 * 2, previous, mask=linked)
+        previous = tl.atomic_xchg(links_ptr + 1 + neg_safe * STRIPES + stripe, pair + 1, mask=linked)
+        tl.store(links_ptr + 1 + M * STRIPES + rows64 * 2 + 1, previous, mask=linked)
 
     if REDUCTION == 0:
         tl.store(loss_ptr + rows64, loss, mask=row_ok)
@@ -201,7 +205,7 @@ def _hardest_triplet_fwd_kernel(
     tl.store(partial_ptr + pid.to(tl.int64) * 2 + 1, tl.sum(counted.to(ACC_DTYPE), axis=0))
     # Every thread's partial store is ordered before the ticket's release.
     tl.debug_barrier()
-    ticket = tl.atomic_add(links_ptr + M, 1, sem="acq_rel", scope="gpu")
+    ticket = tl.atomic_add(links_ptr, 1, sem="acq_rel", scope="gpu")
     programs = tl.num_programs(0)
     if ticket == programs - 2:  # the ticket starts at -1: this program finished last
         sums = tl.zeros((BLOCK_P,), dtype=ACC_DTYPE)
@@ -238,14 +242,14 @@ def _hardest_triplet_bwd_kernel(
     grad_ptr, x_ptr, y_ptr, pairs_ptr, terms_ptr, count_ptr, links_ptr, x_inv_ptr, y_inv_ptr, g_ptr,
     R, M, D,
     stride_xn, stride_xd, stride_yn, stride_yd,
-    METRIC: tl.constexpr, REDUCTION: tl.constexpr, OWN: tl.constexpr, PARTNER: tl.constexpr,
+    METRIC: tl.constexpr, REDUCTION: tl.constexpr, OWN: tl.constexpr, PARTNER: tl.constexpr, STRIPES: tl.constexpr,
     ACC_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Rows [0, R) by columns [d0, d0 + BLOCK_D) of one gradient, each element written once, in
     the gradient's dtype.
 
     OWN: row j is anchor j of x; add its two pairs' terms (x's gradient). PARTNER: row j is a
-    candidate row (of y, which may be x); add the terms of every pair on its list.
+    candidate row (of y, which may be x); add the terms of every pair on its STRIPES lists.
     """
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < R
@@ -266,10 +270,15 @@ def _hardest_triplet_bwd_kernel(
             pos_inv = tl.load(y_inv_ptr + pos, mask=active, other=0.0).to(ACC_DTYPE)
             neg_inv = tl.load(y_inv_ptr + neg, mask=active, other=0.0).to(ACC_DTYPE)
     if PARTNER:
-        head = tl.load(links_ptr + rows64, mask=row_ok, other=-1)
-        row_inv = tl.zeros((BLOCK_R,), dtype=ACC_DTYPE)
+        # The row block's lists, row-major: list l is stripe l % STRIPES of row l // STRIPES.
+        list_rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R * STRIPES) // STRIPES
+        list_ok = list_rows < R
+        list_rows64 = list_rows.to(tl.int64)
+        head = tl.load(links_ptr + 1 + tl.program_id(0).to(tl.int64) * (BLOCK_R * STRIPES)
+                       + tl.arange(0, BLOCK_R * STRIPES), mask=list_ok, other=-1)
+        list_inv = tl.zeros((BLOCK_R * STRIPES,), dtype=ACC_DTYPE)
         if METRIC == 2:
-            row_inv = tl.load(y_inv_ptr + rows64, mask=row_ok, other=0.0).to(ACC_DTYPE)
+            list_inv = tl.load(y_inv_ptr + list_rows64, mask=list_ok, other=0.0).to(ACC_DTYPE)
     # One column chunk per program (grid axis 1): a partner's list is walked once per chunk, and
     # the chunks of a row block walk theirs in parallel. Rows that many anchors picked (hubs of
     # random data: hundreds of pairs) made the serial walk the whole kernel's time when one program
@@ -289,26 +298,30 @@ def _hardest_triplet_bwd_kernel(
         acc += pair_distance_gradient(coef, d_ap, a, p, own_inv, pos_inv, METRIC)
         acc += pair_distance_gradient(-coef, d_an, a, n, own_inv, neg_inv, METRIC)
     if PARTNER:
-        mask = row_ok[:, None] & col_ok
-        b = tl.load(y_ptr + rows64[:, None] * stride_yn + cols64 * stride_yd, mask=mask, other=0.0).to(ACC_DTYPE)
+        # Each row once per stripe (from cache): the lists' partner rows.
+        b = tl.load(y_ptr + list_rows64[:, None] * stride_yn + cols64 * stride_yd, mask=list_ok[:, None] & col_ok,
+                    other=0.0).to(ACC_DTYPE)
         pair = head
+        # The walk takes as many steps as the block's longest list: a stripe of a hub's list.
         while tl.max(pair, axis=0) >= 0:
             listed = pair >= 0
             pair64 = pair.to(tl.int64)
             anchor = pair64 // 2
             role = pair64 - anchor * 2  # 0: this row is the anchor's positive, 1: its negative
-            slope = tl.load(terms_ptr + anchor * 3 + 2, mask=listed, other=0.0)
-            g = slope * _anchor_scale(grad_ptr, count_ptr, anchor, listed, REDUCTION, ACC_DTYPE)
+            # (Names apart from the OWN part's: a loop-carried name keeps its shape on a GPU.)
+            pair_slope = tl.load(terms_ptr + anchor * 3 + 2, mask=listed, other=0.0)
+            g = pair_slope * _anchor_scale(grad_ptr, count_ptr, anchor, listed, REDUCTION, ACC_DTYPE)
             g = tl.where(role == 0, g, -g)
             dist = tl.load(terms_ptr + anchor * 3 + role, mask=listed, other=0.0)
             a_mask = listed[:, None] & col_ok
-            a = tl.load(x_ptr + anchor[:, None] * stride_xn + cols64 * stride_xd, mask=a_mask, other=0.0)
-            a = a.to(ACC_DTYPE)
-            a_inv = tl.zeros((BLOCK_R,), dtype=ACC_DTYPE)
+            anchor_row = tl.load(x_ptr + anchor[:, None] * stride_xn + cols64 * stride_xd, mask=a_mask, other=0.0)
+            anchor_row = anchor_row.to(ACC_DTYPE)
+            a_inv = tl.zeros((BLOCK_R * STRIPES,), dtype=ACC_DTYPE)
             if METRIC == 2:
                 a_inv = tl.load(x_inv_ptr + anchor, mask=listed, other=0.0).to(ACC_DTYPE)
-            acc += pair_distance_gradient(g, dist, b, a, row_inv, a_inv, METRIC)
-            pair = tl.load(links_ptr + (M + 1) + pair64, mask=listed, other=-1)
+            contribution = pair_distance_gradient(g, dist, b, anchor_row, list_inv, a_inv, METRIC)
+            acc += tl.sum(tl.reshape(contribution, (BLOCK_R, STRIPES, BLOCK_D)), axis=1)
+            pair = tl.load(links_ptr + 1 + M * STRIPES + pair64, mask=listed, other=-1)
     tl.store(g_ptr + rows64[:, None] * D + cols[None, :], acc.to(g_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok)
 
 
@@ -332,7 +345,7 @@ def hardest_triplet_loss_triton(
     """Mining and the loss forward: (loss, pairs, terms, count, links, candidate_inv, anchor_inv).
 
     Shapes and meaning as :func:`torchfg.ops.hardest_triplet_loss.hardest_triplet_loss`'s op;
-    ``links`` is [heads (M), ticket (1), next (2N)] int32 when ``link`` (else empty), and the
+    ``links`` is [ticket (1), heads (M * LINK_STRIPES), next (2N)] int32 when ``link`` (else empty), and the
     inverse norms are the mining pre-pass's row statistics for cosine (else empty).
     """
     from torchfg.ops.triplet.triton import mine_hardest_splits_triton
@@ -340,12 +353,12 @@ def hardest_triplet_loss_triton(
     n, m, d = anchors.shape[0], candidates.shape[0], anchors.shape[1]
     device = anchors.device
     acc, acc_tl = _acc_dtype(anchors.dtype)
-    # [heads (M), ticket (1), next (2N)]: without partner lists only the ticket is used (and set).
-    links = torch.empty(m + 1 + (2 * n if link else 0), dtype=torch.int32, device=device)
+    # [ticket (1), heads (M * LINK_STRIPES), next (2N)]: without partner lists, the ticket alone.
+    links = torch.empty(links_size(n, m) if link else 1, dtype=torch.int32, device=device)
     bests = mine_hardest_splits_triton(
         anchors, candidates, anchor_labels, candidate_labels, anchor_text, candidate_text, metric=metric,
         base_margin=base_margin, margin_scale=margin_scale, text_positive_threshold=text_positive_threshold,
-        self_offset=self_offset, fill=(links[: m + 1] if link else links[m:], -1),
+        self_offset=self_offset, fill=(links[: 1 + m * LINK_STRIPES], -1),
     )
     block_r, block_d, warps = _blocks(
         d, anchors.dtype, rows_aligned(anchors, candidates, *((anchor_text, candidate_text) if anchor_text is not None else ()))
@@ -373,7 +386,8 @@ def hardest_triplet_loss_triton(
             anchors.stride(0), anchors.stride(1), candidates.stride(0), candidates.stride(1), *text_strides,
             *split_scalar(base_margin), *split_scalar(margin_scale),
             METRIC=metric_code(metric), MARGIN_AWARE=margin_aware, SMOOTH=smooth,
-            REDUCTION=REDUCTION_CODES[reduction], MERGE=bests.splits > 1, PACKED=bests.packed, LINK=link, ACC_DTYPE=acc_tl,
+            REDUCTION=REDUCTION_CODES[reduction], MERGE=bests.splits > 1, PACKED=bests.packed, LINK=link,
+            STRIPES=LINK_STRIPES, ACC_DTYPE=acc_tl,
             TEXT_ACC_DTYPE=tl.float64 if margin_aware and anchor_text.dtype == torch.float64 else tl.float32,
             BLOCK_R=block_r, BLOCK_D=block_d,
             # fp64 embeddings with 64 text columns spilled 8 bytes (triton 3.6).
@@ -416,7 +430,7 @@ def hardest_triplet_loss_backward_triton(
               if needs_candidate_grad and not candidates_are_anchors else anchors.new_empty(0))
     if d == 0:
         return grad_x, grad_y
-    torch._check(links.numel() == 0 or links.numel() == m + 1 + 2 * n)
+    torch._check(links.numel() == 0 or links.numel() == links_size(n, m))
     partner = (candidates_are_anchors or needs_candidate_grad) and links.numel() > 0
     torch._check(partner or not (candidates_are_anchors or needs_candidate_grad),
                  lambda: "the forward built no partner lists (link=False) but a partner gradient is needed")
@@ -426,14 +440,17 @@ def hardest_triplet_loss_backward_triton(
     y_inv = candidate_inv if metric == "cosine" else dummy
     block_r, block_d, warps = _blocks(d, anchors.dtype, rows_aligned(anchors, candidates))
     common = dict(METRIC=metric_code(metric), REDUCTION=REDUCTION_CODES[reduction], ACC_DTYPE=acc_tl,
-                  BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps)
+                  BLOCK_R=block_r, BLOCK_D=block_d)
     strides = (anchors.stride(0), anchors.stride(1), candidates.stride(0), candidates.stride(1))
 
     def launch(target: torch.Tensor, rows: int, own: bool, partner_terms: bool) -> None:
         if rows:
+            # The list walk holds (BLOCK_R * LINK_STRIPES, BLOCK_D) tiles: twice the warps (4 spilled
+            # 68 bytes at 16 x 128 in 16 bits on sm_90, triton 3.6).
             _hardest_triplet_bwd_kernel[(cdiv(rows, block_r), cdiv(d, block_d))](
                 grad, anchors, candidates, pairs, terms, count, links if partner_terms else pairs, x_inv, y_inv, target,
-                rows, m, d, *strides, OWN=own, PARTNER=partner_terms, **common,
+                rows, m, d, *strides, OWN=own, PARTNER=partner_terms, STRIPES=LINK_STRIPES,
+                num_warps=warps * 2 if partner_terms and not triton_interpreter_enabled() else warps, **common,
             )
 
     if candidates_are_anchors:
