@@ -86,16 +86,16 @@ FAILED=""
 # The triplet step times the symmetric mining kernel ("torchfg[triton] symmetric", opt-in until
 # measured) next to the default one: 30 s more for its cases and their autotuning.
 B_INFO=45 B_WHEELS=15 B_BUILD=40 B_TESTS=200 B_TRIPLET=110
-B_XBM=30 B_KNN=70 B_PAIRWISE=50 B_DINO=40 B_FP32=30 B_MINING_1M=60
+B_XBM=30 B_KNN=70 B_PAIRWISE=50 B_DINO=40 B_FP32=30 B_MINING_1M=60 B_HOST=20
 # A follow-up call inside the same device budget: ONLY="build tests" runs those steps alone (info
 # always runs), and B_<STEP>_SET (seconds) replaces that step's budget; TOTAL_SET the total.
-for b in B_INFO B_WHEELS B_BUILD B_TESTS B_TRIPLET B_XBM B_KNN B_PAIRWISE B_DINO B_FP32 B_MINING_1M; do
+for b in B_INFO B_WHEELS B_BUILD B_TESTS B_TRIPLET B_XBM B_KNN B_PAIRWISE B_DINO B_FP32 B_MINING_1M B_HOST; do
   over="${b}_SET"
   if [ -n "${!over:-}" ]; then printf -v "$b" '%s' "${!over}"; fi
 done
 ONLY="${ONLY:-}"
 planned=$(( B_INFO + B_WHEELS + B_BUILD + B_TESTS + B_TRIPLET + 5 * GRACE ))
-capped=$(( planned + B_XBM + B_KNN + B_PAIRWISE + B_DINO + B_FP32 + B_MINING_1M + 6 * GRACE ))
+capped=$(( planned + B_XBM + B_KNN + B_PAIRWISE + B_DINO + B_FP32 + B_MINING_1M + B_HOST + 7 * GRACE ))
 if [ "$planned" -gt "$TOTAL" ]; then
   echo "gpu_session.sh: the guaranteed steps' budgets ($planned s) exceed the session ($TOTAL s)" >&2
   exit 2
@@ -123,6 +123,7 @@ if [ "$DRY" = 1 ]; then
   BENCH_DINO=(--ops dino --sizes 64 "${SMALL[@]}")
   BENCH_FP32=(--ops pairwise --sizes 64 "${SMALL[@]}")
   BENCH_MINING_1M=(--ops triplet --sizes 64 "${SMALL[@]}")
+  HOST=(--n 64 --d 16 --warmup 1 --chunks 1 --steps 2)
 else
   BUILD=(-c 'from torchfg.ops import _cuda_extension as ext; ext.load(verbose=True); print(ext.status())')
   PYTEST_ARGS=(--maxfail=60 -n "${TEST_WORKERS:-16}" --tb=short)
@@ -146,6 +147,9 @@ else
   # its x @ x.T floor (2 TB) cannot run and is left empty.
   BENCH_MINING_1M=(--ops triplet --sizes 1048576 --dim 512 --cases 'torchfg[triton] symmetric,torchfg[triton]'
                    --repeat 3 --warmup 1)
+  # The host's share of a step (launches stubbed, benchmarks/step_host.py) on this box's CPU: next
+  # to bench_triplet's N = 8192 step time, what is left is Triton's launcher and the GPU.
+  HOST=(--n 8192)
 fi
 
 export MAX_JOBS=16          # the CUDA extension's ninja build
@@ -189,6 +193,8 @@ bench bench_pairwise "$B_PAIRWISE" bf16 "${BENCH_PAIRWISE[@]}"
 bench bench_dino "$B_DINO" bf16 "${BENCH_DINO[@]}"
 bench bench_fp32 "$B_FP32" fp32 "${BENCH_FP32[@]}"
 bench bench_mining_1m "$B_MINING_1M" bf16 "${BENCH_MINING_1M[@]}"
+step host "$B_HOST" "$LOGS/host.txt" $PY benchmarks/step_host.py "${HOST[@]}" --out "$OUT/step_host.csv" \
+  --note "GPU box's CPU, launches stubbed (gpu_session.sh)"
 
 # Last, so that the reply's tail holds them: the failed tests, one line each.
 failed_tests=$(grep -E "^(FAILED|ERROR) " "$LOGS/tests.txt" 2>/dev/null | cut -c1-220 | head -80)

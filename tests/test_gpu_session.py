@@ -38,7 +38,7 @@ def test_gpu_session_dry_run(tmp_path: Path) -> None:
     planned = int(re.search(r"plan: (\d+) s of (\d+) s", session).group(1))
     assert planned <= 540 and "guaranteed" in session, session
     steps = ("info", "build", "tests", "bench_triplet", "bench_xbm", "bench_knn", "bench_pairwise", "bench_dino",
-             "bench_fp32", "bench_mining_1m")
+             "bench_fp32", "bench_mining_1m", "host")
     for step in steps:
         assert re.search(rf"^{step}: exit 0 in \d+s$", session, re.M), f"{step} did not succeed:\n{session}"
     with tarfile.open(tmp_path / "logs.tgz") as logs:  # the logs come back as one file
@@ -51,6 +51,8 @@ def test_gpu_session_dry_run(tmp_path: Path) -> None:
     knn_params = " ".join(r["params"] for r in rows if r["op"] == "knn")
     assert "k=10" in knn_params and "k=100" in knn_params, knn_params
     assert all(r["status"] == "ok" for r in rows), rows
+    host = list(csv.DictReader((tmp_path / "step_host.csv").open()))
+    assert [r["case"] for r in host] == ["batch_hard", "atl"] and all(r["jit_launches"] == "5" for r in host), host
 
 
 def test_gpu_session_budgets_fit_in_nine_minutes() -> None:

@@ -294,7 +294,7 @@ def test_hub_rows_on_several_stripes(poisoned, separate):
     # A row that most anchors pick as their hardest negative (a hub): its pairs spread over the
     # partner-list stripes (anchor index % LINK_STRIPES), several entries per stripe, next to rows
     # of one pair or none in the same block; its gradient sums them all.
-    from torchfg.ops.hardest_triplet_loss.links import LINK_STRIPES
+    from torchfg.ops.hardest_triplet_loss import LINK_STRIPES
 
     x, labels, y, y_labels, *_ = _problem(41, 29, 24, torch.float32, seed=21, classes=6, separate=separate)
     x = x / x.norm(dim=1, keepdim=True)
