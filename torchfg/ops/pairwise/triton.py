@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from torchfg.backends import triton_interpreter_enabled
-from torchfg.ops._triton_utils import cdiv, dot_dtypes, next_power_of_2
+from torchfg.ops._triton_utils import AutotunedLaunch, cdiv, dot_dtypes, next_power_of_2
 from torchfg.ops.metric import metric_code, safe_inverse
 from torchfg.ops.pairwise.reference import row_norms
 
@@ -283,7 +283,7 @@ def _bucket(size: int) -> int:
     return next_power_of_2(max(size, 1))
 
 
-_autotuned: dict[tuple[str, str], object] = {}
+_autotuned: dict[tuple[str, str], AutotunedLaunch] = {}
 
 
 def _tile_meta(config: PairwiseConfig, direction: str) -> dict[str, int]:
@@ -319,12 +319,14 @@ def prune_for_ragged_d(direction: str):
 
 
 def _launcher(kernel, direction: str, dtype: torch.dtype, config: PairwiseConfig | None):
-    """(kernel to index with a grid, its launch kwargs): a pinned config (explicit or the
-    interpreter's) passes tiles, warps and stages; the autotuner supplies them itself."""
+    """``launch(grid, *args, **kwargs)`` of ``kernel``: a pinned config (explicit or the
+    interpreter's) passes tiles, warps and stages; otherwise the autotuner supplies them (and a
+    call it has answered skips its per-call work, see :class:`AutotunedLaunch`)."""
     if config is None and triton_interpreter_enabled():
         config = INTERPRETER_CONFIG
     if config is not None:
-        return kernel, dict(_tile_meta(config, direction), num_warps=config.num_warps, num_stages=config.num_stages)
+        meta = dict(_tile_meta(config, direction), num_warps=config.num_warps, num_stages=config.num_stages)
+        return lambda grid, *args, **kwargs: kernel[grid](*args, **kwargs, **meta)
     key = (direction, operand_class(dtype))
     if key not in _autotuned:
         table = FORWARD_CONFIGS if direction == "forward" else BACKWARD_CONFIGS
@@ -332,11 +334,11 @@ def _launcher(kernel, direction: str, dtype: torch.dtype, config: PairwiseConfig
             triton.Config(_tile_meta(c, direction), num_warps=c.num_warps, num_stages=c.num_stages)
             for c in table[key[1]]
         ]
-        _autotuned[key] = triton.autotune(
+        _autotuned[key] = AutotunedLaunch(triton.autotune(
             configs=configs, key=["N_BUCKET", "M_BUCKET", "D"],
             prune_configs_by={"early_config_prune": prune_for_ragged_d(direction)},
-        )(kernel)
-    return _autotuned[key], {}
+        )(kernel))
+    return _autotuned[key]
 
 
 def _metric_norms(x: torch.Tensor, metric: str) -> torch.Tensor:
@@ -362,20 +364,19 @@ def pairwise_distance_triton(
     x_norm = _metric_norms(x, metric)
     y_norm = x_norm if symmetric else _metric_norms(y, metric)
     dot_dtype, acc_dtype, precision = dot_dtypes(x.dtype)
-    kernel, launch = _launcher(_pairwise_forward_kernel, "forward", x.dtype, config)
+    launch = _launcher(_pairwise_forward_kernel, "forward", x.dtype, config)
 
     def grid(meta):
         return (cdiv(N, meta["BLOCK_M"]) * cdiv(M, meta["BLOCK_N"]), 1, B)
 
-    kernel[grid](
-        x, y, out, x_norm, y_norm,
+    launch(
+        grid, x, y, out, x_norm, y_norm,
         N, M, D,
         *x.stride(), *y.stride(), *out.stride(),
         x_norm.stride(0), y_norm.stride(0),
         _bucket(N), _bucket(M),
         METRIC=metric_code(metric), SYMMETRIC=symmetric,
         DOT_DTYPE=dot_dtype, ACC_DTYPE=acc_dtype, INPUT_PRECISION=precision,
-        **launch,
     )
     return out
 
@@ -404,19 +405,18 @@ def _backward_one_side(
         return gx.zero_().to(x.dtype)
     y_scale = safe_inverse(row_norms(y)) if metric == "cosine" else torch.empty(B, 1, device=x.device)
     dot_dtype, acc_dtype, precision = dot_dtypes(x.dtype)
-    kernel, launch = _launcher(_pairwise_backward_kernel, "backward", x.dtype, config)
+    launch = _launcher(_pairwise_backward_kernel, "backward", x.dtype, config)
 
     def grid(meta):
         return (cdiv(D, meta["BLOCK_D"]), cdiv(N, meta["BLOCK_M"]), B)
 
-    kernel[grid](
-        grad, out, x, y, y_scale, gx,
+    launch(
+        grid, grad, out, x, y, y_scale, gx,
         N, M, D,
         *grad.stride(), *out.stride(), *x.stride(), *y.stride(),
         y_scale.stride(0), *gx.stride(),
         _bucket(N), _bucket(M),
         METRIC=metric_code(metric), DOT_DTYPE=dot_dtype, ACC_DTYPE=acc_dtype, INPUT_PRECISION=precision,
-        **launch,
     )
     if metric == "cosine":
         # d(x/|x|)/dx = (I - x_hat x_hat^T) / |x|: an O(N D) epilogue over the kernel's dL/dx_hat.
