@@ -34,8 +34,8 @@ import triton
 import triton.language as tl
 
 from torchfg.backends import triton_interpreter_enabled
-from torchfg.ops.hardest_triplet_loss import LINK_STRIPES, links_size
 from torchfg.ops._triton_utils import cdiv, next_power_of_2, split_scalar
+from torchfg.ops.hardest_triplet_loss import LINK_STRIPES, links_size
 from torchfg.ops.metric import metric_code
 from torchfg.ops.pair_distances.triton import _acc_dtype, finish_pair_distance, pair_distance_gradient
 from torchfg.ops.triplet.triton import merge_split_bests, rows_aligned, unpack_best_index
