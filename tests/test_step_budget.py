@@ -195,3 +195,29 @@ def test_first_training_step_does_not_import_dynamo():
     result = subprocess.run([sys.executable, "-c", _FIRST_CALL], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "dynamo imported: False" in result.stdout, result.stdout
+
+
+@requires_triton
+def test_step_does_no_per_call_schema_or_constexpr_wrapper_work(monkeypatch):
+    # Host time is most of a step at N = 8192 on an H200 (benchmarks/README.md, "Host time of the
+    # fused step"). Two costs that had crept in, guarded structurally (no timing): torch's
+    # register_autograd kernel rebuilding the argument list on every call, and host calls of
+    # triton.cdiv / next_power_of_2, constexpr functions behind a generic wrapper.
+    import triton
+    from torch._library import utils as library_utils
+
+    calls = {"fill_defaults": 0, "cdiv": 0, "next_power_of_2": 0}
+
+    def counted(name, original):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return original(*args, **kwargs)
+        return wrapper
+
+    step = _step("atl", 24)
+    step()
+    monkeypatch.setattr(library_utils, "fill_defaults", counted("fill_defaults", library_utils.fill_defaults))
+    monkeypatch.setattr(triton, "cdiv", counted("cdiv", triton.cdiv))
+    monkeypatch.setattr(triton, "next_power_of_2", counted("next_power_of_2", triton.next_power_of_2))
+    step()
+    assert calls == {"fill_defaults": 0, "cdiv": 0, "next_power_of_2": 0}, calls
