@@ -38,7 +38,7 @@ from torchfg.ops._triton_utils import cdiv, next_power_of_2, split_scalar
 from torchfg.ops.hardest_triplet_loss import LINK_STRIPES, links_size
 from torchfg.ops.metric import metric_code
 from torchfg.ops.pair_distances.triton import _acc_dtype, finish_pair_distance, pair_distance_gradient
-from torchfg.ops.triplet.triton import merge_split_bests, rows_aligned, unpack_best_index
+from torchfg.ops.triplet.triton import fit_block, merge_split_bests, rows_aligned, unpack_best_index
 
 __all__ = ["REDUCTION_CODES", "hardest_triplet_loss_triton", "hardest_triplet_loss_backward_triton"]
 
@@ -271,11 +271,11 @@ def _hardest_triplet_bwd_kernel(
             neg_inv = tl.load(y_inv_ptr + neg, mask=active, other=0.0).to(ACC_DTYPE)
     if PARTNER:
         # The row block's lists, row-major: list l is stripe l % STRIPES of row l // STRIPES.
-        list_rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R * STRIPES) // STRIPES
+        lists = tl.arange(0, BLOCK_R * STRIPES)
+        list_rows = tl.program_id(0) * BLOCK_R + lists // STRIPES
         list_ok = list_rows < R
         list_rows64 = list_rows.to(tl.int64)
-        head = tl.load(links_ptr + 1 + tl.program_id(0).to(tl.int64) * (BLOCK_R * STRIPES)
-                       + tl.arange(0, BLOCK_R * STRIPES), mask=list_ok, other=-1)
+        head = tl.load(links_ptr + 1 + list_rows64 * STRIPES + lists % STRIPES, mask=list_ok, other=-1)
         list_inv = tl.zeros((BLOCK_R * STRIPES,), dtype=ACC_DTYPE)
         if METRIC == 2:
             list_inv = tl.load(y_inv_ptr + list_rows64, mask=list_ok, other=0.0).to(ACC_DTYPE)
@@ -391,8 +391,7 @@ def hardest_triplet_loss_triton(
             TEXT_ACC_DTYPE=tl.float64 if margin_aware and anchor_text.dtype == torch.float64 else tl.float32,
             BLOCK_R=block_r, BLOCK_D=block_d,
             # fp64 embeddings with 64 text columns spilled 8 bytes (triton 3.6).
-            BLOCK_T=min(16 if torch.float64 in (anchors.dtype, text_args[0].dtype) else 64,
-                        max(16, next_power_of_2(max(t, 1)))),
+            BLOCK_T=fit_block(16 if torch.float64 in (anchors.dtype, text_args[0].dtype) else 64, t),
             BLOCK_P=128, num_warps=warps,
         )
     cosine = metric == "cosine" and bests.candidate_stat is not None

@@ -904,8 +904,14 @@ def _layout_class(*operands: torch.Tensor) -> int:
     return UNALIGNED if unaligned else ALIGNED
 
 
+def fit_block(block: int, size: int) -> int:
+    """``block`` columns, cut down to the power of two that covers ``size`` (16 at least: the
+    smallest ``tl.dot``), so that a narrow D or T is not padded to a wide chunk."""
+    return min(block, max(16, next_power_of_2(size)))
+
+
 def _text_block(args: dict) -> int:
-    return min(args["BLOCK_T"], max(16, next_power_of_2(args["T"])))
+    return fit_block(args["BLOCK_T"], args["T"])
 
 
 def _scoped_configs(entries: tuple[tuple[str, TileConfig], ...], tile_kwargs):
@@ -1196,8 +1202,7 @@ def _launch_symmetric(
     if label_words == 2:
         # Segments whose labels differ in their high words: same blocks and splits, narrow tiles.
         wide = _symmetric_wide_config(block) if tiles is None else tiles
-        block_d = min(wide.block_d, max(16, next_power_of_2(d)))
-        block_t = min(wide.block_t, max(16, next_power_of_2(max(t, 1))))
+        block_d, block_t = fit_block(wide.block_d, d), fit_block(wide.block_t, t)
         _mine_symmetric_kernel[_symmetric_splits(n, block, x.device, tiles_per_split)](
             *args, **flags, WIDE_PASS=True,
             EVEN_D=d % block_d == 0, EVEN_T=t % block_t == 0, EVEN_N=False, FLATTEN=False,
@@ -1460,8 +1465,7 @@ def mine_hardest_splits_triton(
         # where every program of this launch exits after its label scan): same row blocks and
         # splits as the main pass, so each is mined by exactly one of the two launches.
         wide = _wide_pass_config(block_m, fma_dot, layout) if tiles is None else tiles
-        block_d = min(wide.block_d, max(16, next_power_of_2(d)))
-        block_t = min(wide.block_t, max(16, next_power_of_2(max(t, 1))))
+        block_d, block_t = fit_block(wide.block_d, d), fit_block(wide.block_t, t)
         _mine_hardest_kernel[(cdiv(n, block_m), splits)](
             *args, **flags, WIDE_PASS=True,
             EVEN_D=d % block_d == 0, EVEN_T=t % block_t == 0, EVEN_N=False, FLATTEN=False,
