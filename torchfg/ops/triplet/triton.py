@@ -318,39 +318,6 @@ def _tile_keys(
 
 
 @triton.jit
-def _mine_tile(
-    n0, rows, best_pos, best_pos_idx, best_neg, best_neg_idx,
-    anchor_base, anchor_label, anchor_label_hi, anchor_stat, anchor_text_base, anchor_text_inv,
-    cand_ptr, cand_stat_ptr, cand_label_ptr, cand_text_ptr, cand_text_inv_ptr,
-    M, D, T, tile_end,
-    stride_ad, stride_cm, stride_cd, stride_atd, stride_ctm, stride_ctd,
-    self_offset, base_margin, margin_scale, text_threshold,
-    METRIC: tl.constexpr, HAS_SELF: tl.constexpr, NEED_TEXT: tl.constexpr, MARGIN_AWARE: tl.constexpr,
-    HAS_THRESHOLD: tl.constexpr, LABEL_STRIDE: tl.constexpr, WIDE_LABELS: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    TEXT_DOT_DTYPE: tl.constexpr, TEXT_ACC_DTYPE: tl.constexpr, TEXT_INPUT_PRECISION: tl.constexpr,
-    EVEN_D: tl.constexpr, EVEN_T: tl.constexpr, MASK_COLS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
-):
-    """One candidate tile: its keys (:func:`_tile_keys`), then both running maxima of the anchors."""
-    pos_key, neg_key = _tile_keys(
-        n0, rows,
-        anchor_base, anchor_label, anchor_label_hi, anchor_stat, anchor_text_base, anchor_text_inv,
-        cand_ptr, cand_stat_ptr, cand_label_ptr, cand_text_ptr, cand_text_inv_ptr,
-        M, D, T, tile_end,
-        stride_ad, stride_cm, stride_cd, stride_atd, stride_ctm, stride_ctd,
-        self_offset, base_margin, margin_scale, text_threshold,
-        METRIC, HAS_SELF, NEED_TEXT, MARGIN_AWARE, HAS_THRESHOLD, LABEL_STRIDE, WIDE_LABELS,
-        DOT_DTYPE, ACC_DTYPE, INPUT_PRECISION, TEXT_DOT_DTYPE, TEXT_ACC_DTYPE, TEXT_INPUT_PRECISION,
-        EVEN_D, EVEN_T, MASK_COLS,
-        BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_T,
-    )
-    best_pos, best_pos_idx = _take_first_max(best_pos, best_pos_idx, pos_key, n0)
-    best_neg, best_neg_idx = _take_first_max(best_neg, best_neg_idx, neg_key, n0)
-    return best_pos, best_pos_idx, best_neg, best_neg_idx
-
-
-@triton.jit
 def _mine_hardest_kernel(
     anchor_ptr, cand_ptr, anchor_stat_ptr, cand_stat_ptr,
     anchor_label_ptr, cand_label_ptr,
@@ -431,8 +398,8 @@ def _mine_hardest_kernel(
     if run:
         if WIDE_PASS:
             for n0 in tl.range(split_start, split_end, BLOCK_N):
-                best_pos, best_pos_idx, best_neg, best_neg_idx = _mine_tile(
-                    n0, rows, best_pos, best_pos_idx, best_neg, best_neg_idx,
+                pos_key, neg_key = _tile_keys(
+                    n0, rows,
                     anchor_base, anchor_label, anchor_label_hi, anchor_stat, anchor_text_base, anchor_text_inv,
                     cand_ptr, cand_stat_ptr, cand_label_ptr, cand_text_ptr, cand_text_inv_ptr,
                     M, D, T, split_end,
@@ -443,10 +410,12 @@ def _mine_hardest_kernel(
                     EVEN_D, EVEN_T, True,
                     BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_T,
                 )
+                best_pos, best_pos_idx = _take_first_max(best_pos, best_pos_idx, pos_key, n0)
+                best_neg, best_neg_idx = _take_first_max(best_neg, best_neg_idx, neg_key, n0)
         else:
             for n0 in tl.range(split_start, full_end, BLOCK_N, flatten=FLATTEN):
-                best_pos, best_pos_idx, best_neg, best_neg_idx = _mine_tile(
-                    n0, rows, best_pos, best_pos_idx, best_neg, best_neg_idx,
+                pos_key, neg_key = _tile_keys(
+                    n0, rows,
                     anchor_base, anchor_label, anchor_label_hi, anchor_stat, anchor_text_base, anchor_text_inv,
                     cand_ptr, cand_stat_ptr, cand_label_ptr, cand_text_ptr, cand_text_inv_ptr,
                     M, D, T, split_end,
@@ -457,10 +426,12 @@ def _mine_hardest_kernel(
                     EVEN_D, EVEN_T, False,
                     BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_T,
                 )
+                best_pos, best_pos_idx = _take_first_max(best_pos, best_pos_idx, pos_key, n0)
+                best_neg, best_neg_idx = _take_first_max(best_neg, best_neg_idx, neg_key, n0)
             if not EVEN_N:
                 if full_end < split_end:
-                    best_pos, best_pos_idx, best_neg, best_neg_idx = _mine_tile(
-                        full_end, rows, best_pos, best_pos_idx, best_neg, best_neg_idx,
+                    pos_key, neg_key = _tile_keys(
+                        full_end, rows,
                         anchor_base, anchor_label, anchor_label_hi, anchor_stat, anchor_text_base, anchor_text_inv,
                         cand_ptr, cand_stat_ptr, cand_label_ptr, cand_text_ptr, cand_text_inv_ptr,
                         M, D, T, split_end,
@@ -471,6 +442,8 @@ def _mine_hardest_kernel(
                         EVEN_D, EVEN_T, True,
                         BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_T,
                     )
+                    best_pos, best_pos_idx = _take_first_max(best_pos, best_pos_idx, pos_key, full_end)
+                    best_neg, best_neg_idx = _take_first_max(best_neg, best_neg_idx, neg_key, full_end)
 
         out_offsets = split.to(tl.int64) * N + rows
         tl.store(pos_idx_ptr + out_offsets, best_pos_idx.to(pos_idx_ptr.dtype.element_ty), mask=row_ok)
