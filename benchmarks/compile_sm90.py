@@ -372,14 +372,32 @@ def _trace_knn(level: str) -> Iterator[tuple[str, Callable[[], Any]]]:
             "layout": ("D512", "D100", "colmajor")}
     for c in _combos(axes, ("dtype", "k"), level):
         def run(c: dict = c) -> None:
-            d = 100 if c["layout"] == "D100" else 512
-            layout = "colmajor" if c["layout"] == "colmajor" else "row"
-            gallery = _matrix(4096, d, c["dtype"], layout)
-            query = gallery if c["mode"] != "cross" else _matrix(300, d, c["dtype"], layout, seed=1)
             with _Precision(c["dtype"]):
-                knn_triton(query, gallery, c["k"], c["metric"], symmetric=c["mode"] != "cross",
-                           self_offset=0 if c["mode"] == "exclude_self" else -1)
+                knn_triton(*_knn_search_args(c))
         yield _label("knn", c), run
+
+
+def _knn_search_args(c: dict[str, Any]) -> tuple[Any, ...]:
+    """(query, gallery, k, metric, symmetric, self_offset) of a k-NN combo: a 4096-row gallery,
+    searched by itself or by 300 other rows."""
+    d = 100 if c["layout"] == "D100" else 512
+    layout = "colmajor" if c["layout"] == "colmajor" else "row"
+    gallery = _matrix(4096, d, c["dtype"], layout)
+    query = gallery if c["mode"] != "cross" else _matrix(300, d, c["dtype"], layout, seed=1)
+    return query, gallery, c["k"], c["metric"], c["mode"] != "cross", 0 if c["mode"] == "exclude_self" else -1
+
+
+
+def _trace_knn_filter(level: str) -> Iterator[tuple[str, Callable[[], Any]]]:
+    from torchfg.ops.knn.triton import knn_filter_triton
+
+    axes = {"dtype": ("fp16", "bf16", "fp32", "tf32"), "metric": ("euclidean", "sqeuclidean", "cosine", "dot"),
+            "mode": ("cross", "symmetric", "exclude_self"), "layout": ("D512", "D100", "colmajor"), "k": (10, 100)}
+    for c in _combos(axes, ("dtype",), level):
+        def run(c: dict = c) -> None:
+            with _Precision(c["dtype"]):
+                knn_filter_triton(*_knn_search_args(c))
+        yield _label("knn_filter", c), run
 
 
 def _trace_triplet(level: str) -> Iterator[tuple[str, Callable[[], Any]]]:
@@ -527,6 +545,7 @@ def _trace_dino(level: str) -> Iterator[tuple[str, Callable[[], Any]]]:
 TRACERS = {
     "pairwise": _trace_pairwise,
     "knn": _trace_knn,
+    "knn_filter": _trace_knn_filter,
     "triplet": _trace_triplet,
     "pair_distances": _trace_pair_distances,
     "hardest_loss": _trace_hardest_loss,

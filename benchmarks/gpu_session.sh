@@ -86,7 +86,7 @@ FAILED=""
 # The triplet step times the symmetric mining kernel ("torchfg[triton] symmetric", opt-in until
 # measured) next to the default one: 30 s more for its cases and their autotuning.
 B_INFO=45 B_WHEELS=15 B_BUILD=40 B_TESTS=200 B_TRIPLET=110
-B_XBM=30 B_KNN=70 B_PAIRWISE=50 B_DINO=40 B_FP32=30 B_MINING_1M=60 B_HOST=20
+B_XBM=30 B_KNN=110 B_PAIRWISE=50 B_DINO=40 B_FP32=30 B_MINING_1M=60 B_HOST=20
 # A follow-up call inside the same device budget: ONLY="build tests" runs those steps alone (info
 # always runs), and B_<STEP>_SET (seconds) replaces that step's budget; TOTAL_SET the total.
 for b in B_INFO B_WHEELS B_BUILD B_TESTS B_TRIPLET B_XBM B_KNN B_PAIRWISE B_DINO B_FP32 B_MINING_1M B_HOST; do
@@ -138,7 +138,11 @@ else
   # Issue 15: N = Q = G = 32768 against mm + top-k (faiss is timed on the CPU machine).
   # Each kernel's time per step too: the second H200 session found the pairwise backward's and
   # the k-NN recomputation's costs there (h200_kernels.csv).
-  BENCH_KNN=(--ops knn --sizes 32768 --dim 512 --cases 'torchfg[torch],torchfg[triton],torchfg[cuda],torch.cdist+topk'
+  # "torchfg[triton] filter": the bound-and-filter search (TORCHFG_KNN_FILTER=1, opt-in until
+  # measured; the self-search computes each pair once, "gallery=x" every tile in query chunks);
+  # if it wins, make it the Triton default (knn/triton.py wants_filter).
+  BENCH_KNN=(--ops knn --sizes 32768 --dim 512
+             --cases 'torchfg[torch],torchfg[triton],torchfg[triton] filter,torchfg[triton] filter gallery=x,torchfg[cuda],torch.cdist+topk'
              --kernel-times "$OUT/kernels.csv")
   BENCH_PAIRWISE=(--ops pairwise --sizes 8192,32768 --dim 512 --kernel-times "$OUT/kernels.csv")
   BENCH_DINO=(--ops dino)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -668,6 +669,320 @@ def test_triton_half_inputs():
         d, i = knn(q, g, 5, metric="cosine", backend="triton")
         assert d.dtype == dtype
         assert_knn_matches(d, i, q, g, 5, "cosine", tol=TOL[dtype])
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton filter search (bound, filter kernel, top-k of the lists, streaming fallback)
+
+
+def _small_filter_config(**overrides):
+    from torchfg.ops.knn.triton import FilterConfig
+
+    return FilterConfig(**{"block_q": 16, "block_g": 16, "block_d": 16, "group_q": 2, **overrides})
+
+
+@contextlib.contextmanager
+def append_layout(flat: bool):
+    """The filter kernel's append from a flattened tile (as triton >= 3.7 compiles it) or in the
+    dot's layout (as triton 3.6 does); the interpreter runs either."""
+    import triton.language as tl
+
+    import torchfg.ops.knn.triton as tri
+
+    saved = tri._FLAT_APPEND
+    tri._FLAT_APPEND = tl.constexpr(flat)
+    try:
+        yield
+    finally:
+        tri._FLAT_APPEND = saved
+
+
+@pytest.fixture
+def fallback_rows(monkeypatch):
+    """The number of rows each filter search sent to the streaming fallback, in call order."""
+    import torchfg.ops.knn.triton as tri
+
+    seen = []
+    real = tri._knn_streaming
+
+    def spy(*args, **kwargs):
+        if kwargs.get("needed") is not None:
+            seen.append(int(kwargs["needed"].sum()))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tri, "_knn_streaming", spy)
+    return seen
+
+
+@requires_triton
+@settings(max_examples=8)
+@given(
+    num_query=st.integers(1, 21),
+    num_gallery=st.integers(1, 90),
+    dim=st.integers(1, 19),
+    k_frac=st.floats(0, 1),
+    metric=st.sampled_from(METRICS),
+    self_search=st.booleans(),
+    exclude_self=st.booleans(),
+    integers=st.booleans(),
+    capacity=st.sampled_from([16, 32, 64]),
+    sample_stride=st.sampled_from([1, 2, 4]),
+    groups_per_k=st.sampled_from([1, 2, 4]),
+    flat_append=st.booleans(),
+    query_chunk=st.sampled_from([16, 1 << 30]),
+    pair_once=st.sampled_from([None, False]),
+    seed=st.integers(0, 2**16),
+)
+def test_filter_search_equals_brute_force(
+    num_query, num_gallery, dim, k_frac, metric, self_search, exclude_self, integers, capacity, sample_stride,
+    groups_per_k, flat_append, query_chunk, pair_once, seed,
+):
+    """Every configuration path: bounded or not, lists that overflow or not (small capacities),
+    query chunks (block_bytes of one 16-row chunk), both append layouts, self-searches that
+    compute each pair once or not."""
+    from torchfg.ops.knn.triton import knn_filter_triton
+
+    gen = torch.Generator().manual_seed(seed)
+    draw = (lambda r: integer_data(gen, r, dim)) if integers else (lambda r: torch.randn(r, dim, generator=gen))
+    query = draw(num_query).to(TEST_DEVICE)
+    gallery = query if self_search else draw(max(num_gallery, num_query if exclude_self else 0)).to(TEST_DEVICE)
+    eligible = gallery.shape[0] - int(exclude_self)
+    if eligible < 1:
+        return
+    k = 1 + int(k_frac * (min(eligible, capacity) - 1))
+    cfg = _small_filter_config(capacity=capacity, sample_stride=sample_stride, groups_per_k=groups_per_k,
+                               block_bytes=min(query_chunk, 16 * capacity * 24), pair_once=pair_once)
+    with append_layout(flat_append):
+        d, i = knn_filter_triton(query, gallery, k, metric, symmetric=self_search,
+                                 self_offset=0 if exclude_self else -1, config=cfg)
+    reference_gallery = None if self_search else gallery
+    if integers and metric != "cosine":
+        ref_d, ref_i, _ = brute_force_knn(query, reference_gallery, k, metric, exclude_self)
+        assert torch.equal(i.cpu(), ref_i)
+        torch.testing.assert_close(d.double().cpu(), ref_d, atol=1e-5, rtol=1e-6)
+    else:
+        assert_knn_matches(d, i, query, reference_gallery, k, metric, exclude_self)
+
+
+@requires_triton
+@pytest.mark.parametrize("flat_append", [False, True])
+def test_filter_search_bounded_lists_without_fallback(flat_append, fallback_rows):
+    """The main path on random rows: the sample bounds every row, no list overflows, nothing
+    falls back, and the result equals the brute force (two query chunks, one of two blocks)."""
+    from torchfg.ops.knn.triton import knn_filter_triton
+
+    gen = torch.Generator().manual_seed(21)
+    query = torch.randn(40, 13, generator=gen).to(TEST_DEVICE)
+    gallery = torch.randn(600, 13, generator=gen).to(TEST_DEVICE)
+    for metric in METRICS:
+        # Chunks of 32 rows (two query blocks each: 64 slots of 24 bytes a row) and of 8.
+        cfg = _small_filter_config(capacity=64, block_bytes=32 * 64 * 24)
+        with append_layout(flat_append):
+            d, i = knn_filter_triton(query, gallery, 4, metric, config=cfg)
+        assert_knn_matches(d, i, query, gallery, 4, metric)
+    assert fallback_rows == [0, 0, 0, 0]
+
+
+@requires_triton
+@pytest.mark.parametrize("flat_append", [False, True])
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_filter_self_search_computes_each_pair_once(flat_append, exclude_self, fallback_rows):
+    """A self-search over 5 x 5 tiles runs only the 15 on and above the diagonal, each
+    off-diagonal one filling both its rows' and its columns' lists: exact against the brute
+    force on integer rows (exact ties, to the lower index), with nothing sent to the fallback,
+    and the same as the search that computes every tile."""
+    import torchfg.ops.knn.triton as tri
+
+    gen = torch.Generator().manual_seed(17)
+    x = integer_data(gen, 70, 3).to(TEST_DEVICE)
+    launched = []
+    real_kernel = tri._knn_filter_kernel
+
+    class Counting:
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                launched.append((grid, kwargs["PAIR_ONCE"]))
+                return real_kernel[grid](*args, **kwargs)
+
+            return run
+
+    tri._knn_filter_kernel = Counting()
+    try:
+        results = {}
+        for pair_once in (True, False):
+            cfg = _small_filter_config(capacity=32, sample_stride=2, pair_once=pair_once)
+            with append_layout(flat_append):
+                results[pair_once] = tri.knn_filter_triton(x, x, 6, "sqeuclidean", symmetric=True,
+                                                           self_offset=0 if exclude_self else -1, config=cfg)
+    finally:
+        tri._knn_filter_kernel = real_kernel
+    assert [once for _, once in launched] == [True, False]
+    ref_d, ref_i, _ = brute_force_knn(x, None, 6, "sqeuclidean", exclude_self)
+    for d, i in results.values():
+        assert torch.equal(i.cpu(), ref_i)
+        assert torch.equal(d.double().cpu(), ref_d)
+    assert fallback_rows == [0, 0]
+
+
+@requires_triton
+def test_filter_search_exact_ties_overflow_into_the_fallback(fallback_rows):
+    """Integer rows with many exact ties at every bound: rows whose ties overflow a 16-slot list
+    are searched again by the streaming kernel, rows that fit are not; both exact, ties to the
+    lower index."""
+    from torchfg.ops.knn.triton import knn_filter_triton
+
+    gen = torch.Generator().manual_seed(3)
+    query = integer_data(gen, 19, 2, -1, 2).to(TEST_DEVICE)
+    gallery = integer_data(gen, 200, 2, -1, 2).to(TEST_DEVICE)
+    for metric, k in (("sqeuclidean", 9), ("dot", 16), ("euclidean", 1)):
+        d, i = knn_filter_triton(query, gallery, k, metric, config=_small_filter_config(capacity=16))
+        ref_d, ref_i, _ = brute_force_knn(query, gallery, k, metric)
+        assert torch.equal(i.cpu(), ref_i), metric
+        assert torch.equal(d.double().cpu(), ref_d), metric
+    assert all(0 < rows <= 19 for rows in fallback_rows), fallback_rows
+
+
+@requires_triton
+def test_filter_search_too_tight_bound_falls_back(monkeypatch, fallback_rows):
+    """A bound under every distance leaves the lists with fewer than k candidates: every row
+    must be searched again, and the answer is still exact."""
+    import torchfg.ops.knn.triton as tri
+
+    monkeypatch.setattr(tri._BoundSample, "bounds", lambda self, rows, *a: torch.full(
+        (rows.shape[0],), -1.0, device=rows.device))
+    gen = torch.Generator().manual_seed(5)
+    query = torch.randn(18, 9, generator=gen).to(TEST_DEVICE)
+    gallery = torch.randn(150, 9, generator=gen).to(TEST_DEVICE)
+    d, i = tri.knn_filter_triton(query, gallery, 5, "euclidean", config=_small_filter_config(capacity=32))
+    assert fallback_rows == [18]
+    assert_knn_matches(d, i, query, gallery, 5, "euclidean")
+
+
+@pytest.mark.parametrize("layout", ["random", "class_by_class"])
+def test_filter_bound_keeps_lists_near_their_expected_size(layout):
+    """The bound's promise behind default_capacity: about 4.6 k candidates per list (ranks
+    alone decide it), far under the 16 k slots, also when the gallery is stored class by class
+    (4 rows per class: the strided groups spread each class). PyTorch only, no kernel."""
+    pytest.importorskip("triton")
+    from torchfg.ops.knn.triton import FilterConfig, _BoundSample, default_capacity
+    from torchfg.ops.metric import row_statistics
+
+    gen = torch.Generator().manual_seed(11)
+    k, rows, dim = 10, 8192, 32
+    if layout == "random":
+        gallery = torch.randn(rows, dim, generator=gen)
+    else:
+        centres = torch.randn(rows // 4, dim, generator=gen).repeat_interleave(4, dim=0)
+        gallery = centres + 0.5 * torch.randn(rows, dim, generator=gen)
+    query = gallery[:200]
+    aux = row_statistics(gallery, "euclidean")
+    bound = _BoundSample(gallery, aux, "euclidean", k, FilterConfig()).bounds(query, aux, 0, -1)
+    sizes = (torch.cdist(query, gallery) <= bound[:, None]).sum(dim=1).float()
+    assert (sizes >= k).all()
+    assert 3 * k < sizes.mean() < 7 * k, sizes.mean()
+    assert sizes.max() < default_capacity(k) / 2, sizes.max()
+
+
+@requires_triton
+def test_filter_search_writes_every_output(monkeypatch):
+    """Poisoned allocations (NaN, -7): the lists' unwritten slots must never reach the result,
+    and every output element is written."""
+    import torchfg.ops.knn.triton as tri
+
+    real_empty = torch.empty
+
+    def poisoned_empty(*args, **kwargs):
+        out = real_empty(*args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out.fill_(-7)
+
+    monkeypatch.setattr(tri.torch, "empty", poisoned_empty)
+    gen = torch.Generator().manual_seed(6)
+    query = torch.randn(23, 11, generator=gen).to(TEST_DEVICE)
+    gallery = torch.randn(210, 11, generator=gen).to(TEST_DEVICE)
+    for metric in ("euclidean", "dot"):
+        d, i = tri.knn_filter_triton(query, gallery, 7, metric, config=_small_filter_config(capacity=128))
+        assert not torch.isnan(d).any() and (i >= 0).all(), metric
+        assert_knn_matches(d, i, query, gallery, 7, metric)
+
+
+@requires_triton
+def test_filter_search_no_host_sync_and_bounded_memory():
+    """What the GPU path would do, counted under the interpreter: no device-to-host read, one
+    filter launch per query chunk plus one fallback launch, and tensors alive at once within
+    the chunk budget plus the outputs (nothing (Q, G)-sized)."""
+    from torchfg.bench.profile import profile_step
+    from torchfg.ops.knn.triton import knn_filter_triton
+
+    gen = torch.Generator().manual_seed(8)
+    query = torch.randn(64, 16, generator=gen).to(TEST_DEVICE)
+    gallery = torch.randn(1024, 16, generator=gen).to(TEST_DEVICE)
+    # Two 32-row chunks: per row, the larger of a 64-slot list (24 bytes a slot with its keys)
+    # and the distances to a 256-row sample (every 4th gallery row, 8 bytes each).
+    budget = 32 * max(64 * 24, 256 * 8)
+    cfg = _small_filter_config(capacity=64, block_bytes=budget)
+    profile = profile_step(lambda: knn_filter_triton(query, gallery, 4, "euclidean", config=cfg))
+    assert profile.host_syncs == 0
+    assert profile.triton == {"_knn_filter_kernel": 2, "_knn_kernel": 1}
+    full_matrix = 64 * 1024 * 4
+    assert profile.peak_live_bytes < full_matrix / 2, profile.peak_live_bytes
+    # A self-search that computes each pair once: one filter launch for all rows.
+    x = gallery[:256]
+    cfg = _small_filter_config(capacity=64, block_bytes=budget, pair_once=True)
+    profile = profile_step(lambda: knn_filter_triton(x, x, 4, "euclidean", symmetric=True, config=cfg))
+    assert profile.host_syncs == 0
+    assert profile.triton == {"_knn_filter_kernel": 1, "_knn_kernel": 1}
+    lists = 256 * 64 * 8  # every row's list, alive at once; the rest is per chunk of rows
+    small = 32 * 1024  # outputs, bounds, counts, the sample and its statistics
+    assert profile.peak_live_bytes < lists + budget + small, profile.peak_live_bytes
+
+
+def test_filter_config_and_capacity_errors():
+    pytest.importorskip("triton")
+    from torchfg.ops.knn.triton import FilterConfig, knn_filter_triton
+
+    with pytest.raises(ValueError, match="block_g"):
+        FilterConfig(block_g=48)
+    with pytest.raises(ValueError, match="sample_stride"):
+        FilterConfig(sample_stride=0)
+    with pytest.raises(ValueError, match="pair_once"):
+        FilterConfig(block_q=64, block_g=128, pair_once=True)
+    x = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="capacity"):
+        knn_filter_triton(x, x, 3, "euclidean", config=FilterConfig(capacity=24))
+    with pytest.raises(ValueError, match="capacity"):
+        knn_filter_triton(x, x, 3, "euclidean", config=FilterConfig(capacity=2))
+
+
+def test_packed_keys_order_by_distance_then_index():
+    pytest.importorskip("triton")
+    from torchfg.ops.knn.triton import pack_keys, unpack_keys
+
+    distances = torch.tensor([0.5, -0.0, 0.0, -2.0, float("inf"), 0.5, 3e38, -1e-30])
+    indices = torch.tensor([7, 9, 3, 1, 0, 2, 5, 4], dtype=torch.int32)
+    keys = pack_keys(distances, indices)
+    order = torch.argsort(keys)
+    expected = sorted(range(8), key=lambda j: (float(distances[j]) + 0.0, int(indices[j])))
+    assert order.tolist() == expected
+    back_d, back_i = unpack_keys(keys)
+    assert torch.equal(back_d, distances + 0.0) and torch.equal(back_i, indices.long())
+
+
+@requires_triton
+def test_filter_search_chosen_by_the_environment(monkeypatch):
+    import torchfg.ops.knn.triton as tri
+
+    calls = []
+    real = tri.knn_filter_triton
+    monkeypatch.setattr(tri, "knn_filter_triton", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    x = torch.randn(12, 5).to(TEST_DEVICE)
+    monkeypatch.setenv("TORCHFG_KNN_FILTER", "0")
+    knn(x, k=3, metric="euclidean", backend="triton")
+    assert calls == []
+    monkeypatch.setenv("TORCHFG_KNN_FILTER", "1")
+    d, i = knn(x, k=3, metric="euclidean", backend="triton")
+    assert calls == [1]
+    assert_knn_matches(d, i, x, None, 3, "euclidean")
 
 
 @pytest.mark.skipif(not _cuda_ready(), reason="CUDA extension unavailable (needs a GPU and nvcc)")

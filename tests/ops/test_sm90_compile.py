@@ -187,7 +187,7 @@ I32_MAX = 2**31 - 1
 ARG_BOUNDS = {
     **dict.fromkeys(("D", "T", "C"), DIM),
     **dict.fromkeys(("N", "M", "Q", "G", "R", "B", "K", "SPLITS", "split_size", "self_offset",
-                     "candidates_per_split", "k_per_split", "n_bucket", "m_bucket"), ROWS),
+                     "candidates_per_split", "k_per_split", "n_bucket", "m_bucket", "row_start", "num_rows"), ROWS),
     **dict.fromkeys(("n_crops", "n_global"), 64),
     "layout_class": 3,  # the layout class of the mining launch (STRIDED, ALIGNED, UNALIGNED, MIXED)
 }
@@ -375,7 +375,10 @@ KNOWN_OVERFLOWS: dict[str, str] = {}
 # cdiv(M, candidates_per_split) splits (shown by test_mining_split_starts_stay_below_the_candidate_count).
 # Its unmasked tiles end at full_end = split_start + (split_end - split_start) // BLOCK_N * BLOCK_N
 # with split_end = min(split_start + candidates_per_split, M): split_start <= full_end <= M.
-ASSUMED_BOUNDS = {"_mine_hardest_kernel": {"split_start": (0, ROWS - 1), "full_end": (0, ROWS)}}
+# The k-NN filter kernel's list offsets, row x CAPACITY + slot, stay in int32 because the launcher
+# keeps the rows of a launch times the capacity under 2**31 (and lanes past CAPACITY store nothing).
+ASSUMED_BOUNDS = {"_mine_hardest_kernel": {"split_start": (0, ROWS - 1), "full_end": (0, ROWS)},
+                  "_knn_filter_kernel": {"offsets": (0, I32_MAX)}}
 
 
 @pytest.mark.parametrize("kernel", [
@@ -434,6 +437,26 @@ def test_offset_check_accepts_a_clamped_value_only() -> None:
     half = head + "    %v = arith.addi %low, %N : i32 loc(#loc1)\n" + tail
     assert offset_overflows(clamped) == []
     assert len(offset_overflows(half)) == 1
+
+
+def test_knn_filter_launches_keep_list_offsets_in_int32() -> None:
+    """The fact ASSUMED_BOUNDS gives the offset check for _knn_filter_kernel: a launch's rows times
+    the list capacity stay under 2**31, for chunked searches (any budget) and for the self-search
+    that keeps every list (refused past it, even when asked for)."""
+    from torchfg.ops.knn.triton import FilterConfig, _filter_chunk_rows, _pairs_once, default_capacity
+
+    for k in (1, 10, 100, 128):
+        capacity = default_capacity(k)
+        for block_bytes in (1 << 20, 128 << 20, 1 << 40):
+            cfg = FilterConfig(block_bytes=block_bytes)
+            for sample_rows in (0, ROWS // 4):
+                rows = _filter_chunk_rows(ROWS, capacity, sample_rows, cfg)
+                assert rows * capacity <= I32_MAX, (k, block_bytes, sample_rows, rows)
+            for pair_once in (None, True):
+                cfg = FilterConfig(block_bytes=block_bytes, pair_once=pair_once)
+                if _pairs_once(cfg, ROWS, capacity, True, -1):
+                    assert ROWS * capacity <= I32_MAX, (k, block_bytes, pair_once)
+    assert not _pairs_once(FilterConfig(pair_once=True), ROWS, 4096, True, -1)
 
 
 def test_mining_split_starts_stay_below_the_candidate_count(monkeypatch: pytest.MonkeyPatch) -> None:

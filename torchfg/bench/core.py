@@ -8,6 +8,7 @@ and returns one :class:`Result` per (op, size, case), measured or skipped.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import importlib.util
@@ -16,7 +17,7 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -278,6 +279,38 @@ class Result:
 CSV_COLUMNS = tuple(
     Result("", "", "", 0, 0, 0, "", "", "ok", env=dict.fromkeys(("device", "torch", "triton", "commit", "threads", "load_avg"), "")).csv_row()
 )
+
+
+@contextlib.contextmanager
+def environment_variable(name: str, value: str) -> Iterator[None]:
+    """``os.environ[name] = value`` inside the block, restored (or removed) after it."""
+    saved = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = saved
+
+
+def with_environment(
+    setup: Callable[[Problem], Callable[[], Any]], name: str, value: str
+) -> Callable[[Problem], Callable[[], Any]]:
+    """A case's setup whose steps run with the environment variable ``name`` set to ``value``
+    (an opt-in kernel timed next to the default one)."""
+
+    def wrapped(problem: Problem) -> Callable[[], Any]:
+        run = setup(problem)
+
+        def run_with_environment() -> Any:
+            with environment_variable(name, value):
+                return run()
+
+        return run_with_environment
+
+    return wrapped
 
 
 def module_installed(module: str) -> Callable[[torch.device, torch.dtype], tuple[bool, str]]:

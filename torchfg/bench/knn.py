@@ -5,7 +5,9 @@ evaluation), k = 10 including the item itself, euclidean distance (parameters ``
 ``metric``). FLOP model: 2 N^2 D, the distance matrix any exact search computes. Cases:
 torchfg's self-search (``gallery=None``, each pair computed once), on a CPU the same with the
 pure PyTorch selection instead of the compiled one (``TORCHFG_CPU_KERNELS=0``), the same search
-given the gallery explicitly (the general chunked path), the kernels, the plain PyTorch route (the whole
+given the gallery explicitly (the general chunked path), the kernels (Triton's filter search,
+opt-in until timed, as its own cases: ``TORCHFG_KNN_FILTER=1``, the self-search computing each
+pair once and, with the gallery given, every tile in chunks of queries), the plain PyTorch route (the whole
 N x N ``torch.cdist`` matrix, then ``topk``; euclidean only) and faiss-cpu's flat index
 (``IndexFlatL2``, or ``IndexFlatIP`` for ``dot`` / ``cosine``; CPU tensors only, fp32). Building
 the faiss index is part of its timed step.
@@ -18,7 +20,7 @@ from typing import Any, Callable
 import torch
 
 from torchfg._validation import check_choice, check_int
-from torchfg.bench.core import Case, OpBench, Problem, api_available, module_installed, triton_available
+from torchfg.bench.core import Case, OpBench, Problem, api_available, module_installed, triton_available, with_environment
 from torchfg.ops.metric import METRICS
 
 K = 10
@@ -156,6 +158,11 @@ def cases() -> list[Case]:
         Case("torchfg[torch] TORCHFG_CPU_KERNELS=0", _torchfg_pure_selection, available=_compiled_cpu_selection_ok),
         Case("torchfg[torch] gallery=x", _torchfg("torch", explicit_gallery=True)),
         Case("torchfg[triton]", _torchfg("triton"), available=triton_available, gpu_kernel=True),
+        Case("torchfg[triton] filter", with_environment(_torchfg("triton"), "TORCHFG_KNN_FILTER", "1"),
+             available=triton_available, gpu_kernel=True),
+        Case("torchfg[triton] filter gallery=x",
+             with_environment(_torchfg("triton", explicit_gallery=True), "TORCHFG_KNN_FILTER", "1"),
+             available=triton_available, gpu_kernel=True),
         Case("torchfg[cuda]", _torchfg("cuda"), available=_cuda_extension_ok, gpu_kernel=True),
         Case("torch.cdist+topk", _cdist_topk, kind="baseline", supports=_euclidean_only),
         Case("faiss.IndexFlat", _faiss, kind="baseline", available=_faiss_ok, countable=False, own_thread_pool=True),

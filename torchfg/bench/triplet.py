@@ -10,13 +10,14 @@ whole distance matrix.
 from __future__ import annotations
 
 import contextlib
-import os
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 
 from torchfg._validation import check_int, check_number
-from torchfg.bench.core import Case, OpBench, Problem, api_available, module_installed, triton_available
+from torchfg.bench.core import (
+    Case, OpBench, Problem, api_available, environment_variable, module_installed, triton_available, with_environment,
+)
 
 MARGIN = 0.2
 PER_CLASS = 4
@@ -81,33 +82,15 @@ def _torchfg(backend: str) -> Callable[[Problem], Callable[[], Any]]:
     return setup
 
 
-@contextlib.contextmanager
-def symmetric_mining(on: bool = True) -> Iterator[None]:
+def symmetric_mining(on: bool = True) -> contextlib.AbstractContextManager[None]:
     """``TORCHFG_SYMMETRIC_MINING`` set to "1" (or "0") inside the block, restored after it."""
-    saved = os.environ.get("TORCHFG_SYMMETRIC_MINING")
-    os.environ["TORCHFG_SYMMETRIC_MINING"] = "1" if on else "0"
-    try:
-        yield
-    finally:
-        if saved is None:
-            del os.environ["TORCHFG_SYMMETRIC_MINING"]
-        else:
-            os.environ["TORCHFG_SYMMETRIC_MINING"] = saved
+    return environment_variable("TORCHFG_SYMMETRIC_MINING", "1" if on else "0")
 
 
 def with_symmetric_mining(setup: Callable[[Problem], Callable[[], Any]]) -> Callable[[Problem], Callable[[], Any]]:
     """A case's setup whose steps run with ``TORCHFG_SYMMETRIC_MINING=1`` (the symmetric mining
     kernel, opt-in until a GPU run has timed it against the default)."""
-    def wrapped(problem: Problem) -> Callable[[], Any]:
-        run = setup(problem)
-
-        def run_symmetric() -> Any:
-            with symmetric_mining():
-                return run()
-
-        return run_symmetric
-
-    return wrapped
+    return with_environment(setup, "TORCHFG_SYMMETRIC_MINING", "1")
 
 
 def batch_hard_cdist(x: torch.Tensor, labels: torch.Tensor, margin: float) -> torch.Tensor:

@@ -294,7 +294,9 @@ def knn(
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"`` (see :mod:`torchfg.backends`).
             Auto on a GPU takes Triton for k <= 64 and the CUDA kernel beyond once it is built
             (``backend="cuda"`` JIT-builds it, minutes the first time; auto never does), else
-            Triton up to k = 128, else the chunked PyTorch search.
+            Triton up to k = 128, else the chunked PyTorch search. ``TORCHFG_KNN_FILTER=1``
+            makes the Triton backend search by bound and filter (same results; opt-in until
+            timed on a GPU, see docs/concepts/backends.md).
         chunk_size: torch backend only: queries per chunk (default: a (chunk, G) fp32 block
             of 16 MiB, at least 256 rows, on CPU; 512 MiB on GPU). A self-search of at least
             two tiles uses it as the tile side instead (default on CPU: 1024 below 8192 rows,
