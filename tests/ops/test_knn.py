@@ -685,11 +685,16 @@ def _small_filter_config(**overrides):
 @contextlib.contextmanager
 def append_layout(flat: bool):
     """The filter kernel's append from a flattened tile (as triton >= 3.7 compiles it) or in the
-    dot's layout (as triton 3.6 does); the interpreter runs either."""
+    dot's layout (as triton 3.6 does). The interpreter runs either; a compiled kernel keeps the
+    installed Triton's (it refuses a changed global, and 3.9 cannot compile the other)."""
     import triton.language as tl
 
     import torchfg.ops.knn.triton as tri
+    from torchfg.backends import triton_interpreter_enabled
 
+    if not triton_interpreter_enabled():
+        yield
+        return
     saved = tri._FLAT_APPEND
     tri._FLAT_APPEND = tl.constexpr(flat)
     try:
@@ -752,7 +757,7 @@ def test_filter_search_equals_brute_force(
         return
     k = 1 + int(k_frac * (min(eligible, capacity) - 1))
     cfg = _small_filter_config(capacity=capacity, sample_stride=sample_stride, groups_per_k=groups_per_k,
-                               block_bytes=min(query_chunk, 16 * capacity * 24), pair_once=pair_once)
+                               block_bytes=min(query_chunk, 16 * capacity * 32), pair_once=pair_once)
     with append_layout(flat_append):
         d, i = knn_filter_triton(query, gallery, k, metric, symmetric=self_search,
                                  self_offset=0 if exclude_self else -1, config=cfg)
@@ -776,8 +781,8 @@ def test_filter_search_bounded_lists_without_fallback(flat_append, fallback_rows
     query = torch.randn(40, 13, generator=gen).to(TEST_DEVICE)
     gallery = torch.randn(600, 13, generator=gen).to(TEST_DEVICE)
     for metric in METRICS:
-        # Chunks of 32 rows (two query blocks each: 64 slots of 24 bytes a row) and of 8.
-        cfg = _small_filter_config(capacity=64, block_bytes=32 * 64 * 24)
+        # Chunks of 32 rows (two query blocks each: 64 slots of 32 bytes a row) and of 8.
+        cfg = _small_filter_config(capacity=64, block_bytes=32 * 64 * 32)
         with append_layout(flat_append):
             d, i = knn_filter_triton(query, gallery, 4, metric, config=cfg)
         assert_knn_matches(d, i, query, gallery, 4, metric)
@@ -827,20 +832,38 @@ def test_filter_self_search_computes_each_pair_once(flat_append, exclude_self, f
 
 @requires_triton
 def test_filter_search_exact_ties_overflow_into_the_fallback(fallback_rows):
-    """Integer rows with many exact ties at every bound: rows whose ties overflow a 16-slot list
-    are searched again by the streaming kernel, rows that fit are not; both exact, ties to the
-    lower index."""
+    """Integer rows with many exact ties at every bound (9 points, about 22 copies each): rows
+    whose ties overflow a 32-slot list are searched again by the streaming kernel, the others
+    are answered from their lists (both happen for two metrics); all exact, ties to the lower
+    index."""
     from torchfg.ops.knn.triton import knn_filter_triton
 
     gen = torch.Generator().manual_seed(3)
     query = integer_data(gen, 19, 2, -1, 2).to(TEST_DEVICE)
     gallery = integer_data(gen, 200, 2, -1, 2).to(TEST_DEVICE)
     for metric, k in (("sqeuclidean", 9), ("dot", 16), ("euclidean", 1)):
-        d, i = knn_filter_triton(query, gallery, k, metric, config=_small_filter_config(capacity=16))
+        d, i = knn_filter_triton(query, gallery, k, metric, config=_small_filter_config(capacity=32))
         ref_d, ref_i, _ = brute_force_knn(query, gallery, k, metric)
         assert torch.equal(i.cpu(), ref_i), metric
         assert torch.equal(d.double().cpu(), ref_d), metric
-    assert all(0 < rows <= 19 for rows in fallback_rows), fallback_rows
+    assert len(fallback_rows) == 3 and all(0 < rows < 19 for rows in fallback_rows[:2]), fallback_rows
+
+
+@requires_triton
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_filter_search_fp16_dots_beyond_the_fp16_range(metric, fallback_rows):
+    """fp16 rows whose dot products pass 65504: the bound's GEMM runs in bf16 (fp32's range), so
+    the bounds stay finite and tight enough that no row falls back. (Metrics whose distances
+    themselves pass 65504 would return inf in fp16: the output dtype is the input's.)"""
+    from torchfg.ops.knn.triton import knn_filter_triton
+
+    gen = torch.Generator().manual_seed(13)
+    query = (40 * torch.randn(20, 64, generator=gen) + 60).half().to(TEST_DEVICE)
+    gallery = (40 * torch.randn(300, 64, generator=gen) + 60).half().to(TEST_DEVICE)
+    assert (query.float() @ gallery.float().T).abs().max() > 65504
+    d, i = knn_filter_triton(query, gallery, 3, metric, config=_small_filter_config(capacity=64))
+    assert fallback_rows == [0]
+    assert_knn_matches(d, i, query, gallery, 3, metric, tol=TOL[torch.float16])
 
 
 @requires_triton
@@ -917,9 +940,9 @@ def test_filter_search_no_host_sync_and_bounded_memory():
     gen = torch.Generator().manual_seed(8)
     query = torch.randn(64, 16, generator=gen).to(TEST_DEVICE)
     gallery = torch.randn(1024, 16, generator=gen).to(TEST_DEVICE)
-    # Two 32-row chunks: per row, the larger of a 64-slot list (24 bytes a slot with its keys)
-    # and the distances to a 256-row sample (every 4th gallery row, 8 bytes each).
-    budget = 32 * max(64 * 24, 256 * 8)
+    # Two 32-row chunks: per row, the larger of a 64-slot list (32 bytes a slot with its keys)
+    # and the distances to a 256-row sample (every 4th gallery row, 12 bytes each).
+    budget = 32 * max(64 * 32, 256 * 12)
     cfg = _small_filter_config(capacity=64, block_bytes=budget)
     profile = profile_step(lambda: knn_filter_triton(query, gallery, 4, "euclidean", config=cfg))
     assert profile.host_syncs == 0

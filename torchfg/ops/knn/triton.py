@@ -43,6 +43,8 @@ MAX_K = 128
 # append in the dot's layout. A global, not a parameter, so that the Triton that compiles the
 # kernel decides (compile_sm90.py compiles the specs traced under one Triton with another).
 _FLAT_APPEND = tl.constexpr(tuple(int(part) for part in triton.__version__.split(".")[:2]) >= (3, 7))
+# Bytes of one list slot at the peak of its selection (see _filter_chunk_rows).
+_LIST_SLOT_BYTES = 32
 # Largest int32 offset of a list slot in one filter launch.
 _I32_LIMIT = 2**31 - 1
 # Index sentinel of empty buffer slots and rejected candidates; gallery indices stay below it.
@@ -469,10 +471,11 @@ def knn_filter_triton(
        other blocks return at once: no host synchronisation, and the result is exact for
        every row whatever the bound.
 
-    Extra memory: the lists, Q_chunk x capacity x (4 + 4 + 8) bytes with their keys, and the
-    sample block, Q_chunk x G / sample_stride x 8 bytes, with Q_chunk chosen so that each fits
-    ``config.block_bytes``; computing each pair once keeps all Q lists (Q x capacity x 8 bytes,
-    at most 4 x ``block_bytes`` unless asked for).
+    Extra memory: the lists, Q_chunk x capacity x about 32 bytes at the peak of their selection,
+    and the sample block, Q_chunk x G / sample_stride x 12 bytes, with Q_chunk chosen so that
+    each fits ``config.block_bytes``; computing each pair once keeps all Q lists (Q x capacity
+    x 8 bytes, at most 4 x ``block_bytes`` unless asked for). The sample is a view of the
+    gallery (a bf16 copy for fp16 inputs).
     """
     _check_search(query, gallery, k)
     num_query, dim = query.shape
@@ -554,21 +557,29 @@ class _BoundSample:
 
     def __init__(self, gallery: torch.Tensor, g_aux: torch.Tensor, metric: str, k: int, cfg: FilterConfig):
         num_gallery = gallery.shape[0]
-        stride = cfg.sample_stride if num_gallery >= cfg.sample_stride * cfg.groups_per_k * k else 1
-        self.index = torch.arange(0, num_gallery, stride, device=gallery.device)
-        self.rows = self.index.numel()
-        # The sample stays in the input dtype, so its GEMM runs on the tensor cores; a 16-bit
-        # GEMM's output is rounded to 16 bits, an fp32 one may run in TF32 (see bounds()).
-        self.sample = gallery[self.index]
+        self.stride = cfg.sample_stride if num_gallery >= cfg.sample_stride * cfg.groups_per_k * k else 1
+        # A view, not a copy: the GEMM reads every stride-th row where it lies. It runs in the
+        # input dtype, on the tensor cores, except fp16, whose 16-bit output could overflow
+        # (|q.g| > 65504): that runs in bf16, fp32's range.
+        self.sample = gallery[:: self.stride]
+        self.gemm_dtype = torch.bfloat16 if gallery.dtype == torch.float16 else gallery.dtype
+        if self.gemm_dtype != gallery.dtype:
+            self.sample = self.sample.to(self.gemm_dtype)
+        self.rows = self.sample.shape[0]
         self.metric, self.k = metric, k
-        self.slack = 2.0**-7 if gallery.element_size() == 2 else 2.0**-9
+        # The slack covers the rounding of each dot: a 16-bit output is within 2**-9 |q.g|, so
+        # -2 q.g in the squared-norm form is off by at most 2**-9 (|q|^2 + |g|^2); TF32 products
+        # by 2**-10 of that; fp16 rows rounded to bf16 add errors of random sign, ~2**-9 |q| |g|
+        # / sqrt(D). The slack is twice the largest. It need not be a worst case: a row whose
+        # bound comes out too tight only goes to the exact fallback.
+        self.slack = 2.0**-8 if gallery.element_size() == 2 else 2.0**-9
         if metric == "cosine":
-            self.aux, self.largest = g_aux[self.index].float(), 1.0
+            self.aux, self.largest = g_aux[:: self.stride].float(), 1.0
         elif metric == "dot":
             self.aux = None
             self.largest = torch.linalg.vector_norm(self.sample, dim=1, dtype=torch.float32).square().max()
         else:
-            self.aux = g_aux[self.index].float()
+            self.aux = g_aux[:: self.stride].float()
             self.largest = self.aux.max()
         # Strided groups: rows next to each other (often one class) fall into different groups.
         self.groups = min(self.rows, cfg.groups_per_k * k)
@@ -579,11 +590,7 @@ class _BoundSample:
         chunk = rows.shape[0]
         if self.groups < self.k:  # fewer groups than neighbours: the sample bounds nothing
             return torch.full((chunk,), float("inf"), device=rows.device)
-        dot = (rows @ self.sample.T).float()
-        # The slack covers the rounding of each dot: a 16-bit output is within 2**-9 |q.g| (plus
-        # the fp32 accumulation's ~D 2**-24 |q| |g|), a TF32 one within 2**-10 |q| |g|; so in the
-        # squared-norm form -2 q.g is off by under 2**-8 (|q|^2 + |g|^2), or 2**-10: the slack
-        # is twice that. A slack too small only sends a row to the exact fallback.
+        dot = (rows.to(self.gemm_dtype) @ self.sample.T).float()
         if self.metric == "dot":
             dist = dot.neg_()
             norms = torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32).square()
@@ -597,8 +604,13 @@ class _BoundSample:
             dist = dot.mul_(-2.0).add_(row_aux[:, None]).add_(self.aux[None, :]).clamp_min_(0.0)
             slack = self.slack * (row_aux + self.largest)
         if self_offset >= 0:
+            # Query i's own row, gallery row i + self_offset, is in the sample when the stride
+            # divides it; its distance leaves the block (a scatter: no host read).
             own = torch.arange(start, start + chunk, device=rows.device) + self_offset
-            dist.masked_fill_(own[:, None] == self.index[None, :], float("inf"))
+            position = torch.div(own, self.stride, rounding_mode="floor").clamp_(max=self.rows - 1)
+            sampled = (own % self.stride == 0) & (own < self.rows * self.stride)
+            current = dist.gather(1, position[:, None]).squeeze(1)
+            dist.scatter_(1, position[:, None], torch.where(sampled, float("inf"), current)[:, None])
         if self.padded > self.rows:
             dist = torch.nn.functional.pad(dist, (0, self.padded - self.rows), value=float("inf"))
         minima = dist.view(chunk, self.padded // self.groups, self.groups).amin(dim=1)
@@ -607,9 +619,10 @@ class _BoundSample:
 
 
 def _filter_chunk_rows(num_query: int, capacity: int, sample_rows: int, cfg: FilterConfig) -> int:
-    # Per query: its list (fp32 distances, int32 indices, and their int64 keys), or its sample
-    # distances (the GEMM's output, at most 4 bytes, and their fp32 copy), whichever is larger.
-    per_row = max(capacity * 24, sample_rows * 8, 1)
+    # Per query: its list (fp32 distances and int32 indices, then their int64 keys and the
+    # packing's temporaries: about 32 bytes a slot at the peak), or its sample distances (the
+    # GEMM's output, its fp32 copy and the padded copy: at most 12 bytes), whichever is larger.
+    per_row = max(capacity * _LIST_SLOT_BYTES, sample_rows * 12, 1)
     rows = max(cfg.block_q, cfg.block_bytes // per_row // cfg.block_q * cfg.block_q)
     if capacity:  # the kernel's list offsets, row x capacity + slot, are int32
         rows = min(rows, max(cfg.block_q, _I32_LIMIT // capacity // cfg.block_q * cfg.block_q))
@@ -633,15 +646,15 @@ def _nearest_in_lists(
     larger than every candidate's."""
     slots = torch.arange(list_dist.shape[1], device=list_dist.device)
     filled = slots[None, :] < counts[:, None]
-    keys = torch.where(filled, pack_keys(list_dist, list_index), _SENTINEL_VALUE)
+    keys = pack_keys(list_dist, list_index).masked_fill_(~filled, _SENTINEL_VALUE)
     return unpack_keys(torch.topk(keys, k, dim=1, largest=False, sorted=True).values)
 
 def pack_keys(distances: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """fp32 distances and int32 indices -> int64 keys in (distance, index) order, as the
     kernels' ``_pack``: the order-preserving bits of the distance (-0.0 as +0.0) over the index."""
     bits = (distances + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into +0.0
-    ordered = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(torch.int64)
-    return (ordered << 32) | indices.to(torch.int64)
+    ordered = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    return ordered.to(torch.int64).bitwise_left_shift_(32).bitwise_or_(indices)
 
 
 def unpack_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -719,8 +732,8 @@ def _knn_streaming(
     needed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The streaming kernel's search: (fp32 distances (Q, k), int64 indices (Q, k)). With
-    ``needed`` (Q,) bool, only the query blocks holding a flagged row search, in one split; the
-    other rows' results are placeholders."""
+    ``needed`` (Q,) bool, only the query blocks holding a flagged row search; the other rows'
+    results are placeholders."""
     num_query, dim = query.shape
     num_gallery = gallery.shape[0]
     k_pad = max(16, next_power_of_2(k))
@@ -729,11 +742,8 @@ def _knn_streaming(
     # The lanes' K_PAD smallest are read off K_PAD-wide chunks of a gallery tile.
     block_g = max(cfg.block_g, k_pad)
     q_blocks = cdiv(num_query, cfg.block_q)
-    if needed is not None:
-        # Without a host read of ``needed``, the grid is sized for the rare case: one split.
-        splits = 1
-    else:
-        splits = cfg.splits or _num_splits(q_blocks, num_gallery, block_g, query.device)
+    # (With ``needed``, sized as if every row were flagged: knowing how many are needs a host read.)
+    splits = cfg.splits or _num_splits(q_blocks, num_gallery, block_g, query.device)
     split_size = cdiv(cdiv(num_gallery, splits), block_g) * block_g
     splits = cdiv(num_gallery, split_size)
     out_d = torch.empty(splits, num_query, k, dtype=torch.float32, device=query.device)
