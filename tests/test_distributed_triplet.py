@@ -105,7 +105,24 @@ def test_ddp_example_runs_under_torchrun():
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(root / "examples" / "ddp_triplet.py"), "--steps", "12"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    if done.returncode != 0 and _gloo_exit_abort(done.stdout + done.stderr, last_step=11):
+        # gloo (torch 2.13, CPU) still aborts about one exit in 60 after the example's ordered
+        # teardown, once every step has run: "terminate called without an active exception" in
+        # one rank as the interpreter exits. That is torch's, not the example's: run it again.
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     losses = [float(line.split()[-1]) for line in done.stdout.splitlines() if line.startswith("step")]
     assert len(losses) >= 2 and all(loss == loss for loss in losses)  # printed and finite
     assert losses[-1] < losses[0], losses  # it trains
+
+
+def _gloo_exit_abort(output: str, last_step: int) -> bool:
+    """Whether a failed run is gloo's abort at exit: every step printed, then the C++ terminate."""
+    return f"step {last_step:4d}" in output and "terminate called without an active exception" in output
+
+
+def test_gloo_exit_abort_is_recognised_only_after_the_last_step():
+    aborted = "step    0  loss 0.6\nstep   11  loss 0.3\nterminate called without an active exception\n"
+    assert _gloo_exit_abort(aborted, last_step=11)
+    assert not _gloo_exit_abort(aborted.replace("step   11", "step   10"), last_step=11)
+    assert not _gloo_exit_abort("step   11  loss 0.3\nTraceback: RuntimeError\n", last_step=11)
