@@ -30,7 +30,7 @@ import triton.language as tl
 from torchfg.backends import triton_interpreter_enabled
 from torchfg.ops._triton_utils import cdiv, dot_dtypes, next_power_of_2
 from torchfg.ops.metric import metric_code, row_statistics
-from torchfg.ops.knn.reference import select_candidates
+from torchfg.ops.knn.reference import _float_of_ordered, _ordered_bits, select_candidates
 
 __all__ = ["MAX_K", "FilterConfig", "TileConfig", "knn_filter_triton", "knn_triton", "pack_keys", "unpack_keys"]
 
@@ -486,11 +486,8 @@ def knn_filter_triton(
     capacity = (config.capacity if config is not None else None) or default_capacity(k)
     if capacity < k or capacity & (capacity - 1):
         raise ValueError(f"FilterConfig.capacity must be a power of two >= k={k}, got {capacity}")
-    # IEEE fp32 (an FMA dot, operands in registers) has no spill-free tiles for both appends
-    # (64 x 64 spilled 8 bytes on triton 3.6): by default it computes every tile.
     fma_dot = query.dtype == torch.float32 and precision == "ieee"
-    pair_once = (config is not None or not fma_dot) and _pairs_once(
-        config or FilterConfig(), num_query, capacity, symmetric, self_offset)
+    pair_once = _pairs_once(config, num_query, capacity, symmetric, self_offset, fma_dot)
     cfg = config or default_filter_config(query.dtype, precision, dim, pair_once)
     q_aux, g_aux = _row_aux(query, gallery, metric, symmetric)
     # Every candidate fits the list when the gallery does: no bound needed.
@@ -629,12 +626,21 @@ def _filter_chunk_rows(num_query: int, capacity: int, sample_rows: int, cfg: Fil
     return min(rows, cdiv(num_query, cfg.block_q) * cfg.block_q)
 
 
-def _pairs_once(cfg: FilterConfig, num_query: int, capacity: int, symmetric: bool, self_offset: int) -> bool:
-    """Whether a filter search computes each pair once (see ``FilterConfig.pair_once``)."""
+def _pairs_once(
+    config: FilterConfig | None, num_query: int, capacity: int, symmetric: bool, self_offset: int,
+    fma_dot: bool = False,
+) -> bool:
+    """Whether a filter search computes each pair once (see ``FilterConfig.pair_once``);
+    ``config`` None: the default tiles, ``fma_dot``: IEEE fp32 inputs."""
+    cfg = config or FilterConfig()
     if not symmetric or self_offset > 0 or cfg.block_q != cfg.block_g or num_query * capacity > _I32_LIMIT:
         return False  # (every row's list in one launch: its int32 offsets must reach them all)
     if cfg.pair_once is not None:
         return cfg.pair_once
+    if config is None and fma_dot:
+        # An FMA dot keeps its operands in registers: no default tiles take both appends
+        # without spilling (64 x 64 spilled 8 bytes on triton 3.6).
+        return False
     return num_query * capacity * 8 <= 4 * cfg.block_bytes
 
 
@@ -650,19 +656,16 @@ def _nearest_in_lists(
     return unpack_keys(torch.topk(keys, k, dim=1, largest=False, sorted=True).values)
 
 def pack_keys(distances: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """fp32 distances and int32 indices -> int64 keys in (distance, index) order, as the
-    kernels' ``_pack``: the order-preserving bits of the distance (-0.0 as +0.0) over the index."""
-    bits = (distances + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into +0.0
-    ordered = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
-    return ordered.to(torch.int64).bitwise_left_shift_(32).bitwise_or_(indices)
+    """fp32 distances and int32 indices -> int64 keys in (distance, index) order (the order of
+    the kernels' ``_pack``): the distance's order-preserving integer (the reference's, -0.0 and
+    +0.0 alike) over the index."""
+    return _ordered_bits(distances).bitwise_left_shift_(32).bitwise_or_(indices)
 
 
 def unpack_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Packed (distance, index) int64 keys -> (fp32 distances, int64 indices); the inverse of the
-    kernels' ``_pack`` (the sentinel unpacks to (+inf, 2**31 - 1))."""
-    high = (keys >> 32).to(torch.int32)
-    bits = torch.where(high >= 0, high, high ^ 0x7FFFFFFF)
-    return bits.view(torch.float32), keys & 0x7FFFFFFF
+    """The inverse of :func:`pack_keys`: (fp32 distances, int64 indices); the sentinel unpacks
+    to (+inf, 2**31 - 1)."""
+    return _float_of_ordered(keys >> 32, torch.float32), keys & 0x7FFFFFFF
 
 
 def knn_triton(
