@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -852,8 +853,8 @@ def test_filter_search_exact_ties_overflow_into_the_fallback(fallback_rows):
 @requires_triton
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
 def test_filter_search_fp16_dots_beyond_the_fp16_range(metric, fallback_rows):
-    """fp16 rows whose dot products pass 65504: the bound's GEMM runs in bf16 (fp32's range), so
-    the bounds stay finite and tight enough that no row falls back. (Metrics whose distances
+    """fp16 rows whose dot products pass 65504: the bound kernel accumulates in fp32, so the
+    bounds stay finite and tight enough that no row falls back. (Metrics whose distances
     themselves pass 65504 would return inf in fp16: the output dtype is the input's.)"""
     from torchfg.ops.knn.triton import knn_filter_triton
 
@@ -882,12 +883,12 @@ def test_filter_search_too_tight_bound_falls_back(monkeypatch, fallback_rows):
     assert_knn_matches(d, i, query, gallery, 5, "euclidean")
 
 
+@requires_triton
 @pytest.mark.parametrize("layout", ["random", "class_by_class"])
 def test_filter_bound_keeps_lists_near_their_expected_size(layout):
     """The bound's promise behind default_capacity: about 4.6 k candidates per list (ranks
     alone decide it), far under the 16 k slots, also when the gallery is stored class by class
-    (4 rows per class: the strided groups spread each class). PyTorch only, no kernel."""
-    pytest.importorskip("triton")
+    (4 rows per class: the strided groups spread each class). The bound kernel only."""
     from torchfg.ops.knn.triton import FilterConfig, _BoundSample, default_capacity
     from torchfg.ops.metric import row_statistics
 
@@ -898,13 +899,78 @@ def test_filter_bound_keeps_lists_near_their_expected_size(layout):
     else:
         centres = torch.randn(rows // 4, dim, generator=gen).repeat_interleave(4, dim=0)
         gallery = centres + 0.5 * torch.randn(rows, dim, generator=gen)
+    gallery = gallery.to(TEST_DEVICE)
     query = gallery[:200]
     aux = row_statistics(gallery, "euclidean")
-    bound = _BoundSample(gallery, aux, "euclidean", k, FilterConfig()).bounds(query, aux, 0, -1)
-    sizes = (torch.cdist(query, gallery) <= bound[:, None]).sum(dim=1).float()
+    # Large tiles: few programs for the interpreter. 4 k = 40 groups, rounded up to 64 (blocks of 32).
+    cfg = FilterConfig(block_q=64, block_g=64, block_d=32)
+    bound = _BoundSample(gallery, aux, "euclidean", k, cfg).bounds(query, aux, 0, -1)
+    sizes = (torch.cdist(query.cpu(), gallery.cpu()) <= bound.cpu()[:, None]).sum(dim=1).float()
     assert (sizes >= k).all()
     assert 3 * k < sizes.mean() < 7 * k, sizes.mean()
     assert sizes.max() < default_capacity(k) / 2, sizes.max()
+
+
+@requires_triton
+@pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean", "cosine", "dot"])
+@pytest.mark.parametrize("mode", ["cross", "exclude_self", "offset"])
+def test_filter_bound_kernel_group_minima(monkeypatch, metric, mode):
+    """The bound kernel's group minima against an fp64 brute force: odd sizes (masked rows,
+    groups and sample rows), a strided sample of a strided gallery, a query chunk that starts
+    mid-gallery, and the own row left out where it is excluded; unwritten minima are NaN."""
+    import torchfg.ops.knn.triton as tri
+    from torchfg.ops.metric import row_statistics
+
+    real_empty = torch.empty
+    monkeypatch.setattr(tri.torch, "empty", lambda *a, **kw: real_empty(*a, **kw).fill_(float("nan")))
+    captured = []
+    real_kthvalue = torch.kthvalue
+    monkeypatch.setattr(tri.torch, "kthvalue", lambda x, *a, **kw: captured.append(x.clone()) or real_kthvalue(x, *a, **kw))
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{metric}-{mode}".encode()))
+    k, dim = 5, 21
+    wide = torch.randn(203, dim + 5, generator=gen)
+    wide[7] = 0.0  # a zero row: cosine's inverse norm is 0
+    gallery = wide[:, 2 : 2 + dim].to(TEST_DEVICE)  # rows not contiguous, base not aligned
+    start, chunk = 41, 29
+    offset = {"cross": -1, "exclude_self": 0, "offset": 5}[mode]
+    if mode == "cross":
+        query_all = torch.randn(start + chunk, dim, generator=gen).to(TEST_DEVICE)
+    else:
+        query_all = gallery[offset:]
+    aux_q = None if metric == "dot" else row_statistics(query_all, metric)
+    aux_g = torch.empty(1, device=TEST_DEVICE) if metric == "dot" else row_statistics(gallery, metric)
+    cfg = tri.FilterConfig(block_q=16, block_g=16, block_d=16, groups_per_k=4)
+    sample = tri._BoundSample(gallery, aux_g, metric, k, cfg)
+    # 4 k = 20 groups, rounded up to two blocks of 16; 51 sample rows: the second step is partial.
+    assert sample.stride == 4 and sample.rows == 51 and sample.groups == 32
+    rows = query_all[start : start + chunk]
+    bound = sample.bounds(rows, aux_q if aux_q is not None else aux_g, start, offset)
+    minima = captured[-1]
+    assert minima.shape == (chunk, 32) and not minima.isnan().any()
+
+    q64, s64 = rows.double().cpu(), gallery[::4].double().cpu()
+    if metric in ("euclidean", "sqeuclidean"):
+        dist = torch.cdist(q64, s64).square()
+    elif metric == "dot":
+        dist = -(q64 @ s64.T)
+    else:
+        qn, sn = q64.norm(dim=1, keepdim=True), s64.norm(dim=1, keepdim=True)
+        dist = 1 - (q64 @ s64.T) / (qn * sn.T).clamp_min(1e-300) * ((qn > 0) & (sn.T > 0))
+    if offset >= 0:
+        own = torch.arange(start, start + chunk) + offset
+        for row, g in enumerate(own.tolist()):
+            if g % 4 == 0 and g // 4 < dist.shape[1]:
+                dist[row, g // 4] = float("inf")
+    padded = torch.full((chunk, 2 * 32), float("inf"), dtype=torch.float64)
+    padded[:, : dist.shape[1]] = dist
+    expected = padded.view(chunk, 2, 32).amin(dim=1)  # group c: sample rows c and c + 32
+    scale = 1 + (q64.square().sum(1, keepdim=True) + s64.square().sum(1).max())
+    assert ((minima.double().cpu() - expected).abs() <= 1e-5 * scale).all()
+    kth = expected.kthvalue(k, dim=1).values
+    if metric == "euclidean":
+        assert (bound.double().cpu() >= kth.sqrt() - 1e-5).all()
+    else:
+        assert (bound.double().cpu() >= kth - 1e-5).all()
 
 
 @requires_triton
@@ -932,8 +998,8 @@ def test_filter_search_writes_every_output(monkeypatch):
 @requires_triton
 def test_filter_search_no_host_sync_and_bounded_memory():
     """What the GPU path would do, counted under the interpreter: no device-to-host read, one
-    filter launch per query chunk plus one fallback launch, and tensors alive at once within
-    the chunk budget plus the outputs (nothing (Q, G)-sized)."""
+    bound and one filter launch per query chunk plus one fallback launch, and tensors alive at
+    once within the chunk budget plus the outputs (nothing (Q, G)-sized, nor (Q, G / 4))."""
     from torchfg.bench.profile import profile_step
     from torchfg.ops.knn.triton import knn_filter_triton
 
@@ -941,22 +1007,22 @@ def test_filter_search_no_host_sync_and_bounded_memory():
     query = torch.randn(64, 16, generator=gen).to(TEST_DEVICE)
     gallery = torch.randn(1024, 16, generator=gen).to(TEST_DEVICE)
     # Two 32-row chunks: per row, the larger of a 64-slot list (32 bytes a slot with its keys)
-    # and the distances to a 256-row sample (every 4th gallery row, 12 bytes each).
-    budget = 32 * max(64 * 32, 256 * 12)
+    # and its 16 group minima (4 k groups, 8 bytes each).
+    budget = 32 * max(64 * 32, 16 * 8)
     cfg = _small_filter_config(capacity=64, block_bytes=budget)
     profile = profile_step(lambda: knn_filter_triton(query, gallery, 4, "euclidean", config=cfg))
     assert profile.host_syncs == 0
-    assert profile.triton == {"_knn_filter_kernel": 2, "_knn_kernel": 1}
-    full_matrix = 64 * 1024 * 4
-    assert profile.peak_live_bytes < full_matrix / 2, profile.peak_live_bytes
+    assert profile.triton == {"_knn_bound_kernel": 2, "_knn_filter_kernel": 2, "_knn_kernel": 1}
+    small = 16 * 1024  # outputs, bounds, counts, the sample's statistics
+    assert profile.peak_live_bytes < budget + small, profile.peak_live_bytes
     # A self-search that computes each pair once: one filter launch for all rows.
     x = gallery[:256]
     cfg = _small_filter_config(capacity=64, block_bytes=budget, pair_once=True)
     profile = profile_step(lambda: knn_filter_triton(x, x, 4, "euclidean", symmetric=True, config=cfg))
     assert profile.host_syncs == 0
-    assert profile.triton == {"_knn_filter_kernel": 1, "_knn_kernel": 1}
+    assert profile.triton == {"_knn_bound_kernel": 1, "_knn_filter_kernel": 1, "_knn_kernel": 1}
     lists = 256 * 64 * 8  # every row's list, alive at once; the rest is per chunk of rows
-    small = 32 * 1024  # outputs, bounds, counts, the sample and its statistics
+    small = 32 * 1024  # outputs, bounds, counts, the sample's statistics
     assert profile.peak_live_bytes < lists + budget + small, profile.peak_live_bytes
 
 

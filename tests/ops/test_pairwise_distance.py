@@ -81,6 +81,29 @@ def test_backend_forward_backward_matches_reference(backend, metric, dtype):
     torch.testing.assert_close(gy.double(), gy_ref, atol=atol * scale, rtol=rtol * 4)
 
 
+def euclidean_grad_slack(x: torch.Tensor, y: torch.Tensor | None, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per-row bound on how far two fp32 GEMM-form Euclidean backwards may disagree: (dL/dx,) when
+    ``y`` is None (y = x), else (dL/dx, dL/dy); each (..., rows, 1).
+
+    Both backends compute d = sqrt(|x|^2 + |y|^2 - 2 x.y), whose rounding error is about
+    eps (|x|^2 + |y|^2) / (2 d) in d, so each pair's term g (x - y) / d carries a relative error
+    of about eps (|x|^2 + |y|^2) / (2 d^2), rounded differently in each backend. Near-duplicate
+    rows (common at D = 1) make that large for both, and neither is the ground truth then. The
+    slack is that error, doubled for the two backends and again for margin, capped at 2 |g| per
+    pair; exact zeros (the diagonal of y = x) are 0 in both.
+    """
+    other = x if y is None else y
+    x64, y64 = x.double(), other.double()
+    sq = (x64.unsqueeze(-2) - y64.unsqueeze(-3)).square().sum(-1)
+    scale = x64.square().sum(-1).unsqueeze(-1) + y64.square().sum(-1).unsqueeze(-2)
+    eps = torch.finfo(torch.float32).eps
+    relative = torch.where(sq > 0, 2 * eps * scale / sq, 0.0).clamp(max=2.0)
+    # A pair's term reaches dL/dx_i and dL/dy_j with |x_i - y_j| / d <= 1 per coordinate.
+    term = grad.double().abs() * relative
+    rows, cols = term.sum(-1).unsqueeze(-1), term.sum(-2).unsqueeze(-1)
+    return (rows + cols,) if y is None else (rows, cols)
+
+
 @requires_triton
 @given(shape=shapes, metric=st.sampled_from(METRICS), seed=st.integers(0, 2**16), symmetric=st.booleans())
 def test_triton_equals_reference_on_drawn_shapes(shape, metric, seed, symmetric):
@@ -95,10 +118,18 @@ def test_triton_equals_reference_on_drawn_shapes(shape, metric, seed, symmetric)
     ref = pairwise_distance(x, y, metric, backend="torch")
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
     if out.numel():
-        grad = torch.randn_like(out)
+        # From the example's own generator: hypothesis replays a failing example and needs the same gradient.
+        grad = torch.randn(out.shape, generator=g).to(out)
         inputs = (x,) if y is None else (x, y)
-        for a, r in zip(torch.autograd.grad(out, inputs, grad), torch.autograd.grad(ref, inputs, grad)):
-            torch.testing.assert_close(a, r, atol=1e-3, rtol=1e-4)
+        grads = torch.autograd.grad(out, inputs, grad)
+        ref_grads = torch.autograd.grad(ref, inputs, grad)
+        if metric == "euclidean":
+            slack = euclidean_grad_slack(x.detach(), None if y is None else y.detach(), grad)
+        else:
+            slack = (torch.zeros(()),) * len(inputs)
+        for a, r, extra in zip(grads, ref_grads, slack):
+            excess = (a - r).abs() - (1e-3 + 1e-4 * r.abs() + extra.to(a.device))
+            assert (excess <= 0).all(), f"gradients differ by up to {excess.max().item():.3g} past the bound"
 
 
 @requires_triton

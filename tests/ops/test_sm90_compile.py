@@ -187,7 +187,8 @@ I32_MAX = 2**31 - 1
 ARG_BOUNDS = {
     **dict.fromkeys(("D", "T", "C"), DIM),
     **dict.fromkeys(("N", "M", "Q", "G", "R", "B", "K", "SPLITS", "split_size", "self_offset",
-                     "candidates_per_split", "k_per_split", "n_bucket", "m_bucket", "row_start", "num_rows"), ROWS),
+                     "candidates_per_split", "k_per_split", "n_bucket", "m_bucket", "row_start", "num_rows",
+                     "S", "groups", "per_group", "sample_stride"), ROWS),
     **dict.fromkeys(("n_crops", "n_global"), 64),
     "layout_class": 3,  # the layout class of the mining launch (STRIDED, ALIGNED, UNALIGNED, MIXED)
 }

@@ -517,6 +517,51 @@ def test_threshold_excludes_near_duplicates():
     assert neg[0].item() == -1  # cos = 0 is not < 0: no negative is left
 
 
+@pytest.fixture
+def compiled_float_arguments(monkeypatch):
+    """Float arguments reach the interpreted kernel as fp32, as a compiled kernel takes a Python
+    float (the interpreter alone keeps fp64, which hides an fp32 rounding of a margin)."""
+    if TEST_DEVICE.type != "cpu":
+        return  # compiled: the real conversion
+    import struct
+
+    from triton.runtime import interpreter
+
+    convert = interpreter._implicit_cvt
+
+    def as_compiled(arg):
+        if isinstance(arg, float):
+            arg = struct.unpack("f", struct.pack("f", arg))[0]
+        return convert(arg)
+
+    monkeypatch.setattr(interpreter, "_implicit_cvt", as_compiled)
+
+
+@pytest.mark.parametrize("tiles", [TILES[0], TILES[5]], ids=["rows", "symmetric"])
+@pytest.mark.parametrize("case", ["margin_scale", "threshold"])
+def test_fp64_text_margins_and_threshold_keep_fp64(compiled_float_arguments, tiles, case):
+    # fp32(0.1) = 0.1 + 1.5e-9. Margin: negative 2 beats negative 1 by 1e-12 with s = 0.1 exactly
+    # (m - d: 0.05 - 1 against 0 - (0.95 - 1e-12)); with s rounded to fp32, 1 would win by 7e-10.
+    # Threshold: the closest negative, 2, has a text cosine of 0.1 + 1e-12 with anchor 0: not
+    # below 0.1, so 1 is its hardest negative (2 is below fp32(0.1)).
+    x = torch.tensor([[0.0], [1.0], [0.95 - 1e-12], [3.0]], dtype=torch.float64, device=TEST_DEVICE)
+    y = torch.tensor([0, 1, 1, 1], device=TEST_DEVICE)
+    if case == "margin_scale":
+        text = [[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]]
+        margins = dict(base_margin=0.0, margin_scale=0.1, text_positive_threshold=None)
+        expected = 2
+    else:
+        cos = 0.1 + 1e-12
+        text = [[1.0, 0.0], [0.0, 1.0], [cos, (1 - cos**2) ** 0.5], [0.0, 1.0]]
+        margins = dict(base_margin=0.2, margin_scale=0.0, text_positive_threshold=0.1)
+        expected = 1
+    text = torch.tensor(text, dtype=torch.float64, device=TEST_DEVICE)
+    options = dict(metric="euclidean", self_offset=0, **margins)
+    assert mine_hardest_reference(x, x, y, y, text, text, **options)[1][0].item() == expected
+    _, neg = run_kernel(x, x, y, y, text, text, tiles, **options)
+    assert neg[0].item() == expected
+
+
 def test_margin_aware_negative_differs_from_the_closest():
     x = torch.tensor([[0.0], [1.0], [1.5], [9.0]], device=TEST_DEVICE)
     y = torch.tensor([0, 1, 1, 0], device=TEST_DEVICE)

@@ -372,6 +372,45 @@ def _knn_filter_kernel(
                                True, CAPACITY, BLOCK_Q, BLOCK_G)
 
 
+@triton.jit
+def _knn_bound_kernel(
+    q_ptr, g_ptr, q_aux_ptr, s_aux_ptr, minima_ptr,
+    row_start, num_rows, S, D, groups, per_group, sample_stride, self_offset,
+    stride_qn, stride_qd, stride_sn, stride_gd, stride_mq,
+    METRIC: tl.constexpr, EXCLUDE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # Group c of the sample holds its rows c, c + groups, c + 2 groups, ...: the groups
+    # [c0, c0 + BLOCK_S) of a program meet the contiguous sample rows j groups + c0 ... at step j,
+    # so a running element-wise minimum over the steps is each group's minimum, written once
+    # (a GEMM whose reduction over the sample is a min, not a sum). Sample row s is gallery row
+    # s x sample_stride, read in place (stride_sn = sample_stride x the gallery's row stride).
+    rows = row_start + tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    row_ok = rows < row_start + num_rows
+    group = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+    group_ok = group < groups
+    q_aux = tl.zeros((BLOCK_Q,), tl.float32)
+    if METRIC != 3:
+        q_aux = tl.load(q_aux_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    minima = tl.full((BLOCK_Q, BLOCK_S), float("inf"), tl.float32)
+    for step in tl.range(0, per_group):
+        # int64: step x groups stays under S, a fact the 32-bit offset check cannot derive.
+        cols = step * groups.to(tl.int64) + group
+        col_ok = group_ok & (cols < S)
+        dist, valid = _distance_tile(
+            q_ptr, g_ptr, q_aux, s_aux_ptr, rows, row_ok, cols, col_ok, D, 0,
+            stride_qn, stride_qd, stride_sn, stride_gd,
+            METRIC, False, False, DOT_DTYPE, INPUT_PRECISION, BLOCK_Q, BLOCK_S, BLOCK_D,
+        )
+        if EXCLUDE:  # the own row is no candidate, so it may not set the bound
+            valid = valid & (cols[None, :] * sample_stride != rows[:, None] + self_offset)
+        minima = tl.minimum(minima, tl.where(valid, dist, float("inf")))
+    local = (rows - row_start).to(tl.int64)
+    tl.store(minima_ptr + local[:, None] * stride_mq + group[None, :], minima,
+             mask=row_ok[:, None] & group_ok[None, :])
+
+
 @dataclasses.dataclass(frozen=True)
 class FilterConfig:
     """Tiles and sizes of the filter search (:func:`knn_filter_triton`).
@@ -382,10 +421,11 @@ class FilterConfig:
         group_q: query blocks that walk the gallery together (L2 reuse of its tiles).
         capacity: candidate slots per query (a power of two >= k); None: :func:`default_capacity`.
         sample_stride: the bound is estimated from every ``sample_stride``-th gallery row.
-        groups_per_k: the sample is cut into ``groups_per_k * k`` strided groups, and a query's
+        groups_per_k: the sample is cut into ``groups_per_k * k`` strided groups (rounded up to
+            whole blocks of the bound kernel, ``max(16, block_g // 2)`` groups), and a query's
             bound is the k-th smallest of its distances' group minima.
-        block_bytes: size of the per-chunk working buffers (candidate keys and the sample's
-            distance block); queries are searched in chunks that fit it.
+        block_bytes: size of the per-chunk working buffers (candidate keys and the group
+            minima); queries are searched in chunks that fit it.
         pair_once: a self-search computes each pair once and keeps every row's list in memory
             (None: when square tiles and those lists, 8 bytes a slot, fit 4 x ``block_bytes``).
     """
@@ -457,9 +497,10 @@ def knn_filter_triton(
     """Triton k-NN by bound and filter: same contract and results as :func:`knn_triton`.
 
     1. Each query's bound: the k-th smallest of the group minima of its distances to a strided
-       sample of the gallery (PyTorch GEMM blocks). k distinct rows lie at or below it, so the
-       k nearest do too, up to the rounding between this GEMM and the kernel's (a small slack
-       covers TF32).
+       sample of the gallery (``_knn_bound_kernel``: a GEMM-shaped kernel whose reduction over
+       the sample is a running minimum per group, so only Q x groups minima are written). k
+       distinct rows lie at or below it, so the k nearest do too, up to the accumulation order
+       of two kernels that compute each distance the same way (a small slack covers it).
     2. One kernel over all (query block, gallery tile) pairs appends each candidate at or
        below its row's bound to the row's list of ``capacity`` (distance, index) slots. A
        self-search (``symmetric``) may compute each pair once (``FilterConfig.pair_once``): the
@@ -472,10 +513,9 @@ def knn_filter_triton(
        every row whatever the bound.
 
     Extra memory: the lists, Q_chunk x capacity x about 32 bytes at the peak of their selection,
-    and the sample block, Q_chunk x G / sample_stride x 12 bytes, with Q_chunk chosen so that
-    each fits ``config.block_bytes``; computing each pair once keeps all Q lists (Q x capacity
-    x 8 bytes, at most 4 x ``block_bytes`` unless asked for). The sample is a view of the
-    gallery (a bf16 copy for fp16 inputs).
+    and the group minima, Q_chunk x groups x 8 bytes, with Q_chunk chosen so that each fits
+    ``config.block_bytes``; computing each pair once keeps all Q lists (Q x capacity x 8 bytes,
+    at most 4 x ``block_bytes`` unless asked for). The sample is read from the gallery in place.
     """
     _check_search(query, gallery, k)
     num_query, dim = query.shape
@@ -492,7 +532,7 @@ def knn_filter_triton(
     q_aux, g_aux = _row_aux(query, gallery, metric, symmetric)
     # Every candidate fits the list when the gallery does: no bound needed.
     sample = _BoundSample(gallery, g_aux, metric, k, cfg) if num_gallery > capacity else None
-    sample_rows = 0 if sample is None else sample.rows
+    bound_groups = 0 if sample is None else sample.groups
 
     def bounds(start: int, stop: int) -> torch.Tensor:
         if sample is None:
@@ -518,7 +558,7 @@ def knn_filter_triton(
     counts = torch.zeros(num_query, dtype=torch.int32, device=query.device)
     if pair_once:
         # Every row's bound and list first; then the lists are read in chunks.
-        bound_rows = _filter_chunk_rows(num_query, 0, sample_rows, cfg)
+        bound_rows = _filter_chunk_rows(num_query, 0, bound_groups, cfg)
         bound = torch.cat([bounds(start, min(start + bound_rows, num_query))
                            for start in range(0, num_query, bound_rows)])
         list_dist = torch.empty(num_query, capacity, dtype=torch.float32, device=query.device)
@@ -530,7 +570,7 @@ def knn_filter_triton(
             distances[start:stop], indices[start:stop] = _nearest_in_lists(
                 list_dist[start:stop], list_index[start:stop], counts[start:stop], k)
     else:
-        rows_per_chunk = _filter_chunk_rows(num_query, capacity, sample_rows, cfg)
+        rows_per_chunk = _filter_chunk_rows(num_query, capacity, bound_groups, cfg)
         chunk_rows = min(rows_per_chunk, num_query)
         list_dist = torch.empty(chunk_rows, capacity, dtype=torch.float32, device=query.device)
         list_index = torch.empty(chunk_rows, capacity, dtype=torch.int32, device=query.device)
@@ -555,71 +595,67 @@ class _BoundSample:
     def __init__(self, gallery: torch.Tensor, g_aux: torch.Tensor, metric: str, k: int, cfg: FilterConfig):
         num_gallery = gallery.shape[0]
         self.stride = cfg.sample_stride if num_gallery >= cfg.sample_stride * cfg.groups_per_k * k else 1
-        # A view, not a copy: the GEMM reads every stride-th row where it lies. It runs in the
-        # input dtype, on the tensor cores, except fp16, whose 16-bit output could overflow
-        # (|q.g| > 65504): that runs in bf16, fp32's range.
-        self.sample = gallery[:: self.stride]
-        self.gemm_dtype = torch.bfloat16 if gallery.dtype == torch.float16 else gallery.dtype
-        if self.gemm_dtype != gallery.dtype:
-            self.sample = self.sample.to(self.gemm_dtype)
-        self.rows = self.sample.shape[0]
-        self.metric, self.k = metric, k
-        # The slack covers the rounding of each dot: a 16-bit output is within 2**-9 |q.g|, so
-        # -2 q.g in the squared-norm form is off by at most 2**-9 (|q|^2 + |g|^2); TF32 products
-        # by 2**-10 of that; fp16 rows rounded to bf16 add errors of random sign, ~2**-9 |q| |g|
-        # / sqrt(D). The slack is twice the largest. It need not be a worst case: a row whose
-        # bound comes out too tight only goes to the exact fallback.
-        self.slack = 2.0**-8 if gallery.element_size() == 2 else 2.0**-9
-        if metric == "cosine":
-            self.aux, self.largest = g_aux[:: self.stride].float(), 1.0
-        elif metric == "dot":
-            self.aux = None
-            self.largest = torch.linalg.vector_norm(self.sample, dim=1, dtype=torch.float32).square().max()
+        # The kernel reads every stride-th row where it lies (no copy), with fp32 accumulators:
+        # fp16 rows need no wider copy for their dot products' range.
+        self.gallery = gallery
+        self.rows = cdiv(num_gallery, self.stride)
+        self.metric, self.k, self.cfg = metric, k, cfg
+        # Both kernels compute a pair's distance the same way (_distance_tile, fp32 accumulators,
+        # the same operand rounding); only their accumulation order may differ, by about
+        # D 2**-24 |q| |g|. A row whose bound still comes out too tight goes to the exact fallback.
+        self.slack = 2.0**-10
+        if metric == "dot":
+            self.aux = g_aux  # unused placeholder
+            self.largest = torch.linalg.vector_norm(gallery[:: self.stride], dim=1, dtype=torch.float32).square().max()
         else:
-            self.aux = g_aux[:: self.stride].float()
-            self.largest = self.aux.max()
+            self.aux = g_aux[:: self.stride].float().contiguous()
+            self.largest = 1.0 if metric == "cosine" else self.aux.max()
+        # The bound kernel's tile is half the filter kernel's in the group direction: its running
+        # minima are live next to the accumulator (at 128 x 128, fp16 column-major rows spilled
+        # 48 bytes on triton 3.9; IEEE fp32 at 64 x 64, 20 bytes on 3.6).
+        self.block_groups = max(16, cfg.block_g // 2)
         # Strided groups: rows next to each other (often one class) fall into different groups.
-        self.groups = min(self.rows, cfg.groups_per_k * k)
-        self.padded = cdiv(self.rows, self.groups) * self.groups
+        # Rounded up to whole blocks of the kernel: more groups only tighten the bound.
+        wanted = cdiv(cfg.groups_per_k * k, self.block_groups) * self.block_groups
+        self.groups = min(self.rows, wanted)
 
     def bounds(self, rows: torch.Tensor, q_aux: torch.Tensor, start: int, self_offset: int) -> torch.Tensor:
         """(chunk,) fp32 bounds of the query rows ``rows`` (global rows start .. start + chunk)."""
         chunk = rows.shape[0]
         if self.groups < self.k:  # fewer groups than neighbours: the sample bounds nothing
             return torch.full((chunk,), float("inf"), device=rows.device)
-        dot = (rows.to(self.gemm_dtype) @ self.sample.T).float()
+        minima = torch.empty(chunk, self.groups, dtype=torch.float32, device=rows.device)
+        cfg, gallery = self.cfg, self.gallery
+        dot_dtype, _acc, precision = dot_dtypes(gallery.dtype)
+        # Euclidean bounds are squared until the slack is added.
+        metric = "sqeuclidean" if self.metric == "euclidean" else self.metric
+        grid = (cdiv(chunk, cfg.block_q), cdiv(self.groups, self.block_groups))
+        _knn_bound_kernel[grid](
+            rows, gallery, q_aux if self.metric == "dot" else q_aux[start:], self.aux, minima,
+            0, chunk, self.rows, gallery.shape[1], self.groups, cdiv(self.rows, self.groups), self.stride,
+            max(self_offset, 0) + start,
+            rows.stride(0), rows.stride(1), gallery.stride(0) * self.stride, gallery.stride(1), minima.stride(0),
+            METRIC=metric_code(metric), EXCLUDE=self_offset >= 0,
+            DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision,
+            BLOCK_Q=cfg.block_q, BLOCK_S=self.block_groups, BLOCK_D=cfg.block_d,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
         if self.metric == "dot":
-            dist = dot.neg_()
             norms = torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32).square()
             slack = self.slack * (norms + self.largest)
         elif self.metric == "cosine":
-            row_aux = q_aux[start : start + chunk].float()
-            dist = dot.mul_(row_aux[:, None]).mul_(self.aux[None, :]).neg_().add_(1.0)
-            slack = torch.full((chunk,), self.slack * 2.0, device=rows.device)
-        else:  # squared norms; euclidean takes the root after the slack
-            row_aux = q_aux[start : start + chunk].float()
-            dist = dot.mul_(-2.0).add_(row_aux[:, None]).add_(self.aux[None, :]).clamp_min_(0.0)
-            slack = self.slack * (row_aux + self.largest)
-        if self_offset >= 0:
-            # Query i's own row, gallery row i + self_offset, is in the sample when the stride
-            # divides it; its distance leaves the block (a scatter: no host read).
-            own = torch.arange(start, start + chunk, device=rows.device) + self_offset
-            position = torch.div(own, self.stride, rounding_mode="floor").clamp_(max=self.rows - 1)
-            sampled = (own % self.stride == 0) & (own < self.rows * self.stride)
-            current = dist.gather(1, position[:, None]).squeeze(1)
-            dist.scatter_(1, position[:, None], torch.where(sampled, float("inf"), current)[:, None])
-        if self.padded > self.rows:
-            dist = torch.nn.functional.pad(dist, (0, self.padded - self.rows), value=float("inf"))
-        minima = dist.view(chunk, self.padded // self.groups, self.groups).amin(dim=1)
+            slack = self.slack * 2.0
+        else:
+            slack = self.slack * (q_aux[start : start + chunk].float() + self.largest)
         bound = torch.kthvalue(minima, self.k, dim=1).values + slack
         return bound.sqrt_() if self.metric == "euclidean" else bound
 
 
-def _filter_chunk_rows(num_query: int, capacity: int, sample_rows: int, cfg: FilterConfig) -> int:
+def _filter_chunk_rows(num_query: int, capacity: int, bound_groups: int, cfg: FilterConfig) -> int:
     # Per query: its list (fp32 distances and int32 indices, then their int64 keys and the
-    # packing's temporaries: about 32 bytes a slot at the peak), or its sample distances (the
-    # GEMM's output, its fp32 copy and the padded copy: at most 12 bytes), whichever is larger.
-    per_row = max(capacity * _LIST_SLOT_BYTES, sample_rows * 12, 1)
+    # packing's temporaries: about 32 bytes a slot at the peak), or its group minima (fp32, and
+    # the k-th value's working copy: 8 bytes a group), whichever is larger.
+    per_row = max(capacity * _LIST_SLOT_BYTES, bound_groups * 8, 1)
     rows = max(cfg.block_q, cfg.block_bytes // per_row // cfg.block_q * cfg.block_q)
     if capacity:  # the kernel's list offsets, row x capacity + slot, are int32
         rows = min(rows, max(cfg.block_q, _I32_LIMIT // capacity // cfg.block_q * cfg.block_q))

@@ -57,7 +57,7 @@ import triton.language as tl
 
 from torchfg._validation import accumulation_dtype
 from torchfg.backends import triton_interpreter_enabled
-from torchfg.ops._triton_utils import AutotunedLaunch, cdiv, dot_dtypes, next_power_of_2
+from torchfg.ops._triton_utils import AutotunedLaunch, cdiv, dot_dtypes, next_power_of_2, split_scalar
 from torchfg.ops.metric import metric_code as metric_code_of
 
 __all__ = ["TileConfig", "SplitBests", "mine_hardest_triton", "mine_hardest_triton_tiled", "mine_hardest_splits_triton"]
@@ -215,6 +215,21 @@ def _take_first_max(best, best_idx, key, n0):
 
 
 @triton.jit
+def _text_scalars(
+    base_margin_hi, base_margin_lo, margin_scale_hi, margin_scale_lo, text_threshold_hi, text_threshold_lo,
+    TEXT_ACC_DTYPE: tl.constexpr,
+):
+    """The margin terms and text threshold in the text's accumulation dtype, from the (hi, lo)
+    fp32 pairs of ``split_scalar``: a compiled kernel gets a Python float as fp32, so fp64 text
+    would otherwise compare against margins 6e-9 off (0.4 -> 0.4000000059604645); in fp32 the
+    sum rounds back to hi, the value a plain float argument had."""
+    base_margin = tl.cast(base_margin_hi, TEXT_ACC_DTYPE) + tl.cast(base_margin_lo, TEXT_ACC_DTYPE)
+    margin_scale = tl.cast(margin_scale_hi, TEXT_ACC_DTYPE) + tl.cast(margin_scale_lo, TEXT_ACC_DTYPE)
+    text_threshold = tl.cast(text_threshold_hi, TEXT_ACC_DTYPE) + tl.cast(text_threshold_lo, TEXT_ACC_DTYPE)
+    return base_margin, margin_scale, text_threshold
+
+
+@triton.jit
 def _tile_keys(
     n0, rows,
     anchor_base, anchor_label, anchor_label_hi, anchor_stat, anchor_text_base, anchor_text_inv,
@@ -327,7 +342,7 @@ def _mine_hardest_kernel(
     stride_am, stride_ad, stride_cm, stride_cd,
     stride_atm, stride_atd, stride_ctm, stride_ctd,
     self_offset, candidates_per_split,
-    base_margin, margin_scale, text_threshold,
+    base_margin_hi, base_margin_lo, margin_scale_hi, margin_scale_lo, text_threshold_hi, text_threshold_lo,
     # Autotuning keys only: the tiles that fill the GPU depend on the problem size, and the tiles
     # that compile without spills on the operands' layout (layout_class: STRIDED, ALIGNED, UNALIGNED
     # or MIXED; see GPU_CONFIGS).
@@ -346,6 +361,9 @@ def _mine_hardest_kernel(
     tiles (no tile masks its columns)."""
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
+    base_margin, margin_scale, text_threshold = _text_scalars(
+        base_margin_hi, base_margin_lo, margin_scale_hi, margin_scale_lo, text_threshold_hi, text_threshold_lo,
+        TEXT_ACC_DTYPE)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
     # Out-of-range rows re-read the last anchor so that the hot loop needs no row mask; their
@@ -663,7 +681,7 @@ def _mine_symmetric_kernel(
     x_ptr, stat_ptr, label_ptr, text_ptr, text_inv_ptr, pos_ptr, neg_ptr,
     N, D, T,
     stride_m, stride_d, stride_tm, stride_td,
-    base_margin, margin_scale, text_threshold,
+    base_margin_hi, base_margin_lo, margin_scale_hi, margin_scale_lo, text_threshold_hi, text_threshold_lo,
     n_bucket, layout_class,  # autotuning keys only, as in _mine_hardest_kernel
     METRIC: tl.constexpr, NEED_TEXT: tl.constexpr, MARGIN_AWARE: tl.constexpr, HAS_THRESHOLD: tl.constexpr,
     LABEL_WORDS: tl.constexpr, WIDE_PASS: tl.constexpr,
@@ -679,6 +697,9 @@ def _mine_symmetric_kernel(
     ``pos_ptr`` / ``neg_ptr``: (N,) uint64 packed bests, all ones on entry."""
     pair = tl.program_id(0)
     split = tl.program_id(1)
+    base_margin, margin_scale, text_threshold = _text_scalars(
+        base_margin_hi, base_margin_lo, margin_scale_hi, margin_scale_lo, text_threshold_hi, text_threshold_lo,
+        TEXT_ACC_DTYPE)
     blocks = tl.cdiv(N, BLOCK)
     first_count = blocks - pair
     second_row = blocks - 1 - pair
@@ -1149,7 +1170,7 @@ def _launch_symmetric(
         x, stat, labels, text if text is not None else x, text_inv if text_inv is not None else stat, pos, neg,
         n, d, t, x.stride(0), x.stride(1),
         text.stride(0) if text is not None else 0, text.stride(1) if text is not None else 0,
-        float(base_margin), float(margin_scale), text_threshold,
+        *split_scalar(base_margin), *split_scalar(margin_scale), *split_scalar(text_threshold),
         _size_bucket(n) if tiles is None else 0, layout if tiles is None else 0,
     )
     flags["LABEL_WORDS"] = label_words
@@ -1403,8 +1424,8 @@ def mine_hardest_splits_triton(
         anchors.stride(0), anchors.stride(1), candidates.stride(0), candidates.stride(1),
         *text_strides,
         self_offset, per_split,
-        float(base_margin), float(margin_scale),
-        float(text_positive_threshold) if has_threshold else 0.0,
+        *split_scalar(base_margin), *split_scalar(margin_scale),
+        *split_scalar(text_positive_threshold if has_threshold else 0.0),
         _size_bucket(n) if tiles is None else 0, _size_bucket(m) if tiles is None else 0,
         layout if tiles is None else 0,
     )
