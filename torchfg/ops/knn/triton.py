@@ -530,8 +530,11 @@ def knn_filter_triton(
     pair_once = _pairs_once(config, num_query, capacity, symmetric, self_offset, fma_dot)
     cfg = config or default_filter_config(query.dtype, precision, dim, pair_once)
     q_aux, g_aux = _row_aux(query, gallery, metric, symmetric)
-    # Every candidate fits the list when the gallery does: no bound needed.
-    sample = _BoundSample(gallery, g_aux, metric, k, cfg) if num_gallery > capacity else None
+    # Every candidate fits the list when the gallery does: no bound needed. The bound kernel
+    # takes the every-tile configuration's tiles by default: computing pairs once shrinks the
+    # filter tiles for their two appends, which the bound kernel does not have.
+    bound_cfg = config or default_filter_config(query.dtype, precision, dim)
+    sample = _BoundSample(gallery, g_aux, metric, k, bound_cfg) if num_gallery > capacity else None
     bound_groups = 0 if sample is None else sample.groups
 
     def bounds(start: int, stop: int) -> torch.Tensor:
@@ -614,6 +617,11 @@ class _BoundSample:
         # minima are live next to the accumulator (at 128 x 128, fp16 column-major rows spilled
         # 48 bytes on triton 3.9; IEEE fp32 at 64 x 64, 20 bytes on 3.6).
         self.block_groups = max(16, cfg.block_g // 2)
+        self.dot_dtype, _acc, self.precision = dot_dtypes(gallery.dtype)
+        # An FMA dot (IEEE fp32) keeps its operands in registers: 3 stages spilled 8 bytes on
+        # triton 3.6 (cosine, D = 100), 2 stages none.
+        fma_dot = gallery.dtype == torch.float32 and self.precision == "ieee"
+        self.num_stages = min(2, cfg.num_stages) if fma_dot else cfg.num_stages
         # Strided groups: rows next to each other (often one class) fall into different groups.
         # Rounded up to whole blocks of the kernel: more groups only tighten the bound.
         wanted = cdiv(cfg.groups_per_k * k, self.block_groups) * self.block_groups
@@ -626,7 +634,6 @@ class _BoundSample:
             return torch.full((chunk,), float("inf"), device=rows.device)
         minima = torch.empty(chunk, self.groups, dtype=torch.float32, device=rows.device)
         cfg, gallery = self.cfg, self.gallery
-        dot_dtype, _acc, precision = dot_dtypes(gallery.dtype)
         # Euclidean bounds are squared until the slack is added.
         metric = "sqeuclidean" if self.metric == "euclidean" else self.metric
         grid = (cdiv(chunk, cfg.block_q), cdiv(self.groups, self.block_groups))
@@ -636,9 +643,9 @@ class _BoundSample:
             max(self_offset, 0) + start,
             rows.stride(0), rows.stride(1), gallery.stride(0) * self.stride, gallery.stride(1), minima.stride(0),
             METRIC=metric_code(metric), EXCLUDE=self_offset >= 0,
-            DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision,
+            DOT_DTYPE=self.dot_dtype, INPUT_PRECISION=self.precision,
             BLOCK_Q=cfg.block_q, BLOCK_S=self.block_groups, BLOCK_D=cfg.block_d,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            num_warps=cfg.num_warps, num_stages=self.num_stages,
         )
         if self.metric == "dot":
             norms = torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32).square()
