@@ -399,6 +399,15 @@ def _trace_knn_filter(level: str) -> Iterator[tuple[str, Callable[[], Any]]]:
                 knn_filter_triton(*_knn_search_args(c))
         yield _label("knn_filter", c), run
 
+    def one_group() -> None:
+        # A one-row sample (32 rows, every 32nd): the bound kernel's groups == 1, an integer
+        # argument Triton compiles as the constant 1.
+        from torchfg.ops.knn.triton import FilterConfig
+
+        x = _matrix(32, 512, "bf16", "row")
+        knn_filter_triton(x, x, 1, "euclidean", config=FilterConfig(sample_stride=32, groups_per_k=1, capacity=16))
+    yield "knn_filter groups=1", one_group
+
 
 def _trace_triplet(level: str) -> Iterator[tuple[str, Callable[[], Any]]]:
     import torch

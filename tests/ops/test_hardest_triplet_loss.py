@@ -227,10 +227,18 @@ def test_margins_reach_the_kernel_at_fp64_precision():
     def is_fp32(v):
         return struct.unpack("f", struct.pack("f", v))[0] == v
 
-    for value in (0.4, 0.1, -1e-3, 123.456, 1e-30, 0.0, 2.0**-140):
+    def fp32(v):
+        return struct.unpack("f", struct.pack("f", v))[0]
+
+    ulp = 2.0**-27  # fp32's last place at 0.1
+    # The last two: lo rounds to exactly half of hi's last place, with hi's last bit odd and even.
+    tie_odd = fp32(0.1) + ulp / 2 * (1 - 2.0**-26)
+    tie_even = fp32(0.1) - ulp + ulp / 2 * (1 - 2.0**-26)
+    for value in (0.4, 0.1, -1e-3, 123.456, 1e-30, 0.0, 2.0**-140, tie_odd, -tie_odd, tie_even):
         hi, lo = split_scalar(value)
         assert is_fp32(hi) and is_fp32(lo)
         assert abs(hi + lo - value) <= 2.0**-46 * abs(value), value
+        assert fp32(hi + lo) == hi == fp32(value), value  # in an fp32 kernel: the plain float's value
     assert split_scalar(float("inf")) == (float("inf"), 0.0)
     assert split_scalar(-1e300) == (float("-inf"), 0.0)  # past fp32: inf in the kernel, as before
 

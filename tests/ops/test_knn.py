@@ -914,10 +914,15 @@ def test_filter_bound_keeps_lists_near_their_expected_size(layout):
 @requires_triton
 @pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean", "cosine", "dot"])
 @pytest.mark.parametrize("mode", ["cross", "exclude_self", "offset"])
-def test_filter_bound_kernel_group_minima(monkeypatch, metric, mode):
+@pytest.mark.parametrize("layout", ["fp32_slice", "fp16_colmajor"])
+@pytest.mark.parametrize("groups_per_k", [4, 10])
+def test_filter_bound_kernel_group_minima(monkeypatch, metric, mode, layout, groups_per_k):
     """The bound kernel's group minima against an fp64 brute force: odd sizes (masked rows,
-    groups and sample rows), a strided sample of a strided gallery, a query chunk that starts
-    mid-gallery, and the own row left out where it is excluded; unwritten minima are NaN."""
+    groups and sample rows), a strided sample of a gallery whose rows are not contiguous
+    (a column slice, or column-major fp16), a query chunk that starts mid-gallery, and the own
+    row left out where it is excluded; unwritten minima are NaN. groups_per_k 4: 20 groups
+    rounded up to two blocks of 16, the second step partial; 10: all 51 sample rows are groups,
+    one step, the last block of groups partial."""
     import torchfg.ops.knn.triton as tri
     from torchfg.ops.metric import row_statistics
 
@@ -926,27 +931,30 @@ def test_filter_bound_kernel_group_minima(monkeypatch, metric, mode):
     captured = []
     real_kthvalue = torch.kthvalue
     monkeypatch.setattr(tri.torch, "kthvalue", lambda x, *a, **kw: captured.append(x.clone()) or real_kthvalue(x, *a, **kw))
-    gen = torch.Generator().manual_seed(zlib.crc32(f"{metric}-{mode}".encode()))
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{metric}-{mode}-{layout}-{groups_per_k}".encode()))
     k, dim = 5, 21
     wide = torch.randn(203, dim + 5, generator=gen)
     wide[7] = 0.0  # a zero row: cosine's inverse norm is 0
-    gallery = wide[:, 2 : 2 + dim].to(TEST_DEVICE)  # rows not contiguous, base not aligned
+    if layout == "fp32_slice":
+        gallery = wide[:, 2 : 2 + dim].to(TEST_DEVICE)  # rows not contiguous, base not aligned
+    else:
+        gallery = wide[:, :dim].half().to(TEST_DEVICE).T.contiguous().T  # column-major
     start, chunk = 41, 29
     offset = {"cross": -1, "exclude_self": 0, "offset": 5}[mode]
     if mode == "cross":
-        query_all = torch.randn(start + chunk, dim, generator=gen).to(TEST_DEVICE)
+        query_all = torch.randn(start + chunk, dim, generator=gen).to(gallery.dtype).to(TEST_DEVICE)
     else:
         query_all = gallery[offset:]
     aux_q = None if metric == "dot" else row_statistics(query_all, metric)
     aux_g = torch.empty(1, device=TEST_DEVICE) if metric == "dot" else row_statistics(gallery, metric)
-    cfg = tri.FilterConfig(block_q=16, block_g=16, block_d=16, groups_per_k=4)
+    cfg = tri.FilterConfig(block_q=16, block_g=32, block_d=16, groups_per_k=groups_per_k)
     sample = tri._BoundSample(gallery, aux_g, metric, k, cfg)
-    # 4 k = 20 groups, rounded up to two blocks of 16; 51 sample rows: the second step is partial.
-    assert sample.stride == 4 and sample.rows == 51 and sample.groups == 32
+    groups = 32 if groups_per_k == 4 else 51
+    assert sample.stride == 4 and sample.rows == 51 and sample.block_groups == 16 and sample.groups == groups
     rows = query_all[start : start + chunk]
     bound = sample.bounds(rows, aux_q if aux_q is not None else aux_g, start, offset)
     minima = captured[-1]
-    assert minima.shape == (chunk, 32) and not minima.isnan().any()
+    assert minima.shape == (chunk, groups) and not minima.isnan().any()
 
     q64, s64 = rows.double().cpu(), gallery[::4].double().cpu()
     if metric in ("euclidean", "sqeuclidean"):
@@ -961,11 +969,16 @@ def test_filter_bound_kernel_group_minima(monkeypatch, metric, mode):
         for row, g in enumerate(own.tolist()):
             if g % 4 == 0 and g // 4 < dist.shape[1]:
                 dist[row, g // 4] = float("inf")
-    padded = torch.full((chunk, 2 * 32), float("inf"), dtype=torch.float64)
+    steps = -(-51 // groups)
+    padded = torch.full((chunk, steps * groups), float("inf"), dtype=torch.float64)
     padded[:, : dist.shape[1]] = dist
-    expected = padded.view(chunk, 2, 32).amin(dim=1)  # group c: sample rows c and c + 32
+    expected = padded.view(chunk, steps, groups).amin(dim=1)  # group c: sample rows c, c + groups, ...
     scale = 1 + (q64.square().sum(1, keepdim=True) + s64.square().sum(1).max())
-    assert ((minima.double().cpu() - expected).abs() <= 1e-5 * scale).all()
+    minima = minima.double().cpu()
+    # (A group whose one row is the excluded own row is +inf on both sides.)
+    assert ((minima == expected) | ((minima - expected).abs() <= 1e-5 * scale)).all()
+    if offset >= 0 and groups == 51:
+        assert torch.isinf(minima).any()  # the case above occurs
     kth = expected.kthvalue(k, dim=1).values
     if metric == "euclidean":
         assert (bound.double().cpu() >= kth.sqrt() - 1e-5).all()

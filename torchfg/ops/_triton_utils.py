@@ -59,7 +59,19 @@ def _split_finite(value: float) -> tuple[float, float]:
     except OverflowError:  # past fp32's range (some Pythons raise, others round to inf)
         return math.copysign(math.inf, value), 0.0
     lo = value - hi
-    return hi, struct.unpack("f", struct.pack("f", lo))[0] if math.isfinite(lo) else 0.0
+    if not math.isfinite(lo):
+        return hi, 0.0
+    lo = _to_fp32(lo)
+    # Rounding lo to fp32 can land on exactly half of hi's last place; with hi's last bit odd,
+    # an fp32 hi + lo would then round away from hi. One fp32 step towards zero keeps the
+    # promise (fp32 sum == hi) at a cost of 2**-24 of lo.
+    if lo and _to_fp32(hi + lo) != hi:  # hi + lo is exact in a double
+        lo = struct.unpack("f", struct.pack("I", struct.unpack("I", struct.pack("f", lo))[0] - 1))[0]
+    return hi, lo
+
+
+def _to_fp32(value: float) -> float:
+    return struct.unpack("f", struct.pack("f", value))[0]
 
 
 class AutotunedLaunch:

@@ -395,8 +395,9 @@ def _knn_bound_kernel(
         q_aux = tl.load(q_aux_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     minima = tl.full((BLOCK_Q, BLOCK_S), float("inf"), tl.float32)
     for step in tl.range(0, per_group):
-        # int64: step x groups stays under S, a fact the 32-bit offset check cannot derive.
-        cols = step * groups.to(tl.int64) + group
+        # int64: step x groups stays under S, a fact the 32-bit offset check cannot derive. (A cast,
+        # not .to: the interpreter's step is a Python int, and groups == 1 compiles as a constant.)
+        cols = tl.cast(step, tl.int64) * groups + group
         col_ok = group_ok & (cols < S)
         dist, valid = _distance_tile(
             q_ptr, g_ptr, q_aux, s_aux_ptr, rows, row_ok, cols, col_ok, D, 0,
