@@ -460,6 +460,19 @@ def _trace_triplet(level: str) -> Iterator[tuple[str, Callable[[], Any]]]:
                 )
         yield _label("triplet", c), run
 
+    def one_anchor() -> None:
+        # One anchor against 700 candidates in 3 splits: the merge gets N == 1, an integer
+        # argument Triton compiles as the constant 1.
+        x = _matrix(700, 512, "bf16", "row")
+        labels = torch.arange(700) % 50
+        with _Precision("bf16"):
+            triplet.mine_hardest_triton_tiled(
+                x[:1].clone(), x, labels[:1].clone(), labels, None, None, metric="euclidean", base_margin=0.2,
+                margin_scale=0.0, text_positive_threshold=None, self_offset=-1,
+                tiles=dataclasses.replace(triplet.TileConfig(), candidates_per_split=256),
+            )
+    yield "triplet anchors=1", one_anchor
+
 
 def _trace_pair_distances(level: str) -> Iterator[tuple[str, Callable[[], Any]]]:
     import torch

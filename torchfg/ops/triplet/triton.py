@@ -752,8 +752,9 @@ def merge_split_bests(
     # Splits hold increasing candidate ranges: visiting them in order with a strict comparison
     # keeps the lowest index among equal values.
     rows64 = rows.to(tl.int64)
-    # 64-bit: SPLITS * N can pass 2**31 (N up to 2**20 anchors, thousands of splits).
-    n64 = N.to(tl.int64)
+    # 64-bit: SPLITS * N can pass 2**31 (N up to 2**20 anchors, thousands of splits). A cast,
+    # not .to: one anchor (N == 1) compiles as the constant 1, which has no methods.
+    n64 = tl.cast(N, tl.int64)
     for s in tl.range(0, SPLITS):
         offsets = rows64 + s * n64
         value = tl.load(pos_val_ptr + offsets, mask=row_ok, other=float("-inf"))
