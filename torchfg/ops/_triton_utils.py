@@ -55,7 +55,7 @@ def split_scalar(value: float) -> tuple[float, float]:
 @functools.lru_cache(maxsize=256)  # the same margins every step: packing them cost ~10 us a step
 def _split_finite(value: float) -> tuple[float, float]:
     try:
-        hi = struct.unpack("f", struct.pack("f", value))[0]
+        hi = _to_fp32(value)
     except OverflowError:  # past fp32's range (some Pythons raise, others round to inf)
         return math.copysign(math.inf, value), 0.0
     lo = value - hi

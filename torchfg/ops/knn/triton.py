@@ -375,7 +375,7 @@ def _knn_filter_kernel(
 @triton.jit
 def _knn_bound_kernel(
     q_ptr, g_ptr, q_aux_ptr, s_aux_ptr, minima_ptr,
-    row_start, num_rows, S, D, groups, per_group, sample_stride, self_offset,
+    num_rows, S, D, groups, per_group, sample_stride, self_offset,
     stride_qn, stride_qd, stride_sn, stride_gd, stride_mq,
     METRIC: tl.constexpr, EXCLUDE: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -386,8 +386,10 @@ def _knn_bound_kernel(
     # so a running element-wise minimum over the steps is each group's minimum, written once
     # (a GEMM whose reduction over the sample is a min, not a sum). Sample row s is gallery row
     # s x sample_stride, read in place (stride_sn = sample_stride x the gallery's row stride).
-    rows = row_start + tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    row_ok = rows < row_start + num_rows
+    # Rows of the query chunk (q_ptr, q_aux_ptr and minima_ptr start at it; self_offset counts
+    # from the chunk's first row).
+    rows = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    row_ok = rows < num_rows
     group = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
     group_ok = group < groups
     q_aux = tl.zeros((BLOCK_Q,), tl.float32)
@@ -407,8 +409,7 @@ def _knn_bound_kernel(
         if EXCLUDE:  # the own row is no candidate, so it may not set the bound
             valid = valid & (cols[None, :] * sample_stride != rows[:, None] + self_offset)
         minima = tl.minimum(minima, tl.where(valid, dist, float("inf")))
-    local = (rows - row_start).to(tl.int64)
-    tl.store(minima_ptr + local[:, None] * stride_mq + group[None, :], minima,
+    tl.store(minima_ptr + rows.to(tl.int64)[:, None] * stride_mq + group[None, :], minima,
              mask=row_ok[:, None] & group_ok[None, :])
 
 
@@ -613,7 +614,8 @@ class _BoundSample:
             self.largest = torch.linalg.vector_norm(gallery[:: self.stride], dim=1, dtype=torch.float32).square().max()
         else:
             self.aux = g_aux[:: self.stride].float().contiguous()
-            self.largest = 1.0 if metric == "cosine" else self.aux.max()
+            # (Cosine's unit rows need no largest norm: their slack is 2 self.slack.)
+            self.largest = None if metric == "cosine" else self.aux.max()
         # The bound kernel's tile is half the filter kernel's in the group direction: its running
         # minima are live next to the accumulator (at 128 x 128, fp16 column-major rows spilled
         # 48 bytes on triton 3.9; IEEE fp32 at 64 x 64, 20 bytes on 3.6).
@@ -640,7 +642,7 @@ class _BoundSample:
         grid = (cdiv(chunk, cfg.block_q), cdiv(self.groups, self.block_groups))
         _knn_bound_kernel[grid](
             rows, gallery, q_aux if self.metric == "dot" else q_aux[start:], self.aux, minima,
-            0, chunk, self.rows, gallery.shape[1], self.groups, cdiv(self.rows, self.groups), self.stride,
+            chunk, self.rows, gallery.shape[1], self.groups, cdiv(self.rows, self.groups), self.stride,
             max(self_offset, 0) + start,
             rows.stride(0), rows.stride(1), gallery.stride(0) * self.stride, gallery.stride(1), minima.stride(0),
             METRIC=metric_code(metric), EXCLUDE=self_offset >= 0,
