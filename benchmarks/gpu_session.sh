@@ -22,7 +22,12 @@
 # repeated here: benchmarks/compile_sm90.py runs it without a GPU.
 #
 #   run(command="TORCHFG_BENCH_COMMIT=<git rev-parse --short HEAD here> bash benchmarks/gpu_session.sh",
-#       carry=["wheels"], timeout_s=590)
+#       carry=["wheels", "gpu-cache"], timeout_s=590)
+#
+# gpu-cache/triton-sm90.tgz: the benchmarks' Triton kernels compiled for sm_90 beforehand, on the CPU
+# machine, by the GPU machines' Triton (3.6):
+#
+#   TRITON_CACHE_DIR=/work/tc-build36 /work/venv36/bin/python benchmarks/triton_cache_sm90.py build
 #
 # (the device copy's git history is the last landed commit's, not the tree's: name the commit)
 #
@@ -40,8 +45,13 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 DRY=0
+PRINT_PLAN=0
 if [ "${1:-}" = "--dry-run" ]; then DRY=1; fi
+# --print-plan: the benchmark steps' `torchfg bench` arguments, one line each, and nothing else
+# (benchmarks/triton_cache_sm90.py build compiles their Triton kernels ahead of the session).
+if [ "${1:-}" = "--print-plan" ]; then PRINT_PLAN=1; fi
 OUT="${OUT:-$PWD/gpu-out}"
+if [ "$PRINT_PLAN" = 1 ]; then OUT=$(mktemp -d); trap 'rm -rf "$OUT"' EXIT; fi
 LOGS="$OUT/logs"            # packed into logs.tgz at the end: the device tool returns at most 8 files
 mkdir -p "$LOGS"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -85,22 +95,22 @@ FAILED=""
 # for about 0.4 s of worker time per test.
 # The triplet step times the symmetric mining kernel ("torchfg[triton] symmetric", opt-in until
 # measured) next to the default one: 30 s more for its cases and their autotuning.
-B_INFO=45 B_WHEELS=15 B_BUILD=40 B_TESTS=200 B_TRIPLET=110
+B_INFO=45 B_CACHE=15 B_WHEELS=15 B_BUILD=40 B_TESTS=200 B_TRIPLET=110
 B_XBM=30 B_KNN=110 B_PAIRWISE=50 B_DINO=40 B_FP32=30 B_MINING_1M=60 B_HOST=20
 # A follow-up call inside the same device budget: ONLY="build tests" runs those steps alone (info
 # always runs), and B_<STEP>_SET (seconds) replaces that step's budget; TOTAL_SET the total.
-for b in B_INFO B_WHEELS B_BUILD B_TESTS B_TRIPLET B_XBM B_KNN B_PAIRWISE B_DINO B_FP32 B_MINING_1M B_HOST; do
+for b in B_INFO B_CACHE B_WHEELS B_BUILD B_TESTS B_TRIPLET B_XBM B_KNN B_PAIRWISE B_DINO B_FP32 B_MINING_1M B_HOST; do
   over="${b}_SET"
   if [ -n "${!over:-}" ]; then printf -v "$b" '%s' "${!over}"; fi
 done
 ONLY="${ONLY:-}"
-planned=$(( B_INFO + B_WHEELS + B_BUILD + B_TESTS + B_TRIPLET + 5 * GRACE ))
+planned=$(( B_INFO + B_CACHE + B_WHEELS + B_BUILD + B_TESTS + B_TRIPLET + 6 * GRACE ))
 capped=$(( planned + B_XBM + B_KNN + B_PAIRWISE + B_DINO + B_FP32 + B_MINING_1M + B_HOST + 7 * GRACE ))
 if [ "$planned" -gt "$TOTAL" ]; then
   echo "gpu_session.sh: the guaranteed steps' budgets ($planned s) exceed the session ($TOTAL s)" >&2
   exit 2
 fi
-echo "plan: $planned s of $TOTAL s guaranteed, $capped s of caps; dry run: $DRY; out: $OUT" | tee -a "$OUT/session.txt"
+[ "$PRINT_PLAN" = 1 ] || echo "plan: $planned s of $TOTAL s guaranteed, $capped s of caps; dry run: $DRY; out: $OUT" | tee -a "$OUT/session.txt"
 
 # Kernel tests that exist today (a missing path is an error here, not a silent skip).
 TESTS=(tests/ops/test_pairwise_distance.py tests/ops/test_knn.py tests/ops/test_triplet_mining.py
@@ -156,6 +166,16 @@ else
   HOST=(--n 8192)
 fi
 
+if [ "$PRINT_PLAN" = 1 ]; then
+  for spec in "BENCH_TRIPLET bf16" "BENCH_XBM bf16" "BENCH_KNN bf16 k=10" "BENCH_KNN bf16 k=100" \
+              "BENCH_PAIRWISE bf16" "BENCH_DINO bf16" "BENCH_FP32 fp32" "BENCH_MINING_1M bf16"; do
+    read -r array dtype k <<< "$spec"
+    declare -n plan_args="$array"
+    echo "${plan_args[*]@Q} --dtype $dtype${k:+ --param $k}"
+  done
+  exit 0
+fi
+
 export MAX_JOBS=16          # the CUDA extension's ninja build
 export TRITON_PRINT_AUTOTUNING=1   # each autotuned key's chosen config and tuning time, in the logs
 step info "$B_INFO" "$LOGS/info.txt" bash -c \
@@ -165,6 +185,19 @@ step info "$B_INFO" "$LOGS/info.txt" bash -c \
    $PY -m torchfg.cli info" \
   || { echo "info failed: stopping here so that a broken box costs seconds" | tee -a "$OUT/session.txt"
        tar czf "$OUT/logs.tgz" -C "$OUT" logs; exit 3; }
+
+# Kernels compiled ahead of the session on the CPU machine (benchmarks/triton_cache_sm90.py build,
+# carried as gpu-cache/): stored under this machine's cache keys, so that the benchmarks' autotuning
+# loads them instead of compiling (compilation ate the first H200 run's k-NN, pairwise and DINO
+# steps). The cache starts empty here so that the report at the end can tell what compiled here.
+export TRITON_CACHE_DIR="$PWD/.triton-cache"
+rm -rf "$TRITON_CACHE_DIR"
+CACHE_BUNDLE=gpu-cache/triton-sm90.tgz
+if [ -f "$CACHE_BUNDLE" ]; then
+  step cache "$B_CACHE" "$LOGS/cache.txt" $PY benchmarks/triton_cache_sm90.py install "$CACHE_BUNDLE"
+else
+  echo "cache: no $CACHE_BUNDLE carried: every kernel compiles here" | tee -a "$OUT/session.txt"
+fi
 
 if [ -d wheels ]; then
   step wheels "$B_WHEELS" "$LOGS/wheels.txt" \
@@ -180,6 +213,9 @@ step tests "$B_TESTS" "$LOGS/tests.txt" \
 # No test worker may outlive its step and share the CPU with the timings (the host-side cost of a
 # step is part of what is measured at N = 8192).
 if [ "$DRY" = 0 ]; then pkill -f "pytest" 2>/dev/null; sleep 1; fi
+# The tests compile their own small kernels: listed here so that the report at the end shows what
+# the benchmarks compiled.
+$PY benchmarks/triton_cache_sm90.py report --save "$LOGS/cache_tests.txt" > "$LOGS/cache_report_tests.txt" 2>&1
 
 # bench appends and flushes one row per measurement: a timeout keeps what was measured.
 bench() {
@@ -199,6 +235,10 @@ bench bench_fp32 "$B_FP32" fp32 "${BENCH_FP32[@]}"
 bench bench_mining_1m "$B_MINING_1M" bf16 "${BENCH_MINING_1M[@]}"
 step host "$B_HOST" "$LOGS/host.txt" $PY benchmarks/step_host.py "${HOST[@]}" --out "$OUT/step_host.csv" \
   --note "GPU box's CPU, launches stubbed (gpu_session.sh)"
+
+# What the benchmarks compiled here (missing from the bundle): the next build's to-do list.
+$PY benchmarks/triton_cache_sm90.py report --exclude "$LOGS/cache_tests.txt" > "$LOGS/cache_report.txt" 2>&1
+head -n 1 "$LOGS/cache_report.txt" | tee -a "$OUT/session.txt"
 
 # Last, so that the reply's tail holds them: the failed tests, one line each.
 failed_tests=$(grep -E "^(FAILED|ERROR) " "$LOGS/tests.txt" 2>/dev/null | cut -c1-220 | head -80)
