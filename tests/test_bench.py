@@ -482,3 +482,33 @@ def test_step_host_script_times_the_gpu_path_with_launches_stubbed(tmp_path):
     rows = list(csv.DictReader(out.open()))
     assert [r["case"] for r in rows] == ["batch_hard", "atl"]
     assert all(r["jit_launches"] == "5" and float(r["host_us_median"]) > 0 for r in rows)
+
+
+def test_profile_counts_host_reads_and_host_copies() -> None:
+    # What keeps a step capturable in a CUDA graph: no device-to-host read, no host data copied in.
+    from torchfg.bench.profile import profile_step
+
+    x = torch.randn(8, 4, requires_grad=True)
+    clean = profile_step(lambda: (x * 2.0).sum().backward())
+    assert clean.host_syncs == 0 and clean.host_copies == 0
+    literal = profile_step(lambda: (x * torch.tensor([2.0])).sum().backward())  # a torch.tensor literal
+    assert literal.host_copies == 1 and literal.host_syncs == 0
+    moved = profile_step(lambda: x.detach().to("meta"))  # a CPU tensor copied to another device
+    assert moved.host_copies == 1
+    read = profile_step(lambda: float(x.detach().sum()))
+    assert read.host_syncs == 1 and read.host_copies == 0
+
+
+def test_cuda_graph_case_is_a_gpu_case() -> None:
+    from torchfg.bench.core import cuda_graph_available, in_cuda_graph, load_op
+
+    names = {case.name: case for case in load_op("triplet").cases()} | {
+        f"atl {case.name}": case for case in load_op("atl").cases()}
+    for name in ("torchfg[triton] cudagraph", "atl torchfg[triton] cudagraph"):
+        assert names[name].gpu_kernel and names[name].available is cuda_graph_available
+    assert cuda_graph_available(torch.device("cpu"), torch.float32)[0] is False
+    problem = load_op("triplet").make_problem(8, 4, torch.float32, torch.device("cpu"))
+    with pytest.raises(NotImplementedError, match="CUDA device"):
+        in_cuda_graph(lambda p: (lambda: None))(problem)
+    results = run_benchmarks(["triplet"], sizes=[8], dim=4, device="cpu", repeat=1, cases=["torchfg[triton] cudagraph"])
+    assert [r.status.split(":")[0] for r in results] == ["skipped"], [r.status for r in results]

@@ -79,6 +79,8 @@ def test_launches_per_step_do_not_grow_with_n(kind, gpu_like_splits, profiles):
     steps = _profiles(kind, profiles)
     assert all(p.launches == steps[0].launches for p in steps), [p.launches for p in steps]
     assert all(p.host_syncs == 0 for p in steps), "a training step must not wait on the device"
+    # Nor copy host data to it: with no host reads either, a CUDA graph can capture the step.
+    assert all(p.host_copies == 0 for p in steps), [p.host_copies for p in steps]
     # One launch per Triton kernel: row statistics (embeddings and text for ATL, plus the loss's
     # scratch), mining (two passes: the labels are int64), the loss forward (which merges the
     # splits and reduces) and its backward. No chunk loop, no merge launch, no ATen kernel.

@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from torchfg._validation import check_int
-from torchfg.bench.core import Case, OpBench, Problem, api_available, triton_available
+from torchfg.bench.core import (
+    Case, OpBench, Problem, api_available, cuda_graph_available, in_cuda_graph, triton_available,
+)
 from torchfg.bench.triplet import PER_CLASS, class_labels, with_symmetric_mining
 
 BASE_MARGIN = 0.1
@@ -104,6 +106,9 @@ def cases() -> list[Case]:
         Case("torchfg[torch]", _torchfg("torch")),
         Case("torchfg[triton]", _torchfg("triton"), available=triton_available, gpu_kernel=True),
         Case("torchfg[triton] symmetric", with_symmetric_mining(_torchfg("triton")), available=triton_available,
+             gpu_kernel=True),
+        # The same step captured in a CUDA graph: its kernels' time without the host's launch work.
+        Case("torchfg[triton] cudagraph", in_cuda_graph(_torchfg("triton")), available=cuda_graph_available,
              gpu_kernel=True),
         Case("torch.cdist+masks", _cdist, kind="baseline"),
     ]

@@ -313,6 +313,45 @@ def with_environment(
     return wrapped
 
 
+def in_cuda_graph(setup: Callable[[Problem], Callable[[], Any]]) -> Callable[[Problem], Callable[[], Any]]:
+    """A case's setup whose step is captured once in a CUDA graph, then replayed.
+
+    What a training loop gets by capturing its step (``torch.cuda.graph``): the host's launch work
+    is gone, so a small batch's step costs its kernels' time. The step is first run twice on a side
+    stream (the autotuner's choices and the kernels' module loads happen there, as the CUDA graph
+    documentation asks), then captured with its backward; a replay writes the same output tensors.
+    """
+
+    def wrapped(problem: Problem) -> Callable[[], Any]:
+        if problem.device.type != "cuda":
+            raise NotImplementedError("a CUDA graph needs a CUDA device")
+        run = setup(problem)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                run()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = run()
+
+        def replay() -> Any:
+            graph.replay()
+            return captured
+
+        return replay
+
+    return wrapped
+
+
+def cuda_graph_available(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
+    """A :attr:`Case.available` check for :func:`in_cuda_graph` cases of Triton kernels."""
+    if device.type != "cuda":
+        return False, "CUDA graphs need a CUDA device"
+    return triton_available(device, dtype)
+
+
 def module_installed(module: str) -> Callable[[torch.device, torch.dtype], tuple[bool, str]]:
     """A :attr:`Case.available` check: the third-party ``module`` is importable."""
 

@@ -39,6 +39,9 @@ class StepProfile:
         triton: Triton launches by kernel name.
         aten: ATen ops that launch a GPU kernel, by op name.
         host_syncs: device-to-host reads (``.item()``, ``bool(tensor)``, ...).
+        host_copies: tensors made from host data (``torch.tensor(...)``) or copied from the CPU to
+            another device: on a GPU each is a host-to-device copy from pageable memory, which a
+            CUDA graph cannot capture (with ``host_syncs``, what keeps a step capturable).
         allocated_bytes: bytes of every new tensor storage, summed over the step.
         peak_live_bytes: peak of the bytes of the step's tensors alive at once.
     """
@@ -46,6 +49,7 @@ class StepProfile:
     triton: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     aten: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     host_syncs: int = 0
+    host_copies: int = 0
     allocated_bytes: int = 0
     peak_live_bytes: int = 0
 
@@ -80,6 +84,8 @@ class _Recorder(TorchDispatchMode):
         name = str(func)
         if name == "aten._local_scalar_dense.default":
             self.profile.host_syncs += 1
+        elif name in _HOST_DATA or (name in _COPIES and _crosses_from_cpu(args, kwargs, out)):
+            self.profile.host_copies += 1
         if not func.is_view and name not in _NO_KERNEL:
             self.profile.aten[name] += 1
         if not func.is_view:
@@ -94,6 +100,18 @@ class _Recorder(TorchDispatchMode):
                 self.profile.peak_live_bytes = max(self.profile.peak_live_bytes, self.live)
                 weakref.finalize(t, self._release, storage.nbytes())
         return out
+
+
+# A tensor built from Python data (``torch.tensor``, ``torch.as_tensor`` of a list) passes through
+# lift_fresh: on a GPU the data then travels from pageable host memory.
+_HOST_DATA = {"aten.lift_fresh.default", "aten.lift_fresh_copy.default"}
+_COPIES = {"aten._to_copy.default", "aten.copy_.default", "aten._copy_from.default"}
+
+
+def _crosses_from_cpu(args: tuple, kwargs: dict, out: Any) -> bool:
+    """Whether a copy reads a CPU tensor into a tensor on another device."""
+    sources = [t for t in _tensors((args, kwargs)) if t.device.type == "cpu"]
+    return bool(sources) and any(t.device.type != "cpu" for t in _tensors(out))
 
 
 def _tensors(tree: Any) -> Iterator[torch.Tensor]:

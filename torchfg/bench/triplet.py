@@ -16,7 +16,8 @@ import torch
 
 from torchfg._validation import check_int, check_number
 from torchfg.bench.core import (
-    Case, OpBench, Problem, api_available, environment_variable, module_installed, triton_available, with_environment,
+    Case, OpBench, Problem, api_available, cuda_graph_available, environment_variable, in_cuda_graph, module_installed,
+    triton_available, with_environment,
 )
 
 MARGIN = 0.2
@@ -152,6 +153,9 @@ def cases() -> list[Case]:
         Case("torchfg[torch]", _torchfg("torch")),
         Case("torchfg[triton]", _torchfg("triton"), available=triton_available, gpu_kernel=True),
         Case("torchfg[triton] symmetric", with_symmetric_mining(_torchfg("triton")), available=triton_available,
+             gpu_kernel=True),
+        # The same step captured in a CUDA graph: its kernels' time without the host's launch work.
+        Case("torchfg[triton] cudagraph", in_cuda_graph(_torchfg("triton")), available=cuda_graph_available,
              gpu_kernel=True),
         Case("torch.cdist+masks", _cdist, kind="baseline"),
         Case("pml.BatchHard", _pml, kind="baseline", available=module_installed("pytorch_metric_learning")),
