@@ -22,7 +22,7 @@
 # repeated here: benchmarks/compile_sm90.py runs it without a GPU.
 #
 #   run(command="TORCHFG_BENCH_COMMIT=<git rev-parse --short HEAD here> bash benchmarks/gpu_session.sh",
-#       carry=["wheels", "gpu-cache"], timeout_s=590)
+#       carry=["wheels", "gpu-cache/triton-sm90.tgz"], timeout_s=590)
 #
 # gpu-cache/triton-sm90.tgz: the benchmarks' Triton kernels compiled for sm_90 beforehand, on the CPU
 # machine, by the GPU machines' Triton (3.6):
@@ -69,7 +69,7 @@ START=$SECONDS
 step() {
   local name=$1 budget=$2 log=$3
   shift 3
-  if [ -n "$ONLY" ] && [ "$name" != info ] && [[ " $ONLY " != *" $name "* ]]; then
+  if [ -n "$ONLY" ] && [ "$name" != info ] && [ "$name" != cache ] && [[ " $ONLY " != *" $name "* ]]; then
     echo "$name: not in ONLY" >> "$OUT/session.txt"
     return 0
   fi
@@ -189,14 +189,18 @@ step info "$B_INFO" "$LOGS/info.txt" bash -c \
 # Kernels compiled ahead of the session on the CPU machine (benchmarks/triton_cache_sm90.py build,
 # carried as gpu-cache/): stored under this machine's cache keys, so that the benchmarks' autotuning
 # loads them instead of compiling (compilation ate the first H200 run's k-NN, pairwise and DINO
-# steps). The cache starts empty here so that the report at the end can tell what compiled here.
-export TRITON_CACHE_DIR="$PWD/.triton-cache"
-rm -rf "$TRITON_CACHE_DIR"
+# steps). A session's first call starts from an empty cache, so that the report at the end can tell
+# what compiled here; a follow-up call (ONLY=...) keeps what the first compiled, and installs again
+# (entries already there are left alone). Not in the dry run: no GPU, and the CPU machine's Triton.
 CACHE_BUNDLE=gpu-cache/triton-sm90.tgz
-if [ -f "$CACHE_BUNDLE" ]; then
-  step cache "$B_CACHE" "$LOGS/cache.txt" $PY benchmarks/triton_cache_sm90.py install "$CACHE_BUNDLE"
-else
-  echo "cache: no $CACHE_BUNDLE carried: every kernel compiles here" | tee -a "$OUT/session.txt"
+if [ "$DRY" = 0 ]; then
+  export TRITON_CACHE_DIR="$PWD/.triton-cache"
+  if [ -z "$ONLY" ]; then rm -rf "$TRITON_CACHE_DIR"; fi
+  if [ -f "$CACHE_BUNDLE" ]; then
+    step cache "$B_CACHE" "$LOGS/cache.txt" $PY benchmarks/triton_cache_sm90.py install "$CACHE_BUNDLE"
+  else
+    echo "cache: no $CACHE_BUNDLE carried: every kernel compiles here" | tee -a "$OUT/session.txt"
+  fi
 fi
 
 if [ -d wheels ]; then
@@ -215,7 +219,9 @@ step tests "$B_TESTS" "$LOGS/tests.txt" \
 if [ "$DRY" = 0 ]; then pkill -f "pytest" 2>/dev/null; sleep 1; fi
 # The tests compile their own small kernels: listed here so that the report at the end shows what
 # the benchmarks compiled.
-$PY benchmarks/triton_cache_sm90.py report --save "$LOGS/cache_tests.txt" > "$LOGS/cache_report_tests.txt" 2>&1
+if [ "$DRY" = 0 ]; then
+  $PY benchmarks/triton_cache_sm90.py report --save "$LOGS/cache_tests.txt" > "$LOGS/cache_report_tests.txt" 2>&1
+fi
 
 # bench appends and flushes one row per measurement: a timeout keeps what was measured.
 bench() {
@@ -237,8 +243,10 @@ step host "$B_HOST" "$LOGS/host.txt" $PY benchmarks/step_host.py "${HOST[@]}" --
   --note "GPU box's CPU, launches stubbed (gpu_session.sh)"
 
 # What the benchmarks compiled here (missing from the bundle): the next build's to-do list.
-$PY benchmarks/triton_cache_sm90.py report --exclude "$LOGS/cache_tests.txt" > "$LOGS/cache_report.txt" 2>&1
-head -n 1 "$LOGS/cache_report.txt" | tee -a "$OUT/session.txt"
+if [ "$DRY" = 0 ]; then
+  $PY benchmarks/triton_cache_sm90.py report --exclude "$LOGS/cache_tests.txt" > "$LOGS/cache_report.txt" 2>&1
+  head -n 1 "$LOGS/cache_report.txt" | tee -a "$OUT/session.txt"
+fi
 
 # Last, so that the reply's tail holds them: the failed tests, one line each.
 failed_tests=$(grep -E "^(FAILED|ERROR) " "$LOGS/tests.txt" 2>/dev/null | cut -c1-220 | head -80)

@@ -35,9 +35,9 @@ compiler, not in timed runs. This script moves that work to the CPU machine:
 
 Examples::
 
-    # here (torch CPU + triton 3.6): writes gpu-cache/triton-sm90/ and gpu-cache/triton-sm90.tgz
+    # here (torch CPU + triton 3.6): writes gpu-cache/triton-sm90.tgz
     TRITON_CACHE_DIR=/work/tc-build36 /work/venv36/bin/python benchmarks/triton_cache_sm90.py build
-    # on the GPU machine (gpu_session.sh does both; carry=["wheels", "gpu-cache"])
+    # on the GPU machine (gpu_session.sh does both; carry=["wheels", "gpu-cache/triton-sm90.tgz"])
     python benchmarks/triton_cache_sm90.py install gpu-cache/triton-sm90.tgz
     python benchmarks/triton_cache_sm90.py report
 
@@ -125,6 +125,30 @@ def _kernel(module: str, name: str) -> Any:
     return _unwrap_jit(getattr(importlib.import_module(module), name))
 
 
+def triton_python_hash() -> str:
+    """The hash of Triton's Python files that ``triton_key`` covers (its compiler, backends and
+    language packages, and ``runtime/cache.py``), without the compiled ``libtriton``: equal in
+    every wheel of one release (cp311 here, cp312 on the GPU machines), unlike the whole key."""
+    import pkgutil
+
+    import triton
+    import triton.runtime.cache as cache
+
+    root = Path(triton.__file__).parent
+    digests = [hashlib.sha256(Path(cache.__file__).read_bytes()).hexdigest()]
+    for package in ("compiler", "backends", "language"):
+        for lib in pkgutil.walk_packages([str(root / package)], prefix=f"triton.{package}."):
+            origin = lib.module_finder.find_spec(lib.name).origin
+            digests.append(hashlib.sha256(Path(origin).read_bytes()).hexdigest())
+    return hashlib.sha256("-".join(digests).encode()).hexdigest()
+
+
+def libdevice_hash(options: Any) -> str:
+    """The content hash of the libdevice the options link (kernels calling its math functions
+    embed it; the key hashes the machine's file, the cubin holds the build's)."""
+    return hashlib.sha256(Path(dict(options.extern_libs)["libdevice"]).read_bytes()).hexdigest()
+
+
 def _backend() -> Any:
     from triton.backends.compiler import GPUTarget
     from triton.compiler.compiler import make_backend
@@ -207,7 +231,8 @@ class Recorder:
             misses, start = len(recorder.compiled), time.perf_counter()
             kernel = do_compile(fn, key, signature, device, constexprs, options, attrs, warmup)
             seconds = time.perf_counter() - start if len(recorder.compiled) > misses else None
-            recorder.add(fn, signature, constexprs, attrs, options, kernel, seconds)
+            if kernel is not None:  # None: a jit_cache_hook took the compile (build() refuses those)
+                recorder.add(fn, signature, constexprs, attrs, options, kernel, seconds)
             return kernel
 
         def bench(tuner, *args, config, **meta):
@@ -326,8 +351,8 @@ def session_plan() -> list[list[str]]:
     return [shlex.split(line) for line in done.stdout.splitlines() if line.strip()]
 
 
-def _bench_runs(argv: list[str], sizes_cap: int | None) -> Iterator[tuple[str, Any]]:
-    """(label, step) for each Triton case x size of one ``torchfg bench`` argument list, each preceded
+def _bench_runs(argv: list[str], sizes_cap: int | None) -> Iterator[tuple[str, Any, Any]]:
+    """(label, problem, step) for each Triton case x size of one ``torchfg bench`` argument list, each preceded
     by the tiny warm-up problem ``measure_case`` runs first (``_warm_libraries``)."""
     import dataclasses
 
@@ -340,7 +365,7 @@ def _bench_runs(argv: list[str], sizes_cap: int | None) -> Iterator[tuple[str, A
     add_arguments(parser)
     args = parser.parse_args(argv)
     dtypes = [torch.bfloat16 if d == "auto" else parse_dtype(d) for d in args.dtype.split(",")]
-    cpu = torch.device("cpu")
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
     for op in (load_op(name) for name in args.ops):
         # The Triton cases; a CUDA-graph case captures the plain case's kernels (and needs a GPU).
         cases = [c for c in op.cases() if (args.cases is None or c.name in args.cases) and "triton" in c.name
@@ -350,14 +375,18 @@ def _bench_runs(argv: list[str], sizes_cap: int | None) -> Iterator[tuple[str, A
         for dtype in dtypes:
             for n in args.sizes or op.default_sizes["cuda"]:
                 n = min(n, sizes_cap) if sizes_cap else n
-                problem = dataclasses.replace(op.make_problem(n, d, dtype, cpu, args.seed, **params), size=n)
-                tiny = op.make_problem(min(problem.requested_size, 32), d, dtype, cpu, args.seed, **params)
+                # Made for CUDA, as on the GPU machine (xbm sizes its batch by the device type),
+                # then run on the CPU.
+                problem = dataclasses.replace(op.make_problem(n, d, dtype, cuda, args.seed, **params), size=n,
+                                              device=cpu)
+                tiny = dataclasses.replace(
+                    op.make_problem(min(problem.requested_size, 32), d, dtype, cuda, args.seed, **params), device=cpu)
                 for case in cases:
                     if not case.supports(problem)[0]:
                         continue
                     label = f"{op.name} {case.name} N={n} {str(dtype)[6:]} {problem.params_text()}"
-                    yield label + " (warm-up size)", lambda case=case, tiny=tiny: case.setup(tiny)()
-                    yield label, lambda case=case, problem=problem: case.setup(problem)()
+                    yield label + " (warm-up size)", tiny, lambda case=case, tiny=tiny: case.setup(tiny)()
+                    yield label, problem, lambda case=case, problem=problem: case.setup(problem)()
 
 
 def _compile_seconds(entries: list[dict[str, Any]]) -> float:
@@ -378,13 +407,25 @@ def build(out: Path, plans: list[list[str]], sizes_cap: int | None, require_cach
     if fusion is None:
         os.environ.pop("TRITON_DEFAULT_FP_FUSION", None)
 
+    from triton import knobs
+
+    # Code that is not the source's compiled under the source's key: not for a bundle.
+    overrides = [name for name, on in (
+        ("TRITON_KERNEL_OVERRIDE", knobs.compilation.override),
+        ("TRITON_INSTRUMENTATION_MODE", bool(knobs.compilation.instrumentation_mode)),
+        ("knobs.runtime.add_stages_inspection_hook", getattr(knobs.runtime, "add_stages_inspection_hook", None)),
+        ("knobs.runtime.jit_cache_hook", knobs.runtime.jit_cache_hook),
+    ) if on]
+    if overrides:
+        print(f"triton cache: not building with {', '.join(overrides)} set")
+        return 2
     out.mkdir(parents=True, exist_ok=True)
     recorder = Recorder(out)
     failed = []
     start = time.perf_counter()
     with _EmulatedH100(), recorder:
         for argv in plans:
-            for label, step in _bench_runs(argv, sizes_cap):
+            for label, _, step in _bench_runs(argv, sizes_cap):
                 recorder.case = label
                 before, t0 = len(recorder.entries), time.perf_counter()
                 recorder.most_configs, winners = 1, 0
@@ -405,19 +446,30 @@ def build(out: Path, plans: list[list[str]], sizes_cap: int | None, require_cach
                 print(f"{label}: {len(recorder.entries) - before} new kernels, {winners + 1} of "
                       f"{recorder.most_configs} winners, {time.perf_counter() - t0:.1f} s", flush=True)
     backend = _backend()
-    mismatched = [h for h, e in recorder.entries.items() if entry_key(e, backend, recorder.env_vars)[0] != h]
+
+    def reproducible(digest: str, entry: dict[str, Any]) -> bool:
+        try:
+            return entry_key(entry, backend, recorder.env_vars)[0] == digest
+        except Exception as exc:  # noqa: BLE001 - one odd entry must not cost the others
+            recorder.errors.append(f"{entry['name']}: key not recomputable: {type(exc).__name__}: {exc}")
+            return False
+
+    mismatched = [h for h, e in recorder.entries.items() if not reproducible(h, e)]
     manifest = {
-        "triton": triton.__version__, "target": list(TARGET), "backend": backend.hash(),
+        "triton": triton.__version__, "triton_python": triton_python_hash(), "target": list(TARGET),
+        "backend": backend.hash(), "libdevice": libdevice_hash(backend.parse_options({})),
         "env_vars": recorder.env_vars, "built": time.strftime("%Y-%m-%d %H:%M:%S"), "plans": plans,
         "entries": [e for h, e in recorder.entries.items() if h not in mismatched],
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
     for h in mismatched:
         shutil.rmtree(out / h, ignore_errors=True)
-    # One compressed file to carry (cubins shrink about 4x): the device tool's carry is 64 MiB.
-    archive = out.with_suffix(".tgz")
+    # One compressed file to carry (cubins shrink about 4x; the device tool's carry is 64 MiB);
+    # the folder goes, so that carrying gpu-cache/ does not send everything twice.
+    archive = out.parent / (out.name + ".tgz")
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(out, arcname=".")
+    shutil.rmtree(out)
     size = archive.stat().st_size
     print(f"{archive}: {len(manifest['entries'])} kernels ({size / 2**20:.1f} MiB) for triton {triton.__version__} in "
           f"{time.perf_counter() - start:.0f} s ({len(recorder.compiled)} compiled, {recorder.from_cache} found in "
@@ -453,7 +505,9 @@ def install(bundle: Path) -> int:
         f"{what}: bundle {theirs!r}, here {ours!r}" for what, theirs, ours in (
             ("target", manifest["target"], here),
             ("triton", manifest["triton"], triton.__version__),
+            ("triton's Python files", manifest.get("triton_python"), triton_python_hash()),
             ("compiler backend (ptxas version, arch)", manifest["backend"], backend.hash()),
+            ("libdevice", manifest.get("libdevice"), libdevice_hash(backend.parse_options({}))),
             ("cache-invalidating environment", manifest["env_vars"], env_vars),
         ) if theirs != ours
     ]
@@ -461,6 +515,10 @@ def install(bundle: Path) -> int:
         print("triton cache bundle not installed: " + "; ".join(mismatch))
         return 0
     installed, skipped, failed = [], [], []
+    # Listed as they are written: a step stopped mid-way still tells report what came from here.
+    listing = _installed_list()
+    listing.parent.mkdir(parents=True, exist_ok=True)
+    listing.write_text("")
     for entry in manifest["entries"]:
         try:
             digest, src, options = entry_key(entry, backend, env_vars)
@@ -485,12 +543,14 @@ def install(bundle: Path) -> int:
             }
             cache.put_group(f"{name}.json", paths)
         installed.append(Path(cache.cache_dir).name)  # the key's folder (base32 of the hash)
-    _installed_list().write_text("".join(line + "\n" for line in installed))
+        with listing.open("a") as f:
+            f.write(installed[-1] + "\n")
     print(f"triton cache: {len(installed)} kernels installed (built {manifest['built']}), {len(skipped)} skipped, "
           f"{len(failed)} failed")
     for line in skipped[:20] + failed[:20]:
         print("  " + line)
-    return 1 if failed else 0
+    # A stale bundle costs compile time, not the session: the entries it could not place compile.
+    return 0
 
 
 def _installed_list() -> Path:
@@ -544,7 +604,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="compile the session's Triton kernels for sm_90 into a bundle")
     b.add_argument("--out", type=Path, default=ROOT / "gpu-cache" / "triton-sm90",
-                   help="the bundle's folder; the archive to carry is written next to it as <out>.tgz")
+                   help="the bundle's folder while it is built; what stays is the archive <out>.tgz")
     b.add_argument("--bench", action="append", default=None, metavar="ARGS",
                    help="one `torchfg bench` argument string (default: gpu_session.sh --print-plan)")
     b.add_argument("--sizes-cap", type=int, default=None, help="cap every N (a quick look; keys differ)")

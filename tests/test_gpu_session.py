@@ -67,3 +67,17 @@ def test_gpu_session_budgets_fit_in_nine_minutes() -> None:
     assert sum(int(budgets[b]) for b in guaranteed) + len(guaranteed) * grace <= total <= 540
     # pytest is interrupted with SIGINT (it prints its summary) and never stops at the first failure.
     assert "timeout -s INT" in text and "--maxfail=" in text and " -x " not in text
+
+
+def test_print_plan_lists_every_benchmark_step() -> None:
+    # benchmarks/triton_cache_sm90.py compiles what --print-plan lists: a benchmark step missing
+    # from the list would compile on the GPU machine again.
+    text = SCRIPT.read_text()
+    arrays = set(re.findall(r"^\s*(BENCH_[A-Z0-9_]+)=\(", text, re.M))
+    listed = set(re.findall(r'"(BENCH_[A-Z0-9_]+) (?:bf16|fp32)', text))
+    used = set(re.findall(r'\$\{(BENCH_[A-Z0-9_]+)\[', text))
+    assert arrays and arrays == listed == used, (arrays, listed, used)
+    done = subprocess.run(["bash", str(SCRIPT), "--print-plan"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == len(listed) + 1 and all(line.startswith("'--ops'") for line in lines), lines  # knn: k=10, 100

@@ -133,3 +133,19 @@ def test_install_refuses_a_different_environment(bundle: Path, tmp_path: Path) -
     done = _run(tmp_path / "machine-cache", "install", str(bundle), extra_env={"TRITON_DEFAULT_FP_FUSION": "0"})
     assert done.returncode == 0 and "not installed: cache-invalidating environment" in done.stdout, done.stdout
     assert not any((tmp_path / "machine-cache").glob("*/*.cubin"))
+
+
+def test_cases_are_sized_as_on_a_gpu() -> None:
+    # xbm's batch depends on the device type (4096 on CUDA, 256 on a CPU): the build must run the
+    # GPU's sizes on CPU tensors, or its kernels specialise differently (a split count of 17 is not
+    # a multiple of 16, 128 is).
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("triton_cache_sm90", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    runs = list(module._bench_runs(["--ops", "xbm", "--sizes", "65536", "--dim", "8"], None))
+    assert [label.split(" N=")[0] for label, _, _ in runs] == ["xbm torchfg[triton]"] * 2
+    (_, tiny, _), (_, problem, _) = runs
+    assert (problem.n, problem.m, problem.device.type) == (4096, 65536, "cpu")
+    assert (tiny.n, tiny.m, tiny.device.type) == (32, 32, "cpu")
