@@ -25,8 +25,10 @@
 #       carry=["wheels", "gpu-cache/triton-sm90.tgz"], timeout_s=590)
 #
 # gpu-cache/triton-sm90.tgz: the benchmarks' Triton kernels compiled for sm_90 beforehand, on the CPU
-# machine, by the GPU machines' Triton (3.6):
+# machine, by the GPU machines' Triton (3.6), about 4 minutes (rebuild it after any kernel change:
+# install skips the kernels whose source changed since the build):
 #
+#   python3 -m venv /work/venv36 && /work/venv36/bin/pip install torch==2.13.0 "triton==3.6.0" numpy
 #   TRITON_CACHE_DIR=/work/tc-build36 /work/venv36/bin/python benchmarks/triton_cache_sm90.py build
 #
 # (the device copy's git history is the last landed commit's, not the tree's: name the commit)
