@@ -63,8 +63,6 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-# The kernels must be real JITFunctions, not the interpreter's stand-ins.
-os.environ.pop("TRITON_INTERPRET", None)
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -600,6 +598,9 @@ def report(save: Path | None = None, exclude: Path | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # The kernels must be real JITFunctions, not the interpreter's stand-ins: unset before triton
+    # is imported (here, not at import time, so that importing this module changes nothing).
+    os.environ.pop("TRITON_INTERPRET", None)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="compile the session's Triton kernels for sm_90 into a bundle")

@@ -141,9 +141,11 @@ def test_cases_are_sized_as_on_a_gpu() -> None:
     # a multiple of 16, 128 is).
     import importlib.util
 
+    environment = dict(os.environ)
     spec = importlib.util.spec_from_file_location("triton_cache_sm90", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    assert dict(os.environ) == environment  # the suite's TRITON_INTERPRET stays set for the next tests
     runs = list(module._bench_runs(["--ops", "xbm", "--sizes", "65536", "--dim", "8"], None))
     assert [label.split(" N=")[0] for label, _, _ in runs] == ["xbm torchfg[triton]"] * 2
     (_, tiny, _), (_, problem, _) = runs
