@@ -151,3 +151,15 @@ def test_cases_are_sized_as_on_a_gpu() -> None:
     (_, tiny, _), (_, problem, _) = runs
     assert (problem.n, problem.m, problem.device.type) == (4096, 65536, "cpu")
     assert (tiny.n, tiny.m, tiny.device.type) == (32, 32, "cpu")
+
+
+def test_report_tells_what_compiled_after_a_saved_list(bundle: Path, tmp_path: Path) -> None:
+    # The session saves the list after its tests, and at the end reports only what came later.
+    build_cache = bundle.parent / "build-cache"  # everything there was compiled there
+    manifest = json.loads(tarfile.open(bundle).extractfile("./manifest.json").read())
+    saved = tmp_path / "after-tests.txt"
+    out = _ok(_run(build_cache, "report", "--save", str(saved)))
+    assert f"compiled on this machine: {len(manifest['entries'])}" in out, out
+    assert len(saved.read_text().splitlines()) == len(manifest["entries"])
+    out = _ok(_run(build_cache, "report", "--exclude", str(saved)))
+    assert f"(after the {len(manifest['entries'])} of after-tests.txt): 0" in out, out
