@@ -189,7 +189,7 @@ step info "$B_INFO" "$LOGS/info.txt" bash -c \
        tar czf "$OUT/logs.tgz" -C "$OUT" logs; exit 3; }
 
 # Kernels compiled ahead of the session on the CPU machine (benchmarks/triton_cache_sm90.py build,
-# carried as gpu-cache/): stored under this machine's cache keys, so that the benchmarks' autotuning
+# carried as gpu-cache/triton-sm90.tgz): stored under this machine's cache keys, so that the benchmarks' autotuning
 # loads them instead of compiling (compilation ate the first H200 run's k-NN, pairwise and DINO
 # steps). A session's first call starts from an empty cache, so that the report at the end can tell
 # what compiled here; a follow-up call (ONLY=...) keeps what the first compiled, and installs again
