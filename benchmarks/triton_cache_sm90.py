@@ -25,9 +25,10 @@ compiler, not in timed runs. This script moves that work to the CPU machine:
     under that key in ``TRITON_CACHE_DIR``. A launch with the same specialisation then loads it
     instead of compiling. The key's hash of Triton's own files (``triton_key``) is therefore the
     machine's, not the build's: they differ between the cp311 and cp312 wheels of one release.
-    Everything else must match, or the entry is skipped and counted: the Triton version, the
-    target, the ptxas version, the parsed compile options, the cache-invalidating environment and
-    the kernel's source hash (a cubin of older source would otherwise run under the new one's key).
+    Everything else must match, or nothing (or the entry) is installed: the Triton version and the
+    hash of its Python files, the target, the ptxas version, libdevice, the parsed compile options,
+    the cache-invalidating environment and the kernel's source hash (a cubin of older source would
+    otherwise run under the new one's key). It always exits 0: a stale bundle costs compile time.
 
 ``report`` (at the end of the session):
     lists the kernels the machine compiled itself (cache entries that ``install`` did not write),
@@ -50,6 +51,7 @@ venv needs torch (the CPU wheel), numpy and the GPU machines' Triton (3.6).
 from __future__ import annotations
 
 import argparse
+import collections
 import hashlib
 import json
 import os
@@ -205,6 +207,8 @@ class Recorder:
         # choose any of them: build() reruns each case once per winner.
         self.winner = 0
         self.most_configs = 1
+        # What a launch with no options of its own compiles with; an entry records the difference.
+        self.default_options = _options_json(_backend().parse_options({}))
 
     def __enter__(self) -> "Recorder":
         import torch
@@ -314,9 +318,8 @@ class Recorder:
         if kernel.hash in self.entries:
             return
         files = {Path(p).suffix[1:]: Path(p) for p in kernel.metadata_group.values()}
-        defaults = _options_json(_backend().parse_options({}))
         given = _options_json(options)
-        launch_options = {k: v for k, v in given.items() if defaults.get(k) != v}
+        launch_options = {k: v for k, v in given.items() if self.default_options.get(k) != v}
         if any(isinstance(v, (list, dict)) for v in launch_options.values()):
             raise ValueError(f"{fn.fn.__name__}: options {launch_options} are not all scalars")
         entry = {
@@ -471,8 +474,8 @@ def build(out: Path, plans: list[list[str]], sizes_cap: int | None, require_cach
     size = archive.stat().st_size
     print(f"{archive}: {len(manifest['entries'])} kernels ({size / 2**20:.1f} MiB) for triton {triton.__version__} in "
           f"{time.perf_counter() - start:.0f} s ({len(recorder.compiled)} compiled, {recorder.from_cache} found in "
-          f"the cache; {_compile_seconds(manifest['entries']):.0f} s of compiling); {len(mismatched)} left out (key not reproducible); {len(recorder.errors)} configs the "
-          f"compiler rejected; {len(failed)} cases failed")
+          f"the cache; {_compile_seconds(manifest['entries']):.0f} s of compiling); {len(mismatched)} left out "
+          f"(key not reproducible); {len(recorder.errors)} configs the compiler rejected; {len(failed)} cases failed")
     for line in recorder.errors + failed + (recorder.compiled if require_cached else []):
         print("  " + line)
     return 1 if failed or mismatched or (require_cached and recorder.compiled) else 0
@@ -587,13 +590,10 @@ def report(save: Path | None = None, exclude: Path | None = None) -> int:
         save.write_text("".join(line + "\n" for line in found))
     earlier = set(exclude.read_text().splitlines()) if exclude is not None and exclude.exists() else set()
     found = [line for line in found if line not in earlier]
-    names: dict[str, int] = {}
-    for line in found:
-        names[line.split()[1]] = names.get(line.split()[1], 0) + 1
-    installed = _installed()
+    names = collections.Counter(line.split()[1] for line in found)
     since = f" (after the {len(earlier)} of {exclude.name})" if exclude is not None else ""
-    print(f"triton cache: {len(installed)} kernels came from the bundle; compiled on this machine{since}: {len(found)}"
-          + "".join(f"\n  {n} x {name}" for name, n in sorted(names.items(), key=lambda kv: -kv[1])))
+    print(f"triton cache: {len(_installed())} kernels came from the bundle; compiled on this machine{since}: "
+          f"{len(found)}" + "".join(f"\n  {n} x {name}" for name, n in names.most_common()))
     return 0
 
 
