@@ -171,7 +171,8 @@ __device__ __forceinline__ float finish_distance(float dot, float q_aux, float g
     switch (metric) {
         case TORCHFG_KNN_SQEUCLIDEAN: return fmaxf(q_aux + g_aux - 2.0f * dot, 0.0f);
         case TORCHFG_KNN_EUCLIDEAN: return sqrtf(fmaxf(q_aux + g_aux - 2.0f * dot, 0.0f));
-        case TORCHFG_KNN_COSINE: return 1.0f - dot * q_aux * g_aux;
+        // Clamped as the PyTorch path's finish: a duplicate row must tie with the row's own 0.
+        case TORCHFG_KNN_COSINE: return fmaxf(1.0f - dot * q_aux * g_aux, 0.0f);
         default: return -dot;
     }
 }

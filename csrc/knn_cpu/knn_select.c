@@ -61,14 +61,15 @@ int tfg_knn_cpu_openmp(void) {
 }
 
 /* The distance of a raw key: the same fp32 operations, in the same order, as the torch finishes
- * (raw + 1.0; (raw + aux).clamp_min(0)). */
+ * ((raw + 1.0).clamp_min(0); (raw + aux).clamp_min(0)). */
 static inline float finish(float raw, float aux, int add_aux, int mode) {
     float v;
     switch (mode) {
         case FINISH_IDENTITY:
             return raw;
         case FINISH_PLUS_ONE:
-            return raw + 1.0f;
+            v = raw + 1.0f;
+            return v < 0.0f ? 0.0f : v;
         default:
             v = add_aux ? raw + aux : raw;
             return v < 0.0f ? 0.0f : v;

@@ -186,7 +186,7 @@ def test_default_cpu_tiles_cover_a_partial_last_tile(monkeypatch, k):
 
 @pytest.mark.parametrize("transposed", [False, True], ids=["rows", "transposed_view"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("finish_kind", ["sqrt", "aux_sqrt", "plus_one", "identity"])
+@pytest.mark.parametrize("finish_kind", ["sqrt", "aux_sqrt", "plus_one", "plus_one_clamped", "identity"])
 def test_smallest_k_where_the_finish_merges_keys_at_the_cut(finish_kind, dtype, transposed):
     """Raw keys a few ulps apart, which the finish (sqrt, + |q|^2 with a large |q|^2, + 1) maps to
     equal distances: the k selected are the k smallest (distance, column) pairs of the finished
@@ -199,10 +199,12 @@ def test_smallest_k_where_the_finish_merges_keys_at_the_cut(finish_kind, dtype, 
         "sqrt": lambda raw, r: raw.clamp_min(0.0).sqrt(),
         "aux_sqrt": lambda raw, r: (raw + aux[r].unsqueeze(1)).clamp_min(0.0).sqrt(),
         "plus_one": lambda raw, r: raw + 1.0,
+        "plus_one_clamped": lambda raw, r: (raw + 1.0).clamp_min(0.0),  # cosine's finish
         "identity": lambda raw, r: raw,
     }
     finish = finishes[finish_kind]
-    base = {"sqrt": 1024.0, "aux_sqrt": 1.0, "plus_one": -0.5, "identity": 3.0}[finish_kind]
+    # plus_one_clamped: raw keys in (-1.5, -0.75], so some finish to 0 and tie there.
+    base = {"sqrt": 1024.0, "aux_sqrt": 1.0, "plus_one": -0.5, "plus_one_clamped": -0.75, "identity": 3.0}[finish_kind]
     for trial in range(4):
         # A few base values, each spread over 0-40 ulps: long runs of keys that merge when finished.
         levels = base * (1 + torch.rand(rows, 6, generator=gen, dtype=torch.float64)).to(dtype)
@@ -235,7 +237,7 @@ def merging_keys(gen, rows, width, base, dtype=torch.float32, levels=6, spread=4
 
 
 @pytest.mark.parametrize("transposed", [False, True], ids=["rows", "transposed_view"])
-@pytest.mark.parametrize("finish_kind", ["sqrt", "plus_one", "identity"])
+@pytest.mark.parametrize("finish_kind", ["sqrt", "plus_one", "plus_one_clamped", "identity"])
 def test_bounded_pool_equals_a_full_sort(finish_kind, transposed):
     """The symmetric search's running-bound pool, offered a row block tile by tile (tiles of
     widths that group by 4, by 2 and not at all, with a partial last group), returns exactly the
@@ -245,9 +247,10 @@ def test_bounded_pool_equals_a_full_sort(finish_kind, transposed):
     finish = {
         "sqrt": lambda raw, r: raw.clamp_min(0.0).sqrt(),
         "plus_one": lambda raw, r: raw + 1.0,
+        "plus_one_clamped": lambda raw, r: (raw + 1.0).clamp_min(0.0),  # cosine's finish
         "identity": lambda raw, r: raw,
     }[finish_kind]
-    base = {"sqrt": 1024.0, "plus_one": -0.5, "identity": 3.0}[finish_kind]
+    base = {"sqrt": 1024.0, "plus_one": -0.5, "plus_one_clamped": -0.75, "identity": 3.0}[finish_kind]
     rows, widths = 37, [64, 66, 50, 64, 13, 64]
     seen_sizes = set()
     for k in (1, 3, 6, 7):
@@ -435,6 +438,9 @@ def test_empty_query_and_zero_dim():
     # D = 0: every distance is 0 (cosine: 1), ties resolved by index.
     d, i = knn(torch.randn(3, 0), torch.randn(5, 0), 2, metric="sqeuclidean", backend="torch")
     assert torch.equal(i, torch.tensor([[0, 1]] * 3)) and (d == 0).all()
+    for gallery in (None, torch.randn(5, 0)):  # zero-width rows are zero rows: cosine 1
+        d, i = knn(torch.randn(3, 0), gallery, 2, metric="cosine", backend="torch")
+        assert torch.equal(i, torch.tensor([[0, 1]] * 3)) and (d == 1).all()
 
 
 def test_progress_reports_every_query():
@@ -481,6 +487,29 @@ def test_duplicated_row_is_at_exactly_zero(backend, metric):
     full = brute_force_matrix(query, gallery, metric)
     torch.testing.assert_close(d.double().cpu(), full.gather(1, i.cpu()), atol=1e-5, rtol=1e-6)
     assert (d.diff(dim=1) >= 0).all()
+
+
+@pytest.mark.parametrize("backend", backends_to_test())
+@pytest.mark.parametrize("compiled_cpu", [True, False], ids=["compiled", "torch_selection"])
+def test_cosine_copies_never_rank_ahead_of_the_row_itself(backend, compiled_cpu, monkeypatch):
+    """A self-search over identical rows: the GEMM form puts some copies a rounding below cosine
+    distance 0, where (unclamped) they beat the row's own exact 0 and the row could drop out of its
+    own top k. Clamped, each row's list holds the row itself unless k copies of lower index come
+    first (ties go to the lower index)."""
+    if backend != "torch" and not compiled_cpu:
+        pytest.skip("the compiled CPU selection is the torch backend's")
+    if not compiled_cpu:
+        monkeypatch.setenv("TORCHFG_CPU_KERNELS", "0")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(1, 8, generator=gen).repeat(5, 1),  # five copies of one row
+                   torch.randn(4, 8, generator=gen)])
+    x = torch.cat([x, x[torch.randperm(9, generator=gen)]]).to(TEST_DEVICE)  # and copies of those
+    for k in (1, 2, 3, 6):
+        d, i = knn(x, k=k, metric="cosine", backend=backend)
+        i = i.cpu()
+        for row in range(x.shape[0]):
+            assert row in i[row] or (i[row] < row).all(), (k, row, i[row].tolist())
+        assert (d >= 0).all()
 
 
 def test_duplicated_row_distances_equal_faiss():

@@ -128,3 +128,39 @@ def test_host_grid_arithmetic_matches_triton():
         assert next_power_of_2(n) == triton.next_power_of_2(n), n
         for d in (1, 16, 64, 127):
             assert cdiv(n, d) == triton.cdiv(n, d), (n, d)
+
+
+def _second_order_cases() -> dict:
+    gen = torch.Generator().manual_seed(23)
+    x = torch.randn(7, 5, generator=gen, dtype=torch.float64)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 0])
+    text = torch.randn(7, 4, generator=gen, dtype=torch.float64)
+    teacher = torch.randn(4, 9, generator=gen, dtype=torch.float64)
+    return {
+        "pairwise_distance": (x, lambda v: pairwise_ops.pairwise_distance(v, v.flip(0), "euclidean", backend="torch")),
+        "pair_distances": (x, lambda v: pair_ops.pair_distances(v, torch.tensor([0, 1, 2]), torch.tensor([1, 3, 5]))),
+        "anchor_pair_distances": (
+            x, lambda v: pair_ops.anchor_pair_distances(v, torch.tensor([[1, 2]] * 7), backend="torch")
+        ),
+        "hardest_triplet_loss": (x, lambda v: hardest_loss_ops.hardest_triplet_loss(
+            v, v, labels, labels, text, text, margin_scale=0.5, exclude_self=True, backend="torch")),
+        "dino_loss": (torch.randn(6, 9, generator=gen, dtype=torch.float64), lambda v: dino_ops.dino_loss(
+            v, teacher, torch.zeros(9, dtype=torch.float64), n_crops=3, n_global_crops=2, student_temp=0.1,
+            teacher_temp=0.04, backend="torch")),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(DIFFERENTIABLE))
+def test_second_order_gradient_raises_instead_of_vanishing(name):
+    """A backward op has no derivative: a gradient of a gradient (create_graph=True) must raise, naming
+    the op, not come out as zero; the first-order gradient with create_graph=True is unchanged."""
+    assert set(_second_order_cases()) == DIFFERENTIABLE
+    inputs, function = _second_order_cases()[name]
+    x = inputs.clone().requires_grad_()
+    weights = torch.rand_like(function(x.detach()), dtype=torch.float64)
+    (plain,) = torch.autograd.grad((function(x) * weights).sum(), x)
+    (graphed,) = torch.autograd.grad((function(x) * weights).sum(), x, create_graph=True)
+    torch.testing.assert_close(graphed.detach(), plain, rtol=0, atol=0)
+    assert graphed.requires_grad
+    with pytest.raises(RuntimeError, match="second-order gradients are not supported"):
+        torch.autograd.grad(graphed.square().sum(), x)

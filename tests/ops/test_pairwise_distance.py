@@ -184,6 +184,35 @@ def test_euclidean_gradient_at_zero_distance_is_finite(backend):
 
 
 @pytest.mark.parametrize("backend", backends_to_test())
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_rows_give_nan_not_a_distance(backend, metric, bad):
+    """As torch.cdist: a row holding NaN is at distance NaN from everything, and a row holding inf
+    at NaN or inf (inf - inf, or inf). The Euclidean clamp at 0 must not turn either into 0, a
+    perfect match."""
+    gen = torch.Generator().manual_seed(31)
+    x = torch.randn(4, 6, generator=gen).to(TEST_DEVICE)
+    y = torch.randn(5, 6, generator=gen).to(TEST_DEVICE)
+    x[1, 2] = bad
+    out = pairwise_distance(x, y, metric, backend=backend)
+    if bad != bad:
+        assert out[1].isnan().all(), out[1]
+    else:
+        assert not out[1].isfinite().any(), out[1]
+    others = torch.tensor([0, 2, 3], device=TEST_DEVICE)
+    assert out[others].isfinite().all()
+
+
+@pytest.mark.parametrize("backend", backends_to_test())
+def test_second_order_gradient_raises(backend):
+    x = torch.randn(6, 5, device=TEST_DEVICE, requires_grad=True)
+    (g,) = torch.autograd.grad(pairwise_distance(x, x.flip(0), "sqeuclidean", backend=backend).sum(), x,
+                               create_graph=True)
+    with pytest.raises(RuntimeError, match="torchfg.pairwise_distance: second-order gradients"):
+        torch.autograd.grad(g.sum(), x)
+
+
+@pytest.mark.parametrize("backend", backends_to_test())
 def test_non_contiguous_inputs(backend):
     base = torch.randn(2, 40, 22, device=TEST_DEVICE)
     x = base.transpose(0, 1)[:, :, ::2]  # (40, 2, 11), strided

@@ -64,6 +64,24 @@ class TorchfgOp:
         _LIBRARY.impl(self.qualname.partition("::")[2], _autograd_kernel(overload, backward, setup_context),
                       "Autograd", with_keyset=True)
 
+    def register_first_order_only(self, public_name: str) -> None:
+        """Mark a backward op as not differentiable: differentiating its outputs raises.
+
+        Without an autograd formula, a gradient taken with ``create_graph=True`` comes out of
+        the op detached, so a second-order gradient through it (a gradient penalty, say) would
+        be silently zero. With this, the first backward runs as before (the op is called with
+        grad mode off, or its outputs get a node) and only a second-order pass raises.
+        """
+
+        def backward(ctx: Any, *grads: Any) -> Any:
+            raise RuntimeError(
+                f"{public_name}: second-order gradients are not supported (the gradient of its "
+                "gradient, e.g. after backward(create_graph=True)); compute that term with plain "
+                "PyTorch ops instead"
+            )
+
+        self.register_autograd(backward, setup_context=lambda ctx, inputs, output: None)
+
 
 def _autograd_kernel(overload: torch._ops.OpOverload, backward: Callable[..., Any],
                      setup_context: Callable[..., Any]) -> Callable[..., Any]:

@@ -21,6 +21,7 @@ __all__ = [
     "safe_inverse",
     "inverse_norms",
     "unit_rows",
+    "nonzero_rows",
     "row_statistics",
 ]
 
@@ -53,6 +54,12 @@ def unit_rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(R, D) rows scaled to unit norm in ``dtype``; a zero row stays zero."""
     x = x.to(dtype)
     return x * inverse_norms(x, dtype, keepdim=True)
+
+
+def nonzero_rows(x: torch.Tensor) -> torch.Tensor:
+    """(R, D) -> (R,) bool: rows with any non-zero element (none when D = 0, so every row of a
+    zero-width matrix is a zero row, at cosine distance 1 from everything)."""
+    return x.ne(0).any(dim=1)
 
 
 def row_statistics(x: torch.Tensor, metric: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -107,6 +107,7 @@ def _backward(ctx, grad_loss, _grad_student_lse, _grad_teacher_lse):
 
 
 _dino_loss_op.register_autograd(_backward, setup_context=_setup_context)
+_dino_loss_backward_op.register_first_order_only("torchfg's DINO loss (dino_loss)")
 
 
 def dino_loss(

@@ -181,6 +181,7 @@ def _backward(ctx, grad, *unused):
 
 
 _hardest_triplet_loss_op.register_autograd(_backward, setup_context=_setup_context)
+_hardest_triplet_loss_backward_op.register_first_order_only("torchfg's fused triplet loss (hardest_triplet_loss)")
 
 
 def hardest_triplet_loss(

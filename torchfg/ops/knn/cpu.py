@@ -514,7 +514,7 @@ def _self_check(library: ctypes.CDLL) -> str | None:
     keys[3, 5] = float("inf")
     for metric, finish in (
         ("sqeuclidean", lambda raw: raw.clamp_min(0.0)),
-        ("cosine", lambda raw: raw + 1.0),
+        ("cosine", lambda raw: (raw + 1.0).clamp_min(0.0)),
         ("dot", lambda raw: raw),
     ):
         for transposed in (False, True):

@@ -19,7 +19,7 @@ from typing import Callable, Optional, Protocol
 import torch
 
 from torchfg._validation import accumulation_dtype
-from torchfg.ops.metric import safe_inverse
+from torchfg.ops.metric import nonzero_rows, safe_inverse
 
 
 # Bytes of fp32 distance block per query chunk when chunk_size is not given. CPU GEMMs keep
@@ -300,7 +300,9 @@ def finisher(metric: str, query_aux: torch.Tensor | None) -> Finish:
     if metric == "dot":
         return lambda raw, rows: raw
     if metric == "cosine":
-        return lambda raw, rows: raw + 1.0
+        # Clamped: the GEMM form puts a duplicate row a rounding below 0, where it would beat the
+        # row's own exact 0 and break the lower-index tie rule.
+        return lambda raw, rows: (raw + 1.0).clamp_min_(0.0)
     squared = metric == "sqeuclidean"
 
     def finish(raw: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -316,7 +318,7 @@ def raw_self_key(metric: str, query_rows: torch.Tensor, query_aux: torch.Tensor 
         return None
     if metric == "cosine":
         # Unit rows are at distance 0 from themselves; zero rows are at distance 1 from everything.
-        nonzero = query_rows.abs().amax(1) > 0
+        nonzero = nonzero_rows(query_rows)
         return torch.where(nonzero, -1.0, 0.0).to(query_rows.dtype)
     return -query_aux
 
@@ -573,7 +575,7 @@ def _symmetric_keys(x: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.T
     """
     if metric in ("dot", "cosine"):
         rows, _ = prepare_rows(x, metric)
-        finish = (lambda raw, r: raw) if metric == "dot" else (lambda raw, r: raw + 1.0)
+        finish = (lambda raw, r: raw) if metric == "dot" else (lambda raw, r: (raw + 1.0).clamp_min_(0.0))
         return rows.neg(), rows, finish
     # Written into two preallocated (N, D + 2) buffers: building them with cat and temporaries
     # cost 10% of a whole N = 4096 search on a CPU (fresh pages for every temporary).
@@ -620,7 +622,7 @@ def _knn_symmetric(
         diagonal = torch.full((n,), float("inf"), dtype=left.dtype, device=x.device)
     elif metric == "cosine":
         # Raw key -1 finishes to distance 0; a zero row stays at 1 from itself.
-        diagonal = torch.where(x.abs().amax(1) > 0, -1.0, 0.0).to(left.dtype)
+        diagonal = torch.where(nonzero_rows(x), -1.0, 0.0).to(left.dtype)
     elif metric == "dot":
         diagonal = None
     else:

@@ -179,7 +179,8 @@ def _distance_tile(
     else:
         g_aux = tl.load(g_aux_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         if METRIC == 2:  # cosine; aux holds inverse norms (0 for zero rows)
-            dist = 1.0 - acc * q_aux[:, None] * g_aux[None, :]
+            # Clamped as the reference's finish: a duplicate must tie with the row's own 0.
+            dist = tl.maximum(1.0 - acc * q_aux[:, None] * g_aux[None, :], 0.0)
         else:  # aux holds squared norms
             dist = tl.maximum(q_aux[:, None] + g_aux[None, :] - 2.0 * acc, 0.0)
             if METRIC == 1:

@@ -73,6 +73,7 @@ def _pair_distances_backward(ctx, grad):
 
 
 _pair_distances_op.register_autograd(_pair_distances_backward, setup_context=_pair_distances_setup_context)
+_pair_distances_backward_op.register_first_order_only("torchfg.ops.pair_distances")
 
 
 @custom_op("torchfg::anchor_pair_distances")
@@ -138,6 +139,7 @@ def _anchor_pair_distances_backward(ctx, grad):
 _anchor_pair_distances_op.register_autograd(
     _anchor_pair_distances_backward, setup_context=_anchor_pair_distances_setup_context
 )
+_anchor_pair_distances_backward_op.register_first_order_only("torchfg.ops.anchor_pair_distances")
 
 
 def pair_distances(

@@ -60,6 +60,7 @@ def _backward(ctx, grad):
 
 
 _pairwise_distance_op.register_autograd(_backward, setup_context=_setup_context)
+_pairwise_distance_backward_op.register_first_order_only("torchfg.pairwise_distance")
 
 
 def pairwise_distance(

@@ -91,7 +91,8 @@ def _pairwise_forward_kernel(
         dist = 1.0 - acc * x_norm[:, None] * y_norm[None, :]
     else:  # norms hold squared norms
         dist = x_norm[:, None] + y_norm[None, :] - 2.0 * acc
-        dist = tl.maximum(dist, 0.0)
+        # NaN-propagating, as torch's clamp_min: a NaN/inf row must not read as a zero distance.
+        dist = tl.maximum(dist, 0.0, propagate_nan=tl.PropagateNan.ALL)
         if METRIC == 1:
             dist = tl.sqrt(dist)
     if SYMMETRIC:
