@@ -175,6 +175,34 @@ def test_bad_arguments_name_themselves():
     with pytest.raises(ValueError, match="text_embeddings"):
         xbm(torch.randn(3, 4), torch.tensor([0, 1, 0]), text_embeddings=torch.randn(3, 2))
     assert xbm.size == 0  # nothing was enqueued by a rejected call
+    with pytest.raises(ValueError, match="swap"):
+        CrossBatchMemory(TripletMarginLoss(swap=True), 4)
+    with pytest.raises(ValueError, match="text_size"):
+        CrossBatchMemory(TripletMarginLoss(), 4, text_size=3)
+    with pytest.raises(ValueError, match="backend"):
+        AdaptiveTripletLoss(backend="gpu")
+
+
+def test_rejected_indices_tuple_leaves_the_memory_unchanged():
+    """indices_tuple is checked before the batch is enqueued, with the errors triplet_margin_loss
+    gives (positives and negatives index the memory as it is after this step's write)."""
+    xbm = CrossBatchMemory(TripletMarginLoss(), 4, 10)
+    xbm(torch.randn(4, 4), torch.tensor([0, 0, 1, 1]))
+    before = (xbm.size, xbm.queue_idx, xbm.embedding_memory.clone())
+    emb, labels = torch.randn(4, 4), torch.tensor([0, 1, 0, 1])
+    bad = {
+        "negatives must be in \\[0, 8\\)": (ValueError, (torch.tensor([0]), torch.tensor([1]), torch.tensor([8]))),
+        "anchors must be in \\[0, 4\\)": (ValueError, (torch.tensor([4]), torch.tensor([1]), torch.tensor([2]))),
+        "anchors must be a 1-D integer": (TypeError, (torch.tensor([0.0]), torch.tensor([1]), torch.tensor([2]))),
+        "equal lengths": (ValueError, (torch.tensor([0, 1]), torch.tensor([1]), torch.tensor([2]))),
+    }
+    for match, (error, indices) in bad.items():
+        with pytest.raises(error, match=match):
+            xbm(emb, labels, indices_tuple=indices)
+        assert (xbm.size, xbm.queue_idx) == before[:2] and torch.equal(xbm.embedding_memory, before[2]), match
+    # In range after the write (memory rows 4..7 are this batch): accepted.
+    xbm(emb, labels, indices_tuple=(torch.tensor([0]), torch.tensor([6]), torch.tensor([7])))
+    assert xbm.size == 8
 
 
 def _cross_rank_steps(rank, world, batches, backend):

@@ -406,6 +406,41 @@ def test_cross_batch_reference_set_matches_pml():
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("mining", ["batch_hard", "all"])
+def test_the_batch_as_its_own_reference_set_is_a_self_search_like_pml(mining):
+    """ref_embeddings is embeddings and ref_labels is labels (the same objects): PML then drops the
+    (i, i) pairs, as without a reference set; a copy of the batch stays a separate reference set."""
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(16, 6, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 4, (16,), generator=g)
+    plain = TF.triplet_margin_loss(x, labels, mining=mining)
+    same = TF.triplet_margin_loss(x, labels, mining=mining, ref_embeddings=x, ref_labels=labels)
+    torch.testing.assert_close(same, plain, rtol=0, atol=0)
+    pml_loss = pml_losses.TripletMarginLoss(margin=0.2, distance=pml_distances.LpDistance(normalize_embeddings=False),
+                                            reducer=pml_reducers.MeanReducer())
+    if mining == "all":
+        torch.testing.assert_close(same, pml_loss(x, labels, ref_emb=x, ref_labels=labels))
+        # A copy is another reference set: its (i, i) positives at distance 0 change the mean.
+        copy = TF.triplet_margin_loss(x, labels, mining=mining, ref_embeddings=x.clone(), ref_labels=labels.clone())
+        assert not torch.allclose(copy, plain)
+
+
+@pytest.mark.parametrize("smooth", [False, True])
+def test_all_mining_keeps_nan_triplets(smooth):
+    """A NaN embedding makes the all-triplets loss NaN (as batch-hard's, and PML's), instead of its
+    triplets silently failing the margin test."""
+    g = torch.Generator().manual_seed(16)
+    x = torch.randn(8, 4, generator=g, dtype=torch.float64)
+    x[0, 0] = float("nan")
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    for reduction in ("mean", "sum", "mean_nonzero"):
+        assert TF.triplet_margin_loss(x, labels, mining="all", smooth=smooth, reduction=reduction).isnan(), reduction
+    per_triplet = TF.triplet_margin_loss(x, labels, mining="all", smooth=smooth, reduction="none")
+    assert per_triplet.isnan().any() and not per_triplet[~per_triplet.isnan()].isnan().any()
+    finite = TF.triplet_margin_loss(x[2:], labels[2:], mining="all", smooth=smooth)  # without the NaN row
+    assert finite.isfinite()
+
+
 @pytest.mark.parametrize("reducer,reduction", [(pml_reducers.MeanReducer, "mean"), (pml_reducers.AvgNonZeroReducer, "mean_nonzero")])
 def test_all_triplets_match_pml(reducer, reduction):
     g = torch.Generator().manual_seed(5)

@@ -201,6 +201,34 @@ def test_no_triplet_gives_zero_loss_and_gradient(reduction, poisoned):
     assert loss.eq(0).all() and grad.shape == (0, 4)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_empty_candidate_set_gives_zero_loss(backend):
+    """No candidates (an empty reference set or memory): no anchor has a pair, the loss is 0 and
+    the anchors' gradient is 0, on both backends."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    x = torch.randn(4, 3, device=TEST_DEVICE, requires_grad=True)
+    labels = torch.tensor([0, 0, 1, 1], device=TEST_DEVICE)
+    empty, empty_labels = torch.empty(0, 3, device=TEST_DEVICE), torch.empty(0, dtype=torch.int64, device=TEST_DEVICE)
+    loss = hardest_triplet_loss(x, empty, labels, empty_labels, backend=backend)
+    (grad,) = torch.autograd.grad(loss, x)
+    assert loss.item() == 0 and grad.eq(0).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_gradcheck_with_undefined_output_gradients(backend):
+    """gradcheck's default check_undefined_grad: the backward gets None for the loss's gradient
+    (only the op's non-differentiable outputs had one) and must return no gradient, not fail."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    gen = torch.Generator().manual_seed(40)
+    x = torch.randn(8, 3, generator=gen, dtype=torch.float64).to(TEST_DEVICE).requires_grad_()
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3], device=TEST_DEVICE)
+    assert torch.autograd.gradcheck(
+        lambda v: hardest_triplet_loss(v, v, labels, labels, exclude_self=True, backend=backend), (x,)
+    )
+
+
 @requires_triton
 def test_fp64_matches_brute_force(poisoned):
     # A brute-force batch-hard loss from the full distance matrix, in fp64.

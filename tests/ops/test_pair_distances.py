@@ -175,6 +175,17 @@ def test_anchor_pair_distances_triton_detached_partners_and_strides():
     torch.testing.assert_close(grads[1], grads[0])
 
 
+def test_pair_distances_rejects_masks_and_out_of_range_indices():
+    x = torch.randn(4, 3)
+    with pytest.raises(TypeError, match="x_idx must be an integer index tensor, got torch.bool"):
+        pair_distances(x, torch.tensor([True, False, True]), torch.tensor([1, 2, 3]))
+    with pytest.raises(TypeError, match="y_idx"):
+        pair_distances(x, torch.tensor([0, 1]), torch.tensor([1.0, 2.0]))
+    for x_idx, y_idx, y in (([0, 4], [1, 2], None), ([0, -1], [1, 2], None), ([0, 1], [1, 5], torch.randn(5, 3))):
+        with pytest.raises(ValueError, match="x_idx entries must be in \\[0, 4\\) and y_idx entries in"):
+            pair_distances(x, torch.tensor(x_idx), torch.tensor(y_idx), y)
+
+
 def test_anchor_pair_distances_rejects_out_of_range_partners():
     x = torch.randn(4, 3)
     with pytest.raises(ValueError, match="y_idx"):

@@ -46,6 +46,8 @@ class MarginInterval:
     low_closed: bool = False
     high: float = math.inf
     high_closed: bool = False
+    # Keep triplets whose t is NaN (every comparison with NaN is False, so they would drop out).
+    keep_nan: bool = False
 
     @property
     def everything(self) -> bool:
@@ -61,6 +63,8 @@ class MarginInterval:
             keep &= (t >= self.low) if self.low_closed else (t > self.low)
         if self.high != math.inf:
             keep &= (t <= self.high) if self.high_closed else (t < self.high)
+        if self.keep_nan and not self.everything:
+            keep |= t.isnan()
         return keep
 
     def may_contain(self, t_low: torch.Tensor, t_high: torch.Tensor) -> torch.Tensor:
@@ -70,12 +74,16 @@ class MarginInterval:
             keep &= t_high >= self.low
         if self.high != math.inf:
             keep &= t_low <= self.high
+        if self.keep_nan and not self.everything:
+            keep |= t_low.isnan() | t_high.isnan()
         return keep
 
 
 def violating(margin: float) -> MarginInterval:
-    """Triplets with a positive hinge ``d(a, p) - d(a, n) + margin > 0``, i.e. ``t < margin``."""
-    return MarginInterval(high=margin)
+    """Triplets with a positive hinge ``d(a, p) - d(a, n) + margin > 0``, i.e. ``t < margin``, and
+    those whose t is NaN: the loss must be NaN for a NaN embedding (as batch-hard's is and PML's
+    all-triplets loss is), not silently leave its triplets out."""
+    return MarginInterval(high=margin, keep_nan=True)
 
 
 def pml_triplet_type(kind: str, margin: float) -> MarginInterval:

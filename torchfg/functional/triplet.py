@@ -82,6 +82,7 @@ def _check_embeddings(
     ``anchor_offset``: the candidate row of anchor 0 when the anchors are among the candidates
     (anchor i is candidate ``anchor_offset + i`` and never its own positive), None when they are not.
     """
+    embeddings_arg, labels_arg = embeddings, labels
     embeddings = check_float_tensor(embeddings, "embeddings", ndim=2)
     if embeddings.shape[1] == 0:
         raise ValueError(f"embeddings must have a non-empty feature dim, got shape {tuple(embeddings.shape)}")
@@ -90,9 +91,15 @@ def _check_embeddings(
         raise ValueError("ref_embeddings and ref_labels must be given together (or both None)")
     if ref_embeddings is None:
         return embeddings, labels, embeddings, labels, 0
+    # The batch passed again as its own reference set (the same objects): as pytorch-metric-learning
+    # does (it tests ``ref_labels is labels``), the anchors are among the candidates, so a row is
+    # never its own positive.
+    same_objects = ref_embeddings is embeddings_arg and ref_labels is labels_arg
     ref_embeddings = check_float_tensor(ref_embeddings, "ref_embeddings", ndim=2)
     check_row_sets(embeddings, "embeddings", ref_embeddings, "ref_embeddings")
     ref_labels = mining_labels(check_labels(ref_labels, "ref_labels", ref_embeddings.shape[0], device=embeddings.device))
+    if same_objects:
+        return embeddings, labels, embeddings, labels, 0
     return embeddings, labels, ref_embeddings, ref_labels, None
 
 
@@ -552,7 +559,10 @@ def triplet_margin_loss(
             negative) pairs per anchor drawn with replacement from the global RNG, as PML's
             ``triplets_per_anchor``.
         ref_embeddings: (M, D) positives/negatives come from here instead (e.g. a cross-batch
-            memory); the anchors are then not among the candidates.
+            memory); the anchors are then not among the candidates, except when
+            ``ref_embeddings is embeddings and ref_labels is labels`` (the same objects, as
+            pytorch-metric-learning tests it): then a row is never its own positive, as without
+            a reference set.
         ref_labels: (M,) labels of ``ref_embeddings``.
         cross_rank: under torch.distributed, mine positives and negatives among the embeddings
             (and labels) of all ranks; this rank's items are the anchors. See the module docstring

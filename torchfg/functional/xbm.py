@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from torchfg.distributed import gather_batch
-from torchfg.functional.triplet import _batch_hard_loss, _hardest_triplet_losses, _hinge, _reduce
+from torchfg.functional.triplet import _batch_hard_loss, _check_indices_tuple, _hardest_triplet_losses, _hinge, _reduce
 from torchfg.ops.hardest_triplet_loss.reference import text_cosine
 from torchfg.ops.metric import DEFAULT_METRIC
 from torchfg.ops.pair_distances import pair_distances
@@ -121,7 +121,9 @@ def memory_triplet_loss(
         margin_scale=margin_scale, text_embeddings=text_embeddings, candidate_text=memory_text,
         text_positive_threshold=text_positive_threshold, smooth=smooth, backend=backend,
     )
-    anchor_idx, positive_idx, negative_idx = (t.to(embeddings.device, torch.int64) for t in indices_tuple)
+    anchor_idx, positive_idx, negative_idx = _check_indices_tuple(
+        indices_tuple, embeddings.shape[0], memory.shape[0], embeddings.device
+    )
     k = anchor_idx.shape[0]
     d = pair_distances(embeddings, anchor_idx.repeat(2), torch.cat([positive_idx, negative_idx]), memory, metric=metric)
     triplet_margin = torch.full((k,), margin, dtype=d.dtype, device=d.device)

@@ -164,6 +164,7 @@ class AdaptiveTripletLoss(nn.Module):
         self.text_positive_threshold = text_positive_threshold
         self.reduction = check_choice(reduction, "reduction", REDUCTIONS)
         self.cross_rank = _check_flag(cross_rank, "cross_rank")
+        _check_mining_backend("batch_hard", backend)
         self.backend = backend
 
     def forward(

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from torchfg._validation import check_float_tensor, check_int, check_labels
+from torchfg.functional.triplet import _check_indices_tuple
 from torchfg.functional.xbm import enqueue, gather_for_memory, memory_triplet_loss
 from torchfg.losses.triplet import AdaptiveTripletLoss, TripletMarginLoss
 
@@ -68,12 +69,17 @@ class CrossBatchMemory(nn.Module):
             raise ValueError(f"loss must use mining='batch_hard' (the memory is mined batch-hard), got {loss.mining!r}")
         if miner is not None:
             raise ValueError("miner must be None: the loss's batch-hard mining runs against the memory (fused kernel)")
+        if isinstance(loss, TripletMarginLoss) and loss.swap:
+            # The swapped negative distance d(p, n) is between two memory rows: not implemented.
+            raise ValueError("loss must have swap=False: CrossBatchMemory does not implement the swap")
         self.loss = loss
         self.embedding_size = check_int(embedding_size, "embedding_size", 1)
         self.memory_size = check_int(memory_size, "memory_size", 1)
         self.adaptive = isinstance(loss, AdaptiveTripletLoss)
         if self.adaptive and text_size is None:
             raise ValueError("text_size is required with an AdaptiveTripletLoss (the memory keeps text embeddings)")
+        if not self.adaptive and text_size is not None:
+            raise ValueError("text_size needs an AdaptiveTripletLoss (only its margins read text embeddings)")
         self.text_size = None if text_size is None else check_int(text_size, "text_size", 1)
         self.register_buffer("embedding_memory", torch.zeros(self.memory_size, self.embedding_size))
         self.register_buffer("label_memory", torch.zeros(self.memory_size, dtype=torch.int64))
@@ -148,6 +154,13 @@ class CrossBatchMemory(nn.Module):
         queued, offset = gather_for_memory(queued, ["embeddings", "labels", "text_embeddings"], cross_rank)
         if queued[0].shape[0] > self.memory_size:
             raise ValueError(f"a step enqueues {queued[0].shape[0]} rows, more than memory_size={self.memory_size}")
+        if indices_tuple is not None:
+            # Checked (and PML pair tuples converted) before the memory changes: a bad call must
+            # leave the memory as it was. Positives and negatives index the memory after the write.
+            indices_tuple = _check_indices_tuple(
+                indices_tuple, embeddings.shape[0], min(self.size + queued[0].shape[0], self.memory_size),
+                embeddings.device,
+            )
         start, self.queue_idx, self.size = enqueue(
             [self.embedding_memory, self.label_memory, self.text_memory if self.adaptive else None],
             queued, self.queue_idx, self.size,

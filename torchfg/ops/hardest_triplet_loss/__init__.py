@@ -171,6 +171,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad, *unused):
+    if grad is None:  # the loss itself took no gradient (only the non-differentiable outputs did)
+        return (None,) * 15
     anchors, candidates, pairs, terms, count, links, candidate_inv, anchor_inv = ctx.saved_tensors
     needs_candidate_grad = candidates is not None and ctx.needs_input_grad[1]
     grad_x, grad_y = _hardest_triplet_loss_backward_op(

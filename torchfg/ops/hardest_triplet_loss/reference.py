@@ -82,10 +82,12 @@ def hardest_triplet_loss_reference(
     pairs = torch.stack([positive_idx, negative_idx], 1)
     valid = (positive_idx >= 0) & (negative_idx >= 0)
     safe = pairs.clamp_min(0)
-    distances = anchor_pair_distances_reference(anchors, candidates, safe, metric) if n else anchors.new_zeros(0, 2, dtype=acc)
+    # No candidates: no anchor has a pair (valid is all False), and there is no row to gather.
+    gather = n and candidates.shape[0]
+    distances = anchor_pair_distances_reference(anchors, candidates, safe, metric) if gather else anchors.new_zeros(n, 2, dtype=acc)
     distances = torch.where(valid[:, None], distances, torch.zeros_like(distances))
     margin: torch.Tensor | float = base_margin
-    if anchor_text is not None and margin_scale != 0.0 and n:
+    if anchor_text is not None and margin_scale != 0.0 and gather:
         text_cos = text_cosine(anchor_text, candidate_text.index_select(0, safe[:, 1]))
         margin = (base_margin + margin_scale * (1.0 - text_cos) * 0.5).to(acc)
     losses, slope = hinge_and_slope(distances[:, 0] - distances[:, 1] + margin, smooth)
@@ -118,6 +120,8 @@ def hardest_triplet_loss_backward_reference(
     """(dL/d anchors (N, D), dL/d candidates (M, D), empty when they are the anchors) in the
     input dtype: each anchor's slope times its upstream scale on d(a, p), its negative on d(a, n)."""
     acc = accumulation_dtype(anchors.dtype)
+    if candidates.shape[0] == 0:  # no pairs: nothing flows back (and there is no row to gather)
+        return torch.zeros_like(anchors), anchors.new_empty(0) if candidates_are_anchors else torch.zeros_like(candidates)
     coef = terms[:, 2] * anchor_loss_scale(grad.to(acc), count, reduction)
     grad_x, grad_y = anchor_pair_distances_backward_reference(
         torch.stack([coef, -coef], 1), anchors, candidates, pairs.clamp_min(0), terms[:, :2], metric,

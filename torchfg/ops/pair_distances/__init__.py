@@ -183,9 +183,18 @@ def pair_distances(
     y_idx = check_tensor(y_idx, "y_idx")
     if x_idx.dim() != 1 or y_idx.dim() != 1 or x_idx.shape != y_idx.shape:
         raise ValueError(f"x_idx and y_idx must be 1-D of equal length, got {tuple(x_idx.shape)} and {tuple(y_idx.shape)}")
-    if x_idx.dtype.is_floating_point or y_idx.dtype.is_floating_point:
-        raise TypeError("x_idx and y_idx must be integer tensors")
-    return _pair_distances_op(x, y, x_idx.to(x.device, torch.int64), y_idx.to(x.device, torch.int64), metric)
+    for idx, name in ((x_idx, "x_idx"), (y_idx, "y_idx")):
+        if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
+            raise TypeError(f"{name} must be an integer index tensor, got {idx.dtype}")
+    try:
+        return _pair_distances_op(x, y, x_idx.to(x.device, torch.int64), y_idx.to(x.device, torch.int64), metric)
+    except IndexError as exc:
+        # Not checked up front: a range check costs a host sync, and the callers inside torchfg pass
+        # mined indices. The gather itself refuses an index out of range (on a CPU, as IndexError).
+        rows_y = x.shape[0] if y is None else y.shape[0]
+        raise ValueError(
+            f"x_idx entries must be in [0, {x.shape[0]}) and y_idx entries in [0, {rows_y}) ({exc})"
+        ) from exc
 
 
 def anchor_pair_distances(
