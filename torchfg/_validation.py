@@ -111,6 +111,9 @@ def check_number(value: object, name: str, *, low: float | None = None, high: fl
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     value = float(value)
     if not math.isfinite(value) or (low is not None and value < low) or (high is not None and value > high):
-        bounds = f"in [{low}, {high}]" if low is not None and high is not None else (f">= {low}" if low is not None else "finite")
-        raise ValueError(f"{name} must be finite and {bounds}, got {value!r}")
+        if low is not None and high is not None:
+            bounds = f" and in [{low}, {high}]"
+        else:
+            bounds = f" and >= {low}" if low is not None else f" and <= {high}" if high is not None else ""
+        raise ValueError(f"{name} must be finite{bounds}, got {value!r}")
     return value
