@@ -520,3 +520,38 @@ def test_multilabel_head_semantic_edge_cases():
         MultiLabelHead(6, 3, pooling="gem")
     pooled = torch.randn(2, 6)
     assert MultiLabelHead(6, 3)(pooled).shape == (2, 3)
+
+
+@pytest.mark.parametrize("position", ["after", "before"])
+def test_wrap_backbone_under_activation_checkpointing(position):
+    """A checkpointed stage (timm's set_grad_checkpointing) is re-run during backward, after the
+    wrapped call has returned: it must see its own call's map, and the gradients must equal those
+    of the same network without checkpointing."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Net(nn.Module):
+        def __init__(self, checkpointed: bool) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, padding=1)
+            self.stage = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+            self.checkpointed = checkpointed
+
+        def forward(self, x):
+            x = self.stem(x)
+            x = checkpoint(self.stage, x, use_reentrant=False) if self.checkpointed else self.stage(x)
+            return x.mean((2, 3))
+
+    grads = []
+    for checkpointed in (False, True):
+        torch.manual_seed(0)
+        model = wrap_backbone(Net(checkpointed), "stage", SemanticChannelAttention(8, 3), position=position)
+        gen = torch.Generator().manual_seed(1)
+        images, maps = torch.randn(2, 3, 8, 8, generator=gen), torch.rand(2, 3, 8, 8, generator=gen)
+        out = model(images, maps)
+        model(images[:1], maps[:1])  # a second call must not disturb the first one's backward
+        out.sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for plain, checkpointed in zip(*grads):
+        torch.testing.assert_close(checkpointed, plain)
+    with pytest.raises(RuntimeError, match="not the backbone directly"):
+        model.backbone(images)

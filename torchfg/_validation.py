@@ -75,9 +75,9 @@ def check_row_sets(a: torch.Tensor, a_name: str, b: torch.Tensor, b_name: str, *
 def check_positive(value: object, name: str, *, allow_zero: bool = False) -> float:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if value < 0 or (value == 0 and not allow_zero) or value != value:
+    if value < 0 or (value == 0 and not allow_zero) or not math.isfinite(value):
         bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name} must be {bound}, got {value!r}")
+        raise ValueError(f"{name} must be finite and {bound}, got {value!r}")
     return float(value)
 
 

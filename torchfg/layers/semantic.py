@@ -11,6 +11,8 @@ drives a squeeze-and-excitation style MLP whose per-channel weights rescale the 
 
 from __future__ import annotations
 
+import weakref
+
 import math
 from typing import Any, Sequence
 
@@ -436,6 +438,10 @@ class SemanticBackbone(nn.Module):
         self.position = position
         self.method = method
         self._semantic: torch.Tensor | None = None
+        # The map each stage input met in a wrapped call, for as long as that input lives: activation
+        # checkpointing re-runs the stage during backward, after the call has returned.
+        # Keyed by identity (a tensor's == is elementwise); dead entries are pruned at each call.
+        self._semantic_of_input: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
         stage = backbone.get_submodule(layer_name)
         if position == "after":
             self._hook = stage.register_forward_hook(self._after_stage)
@@ -445,22 +451,32 @@ class SemanticBackbone(nn.Module):
     def extra_repr(self) -> str:
         return f"layer_name={self.layer_name!r}, position={self.position!r}, method={self.method!r}"
 
-    def _current_semantic(self) -> torch.Tensor:
-        if self._semantic is None:
+    def _current_semantic(self, stage_input: Any) -> torch.Tensor:
+        # Under torch.compile the graph holds the map itself: no identity bookkeeping to trace.
+        keyable = isinstance(stage_input, torch.Tensor) and not torch.compiler.is_compiling()
+        if self._semantic is not None:
+            if keyable:
+                self._semantic_of_input[id(stage_input)] = (weakref.ref(stage_input), self._semantic)
+            return self._semantic
+        entry = self._semantic_of_input.get(id(stage_input)) if keyable else None
+        semantic = entry[1] if entry is not None and entry[0]() is stage_input else None
+        if semantic is None:
             raise RuntimeError(
                 f"stage {self.layer_name!r} is wrapped by a semantic module: call the SemanticBackbone "
                 "wrapper with (images, semantic), not the backbone directly"
             )
-        return self._semantic
+        return semantic  # a checkpointed stage recomputed in backward: the map of its own call
 
     def _after_stage(self, stage: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
-        return self.semantic_module(output, self._current_semantic())
+        return self.semantic_module(output, self._current_semantic(inputs[0] if inputs else None))
 
     def _before_stage(self, stage: nn.Module, inputs: tuple[Any, ...]) -> tuple[Any, ...]:
-        return (self.semantic_module(inputs[0], self._current_semantic()),) + tuple(inputs[1:])
+        return (self.semantic_module(inputs[0], self._current_semantic(inputs[0])),) + tuple(inputs[1:])
 
     def forward(self, images: torch.Tensor, semantic: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         """Run the backbone on ``images`` (B, 3, H, W) with ``semantic`` (B, K, h, w) applied at the stage."""
+        if self._semantic_of_input and not torch.compiler.is_compiling():
+            self._semantic_of_input = {k: v for k, v in self._semantic_of_input.items() if v[0]() is not None}
         self._semantic = semantic
         try:
             return getattr(self.backbone, self.method)(images, *args, **kwargs)

@@ -152,11 +152,11 @@ class DINOLoss(nn.Module):
             if tensor.shape[1] != self.out_dim:
                 raise ValueError(f"{name} must have out_dim={self.out_dim} columns, got shape {tuple(tensor.shape)}")
         teacher_temp = self.teacher_temp_at(epoch)
-        # A copy: the in-place centre update below must not touch the tensor saved for backward.
+        # The centre update below rebinds the buffer, so the tensor saved for backward stays as it is.
         loss = dino_loss(
             student_output,
             teacher_output,
-            self.center.clone(),
+            self.center,
             n_crops=self.n_crops,
             n_global_crops=self.n_global_crops,
             student_temp=self.student_temp,
@@ -190,7 +190,9 @@ class DINOLoss(nn.Module):
         batch_center = stats[:-1] / count.clamp_min(1)
         updated = self.center * self.center_momentum + batch_center.to(self.center) * (1 - self.center_momentum)
         # No host sync on the count: an update with no rows on any rank leaves the centre as is.
-        self.center.copy_(torch.where(count > 0, updated, self.center))
+        # Rebound, not copied into: under torch.compile (inductor) the forward's clone of the centre
+        # was elided and the backward read the buffer after an in-place update (a wrong gradient).
+        self.center = torch.where(count > 0, updated, self.center)
 
     def extra_repr(self) -> str:
         return (

@@ -167,6 +167,8 @@ def dino_loss(
     student_temp = check_positive(student_temp, "student_temp")
     teacher_temp = check_positive(teacher_temp, "teacher_temp")
     rows, out_dim = student_output.shape
+    if out_dim == 0:
+        raise ValueError("student_output must have out_dim >= 1 columns (the prototypes), got 0")
     if rows == 0 or rows % n_crops:
         raise ValueError(
             f"student_output has {rows} rows, which is not a positive multiple of n_crops={n_crops} "

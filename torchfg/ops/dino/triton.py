@@ -367,7 +367,10 @@ def dino_loss_triton(
     n_targets = torch.full((n_crops, 1), float(n_global), dtype=acc, device=device)
     n_targets[:n_global] -= 1
     total = (n_targets * student_lse).sum() - paired_dot
-    loss = total / (n_pairs(n_crops, n_global) * batch)
+    # Two large, nearly equal fp32 sums (each ~ the largest logit / student_temp per pair): their
+    # difference carries an absolute error of about eps times that, and must not go below 0, the
+    # least a cross-entropy can be. The gradient does not go through this difference.
+    loss = (total / (n_pairs(n_crops, n_global) * batch)).clamp_min_(0.0)
     return loss.to(student.dtype), student_lse.reshape(-1), teacher_lse.reshape(-1)
 
 
