@@ -11,9 +11,8 @@ drives a squeeze-and-excitation style MLP whose per-channel weights rescale the 
 
 from __future__ import annotations
 
-import weakref
-
 import math
+import weakref
 from typing import Any, Sequence
 
 import torch

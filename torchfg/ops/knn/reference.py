@@ -575,8 +575,7 @@ def _symmetric_keys(x: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.T
     """
     if metric in ("dot", "cosine"):
         rows, _ = prepare_rows(x, metric)
-        finish = (lambda raw, r: raw) if metric == "dot" else (lambda raw, r: (raw + 1.0).clamp_min_(0.0))
-        return rows.neg(), rows, finish
+        return rows.neg(), rows, finisher(metric, None)
     # Written into two preallocated (N, D + 2) buffers: building them with cat and temporaries
     # cost 10% of a whole N = 4096 search on a CPU (fresh pages for every temporary).
     acc = accumulation_dtype(x.dtype)
