@@ -1157,3 +1157,16 @@ def test_empty_prototype_dim_and_infinite_temperatures_are_refused():
                   student_temp=float("inf"), teacher_temp=0.04)
     with pytest.raises(ValueError, match="teacher_temp"):
         DINOLoss(8, 2, teacher_temp=float("inf"))
+
+
+def test_inference_mode_forward_then_training_step():
+    """A validation forward under torch.inference_mode() with the loss left in training mode (it
+    updates the centre) must not turn the centre into an inference tensor: the next training step
+    saves it for backward."""
+    criterion = DINOLoss(8, 4, backend="torch")
+    with torch.inference_mode():
+        criterion(torch.randn(8, 8), torch.randn(4, 8), 0)
+    assert not criterion.center.is_inference() and criterion.center.abs().sum() > 0
+    student = torch.randn(8, 8, requires_grad=True)
+    criterion(student, torch.randn(4, 8), 1).backward()
+    assert student.grad is not None and torch.isfinite(student.grad).all()

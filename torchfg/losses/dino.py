@@ -190,9 +190,15 @@ class DINOLoss(nn.Module):
         batch_center = stats[:-1] / count.clamp_min(1)
         updated = self.center * self.center_momentum + batch_center.to(self.center) * (1 - self.center_momentum)
         # No host sync on the count: an update with no rows on any rank leaves the centre as is.
-        # Rebound, not copied into: under torch.compile (inductor) the forward's clone of the centre
-        # was elided and the backward read the buffer after an in-place update (a wrong gradient).
-        self.center = torch.where(count > 0, updated, self.center)
+        updated = torch.where(count > 0, updated, self.center)
+        if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():  # dynamo cannot trace the query
+            # Rebinding here would make the buffer an inference tensor, which no later training
+            # step could save for backward; nothing saved it in this mode, so in place is safe.
+            self.center.copy_(updated)
+        else:
+            # Rebound, not copied into: under torch.compile (inductor) a clone of the centre passed
+            # to the loss was elided and the backward read the buffer after an in-place update.
+            self.center = updated
 
     def extra_repr(self) -> str:
         return (
