@@ -1170,3 +1170,37 @@ def test_inference_mode_forward_then_training_step():
     student = torch.randn(8, 8, requires_grad=True)
     criterion(student, torch.randn(4, 8), 1).backward()
     assert student.grad is not None and torch.isfinite(student.grad).all()
+
+
+@pytest.mark.parametrize("backend", backends_to_test())
+def test_masked_teacher_prototypes_match_the_reference(backend):
+    """Teacher logits of -inf (prototypes masked out) in whole leading tiles and whole K-splits: the
+    streaming softmax must not form exp(-inf - -inf). The loss and gradient equal the reference's."""
+    n_crops, n_global, batch, k = 4, 2, 3, 64
+    student, teacher, center = make_inputs(n_crops, n_global, batch, k, seed=11)
+    floor = rounding_floor(student, teacher, center, n_crops, n_global, 0.1, 0.04)
+    teacher[0, :32] = float("-inf")  # the first split of the interpreter's tiling, and its first tile
+    teacher[1, :16] = float("-inf")
+    teacher[batch + 2, 16:48] = float("-inf")
+    teacher[:, 60:] = float("-inf")  # the last columns of every row
+    loss, grad = loss_and_grad(student, teacher, center, n_crops, n_global, 0.1, 0.04, backend)
+    ref_loss, ref_grad = transcription_with_grad(student, teacher, center, n_crops, n_global, 0.1, 0.04)
+    assert torch.isfinite(ref_loss)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=2e-5, atol=2e-5)
+    assert_grad_close(grad, ref_grad, torch.float32, floor)
+
+
+@requires_triton
+@pytest.mark.parametrize("block_k, num_splits", [(16, 1), (16, 2), (16, 4), (32, 2)])
+def test_triton_masked_teacher_prototypes_with_forced_tiling(block_k, num_splits):
+    from torchfg.ops.dino.triton import dino_loss_triton
+
+    n_crops, n_global, batch, k = 3, 2, 2, 64
+    student, teacher, center = make_inputs(n_crops, n_global, batch, k, seed=block_k + num_splits)
+    teacher[0, :32] = float("-inf")
+    teacher[3, 16:64] = float("-inf")
+    args = (student, teacher, center, n_crops, n_global, 0.1, 0.04)
+    loss, s_lse, t_lse = dino_loss_triton(*args, block_k=block_k, num_splits=num_splits)
+    ref_loss, ref_s_lse, ref_t_lse = dino_loss_reference(*args)
+    torch.testing.assert_close(loss, ref_loss, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(t_lse, ref_t_lse, rtol=1e-5, atol=1e-5)

@@ -74,12 +74,21 @@ def _load_scaled(ptr, rows, row_ok, ks, k_ok, stride_row, stride_k, scale, ACC: 
 @triton.jit
 def _online_logsumexp(x, k_ok, row_max, row_sum):
     """Fold one tile into per-row (max, sum exp(x - max)) states."""
-    # Every tile holds at least one valid column, so the running maxima are finite after the
-    # first tile and exp(old_max - new_max) never sees -inf - -inf.
     x = tl.where(k_ok[None, :], x, float("-inf"))
     new_max = tl.maximum(row_max, tl.max(x, axis=1))
-    row_sum = row_sum * tl.exp(row_max - new_max) + tl.sum(tl.exp(x - new_max[:, None]), axis=1)
+    shift = _finite_shift(new_max)
+    row_sum = row_sum * tl.exp(row_max - shift) + tl.sum(tl.exp(x - shift[:, None]), axis=1)
     return new_max, row_sum
+
+
+@triton.jit
+def _finite_shift(row_max):
+    """The running max, or 0 while a row has seen only -inf (masked prototypes, say).
+
+    Shifting by -inf would give exp(-inf - -inf) = NaN; shifting by 0 gives exp(-inf) = 0, the
+    right (empty) sum. One select per row, not per element.
+    """
+    return tl.where(row_max == float("-inf"), 0.0, row_max)
 
 
 @triton.jit
@@ -166,8 +175,9 @@ def _dino_forward_kernel(
         # Row i: the sum of the student crops paired with teacher crop i (all but crop i).
         paired = column_sum[None, :] - xg
         t_new_max = tl.maximum(t_max, tl.max(a, axis=1))
-        rescale = tl.exp(t_max - t_new_max)
-        e = tl.exp(a - t_new_max[:, None])
+        t_shift = _finite_shift(t_new_max)
+        rescale = tl.exp(t_max - t_shift)
+        e = tl.exp(a - t_shift[:, None])
         t_sum = t_sum * rescale + tl.sum(e, axis=1)
         t_dot = t_dot * rescale + tl.sum(e * paired, axis=1)
         t_max = t_new_max
