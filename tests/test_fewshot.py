@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from torch.utils.data import Dataset
 
 from torchfg.data import EpisodicSampler, split_episode
-from torchfg.fewshot import evaluate
+from torchfg.fewshot import embed_dataset, evaluate
 from torchfg.functional import class_prototypes, prototype_logits, prototypical_logits
 from torchfg.heads import PrototypicalHead
 from torchfg.metrics import few_shot_accuracy
@@ -409,3 +409,34 @@ def test_evaluate_bad_input() -> None:
         evaluate(None, (embeddings, labels), n_way=7, n_shot=1, n_query=5, progress=False)
     with pytest.warns(UserWarning, match="skipping 6 of 6"), pytest.raises(ValueError, match="n_way"):
         evaluate(None, (embeddings, labels), n_shot=5, n_query=16, progress=False)
+
+
+def test_embedding_restores_every_submodule_mode() -> None:
+    """A model in training mode with a frozen BatchNorm inside (fine-tuning): embedding puts the
+    whole model in eval() and gives each submodule back its own mode, not model.train()'s."""
+    model = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.BatchNorm1d(6), torch.nn.Dropout(0.1))
+    model.train()
+    model[1].eval()
+    before = {name: module.training for name, module in model.named_modules()}
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append([m.training for m in module.modules()]))
+    embed_dataset(model, (torch.randn(12, 6), torch.arange(12)), batch_size=5)
+    assert seen and all(not any(flags) for flags in seen)  # every batch in eval mode
+    assert {name: module.training for name, module in model.named_modules()} == before
+    # An exception mid-way restores them too.
+    model.register_forward_hook(lambda *args: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        embed_dataset(model, (torch.randn(12, 6), torch.arange(12)))
+    assert {name: module.training for name, module in model.named_modules()} == before
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_evaluate_refuses_non_finite_embeddings(bad: float) -> None:
+    """argmin over NaN distances picks way 0 for every query: chance accuracy reported as a result."""
+    embeddings, labels = clustered_embeddings(8, 10, 6, noise=1.0, seed=3)
+    embeddings[17, 2] = bad
+    with pytest.raises(ValueError, match="non-finite embeddings.*1 of 80.*index 17"):
+        evaluate(None, (embeddings, labels), n_shot=1, n_query=3, n_episodes=10, progress=False)
+    with pytest.raises(ValueError, match="non-finite"):
+        evaluate(torch.nn.Identity(), (torch.full((80, 6), float("nan")), labels), n_shot=1, n_query=3,
+                 n_episodes=10, progress=False)

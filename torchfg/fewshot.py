@@ -129,7 +129,9 @@ def embed_dataset(
     num_workers = _check_int(num_workers, "num_workers", 0)
     target = torch.device(device) if device is not None else _module_device(embed_fn)
     batches, n_batches = _batches(dataset_or_tensors, batch_size, num_workers)
-    was_training = isinstance(embed_fn, nn.Module) and embed_fn.training
+    # Every submodule's own flag: eval() is recursive, and so is train(), which would wake a
+    # BatchNorm or dropout the caller had frozen inside a model in training mode.
+    modes = [(module, module.training) for module in embed_fn.modules()] if isinstance(embed_fn, nn.Module) else []
     if isinstance(embed_fn, nn.Module):
         embed_fn.eval()
     chunks, label_chunks = [], []
@@ -151,8 +153,8 @@ def embed_dataset(
             chunks.append(out.to(target if target is not None else out.device, torch.float32))
             label_chunks.append(labels.cpu().to(torch.int64))
     finally:
-        if was_training:
-            embed_fn.train()  # type: ignore[union-attr]
+        for module, training in modes:
+            module.training = training
     if not chunks:
         raise ValueError("dataset_or_tensors is empty")
     return torch.cat(chunks), torch.cat(label_chunks)
@@ -180,7 +182,8 @@ def evaluate(
     """N-way K-shot accuracy of a frozen embedder with a prototypical head, mean +- 95% CI.
 
     1. Embeds the whole dataset once (``embed_fn`` over batches, under ``torch.no_grad()``; an
-       ``nn.Module`` is put in ``eval()`` mode for it and restored afterwards).
+       ``nn.Module`` is put in ``eval()`` mode for it, and every submodule gets its own mode back
+       afterwards). Non-finite embeddings raise a ``ValueError``.
     2. For each shot count in ``n_shot``, draws ``n_episodes`` episodes with
        ``EpisodicSampler(labels, n_way, shot, n_query, n_episodes, seed=seed)`` (classes with fewer
        than ``shot + n_query`` items are skipped with a warning), builds prototypes from the support
@@ -240,6 +243,13 @@ def evaluate(
     embeddings, labels = embed_dataset(
         embed_fn, dataset_or_tensors, batch_size=batch_size, device=device, progress=progress, num_workers=num_workers
     )
+    # NaN distances would all lose to argmin's first index: chance accuracy, not an error.
+    bad_rows = (~torch.isfinite(embeddings)).any(dim=1).nonzero().flatten()
+    if bad_rows.numel():
+        raise ValueError(
+            f"embed_fn gave non-finite embeddings (NaN or inf) for {bad_rows.numel()} of {embeddings.shape[0]} "
+            f"items, the first at index {bad_rows[0].item()}; few-shot accuracy would be meaningless"
+        )
     if normalize:
         embeddings = F.normalize(embeddings, dim=-1)
     query_targets = torch.arange(n_way, device=embeddings.device).repeat_interleave(n_query)
