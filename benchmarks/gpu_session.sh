@@ -4,7 +4,7 @@
 #
 #   info.txt        GPU, driver, torch/triton versions, torchfg's backend table (a failure here
 #                   ends the run at once, so that a broken box costs seconds, not the budget)
-#   build.txt       the csrc/ CUDA extension JIT-built once, before the tests and benchmarks load it
+#   build.txt       the torchfg/csrc/ CUDA extension JIT-built once, before the tests and benchmarks load it
 #   tests.txt       the kernel tests on CUDA, 8 pytest-xdist workers (summary even on a timeout)
 #   kernels.csv     batch-hard, ATL, cross-batch memory, k-NN and pairwise: each GPU kernel's time per step
 #   bench.csv       one row appended and flushed per measurement, in the order of the issues'

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import torchfg
 from torchfg.bench import CSV_COLUMNS, OP_NAMES, format_table, load_op, run_benchmarks
 from torchfg.bench import presets as bench_presets
 from torchfg.bench import report as bench_report
@@ -56,6 +58,7 @@ def test_cli_pairwise_table_csv_and_plot(tmp_path, capsys):
         if r["status"] != "ok":
             continue
         assert r["device"].startswith("CPU") and r["torch"] == torch.__version__ and r["commit"]
+        assert r["torchfg"] == torchfg.__version__
         assert r["dtype"] == "float32" and int(r["d"]) == 16 and r["shape"] == f"x ({r['n']}, 16)"
         p20, median, p80 = float(r["p20_ms"]), float(r["median_ms"]), float(r["p80_ms"])
         assert 0 < p20 <= median <= p80
@@ -227,6 +230,44 @@ def test_commit_column_can_be_given(monkeypatch):
     assert environment_fields("cpu")["commit"] not in ("", "abc1234")
 
 
+def _git(*args: str, cwd: Path) -> str:
+    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, check=True,
+                          capture_output=True, text=True, timeout=60).stdout.strip()
+
+
+@pytest.mark.skipif(not shutil.which("git"), reason="needs git")
+def test_commit_of_an_install_inside_another_repository_is_unknown(tmp_path, monkeypatch):
+    """torchfg installed in a project's .venv sits inside the project's git work tree: its commit
+    is not torchfg's, so the column says unknown (the torchfg column still has the version)."""
+    import importlib.util
+
+    monkeypatch.delenv("TORCHFG_BENCH_COMMIT", raising=False)
+    project = tmp_path / "project"
+    project.mkdir()
+    _git("init", "-q", cwd=project)
+    _git("commit", "-q", "--allow-empty", "-m", "the project's commit", cwd=project)
+    site = project / ".venv" / "lib" / "site-packages"
+    (site / "torchfg" / "bench").mkdir(parents=True)
+    installed = site / "torchfg" / "bench" / "measure.py"
+    shutil.copy2(ROOT / "torchfg" / "bench" / "measure.py", installed)
+    spec = importlib.util.spec_from_file_location("installed_measure", installed)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # its dataclass looks itself up there
+    spec.loader.exec_module(module)
+    assert module._git_commit() == "unknown"
+    fields = module.environment_fields("cpu")
+    assert fields["commit"] == "unknown" and fields["torchfg"] == torchfg.__version__
+
+
+@pytest.mark.skipif(not shutil.which("git") or not (ROOT / ".git").exists(), reason="needs a git checkout")
+def test_commit_of_the_checkout_is_its_head(monkeypatch):
+    from torchfg.bench.measure import environment_fields
+
+    monkeypatch.delenv("TORCHFG_BENCH_COMMIT", raising=False)
+    head = _git("rev-parse", "--short", "HEAD", cwd=ROOT)
+    assert environment_fields("cpu")["commit"].split("+")[0] == head
+
+
 def test_kernel_times_break_a_step_down_by_kernel(tmp_path, capsys):
     from torchfg.bench.profile import kernel_times
 
@@ -299,6 +340,52 @@ def test_cli_rejects_bad_params_and_foreign_csv(tmp_path, capsys):
     assert main(["bench", "--ops", "pairwise", "--sizes", "8", "--csv", str(foreign), "--no-progress"]) == 2
     assert "not written by torchfg bench" in capsys.readouterr().err
     assert foreign.read_text() == "method,loss,n,median_ms\nfloor,-,4096,385.9\n"
+
+
+def _unwritable_paths(tmp_path: Path) -> list[Path]:
+    """Paths no one can write: one under a regular file (even root cannot), and, when not root
+    (root ignores permissions), one in a read-only folder."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    paths = [blocker / "out.csv"]
+    if os.geteuid() != 0:
+        read_only = tmp_path / "read-only"
+        read_only.mkdir()
+        read_only.chmod(0o555)
+        paths.append(read_only / "out.csv")
+    return paths
+
+
+@pytest.mark.parametrize("option", ["--csv", "--kernel-times"])
+def test_unwritable_output_fails_before_measuring(tmp_path, capsys, monkeypatch, option):
+    """An output that cannot be written is one line naming the option, before anything is
+    measured (not a traceback once the first row is due)."""
+    from torchfg.bench import core
+
+    measured = []
+    original = core.measure_case_and_floor
+    monkeypatch.setattr(core, "measure_case_and_floor", lambda *a, **k: measured.append(1) or original(*a, **k))
+    try:
+        for path in _unwritable_paths(tmp_path):
+            assert main(["bench", "--ops", "pairwise", "--sizes", "8", "--dim", "4", "--repeat", "1", "--warmup", "0",
+                         "--cases", "torch.cdist", "--device", "cpu", "--no-progress", option, str(path)]) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and err[0].startswith(f"torchfg bench: {option}: cannot write {path}"), err
+            assert not measured and not path.exists()
+    finally:
+        if (tmp_path / "read-only").exists():
+            (tmp_path / "read-only").chmod(0o755)  # so that pytest can remove it
+
+
+def test_writable_check_leaves_no_file_behind(tmp_path):
+    from torchfg.bench.cli import check_writable
+
+    new = tmp_path / "sub" / "new.csv"
+    assert check_writable(new) is None and not new.exists()
+    old = tmp_path / "old.csv"
+    old.write_text("op,case,status,n,median_ms\n")
+    assert check_writable(old) is None and old.read_text() == "op,case,status,n,median_ms\n"
+    assert "cannot write" in check_writable(tmp_path)  # a folder
 
 
 def test_csv_rows_are_on_disk_as_each_case_finishes(tmp_path, monkeypatch):

@@ -337,6 +337,33 @@ def test_cli_demo_bad_device_exits_2(tmp_path, capsys):
     assert not (tmp_path / "results.json").exists()
 
 
+def test_cli_demo_unwritable_out_fails_before_running(tmp_path, capsys, monkeypatch):
+    """An --out that cannot be written (here under a regular file, which even root cannot) is
+    one line naming --out, before any experiment runs."""
+    monkeypatch.setattr("torchfg.demo.run.run_demo", lambda **kwargs: pytest.fail("the demo ran"))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["demo", "--quick", "--device", "cpu", "--out", str(blocker / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"torchfg demo: --out: cannot write to {blocker / 'out'}"), err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only folders")
+def test_cli_demo_in_a_read_only_folder_fails_before_running(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("torchfg.demo.run.run_demo", lambda **kwargs: pytest.fail("the demo ran"))
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    for out in (read_only, None):  # an existing read-only --out, and the default ./torchfg_demo in one
+        read_only.chmod(0o555)
+        monkeypatch.chdir(read_only)
+        try:
+            assert main(["demo", "--quick", "--device", "cpu", *(["--out", str(out)] if out else [])]) == 2
+        finally:
+            read_only.chmod(0o755)
+        assert "torchfg demo: --out: cannot write to" in capsys.readouterr().err
+    assert not list(read_only.iterdir())
+
+
 def test_cli_demo_quick_runs_end_to_end_at_tiny_size(tmp_path, monkeypatch, capsys):
     # The real --quick sizes take ~25 CPU-seconds (see the slow test below); shrink them here so the
     # CLI path itself (parser -> run -> run_demo -> files) is exercised within the test budget.

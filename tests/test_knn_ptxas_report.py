@@ -1,6 +1,6 @@
-"""csrc/knn_ptxas_report.py: the k-NN CUDA kernel's compile evidence for sm_90 (needs nvcc and
-cuobjdump, no GPU): no spills, tensor cores + cp.async + ldmatrix in the 16-bit kernels, cp.async
-and FMA in the fp32 ones, every k <= 1024 served, two blocks per SM for k <= 512."""
+"""torchfg/csrc/knn_ptxas_report.py: the k-NN CUDA kernel's compile evidence for sm_90 (needs nvcc
+and cuobjdump, no GPU): no spills, tensor cores + cp.async + ldmatrix in the 16-bit kernels,
+cp.async and FMA in the fp32 ones, every k <= 1024 served, two blocks per SM for k <= 512."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "csrc" / "knn_ptxas_report.py"
+SCRIPT = ROOT / "torchfg" / "csrc" / "knn_ptxas_report.py"
 
 
 def _load():

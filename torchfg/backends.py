@@ -5,7 +5,7 @@ Every op in :mod:`torchfg.ops` takes ``backend="auto" | "torch" | "triton" | "cu
 * ``"torch"``: the chunked pure-PyTorch reference (any device; the ground truth).
 * ``"triton"``: fused Triton kernels, for CUDA tensors. CPU tensors are accepted only
   under Triton's interpreter (``TRITON_INTERPRET=1``), which is how CI checks kernels.
-* ``"cuda"``: kernels from ``csrc/`` compiled with ``torch.utils.cpp_extension``.
+* ``"cuda"``: kernels from ``torchfg/csrc/`` compiled with ``torch.utils.cpp_extension``.
 * ``"auto"``: the first backend, in the op's order of preference, that supports the inputs
   (dtype, ``k``), can run on the tensor's device and needs no build; else ``"torch"``.
 

@@ -1,4 +1,4 @@
-"""torchfg.knn: every backend against an fp64 brute force, faiss-cpu, bad input, csrc compile check."""
+"""torchfg.knn: every backend against an fp64 brute force, faiss-cpu, bad input, torchfg/csrc compile check."""
 
 from __future__ import annotations
 
@@ -1234,7 +1234,7 @@ def test_unavailable_backends_are_reported():
 
 
 # ---------------------------------------------------------------------------------------------
-# csrc: compile-only check with the machine's nvcc
+# torchfg/csrc: compile-only check with the machine's nvcc
 
 
 def _nvcc() -> str | None:
@@ -1250,7 +1250,7 @@ def _nvcc() -> str | None:
 @pytest.mark.skipif(_nvcc() is None, reason="nvcc not found")
 def test_csrc_compiles_for_sm90():
     result = subprocess.run(
-        ["bash", str(ROOT / "csrc" / "check_compile.sh")],
+        ["bash", str(ROOT / "torchfg" / "csrc" / "check_compile.sh")],
         env={**os.environ, "NVCC": _nvcc(), "ARCH": "sm_90"},
         capture_output=True,
         text=True,

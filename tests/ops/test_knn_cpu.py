@@ -1,11 +1,14 @@
-"""The compiled CPU kernels of the k-NN search (torchfg/ops/knn/cpu.py, csrc/knn_cpu/): the selection
-against the pure PyTorch selection it replaces (bit for bit), a full sort and the brute force; the
+"""The compiled CPU kernels of the k-NN search (torchfg/ops/knn/cpu.py, torchfg/csrc/knn_cpu/): the
+selection against the pure PyTorch selection it replaces (bit for bit), a full sort and the brute force; the
 exact recomputation of the selected distances against fp64 and the PyTorch recomputation; and the
 fallback to the PyTorch path when they are switched off or cannot be built."""
 
 from __future__ import annotations
 
 import ctypes
+import os
+import shutil
+import stat
 import sys
 from pathlib import Path
 
@@ -464,6 +467,69 @@ def test_build_is_cached(tmp_path, monkeypatch):
     assert path.is_file() and tmp_path in path.parents
     monkeypatch.setattr(cpu_module.subprocess, "run", lambda *a, **k: pytest.fail("compiled again"))
     assert cpu_module._build(source, compiler) == path
+
+
+@requires_compiled
+def test_cached_library_is_readable_by_other_users(tmp_path, monkeypatch):
+    """A shared TORCHFG_CACHE_DIR serves every user: the library gets 0755 less the umask (the
+    private 0600 of the temporary file it is compiled to would lock others out)."""
+    monkeypatch.setenv("TORCHFG_CACHE_DIR", str(tmp_path))
+    source, compiler = cpu_module._source_path(), cpu_module._compiler()
+    old = os.umask(0o022)
+    try:
+        path = cpu_module._build(source, compiler)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o755
+    # One cached by an earlier version with 0600 is opened up by its owner on the next load.
+    path.chmod(0o600)
+    monkeypatch.setattr(cpu_module.subprocess, "run", lambda *a, **k: pytest.fail("compiled again"))
+    old = os.umask(0o027)
+    try:
+        assert cpu_module._build(source, compiler) == path
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o750
+
+
+def test_cache_folder_is_the_documented_one(tmp_path, monkeypatch):
+    """TORCHFG_CACHE_DIR, else XDG_CACHE_HOME, else ~/.cache, as docs/concepts/backends.md says."""
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "concepts" / "backends.md").read_text()
+    for documented in ("`$TORCHFG_CACHE_DIR/knn_cpu/`", "`$XDG_CACHE_HOME/torchfg/knn_cpu/`",
+                       "`~/.cache/torchfg/knn_cpu/`"):
+        assert documented in doc, documented
+    monkeypatch.setenv("TORCHFG_CACHE_DIR", str(tmp_path / "own"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cpu_module._cache_root() == tmp_path / "own" / "knn_cpu"
+    monkeypatch.delenv("TORCHFG_CACHE_DIR")
+    assert cpu_module._cache_root() == tmp_path / "xdg" / "torchfg" / "knn_cpu"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert cpu_module._cache_root() == tmp_path / "home" / ".cache" / "torchfg" / "knn_cpu"
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
+@pytest.mark.parametrize("cc", ["{gcc} -O2", "env {gcc}", "'{gcc}'"])
+def test_cc_with_arguments_is_a_compiler(tmp_path, monkeypatch, cc):
+    """CC is split as a shell would: CC="ccache gcc" or CC="gcc -O2" is a compiler command, not
+    "no C compiler"; the kernel builds with it and passes its self-check."""
+    monkeypatch.setattr(cpu_module, "_library", None)
+    monkeypatch.setattr(cpu_module, "_failure", None)
+    monkeypatch.setenv("TORCHFG_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", cc.format(gcc=shutil.which("gcc")))
+    command = cpu_module._compiler()
+    assert command is not None and Path(command[0]).is_file()
+    ok, why = cpu_module.status()
+    assert ok, why
+    assert tmp_path in Path(why.removeprefix("loaded: ").split(" (simd")[0]).parents
+
+
+def test_cc_naming_no_program_says_so(monkeypatch):
+    monkeypatch.setattr(cpu_module, "_library", None)
+    monkeypatch.setattr(cpu_module, "_failure", None)
+    monkeypatch.setenv("CC", "no-such-compiler-xyz -O2")
+    ok, why = cpu_module.status()
+    assert not ok and "no C compiler" in why and "no-such-compiler-xyz" in why
 
 
 def test_failed_build_falls_back_to_the_torch_path(tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ from torchfg.bench.core import (
     OP_NAMES, default_dtype, kernel_time_rows, parse_dtype, parse_param, resolve_device, run_benchmarks,
 )
 
-__all__ = ["add_arguments", "run", "check_csv_format"]
+__all__ = ["add_arguments", "run", "check_csv_format", "check_writable"]
 
 
 def _csv_list(text: str) -> list[str]:
@@ -95,6 +95,30 @@ def check_csv_format(path: str | os.PathLike) -> str | None:
     return None
 
 
+def check_writable(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot be written (None: it can), found before anything is measured.
+
+    The file is opened for appending, as the rows will be (its folder is created, as
+    :func:`~torchfg.bench.measure.append_csv` would); a file that did not exist is removed again.
+    """
+    from pathlib import Path
+
+    path = Path(path)
+    existed = path.exists()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a"):
+            pass
+    except OSError as exc:
+        return f"cannot write {path} ({exc.strerror or exc})"
+    if not existed:
+        try:
+            path.unlink()
+        except OSError:
+            pass
+    return None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``torchfg bench``."""
     parser.add_argument("--ops", type=_ops, default=list(OP_NAMES),
@@ -148,6 +172,12 @@ def run(args: argparse.Namespace) -> int:
         # Fail before spending minutes measuring.
         print(f"torchfg bench: {MATPLOTLIB_MISSING}", file=sys.stderr)
         return 2
+    # Unwritable outputs fail now, not after minutes of measuring.
+    for option, path in (("--csv", args.csv), ("--kernel-times", args.kernel_times), ("--plot", args.plot)):
+        why = path and check_writable(path)
+        if why:
+            print(f"torchfg bench: {option}: {why}", file=sys.stderr)
+            return 2
     if args.csv:
         why = check_csv_format(args.csv)
         if why:

@@ -277,7 +277,7 @@ class Result:
 
 
 CSV_COLUMNS = tuple(
-    Result("", "", "", 0, 0, 0, "", "", "ok", env=dict.fromkeys(("device", "torch", "triton", "commit", "threads", "load_avg"), "")).csv_row()
+    Result("", "", "", 0, 0, 0, "", "", "ok", env=dict.fromkeys(("device", "torchfg", "torch", "triton", "commit", "threads", "load_avg"), "")).csv_row()
 )
 
 

@@ -204,18 +204,23 @@ def device_name(device: torch.device | str) -> str:
     return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}"
 
 
+# The folder holding the ``torchfg`` package: the checkout's root when torchfg runs from one.
+_CHECKOUT = Path(__file__).resolve().parents[2]
+
+
 def _git(*args: str) -> str:
-    out = subprocess.run(
-        ["git", *args], capture_output=True, text=True, timeout=5, cwd=Path(__file__).resolve().parent
-    )
+    out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5, cwd=_CHECKOUT)
     return out.stdout.strip() if out.returncode == 0 else ""
 
 
 def _git_commit() -> str:
     """Short commit of the checkout, with ``+dirty`` when the measured code differs from it.
 
-    The measured code is the package and the CUDA sources (changed or untracked files there);
-    unrelated files of the checkout (notebooks, results) do not count. ``TORCHFG_BENCH_COMMIT``
+    The measured code is the package, C and CUDA sources included (changed or untracked files
+    under ``torchfg/``); unrelated files of the checkout (notebooks, results) do not count. Git is
+    trusted only when the folder above the ``torchfg`` package is the top of its work tree: an
+    install inside another repository (a project's ``.venv``, a vendored copy) would otherwise
+    record that repository's commit, so it records ``unknown``. ``TORCHFG_BENCH_COMMIT``
     overrides it, for a copy of the tree whose git history is not the code's (the device
     machines here ship the working tree over the last landed commit's history).
     """
@@ -223,10 +228,13 @@ def _git_commit() -> str:
     if override:
         return override
     try:
+        top = _git("rev-parse", "--show-toplevel")
+        if not top or Path(top).resolve() != _CHECKOUT:
+            return "unknown"
         commit = _git("rev-parse", "--short", "HEAD")
         if not commit:
             return "unknown"
-        changed = _git("status", "--porcelain", "--", ":/torchfg", ":/csrc")
+        changed = _git("status", "--porcelain", "--", ":/torchfg")
         return commit + ("+dirty" if changed else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -234,6 +242,8 @@ def _git_commit() -> str:
 
 def environment_fields(device: torch.device | str) -> dict[str, str]:
     """Columns that make a CSV row reproducible: device, versions, commit."""
+    from torchfg._version import __version__ as torchfg_version
+
     try:
         import triton
 
@@ -242,6 +252,8 @@ def environment_fields(device: torch.device | str) -> dict[str, str]:
         triton_version = "none"
     return {
         "device": device_name(device),
+        # The package's own version: the commit is "unknown" outside a checkout of torchfg.
+        "torchfg": torchfg_version,
         "torch": torch.__version__,
         "triton": triton_version,
         "commit": _git_commit(),

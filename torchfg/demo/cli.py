@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
+from pathlib import Path
 
-__all__ = ["add_arguments", "run"]
+__all__ = ["add_arguments", "run", "check_out_dir"]
 
 EXPERIMENT_NAMES = ("semantic_attention", "atl_vs_triplet", "few_shot")
 
@@ -47,6 +49,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "errors), exact (the rendered ground truth) or both")
 
 
+def check_out_dir(path: str | Path) -> str | None:
+    """Why ``results.json`` and ``demo.png`` could not be written to ``path`` (None: they can).
+
+    Checked before the experiments run, so that a read-only folder fails in a second with a
+    message instead of a traceback after minutes of training. The folder is created if needed.
+    """
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".torchfg-demo-write-test-"):
+            pass
+    except OSError as exc:
+        return (f"--out: cannot write to {out} ({exc.strerror or exc}); "
+                "pass --out DIR with a folder you can write to")
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``torchfg demo`` with parsed arguments; returns the exit status."""
     from torchfg.demo._common import resolve_device
@@ -56,6 +75,10 @@ def run(args: argparse.Namespace) -> int:
         device = resolve_device(args.device)
     except ValueError as error:
         print(f"torchfg demo: {error}", file=sys.stderr)
+        return 2
+    why = check_out_dir(args.out)
+    if why:
+        print(f"torchfg demo: {why}", file=sys.stderr)
         return 2
     run_demo(
         quick=args.quick,

@@ -1,4 +1,4 @@
-"""Locating, building and loading the CUDA kernels in ``csrc/``.
+"""Locating, building and loading the CUDA kernels in ``torchfg/csrc/``.
 
 The default wheel is pure Python. The CUDA sources are compiled where they are used:
 
@@ -13,8 +13,8 @@ The default wheel is pure Python. The CUDA sources are compiled where they are u
 Either way the kernels register the torch ops ``torch.ops.torchfg_cuda.*`` (a namespace of
 their own, so that they never clash with the Python ``torchfg::`` custom ops).
 
-The sources are searched in ``TORCHFG_CSRC_DIR``, then ``torchfg/csrc`` (installed package
-data), then ``csrc/`` next to the ``torchfg`` package (a source checkout).
+The sources are searched in ``TORCHFG_CSRC_DIR``, then ``torchfg/csrc`` (package data of an
+install, and the sources themselves in a checkout).
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def csrc_dir() -> Path | None:
     candidates = []
     if os.environ.get(_CSRC_ENV):
         candidates.append(Path(os.environ[_CSRC_ENV]))
-    candidates += [package / "csrc", package.parent / "csrc"]
+    candidates.append(package / "csrc")
     for candidate in candidates:
         if all((candidate / source).is_file() for source in SOURCES):
             return candidate
@@ -156,7 +156,7 @@ def status() -> tuple[bool, str]:
         return False, f"not built ahead of time, and JIT builds are disabled by {_JIT_ENV}=0"
     sources = csrc_dir()
     if sources is None:
-        return False, "the csrc/ CUDA sources are not part of this install"
+        return False, "the torchfg/csrc/ CUDA sources are not part of this install"
     nvcc = _nvcc()
     if nvcc is None:
         return False, "nvcc was not found (set CUDA_HOME or put nvcc on PATH) to JIT-build the CUDA extension"

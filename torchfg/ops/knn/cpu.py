@@ -1,5 +1,5 @@
-"""Compiled kernels of the CPU k-NN search (``csrc/knn_cpu/knn_select.c``): the selection behind
-the pool interface of :mod:`torchfg.ops.knn.reference`, and the exact recomputation of the
+"""Compiled kernels of the CPU k-NN search (``torchfg/csrc/knn_cpu/knn_select.c``): the selection
+behind the pool interface of :mod:`torchfg.ops.knn.reference`, and the exact recomputation of the
 selected distances (:func:`exact_selected`).
 
 The search is the reference's (the same tiles, GEMMs and raw keys, the same exact recomputation
@@ -11,9 +11,11 @@ finished with the torch path's fp32 operations and ties go to the lower column, 
 are those of the pure PyTorch path, index for index and bit for bit.
 
 Build: plain C with no torch headers, compiled on first use with the system C compiler
-(``CC``, else ``cc``, ``gcc`` or ``clang``) in about a second, into a cache directory keyed by a
-hash of the source and flags (``TORCHFG_CACHE_DIR``, else ``$XDG_CACHE_HOME/torchfg``, else
-``~/.cache/torchfg``), then loaded with :mod:`ctypes`; later processes only load it. AVX2 code is
+(``CC``, which may carry arguments such as ``ccache gcc``, else ``cc``, ``gcc`` or ``clang``) in
+about a second, into a folder named by a hash of the source, compiler and flags under
+``$TORCHFG_CACHE_DIR/knn_cpu``, else ``$XDG_CACHE_HOME/torchfg/knn_cpu``, else
+``~/.cache/torchfg/knn_cpu`` (the library is readable by all, 0755 less the umask, so a shared
+cache serves every user), then loaded with :mod:`ctypes`; later processes only load it. AVX2 code is
 compiled where torch itself runs AVX2 kernels (the flag is part of the cache key). OpenMP is
 linked by the soname ``libgomp.so.1``, which a process that imported torch has already loaded
 from torch's wheel, so the kernel runs on torch's OpenMP thread pool with
@@ -39,12 +41,13 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import shlex
 import shutil
 import subprocess
 import tempfile
 import threading
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -109,23 +112,31 @@ def _switched_off() -> str | None:
 
 
 def _source_path() -> Path | None:
-    """The C source: ``TORCHFG_CSRC_DIR``, then ``torchfg/csrc`` (package data), then ``csrc/``
-    next to the package (a source checkout)."""
+    """The C source: ``TORCHFG_CSRC_DIR``, then ``torchfg/csrc`` (package data of an install, and
+    the sources themselves in a checkout)."""
     package = Path(__file__).resolve().parents[2]
     candidates = [Path(os.environ[_CSRC_ENV])] if os.environ.get(_CSRC_ENV) else []
-    candidates += [package / "csrc", package.parent / "csrc"]
+    candidates.append(package / "csrc")
     for candidate in candidates:
         if (candidate / _SOURCE).is_file():
             return candidate / _SOURCE
     return None
 
 
-def _compiler() -> str | None:
-    names = [os.environ["CC"]] if os.environ.get("CC") else ["cc", "gcc", "clang"]
-    for name in names:
+def _compiler() -> list[str] | None:
+    """The compiler's command: ``CC`` split as a shell would (``CC="ccache gcc"`` or
+    ``CC="gcc -O2"`` carry arguments), else the first of ``cc``, ``gcc``, ``clang`` on the PATH."""
+    if os.environ.get("CC", "").strip():
+        try:
+            command = shlex.split(os.environ["CC"])
+        except ValueError:  # unbalanced quotes
+            return None
+        found = shutil.which(command[0])
+        return [found, *command[1:]] if found else None
+    for name in ("cc", "gcc", "clang"):
         found = shutil.which(name)
         if found:
-            return found
+            return [found]
     return None
 
 
@@ -145,13 +156,16 @@ def _flags() -> list[str]:
     return flags
 
 
-def _build(source: Path, compiler: str) -> Path:
-    """Compile ``source`` into the cache (once per source hash and flags) and return the library."""
+def _build(source: Path, compiler: Sequence[str] | str) -> Path:
+    """Compile ``source`` with the ``compiler`` command into the cache (once per source hash,
+    command and flags) and return the library."""
+    compiler = [compiler] if isinstance(compiler, str) else list(compiler)
     flags = _flags()
-    key = hashlib.sha256(source.read_bytes() + "\0".join([compiler, *flags]).encode()).hexdigest()[:20]
+    key = hashlib.sha256(source.read_bytes() + "\0".join([*compiler, *flags]).encode()).hexdigest()[:20]
     target_dir = _cache_root() / key
     target = target_dir / _LIBRARY_NAME
     if target.is_file():
+        _share(target)
         return target
     target_dir.mkdir(parents=True, exist_ok=True)
     # Compile to a private name, then rename: concurrent processes (pytest-xdist) never load a
@@ -160,18 +174,46 @@ def _build(source: Path, compiler: str) -> Path:
     os.close(fd)
     try:
         run = subprocess.run(
-            [compiler, *flags, str(source), "-o", partial],
+            [*compiler, *flags, str(source), "-o", partial],
             capture_output=True,
             text=True,
             timeout=_BUILD_TIMEOUT_S,
         )
         if run.returncode != 0:
-            raise RuntimeError(f"{compiler} failed ({run.returncode}): {run.stderr.strip()[-2000:]}")
+            raise RuntimeError(f"{shlex.join(compiler)} failed ({run.returncode}): {run.stderr.strip()[-2000:]}")
+        # mkstemp made the file 0600: other users of a shared cache could not load it. Give it
+        # the mode a compiler's own output would have (0755 less the umask).
+        os.chmod(partial, 0o755 & ~_umask())
         os.replace(partial, target)
     finally:
         if os.path.exists(partial):
             os.unlink(partial)
     return target
+
+
+def _share(library: Path) -> None:
+    """A library an earlier version cached with mode 0600 becomes readable by all, when it is ours."""
+    try:
+        info = library.stat()
+        mode = 0o755 & ~_umask()
+        if info.st_uid == os.getuid() and mode & 0o044 and not info.st_mode & 0o044:
+            os.chmod(library, mode)
+    except (OSError, AttributeError):  # a read-only cache, or no os.getuid (Windows)
+        pass
+
+
+def _umask() -> int:
+    """The process's umask: from /proc (Linux >= 4.7), else by setting it and setting it back."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _bind(library: ctypes.CDLL) -> None:
@@ -200,7 +242,9 @@ def load() -> ctypes.CDLL | None:
             _failure = f"the C source {_SOURCE} is not part of this install"
             return None
         if compiler is None:
-            _failure = "no C compiler found (set CC, or install cc / gcc / clang)"
+            cc = os.environ.get("CC", "").strip()
+            _failure = (f"no C compiler found (CC={cc!r} names no program on the PATH)" if cc
+                        else "no C compiler found (set CC, or install cc / gcc / clang)")
             return None
         try:
             path = _build(source, compiler)

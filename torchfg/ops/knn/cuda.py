@@ -1,10 +1,10 @@
-"""Binding to the k-NN CUDA kernel in ``csrc/knn`` (op ``torch.ops.torchfg_cuda.knn``).
+"""Binding to the k-NN CUDA kernel in ``torchfg/csrc/knn`` (op ``torch.ops.torchfg_cuda.knn``).
 
 The kernel stages query and gallery slices in shared memory with multi-stage ``cp.async``
 copies, computes distance tiles with ``mma.sync`` tensor-core instructions (fp16/bf16; a
 register-blocked FMA tile for fp32), and keeps each query's top-k in shared memory, merged across
-gallery tiles by the whole block; see ``csrc/knn/knn_kernel.cu``. It is built on first use by
-:mod:`torchfg.ops._cuda_extension`.
+gallery tiles by the whole block; see ``torchfg/csrc/knn/knn_kernel.cu``. It is built on first
+use by :mod:`torchfg.ops._cuda_extension`.
 
 The kernel has never run on hardware in this project's CI, so the first call on every device
 runs a small battery against :func:`torchfg.ops.knn.reference.knn_reference` (:func:`self_check`);
@@ -49,7 +49,7 @@ _ROW_ALIGN_BYTES = 16
 
 
 class KernelConfig(NamedTuple):
-    """One entry of the kernel's per-k configuration table (``csrc/knn/knn_kernel.cu``)."""
+    """One entry of the kernel's per-k configuration table (``torchfg/csrc/knn/knn_kernel.cu``)."""
 
     index: int  # table row, -1 when no row fits the device
     block_q: int  # query rows per block

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# Compile-only check of the CUDA sources in csrc/ (no GPU needed).
+# Compile-only check of the CUDA sources in torchfg/csrc/ (no GPU needed).
 #
 # Every standalone .cu file is compiled to an object for one architecture with the machine's
 # nvcc. With --with-binding, the torch bindings (*_binding.cpp) are also syntax-checked with the
 # host compiler against the installed torch's headers (CUDA headers from the nvcc install; on a
 # CPU-only torch wheel, which lacks c10/cuda/impl/cuda_cmake_macros.h, an empty stand-in is used).
 #
-#   csrc/check_compile.sh                  # .cu files, sm_90
-#   ARCH=sm_80 csrc/check_compile.sh
-#   NVCC=/path/to/nvcc PYTHON=python3 csrc/check_compile.sh --with-binding
+#   torchfg/csrc/check_compile.sh          # .cu files, sm_90
+#   ARCH=sm_80 torchfg/csrc/check_compile.sh
+#   NVCC=/path/to/nvcc PYTHON=python3 torchfg/csrc/check_compile.sh --with-binding
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

@@ -23,7 +23,7 @@
 // a new pair can only beat an equal listed distance if it is strictly smaller: the strict "<"
 // filter keeps ties on the lower index, and the merge sorts on the pair.
 //
-// No torch headers: this file compiles standalone with nvcc (see csrc/check_compile.sh).
+// No torch headers: this file compiles standalone with nvcc (see torchfg/csrc/check_compile.sh).
 
 #include "knn_kernel.h"
 
@@ -59,8 +59,8 @@ static_assert((kCand & (kCand - 1)) == 0, "bitonic sort needs a power of two");
 //   row 0, BQ 32, 3 stages, k <= 128:   71 KB (k = 1)   .. 103 KB (k = 128)  -> 2-3 blocks/SM
 //   row 1, BQ 16, 3 stages, k <= 512:   59 KB (k = 129) .. 107 KB (k = 512)  -> 2 blocks/SM
 //   row 2, BQ 16, 2 stages, k <= 1024: 101 KB (k = 513) .. 165 KB (k = 1024) -> 1-2 blocks/SM
-// (the lists, 8 bytes per slot and query, dominate; csrc/knn_ptxas_report.py writes the table
-// with registers and blocks per SM to benchmarks/results/knn_cuda_ptxas_sm90.csv).
+// (the lists, 8 bytes per slot and query, dominate; torchfg/csrc/knn_ptxas_report.py writes the
+// table with registers and blocks per SM to benchmarks/results/knn_cuda_ptxas_sm90.csv).
 struct ConfigRow {
     int block_q, stages, max_k, min_blocks;
 };

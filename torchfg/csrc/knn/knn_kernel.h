@@ -1,4 +1,4 @@
-// C interface of the exact k-NN CUDA kernel (csrc/knn/knn_kernel.cu).
+// C interface of the exact k-NN CUDA kernel (torchfg/csrc/knn/knn_kernel.cu).
 //
 // Kept free of torch headers so that the kernel compiles standalone with nvcc (the compile-only
 // CI check); knn_binding.cpp wraps it as the torch op torchfg_cuda::knn.

@@ -10,7 +10,7 @@
 // the library for its registrations alone; see torchfg/ops/_cuda_extension.py and
 // docs/concepts/backends.md). There is no ahead-of-time build recipe; the TORCHFG_AOT_MODULE
 // branch below (the library as an importable module torchfg._C_cuda, which the loader imports
-// first when present) is a hook for one, and is compiled only by csrc/check_compile.sh.
+// first when present) is a hook for one, and is compiled only by torchfg/csrc/check_compile.sh.
 #ifdef TORCHFG_AOT_MODULE
 #include <Python.h>
 #endif

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Compile evidence for the k-NN CUDA kernel: every template instantiation, for one architecture.
 
-Builds csrc/knn/knn_kernel.cu once (with the half-precision macros torch's JIT build passes) into
-a host executable whose main() prints the kernel's own configuration table (host code only: it
-needs no GPU), then reads
+Builds torchfg/csrc/knn/knn_kernel.cu once (with the half-precision macros torch's JIT build
+passes) into a host executable whose main() prints the kernel's own configuration table (host code
+only: it needs no GPU), then reads
 
 * registers, spills and stack per kernel from ``ptxas -v``,
 * the SASS of each kernel from ``cuobjdump -sass``: whether it uses tensor cores (HMMA), 16-byte
@@ -13,8 +13,8 @@ and writes one CSV row per instantiation, with the range of k the table sends to
 shared memory at both ends of that range and the blocks per SM that allows (sm_90: 228 KB of
 shared memory per SM, 1 KB reserved per block, 64 K registers, 2048 threads).
 
-    python csrc/knn_ptxas_report.py                      # -> benchmarks/results/knn_cuda_ptxas_sm90.csv
-    python csrc/knn_ptxas_report.py --arch sm_90 --out /tmp/report.csv
+    python torchfg/csrc/knn_ptxas_report.py              # -> benchmarks/results/knn_cuda_ptxas_sm90.csv
+    python torchfg/csrc/knn_ptxas_report.py --arch sm_90 --out /tmp/report.csv
 
 nvcc comes from $NVCC, PATH or /usr/local/cuda; cuobjdump from $CUOBJDUMP, next to nvcc, PATH, or
 the copy bundled with triton.
@@ -33,7 +33,7 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
+ROOT = HERE.parents[1]  # torchfg/csrc -> the checkout
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "knn_cuda_ptxas_sm90.csv"
 
 # The flags torch.utils.cpp_extension gives nvcc, so that the report sees the JIT build's code.
