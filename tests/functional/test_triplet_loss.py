@@ -1054,3 +1054,16 @@ def test_triplets_per_anchor_samples_valid_triplets_like_pml():
     pml_loss = pml_losses.TripletMarginLoss(margin=0.5, triplets_per_anchor=3, distance=pml_distances.LpDistance(normalize_embeddings=False),
                                             reducer=pml_reducers.MeanReducer())
     torch.testing.assert_close(pml_loss(x2, l2, None, ref, l2.clone()), module(x2, l2, None, ref, l2) / 6)
+
+
+@pytest.mark.parametrize("backend", backends_to_test())
+@pytest.mark.parametrize("metric", ["cosine", "dot", "euclidean"])
+def test_nan_embedding_gives_nan_batch_hard_and_adaptive_loss(backend, metric):
+    """A diverged (NaN) embedding must not vanish from the loss on any backend."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(13, 6, generator=gen).to(TEST_DEVICE)
+    x[4, 1] = float("nan")
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 0, 1, 2, 3, 3, 0, 1], device=TEST_DEVICE)
+    text = torch.randn(13, 5, generator=gen).to(TEST_DEVICE)
+    assert TF.triplet_margin_loss(x, labels, metric=metric, backend=backend).isnan()
+    assert TF.adaptive_triplet_loss(x, labels, text, metric=metric, backend=backend).isnan()

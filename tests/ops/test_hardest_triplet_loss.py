@@ -350,3 +350,28 @@ def test_hub_rows_on_several_stripes(poisoned, separate):
     hub_anchors = torch.nonzero(pairs[:, 1] == 3).flatten()
     assert len(hub_anchors) >= 3 * LINK_STRIPES  # several pairs on every stripe of the hub
     assert set((hub_anchors % LINK_STRIPES).tolist()) == set(range(LINK_STRIPES))
+
+
+@requires_triton
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("separate", [False, True])
+def test_non_finite_anchor_gives_nan_loss_like_the_reference(metric, bad, separate, poisoned, small_splits):
+    """A diverged embedding must show in the loss. Its keys are NaN: the reference's argmax picks
+    them, the kernel's strict comparisons never do, so without the anchor check the row dropped
+    out and the loss stayed finite (cosine and dot)."""
+    x, labels, y, y_labels, t, yt = _problem(23, 29, 20, torch.float32, seed=5, separate=separate)
+    x[7, 3] = bad
+    for reduction in ("mean", "sum"):
+        expected = _run("torch", x, labels, y, y_labels, t, yt, metric=metric, reduction=reduction)[0]
+        actual = _run("triton", x, labels, y, y_labels, t, yt, metric=metric, reduction=reduction)[0]
+        # NaN, or inf where a dot product is inf on both backends.
+        assert not expected.isfinite() and not actual.isfinite(), (reduction, expected, actual)
+        assert expected.isnan() == actual.isnan()
+    losses = _run("triton", x, labels, y, y_labels, t, yt, metric=metric, reduction="none")[0]
+    assert not losses[7].isfinite()
+    if separate:
+        # Against separate candidates the other anchors' terms do not depend on row 7 at all.
+        keep = torch.arange(23, device=x.device) != 7
+        clean = _run("triton", x[keep], labels[keep], y, y_labels, t, yt, metric=metric, reduction="none")[0]
+        torch.testing.assert_close(losses[keep], clean, rtol=2e-5, atol=2e-5)
