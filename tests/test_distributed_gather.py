@@ -60,6 +60,54 @@ def test_bad_shapes_raise_on_every_rank(fn, match):
         assert r[0] == "error" and "ValueError" in r[1] and match in r[1], r
 
 
+def _mismatched_label_dtype(rank: int, world: int):
+    labels = torch.zeros(2, dtype=torch.int32 if rank == 0 else torch.int64)
+    return gather_batch([torch.zeros(2, 4), labels], ["embeddings", "labels"])
+
+
+def _mismatched_float_dtype(rank: int, world: int):
+    return all_gather_with_grad(torch.zeros(2, 4, dtype=torch.float32 if rank == 0 else torch.float64))
+
+
+@pytest.mark.parametrize("fn, match", [(_mismatched_label_dtype, "labels has different dtypes.*int32.*int64"),
+                                       (_mismatched_float_dtype, "x has different dtypes.*float32.*float64")])
+def test_different_dtypes_raise_on_every_rank_instead_of_aborting(fn, match):
+    """Buffers of different byte sizes in one all_gather abort the process inside gloo."""
+    import re
+
+    results = run_on_ranks(fn, 2)
+    for r in results:
+        assert r[0] == "error" and "ValueError" in r[1] and re.search(match, r[1]), r
+
+
+def _two_gathers_into_one_sum(rank: int, world: int):
+    a = _rank_data(rank, world).requires_grad_()
+    b = (2 * _rank_data(rank, world)).requires_grad_()
+    # Autograd hands the gradient of the sum to both gathers as one tensor.
+    gathered = all_gather_with_grad(a) + all_gather_with_grad(b)
+    weights = torch.arange(gathered.numel(), dtype=torch.float64).reshape(gathered.shape) * (rank + 1)
+    (gathered * weights).sum().backward()
+    c = _rank_data(rank, world).requires_grad_()
+    upstream = torch.ones(sum(SIZES[world]), 6, dtype=torch.float64)
+    all_gather_with_grad(c).backward(upstream)
+    return a.grad, b.grad, upstream
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_gradient_shared_by_two_gathers_is_reduced_once(world):
+    results = run_on_ranks(_two_gathers_into_one_sum, world)
+    assert all(r[0] == "ok" for r in results), results
+    total = sum(SIZES[world])
+    weights = torch.arange(total * 6, dtype=torch.float64).reshape(total, 6) * sum(r + 1 for r in range(world))
+    offset = 0
+    for r, (_, (grad_a, grad_b, upstream)) in enumerate(results):
+        n = SIZES[world][r]
+        torch.testing.assert_close(grad_a, weights[offset : offset + n])
+        torch.testing.assert_close(grad_b, weights[offset : offset + n])
+        torch.testing.assert_close(upstream, torch.ones_like(upstream))  # the caller's tensor is left alone
+        offset += n
+
+
 def test_identity_without_process_group():
     x = torch.randn(3, 2, requires_grad=True)
     assert all_gather_with_grad(x) is x

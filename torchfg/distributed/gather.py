@@ -27,6 +27,15 @@ __all__ = [
 ]
 
 _MAX_DIMS = 4  # shape slots per tensor in the metadata exchange
+# Metadata columns per tensor: [ndim, dtype code, *shape (padded with 0)].
+_NDIM, _DTYPE, _SHAPE = 0, 1, 2
+# Dtypes as small integers that every rank agrees on (any other dtype sends its item size + 100).
+_DTYPE_CODES = {
+    dtype: code for code, dtype in enumerate((
+        torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.uint8, torch.int8, torch.int16,
+        torch.int32, torch.int64, torch.bool, torch.complex64, torch.complex128,
+    ))
+}
 
 
 def is_distributed(group: dist.ProcessGroup | None = None) -> bool:
@@ -52,35 +61,42 @@ def _comm_device(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.devi
 def _exchange_shapes(
     tensors: Sequence[torch.Tensor], names: Sequence[str], group: dist.ProcessGroup | None
 ) -> torch.Tensor:
-    """All ranks' shapes as (world, len(tensors), 1 + _MAX_DIMS) int64: [ndim, *shape, 0-padding].
+    """All ranks' shapes as (world, len(tensors), 2 + _MAX_DIMS) int64: [ndim, dtype code, *shape, 0-padding].
 
-    Validates, identically on every rank, that each tensor's trailing dims agree across ranks and
-    that all tensors of a rank have the same number of rows; raises ValueError naming the argument.
+    Validates, identically on every rank, that each tensor's dtype and trailing dims agree across
+    ranks and that all tensors of a rank have the same number of rows; raises ValueError naming the
+    argument. (A gather of buffers whose byte sizes differ would abort the process in the backend.)
     """
-    meta = torch.zeros(len(tensors), 1 + _MAX_DIMS, dtype=torch.int64)
+    meta = torch.zeros(len(tensors), _SHAPE + _MAX_DIMS, dtype=torch.int64)
     for i, (t, name) in enumerate(zip(tensors, names)):
+        meta[i, _DTYPE] = _DTYPE_CODES.get(t.dtype, 100 + t.element_size())
         if t.dim() == 0 or t.dim() > _MAX_DIMS:
             # Still take part in the collective so that the other ranks do not hang.
-            meta[i, 0] = -1
+            meta[i, _NDIM] = -1
         else:
-            meta[i, 0] = t.dim()
-            meta[i, 1 : 1 + t.dim()] = torch.tensor(t.shape)
+            meta[i, _NDIM] = t.dim()
+            meta[i, _SHAPE : _SHAPE + t.dim()] = torch.tensor(t.shape)
     device = _comm_device(tensors[0], group)
     gathered = [torch.empty_like(meta, device=device) for _ in range(world_size(group))]
     dist.all_gather(gathered, meta.to(device), group=group)
     shapes = torch.stack([g.cpu() for g in gathered])
+    names_of_codes = {code: str(dtype).removeprefix("torch.") for dtype, code in _DTYPE_CODES.items()}
     for i, name in enumerate(names):
-        ndims = shapes[:, i, 0]
+        ndims = shapes[:, i, _NDIM]
         bad = (ndims < 0).nonzero().flatten().tolist()
         if bad:
             raise ValueError(f"{name} must have 1 to {_MAX_DIMS} dims on every rank; rank(s) {bad} sent another shape")
         if (ndims != ndims[0]).any():
             raise ValueError(f"{name} has a different number of dims across ranks: {ndims.tolist()}")
-        trailing = shapes[:, i, 2 : 1 + int(ndims[0])]
+        dtypes = shapes[:, i, _DTYPE]
+        if (dtypes != dtypes[0]).any():
+            per_rank = {r: names_of_codes.get(int(c), f"a {int(c) - 100}-byte dtype") for r, c in enumerate(dtypes.tolist())}
+            raise ValueError(f"{name} has different dtypes across ranks: {per_rank}")
+        trailing = shapes[:, i, _SHAPE + 1 : _SHAPE + int(ndims[0])]
         if (trailing != trailing[0]).any():
             per_rank = {r: tuple(trailing[r].tolist()) for r in range(shapes.shape[0])}
             raise ValueError(f"{name} has different trailing (per-item) sizes across ranks: {per_rank}")
-    rows = shapes[:, :, 1]
+    rows = shapes[:, :, _SHAPE]
     for r in range(rows.shape[0]):
         if (rows[r] != rows[r, 0]).any():
             sizes = ", ".join(f"{n}={int(s)}" for n, s in zip(names, rows[r].tolist()))
@@ -145,7 +161,10 @@ class _AllGatherWithGrad(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         # Every rank's loss may depend on this rank's items: sum their gradients over ranks.
         device = _comm_device(grad, ctx.group)
-        total = grad.contiguous().to(device)
+        # A private copy: the all-reduce writes in place, and autograd may hand this same gradient
+        # to other functions too (x_gathered + y_gathered gives both gathers one tensor), or it is
+        # the caller's own tensor (gathered.backward(G)).
+        total = grad.to(device, copy=True).contiguous()
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=ctx.group)
         own = total[ctx.offset : ctx.offset + ctx.sizes[rank(ctx.group)]].to(grad.device)
         return own, None, None
@@ -196,7 +215,7 @@ def gather_batch(
         rows = present[0][1].shape[0] if present else 0
         return GatheredBatch(list(tensors), 0, [rows])
     shapes = _exchange_shapes([t for _, t in present], [names[i] for i, _ in present], group)
-    sizes = shapes[:, 0, 1].tolist()
+    sizes = shapes[:, 0, _SHAPE].tolist()
     offset = sum(sizes[: rank(group)])
     out: list[torch.Tensor | None] = list(tensors)
     for i, t in present:
