@@ -555,3 +555,30 @@ def test_wrap_backbone_under_activation_checkpointing(position):
         torch.testing.assert_close(checkpointed, plain)
     with pytest.raises(RuntimeError, match="not the backbone directly"):
         model.backbone(images)
+
+
+def test_wrapped_backbone_saves_after_a_call_and_lets_go_of_the_map():
+    """torch.save(model) / pickle after training steps (the per-call map bookkeeping holds weak
+    references, which cannot be pickled), and a call's map is released with its activations."""
+    import gc
+    import io
+    import pickle
+    import weakref
+
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten())
+    model = wrap_backbone(net, "1", SemanticChannelAttention(8, 3))
+    images, maps = torch.randn(2, 3, 8, 8), torch.rand(2, 3, 8, 8)
+    out = model(images, maps)
+    out.sum().backward()
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    torch.testing.assert_close(loaded(images, maps), model(images, maps))
+    assert pickle.loads(pickle.dumps(model))(images, maps).shape == (2, 8)
+    # Once the call's outputs (and with them the stage input) are gone, so is its map.
+    map_ref = weakref.ref(maps)
+    del out, maps
+    gc.collect()
+    assert map_ref() is None and not model._semantic_of_input

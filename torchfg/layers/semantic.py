@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -439,7 +439,7 @@ class SemanticBackbone(nn.Module):
         self._semantic: torch.Tensor | None = None
         # The map each stage input met in a wrapped call, for as long as that input lives: activation
         # checkpointing re-runs the stage during backward, after the call has returned.
-        # Keyed by identity (a tensor's == is elementwise); dead entries are pruned at each call.
+        # Keyed by identity (a tensor's == is elementwise); an entry leaves when its input dies.
         self._semantic_of_input: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
         stage = backbone.get_submodule(layer_name)
         if position == "after":
@@ -450,12 +450,18 @@ class SemanticBackbone(nn.Module):
     def extra_repr(self) -> str:
         return f"layer_name={self.layer_name!r}, position={self.position!r}, method={self.method!r}"
 
+    def __getstate__(self) -> dict[str, Any]:
+        # The per-call maps are keyed by live tensors (weak references cannot be pickled, and a
+        # saved or copied model starts with no call in flight).
+        return {**super().__getstate__(), "_semantic_of_input": {}, "_semantic": None}
+
     def _current_semantic(self, stage_input: Any) -> torch.Tensor:
         # Under torch.compile the graph holds the map itself: no identity bookkeeping to trace.
         keyable = isinstance(stage_input, torch.Tensor) and not torch.compiler.is_compiling()
         if self._semantic is not None:
             if keyable:
-                self._semantic_of_input[id(stage_input)] = (weakref.ref(stage_input), self._semantic)
+                key = id(stage_input)
+                self._semantic_of_input[key] = (weakref.ref(stage_input, _forget_entry(self, key)), self._semantic)
             return self._semantic
         entry = self._semantic_of_input.get(id(stage_input)) if keyable else None
         semantic = entry[1] if entry is not None and entry[0]() is stage_input else None
@@ -474,13 +480,28 @@ class SemanticBackbone(nn.Module):
 
     def forward(self, images: torch.Tensor, semantic: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         """Run the backbone on ``images`` (B, 3, H, W) with ``semantic`` (B, K, h, w) applied at the stage."""
-        if self._semantic_of_input and not torch.compiler.is_compiling():
-            self._semantic_of_input = {k: v for k, v in self._semantic_of_input.items() if v[0]() is not None}
         self._semantic = semantic
         try:
             return getattr(self.backbone, self.method)(images, *args, **kwargs)
         finally:
             self._semantic = None
+
+
+def _forget_entry(owner: SemanticBackbone, key: int) -> Callable[[weakref.ref], None]:
+    """Weak-reference callback: drop ``owner``'s map entry ``key`` when its stage input dies.
+
+    Holds the owner weakly (no cycle), and removes the entry only if it is still the one this
+    reference was made for (a newer tensor may have taken the same id).
+    """
+    owner_ref = weakref.ref(owner)
+
+    def forget(dead: weakref.ref) -> None:
+        module = owner_ref()
+        entry = module._semantic_of_input.get(key) if module is not None else None
+        if entry is not None and entry[0] is dead:
+            del module._semantic_of_input[key]
+
+    return forget
 
 
 def wrap_backbone(
