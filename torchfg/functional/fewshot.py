@@ -20,6 +20,7 @@ from torchfg._validation import (
 )
 from torchfg.ops.metric import METRICS, unit_rows
 from torchfg.ops.pairwise import pairwise_distance
+from torchfg.ops.precision import autocast_off
 
 __all__ = ["class_prototypes", "prototype_logits", "prototypical_logits"]
 
@@ -33,6 +34,7 @@ def _check_support(support: object, support_labels: object) -> tuple[torch.Tenso
     return support, support_labels
 
 
+@autocast_off
 def class_prototypes(
     support: torch.Tensor,
     support_labels: torch.Tensor,
@@ -68,6 +70,7 @@ def class_prototypes(
     return (sums / counts.unsqueeze(1)).to(support.dtype), classes
 
 
+@autocast_off
 def prototype_logits(
     query: torch.Tensor,
     prototypes: torch.Tensor,
@@ -114,6 +117,7 @@ def prototype_logits(
     return logits / temperature if temperature != 1.0 else logits
 
 
+@autocast_off
 def prototypical_logits(
     support: torch.Tensor,
     support_labels: torch.Tensor,

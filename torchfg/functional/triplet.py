@@ -55,6 +55,7 @@ from torchfg.ops.metric import DEFAULT_METRIC, METRICS
 from torchfg.ops.triplet import mine_all_triplets, mine_hardest, mine_semi_hard
 from torchfg._validation import check_number as _check_number  # shared numeric argument check
 from torchfg._validation import check_bool as _check_flag
+from torchfg.ops.precision import autocast_off
 
 __all__ = ["triplet_margin_loss", "adaptive_triplet_loss", "mine_triplets", "REDUCTIONS", "MINING_STRATEGIES"]
 
@@ -502,6 +503,7 @@ def _triplet_margin_loss_impl(
     return _keep_gather_in_graph(_reduce(losses, None, reduction, cross_rank), candidates, cross_rank)
 
 
+@autocast_off
 def triplet_margin_loss(
     embeddings: torch.Tensor,
     labels: torch.Tensor,
@@ -560,9 +562,11 @@ def triplet_margin_loss(
             ``triplets_per_anchor``.
         ref_embeddings: (M, D) positives/negatives come from here instead (e.g. a cross-batch
             memory); the anchors are then not among the candidates, except when
-            ``ref_embeddings is embeddings and ref_labels is labels`` (the same objects, as
-            pytorch-metric-learning tests it): then a row is never its own positive, as without
-            a reference set.
+            ``ref_embeddings is embeddings and ref_labels is labels`` (the same objects): then a
+            row is never its own positive, as without a reference set. pytorch-metric-learning
+            tests ``ref_labels is labels`` alone, so for a different ``ref_embeddings`` with
+            ``ref_labels=labels`` (a MoCo-style query/key call) it drops the (i, i) positive
+            pairs, and torchfg keeps them: pass ``ref_labels=labels.clone()`` to PML to compare.
         ref_labels: (M,) labels of ``ref_embeddings``.
         cross_rank: under torch.distributed, mine positives and negatives among the embeddings
             (and labels) of all ranks; this rank's items are the anchors. See the module docstring
@@ -657,6 +661,7 @@ def _adaptive_triplet_loss_impl(
     )
 
 
+@autocast_off
 def adaptive_triplet_loss(
     embeddings: torch.Tensor,
     labels: torch.Tensor,
@@ -692,7 +697,9 @@ def adaptive_triplet_loss(
         margin_scale: s >= 0.
         metric: ``"euclidean"``, ``"sqeuclidean"``, ``"cosine"`` or ``"dot"``.
         text_positive_threshold: items with another label whose description cosine is at least
-            this (in [-1, 1]) are near-duplicates and never negatives; None turns it off.
+            this (in [-1, 1]) are near-duplicates and never negatives; None turns it off. The
+            cosine is computed in fp32 (fp64 for fp64 text) and rounds: two identical descriptions
+            can come out a few 1e-7 below 1, so use e.g. 0.9999, not 1.0, to catch exact copies.
         reduction: ``"mean"``, ``"sum"``, ``"none"`` ((N,) per anchor, (T,) per triplet of a tuple)
             or ``"mean_nonzero"``.
         cross_rank: under torch.distributed, mine among the embeddings, labels and text
@@ -749,6 +756,7 @@ def adaptive_triplet_loss(
     )
 
 
+@autocast_off
 def mine_triplets(
     embeddings: torch.Tensor,
     labels: torch.Tensor,

@@ -22,6 +22,7 @@ from torchfg.functional.triplet import _batch_hard_loss, _check_indices_tuple, _
 from torchfg.ops.hardest_triplet_loss.reference import text_cosine
 from torchfg.ops.metric import DEFAULT_METRIC
 from torchfg.ops.pair_distances import pair_distances
+from torchfg.ops.precision import autocast_off
 
 __all__ = ["enqueue", "gather_for_memory", "memory_triplet_loss"]
 
@@ -60,6 +61,7 @@ def enqueue(
     return position, (position + rows) % capacity, min(size + rows, capacity)
 
 
+@autocast_off
 def memory_triplet_loss(
     embeddings: torch.Tensor,
     labels: torch.Tensor,

@@ -75,7 +75,10 @@ class DINOHead(nn.Module):
     weight norm in the current parametrization API (``last_layer.parametrizations.weight.original0``
     is ``g``, ``original1`` is ``V``); ``load_state_dict`` also accepts the original code's
     ``last_layer.weight_g`` / ``last_layer.weight_v``. Whole checkpoints of the original training
-    script load with :func:`load_dino_checkpoint` or :meth:`from_dino_checkpoint`.
+    script load with :func:`load_dino_checkpoint` or :meth:`from_dino_checkpoint`. Save the head
+    (or a model holding it) through ``state_dict()``: PyTorch refuses to pickle a module with a
+    parametrization, so ``torch.save(model)`` of the module object fails (``copy.deepcopy``, used
+    for an EMA teacher, works).
 
     Args:
         in_dim: width of the backbone's embedding.

@@ -11,6 +11,7 @@ from torchfg._validation import check_choice, check_float_tensor, check_positive
 from torchfg.backends import BACKENDS
 from torchfg.functional.dino import dino_loss
 from torchfg._validation import check_int as _check_int
+from torchfg.ops.precision import autocast_off
 
 __all__ = ["DINOLoss"]
 
@@ -135,6 +136,7 @@ class DINOLoss(nn.Module):
             raise ValueError(f"epoch must be in [0, n_epochs) = [0, {self.n_epochs}), got {epoch}")
         return epoch
 
+    @autocast_off
     def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int) -> torch.Tensor:
         """Loss of one step; updates ``center`` afterwards in training mode.
 

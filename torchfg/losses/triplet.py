@@ -17,6 +17,7 @@ from torchfg.functional.triplet import (
     triplet_margin_loss,
 )
 from torchfg.ops.metric import DEFAULT_METRIC, METRICS
+from torchfg.ops.precision import autocast_off
 
 __all__ = ["TripletMarginLoss", "AdaptiveTripletLoss"]
 
@@ -82,6 +83,7 @@ class TripletMarginLoss(nn.Module):
         _check_mining_backend(mining, backend)
         self.backend = backend
 
+    @autocast_off
     def forward(
         self,
         embeddings: torch.Tensor,
@@ -124,7 +126,8 @@ class AdaptiveTripletLoss(nn.Module):
         margin_scale: s >= 0; the margin of (a, n) is ``m0 + s * (1 - cos(t_a, t_n)) / 2``.
         metric: ``"euclidean"``, ``"sqeuclidean"``, ``"cosine"`` or ``"dot"``.
         text_positive_threshold: description cosine at or above which another label is a
-            near-duplicate (never a negative); None turns it off.
+            near-duplicate (never a negative); None turns it off. The cosine rounds (identical
+            descriptions can give a few 1e-7 below 1): use e.g. 0.9999, not 1.0, for exact copies.
         reduction: ``"mean"``, ``"sum"``, ``"none"`` or ``"mean_nonzero"``.
         cross_rank: under torch.distributed, mine among the items of all ranks (local items are
             the anchors); scaled so that DDP's gradient averaging gives the single-process
@@ -167,6 +170,7 @@ class AdaptiveTripletLoss(nn.Module):
         _check_mining_backend("batch_hard", backend)
         self.backend = backend
 
+    @autocast_off
     def forward(
         self,
         embeddings: torch.Tensor,

@@ -17,6 +17,7 @@ from torchfg.functional.triplet import (
     mine_triplets,
 )
 from torchfg.ops.metric import DEFAULT_METRIC, METRICS
+from torchfg.ops.precision import autocast_off
 
 __all__ = ["BatchHardMiner", "SemiHardMiner", "TripletMarginMiner", "TRIPLET_TYPES"]
 
@@ -57,6 +58,7 @@ class _TripletMiner(nn.Module):
             self.pos_pair_dist, self.neg_pair_dist = d_ap.mean().item(), d_an.mean().item()
             self.avg_triplet_margin = self.neg_pair_dist - self.pos_pair_dist
 
+    @autocast_off
     def forward(
         self,
         embeddings: torch.Tensor,
@@ -159,7 +161,9 @@ class TripletMarginMiner(_TripletMiner):
         metric: ``"euclidean"``, ``"sqeuclidean"``, ``"cosine"`` or ``"dot"``.
         collect_stats: after each call, set PML's statistics ``pos_pair_dist``, ``neg_pair_dist``
             and ``avg_triplet_margin``: means over *all* valid triplets (before the type filter),
-            from the fast-path distances, as PML computes them. ``num_triplets`` is always set.
+            from the fast-path distances, as PML computes them, but always as torchfg distances:
+            for ``"cosine"`` 1 - cos (PML reports the similarity cos), for ``"dot"`` -<a, b>
+            (PML: <a, b>); the euclidean metrics agree. ``num_triplets`` is always set.
 
     Shapes:
         forward(embeddings (N, D), labels (N,), ref_embeddings (M, D) = None, ref_labels (M,) = None)
@@ -186,6 +190,7 @@ class TripletMarginMiner(_TripletMiner):
         self.margin = check_number(margin, "margin")
         self.type_of_triplets = check_choice(type_of_triplets, "type_of_triplets", TRIPLET_TYPES)
 
+    @autocast_off
     def forward(
         self,
         embeddings: torch.Tensor,

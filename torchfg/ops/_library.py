@@ -19,6 +19,8 @@ from typing import Any, Callable
 
 import torch
 
+from torchfg.ops.precision import autocast_off
+
 __all__ = ["TorchfgOp", "custom_op", "python_kernel"]
 
 _LIBRARY = torch.library.Library("torchfg", "FRAGMENT")
@@ -31,7 +33,9 @@ class TorchfgOp:
     def __init__(self, name: str, kernel: Callable[..., Any]) -> None:
         schema = torch.library.infer_schema(kernel, mutates_args=())
         _LIBRARY.define(name + schema)
-        _LIBRARY.impl(name, kernel, "CompositeExplicitAutograd")
+        # Autocast passes through custom ops but stays on inside them: their PyTorch paths would
+        # have their matmuls recast (forward and backward ops alike).
+        _LIBRARY.impl(name, autocast_off(kernel), "CompositeExplicitAutograd")
         self.qualname = f"torchfg::{name}"
         _KERNELS[self.qualname] = kernel
         self._overload = getattr(torch.ops.torchfg, name).default
@@ -103,7 +107,7 @@ def _autograd_kernel(overload: torch._ops.OpOverload, backward: Callable[..., An
             needs_input_grad = ctx.needs_input_grad
             ctx.needs_input_grad = needs_input_grad[:-1]  # the user's backward sees the op's inputs only
             try:
-                result = backward(ctx, *grads)
+                result = autocast_off(backward)(ctx, *grads)
             finally:
                 ctx.needs_input_grad = needs_input_grad
             return (*result, None) if isinstance(result, tuple) else (result, None)

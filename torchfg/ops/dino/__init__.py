@@ -14,6 +14,7 @@ import torch
 from torchfg._validation import check_float_tensor, check_positive
 from torchfg.backends import BackendSpec, register_op, resolve_backend
 from torchfg.ops._library import custom_op
+from torchfg.ops.precision import autocast_off
 from torchfg.ops.dino.reference import (
     dino_accumulation_dtype,
     dino_loss_backward_reference,
@@ -110,6 +111,7 @@ _dino_loss_op.register_autograd(_backward, setup_context=_setup_context)
 _dino_loss_backward_op.register_first_order_only("torchfg's DINO loss (dino_loss)")
 
 
+@autocast_off
 def dino_loss(
     student_output: torch.Tensor,
     teacher_output: torch.Tensor,

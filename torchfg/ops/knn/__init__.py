@@ -14,6 +14,7 @@ from torchfg.ops.knn.cuda import KERNEL_MAX_K as CUDA_MAX_K
 from torchfg.ops.knn import cpu as _cpu
 from torchfg.ops.knn.reference import knn_reference
 from torchfg.ops.metric import METRICS, nonzero_rows, unit_rows
+from torchfg.ops.precision import autocast_off
 
 __all__ = ["knn", "METRICS", "TRITON_MAX_K", "AUTO_TRITON_MAX_K"]
 
@@ -265,6 +266,7 @@ def _validate(
         _check_magnitudes(((query, "query"),) + (() if gallery is None else ((gallery, "gallery"),)))
 
 
+@autocast_off
 def knn(
     query: torch.Tensor,
     gallery: torch.Tensor | None = None,
@@ -334,6 +336,7 @@ def knn(
     return _knn_op(query, gallery, k, metric, symmetric, self_offset, chosen, chunk_size or 0)
 
 
+@autocast_off
 def knn_search(
     query: torch.Tensor,
     gallery: torch.Tensor | None,

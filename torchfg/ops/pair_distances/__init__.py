@@ -20,6 +20,7 @@ from torchfg.ops.pair_distances.reference import (
     pair_distances_backward_reference,
     pair_distances_reference,
 )
+from torchfg.ops.precision import autocast_off
 
 __all__ = ["pair_distances", "anchor_pair_distances"]
 
@@ -142,6 +143,7 @@ _anchor_pair_distances_op.register_autograd(
 _anchor_pair_distances_backward_op.register_first_order_only("torchfg.ops.anchor_pair_distances")
 
 
+@autocast_off
 def pair_distances(
     x: torch.Tensor,
     x_idx: torch.Tensor,

@@ -11,6 +11,7 @@ from torchfg.backends import BackendSpec, register_op, resolve_backend
 from torchfg.ops._library import custom_op
 from torchfg.ops.metric import METRICS
 from torchfg.ops.pairwise.reference import pairwise_distance_backward_reference, pairwise_distance_reference
+from torchfg.ops.precision import autocast_off
 
 __all__ = ["pairwise_distance", "METRICS"]
 
@@ -63,6 +64,7 @@ _pairwise_distance_op.register_autograd(_backward, setup_context=_setup_context)
 _pairwise_distance_backward_op.register_first_order_only("torchfg.pairwise_distance")
 
 
+@autocast_off
 def pairwise_distance(
     x: torch.Tensor,
     y: torch.Tensor | None = None,
