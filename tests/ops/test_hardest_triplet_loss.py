@@ -375,3 +375,20 @@ def test_non_finite_anchor_gives_nan_loss_like_the_reference(metric, bad, separa
         keep = torch.arange(23, device=x.device) != 7
         clean = _run("triton", x[keep], labels[keep], y, y_labels, t, yt, metric=metric, reduction="none")[0]
         torch.testing.assert_close(losses[keep], clean, rtol=2e-5, atol=2e-5)
+
+
+@requires_triton
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_non_finite_anchor_text_gives_nan_adaptive_loss_like_the_reference(metric, poisoned, small_splits):
+    """The text sets the margin: a NaN description makes every negative key of its anchor NaN."""
+    x, labels, y, y_labels, t, yt = _problem(23, 23, 20, torch.float32, seed=6, text=9)
+    t = t.clone()
+    t[5, 2] = float("nan")
+    kwargs = dict(metric=metric, reduction="mean", margin_scale=0.5)
+    expected = _run("torch", x, labels, y, y_labels, t, t, **kwargs)[0]
+    actual = _run("triton", x, labels, y, y_labels, t, t, **kwargs)[0]
+    assert expected.isnan() and actual.isnan(), (expected, actual)
+    # Without the margin the text is not read: the loss stays finite on both.
+    finite = dict(kwargs, margin_scale=0.0)
+    torch.testing.assert_close(_run("triton", x, labels, y, y_labels, t, t, **finite)[0],
+                               _run("torch", x, labels, y, y_labels, t, t, **finite)[0], rtol=2e-5, atol=2e-5)

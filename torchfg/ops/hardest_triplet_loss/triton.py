@@ -172,11 +172,12 @@ def _hardest_triplet_fwd_kernel(
         # A NaN violation stays NaN (as relu), and its slope is 0 (as threshold_backward).
         loss = tl.where(violation < 0, 0.0, violation)
         slope = tl.where(violation > 0, 1.0, 0.0)
-    # An anchor with a NaN or inf entry has NaN keys, which the mining's strict comparisons never
-    # select (the reference's argmax does): it would drop out of the loss, and a diverged
-    # embedding would give a finite loss. Its loss is NaN instead (no gradient). Only unpaired
-    # anchors need the check, a rare case: a second pass over their rows, outside the main loop
-    # so that its registers stay as they were.
+    # An anchor with a NaN or inf entry (in its embedding, or in its text where the text sets the
+    # margin) has NaN keys, which the mining's strict comparisons never select (the reference's
+    # argmax does): it would drop out of the loss, and a diverged embedding would give a finite
+    # loss. Its loss is NaN instead (no gradient). Only unpaired anchors need the check, a rare
+    # case: a second pass over their rows, outside the main loop so that its registers stay as
+    # they were.
     unpaired = row_ok & ~valid
     row_sum = tl.zeros((BLOCK_R,), dtype=ACC_DTYPE)
     if tl.sum(unpaired.to(tl.int32), axis=0) > 0:
@@ -185,6 +186,13 @@ def _hardest_triplet_fwd_kernel(
             a = tl.load(a_base + cols.to(tl.int64)[None, :] * stride_xd, mask=unpaired[:, None] & (cols[None, :] < D),
                         other=0.0)
             row_sum += tl.sum(a.to(ACC_DTYPE), axis=1)  # NaN or inf iff an entry is (or it overflows)
+        if MARGIN_AWARE:
+            text_base = anchor_text_ptr + rows64[:, None] * stride_atn
+            for t0 in tl.range(0, T, BLOCK_T):
+                tcols = t0 + tl.arange(0, BLOCK_T)
+                ta = tl.load(text_base + tcols.to(tl.int64)[None, :] * stride_atd,
+                             mask=unpaired[:, None] & (tcols[None, :] < T), other=0.0)
+                row_sum += tl.sum(ta.to(ACC_DTYPE), axis=1)
     loss = tl.where(valid, loss, tl.where(tl.abs(row_sum) < float("inf"), 0.0, float("nan")))
     slope = tl.where(valid, slope, 0.0).to(ACC_DTYPE)
 
