@@ -523,7 +523,7 @@ def test_weights_gemm_backward_matches_reference(dtype, offset, monkeypatch):
     # noise floor, so W is 0 there (without the floor fp16 was 0.66 % off; with it 0.05 %).
     y[0, 3] = x[0, 5]
     tolerance = {torch.bfloat16: 2e-2, torch.float16: 4e-3}[dtype]
-    for metric in tri.WEIGHTS_GEMM_METRICS:
+    for metric in [m for m in tri.WEIGHTS_GEMM_METRICS if tri.uses_weights_gemm(dtype, m)]:
         out = pairwise_distance_reference(x, y, metric)
         grad = torch.randn(2, n, m, generator=g).to(TEST_DEVICE, dtype)
         gx, gy = tri.pairwise_distance_backward_triton(grad, x, y, out, metric)
@@ -542,7 +542,7 @@ def test_weights_gemm_backward_matches_reference(dtype, offset, monkeypatch):
 
 @requires_triton
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_weights_gemm_backward_of_duplicate_rows(dtype):
+def test_16bit_backward_of_duplicate_rows(dtype):
     """A P x K batch with repeated images: identical rows' distances from the GEMM-form forward
     are rounding noise, not 0. The W + GEMM backward gives them the zero subgradient (as the
     reference does at distance 0) instead of a W of g / noise (376 % error in bf16 without it)."""
@@ -554,10 +554,41 @@ def test_weights_gemm_backward_of_duplicate_rows(dtype):
     out = tri.pairwise_distance_triton(x, x, "euclidean", symmetric=True)  # as the op's forward
     grad = torch.randn(out.shape, generator=g).to(TEST_DEVICE, dtype)
     gx, gy = tri.pairwise_distance_backward_triton(grad, x, x, out, "euclidean")
-    assert tri.uses_weights_gemm(dtype, "euclidean")
+    assert tri.uses_weights_gemm(dtype, "euclidean") == (dtype == torch.bfloat16)  # fp16: the fused kernel
     x64 = x.double()
     gx_ref, gy_ref = pairwise_distance_backward_reference(
         grad.double(), x64, x64, pairwise_distance_reference(x64, x64, "euclidean"), "euclidean")
     for got, want, name in ((gx, gx_ref, "x"), (gy, gy_ref, "y")):
         err = (got.double() - want).abs().max() / want.abs().max()
         assert err < 2e-2, f"d{name}: relative error {err:.3g}"
+
+
+@requires_triton
+@pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean", "dot"])
+def test_fp16_backward_under_loss_scaling(metric):
+    """fp16 training scales the upstream gradient (GradScaler starts at 65536). W = g / (2 d) and
+    the row sums of G are not bounded by the gradient: stored in fp16 they overflowed to inf and
+    the gradient came out NaN (euclidean: unit rows 0.015 apart at g = 4096; sqeuclidean: a row
+    sum of 300 columns at g = 300), where the gradient itself is well inside fp16's range."""
+    g = torch.Generator().manual_seed(zlib.crc32(f"fp16-scaled-{metric}".encode()))
+    if metric == "euclidean":
+        x = torch.nn.functional.normalize(torch.randn(1, 5, 24, generator=g), dim=-1)
+        y = x + 0.003 * torch.randn(1, 5, 24, generator=g)
+        scale = 4096.0
+    else:  # rows close together: the gradient is small, G's row sums (300 x 300) are not
+        centre = torch.randn(1, 1, 24, generator=g)
+        x = centre + 0.01 * torch.randn(1, 3, 24, generator=g)
+        y = centre + 0.01 * torch.randn(1, 300, 24, generator=g)
+        scale = 300.0 if metric == "sqeuclidean" else 1.0  # dot: the GEMMs are the gradient
+    x, y = x.to(TEST_DEVICE, torch.float16), y.to(TEST_DEVICE, torch.float16)
+    upstream = torch.full((1, x.shape[1], y.shape[1]), scale, device=TEST_DEVICE, dtype=torch.float16)
+    xx, yy = x.clone().requires_grad_(), y.clone().requires_grad_()
+    pairwise_distance(xx, yy, metric, backend="triton").backward(upstream)
+    x64, y64 = x.double(), y.double()
+    want = pairwise_distance_backward_reference(
+        upstream.double(), x64, y64, pairwise_distance_reference(x64, y64, metric), metric)
+    for got, ref, name in zip((xx.grad, yy.grad), want, ("x", "y")):
+        assert ref.abs().max() < 30000  # the gradient itself is well inside fp16's range
+        assert torch.isfinite(got).all(), f"d{name} not finite"
+        err = (got.double() - ref).abs().max() / ref.abs().max()
+        assert err < 4e-3, f"d{name}: relative error {err:.3g}"

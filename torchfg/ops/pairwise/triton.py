@@ -6,8 +6,7 @@ with tl.dot (fp32 accumulation), then applies the metric's epilogue from precomp
 Backward: dL/dx = a * x + W @ (s * y), where the coefficient matrix W is derived from the
 upstream gradient G (and the saved output for ``euclidean``). Two ways:
 
-* fp16/bf16 (the training dtypes), euclidean, sqeuclidean and dot: W is computed once by the
-  element-wise :func:`_pairwise_grad_weights_kernel`, in row chunks of at most
+* bf16 (euclidean, sqeuclidean and dot) and fp16 (dot): W is computed once by the element-wise :func:`_pairwise_grad_weights_kernel`, in row chunks of at most
   :data:`WEIGHTS_BLOCK_ELEMENTS` (``sqeuclidean`` and ``dot`` use G itself), and the two
   products ``W @ y`` and ``W^T @ x`` are cuBLAS GEMMs, which also give W's row and column sums
   (a ones column appended to the centred operands).
@@ -16,7 +15,11 @@ upstream gradient G (and the saved output for ``euclidean``). Two ways:
   multiply-adds, and again for every D slice and for each side, so its element-wise work
   outweighed the tensor cores about 4 to 1. This path (33335f0, before its operands were centred):
   10.6 ms forward + backward (cdist 15.5).
-* fp32/fp64, cosine, deterministic mode and pinned configs: each program owns a
+  fp16 keeps the fused kernel for euclidean and sqeuclidean: W = g / (2 d) and the sums of G
+  that the ones column gives are not bounded by the gradient, and in fp16 (max 65504) they
+  overflowed to inf, then NaN, under a loss scaler's upstream gradients (g ~ 4096 at unit-norm
+  rows; a row sum of 700 columns at g = 100). bf16 has fp32's range; dot's GEMMs are the gradient.
+* fp32/fp64, fp16 euclidean and sqeuclidean, cosine, deterministic mode and pinned configs: each program owns a
   (BLOCK_M x BLOCK_D) tile of dL/dx and loops over the M axis, deriving its W tiles on the fly;
   dL/dy is the same kernel with x and y swapped (G and the output read transposed through
   strides, no copy). No (B, N, M) temporary is written in either direction.
@@ -444,8 +447,11 @@ WEIGHTS_GEMM_METRICS = ("euclidean", "sqeuclidean", "dot")
 
 def uses_weights_gemm(dtype: torch.dtype, metric: str) -> bool:
     """Whether the backward of ``dtype`` inputs takes the W + GEMM path (see the module docstring)."""
-    return (dtype in (torch.float16, torch.bfloat16) and metric in WEIGHTS_GEMM_METRICS
-            and not torch.are_deterministic_algorithms_enabled())
+    if dtype == torch.bfloat16:
+        gemm = metric in WEIGHTS_GEMM_METRICS
+    else:  # fp16's range: only dot, whose GEMM outputs are the gradient itself
+        gemm = dtype == torch.float16 and metric == "dot"
+    return gemm and not torch.are_deterministic_algorithms_enabled()
 
 
 def _with_ones_column(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -535,8 +541,8 @@ def pairwise_distance_backward_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton backward: (dL/dx (B, N, D), dL/dy (B, M, D)) from dL/dout (B, N, M).
 
-    16-bit inputs take the W + GEMM path (extra memory: one row chunk of W, at most
-    :data:`WEIGHTS_BLOCK_ELEMENTS` elements) except for cosine; ``config`` pins the fused
+    bf16 inputs (and fp16 with ``dot``) take the W + GEMM path (extra memory: one row chunk of W,
+    at most :data:`WEIGHTS_BLOCK_ELEMENTS` elements) except for cosine; ``config`` pins the fused
     kernel's tiles (and with it the fused path, as do fp32/fp64, cosine and
     ``torch.use_deterministic_algorithms``).
     """
