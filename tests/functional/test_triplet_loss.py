@@ -1067,3 +1067,19 @@ def test_nan_embedding_gives_nan_batch_hard_and_adaptive_loss(backend, metric):
     text = torch.randn(13, 5, generator=gen).to(TEST_DEVICE)
     assert TF.triplet_margin_loss(x, labels, metric=metric, backend=backend).isnan()
     assert TF.adaptive_triplet_loss(x, labels, text, metric=metric, backend=backend).isnan()
+
+
+def test_mine_triplets_takes_any_margin_without_text_and_a_non_negative_one_with_it():
+    """Without text the margin selects nothing, and the losses take negative margins: so does
+    mine_triplets. With text it is the adaptive margins' base and must be >= 0."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(12, 5, generator=gen)
+    labels = torch.arange(12) % 3
+    for strategy in ("batch_hard", "semi_hard", "all"):
+        expected = TF.mine_triplets(x, labels, strategy=strategy, margin=0.2)
+        for got, want in zip(TF.mine_triplets(x, labels, strategy=strategy, margin=-0.1), expected):
+            assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="margin.*base margin.*>= 0"):
+        TF.mine_triplets(x, labels, margin=-0.1, text_embeddings=torch.randn(12, 4, generator=gen))
+    with pytest.raises(ValueError, match="margin must be finite"):
+        TF.mine_triplets(x, labels, margin=float("nan"))

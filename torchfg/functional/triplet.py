@@ -856,7 +856,9 @@ def _mine_triplets_checked(
     check_choice(strategy, "strategy", MINING_STRATEGIES)
     check_choice(metric, "metric", METRICS)
     _check_mining_backend(strategy, backend)
-    margin = _check_number(margin, "margin", low=0.0)
+    # Without text the margin selects nothing (any finite value, as the losses take); with text
+    # it is the adaptive margins' base, which must not be negative.
+    margin = _check_number(margin, "margin")
     if text_embeddings is not None:
         if strategy != "batch_hard":
             raise ValueError(f"text_embeddings (margin-aware mining) needs strategy='batch_hard', got {strategy!r}")
@@ -865,7 +867,10 @@ def _mine_triplets_checked(
         text_embeddings = _check_text(text_embeddings, embeddings.shape[0], embeddings.device)
         if candidate_text is None:
             candidate_text = text_embeddings
-        base_margin = margin if base_margin is None else _check_number(base_margin, "base_margin", low=0.0)
+        if base_margin is None:
+            base_margin = _check_number(margin, "margin (the base margin with text_embeddings)", low=0.0)
+        else:
+            base_margin = _check_number(base_margin, "base_margin", low=0.0)
         margin_scale = DEFAULT_MARGIN_SCALE if margin_scale is None else _check_number(margin_scale, "margin_scale", low=0.0)
         if text_positive_threshold is not None:
             text_positive_threshold = _check_number(

@@ -538,9 +538,12 @@ def wrap_backbone(
         logits = model(images, parsing)                             # (B, 3, 224, 224), (B, 20, h, w)
         loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets.float())
 
-        # baseline: the parsing map as 20 extra input channels
-        resnet.conv1 = widen_first_conv(resnet.conv1, 20)
-        model = wrap_backbone(resnet, "conv1", SemanticFusion(3, 20, mode="input_concat"), position="before")
+        # baseline: the parsing map as 20 extra input channels, on a fresh backbone (the one
+        # above keeps its layer3 hook, which only its own wrapper may call)
+        baseline = torchvision.models.resnet50(weights="IMAGENET1K_V2")
+        baseline.fc = torch.nn.Linear(2048, num_attributes)
+        baseline.conv1 = widen_first_conv(baseline.conv1, 20)
+        model = wrap_backbone(baseline, "conv1", SemanticFusion(3, 20, mode="input_concat"), position="before")
     """
     if not isinstance(backbone, nn.Module):
         raise TypeError(f"backbone must be an nn.Module, got {type(backbone).__name__}")
