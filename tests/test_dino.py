@@ -592,6 +592,36 @@ def test_center_update_across_two_ranks_matches_single_process():
         torch.testing.assert_close(center, single.center, rtol=1e-6, atol=1e-6)
 
 
+def _empty_rank_worker(rank, world_size, teacher):
+    criterion = DINOLoss(24, 3, n_global_crops=2, n_epochs=3, center_momentum=0.7, backend="torch")
+    rows = teacher.shape[0] // 2 if rank == 0 else 0
+    student = torch.randn(3 * rows, 24, requires_grad=True)
+    loss = criterion(student, teacher[: 2 * rows], 0)
+    loss.backward()
+    return loss.detach(), criterion.center
+
+
+@pytest.mark.distributed
+def test_an_empty_rank_joins_the_center_update_instead_of_hanging():
+    """An uneven last batch can leave one rank with no rows: the other rank waits in the centre's
+    all_reduce, so the empty rank must join it (its loss is 0) rather than raise alone."""
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is unavailable")
+    from dist_utils import run_on_ranks
+
+    teacher = torch.randn(8, 24, generator=torch.Generator().manual_seed(3))
+    results = run_on_ranks(_empty_rank_worker, 2, teacher)
+    assert all(r[0] == "ok" for r in results), results
+    single = DINOLoss(24, 3, n_global_crops=2, n_epochs=3, center_momentum=0.7, backend="torch")
+    single.update_center(teacher)
+    assert results[1][1][0] == 0
+    for _, (_, center) in results:
+        torch.testing.assert_close(center, single.center, rtol=1e-6, atol=1e-6)
+    # Without a process group an empty batch is still an error.
+    with pytest.raises(ValueError, match="0 rows"):
+        DINOLoss(24, 3, n_global_crops=2)(torch.randn(0, 24), torch.randn(0, 24), 0)
+
+
 # --------------------------------------------------------------------------- head, wrapper, schedules
 
 

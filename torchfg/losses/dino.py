@@ -146,7 +146,8 @@ class DINOLoss(nn.Module):
             epoch: current epoch, in ``[0, n_epochs)``; selects the teacher temperature.
 
         Returns:
-            0-dim loss in the student's dtype.
+            0-dim loss in the student's dtype. Under torch.distributed in training mode a rank
+            may have an empty batch (B = 0): it takes part in the centre update and gets 0.
         """
         check_float_tensor(student_output, "student_output", ndim=2)
         check_float_tensor(teacher_output, "teacher_output", ndim=2)
@@ -154,6 +155,12 @@ class DINOLoss(nn.Module):
             if tensor.shape[1] != self.out_dim:
                 raise ValueError(f"{name} must have out_dim={self.out_dim} columns, got shape {tuple(tensor.shape)}")
         teacher_temp = self.teacher_temp_at(epoch)
+        if (student_output.shape[0] == 0 and teacher_output.shape[0] == 0 and self.training
+                and torch.distributed.is_available() and torch.distributed.is_initialized()):
+            # A rank with an empty batch (an uneven split) must still join the centre's all_reduce,
+            # or the other ranks wait in it forever. It has no pairs: loss 0, zero gradient.
+            self.update_center(teacher_output)
+            return student_output.sum() * 0.0
         # The centre update below rebinds the buffer, so the tensor saved for backward stays as it is.
         loss = dino_loss(
             student_output,
