@@ -592,3 +592,23 @@ def test_fp16_backward_under_loss_scaling(metric):
         assert torch.isfinite(got).all(), f"d{name} not finite"
         err = (got.double() - ref).abs().max() / ref.abs().max()
         assert err < 4e-3, f"d{name}: relative error {err:.3g}"
+
+
+@requires_triton
+def test_bf16_backward_when_the_gradient_cancels():
+    """A row at the centre of 700 rows placed symmetrically about it: its gradient is a small
+    residue of large terms. With the operands shifted by an inexact mean (every bf16(y - c)
+    rounded alike) and 16-bit GEMM outputs (the row sum 700 became 704), dL/dx was 400 % off."""
+    g = torch.Generator().manual_seed(zlib.crc32(b"bf16-cancel"))
+    x = torch.randn(1, 1, 8, generator=g).to(TEST_DEVICE, torch.bfloat16)
+    e = torch.randn(350, 8, generator=g).to(TEST_DEVICE)
+    y = torch.cat([x[0, 0].float() + e, x[0, 0].float() - e])[None].to(torch.bfloat16)
+    upstream = torch.ones(1, 1, 700, device=TEST_DEVICE, dtype=torch.bfloat16)
+    xx, yy = x.clone().requires_grad_(), y.clone().requires_grad_()
+    pairwise_distance(xx, yy, "sqeuclidean", backend="triton").backward(upstream)
+    x64, y64 = x.double(), y.double()
+    want = pairwise_distance_backward_reference(
+        upstream.double(), x64, y64, pairwise_distance_reference(x64, y64, "sqeuclidean"), "sqeuclidean")
+    for got, ref, name in zip((xx.grad, yy.grad), want, ("x", "y")):
+        err = (got.double() - ref).abs().max() / ref.abs().max()
+        assert err < 1e-2, f"d{name}: relative error {err:.3g}"

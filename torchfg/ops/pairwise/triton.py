@@ -465,17 +465,45 @@ def _with_ones_column(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
+def _bmm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` of 16-bit operands with fp32 accumulation and an fp32 result: the row and column
+    sums and the products meet in differences that cancel, which a 16-bit output would round first.
+    cuBLAS writes fp32 directly (``out_dtype``, torch >= 2.8 on CUDA); elsewhere the operands are
+    upcast (exact), which costs memory but computes the same."""
+    if a.is_cuda:
+        try:
+            return torch.bmm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):  # an older torch
+            pass
+    return torch.bmm(a.float(), b.float())
+
+
+def _exact_centre(x32: torch.Tensor, y32: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, 1, D) shift c for the GEMM operands, chosen so that every ``x - c`` and ``y - c`` is exact in
+    ``dtype``: the column mean rounded to ``dtype`` where all values lie within 1/2.1 of it (then
+    ``c / 2 <= v <= 2 c`` and the difference is exact, by Sterbenz's lemma), else 0 (the values
+    themselves, exact). A mean that is not a ``dtype`` value rounded every ``v - c`` by the same
+    amount within a binade: errors that add up over M rows instead of averaging out."""
+    n = x32.shape[1] + y32.shape[1]
+    mean = (x32.sum(1, keepdim=True) + y32.sum(1, keepdim=True)) / n
+    centre = mean.to(dtype).float()
+    spread = torch.maximum((x32 - centre).abs().amax(1, keepdim=True), (y32 - centre).abs().amax(1, keepdim=True))
+    return torch.where(centre.abs() >= 2.1 * spread, centre, torch.zeros_like(centre))
+
+
 def _backward_weights_gemm(
     grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor, out: torch.Tensor, metric: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dL/dx, dL/dy) of 16-bit inputs: W once (in row chunks), then ``W @ y`` and ``W^T @ x``.
 
     dL/dx_i = 2 sum_j w_ij (x_i - y_j) = 2 (rowsum_i (x_i - c) - (W @ (y - c))_i) for any shift
-    c: the rows are centred on the mean of all rows of x and y (per batch) before they become
-    16-bit GEMM operands, so that data far from the origin does not turn the difference into a
-    cancellation of two large rounded products (at an offset of 32 the uncentred bf16 gradient
-    was 5 % off, the fused kernel 0.5 %). The row and column sums of W come out of the same GEMMs,
-    as the product with a ones column appended to the operands.
+    c. The two terms cancel when x_i is near the W-weighted mean of the y_j, so both come out of
+    the GEMMs in fp32 (:func:`_bmm_fp32`), and the operands ``y - c`` are exact 16-bit values
+    (:func:`_exact_centre`): data far from the origin is shifted by its mean, rounded to the
+    operand dtype (at an offset of 32 the unshifted bf16 gradient was 5 % off), and data around it
+    is not shifted. A mean shift that was not exact, with 16-bit GEMM outputs, gave 400 % error
+    for a row at the centre of 700 symmetric rows. The row and column sums of W come out of the
+    same GEMMs, as the product with a ones column appended to the operands.
 
     The Euclidean W = g / (2 d) meets two rounded products instead of the exact difference
     x_i - y_j the fused kernel multiplies, which costs about g |x - c| / d times the 16-bit
@@ -490,24 +518,24 @@ def _backward_weights_gemm(
     B, N, D = x.shape
     M = y.shape[1]
     grad = grad.contiguous()
-    if metric == "dot":  # W = G, no sums: two GEMMs
+    if metric == "dot":  # W = G, no sums: two GEMMs, which are the gradient
         return torch.bmm(grad, y).neg_(), torch.bmm(grad.transpose(1, 2), x).neg_()
     if metric == "euclidean":  # the noise floor's scale: the forward's own squared norms
         x_sq = _metric_norms(x, metric)
         y_sq = x_sq if y is x else _metric_norms(y, metric)
     x32, y32 = x.float(), y.float()
-    centre = (x32.sum(1, keepdim=True) + y32.sum(1, keepdim=True)) / (N + M)
+    centre = _exact_centre(x32, y32, x.dtype)
     x32, y32 = x32 - centre, y32 - centre
     x_op, y_op = _with_ones_column(x32, x.dtype), _with_ones_column(y32, y.dtype)
     if metric == "sqeuclidean":  # W = G: no map, no chunks
-        wy, wtx = torch.bmm(grad, y_op), torch.bmm(grad.transpose(1, 2), x_op)
+        wy, wtx = _bmm_fp32(grad, y_op), _bmm_fp32(grad.transpose(1, 2), x_op)
     else:
         out = out.contiguous()
         block = _WEIGHTS_BLOCK_INTERPRETER if triton_interpreter_enabled() else _WEIGHTS_BLOCK
         rows_per_chunk = max(1, min(N, WEIGHTS_BLOCK_ELEMENTS // max(B * M, 1)))
         w_buffer = torch.empty(B, rows_per_chunk, M, dtype=x.dtype, device=x.device)
         wy_chunks = []
-        wtx = None  # sum over chunks of W_c^T @ x_c (fp32 when there are several chunks)
+        wtx = None  # sum over chunks of W_c^T @ x_c (fp32)
         for r0 in range(0, N, rows_per_chunk):
             r1 = min(N, r0 + rows_per_chunk)
             w_c = w_buffer[:, : r1 - r0]
@@ -519,15 +547,15 @@ def _backward_weights_gemm(
                 x_sq_c.stride(0), y_sq.stride(0), w_c.stride(0), w_c.stride(1),
                 BLOCK=block, num_warps=4,
             )
-            wy_chunks.append(torch.bmm(w_c, y_op))
-            part = torch.bmm(w_c.transpose(1, 2), x_op[:, r0:r1])
+            wy_chunks.append(_bmm_fp32(w_c, y_op))
+            part = _bmm_fp32(w_c.transpose(1, 2), x_op[:, r0:r1])
             if wtx is None:
-                wtx = part if r1 == N else part.float()
+                wtx = part
             else:
                 wtx += part
         wy = wy_chunks[0] if len(wy_chunks) == 1 else torch.cat(wy_chunks, dim=1)
-    gx = 2.0 * (wy[..., D:D + 1].float() * x32 - wy[..., :D].float())
-    gy = 2.0 * (wtx[..., D:D + 1].float() * y32 - wtx[..., :D].float())
+    gx = 2.0 * (wy[..., D:D + 1] * x32 - wy[..., :D])
+    gy = 2.0 * (wtx[..., D:D + 1] * y32 - wtx[..., :D])
     return gx.to(x.dtype), gy.to(y.dtype)
 
 
