@@ -10,7 +10,6 @@ from torch import nn
 from torchfg._validation import check_choice, check_positive
 from torchfg.ops.metric import METRICS
 from torchfg.functional.fewshot import class_prototypes, prototype_logits
-from torchfg.ops.precision import autocast_off
 
 __all__ = ["PrototypicalHead"]
 
@@ -102,7 +101,6 @@ class PrototypicalHead(nn.Module):
             backend=self.backend,
         )
 
-    @autocast_off
     def forward(
         self,
         support_or_query: torch.Tensor,

@@ -17,7 +17,6 @@ from torchfg.functional.triplet import (
     triplet_margin_loss,
 )
 from torchfg.ops.metric import DEFAULT_METRIC, METRICS
-from torchfg.ops.precision import autocast_off
 
 __all__ = ["TripletMarginLoss", "AdaptiveTripletLoss"]
 
@@ -83,7 +82,6 @@ class TripletMarginLoss(nn.Module):
         _check_mining_backend(mining, backend)
         self.backend = backend
 
-    @autocast_off
     def forward(
         self,
         embeddings: torch.Tensor,
@@ -170,7 +168,6 @@ class AdaptiveTripletLoss(nn.Module):
         _check_mining_backend("batch_hard", backend)
         self.backend = backend
 
-    @autocast_off
     def forward(
         self,
         embeddings: torch.Tensor,

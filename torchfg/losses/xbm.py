@@ -11,7 +11,6 @@ from torchfg._validation import check_float_tensor, check_int, check_labels
 from torchfg.functional.triplet import _check_indices_tuple
 from torchfg.functional.xbm import enqueue, gather_for_memory, memory_triplet_loss
 from torchfg.losses.triplet import AdaptiveTripletLoss, TripletMarginLoss
-from torchfg.ops.precision import autocast_off
 
 __all__ = ["CrossBatchMemory"]
 
@@ -112,7 +111,6 @@ class CrossBatchMemory(nn.Module):
         if text is not None and (self.text_memory.device != text.device or self.text_memory.dtype != text.dtype):
             self.text_memory = self.text_memory.to(text.device, text.dtype)
 
-    @autocast_off
     def forward(
         self,
         embeddings: torch.Tensor,

@@ -92,6 +92,10 @@ def _autograd_kernel(overload: torch._ops.OpOverload, backward: Callable[..., An
     """The ``Autograd`` dispatch-key kernel of ``overload``: an autograd.Function whose forward
     redispatches below autograd (the op's own kernels), as torch.library.register_autograd's does."""
 
+    # Wrapped once here, not per call: the backward runs wherever the caller calls backward(),
+    # possibly inside an autocast region.
+    backward = autocast_off(backward)
+
     class Function(torch.autograd.Function):
         @staticmethod
         def forward(ctx: Any, *args: Any) -> Any:
@@ -107,7 +111,7 @@ def _autograd_kernel(overload: torch._ops.OpOverload, backward: Callable[..., An
             needs_input_grad = ctx.needs_input_grad
             ctx.needs_input_grad = needs_input_grad[:-1]  # the user's backward sees the op's inputs only
             try:
-                result = autocast_off(backward)(ctx, *grads)
+                result = backward(ctx, *grads)
             finally:
                 ctx.needs_input_grad = needs_input_grad
             return (*result, None) if isinstance(result, tuple) else (result, None)
