@@ -36,6 +36,7 @@ _DTYPE_CODES = {
         torch.int32, torch.int64, torch.bool, torch.complex64, torch.complex128,
     ))
 }
+_DTYPE_NAMES = {code: str(dtype).removeprefix("torch.") for dtype, code in _DTYPE_CODES.items()}
 
 
 def is_distributed(group: dist.ProcessGroup | None = None) -> bool:
@@ -80,7 +81,6 @@ def _exchange_shapes(
     gathered = [torch.empty_like(meta, device=device) for _ in range(world_size(group))]
     dist.all_gather(gathered, meta.to(device), group=group)
     shapes = torch.stack([g.cpu() for g in gathered])
-    names_of_codes = {code: str(dtype).removeprefix("torch.") for dtype, code in _DTYPE_CODES.items()}
     for i, name in enumerate(names):
         ndims = shapes[:, i, _NDIM]
         bad = (ndims < 0).nonzero().flatten().tolist()
@@ -90,7 +90,7 @@ def _exchange_shapes(
             raise ValueError(f"{name} has a different number of dims across ranks: {ndims.tolist()}")
         dtypes = shapes[:, i, _DTYPE]
         if (dtypes != dtypes[0]).any():
-            per_rank = {r: names_of_codes.get(int(c), f"a {int(c) - 100}-byte dtype") for r, c in enumerate(dtypes.tolist())}
+            per_rank = {r: _DTYPE_NAMES.get(int(c), f"a {int(c) - 100}-byte dtype") for r, c in enumerate(dtypes.tolist())}
             raise ValueError(f"{name} has different dtypes across ranks: {per_rank}")
         trailing = shapes[:, i, _SHAPE + 1 : _SHAPE + int(ndims[0])]
         if (trailing != trailing[0]).any():

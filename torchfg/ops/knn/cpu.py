@@ -156,10 +156,9 @@ def _flags() -> list[str]:
     return flags
 
 
-def _build(source: Path, compiler: Sequence[str] | str) -> Path:
-    """Compile ``source`` with the ``compiler`` command into the cache (once per source hash,
-    command and flags) and return the library."""
-    compiler = [compiler] if isinstance(compiler, str) else list(compiler)
+def _build(source: Path, compiler: Sequence[str]) -> Path:
+    """Compile ``source`` with the ``compiler`` command (as :func:`_compiler` returns it) into the
+    cache (once per source hash, command and flags) and return the library."""
     flags = _flags()
     key = hashlib.sha256(source.read_bytes() + "\0".join([*compiler, *flags]).encode()).hexdigest()[:20]
     target_dir = _cache_root() / key
