@@ -378,6 +378,23 @@ def test_non_finite_anchor_gives_nan_loss_like_the_reference(metric, bad, separa
 
 
 @requires_triton
+@pytest.mark.parametrize("metric", METRICS)
+def test_nan_candidate_is_never_chosen(metric, poisoned, small_splits):
+    """docs/concepts/numerics.md: a NaN row that is only a candidate is never chosen by the kernel,
+    so every anchor's term is the one it has against the candidates without that row. The
+    (sq)euclidean key's clamp at 0 used maxnum, which turned the NaN key into 0: the NaN row was
+    every anchor's nearest negative. (An inf row is a legitimate pick: infinitely far.)"""
+    x, labels, y, y_labels, _, _ = _problem(23, 29, 20, torch.float32, seed=7, separate=True)
+    y[4, 5] = float("nan")
+    keep = torch.arange(29, device=y.device) != 4
+    kwargs = dict(metric=metric, reduction="none", exclude_self=False)
+    losses = _run("triton", x, labels, y, y_labels, None, None, **kwargs)[0]
+    clean = _run("triton", x, labels, y[keep], y_labels[keep], None, None, **kwargs)[0]
+    torch.testing.assert_close(losses, clean, rtol=2e-5, atol=2e-5)
+    assert losses.isfinite().all()
+
+
+@requires_triton
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
 def test_non_finite_anchor_text_gives_nan_adaptive_loss_like_the_reference(metric, poisoned, small_splits):
     """The text sets the margin: a NaN description makes every negative key of its anchor NaN."""

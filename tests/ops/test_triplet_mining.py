@@ -416,6 +416,28 @@ def test_singletons_have_no_positive_and_one_class_has_no_negative(metric):
     assert (pos >= 0).all() and (neg == -1).all()
 
 
+@pytest.mark.parametrize("metric", METRICS)
+def test_a_nan_row_is_never_chosen(metric):
+    """docs/concepts/numerics.md: the kernel never picks a NaN key, so every other anchor chooses
+    as if the NaN row were not there (every tiling, the symmetric kernel included). Before the
+    (sq)euclidean clamp propagated NaN, maxnum made the NaN row everyone's nearest negative."""
+    x, y = _cluster_batch()
+    row = 11
+    x_nan = x.clone()
+    x_nan[row, 3] = float("nan")
+    keep = torch.arange(x.shape[0], device=TEST_DEVICE) != row
+    # Indices into the batch without the row, mapped back to the full batch's numbering.
+    back = torch.nonzero(keep).flatten()
+    for tiles in TILES:
+        pos, neg = run_kernel(x_nan, x_nan, y, y, None, None, tiles, **{**_BASIC, "metric": metric})
+        pos_clean, neg_clean = run_kernel(x[keep], x[keep], y[keep], y[keep], None, None, tiles,
+                                          **{**_BASIC, "metric": metric})
+        expected_pos = torch.where(pos_clean >= 0, back[pos_clean.clamp_min(0)], pos_clean)
+        expected_neg = torch.where(neg_clean >= 0, back[neg_clean.clamp_min(0)], neg_clean)
+        assert pos[keep].tolist() == expected_pos.tolist(), tiles
+        assert neg[keep].tolist() == expected_neg.tolist(), tiles
+
+
 def test_single_anchor_and_single_candidate():
     x = torch.tensor([[1.0, 2.0, 3.0]], device=TEST_DEVICE)
     y = torch.tensor([4], device=TEST_DEVICE)

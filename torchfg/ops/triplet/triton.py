@@ -280,7 +280,10 @@ def _tile_keys(
         if METRIC == 2:  # cosine: stats hold inverse norms
             dist = 1.0 - dot * anchor_stat[:, None] * cand_stat[None, :]
         else:  # (sq)euclidean: squared distance, the selection key of positives (same order)
-            dist = tl.maximum(anchor_stat[:, None] + cand_stat[None, :] - 2.0 * dot, 0.0)
+            # propagate_nan: the default maximum (maxnum) turns a NaN key into 0, the nearest
+            # negative, where the strict comparisons must see NaN and never pick it.
+            dist = tl.maximum(anchor_stat[:, None] + cand_stat[None, :] - 2.0 * dot, 0.0,
+                              propagate_nan=tl.PropagateNan.ALL)
 
     cand_label = tl.load(cand_label_ptr + cols * LABEL_STRIDE)
     if WIDE_LABELS:
