@@ -95,6 +95,10 @@ def test_plot_without_matplotlib_fails_before_measuring(tmp_path, capsys, monkey
         ["bench", "--repeat", "0"],
         ["bench", "--warmup", "-1"],
         ["bench", "--max-seconds", "0"],
+        # inf reached int() and the subprocess timeout: a traceback, not a usage error.
+        ["bench", "--isolate", "--memory-limit-gib", "inf"],
+        ["bench", "--isolate", "--case-timeout", "inf"],
+        ["bench", "--max-seconds", "nan"],
     ],
 )
 def test_bad_arguments_exit_with_usage_error(argv, capsys):

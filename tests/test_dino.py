@@ -478,6 +478,9 @@ S, T, C = torch.randn(12, 8), torch.randn(6, 8), torch.zeros(8)  # n_crops=4, n_
         ((S[:3], T[:2], C), {"n_crops": 1, "n_global_crops": 1}, ValueError, "n_crops"),
         ((S, T, C), {"student_temp": 0.0}, ValueError, "student_temp"),
         ((S, T, C), {"teacher_temp": -1.0}, ValueError, "teacher_temp"),
+        # 1/temp overflows fp32: the loss was NaN on both backends.
+        ((S, T, C), {"teacher_temp": 1e-40}, ValueError, "teacher_temp"),
+        ((S, T, C), {"student_temp": 1e-40}, ValueError, "student_temp"),
         ((S, T, C), {"n_crops": 4.0}, TypeError, "n_crops"),
         ((S[0], T, C), {}, ValueError, "student_output"),
         ((S, T.long(), C), {}, TypeError, "teacher_output"),
@@ -663,6 +666,14 @@ def test_dino_head_bad_args():
         DINOHead(8.0, 16)
 
 
+
+def test_dino_head_refuses_non_bool_flags():
+    # "False" is truthy: it used to freeze the magnitude / add BatchNorm silently.
+    with pytest.raises(TypeError, match="norm_last_layer must be a bool"):
+        DINOHead(8, 16, hidden_dim=8, bottleneck_dim=4, norm_last_layer="False")
+    with pytest.raises(TypeError, match="use_bn must be a bool"):
+        DINOHead(8, 16, hidden_dim=8, bottleneck_dim=4, use_bn=1)
+
 class CountingBackbone(nn.Module):
     def __init__(self, as_tuple=False):
         super().__init__()
@@ -730,6 +741,16 @@ def test_cosine_schedule_bad_args():
     with pytest.raises(TypeError, match="base"):
         cosine_schedule(float("nan"), 0.0, 2, 10)
 
+
+
+def test_cosine_schedule_extreme_finite_values_stay_finite():
+    # final + (base - final) * w overflowed in base - final although every value lies in [final, base].
+    values = cosine_schedule(1e308, -1e308, 2, 2)
+    assert np.all(np.isfinite(values))
+    np.testing.assert_allclose(values, 1e308 * np.cos(np.pi * np.arange(4) / 4), rtol=1e-12, atol=1e294)
+    assert cosine_schedule(-1e308, 1e308, 1, 1)[0] == -1e308
+    warmup = cosine_schedule(1e308, 0.0, 2, 3, warmup_epochs=1, start_warmup_value=-1e308)[:3]
+    np.testing.assert_allclose(warmup, [-1e308, 0.0, 1e308], rtol=1e-12, atol=1e294)
 
 def test_ema_update():
     torch.manual_seed(0)

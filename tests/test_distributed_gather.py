@@ -42,6 +42,34 @@ def test_all_gather_with_grad_concatenates_and_sums_gradients(world):
         offset += n
 
 
+def _second_order(rank: int, world: int):
+    x = _rank_data(rank, world).requires_grad_()
+    gathered = all_gather_with_grad(x)
+    weights = torch.linspace(0.5, 2.0, gathered.numel(), dtype=torch.float64).reshape(gathered.shape) * (rank + 1)
+    (first,) = torch.autograd.grad((weights * gathered**2).sum(), x, create_graph=True)
+    (second,) = torch.autograd.grad((first**2).sum(), x)
+    return first.detach(), second
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_all_gather_with_grad_second_order(world):
+    """loss_r = sum(w_r * g**2) over the gathered g: dL/dx = 2 W x and d|dL/dx|^2/dx = 8 W^2 x on
+    each rank's rows, W = sum_r w_r. The backward's untracked in-place all-reduce made the second
+    order miss the other ranks' terms (silently, with a torch warning)."""
+    results = run_on_ranks(_second_order, world)
+    assert all(r[0] == "ok" for r in results), results
+    total = sum(SIZES[world])
+    weights = torch.linspace(0.5, 2.0, total * 6, dtype=torch.float64).reshape(total, 6)
+    w_sum = weights * sum(r + 1 for r in range(world))
+    offset = 0
+    for r, (_, (first, second)) in enumerate(results):
+        n = SIZES[world][r]
+        x, w = _rank_data(r, world), w_sum[offset : offset + n]
+        torch.testing.assert_close(first, 2 * w * x)
+        torch.testing.assert_close(second, 8 * w**2 * x)
+        offset += n
+
+
 def _mismatched_dim(rank: int, world: int):
     return all_gather_no_grad(torch.zeros(2, 4 + rank))
 

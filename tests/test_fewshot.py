@@ -243,6 +243,41 @@ def test_bad_input_errors_name_the_argument() -> None:
         prototypical_logits(support, labels, query, temperature=-1.0)
 
 
+def test_non_bool_normalize_is_refused() -> None:
+    # A string such as "false" is truthy: it used to normalise silently.
+    support, labels, query = make_episode(3, 4, 8, seed=16)
+    with pytest.raises(TypeError, match="normalize must be a bool"):
+        PrototypicalHead(normalize="false")
+    with pytest.raises(TypeError, match="normalize must be a bool"):
+        class_prototypes(support, labels, normalize="false")
+    prototypes, _ = class_prototypes(support, labels)
+    with pytest.raises(TypeError, match="normalize must be a bool"):
+        prototype_logits(query, prototypes, normalize=1)
+    with pytest.raises(TypeError, match="normalize must be a bool"):
+        prototypical_logits(support, labels, query, normalize="no")
+
+
+def test_temperature_whose_reciprocal_overflows_is_refused() -> None:
+    # Logits divided by 1e-320 are -inf, and the softmax over them NaN.
+    support, labels, query = make_episode(3, 4, 8, seed=17)
+    with pytest.raises(ValueError, match="temperature"):
+        PrototypicalHead(temperature=1e-320)
+    with pytest.raises(ValueError, match="temperature"):
+        prototypical_logits(support, labels, query, temperature=1e-40)
+
+
+def test_evaluate_refuses_a_non_bool_normalize() -> None:
+    embeddings, labels = clustered_embeddings(6, 20, 8, noise=1.0, seed=22)
+    with pytest.raises(TypeError, match="normalize must be a bool"):
+        evaluate(None, (embeddings, labels), normalize="false", progress=False)
+
+
+def test_head_refuses_an_unknown_backend_at_construction() -> None:
+    with pytest.raises(ValueError, match="backend must be one of"):
+        PrototypicalHead(backend="gpu")
+    assert PrototypicalHead(backend="torch").backend == "torch"
+
+
 # --------------------------------------------------------------------------- accuracy + CI
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 
 import pytest
 import torch
@@ -213,6 +214,26 @@ def test_progress_bar_for_large_searches(monkeypatch, capsys):
     retrieval_metrics(x, labels, progress=False)
     assert "k-NN search" not in capsys.readouterr().err
 
+
+
+def test_non_contiguous_labels_give_no_performance_warning():
+    # torch.searchsorted warned "input value tensor is non-contiguous" (once per process: warn
+    # always here so that the test does not depend on which test ran first).
+    gen = torch.Generator().manual_seed(32)
+    x, labels = clustered(gen, 30, 5, 4)
+    strided = torch.stack([labels, labels], dim=1)[:, 0]
+    assert not strided.is_contiguous()
+    was_always = torch.is_warn_always_enabled()
+    torch.set_warn_always(True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            result = retrieval_metrics(x, strided, ks=(1, 2))
+            separate = retrieval_metrics(x[:10], strided[:10], x[10:], strided[10:], ks=(1, 2))
+    finally:
+        torch.set_warn_always(was_always)
+    assert result == retrieval_metrics(x, labels.clone(), ks=(1, 2))
+    assert separate == retrieval_metrics(x[:10], labels[:10].clone(), x[10:], labels[10:].clone(), ks=(1, 2))
 
 def test_bad_input():
     x = torch.randn(6, 3)

@@ -198,3 +198,31 @@ def test_pk_sampler_bad_input() -> None:
         PKSampler(labels, 2, 2, num_batches=0)
     with pytest.raises(ValueError, match="epoch"):
         PKSampler(labels, 2, 2).set_epoch(-1)
+
+
+def test_empty_label_list_reaches_the_empty_check() -> None:
+    # np.asarray([]) is float64: the error used to be "labels must be an integer tensor".
+    for empty in ([], (), range(0)):
+        with pytest.raises(ValueError, match="labels must not be empty"):
+            PKSampler(empty, 1, 1)
+    with pytest.raises(ValueError, match="only 0 classes"):
+        EpisodicSampler([], 1, 1, 1, 1)
+
+
+def test_seeds_do_not_alias() -> None:
+    # The seed was masked to 63 bits: -1 gave the batches of 2**63 - 1, and 2**63 those of 0.
+    labels = torch.arange(6).repeat_interleave(4)
+    samplers = (
+        lambda seed: PKSampler(labels, 2, 2, seed=seed),
+        lambda seed: EpisodicSampler(labels, 2, 1, 1, 4, seed=seed),
+    )
+    for make in samplers:
+        with pytest.raises(ValueError, match="seed must be >= 0"):
+            make(-1)
+        with pytest.raises(ValueError, match="seed must be >= 0"):
+            make(np.int64(-5))
+        assert list(make(2**63)) != list(make(0))
+        assert list(make(2**63 - 1)) != list(make(2**64 - 1))
+        assert list(make(np.uint64(2**63))) == list(make(2**63))
+    with pytest.raises(TypeError, match="seed"):
+        PKSampler(labels, 2, 2, seed=1.0)

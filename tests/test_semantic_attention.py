@@ -256,16 +256,19 @@ def test_bf16_autocast_on_cpu(kind):
 # ---------------------------------------------------------------- torch.compile
 
 
+@pytest.mark.parametrize("dynamic", [False, True])
 @pytest.mark.parametrize("kind", KINDS)
-def test_compile_fullgraph_forward_backward(kind):
-    """Graph capture without breaks plus AOT autograd (fast 'aot_eager' backend)."""
+def test_compile_fullgraph_forward_backward(kind, dynamic):
+    """Graph capture without breaks plus AOT autograd (fast 'aot_eager' backend). dynamic=True
+    makes the module's float eps a SymFloat, which math.isfinite in the argument check could not
+    trace."""
     torch.manual_seed(17)
     in_channels = 3 if kind == "input_concat" else 16
     module = make_semantic_module(kind, in_channels, 3)
     features = torch.randn(2, in_channels, 5, 7, requires_grad=True)
     semantic = torch.rand(2, 3, 11, 9)
     torch._dynamo.reset()
-    compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
+    compiled = torch.compile(module, backend="aot_eager", fullgraph=True, dynamic=dynamic)
     out = compiled(features, semantic)
     torch.testing.assert_close(out, module(features, semantic))
     (grad,) = torch.autograd.grad(out.pow(2).sum(), features)
@@ -521,6 +524,61 @@ def test_multilabel_head_semantic_edge_cases():
     pooled = torch.randn(2, 6)
     assert MultiLabelHead(6, 3)(pooled).shape == (2, 3)
 
+
+
+def test_non_bool_flags_are_refused():
+    # "no" is truthy: it used to add a bias / return the weights silently.
+    with pytest.raises(TypeError, match="bias must be a bool"):
+        MultiLabelHead(4, 2, bias="no")
+    assert MultiLabelHead(4, 2, bias=False).classifier.bias is None
+    layer = SemanticChannelAttention(8, 3)
+    with pytest.raises(TypeError, match="return_attention must be a bool"):
+        layer(torch.randn(2, 8, 4, 4), torch.rand(2, 3, 4, 4), return_attention="no")
+
+
+def test_one_int_is_one_channel_and_other_types_name_the_argument():
+    torch.manual_seed(30)
+    semantic = torch.rand(2, 4, 6, 6)
+    torch.testing.assert_close(semantic_foreground(semantic, channels=1), semantic_foreground(semantic, channels=[1]))
+    with pytest.raises(TypeError, match="channels must be an int or a sequence of ints"):
+        semantic_foreground(semantic, channels=1.0)
+    with pytest.raises(ValueError, match="channels"):
+        semantic_foreground(semantic, channels=4)
+    features = torch.randn(2, 6, 4, 4)
+    head = MultiLabelHead(6, 3, pooling="semantic", foreground_channels=3)
+    assert head.foreground_channels == [3]
+    listed = MultiLabelHead(6, 3, pooling="semantic", foreground_channels=[3])
+    listed.load_state_dict(head.state_dict())
+    torch.testing.assert_close(head(features, semantic), listed(features, semantic))
+    with pytest.raises(TypeError, match="foreground_channels must be an int or a sequence of ints"):
+        MultiLabelHead(6, 3, pooling="semantic", foreground_channels=2.0)
+    assert SemanticFusion(6, 4, mode="mask", foreground_channels=2).foreground_channels == [2]
+    with pytest.raises(ValueError, match="foreground_channels"):
+        SemanticFusion(6, 4, mode="mask", foreground_channels=4)
+
+
+def test_resize_semantic_size_is_an_int_or_a_pair_of_ints():
+    semantic = torch.rand(1, 3, 8, 8)
+    torch.testing.assert_close(resize_semantic(semantic, 4), resize_semantic(semantic, (4, 4)))
+    for size in [(2.9, 3.9), 4.0, (True, 2), "ab"]:
+        with pytest.raises(TypeError, match="size must be an int or a pair"):
+            resize_semantic(semantic, size)
+    with pytest.raises(ValueError, match="size must be an int or a pair"):
+        resize_semantic(semantic, (2, 3, 4))
+    with pytest.raises(ValueError, match="size must be positive"):
+        resize_semantic(semantic, 0)
+
+
+@pytest.mark.parametrize("height, width", [(0, 5), (5, 0)])
+def test_empty_spatial_features_are_refused(height, width):
+    # They pooled to NaN (mean of nothing), a raw amax IndexError or 0 (sum of nothing).
+    features = torch.randn(2, 4, height, width)
+    for pooling in ("avg", "max", "semantic"):
+        with pytest.raises(ValueError, match="features must have a non-empty spatial size"):
+            MultiLabelHead(4, 2, pooling=pooling)(features, torch.rand(2, 1, 3, 3))
+    for empty in ("zero", "mean"):
+        with pytest.raises(ValueError, match="features must have a non-empty spatial size"):
+            semantic_weighted_pool(features, torch.rand(2, 1, height, width), empty=empty)
 
 @pytest.mark.parametrize("position", ["after", "before"])
 def test_wrap_backbone_under_activation_checkpointing(position):

@@ -16,6 +16,7 @@ from torchfg.datasets import (
     DOMAIN_NAMES,
     SEMANTIC_NAMES,
     HashedBagOfWordsEncoder,
+    ProductCatalogue,
     ProductSample,
     SyntheticProducts,
     split_product_ids,
@@ -149,6 +150,26 @@ def test_bad_arguments_name_the_argument() -> None:
     with pytest.raises(IndexError):
         small()[10_000]
 
+
+
+def test_render_batch_refuses_non_bool_flags() -> None:
+    # "no" is truthy: the product / distractors used to be drawn anyway.
+    ds = small(num_products=4, views_per_domain=1)
+    with pytest.raises(TypeError, match="include_product must be a bool"):
+        ds.render_batch([0], include_product="no")
+    with pytest.raises(TypeError, match="include_distractors must be a bool"):
+        ds.render_batch([0], include_distractors=0)
+
+
+def test_description_requires_an_existing_product_id() -> None:
+    catalogue = ProductCatalogue.generate(5, 0)
+    assert catalogue.description(4) == catalogue.descriptions()[4]
+    # -1 used to be the last product, 5 a raw tensor IndexError.
+    for bad in (5, -1):
+        with pytest.raises(ValueError, match="product_id"):
+            catalogue.description(bad)
+    with pytest.raises(TypeError, match="product_id"):
+        catalogue.description(1.0)
 
 # ---------------------------------------------------------------------------- labels match pixels
 
@@ -288,6 +309,14 @@ def test_studio_is_clean_and_street_is_cluttered_outside_the_product() -> None:
     assert float((batch.image[studio] - batch.image[~studio]).abs().mean()) > 0.1
 
 
+def test_zero_distractors_renders_street_without_clutter() -> None:
+    """num_distractors=(0, 0) is valid; rendering failed reshaping 0 distractor flags to (-1, 0)."""
+    ds = small(num_products=6, num_distractors=(0, 0))
+    batch = ds.render_batch()
+    assert torch.equal(ds[len(ds) - 1].image, batch.image[-1])
+    torch.testing.assert_close(batch.image, ds.render_batch(include_distractors=False).image, rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------------------- text
 
 
@@ -359,6 +388,18 @@ def test_text_encoder_similarity_follows_shared_words() -> None:
     with pytest.raises(ValueError, match="dim"):
         HashedBagOfWordsEncoder(dim=0)
 
+
+
+def test_text_encoder_zero_rows_are_the_documented_cases() -> None:
+    # Pins the encode docstring: besides texts without content words, tokens whose signed counts
+    # cancel in one bucket give the zero vector (the encoding itself is not changed).
+    assert HashedBagOfWordsEncoder(dim=128).bucket("aa") == (49, -1.0)
+    assert HashedBagOfWordsEncoder(dim=128).bucket("aj") == (49, 1.0)
+    assert torch.equal(HashedBagOfWordsEncoder(dim=128)("aa aj"), torch.zeros(128))
+    assert torch.equal(HashedBagOfWordsEncoder(dim=1)("red collar"), torch.zeros(1))
+    assert torch.equal(HashedBagOfWordsEncoder(dim=1)("red red collar"), torch.ones(1))
+    doc = HashedBagOfWordsEncoder.encode.__doc__
+    assert doc is None or "cancel" in doc  # None under python -OO
 
 # ---------------------------------------------------------------------------- predicted semantic maps
 

@@ -183,6 +183,47 @@ def test_bad_arguments_name_themselves():
         AdaptiveTripletLoss(backend="gpu")
 
 
+@pytest.mark.parametrize("backend", backends_to_test())
+def test_an_empty_batch_gives_zero_before_and_after_the_memory_fills(backend):
+    """An empty batch (a rank with no samples left) is a zero loss. On the Triton path it was
+    refused while the memory was not full: its anchors' first slot is the first free one, which
+    the kernel's anchor_offset check rejects."""
+    g = torch.Generator().manual_seed(21)
+    xbm = CrossBatchMemory(TripletMarginLoss(backend=backend), 4, 16)
+    for step, (emb, labels) in enumerate(_batches(g, 5, 6, 4, 3, dtype=torch.float32)):
+        size = xbm.size
+        loss = xbm(emb[:0].requires_grad_(), labels[:0])
+        assert loss.item() == 0.0 and xbm.size == size, step
+        loss.backward()
+        xbm(emb, labels)
+
+
+def test_memory_triplet_loss_checks_its_own_arguments():
+    """The PyTorch path took any unknown reduction for "mean_nonzero" and any truthy smooth."""
+    from torchfg.functional.xbm import memory_triplet_loss
+
+    g = torch.Generator().manual_seed(22)
+    (emb, labels), (memory, memory_labels) = _batches(g, 2, 6, 4, 3, dtype=torch.float32)
+    for kwargs, error, name in [
+        (dict(reduction="avg"), ValueError, "reduction"),
+        (dict(reduction=None), ValueError, "reduction"),
+        (dict(smooth="yes"), TypeError, "smooth"),
+        (dict(metric="l2"), ValueError, "metric"),
+        (dict(margin=float("nan")), ValueError, "margin"),
+        (dict(margin_scale=-1.0), ValueError, "margin_scale"),
+    ]:
+        with pytest.raises(error, match=name):
+            memory_triplet_loss(emb, labels, memory, memory_labels, None, backend="torch", **kwargs)
+
+
+def test_load_state_dict_refuses_a_state_of_another_memory_size():
+    xbm = CrossBatchMemory(TripletMarginLoss(), 4, 16)
+    state = xbm.state_dict()
+    state["_extra_state"] = {"queue_idx": 3, "size": 99}
+    with pytest.raises(ValueError, match="memory_size"):
+        xbm.load_state_dict(state)
+
+
 def test_rejected_indices_tuple_leaves_the_memory_unchanged():
     """indices_tuple is checked before the batch is enqueued, with the errors triplet_margin_loss
     gives (positives and negatives index the memory as it is after this step's write)."""

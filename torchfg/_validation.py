@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import operator
 from typing import Iterable
 
@@ -72,12 +71,28 @@ def check_row_sets(a: torch.Tensor, a_name: str, b: torch.Tensor, b_name: str, *
         )
 
 
-def check_positive(value: object, name: str, *, allow_zero: bool = False) -> float:
+# Scalars meet fp32 arithmetic (half inputs accumulate in fp32, and Triton receives Python floats
+# as fp32), so a finite argument must stay finite there: 1e39 would be a finite margin on the
+# PyTorch fp64 path and inf in a kernel.
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def _finite(value) -> bool:
+    # Comparisons, not math.isfinite: under torch.compile(dynamic=True) a float argument is a
+    # SymFloat, which math.isfinite cannot trace (fullgraph fails) and a comparison guards on.
+    return -FLOAT32_MAX <= value <= FLOAT32_MAX
+
+
+def check_positive(value: object, name: str, *, allow_zero: bool = False, reciprocal: bool = False) -> float:
+    """``value`` as a finite Python float ``> 0`` (``>= 0`` with ``allow_zero``); with
+    ``reciprocal`` (a temperature: the caller divides by it), ``1 / value`` must be finite in fp32."""
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if value < 0 or (value == 0 and not allow_zero) or not math.isfinite(value):
+    if value < 0 or (value == 0 and not allow_zero) or not _finite(value):
         bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name} must be finite and {bound}, got {value!r}")
+        raise ValueError(f"{name} must be finite in float32 and {bound}, got {value!r}")
+    if reciprocal and value < 1.0 / FLOAT32_MAX:
+        raise ValueError(f"{name} must be >= {1.0 / FLOAT32_MAX:.3g} (1/{name} finite in float32), got {value!r}")
     return float(value)
 
 
@@ -106,14 +121,14 @@ def check_bool(value: object, name: str) -> bool:
 
 
 def check_number(value: object, name: str, *, low: float | None = None, high: float | None = None) -> float:
-    """``value`` as a finite Python float, optionally within ``[low, high]`` (bool refused)."""
+    """``value`` as a Python float finite in fp32, optionally within ``[low, high]`` (bool refused)."""
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     value = float(value)
-    if not math.isfinite(value) or (low is not None and value < low) or (high is not None and value > high):
+    if not _finite(value) or (low is not None and value < low) or (high is not None and value > high):
         if low is not None and high is not None:
             bounds = f" and in [{low}, {high}]"
         else:
             bounds = f" and >= {low}" if low is not None else f" and <= {high}" if high is not None else ""
-        raise ValueError(f"{name} must be finite{bounds}, got {value!r}")
+        raise ValueError(f"{name} must be finite in float32{bounds}, got {value!r}")
     return value

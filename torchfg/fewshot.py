@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from torchfg._validation import check_choice, check_labels
+from torchfg._validation import check_bool, check_choice, check_labels
 from torchfg.data.samplers import EpisodicSampler
 from torchfg.metrics.fewshot import few_shot_accuracy
 from torchfg.ops.metric import METRICS
@@ -239,6 +239,7 @@ def evaluate(
     if len(set(shots)) != len(shots):
         raise ValueError(f"n_shot must not repeat a value, got {n_shot!r}")
     metric = check_choice(metric, "metric", METRICS)
+    normalize = check_bool(normalize, "normalize")
 
     embeddings, labels = embed_dataset(
         embed_fn, dataset_or_tensors, batch_size=batch_size, device=device, progress=progress, num_workers=num_workers

@@ -758,6 +758,57 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(x1.grad, x2.grad)
 
 
+@pytest.mark.parametrize("case", ["batch_hard", "batch_hard/no anchors", "semi_hard", "all", "indices_tuple"])
+@pytest.mark.parametrize("backend", backends_to_test())
+def test_no_triplet_gives_a_zero_gradient_to_a_trainable_reference_set(case, backend):
+    """Frozen anchors against a trainable reference set (a gallery encoder), and no valid triplet:
+    the zero loss must still backward(). It had no grad_fn (the fallbacks reached the anchors only)."""
+    if backend == "triton" and case in ("semi_hard", "all"):
+        pytest.skip("semi_hard and all mining have the torch reference only")
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(6, 4, generator=g).to(TEST_DEVICE)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2], device=TEST_DEVICE)
+    ref = torch.randn(8, 4, generator=g).to(TEST_DEVICE).requires_grad_()
+    ref_labels = torch.full((8,), 9, device=TEST_DEVICE)  # no positive for any anchor
+    mining = case.split("/")[0] if case != "indices_tuple" else "batch_hard"
+    if case == "batch_hard/no anchors":
+        x, labels = x[:0], labels[:0]
+    kwargs = dict(mining=mining, ref_embeddings=ref, ref_labels=ref_labels, backend=backend)
+    if case == "indices_tuple":
+        kwargs["indices_tuple"] = (torch.empty(0, dtype=torch.int64, device=TEST_DEVICE),) * 3
+    loss = TF.triplet_margin_loss(x, labels, **kwargs)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.equal(ref.grad, torch.zeros_like(ref))
+
+
+def test_torch_compile_fullgraph_dynamic_modules():
+    """Under dynamic=True a module's float margin reaches the argument checks as a SymFloat, which
+    math.isfinite cannot trace: fullgraph failed ("torch.* op returned non-Tensor")."""
+    from torchfg.losses import AdaptiveTripletLoss, TripletMarginLoss
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(24, 8, generator=g)
+    labels = torch.randint(0, 5, (24,), generator=g)
+    text = torch.randn(24, 4, generator=g)
+    triplet = TripletMarginLoss(margin=0.3, backend="torch")
+    adaptive = AdaptiveTripletLoss(base_margin=0.1, margin_scale=0.5, text_positive_threshold=0.9, backend="torch")
+
+    def step(x, labels, text):
+        return triplet(x, labels) + adaptive(x, labels, text)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, dynamic=True, backend="aot_eager")
+    for n in (24, 17):  # a second batch size reuses the dynamic graph
+        x1, x2 = x[:n].clone().requires_grad_(True), x[:n].clone().requires_grad_(True)
+        out = compiled(x1, labels[:n], text[:n])
+        out.backward()
+        expected = step(x2, labels[:n], text[:n])
+        expected.backward()
+        torch.testing.assert_close(out, expected)
+        torch.testing.assert_close(x1.grad, x2.grad)
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -768,6 +819,9 @@ BAD_CALLS = [
     (lambda x, y: TF.triplet_margin_loss(x, y[:-1]), ValueError, "labels"),
     (lambda x, y: TF.triplet_margin_loss(x, y, margin=float("inf")), ValueError, "margin"),
     (lambda x, y: TF.triplet_margin_loss(x, y, margin=float("nan")), ValueError, "margin"),
+    # Finite in fp64 but inf in fp32 arithmetic (and in a kernel's fp32 scalar).
+    (lambda x, y: TF.triplet_margin_loss(x, y, margin=1e39), ValueError, "margin"),
+    (lambda x, y: TF.adaptive_triplet_loss(x, y, x, margin_scale=1e39), ValueError, "margin_scale"),
     (lambda x, y: TF.triplet_margin_loss(x, y, metric="l1"), ValueError, "metric"),
     (lambda x, y: TF.triplet_margin_loss(x, y, mining="hard"), ValueError, "mining"),
     (lambda x, y: TF.triplet_margin_loss(x, y, reduction="avg"), ValueError, "reduction"),

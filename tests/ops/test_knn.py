@@ -11,6 +11,7 @@ import sys
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -1221,6 +1222,21 @@ def test_bad_input_raises_clear_errors():
     with pytest.raises(ValueError, match="k=1 exceeds the 0"):
         knn(x, torch.randn(0, 3), k=1)
 
+
+
+def test_k_accepts_numpy_and_index_like_ints_but_not_bool():
+    # As check_int does elsewhere: np.int64(2) was refused as "k must be an int".
+    x = torch.randn(6, 3, generator=torch.Generator().manual_seed(31))
+    expected = knn(x, k=2)
+    for k in (np.int64(2), np.int32(2), torch.tensor(2)):
+        for got, want in zip(knn(x, k=k), expected):
+            assert torch.equal(got, want)
+        for got, want in zip(knn_search(x, None, k, metric="cosine", exclude_self=False), expected):
+            assert torch.equal(got, want)
+    with pytest.raises(TypeError, match="k must be an int"):
+        knn(x, k=True)
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        knn(x, k=np.int64(0))
 
 def test_unavailable_backends_are_reported():
     x = torch.randn(6, 3)

@@ -13,6 +13,7 @@ import dataclasses
 import importlib
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -578,7 +579,10 @@ def _measure_isolated(
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        if memory_limit_bytes and ("memory" in tail[0].lower() or proc.returncode < 0):
+        # "failed to map segment": the limit is below what loading torch's own libraries needs
+        # (a CUDA build of torch maps more than 0.5 GiB of private data before any tensor).
+        if memory_limit_bytes and ("memory" in tail[0].lower() or "failed to map segment" in tail[0]
+                                   or proc.returncode < 0):
             raise MemoryError(f"over the memory limit of {memory_limit_bytes / 2**30:g} GiB (exit {proc.returncode}): {tail[0]}")
         raise RuntimeError(f"isolated run failed (exit {proc.returncode}): {tail[0]}")
     reply = json.loads(lines[-1])
@@ -683,12 +687,12 @@ def run_benchmarks(
         warmup = 2 if device.type == "cuda" else 1
     if warmup < 0:
         raise ValueError(f"warmup must be >= 0, got {warmup}")
-    if max_seconds is not None and not max_seconds > 0:
-        raise ValueError(f"max_seconds must be > 0 or None, got {max_seconds}")
+    if max_seconds is not None and not 0 < max_seconds < math.inf:
+        raise ValueError(f"max_seconds must be finite and > 0 or None, got {max_seconds}")
     if (case_timeout is not None or memory_limit_bytes is not None) and not isolate:
         raise ValueError("case_timeout and memory_limit_bytes need isolate=True (one process per measurement)")
-    if case_timeout is not None and not case_timeout > 0:
-        raise ValueError(f"case_timeout must be > 0 or None, got {case_timeout}")
+    if case_timeout is not None and not 0 < case_timeout < math.inf:
+        raise ValueError(f"case_timeout must be finite and > 0 or None, got {case_timeout}")
     if memory_limit_bytes is not None and memory_limit_bytes <= 0:
         raise ValueError(f"memory_limit_bytes must be > 0 or None, got {memory_limit_bytes}")
     unknown = [name for name in ops if name not in OP_NAMES]

@@ -32,9 +32,13 @@ def _labels_to_numpy(labels: object, name: str = "labels") -> np.ndarray:
         tensor = labels.detach().cpu()
     elif isinstance(labels, (np.ndarray, list, tuple, range)):
         try:
-            tensor = torch.as_tensor(np.asarray(labels))
+            array = np.asarray(labels)
         except (TypeError, ValueError) as exc:
             raise TypeError(f"{name} must be 1-D integer labels, could not convert: {exc}") from None
+        if array.size == 0 and not isinstance(labels, np.ndarray):
+            # NumPy makes an empty sequence float64; let the samplers' own empty check speak.
+            array = array.astype(np.int64)
+        tensor = torch.as_tensor(array)
     else:
         raise TypeError(f"{name} must be a 1-D integer tensor, array or sequence, got {type(labels).__name__}")
     return check_labels(tensor, name).numpy().astype(np.int64, copy=False)
@@ -45,6 +49,9 @@ def _resolve_seed(seed: object) -> int:
         return int(torch.empty((), dtype=torch.int64).random_().item())
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    # SeedSequence takes non-negative ints of any size; mapping negatives onto them would alias.
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
     return int(seed)
 
 
@@ -68,7 +75,7 @@ class _EpochSeeded:
 
     def _next_rng(self) -> np.random.Generator:
         # SeedSequence mixes (seed, epoch) so that nearby seeds / epochs give unrelated streams.
-        rng = np.random.default_rng(np.random.SeedSequence([self.seed & (2**63 - 1), self.epoch]))
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, self.epoch]))
         self.epoch += 1
         return rng
 
@@ -90,10 +97,10 @@ class EpisodicSampler(_EpochSeeded, Sampler[list[int]]):
         n_shot: support items per class.
         n_query: query items per class (>= 0).
         n_episodes: episodes per iteration (= ``len(sampler)``).
-        seed: base seed; see the module docstring for the per-epoch streams.
+        seed: base seed, an int >= 0 or None; see the module docstring for the per-epoch streams.
 
     Raises:
-        ValueError: fewer than ``n_way`` classes have ``n_shot + n_query`` items.
+        ValueError: fewer than ``n_way`` classes have ``n_shot + n_query`` items, or ``seed`` < 0.
 
     Example:
         >>> from torch.utils.data import DataLoader, TensorDataset
@@ -261,7 +268,7 @@ class PKSampler(_EpochSeeded, Sampler[list[int]]):
         labels: (N,) integer class label of every dataset item.
         p: classes per batch, at most the number of classes.
         k: items per class (>= 1; batch-hard mining needs k >= 2).
-        seed: base seed; see the module docstring for the per-epoch streams.
+        seed: base seed, an int >= 0 or None; see the module docstring for the per-epoch streams.
         num_batches: batches per epoch, overriding the default above.
 
     Example:

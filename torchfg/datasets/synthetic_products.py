@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from torchfg._validation import check_choice
+from torchfg._validation import check_bool, check_choice
 from torchfg.datasets._predicted_maps import predict_semantic_maps, sample_map_errors
 from torchfg.datasets._render import (
     PATTERN_NAMES,
@@ -281,7 +281,15 @@ class ProductCatalogue:
         return multi_hot
 
     def description(self, product_id: int) -> str:
-        """Short text of one product, ``"<colour> <pattern> <shape> with <trim colour> <trim>"``."""
+        """Short text of one product, ``"<colour> <pattern> <shape> with <trim colour> <trim>"``.
+
+        Raises:
+            ValueError: ``product_id`` not in ``[0, len(self))``; a negative id is not an offset from
+                the end, product ids are labels.
+        """
+        product_id = _check_int(product_id, "product_id", minimum=0)
+        if product_id >= len(self):
+            raise ValueError(f"product_id must be < {len(self)} (the number of products), got {product_id}")
         words = [ATTRIBUTE_GROUPS[g][int(i)] for g, i in zip(ATTRIBUTE_GROUPS, self.attribute_indices()[product_id])]
         colour, pattern, shape, trim, trim_colour = words
         return f"{colour} {pattern} {shape} with {trim_colour} {trim}"
@@ -483,6 +491,8 @@ class SyntheticProducts(Dataset[ProductSample]):
                     f"got {indices.dtype} tensor of shape {tuple(indices.shape)}"
                 )
             indices = indices.tolist()
+        include_product = check_bool(include_product, "include_product")
+        include_distractors = check_bool(include_distractors, "include_distractors")
         chunk_size = _check_int(chunk_size, "chunk_size", minimum=1)
         keys = [self.locate(i) for i in indices]
         target = torch.device(device) if device is not None else torch.device("cpu")
@@ -606,7 +616,7 @@ class SyntheticProducts(Dataset[ProductSample]):
         return SceneParams(
             product=product,
             distractors=distractors,
-            distractor_active=torch.from_numpy(np.stack([r["d_active"] for r in records])).view(-1, m),
+            distractor_active=torch.from_numpy(np.stack([r["d_active"] for r in records])).view(len(records), m),
             wall_rgb=stack("wall"),
             floor_rgb=stack("floor"),
             horizon=stack("horizon"),

@@ -97,8 +97,10 @@ class HashedBagOfWordsEncoder:
     def encode(self, texts: str | Sequence[str]) -> torch.Tensor:
         """Embeddings of ``texts``: ``(N, dim)`` for a sequence of N strings, ``(dim,)`` for one string.
 
-        Rows have unit L2 norm, except for texts without any non-stopword token, which map to the
-        zero vector (rather than NaN).
+        Rows have unit L2 norm, except that a text whose signed counts are all zero maps to the
+        zero vector (rather than NaN): one without any non-stopword token, and also one whose tokens
+        cancel, i.e. tokens hashed to the same bucket with opposite signs in equal numbers (with
+        ``seed=0``, "aa aj" at ``dim=128``; any two words of opposite sign at ``dim=1``).
         """
         single = isinstance(texts, str)
         if single:

@@ -151,23 +151,40 @@ def _gather_padded(x: torch.Tensor, sizes: list[int], group: dist.ProcessGroup |
 
 
 class _AllGatherWithGrad(torch.autograd.Function):
+    """Concatenation over ranks. Its backward is :class:`_SumScatter`, whose backward is this
+    gather again: each is the other's adjoint, so second-order gradients are exact too."""
+
     @staticmethod
     def forward(ctx, x: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
         ctx.sizes, ctx.group = sizes, group
-        ctx.offset = sum(sizes[: rank(group)])
         return _gather_padded(x, sizes, group)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
+        return _SumScatter.apply(grad, ctx.sizes, ctx.group), None, None
+
+
+class _SumScatter(torch.autograd.Function):
+    """This rank's rows of the sum over ranks of a gathered-shape tensor."""
+
+    @staticmethod
+    def forward(ctx, grad: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
         # Every rank's loss may depend on this rank's items: sum their gradients over ranks.
-        device = _comm_device(grad, ctx.group)
+        ctx.sizes, ctx.group = sizes, group
+        device = _comm_device(grad, group)
         # A private copy: the all-reduce writes in place, and autograd may hand this same gradient
         # to other functions too (x_gathered + y_gathered gives both gathers one tensor), or it is
         # the caller's own tensor (gathered.backward(G)).
         total = grad.to(device, copy=True).contiguous()
-        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=ctx.group)
-        own = total[ctx.offset : ctx.offset + ctx.sizes[rank(ctx.group)]].to(grad.device)
-        return own, None, None
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+        offset = sum(sizes[: rank(group)])
+        return total[offset : offset + sizes[rank(group)]].to(grad.device)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        # The untracked in-place all-reduce above made a second-order gradient silently miss the
+        # other ranks' terms; the adjoint of sum-and-slice is the gather.
+        return _AllGatherWithGrad.apply(grad, ctx.sizes, ctx.group), None, None
 
 
 class GatheredBatch(tuple):
@@ -230,6 +247,8 @@ def all_gather_with_grad(x: torch.Tensor, group: dist.ProcessGroup | None = None
     Batch sizes may differ across ranks (an empty batch included). The gradient of the gathered
     tensor flows back to each rank's own slice, summed over ranks, so a loss computed on every rank
     from the gathered batch gives each rank the sum of all ranks' gradients for its items.
+    Second-order gradients (``create_graph=True``) are exact as well; like the first-order ones,
+    they are collectives that every rank must reach.
 
     Example:
         >>> x = torch.randn(4, 8, requires_grad=True)

@@ -184,6 +184,17 @@ def count_triplets(labels: torch.Tensor, candidate_labels: torch.Tensor, anchor_
     return total
 
 
+def connected_zero(embeddings: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """A scalar 0 in the accumulation dtype whose graph reaches both inputs: a loss with no term
+    must still backward() to zero gradients, also when only ``candidates`` requires grad (frozen
+    anchors against a trainable reference set)."""
+    acc = accumulation_dtype(embeddings.dtype)
+    zero = embeddings.to(acc).sum() * 0.0
+    if candidates is not embeddings:
+        zero = zero + candidates.to(acc).sum() * 0.0
+    return zero
+
+
 def exact_triplet_distances(embeddings, candidates, a, p, n, metric, swap):
     """Exact d(a, p), d(a, n) (min with d(p, n) under ``swap``) from ``a - b``, differentiable."""
     k = a.shape[0]
@@ -288,8 +299,7 @@ def select_triplets(
         ap, an = (sums[:2] / denom).tolist()
         stats = {"pos_pair_dist": ap, "neg_pair_dist": an, "avg_triplet_margin": an - ap}
     if not kept_a:
-        zero = embeddings.sum() * 0.0 if embeddings.requires_grad else embeddings.new_zeros(())
-        d0 = zero.to(accumulation_dtype(embeddings.dtype)).expand(0)
+        d0 = connected_zero(embeddings, candidates).expand(0)
         return SelectedTriplets(empty, empty.clone(), empty.clone(), d0, d0, empty.clone(), total, stats)
     a, p, n, position = torch.cat(kept_a), torch.cat(kept_p), torch.cat(kept_n), torch.cat(kept_pos)
     other = None if candidates is embeddings else candidates

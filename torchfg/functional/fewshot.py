@@ -12,6 +12,7 @@ import torch
 
 from torchfg._validation import (
     accumulation_dtype,
+    check_bool,
     check_choice,
     check_float_tensor,
     check_labels,
@@ -62,6 +63,7 @@ def class_prototypes(
         ([3, 7], [[0.0, 4.0], [1.0, 0.0]])
     """
     support, support_labels = _check_support(support, support_labels)
+    normalize = check_bool(normalize, "normalize")
     classes, column = torch.unique(support_labels, sorted=True, return_inverse=True)
     acc = accumulation_dtype(support.dtype)
     acc = unit_rows(support, acc) if normalize else support.to(acc)
@@ -99,7 +101,8 @@ def prototype_logits(
         tensor([[-1., -1.]])
     """
     metric = check_choice(metric, "metric", METRICS)
-    temperature = check_positive(temperature, "temperature")
+    temperature = check_positive(temperature, "temperature", reciprocal=True)
+    normalize = check_bool(normalize, "normalize")
     query = check_float_tensor(query, "query", ndim=2)
     prototypes = check_float_tensor(prototypes, "prototypes", ndim=2)
     if prototypes.shape[0] == 0:

@@ -7,6 +7,8 @@ accepted too. These helpers bring it to a feature map's H x W and turn it into s
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Iterable
 from typing import Sequence
 
 import torch
@@ -53,7 +55,49 @@ def check_semantic(
     return semantic
 
 
-def resize_semantic(semantic: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+def check_channel_indices(channels: object, name: str, num_channels: int | None = None) -> list[int]:
+    """``channels`` as a non-empty list of channel indices >= 0 (and < ``num_channels`` when given);
+    a single int is a one-element list."""
+    if isinstance(channels, int) and not isinstance(channels, bool):
+        index = [channels]
+    elif isinstance(channels, (str, bytes)) or not isinstance(channels, Iterable):
+        raise TypeError(f"{name} must be an int or a sequence of ints, got {type(channels).__name__}")
+    else:
+        index = list(channels)
+    if not index or any(
+        not isinstance(c, int) or isinstance(c, bool) or c < 0 or (num_channels is not None and c >= num_channels)
+        for c in index
+    ):
+        bound = ">= 0" if num_channels is None else f"in [0, {num_channels})"
+        raise ValueError(f"{name} must be a non-empty list of indices {bound}, got {channels!r}")
+    return index
+
+
+def _check_size(size: object) -> tuple[int, int]:
+    def side(value: object) -> int:
+        # Ints first, as they are: under torch.compile(dynamic=True) a side of features.shape is a
+        # SymInt that passes isinstance(int), and operator.index would specialise it to a constant.
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if not isinstance(value, bool):  # NumPy / index-like ints
+            try:
+                return operator.index(value)
+            except TypeError:
+                pass
+        raise TypeError(f"size must be an int or a pair (H, W) of ints, got {size!r}")
+
+    if isinstance(size, Sequence) and not isinstance(size, (str, bytes)):
+        if len(size) != 2:
+            raise ValueError(f"size must be an int or a pair (H, W) of ints, got {len(size)} values: {tuple(size)}")
+        height, width = side(size[0]), side(size[1])
+    else:
+        height = width = side(size)
+    if height <= 0 or width <= 0:
+        raise ValueError(f"size must be positive, got {(height, width)}")
+    return height, width
+
+
+def resize_semantic(semantic: torch.Tensor, size: int | Sequence[int]) -> torch.Tensor:
     """Resize a semantic map to a feature map's spatial size.
 
     Shrinking uses area averaging (each output cell is the mean of the input cells it covers, so
@@ -62,7 +106,7 @@ def resize_semantic(semantic: torch.Tensor, size: Sequence[int]) -> torch.Tensor
 
     Args:
         semantic: (B, K, h, w) floating-point map.
-        size: target (H, W).
+        size: target (H, W), two ints >= 1; one int means H = W (as in ``F.interpolate``).
 
     Returns:
         (B, K, H, W) map in the input's dtype.
@@ -72,9 +116,7 @@ def resize_semantic(semantic: torch.Tensor, size: Sequence[int]) -> torch.Tensor
         torch.Size([2, 5, 8, 6])
     """
     semantic = check_float_tensor(semantic, "semantic", ndim=4)
-    height, width = int(size[0]), int(size[1])
-    if height <= 0 or width <= 0:
-        raise ValueError(f"size must be positive, got {tuple(size)}")
+    height, width = _check_size(size)
     in_height, in_width = semantic.shape[-2:]
     if (in_height, in_width) == (height, width):
         return semantic
@@ -84,15 +126,15 @@ def resize_semantic(semantic: torch.Tensor, size: Sequence[int]) -> torch.Tensor
 
 
 def semantic_foreground(
-    semantic: torch.Tensor, size: Sequence[int] | None = None, channels: Sequence[int] | None = None
+    semantic: torch.Tensor, size: int | Sequence[int] | None = None, channels: int | Sequence[int] | None = None
 ) -> torch.Tensor:
     """Region-of-interest weights: the sum of the chosen semantic channels, clamped to [0, 1].
 
     Args:
         semantic: (B, K, h, w) map.
-        size: target (H, W); None keeps (h, w).
+        size: target (H, W) or one int for both, as in :func:`resize_semantic`; None keeps (h, w).
         channels: indices of the foreground channels (e.g. leave out a parsing "background"
-            channel); None sums all K.
+            channel), or one int for a single channel; None sums all K.
 
     Returns:
         (B, 1, H, W) weights in [0, 1], in the map's dtype.
@@ -103,11 +145,7 @@ def semantic_foreground(
     """
     semantic = check_float_tensor(semantic, "semantic", ndim=4)
     if channels is not None:
-        index = list(channels)
-        num_channels = semantic.shape[1]
-        if not index or any(not isinstance(c, int) or isinstance(c, bool) or not 0 <= c < num_channels for c in index):
-            raise ValueError(f"channels must be a non-empty list of indices in [0, {num_channels}), got {channels!r}")
-        semantic = semantic[:, index]
+        semantic = semantic[:, check_channel_indices(channels, "channels", semantic.shape[1])]
     foreground = semantic.sum(dim=1, keepdim=True).clamp(0.0, 1.0)
     if size is not None:
         foreground = resize_semantic(foreground, size)
@@ -132,6 +170,10 @@ def semantic_weighted_pool(
     Returns:
         (B, C) pooled features.
 
+    Raises:
+        ValueError: ``features`` with H * W == 0 (there is nothing to average), or ``weights`` whose
+            shape does not match.
+
     Example:
         >>> f = torch.randn(2, 8, 7, 7)
         >>> w = torch.zeros(2, 1, 7, 7); w[..., 2:5, 2:5] = 1
@@ -143,6 +185,8 @@ def semantic_weighted_pool(
     check_choice(empty, "empty", ("zero", "mean"))
     eps = check_positive(eps, "eps")
     batch, channels, height, width = features.shape
+    if height * width == 0:
+        raise ValueError(f"features must have a non-empty spatial size, got {tuple(features.shape)}")
     if weights.shape[0] != batch or weights.shape[1] not in (1, channels) or weights.shape[2:] != (height, width):
         raise ValueError(
             f"weights must have shape ({batch}, 1 or {channels}, {height}, {width}) to match features, "

@@ -43,6 +43,7 @@ from torchfg.distributed import all_reduce_sum, gather_batch, is_distributed, ra
 from torchfg.errors import BackendUnavailableError
 from torchfg.functional._triplet_selection import (
     MarginInterval,
+    connected_zero,
     exact_triplet_distances,
     sample_triplets,
     select_triplets,
@@ -297,7 +298,7 @@ def _hardest_triplet_losses(
     n = embeddings.shape[0]
     if n == 0 or candidates.shape[0] == 0:
         # Keeps the graph connected so backward() gives zero gradients instead of failing.
-        zeros = embeddings.to(acc).sum(1) * 0.0
+        zeros = connected_zero(embeddings, candidates).expand(n).contiguous()
         return zeros, torch.zeros(n, dtype=torch.bool, device=embeddings.device)
     positive_idx, negative_idx = _hardest_pairs(
         embeddings, labels, candidates, candidate_labels, anchor_offset, metric=metric, backend=backend,
@@ -377,8 +378,7 @@ def _listed_losses(
     from distances recomputed exactly from ``a - b``."""
     anchor_idx, positive_idx, negative_idx = triplets
     if anchor_idx.numel() == 0:
-        acc = accumulation_dtype(embeddings.dtype)
-        return (embeddings.to(acc).sum() * 0.0).expand(0)
+        return connected_zero(embeddings, candidates).expand(0)
     d_ap, d_an = exact_triplet_distances(embeddings, candidates, anchor_idx, positive_idx, negative_idx, metric, swap)
     return _hinge(d_ap - d_an + margin, smooth)
 

@@ -17,10 +17,18 @@ from __future__ import annotations
 
 import torch
 
+from torchfg._validation import check_bool, check_choice, check_number
 from torchfg.distributed import gather_batch
-from torchfg.functional.triplet import _batch_hard_loss, _check_indices_tuple, _hardest_triplet_losses, _hinge, _reduce
+from torchfg.functional.triplet import (
+    REDUCTIONS,
+    _batch_hard_loss,
+    _check_indices_tuple,
+    _hardest_triplet_losses,
+    _hinge,
+    _reduce,
+)
 from torchfg.ops.hardest_triplet_loss.reference import text_cosine
-from torchfg.ops.metric import DEFAULT_METRIC
+from torchfg.ops.metric import DEFAULT_METRIC, METRICS
 from torchfg.ops.pair_distances import pair_distances
 from torchfg.ops.precision import autocast_off
 
@@ -109,6 +117,14 @@ def memory_triplet_loss(
         Scalar loss (per-anchor losses, then the given triplets', for ``"none"``) in fp32 (fp64
         for fp64 embeddings).
     """
+    # Checked here, not only by the kernels: the PyTorch path's reduction took any unknown name
+    # for "mean_nonzero" and any truthy smooth for True.
+    check_choice(reduction, "reduction", REDUCTIONS)
+    check_choice(metric, "metric", METRICS)
+    check_bool(smooth, "smooth")
+    check_bool(cross_rank, "cross_rank")
+    margin = check_number(margin, "margin")
+    margin_scale = check_number(margin_scale, "margin_scale", low=0.0)
     if indices_tuple is None:
         # The shared batch-hard loss (the fused op on the Triton backend; the memory is detached,
         # so its backward writes the anchors' gradient only).

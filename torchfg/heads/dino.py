@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils.parametrizations import weight_norm
 
-from torchfg._validation import check_choice
+from torchfg._validation import check_bool, check_choice
 from torchfg._validation import check_int as _check_int
 
 __all__ = ["DINOHead", "load_dino_checkpoint"]
@@ -115,7 +115,8 @@ class DINOHead(nn.Module):
         n_layers = _check_int(n_layers, "n_layers", 1)
         hidden_dim = _check_int(hidden_dim, "hidden_dim", 1)
         bottleneck_dim = _check_int(bottleneck_dim, "bottleneck_dim", 1)
-        self.norm_last_layer = bool(norm_last_layer)
+        use_bn = check_bool(use_bn, "use_bn")
+        self.norm_last_layer = check_bool(norm_last_layer, "norm_last_layer")
         if n_layers == 1:
             self.mlp: nn.Module = nn.Linear(in_dim, bottleneck_dim)
         else:

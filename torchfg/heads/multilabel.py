@@ -7,8 +7,13 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from torchfg._validation import check_choice, check_float_tensor
-from torchfg.functional.semantic import check_semantic, semantic_foreground, semantic_weighted_pool
+from torchfg._validation import check_bool, check_choice, check_float_tensor
+from torchfg.functional.semantic import (
+    check_channel_indices,
+    check_semantic,
+    semantic_foreground,
+    semantic_weighted_pool,
+)
 
 __all__ = ["MultiLabelHead"]
 
@@ -31,11 +36,12 @@ class MultiLabelHead(nn.Module):
         num_labels: L, number of binary labels.
         pooling: ``"avg"`` | ``"max"`` | ``"semantic"``.
         dropout: dropout probability on the pooled features.
-        foreground_channels: for ``"semantic"``, the map channels that form the region of interest.
+        foreground_channels: for ``"semantic"``, the map channels that form the region of interest
+            (one int for a single channel).
         bias: learn a per-label bias.
 
     Shapes:
-        features (B, C, H, W) (or already pooled (B, C) for ``"avg"``/``"max"``),
+        features (B, C, H, W) with H * W >= 1 (or already pooled (B, C) for ``"avg"``/``"max"``),
         semantic (B, K, h, w) for ``"semantic"`` (ignored otherwise) -> logits (B, L).
 
     Example:
@@ -51,7 +57,7 @@ class MultiLabelHead(nn.Module):
         *,
         pooling: str = "avg",
         dropout: float = 0.0,
-        foreground_channels: Sequence[int] | None = None,
+        foreground_channels: int | Sequence[int] | None = None,
         bias: bool = True,
     ) -> None:
         super().__init__()
@@ -64,13 +70,8 @@ class MultiLabelHead(nn.Module):
         if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
         if foreground_channels is not None:
-            foreground_channels = list(foreground_channels)
-            if not foreground_channels or any(
-                not isinstance(c, int) or isinstance(c, bool) or c < 0 for c in foreground_channels
-            ):
-                raise ValueError(
-                    f"foreground_channels must be a non-empty list of indices >= 0, got {foreground_channels!r}"
-                )
+            foreground_channels = check_channel_indices(foreground_channels, "foreground_channels")
+        bias = check_bool(bias, "bias")
         self.in_channels = in_channels
         self.num_labels = num_labels
         self.foreground_channels = foreground_channels
@@ -86,6 +87,8 @@ class MultiLabelHead(nn.Module):
         if features.dim() == 2 and self.pooling != "semantic":
             pooled = features
         elif features.dim() == 4:
+            if features.shape[-2] * features.shape[-1] == 0:
+                raise ValueError(f"features must have a non-empty spatial size, got {tuple(features.shape)}")
             if self.pooling == "avg":
                 pooled = features.mean(dim=(-2, -1))
             elif self.pooling == "max":

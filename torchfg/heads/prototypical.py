@@ -7,7 +7,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from torchfg._validation import check_choice, check_positive
+from torchfg._validation import check_bool, check_choice, check_positive
+from torchfg.backends import BACKENDS
 from torchfg.ops.metric import METRICS
 from torchfg.functional.fewshot import class_prototypes, prototype_logits
 
@@ -36,6 +37,10 @@ class PrototypicalHead(nn.Module):
             vectors, not re-normalised).
         backend: distance backend, see :func:`torchfg.pairwise_distance`.
 
+    Raises:
+        TypeError: ``normalize`` is not a bool.
+        ValueError: unknown ``metric`` or ``backend``, or ``temperature`` out of range.
+
     Shapes:
         support (S, D), support_labels (S,) arbitrary integers, query (Q, D) -> logits (Q, C) with
         C = number of distinct support labels; column ``c`` is class ``head.classes[c]``.
@@ -63,9 +68,10 @@ class PrototypicalHead(nn.Module):
     ) -> None:
         super().__init__()
         self.metric = check_choice(metric, "metric", METRICS)
-        self.temperature = check_positive(temperature, "temperature")
-        self.normalize = bool(normalize)
-        self.backend = backend
+        self.temperature = check_positive(temperature, "temperature", reciprocal=True)
+        self.normalize = check_bool(normalize, "normalize")
+        # Checked here, not only at the first forward, so a typo fails where it is written.
+        self.backend = check_choice(backend, "backend", BACKENDS)
         self.register_buffer("prototypes", None, persistent=False)
         self.register_buffer("classes", None, persistent=False)
 

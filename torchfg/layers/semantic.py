@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchfg._validation import check_choice, check_float_tensor
+from torchfg._validation import check_bool, check_choice, check_float_tensor
 from torchfg.functional.semantic import (
+    check_channel_indices,
     check_semantic,
     resize_semantic,
     semantic_foreground,
@@ -161,6 +162,7 @@ class SemanticChannelAttention(nn.Module):
             (B, C, H, W) rescaled features, and the (B, C) weights when ``return_attention``.
         """
         features = _check_features(features, self.in_channels)
+        return_attention = check_bool(return_attention, "return_attention")
         semantic = check_semantic(
             semantic, "semantic", batch=features.shape[0], channels=self.semantic_channels, device=features.device
         )
@@ -246,7 +248,8 @@ class SemanticFusion(nn.Module):
         semantic_channels: K, channels of the semantic map.
         mode: ``"input_concat"`` | ``"feature_concat"`` | ``"mask"``.
         embed_channels: E for ``"feature_concat"``; default ``max(8, min(64, C // 4))``.
-        foreground_channels: for ``"mask"``, the map channels that form the region of interest.
+        foreground_channels: for ``"mask"``, the map channels that form the region of interest
+            (one int for a single channel).
 
     Attributes:
         out_channels: C + K for ``"input_concat"``, C otherwise.
@@ -264,22 +267,14 @@ class SemanticFusion(nn.Module):
         *,
         mode: str,
         embed_channels: int | None = None,
-        foreground_channels: Sequence[int] | None = None,
+        foreground_channels: int | Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         self.mode = check_choice(mode, "mode", FUSION_MODES)
         self.in_channels = _check_channels(in_channels, "in_channels")
         self.semantic_channels = _check_channels(semantic_channels, "semantic_channels")
         if foreground_channels is not None:
-            foreground_channels = list(foreground_channels)
-            if not foreground_channels or any(
-                not isinstance(c, int) or isinstance(c, bool) or not 0 <= c < semantic_channels
-                for c in foreground_channels
-            ):
-                raise ValueError(
-                    f"foreground_channels must be a non-empty list of indices in [0, {semantic_channels}), "
-                    f"got {foreground_channels!r}"
-                )
+            foreground_channels = check_channel_indices(foreground_channels, "foreground_channels", semantic_channels)
         self.foreground_channels = foreground_channels
         self.out_channels = in_channels + semantic_channels if mode == "input_concat" else in_channels
         self.embed_channels = None

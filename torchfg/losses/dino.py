@@ -98,9 +98,9 @@ class DINOLoss(nn.Module):
             raise ValueError(
                 f"n_global_crops must be <= n_crops, got n_global_crops={n_global_crops} and n_crops={n_crops}"
             )
-        self.student_temp = check_positive(student_temp, "student_temp")
-        self.teacher_temp = check_positive(teacher_temp, "teacher_temp")
-        self.warmup_teacher_temp = check_positive(warmup_teacher_temp, "warmup_teacher_temp")
+        self.student_temp = check_positive(student_temp, "student_temp", reciprocal=True)
+        self.teacher_temp = check_positive(teacher_temp, "teacher_temp", reciprocal=True)
+        self.warmup_teacher_temp = check_positive(warmup_teacher_temp, "warmup_teacher_temp", reciprocal=True)
         self.warmup_teacher_temp_epochs = _check_int(warmup_teacher_temp_epochs, "warmup_teacher_temp_epochs", 0)
         self.n_epochs = _check_int(n_epochs, "n_epochs", 1)
         if self.warmup_teacher_temp_epochs > self.n_epochs:

@@ -100,7 +100,14 @@ class CrossBatchMemory(nn.Module):
         return {"queue_idx": self.queue_idx, "size": self.size}
 
     def set_extra_state(self, state: dict[str, int]) -> None:
-        self.queue_idx, self.size = int(state["queue_idx"]), int(state["size"])
+        queue_idx, size = int(state["queue_idx"]), int(state["size"])
+        # A state saved with another memory_size would fail later, inside a forward's slicing.
+        if not 0 <= size <= self.memory_size or not 0 <= queue_idx < self.memory_size:
+            raise ValueError(
+                f"state_dict's memory state (queue_idx={queue_idx}, size={size}) does not fit memory_size="
+                f"{self.memory_size}: it needs 0 <= size <= memory_size and 0 <= queue_idx < memory_size"
+            )
+        self.queue_idx, self.size = queue_idx, size
 
     def _match(self, embeddings: torch.Tensor, text: torch.Tensor | None) -> None:
         # Like pytorch-metric-learning, the memory follows the embeddings' device and dtype.
@@ -165,8 +172,10 @@ class CrossBatchMemory(nn.Module):
             [self.embedding_memory, self.label_memory, self.text_memory if self.adaptive else None],
             queued, self.queue_idx, self.size,
         )
-        # The anchors' own copies: at (start + offset + i) % S unless they were not enqueued.
-        self_start = None if enqueue_mask is not None else (start + offset) % self.memory_size
+        # The anchors' own copies: at (start + offset + i) % S unless they were not enqueued. No
+        # anchors (an empty batch on this rank): no copies, and start + offset may be the first
+        # free slot, which is not a valid row yet.
+        self_start = None if enqueue_mask is not None or embeddings.shape[0] == 0 else (start + offset) % self.memory_size
         loss = self.loss
         return memory_triplet_loss(
             embeddings,

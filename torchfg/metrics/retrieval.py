@@ -130,7 +130,8 @@ def _relevance(
         )
 
     unique, counts = torch.unique(gallery_labels, return_counts=True)
-    position = torch.searchsorted(unique, query_labels).clamp_max(unique.numel() - 1)
+    # A strided view (a column of a label table) makes searchsorted copy it and warn.
+    position = torch.searchsorted(unique, query_labels.contiguous()).clamp_max(unique.numel() - 1)
     found = unique[position] == query_labels
     relevant_count = torch.where(found, counts[position], 0) - int(self_search)
 

@@ -59,10 +59,21 @@ def cosine_schedule(
     if warmup_epochs > epochs:
         raise ValueError(f"warmup_epochs must be <= epochs, got {warmup_epochs} > {epochs}")
     warmup_steps = warmup_epochs * steps_per_epoch
-    warmup = np.linspace(start_warmup_value, base, warmup_steps)
+    if math.isfinite(base - start_warmup_value):
+        warmup = np.linspace(start_warmup_value, base, warmup_steps)
+    else:  # linspace's step would overflow: blend the ends, as for the cosine below
+        fraction = np.linspace(0.0, 1.0, warmup_steps)
+        warmup = start_warmup_value * (1.0 - fraction) + base * fraction
     n_cosine = epochs * steps_per_epoch - warmup_steps
     steps = np.arange(n_cosine, dtype=np.float64)
-    cosine = final + 0.5 * (base - final) * (1.0 + np.cos(np.pi * steps / max(n_cosine, 1)))
+    rise = 1.0 + np.cos(np.pi * steps / max(n_cosine, 1))
+    if math.isfinite(base - final):
+        cosine = final + 0.5 * (base - final) * rise
+    else:
+        # base - final overflows although every value lies between the two; this blend cannot
+        # (its terms have opposite signs), but it rounds differently, so it is kept to this case.
+        weight = 0.5 * rise
+        cosine = final * (1.0 - weight) + base * weight
     return np.concatenate([warmup, cosine])
 
 

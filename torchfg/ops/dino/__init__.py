@@ -166,8 +166,8 @@ def dino_loss(
             f"n_global_crops must be <= n_crops (the global crops are among the student crops), "
             f"got n_global_crops={n_global_crops} and n_crops={n_crops}"
         )
-    student_temp = check_positive(student_temp, "student_temp")
-    teacher_temp = check_positive(teacher_temp, "teacher_temp")
+    student_temp = check_positive(student_temp, "student_temp", reciprocal=True)
+    teacher_temp = check_positive(teacher_temp, "teacher_temp", reciprocal=True)
     rows, out_dim = student_output.shape
     if out_dim == 0:
         raise ValueError("student_output must have out_dim >= 1 columns (the prototypes), got 0")

@@ -6,7 +6,7 @@ from typing import Callable
 
 import torch
 
-from torchfg._validation import accumulation_dtype, check_choice, check_float_tensor, check_same_device_dtype
+from torchfg._validation import accumulation_dtype, check_choice, check_float_tensor, check_int, check_same_device_dtype
 from torchfg.backends import BackendSpec, register_op, resolve_backend, triton_status
 from torchfg.ops._library import custom_op
 from torchfg.ops import _cuda_extension
@@ -233,7 +233,8 @@ def _validate(
     metric: str,
     exclude_self: bool,
     chunk_size: int | None,
-) -> None:
+) -> int:
+    """Check the arguments; returns ``k`` as a Python int (NumPy / index-like ints accepted)."""
     check_float_tensor(query, "query", ndim=2)
     if gallery is not None:
         check_float_tensor(gallery, "gallery", ndim=2)
@@ -242,9 +243,11 @@ def _validate(
             raise ValueError(
                 f"query and gallery must have the same feature size D, got {query.shape[1]} and {gallery.shape[1]}"
             )
+    # Ints pass as they are: under torch.compile(dynamic=True) k is a SymInt that passes isinstance(int),
+    # and check_int's operator.index would specialise it (one recompile per k).
     if not isinstance(k, int) or isinstance(k, bool):
-        raise TypeError(f"k must be an int, got {type(k).__name__}")
-    if k < 1:
+        k = check_int(k, "k", 1)
+    elif k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     check_choice(metric, "metric", METRICS)
     if not isinstance(exclude_self, bool):
@@ -264,6 +267,7 @@ def _validate(
         raise ValueError(f"k={k} exceeds the {eligible} gallery rows available to each query{own}")
     if not torch.compiler.is_compiling():
         _check_magnitudes(((query, "query"),) + (() if gallery is None else ((gallery, "gallery"),)))
+    return k
 
 
 @autocast_off
@@ -327,7 +331,7 @@ def knn(
         >>> d[:, 0].tolist()
         [1.0, 1.0, 1.0, 1.0]
     """
-    _validate(query, gallery, k, metric, exclude_self, chunk_size)
+    k = _validate(query, gallery, k, metric, exclude_self, chunk_size)
     symmetric = gallery is None
     chosen = resolve_backend("knn", query.device, query.dtype, backend, k=k)
     query = query.detach()
@@ -356,7 +360,7 @@ def knn_search(
     ``exclude_self`` is not split (kernels set d(i, i) only on the full square), so it reports
     once at the end.
     """
-    _validate(query, gallery, k, metric, exclude_self, chunk_size)
+    k = _validate(query, gallery, k, metric, exclude_self, chunk_size)
     chosen = resolve_backend("knn", query.device, query.dtype, backend, k=k)
     query = query.detach()
     symmetric = gallery is None

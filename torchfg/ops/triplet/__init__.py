@@ -234,8 +234,11 @@ def mine_hardest(
       ``c(i, j) < text_positive_threshold``; ``negative_idx[i] = argmax_j m(i, j) - d(i, j)``
       (the closest negative when margins are constant).
 
-    Ties go to the lowest index; -1 marks an anchor without a valid positive / negative. The
-    selection is not differentiable; recompute the distances of the selected pairs.
+    Ties go to the lowest index among equal keys as computed; -1 marks an anchor without a valid
+    positive / negative. The keys come from a GEMM, which may round two copies of one row
+    differently (their columns sit at different positions), so an exact duplicate can be a 1-ulp
+    near-tie that the backends break differently; each copy is a valid pick. The selection is not
+    differentiable; recompute the distances of the selected pairs.
 
     Args:
         anchors: (N, D) float16/bfloat16/float32/float64.
