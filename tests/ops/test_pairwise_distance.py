@@ -612,3 +612,35 @@ def test_bf16_backward_when_the_gradient_cancels():
     for got, ref, name in zip((xx.grad, yy.grad), want, ("x", "y")):
         err = (got.double() - ref).abs().max() / ref.abs().max()
         assert err < 1e-2, f"d{name}: relative error {err:.3g}"
+
+
+@requires_triton
+def test_fp32_gemm_keeps_an_out_of_memory_error(monkeypatch):
+    """cuBLAS's fp32-output bmm running out of memory must not fall back to upcast operands, which
+    need more memory still: the caller gets the out-of-memory error, not a later and vaguer one.
+    Other errors (an older torch without out_dtype) still take the fallback."""
+    kernel = pytest.importorskip("torchfg.ops.pairwise.triton")
+
+    class FakeCuda(torch.Tensor):
+        @property
+        def is_cuda(self):
+            return True
+
+    a = torch.randn(1, 3, 4).to(torch.bfloat16).as_subclass(FakeCuda)
+    b = torch.randn(1, 4, 5).to(torch.bfloat16)
+    bmm = torch.bmm
+
+    def failing(error):
+        def fake_bmm(x, y, **kwargs):
+            if "out_dtype" in kwargs:
+                raise error
+            return bmm(x.as_subclass(torch.Tensor), y)
+        return fake_bmm
+
+    monkeypatch.setattr(torch, "bmm", failing(torch.OutOfMemoryError("CUDA out of memory")))
+    with pytest.raises(torch.OutOfMemoryError):
+        kernel._bmm_fp32(a, b)
+    monkeypatch.setattr(torch, "bmm", failing(TypeError("unexpected keyword argument 'out_dtype'")))
+    out = kernel._bmm_fp32(a, b)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.as_subclass(torch.Tensor), bmm(a.as_subclass(torch.Tensor).float(), b.float()))

@@ -474,6 +474,8 @@ def _bmm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.is_cuda:
         try:
             return torch.bmm(a, b, out_dtype=torch.float32)
+        except torch.OutOfMemoryError:
+            raise  # the upcast fallback needs more memory still: fail here, with this error
         except (TypeError, RuntimeError, NotImplementedError):  # an older torch
             pass
     return torch.bmm(a.float(), b.float())
