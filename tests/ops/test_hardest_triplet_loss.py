@@ -395,6 +395,21 @@ def test_nan_candidate_is_never_chosen(metric, poisoned, small_splits):
 
 
 @requires_triton
+@pytest.mark.parametrize("text_dtype", [torch.float32, torch.bfloat16])
+def test_fp64_adaptive_margin_is_summed_in_the_text_dtype(text_dtype, poisoned):
+    """fp64 embeddings, 16/32-bit text: the margin base + scale * (1 - cos) / 2 is summed in the
+    text's accumulation dtype (fp32), as the reference and the mining kernel sum it. The fused
+    forward summed an fp64 base with the fp32 term: 0.3 vs fp32(0.3), 1.2e-8 on every anchor.
+    One-hot texts make every cosine exact (0 or 1), so the margins must agree exactly."""
+    x, labels, _, _, _, _ = _problem(37, 37, 19, torch.float64, seed=9)
+    g = torch.Generator().manual_seed(10)
+    t = torch.nn.functional.one_hot(torch.randint(0, 6, (37,), generator=g), 6).to(TEST_DEVICE, text_dtype)
+    kwargs = dict(metric="euclidean", base_margin=0.3, margin_scale=0.7, reduction="none")
+    _assert_same(_run("torch", x, labels, None, labels, t, t, **kwargs),
+                 _run("triton", x, labels, None, labels, t, t, **kwargs), torch.float64)
+
+
+@requires_triton
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
 def test_non_finite_anchor_text_gives_nan_adaptive_loss_like_the_reference(metric, poisoned, small_splits):
     """The text sets the margin: a NaN description makes every negative key of its anchor NaN."""

@@ -160,7 +160,10 @@ def _hardest_triplet_fwd_kernel(
             tn_sq += tl.sum(tn * tn, axis=1)
         cos = dot * _inverse_norm(ta_sq) * _inverse_norm(tn_sq)
         margin_scale = tl.cast(margin_scale_hi, TEXT_ACC_DTYPE) + tl.cast(margin_scale_lo, TEXT_ACC_DTYPE)
-        margin = base_margin + margin_scale * (1.0 - cos) * 0.5
+        # The base in the text's dtype too, as the reference and the mining kernel add it: an fp64
+        # base plus an fp32 term was an fp64 sum, an ulp of fp32 off the margin the mining used.
+        margin_base = tl.cast(base_margin_hi, TEXT_ACC_DTYPE) + tl.cast(base_margin_lo, TEXT_ACC_DTYPE)
+        margin = margin_base + margin_scale * (1.0 - cos) * 0.5
         violation = d_ap - d_an + margin.to(ACC_DTYPE)
     if SMOOTH:
         # softplus and its derivative as torch computes them (reference.SOFTPLUS_THRESHOLD = 20).
