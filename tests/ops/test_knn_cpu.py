@@ -190,6 +190,28 @@ def test_pool_rejects_bad_arguments():
     assert torch.equal(columns, expected.indices[:, :3]) and torch.equal(distances, expected.values[:, :3])
 
 
+@requires_compiled
+def test_pool_reads_a_single_column_with_any_strides():
+    """A (R, 1) view may report strides (2, 2): neither is 1, yet it is contiguous. It was refused."""
+    block = torch.tensor([[3.0, -1.0]])[:, ::2]
+    assert block.stride() == (2, 2)
+    pool = cpu_module.CompiledPool(1, 1, "dot")
+    pool.offer(block, 0)
+    assert pool.result()[1].tolist() == [[0]]
+
+
+@requires_compiled
+def test_nan_rows_that_skip_validation_get_a_clear_error():
+    """Under torch.compile knn() does not refuse non-finite rows up front; a NaN row's keys then
+    never compare, and the compiled selection failed later on an out-of-range index."""
+    x = torch.randn(20, 4, generator=torch.Generator().manual_seed(3))
+    x[3] = float("nan")
+    compiled = torch.compile(lambda a: knn(a, k=19, metric="sqeuclidean", backend="torch"), backend="eager")
+    torch._dynamo.reset()
+    with pytest.raises(ValueError, match="NaN"):
+        compiled(x)
+
+
 # ---------------------------------------------------------------------------------------------
 # The search: compiled selection against the pure PyTorch one, bit for bit
 
@@ -265,9 +287,9 @@ def test_euclidean_fallback_when_the_slack_is_exhausted(monkeypatch, copies):
     attempts = []
     real_search = ref_module.knn_reference
 
-    def spy(*args):
+    def spy(*args, **kwargs):
         attempts.append(args[8] is None if len(args) > 8 else True)  # True: the PyTorch selection
-        return real_search(*args)
+        return real_search(*args, **kwargs)
 
     monkeypatch.setattr(cpu_module, "knn_reference", spy)
     gen = torch.Generator().manual_seed(21)
@@ -318,6 +340,22 @@ def test_default_tiles_of_the_compiled_search(monkeypatch):
     compiled, pure = both_paths(x, k=12, metric="sqeuclidean", exclude_self=True, backend="torch")
     assert tiles_seen[0] == tile
     assert_identical(compiled, pure, tile)
+
+
+@requires_compiled
+@pytest.mark.parametrize("n", [513, 900])
+def test_self_search_below_two_tiles_keeps_the_torch_paths_query_chunks(n):
+    """Below two of its tiles, the compiled self-search must compute the same GEMMs as the pure
+    PyTorch one, so near-ties (copies of one row, random non-integer data) resolve alike. Its
+    512 tile also served as the query chunk: N = 513 ran a 512-row and a 1-row GEMM, which round
+    the keys otherwise, and the two paths returned different copies."""
+    gen = torch.Generator().manual_seed(1)
+    # Rows away from the origin: the GEMM form's rounding noise is then well above an ulp of 0.
+    pool = torch.randn(60, 16, generator=gen) * 10 + 5
+    x = pool[torch.randint(0, pool.shape[0], (n,), generator=gen)]
+    for metric in ("sqeuclidean", "euclidean"):
+        compiled, pure = both_paths(x, k=10, metric=metric, backend="torch")
+        assert torch.equal(compiled[1], pure[1]), metric
 
 
 # ---------------------------------------------------------------------------------------------

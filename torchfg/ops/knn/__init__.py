@@ -161,7 +161,8 @@ def _torch_search(
     progress: Callable[[int], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``torch`` backend: the reference search, with the compiled selection of
-    :mod:`torchfg.ops.knn.cpu` on CPU tensors where it built (same neighbours, bit for bit;
+    :mod:`torchfg.ops.knn.cpu` on CPU tensors where it built (the same neighbours, bit for bit,
+    on the same tiles; see that module for the self-search's narrower default tiles;
     ``TORCHFG_CPU_KERNELS=0`` keeps the pure PyTorch selection)."""
     if _cpu.is_usable(query.device, query.dtype):
         return _cpu.knn_cpu(query, gallery, k, metric, symmetric, self_offset, chunk_size, progress)

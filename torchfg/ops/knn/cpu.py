@@ -2,13 +2,17 @@
 behind the pool interface of :mod:`torchfg.ops.knn.reference`, and the exact recomputation of the
 selected distances (:func:`exact_selected`).
 
-The search is the reference's (the same tiles, GEMMs and raw keys, the same exact recomputation
-afterwards); only the selection changes. Each query row keeps its k best (distance, column)
+The search is the reference's (the same GEMMs and raw keys on the same tiles, the same exact
+recomputation afterwards); only the selection changes, and the default tile side of a
+self-search (:func:`default_tile_size`, narrower: from N = 1024 rather than 2048 it is tiled). Each query row keeps its k best (distance, column)
 pairs in a candidate buffer that a quickselect cuts back to k when it fills, and an entry of a
 distance tile is rejected with one compare against the raw key of the row's k-th best, where
 ``torch.topk`` costs about 8 ns per entry at k = 100. The distances are
-finished with the torch path's fp32 operations and ties go to the lower column, so the neighbours
-are those of the pure PyTorch path, index for index and bit for bit.
+finished with the torch path's fp32 operations and ties go to the lower column, so on the same
+tiles (an explicit ``chunk_size``, or any search that is not a tiled self-search) the neighbours
+are those of the pure PyTorch path, index for index and bit for bit. With the default tiles a
+self-search of N >= 1024 rows computes its keys in other GEMM shapes, which round differently:
+a near-tie (two copies of one row) can then resolve to the other copy.
 
 Build: plain C with no torch headers, compiled on first use with the system C compiler
 (``CC``, which may carry arguments such as ``ccache gcc``, else ``cc``, ``gcc`` or ``clang``) in
@@ -340,7 +344,8 @@ class CompiledPool:
         if query_aux is not None:
             if query_aux.shape != (num_rows,):
                 raise ValueError(f"query_aux must have shape ({num_rows},), got {tuple(query_aux.shape)}")
-            query_aux = query_aux.to(torch.float32).contiguous()
+            # The kernel reads it through a host pointer (a meta tensor's is NULL: "no aux").
+            query_aux = query_aux.to("cpu", torch.float32).contiguous()
         self._aux = query_aux
 
     def offer(self, block: torch.Tensor, offset: int) -> None:
@@ -360,7 +365,7 @@ class CompiledPool:
         if block.stride(1) != 1 and block.stride(0) != 1:
             block = block.contiguous()
         row_stride, col_stride = block.stride()
-        if block.stride(1) == 1:
+        if block.stride(1) == 1 or width == 1:
             col_stride = 1  # a single-column view may report any stride
         code = self._library.tfg_knn_cpu_offer(
             block.data_ptr(), rows, width, row_stride, col_stride, offset,
@@ -390,6 +395,12 @@ class CompiledPool:
                 self.num_rows, self._kept, self._capacity, distances.data_ptr(), columns.data_ptr(),
                 torch.get_num_threads(),
             )  # fmt: skip
+        # The sentinel column survives only where a row's keys did not compare (NaN): the
+        # callers offer at least k columns. knn() refuses such rows up front, but not under
+        # torch.compile; the pure selection returns NaN there, and this one names the cause
+        # instead of failing later on an out-of-range index.
+        if self.num_rows and bool((columns[:, : self.k] == _INT32_MAX).any()):
+            raise ValueError("the k-NN inputs hold NaN: a row has fewer than k distances that compare")
         if not self._sqrt:
             return distances, columns
         return _settle_sqrt(distances, columns, self.k)
@@ -465,7 +476,10 @@ def knn_cpu(
 
         attempt_rows = 0
         try:
-            return knn_reference(query, gallery, k, metric, symmetric, self_offset, tile, report, make_pool)
+            # The tile only as the tile: as chunk_size it also cut a search below two tiles into
+            # 512-row query chunks (N = 513: a 512-row and a 1-row GEMM, which round otherwise).
+            return knn_reference(query, gallery, k, metric, symmetric, self_offset, chunk_size, report, make_pool,
+                                 tile_size=tile)
         except SlackExhausted:
             # Rare: a k-th distance shared by more entries than the slack holds (many copies of
             # one row). The search again with the next slack, then with the PyTorch selection.
@@ -535,8 +549,9 @@ def exact_selected(
                 f"query_nonzero and gallery_nonzero must have shapes ({num_query},) and ({gallery.shape[0]},), "
                 f"got {tuple(query_nonzero.shape)} and {tuple(gallery_nonzero.shape)}"
             )
-        query_nonzero = query_nonzero.to(torch.uint8).contiguous()
-        gallery_nonzero = gallery_nonzero.to(torch.uint8).contiguous()
+        # On the CPU: the kernel reads them through host pointers (a meta tensor's is NULL).
+        query_nonzero = query_nonzero.to("cpu", torch.uint8).contiguous()
+        gallery_nonzero = gallery_nonzero.to("cpu", torch.uint8).contiguous()
     # The kernel reads rows with unit feature stride; a single column may report any stride.
     query = query if query.stride(1) == 1 or query.shape[1] <= 1 else query.contiguous()
     gallery = gallery if gallery.stride(1) == 1 or gallery.shape[1] <= 1 else gallery.contiguous()

@@ -672,6 +672,7 @@ def knn_reference(
     chunk_size: int | None = None,
     progress: Callable[[int], None] | None = None,
     pool_factory: PoolFactory | None = None,
+    tile_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """k nearest gallery rows of every query row, streamed over query chunks.
 
@@ -694,6 +695,9 @@ def knn_reference(
         progress: called with the number of query rows finished after each chunk.
         pool_factory: the selection of each chunk / row tile (see :data:`PoolFactory`); by
             default the pure PyTorch one. The distance blocks and their order are the same.
+        tile_size: the symmetric self-search's tile side when it differs from ``chunk_size``
+            (the compiled selection's narrower default); a search below two tiles keeps the
+            query chunks of ``chunk_size``.
 
     Returns:
         (distances (Q, k) in query's dtype, indices (Q, k) int64), sorted by (distance, index).
@@ -703,7 +707,7 @@ def knn_reference(
     indices = torch.empty(num_query, k, dtype=torch.int64, device=query.device)
     if num_query == 0 or k == 0:
         return distances, indices
-    tile = chunk_size or default_tile_size(query.device, num_query)
+    tile = tile_size or chunk_size or default_tile_size(query.device, num_query)
     # Below two tiles per side the symmetric path saves no GEMM work (the diagonal tiles are
     # computed whole) and only adds the transposed selections.
     if symmetric and self_offset in (-1, 0) and num_query >= 2 * tile:
