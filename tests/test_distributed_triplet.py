@@ -126,3 +126,58 @@ def test_gloo_exit_abort_is_recognised_only_after_the_last_step():
     assert _gloo_exit_abort(aborted, last_step=11)
     assert not _gloo_exit_abort(aborted.replace("step   11", "step   10"), last_step=11)
     assert not _gloo_exit_abort("step   11  loss 0.3\nTraceback: RuntimeError\n", last_step=11)
+
+
+# ----------------------------------------------------------------------------- an error on one rank
+
+
+def _bad_on_rank_one(rank: int, world: int, case: str):
+    """Each case passes a bad argument on rank 1 only (the same call everywhere else)."""
+    from torchfg.losses import CrossBatchMemory, DINOLoss
+
+    g = torch.Generator().manual_seed(rank)
+    x, labels = torch.randn(4, 3, generator=g), torch.tensor([0, 0, 1, 1])
+    bad = rank == 1
+    if case == "mine_triplets margin":
+        return mine_triplets(x, labels, margin=float("nan") if bad else 0.2, cross_rank=True)
+    if case == "backend":  # BackendUnavailableError is a RuntimeError, not a ValueError
+        return triplet_margin_loss(x, labels, mining="semi_hard", backend="triton" if bad else "torch", cross_rank=True)
+    if case == "indices_tuple":  # checked after the gather: the bound is all ranks' candidates
+        positive = torch.tensor([99 if bad else 1])
+        return triplet_margin_loss(x, labels, (torch.tensor([0]), positive, torch.tensor([2])), cross_rank=True)
+    if case == "xbm embedding_size":
+        xbm = CrossBatchMemory(TripletMarginLoss(cross_rank=True), 3, 16)
+        return xbm(torch.randn(4, 5) if bad else x, labels)
+    criterion = DINOLoss(5, n_crops=2, n_global_crops=2, n_epochs=3)
+    teacher = torch.randn(4, 5, dtype=torch.float64 if bad and case == "dino fp64" else torch.float32)
+    epoch = 7 if bad and case == "dino epoch" else 0
+    try:
+        criterion(torch.randn(4, 5), teacher, epoch)
+    finally:
+        centre = criterion.center.clone()
+    return centre
+
+
+@pytest.mark.parametrize("case", ["mine_triplets margin", "backend", "indices_tuple", "xbm embedding_size"])
+def test_a_bad_argument_on_one_rank_raises_on_every_rank(case):
+    """Checked on one rank only, outside the error exchange, the other ranks went on into the next
+    collective alone and waited there (until the process group's timeout)."""
+    results = run_on_ranks(_bad_on_rank_one, 2, case)
+    assert all(r[0] == "error" for r in results), [r[:2] for r in results]
+    assert "another rank" in results[0][1], results[0][1]
+
+
+def test_dino_error_on_one_rank_joins_the_centre_update():
+    """The failing rank still joins the centre's all_reduce (the others waited in it), raises, and
+    every rank's centre stays as it was."""
+    results = run_on_ranks(_bad_on_rank_one, 2, "dino epoch")
+    assert results[1][0] == "error" and "epoch" in results[1][1], results[1][:2]
+    assert results[0][0] == "ok" and torch.equal(results[0][1], torch.zeros(5)), results[0][:2]
+
+
+def test_dino_teachers_of_two_dtypes_average_into_one_centre():
+    """The centre's statistics were all-reduced in the teacher's dtype: an fp32 and an fp64 rank
+    sent buffers of two sizes and gloo aborted the processes."""
+    results = run_on_ranks(_bad_on_rank_one, 2, "dino fp64")
+    assert all(r[0] == "ok" for r in results), [r[:2] for r in results]
+    torch.testing.assert_close(results[0][1], results[1][1])

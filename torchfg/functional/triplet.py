@@ -121,7 +121,7 @@ def _validated(validate, cross_rank: bool):
         return validate()
     try:
         result, error = validate(), None
-    except (ValueError, TypeError) as exc:
+    except Exception as exc:  # also BackendUnavailableError (a RuntimeError): any local refusal
         result, error = None, exc
     raise_on_all_ranks(error)
     return result
@@ -481,7 +481,11 @@ def _triplet_margin_loss_impl(
 ) -> torch.Tensor:
     """The loss once inputs are checked; ``anchor_offset`` as returned by :func:`_check_embeddings`."""
     if indices_tuple is not None:
-        triplets = _check_indices_tuple(indices_tuple, embeddings.shape[0], candidates.shape[0], embeddings.device)
+        # After the gather (the bound is all ranks' candidates), so exchanged like the other checks.
+        triplets = _validated(
+            lambda: _check_indices_tuple(indices_tuple, embeddings.shape[0], candidates.shape[0], embeddings.device),
+            cross_rank,
+        )
     elif mining == "batch_hard":
         return _batch_hard_loss(
             embeddings, labels, candidates, candidate_labels, anchor_offset, metric=metric, base_margin=margin,
@@ -646,7 +650,10 @@ def _adaptive_triplet_loss_impl(
     cross_rank: bool = False,
 ) -> torch.Tensor:
     if indices_tuple is not None:
-        a, p, n = _check_indices_tuple(indices_tuple, embeddings.shape[0], candidates.shape[0], embeddings.device)
+        a, p, n = _validated(
+            lambda: _check_indices_tuple(indices_tuple, embeddings.shape[0], candidates.shape[0], embeddings.device),
+            cross_rank,
+        )
         margin: torch.Tensor | float = base_margin
         if margin_scale != 0.0 and a.numel():
             text_cos = text_cosine(text_embeddings.index_select(0, a), candidate_text.index_select(0, n))
@@ -810,8 +817,13 @@ def mine_triplets(
             if ref_embeddings is not None:
                 raise ValueError("ref_embeddings cannot be combined with cross_rank=True")
             checked = _check_embeddings(embeddings, labels, None, None)
-            if text_embeddings is not None:
-                _check_text(text_embeddings, checked[0].shape[0], checked[0].device)
+            # The scalar arguments too: checked only after the gather, an error on one rank left
+            # the others returning triplets into their next collective alone.
+            _check_mining_arguments(
+                checked[0], strategy=strategy, metric=metric, margin=margin, text_embeddings=text_embeddings,
+                base_margin=base_margin, margin_scale=margin_scale, text_positive_threshold=text_positive_threshold,
+                has_ref=False, backend=backend,
+            )
             return checked
 
         embeddings, labels, *_ = _validated(validate, cross_rank)
@@ -853,6 +865,35 @@ def _mine_triplets_checked(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """mine_triplets once embeddings/labels/candidates are checked (candidate_text: gathered text)."""
+    text_embeddings, base_margin, margin_scale, text_positive_threshold = _check_mining_arguments(
+        embeddings, strategy=strategy, metric=metric, margin=margin, text_embeddings=text_embeddings,
+        base_margin=base_margin, margin_scale=margin_scale, text_positive_threshold=text_positive_threshold,
+        has_ref=has_ref, backend=backend,
+    )
+    if text_embeddings is not None and candidate_text is None:
+        candidate_text = text_embeddings
+    return _listed_triplets(
+        embeddings.detach(), labels, candidates.detach(), candidate_labels, anchor_offset, strategy=strategy,
+        metric=metric, backend=backend, text_embeddings=text_embeddings, candidate_text=candidate_text,
+        base_margin=base_margin, margin_scale=margin_scale, text_positive_threshold=text_positive_threshold,
+    )
+
+
+def _check_mining_arguments(
+    embeddings: torch.Tensor,
+    *,
+    strategy: str,
+    metric: str,
+    margin: float,
+    text_embeddings: torch.Tensor | None,
+    base_margin: float | None,
+    margin_scale: float | None,
+    text_positive_threshold: float | None,
+    has_ref: bool,
+    backend: str,
+) -> tuple[torch.Tensor | None, float, float, float | None]:
+    """mine_triplets' checks of everything but the row sets: (text_embeddings, base_margin,
+    margin_scale, text_positive_threshold) as the mining takes them."""
     check_choice(strategy, "strategy", MINING_STRATEGIES)
     check_choice(metric, "metric", METRICS)
     _check_mining_backend(strategy, backend)
@@ -865,8 +906,6 @@ def _mine_triplets_checked(
         if has_ref:
             raise ValueError("text_embeddings cannot be combined with ref_embeddings (the reference set has no text)")
         text_embeddings = _check_text(text_embeddings, embeddings.shape[0], embeddings.device)
-        if candidate_text is None:
-            candidate_text = text_embeddings
         if base_margin is None:
             base_margin = _check_number(margin, "margin (the base margin with text_embeddings)", low=0.0)
         else:
@@ -881,8 +920,4 @@ def _mine_triplets_checked(
             if value is not None:
                 raise ValueError(f"{name} needs text_embeddings")
         base_margin, margin_scale = margin, 0.0
-    return _listed_triplets(
-        embeddings.detach(), labels, candidates.detach(), candidate_labels, anchor_offset, strategy=strategy,
-        metric=metric, backend=backend, text_embeddings=text_embeddings, candidate_text=candidate_text,
-        base_margin=base_margin, margin_scale=margin_scale, text_positive_threshold=text_positive_threshold,
-    )
+    return text_embeddings, base_margin, margin_scale, text_positive_threshold

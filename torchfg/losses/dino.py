@@ -149,20 +149,36 @@ class DINOLoss(nn.Module):
             0-dim loss in the student's dtype. Under torch.distributed in training mode a rank
             may have an empty batch (B = 0): it takes part in the centre update and gets 0.
         """
+        distributed = self.training and torch.distributed.is_available() and torch.distributed.is_initialized()
+        if not distributed:
+            loss = self._checked_loss(student_output, teacher_output, epoch)
+            if self.training:
+                self.update_center(teacher_output)
+            return loss
+        # Under torch.distributed every rank must reach the centre's all_reduce: a rank whose input
+        # fails its checks joins it with a flag that keeps every centre as it was, then raises (the
+        # launcher then ends the job), instead of raising first and leaving the others waiting.
+        try:
+            loss, error = self._checked_loss(student_output, teacher_output, epoch), None
+        except (ValueError, TypeError) as exc:
+            loss, error = None, exc
+        self._update_center(None if error is not None else teacher_output, error)
+        return loss
+
+    def _checked_loss(self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int) -> torch.Tensor:
         check_float_tensor(student_output, "student_output", ndim=2)
         check_float_tensor(teacher_output, "teacher_output", ndim=2)
         for name, tensor in (("student_output", student_output), ("teacher_output", teacher_output)):
             if tensor.shape[1] != self.out_dim:
                 raise ValueError(f"{name} must have out_dim={self.out_dim} columns, got shape {tuple(tensor.shape)}")
         teacher_temp = self.teacher_temp_at(epoch)
-        if (student_output.shape[0] == 0 and teacher_output.shape[0] == 0 and self.training
-                and torch.distributed.is_available() and torch.distributed.is_initialized()):
-            # A rank with an empty batch (an uneven split) must still join the centre's all_reduce,
-            # or the other ranks wait in it forever. It has no pairs: loss 0, zero gradient.
-            self.update_center(teacher_output)
-            return student_output.sum() * 0.0
-        # The centre update below rebinds the buffer, so the tensor saved for backward stays as it is.
-        loss = dino_loss(
+        if student_output.shape[0] == 0 and teacher_output.shape[0] == 0 and self.training:
+            # A rank with an empty batch (an uneven split under torch.distributed; forward refuses
+            # it otherwise, below) still joins the centre's all_reduce. No pairs: loss 0, zero gradient.
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                return student_output.sum() * 0.0
+        # The centre update rebinds the buffer, so the tensor saved for backward stays as it is.
+        return dino_loss(
             student_output,
             teacher_output,
             self.center,
@@ -172,9 +188,6 @@ class DINOLoss(nn.Module):
             teacher_temp=teacher_temp,
             backend=self.backend,
         )
-        if self.training:
-            self.update_center(teacher_output)
-        return loss
 
     @torch.no_grad()
     def update_center(self, teacher_output: torch.Tensor) -> None:
@@ -188,18 +201,30 @@ class DINOLoss(nn.Module):
             raise ValueError(
                 f"teacher_output must have out_dim={self.out_dim} columns, got shape {tuple(teacher_output.shape)}"
             )
-        # Sum and row count travel in one all_reduce so unequal per-rank batches average exactly.
-        stats_dtype = torch.float64 if teacher_output.dtype == torch.float64 else torch.float32
-        stats = torch.empty(self.out_dim + 1, dtype=stats_dtype, device=teacher_output.device)
-        torch.sum(teacher_output.detach(), dim=0, dtype=stats.dtype, out=stats[:-1])
-        stats[-1] = teacher_output.shape[0]
+        self._update_center(teacher_output, None)
+
+    def _update_center(self, teacher_output: torch.Tensor | None, error: BaseException | None) -> None:
+        # Sum, row count and an error flag travel in one all_reduce, so unequal per-rank batches
+        # average exactly. A rank whose input failed its checks still joins it (the others would
+        # wait in it forever), then raises; its flag keeps every rank's centre as it was, with no
+        # host sync on the healthy ranks. fp64 whatever the inputs' dtypes: ranks with fp32 and
+        # fp64 teachers sent buffers of two sizes (a gloo abort).
+        stats = torch.zeros(self.out_dim + 2, dtype=torch.float64, device=self.center.device)
+        if teacher_output is not None:
+            torch.sum(teacher_output.detach(), dim=0, dtype=stats.dtype, out=stats[:-2])
+            stats[-2] = teacher_output.shape[0]
+        if error is not None:
+            stats[-1] = 1.0
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(stats)
-        count = stats[-1]
-        batch_center = stats[:-1] / count.clamp_min(1)
+        if error is not None:
+            raise error
+        count = stats[-2]
+        batch_center = stats[:-2] / count.clamp_min(1)
         updated = self.center * self.center_momentum + batch_center.to(self.center) * (1 - self.center_momentum)
-        # No host sync on the count: an update with no rows on any rank leaves the centre as is.
-        updated = torch.where(count > 0, updated, self.center)
+        # No host sync on the count: an update with no rows on any rank, or an input error on
+        # one, leaves the centre as is.
+        updated = torch.where((count > 0) & (stats[-1] == 0), updated, self.center)
         if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():  # dynamo cannot trace the query
             # Rebinding here would make the buffer an inference tensor, which no later training
             # step could save for backward; nothing saved it in this mode, so in place is safe.

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from torchfg._validation import check_float_tensor, check_int, check_labels
-from torchfg.functional.triplet import _check_indices_tuple
+from torchfg.functional.triplet import _check_indices_tuple, _validated
 from torchfg.functional.xbm import enqueue, gather_for_memory, memory_triplet_loss
 from torchfg.losses.triplet import AdaptiveTripletLoss, TripletMarginLoss
 
@@ -126,30 +126,38 @@ class CrossBatchMemory(nn.Module):
         enqueue_mask: torch.Tensor | None = None,
         text_embeddings: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        embeddings = check_float_tensor(embeddings, "embeddings", ndim=2)
-        if embeddings.shape[1] != self.embedding_size:
-            raise ValueError(f"embeddings must have {self.embedding_size} columns (embedding_size), got {embeddings.shape[1]}")
-        labels = check_labels(labels, "labels", embeddings.shape[0], device=embeddings.device).long()
-        if self.adaptive:
-            if text_embeddings is None:
-                raise ValueError("text_embeddings are required with an AdaptiveTripletLoss")
-            text_embeddings = check_float_tensor(text_embeddings, "text_embeddings", ndim=2)
-            if text_embeddings.shape != (embeddings.shape[0], self.text_size):
-                raise ValueError(
-                    f"text_embeddings must have shape ({embeddings.shape[0]}, {self.text_size}), got {tuple(text_embeddings.shape)}"
-                )
-            text_embeddings = text_embeddings.to(embeddings.device).detach()
-        elif text_embeddings is not None:
-            raise ValueError("text_embeddings need an AdaptiveTripletLoss")
-        if indices_tuple is not None and enqueue_mask is not None:
-            raise ValueError("indices_tuple and enqueue_mask are mutually exclusive")
-        if enqueue_mask is not None:
-            enqueue_mask = torch.as_tensor(enqueue_mask, device=embeddings.device)
-            if enqueue_mask.dtype != torch.bool or enqueue_mask.shape != labels.shape:
-                raise ValueError(f"enqueue_mask must be a ({labels.shape[0]},) bool tensor, got {enqueue_mask.dtype} {tuple(enqueue_mask.shape)}")
+        cross_rank = self.loss.cross_rank
+
+        def validate():
+            nonlocal embeddings, labels, text_embeddings, enqueue_mask
+            embeddings = check_float_tensor(embeddings, "embeddings", ndim=2)
+            if embeddings.shape[1] != self.embedding_size:
+                raise ValueError(f"embeddings must have {self.embedding_size} columns (embedding_size), got {embeddings.shape[1]}")
+            labels = check_labels(labels, "labels", embeddings.shape[0], device=embeddings.device).long()
+            if self.adaptive:
+                if text_embeddings is None:
+                    raise ValueError("text_embeddings are required with an AdaptiveTripletLoss")
+                text_embeddings = check_float_tensor(text_embeddings, "text_embeddings", ndim=2)
+                if text_embeddings.shape != (embeddings.shape[0], self.text_size):
+                    raise ValueError(
+                        f"text_embeddings must have shape ({embeddings.shape[0]}, {self.text_size}), got {tuple(text_embeddings.shape)}"
+                    )
+                text_embeddings = text_embeddings.to(embeddings.device).detach()
+            elif text_embeddings is not None:
+                raise ValueError("text_embeddings need an AdaptiveTripletLoss")
+            if indices_tuple is not None and enqueue_mask is not None:
+                raise ValueError("indices_tuple and enqueue_mask are mutually exclusive")
+            if enqueue_mask is not None:
+                enqueue_mask = torch.as_tensor(enqueue_mask, device=embeddings.device)
+                if enqueue_mask.dtype != torch.bool or enqueue_mask.shape != labels.shape:
+                    raise ValueError(f"enqueue_mask must be a ({labels.shape[0]},) bool tensor, got {enqueue_mask.dtype} {tuple(enqueue_mask.shape)}")
+            return embeddings, labels, text_embeddings, enqueue_mask
+
+        # With cross_rank, an input error on one rank raises on every rank (the others would wait
+        # in the gather below).
+        embeddings, labels, text_embeddings, enqueue_mask = _validated(validate, cross_rank)
         self._match(embeddings, text_embeddings)
 
-        cross_rank = self.loss.cross_rank
         text = text_embeddings
         if enqueue_mask is not None:
             queued = [embeddings[enqueue_mask], labels[enqueue_mask], None if text is None else text[enqueue_mask]]
@@ -164,9 +172,12 @@ class CrossBatchMemory(nn.Module):
         if indices_tuple is not None:
             # Checked (and PML pair tuples converted) before the memory changes: a bad call must
             # leave the memory as it was. Positives and negatives index the memory after the write.
-            indices_tuple = _check_indices_tuple(
-                indices_tuple, embeddings.shape[0], min(self.size + queued[0].shape[0], self.memory_size),
-                embeddings.device,
+            indices_tuple = _validated(
+                lambda: _check_indices_tuple(
+                    indices_tuple, embeddings.shape[0], min(self.size + queued[0].shape[0], self.memory_size),
+                    embeddings.device,
+                ),
+                cross_rank,
             )
         start, self.queue_idx, self.size = enqueue(
             [self.embedding_memory, self.label_memory, self.text_memory if self.adaptive else None],
