@@ -79,8 +79,19 @@ def _inconsistent_labels(rank: int, world: int):
     return gather_batch([torch.zeros(2, 4), labels], ["embeddings", "labels"])
 
 
+def _text_on_one_rank(rank: int, world: int):
+    text = torch.zeros(2, 3) if rank == 0 else None
+    return gather_batch([torch.zeros(2, 4), text], ["embeddings", "text_embeddings"])
+
+
 @pytest.mark.parametrize(
-    "fn, match", [(_mismatched_dim, "trailing"), (_inconsistent_labels, "rank 0 has inconsistent batch sizes")]
+    "fn, match",
+    [
+        (_mismatched_dim, "trailing"),
+        (_inconsistent_labels, "rank 0 has inconsistent batch sizes"),
+        # One metadata row fewer on rank 1: the exchange's buffers differed and gloo aborted.
+        (_text_on_one_rank, "text_embeddings is given on rank(s) [0] but not on [1]"),
+    ],
 )
 def test_bad_shapes_raise_on_every_rank(fn, match):
     results = run_on_ranks(fn, 2)

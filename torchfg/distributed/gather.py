@@ -29,6 +29,7 @@ __all__ = [
 _MAX_DIMS = 4  # shape slots per tensor in the metadata exchange
 # Metadata columns per tensor: [ndim, dtype code, *shape (padded with 0)].
 _NDIM, _DTYPE, _SHAPE = 0, 1, 2
+_ABSENT = -2  # the ndim of a None entry (a rank that does not pass that tensor)
 # Dtypes as small integers that every rank agrees on (any other dtype sends its item size + 100).
 _DTYPE_CODES = {
     dtype: code for code, dtype in enumerate((
@@ -60,16 +61,22 @@ def _comm_device(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.devi
 
 
 def _exchange_shapes(
-    tensors: Sequence[torch.Tensor], names: Sequence[str], group: dist.ProcessGroup | None
+    tensors: Sequence[torch.Tensor | None], names: Sequence[str], group: dist.ProcessGroup | None
 ) -> torch.Tensor:
-    """All ranks' shapes as (world, len(tensors), 2 + _MAX_DIMS) int64: [ndim, dtype code, *shape, 0-padding].
+    """All ranks' shapes as (world, len(tensors), 2 + _MAX_DIMS) int64: [ndim, dtype code, *shape, 0-padding]
+    (ndim ``_ABSENT`` for a None entry).
 
-    Validates, identically on every rank, that each tensor's dtype and trailing dims agree across
-    ranks and that all tensors of a rank have the same number of rows; raises ValueError naming the
-    argument. (A gather of buffers whose byte sizes differ would abort the process in the backend.)
+    Validates, identically on every rank, that each tensor is given on every rank or on none, that
+    its dtype and trailing dims agree across ranks and that all tensors of a rank have the same
+    number of rows; raises ValueError naming the argument. (A gather of buffers whose byte sizes
+    differ would abort the process in the backend.)
     """
     meta = torch.zeros(len(tensors), _SHAPE + _MAX_DIMS, dtype=torch.int64)
     for i, (t, name) in enumerate(zip(tensors, names)):
+        if t is None:
+            # One row per name on every rank: a rank without it sent fewer rows (a gloo abort).
+            meta[i, _NDIM] = _ABSENT
+            continue
         meta[i, _DTYPE] = _DTYPE_CODES.get(t.dtype, 100 + t.element_size())
         if t.dim() == 0 or t.dim() > _MAX_DIMS:
             # Still take part in the collective so that the other ranks do not hang.
@@ -77,12 +84,20 @@ def _exchange_shapes(
         else:
             meta[i, _NDIM] = t.dim()
             meta[i, _SHAPE : _SHAPE + t.dim()] = torch.tensor(t.shape)
-    device = _comm_device(tensors[0], group)
+    device = _comm_device(next((t for t in tensors if t is not None), torch.empty(0)), group)
     gathered = [torch.empty_like(meta, device=device) for _ in range(world_size(group))]
     dist.all_gather(gathered, meta.to(device), group=group)
     shapes = torch.stack([g.cpu() for g in gathered])
     for i, name in enumerate(names):
         ndims = shapes[:, i, _NDIM]
+        absent = ndims == _ABSENT
+        if absent.all():
+            continue
+        if absent.any():
+            raise ValueError(
+                f"{name} is given on rank(s) {(~absent).nonzero().flatten().tolist()} but not on "
+                f"{absent.nonzero().flatten().tolist()}: every rank must pass it, or none"
+            )
         bad = (ndims < 0).nonzero().flatten().tolist()
         if bad:
             raise ValueError(f"{name} must have 1 to {_MAX_DIMS} dims on every rank; rank(s) {bad} sent another shape")
@@ -96,10 +111,12 @@ def _exchange_shapes(
         if (trailing != trailing[0]).any():
             per_rank = {r: tuple(trailing[r].tolist()) for r in range(shapes.shape[0])}
             raise ValueError(f"{name} has different trailing (per-item) sizes across ranks: {per_rank}")
-    rows = shapes[:, :, _SHAPE]
+    given = shapes[0, :, _NDIM] != _ABSENT  # the same on every rank by now
+    rows = shapes[:, given, _SHAPE]
+    given_names = [n for n, g in zip(names, given.tolist()) if g]
     for r in range(rows.shape[0]):
         if (rows[r] != rows[r, 0]).any():
-            sizes = ", ".join(f"{n}={int(s)}" for n, s in zip(names, rows[r].tolist()))
+            sizes = ", ".join(f"{n}={int(s)}" for n, s in zip(given_names, rows[r].tolist()))
             raise ValueError(f"rank {r} has inconsistent batch sizes: {sizes} (each must have one row per item)")
     return shapes
 
@@ -231,8 +248,8 @@ def gather_batch(
     if not is_distributed(group):
         rows = present[0][1].shape[0] if present else 0
         return GatheredBatch(list(tensors), 0, [rows])
-    shapes = _exchange_shapes([t for _, t in present], [names[i] for i, _ in present], group)
-    sizes = shapes[:, 0, _SHAPE].tolist()
+    shapes = _exchange_shapes(list(tensors), list(names), group)
+    sizes = shapes[:, present[0][0], _SHAPE].tolist() if present else [0] * world_size(group)
     offset = sum(sizes[: rank(group)])
     out: list[torch.Tensor | None] = list(tensors)
     for i, t in present:
