@@ -417,10 +417,17 @@ def _all_triplet_losses(
 
 
 def _check_indices_tuple(
-    indices_tuple: object, n_anchors: int, n_candidates: int, device: torch.device
+    indices_tuple: object, n_anchors: int, n_candidates: int, device: torch.device, *, cross_rank: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """PML's ``indices_tuple`` as triplets: (a, p, n) as given, or pairs (a1, p, a2, n) converted as
-    PML converts them (every positive pair with every negative pair of the same anchor)."""
+    PML converts them (every positive pair with every negative pair of the same anchor).
+
+    With ``cross_rank`` the outcome is exchanged (:func:`_validated`): the bound on positives and
+    negatives is all ranks' candidates, known only after the gather, so this check runs after the
+    other ones, and an error on one rank must still raise on every rank.
+    """
+    if cross_rank:
+        return _validated(lambda: _check_indices_tuple(indices_tuple, n_anchors, n_candidates, device), True)
     if not isinstance(indices_tuple, (tuple, list)) or len(indices_tuple) not in (3, 4):
         length = len(indices_tuple) if isinstance(indices_tuple, (tuple, list)) else type(indices_tuple).__name__
         raise ValueError(
@@ -481,10 +488,8 @@ def _triplet_margin_loss_impl(
 ) -> torch.Tensor:
     """The loss once inputs are checked; ``anchor_offset`` as returned by :func:`_check_embeddings`."""
     if indices_tuple is not None:
-        # After the gather (the bound is all ranks' candidates), so exchanged like the other checks.
-        triplets = _validated(
-            lambda: _check_indices_tuple(indices_tuple, embeddings.shape[0], candidates.shape[0], embeddings.device),
-            cross_rank,
+        triplets = _check_indices_tuple(
+            indices_tuple, embeddings.shape[0], candidates.shape[0], embeddings.device, cross_rank=cross_rank
         )
     elif mining == "batch_hard":
         return _batch_hard_loss(
@@ -650,9 +655,8 @@ def _adaptive_triplet_loss_impl(
     cross_rank: bool = False,
 ) -> torch.Tensor:
     if indices_tuple is not None:
-        a, p, n = _validated(
-            lambda: _check_indices_tuple(indices_tuple, embeddings.shape[0], candidates.shape[0], embeddings.device),
-            cross_rank,
+        a, p, n = _check_indices_tuple(
+            indices_tuple, embeddings.shape[0], candidates.shape[0], embeddings.device, cross_rank=cross_rank
         )
         margin: torch.Tensor | float = base_margin
         if margin_scale != 0.0 and a.numel():

@@ -151,7 +151,7 @@ class DINOLoss(nn.Module):
         """
         distributed = self.training and torch.distributed.is_available() and torch.distributed.is_initialized()
         if not distributed:
-            loss = self._checked_loss(student_output, teacher_output, epoch)
+            loss = self._checked_loss(student_output, teacher_output, epoch, distributed=False)
             if self.training:
                 self.update_center(teacher_output)
             return loss
@@ -159,24 +159,25 @@ class DINOLoss(nn.Module):
         # fails its checks joins it with a flag that keeps every centre as it was, then raises (the
         # launcher then ends the job), instead of raising first and leaving the others waiting.
         try:
-            loss, error = self._checked_loss(student_output, teacher_output, epoch), None
+            loss, error = self._checked_loss(student_output, teacher_output, epoch, distributed=True), None
         except (ValueError, TypeError) as exc:
             loss, error = None, exc
         self._update_center(None if error is not None else teacher_output, error)
         return loss
 
-    def _checked_loss(self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int) -> torch.Tensor:
+    def _checked_loss(
+        self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int, *, distributed: bool
+    ) -> torch.Tensor:
         check_float_tensor(student_output, "student_output", ndim=2)
         check_float_tensor(teacher_output, "teacher_output", ndim=2)
         for name, tensor in (("student_output", student_output), ("teacher_output", teacher_output)):
             if tensor.shape[1] != self.out_dim:
                 raise ValueError(f"{name} must have out_dim={self.out_dim} columns, got shape {tuple(tensor.shape)}")
         teacher_temp = self.teacher_temp_at(epoch)
-        if student_output.shape[0] == 0 and teacher_output.shape[0] == 0 and self.training:
-            # A rank with an empty batch (an uneven split under torch.distributed; forward refuses
-            # it otherwise, below) still joins the centre's all_reduce. No pairs: loss 0, zero gradient.
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                return student_output.sum() * 0.0
+        if distributed and student_output.shape[0] == 0 and teacher_output.shape[0] == 0:
+            # A rank with an empty batch (an uneven split) still joins the centre's all_reduce, in
+            # forward. No pairs: loss 0, zero gradient. Elsewhere dino_loss refuses an empty batch.
+            return student_output.sum() * 0.0
         # The centre update rebinds the buffer, so the tensor saved for backward stays as it is.
         return dino_loss(
             student_output,

@@ -172,12 +172,9 @@ class CrossBatchMemory(nn.Module):
         if indices_tuple is not None:
             # Checked (and PML pair tuples converted) before the memory changes: a bad call must
             # leave the memory as it was. Positives and negatives index the memory after the write.
-            indices_tuple = _validated(
-                lambda: _check_indices_tuple(
-                    indices_tuple, embeddings.shape[0], min(self.size + queued[0].shape[0], self.memory_size),
-                    embeddings.device,
-                ),
-                cross_rank,
+            indices_tuple = _check_indices_tuple(
+                indices_tuple, embeddings.shape[0], min(self.size + queued[0].shape[0], self.memory_size),
+                embeddings.device, cross_rank=cross_rank,
             )
         start, self.queue_idx, self.size = enqueue(
             [self.embedding_memory, self.label_memory, self.text_memory if self.adaptive else None],
