@@ -181,3 +181,58 @@ def test_dino_teachers_of_two_dtypes_average_into_one_centre():
     results = run_on_ranks(_bad_on_rank_one, 2, "dino fp64")
     assert all(r[0] == "ok" for r in results), [r[:2] for r in results]
     torch.testing.assert_close(results[0][1], results[1][1])
+
+
+# ----------------------------------------------------------------------------- ranks that make different calls
+
+
+def _different_call_on_rank_one(rank: int, world: int, case: str):
+    """Rank 1 passes another setting than rank 0 (each call valid on its own), then backward."""
+    from torchfg.losses import CrossBatchMemory
+
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randn(6, 3, generator=g, requires_grad=True)
+    labels, text = torch.tensor([0, 0, 1, 1, 2, 2]), torch.randn(6, 4, generator=g)
+    other = rank == 1
+    if case == "reduction":  # "sum" reduces without the count's all_reduce: the collectives diverged
+        loss = triplet_margin_loss(x, labels, reduction="sum" if other else "mean", cross_rank=True)
+    elif case == "mining":
+        loss = triplet_margin_loss(x, labels, mining="all" if other else "batch_hard", cross_rank=True)
+    elif case == "indices_tuple":  # rank 1 checks its tuple in one more collective
+        triplets = (torch.tensor([0]), torch.tensor([1]), torch.tensor([2])) if other else None
+        loss = triplet_margin_loss(x, labels, triplets, cross_rank=True)
+    elif case == "margin_scale":  # the same collectives, but not one loss over the global batch
+        loss = adaptive_triplet_loss(x, labels, text, margin_scale=0.9 if other else 0.5, cross_rank=True)
+    elif case == "function":
+        loss = (adaptive_triplet_loss(x, labels, text, cross_rank=True) if other
+                else triplet_margin_loss(x, labels, cross_rank=True))
+    elif case == "xbm enqueue_mask":
+        xbm = CrossBatchMemory(TripletMarginLoss(cross_rank=True), 3, 16)
+        loss = xbm(x, labels, enqueue_mask=labels == 0 if other else None)
+    elif case == "numpy margin":  # the same value as another type is the same call
+        import numpy as np
+
+        loss = triplet_margin_loss(x, labels, margin=np.float64(0.3) if other else 0.3, cross_rank=True)
+    loss.backward()
+    return loss.detach()
+
+
+@pytest.mark.parametrize(
+    "case, argument",
+    [("reduction", "reduction: rank 0 'mean', rank 1 'sum'"), ("mining", "mining"), ("indices_tuple", "indices_tuple"),
+     ("margin_scale", "margin_scale: rank 0 0.5, rank 1 0.9"), ("function", "function"),
+     ("xbm enqueue_mask", "enqueue_mask")],
+)
+def test_ranks_that_make_different_calls_all_raise(case, argument):
+    """Ranks that disagreed on the call ran different collectives next: gloo waited until the
+    timeout or paired unrelated collectives. Every rank raises in the first exchange, naming the
+    argument and each rank's value."""
+    results = run_on_ranks(_different_call_on_rank_one, 2, case)
+    assert all(r[0] == "error" for r in results), [r[:2] for r in results]
+    for r in results:
+        assert "different calls" in r[1] and argument in r[1], r[1]
+
+
+def test_the_same_value_of_another_number_type_is_the_same_call():
+    results = run_on_ranks(_different_call_on_rank_one, 2, "numpy margin")
+    assert all(r[0] == "ok" for r in results), [r[:2] for r in results]

@@ -9,7 +9,9 @@ Without an initialised process group, or with a world size of 1, everything here
 
 from __future__ import annotations
 
-from typing import Sequence
+import hashlib
+import numbers
+from typing import Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -121,29 +123,76 @@ def _exchange_shapes(
     return shapes
 
 
-def raise_on_all_ranks(error: BaseException | None, group: dist.ProcessGroup | None = None) -> None:
+def _fingerprint(call: Mapping[str, object]) -> int:
+    """A hash of a call's settings that every process computes alike (``hash(str)`` is salted per
+    process); numbers of any int/float type hash by value, so ``np.float64(0.2)`` matches ``0.2``."""
+
+    def canonical(value: object) -> str:
+        if value is None or isinstance(value, (bool, str)):
+            return repr(value)
+        if isinstance(value, numbers.Integral):
+            return repr(int(value))
+        if isinstance(value, numbers.Real):
+            return repr(float(value))
+        return f"<{type(value).__name__}>"  # anything else is refused by the checks themselves
+
+    text = "\x00".join(f"{name}={canonical(value)}" for name, value in sorted(call.items()))
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little", signed=True)
+
+
+def raise_on_all_ranks(
+    error: BaseException | None,
+    group: dist.ProcessGroup | None = None,
+    *,
+    call: Mapping[str, object] | None = None,
+) -> None:
     """Collective: if any rank passes an error, every rank raises (its own error, or a ValueError).
 
     Validation that fails on one rank only would otherwise leave the other ranks waiting forever
     in the next collective. Call it on every rank, with None where the local checks passed.
+
+    ``call`` (argument name -> value: strings, numbers, bools, None) is checked to be the same on
+    every rank, in the same collective: ranks that disagree on, say, the reduction would run
+    different collectives next (a hang, or a silently wrong result), so they all raise a
+    ValueError naming the arguments and each rank's value. An input error takes precedence.
     """
     if not is_distributed(group):
         if error is not None:
             raise error
         return
     device = _comm_device(torch.empty(0), group)
-    flags = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world_size(group))]
-    dist.all_gather(flags, torch.tensor([int(error is not None)], device=device), group=group)
-    failed = [r for r, f in enumerate(flags) if int(f.item())]
-    if not failed:
+    status = torch.tensor([int(error is not None), _fingerprint(call or {})], dtype=torch.int64, device=device)
+    statuses = [torch.zeros_like(status) for _ in range(world_size(group))]
+    dist.all_gather(statuses, status, group=group)
+    statuses = torch.stack(statuses).cpu()
+    failed = statuses[:, 0].nonzero().flatten().tolist()
+    disagree = bool((statuses[:, 1] != statuses[0, 1]).any())
+    if not failed and not disagree:
         return
-    # Only on failure: a second, object collective so that every rank can say what went wrong.
-    messages: list[str | None] = [None] * world_size(group)
-    dist.all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}", group=group)
+    # Only then: a second, object collective so that every rank can say what went wrong. Every rank
+    # takes this branch, since all of them decided from the same gathered statuses.
+    own = (None if error is None else f"{type(error).__name__}: {error}", dict(call or {}))
+    reports: list[tuple[str | None, dict[str, object]] | None] = [None] * world_size(group)
+    dist.all_gather_object(reports, own, group=group)
     if error is not None:
         raise error
-    details = "; ".join(f"rank {r}: {messages[r]}" for r in failed)
-    raise ValueError(f"invalid input on another rank ({details})")
+    if failed:
+        details = "; ".join(f"rank {r}: {reports[r][0]}" for r in failed)
+        raise ValueError(f"invalid input on another rank ({details})")
+    calls = [report[1] for report in reports]
+    names = sorted({name for c in calls for name in c})
+    differing = [
+        name for name in names
+        if len({_fingerprint({name: c.get(name, "<not given>")}) for c in calls}) > 1
+    ]
+    details = "; ".join(
+        f"{name}: " + ", ".join(f"rank {r} {c.get(name, '<not given>')!r}" for r, c in enumerate(calls))
+        for name in differing
+    )
+    raise ValueError(
+        f"the ranks made different calls ({details or 'arguments differ'}): with cross-rank mining every rank "
+        "must pass the same settings"
+    )
 
 
 def all_reduce_sum(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:

@@ -115,15 +115,16 @@ def _check_text(text_embeddings: object, n: int, device: torch.device) -> torch.
     return text_embeddings.detach()
 
 
-def _validated(validate, cross_rank: bool):
-    """Run ``validate()``; with cross_rank, an error on any rank raises on every rank (no hang)."""
+def _validated(validate, cross_rank: bool, call: dict[str, object] | None = None):
+    """Run ``validate()``; with cross_rank, an error on any rank raises on every rank (no hang),
+    and so do ranks whose ``call`` settings differ (they would run different collectives next)."""
     if not cross_rank:
         return validate()
     try:
         result, error = validate(), None
     except Exception as exc:  # also BackendUnavailableError (a RuntimeError): any local refusal
         result, error = None, exc
-    raise_on_all_ranks(error)
+    raise_on_all_ranks(error, call=call)
     return result
 
 
@@ -613,8 +614,11 @@ def triplet_margin_loss(
         return (*checked, _check_number(margin, "margin"), _check_flag(smooth, "smooth"), _check_flag(swap, "swap"),
                 per_anchor)
 
+    call = dict(function="triplet_margin_loss", margin=margin, metric=metric, mining=mining, reduction=reduction,
+                smooth=smooth, swap=swap, triplets_per_anchor=triplets_per_anchor,
+                indices_tuple=indices_tuple is not None, backend=backend)
     (embeddings, labels, candidates, candidate_labels, anchor_offset, margin, smooth, swap,
-     per_anchor) = _validated(validate, cross_rank)
+     per_anchor) = _validated(validate, cross_rank, call)
     if cross_rank:
         candidates, candidate_labels, _, anchor_offset = _gather_candidates(embeddings, labels, None)
     return _triplet_margin_loss_impl(
@@ -743,8 +747,11 @@ def adaptive_triplet_loss(
         margins = (_check_number(base_margin, "base_margin", low=0.0), _check_number(margin_scale, "margin_scale", low=0.0))
         return (*checked, text, *margins, threshold)
 
+    call = dict(function="adaptive_triplet_loss", base_margin=base_margin, margin_scale=margin_scale, metric=metric,
+                text_positive_threshold=text_positive_threshold, reduction=reduction,
+                indices_tuple=indices_tuple is not None, backend=backend)
     (embeddings, labels, candidates, candidate_labels, anchor_offset, text_embeddings, base_margin, margin_scale,
-     text_positive_threshold) = _validated(validate, cross_rank)
+     text_positive_threshold) = _validated(validate, cross_rank, call)
     candidate_text = text_embeddings
     if cross_rank:
         candidates, candidate_labels, candidate_text, anchor_offset = _gather_candidates(embeddings, labels, text_embeddings)
@@ -830,7 +837,10 @@ def mine_triplets(
             )
             return checked
 
-        embeddings, labels, *_ = _validated(validate, cross_rank)
+        call = dict(function="mine_triplets", strategy=strategy, metric=metric, margin=margin,
+                    text_embeddings=text_embeddings is not None, base_margin=base_margin, margin_scale=margin_scale,
+                    text_positive_threshold=text_positive_threshold, backend=backend)
+        embeddings, labels, *_ = _validated(validate, cross_rank, call)
         with torch.no_grad():
             candidates, candidate_labels, gathered_text, anchor_offset = _gather_candidates(
                 embeddings.detach(), labels, None if text_embeddings is None else text_embeddings.detach()

@@ -155,7 +155,17 @@ class CrossBatchMemory(nn.Module):
 
         # With cross_rank, an input error on one rank raises on every rank (the others would wait
         # in the gather below).
-        embeddings, labels, text_embeddings, enqueue_mask = _validated(validate, cross_rank)
+        loss = self.loss
+        call = dict(
+            function="CrossBatchMemory", memory_size=self.memory_size, embedding_size=self.embedding_size,
+            loss=type(loss).__name__, metric=loss.metric, reduction=loss.reduction, backend=loss.backend,
+            margin=loss.base_margin if self.adaptive else loss.margin,
+            margin_scale=loss.margin_scale if self.adaptive else 0.0,
+            text_positive_threshold=loss.text_positive_threshold if self.adaptive else None,
+            smooth=False if self.adaptive else loss.smooth,
+            indices_tuple=indices_tuple is not None, enqueue_mask=enqueue_mask is not None,
+        )
+        embeddings, labels, text_embeddings, enqueue_mask = _validated(validate, cross_rank, call)
         self._match(embeddings, text_embeddings)
 
         text = text_embeddings
@@ -184,7 +194,6 @@ class CrossBatchMemory(nn.Module):
         # anchors (an empty batch on this rank): no copies, and start + offset may be the first
         # free slot, which is not a valid row yet.
         self_start = None if enqueue_mask is not None or embeddings.shape[0] == 0 else (start + offset) % self.memory_size
-        loss = self.loss
         return memory_triplet_loss(
             embeddings,
             labels,
