@@ -437,6 +437,23 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(s1.grad, s2.grad)
 
 
+def test_compiled_loss_does_not_recompile_every_epoch():
+    """The epoch check's operator.index specialised the SymInt epoch: one graph per epoch, and
+    after torch's recompile limit (8) the loss ran eagerly. Now one static graph for the first
+    epoch and one symbolic graph per temperature regime (warm-up, then constant)."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    criterion = DINOLoss(9, n_crops=4, n_global_crops=2, n_epochs=12, warmup_teacher_temp_epochs=4,
+                         backend="torch").eval()
+    counter = CompileCounter()
+    compiled = torch.compile(criterion, backend=counter)
+    student, teacher, _ = make_inputs(4, 2, 3, 9, device="cpu", seed=5)
+    for epoch in range(8):
+        torch.testing.assert_close(compiled(student, teacher, epoch), criterion(student, teacher, epoch))
+    assert counter.frame_count <= 3, counter.frame_count
+
+
 def test_torch_compile_fake_tensor_shapes():
     """register_fake agrees with the real op (opcheck runs the op under fake tensors and autograd)."""
     student, teacher, center = make_inputs(3, 2, 2, 9, device="cpu", seed=13)

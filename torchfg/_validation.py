@@ -105,6 +105,13 @@ def check_int(value: object, name: str, minimum: int = 0) -> int:
     """``value`` as a Python int ``>= minimum`` (numpy / index-like ints accepted, bool refused)."""
     if isinstance(value, bool):
         raise TypeError(f"{name} must be an int, got bool")
+    if isinstance(value, int):
+        # As it is: under torch.compile(dynamic=True) a size taken from a tensor's shape is a SymInt
+        # that passes isinstance(int), and operator.index / int() would specialise it (a recompile
+        # per value); the comparison below only guards.
+        if value < minimum:
+            raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        return value
     try:
         value = operator.index(value)
     except TypeError:

@@ -468,6 +468,22 @@ def test_torch_compile_fullgraph():
     assert torch.equal(i1, i2)
 
 
+def test_torch_compile_dynamic_k_from_a_shape_is_one_graph():
+    """k taken from a shape is a SymInt under dynamic=True: the check keeps it symbolic."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    fn = lambda q: knn(q, k=q.shape[0] // 2, exclude_self=True, backend="torch")  # noqa: E731
+    compiled = torch.compile(fn, backend=counter, dynamic=True, fullgraph=True)
+    for n in (6, 9, 12):
+        q = torch.randn(n, 5)
+        (d1, i1), (d2, i2) = compiled(q), fn(q)
+        torch.testing.assert_close(d1, d2)
+        assert torch.equal(i1, i2)
+    assert counter.frame_count == 1
+
+
 # ---------------------------------------------------------------------------------------------
 # faiss-cpu
 

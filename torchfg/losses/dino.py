@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import operator
 
 import torch
 from torch import nn
@@ -126,13 +125,9 @@ class DINOLoss(nn.Module):
         return self.warmup_teacher_temp + (self.teacher_temp - self.warmup_teacher_temp) * epoch / (warmup - 1)
 
     def _check_epoch(self, epoch: object) -> int:
-        if isinstance(epoch, bool):
-            raise TypeError("epoch must be an int, got bool")
-        try:
-            epoch = operator.index(epoch)
-        except TypeError:
-            raise TypeError(f"epoch must be an int, got {type(epoch).__name__}") from None
-        if not 0 <= epoch < self.n_epochs:
+        # check_int keeps a SymInt epoch (torch.compile) symbolic: one graph for every epoch.
+        epoch = _check_int(epoch, "epoch")
+        if not epoch < self.n_epochs:
             raise ValueError(f"epoch must be in [0, n_epochs) = [0, {self.n_epochs}), got {epoch}")
         return epoch
 

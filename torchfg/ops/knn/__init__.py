@@ -244,12 +244,7 @@ def _validate(
             raise ValueError(
                 f"query and gallery must have the same feature size D, got {query.shape[1]} and {gallery.shape[1]}"
             )
-    # Ints pass as they are: under torch.compile(dynamic=True) k is a SymInt that passes isinstance(int),
-    # and check_int's operator.index would specialise it (one recompile per k).
-    if not isinstance(k, int) or isinstance(k, bool):
-        k = check_int(k, "k", 1)
-    elif k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+    k = check_int(k, "k", 1)  # a SymInt k (torch.compile(dynamic=True)) stays symbolic
     check_choice(metric, "metric", METRICS)
     if not isinstance(exclude_self, bool):
         raise TypeError(f"exclude_self must be a bool, got {type(exclude_self).__name__}")
