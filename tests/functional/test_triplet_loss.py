@@ -1110,6 +1110,29 @@ def test_triplets_per_anchor_samples_valid_triplets_like_pml():
     torch.testing.assert_close(pml_loss(x2, l2, None, ref, l2.clone()), module(x2, l2, None, ref, l2) / 6)
 
 
+def test_an_indices_tuple_replaces_triplets_per_anchor_as_in_pml():
+    """A loss configured with mining="all", triplets_per_anchor=k refused an indices_tuple; PML's
+    loss uses the tuple (k belongs to its own mining) and so does torchfg's now."""
+    g = torch.Generator().manual_seed(31)
+    x = torch.randn(9, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2])
+    triplets = (torch.tensor([0, 1, 3, 3]), torch.tensor([2, 0, 4, 5]), torch.tensor([6, 3, 8, 0]))
+    pairs = (torch.tensor([0, 3]), torch.tensor([1, 4]), torch.tensor([0, 3, 3]), torch.tensor([5, 6, 1]))
+    for tpa in (3, "all"):
+        module = TripletMarginLoss(0.2, mining="all", triplets_per_anchor=tpa, reduction="mean")
+        pml_loss = pml_losses.TripletMarginLoss(
+            margin=0.2, triplets_per_anchor=tpa, distance=pml_distances.LpDistance(normalize_embeddings=False),
+            reducer=pml_reducers.MeanReducer(),
+        )
+        for tuple_ in (triplets, pairs):
+            ours = module(x, labels, tuple_)
+            expected = pml_loss(x, labels, tuple_)
+            torch.testing.assert_close(ours, expected)
+            (g1,) = torch.autograd.grad(ours, x)
+            (g2,) = torch.autograd.grad(expected, x)
+            torch.testing.assert_close(g1, g2)
+
+
 @pytest.mark.parametrize("backend", backends_to_test())
 @pytest.mark.parametrize("metric", ["cosine", "dot", "euclidean"])
 def test_nan_embedding_gives_nan_batch_hard_and_adaptive_loss(backend, metric):

@@ -460,12 +460,13 @@ def _check_indices_tuple(
     return a1[p_idx], p[p_idx], n[n_idx]
 
 
-def _check_triplets_per_anchor(value: object, strategy: str, has_tuple: bool) -> int | str:
+def _check_triplets_per_anchor(value: object, strategy: str) -> int | str:
+    # A part of the loss's own mining: an indices_tuple replaces both (PML ignores it then too).
     if isinstance(value, str) and value == "all":
         return value
     value = check_int(value, "triplets_per_anchor", minimum=1)
-    if strategy != "all" or has_tuple:
-        raise ValueError("triplets_per_anchor (random triplets per anchor) needs mining='all' and no indices_tuple")
+    if strategy != "all":
+        raise ValueError("triplets_per_anchor (random triplets per anchor) needs mining='all'")
     return value
 
 
@@ -569,7 +570,8 @@ def triplet_margin_loss(
         swap: use ``min(d(a, n), d(p, n))`` as the negative distance (PML / torch ``swap``).
         triplets_per_anchor: ``"all"`` or an int k: with ``mining="all"``, k random (positive,
             negative) pairs per anchor drawn with replacement from the global RNG, as PML's
-            ``triplets_per_anchor``.
+            ``triplets_per_anchor``. Part of the loss's own mining: an ``indices_tuple``
+            replaces it, as it replaces ``mining`` (PML does the same).
         ref_embeddings: (M, D) positives/negatives come from here instead (e.g. a cross-batch
             memory); the anchors are then not among the candidates, except when
             ``ref_embeddings is embeddings and ref_labels is labels`` (the same objects): then a
@@ -610,7 +612,7 @@ def triplet_margin_loss(
             _check_mining_backend(mining, backend)
         else:
             check_choice(backend, "backend", BACKENDS)
-        per_anchor = _check_triplets_per_anchor(triplets_per_anchor, mining, indices_tuple is not None)
+        per_anchor = _check_triplets_per_anchor(triplets_per_anchor, mining)
         return (*checked, _check_number(margin, "margin"), _check_flag(smooth, "smooth"), _check_flag(swap, "swap"),
                 per_anchor)
 

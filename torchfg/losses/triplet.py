@@ -34,7 +34,8 @@ class TripletMarginLoss(nn.Module):
             docs/how-to/migrate-from-pml.md.
         smooth: softplus instead of the hinge.
         swap: ``min(d(a, n), d(p, n))`` as the negative distance (PML / torch ``swap``).
-        triplets_per_anchor: ``"all"`` or k random triplets per anchor (``mining="all"``).
+        triplets_per_anchor: ``"all"`` or k random triplets per anchor (``mining="all"``);
+            like ``mining``, unused for a ``forward`` given an ``indices_tuple``.
         cross_rank: under torch.distributed, mine among the items of all ranks (local items are
             the anchors); scaled so that DDP's gradient averaging gives the single-process
             gradient over the concatenated batch. See :mod:`torchfg.functional.triplet`.
@@ -77,7 +78,7 @@ class TripletMarginLoss(nn.Module):
         self.reduction = check_choice(reduction, "reduction", REDUCTIONS)
         self.smooth = _check_flag(smooth, "smooth")
         self.swap = _check_flag(swap, "swap")
-        self.triplets_per_anchor = _check_triplets_per_anchor(triplets_per_anchor, mining, False)
+        self.triplets_per_anchor = _check_triplets_per_anchor(triplets_per_anchor, mining)
         self.cross_rank = _check_flag(cross_rank, "cross_rank")
         _check_mining_backend(mining, backend)
         self.backend = backend

@@ -96,8 +96,8 @@ class BatchHardMiner(_TripletMiner):
             :func:`torchfg.functional.mine_triplets`).
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
         collect_stats: after each call, set ``pos_pair_dist`` / ``neg_pair_dist`` (means of the
-            returned triplets' exact distances) and ``avg_triplet_margin`` (their difference);
-            ``num_triplets`` is always set.
+            returned triplets' exact distances) and ``avg_triplet_margin`` (their difference),
+            all 0 when no triplet is returned (PML: NaN); ``num_triplets`` is always set.
 
     Shapes:
         forward(embeddings (N, D), labels (N,), ref_embeddings (M, D) = None, ref_labels (M,) = None)
@@ -163,7 +163,8 @@ class TripletMarginMiner(_TripletMiner):
             and ``avg_triplet_margin``: means over *all* valid triplets (before the type filter),
             from the fast-path distances, as PML computes them, but always as torchfg distances:
             for ``"cosine"`` 1 - cos (PML reports the similarity cos), for ``"dot"`` -<a, b>
-            (PML: <a, b>); the euclidean metrics agree. ``num_triplets`` is always set.
+            (PML: <a, b>); the euclidean metrics agree. All 0 without a valid triplet (PML: NaN).
+            ``num_triplets`` is always set.
 
     Shapes:
         forward(embeddings (N, D), labels (N,), ref_embeddings (M, D) = None, ref_labels (M,) = None)
