@@ -145,6 +145,13 @@ def _bad_on_rank_one(rank: int, world: int, case: str):
     if case == "indices_tuple":  # checked after the gather: the bound is all ranks' candidates
         positive = torch.tensor([99 if bad else 1])
         return triplet_margin_loss(x, labels, (torch.tensor([0]), positive, torch.tensor([2])), cross_rank=True)
+    if case == "memory_triplet_loss indices_tuple":  # the public functional, outside the module
+        from torchfg.functional.xbm import memory_triplet_loss
+
+        memory, memory_labels = torch.randn(6, 3, generator=g), torch.tensor([0, 1, 0, 1, 2, 2])
+        negative = torch.tensor([99 if bad else 1])
+        return memory_triplet_loss(x, labels, memory, memory_labels, None, cross_rank=True,
+                                   indices_tuple=(torch.tensor([0]), torch.tensor([0]), negative))
     if case == "xbm embedding_size":
         xbm = CrossBatchMemory(TripletMarginLoss(cross_rank=True), 3, 16)
         return xbm(torch.randn(4, 5) if bad else x, labels)
@@ -158,7 +165,9 @@ def _bad_on_rank_one(rank: int, world: int, case: str):
     return centre
 
 
-@pytest.mark.parametrize("case", ["mine_triplets margin", "backend", "indices_tuple", "xbm embedding_size"])
+@pytest.mark.parametrize(
+    "case", ["mine_triplets margin", "backend", "indices_tuple", "memory_triplet_loss indices_tuple", "xbm embedding_size"]
+)
 def test_a_bad_argument_on_one_rank_raises_on_every_rank(case):
     """Checked on one rank only, outside the error exchange, the other ranks went on into the next
     collective alone and waited there (until the process group's timeout)."""

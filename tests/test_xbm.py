@@ -216,6 +216,21 @@ def test_memory_triplet_loss_checks_its_own_arguments():
             memory_triplet_loss(emb, labels, memory, memory_labels, None, backend="torch", **kwargs)
 
 
+def test_a_loss_setting_changed_after_construction_is_still_checked():
+    """A training loop may set the loss's attributes (a margin schedule); CrossBatchMemory checks
+    them at every call, and leaves the memory as it was when they are bad."""
+    xbm = CrossBatchMemory(TripletMarginLoss(backend="torch"), 4, 16)
+    emb, labels = torch.randn(6, 4), torch.tensor([0, 0, 1, 1, 2, 2])
+    xbm(emb, labels)
+    for name, value, error in [("reduction", "avg", ValueError), ("margin", float("inf"), ValueError),
+                               ("smooth", "yes", TypeError)]:
+        setattr(xbm.loss, name, value)
+        with pytest.raises(error, match=name):
+            xbm(emb, labels)
+        assert xbm.size == 6 and xbm.queue_idx == 6
+        xbm.loss = TripletMarginLoss(backend="torch")
+
+
 def test_load_state_dict_refuses_a_state_of_another_memory_size():
     xbm = CrossBatchMemory(TripletMarginLoss(), 4, 16)
     state = xbm.state_dict()

@@ -26,6 +26,7 @@ from torchfg.functional.triplet import (
     _hardest_triplet_losses,
     _hinge,
     _reduce,
+    _validated,
 )
 from torchfg.ops.hardest_triplet_loss.reference import text_cosine
 from torchfg.ops.metric import DEFAULT_METRIC, METRICS
@@ -67,6 +68,23 @@ def enqueue(
         if first < rows:
             buffer[: rows - first].copy_(values[first:])
     return position, (position + rows) % capacity, min(size + rows, capacity)
+
+
+def _check_memory_loss_settings(
+    *, margin: object, margin_scale: object, text_positive_threshold: object, metric: object, reduction: object,
+    smooth: object,
+) -> tuple[float, float]:
+    """The scalar arguments of :func:`memory_triplet_loss`; returns (margin, margin_scale) as floats.
+
+    Checked here, not only by the kernels: the PyTorch path's reduction took any unknown name for
+    ``"mean_nonzero"`` and any truthy ``smooth`` for True.
+    """
+    check_choice(reduction, "reduction", REDUCTIONS)
+    check_choice(metric, "metric", METRICS)
+    check_bool(smooth, "smooth")
+    if text_positive_threshold is not None:
+        check_number(text_positive_threshold, "text_positive_threshold", low=-1.0, high=1.0)
+    return check_number(margin, "margin"), check_number(margin_scale, "margin_scale", low=0.0)
 
 
 @autocast_off
@@ -117,14 +135,52 @@ def memory_triplet_loss(
         Scalar loss (per-anchor losses, then the given triplets', for ``"none"``) in fp32 (fp64
         for fp64 embeddings).
     """
-    # Checked here, not only by the kernels: the PyTorch path's reduction took any unknown name
-    # for "mean_nonzero" and any truthy smooth for True.
-    check_choice(reduction, "reduction", REDUCTIONS)
-    check_choice(metric, "metric", METRICS)
-    check_bool(smooth, "smooth")
-    check_bool(cross_rank, "cross_rank")
-    margin = check_number(margin, "margin")
-    margin_scale = check_number(margin_scale, "margin_scale", low=0.0)
+    cross_rank = check_bool(cross_rank, "cross_rank")
+
+    def validate():
+        checked_margins = _check_memory_loss_settings(
+            margin=margin, margin_scale=margin_scale, text_positive_threshold=text_positive_threshold, metric=metric,
+            reduction=reduction, smooth=smooth,
+        )
+        checked_tuple = None if indices_tuple is None else _check_indices_tuple(
+            indices_tuple, embeddings.shape[0], memory.shape[0], embeddings.device
+        )
+        return (*checked_margins, checked_tuple)
+
+    # With cross_rank the reduction is a collective: a check that fails on one rank raises on all
+    # of them (the others would wait in its all_reduce), and so do calls whose settings differ.
+    call = dict(function="memory_triplet_loss", margin=margin, margin_scale=margin_scale, metric=metric,
+                reduction=reduction, smooth=smooth, text_positive_threshold=text_positive_threshold,
+                indices_tuple=indices_tuple is not None, backend=backend)
+    margin, margin_scale, indices_tuple = _validated(validate, cross_rank, call)
+    return _memory_triplet_loss(
+        embeddings, labels, memory, memory_labels, self_start, text_embeddings=text_embeddings,
+        memory_text=memory_text, margin=margin, margin_scale=margin_scale,
+        text_positive_threshold=text_positive_threshold, metric=metric, reduction=reduction, smooth=smooth,
+        indices_tuple=indices_tuple, cross_rank=cross_rank, backend=backend,
+    )
+
+
+def _memory_triplet_loss(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    memory: torch.Tensor,
+    memory_labels: torch.Tensor,
+    self_start: int | None,
+    *,
+    text_embeddings: torch.Tensor | None,
+    memory_text: torch.Tensor | None,
+    margin: float,
+    margin_scale: float,
+    text_positive_threshold: float | None,
+    metric: str,
+    reduction: str,
+    smooth: bool,
+    indices_tuple: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    cross_rank: bool,
+    backend: str,
+) -> torch.Tensor:
+    """:func:`memory_triplet_loss` after its checks (``indices_tuple`` already triplets in range)."""
     if indices_tuple is None:
         # The shared batch-hard loss (the fused op on the Triton backend; the memory is detached,
         # so its backward writes the anchors' gradient only).
@@ -139,9 +195,7 @@ def memory_triplet_loss(
         margin_scale=margin_scale, text_embeddings=text_embeddings, candidate_text=memory_text,
         text_positive_threshold=text_positive_threshold, smooth=smooth, backend=backend,
     )
-    anchor_idx, positive_idx, negative_idx = _check_indices_tuple(
-        indices_tuple, embeddings.shape[0], memory.shape[0], embeddings.device
-    )
+    anchor_idx, positive_idx, negative_idx = indices_tuple
     k = anchor_idx.shape[0]
     d = pair_distances(embeddings, anchor_idx.repeat(2), torch.cat([positive_idx, negative_idx]), memory, metric=metric)
     triplet_margin = torch.full((k,), margin, dtype=d.dtype, device=d.device)

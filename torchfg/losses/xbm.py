@@ -9,7 +9,7 @@ from torch import nn
 
 from torchfg._validation import check_float_tensor, check_int, check_labels
 from torchfg.functional.triplet import _check_indices_tuple, _validated
-from torchfg.functional.xbm import enqueue, gather_for_memory, memory_triplet_loss
+from torchfg.functional.xbm import _memory_triplet_loss, _check_memory_loss_settings, enqueue, gather_for_memory
 from torchfg.losses.triplet import AdaptiveTripletLoss, TripletMarginLoss
 
 __all__ = ["CrossBatchMemory"]
@@ -151,21 +151,28 @@ class CrossBatchMemory(nn.Module):
                 enqueue_mask = torch.as_tensor(enqueue_mask, device=embeddings.device)
                 if enqueue_mask.dtype != torch.bool or enqueue_mask.shape != labels.shape:
                     raise ValueError(f"enqueue_mask must be a ({labels.shape[0]},) bool tensor, got {enqueue_mask.dtype} {tuple(enqueue_mask.shape)}")
-            return embeddings, labels, text_embeddings, enqueue_mask
+            # The loss's settings again: they are attributes a training loop may change (a schedule).
+            settings = _check_memory_loss_settings(**settings_of(loss))
+            return embeddings, labels, text_embeddings, enqueue_mask, settings
 
         # With cross_rank, an input error on one rank raises on every rank (the others would wait
         # in the gather below).
         loss = self.loss
+        adaptive = self.adaptive
+
+        def settings_of(loss) -> dict[str, object]:
+            return dict(
+                margin=loss.base_margin if adaptive else loss.margin, margin_scale=loss.margin_scale if adaptive else 0.0,
+                text_positive_threshold=loss.text_positive_threshold if adaptive else None, metric=loss.metric,
+                reduction=loss.reduction, smooth=False if adaptive else loss.smooth,
+            )
+
         call = dict(
             function="CrossBatchMemory", memory_size=self.memory_size, embedding_size=self.embedding_size,
-            loss=type(loss).__name__, metric=loss.metric, reduction=loss.reduction, backend=loss.backend,
-            margin=loss.base_margin if self.adaptive else loss.margin,
-            margin_scale=loss.margin_scale if self.adaptive else 0.0,
-            text_positive_threshold=loss.text_positive_threshold if self.adaptive else None,
-            smooth=False if self.adaptive else loss.smooth,
+            loss=type(loss).__name__, backend=loss.backend, **settings_of(loss),
             indices_tuple=indices_tuple is not None, enqueue_mask=enqueue_mask is not None,
         )
-        embeddings, labels, text_embeddings, enqueue_mask = _validated(validate, cross_rank, call)
+        embeddings, labels, text_embeddings, enqueue_mask, (margin, margin_scale) = _validated(validate, cross_rank, call)
         self._match(embeddings, text_embeddings)
 
         text = text_embeddings
@@ -194,7 +201,8 @@ class CrossBatchMemory(nn.Module):
         # anchors (an empty batch on this rank): no copies, and start + offset may be the first
         # free slot, which is not a valid row yet.
         self_start = None if enqueue_mask is not None or embeddings.shape[0] == 0 else (start + offset) % self.memory_size
-        return memory_triplet_loss(
+        # Settings and indices_tuple were checked above, inside the cross-rank exchange: no second one.
+        return _memory_triplet_loss(
             embeddings,
             labels,
             self.embedding_memory[: self.size],
@@ -202,12 +210,12 @@ class CrossBatchMemory(nn.Module):
             self_start,
             text_embeddings=text,
             memory_text=self.text_memory[: self.size] if self.adaptive else None,
-            margin=loss.base_margin if self.adaptive else loss.margin,
-            margin_scale=loss.margin_scale if self.adaptive else 0.0,
-            text_positive_threshold=loss.text_positive_threshold if self.adaptive else None,
+            margin=margin,
+            margin_scale=margin_scale,
+            text_positive_threshold=loss.text_positive_threshold if adaptive else None,
             metric=loss.metric,
             reduction=loss.reduction,
-            smooth=False if self.adaptive else loss.smooth,
+            smooth=False if adaptive else loss.smooth,
             indices_tuple=indices_tuple,
             cross_rank=cross_rank,
             backend=loss.backend,
