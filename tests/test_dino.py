@@ -437,20 +437,30 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(s1.grad, s2.grad)
 
 
-def test_compiled_loss_does_not_recompile_every_epoch():
-    """The epoch check's operator.index specialised the SymInt epoch: one graph per epoch, and
-    after torch's recompile limit (8) the loss ran eagerly. Now one static graph for the first
-    epoch and one symbolic graph per temperature regime (warm-up, then constant)."""
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_compiled_loss_does_not_recompile_every_epoch(dynamic):
+    """The epoch check's operator.index specialised the epoch, and the warm-up temperature reached
+    the op as a float, which dynamo guards on: one graph per epoch, FailOnRecompileLimitHit with
+    fullgraph after 8 epochs, and under dynamic=True an internal guard failure. Now one static graph
+    for the first epoch and one per temperature regime (the ramp, then constant), equal to eager."""
     from torch._dynamo.testing import CompileCounter
 
     torch._dynamo.reset()
-    criterion = DINOLoss(9, n_crops=4, n_global_crops=2, n_epochs=12, warmup_teacher_temp_epochs=4,
-                         backend="torch").eval()
+    criterion = DINOLoss(9, n_crops=4, n_global_crops=2, n_epochs=12, warmup_teacher_temp=0.04, teacher_temp=0.07,
+                         warmup_teacher_temp_epochs=7, backend="torch")
     counter = CompileCounter()
-    compiled = torch.compile(criterion, backend=counter)
+    compiled = torch.compile(criterion, backend=counter, fullgraph=True, dynamic=dynamic)
     student, teacher, _ = make_inputs(4, 2, 3, 9, device="cpu", seed=5)
-    for epoch in range(8):
-        torch.testing.assert_close(compiled(student, teacher, epoch), criterion(student, teacher, epoch))
+    for epoch in range(12):  # past the recompile limit
+        s1, s2 = student.clone().requires_grad_(), student.clone().requires_grad_()
+        criterion.eval()
+        expected = criterion(s2, teacher, epoch)
+        criterion.train()  # the compiled call updates the centre: the same one as the eager call saw
+        out = compiled(s1, teacher, epoch)
+        torch.testing.assert_close(out, expected)
+        out.backward()
+        expected.backward()
+        torch.testing.assert_close(s1.grad, s2.grad)
     assert counter.frame_count <= 3, counter.frame_count
 
 
@@ -1200,6 +1210,32 @@ def test_compiled_training_step_uses_the_centre_from_before_the_update():
     run = subprocess.run([sys.executable, "-c", _COMPILED_CENTRE_SCRIPT], capture_output=True, text=True,
                          env=env, timeout=300)
     assert run.returncode == 0 and "same" in run.stdout, run.stderr[-3000:]
+
+
+def test_compiled_training_mode_call_under_inference_mode_keeps_the_centre_trainable():
+    """A compiled training-mode DINOLoss called under torch.inference_mode (a validation loop that
+    does not call .eval()) rebound the centre to an inference tensor: every later training step
+    failed ("Inference tensors cannot be saved for backward"). The centre is updated in place there
+    now, as in eager, and the compiled steps keep matching eager ones."""
+    torch._dynamo.reset()
+    criterion, reference = DINOLoss(16, 3, backend="torch"), DINOLoss(16, 3, backend="torch")
+    compiled = torch.compile(criterion, backend="aot_eager")
+    gen = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(12, 16, generator=gen), torch.randn(8, 16, generator=gen)) for _ in range(3)]
+    for step, (student, teacher) in enumerate(batches):
+        if step == 1:
+            with torch.inference_mode():
+                compiled(student, teacher, 0)
+                reference(student, teacher, 0)
+            assert not criterion.center.is_inference()
+            continue
+        s1, s2 = student.clone().requires_grad_(), student.clone().requires_grad_()
+        out, expected = compiled(s1, teacher, 0), reference(s2, teacher, 0)
+        out.backward()
+        expected.backward()
+        torch.testing.assert_close(out, expected)
+        torch.testing.assert_close(s1.grad, s2.grad)
+        torch.testing.assert_close(criterion.center, reference.center)
 
 
 @pytest.mark.parametrize("backend", backends_to_test())

@@ -295,3 +295,18 @@ def test_cross_rank_matches_single_process_on_the_concatenated_batch(backend):
         torch.testing.assert_close(torch.cat([r[1] for r in per_rank]), world * a.grad)
     for outcome in outcomes:
         torch.testing.assert_close(outcome[1][1], single.embedding_memory)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_first_call_under_inference_mode_leaves_the_memory_trainable(dtype):
+    """A first call under torch.inference_mode (a sanity-check validation pass) with embeddings of
+    another dtype than the memory rebuilt the buffers as inference tensors: every later training
+    step failed in the in-place enqueue."""
+    xbm = CrossBatchMemory(TripletMarginLoss(backend="torch"), 16, 64)
+    labels = torch.arange(8) // 2
+    with torch.inference_mode():
+        xbm(torch.randn(8, 16, dtype=dtype), labels)
+    assert not xbm.embedding_memory.is_inference() and xbm.embedding_memory.dtype == dtype
+    emb = torch.randn(8, 16, dtype=dtype, requires_grad=True)
+    xbm(emb, labels).backward()
+    assert xbm.size == 16 and emb.grad is not None

@@ -10,6 +10,7 @@ from torchfg._validation import check_choice, check_float_tensor, check_positive
 from torchfg.backends import BACKENDS
 from torchfg.functional.dino import dino_loss
 from torchfg._validation import check_int as _check_int
+from torchfg.ops.dino.reference import dino_accumulation_dtype
 from torchfg.ops.precision import autocast_off
 
 __all__ = ["DINOLoss"]
@@ -124,6 +125,18 @@ class DINOLoss(nn.Module):
             return self.warmup_teacher_temp
         return self.warmup_teacher_temp + (self.teacher_temp - self.warmup_teacher_temp) * epoch / (warmup - 1)
 
+    def _ramping(self, epoch: int) -> bool:
+        """Whether the teacher temperature at ``epoch`` is on a warm-up ramp (varies with the epoch)."""
+        return epoch < self.warmup_teacher_temp_epochs and self.warmup_teacher_temp_epochs > 1 and (
+            self.warmup_teacher_temp != self.teacher_temp
+        )
+
+    def _scaled_teacher(self, student_output: torch.Tensor, teacher_output: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+        """(t - center) * (1 / T) in the loss's accumulation dtype, T as a tensor (see _checked_loss)."""
+        acc = torch.promote_types(dino_accumulation_dtype(student_output, teacher_output), self.center.dtype)
+        inverse = 1.0 / torch.full((), teacher_temp, dtype=torch.float64, device=teacher_output.device)
+        return (teacher_output.to(acc) - self.center.to(acc)) * inverse.to(acc)
+
     def _check_epoch(self, epoch: object) -> int:
         # check_int keeps a SymInt epoch (torch.compile) symbolic: one graph for every epoch.
         epoch = _check_int(epoch, "epoch")
@@ -145,10 +158,12 @@ class DINOLoss(nn.Module):
             may have an empty batch (B = 0): it takes part in the centre update and gets 0.
         """
         distributed = self.training and torch.distributed.is_available() and torch.distributed.is_initialized()
+        grad_enabled = torch.is_grad_enabled()  # the caller's: the update itself runs under no_grad
         if not distributed:
             loss = self._checked_loss(student_output, teacher_output, epoch, distributed=False)
             if self.training:
-                self.update_center(teacher_output)
+                with torch.no_grad():
+                    self._update_center(teacher_output, None, grad_enabled=grad_enabled)
             return loss
         # Under torch.distributed every rank must reach the centre's all_reduce: a rank whose input
         # fails its checks joins it with a flag that keeps every centre as it was, then raises (the
@@ -157,7 +172,7 @@ class DINOLoss(nn.Module):
             loss, error = self._checked_loss(student_output, teacher_output, epoch, distributed=True), None
         except (ValueError, TypeError) as exc:
             loss, error = None, exc
-        self._update_center(None if error is not None else teacher_output, error)
+        self._update_center(None if error is not None else teacher_output, error, grad_enabled=grad_enabled)
         return loss
 
     def _checked_loss(
@@ -169,6 +184,14 @@ class DINOLoss(nn.Module):
             if tensor.shape[1] != self.out_dim:
                 raise ValueError(f"{name} must have out_dim={self.out_dim} columns, got shape {tuple(tensor.shape)}")
         teacher_temp = self.teacher_temp_at(epoch)
+        center = self.center
+        if torch.compiler.is_compiling() and self._ramping(epoch):
+            # Under torch.compile the warm-up temperature is a symbolic float, and a float argument of
+            # a custom op is guarded on its value: one graph per warm-up epoch until the recompile
+            # limit (then eager, or an error with fullgraph), and with dynamic=True a guard that
+            # fails on its own rounding. So the temperature goes in as a tensor instead: the op gets
+            # the scaled logits (t - center) / T, a zero centre and T = 1, which it uses exactly.
+            teacher_output, center, teacher_temp = self._scaled_teacher(student_output, teacher_output, teacher_temp), None, 1.0
         if distributed and student_output.shape[0] == 0 and teacher_output.shape[0] == 0:
             # A rank with an empty batch (an uneven split) still joins the centre's all_reduce, in
             # forward. No pairs: loss 0, zero gradient. Elsewhere dino_loss refuses an empty batch.
@@ -177,7 +200,7 @@ class DINOLoss(nn.Module):
         return dino_loss(
             student_output,
             teacher_output,
-            self.center,
+            torch.zeros_like(self.center) if center is None else center,
             n_crops=self.n_crops,
             n_global_crops=self.n_global_crops,
             student_temp=self.student_temp,
@@ -199,7 +222,9 @@ class DINOLoss(nn.Module):
             )
         self._update_center(teacher_output, None)
 
-    def _update_center(self, teacher_output: torch.Tensor | None, error: BaseException | None) -> None:
+    def _update_center(
+        self, teacher_output: torch.Tensor | None, error: BaseException | None, *, grad_enabled: bool = True
+    ) -> None:
         # Sum, row count and an error flag travel in one all_reduce, so unequal per-rank batches
         # average exactly. A rank whose input failed its checks still joins it (the others would
         # wait in it forever), then raises; its flag keeps every rank's centre as it was, with no
@@ -221,9 +246,11 @@ class DINOLoss(nn.Module):
         # No host sync on the count: an update with no rows on any rank, or an input error on
         # one, leaves the centre as is.
         updated = torch.where((count > 0) & (stats[-1] == 0), updated, self.center)
-        if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():  # dynamo cannot trace the query
-            # Rebinding here would make the buffer an inference tensor, which no later training
-            # step could save for backward; nothing saved it in this mode, so in place is safe.
+        # Rebinding under inference mode would make the buffer an inference tensor, which no later
+        # training step could save for backward; nothing saved it in this mode, so in place is
+        # safe. Dynamo cannot trace the inference-mode query; compiled, the caller's grad mode
+        # being off stands in for it (inference mode turns it off; without grad nothing is saved).
+        if torch.is_inference_mode_enabled() if not torch.compiler.is_compiling() else not grad_enabled:
             self.center.copy_(updated)
         else:
             # Rebound, not copied into: under torch.compile (inductor) a clone of the centre passed

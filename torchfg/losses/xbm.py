@@ -110,7 +110,13 @@ class CrossBatchMemory(nn.Module):
         self.queue_idx, self.size = queue_idx, size
 
     def _match(self, embeddings: torch.Tensor, text: torch.Tensor | None) -> None:
-        # Like pytorch-metric-learning, the memory follows the embeddings' device and dtype.
+        # Like pytorch-metric-learning, the memory follows the embeddings' device and dtype. Rebuilt
+        # outside inference mode: a buffer made in it (a validation pass) is an inference tensor
+        # that no later training step could write into.
+        with torch.inference_mode(False):
+            self._rebuild_for(embeddings, text)
+
+    def _rebuild_for(self, embeddings: torch.Tensor, text: torch.Tensor | None) -> None:
         if self.embedding_memory.device != embeddings.device or self.embedding_memory.dtype != embeddings.dtype:
             self.embedding_memory = self.embedding_memory.to(embeddings.device, embeddings.dtype)
         if self.label_memory.device != embeddings.device:
