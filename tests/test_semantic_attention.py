@@ -129,6 +129,16 @@ def test_bool_map_equals_float_map():
     torch.testing.assert_close(layer(features, mask), layer(features, mask.float()))
 
 
+def test_the_map_helpers_take_bool_masks_too():
+    """The module docstring says bool masks are accepted; the helpers raised a TypeError."""
+    mask = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(1)) > 0.5
+    for resized, expected in [(resize_semantic(mask, 4), resize_semantic(mask.float(), 4)),
+                              (resize_semantic(mask, (11, 9)), resize_semantic(mask.float(), (11, 9))),
+                              (semantic_foreground(mask, 4, channels=[0, 2]), semantic_foreground(mask.float(), 4, channels=[0, 2]))]:
+        assert resized.dtype == torch.float32
+        torch.testing.assert_close(resized, expected)
+
+
 @pytest.mark.parametrize(
     "features_shape, semantic_shape, semantic_dtype, error, match",
     [

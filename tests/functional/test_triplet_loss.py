@@ -1134,6 +1134,32 @@ def test_an_indices_tuple_replaces_triplets_per_anchor_as_in_pml():
 
 
 @pytest.mark.parametrize("backend", backends_to_test())
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_a_diverged_anchor_without_a_positive_still_gives_a_nan_loss(backend, bad):
+    """numerics.md: NaN or inf embeddings give a NaN loss (mean / sum) on every path. An anchor
+    without a positive that held an inf vanished on the PyTorch path (0 for invalid anchors; the
+    others' d(a, n) = inf hinges to 0) while the fused Triton loss gave NaN; semi-hard and "all"
+    never select a NaN or infinitely far triplet, so the loss stayed finite there for NaN too."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(6, 4, generator=gen).to(TEST_DEVICE)
+    x[5, 0] = bad
+    labels = torch.tensor([0, 0, 1, 1, 2, 3], device=TEST_DEVICE)  # row 5: no positive
+    text = torch.randn(6, 3, generator=gen).to(TEST_DEVICE)
+    for reduction in ("mean", "sum", "mean_nonzero"):
+        assert TF.triplet_margin_loss(x, labels, reduction=reduction, backend=backend).isnan(), reduction
+        assert TF.adaptive_triplet_loss(x, labels, text, reduction=reduction, backend=backend).isnan(), reduction
+        if backend == "torch":
+            for mining in ("semi_hard", "all"):
+                assert TF.triplet_margin_loss(x, labels, mining=mining, reduction=reduction).isnan(), (mining, reduction)
+    # Per anchor: the diverged anchor is marked on both backends, the others keep their values.
+    per_anchor = TF.triplet_margin_loss(x, labels, reduction="none", backend=backend)
+    assert per_anchor[5].isnan() and per_anchor[4] == 0
+    # A finite batch is unchanged (no NaN from the check itself).
+    x[5, 0] = 1.0
+    assert TF.triplet_margin_loss(x, labels, mining="semi_hard", backend="torch").isfinite()
+
+
+@pytest.mark.parametrize("backend", backends_to_test())
 @pytest.mark.parametrize("metric", ["cosine", "dot", "euclidean"])
 def test_nan_embedding_gives_nan_batch_hard_and_adaptive_loss(backend, metric):
     """A diverged (NaN) embedding must not vanish from the loss on any backend."""

@@ -97,6 +97,13 @@ def _check_size(size: object) -> tuple[int, int]:
     return height, width
 
 
+def _check_map(semantic: object) -> torch.Tensor:
+    # Bool masks are semantic maps too (the module docstring, check_semantic): as float32.
+    if isinstance(semantic, torch.Tensor) and semantic.dtype == torch.bool:
+        semantic = semantic.to(torch.float32)
+    return check_float_tensor(semantic, "semantic", ndim=4)
+
+
 def resize_semantic(semantic: torch.Tensor, size: int | Sequence[int]) -> torch.Tensor:
     """Resize a semantic map to a feature map's spatial size.
 
@@ -105,17 +112,17 @@ def resize_semantic(semantic: torch.Tensor, size: int | Sequence[int]) -> torch.
     bilinear interpolation. The same size returns the input unchanged.
 
     Args:
-        semantic: (B, K, h, w) floating-point map.
+        semantic: (B, K, h, w) floating-point map, or a bool mask (taken as float32).
         size: target (H, W), two ints >= 1; one int means H = W (as in ``F.interpolate``).
 
     Returns:
-        (B, K, H, W) map in the input's dtype.
+        (B, K, H, W) map in the input's dtype (float32 for a bool mask).
 
     Example:
         >>> resize_semantic(torch.rand(2, 5, 64, 48), (8, 6)).shape
         torch.Size([2, 5, 8, 6])
     """
-    semantic = check_float_tensor(semantic, "semantic", ndim=4)
+    semantic = _check_map(semantic)
     height, width = _check_size(size)
     in_height, in_width = semantic.shape[-2:]
     if (in_height, in_width) == (height, width):
@@ -131,19 +138,19 @@ def semantic_foreground(
     """Region-of-interest weights: the sum of the chosen semantic channels, clamped to [0, 1].
 
     Args:
-        semantic: (B, K, h, w) map.
+        semantic: (B, K, h, w) floating-point map, or a bool mask (taken as float32).
         size: target (H, W) or one int for both, as in :func:`resize_semantic`; None keeps (h, w).
         channels: indices of the foreground channels (e.g. leave out a parsing "background"
             channel), or one int for a single channel; None sums all K.
 
     Returns:
-        (B, 1, H, W) weights in [0, 1], in the map's dtype.
+        (B, 1, H, W) weights in [0, 1], in the map's dtype (float32 for a bool mask).
 
     Example:
         >>> semantic_foreground(torch.rand(2, 4, 32, 32), (7, 7), channels=[1, 2, 3]).shape
         torch.Size([2, 1, 7, 7])
     """
-    semantic = check_float_tensor(semantic, "semantic", ndim=4)
+    semantic = _check_map(semantic)
     if channels is not None:
         semantic = semantic[:, check_channel_indices(channels, "channels", semantic.shape[1])]
     foreground = semantic.sum(dim=1, keepdim=True).clamp(0.0, 1.0)

@@ -50,7 +50,7 @@ from torchfg.functional._triplet_selection import (
     violating,
 )
 from torchfg.ops.hardest_triplet_loss import hardest_triplet_loss
-from torchfg.ops.hardest_triplet_loss.reference import text_cosine
+from torchfg.ops.hardest_triplet_loss.reference import text_cosine, unpaired_anchor_losses
 from torchfg.ops.pair_distances import anchor_pair_distances, pair_distances
 from torchfg.ops.metric import DEFAULT_METRIC, METRICS
 from torchfg.ops.triplet import mine_all_triplets, mine_hardest, mine_semi_hard
@@ -290,7 +290,8 @@ def _hardest_triplet_losses(
     backend: str,
     swap: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-anchor batch-hard / adaptive losses (N,) (0 where invalid) and the validity mask (N,).
+    """Per-anchor batch-hard / adaptive losses (N,) (0 where invalid, NaN for an invalid anchor whose
+    row diverged) and the validity mask (N,).
 
     ``candidates`` (M, D) with ``candidate_labels`` (M,); anchor i is candidate ``anchor_offset + i``
     (None: anchors are not among the candidates).
@@ -324,7 +325,9 @@ def _hardest_triplet_losses(
         text_cos = text_cosine(text_embeddings, candidate_text.index_select(0, negative_idx))
         margin = (base_margin + margin_scale * (1.0 - text_cos) * 0.5).to(d_ap.dtype)
     losses = _hinge(d_ap - d_an + margin, smooth)
-    return torch.where(valid, losses, torch.zeros_like(losses)), valid
+    # An anchor without a pair still shows its divergence (NaN or inf in its row), like the fused kernel.
+    text = text_embeddings if margin_scale != 0.0 else None
+    return torch.where(valid, losses, unpaired_anchor_losses(embeddings, text, losses.dtype)), valid
 
 
 def _batch_hard_loss(
@@ -504,14 +507,26 @@ def _triplet_margin_loss_impl(
             embeddings, labels, candidates, candidate_labels, anchor_offset, metric=metric, margin=margin,
             smooth=smooth, swap=swap, reduction=reduction, cross_rank=cross_rank,
         )
-        return _keep_gather_in_graph(loss, candidates, cross_rank)
+        return _keep_gather_in_graph(_show_diverged_anchors(loss, embeddings, reduction), candidates, cross_rank)
     else:
         triplets = _listed_triplets(
             embeddings, labels, candidates, candidate_labels, anchor_offset, strategy=mining, metric=metric,
             backend=backend, triplets_per_anchor=triplets_per_anchor,
         )
     losses = _listed_losses(embeddings, candidates, triplets, metric=metric, margin=margin, smooth=smooth, swap=swap)
-    return _keep_gather_in_graph(_reduce(losses, None, reduction, cross_rank), candidates, cross_rank)
+    loss = _reduce(losses, None, reduction, cross_rank)
+    if indices_tuple is None:
+        loss = _show_diverged_anchors(loss, embeddings, reduction)
+    return _keep_gather_in_graph(loss, candidates, cross_rank)
+
+
+def _show_diverged_anchors(loss: torch.Tensor, embeddings: torch.Tensor, reduction: str) -> torch.Tensor:
+    # Semi-hard and "all" mining never select a triplet whose distance is NaN (no comparison holds)
+    # or whose negative is at +inf (no violation), so a diverged anchor could vanish from the loss;
+    # a reduced loss is NaN then, as batch-hard's is. (Per-triplet losses have no entry to mark.)
+    if reduction == "none":
+        return loss
+    return loss + unpaired_anchor_losses(embeddings, None, loss.dtype).sum()
 
 
 @autocast_off

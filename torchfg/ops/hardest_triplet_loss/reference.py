@@ -25,6 +25,7 @@ __all__ = [
     "anchor_loss_scale",
     "hardest_triplet_loss_reference",
     "hardest_triplet_loss_backward_reference",
+    "unpaired_anchor_losses",
 ]
 
 # Above this, softplus(v) is v (torch.nn.functional.softplus's default threshold).
@@ -53,6 +54,18 @@ def anchor_loss_scale(grad: torch.Tensor, count: torch.Tensor, reduction: str) -
     if reduction in ("none", "sum"):
         return grad
     return grad / count.clamp_min(1).to(grad.dtype).reshape(())
+
+
+def unpaired_anchor_losses(anchors: torch.Tensor, anchor_text: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """(N,) loss of anchors without a pair: 0, or NaN where the anchor's row (or its text, which sets
+    its margins; None when the margins do not use it) holds a NaN or inf, so that a diverged
+    anchor shows in the loss even when it found no pair. The row sum is the test, as in the fused
+    Triton kernel (a finite row whose sum overflows counts as diverged there too). No gradient."""
+    with torch.no_grad():
+        row_sum = anchors.sum(dim=1, dtype=dtype)
+        if anchor_text is not None:
+            row_sum = row_sum + anchor_text.sum(dim=1, dtype=dtype)
+        return torch.where(row_sum.isfinite(), 0.0, float("nan")).to(dtype)
 
 
 def hardest_triplet_loss_reference(
@@ -92,7 +105,8 @@ def hardest_triplet_loss_reference(
         margin = (base_margin + margin_scale * (1.0 - text_cos) * 0.5).to(acc)
     losses, slope = hinge_and_slope(distances[:, 0] - distances[:, 1] + margin, smooth)
     zero = torch.zeros_like(losses)
-    losses, slope = torch.where(valid, losses, zero), torch.where(valid, slope, zero)
+    unpaired = unpaired_anchor_losses(anchors, anchor_text if margin_scale != 0.0 else None, losses.dtype)
+    losses, slope = torch.where(valid, losses, unpaired), torch.where(valid, slope, zero)
     terms = torch.cat([distances, slope[:, None]], 1)
     counted = valid & (losses > 0) if reduction == "mean_nonzero" else valid
     count = counted.sum().to(acc).reshape(1)
