@@ -71,6 +71,17 @@ def test_perfect_reversed_and_order_only():
     torch.testing.assert_close(multilabel_auc(torch.sigmoid(logits), targets), multilabel_auc(logits, targets))
 
 
+def test_integer_scores_beyond_float64_precision_keep_their_order():
+    """int64 scores were cast to float64, where 2^53 and 2^53 + 1 are one value: a tie (AUC 0.5)."""
+    big = 2**53
+    assert multilabel_auc(torch.tensor([big, big + 1]), torch.tensor([0, 1])).item() == 1.0
+    scores = torch.tensor([[big + 3, 1], [big + 1, 2], [big + 2, 2], [big, 0]])
+    targets = torch.tensor([[1, 0], [0, 1], [1, 1], [0, 0]])
+    expected = roc_auc_score(targets.numpy(), (scores - big).numpy(), average=None).tolist()
+    assert multilabel_auc(scores, targets, average=None).tolist() == expected
+    assert multilabel_auc(torch.tensor([True, False, True]), torch.tensor([1, 0, 1])).item() == 1.0
+
+
 def test_target_dtypes_and_one_dimensional_input():
     scores, targets = _random_case(5, 41, 3, 4)
     reference = multilabel_auc(scores, targets, average=None)

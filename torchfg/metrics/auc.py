@@ -30,7 +30,7 @@ def _check_binary_targets(targets: torch.Tensor) -> torch.Tensor:
 
 
 def _auc_per_column(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """AUC of each column of (N, L) float64 scores against (N, L) 0/1 float64 targets.
+    """AUC of each column of (N, L) float64 or int64 scores against (N, L) 0/1 float64 targets.
 
     Mann-Whitney form: AUC = (sum of positive ranks - P (P + 1) / 2) / (P * Nn), with tied scores
     given the average of the ranks they span (which counts a tied positive/negative pair as 1/2, as
@@ -99,8 +99,9 @@ def multilabel_auc(scores: torch.Tensor, targets: torch.Tensor, average: str | N
         raise ValueError("scores must hold at least one sample, got N = 0")
     if scores.device != targets.device:
         raise ValueError(f"scores and targets must be on the same device, got {scores.device} and {targets.device}")
-    scores = scores.to(torch.float64)
-    if bool(torch.isnan(scores).any()):
+    # Only the order matters: integer scores stay integers (float64 would merge those beyond 2^53).
+    scores = scores.to(torch.float64 if scores.dtype.is_floating_point else torch.int64)
+    if scores.dtype.is_floating_point and bool(torch.isnan(scores).any()):
         raise ValueError("scores contains NaN")
     targets = _check_binary_targets(targets)
     scores, targets = _as_2d(scores), _as_2d(targets)
