@@ -14,6 +14,7 @@ Runs unchanged without torchrun (a single process, no process group).
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 
 import torch
@@ -78,6 +79,7 @@ def main() -> None:
         # "terminate called without an active exception" when one rank closed its pairs first.
         dist.barrier()
         del model, optimizer
+        gc.collect()  # the reducer sits in reference cycles (autograd hooks): free it before the group
         dist.destroy_process_group()
 
 
