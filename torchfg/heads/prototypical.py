@@ -146,5 +146,5 @@ class PrototypicalHead(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"metric={self.metric!r}, temperature={self.temperature}, normalize={self.normalize}, "
-            f"n_way={self.n_way}"
+            f"n_way={self.n_way}, backend={self.backend!r}"
         )

@@ -112,7 +112,7 @@ class TripletMarginLoss(nn.Module):
         return (
             f"margin={self.margin}, metric={self.metric!r}, mining={self.mining!r}, "
             f"reduction={self.reduction!r}, smooth={self.smooth}, swap={self.swap}, "
-            f"triplets_per_anchor={self.triplets_per_anchor!r}, cross_rank={self.cross_rank}"
+            f"triplets_per_anchor={self.triplets_per_anchor!r}, cross_rank={self.cross_rank}, backend={self.backend!r}"
         )
 
 
@@ -194,5 +194,5 @@ class AdaptiveTripletLoss(nn.Module):
         return (
             f"base_margin={self.base_margin}, margin_scale={self.margin_scale}, metric={self.metric!r}, "
             f"text_positive_threshold={self.text_positive_threshold}, reduction={self.reduction!r}, "
-            f"cross_rank={self.cross_rank}"
+            f"cross_rank={self.cross_rank}, backend={self.backend!r}"
         )

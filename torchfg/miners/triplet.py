@@ -80,7 +80,10 @@ class _TripletMiner(nn.Module):
         return triplets
 
     def extra_repr(self) -> str:
-        return f"metric={self.metric!r}, cross_rank={self.cross_rank}"
+        return (
+            f"metric={self.metric!r}, cross_rank={self.cross_rank}, backend={self.backend!r}, "
+            f"collect_stats={self.collect_stats}"
+        )
 
 
 class BatchHardMiner(_TripletMiner):
@@ -216,4 +219,7 @@ class TripletMarginMiner(_TripletMiner):
         return selected.anchors, selected.positives, selected.negatives
 
     def extra_repr(self) -> str:
-        return f"margin={self.margin}, type_of_triplets={self.type_of_triplets!r}, metric={self.metric!r}"
+        return (
+            f"margin={self.margin}, type_of_triplets={self.type_of_triplets!r}, metric={self.metric!r}, "
+            f"collect_stats={self.collect_stats}"
+        )
