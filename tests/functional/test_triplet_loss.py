@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from brute_force import cosine_matrix, exact_distances
-from conftest import TEST_DEVICE, backends_to_test
+from conftest import TEST_DEVICE, TRITON_OK, backends_to_test
 from torchfg import functional as TF
 from torchfg.backends import BackendUnavailableError
 from torchfg.losses import AdaptiveTripletLoss, TripletMarginLoss
@@ -1157,6 +1157,52 @@ def test_a_diverged_anchor_without_a_positive_still_gives_a_nan_loss(backend, ba
     # A finite batch is unchanged (no NaN from the check itself).
     x[5, 0] = 1.0
     assert TF.triplet_margin_loss(x, labels, mining="semi_hard", backend="torch").isfinite()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("metric", ["euclidean", "sqeuclidean", "cosine", "dot"])
+def test_the_pytorch_path_never_chooses_a_nan_key(metric, bad):
+    """numerics.md: a NaN key is never chosen. The PyTorch mining's argmax / argmin took NaN keys
+    first, so the anchors that chose a diverged row got NaN terms there and not on Triton, and a
+    NaN row in a CrossBatchMemory made every later loss NaN on the PyTorch path only."""
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(13, 6, generator=gen, dtype=torch.float64)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 0, 1, 2, 3, 3, 0, 1])
+    text = torch.randn(13, 5, generator=gen, dtype=torch.float64)
+    # A candidate-only NaN row (a separate reference set): every anchor's term is the one without it.
+    ref, ref_labels = torch.randn(9, 6, generator=gen, dtype=torch.float64), torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 0])
+    ref_bad = ref.clone()
+    ref_bad[2, 3] = float("nan")
+    keep = torch.arange(9) != 2
+    with_row = TF.triplet_margin_loss(x, labels, metric=metric, reduction="none", ref_embeddings=ref_bad,
+                                      ref_labels=ref_labels, backend="torch")
+    without = TF.triplet_margin_loss(x, labels, metric=metric, reduction="none", ref_embeddings=ref[keep],
+                                     ref_labels=ref_labels[keep], backend="torch")
+    torch.testing.assert_close(with_row, without)
+    # A diverged anchor among the candidates: the same per-anchor losses (NaN / inf entries too) as
+    # the fused Triton kernel, which never takes a NaN key.
+    x[4, 1] = bad
+    if TRITON_OK:
+        for fn in (lambda b: TF.triplet_margin_loss(x.float(), labels, metric=metric, reduction="none", backend=b),
+                   lambda b: TF.adaptive_triplet_loss(x.float(), labels, text.float(), metric=metric, reduction="none",
+                                                      backend=b)):
+            torch.testing.assert_close(fn("torch"), fn("triton"), equal_nan=True, rtol=1e-5, atol=1e-5)
+    if bad != bad:  # NaN: only the diverged anchor's own term is NaN
+        per_anchor = TF.triplet_margin_loss(x, labels, metric=metric, reduction="none", backend="torch")
+        assert per_anchor.isnan().nonzero().flatten().tolist() == [4]
+
+
+def test_a_nan_row_in_the_memory_leaves_later_losses_finite_on_the_pytorch_path():
+    from torchfg.losses import CrossBatchMemory
+
+    gen = torch.Generator().manual_seed(8)
+    xbm = CrossBatchMemory(TripletMarginLoss(backend="torch"), 4, 32)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    bad = torch.randn(8, 4, generator=gen)
+    bad[3, 0] = float("nan")
+    assert xbm(bad, labels).isnan()  # the diverged batch itself shows it
+    for _ in range(2):
+        assert xbm(torch.randn(8, 4, generator=gen), labels).isfinite()
 
 
 @pytest.mark.parametrize("backend", backends_to_test())

@@ -176,8 +176,8 @@ def _hardest_triplet_fwd_kernel(
         loss = tl.where(violation < 0, 0.0, violation)
         slope = tl.where(violation > 0, 1.0, 0.0)
     # An anchor with a NaN or inf entry (in its embedding, or in its text where the text sets the
-    # margin) has NaN keys, which the mining's strict comparisons never select (the reference's
-    # argmax does): it would drop out of the loss, and a diverged embedding would give a finite
+    # margin) has NaN keys, which the mining's strict comparisons never select (nor does the
+    # reference, which masks them): it would drop out of the loss, and a diverged embedding would give a finite
     # loss. Its loss is NaN instead (no gradient). Only unpaired anchors need the check, a rare
     # case: a second pass over their rows, outside the main loop so that its registers stay as
     # they were.

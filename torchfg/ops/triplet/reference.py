@@ -260,6 +260,13 @@ def mine_hardest_reference(
     all_offsets = None if margin_aware else distances.row_offsets()
     score_buffer = torch.empty_like(block_buffer) if margin_aware else None
 
+    # A NaN key is never chosen, as in the Triton kernel (whose strict comparisons never take one);
+    # argmax / argmin would take it first. Keys can only be NaN where an input row holds a NaN or
+    # inf (finite rows with an overflowing norm are beyond the GEMM form's range: see the distances
+    # docs), so the common case skips the extra pass over the blocks.
+    inputs = [anchors, candidates] + ([anchor_text, candidate_text] if margin_aware else [])
+    nan_keys_possible = not all(bool(torch.isfinite(t).all()) for t in inputs)
+
     pairs = None
     if sparse_positives is not False:
         pairs = _SameLabelPairs(anchor_labels, candidate_labels)
@@ -289,6 +296,8 @@ def mine_hardest_reference(
                 values = values.add_(offset.squeeze(1).index_select(0, pair_rows)).clamp_min_(0.0)
             if self_offset >= 0:
                 values.masked_fill_(pair_cols == (pair_rows + (self_offset + start)) % m, _NEG_INF)
+            if nan_keys_possible:
+                values.masked_fill_(values.isnan(), _NEG_INF)
             best, _ = _segment_argmax(values, pair_rows, pair_cols, rows, m)
             positive_idx[start:stop] = best
             other_label = None
@@ -298,6 +307,8 @@ def mine_hardest_reference(
             if offset is not None:
                 values.add_(offset).clamp_min_(0.0).masked_fill_(other_label, _NEG_INF)
             _exclude_self(values, start, self_offset, _NEG_INF)
+            if nan_keys_possible:
+                values.masked_fill_(values.isnan(), _NEG_INF)
             best = values.argmax(1)
             found = values.gather(1, best[:, None]).squeeze(1) != _NEG_INF
             positive_idx[start:stop] = torch.where(found, best, -1)
@@ -331,6 +342,8 @@ def mine_hardest_reference(
             score.masked_fill_(~other_label, fill)
         if excluded is not None:
             score.masked_fill_(excluded, fill)
+        if nan_keys_possible:
+            score.masked_fill_(score.isnan(), fill)
         best = score.argmax(1) if margin_aware else score.argmin(1)
         best_value = score.gather(1, best[:, None]).squeeze(1)
         found = best_value != fill
