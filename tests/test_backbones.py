@@ -192,6 +192,21 @@ def test_token_grid_adapter_in_a_vit_trains_and_checks_its_input():
         TokenGridAdapter(lambda x, s: x)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("grid_size", [None, (4, 4)])
+def test_token_grid_adapter_compiles_with_dynamic_shapes(grid_size):
+    """math.isqrt of the SymInt token count could not be traced: dynamic=True with fullgraph failed
+    for an inferred square grid."""
+    torch.manual_seed(4)
+    adapter = TokenGridAdapter(make_semantic_module("mask", 8, K), prefix_tokens=1, grid_size=grid_size)
+    torch._dynamo.reset()
+    compiled = torch.compile(adapter, backend="aot_eager", fullgraph=True, dynamic=True)
+    for batch in (2, 3):
+        tokens, semantic = torch.randn(batch, 1 + 16, 8), torch.rand(batch, K, 5, 5)
+        torch.testing.assert_close(compiled(tokens, semantic), adapter(tokens, semantic))
+    with pytest.raises(Exception, match="grid of patch tokens"):
+        compiled(torch.randn(2, 1 + 15, 8), torch.rand(2, K, 5, 5))
+
+
 def test_widen_first_conv_on_a_vit_patch_embedding_starts_as_the_plain_network():
     torch.manual_seed(3)
     vit = TinyViT().eval()

@@ -389,7 +389,10 @@ class TokenGridAdapter(nn.Module):
         if self.grid_size is not None:
             h, w = self.grid_size
         else:
-            h = w = math.isqrt(max(patches, 0))
+            # Not math.isqrt: under torch.compile(dynamic=True) the token count is a SymInt, which
+            # isqrt cannot trace. sqrt is exact on perfect squares (far below 2^52 tokens), and the
+            # check below refuses the rest.
+            h = w = int(math.sqrt(patches)) if patches > 0 else 0
         if patches < 1 or h * w != patches:
             raise ValueError(
                 f"tokens must hold prefix_tokens={self.prefix_tokens} tokens and then "
