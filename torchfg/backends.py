@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import threading
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -50,7 +51,10 @@ ENV_VAR = "TORCHFG_BACKEND"
 
 
 def triton_interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    # Triton's own reading of the variable (its getenv_bool), so that "false", "off" or "2" mean
+    # off here too: read as on, compiled kernels were launched into an interpreter Triton had not
+    # switched on ("0 active drivers").
+    return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes", "y")
 
 
 def _triton_import_status() -> tuple[bool, str]:
@@ -65,20 +69,53 @@ def _triton_import_status() -> tuple[bool, str]:
 _triton_import_status._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
+# Held while triton is imported, and taken before a fork: a fork while another thread imports
+# triton (a DataLoader starting its workers during an evaluation thread's first call) copied
+# Python's lock of the half-imported module, and every later import of triton in the child
+# waited for it forever. The fork now waits for the import to finish.
+_import_lock = threading.RLock()
+
+
+def _new_import_lock() -> None:
+    global _import_lock
+    _import_lock = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(
+        before=lambda: _import_lock.acquire(),
+        after_in_parent=lambda: _import_lock.release(),
+        after_in_child=_new_import_lock,
+    )
+
+
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+_NOT_INSTALLED = "triton is not installed (pip install 'torchfg[triton]')"
+
+
 @functools.lru_cache(maxsize=None)
 def _probe_triton_import() -> tuple[bool, str]:
-    if importlib.util.find_spec("triton") is None:
-        return False, "triton is not installed (pip install 'torchfg[triton]')"
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception as exc:  # a broken install must not break torchfg
-        return False, f"triton failed to import: {exc!r}"
+    if not _triton_installed():
+        return False, _NOT_INSTALLED
+    with _import_lock:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+        except Exception as exc:  # a broken install must not break torchfg
+            return False, f"triton failed to import: {exc!r}"
     return True, f"triton {triton.__version__}"
 
 
 def triton_status(device: torch.device | None = None) -> tuple[bool, str]:
     """Whether Triton kernels can run on ``device`` (any CUDA device if None), and why not."""
+    if device is not None and device.type == "cpu" and not triton_interpreter_enabled():
+        # Without importing triton (seconds, on the first CPU call of a process that never uses it).
+        if not _triton_installed():
+            return False, _NOT_INSTALLED
+        return False, "tensor is on the CPU; Triton kernels need a CUDA device (or TRITON_INTERPRET=1)"
     ok, why = _triton_import_status()
     if not ok:
         return False, why

@@ -131,3 +131,27 @@ def test_mining_launches_are_memoised_as_the_autotuner_made_them(monkeypatch):
     # Fewer rows: another size bucket, tuned again.
     mine(x[:200])
     assert recorder.autotuner_runs == 2
+
+
+def test_the_config_returned_is_this_calls_even_if_another_thread_launched_meanwhile(monkeypatch):
+    """The launcher read ``best_config`` after the launch: one attribute of the shared autotuner,
+    which another thread's first call at another size could replace in between (16 of 20 trials
+    with two threads under the interpreter). The mining launcher sizes its wide pass of 64-bit
+    labels by the returned BLOCK_M. The call's own entry of the autotuner's cache is returned."""
+    recorder = _Launches(monkeypatch, type(_toy_kernel), timings={16: 1.0, 32: 2.0})
+    tuned = _toy_tuned()
+    x = torch.zeros(64)
+    # The autotuner has answered both sizes (an earlier step), with different tiles.
+    tuned.cache[(64, "torch.float32")] = tuned.configs[0]
+    tuned.cache[(5000, "torch.float32")] = tuned.configs[1]
+    recorded_run = type(_toy_kernel).run
+
+    def run_while_another_thread_launches(fn, *args, **kwargs):
+        recorded_run(fn, *args, **kwargs)
+        tuned.best_config = tuned.configs[1]  # the other thread's launch at n = 5000, meanwhile
+
+    monkeypatch.setattr(type(_toy_kernel), "run", run_while_another_thread_launches)
+    launch = AutotunedLaunch(tuned)
+    assert launch((1,), x, 64, 0.5, FLAG=False).kwargs["BLOCK"] == 16
+    assert recorder.launches[-1][3]["BLOCK"] == 16
+    assert launch((1,), x, 64, 0.5, FLAG=False).kwargs["BLOCK"] == 16  # and memoised as such

@@ -530,6 +530,85 @@ def test_cached_library_is_readable_by_other_users(tmp_path, monkeypatch):
     assert stat.S_IMODE(path.stat().st_mode) == 0o750
 
 
+@requires_compiled
+def test_a_damaged_cached_library_is_rebuilt_not_loaded(tmp_path, monkeypatch):
+    """A truncated library in the cache killed every later process with SIGBUS inside dlopen (and
+    a foreign one raised AttributeError from knn): the file is checked against the digest recorded
+    at its build, and rebuilt when it does not match."""
+    monkeypatch.setenv("TORCHFG_CACHE_DIR", str(tmp_path))
+    source, compiler = cpu_module._source_path(), cpu_module._compiler()
+    path = cpu_module._build(source, compiler)
+    built = path.read_bytes()
+    for damaged in (built[: len(built) // 2], b"", b"\x7fELF" + bytes(64)):
+        path.write_bytes(damaged)
+        assert cpu_module._build(source, compiler) == path
+        assert path.read_bytes() == built
+    # The platform is part of the key: another machine type builds into another folder.
+    monkeypatch.setattr(cpu_module.platform, "machine", lambda: "aarch64")
+    assert cpu_module._build(source, compiler).parent != path.parent
+
+
+@requires_compiled
+def test_a_library_without_the_kernels_symbols_falls_back(tmp_path, monkeypatch):
+    """A loadable library without the kernel's functions raised AttributeError from every knn and
+    from status() (only OSError / RuntimeError were caught)."""
+    other = tmp_path / "other.so"
+    source = tmp_path / "other.c"
+    source.write_text("int tfg_unrelated(void) { return 1; }\n")
+    import subprocess
+
+    subprocess.run([*cpu_module._compiler(), "-shared", "-fPIC", str(source), "-o", str(other)], check=True)
+    monkeypatch.setattr(cpu_module, "_library", None)
+    monkeypatch.setattr(cpu_module, "_failure", None)
+    monkeypatch.setattr(cpu_module, "_build", lambda *args: other)
+    ok, why = cpu_module.status()
+    assert not ok and "tfg_knn_cpu" in why, why
+    x = integer_data(torch.Generator().manual_seed(1), 40, 3)
+    _, i = knn(x, k=3, metric="euclidean", exclude_self=True, backend="torch")
+    full = exact_distances(x, x, "euclidean")
+    full.fill_diagonal_(float("inf"))
+    assert torch.equal(i, torch.sort(full, dim=1, stable=True).indices[:, :3])
+
+
+def test_a_compiler_that_writes_nothing_is_a_failed_build(tmp_path, monkeypatch):
+    """CC exiting 0 without output left an empty library in the cache for good."""
+    monkeypatch.setattr(cpu_module, "_library", None)
+    monkeypatch.setattr(cpu_module, "_failure", None)
+    monkeypatch.setenv("TORCHFG_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", shutil.which("true") or "/bin/true")
+    ok, why = cpu_module.status()
+    assert not ok and "wrote no library" in why, why
+    assert not list(tmp_path.rglob("*.so"))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_fork_during_a_build_leaves_the_child_a_usable_lock():
+    """DataLoader workers forked while another thread built the kernel (holding the module's lock)
+    inherited the held lock, owned by a thread the child does not have: their first knn waited
+    forever. The child gets a fresh lock."""
+    import threading
+
+    holding, release = threading.Event(), threading.Event()
+
+    def build():
+        with cpu_module._lock:
+            holding.set()
+            release.wait(10)
+
+    builder = threading.Thread(target=build)
+    builder.start()
+    holding.wait(10)
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: the lock must be free
+            os._exit(0 if cpu_module._lock.acquire(timeout=5) else 1)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        release.set()
+        builder.join()
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
 def test_cache_folder_is_the_documented_one(tmp_path, monkeypatch):
     """TORCHFG_CACHE_DIR, else XDG_CACHE_HOME, else ~/.cache, as docs/concepts/backends.md says."""
     doc = (Path(__file__).resolve().parents[2] / "docs" / "concepts" / "backends.md").read_text()

@@ -115,8 +115,11 @@ class AutotunedLaunch:
             return config
         tuned = self.tuned
         tuned[grid](*args, **kwargs)
-        config = tuned.best_config
-        if key is not None and config.pre_hook is None and self._tuned_answer(args, kwargs) is config:
+        # This call's own entry of the autotuner's cache: best_config is one attribute for every
+        # thread, so a concurrent first call at another size could have replaced it already.
+        answer = self._tuned_answer(args, kwargs)
+        config = answer if answer is not None else tuned.best_config
+        if key is not None and config.pre_hook is None and answer is config:
             if len(self._memo) >= 256:  # many distinct calls (e.g. varying floats): start over
                 self._memo.clear()
             self._memo[key] = (config, self._launch_kwargs(args, kwargs, config))

@@ -16,7 +16,7 @@ a near-tie (two copies of one row) can then resolve to the other copy.
 
 Build: plain C with no torch headers, compiled on first use with the system C compiler
 (``CC``, which may carry arguments such as ``ccache gcc``, else ``cc``, ``gcc`` or ``clang``) in
-about a second, into a folder named by a hash of the source, compiler and flags under
+about a second, into a folder named by a hash of the source, compiler, flags and platform under
 ``$TORCHFG_CACHE_DIR/knn_cpu``, else ``$XDG_CACHE_HOME/torchfg/knn_cpu``, else
 ``~/.cache/torchfg/knn_cpu`` (the library is readable by all, 0755 less the umask, so a shared
 cache serves every user), then loaded with :mod:`ctypes`; later processes only load it. AVX2 code is
@@ -45,9 +45,11 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -76,6 +78,7 @@ enabled = True
 
 _SOURCE = Path("knn_cpu") / "knn_select.c"
 _LIBRARY_NAME = "libtorchfg_knn_cpu.so"
+_DIGEST_NAME = "libtorchfg_knn_cpu.sha256"  # the digest of the library as built
 _CSRC_ENV = "TORCHFG_CSRC_DIR"
 _CACHE_ENV = "TORCHFG_CACHE_DIR"
 # Seconds a build may take before it counts as failed (it takes about one).
@@ -102,6 +105,19 @@ class SlackExhausted(RuntimeError):
 
 
 _lock = threading.Lock()
+
+
+def _reset_lock_in_child() -> None:
+    # A fork while another thread builds (a DataLoader's workers starting during a first knn in an
+    # evaluation thread) copies the lock held by a thread the child does not have: every knn of
+    # the child would wait on it forever.
+    global _lock
+    _lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_lock_in_child)
+
 _library: ctypes.CDLL | None = None
 _failure: str | None = None  # why the library cannot be used, once known
 _built_how: str = ""
@@ -164,12 +180,19 @@ def _build(source: Path, compiler: Sequence[str]) -> Path:
     """Compile ``source`` with the ``compiler`` command (as :func:`_compiler` returns it) into the
     cache (once per source hash, command and flags) and return the library."""
     flags = _flags()
-    key = hashlib.sha256(source.read_bytes() + "\0".join([*compiler, *flags]).encode()).hexdigest()[:20]
+    # The platform too: the same compiler command on another machine type or C library (a cache
+    # on a shared home) builds a library this process cannot load.
+    platform_tag = [sys.platform, platform.machine(), *platform.libc_ver()]
+    key = hashlib.sha256(source.read_bytes() + "\0".join([*compiler, *flags, *platform_tag]).encode()).hexdigest()[:20]
     target_dir = _cache_root() / key
     target = target_dir / _LIBRARY_NAME
-    if target.is_file():
+    digest_file = target_dir / _DIGEST_NAME
+    if target.is_file() and _digest_matches(target, digest_file):
         _share(target)
         return target
+    # Missing, or not the file that was built (truncated by a full disk or a crash before the data
+    # reached it, replaced): a truncated library kills the process with SIGBUS inside dlopen, so
+    # it is rebuilt rather than loaded.
     target_dir.mkdir(parents=True, exist_ok=True)
     # Compile to a private name, then rename: concurrent processes (pytest-xdist) never load a
     # half-written file.
@@ -184,14 +207,44 @@ def _build(source: Path, compiler: Sequence[str]) -> Path:
         )
         if run.returncode != 0:
             raise RuntimeError(f"{shlex.join(compiler)} failed ({run.returncode}): {run.stderr.strip()[-2000:]}")
+        if os.path.getsize(partial) == 0:  # a "compiler" that succeeds without writing anything
+            raise RuntimeError(f"{shlex.join(compiler)} exited 0 but wrote no library")
         # mkstemp made the file 0600: other users of a shared cache could not load it. Give it
         # the mode a compiler's own output would have (0755 less the umask).
         os.chmod(partial, 0o755 & ~_umask())
+        with open(partial, "rb") as f:
+            os.fsync(f.fileno())  # on disk before its name is: a crash never leaves a short library
+        _write_atomically(digest_file, _digest(Path(partial)))
         os.replace(partial, target)
     finally:
         if os.path.exists(partial):
             os.unlink(partial)
     return target
+
+
+def _digest(library: Path) -> str:
+    return hashlib.sha256(library.read_bytes()).hexdigest()
+
+
+def _digest_matches(library: Path, digest_file: Path) -> bool:
+    """Whether ``library`` is the file whose digest was recorded when it was built (a library
+    cached by an earlier version, without a digest, is rebuilt once)."""
+    try:
+        return digest_file.read_text().strip() == _digest(library)
+    except OSError:
+        return False
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    fd, partial = tempfile.mkstemp(dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(partial, 0o644 & ~_umask())
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
 
 
 def _share(library: Path) -> None:
@@ -253,7 +306,8 @@ def load() -> ctypes.CDLL | None:
             path = _build(source, compiler)
             library = ctypes.CDLL(str(path))
             _bind(library)
-        except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as exc:
+            # AttributeError: a loadable library without the kernel's symbols (a foreign file).
             _failure = f"the C kernel could not be built or loaded: {exc}"
             return None
         _built_how = f"{path} (simd width {library.tfg_knn_cpu_simd()}, openmp {bool(library.tfg_knn_cpu_openmp())})"

@@ -1,0 +1,71 @@
+"""torchfg.backends: reading TRITON_INTERPRET as Triton does, no triton import for CPU tensors,
+and a fork while another thread imports triton."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+from torchfg import backends
+
+
+@pytest.mark.parametrize("value", ["1", "true", "True", "ON", "yes", "y", "0", "false", "off", "no", "2", "", " 1"])
+def test_triton_interpret_is_read_as_triton_reads_it(monkeypatch, value):
+    """TRITON_INTERPRET=false (or off, no, 2) was read as "on": torchfg launched compiled kernels
+    into an interpreter that Triton had not switched on ("0 active drivers")."""
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    expected = value.lower() in ("1", "true", "on", "yes", "y")
+    assert backends.triton_interpreter_enabled() is expected
+    libtriton = pytest.importorskip("triton._C.libtriton")
+    assert libtriton.getenv_bool("TRITON_INTERPRET", False) is expected
+
+
+def test_cpu_tensors_do_not_import_triton():
+    """Deciding that Triton cannot run on a CPU tensor needs no import of triton (seconds on the
+    first call of a process, and a window in which a fork deadlocks the child)."""
+    code = (
+        "import sys, torch, torchfg\n"
+        "torchfg.knn(torch.randn(30, 4), k=2)\n"
+        "torchfg.functional.triplet_margin_loss(torch.randn(8, 3), torch.arange(8) // 2)\n"
+        "print('triton' in sys.modules)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "False"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_fork_waits_for_an_import_of_triton_in_another_thread():
+    """A DataLoader forking its workers while an evaluation thread imported triton copied Python's
+    lock of the half-imported module into the children, whose first import of triton then waited
+    forever. The fork waits until the import is done, and the child gets a free lock."""
+    importing, release = threading.Event(), threading.Event()
+
+    def import_in_another_thread():
+        with backends._import_lock:  # what _probe_triton_import holds while importing
+            importing.set()
+            release.wait(10)
+
+    importer = threading.Thread(target=import_in_another_thread)
+    importer.start()
+    importing.wait(10)
+    timer = threading.Timer(0.5, release.set)
+    timer.start()
+    try:
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0 if backends._import_lock.acquire(timeout=5) else 1)
+        forked_after_release = release.is_set()
+        _, status = os.waitpid(pid, 0)
+    finally:
+        release.set()
+        timer.cancel()
+        importer.join()
+    assert forked_after_release  # the fork waited for the import
+    assert os.waitstatus_to_exitcode(status) == 0
