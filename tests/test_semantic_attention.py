@@ -433,6 +433,35 @@ def test_wrap_backbone_rejects_bad_arguments():
         wrap_backbone(backbone, "layer1", attention, method="forward_head")
 
 
+def test_wrapped_backbone_shared_by_threads_uses_each_calls_own_map():
+    """The call's map was one attribute of the wrapper: two inference threads sharing a model got
+    each other's maps (about half the calls, silently) or a misleading "call the wrapper" error."""
+    import threading
+
+    torch.manual_seed(26)
+    model = wrap_backbone(TinyResNet(widths=(8, 8, 8, 8)), "layer2", SemanticChannelAttention(8, 3)).eval()
+    inputs = [(torch.randn(2, 3, 32, 32), torch.rand(2, 3, 16, 16)) for _ in range(2)]
+    with torch.no_grad():
+        expected = [model(images, semantic) for images, semantic in inputs]
+    wrong, errors = [0, 0], []
+    barrier = threading.Barrier(2, timeout=30)
+
+    def serve(t: int) -> None:
+        try:
+            barrier.wait()
+            with torch.no_grad():
+                for _ in range(15):
+                    wrong[t] += not torch.equal(model(*inputs[t]), expected[t])
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=serve, args=(t,)) for t in range(2)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert not errors and wrong == [0, 0], (errors, wrong)
+    assert not model._semantic_of_thread
+
+
 def test_wrapped_backbone_compiles_fullgraph():
     torch.manual_seed(25)
     backbone = TinyResNet(widths=(8, 8, 8, 8))

@@ -12,6 +12,7 @@ drives a squeeze-and-excitation style MLP whose per-channel weights rescale the 
 from __future__ import annotations
 
 import math
+import threading
 import weakref
 from typing import Any, Callable, Sequence
 
@@ -416,7 +417,8 @@ class SemanticBackbone(nn.Module):
     ``module(stage_tensor, semantic)``. The module is registered as a submodule, so its parameters
     are in ``parameters()`` and ``state_dict()``. Calling the backbone directly, without the
     wrapper, raises a ``RuntimeError`` from the hook instead of silently skipping the module.
-    Not suited to ``nn.DataParallel`` (replicas would share the stored map); use DDP.
+    Threads may share one wrapped model (each call's map is kept per thread). Not tested with
+    ``nn.DataParallel``; use DDP.
     """
 
     def __init__(
@@ -434,6 +436,10 @@ class SemanticBackbone(nn.Module):
         self.layer_name = layer_name
         self.position = position
         self.method = method
+        # The map of the call in flight, per thread: a model shared by inference threads runs one
+        # call per thread at once (one attribute gave each call another call's map, silently).
+        # Under torch.compile, which cannot trace thread identities, the one attribute below.
+        self._semantic_of_thread: dict[int, torch.Tensor] = {}
         self._semantic: torch.Tensor | None = None
         # The map each stage input met in a wrapped call, for as long as that input lives: activation
         # checkpointing re-runs the stage during backward, after the call has returned.
@@ -451,16 +457,18 @@ class SemanticBackbone(nn.Module):
     def __getstate__(self) -> dict[str, Any]:
         # The per-call maps are keyed by live tensors (weak references cannot be pickled, and a
         # saved or copied model starts with no call in flight).
-        return {**super().__getstate__(), "_semantic_of_input": {}, "_semantic": None}
+        return {**super().__getstate__(), "_semantic_of_input": {}, "_semantic_of_thread": {}, "_semantic": None}
 
     def _current_semantic(self, stage_input: Any) -> torch.Tensor:
         # Under torch.compile the graph holds the map itself: no identity bookkeeping to trace.
-        keyable = isinstance(stage_input, torch.Tensor) and not torch.compiler.is_compiling()
-        if self._semantic is not None:
+        compiling = torch.compiler.is_compiling()
+        keyable = isinstance(stage_input, torch.Tensor) and not compiling
+        current = self._semantic if compiling else self._semantic_of_thread.get(threading.get_ident())
+        if current is not None:
             if keyable:
                 key = id(stage_input)
-                self._semantic_of_input[key] = (weakref.ref(stage_input, _forget_entry(self, key)), self._semantic)
-            return self._semantic
+                self._semantic_of_input[key] = (weakref.ref(stage_input, _forget_entry(self, key)), current)
+            return current
         entry = self._semantic_of_input.get(id(stage_input)) if keyable else None
         semantic = entry[1] if entry is not None and entry[0]() is stage_input else None
         if semantic is None:
@@ -478,11 +486,18 @@ class SemanticBackbone(nn.Module):
 
     def forward(self, images: torch.Tensor, semantic: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         """Run the backbone on ``images`` (B, 3, H, W) with ``semantic`` (B, K, h, w) applied at the stage."""
-        self._semantic = semantic
+        if torch.compiler.is_compiling():
+            self._semantic = semantic
+            try:
+                return getattr(self.backbone, self.method)(images, *args, **kwargs)
+            finally:
+                self._semantic = None
+        thread = threading.get_ident()
+        self._semantic_of_thread[thread] = semantic
         try:
             return getattr(self.backbone, self.method)(images, *args, **kwargs)
         finally:
-            self._semantic = None
+            del self._semantic_of_thread[thread]
 
 
 def _forget_entry(owner: SemanticBackbone, key: int) -> Callable[[weakref.ref], None]:
