@@ -69,3 +69,36 @@ def test_a_fork_waits_for_an_import_of_triton_in_another_thread():
         importer.join()
     assert forked_after_release  # the fork waited for the import
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.parametrize("name", ["TORCHFG_CPU_KERNELS", "TORCHFG_CUDA_JIT", "TORCHFG_KNN_FILTER", "TORCHFG_SYMMETRIC_MINING"])
+def test_on_off_variables_are_read_one_way_and_refuse_other_values(monkeypatch, name):
+    """TORCHFG_CPU_KERNELS=disable kept the kernels on, TORCHFG_CUDA_JIT=off allowed the JIT build,
+    TORCHFG_KNN_FILTER=true was off: every on/off variable takes the same words, and anything
+    else is an error that names it."""
+    from torchfg._validation import env_flag
+
+    for value, expected in [("1", True), (" TRUE ", True), ("on", True), ("yes", True),
+                            ("0", False), ("False", False), ("OFF", False), ("no", False)]:
+        monkeypatch.setenv(name, value)
+        assert env_flag(name, not expected) is expected
+    monkeypatch.setenv(name, "")
+    assert env_flag(name, True) is True and env_flag(name, False) is False
+    monkeypatch.setenv(name, "disable")
+    with pytest.raises(ValueError, match=name):
+        env_flag(name, True)
+
+
+def test_the_switches_use_it(monkeypatch):
+    from torchfg.ops.knn import cpu
+
+    monkeypatch.setenv("TORCHFG_CPU_KERNELS", "off")
+    assert cpu.status() == (False, "disabled by TORCHFG_CPU_KERNELS=off")
+    monkeypatch.setenv("TORCHFG_CPU_KERNELS", "disabled")
+    with pytest.raises(ValueError, match="TORCHFG_CPU_KERNELS"):
+        cpu.status()
+    pytest.importorskip("triton")
+    from torchfg.ops.knn.triton import wants_filter
+
+    monkeypatch.setenv("TORCHFG_KNN_FILTER", "true")
+    assert wants_filter()

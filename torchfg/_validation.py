@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+import os
 from typing import Iterable
 
 import torch
@@ -119,6 +120,25 @@ def check_int(value: object, name: str, minimum: int = 0) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return int(value)
+
+
+_ENV_ON = ("1", "true", "yes", "on", "y")
+_ENV_OFF = ("0", "false", "no", "off", "n")
+
+
+def env_flag(name: str, default: bool) -> bool:
+    """The on/off environment variable ``name`` (case and surrounding spaces ignored; unset or
+    empty: ``default``). Any other value is a ValueError naming the variable: a switch silently
+    read the wrong way (``TORCHFG_CPU_KERNELS=disable`` kept the kernels on) is worse than none."""
+    raw = os.environ.get(name, "")
+    value = raw.strip().lower()
+    if not value:
+        return default
+    if value in _ENV_ON:
+        return True
+    if value in _ENV_OFF:
+        return False
+    raise ValueError(f"environment variable {name}={raw!r} must be one of {_ENV_ON} (on) or {_ENV_OFF} (off)")
 
 
 def check_bool(value: object, name: str) -> bool:

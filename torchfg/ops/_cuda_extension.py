@@ -29,6 +29,7 @@ from types import ModuleType
 
 import torch
 
+from torchfg._validation import env_flag
 from torchfg.errors import ExtensionBuildError
 
 __all__ = [
@@ -54,6 +55,17 @@ _JIT_ENV = "TORCHFG_CUDA_JIT"
 _CSRC_ENV = "TORCHFG_CSRC_DIR"
 
 _lock = threading.Lock()
+
+
+def _new_lock_in_child() -> None:
+    # A fork during another thread's build would hand the child a lock held by a thread it does
+    # not have (as for the CPU k-NN kernel's build).
+    global _lock
+    _lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_lock_in_child)
 _loaded: str | None = None  # how the ops got registered, once they are
 _build_error: str | None = None
 # Set once a kernel disagrees with the torch reference on its first use: the kernels are
@@ -152,8 +164,8 @@ def status() -> tuple[bool, str]:
         return True, f"loaded: {_loaded}"
     if torch.version.cuda is None:
         return False, "this torch build has no CUDA support"
-    if os.environ.get(_JIT_ENV, "1").strip() in ("0", "false", "no"):
-        return False, f"not built ahead of time, and JIT builds are disabled by {_JIT_ENV}=0"
+    if not env_flag(_JIT_ENV, True):
+        return False, f"not built ahead of time, and JIT builds are disabled by {_JIT_ENV}={os.environ[_JIT_ENV].strip()}"
     sources = csrc_dir()
     if sources is None:
         return False, "the torchfg/csrc/ CUDA sources are not part of this install"

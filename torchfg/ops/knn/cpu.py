@@ -57,6 +57,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from torchfg._validation import env_flag
 from torchfg.ops.knn.reference import knn_reference, order_by_distance_then_index
 
 __all__ = [
@@ -126,8 +127,8 @@ _built_how: str = ""
 def _switched_off() -> str | None:
     if not enabled:
         return "disabled by torchfg.ops.knn.cpu.enabled = False"
-    if os.environ.get(ENV_VAR, "1").strip().lower() in ("0", "false", "no", "off"):
-        return f"disabled by {ENV_VAR}=0"
+    if not env_flag(ENV_VAR, True):
+        return f"disabled by {ENV_VAR}={os.environ[ENV_VAR].strip()}"
     return None
 
 
@@ -336,7 +337,8 @@ def is_usable(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the CPU search of ``dtype`` inputs on ``device`` takes the compiled selection.
 
     The selection runs on fp32 blocks: fp32, fp16 and bf16 inputs (fp64 is selected in fp64 by
-    the PyTorch path). Never raises: a failed build means False.
+    the PyTorch path). A failed build means False; a ``TORCHFG_CPU_KERNELS`` value that is
+    neither on nor off raises a ValueError naming it.
     """
     if device.type != "cpu" or dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return False

@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from torchfg._validation import env_flag
 from torchfg.backends import triton_interpreter_enabled
 from torchfg.ops._triton_utils import cdiv, dot_dtypes, next_power_of_2
 from torchfg.ops.metric import metric_code, row_statistics
@@ -744,7 +745,7 @@ def knn_triton(
 
 def wants_filter() -> bool:
     """Whether a call without a config runs the filter search (``TORCHFG_KNN_FILTER=1``)."""
-    return os.environ.get("TORCHFG_KNN_FILTER", "0") == "1"
+    return env_flag("TORCHFG_KNN_FILTER", False)
 
 
 def _check_search(query: torch.Tensor, gallery: torch.Tensor, k: int) -> None:

@@ -55,7 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
-from torchfg._validation import accumulation_dtype
+from torchfg._validation import accumulation_dtype, env_flag
 from torchfg.backends import triton_interpreter_enabled
 from torchfg.ops._triton_utils import AutotunedLaunch, cdiv, dot_dtypes, next_power_of_2, split_scalar
 from torchfg.ops.metric import metric_code as metric_code_of
@@ -1075,7 +1075,7 @@ def _wants_symmetric(tiles: TileConfig | None) -> bool:
         return tiles.symmetric
     if tiles is not None and tiles.block_m != tiles.block_n:
         return False
-    return os.environ.get("TORCHFG_SYMMETRIC_MINING", "0") == "1"
+    return env_flag("TORCHFG_SYMMETRIC_MINING", False)
 
 
 def _takes_symmetric_kernel(
