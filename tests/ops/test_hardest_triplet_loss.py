@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from brute_force import exact_distances
-from conftest import TEST_DEVICE, requires_triton
+from conftest import TEST_DEVICE, requires_gpu_nan_semantics, requires_triton
 from torchfg.ops.hardest_triplet_loss import REDUCTIONS, _hardest_triplet_loss_op, hardest_triplet_loss
 from torchfg.ops.metric import METRICS
 
@@ -378,6 +378,7 @@ def test_non_finite_anchor_gives_nan_loss_like_the_reference(metric, bad, separa
 
 
 @requires_triton
+@requires_gpu_nan_semantics
 @pytest.mark.parametrize("metric", METRICS)
 def test_nan_candidate_is_never_chosen(metric, poisoned, small_splits):
     """docs/concepts/numerics.md: a NaN row that is only a candidate is never chosen by the kernel,

@@ -15,7 +15,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import TEST_DEVICE, requires_triton
+from conftest import TEST_DEVICE, requires_gpu_nan_semantics, requires_triton
 from torchfg.ops.triplet import mine_hardest
 
 pytestmark = requires_triton
@@ -416,6 +416,7 @@ def test_singletons_have_no_positive_and_one_class_has_no_negative(metric):
     assert (pos >= 0).all() and (neg == -1).all()
 
 
+@requires_gpu_nan_semantics
 @pytest.mark.parametrize("metric", METRICS)
 def test_a_nan_row_is_never_chosen(metric):
     """docs/concepts/numerics.md: the kernel never picks a NaN key, so every other anchor chooses
