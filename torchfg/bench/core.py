@@ -353,12 +353,17 @@ def cuda_graph_available(device: torch.device, dtype: torch.dtype) -> tuple[bool
     return triton_available(device, dtype)
 
 
+# How to install what a baseline imports (the bench extra brings them all).
+_INSTALL_HINTS = {"pytorch_metric_learning": "pip install pytorch-metric-learning, or torchfg[bench]"}
+
+
 def module_installed(module: str) -> Callable[[torch.device, torch.dtype], tuple[bool, str]]:
     """A :attr:`Case.available` check: the third-party ``module`` is importable."""
 
     def check(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
         if importlib.util.find_spec(module) is None:
-            return False, f"{module} is not installed"
+            hint = _INSTALL_HINTS.get(module)
+            return False, f"{module} is not installed" + (f" ({hint})" if hint else "")
         return True, ""
 
     return check
