@@ -102,3 +102,19 @@ def test_the_switches_use_it(monkeypatch):
 
     monkeypatch.setenv("TORCHFG_KNN_FILTER", "true")
     assert wants_filter()
+
+
+def test_the_installed_check_of_cpu_calls_is_cached(monkeypatch):
+    """Every CPU op call with backend="auto" asks whether triton is installed: find_spec (~40 us,
+    and untraceable by torch 2.11's dynamo) runs once per process."""
+    import importlib.util
+
+    calls = []
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: calls.append(name) or real(name, *a))
+    backends._probe_triton_installed.cache_clear()
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for _ in range(3):
+        backends.triton_status(torch.device("cpu"))
+    assert calls.count("triton") == 1
+    assert backends._triton_installed._dynamo_marked_constant

@@ -152,3 +152,17 @@ def test_identity_without_process_group():
     assert all_gather_with_grad(x) is x
     batch = gather_batch([x, None], ["x", "t"])
     assert batch.offset == 0 and batch.sizes == [3] and batch.tensors[1] is None
+
+
+def test_the_call_fingerprint_takes_numbers_by_value():
+    """Ranks passing margin=1 and margin=1.0 (or NumPy scalars) make the same call."""
+    import numpy as np
+
+    from torchfg.distributed.gather import _fingerprint
+
+    assert _fingerprint({"margin": 1}) == _fingerprint({"margin": 1.0}) == _fingerprint({"margin": np.float32(1.0)})
+    assert _fingerprint({"k": np.int64(3)}) == _fingerprint({"k": 3})
+    assert _fingerprint({"k": 2**60}) != _fingerprint({"k": 2**60 + 1})  # beyond float64: exact ints
+    assert _fingerprint({"margin": 1}) != _fingerprint({"margin": "1"})
+    assert _fingerprint({"a": 1, "b": 2}) == _fingerprint({"b": 2, "a": 1})
+    assert _fingerprint({"reduction": "sum"}) != _fingerprint({"reduction": "mean"})

@@ -80,6 +80,9 @@ def test_integer_scores_beyond_float64_precision_keep_their_order():
     expected = roc_auc_score(targets.numpy(), (scores - big).numpy(), average=None).tolist()
     assert multilabel_auc(scores, targets, average=None).tolist() == expected
     assert multilabel_auc(torch.tensor([True, False, True]), torch.tensor([1, 0, 1])).item() == 1.0
+    # uint64: the top half must not wrap negative.
+    unsigned = torch.tensor([2**63 + 5, 3, 2**63 + 4, 2**64 - 1], dtype=torch.uint64)
+    assert multilabel_auc(unsigned, torch.tensor([1, 0, 0, 1])).item() == 1.0
 
 
 def test_target_dtypes_and_one_dimensional_input():

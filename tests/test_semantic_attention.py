@@ -462,6 +462,40 @@ def test_wrapped_backbone_shared_by_threads_uses_each_calls_own_map():
     assert not model._semantic_of_thread
 
 
+def test_a_stage_compiled_on_its_own_still_meets_its_map():
+    """Regional compilation (``stage.compile()``) runs the stage's hook under dynamo inside the
+    eager wrapper call; with the map kept only per thread, the hook found none there and raised."""
+    torch.manual_seed(27)
+    backbone = TinyResNet(widths=(8, 8, 8, 8))
+    model = wrap_backbone(backbone, "layer2", SemanticChannelAttention(8, 3))
+    images, semantic = torch.randn(2, 3, 32, 32), torch.rand(2, 3, 16, 16)
+    expected = model(images, semantic)
+    torch._dynamo.reset()
+    backbone.layer2.compile(backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(model(images, semantic), expected)
+    assert model._semantic is None and not model._semantic_of_thread
+
+
+def test_a_pickle_from_before_the_per_thread_maps_still_runs(monkeypatch):
+    import pickle
+
+    torch.manual_seed(28)
+    model = wrap_backbone(TinyResNet(widths=(8, 8, 8, 8)), "layer2", SemanticChannelAttention(8, 3))
+    current = SemanticBackbone.__getstate__
+
+    def earlier_state(self):  # what an earlier version pickled: no per-thread entry
+        state = current(self)
+        del state["_semantic_of_thread"]
+        return state
+
+    monkeypatch.setattr(SemanticBackbone, "__getstate__", earlier_state)
+    saved = pickle.dumps(model)
+    monkeypatch.setattr(SemanticBackbone, "__getstate__", current)
+    restored = pickle.loads(saved)
+    images, semantic = torch.randn(2, 3, 32, 32), torch.rand(2, 3, 16, 16)
+    torch.testing.assert_close(restored(images, semantic), model(images, semantic))
+
+
 def test_wrapped_backbone_compiles_fullgraph():
     torch.manual_seed(25)
     backbone = TinyResNet(widths=(8, 8, 8, 8))

@@ -90,6 +90,16 @@ if hasattr(os, "register_at_fork"):
 
 
 def _triton_installed() -> bool:
+    return _probe_triton_installed()
+
+
+# As _triton_import_status: dynamo must not trace find_spec (torch 2.11 refuses it).
+_triton_installed._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
+
+@functools.lru_cache(maxsize=None)
+def _probe_triton_installed() -> bool:
+    # Cached: every CPU op call with backend="auto" asks (find_spec costs ~40 us).
     return importlib.util.find_spec("triton") is not None
 
 

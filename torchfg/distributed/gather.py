@@ -131,7 +131,9 @@ def _fingerprint(call: Mapping[str, object]) -> int:
         if value is None or isinstance(value, (bool, str)):
             return repr(value)
         if isinstance(value, numbers.Integral):
-            return repr(int(value))
+            # margin=1 on one rank and margin=1.0 on another are one call.
+            exact = float(int(value))
+            return repr(exact) if exact == int(value) else repr(int(value))
         if isinstance(value, numbers.Real):
             return repr(float(value))
         return f"<{type(value).__name__}>"  # anything else is refused by the checks themselves

@@ -454,6 +454,11 @@ class SemanticBackbone(nn.Module):
     def extra_repr(self) -> str:
         return f"layer_name={self.layer_name!r}, position={self.position!r}, method={self.method!r}"
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # A whole-module pickle from before the per-thread maps has no such entry.
+        state.setdefault("_semantic_of_thread", {})
+        super().__setstate__(state)
+
     def __getstate__(self) -> dict[str, Any]:
         # The per-call maps are keyed by live tensors (weak references cannot be pickled, and a
         # saved or copied model starts with no call in flight).
@@ -494,10 +499,14 @@ class SemanticBackbone(nn.Module):
                 self._semantic = None
         thread = threading.get_ident()
         self._semantic_of_thread[thread] = semantic
+        # The one attribute too, for a stage compiled on its own (regional compilation), whose hook
+        # runs compiled inside this eager call and cannot look up the thread.
+        self._semantic = semantic
         try:
             return getattr(self.backbone, self.method)(images, *args, **kwargs)
         finally:
             del self._semantic_of_thread[thread]
+            self._semantic = None
 
 
 def _forget_entry(owner: SemanticBackbone, key: int) -> Callable[[weakref.ref], None]:

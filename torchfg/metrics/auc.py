@@ -99,7 +99,10 @@ def multilabel_auc(scores: torch.Tensor, targets: torch.Tensor, average: str | N
         raise ValueError("scores must hold at least one sample, got N = 0")
     if scores.device != targets.device:
         raise ValueError(f"scores and targets must be on the same device, got {scores.device} and {targets.device}")
-    # Only the order matters: integer scores stay integers (float64 would merge those beyond 2^53).
+    # Only the order matters: integer scores stay integers (float64 would merge those beyond 2^53);
+    # uint64 is mapped to int64 in order (its top half would wrap negative in a plain cast).
+    if scores.dtype == torch.uint64:
+        scores = scores.view(torch.int64) ^ torch.iinfo(torch.int64).min
     scores = scores.to(torch.float64 if scores.dtype.is_floating_point else torch.int64)
     if scores.dtype.is_floating_point and bool(torch.isnan(scores).any()):
         raise ValueError("scores contains NaN")

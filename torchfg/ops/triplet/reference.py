@@ -267,7 +267,8 @@ def mine_hardest_reference(
     # reduction, a fifth of isfinite().all()'s time on the CPU; should a finite input's sum
     # overflow, the masks only run for nothing.
     inputs = [anchors, candidates] + ([anchor_text, candidate_text] if margin_aware else [])
-    nan_keys_possible = not all(bool(t.sum(dtype=accumulation_dtype(t.dtype)).isfinite()) for t in inputs)
+    sums = torch.stack([t.sum(dtype=accumulation_dtype(t.dtype)).double() for t in inputs])
+    nan_keys_possible = not bool(sums.isfinite().all())  # one host sync for all of them
 
     pairs = None
     if sparse_positives is not False:
