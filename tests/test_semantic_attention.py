@@ -462,13 +462,18 @@ def test_wrapped_backbone_shared_by_threads_uses_each_calls_own_map():
     assert not model._semantic_of_thread
 
 
+def _wrapped_tiny_resnet(seed: int):
+    """(backbone, wrapped model, images, semantic): attention after layer2 of a small ResNet."""
+    torch.manual_seed(seed)
+    backbone = TinyResNet(widths=(8, 8, 8, 8))
+    model = wrap_backbone(backbone, "layer2", SemanticChannelAttention(8, 3))
+    return backbone, model, torch.randn(2, 3, 32, 32), torch.rand(2, 3, 16, 16)
+
+
 def test_a_stage_compiled_on_its_own_still_meets_its_map():
     """Regional compilation (``stage.compile()``) runs the stage's hook under dynamo inside the
     eager wrapper call; with the map kept only per thread, the hook found none there and raised."""
-    torch.manual_seed(27)
-    backbone = TinyResNet(widths=(8, 8, 8, 8))
-    model = wrap_backbone(backbone, "layer2", SemanticChannelAttention(8, 3))
-    images, semantic = torch.randn(2, 3, 32, 32), torch.rand(2, 3, 16, 16)
+    backbone, model, images, semantic = _wrapped_tiny_resnet(27)
     expected = model(images, semantic)
     torch._dynamo.reset()
     backbone.layer2.compile(backend="aot_eager", fullgraph=True)
@@ -479,8 +484,7 @@ def test_a_stage_compiled_on_its_own_still_meets_its_map():
 def test_a_pickle_from_before_the_per_thread_maps_still_runs(monkeypatch):
     import pickle
 
-    torch.manual_seed(28)
-    model = wrap_backbone(TinyResNet(widths=(8, 8, 8, 8)), "layer2", SemanticChannelAttention(8, 3))
+    _, model, images, semantic = _wrapped_tiny_resnet(28)
     current = SemanticBackbone.__getstate__
 
     def earlier_state(self):  # what an earlier version pickled: no per-thread entry
@@ -492,15 +496,11 @@ def test_a_pickle_from_before_the_per_thread_maps_still_runs(monkeypatch):
     saved = pickle.dumps(model)
     monkeypatch.setattr(SemanticBackbone, "__getstate__", current)
     restored = pickle.loads(saved)
-    images, semantic = torch.randn(2, 3, 32, 32), torch.rand(2, 3, 16, 16)
     torch.testing.assert_close(restored(images, semantic), model(images, semantic))
 
 
 def test_wrapped_backbone_compiles_fullgraph():
-    torch.manual_seed(25)
-    backbone = TinyResNet(widths=(8, 8, 8, 8))
-    model = wrap_backbone(backbone, "layer2", SemanticChannelAttention(8, 3))
-    images, semantic = torch.randn(2, 3, 32, 32), torch.rand(2, 3, 16, 16)
+    _, model, images, semantic = _wrapped_tiny_resnet(25)
     expected = model(images, semantic)
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
