@@ -491,21 +491,18 @@ class SemanticBackbone(nn.Module):
 
     def forward(self, images: torch.Tensor, semantic: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         """Run the backbone on ``images`` (B, 3, H, W) with ``semantic`` (B, K, h, w) applied at the stage."""
-        if torch.compiler.is_compiling():
-            self._semantic = semantic
-            try:
-                return getattr(self.backbone, self.method)(images, *args, **kwargs)
-            finally:
-                self._semantic = None
-        thread = threading.get_ident()
-        self._semantic_of_thread[thread] = semantic
-        # The one attribute too, for a stage compiled on its own (regional compilation), whose hook
-        # runs compiled inside this eager call and cannot look up the thread.
+        # Eager, the map is kept per thread; the one attribute always too, for compiled hooks (the
+        # whole model compiled, or a stage compiled on its own inside this eager call), which
+        # cannot look up the thread.
+        thread = None if torch.compiler.is_compiling() else threading.get_ident()
+        if thread is not None:
+            self._semantic_of_thread[thread] = semantic
         self._semantic = semantic
         try:
             return getattr(self.backbone, self.method)(images, *args, **kwargs)
         finally:
-            del self._semantic_of_thread[thread]
+            if thread is not None:
+                del self._semantic_of_thread[thread]
             self._semantic = None
 
 

@@ -191,7 +191,8 @@ class DINOLoss(nn.Module):
             # limit (then eager, or an error with fullgraph), and with dynamic=True a guard that
             # fails on its own rounding. So the temperature goes in as a tensor instead: the op gets
             # the scaled logits (t - center) / T, a zero centre and T = 1, which it uses exactly.
-            teacher_output, center, teacher_temp = self._scaled_teacher(student_output, teacher_output, teacher_temp), None, 1.0
+            teacher_output = self._scaled_teacher(student_output, teacher_output, teacher_temp)
+            center, teacher_temp = torch.zeros_like(self.center), 1.0
         if distributed and student_output.shape[0] == 0 and teacher_output.shape[0] == 0:
             # A rank with an empty batch (an uneven split) still joins the centre's all_reduce, in
             # forward. No pairs: loss 0, zero gradient. Elsewhere dino_loss refuses an empty batch.
@@ -200,7 +201,7 @@ class DINOLoss(nn.Module):
         return dino_loss(
             student_output,
             teacher_output,
-            torch.zeros_like(self.center) if center is None else center,
+            center,
             n_crops=self.n_crops,
             n_global_crops=self.n_global_crops,
             student_temp=self.student_temp,

@@ -132,7 +132,14 @@ class CrossBatchMemory(nn.Module):
         enqueue_mask: torch.Tensor | None = None,
         text_embeddings: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        cross_rank = self.loss.cross_rank
+        loss, adaptive, cross_rank = self.loss, self.adaptive, self.loss.cross_rank
+        # The loss's settings, read at every call: they are attributes a training loop may change
+        # (a margin schedule), so they are checked again below.
+        settings = dict(
+            margin=loss.base_margin if adaptive else loss.margin, margin_scale=loss.margin_scale if adaptive else 0.0,
+            text_positive_threshold=loss.text_positive_threshold if adaptive else None, metric=loss.metric,
+            reduction=loss.reduction, smooth=False if adaptive else loss.smooth,
+        )
 
         def validate():
             nonlocal embeddings, labels, text_embeddings, enqueue_mask
@@ -157,25 +164,14 @@ class CrossBatchMemory(nn.Module):
                 enqueue_mask = torch.as_tensor(enqueue_mask, device=embeddings.device)
                 if enqueue_mask.dtype != torch.bool or enqueue_mask.shape != labels.shape:
                     raise ValueError(f"enqueue_mask must be a ({labels.shape[0]},) bool tensor, got {enqueue_mask.dtype} {tuple(enqueue_mask.shape)}")
-            # The loss's settings again: they are attributes a training loop may change (a schedule).
-            settings = _check_memory_loss_settings(**settings_of(loss))
-            return embeddings, labels, text_embeddings, enqueue_mask, settings
+            margins = _check_memory_loss_settings(**settings)
+            return embeddings, labels, text_embeddings, enqueue_mask, margins
 
         # With cross_rank, an input error on one rank raises on every rank (the others would wait
         # in the gather below).
-        loss = self.loss
-        adaptive = self.adaptive
-
-        def settings_of(loss) -> dict[str, object]:
-            return dict(
-                margin=loss.base_margin if adaptive else loss.margin, margin_scale=loss.margin_scale if adaptive else 0.0,
-                text_positive_threshold=loss.text_positive_threshold if adaptive else None, metric=loss.metric,
-                reduction=loss.reduction, smooth=False if adaptive else loss.smooth,
-            )
-
         call = dict(
             function="CrossBatchMemory", memory_size=self.memory_size, embedding_size=self.embedding_size,
-            loss=type(loss).__name__, backend=loss.backend, **settings_of(loss),
+            loss=type(loss).__name__, backend=loss.backend, **settings,
             indices_tuple=indices_tuple is not None, enqueue_mask=enqueue_mask is not None,
         )
         embeddings, labels, text_embeddings, enqueue_mask, (margin, margin_scale) = _validated(validate, cross_rank, call)
@@ -216,12 +212,7 @@ class CrossBatchMemory(nn.Module):
             self_start,
             text_embeddings=text,
             memory_text=self.text_memory[: self.size] if self.adaptive else None,
-            margin=margin,
-            margin_scale=margin_scale,
-            text_positive_threshold=loss.text_positive_threshold if adaptive else None,
-            metric=loss.metric,
-            reduction=loss.reduction,
-            smooth=False if adaptive else loss.smooth,
+            **{**settings, "margin": margin, "margin_scale": margin_scale},
             indices_tuple=indices_tuple,
             cross_rank=cross_rank,
             backend=loss.backend,
