@@ -299,6 +299,27 @@ def test_symmetric_search_with_running_bounds(monkeypatch):
     assert calls == [True] * (4 * 2 * 3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_running_bounds_with_one_column_tails_and_a_one_row_tile(monkeypatch, dtype):
+    """Tiles of 33 columns leave a one-column tail after the groups, and 8 * 33 + 1 rows a last
+    tile of one row. A one-column slice of a transposed tile (or a one-row tile) is already
+    contiguous, so the pool kept a view of the GEMM buffer that the next tile overwrote (wrong
+    neighbours), and the selection's scatter of a one-row tile into itself raised."""
+    monkeypatch.setattr(cpu_module, "enabled", False)
+    monkeypatch.setattr(ref_module, "_BOUNDED_MIN_K", 1)
+    calls = []
+    real = ref_module._use_running_bounds
+    monkeypatch.setattr(ref_module, "_use_running_bounds", lambda *a: calls.append(real(*a)) or calls[-1])
+    tile = 33
+    generator = torch.Generator().manual_seed(11)
+    for n in (ref_module._BOUNDED_MIN_TILES * tile + 1, ref_module._BOUNDED_MIN_TILES * tile + 2):
+        x = torch.randn(n, 4, generator=generator, dtype=dtype)
+        for k in (4, 8):  # groups of 4 and of 2 columns: 33 = 8 * 4 + 1 = 16 * 2 + 1
+            d, i = knn(x, k=k, metric="euclidean", backend="torch", chunk_size=tile)
+            assert_knn_matches(d, i, x, None, k, "euclidean")
+    assert calls and all(calls)
+
+
 @pytest.mark.parametrize("transposed", [False, True], ids=["rows", "transposed_view"])
 def test_smallest_raw_matches_topk_where_it_discards_groups(transposed):
     """The grouped selection (group minima, then the candidates of the best groups) returns the

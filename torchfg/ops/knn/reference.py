@@ -434,7 +434,7 @@ def _keep_best_raw(
     values, order = torch.topk(raw, k + 1, dim=1, largest=False, sorted=False)
     distances = finish(values, rows)
     top, at = distances.max(1, keepdim=True)
-    order.scatter_(1, at, order[:, k:])
+    order.scatter_(1, at, order[:, k:].clone())  # a source inside the destination: overlap (R = 1 raises)
     order = order[:, :k]
     tied = torch.nonzero(((distances == top).sum(1) > 1) & torch.isfinite(top.squeeze(1))).flatten()
     if tied.numel():
@@ -442,6 +442,13 @@ def _keep_best_raw(
         exact = _best_positions(finish(raw.index_select(0, tied), sub_rows), columns.index_select(0, tied), k)
         order = order.index_copy(0, tied, exact)
     return order
+
+
+def _owned_copy(block: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of ``block``, never a view: blocks are views of the GEMM buffer that the
+    next tile overwrites, and ``.contiguous()`` returns a view whenever the slice is already laid out
+    contiguously (one column of a transposed tile, one row of a plain one)."""
+    return block.clone(memory_format=torch.contiguous_format)
 
 
 class _BoundedPool:
@@ -479,7 +486,7 @@ class _BoundedPool:
         if size == 0:
             # Too narrow to group (a partial last tile): every entry is a candidate.
             columns = torch.arange(width, dtype=torch.int32, device=block.device) + offset
-            self._append(block.contiguous(), columns.expand(num_rows, width))
+            self._append(_owned_copy(block), columns.expand(num_rows, width))
         else:
             self._add_groups(block, offset, size)
         if self.size >= self.k and (not self.filled or self.size > self.capacity):
@@ -535,7 +542,7 @@ class _BoundedPool:
             self._append(raw.view(num_rows, -1), columns.view(num_rows, -1))
         if body < width:
             tail = torch.arange(body, width, dtype=torch.int32, device=device) + offset
-            self._append(block[:, body:].contiguous(), tail.expand(num_rows, width - body))
+            self._append(_owned_copy(block[:, body:]), tail.expand(num_rows, width - body))
 
     def _append(self, raw: torch.Tensor, columns: torch.Tensor) -> None:
         self.raw.append(raw)
