@@ -465,6 +465,24 @@ def test_embedding_restores_every_submodule_mode() -> None:
     assert {name: module.training for name, module in model.named_modules()} == before
 
 
+def test_embedding_keeps_no_batch_output_alive_through_a_view() -> None:
+    """embed_fn returning a view (the class token of a (B, T, C) output) must not keep each
+    batch's whole output alive until the end: that held T times the embeddings' memory."""
+    import weakref
+
+    outputs, alive = [], []
+
+    def class_token(x: torch.Tensor) -> torch.Tensor:
+        alive.append(sum(ref() is not None for ref in outputs))  # earlier batches' outputs
+        tokens = torch.randn(x.shape[0], 9, 4)
+        outputs.append(weakref.ref(tokens))
+        return tokens[:, 0]
+
+    embeddings, labels = embed_dataset(class_token, (torch.randn(20, 3), torch.arange(20)), batch_size=6)
+    assert alive == [0, 0, 0, 0]
+    assert embeddings.shape == (20, 4) and embeddings.untyped_storage().nbytes() == 20 * 4 * 4
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_evaluate_refuses_non_finite_embeddings(bad: float) -> None:
     """argmin over NaN distances picks way 0 for every query: chance accuracy reported as a result."""

@@ -150,7 +150,13 @@ def embed_dataset(
                 )
             if not out.dtype.is_floating_point:
                 raise TypeError(f"embeddings must be floating point, got {out.dtype}")
-            chunks.append(out.to(target if target is not None else out.device, torch.float32))
+            chunk = out.to(target if target is not None else out.device, torch.float32)
+            if chunk.untyped_storage().nbytes() > chunk.numel() * chunk.element_size():
+                # A view (say the CLS token of a (B, T, C) output) would keep its whole parent
+                # alive until the final cat: T times the memory, for every batch.
+                chunk = chunk.clone()
+            chunks.append(chunk)
+            del out, chunk  # not alive during the next batch's forward
             label_chunks.append(labels.cpu().to(torch.int64))
     finally:
         for module, training in modes:
