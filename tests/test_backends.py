@@ -118,3 +118,28 @@ def test_the_installed_check_of_cpu_calls_is_cached(monkeypatch):
         backends.triton_status(torch.device("cpu"))
     assert calls.count("triton") == 1
     assert backends._triton_installed._dynamo_marked_constant
+
+
+def test_constructors_refuse_a_backend_their_op_lacks():
+    """A backend name the op does not implement fails where it is written, not at the first call
+    (after the model is built and the data loaded); "auto" and the op's own backends pass."""
+    from torchfg.errors import BackendUnavailableError
+    from torchfg.heads import PrototypicalHead
+    from torchfg.losses import AdaptiveTripletLoss, DINOLoss, TripletMarginLoss
+    from torchfg.miners import BatchHardMiner
+
+    makers = {
+        "PrototypicalHead": lambda b: PrototypicalHead(backend=b),
+        "DINOLoss": lambda b: DINOLoss(8, 4, backend=b),
+        "TripletMarginLoss": lambda b: TripletMarginLoss(backend=b),
+        "AdaptiveTripletLoss": lambda b: AdaptiveTripletLoss(backend=b),
+        "BatchHardMiner": lambda b: BatchHardMiner(backend=b),
+    }
+    for name, make in makers.items():
+        with pytest.raises(BackendUnavailableError, match="backend='cuda' is not implemented"):
+            make("cuda")
+        with pytest.raises(ValueError, match="backend must be one of"):
+            make("cuda:0")
+        for backend in ("auto", "torch", "triton"):
+            assert make(backend).backend == backend, name
+    assert backends.check_backend("cuda", "knn") == "cuda"

@@ -685,6 +685,7 @@ def test_dino_head_norm_last_layer_freezes_magnitude():
 
 
 def test_dino_head_bad_args():
+    assert "norm_last_layer=False" in repr(DINOHead(8, 16, hidden_dim=8, bottleneck_dim=4, norm_last_layer=False))
     with pytest.raises(ValueError, match="n_layers"):
         DINOHead(8, 16, n_layers=0)
     with pytest.raises(ValueError, match="out_dim"):

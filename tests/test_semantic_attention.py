@@ -175,6 +175,21 @@ def test_constructor_rejects_bad_arguments():
         SemanticFusion(8, 3, mode="mask", foreground_channels=[3])
     with pytest.raises(ValueError, match="kind"):
         make_semantic_module("se", 8, 3)
+    # Arguments of another mode are refused, not ignored.
+    with pytest.raises(ValueError, match="embed_channels is used by mode='feature_concat' only"):
+        SemanticFusion(8, 3, mode="mask", embed_channels=4)
+    with pytest.raises(ValueError, match="foreground_channels is used by mode='mask' only"):
+        SemanticFusion(8, 3, mode="feature_concat", foreground_channels=[0])
+    with pytest.raises(ValueError, match="foreground_channels is used by pooling='semantic' only"):
+        MultiLabelHead(8, 4, pooling="avg", foreground_channels=[1])
+
+
+def test_reprs_show_the_settings():
+    assert "embed_channels=4" in repr(SemanticFusion(8, 3, mode="feature_concat", embed_channels=4))
+    assert "foreground_channels=[1, 2]" in repr(SemanticFusion(8, 3, mode="mask", foreground_channels=[1, 2]))
+    text = repr(MultiLabelHead(8, 4, pooling="semantic", foreground_channels=2, bias=False))
+    for part in ("in_channels=8", "num_labels=4", "pooling='semantic'", "foreground_channels=[2]", "bias=False"):
+        assert part in text
 
 
 # ---------------------------------------------------------------- fusions

@@ -102,24 +102,28 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def check_int(value: object, name: str, minimum: int = 0) -> int:
-    """``value`` as a Python int ``>= minimum`` (numpy / index-like ints accepted, bool refused)."""
+def as_int(value: object, name: str) -> int:
+    """``value`` as a Python int (numpy / index-like ints accepted, bool refused), a SymInt as is."""
     if isinstance(value, bool):
         raise TypeError(f"{name} must be an int, got bool")
-    if isinstance(value, int):
-        # As it is: under torch.compile(dynamic=True) a size taken from a tensor's shape is a SymInt
-        # that passes isinstance(int), and operator.index / int() would specialise it (a recompile
-        # per value); the comparison below only guards.
-        if value < minimum:
-            raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if isinstance(value, (int, torch.SymInt)):
+        # As it is: a size taken from a tensor's shape is a SymInt under torch.compile(dynamic=True)
+        # (where it passes isinstance(int)) and under non-strict torch.export (where it does not),
+        # and operator.index / int() would specialise it (a recompile per value, or an export
+        # error for a dynamic dim); comparisons on it only guard.
         return value
     try:
-        value = operator.index(value)
+        return int(operator.index(value))
     except TypeError:
         raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+
+
+def check_int(value: object, name: str, minimum: int = 0) -> int:
+    """``value`` as a Python int ``>= minimum`` (numpy / index-like ints accepted, bool refused)."""
+    value = as_int(value, name)
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
+    return value
 
 
 _ENV_ON = ("1", "true", "yes", "on", "y")

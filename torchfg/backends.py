@@ -31,6 +31,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from torchfg._validation import check_choice
 from torchfg.errors import BackendUnavailableError
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "BackendUnavailableError",
     "backend_is_forced",
     "backend_status",
+    "check_backend",
     "register_op",
     "registered_ops",
     "resolve_backend",
@@ -209,6 +211,24 @@ def register_op(op: str, *backends: BackendSpec) -> None:
 def registered_ops() -> dict[str, tuple[BackendSpec, ...]]:
     """Every registered op and its backends (torch last), for ``torchfg info`` and the docs."""
     return dict(_REGISTRY)
+
+
+def check_backend(backend: object, op: str, name: str = "backend") -> str:
+    """``backend`` checked where it is written (a constructor), before any input is seen: a known
+    name, and one that ``op`` implements (``"auto"`` always is).
+
+    Raises:
+        ValueError: unknown backend name.
+        BackendUnavailableError: ``op`` has no such backend (as :func:`resolve_backend` would say
+            at the first call).
+    """
+    backend = check_choice(backend, name, BACKENDS)
+    specs = _REGISTRY.get(op)
+    if backend != "auto" and specs is not None and all(spec.name != backend for spec in specs):
+        raise BackendUnavailableError(
+            f"{op}: {name}={backend!r} is not implemented for this op (it has {tuple(s.name for s in specs)})"
+        )
+    return backend
 
 
 def backend_status(op: str, backend: str, device: torch.device) -> tuple[bool, str]:

@@ -7,14 +7,13 @@ accepted too. These helpers bring it to a feature map's H x W and turn it into s
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Iterable
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from torchfg._validation import accumulation_dtype, check_choice, check_float_tensor, check_positive, check_tensor
+from torchfg._validation import accumulation_dtype, as_int, check_choice, check_float_tensor, check_positive, check_tensor
 
 __all__ = ["resize_semantic", "semantic_foreground", "semantic_weighted_pool", "check_semantic"]
 
@@ -75,16 +74,12 @@ def check_channel_indices(channels: object, name: str, num_channels: int | None 
 
 def _check_size(size: object) -> tuple[int, int]:
     def side(value: object) -> int:
-        # Ints first, as they are: under torch.compile(dynamic=True) a side of features.shape is a
-        # SymInt that passes isinstance(int), and operator.index would specialise it to a constant.
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if not isinstance(value, bool):  # NumPy / index-like ints
-            try:
-                return operator.index(value)
-            except TypeError:
-                pass
-        raise TypeError(f"size must be an int or a pair (H, W) of ints, got {size!r}")
+        # check_int keeps a SymInt side of features.shape (torch.compile, torch.export) symbolic;
+        # the sign is checked below, on both sides, with this function's message.
+        try:
+            return as_int(value, "size")
+        except TypeError:
+            raise TypeError(f"size must be an int or a pair (H, W) of ints, got {size!r}") from None
 
     if isinstance(size, Sequence) and not isinstance(size, (str, bytes)):
         if len(size) != 2:

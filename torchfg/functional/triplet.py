@@ -38,7 +38,7 @@ from torchfg._validation import (
     check_tensor,
     mining_labels,
 )
-from torchfg.backends import BACKENDS, resolve_backend
+from torchfg.backends import BACKENDS, check_backend, resolve_backend
 from torchfg.distributed import all_reduce_sum, gather_batch, is_distributed, raise_on_all_ranks, world_size
 from torchfg.errors import BackendUnavailableError
 from torchfg.functional._triplet_selection import (
@@ -271,6 +271,7 @@ def _check_mining_backend(strategy: str, backend: str) -> None:
             f"backend={backend!r} is not implemented for mining={strategy!r}: it runs the chunked torch "
             "reference on every device; pass backend='auto' or 'torch'"
         )
+    check_backend(backend, "mine_hardest")
 
 
 def _hardest_triplet_losses(
@@ -626,7 +627,7 @@ def triplet_margin_loss(
         if indices_tuple is None:
             _check_mining_backend(mining, backend)
         else:
-            check_choice(backend, "backend", BACKENDS)
+            check_backend(backend, "anchor_pair_distances")
         per_anchor = _check_triplets_per_anchor(triplets_per_anchor, mining)
         return (*checked, _check_number(margin, "margin"), _check_flag(smooth, "smooth"), _check_flag(swap, "swap"),
                 per_anchor)
@@ -760,7 +761,7 @@ def adaptive_triplet_loss(
             threshold = _check_number(threshold, "text_positive_threshold", low=-1.0, high=1.0)
         check_choice(metric, "metric", METRICS)
         check_choice(reduction, "reduction", REDUCTIONS)
-        check_choice(backend, "backend", BACKENDS)
+        check_backend(backend, "mine_hardest")
         margins = (_check_number(base_margin, "base_margin", low=0.0), _check_number(margin_scale, "margin_scale", low=0.0))
         return (*checked, text, *margins, threshold)
 

@@ -143,6 +143,29 @@ class DINOHead(nn.Module):
             magnitude.requires_grad_(False)
         self.register_load_state_dict_pre_hook(_rename_legacy_weight_norm)
 
+    def extra_repr(self) -> str:
+        return f"norm_last_layer={self.norm_last_layer}"
+
+    def reset_parameters(self) -> None:
+        """Initialise every parameter as the constructor does (fresh draws), and BatchNorm's statistics.
+
+        For a head built on the meta device: ``head.to_empty(device=...)``, then
+        ``head.reset_parameters()`` (or ``load_state_dict``). Call it on the head, after any loop
+        over the submodules' own ``reset_parameters``: those use PyTorch's defaults (kaiming for
+        the MLP), and the weight-normalised last layer's resets its computed weight, not ``g``
+        and ``V``.
+        """
+        for module in self.mlp.modules():
+            if isinstance(module, nn.Linear):
+                _dino_trunc_normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.BatchNorm1d):
+                module.reset_parameters()
+        weight = self.last_layer.parametrizations.weight
+        nn.init.kaiming_uniform_(weight.original1, a=math.sqrt(5))  # nn.Linear's default
+        with torch.no_grad():
+            weight.original0.fill_(1.0)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, in_dim) embeddings -> (N, out_dim) logits."""
         x = self.mlp(x)

@@ -70,6 +70,10 @@ class MultiLabelHead(nn.Module):
         if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
         if foreground_channels is not None:
+            if self.pooling != "semantic":
+                raise ValueError(
+                    f"foreground_channels is used by pooling='semantic' only, got it with pooling={self.pooling!r}"
+                )
             foreground_channels = check_channel_indices(foreground_channels, "foreground_channels")
         bias = check_bool(bias, "bias")
         self.in_channels = in_channels
@@ -79,7 +83,11 @@ class MultiLabelHead(nn.Module):
         self.classifier = nn.Linear(in_channels, num_labels, bias=bias)
 
     def extra_repr(self) -> str:
-        return f"pooling={self.pooling!r}"
+        foreground = "" if self.foreground_channels is None else f", foreground_channels={self.foreground_channels}"
+        return (
+            f"in_channels={self.in_channels}, num_labels={self.num_labels}, pooling={self.pooling!r}{foreground}, "
+            f"bias={self.classifier.bias is not None}"
+        )
 
     def pool(self, features: torch.Tensor, semantic: torch.Tensor | None = None) -> torch.Tensor:
         """Pooled features (B, C) from (B, C, H, W) features (and the map for ``"semantic"``)."""

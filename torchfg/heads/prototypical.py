@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from torchfg._validation import check_bool, check_choice, check_positive
-from torchfg.backends import BACKENDS
+from torchfg.backends import check_backend
 from torchfg.ops.metric import METRICS
 from torchfg.functional.fewshot import class_prototypes, prototype_logits
 
@@ -71,7 +71,7 @@ class PrototypicalHead(nn.Module):
         self.temperature = check_positive(temperature, "temperature", reciprocal=True)
         self.normalize = check_bool(normalize, "normalize")
         # Checked here, not only at the first forward, so a typo fails where it is written.
-        self.backend = check_choice(backend, "backend", BACKENDS)
+        self.backend = check_backend(backend, "pairwise_distance")
         self.register_buffer("prototypes", None, persistent=False)
         self.register_buffer("classes", None, persistent=False)
 
@@ -88,9 +88,17 @@ class PrototypicalHead(nn.Module):
             support_labels: (S,) integer labels.
         """
         prototypes, classes = class_prototypes(support, support_labels, normalize=self.normalize)
+        self._record(prototypes, classes)
+        return self
+
+    def _record(self, prototypes: torch.Tensor, classes: torch.Tensor) -> None:
+        if torch.is_inference_mode_enabled():
+            # Fitted under inference mode (an evaluation loop), the buffers would be inference
+            # tensors, which a later differentiable head(query) could not save for backward.
+            with torch.inference_mode(False):
+                prototypes, classes = prototypes.clone(), classes.clone()
         self.prototypes = prototypes.detach()
         self.classes = classes
-        return self
 
     def _logits(self, query: torch.Tensor, prototypes: Optional[torch.Tensor]) -> torch.Tensor:
         if prototypes is None or prototypes.shape[0] == 0:
@@ -127,8 +135,7 @@ class PrototypicalHead(nn.Module):
                 "or head(query) after head.fit(support, support_labels)"
             )
         prototypes, classes = class_prototypes(support_or_query, support_labels, normalize=self.normalize)
-        self.prototypes = prototypes.detach()
-        self.classes = classes
+        self._record(prototypes, classes)
         return self._logits(query, prototypes)
 
     @torch.no_grad()

@@ -274,8 +274,14 @@ class SemanticFusion(nn.Module):
         self.mode = check_choice(mode, "mode", FUSION_MODES)
         self.in_channels = _check_channels(in_channels, "in_channels")
         self.semantic_channels = _check_channels(semantic_channels, "semantic_channels")
+        # Arguments of another mode are refused, not ignored: a typo in `mode` would otherwise
+        # build a different layer without a word.
         if foreground_channels is not None:
+            if self.mode != "mask":
+                raise ValueError(f"foreground_channels is used by mode='mask' only, got it with mode={self.mode!r}")
             foreground_channels = check_channel_indices(foreground_channels, "foreground_channels", semantic_channels)
+        if embed_channels is not None and self.mode != "feature_concat":
+            raise ValueError(f"embed_channels is used by mode='feature_concat' only, got it with mode={self.mode!r}")
         self.foreground_channels = foreground_channels
         self.out_channels = in_channels + semantic_channels if mode == "input_concat" else in_channels
         self.embed_channels = None
@@ -290,7 +296,12 @@ class SemanticFusion(nn.Module):
                 self.project.weight[:, :in_channels, 0, 0].copy_(torch.eye(in_channels))
 
     def extra_repr(self) -> str:
-        return f"mode={self.mode!r}, in_channels={self.in_channels}, semantic_channels={self.semantic_channels}"
+        extra = ""
+        if self.embed_channels is not None:
+            extra = f", embed_channels={self.embed_channels}"
+        if self.foreground_channels is not None:
+            extra = f", foreground_channels={self.foreground_channels}"
+        return f"mode={self.mode!r}, in_channels={self.in_channels}, semantic_channels={self.semantic_channels}{extra}"
 
     def forward(self, features: torch.Tensor, semantic: torch.Tensor) -> torch.Tensor:
         """Fuse ``semantic`` (B, K, h, w) into ``features`` (B, C, H, W).

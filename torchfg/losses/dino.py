@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from torchfg._validation import check_choice, check_float_tensor, check_positive
-from torchfg.backends import BACKENDS
+from torchfg.backends import check_backend
 from torchfg.functional.dino import dino_loss
 from torchfg._validation import check_int as _check_int
 from torchfg.ops.dino.reference import dino_accumulation_dtype
@@ -21,6 +21,12 @@ def _accept_row_center(module: nn.Module, state_dict: dict, prefix: str, *_args:
     center = state_dict.get(prefix + "center")
     if isinstance(center, torch.Tensor) and center.dim() == 2 and center.shape[0] == 1:
         state_dict[prefix + "center"] = center[0]
+
+
+def _compiling_for_inductor() -> bool:
+    """Whether torch.compile is tracing (torch.export traces too, but functionalises the in-place
+    centre update into a buffer mutation of the exported program, as for BatchNorm)."""
+    return torch.compiler.is_compiling() and not torch.compiler.is_exporting()
 
 
 class DINOLoss(nn.Module):
@@ -111,9 +117,14 @@ class DINOLoss(nn.Module):
         if momentum > 1:
             raise ValueError(f"center_momentum must be in [0, 1], got {center_momentum!r}")
         self.center_momentum = momentum
-        self.backend = check_choice(backend, "backend", BACKENDS)
+        self.backend = check_backend(backend, "dino_loss")
         self.register_buffer("center", torch.zeros(self.out_dim))
         self.register_load_state_dict_pre_hook(_accept_row_center)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Zero ``center``, the state a new loss starts from (e.g. after ``to_empty`` from the meta device)."""
+        self.center.zero_()
 
     def teacher_temp_at(self, epoch: int) -> float:
         """Teacher temperature at ``epoch`` (an int in ``[0, n_epochs)``)."""
@@ -185,6 +196,11 @@ class DINOLoss(nn.Module):
                 raise ValueError(f"{name} must have out_dim={self.out_dim} columns, got shape {tuple(tensor.shape)}")
         teacher_temp = self.teacher_temp_at(epoch)
         center = self.center
+        if self.training and not _compiling_for_inductor():
+            # The update after this loss writes into the buffer (as BatchNorm's running stats are
+            # updated, which torch.func.functional_call and torch.export both rely on), so the op
+            # saves a copy for its backward: out_dim floats.
+            center = center.clone()
         if torch.compiler.is_compiling() and self._ramping(epoch):
             # Under torch.compile the warm-up temperature is a symbolic float, and a float argument of
             # a custom op is guarded on its value: one graph per warm-up epoch until the recompile
@@ -197,7 +213,6 @@ class DINOLoss(nn.Module):
             # A rank with an empty batch (an uneven split) still joins the centre's all_reduce, in
             # forward. No pairs: loss 0, zero gradient. Elsewhere dino_loss refuses an empty batch.
             return student_output.sum() * 0.0
-        # The centre update rebinds the buffer, so the tensor saved for backward stays as it is.
         return dino_loss(
             student_output,
             teacher_output,
@@ -247,16 +262,14 @@ class DINOLoss(nn.Module):
         # No host sync on the count: an update with no rows on any rank, or an input error on
         # one, leaves the centre as is.
         updated = torch.where((count > 0) & (stats[-1] == 0), updated, self.center)
-        # Rebinding under inference mode would make the buffer an inference tensor, which no later
-        # training step could save for backward; nothing saved it in this mode, so in place is
-        # safe. Dynamo cannot trace the inference-mode query; compiled, the caller's grad mode
-        # being off stands in for it (inference mode turns it off; without grad nothing is saved).
-        if torch.is_inference_mode_enabled() if not torch.compiler.is_compiling() else not grad_enabled:
-            self.center.copy_(updated)
-        else:
+        if _compiling_for_inductor() and grad_enabled:
             # Rebound, not copied into: under torch.compile (inductor) a clone of the centre passed
             # to the loss was elided and the backward read the buffer after an in-place update.
+            # With grad off (inference mode turns it off) nothing was saved, and rebinding there
+            # would make the buffer an inference tensor that no later training step could save.
             self.center = updated
+        else:
+            self.center.copy_(updated)
 
     def extra_repr(self) -> str:
         return (
