@@ -310,3 +310,30 @@ def test_a_first_call_under_inference_mode_leaves_the_memory_trainable(dtype):
     emb = torch.randn(8, 16, dtype=dtype, requires_grad=True)
     xbm(emb, labels).backward()
     assert xbm.size == 16 and emb.grad is not None
+
+
+def test_compiled_step_with_memory_does_not_recompile_per_step():
+    """The ring's position and fill level change every step; traced, each value was a new graph
+    (then the whole compiled step ran eagerly past the recompile limit). The memory step now runs
+    eagerly behind a graph break, with the same losses as an uncompiled memory."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(12, 6)
+    compiled_memory = CrossBatchMemory(TripletMarginLoss(margin=0.2), embedding_size=6, memory_size=40)
+    eager_memory = CrossBatchMemory(TripletMarginLoss(margin=0.2), embedding_size=6, memory_size=40)
+    counter = CompileCounter()
+
+    @torch.compile(backend=counter)
+    def step(x, labels):
+        return compiled_memory(model(x), labels)
+
+    labels = torch.arange(8) // 2
+    counts = []
+    for _ in range(12):  # 5 steps to fill the memory, then a full ring turn
+        x = torch.randn(8, 12)
+        torch.testing.assert_close(step(x, labels), eager_memory(model(x), labels))
+        counts.append(counter.frame_count)
+    assert counts[-1] == counts[1] <= 2, counts
+    assert compiled_memory.queue_idx == eager_memory.queue_idx
+    torch.testing.assert_close(compiled_memory.embedding_memory, eager_memory.embedding_memory)

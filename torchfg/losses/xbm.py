@@ -132,6 +132,24 @@ class CrossBatchMemory(nn.Module):
         enqueue_mask: torch.Tensor | None = None,
         text_embeddings: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            # The ring's write position and fill level are Python ints that change every step,
+            # and traced code is specialised on them: a new graph per step, then (past the
+            # recompile limit) the whole compiled step eager. The memory step runs eagerly instead,
+            # behind a graph break; the model around it stays compiled.
+            return torch.compiler.disable(self._step, recursive=True)(
+                embeddings, labels, indices_tuple, enqueue_mask, text_embeddings
+            )
+        return self._step(embeddings, labels, indices_tuple, enqueue_mask, text_embeddings)
+
+    def _step(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        indices_tuple: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+        enqueue_mask: torch.Tensor | None,
+        text_embeddings: torch.Tensor | None,
+    ) -> torch.Tensor:
         loss, adaptive, cross_rank = self.loss, self.adaptive, self.loss.cross_rank
         # The loss's settings, read at every call: they are attributes a training loop may change
         # (a margin schedule), so they are checked again below.
