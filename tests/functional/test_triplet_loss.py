@@ -24,6 +24,7 @@ from torchfg import functional as TF
 from torchfg.backends import BackendUnavailableError
 from torchfg.losses import AdaptiveTripletLoss, TripletMarginLoss
 from torchfg.ops.triplet import mine_all_triplets, mine_hardest, mine_semi_hard
+from torchfg.ops.triplet import reference as triplet_reference
 from torchfg.ops.metric import METRICS
 from torchfg.ops.triplet.reference import mine_hardest_reference
 
@@ -230,8 +231,32 @@ def labelled_integer_batches(draw):
     return anchors, candidates, al, cl, offset
 
 
+@pytest.mark.parametrize("semi_hard_path", ["per_pair", "sorted"])
 @given(batch=labelled_integer_batches(), metric=st.sampled_from(["euclidean", "sqeuclidean", "dot"]))
-def test_semi_hard_and_all_mining_equal_brute_force(batch, metric):
+def test_semi_hard_and_all_mining_equal_brute_force(semi_hard_path, batch, metric):
+    # Semi-hard mining takes a pass per pair for few positives per anchor and sorts each
+    # anchor's negatives for many: both paths, whatever the batch.
+    threshold = triplet_reference._SEMI_HARD_SORT_PAIRS
+    triplet_reference._SEMI_HARD_SORT_PAIRS = 10**9 if semi_hard_path == "per_pair" else -1
+    try:
+        _check_semi_hard_and_all_mining(batch, metric)
+    finally:
+        triplet_reference._SEMI_HARD_SORT_PAIRS = threshold
+
+
+@pytest.mark.parametrize("semi_hard_path", ["per_pair", "sorted"])
+def test_semi_hard_takes_a_farther_negative_at_infinite_distance(monkeypatch, semi_hard_path):
+    """The only negative farther than the positive is at d = inf (its squares overflow fp32):
+    the per-pair pass's argmin over an inf-filled row tied it with the fill and took column 0,
+    the anchor itself."""
+    monkeypatch.setattr(triplet_reference, "_SEMI_HARD_SORT_PAIRS", 10**9 if semi_hard_path == "per_pair" else -1)
+    x = torch.tensor([[0.0], [1.0], [0.5], [1e20]])
+    labels = torch.tensor([0, 0, 1, 1])
+    a, p, n = mine_semi_hard(x[:1], x, labels[:1], labels, metric="euclidean", exclude_self=True)
+    assert (a.tolist(), p.tolist(), n.tolist()) == ([0], [1], [3])
+
+
+def _check_semi_hard_and_all_mining(batch, metric):
     anchors, candidates, al, cl, offset = batch
     dist = exact_distances(anchors, candidates, metric).tolist()
     expected_semi, expected_all = [], []
