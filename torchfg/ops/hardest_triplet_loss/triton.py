@@ -24,7 +24,8 @@ second pass for 64-bit labels that differ in their high words), this forward, th
 Determinism: the loss and the anchors' own terms are deterministic. A partner row's terms are
 summed in list order, which is the order in which the forward's programs reached the atomic, so
 on a GPU the last bits of a partner's fp32 sum can differ between runs (as with an index_add);
-under ``torch.use_deterministic_algorithms(True)`` the op runs its reference instead.
+under ``torch.use_deterministic_algorithms(True)`` the forward builds no partner lists and the
+backward is the pair-distance kernel's, whose partner rows come from a stable sort of the pairs.
 """
 
 from __future__ import annotations
