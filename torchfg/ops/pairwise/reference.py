@@ -29,6 +29,21 @@ def _rows_per_block(b: int, n: int, m: int, device: torch.device) -> int:
     return max(1, min(n, budget // max(b * m, 1)))
 
 
+def _batch_step(b: int, n: int, m: int, device: torch.device) -> int | None:
+    """Batch elements per block when the (b, rows, m) block budget leaves fewer rows per block than
+    one batch element alone would get; None when all b fit.
+
+    With b * m at or above the budget, whole-batch blocks are one row each: N batched GEMVs that
+    each re-read all of y (3-4x torch.cdist at b = 256, m = 4096). Blocks of a few batch elements
+    keep the rows per GEMM.
+    """
+    budget = BLOCK_ELEMENTS if device.type == "cpu" else BLOCK_ELEMENTS_GPU
+    rows_alone = max(1, min(n, budget // max(m, 1)))
+    if b <= 1 or _rows_per_block(b, n, m, device) >= rows_alone:
+        return None
+    return max(1, budget // (rows_alone * max(m, 1)))
+
+
 def row_norms(x: torch.Tensor) -> torch.Tensor:
     """(B, N, D) -> (B, N) Euclidean norms in the accumulation dtype."""
     return torch.linalg.vector_norm(x, dim=-1, dtype=accumulation_dtype(x.dtype))
@@ -50,6 +65,11 @@ def pairwise_distance_reference(
     acc = accumulation_dtype(x.dtype)
     B, N, _ = x.shape
     M = y.shape[1]
+    if chunk_rows is None and (batch_step := _batch_step(B, N, M, x.device)) is not None:
+        return torch.cat([
+            pairwise_distance_reference(x[b0 : b0 + batch_step], y[b0 : b0 + batch_step], metric, symmetric)
+            for b0 in range(0, B, batch_step)
+        ])
     out = torch.empty(B, N, M, dtype=x.dtype, device=x.device)
     if N == 0 or M == 0:
         return out
@@ -114,6 +134,15 @@ def pairwise_distance_backward_reference(
     acc = accumulation_dtype(x.dtype)
     B, N, _ = x.shape
     M = y.shape[1]
+    if (batch_step := _batch_step(B, N, M, x.device)) is not None:
+        parts = [
+            pairwise_distance_backward_reference(
+                grad[b0 : b0 + batch_step], x[b0 : b0 + batch_step], y[b0 : b0 + batch_step],
+                out[b0 : b0 + batch_step], metric,
+            )
+            for b0 in range(0, B, batch_step)
+        ]
+        return torch.cat([gx for gx, _ in parts]), torch.cat([gy for _, gy in parts])
     xa, ya = x.to(acc), y.to(acc)
     if metric == "cosine":
         x_inv = safe_inverse(row_norms(x)).unsqueeze(-1)
