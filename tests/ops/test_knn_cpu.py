@@ -278,6 +278,35 @@ def test_query_gallery_search_equals_the_torch_path(metric, count_offers):
 
 
 @requires_compiled
+def test_euclidean_settle_reorders_only_rows_whose_roots_merge(monkeypatch):
+    """With k + slack above the gallery size the kept rows end in +inf fillers; counting their
+    equality as merged roots re-sorted every row (3.5x cdist + topk at k = G - 1). Random rows of
+    a small gallery have no merged roots: nothing is reordered, and the result is unchanged."""
+    reordered = []
+    real = cpu_module.order_runs_by_index
+    monkeypatch.setattr(cpu_module, "order_runs_by_index", lambda d, i: reordered.append(d.shape[0]) or real(d, i))
+    gen = torch.Generator().manual_seed(21)
+    query, gallery = torch.randn(50, 6, generator=gen), torch.randn(12, 6, generator=gen)
+    for k in (5, 11, 12):
+        compiled, pure = both_paths(query, gallery, k, metric="euclidean", exclude_self=False, backend="torch")
+        assert torch.equal(compiled[1], pure[1]), k
+        torch.testing.assert_close(compiled[0], pure[0])
+    assert sum(reordered) <= 2, reordered
+
+
+def test_order_runs_by_index_equals_a_sort_by_distance_then_index():
+    gen = torch.Generator().manual_seed(22)
+    for _ in range(20):
+        distances = torch.randint(0, 6, (7, 30), generator=gen).float()
+        distances[:, -3:] = float("inf")
+        distances = distances.sort(dim=1).values
+        indices = torch.stack([torch.randperm(1000, generator=gen)[:30] for _ in range(7)])
+        order = ref_module.order_runs_by_index(distances, indices)
+        expected = ref_module.order_by_distance_then_index(distances, indices)
+        assert torch.equal(indices.gather(1, order), indices.gather(1, expected))
+
+
+@requires_compiled
 @pytest.mark.parametrize("copies", [40, 100])
 def test_euclidean_fallback_when_the_slack_is_exhausted(monkeypatch, copies):
     """Many copies of a few rows (a k-th distance shared by dozens of entries) exhaust the

@@ -58,7 +58,7 @@ from typing import Callable, Sequence
 import torch
 
 from torchfg._validation import env_flag
-from torchfg.ops.knn.reference import knn_reference, order_by_distance_then_index
+from torchfg.ops.knn.reference import knn_reference, order_runs_by_index
 
 __all__ = [
     "ENV_VAR",
@@ -473,12 +473,17 @@ def _settle_sqrt(squared: torch.Tensor, columns: torch.Tensor, k: int) -> tuple[
     distances = squared.sqrt()  # the PyTorch path's finish, bit for bit
     if squared.shape[0] == 0:
         return distances[:, :k], columns[:, :k]
-    # Sorted by squared distance, so only rows where the roots merge need a new order.
-    merged = torch.nonzero((distances[:, 1:] == distances[:, :-1]).any(1)).flatten()
+    # Sorted by squared distance, so only rows where the roots merge need a new order. The +inf
+    # entries that fill a row past a small gallery (k + slack > G) lie beyond the k kept: counting
+    # them as merged re-sorted every row (3.5x cdist + topk at k = G - 1).
+    merged = torch.nonzero(
+        ((distances[:, 1:] == distances[:, :-1]) & (distances[:, 1:] != float("inf"))).any(1)
+    ).flatten()
     if merged.numel():
-        order = order_by_distance_then_index(distances.index_select(0, merged), columns.index_select(0, merged))
-        distances = distances.index_copy(0, merged, distances.index_select(0, merged).gather(1, order))
-        columns = columns.index_copy(0, merged, columns.index_select(0, merged).gather(1, order))
+        merged_d, merged_c = distances.index_select(0, merged), columns.index_select(0, merged)
+        order = order_runs_by_index(merged_d, merged_c)
+        distances = distances.index_copy(0, merged, merged_d.gather(1, order))
+        columns = columns.index_copy(0, merged, merged_c.gather(1, order))
     if not bool((distances[:, -1] > distances[:, k - 1]).all()):
         raise SlackExhausted("more entries share a row's k-th distance than the slack holds")
     return distances[:, :k].contiguous(), columns[:, :k].contiguous()

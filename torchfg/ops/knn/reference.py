@@ -68,15 +68,25 @@ def sort_by_distance_then_index(distances: torch.Tensor, indices: torch.Tensor) 
     return distances.gather(1, order), indices.gather(1, order)
 
 
+def order_runs_by_index(distances: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Positions (R, M) that order each run of equal distances by index, for rows (R, M) already
+    sorted by distance: one sort of an int64 key (run number, index), where a sort by distance
+    then a stable sort by index would take two sorts and their gathers. Indices are below 2^32."""
+    runs = torch.zeros_like(distances, dtype=torch.int64)
+    torch.cumsum(distances[:, 1:] != distances[:, :-1], dim=1, out=runs[:, 1:])
+    return torch.argsort(runs.bitwise_left_shift_(32).add_(indices.to(torch.int64)), dim=1)
+
+
 def order_ties_by_index(distances: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows already sorted by distance get equal distances ordered by index; untied rows are untouched."""
     if distances.shape[1] < 2:
         return distances, indices
     tied = torch.nonzero((distances[:, 1:] == distances[:, :-1]).any(1)).flatten()
     if tied.numel():
-        fixed_d, fixed_i = sort_by_distance_then_index(distances.index_select(0, tied), indices.index_select(0, tied))
-        distances = distances.index_copy(0, tied, fixed_d)
-        indices = indices.index_copy(0, tied, fixed_i)
+        tied_d, tied_i = distances.index_select(0, tied), indices.index_select(0, tied)
+        order = order_runs_by_index(tied_d, tied_i)
+        distances = distances.index_copy(0, tied, tied_d.gather(1, order))
+        indices = indices.index_copy(0, tied, tied_i.gather(1, order))
     return distances, indices
 
 
