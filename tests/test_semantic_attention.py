@@ -554,6 +554,19 @@ def test_resize_semantic_area_when_shrinking_bilinear_otherwise():
         resize_semantic(semantic, (0, 4))
 
 
+def test_resize_semantic_averages_the_shrinking_axis_when_the_other_grows():
+    # A one-pixel band of a 64 x 8 map: bilinear along the shrinking axis sampled it away (mass 0).
+    band = torch.zeros(1, 1, 64, 8)
+    band[..., 33, :] = 1.0
+    resized = resize_semantic(band, (8, 16))
+    torch.testing.assert_close(resized.sum(), torch.tensor(band.sum().item() * 8 * 16 / (64 * 8)))
+    expected = F.interpolate(F.adaptive_avg_pool2d(band, (8, 8)), size=(8, 16), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(resized, expected)
+    semantic = torch.rand(2, 3, 5, 12)  # the other way round: height grows, width shrinks
+    expected = F.interpolate(F.avg_pool2d(semantic, (1, 3)), size=(10, 4), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(resize_semantic(semantic, (10, 4)), expected)
+
+
 def test_semantic_weighted_pool_is_the_masked_mean():
     torch.manual_seed(27)
     features = torch.randn(3, 7, 9, 5)

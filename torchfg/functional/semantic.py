@@ -102,9 +102,9 @@ def _check_map(semantic: object) -> torch.Tensor:
 def resize_semantic(semantic: torch.Tensor, size: int | Sequence[int]) -> torch.Tensor:
     """Resize a semantic map to a feature map's spatial size.
 
-    Shrinking uses area averaging (each output cell is the mean of the input cells it covers, so
-    thin regions are not lost the way bilinear sampling drops them); any other change of size uses
-    bilinear interpolation. The same size returns the input unchanged.
+    Each axis that shrinks is area-averaged (each output cell is the mean of the input cells it
+    covers, so thin regions are not lost the way bilinear sampling drops them); then each axis
+    that grows is interpolated bilinearly. The same size returns the input unchanged.
 
     Args:
         semantic: (B, K, h, w) floating-point map, or a bool mask (taken as float32).
@@ -124,6 +124,10 @@ def resize_semantic(semantic: torch.Tensor, size: int | Sequence[int]) -> torch.
         return semantic
     if in_height >= height and in_width >= width:
         return F.adaptive_avg_pool2d(semantic, (height, width))
+    if in_height > height or in_width > width:
+        # One axis shrinks, the other grows: averaged along the first (bilinear would sample it
+        # and drop a one-pixel band), then the bilinear pass leaves it as it is (same size).
+        semantic = F.adaptive_avg_pool2d(semantic, (min(in_height, height), min(in_width, width)))
     return F.interpolate(semantic, size=(height, width), mode="bilinear", align_corners=False)
 
 

@@ -77,7 +77,8 @@ class SemanticChannelAttention(nn.Module):
 
     Given features ``f`` (B, C, H, W) and a semantic map ``s`` (B, K, h, w) at any resolution:
 
-    1. ``s`` is resized to H x W (area averaging when shrinking, bilinear otherwise);
+    1. ``s`` is resized to H x W (area averaging along each axis that shrinks, bilinear along
+       each that grows; :func:`~torchfg.functional.semantic.resize_semantic`);
     2. a two-layer 3x3 conv stack embeds it into E channels, which are averaged over space
        (the semantic embedding, (B, E));
     3. the features are pooled with the region of interest as spatial weights: the map's channels

@@ -64,7 +64,8 @@ def multilabel_auc(scores: torch.Tensor, targets: torch.Tensor, average: str | N
 
     Computed from ranks (Mann-Whitney U) with tie correction in float64 on the scores' device:
     no thresholds, no binning. A label whose targets hold a single class has no ROC curve: its AUC
-    is NaN, it is left out of the macro mean, and a ``UserWarning`` names it.
+    is NaN, it is left out of the macro mean, and a ``UserWarning`` names it. (scikit-learn also
+    gives such a label NaN, but its macro mean is then NaN; per label and micro the two agree.)
 
     Args:
         scores: (N, L) real scores (logits or probabilities; only their order matters), or (N,) for

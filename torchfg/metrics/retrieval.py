@@ -19,12 +19,16 @@ Definitions follow pytorch-metric-learning's ``AccuracyCalculator`` where they o
 Return types, one rule: a metric with one value returns a Python ``float``; Recall@K, one value
 per K, returns ``dict[int, float]`` keyed by K; :func:`retrieval_metrics` returns a frozen
 :class:`RetrievalMetrics` whose fields are exactly what the single-metric functions return
-(``.recall == recall_at_k(...)``, ``.map_at_r == map_at_r(...)``). It is also a read-only mapping
+(``.recall == recall_at_k(...)``, ``.map_at_r == map_at_r(...)``, but see exact ties below). It is also a read-only mapping
 with pytorch-metric-learning's flat keys (``result["recall@1"]``, ``result["map_at_r"]``,
 ``dict(result)``), so code written for the earlier plain-dict return keeps working.
 
 Neighbours come from :func:`torchfg.knn` (ties broken by the lower gallery index), one search
-for all metrics of a call. ``progress=True`` shows a tqdm progress bar for searches over many
+for all metrics of a call. Among distances that are equal in exact arithmetic (binary or
+quantised codes, parallel rows under ``"cosine"``) the search's fast path may round two of them
+apart, and which of them a search of k keeps can then depend on k (``docs/concepts/numerics.md``).
+A combined call searches ``max(K, max R)`` neighbours where ``recall_at_k`` alone searches
+``max(K)``, so on such data the two may differ by those ties; with distinct distances they agree. ``progress=True`` shows a tqdm progress bar for searches over many
 pairs (off by default; tqdm is imported only then).
 """
 
