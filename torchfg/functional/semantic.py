@@ -74,7 +74,7 @@ def check_channel_indices(channels: object, name: str, num_channels: int | None 
 
 def _check_size(size: object) -> tuple[int, int]:
     def side(value: object) -> int:
-        # check_int keeps a SymInt side of features.shape (torch.compile, torch.export) symbolic;
+        # as_int keeps a SymInt side of features.shape (torch.compile, torch.export) symbolic;
         # the sign is checked below, on both sides, with this function's message.
         try:
             return as_int(value, "size")
