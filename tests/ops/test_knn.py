@@ -416,20 +416,37 @@ class _RecordOutputs(TorchDispatchMode):
         self.sizes: list[tuple[str, int]] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "torchfg":
+            # A custom op is opaque to the mode (it runs with the mode popped): its Python
+            # implementation runs under the mode instead, so that its allocations are recorded.
+            # Without this the guards below saw only the op's (Q, k) outputs and could not fail.
+            from torchfg.ops._library import python_kernel
+
+            with self:
+                return python_kernel(func)(*args, **(kwargs or {}))
         out = func(*args, **(kwargs or {}))
+        # Views, no-op conversions and out= results reuse an input's memory: not recorded.
+        inputs = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
         for leaf in torch.utils._pytree.tree_leaves(out):
-            if isinstance(leaf, torch.Tensor):
+            if isinstance(leaf, torch.Tensor) and leaf.untyped_storage().data_ptr() not in inputs:
                 self.sizes.append((str(func), leaf.numel()))
         return out
 
 
-def test_dispatch_recorder_sees_a_query_by_gallery_matrix():
-    """The guard below can fail: an addmm / @ / cdist (Q, G) result is recorded."""
+def test_dispatch_recorder_sees_a_query_by_gallery_matrix(monkeypatch):
+    """The guard below can fail: an addmm / @ / cdist (Q, G) result is recorded, also inside the
+    knn custom op (a search in one chunk makes a (Q, G) block)."""
+    import torchfg.ops.knn.reference as reference
+
     q, g = torch.randn(61, 4), torch.randn(53, 4)
     for make in (lambda: q @ g.T, lambda: torch.cdist(q, g), lambda: torch.addmm(torch.zeros(1), q, g.T)):
         with _RecordOutputs() as rec:
             make()
         assert max(n for _, n in rec.sizes) >= 61 * 53
+    with _RecordOutputs() as rec:
+        knn(q, g, 4, metric="dot", backend="torch", chunk_size=61)
+    assert max(n for name, n in rec.sizes if "torchfg" not in name) >= 61 * 53
 
 
 def test_reference_never_allocates_query_by_gallery():
@@ -442,6 +459,49 @@ def test_reference_never_allocates_query_by_gallery():
     assert rec.sizes
     biggest = max(rec.sizes, key=lambda item: item[1])
     assert biggest[1] <= 16 * 61 < 61 * 53, biggest
+
+
+@pytest.mark.parametrize("metric", ["cosine", "dot"])
+def test_many_queries_against_a_tiny_gallery_copy_the_queries_at_most_twice(metric):
+    """Q = 3000 queries against G = 3 < D rows: a (Q, D) result is the search's unit rows and the
+    recomputation's (cosine), nothing else. The search negated its whole chunk (the chunk is all Q
+    rows when G is tiny) and the recomputation compared every element with 0 for the zero-row
+    masks: 4 copies for cosine, at 3.2x the time of normalise + mm + topk. The answers are checked
+    against the brute force."""
+    gen = torch.Generator().manual_seed(11)
+    q, g = torch.randn(3000, 24, generator=gen), torch.randn(3, 24, generator=gen)
+    q[7] = 0.0
+    with _RecordOutputs() as rec:
+        d, i = knn(q, g, 2, metric=metric, backend="torch")
+    copies = [name for name, n in rec.sizes if n >= q.numel()]
+    assert len(copies) <= (2 if metric == "cosine" else 0), copies
+    assert_knn_matches(d, i, q, g, 2, metric, tol=TOL[torch.float32])
+    if metric == "cosine":
+        assert d[7].tolist() == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_unit_rows_masks_from_the_norms_equal_the_elementwise_test(dtype):
+    """The recomputation's zero-row masks come from the inverse norms instead of an (R, D)
+    comparison: the same mask as comparing the unit rows with 0, on zero rows, rows whose squares
+    underflow, subnormal and huge rows, and D = 0 and 1."""
+    from torchfg.ops.metric import nonzero_rows, unit_and_nonzero_rows, unit_rows
+
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    tiny = torch.finfo(dtype).tiny
+    for width in (0, 1, 5, 33):
+        x = torch.randn(12, width, generator=torch.Generator().manual_seed(width)).to(dtype)
+        if width:
+            x[1] = 0.0
+            x[2] = 1e-30 if dtype != torch.float64 else 1e-170  # squares underflow
+            x[3, 0] = tiny / 4 if dtype != torch.bfloat16 else tiny  # subnormal (bf16: smallest normal)
+            x[4] = x[4] * 1e15 if dtype != torch.bfloat16 else x[4] * 1e15
+            x[5] = -0.0
+        unit, mask = unit_and_nonzero_rows(x, acc)
+        assert torch.equal(unit, unit_rows(x, acc))
+        assert torch.equal(mask, nonzero_rows(unit)), (width, mask, nonzero_rows(unit))
+        if width:
+            assert not mask[1] and not mask[5] and mask[0]
 
 
 def test_bf16_and_fp16_inputs_return_input_dtype():

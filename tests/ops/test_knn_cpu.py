@@ -169,6 +169,43 @@ def test_pool_equals_a_full_sort(finish_kind, transposed):
 
 
 @requires_compiled
+@pytest.mark.parametrize("metric", ["euclidean", "cosine", "dot"])
+def test_pool_sized_to_the_columns_it_will_be_offered(metric, monkeypatch):
+    """``num_columns`` caps each row's buffer (1M queries against a 4-row gallery kept 20 keys a
+    row: 160 MiB for 16 MiB of results) at no change in the answer, also where more columns than
+    announced arrive; the search announces its gallery."""
+    gen = torch.Generator().manual_seed(3)
+    for k, total in ((1, 1), (3, 4), (4, 4), (5, 30), (9, 200)):
+        keys = merging_keys(gen, 13, total, 2.0) if metric != "cosine" else torch.rand(13, total, generator=gen) - 1
+        results = []
+        for announced in (None, total, 2):
+            pool = cpu_module.CompiledPool(k, 13, metric, num_columns=announced)
+            if announced is not None:
+                assert pool._capacity == max(pool._kept + 1, min(announced, max(2 * pool._kept, pool._kept + 16)))
+            for start in range(0, total, 7):
+                pool.offer(keys[:, start : start + 7].contiguous(), start)
+            try:
+                results.append(pool.result())
+            except cpu_module.SlackExhausted:
+                results.append(None)
+        assert all(r is None for r in results) or all(
+            torch.equal(r[0], results[0][0]) and torch.equal(r[1], results[0][1]) for r in results
+        ), (k, total)
+    capacities = []
+    real_pool = cpu_module.CompiledPool
+
+    def recording_pool(*args, **kwargs):
+        pool = real_pool(*args, **kwargs)
+        capacities.append(pool._capacity)
+        return pool
+
+    monkeypatch.setattr(cpu_module, "CompiledPool", recording_pool)
+    query, gallery = torch.randn(300, 8, generator=gen), torch.randn(4, 8, generator=gen)
+    assert_identical(*both_selections(query, gallery, 3, metric), metric)
+    assert capacities and max(capacities) == 4 + (cpu_module._EUCLIDEAN_SLACKS[0] if metric == "euclidean" else 0), capacities
+
+
+@requires_compiled
 def test_pool_rejects_bad_arguments():
     with pytest.raises(ValueError, match="metric"):
         cpu_module.CompiledPool(3, 4, "manhattan")

@@ -22,6 +22,7 @@ __all__ = [
     "inverse_norms",
     "unit_rows",
     "nonzero_rows",
+    "unit_and_nonzero_rows",
     "row_statistics",
 ]
 
@@ -54,6 +55,19 @@ def unit_rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(R, D) rows scaled to unit norm in ``dtype``; a zero row stays zero."""
     x = x.to(dtype)
     return x * inverse_norms(x, dtype, keepdim=True)
+
+
+def unit_and_nonzero_rows(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R, D) -> (unit rows (R, D) in ``dtype`` as :func:`unit_rows`, (R,) bool as :func:`nonzero_rows` of them).
+
+    The mask comes from the inverse norms, O(R) instead of an (R, D) comparison: a row with a
+    positive finite norm has an element of at least norm / sqrt(D), which scales to a non-zero
+    unit element; a zero norm (a zero row, or one whose squares all underflow) gives a zero unit
+    row. Rows must be finite (a NaN norm would count as zero).
+    """
+    x = x.to(dtype)
+    inverse = inverse_norms(x, dtype, keepdim=True)
+    return x * inverse, inverse.squeeze(1) > 0
 
 
 def nonzero_rows(x: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ from torchfg.ops import _cuda_extension
 from torchfg.ops.knn.cuda import KERNEL_MAX_K as CUDA_MAX_K
 from torchfg.ops.knn import cpu as _cpu
 from torchfg.ops.knn.reference import knn_reference
-from torchfg.ops.metric import METRICS, nonzero_rows, unit_rows
+from torchfg.ops.metric import METRICS, unit_and_nonzero_rows
 from torchfg.ops.precision import autocast_off
 
 __all__ = ["knn", "METRICS", "TRITON_MAX_K", "AUTO_TRITON_MAX_K"]
@@ -69,8 +69,10 @@ def _exact_selected(
     acc = accumulation_dtype(query.dtype)
     query_nonzero = gallery_nonzero = None
     if metric == "cosine":
-        query, gallery = unit_rows(query, acc), unit_rows(gallery, acc)
-        query_nonzero, gallery_nonzero = nonzero_rows(query), nonzero_rows(gallery)
+        # The masks from the norms: an (Q, D) comparison cost as much as the search for Q = 1M
+        # queries against a 4-row gallery.
+        query, query_nonzero = unit_and_nonzero_rows(query, acc)
+        gallery, gallery_nonzero = unit_and_nonzero_rows(gallery, acc)
     if pair_kernel:
         from torchfg.ops.pair_distances.triton import anchor_pair_distances_triton
 

@@ -364,6 +364,9 @@ class CompiledPool:
         query_aux: (R,) fp32 values added to the raw keys before the clamp (the squared query
             norms of the chunked Euclidean search), or None.
         slack: extra entries kept per row for the Euclidean metric (see :func:`_settle_sqrt`).
+        num_columns: the columns that will be offered in all, where known: the buffer then holds
+            no more than them (at least the kept entries + 1, which the kernel needs). Any number
+            may still be offered; more only cost reductions.
         library: the loaded kernel (default: :func:`load`).
     """
 
@@ -375,6 +378,7 @@ class CompiledPool:
         query_aux: torch.Tensor | None = None,
         *,
         slack: int = _EUCLIDEAN_SLACKS[0],
+        num_columns: int | None = None,
         library: ctypes.CDLL | None = None,
     ) -> None:
         library = library or load()
@@ -393,6 +397,9 @@ class CompiledPool:
         # A buffer of twice the kept entries: each reduction (a quickselect over the buffer)
         # then pays for at least as many accepted entries as it keeps.
         self._capacity = max(2 * self._kept, self._kept + 16)
+        if num_columns is not None:
+            # A small gallery fills no more: 1M queries against 4 rows kept 20 keys a row (160 MiB).
+            self._capacity = max(self._kept + 1, min(self._capacity, num_columns))
         self._keys = torch.empty(num_rows, self._capacity, dtype=torch.int64)
         self._count = torch.zeros(num_rows, dtype=torch.int32)
         self._threshold = torch.full((num_rows,), -1, dtype=torch.int64)  # UINT64_MAX: keep everything
@@ -530,10 +537,11 @@ def knn_cpu(
         if new and progress is not None:
             progress(new)
 
+    num_columns = query.shape[0] if symmetric else gallery.shape[0]
     for slack in _EUCLIDEAN_SLACKS if metric == "euclidean" else (0,):
 
         def make_pool(k: int, num_rows: int, metric: str, query_aux: torch.Tensor | None) -> CompiledPool:
-            return CompiledPool(k, num_rows, metric, query_aux, slack=slack)
+            return CompiledPool(k, num_rows, metric, query_aux, slack=slack, num_columns=num_columns)
 
         attempt_rows = 0
         try:

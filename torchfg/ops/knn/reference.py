@@ -300,7 +300,11 @@ def raw_block(
     -x.y for ``dot`` and ``cosine`` (unit rows), |y|^2 - 2 x.y for the Euclidean metrics.
     """
     if metric in ("dot", "cosine"):
-        # Negating the (C, D) chunk is exact and cheaper than negating the (C, G) block.
+        # Negation commutes exactly with the product, so either side may carry the sign: the
+        # smaller one. A (C, D) copy of a chunk of 1M queries against a 4-row gallery doubled the
+        # search's memory and cost as much as its GEMM.
+        if gallery_t.shape[1] < query_chunk.shape[1]:
+            return torch.mm(query_chunk, gallery_t, out=out).neg_()
         return torch.mm(query_chunk.neg(), gallery_t, out=out)
     return torch.addmm(gallery_aux.unsqueeze(0), query_chunk, gallery_t, alpha=-2.0, out=out)
 
