@@ -70,6 +70,74 @@ requires_gpu_nan_semantics = pytest.mark.skipif(
 )
 
 
+def _compiled_argmax_patch():
+    """(ReduceOps class, the argmax combine functions) of this interpreter, or None."""
+    try:
+        import triton.language as tl
+        from triton.runtime import interpreter
+    except ImportError:
+        return None
+    names = ("_argmax_combine_tie_break_left", "_argmax_combine_tie_break_fast")
+    combines = tuple(getattr(tl.standard, name) for name in names if hasattr(tl.standard, name))
+    reduce_ops = getattr(interpreter, "ReduceOps", None)
+    if not combines or reduce_ops is None or not all(hasattr(reduce_ops, a) for a in ("apply_impl", "to_tensor")):
+        return None
+    return reduce_ops, combines
+
+
+def folded_argmax(data, axis: int):
+    """(values, indices) of an argmax that folds ``value1 > value2 or (equal and index1 < index2)``
+    left to right along ``axis``: a NaN on the right wins, and the next element then wins over it.
+    So the result is the first maximum after the last NaN, or that NaN when it is the last element."""
+    import numpy as np
+
+    x = np.moveaxis(np.asarray(data), axis, -1)
+    n = x.shape[-1]
+    positions = np.arange(n)
+    nan = np.isnan(x) if np.issubdtype(x.dtype, np.floating) else np.zeros(x.shape, dtype=bool)
+    last_nan = np.where(nan, positions, -1).max(-1)
+    after = positions > last_nan[..., None]
+    masked = np.where(after, x, np.array(-np.inf, dtype=x.dtype) if np.issubdtype(x.dtype, np.floating) else np.iinfo(x.dtype).min)
+    indices = masked.argmax(-1)
+    # Nothing above -inf after the last NaN (or nothing after it): its first element won.
+    flat = masked.max(-1) == masked.min(-1)
+    indices = np.where(flat, np.minimum(last_nan + 1, n - 1), indices)
+    values = np.take_along_axis(x, indices[..., None], -1)[..., 0]
+    return values, indices
+
+
+@pytest.fixture
+def compiled_argmax(monkeypatch):
+    """``tl.max(..., return_indices=True)`` as a compiled kernel folds it.
+
+    The interpreter takes np.nanmax / np.nanargmax, which skip NaN. A GPU folds the elements with
+    the combine function (``value1 > value2 or tie``), under which a NaN on the right wins: a NaN
+    key at the end of a tile became the tile's maximum, and every other candidate of the tile was
+    dropped. Here the interpreter folds left to right with those semantics (vectorised: see
+    :func:`folded_argmax`), one order a GPU thread may fold its elements in.
+    """
+    import numpy as np
+    import triton.language as tl
+
+    patch = _compiled_argmax_patch()
+    if patch is None:
+        pytest.skip("this Triton interpreter's ReduceOps cannot be patched to fold argmax")
+    reduce_ops, combines = patch
+    original = reduce_ops.apply_impl
+
+    def apply_impl(self, input):
+        if self.combine_fn not in combines:
+            return original(self, input)
+        data = input[0] if isinstance(input, tuple) else input
+        values, indices = folded_argmax(data.handle.data, self.axis)
+        if self.keep_dims:
+            values, indices = np.expand_dims(values, self.axis), np.expand_dims(indices, self.axis)
+        return (self.to_tensor(np.asarray(values, dtype=data.handle.data.dtype), data.dtype),
+                self.to_tensor(np.asarray(indices, dtype=np.int32), tl.int32))
+
+    monkeypatch.setattr(reduce_ops, "apply_impl", apply_impl)
+
+
 def backends_to_test() -> list[str]:
     """Backends that can run on TEST_DEVICE: torch always, triton when importable."""
     return ["torch"] + (["triton"] if TRITON_OK else [])

@@ -416,14 +416,43 @@ def test_singletons_have_no_positive_and_one_class_has_no_negative(metric):
     assert (pos >= 0).all() and (neg == -1).all()
 
 
+def test_folded_argmax_is_the_combine_functions_left_fold():
+    """The ``compiled_argmax`` fixture's vectorised fold equals folding Triton's argmax combine
+    (``value1 > value2 or (value1 == value2 and index1 < index2)``) element after element, on rows
+    of NaN, infinities and ties."""
+    import numpy as np
+
+    from conftest import folded_argmax
+
+    def fold(row):
+        value, index = row[0], 0
+        for j in range(1, len(row)):
+            if not (value > row[j] or (value == row[j] and index < j)):
+                value, index = row[j], j
+        return value, index
+
+    rng = np.random.default_rng(0)
+    rows = rng.choice([np.nan, -np.inf, 0.0, 1.0, 2.0, np.inf], size=(4000, 7)).astype(np.float32)
+    values, indices = folded_argmax(rows, 1)
+    for row, value, index in zip(rows, values, indices):
+        expected_value, expected_index = fold(row)
+        assert index == expected_index and (value == expected_value or (np.isnan(value) and np.isnan(expected_value)))
+
+
 @requires_gpu_nan_semantics
 @pytest.mark.parametrize("metric", METRICS)
-def test_a_nan_row_is_never_chosen(metric):
+@pytest.mark.parametrize("row, reduction", [(11, "interpreter"), (15, "compiled"), (31, "compiled")])
+def test_a_nan_row_is_never_chosen(metric, row, reduction, request):
     """docs/concepts/numerics.md: the kernel never picks a NaN key, so every other anchor chooses
     as if the NaN row were not there (every tiling, the symmetric kernel included). Before the
-    (sq)euclidean clamp propagated NaN, maxnum made the NaN row everyone's nearest negative."""
+    (sq)euclidean clamp propagated NaN, maxnum made the NaN row everyone's nearest negative.
+
+    ``compiled``: the tile argmax folded as a GPU folds it (see the ``compiled_argmax`` fixture).
+    There a NaN in a tile's last column won the tile and dropped the tile's other candidates; the
+    interpreter's nanargmax hid it. Rows 15 and 31 end a 16- and a 32-wide tile."""
+    if reduction == "compiled":
+        request.getfixturevalue("compiled_argmax")
     x, y = _cluster_batch()
-    row = 11
     x_nan = x.clone()
     x_nan[row, 3] = float("nan")
     keep = torch.arange(x.shape[0], device=TEST_DEVICE) != row

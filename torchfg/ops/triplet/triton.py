@@ -332,6 +332,11 @@ def _tile_keys(
         # A constant margin: the hardest negative is simply the closest one.
         neg_key = -dist
 
+    # NaN keys become -inf here, not in the argmax: the interpreter's argmax skips NaN
+    # (np.nanargmax), a GPU's folds with `a > b or tie`, under which a NaN on the right wins. A
+    # NaN in a tile's last column then took the tile, and its other candidates were dropped.
+    pos_ok = pos_ok & (dist == dist)
+    neg_ok = neg_ok & (neg_key == neg_key)
     return tl.where(pos_ok, dist, float("-inf")), tl.where(neg_ok, neg_key, float("-inf"))
 
 
