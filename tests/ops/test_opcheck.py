@@ -164,3 +164,40 @@ def test_second_order_gradient_raises_instead_of_vanishing(name):
     assert graphed.requires_grad
     with pytest.raises(RuntimeError, match="second-order gradients are not supported"):
         torch.autograd.grad(graphed.square().sum(), x)
+
+
+def test_ops_run_on_their_inputs_cuda_device(monkeypatch):
+    """Triton launches on the current CUDA device, whatever the pointers: an op given cuda:1 tensors
+    while cuda:0 is current must switch devices for the call. Every op's registered kernel is the
+    guard; the guard, on fake cuda tensors (no GPU here), enters cuda:1 and only then."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from torchfg.ops import _library
+
+    guard_code = _library.on_input_device(lambda: None).__code__
+    ops = [value for module in (dino_ops, hardest_loss_ops, knn_ops, pair_ops, pairwise_ops, triplet_ops)
+           for value in vars(module).values() if isinstance(value, _library.TorchfgOp)]
+    assert len(ops) == len(_library._KERNELS), sorted(_library._KERNELS)
+    assert all(op.impl.__code__ is guard_code for op in ops)
+
+    entered, seen = [], []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+
+    class Device:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "device", Device)
+    kernel = _library.on_input_device(lambda *args: seen.append(len(entered)) or "out")
+    with FakeTensorMode():
+        on_one, on_zero = torch.empty(3, device="cuda:1"), torch.empty(3, device="cuda:0")
+    assert kernel(None, 2, on_one, on_zero) == "out" and entered == [torch.device("cuda:1")] and seen == [1]
+    entered.clear()
+    assert kernel(on_zero, on_one) == "out" and entered == []  # the first CUDA tensor decides
+    assert kernel(torch.ones(2), 3.0) == "out" and entered == []

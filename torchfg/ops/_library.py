@@ -21,7 +21,7 @@ import torch
 
 from torchfg.ops.precision import autocast_off
 
-__all__ = ["TorchfgOp", "custom_op", "python_kernel"]
+__all__ = ["TorchfgOp", "custom_op", "on_input_device", "python_kernel"]
 
 _LIBRARY = torch.library.Library("torchfg", "FRAGMENT")
 _KERNELS: dict[str, Callable[..., Any]] = {}
@@ -35,7 +35,8 @@ class TorchfgOp:
         _LIBRARY.define(name + schema)
         # Autocast passes through custom ops but stays on inside them: their PyTorch paths would
         # have their matmuls recast (forward and backward ops alike).
-        _LIBRARY.impl(name, autocast_off(kernel), "CompositeExplicitAutograd")
+        self.impl = on_input_device(autocast_off(kernel))
+        _LIBRARY.impl(name, self.impl, "CompositeExplicitAutograd")
         self.qualname = f"torchfg::{name}"
         _KERNELS[self.qualname] = kernel
         self._overload = getattr(torch.ops.torchfg, name).default
@@ -85,6 +86,29 @@ class TorchfgOp:
             )
 
         self.register_autograd(backward, setup_context=lambda ctx, inputs, output: None)
+
+
+def on_input_device(kernel: Callable[..., Any]) -> Callable[..., Any]:
+    """Run ``kernel`` with the current CUDA device set to its first CUDA tensor argument's.
+
+    Triton launches on ``torch.cuda.current_device()`` and that device's current stream, whatever
+    the pointers it is given: inputs on cuda:1 while cuda:0 is current ran the kernel on GPU 0
+    against GPU 1's memory (an illegal address without peer access, and no ordering with the
+    stream that produced the inputs). The CUDA extension guards itself; the autograd engine sets
+    the device for backward passes, which reach the backward ops through here as well.
+    """
+
+    @functools.wraps(kernel)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        for arg in args:
+            if isinstance(arg, torch.Tensor) and arg.device.type == "cuda":
+                if arg.device.index is not None and arg.device.index != torch.cuda.current_device():
+                    with torch.cuda.device(arg.device):
+                        return kernel(*args, **kwargs)
+                break
+        return kernel(*args, **kwargs)
+
+    return run
 
 
 def _autograd_kernel(overload: torch._ops.OpOverload, backward: Callable[..., Any],
