@@ -682,3 +682,39 @@ def test_fp32_gemm_keeps_an_out_of_memory_error(monkeypatch):
     out = kernel._bmm_fp32(a, b)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out.as_subclass(torch.Tensor), bmm(a.as_subclass(torch.Tensor).float(), b.float()))
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype, metric", [(torch.float32, "cosine"), (torch.bfloat16, "euclidean")])
+def test_triton_batches_beyond_the_grid_z_limit_launch_in_slices(dtype, metric, monkeypatch):
+    """The kernels put the batch on grid z, which CUDA caps at 65535 (the interpreter has no cap):
+    a larger batch is launched in slices. Here the cap is 3 for a batch of 7; every launch's grid z
+    stays within it, and the distances and both gradients equal the reference's. bf16 Euclidean
+    takes the W-map + GEMM backward, fp32 cosine the fused one."""
+    import torchfg.ops.pairwise.triton as pairwise_triton
+
+    monkeypatch.setattr(pairwise_triton, "MAX_GRID_BATCH", 3)
+    grids = []
+    # The interpreter's kernels are InterpretedFunction, compiled ones JITFunction.
+    kernel_type = type(pairwise_triton._pairwise_forward_kernel)
+    real_getitem = kernel_type.__getitem__
+
+    def recording_getitem(kernel, grid):
+        grids.append(grid({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": 16}) if callable(grid) else grid)
+        return real_getitem(kernel, grid)
+
+    monkeypatch.setattr(kernel_type, "__getitem__", recording_getitem)
+    g = torch.Generator().manual_seed(21)
+    x = torch.randn(7, 5, 8, generator=g).to(dtype).requires_grad_()
+    y = torch.randn(7, 6, 8, generator=g).to(dtype).requires_grad_()
+    grad = torch.randn(7, 5, 6, generator=g).to(dtype)
+    out = pairwise_distance(x, y, metric=metric, backend="triton")
+    gx, gy = torch.autograd.grad(out, (x, y), grad)
+    assert len(grids) >= 3 * 2 and max(grid[2] for grid in grids) <= 3, grids
+    x64, y64 = x.detach().double(), y.detach().double()
+    expected = pairwise_distance_reference(x64, y64, metric)
+    ex, ey = pairwise_distance_backward_reference(grad.double(), x64, y64, expected, metric)
+    tol = dict(atol=3e-2, rtol=3e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.double(), expected, **tol)
+    torch.testing.assert_close(gx.double(), ex, **tol)
+    torch.testing.assert_close(gy.double(), ey, **tol)

@@ -353,6 +353,11 @@ def _metric_norms(x: torch.Tensor, metric: str) -> torch.Tensor:
     return norms.square()
 
 
+# The kernels put the batch on grid z, which CUDA caps at 65535: a larger batch (say 70,000
+# sets of 4 rows) is launched in slices of at most this many batch elements.
+MAX_GRID_BATCH = 65535
+
+
 def pairwise_distance_triton(
     x: torch.Tensor, y: torch.Tensor, metric: str, symmetric: bool, config: PairwiseConfig | None = None
 ) -> torch.Tensor:
@@ -366,6 +371,18 @@ def pairwise_distance_triton(
     out = torch.empty(B, N, M, dtype=x.dtype, device=x.device)
     if B == 0 or N == 0 or M == 0:
         return out
+    for b0 in range(0, B, MAX_GRID_BATCH):
+        b1 = min(B, b0 + MAX_GRID_BATCH)
+        _pairwise_forward(x[b0:b1], y[b0:b1], out[b0:b1], metric, symmetric, config)
+    return out
+
+
+def _pairwise_forward(
+    x: torch.Tensor, y: torch.Tensor, out: torch.Tensor, metric: str, symmetric: bool, config: PairwiseConfig | None
+) -> None:
+    """One launch of the forward kernel into ``out`` (B <= MAX_GRID_BATCH)."""
+    B, N, D = x.shape
+    M = y.shape[1]
     x_norm = _metric_norms(x, metric)
     y_norm = x_norm if symmetric else _metric_norms(y, metric)
     dot_dtype, acc_dtype, precision = dot_dtypes(x.dtype)
@@ -383,7 +400,6 @@ def pairwise_distance_triton(
         METRIC=metric_code(metric), SYMMETRIC=symmetric,
         DOT_DTYPE=dot_dtype, ACC_DTYPE=acc_dtype, INPUT_PRECISION=precision,
     )
-    return out
 
 
 def _backward_one_side(
@@ -577,6 +593,13 @@ def pairwise_distance_backward_triton(
     kernel's tiles (and with it the fused path, as do fp32/fp64, cosine and
     ``torch.use_deterministic_algorithms``).
     """
+    if x.shape[0] > MAX_GRID_BATCH:
+        parts = [
+            pairwise_distance_backward_triton(grad[b0:b0 + MAX_GRID_BATCH], x[b0:b0 + MAX_GRID_BATCH],
+                                              y[b0:b0 + MAX_GRID_BATCH], out[b0:b0 + MAX_GRID_BATCH], metric, config)
+            for b0 in range(0, x.shape[0], MAX_GRID_BATCH)
+        ]
+        return torch.cat([gx for gx, _ in parts]), torch.cat([gy for _, gy in parts])
     if config is None and uses_weights_gemm(x.dtype, metric) and x.numel() and y.numel() and grad.numel():
         return _backward_weights_gemm(grad, x, y, out, metric)
     return (
