@@ -212,6 +212,29 @@ def test_triton_writes_every_output_element(monkeypatch):
         assert_grad_close(grad, ref_grad, torch.float32, floor)
 
 
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_triton_step_reads_nothing_from_the_host(dtype):
+    """The inverse temperatures were a device tensor built from Python floats: a copy of pageable
+    host memory, which synchronises the host with the GPU on every forward and backward and breaks
+    CUDA-graph capture. They are kernel arguments now ((hi, lo) pairs: fp64 keeps its value)."""
+    from torchfg.bench.profile import profile_step
+
+    student, teacher, center = make_inputs(4, 2, 3, 40, seed=3)
+    student, teacher, center = student.to(dtype), teacher.to(dtype), center.to(dtype)
+    s = student.clone().requires_grad_()
+    step = lambda: dino_loss(s, teacher, center, n_crops=4, n_global_crops=2, student_temp=0.1,  # noqa: E731
+                             teacher_temp=0.07, backend="triton").backward()
+    profile = profile_step(step)
+    assert profile.host_copies == 0 and profile.host_syncs == 0, (profile.host_copies, profile.host_syncs)
+    reference = student.clone().requires_grad_()
+    loss = dino_loss(reference, teacher, center, n_crops=4, n_global_crops=2, student_temp=0.1, teacher_temp=0.07,
+                     backend="torch")
+    loss.backward()
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(s.grad, reference.grad, **tol)
+
+
 def test_crop_blocks_leave_no_lane_idle_in_dino_layouts():
     """Power-of-two row blocks from the real crop counts: DINO's 2 + 6 / 8 / 10 crops use every row of
     every block, teachers included (BLOCK_C = 16 for 10 crops idled 37.5% of student and 87.5% of

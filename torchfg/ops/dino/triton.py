@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from torchfg.backends import triton_interpreter_enabled
-from torchfg.ops._triton_utils import cdiv, next_power_of_2
+from torchfg.ops._triton_utils import cdiv, next_power_of_2, split_scalar
 from torchfg.ops.dino.reference import dino_accumulation_dtype, n_pairs
 
 __all__ = [
@@ -101,7 +101,8 @@ def _store_student_stats(s_max_ptr, s_sum_ptr, split, n_crops, B, b, crops, crop
 
 @triton.jit
 def _dino_forward_kernel(
-    student_ptr, teacher_ptr, center_ptr, scalars_ptr,
+    student_ptr, teacher_ptr, center_ptr,
+    inv_student_temp_hi, inv_student_temp_lo, inv_teacher_temp_hi, inv_teacher_temp_lo,
     s_max_ptr, s_sum_ptr, t_max_ptr, t_sum_ptr, t_dot_ptr,
     B, K, n_crops, n_global, k_per_split,
     stride_s_row, stride_s_k, stride_t_row, stride_t_k, stride_c,
@@ -114,8 +115,8 @@ def _dino_forward_kernel(
     # K and the workspace size only through the launcher; int64 makes that hold by type.
     k_begin = split.to(tl.int64) * k_per_split
     k_end = tl.minimum(k_begin + k_per_split, K)
-    inv_student_temp = tl.load(scalars_ptr).to(ACC)
-    inv_teacher_temp = tl.load(scalars_ptr + 1).to(ACC)
+    inv_student_temp = tl.cast(inv_student_temp_hi, ACC) + tl.cast(inv_student_temp_lo, ACC)
+    inv_teacher_temp = tl.cast(inv_teacher_temp_hi, ACC) + tl.cast(inv_teacher_temp_lo, ACC)
 
     # Global block: teacher crop i and student crop i (the same view) share row i.
     g = tl.arange(0, BLOCK_G)
@@ -219,7 +220,8 @@ def _write_student_grad(
 
 @triton.jit
 def _dino_backward_kernel(
-    student_ptr, teacher_ptr, center_ptr, scalars_ptr, s_lse_ptr, t_lse_ptr, grad_ptr,
+    student_ptr, teacher_ptr, center_ptr, coef_ptr, s_lse_ptr, t_lse_ptr, grad_ptr,
+    inv_student_temp_hi, inv_student_temp_lo, inv_teacher_temp_hi, inv_teacher_temp_lo,
     B, K, n_crops, n_global,
     stride_s_row, stride_s_k, stride_t_row, stride_t_k, stride_c, stride_g_row, stride_g_k,
     ACC: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_L1: tl.constexpr, BLOCK_L2: tl.constexpr,
@@ -228,9 +230,9 @@ def _dino_backward_kernel(
     b = tl.program_id(0)
     ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     k_ok = ks < K
-    inv_student_temp = tl.load(scalars_ptr).to(ACC)
-    inv_teacher_temp = tl.load(scalars_ptr + 1).to(ACC)
-    coef = tl.load(scalars_ptr + 2).to(ACC)
+    inv_student_temp = tl.cast(inv_student_temp_hi, ACC) + tl.cast(inv_student_temp_lo, ACC)
+    inv_teacher_temp = tl.cast(inv_teacher_temp_hi, ACC) + tl.cast(inv_teacher_temp_lo, ACC)
+    coef = tl.load(coef_ptr).to(ACC)
 
     g = tl.arange(0, BLOCK_G)
     g_ok = g < n_global
@@ -354,14 +356,13 @@ def dino_loss_triton(
     k_per_split = cdiv(cdiv(k, splits), config.block_k) * config.block_k
     splits = cdiv(k, k_per_split)
 
-    scalars = torch.tensor([1.0 / student_temp, 1.0 / teacher_temp], dtype=acc, device=device)
     s_max = torch.empty(splits, n_crops, batch, dtype=acc, device=device)
     s_sum = torch.empty(splits, n_crops, batch, dtype=acc, device=device)
     t_max = torch.empty(splits, n_global, batch, dtype=acc, device=device)
     t_sum = torch.empty(splits, n_global, batch, dtype=acc, device=device)
     t_dot = torch.empty(splits, n_global, batch, dtype=acc, device=device)
     _dino_forward_kernel[(batch, splits)](
-        student, teacher, center, scalars,
+        student, teacher, center, *_inverse_temperatures(student_temp, teacher_temp),
         s_max, s_sum, t_max, t_sum, t_dot,
         batch, k, n_crops, n_global, k_per_split,
         student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1), center.stride(0),
@@ -382,6 +383,14 @@ def dino_loss_triton(
     # least a cross-entropy can be. The gradient does not go through this difference.
     loss = (total / (n_pairs(n_crops, n_global) * batch)).clamp_min_(0.0)
     return loss.to(student.dtype), student_lse.reshape(-1), teacher_lse.reshape(-1)
+
+
+def _inverse_temperatures(student_temp: float, teacher_temp: float) -> tuple[float, float, float, float]:
+    """1 / student_temp and 1 / teacher_temp as kernel arguments, each a (hi, lo) fp32 pair
+    (:func:`split_scalar`: fp64 kernels rebuild the fp64 value). They were a device tensor built
+    from Python floats: a host-to-device copy of pageable memory, which synchronises the host with
+    the GPU on every forward and backward (and cannot be captured in a CUDA graph)."""
+    return (*split_scalar(1.0 / student_temp), *split_scalar(1.0 / teacher_temp))
 
 
 def _merge_logsumexp(row_max: torch.Tensor, row_sum: torch.Tensor) -> torch.Tensor:
@@ -414,12 +423,10 @@ def dino_loss_backward_triton(
         config = config._replace(block_k=block_k)
     # On the kernel's device whatever the caller passed (a CPU scalar upstream gradient too).
     coef = grad_loss.to(device=device, dtype=acc).reshape(1) / (n_pairs(n_crops, n_global) * batch * student_temp)
-    scalars = torch.cat(
-        [torch.tensor([1.0 / student_temp, 1.0 / teacher_temp], dtype=acc, device=device), coef]
-    )
     grad = torch.empty(student.shape, dtype=student.dtype, device=device)
     _dino_backward_kernel[(batch, cdiv(k, config.block_k))](
-        student, teacher, center, scalars, student_lse, teacher_lse, grad,
+        student, teacher, center, coef, student_lse, teacher_lse, grad,
+        *_inverse_temperatures(student_temp, teacher_temp),
         batch, k, n_crops, n_global,
         student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1), center.stride(0),
         grad.stride(0), grad.stride(1),
