@@ -222,3 +222,30 @@ def test_anchor_pair_distances_triton_backward_writes_every_gradient_row(metric,
     for a, b in zip(got, expected):
         assert not a.isnan().any()
         torch.testing.assert_close(a, b)
+
+
+@requires_triton
+@pytest.mark.parametrize("separate_y", [False, True])
+def test_anchor_pair_distances_triton_backward_never_reads_the_device(separate_y):
+    """The partner CSR took a bincount, which on CUDA reads the ids' minimum and maximum back to
+    the host: two synchronisations in every backward. It is a sort and a searchsorted now; the
+    gradients still equal the reference's, with partners that no pair chose and repeated ones."""
+    from torchfg.bench.profile import profile_step
+    from torchfg.ops.pair_distances.reference import anchor_pair_distances_backward_reference
+
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(23, 7, generator=g, dtype=torch.float64).to(TEST_DEVICE).requires_grad_()
+    y = torch.randn(31, 7, generator=g, dtype=torch.float64).to(TEST_DEVICE).requires_grad_() if separate_y else None
+    rows = 31 if separate_y else 23
+    idx = torch.randint(0, rows // 2, (23, 3), generator=g).to(TEST_DEVICE)
+    idx[:, 2] = rows - 1  # every anchor's last partner is the same (last) row
+    grad = torch.randn(23, 3, generator=g, dtype=torch.float64).to(TEST_DEVICE)
+    out = anchor_pair_distances(x, idx, y, metric="euclidean", backend="triton")
+    profile = profile_step(lambda: out.backward(grad))
+    assert "aten.bincount.default" not in profile.aten and profile.host_syncs == 0, profile.aten
+    y_ref = x if y is None else y
+    expected = anchor_pair_distances_backward_reference(grad, x.detach(), y_ref.detach(), idx, out.detach(),
+                                                        "euclidean", y_is_x=y is None)
+    torch.testing.assert_close(x.grad, expected[0])
+    if y is not None:
+        torch.testing.assert_close(y.grad, expected[1])

@@ -9,7 +9,7 @@ The batch-hard layout: anchor row ``i`` of x against its K partners ``y[y_idx[i,
 * backward: one launch per gradient (x's; y's when y is a separate tensor that needs one). Each
   program owns BLOCK_R gradient rows and writes each exactly once, in the input dtype, from an
   fp32 (fp64) sum in registers: the row's own anchor terms plus the terms of every pair that chose
-  it as a partner, found through a CSR of ``y_idx`` by partner row (stable argsort + bincount,
+  it as a partner, found through a CSR of ``y_idx`` by partner row (stable sort + searchsorted,
   O(N K) indices). No gradient-sized fp32 buffer, no atomics, deterministic; the extra memory of
   the backward is O(N K) (plus O(N) inverse norms for cosine).
 
@@ -223,11 +223,18 @@ def anchor_pair_distances_triton(
 
 
 def _csr_by_partner(y_idx: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(order, ends, counts): pair ids i * K + k grouped by partner row, stably (anchor order)."""
+    """(order, ends, counts): pair ids i * K + k grouped by partner row, stably (anchor order).
+
+    The row boundaries come from one ``searchsorted`` of the sorted ids, not a ``bincount``: on
+    CUDA bincount reads the ids' minimum and maximum back to the host, two synchronisations per
+    backward.
+    """
     flat = y_idx.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=rows)
-    return order, counts.cumsum(0), counts
+    partners, order = torch.sort(flat, stable=True)
+    # bounds[r] = the first sorted position whose partner is >= r; row r owns bounds[r]:bounds[r + 1].
+    bounds = torch.searchsorted(partners, torch.arange(rows + 1, device=flat.device, dtype=flat.dtype))
+    ends = bounds[1:]
+    return order, ends, ends - bounds[:-1]
 
 
 def anchor_pair_distances_backward_triton(
@@ -244,7 +251,7 @@ def anchor_pair_distances_backward_triton(
 
     Every gradient row is written once, in the input dtype, from an fp32 (fp64) sum kept in
     registers: no gradient-sized accumulator, no atomics, deterministic. The partner terms are
-    found through a CSR of ``y_idx`` by partner row (a stable argsort and a bincount, O(N K)).
+    found through a CSR of ``y_idx`` by partner row (a stable sort and a searchsorted, O(N K log N K)).
     With ``y_is_x`` the partner terms go into dL/dx and the second tensor is empty; without
     ``needs_grad_y`` (e.g. a detached cross-batch memory) they are skipped (no CSR) and the
     second tensor is empty too.
