@@ -246,3 +246,64 @@ def test_ranks_that_make_different_calls_all_raise(case, argument):
 def test_the_same_value_of_another_number_type_is_the_same_call():
     results = run_on_ranks(_different_call_on_rank_one, 2, "numpy margin")
     assert all(r[0] == "ok" for r in results), [r[:2] for r in results]
+
+
+def _edge_case_worker(rank: int, world: int):
+    from torchfg.distributed import all_gather_no_grad
+    from torchfg.losses import CrossBatchMemory
+    from torchfg.miners import BatchHardMiner
+
+    out = {}
+    # fp16 features whose gathered sum passes 65504: the loss was NaN on every rank.
+    g = torch.Generator().manual_seed(rank)
+    x16 = (torch.rand(32, 128, generator=g) * 20).half().requires_grad_()
+    labels16 = torch.arange(32) % 4
+    loss = triplet_margin_loss(x16, labels16, cross_rank=True)
+    loss.backward()
+    out["fp16"] = (loss.detach().float(), bool(torch.isfinite(x16.grad).all()))
+    # The miners' statistics under cross_rank were never set.
+    x, labels, _ = _rank_batch(rank, world)
+    miner = BatchHardMiner(cross_rank=True, collect_stats=True)
+    out["triplets"] = miner(x, labels)
+    out["stats"] = (miner.pos_pair_dist, miner.neg_pair_dist, miner.avg_triplet_margin)
+    # int16 labels: gloo has no int16 ("Invalid scalar type").
+    out["int16"] = all_gather_no_grad((torch.arange(3 + rank) * (rank + 1)).to(torch.int16))
+    # A memory restored on rank 0 only: the ranks mined against different memories, silently.
+    memory = CrossBatchMemory(TripletMarginLoss(margin=0.3, cross_rank=True), embedding_size=4, memory_size=16)
+    if rank == 0:
+        memory.set_extra_state({"queue_idx": 5, "size": 5})
+    try:
+        memory(x, labels)
+        out["memory"] = None
+    except ValueError as exc:
+        out["memory"] = str(exc)
+    return out
+
+
+def test_cross_rank_edge_cases():
+    """fp16 sums past 65504 keep the loss finite (the mean over ranks is the single-process loss);
+    the miners' collect_stats works under cross_rank (this rank's triplets, from the gathered
+    rows); int16 tensors gather; a memory whose ring state differs between ranks is refused on
+    every rank, naming the state."""
+    results = run_on_ranks(_edge_case_worker, 2)
+    assert all(r[0] == "ok" for r in results), [r[1:] for r in results if r[0] != "ok"]
+    per_rank = [r[1] for r in results]
+    x16 = torch.cat([(torch.rand(32, 128, generator=torch.Generator().manual_seed(r)) * 20).half() for r in range(2)])
+    single = triplet_margin_loss(x16, torch.cat([torch.arange(32) % 4] * 2))
+    rank_losses = torch.stack([p["fp16"][0] for p in per_rank])
+    assert torch.isfinite(rank_losses).all() and all(p["fp16"][1] for p in per_rank), rank_losses
+    torch.testing.assert_close(rank_losses.mean(), single.float(), rtol=1e-2, atol=1e-2)
+
+    x, _, _ = _concatenated(2)
+    for rank, p in enumerate(per_rank):
+        a, pos, neg = p["triplets"]
+        anchors = x[a + sum(SIZES[2][:rank])]
+        d_ap, d_an = (anchors - x[pos]).norm(dim=1), (anchors - x[neg]).norm(dim=1)
+        assert a.numel() > 0
+        torch.testing.assert_close(torch.tensor(p["stats"], dtype=torch.float64),
+                                   torch.stack([d_ap.mean(), d_an.mean(), d_an.mean() - d_ap.mean()]))
+
+    expected = torch.cat([torch.arange(3) * 1, torch.arange(4) * 2]).to(torch.int16)
+    assert all(p["int16"].dtype == torch.int16 and torch.equal(p["int16"], expected) for p in per_rank)
+    assert all(p["memory"] is not None and "size" in p["memory"] and "queue_idx" in p["memory"] for p in per_rank), \
+        [p["memory"] for p in per_rank]

@@ -10,6 +10,7 @@ Without an initialised process group, or with a world size of 1, everything here
 from __future__ import annotations
 
 import hashlib
+import math
 import numbers
 from typing import Mapping, Sequence
 
@@ -207,8 +208,18 @@ def all_reduce_sum(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> t
     return total.to(x.device)
 
 
+# The dtypes gloo and NCCL gather as they are; others (int16, the unsigned 16-64-bit types, bool,
+# float8, complex) travel as their bytes: gloo raised "Invalid scalar type" for int16 labels.
+_COLLECTIVE_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int8, torch.uint8,
+                                torch.int32, torch.int64})
+
+
 def _gather_padded(x: torch.Tensor, sizes: list[int], group: dist.ProcessGroup | None) -> torch.Tensor:
     """Concatenation over ranks of tensors with different first dims (padded to the max to gather)."""
+    if x.dtype not in _COLLECTIVE_DTYPES:
+        rows = x.detach().contiguous().reshape(x.shape[0], math.prod(x.shape[1:]))
+        gathered = _gather_padded(rows.view(torch.uint8), sizes, group)
+        return gathered.view(x.dtype).reshape(sum(sizes), *x.shape[1:])
     device = _comm_device(x, group)
     biggest = max(sizes)
     padded = x.new_zeros((biggest, *x.shape[1:]), device=device)

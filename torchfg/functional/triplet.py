@@ -144,8 +144,12 @@ def _gather_candidates(
 def _keep_gather_in_graph(loss: torch.Tensor, candidates: torch.Tensor, cross_rank: bool) -> torch.Tensor:
     # The gather's backward is a collective: every rank must reach it, even one whose anchors
     # found no triplet (or that has no anchors), or the other ranks would wait forever.
+    # The sum accumulates in fp32 at least: fp16 candidates summed to inf past 65504 (ReLU features,
+    # 64 x 2048 per rank), and inf * 0 made every rank's loss NaN. A NaN or inf row still gives NaN,
+    # as it does to the single-process loss.
     if cross_rank and is_distributed() and candidates.requires_grad:
-        return loss + candidates.sum().to(loss.dtype) * 0.0
+        acc = torch.float64 if candidates.dtype == torch.float64 else torch.float32
+        return loss + candidates.sum(dtype=acc).to(loss.dtype) * 0.0
     return loss
 
 
@@ -840,6 +844,32 @@ def mine_triplets(
         >>> mine_triplets(emb, torch.tensor([0, 0, 1, 1]))
         (tensor([0, 1, 2, 3]), tensor([1, 0, 3, 2]), tensor([2, 2, 1, 1]))
     """
+    return mine_triplets_and_candidates(
+        embeddings, labels, strategy=strategy, metric=metric, margin=margin, text_embeddings=text_embeddings,
+        base_margin=base_margin, margin_scale=margin_scale, text_positive_threshold=text_positive_threshold,
+        ref_embeddings=ref_embeddings, ref_labels=ref_labels, cross_rank=cross_rank, backend=backend,
+    )[0]
+
+
+def mine_triplets_and_candidates(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    strategy: str = "batch_hard",
+    metric: str = DEFAULT_METRIC,
+    margin: float = 0.2,
+    text_embeddings: torch.Tensor | None = None,
+    base_margin: float | None = None,
+    margin_scale: float | None = None,
+    text_positive_threshold: float | None = None,
+    ref_embeddings: torch.Tensor | None = None,
+    ref_labels: torch.Tensor | None = None,
+    cross_rank: bool = False,
+    backend: str = "auto",
+) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """:func:`mine_triplets`, and the (M, D) rows its positives and negatives index (the gathered
+    batch under ``cross_rank``, else ``ref_embeddings`` or ``embeddings``), detached: what the
+    miners' statistics need without a second gather."""
     cross_rank = _check_flag(cross_rank, "cross_rank")
     if cross_rank:
         def validate():
@@ -867,7 +897,7 @@ def mine_triplets(
             embeddings.detach(), labels, candidates, candidate_labels, anchor_offset, strategy=strategy, metric=metric,
             margin=margin, text_embeddings=text_embeddings, candidate_text=gathered_text, base_margin=base_margin,
             margin_scale=margin_scale, text_positive_threshold=text_positive_threshold, has_ref=False, backend=backend,
-        )
+        ), candidates
     embeddings, labels, candidates, candidate_labels, anchor_offset = _check_embeddings(
         embeddings, labels, ref_embeddings, ref_labels
     )
@@ -875,7 +905,7 @@ def mine_triplets(
         embeddings, labels, candidates, candidate_labels, anchor_offset, strategy=strategy, metric=metric, margin=margin,
         text_embeddings=text_embeddings, candidate_text=None, base_margin=base_margin, margin_scale=margin_scale,
         text_positive_threshold=text_positive_threshold, has_ref=ref_embeddings is not None, backend=backend,
-    )
+    ), candidates.detach()
 
 
 def _mine_triplets_checked(

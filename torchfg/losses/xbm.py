@@ -187,8 +187,11 @@ class CrossBatchMemory(nn.Module):
 
         # With cross_rank, an input error on one rank raises on every rank (the others would wait
         # in the gather below).
+        # The ring's state too: a memory restored on one rank only (a resumed checkpoint) made the
+        # ranks mine against different memories from then on, silently.
         call = dict(
             function="CrossBatchMemory", memory_size=self.memory_size, embedding_size=self.embedding_size,
+            size=self.size, queue_idx=self.queue_idx,
             loss=type(loss).__name__, backend=loss.backend, **settings,
             indices_tuple=indices_tuple is not None, enqueue_mask=enqueue_mask is not None,
         )

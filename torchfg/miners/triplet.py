@@ -15,6 +15,7 @@ from torchfg.functional.triplet import (
     _check_embeddings,
     _check_mining_backend,
     mine_triplets,
+    mine_triplets_and_candidates,
 )
 from torchfg.ops.metric import DEFAULT_METRIC, METRICS
 from torchfg.ops.precision import autocast_off
@@ -43,18 +44,17 @@ class _TripletMiner(nn.Module):
         self.avg_triplet_margin: float | None = None
 
     def _record(self, embeddings, candidates, triplets) -> None:
+        """``candidates``: the rows positives and negatives index (under ``cross_rank``, the
+        gathered batch: the statistics are of this rank's triplets, as ``num_triplets`` is)."""
         self.num_triplets = int(triplets[0].shape[0])
-        if not self.collect_stats or self.cross_rank:
+        if not self.collect_stats:
             return
         # Means over the returned triplets, from exact distances (0 when there is none).
         with torch.no_grad():
             if self.num_triplets == 0:
                 self.pos_pair_dist = self.neg_pair_dist = self.avg_triplet_margin = 0.0
                 return
-            same = candidates is None
-            d_ap, d_an = exact_triplet_distances(
-                embeddings.detach(), embeddings.detach() if same else candidates.detach(), *triplets, self.metric, False
-            )
+            d_ap, d_an = exact_triplet_distances(embeddings.detach(), candidates.detach(), *triplets, self.metric, False)
             self.pos_pair_dist, self.neg_pair_dist = d_ap.mean().item(), d_an.mean().item()
             self.avg_triplet_margin = self.neg_pair_dist - self.pos_pair_dist
 
@@ -66,7 +66,7 @@ class _TripletMiner(nn.Module):
         ref_embeddings: torch.Tensor | None = None,
         ref_labels: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        triplets = mine_triplets(
+        triplets, candidates = mine_triplets_and_candidates(
             embeddings,
             labels,
             strategy=self.strategy,
@@ -76,7 +76,7 @@ class _TripletMiner(nn.Module):
             cross_rank=self.cross_rank,
             backend=self.backend,
         )
-        self._record(embeddings, ref_embeddings, triplets)
+        self._record(embeddings, candidates, triplets)
         return triplets
 
     def extra_repr(self) -> str:
