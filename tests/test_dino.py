@@ -675,6 +675,38 @@ def test_an_empty_rank_joins_the_center_update_instead_of_hanging():
         DINOLoss(24, 3, n_global_crops=2)(torch.randn(0, 24), torch.randn(0, 24), 0)
 
 
+def _bad_center_update_worker(rank, world_size, teacher):
+    criterion = DINOLoss(24, 3, n_global_crops=2, n_epochs=3, center_momentum=0.7, backend="torch")
+    try:
+        criterion.update_center(teacher[:, :23] if rank == 1 else teacher[:4])
+        first = "ok"
+    except ValueError as exc:
+        first = str(exc)
+    criterion.update_center(teacher[4 * rank : 4 * rank + 4])
+    return first, criterion.center
+
+
+@pytest.mark.distributed
+def test_a_bad_center_update_on_one_rank_raises_there_and_the_others_go_on():
+    """update_center raised on the bad rank before the all_reduce: the other rank waited in it (its
+    first call then paired with the bad rank's second, and its own second call hung until the
+    process group's timeout). Now the bad rank joins it with an error flag: nobody's centre moves,
+    the bad rank raises, and the next update is the single-process update over both batches."""
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is unavailable")
+    from dist_utils import run_on_ranks
+
+    teacher = torch.randn(8, 24, generator=torch.Generator().manual_seed(5))
+    results = run_on_ranks(_bad_center_update_worker, 2, teacher)
+    assert all(r[0] == "ok" for r in results), results
+    (first0, center0), (first1, center1) = results[0][1], results[1][1]
+    assert first0 == "ok" and "out_dim" in first1
+    single = DINOLoss(24, 3, n_global_crops=2, n_epochs=3, center_momentum=0.7, backend="torch")
+    single.update_center(teacher)
+    torch.testing.assert_close(center0, single.center, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(center1, single.center, rtol=1e-6, atol=1e-6)
+
+
 # --------------------------------------------------------------------------- head, wrapper, schedules
 
 

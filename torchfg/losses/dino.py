@@ -230,12 +230,20 @@ class DINOLoss(nn.Module):
 
         Args:
             teacher_output: (N, out_dim) teacher logits of this rank (N may differ between ranks).
+
+        Raises:
+            ValueError, TypeError: on the rank whose ``teacher_output`` is bad, after it joined the
+                other ranks' all_reduce (they keep their centres and go on, as in ``forward``;
+                before, they waited in it until the process group's timeout).
         """
-        check_float_tensor(teacher_output, "teacher_output", ndim=2)
-        if teacher_output.shape[1] != self.out_dim:
-            raise ValueError(
-                f"teacher_output must have out_dim={self.out_dim} columns, got shape {tuple(teacher_output.shape)}"
-            )
+        try:
+            check_float_tensor(teacher_output, "teacher_output", ndim=2)
+            if teacher_output.shape[1] != self.out_dim:
+                raise ValueError(
+                    f"teacher_output must have out_dim={self.out_dim} columns, got shape {tuple(teacher_output.shape)}"
+                )
+        except (ValueError, TypeError) as error:
+            self._update_center(None, error)
         self._update_center(teacher_output, None)
 
     def _update_center(
