@@ -1257,3 +1257,18 @@ def test_mine_triplets_takes_any_margin_without_text_and_a_non_negative_one_with
         TF.mine_triplets(x, labels, margin=-0.1, text_embeddings=torch.randn(12, 4, generator=gen))
     with pytest.raises(ValueError, match="margin must be finite"):
         TF.mine_triplets(x, labels, margin=float("nan"))
+
+
+@pytest.mark.parametrize("mining", ["batch_hard", "semi_hard", "all"])
+def test_labels_given_as_a_column_view_warn_nothing(mining):
+    """Labels are often a column of a label table (a strided view): the positive-pair index passed
+    them to searchsorted, which warned about (and copied) the non-contiguous query on every call."""
+    import warnings
+
+    g = torch.Generator().manual_seed(4)
+    emb = torch.randn(12, 3, generator=g)
+    table = torch.stack([torch.arange(12), torch.arange(12) // 3], dim=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss = TF.triplet_margin_loss(emb, table[:, 1], mining=mining, backend="torch")
+    assert torch.equal(loss, TF.triplet_margin_loss(emb, table[:, 1].contiguous(), mining=mining, backend="torch"))

@@ -162,6 +162,8 @@ class _SameLabelPairs:
     def __init__(self, anchor_labels: torch.Tensor, candidate_labels: torch.Tensor) -> None:
         self.order = torch.argsort(candidate_labels, stable=True)
         sorted_labels = candidate_labels.index_select(0, self.order)
+        # searchsorted warns about (and copies) a non-contiguous query: labels may be a column view.
+        anchor_labels = anchor_labels.contiguous()
         self.first = torch.searchsorted(sorted_labels, anchor_labels, side="left")
         self.counts = torch.searchsorted(sorted_labels, anchor_labels, side="right") - self.first
         self.ends = torch.cumsum(self.counts, 0)
