@@ -40,7 +40,9 @@
 #       --platform manylinux2014_x86_64 pytorch-metric-learning faiss-cpu -d wheels/
 #
 # (installed with pip install --no-index --no-deps --find-links wheels; its own dependencies,
-# numpy/torch/tqdm/scikit-learn, are on the box; a missing one only drops that baseline).
+# numpy/torch/tqdm/scikit-learn, are on the box; a missing one drops that baseline, and a step
+# that names it in --cases reports it: `torchfg bench` exits 1 when a requested case was skipped
+# or failed, or nothing was measured, and the step is listed under "failed steps" at the end).
 #
 #   bash benchmarks/gpu_session.sh --dry-run    # the same steps on the CPU, tiny sizes (CI runs it)
 set -uo pipefail
@@ -67,10 +69,12 @@ START=$SECONDS
 : > "$OUT/session.txt"
 
 # step NAME BUDGET LOG CMD...: run CMD under `timeout -s INT`, at most BUDGET seconds and never
-# past the session's end; its output goes to LOG (and the tail to the console).
+# past the session's end; its output goes to LOG (and the tail to the console). STEP_GROUP is left
+# holding the process group of the step that ran last (see stop_step_leftovers).
 step() {
   local name=$1 budget=$2 log=$3
   shift 3
+  STEP_GROUP=""
   if [ -n "$ONLY" ] && [ "$name" != info ] && [ "$name" != cache ] && [[ " $ONLY " != *" $name "* ]]; then
     echo "$name: not in ONLY" >> "$OUT/session.txt"
     return 0
@@ -83,7 +87,11 @@ step() {
   fi
   local t0=$SECONDS
   echo "== $name (budget ${budget}s): $*" | tee -a "$OUT/session.txt"
-  timeout -s INT -k "$GRACE" "$budget" "$@" > "$log" 2>&1
+  # timeout leads a process group of its own, whose id is its PID: what the step started and left
+  # behind can be stopped by that number, and nothing else on the machine is touched.
+  timeout -s INT -k "$GRACE" "$budget" "$@" > "$log" 2>&1 &
+  STEP_GROUP=$!
+  wait "$STEP_GROUP"
   local rc=$?
   tail -n 25 "$log"
   echo "$name: exit $rc in $(( SECONDS - t0 ))s$( [ $rc -eq 124 ] && echo ' (timed out)')" | tee -a "$OUT/session.txt"
@@ -91,6 +99,14 @@ step() {
   return $rc
 }
 FAILED=""
+STEP_GROUP=""
+
+# Kill what the last step left running (pytest-xdist workers that outlived their parent), by the
+# process group that step's timeout led; not by name, which would also hit other users' processes.
+stop_step_leftovers() {
+  if [ -n "$STEP_GROUP" ]; then kill -KILL -- "-$STEP_GROUP" 2>/dev/null; sleep 1; fi
+  return 0
+}
 
 # The plan: caps (seconds) in priority order. The first five, with their kill grace, fit in TOTAL;
 # the rest run in whatever time is left. Tests: 635 on 16 workers; the first H200 run compiled
@@ -130,7 +146,7 @@ if [ "$DRY" = 1 ]; then
   SMALL=(--device cpu --dim 16 --repeat 1 --warmup 0 --max-seconds 1 --no-isolate --cases 'torchfg[torch]')
   BENCH_TRIPLET=(--ops triplet,atl --sizes 64 "${SMALL[@]}" --launches --kernel-times "$OUT/kernels.csv")
   BENCH_XBM=(--ops xbm --sizes 64 "${SMALL[@]}" --launches --kernel-times "$OUT/kernels.csv")
-  BENCH_KNN=(--ops knn --sizes 64 "${SMALL[@]}" --kernel-times "$OUT/kernels.csv")
+  BENCH_KNN=(--ops knn --sizes 128 "${SMALL[@]}" --kernel-times "$OUT/kernels.csv")   # k = 100 needs N >= 100
   BENCH_PAIRWISE=(--ops pairwise --sizes 64 "${SMALL[@]}" --kernel-times "$OUT/kernels.csv")
   BENCH_DINO=(--ops dino --sizes 64 "${SMALL[@]}")
   BENCH_FP32=(--ops pairwise --sizes 64 "${SMALL[@]}")
@@ -218,7 +234,7 @@ step tests "$B_TESTS" "$LOGS/tests.txt" \
   $PY -m pytest -q -p no:cacheprovider -rfE "${PYTEST_ARGS[@]}" "${TESTS[@]}"
 # No test worker may outlive its step and share the CPU with the timings (the host-side cost of a
 # step is part of what is measured at N = 8192).
-if [ "$DRY" = 0 ]; then pkill -f "pytest" 2>/dev/null; sleep 1; fi
+stop_step_leftovers
 # The tests compile their own small kernels: listed here so that the report at the end shows what
 # the benchmarks compiled.
 if [ "$DRY" = 0 ]; then
@@ -234,9 +250,12 @@ bench() {
 }
 bench bench_triplet "$B_TRIPLET" bf16 "${BENCH_TRIPLET[@]}"
 bench bench_xbm "$B_XBM" bf16 "${BENCH_XBM[@]}"
+# torchfg bench exits 1 when a case named in --cases was skipped or failed: k = 100 still runs after
+# a k = 10 run that missed one, and the step fails if either did.
 step bench_knn "$B_KNN" "$LOGS/bench_knn.txt" bash -c \
-  "$PY -m torchfg.cli bench ${BENCH_KNN[*]@Q} --param k=10 --dtype bf16 --csv '$OUT/bench.csv' --no-progress &&
-   $PY -m torchfg.cli bench ${BENCH_KNN[*]@Q} --param k=100 --dtype bf16 --csv '$OUT/bench.csv' --no-progress"
+  "$PY -m torchfg.cli bench ${BENCH_KNN[*]@Q} --param k=10 --dtype bf16 --csv '$OUT/bench.csv' --no-progress; k10=\$?
+   $PY -m torchfg.cli bench ${BENCH_KNN[*]@Q} --param k=100 --dtype bf16 --csv '$OUT/bench.csv' --no-progress; k100=\$?
+   [ \$k10 -eq 0 ] && [ \$k100 -eq 0 ]"
 bench bench_pairwise "$B_PAIRWISE" bf16 "${BENCH_PAIRWISE[@]}"
 bench bench_dino "$B_DINO" bf16 "${BENCH_DINO[@]}"
 bench bench_fp32 "$B_FP32" fp32 "${BENCH_FP32[@]}"

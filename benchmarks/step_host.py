@@ -10,7 +10,8 @@ but not Triton's own launcher (binding the arguments, the driver call), which ne
 Each case runs `--warmup` steps (the first tunes: the autotuner's benchmark is replaced by fixed
 timings), then `--chunks` chunks of `--steps` steps; a chunk's time is the median of its steps'
 CPU time of this thread (`time.thread_time`: a shared VM's stolen time is not counted), and the
-row reports the median and the best chunk. One row per case is appended to `--out`.
+row reports the median and the best chunk. One row per case is appended to `--out` as soon as that
+case is done.
 
 Examples:
     python benchmarks/step_host.py --out benchmarks/results/step_host_cpu.csv --note "..."
@@ -20,11 +21,9 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,19 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+CASES = ("batch_hard", "atl")
 FIELDS = ["device", "python", "torch", "triton", "commit", "load_avg", "note", "case", "n", "d", "dtype",
           "host_us_median", "host_us_best", "chunks", "steps_per_chunk", "jit_launches"]
-
-
-def _commit() -> str:
-    try:
-        out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, check=True).stdout.strip()
-        return out + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _stub_launches() -> list[int]:
@@ -113,34 +102,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--note", default="")
     args = parser.parse_args(argv)
 
+    names = [name.strip() for name in args.cases.split(",") if name.strip()]
+    unknown = [name for name in names if name not in CASES]
+    if unknown or not names:
+        parser.error(f"--cases takes a comma list among {','.join(CASES)}, got {args.cases!r}")
+
     import torch
     import triton
 
     from compile_sm90 import _EmulatedH100
+    from torchfg.bench.measure import append_csv, git_commit
 
     launches = _stub_launches()
     cases = _cases(args.n, args.d, args.text_dim)
-    rows = []
+    # The commit as torchfg bench records it: TORCHFG_BENCH_COMMIT where the checkout's history is
+    # not the code's (the device machines), "+dirty" only for changes under torchfg/.
+    commit = git_commit()
     with _EmulatedH100():
-        for name in args.cases.split(","):
+        for name in names:
             median, best = measure(cases[name], args.warmup, args.chunks, args.steps)
             launches[0] = 0
             cases[name]()
-            rows.append({
+            row = {
                 "device": f"CPU {platform.machine()} x{os.cpu_count()}", "python": platform.python_version(),
-                "torch": torch.__version__, "triton": triton.__version__, "commit": _commit(),
+                "torch": torch.__version__, "triton": triton.__version__, "commit": commit,
                 "load_avg": f"{os.getloadavg()[0]:.2f}", "note": args.note, "case": name, "n": args.n, "d": args.d,
                 "dtype": "bfloat16", "host_us_median": f"{median:.0f}", "host_us_best": f"{best:.0f}",
                 "chunks": args.chunks, "steps_per_chunk": args.steps, "jit_launches": launches[0],
-            })
+            }
+            # Written and flushed now: a step budget that runs out (gpu_session.sh) keeps the cases done.
+            append_csv(args.out, [{field: row[field] for field in FIELDS}])
             print(f"{name}: {median:.0f} us per step (best chunk {best:.0f}), {launches[0]} JIT launches")
-    new_file = not args.out.exists()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        if new_file:
-            writer.writeheader()
-        writer.writerows(rows)
     return 0
 
 

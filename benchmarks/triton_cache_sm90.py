@@ -375,13 +375,14 @@ def _bench_runs(argv: list[str], sizes_cap: int | None) -> Iterator[tuple[str, A
         d = args.dim or op.default_dim["cuda"]
         for dtype in dtypes:
             for n in args.sizes or op.default_sizes["cuda"]:
-                n = min(n, sizes_cap) if sizes_cap else n
+                # Never below what the parameters allow (k-NN's k, a cross-batch memory's batch).
+                n = max(min(n, sizes_cap), op.smallest_size(params)) if sizes_cap else n
                 # Made for CUDA, as on the GPU machine (xbm sizes its batch by the device type),
                 # then run on the CPU.
                 problem = dataclasses.replace(op.make_problem(n, d, dtype, cuda, args.seed, **params), size=n,
                                               device=cpu)
                 tiny = dataclasses.replace(
-                    op.make_problem(min(problem.requested_size, 32), d, dtype, cuda, args.seed, **params), device=cpu)
+                    op.make_problem(op.warm_up_size(problem), d, dtype, cuda, args.seed, **params), device=cpu)
                 for case in cases:
                     if not case.supports(problem)[0]:
                         continue

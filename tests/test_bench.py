@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from importlib.util import find_spec as importlib_find_spec
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,33 @@ def test_cli_pairwise_table_csv_and_plot(tmp_path, capsys):
     assert again[: len(rows)] == rows and {r["n"] for r in again[len(rows):]} == {"8"}
 
 
+def test_table_and_plot_keep_each_dtype_apart(tmp_path, monkeypatch):
+    # `--dtype fp64,fp32` runs each dtype in turn: neither the table nor the chart may put the
+    # rows of both under one dtype's heading.
+    results = []
+    for dtype in (torch.float64, torch.float32):
+        results += run_benchmarks(["pairwise"], sizes=[16, 24], dim=4, device="cpu", dtype=dtype, repeat=1, warmup=0,
+                                  cases=["torch.cdist"])
+    sections = format_table(results).split("== pairwise")[1:]
+    assert len(sections) == 2, format_table(results)
+    for section, dtype in zip(sections, ("float64", "float32")):
+        assert f"dtype {dtype};" in section and section.count(" torch.cdist ") == 2, section
+    if not bench_report.matplotlib_available():
+        return
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig))
+    bench_report.plot_results(results, tmp_path / "p.png")
+    time_axes = figures[0].axes[:2] if len(figures[0].axes) == 4 else figures[0].axes
+    titles = sorted(ax.get_title() for ax in figures[0].axes if "peak" not in ax.get_title())
+    assert titles == ["pairwise (float32, D=4)", "pairwise (float64, D=4)"], titles
+    for ax in time_axes:
+        cdist = [line for line in ax.get_lines() if line.get_label() == "torch.cdist"]
+        assert [list(line.get_xdata()) for line in cdist] == [[16, 24]], ax.get_title()
+    plt.close(figures[0])
+
+
 def test_plot_without_matplotlib_fails_before_measuring(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(bench_report, "matplotlib_available", lambda: False)
     called = []
@@ -99,6 +127,9 @@ def test_plot_without_matplotlib_fails_before_measuring(tmp_path, capsys, monkey
         ["bench", "--isolate", "--memory-limit-gib", "inf"],
         ["bench", "--isolate", "--case-timeout", "inf"],
         ["bench", "--max-seconds", "nan"],
+        # past torch.Generator.manual_seed's range: every case failed with an overflow naming nothing
+        ["bench", "--seed", "99999999999999999999999"],
+        ["bench", "--seed", "-1"],
     ],
 )
 def test_bad_arguments_exit_with_usage_error(argv, capsys):
@@ -114,6 +145,83 @@ def test_bad_dtype_and_device(capsys):
     if not torch.cuda.is_available():
         assert main(["bench", "--ops", "pairwise", "--device", "cuda", "--no-progress"]) == 2
         assert "no CUDA device" in capsys.readouterr().err
+
+
+def _two_fake_cuda_devices(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+
+
+def test_a_cuda_device_index_past_the_last_device_is_refused(monkeypatch, capsys):
+    from torchfg.bench.core import resolve_device
+
+    _two_fake_cuda_devices(monkeypatch)
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+    for name in ("cuda:2", torch.device("cuda", 7)):
+        with pytest.raises(ValueError, match=r"cuda:(2|7).*2 CUDA device"):
+            resolve_device(name)
+    with pytest.raises(ValueError, match="does not exist"):
+        run_benchmarks(["pairwise"], device="cuda:2")
+    assert main(["bench", "--ops", "pairwise", "--device", "cuda:2", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--device" in err and "cuda:2" in err
+
+
+def test_cuda_events_are_recorded_on_the_measured_devices_stream(monkeypatch):
+    # No GPU here: the CUDA calls measure() makes are stood in for, and the stream each event was
+    # recorded on is kept. A run on cuda:1 must time cuda:1's stream, not the current device's.
+    from torchfg.bench.measure import measure
+
+    recorded = []
+
+    class Event:
+        def __init__(self, enable_timing: bool = False) -> None:
+            pass
+
+        def record(self, stream=None) -> None:
+            recorded.append(stream)
+
+        def elapsed_time(self, end) -> float:
+            return 1.0
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: f"stream of {torch.device(device)}")
+    for name in ("synchronize", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda device=None: None)
+    for name in ("memory_allocated", "max_memory_allocated"):
+        monkeypatch.setattr(torch.cuda, name, lambda device=None: 0)
+    m = measure(lambda: None, device="cuda:1", warmup=0, repeat=3)
+    assert m.repeats == 3 and recorded == ["stream of cuda:1"] * 6
+
+
+def test_a_cuda_run_makes_its_device_current(monkeypatch):
+    import torchfg.bench.core as core
+
+    _two_fake_cuda_devices(monkeypatch)
+    current = []
+
+    class FakeDevice:  # torch.cuda.device(...) as a context manager, without a GPU
+        def __init__(self, device) -> None:
+            self.device = torch.device(device)
+
+        def __enter__(self) -> None:
+            current.append(self.device)
+
+        def __exit__(self, *exc) -> None:
+            current.pop()
+
+    seen = []
+    monkeypatch.setattr(torch.cuda, "device", FakeDevice)
+    monkeypatch.setattr(core, "environment_fields", lambda device: {})
+    monkeypatch.setattr(core, "_run_one", lambda op, problem, case, *a, **kw: seen.append(list(current)) or
+                        core.Result(op.name, case.name, case.kind, problem.n, problem.m, problem.d, "", "", "ok"))
+    run_benchmarks(["pairwise"], sizes=[8], dim=4, device="cuda:1", cases=["torch.cdist"])
+    assert seen == [[torch.device("cuda:1")]] and current == []
+    # The worker of an isolated run too.
+    monkeypatch.setattr(bench_worker, "measure_case_and_floor", lambda *a, **kw: seen.append(list(current)) or 1 / 0)
+    bench_worker.main([json.dumps({"op": "pairwise", "case": "torch.cdist", "n": 8, "d": 4, "dtype": "float32",
+                                   "device": "cuda:1", "seed": 0, "warmup": 0, "repeat": 1, "max_seconds": None})])
+    assert seen[-1] == [torch.device("cuda:1")]
 
 
 def test_every_op_runs_or_says_not_available():
@@ -160,11 +268,14 @@ def test_baselines_compute_what_torchfg_computes(op_name, baseline, params):
     if not ok:
         pytest.skip(f"{op_name} not available: {why}")
     case = _find_case(op, baseline)
-    ok, why = case.available(CPU, torch.float64)
+    # fp64 so that no near-tie flips a hardest pair between the two routes; a baseline that runs in
+    # fp32 only (faiss) is compared in fp32, at its own tolerance.
+    dtype = torch.float64 if case.available(CPU, torch.float64)[0] else torch.float32
+    ok, why = case.available(CPU, dtype)
     if not ok:
         pytest.skip(why)
-    # Odd sizes, fp64 so that no near-tie flips a hardest pair between the two routes.
-    problem = op.make_problem(37, 11, torch.float64, CPU, seed=3, **params)
+    # Odd sizes.
+    problem = op.make_problem(37, 11, dtype, CPU, seed=3, **params)
     assert case.supports(problem)[0]
     expected = _outputs(op_name, "torchfg[torch]", problem)
     got = _outputs(op_name, baseline, problem)
@@ -177,6 +288,36 @@ def test_baselines_compute_what_torchfg_computes(op_name, baseline, params):
             continue
         assert torch.isfinite(e).all()
         torch.testing.assert_close(g.double(), e.double(), rtol=rtol, atol=atol)
+
+
+def test_faiss_runs_in_float32_only():
+    # faiss searches float32 copies of the data: a row of another dtype would carry a label it never ran in.
+    pytest.importorskip("faiss")
+    results = run_benchmarks(["knn"], sizes=[24], dim=8, device="cpu", dtype=torch.float64, repeat=1, warmup=0,
+                             params={"k": 3}, cases=["faiss.IndexFlat"])
+    assert [r.status for r in results] == ["skipped: faiss-cpu searches float32 only, not float64"]
+    assert not [r for r in results if bench_report.is_csv_row(r)]
+    ok, why = _find_case(load_op("knn"), "faiss.IndexFlat").available(CPU, torch.float32)
+    assert ok, why
+
+
+def test_a_k_or_batch_larger_than_the_size_is_refused_not_cut(capsys):
+    # The CSV's params column records the k and batch asked for: a search of fewer than k rows, or a
+    # smaller batch than asked, would be recorded as what it is not.
+    with pytest.raises(ValueError, match=r"k must be <= N .* k=20 for N=16"):
+        run_benchmarks(["knn"], sizes=[64, 16], dim=4, device="cpu", params={"k": 20})
+    with pytest.raises(ValueError, match=r"batch must be <= N .* batch=32 for N=16"):
+        run_benchmarks(["xbm"], sizes=[16], dim=4, device="cpu", params={"batch": 32})
+    assert main(["bench", "--ops", "knn", "--sizes", "16", "--param", "k=20", "--device", "cpu", "--no-progress"]) == 2
+    assert "k must be <= N" in capsys.readouterr().err
+    # At the limit, and with the warm-up problem sized so that it too is allowed (32 rows by default).
+    results = run_benchmarks(["knn", "xbm"], sizes=[40], dim=4, device="cpu", repeat=1, warmup=0,
+                             params={"k": 40, "batch": 40}, cases=["torchfg[torch]"])
+    assert [(r.op, r.status, r.n, r.params) for r in results] == [
+        ("knn", "ok", 40, "k=40;metric=euclidean"), ("xbm", "ok", 40, "batch=40;per_class=4")]
+    # The default batch (0: the device type's) still fits itself to a small memory, and says so in n.
+    (small,) = run_benchmarks(["xbm"], sizes=[12], dim=4, device="cpu", repeat=1, warmup=0, cases=["torchfg[torch]"])
+    assert (small.status, small.n, small.m, small.params) == ("ok", 12, 12, "batch=0;per_class=4")
 
 
 def test_worker_and_isolated_run():
@@ -258,7 +399,7 @@ def test_commit_of_an_install_inside_another_repository_is_unknown(tmp_path, mon
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, module)  # its dataclass looks itself up there
     spec.loader.exec_module(module)
-    assert module._git_commit() == "unknown"
+    assert module.git_commit() == "unknown"
     fields = module.environment_fields("cpu")
     assert fields["commit"] == "unknown" and fields["torchfg"] == torchfg.__version__
 
@@ -315,6 +456,51 @@ def test_isolated_limits_become_error_rows():
     assert result.status.startswith("error: RuntimeError: timeout: not done after 0.05 s"), result.status
 
 
+class _CompilerFailure(Exception):
+    """Stands for Triton's OutOfResources / CompilationError: an Exception, none of the builtin kinds."""
+
+
+@pytest.mark.parametrize("error", [_CompilerFailure("out of resource: shared memory, Required: 232448"),
+                                   ImportError("cannot import name 'spatial' from 'scipy'")])
+def test_any_failing_case_becomes_an_error_row_and_the_run_goes_on(error, monkeypatch, tmp_path):
+    import dataclasses
+
+    import torchfg.bench.pairwise as pairwise
+
+    def failing(problem):
+        def run():
+            raise error
+
+        return run
+
+    cases = pairwise.BENCH.cases
+    monkeypatch.setattr(pairwise, "BENCH", dataclasses.replace(
+        pairwise.BENCH, cases=lambda: [dataclasses.replace(cases()[0], setup=failing), *cases()[1:]]))
+    results = run_benchmarks(["pairwise"], sizes=[8], dim=4, device="cpu", repeat=1, warmup=0,
+                             cases=["torchfg[torch]", "torch.cdist"])
+    assert [r.status.split(":")[0] for r in results] == ["error", "ok"]
+    assert results[0].status.startswith(f"error: {type(error).__name__}: "), results[0].status
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, SystemExit])
+def test_an_interrupt_still_stops_the_run(stop, monkeypatch):
+    import dataclasses
+
+    import torchfg.bench.pairwise as pairwise
+
+    def interrupted(problem):
+        def run():
+            raise stop()
+
+        return run
+
+    cases = pairwise.BENCH.cases
+    monkeypatch.setattr(pairwise, "BENCH", dataclasses.replace(
+        pairwise.BENCH, cases=lambda: [dataclasses.replace(case, setup=interrupted) for case in cases()]))
+    with pytest.raises(stop):
+        run_benchmarks(["pairwise"], sizes=[8], dim=4, device="cpu", repeat=1, warmup=0, cases=["torch.cdist"])
+
+
 def test_worker_reports_errors_as_json(capsys):
     request = {"op": "pairwise", "case": "no such case", "n": 8, "d": 4, "dtype": "float32", "device": "cpu",
                "seed": 0, "warmup": 0, "repeat": 1, "max_seconds": None}
@@ -334,6 +520,34 @@ def test_cases_and_params_select_and_reach_the_problem():
         run_benchmarks(["knn"], sizes=[20], device="cpu", cases=["pml.BatchHard"])
     with pytest.raises(ValueError, match="metric"):
         run_benchmarks(["knn"], sizes=[20], device="cpu", params={"metric": "manhattan"})
+
+
+def test_exit_status_says_whether_the_requested_cases_were_measured(tmp_path, capsys, monkeypatch):
+    tiny = ["bench", "--ops", "pairwise", "--sizes", "8", "--dim", "4", "--repeat", "1", "--warmup", "0",
+            "--device", "cpu", "--no-progress"]
+    assert main(tiny + ["--cases", "torch.cdist"]) == 0
+    # A GPU kernel on a CPU is skipped: fine when not asked for by name, a failure when it was.
+    assert main(tiny) == 0
+    capsys.readouterr()
+    assert main(tiny + ["--cases", "torch.cdist,torchfg[triton]"]) == 1
+    err = capsys.readouterr().err
+    assert "--cases torchfg[triton] (pairwise N=8, float32): skipped" in err
+    # Every requested case failed (here: over the memory limit of its process): nothing was measured.
+    import torchfg.bench.core as core
+
+    def over_the_limit(*args, **kwargs):
+        raise MemoryError("over the memory limit of 0.01 GiB")
+
+    monkeypatch.setattr(core, "_measure_isolated", over_the_limit)
+    assert main(tiny + ["--isolate", "--cases", "torchfg[torch]"]) == 1
+    err = capsys.readouterr().err
+    assert "no case was measured" in err and "--cases torchfg[torch] (pairwise N=8, float32): error: MemoryError" in err
+    # Requested cases that are all skipped (baselines not installed): no rows, and not a success.
+    monkeypatch.setattr(core.importlib.util, "find_spec", lambda name, *a: None if name == "faiss" else
+                        importlib_find_spec(name, *a))
+    assert main(["bench", "--ops", "knn", "--sizes", "16", "--dim", "4", "--repeat", "1", "--device", "cpu",
+                 "--no-progress", "--cases", "faiss.IndexFlat", "--csv", str(tmp_path / "none.csv")]) == 1
+    assert "faiss is not installed" in capsys.readouterr().err and not (tmp_path / "none.csv").exists()
 
 
 def test_cli_rejects_bad_params_and_foreign_csv(tmp_path, capsys):
@@ -470,7 +684,9 @@ def test_append_csv_appends_and_widens_the_header(tmp_path):
 def test_preset_runs_through_the_engine(name, tmp_path, capsys):
     """Each preset (benchmarks/bench_<name>.py) at a tiny size: every run's op, parameters and cases reach the CSV."""
     path = tmp_path / f"{name}.csv"
-    tiny = ["--device", "cpu", "--sizes", "12", "--dim", "8", "--repeat", "1", "--warmup", "0", "--no-isolate",
+    # The knn preset also runs k = 100 and the xbm preset a batch of 4096: N must hold them.
+    size = {"knn": "100", "xbm": "4096"}.get(name, "12")
+    tiny = ["--device", "cpu", "--sizes", size, "--dim", "8", "--repeat", "1", "--warmup", "0", "--no-isolate",
             "--no-progress", "--csv", str(path)]
     if name == "dino":
         tiny += ["--dtype", "fp32"]  # the CPU preset also runs bf16; one dtype is enough here
@@ -486,11 +702,10 @@ def test_preset_runs_through_the_engine(name, tmp_path, capsys):
     assert expected <= baselines, baselines
     if name == "knn":
         assert {r["params"] for r in rows} == {"k=10;metric=euclidean", "k=100;metric=euclidean"}
-        # k = 100 is capped at the gallery's 12 rows.
-        assert {r["shape"] for r in rows} == {f"query = gallery (12, 8), k = {k}, euclidean" for k in (10, 12)}
+        assert {r["shape"] for r in rows} == {f"query = gallery (100, 8), k = {k}, euclidean" for k in (10, 100)}
     if name == "xbm":
         assert all(r["launches"] for r in rows if r["case"] != "faiss.IndexFlat")
-        assert {r["n"] for r in rows if r["op"] == "xbm"} == {"12"}
+        assert {(r["n"], r["m"]) for r in rows if r["op"] == "xbm"} == {("4096", "4096")}
     out = capsys.readouterr().out
     assert f"== {sorted(ops)[0]}" in out
 
@@ -524,6 +739,36 @@ def test_markdown_tables_from_csv(tmp_path):
     assert "| 8 | 40 | 4 | torchfg[torch] | error: MemoryError: over the memory limit |" in text
 
 
+def test_markdown_tables_keep_commits_and_thread_counts_apart():
+    from torchfg.bench.tables import rows_to_markdown
+
+    def row(commit: str, threads: str, median: str) -> dict[str, str]:
+        return {"device": "cpu", "dtype": "float32", "op": "knn", "params": "k=10", "case": "faiss.IndexFlat",
+                "status": "ok", "n": "64", "d": "8", "median_ms": median, "p20_ms": median, "p80_ms": median,
+                "commit": commit, "threads": threads}
+
+    text = rows_to_markdown([row("aaa1111", "1", "1.5"), row("bbb2222", "1", "2.5"), row("aaa1111", "2", "3.5")])
+    captions = [line for line in text.splitlines() if line.startswith("**knn**")]
+    assert len(captions) == 3, text
+    assert [("commit aaa1111" in c, "1 thread(s)" in c) for c in captions] == [(True, True), (False, True), (True, False)]
+    # Each table holds only its own commit's and thread count's row.
+    tables = text.split("**knn**")[1:]
+    assert ["| 1.5 (" in t for t in tables] == [True, False, False] and "| 2.5 (" in tables[1] and "| 3.5 (" in tables[2]
+
+
+def test_benchmarks_readme_tables_are_up_to_date():
+    # benchmarks/README.md holds the tables of benchmarks/results/ as `python -m torchfg.bench.tables
+    # --update` writes them: a change to the tables' code or to a CSV must come with the regenerated page.
+    from torchfg.bench import tables
+
+    text = (ROOT / "benchmarks" / "README.md").read_text(encoding="utf-8")
+    recorded = text.split(tables.START, 1)[1].split(tables.END, 1)[0].strip("\n")
+    results = ROOT / "benchmarks" / "results"
+    assert recorded == tables.results_section(sorted([*results.glob("*.csv"), *results.glob("*.png")])), (
+        "regenerate: python -m torchfg.bench.tables --update benchmarks/README.md "
+        "benchmarks/results/*.csv benchmarks/results/*.png")
+
+
 @pytest.mark.parametrize(
     "kwargs,name",
     [
@@ -534,6 +779,8 @@ def test_markdown_tables_from_csv(tmp_path):
         ({"max_seconds": 0}, "max_seconds"),
         ({"dim": 0}, "dim"),
         ({"device": "tpu"}, "device"),
+        ({"seed": 2**64}, "seed"),
+        ({"seed": -1}, "seed"),
     ],
 )
 def test_run_benchmarks_rejects_bad_arguments(kwargs, name):
@@ -575,6 +822,36 @@ def test_step_host_script_times_the_gpu_path_with_launches_stubbed(tmp_path):
     assert all(r["jit_launches"] == "5" and float(r["host_us_median"]) > 0 for r in rows)
 
 
+def test_step_host_script_records_the_bench_commit_and_writes_each_case_when_done(tmp_path):
+    # The device machines name the commit in TORCHFG_BENCH_COMMIT (their git history is not the
+    # code's); a case that fails or runs out of time must not take the finished cases' rows with it.
+    pytest.importorskip("triton")
+    out = tmp_path / "host.csv"
+    driver = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(ROOT / "benchmarks")!r})
+        import step_host
+
+        made = step_host._cases
+
+        def cases(*args):
+            def broken():
+                raise RuntimeError("the second case broke")
+
+            return {{**made(*args), "atl": broken}}
+
+        step_host._cases = cases
+        step_host.main(["--n", "64", "--d", "16", "--warmup", "1", "--chunks", "1", "--steps", "1",
+                        "--out", {str(out)!r}])
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TORCHFG_BENCH_COMMIT"] = "abc1234 (named)"
+    done = subprocess.run([sys.executable, "-c", driver], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode != 0 and "the second case broke" in done.stderr, done.stderr[-2000:]
+    rows = _read_csv(out)
+    assert [(r["case"], r["commit"]) for r in rows] == [("batch_hard", "abc1234 (named)")]
+
+
 def test_profile_counts_host_reads_and_host_copies() -> None:
     # What keeps a step capturable in a CUDA graph: no device-to-host read, no host data copied in.
     from torchfg.bench.profile import profile_step
@@ -603,3 +880,45 @@ def test_cuda_graph_case_is_a_gpu_case() -> None:
         in_cuda_graph(lambda p: (lambda: None))(problem)
     results = run_benchmarks(["triplet"], sizes=[8], dim=4, device="cpu", repeat=1, cases=["torchfg[triton] cudagraph"])
     assert [r.status.split(":")[0] for r in results] == ["skipped"], [r.status for r in results]
+
+
+def test_a_case_whose_memory_is_not_measured_records_no_peak(tmp_path, monkeypatch):
+    # The CUDA-graph cases allocate their graph's pool at capture, before the measured runs: their
+    # rows must say the peak was not measured, and the table, the chart and the CSV leave it blank.
+    import dataclasses
+
+    import torchfg.bench.pairwise as pairwise
+    from torchfg.bench.core import CUDA_GRAPH_MEMORY
+    from torchfg.bench.tables import csv_to_markdown
+
+    for op_name, case_name in (("triplet", "torchfg[triton] cudagraph"), ("atl", "torchfg[triton] cudagraph")):
+        assert _find_case(load_op(op_name), case_name).memory_unmeasured == CUDA_GRAPH_MEMORY
+    cases = pairwise.BENCH.cases
+    monkeypatch.setattr(pairwise, "BENCH", dataclasses.replace(pairwise.BENCH, cases=lambda: [
+        dataclasses.replace(case, memory_unmeasured=CUDA_GRAPH_MEMORY) if case.name == "torch.cdist" else case
+        for case in cases()]))
+    results = run_benchmarks(["pairwise"], sizes=[8, 12], dim=4, device="cpu", repeat=1, warmup=0,
+                             cases=["torchfg[torch]", "torch.cdist"])
+    unmeasured = [r for r in results if r.case == "torch.cdist"]
+    assert [r.status for r in results] == ["ok"] * 4
+    for r in unmeasured:
+        assert r.measurement.peak_extra_bytes is None
+        row = r.csv_row()
+        assert row["peak_extra_mib"] == "" and row["memory_method"] == f"not measured: {CUDA_GRAPH_MEMORY}"
+    line = next(line for line in format_table(results).splitlines() if " torch.cdist " in line)
+    assert line.split()[-5:-3] == ["-", "ok"], line  # the peak MiB column, then "ok (floor ... ms)"
+    path = tmp_path / "r.csv"
+    bench_report.write_csv(path, results)
+    assert "| 8 | 4 | torch.cdist |" in csv_to_markdown(path)
+    cdist_row = next(line for line in csv_to_markdown(path).splitlines() if "| torch.cdist |" in line)
+    assert cdist_row.endswith("| - |"), cdist_row
+    if bench_report.matplotlib_available():
+        import matplotlib.pyplot as plt
+
+        figures = []
+        monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig))
+        bench_report.plot_results(results, tmp_path / "r.png")
+        memory_axis = next(ax for ax in figures[0].axes if "peak" in ax.get_title())
+        assert [line.get_label() for line in memory_axis.get_lines()] == ["torchfg[torch]"]
+        plt.close(figures[0])
+

@@ -6,14 +6,15 @@ import argparse
 import math
 import os
 import sys
+from typing import Sequence
 
 import torch
 
 from torchfg.bench.core import (
-    OP_NAMES, default_dtype, kernel_time_rows, parse_dtype, parse_param, resolve_device, run_benchmarks,
+    OP_NAMES, Result, default_dtype, kernel_time_rows, parse_dtype, parse_param, resolve_device, run_benchmarks,
 )
 
-__all__ = ["add_arguments", "run", "check_csv_format", "check_writable"]
+__all__ = ["add_arguments", "run", "check_csv_format", "check_writable", "unmet_requests"]
 
 
 def _csv_list(text: str) -> list[str]:
@@ -65,6 +66,16 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
     if not 0 < value < math.inf:  # inf would reach int() and the subprocess timeout as a crash
         raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value < 2**64:  # torch.Generator.manual_seed's range; past it every case failed alike
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to 2**64 - 1, got {text!r}")
     return value
 
 
@@ -155,16 +166,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run each measurement in a fresh subprocess (needed for meaningful CPU peak memory)")
     parser.add_argument("--threads", type=_positive_int, default=None,
                         help="CPU threads for torch (torch.set_num_threads); default: torch's default")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    parser.add_argument("--seed", type=_seed, default=0, help="seed of the random inputs (0 to 2**64 - 1)")
     parser.add_argument("--note", default=None, help="free text stored in a 'note' column of every CSV row")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def unmet_requests(results: Sequence[Result], requested: Sequence[str] | None) -> list[str]:
+    """Why a finished run did not do what was asked (empty: it did), one line per reason.
+
+    Nothing measured at all is a failure; so is any case named in ``--cases`` that was skipped or
+    failed at some size: a script that asked for it by name must not read its absence as success.
+    Cases that were not named (the default: every case) may be skipped, e.g. a GPU kernel on a CPU.
+    """
+    reasons = []
+    if not any(r.status == "ok" for r in results):
+        reasons.append("no case was measured")
+    if requested:
+        for r in results:
+            if r.case in requested and r.status != "ok":
+                size = f" N={r.size or r.n}" if r.n else ""
+                reasons.append(f"--cases {r.case} ({r.op}{size}, {r.dtype}): {r.status}")
+    return reasons
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``torchfg bench`` with parsed arguments; returns the exit status.
 
-    Each CSV row is appended and flushed to disk as soon as its case is measured (or has failed),
-    so a run stopped by a timeout or a kill keeps every row it finished.
+    0 when every case named in ``--cases`` was measured at every size (without ``--cases``: when
+    at least one case was), 1 otherwise (:func:`unmet_requests` says why on stderr), 2 for bad
+    arguments. Each CSV row is appended and flushed to disk as soon as its case is measured (or
+    has failed), so a run stopped by a timeout or a kill keeps every row it finished.
     """
     from torchfg.bench.measure import append_csv
     from torchfg.bench.report import MATPLOTLIB_MISSING, format_table, is_csv_row, matplotlib_available, plot_results
@@ -194,10 +225,14 @@ def run(args: argparse.Namespace) -> int:
         args.case_timeout = args.memory_limit_gib = None
     try:
         device = resolve_device(args.device)
+    except ValueError as exc:
+        print(f"torchfg bench: --device: {exc}", file=sys.stderr)
+        return 2
+    try:
         names = _csv_list(args.dtype) or ["auto"]
         dtypes = [default_dtype(device) if name == "auto" else parse_dtype(name) for name in names]
     except ValueError as exc:
-        print(f"torchfg bench: {exc}", file=sys.stderr)
+        print(f"torchfg bench: --dtype: {exc}", file=sys.stderr)
         return 2
     if args.threads is not None:
         # Also exported so that --isolate subprocesses use the same number.
@@ -253,4 +288,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"torchfg bench: no plot: {exc}", file=sys.stderr)
             return 1
         print(f"plot written to {path}")
-    return 0
+    unmet = unmet_requests(results, args.cases)
+    for reason in unmet:
+        print(f"torchfg bench: {reason}", file=sys.stderr)
+    return 1 if unmet else 0

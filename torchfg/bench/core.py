@@ -66,19 +66,32 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def resolve_device(name: str | None) -> torch.device:
-    """``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``."""
+def resolve_device(name: str | torch.device | None) -> torch.device:
+    """``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (or a torch.device)."""
     if name in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
-    except RuntimeError as exc:
+    except (RuntimeError, TypeError) as exc:
         raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}") from exc
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"device must be a CPU or CUDA device, got {name!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={name!r} was asked for but no CUDA device is available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise ValueError(f"device={str(device)!r} does not exist: this machine has {count} CUDA device(s), "
+                         f"cuda:0 to cuda:{count - 1}")
     return device
+
+
+def on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """Makes ``device`` the current CUDA device inside the block (nothing on a CPU).
+
+    Triton launches its kernels, and PyTorch creates streams and events, on the current device,
+    not on the inputs' one: without this a run on ``cuda:1`` would time ``cuda:0``'s stream.
+    """
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -148,6 +161,9 @@ class Case:
             bundles a second libgomp): it is always measured in a fresh process, because two
             runtimes in one process starve each other's threads (measured on 2 cores: faiss
             and torchfg k-NN at N = 512 took 21 and 10 ms in one process, 2.5 and 3.6 ms apart).
+        memory_unmeasured: why this case's peak memory cannot be measured (empty: it can). Its
+            rows then record no peak and ``memory_method`` ``"not measured: <why>"``, rather
+            than a figure that reads like a measurement.
     """
 
     name: str
@@ -158,6 +174,7 @@ class Case:
     countable: bool = True
     supports: Callable[[Problem], tuple[bool, str]] = lambda problem: (True, "")
     own_thread_pool: bool = False
+    memory_unmeasured: str = ""
 
 
 @dataclass(frozen=True)
@@ -178,6 +195,8 @@ class OpBench:
         requires: ``() -> (ok, why not)``: whether the op's public API is importable.
         params: the op's settable parameters and their defaults (``torchfg bench --param``);
             ``make_problem`` checks their values.
+        smallest_size: ``params -> N``: the smallest size ``make_problem`` accepts with these
+            parameters (k-NN's k, cross-batch memory's batch); 2 by default.
     """
 
     name: str
@@ -193,6 +212,12 @@ class OpBench:
     floor: Callable[[Problem], tuple[str, Callable[[], Any]]] | None = None
     requires: Callable[[], tuple[bool, str]] = lambda: (True, "")
     params: dict[str, Any] = field(default_factory=dict)
+    smallest_size: Callable[[dict[str, Any]], int] = lambda params: 2
+
+    def warm_up_size(self, problem: Problem) -> int:
+        """The N of the tiny problem that loads libraries and compiles kernels before ``problem``'s
+        measurement: 32, or the smallest size these parameters allow, at most ``problem``'s own."""
+        return min(problem.requested_size, max(32, self.smallest_size(problem.params)))
 
     def floor_label(self, problem: Problem) -> str:
         if self.floor is not None:
@@ -269,7 +294,7 @@ class Result:
             "floor": self.floor,
             "floor_ms": num(self.floor_ms, 5),
             "floor_ratio": num(self.floor_ratio),
-            "peak_extra_mib": "" if m is None else f"{m.peak_extra_bytes / 2**20:.2f}",
+            "peak_extra_mib": "" if m is None or m.peak_extra_bytes is None else f"{m.peak_extra_bytes / 2**20:.2f}",
             "memory_method": "" if m is None else m.memory_method,
             "launches": "" if self.launches is None else self.launches,
             "tensor_peak_mib": "" if self.tensor_peak_bytes is None else f"{self.tensor_peak_bytes / 2**20:.2f}",
@@ -344,6 +369,10 @@ def in_cuda_graph(setup: Callable[[Problem], Callable[[], Any]]) -> Callable[[Pr
         return replay
 
     return wrapped
+
+
+# What a :func:`in_cuda_graph` case's rows say for its memory (:attr:`Case.memory_unmeasured`).
+CUDA_GRAPH_MEMORY = "CUDA graph pool allocated at capture"
 
 
 def cuda_graph_available(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
@@ -428,7 +457,7 @@ def _find_case(op: OpBench, case_name: str) -> Case:
 
 def _warm_libraries(op: OpBench, case: Case, problem: Problem) -> None:
     """Run the case once on a tiny problem: loads libraries and compiles kernels outside the window."""
-    tiny = op.make_problem(min(problem.requested_size, 32), problem.d, problem.dtype, problem.device, problem.seed, **problem.params)
+    tiny = op.make_problem(op.warm_up_size(problem), problem.d, problem.dtype, problem.device, problem.seed, **problem.params)
     fn = case.setup(tiny)
     fn()
     del fn
@@ -468,6 +497,9 @@ def measure_case(
     fn = case.setup(problem)
     try:
         run = CaseRun(measure(fn, device=problem.device, warmup=warmup, repeat=repeat, max_seconds=max_seconds))
+        if case.memory_unmeasured:
+            run.measurement = dataclasses.replace(run.measurement, peak_extra_bytes=None,
+                                                  memory_method=f"not measured: {case.memory_unmeasured}")
         if launches and case.countable:
             from torchfg.bench.profile import profile_step
 
@@ -680,7 +712,7 @@ def run_benchmarks(
         >>> {"torchfg[torch]", "torch.cdist"} <= {r.case for r in results if r.status == "ok"}
         True
     """
-    device = resolve_device(device) if not isinstance(device, torch.device) else device
+    device = resolve_device(device)
     dtype = dtype or default_dtype(device)
     if repeat < 1:
         raise ValueError(f"repeat must be >= 1, got {repeat}")
@@ -688,6 +720,9 @@ def run_benchmarks(
         raise ValueError(f"sizes must be integers >= 2, got {list(sizes)}")
     if dim is not None and dim < 1:
         raise ValueError(f"dim must be >= 1, got {dim}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        # torch.Generator.manual_seed's range: past it every case would fail with the same error row.
+        raise ValueError(f"seed must be an integer from 0 to 2**64 - 1, got {seed!r}")
     if warmup is None:
         warmup = 2 if device.type == "cuda" else 1
     if warmup < 0:
@@ -742,18 +777,19 @@ def run_benchmarks(
 
         bar = tqdm(total=len(plan), desc="torchfg bench", unit="case", file=sys.stderr, leave=False)
     try:
-        for op, problem, case, skip in plan:
-            if problem is None or case is None:
-                result = Result(op.name, "-", "-", 0, 0, 0, dtype_name(dtype), "", skip, env=env)
-            else:
+        with on_device(device):
+            for op, problem, case, skip in plan:
+                if problem is None or case is None:
+                    result = Result(op.name, "-", "-", 0, 0, 0, dtype_name(dtype), "", skip, env=env)
+                else:
+                    if bar is not None:
+                        bar.set_postfix_str(f"{op.name} N={problem.n} {case.name}")
+                    result = _run_one(op, problem, case, env, repeat, warmup, max_seconds, isolate, **limits)
+                results.append(result)
+                if on_result is not None:
+                    on_result(result)
                 if bar is not None:
-                    bar.set_postfix_str(f"{op.name} N={problem.n} {case.name}")
-                result = _run_one(op, problem, case, env, repeat, warmup, max_seconds, isolate, **limits)
-            results.append(result)
-            if on_result is not None:
-                on_result(result)
-            if bar is not None:
-                bar.update(1)
+                    bar.update(1)
     finally:
         if bar is not None:
             bar.close()
@@ -808,8 +844,10 @@ def _run_one(
     run = _measure_isolated if isolate else measure_case_and_floor
     try:
         outcome = run(op, case, problem, **kwargs)
-    except (RuntimeError, MemoryError, ValueError, TypeError, NotImplementedError) as exc:
-        # One failing case (out of memory, over time, an unsupported dtype in a baseline) must not end the run.
+    except Exception as exc:
+        # One failing case must not end the run: out of memory, over time, an unsupported dtype in a
+        # baseline, Triton's OutOfResources or CompilationError, a baseline whose own dependencies
+        # do not import (ImportError). KeyboardInterrupt and SystemExit are not Exceptions: they stop it.
         result.status = _short_error(exc)
         if problem.device.type == "cuda":
             torch.cuda.empty_cache()

@@ -9,7 +9,7 @@ given the gallery explicitly (the general chunked path), the kernels (Triton's f
 opt-in until timed, as its own cases: ``TORCHFG_KNN_FILTER=1``, the self-search computing each
 pair once and, with the gallery given, every tile in chunks of queries), the plain PyTorch route (the whole
 N x N ``torch.cdist`` matrix, then ``topk``; euclidean only) and faiss-cpu's flat index
-(``IndexFlatL2``, or ``IndexFlatIP`` for ``dot`` / ``cosine``; CPU tensors only, fp32). Building
+(``IndexFlatL2``, or ``IndexFlatIP`` for ``dot`` / ``cosine``; CPU tensors only, fp32 runs only). Building
 the faiss index is part of its timed step.
 """
 
@@ -30,10 +30,13 @@ METRIC = "euclidean"
 def make_problem(
     n: int, d: int, dtype: torch.dtype, device: torch.device, seed: int = 0, *, k: int = K, metric: str = METRIC
 ) -> Problem:
-    """The :class:`Problem` of size ``n``: queries = gallery = N rows of width D, k = min(k, N)."""
+    """The :class:`Problem` of size ``n``: queries = gallery = N rows of width D, k <= N neighbours."""
     k = check_int(k, "k", 1)
     metric = check_choice(metric, "metric", METRICS)
-    return Problem("knn", n, n, d, dtype, device, seed, {"k": min(k, n), "metric": metric}, {"k": k, "metric": metric})
+    if k > n:
+        # Searching fewer than k rows would time a smaller k than the params column records.
+        raise ValueError(f"k must be <= N (the gallery's rows), got k={k} for N={n}: raise the sizes or lower k")
+    return Problem("knn", n, n, d, dtype, device, seed, {"k": k, "metric": metric}, {"k": k, "metric": metric})
 
 
 def _query(problem: Problem) -> torch.Tensor:
@@ -136,6 +139,9 @@ def _faiss_ok(device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
         return ok, why + " (pip install faiss-cpu)"
     if device.type != "cpu":
         return False, "faiss-cpu searches CPU arrays only"
+    if dtype != torch.float32:
+        # faiss_flat_search hands faiss float32 copies: its row would be labelled with a dtype it never ran in.
+        return False, f"faiss-cpu searches float32 only, not {str(dtype).removeprefix('torch.')}"
     return True, ""
 
 
@@ -181,4 +187,5 @@ BENCH = OpBench(
     shape=lambda p: f"query = gallery ({p.n}, {p.d}), k = {p.extra['k']}, {p.extra['metric']}",
     requires=api_available("torchfg.ops.knn", "knn"),
     params={"k": K, "metric": METRIC},
+    smallest_size=lambda params: params["k"],
 )

@@ -33,6 +33,7 @@ __all__ = [
     "matmul_floor",
     "device_name",
     "environment_fields",
+    "git_commit",
     "append_csv",
 ]
 
@@ -42,13 +43,15 @@ class Measurement:
     """Timing quantiles over ``repeats`` runs and the peak memory above the starting point.
 
     ``memory_method`` says how ``peak_extra_bytes`` was obtained: ``"cuda_allocator"``,
-    ``"rss_reset_peak"`` (Linux, peak reset before the first call) or ``"rss_peak_growth"``.
+    ``"rss_reset_peak"`` (Linux, peak reset before the first call) or ``"rss_peak_growth"``; or
+    ``"not measured: <why>"`` with ``peak_extra_bytes`` None, for a case whose memory the
+    measurement cannot see (:attr:`torchfg.bench.core.Case.memory_unmeasured`).
     """
 
     median_ms: float
     p20_ms: float
     p80_ms: float
-    peak_extra_bytes: int
+    peak_extra_bytes: int | None
     repeats: int
     memory_method: str = ""
 
@@ -151,13 +154,16 @@ def measure(
         torch.cuda.reset_peak_memory_stats(device)
         memory_method, base = "cuda_allocator", torch.cuda.memory_allocated(device)
     times: list[float] = []
+    # The events go on the measured device's stream: record() without one uses the current
+    # device's, which is not ``device`` when a run on cuda:1 did not make it current.
+    stream = torch.cuda.current_stream(device) if is_cuda else None
     start_all = time.perf_counter()
     for _ in range(repeat):
         if is_cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+            start.record(stream)
             fn()
-            end.record()
+            end.record(stream)
             torch.cuda.synchronize(device)
             times.append(start.elapsed_time(end))
         else:
@@ -213,7 +219,7 @@ def _git(*args: str) -> str:
     return out.stdout.strip() if out.returncode == 0 else ""
 
 
-def _git_commit() -> str:
+def git_commit() -> str:
     """Short commit of the checkout, with ``+dirty`` when the measured code differs from it.
 
     The measured code is the package, C and CUDA sources included (changed or untracked files
@@ -256,7 +262,7 @@ def environment_fields(device: torch.device | str) -> dict[str, str]:
         "torchfg": torchfg_version,
         "torch": torch.__version__,
         "triton": triton_version,
-        "commit": _git_commit(),
+        "commit": git_commit(),
         "threads": str(torch.get_num_threads()),
         # CPU timings on a shared machine depend on what else runs: keep the 1-minute load.
         "load_avg": f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "",

@@ -21,8 +21,12 @@ def _fmt(x: float | None, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
+def _mib(size: int | None) -> float | None:
+    return None if size is None else size / 2**20
+
+
 def format_table(results: Sequence[Result]) -> str:
-    """A plain-text table per op: time, TFLOP/s, ratio to the floor, peak extra memory, status.
+    """A plain-text table per (op, dtype): time, TFLOP/s, ratio to the floor, peak extra memory, status.
 
     Example:
         >>> from torchfg.bench import run_benchmarks
@@ -31,11 +35,13 @@ def format_table(results: Sequence[Result]) -> str:
         == pairwise: ...
     """
     lines: list[str] = []
-    by_op: dict[str, list[Result]] = defaultdict(list)
+    # `--dtype bf16,fp32` runs every op once per dtype: one table each, or the rows of both would
+    # sit under the first one's dtype.
+    by_op_and_dtype: dict[tuple[str, str], list[Result]] = defaultdict(list)
     for r in results:
-        by_op[r.op].append(r)
+        by_op_and_dtype[(r.op, r.dtype)].append(r)
     header = f"{'N':>7} {'case':<26} {'median ms':>11} {'p20-p80 ms':>21} {'TFLOP/s':>8} {'x floor':>8} {'peak MiB':>9}  status"
-    for op_name, rows in by_op.items():
+    for (op_name, dtype), rows in by_op_and_dtype.items():
         op = load_op(op_name)
         if len(rows) == 1 and rows[0].case == "-":
             lines += [f"== {op_name}: {rows[0].status}", ""]
@@ -43,7 +49,7 @@ def format_table(results: Sequence[Result]) -> str:
         ok = next((r for r in rows if r.measurement is not None), rows[0])
         lines.append(f"== {op_name}: {op.title}")
         floor = (ok.floor or "x @ y.T").split(" (")[0]
-        lines.append(f"   dtype {ok.dtype}; FLOP model {op.flop_model}; floor: {floor}, same N, D and dtype, "
+        lines.append(f"   dtype {dtype}; FLOP model {op.flop_model}; floor: {floor}, same N, D and dtype, "
                      "timed right after each case")
         lines.append(header)
         previous_n = None
@@ -58,7 +64,8 @@ def format_table(results: Sequence[Result]) -> str:
             spread = f"{m.p20_ms:.4g}-{m.p80_ms:.4g}"
             lines.append(
                 f"{r.size or r.n:>7} {r.case:<26} {m.median_ms:>11.4g} {spread:>21} {_fmt(r.tflops, '.3g'):>8} "
-                f"{_fmt(r.floor_ratio, '.3g'):>8} {m.peak_extra_bytes / 2**20:>9.1f}  ok (floor {_fmt(r.floor_ms, '.4g')} ms)"
+                f"{_fmt(r.floor_ratio, '.3g'):>8} {_fmt(_mib(m.peak_extra_bytes), '.1f'):>9}  "
+                f"ok (floor {_fmt(r.floor_ms, '.4g')} ms)"
             )
         lines.append("")
     gpu_skipped = sorted({f"{r.op}:{r.case}" for r in results if r.gpu_kernel and r.status.startswith("skipped")})
@@ -93,7 +100,7 @@ def matplotlib_available() -> bool:
 
 
 def plot_results(results: Sequence[Result], path: str | os.PathLike) -> Path:
-    """Time-vs-N (top row, with the floor dashed) and memory-vs-N (bottom row) per op, to a PNG.
+    """Time-vs-N (top row, with the floor dashed) and memory-vs-N (bottom row) per (op, dtype), to a PNG.
 
     Raises:
         ImportError: matplotlib is not installed (the message says how to install it).
@@ -109,18 +116,24 @@ def plot_results(results: Sequence[Result], path: str | os.PathLike) -> Path:
     measured = [r for r in results if r.measurement is not None]
     if not measured:
         raise ValueError("no measured result to plot")
-    ops = list(dict.fromkeys(r.op for r in measured))
-    fig, axes = plt.subplots(2, len(ops), figsize=(5 * len(ops), 8), squeeze=False)
-    for col, op_name in enumerate(ops):
-        rows = [r for r in measured if r.op == op_name]
+    # One column per dtype too: the lines of two dtypes' runs of a case would be joined into one.
+    panels = list(dict.fromkeys((r.op, r.dtype) for r in measured))
+    fig, axes = plt.subplots(2, len(panels), figsize=(5 * len(panels), 8), squeeze=False)
+    for col, (op_name, dtype) in enumerate(panels):
+        rows = [r for r in measured if (r.op, r.dtype) == (op_name, dtype)]
         time_ax, mem_ax = axes[0][col], axes[1][col]
         for case in dict.fromkeys(r.case for r in rows):
-            pts = sorted((r.size or r.n, r.measurement.median_ms, r.measurement.p20_ms, r.measurement.p80_ms,
-                          r.measurement.peak_extra_bytes / 2**20) for r in rows if r.case == case)
+            pts = sorted(((r.size or r.n, r.measurement.median_ms, r.measurement.p20_ms, r.measurement.p80_ms,
+                           _mib(r.measurement.peak_extra_bytes)) for r in rows if r.case == case),
+                         key=lambda p: p[0])
             ns = [p[0] for p in pts]
             line = time_ax.plot(ns, [p[1] for p in pts], marker="o", label=case)[0]
             time_ax.fill_between(ns, [p[2] for p in pts], [p[3] for p in pts], color=line.get_color(), alpha=0.2)
-            mem_ax.plot(ns, [p[4] for p in pts], marker="o", label=case, color=line.get_color())
+            # A case whose memory was not measured has no point there, rather than a zero.
+            memory = [(p[0], p[4]) for p in pts if p[4] is not None]
+            if memory:
+                mem_ax.plot([p[0] for p in memory], [p[1] for p in memory], marker="o", label=case,
+                            color=line.get_color())
         # The floor is timed next to every case: plot its median per N.
         floor_times: dict[int, list[float]] = defaultdict(list)
         for r in rows:
@@ -129,9 +142,9 @@ def plot_results(results: Sequence[Result], path: str | os.PathLike) -> Path:
         floor = [(n, statistics.median(times)) for n, times in sorted(floor_times.items())]
         if floor:
             time_ax.plot([f[0] for f in floor], [f[1] for f in floor], "k--", label=f"floor: {rows[0].floor.split(' (')[0]}")
-        title = f"{op_name} ({rows[0].dtype}, D={rows[0].d})"
+        title = f"{op_name} ({dtype}, D={rows[0].d})"
         time_ax.set(title=title, xlabel="N", ylabel="median time (ms), p20-p80 shaded", yscale="log")
-        mem_ax.set(title=f"{op_name}: peak extra memory", xlabel="N", ylabel="MiB")
+        mem_ax.set(title=f"{op_name} ({dtype}): peak extra memory", xlabel="N", ylabel="MiB")
         # symlog: a zero growth (memory reused) still shows, linear below 1 MiB.
         mem_ax.set_yscale("symlog", linthresh=1.0)
         for ax in (time_ax, mem_ax):

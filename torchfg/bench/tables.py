@@ -87,7 +87,7 @@ def generic_markdown(rows: Iterable[Mapping[str, str]]) -> str:
 
 
 def rows_to_markdown(rows: Iterable[Mapping[str, str]]) -> str:
-    """One markdown table per (device, dtype, op, params) of the rows.
+    """One markdown table per (device, dtype, op, params, commit, threads) of the rows.
 
     Measured rows (status ``ok``) fill the table; a failed one (out of memory, over its time
     limit) is a row with its status in place of the numbers, so a baseline that could not run at
@@ -98,21 +98,26 @@ def rows_to_markdown(rows: Iterable[Mapping[str, str]]) -> str:
     rows = list(rows)
     if rows and not {"case", "n", "median_ms"} <= set(rows[0]):
         return generic_markdown(rows)
-    groups: dict[tuple[str, str, str, str], list[Mapping[str, str]]] = defaultdict(list)
+    # Rows of another commit or thread count measure other code or another machine share: a table
+    # of their own, its caption naming both, so that no row reads as comparable when it is not.
+    groups: dict[tuple[str, str, str, str, str, str], list[Mapping[str, str]]] = defaultdict(list)
     for row in rows:
         if row.get("status", "ok").startswith("skipped"):
             continue
-        key = (row.get("device", "?"), row.get("dtype", "?"), row.get("op", "?"), row.get("params") or "")
+        key = (row.get("device", "?"), row.get("dtype", "?"), row.get("op", "?"), row.get("params") or "",
+               row.get("commit") or "", row.get("threads") or "")
         groups[key].append(row)
     parts: list[str] = []
-    for (device, dtype, op, params), group in groups.items():
+    for (device, dtype, op, params, commit, threads), group in groups.items():
         group = sorted(group, key=lambda r: (_int(r.get("n", "0")), _int(r.get("m", "0")), _int(r.get("d", "0"))))
         first = group[0]
         setting = f"**{op}** on {device}, {dtype}"
         if params:
             setting += f", {params.replace(';', ', ')}"
-        if first.get("threads"):
-            setting += f", {first['threads']} thread(s)"
+        if threads:
+            setting += f", {threads} thread(s)"
+        if commit:
+            setting += f", commit {commit}"
         floor = (first.get("floor") or "n/a").split(" (")[0]
         line = f"{setting}. FLOP model: `{first.get('flop_model') or 'n/a'}`; floor: `{floor}`."
         loads = sorted({r.get("load_avg", "") for r in group} - {""}, key=float)

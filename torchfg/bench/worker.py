@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from torchfg.bench.core import _find_case, load_op, measure_case_and_floor, measurement_to_json, parse_dtype
+from torchfg.bench.core import _find_case, load_op, measure_case_and_floor, measurement_to_json, on_device, parse_dtype
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,15 +32,16 @@ def main(argv: list[str] | None = None) -> int:
             request["seed"],
             **request.get("params", {}),
         )
-        run = measure_case_and_floor(
-            op,
-            case,
-            problem,
-            warmup=request["warmup"],
-            repeat=request["repeat"],
-            max_seconds=request["max_seconds"],
-            launches=request.get("launches", False),
-        )
+        with on_device(problem.device):
+            run = measure_case_and_floor(
+                op,
+                case,
+                problem,
+                warmup=request["warmup"],
+                repeat=request["repeat"],
+                max_seconds=request["max_seconds"],
+                launches=request.get("launches", False),
+            )
     except Exception as exc:  # reported to the parent, which records the case as failed
         print(json.dumps({"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}))
         return 0

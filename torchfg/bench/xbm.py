@@ -41,9 +41,17 @@ def make_problem(
     batch: int = 0,
     per_class: int = PER_CLASS,
 ) -> Problem:
-    """A batch of B rows (``batch``; 0: ``BATCH`` of the device type), at most M, against a memory of M rows."""
+    """A batch of B rows against a memory of M rows, B <= M.
+
+    ``batch`` 0 means the device type's ``BATCH``, cut to M (the ``n`` column records the B used);
+    a ``batch`` asked for explicitly must fit the memory.
+    """
     params = {"batch": check_int(batch, "batch", 0), "per_class": check_int(per_class, "per_class", 2)}
-    b = min(params["batch"] or BATCH.get(torch.device(device).type, BATCH["cpu"]), m)
+    if params["batch"] > m:
+        # A smaller batch than asked would be timed under the params column's batch.
+        raise ValueError(f"batch must be <= N (the memory's rows), got batch={params['batch']} for N={m}: "
+                         "raise the sizes or lower batch")
+    b = params["batch"] or min(BATCH.get(torch.device(device).type, BATCH["cpu"]), m)
     extra = {"per_class": params["per_class"], "margin": MARGIN}
     return Problem("xbm", b, m, d, dtype, device, seed, extra, params)
 
@@ -117,4 +125,5 @@ BENCH = OpBench(
     shape=lambda p: f"batch ({p.n}, {p.d}), memory ({p.m}, {p.d}), labels ({p.n},)",
     requires=api_available("torchfg.losses", "CrossBatchMemory"),
     params={"batch": 0, "per_class": PER_CLASS},
+    smallest_size=lambda params: params["batch"] or 2,
 )
