@@ -735,6 +735,7 @@ def compile_specs(specs: list[Spec], ir_dir: Path | None = None) -> list[dict[st
             if ir_dir is not None:
                 ir_dir.mkdir(parents=True, exist_ok=True)
                 (ir_dir / f"{index}.ttir").write_text(kernel.asm["ttir"])
+                (ir_dir / f"{index}.ptx").write_text(ptx)
                 (ir_dir / f"{index}.json").write_text(json.dumps(dataclasses.asdict(spec)))
             report = ptxas_report(ptx, ptxas, flags)
             smem_dynamic = int(kernel.metadata.shared)
@@ -789,7 +790,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="another interpreter (e.g. a triton 3.6 venv) that compiles the same specs")
     parser.add_argument("--out-dir", type=Path, default=RESULTS, help="directory of the --python CSVs")
     parser.add_argument("--jobs", type=int, default=1, help="compile processes")
-    parser.add_argument("--ir-dir", type=Path, help="write each spec's TTIR here (<index>.ttir, <index>.json)")
+    parser.add_argument("--ir-dir", type=Path, help="write each spec's TTIR and PTX here (<index>.ttir, <index>.ptx, <index>.json)")
     args = parser.parse_args(argv)
 
     start = time.perf_counter()

@@ -398,6 +398,26 @@ def test_offset_products_fit_in_32_bits(compiled: dict, kernel: str) -> None:
     assert not failures, f"{kernel}: 32-bit offset arithmetic can overflow:\n" + "\n".join(failures[:40])
 
 
+# Kernels whose fp32 results are the "exact" values the references round correctly: the row
+# statistics that scale every cosine of a row, and the selected pairs' distances (k-NN's
+# recomputation, the fused loss). fp32 `/` and tl.sqrt compile to div.full / sqrt.approx.ftz (1-2
+# ulp, subnormals flushed); the interpreter rounds correctly, so only the PTX shows it.
+IEEE_KERNELS = ("torchfg/ops/triplet/triton.py:_row_stat_kernel", "torchfg/ops/pair_distances/triton.py:_anchor_pair_fwd_kernel")
+APPROXIMATE_PTX = re.compile(r"\b(div\.(full|approx)\.(ftz\.)?f32|sqrt\.approx\.(ftz\.)?f32|rsqrt\.approx)")
+
+
+@pytest.mark.parametrize("kernel", IEEE_KERNELS)
+def test_exact_statistics_compile_to_correctly_rounded_ptx(compiled: dict, kernel: str) -> None:
+    ir_dir: Path = compiled["ir"]
+    specs = [json.loads(p.read_text()) | {"ptx": p.with_suffix(".ptx")} for p in ir_dir.glob("*.json")]
+    mine = [s for s in specs if s["kernel"] == kernel]
+    assert mine, f"no PTX of {kernel}"
+    approximate = sorted({f"({s['case']}): {m.group(0)}" for s in mine
+                          for m in [APPROXIMATE_PTX.search(s["ptx"].read_text())] if m})
+    assert not approximate, f"{kernel}: approximate fp32 arithmetic:\n" + "\n".join(approximate[:20])
+    assert APPROXIMATE_PTX.search("div.full.f32 %r1, %r2, %r3;") and not APPROXIMATE_PTX.search("div.rn.f32 %r1;")
+
+
 def test_offset_check_catches_a_32_bit_product() -> None:
     # The checker itself: rows * stride in i32 overflows at 2**20 rows; the same in i64 does not.
     base = """  tt.func public @k(%x_ptr: !tt.ptr<f16> loc("x_ptr"(#loc)), %N: i32 loc("N"(#loc)), %stride_xn: i32 loc("stride_xn"(#loc))) {

@@ -38,7 +38,9 @@ from torchfg.backends import triton_interpreter_enabled
 from torchfg.ops._triton_utils import cdiv, next_power_of_2, split_scalar
 from torchfg.ops.hardest_triplet_loss import LINK_STRIPES, links_size
 from torchfg.ops.metric import metric_code
-from torchfg.ops.pair_distances.triton import _acc_dtype, finish_pair_distance, pair_distance_gradient
+from torchfg.ops.pair_distances.triton import (
+    _acc_dtype, finish_pair_distance, ieee_div, ieee_sqrt, pair_distance_gradient,
+)
 from torchfg.ops.triplet.triton import fit_block, merge_split_bests, rows_aligned, unpack_best_index
 
 __all__ = ["REDUCTION_CODES", "hardest_triplet_loss_triton", "hardest_triplet_loss_backward_triton"]
@@ -74,7 +76,7 @@ def _log1p(z):
 
 @triton.jit
 def _inverse_norm(squared):
-    return tl.where(squared > 0, 1.0 / tl.sqrt(tl.where(squared > 0, squared, 1.0)), 0.0)
+    return tl.where(squared > 0, ieee_div(1.0, ieee_sqrt(tl.where(squared > 0, squared, 1.0))), 0.0)
 
 
 @triton.jit
@@ -246,7 +248,7 @@ def _hardest_triplet_fwd_kernel(
             tl.store(loss_ptr, total)
         elif REDUCTION >= 2:
             # An empty selection gives 0 with a zero gradient (0 / 1), never 0 / 0.
-            tl.store(loss_ptr, total / tl.maximum(count, 1.0))
+            tl.store(loss_ptr, ieee_div(total, tl.maximum(count, 1.0)))
         tl.store(count_ptr, count)
 
 
