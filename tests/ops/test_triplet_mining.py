@@ -853,3 +853,32 @@ def test_bad_input_names_the_argument(changes, error, name):
     changes = {k: v.to(TEST_DEVICE) if isinstance(v, torch.Tensor) else v for k, v in changes.items()}
     with pytest.raises(error, match=name):
         _bad_call(**changes)
+
+
+@requires_triton
+@pytest.mark.parametrize("tiles", [TILES[1], TILES[5]], ids=["splits", "symmetric"])
+def test_explicit_small_splits_keep_the_grid_within_cudas_y_cap(tiles, monkeypatch):
+    """Splits are the grid's y extent, which CUDA caps at 65535 (the interpreter has none): an
+    explicit 16-candidate split of a 1M-row bank asked for 65536. The cap is 2 here, for 37 rows in
+    16-row tiles (3 splits, or 4 symmetric ones, uncapped): every launch stays within it, and the
+    choices equal those of uncapped splits."""
+    import torchfg.ops.triplet.triton as mining
+
+    x, y = _cluster_batch()
+    tiles = dataclasses.replace(tiles, candidates_per_split=16)
+    expected = run_kernel(x, x, y, y, None, None, tiles, **_BASIC)
+    monkeypatch.setattr(mining, "MAX_GRID_YZ", 2)
+    grids = []
+    kernel_type = type(mining._mine_hardest_kernel)
+    real_getitem = kernel_type.__getitem__
+
+    def recording_getitem(kernel, grid):
+        grids.append(grid)
+        return real_getitem(kernel, grid)
+
+    monkeypatch.setattr(kernel_type, "__getitem__", recording_getitem)
+    got = run_kernel(x, x, y, y, None, None, tiles, **_BASIC)
+    monkeypatch.undo()
+    mined = [g for g in grids if isinstance(g, tuple) and len(g) == 2]
+    assert mined and max(g[1] for g in mined) <= 2, grids
+    assert [t.tolist() for t in got] == [t.tolist() for t in expected]

@@ -21,6 +21,11 @@ TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float
 # Host-side grid arithmetic. triton.cdiv and triton.next_power_of_2 are constexpr functions whose
 # host calls go through a wrapper that unwraps every argument: about 3 us each, and a fused
 # triplet step made 19 of them.
+# CUDA caps a launch grid's y and z dimensions at 65535 programs (x at 2**31 - 1); the
+# interpreter has no cap, so launchers bound their y / z extents themselves.
+MAX_GRID_YZ = 65535
+
+
 def cdiv(numerator: int, denominator: int) -> int:
     """Ceiling of ``numerator / denominator`` for ints (``triton.cdiv`` on the host)."""
     return -(-numerator // denominator)

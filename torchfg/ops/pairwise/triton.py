@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from torchfg.backends import triton_interpreter_enabled
-from torchfg.ops._triton_utils import AutotunedLaunch, cdiv, dot_dtypes, next_power_of_2
+from torchfg.ops._triton_utils import MAX_GRID_YZ, AutotunedLaunch, cdiv, dot_dtypes, next_power_of_2
 from torchfg.ops.metric import metric_code, safe_inverse
 from torchfg.ops.pairwise.reference import row_norms
 
@@ -355,7 +355,7 @@ def _metric_norms(x: torch.Tensor, metric: str) -> torch.Tensor:
 
 # The kernels put the batch on grid z, which CUDA caps at 65535: a larger batch (say 70,000
 # sets of 4 rows) is launched in slices of at most this many batch elements.
-MAX_GRID_BATCH = 65535
+MAX_GRID_BATCH = MAX_GRID_YZ
 
 
 def pairwise_distance_triton(

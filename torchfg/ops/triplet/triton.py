@@ -58,7 +58,7 @@ import triton.language as tl
 from torchfg._validation import accumulation_dtype, env_flag
 from torchfg.backends import triton_interpreter_enabled
 from torchfg.ops.pair_distances.triton import ieee_div, ieee_sqrt
-from torchfg.ops._triton_utils import AutotunedLaunch, cdiv, dot_dtypes, next_power_of_2, split_scalar
+from torchfg.ops._triton_utils import MAX_GRID_YZ, AutotunedLaunch, cdiv, dot_dtypes, next_power_of_2, split_scalar
 from torchfg.ops.metric import metric_code as metric_code_of
 
 __all__ = ["TileConfig", "SplitBests", "mine_hardest_triton", "mine_hardest_triton_tiled", "mine_hardest_splits_triton"]
@@ -1130,7 +1130,8 @@ def _symmetric_splits(n: int, block: int, device: torch.device, tiles_per_split:
     blocks = cdiv(n, block)
     pairs = cdiv(blocks, 2)
     if tiles_per_split is not None:
-        return pairs, cdiv(blocks + 1, max(1, tiles_per_split))
+        # The kernel divides a pair's tiles by the grid's y extent: any count up to the cap works.
+        return pairs, min(MAX_GRID_YZ, cdiv(blocks + 1, max(1, tiles_per_split)))
     if device.type != "cuda":
         return pairs, 1
     target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
@@ -1415,6 +1416,8 @@ def mine_hardest_splits_triton(
         per_split = min(max(1, tiles.candidates_per_split), m)
     else:
         per_split = _default_candidates_per_split(n, m, device)
+    # The splits are the grid's y extent: an explicit small split of a large M (16 of 1M) is widened.
+    per_split = max(per_split, cdiv(m, MAX_GRID_YZ))
     splits = cdiv(m, per_split)
     if splits == 1:
         pos_val = neg_val = torch.empty(1, dtype=acc_torch, device=device)  # not stored
