@@ -549,6 +549,19 @@ def test_torch_compile_fullgraph():
     assert torch.equal(i1, i2)
 
 
+@pytest.mark.parametrize("backend", backends_to_test())
+def test_torch_compile_still_refuses_nan_rows(backend):
+    """The magnitude check was skipped under torch.compile: the Triton kernel's clamp maps a NaN
+    distance to 0, so a NaN gallery row was every query's nearest neighbour. It is a traced
+    assertion there now (fullgraph holds), raised as in eager."""
+    q, g = torch.randn(9, 6), torch.randn(14, 6)
+    compiled = torch.compile(lambda a, b: knn(a, b, 3, backend=backend), fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(q, g)[1], knn(q, g, 3, backend=backend)[1])
+    g[7] = float("nan")
+    with pytest.raises(RuntimeError, match="NaN"):
+        compiled(q, g)
+
+
 def test_torch_compile_dynamic_k_from_a_shape_is_one_graph():
     """k taken from a shape is a SymInt under dynamic=True: the check keeps it symbolic."""
     from torch._dynamo.testing import CompileCounter

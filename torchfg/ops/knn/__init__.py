@@ -182,7 +182,8 @@ def _check_magnitudes(tensors: tuple[tuple[torch.Tensor, str], ...]) -> None:
     On a GPU the check never synchronises with the host: it is a device-side assertion
     (``torch._assert_async``) queued before the search, which fails the CUDA stream with the
     message below if the input is bad (and, like every device-side assert, leaves that CUDA
-    context unusable). Elsewhere it is one host read for all the tensors together, with a
+    context unusable). Under ``torch.compile`` it is that assertion on every device (a traced op,
+    no graph break). Elsewhere it is one host read for all the tensors together, with a
     per-tensor diagnosis that runs only when the check fails.
     """
     if not tensors:
@@ -192,7 +193,9 @@ def _check_magnitudes(tensors: tuple[tuple[torch.Tensor, str], ...]) -> None:
     # A NaN norm fails the comparison too, so one reduction covers non-finite values.
     limit = (torch.finfo(acc).max / 4) ** 0.5
     within = torch.stack([(torch.linalg.vector_norm(x, dim=1, dtype=acc) <= limit).all() for x, _ in tensors]).all()
-    if within.device.type == "cuda":
+    # Under torch.compile too (traced, no graph break): skipped there, a NaN gallery row became every
+    # query's nearest neighbour at distance 0 in the Triton kernel (its clamp maps NaN to 0).
+    if within.device.type == "cuda" or torch.compiler.is_compiling():
         names = " or ".join(name for _, name in tensors)
         torch._assert_async(
             within, f"torchfg.knn: {names} contains NaN/infinite values or rows with norms above {limit:.3g}"
@@ -263,8 +266,7 @@ def _validate(
     if num_query and k > eligible:
         own = " once each query's own row is excluded" if exclude_self else ""
         raise ValueError(f"k={k} exceeds the {eligible} gallery rows available to each query{own}")
-    if not torch.compiler.is_compiling():
-        _check_magnitudes(((query, "query"),) + (() if gallery is None else ((gallery, "gallery"),)))
+    _check_magnitudes(((query, "query"),) + (() if gallery is None else ((gallery, "gallery"),)))
     return k
 
 
