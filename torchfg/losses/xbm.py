@@ -42,7 +42,14 @@ class CrossBatchMemory(nn.Module):
         enqueued and the other rows are the anchors (and are not stored). ``indices_tuple`` adds
         explicit (anchor, memory positive, memory negative) triplets to the mined ones.
         With ``cross_rank=True`` (from ``loss``) the rows to enqueue are gathered from every rank
-        first, so all ranks keep the same memory; this rank's rows are the anchors.
+        first, so all ranks keep the same memory; this rank's rows are the anchors. Ranks whose
+        memories differ (fill level or write position: say a checkpoint restored on one rank
+        only) are refused on every rank.
+
+    One ``backward()`` per call: the loss's backward reads the memory rows as they were, and the
+    next call overwrites them in place, so summing two calls' losses before one backward (two
+    views per step, gradient accumulation) raises PyTorch's "modified by an inplace operation"
+    error, which names the memory's rows, not an input of yours.
 
     Example:
         >>> xbm = CrossBatchMemory(TripletMarginLoss(margin=0.2), embedding_size=16, memory_size=64)

@@ -92,7 +92,8 @@ class TileConfig:
             same labels and text; fp16/bf16/fp32) with the symmetric kernel, which computes each
             pair's tile once for both of its anchors (square ``block_m`` tiles; ``block_n`` must
             equal it, and ``candidates_per_split`` counts candidates of a row block's tile list).
-            None: the ``TORCHFG_SYMMETRIC_MINING`` environment variable ("1" on, else off).
+            None: the ``TORCHFG_SYMMETRIC_MINING`` environment variable (off when unset; read
+            as every on/off variable, see docs/concepts/backends.md: any other value is an error).
             Calls that are not symmetric ignore it.
 
     On a GPU every block size must be a power of two >= 16 (``tl.dot``'s minimum); the
