@@ -716,6 +716,28 @@ def test_wrap_backbone_under_activation_checkpointing(position):
         model.backbone(images)
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpointing_a_region_that_contains_the_stage_says_so(reentrant):
+    """A checkpointed region that contains the wrapped stage recomputes it in backward on tensors
+    the call never saw (its intermediates; or, reentrant, detached inputs): the map cannot be
+    found. The error said to call the wrapper, which the user had done; it now names checkpointing."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.block = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1))
+
+        def forward(self, x):
+            return checkpoint(self.block, x, use_reentrant=reentrant).mean()
+
+    model = wrap_backbone(Net(), "block.1", SemanticChannelAttention(8, 4))
+    images = torch.randn(2, 3, 6, 6, requires_grad=reentrant)
+    out = model(images, torch.rand(2, 4, 12, 12))
+    with pytest.raises(RuntimeError, match="activation checkpointing"):
+        out.backward()
+
+
 def test_wrapped_backbone_saves_after_a_call_and_lets_go_of_the_map():
     """torch.save(model) / pickle after training steps (the per-call map bookkeeping holds weak
     references, which cannot be pickled), and a call's map is released with its activations."""

@@ -489,6 +489,17 @@ class SemanticBackbone(nn.Module):
         entry = self._semantic_of_input.get(id(stage_input)) if keyable else None
         semantic = entry[1] if entry is not None and entry[0]() is stage_input else None
         if semantic is None:
+            if _in_backward():
+                # Activation checkpointing re-ran the stage after the call returned, on an input
+                # the call never saw: a checkpointed region that contains the stage (timm's
+                # checkpoint_seq over blocks, or use_reentrant=True, which detaches its inputs).
+                raise RuntimeError(
+                    f"stage {self.layer_name!r} (wrapped by a semantic module) was re-run by activation "
+                    "checkpointing during backward, on an input its SemanticBackbone call never saw: "
+                    "checkpoint the wrapped stage itself with use_reentrant=False, or wrap a module "
+                    "that contains the whole checkpointed region; a checkpointed region that contains "
+                    "the wrapped stage is not supported"
+                )
             raise RuntimeError(
                 f"stage {self.layer_name!r} is wrapped by a semantic module: call the SemanticBackbone "
                 "wrapper with (images, semantic), not the backbone directly"
@@ -535,6 +546,12 @@ def _forget_entry(owner: SemanticBackbone, key: int) -> Callable[[weakref.ref], 
     return forget
 
 
+def _in_backward() -> bool:
+    """Whether this thread is running an autograd backward pass (a recomputation of checkpointing)."""
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is not None and task() != -1
+
+
 def wrap_backbone(
     backbone: nn.Module, layer_name: str, attention: nn.Module, *, position: str = "after", method: str = "forward"
 ) -> SemanticBackbone:
@@ -556,6 +573,13 @@ def wrap_backbone(
 
     Returns:
         A :class:`SemanticBackbone`; call it as ``model(images, semantic)``.
+
+    Activation checkpointing: checkpointing the wrapped stage itself (``use_reentrant=False``)
+    works, its recomputation uses its own call's map. A checkpointed region that *contains* the
+    stage (timm's ``checkpoint_seq`` over a stage's blocks with a block wrapped, or any
+    ``use_reentrant=True`` checkpoint, which detaches its inputs) recomputes the stage on tensors
+    the call never saw: its backward raises a ``RuntimeError`` that says so. Wrap the checkpointed
+    unit (the stage, not a block inside it) instead.
 
     Example (not run: needs torchvision)::
 
