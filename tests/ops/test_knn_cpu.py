@@ -206,6 +206,29 @@ def test_pool_sized_to_the_columns_it_will_be_offered(metric, monkeypatch):
 
 
 @requires_compiled
+def test_pool_sorts_nan_distances_last_whatever_the_offer_order():
+    """A NaN finish (-inf + inf: x86's default NaN has its sign bit set) made a key below -inf that
+    won the selection, and a NaN k-th distance rejected every later entry. NaN now sorts after +inf
+    as in torch.sort, and the offer order does not matter. (knn() refuses such inputs up front;
+    this is the pool's own contract.)"""
+    raw = torch.zeros(2, 20)
+    raw[:, :10] = float("-inf")
+    raw[1, 15] = float("nan")
+    aux = torch.tensor([float("inf"), float("inf")])
+    finished = raw + aux.unsqueeze(1)
+    expected = torch.sort(finished, dim=1, stable=True)
+    for blocks in (((0, 10), (10, 20)), ((10, 20), (0, 10)), ((5, 17), (0, 5), (17, 20))):
+        pool = cpu_module.CompiledPool(12, 2, "sqeuclidean", aux, num_columns=20)
+        for start, stop in blocks:
+            pool.offer(raw[:, start:stop].contiguous(), start)
+        distances, columns = pool.result()
+        assert torch.equal(columns, expected.indices[:, :12]), blocks
+        want = expected.values[:, :12]
+        assert torch.equal(distances.isnan(), want.isnan()), blocks
+        assert torch.equal(distances.nan_to_num(), want.nan_to_num()), blocks
+
+
+@requires_compiled
 def test_pool_rejects_bad_arguments():
     with pytest.raises(ValueError, match="metric"):
         cpu_module.CompiledPool(3, 4, "manhattan")
@@ -238,14 +261,14 @@ def test_pool_reads_a_single_column_with_any_strides():
 
 
 @requires_compiled
-def test_nan_rows_that_skip_validation_get_a_clear_error():
-    """Under torch.compile knn() does not refuse non-finite rows up front; a NaN row's keys then
-    never compare, and the compiled selection failed later on an out-of-range index."""
+def test_nan_rows_are_refused_under_torch_compile_too():
+    """Under torch.compile knn() skipped its input check; a NaN row then reached the selection. The
+    check now runs there too (a traced assertion), with the eager message."""
     x = torch.randn(20, 4, generator=torch.Generator().manual_seed(3))
     x[3] = float("nan")
     compiled = torch.compile(lambda a: knn(a, k=19, metric="sqeuclidean", backend="torch"), backend="eager")
     torch._dynamo.reset()
-    with pytest.raises(ValueError, match="NaN"):
+    with pytest.raises(RuntimeError, match="NaN"):
         compiled(x)
 
 

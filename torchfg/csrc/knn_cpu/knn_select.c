@@ -83,7 +83,12 @@ static inline uint64_t make_key(float d, int32_t c) {
     uint32_t u;
     d = d + 0.0f; /* -0.0 becomes +0.0: equal distances must tie, and then the column decides */
     memcpy(&u, &d, sizeof u);
-    u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+    /* Every NaN after +inf, as torch's sort puts it: x86's default NaN (-inf + inf) has its sign
+     * bit set, and the flip below ordered it before -inf, where it won the selection. */
+    if (d != d)
+        u = 0xffffffffu;
+    else
+        u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
     return ((uint64_t)u << 32) | (uint32_t)c;
 }
 
@@ -113,7 +118,8 @@ static inline float float_of_ordered(int64_t o) {
 /* The largest raw key whose distance is at most d (a bisection over adjacent floats: the finish
  * is non-decreasing). Any raw key above it finishes above d. */
 static float largest_raw_at_most(float d, float aux, int add_aux, int mode) {
-    if (isinf(d) && d > 0) return INFINITY;
+    /* A NaN k-th distance (NaN sorts last) bounds nothing: every raw key may still enter. */
+    if (d != d || (isinf(d) && d > 0)) return INFINITY;
     int64_t lo = ordered_float(-INFINITY), hi = ordered_float(INFINITY);
     /* finish(-inf) <= d for every finish (the clamped ones give 0 <= d); finish(+inf) > d. */
     while (hi - lo > 1) {

@@ -441,8 +441,8 @@ class CompiledPool:
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(distances (R, k) fp32, columns (R, k) int64), sorted by (distance, column).
 
-        Ends the pool (the buffers are consumed). Needs at least k columns offered in all:
-        fewer leave sentinel entries (inf, 2**31 - 1).
+        Ends the pool (the buffers are consumed). Needs at least k columns offered in all (a
+        ValueError otherwise). NaN distances sort after +inf, as in ``torch.sort``.
 
         Raises:
             SlackExhausted: Euclidean only, where a row's k-th distance is shared (under torch's
@@ -458,12 +458,10 @@ class CompiledPool:
                 self.num_rows, self._kept, self._capacity, distances.data_ptr(), columns.data_ptr(),
                 torch.get_num_threads(),
             )  # fmt: skip
-        # The sentinel column survives only where a row's keys did not compare (NaN): the
-        # callers offer at least k columns. knn() refuses such rows up front, but not under
-        # torch.compile; the pure selection returns NaN there, and this one names the cause
-        # instead of failing later on an out-of-range index.
+        # The sentinel column survives only where fewer than k columns were offered: named here
+        # rather than failing later on an out-of-range index.
         if self.num_rows and bool((columns[:, : self.k] == _INT32_MAX).any()):
-            raise ValueError("the k-NN inputs hold NaN: a row has fewer than k distances that compare")
+            raise ValueError(f"a row was offered fewer than k={self.k} columns")
         if not self._sqrt:
             return distances, columns
         return _settle_sqrt(distances, columns, self.k)
