@@ -57,8 +57,10 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda(
         TORCH_CHECK(query_aux.scalar_type() == at::kFloat && gallery_aux.scalar_type() == at::kFloat &&
                         query_aux.is_contiguous() && gallery_aux.is_contiguous() &&
                         query_aux.numel() == query.size(0) && gallery_aux.numel() == gallery.size(0) &&
-                        query_aux.is_cuda() && gallery_aux.is_cuda(),
-                    "torchfg_cuda::knn: query_aux / gallery_aux must be contiguous fp32 CUDA vectors of length Q / G");
+                        query_aux.is_cuda() && gallery_aux.is_cuda() &&
+                        query_aux.get_device() == query.get_device() && gallery_aux.get_device() == query.get_device(),
+                    "torchfg_cuda::knn: query_aux / gallery_aux must be contiguous fp32 vectors of length Q / G "
+                    "on the query's CUDA device");
     }
     const int code = dtype_code(query);
     const c10::cuda::CUDAGuard guard(query.device());
