@@ -605,6 +605,17 @@ def test_center_in_state_dict_round_trip_and_eval_freezes_it():
     torch.testing.assert_close(loss_eval, criterion(student, teacher, 3))
 
 
+def test_update_center_with_no_rows_leaves_the_centre_unchanged():
+    """An update with zero teacher rows (an empty batch, on every rank) has no batch mean: the
+    centre must stay as it is, not decay towards 0 as if the batch mean were 0."""
+    criterion = DINOLoss(6, 3, center_momentum=0.9)
+    criterion.update_center(torch.ones(3, 6))
+    before = criterion.center.clone()
+    torch.testing.assert_close(before, torch.full((6,), 0.1))  # 0.9 * 0 + 0.1 * 1: a non-zero centre
+    criterion.update_center(torch.empty(0, 6))
+    assert torch.equal(criterion.center, before)
+
+
 def test_loss_uses_centre_before_update_and_backward_survives_it():
     criterion = DINOLoss(10, 3, n_epochs=2, center_momentum=0.0)
     student, teacher, _ = make_inputs(3, 2, 2, 10, seed=1, device="cpu")

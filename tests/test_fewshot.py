@@ -378,6 +378,22 @@ def test_evaluate_matches_episode_by_episode_protocol(metric: str, normalize: bo
     assert results[3][0] > results[1][0]
 
 
+def test_evaluate_passes_ddof_to_the_confidence_interval() -> None:
+    """``ddof`` picks the std of the CI (population with 0, sample with 1): the same episodes give
+    the same mean, and CIs in the ratio sqrt((n - 1) / n) of the two standard deviations."""
+    embeddings, labels = clustered_embeddings(10, 15, 12, noise=1.6, seed=19)
+    n_episodes = 40
+    kwargs = dict(n_way=5, n_shot=(1, 2), n_query=6, n_episodes=n_episodes, seed=4, progress=False)
+    population = evaluate(None, (embeddings, labels), ddof=0, **kwargs)
+    sample = evaluate(None, (embeddings, labels), ddof=1, **kwargs)
+    assert sample == evaluate(None, (embeddings, labels), **kwargs)  # ddof=1 is the default
+    for shot in (1, 2):
+        (mean0, ci0), (mean1, ci1) = population[shot], sample[shot]
+        assert mean0 == mean1
+        assert ci1 > 0  # a non-trivial task: the episodes differ
+        assert ci0 / ci1 == pytest.approx(math.sqrt((n_episodes - 1) / n_episodes), rel=1e-12)
+
+
 def test_evaluate_extremes() -> None:
     separable, labels = clustered_embeddings(8, 20, 12, noise=1e-3, seed=17)
     assert evaluate(None, (separable, labels), n_episodes=30, progress=False, n_shot=1) == {1: (1.0, 0.0)}

@@ -119,9 +119,10 @@ def test_triplet_margin_miner_with_reference_set_equals_pml():
 
 def test_triplet_margin_miner_classifies_exact_boundaries_exactly():
     # Integer points where t = d(a, n) - d(a, p) is exactly 0 or exactly the margin (sqeuclidean):
-    # the fp32 fast path is off by rounding, the exact test is not.
-    x = torch.tensor([[3.0, 0, 3], [1, -3, 0], [3, 1, -1], [2, -3, 2]]) + 1000.0
-    labels = torch.tensor([3, 1, 1, 0])
+    # the fp32 fast path is off by rounding, the exact test is not. The last row is at squared
+    # distance 21 from row 1, as row 2 (its positive) is: t = 0 for the triplet (1, 2, 4).
+    x = torch.tensor([[3.0, 0, 3], [1, -3, 0], [3, 1, -1], [2, -3, 2], [5, -1, 1]]) + 1000.0
+    labels = torch.tensor([3, 1, 1, 0, 0])
     dist = (x.double()[:, None] - x.double()[None]).square().sum(-1)
     for kind in ("all", "hard", "semihard", "easy"):
         a, p, n = TripletMarginMiner(1.0, kind, metric="sqeuclidean")(x, labels)
@@ -132,6 +133,44 @@ def test_triplet_margin_miner_classifies_exact_boundaries_exactly():
         assert torch.equal(a, every[0][keep]) and torch.equal(n, every[2][keep]), kind
         assert t.numel() == int(keep.sum())
     assert (t_all == 1).any()  # the case holds a margin exactly on the boundary
+    assert (t_all == 0).any()  # and a negative exactly as far as the positive (hard, not semihard)
+    assert (t_all < 0).any() and (t_all > 1).any()
+
+
+def _exact_margins(x, triplets):
+    """t = d(a, n) - d(a, p) per returned triplet, squared distances from explicit fp64 differences."""
+    a, p, n = triplets
+    x = x.double()
+    return (x[a] - x[n]).square().sum(-1) - (x[a] - x[p]).square().sum(-1)
+
+
+def _square_with_ties():
+    # sqeuclidean: d(0, 1) = d(0, 2) = 1 and d(3, 2) = d(3, 1) = 41, so t(0, 1, 2) = t(3, 2, 1) = 0;
+    # t(1, 0, 2) = 1, every other triplet has |t| >= 9.
+    return torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [5.0, 5.0]]), torch.tensor([0, 0, 1, 1])
+
+
+def test_hard_triplets_include_a_negative_exactly_as_far_as_the_positive():
+    """PML's "hard" is ``t <= 0`` (closed): a negative at exactly the positive's distance (t == 0)
+    is hard, not dropped, whatever the (positive) margin."""
+    x, labels = _square_with_ties()
+    got = TripletMarginMiner(0.5, "hard", metric="sqeuclidean")(x, labels)
+    triplets = list(zip(*(t.tolist() for t in got)))
+    assert triplets == [(0, 1, 2), (2, 3, 0), (2, 3, 1), (3, 2, 1)]
+    t = _exact_margins(x, got)
+    assert t[triplets.index((0, 1, 2))].item() == 0.0 and t[triplets.index((3, 2, 1))].item() == 0.0
+    assert (t <= 0).all()
+
+
+def test_semihard_triplets_exclude_a_negative_exactly_as_far_as_the_positive():
+    """PML's "semihard" is ``0 < t <= margin``: open at 0 (a tie is hard, not semihard), closed
+    at the margin."""
+    x, labels = _square_with_ties()
+    got = TripletMarginMiner(0.5, "semihard", metric="sqeuclidean")(x, labels)
+    assert all(t.numel() == 0 for t in got)  # t = 0 ties are out, and no t lies in (0, 0.5]
+    got = TripletMarginMiner(1.0, "semihard", metric="sqeuclidean")(x, labels)
+    assert list(zip(*(t.tolist() for t in got))) == [(1, 0, 2)]  # t == 1 == margin in, t == 0 out
+    assert _exact_margins(x, got).tolist() == [1.0]
 
 
 def test_miner_statistics_of_the_returned_triplets():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 
 import numpy as np
@@ -97,6 +98,24 @@ def test_split_episode_rejects_wrong_layout_and_sizes() -> None:
         split_episode(x, labels[:5], 2, 2, 1)
     with pytest.raises(TypeError, match="labels.*integer"):
         split_episode(x, labels.float(), 2, 2, 1)
+
+
+def test_episodic_sampler_keeps_classes_with_exactly_n_shot_plus_n_query_items() -> None:
+    """A class with exactly ``n_shot + n_query`` items is eligible (the bound is ``>=``, not ``>``).
+
+    Every class has 4 = 1 + 3 items, so none may be skipped: no warning, no error, and each
+    5-way episode must hold all 4 items of every class.
+    """
+    labels = torch.arange(5).repeat_interleave(4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sampler = EpisodicSampler(labels, n_way=5, n_shot=1, n_query=3, n_episodes=2, seed=0)
+    assert sampler.classes.tolist() == [0, 1, 2, 3, 4]
+    episodes = list(sampler)
+    assert len(episodes) == 2
+    for index in episodes:
+        assert sorted(index) == list(range(20))  # all 4 items of each of the 5 classes
+        split_episode(torch.zeros(20, 1), labels[index], 5, 1, 3)  # and in the class-major layout
 
 
 def test_episodic_sampler_bad_input() -> None:

@@ -104,6 +104,56 @@ def test_attention_ignores_features_outside_the_region_of_interest():
     assert (foreground_weights - clean_weights).abs().max() > 1e-3
 
 
+def _attention_weights_by_hand(layer, features, semantic, channel_weights):
+    """The documented definition of SemanticChannelAttention's weights ``w`` (B, C), step by step, for
+    a map at twice the features' resolution (area averaging = the mean of each 2 x 2 block)."""
+    batch, channels, height, width = features.shape
+    # 1. resize: each output cell is the mean of the 2 x 2 input cells it covers.
+    s = semantic.unflatten(-2, (height, 2)).unflatten(-1, (width, 2)).mean(dim=(-3, -1))
+    # 2. two 3x3 bias-free conv + ReLU, then the average over space: the semantic embedding (B, E).
+    h = torch.relu(F.conv2d(s, layer.embedding[0].weight, padding=1))
+    h = torch.relu(F.conv2d(h, layer.embedding[2].weight, padding=1))
+    embedded = h.sum(dim=(-2, -1)) / (height * width)
+    # 3. region of interest: the map's channels summed with positive weights; the features'
+    #    weighted spatial mean over it (semantic_weighted_pool, with its eps of 1e-6).
+    roi = (s * channel_weights[None, :, None, None]).sum(dim=1, keepdim=True)
+    pooled = (features * roi).sum(dim=(-2, -1)) / (roi.sum(dim=(-2, -1)) + 1e-6)
+    # 4. bias-free MLP C + E -> hidden -> C, then the sigmoid.
+    z = torch.cat([pooled, embedded], dim=1)
+    z = torch.relu(z @ layer.mlp[0].weight.T) @ layer.mlp[2].weight.T
+    return torch.sigmoid(z)
+
+
+def test_attention_weights_follow_the_documented_definition():
+    """The weights computed by hand (fp64) from the documented steps: in particular the semantic
+    embedding is the spatial *average* of the conv stack's output, and the region of interest is
+    weighted by softplus of the learned foreground logits."""
+    layer = SemanticChannelAttention(10, 3, embed_channels=6, reduction=2).double()
+    _randomize(layer, seed=20)
+    g = torch.Generator().manual_seed(21)
+    features = torch.randn(2, 10, 6, 4, generator=g, dtype=torch.float64)
+    semantic = torch.rand(2, 3, 12, 8, generator=g, dtype=torch.float64)
+    out, weights = layer(features, semantic, return_attention=True)
+    expected = _attention_weights_by_hand(layer, features, semantic, F.softplus(layer.foreground_logits))
+    assert (expected - 0.5).abs().max() > 0.05  # away from the zero-map value: the test has teeth
+    torch.testing.assert_close(weights, expected)
+    torch.testing.assert_close(out, features * 2 * expected[:, :, None, None])
+
+
+def test_region_of_interest_starts_as_the_plain_channel_sum():
+    """At init the learned channel weights softplus(foreground_logits) are all exactly 1 (as the
+    docstring says), so the region of interest is the plain sum of the K channels. Checked on the
+    parameter itself: the weighted mean pool is blind to a common scale of the region (up to eps)."""
+    torch.manual_seed(22)
+    layer = SemanticChannelAttention(10, 4, embed_channels=6, reduction=2).double()
+    torch.testing.assert_close(F.softplus(layer.foreground_logits), torch.ones(4, dtype=torch.float64))
+    g = torch.Generator().manual_seed(23)
+    features = torch.randn(2, 10, 4, 4, generator=g, dtype=torch.float64)
+    semantic = torch.rand(2, 4, 8, 8, generator=g, dtype=torch.float64)
+    _, weights = layer(features, semantic, return_attention=True)
+    torch.testing.assert_close(weights, _attention_weights_by_hand(layer, features, semantic, torch.ones(4, dtype=torch.float64)))
+
+
 def test_gradients_reach_features_embedding_and_mlp():
     torch.manual_seed(8)
     layer = SemanticChannelAttention(20, 3, embed_channels=6, reduction=4)

@@ -121,6 +121,59 @@ def test_adaptive_triplet_loss_with_a_text_memory(backend):
         torch.testing.assert_close(xbm.text_memory[:size], ring_text[:size])
 
 
+@pytest.mark.parametrize("backend", backends_to_test())
+def test_adaptive_memory_sends_no_gradient_into_the_text_embeddings(backend):
+    """Text embeddings are weak-label targets: through the memory too (mined triplets and an
+    indices_tuple), the backward reaches the image embeddings only, never the text."""
+    g = torch.Generator().manual_seed(17)
+    xbm = CrossBatchMemory(AdaptiveTripletLoss(margin_scale=2.0, backend=backend), 4, 16, text_size=5)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3], device=TEST_DEVICE)
+    tuple_ = tuple(torch.tensor(i, device=TEST_DEVICE) for i in ([0, 2], [1, 3], [4, 5]))
+    for indices in (None, tuple_):
+        e = torch.randn(8, 4, generator=g).to(TEST_DEVICE).requires_grad_()
+        t = torch.randn(8, 5, generator=g).to(TEST_DEVICE).requires_grad_()
+        loss = xbm(e, labels, indices_tuple=indices, text_embeddings=t)
+        assert loss.item() > 0
+        loss.backward()
+        assert t.grad is None
+        assert e.grad is not None and e.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", backends_to_test())
+def test_indices_tuple_triplets_use_the_adaptive_text_margin_of_the_memory_rows(backend):
+    """With an AdaptiveTripletLoss, a given triplet's margin is m0 + s (1 - cos(t_a, t_n)) / 2 with
+    t_n the negative's text in the memory (text distance: larger for dissimilar text). Its loss,
+    the trailing entries of reduction="none", is checked against that formula by hand in fp64."""
+    g = torch.Generator().manual_seed(18)
+    m0, s, dim, text_dim = 0.1, 0.5, 4, 5
+    xbm = CrossBatchMemory(AdaptiveTripletLoss(m0, s, reduction="none", backend=backend), dim, 16, text_size=text_dim)
+    steps = [
+        (torch.randn(6, dim, generator=g, dtype=torch.float64), torch.tensor(labels),
+         torch.randn(6, text_dim, generator=g, dtype=torch.float64))
+        for labels in ([0, 0, 1, 1, 2, 2], [0, 1, 2, 0, 1, 2])
+    ]
+    steps = [tuple(x.to(TEST_DEVICE) for x in step) for step in steps]
+    xbm(*steps[0][:2], text_embeddings=steps[0][2])
+    emb, labels, text = steps[1]
+    # Anchors index this batch; positives and negatives the memory after the write (rows 6..11: this batch).
+    anchors, positives, negatives = ([0, 1, 2, 3], [0, 3, 5, 1], [2, 4, 7, 5])
+    tuple_ = tuple(torch.tensor(i, device=TEST_DEVICE) for i in (anchors, positives, negatives))
+    per = xbm(emb, labels, indices_tuple=tuple_, text_embeddings=text)
+    assert per.shape == (6 + 4,)  # the mined per-anchor losses, then the given triplets'
+    memory = torch.cat([steps[0][0], emb])
+    memory_text = torch.cat([steps[0][2], text])
+    torch.testing.assert_close(xbm.embedding_memory[:12], memory, rtol=0, atol=0)
+    expected = []
+    for a, p, n in zip(anchors, positives, negatives):
+        d_ap = (emb[a] - memory[p]).square().sum().sqrt()
+        d_an = (emb[a] - memory[n]).square().sum().sqrt()
+        cos = (text[a] * memory_text[n]).sum() / (text[a].norm() * memory_text[n].norm())
+        expected.append(torch.relu(d_ap - d_an + m0 + s * (1 - cos) / 2))
+    expected = torch.stack(expected)
+    assert (expected > 0).all()  # every hinge active: the margin shows in every value
+    torch.testing.assert_close(per[6:], expected)
+
+
 def test_indices_tuple_adds_triplets_like_pml():
     g = torch.Generator().manual_seed(13)
     dim, memory_size = 4, 12
@@ -259,6 +312,22 @@ def test_rejected_indices_tuple_leaves_the_memory_unchanged():
     # In range after the write (memory rows 4..7 are this batch): accepted.
     xbm(emb, labels, indices_tuple=(torch.tensor([0]), torch.tensor([6]), torch.tensor([7])))
     assert xbm.size == 8
+
+
+def test_indices_tuple_one_past_the_filled_memory_is_rejected_before_the_first_write():
+    """On an empty memory the batch's 4 rows are all the memory there will be after the write, so a
+    negative equal to 4 is one past the end: it must raise the indices_tuple ValueError (exclusive
+    bound) and leave the memory empty, not be enqueued and then gathered out of range."""
+    xbm = CrossBatchMemory(TripletMarginLoss(), 3, 8)
+    emb = torch.randn(4, 3, generator=torch.Generator().manual_seed(16))
+    labels = torch.tensor([0, 0, 1, 1])
+    with pytest.raises(ValueError, match="indices_tuple negatives must be in \\[0, 4\\), got values in \\[4, 4\\]"):
+        xbm(emb, labels, indices_tuple=(torch.tensor([0]), torch.tensor([1]), torch.tensor([4])))
+    assert (xbm.size, xbm.queue_idx) == (0, 0)
+    assert torch.equal(xbm.embedding_memory, torch.zeros(8, 3))
+    # The last row after the write (3) is in range.
+    xbm(emb, labels, indices_tuple=(torch.tensor([0]), torch.tensor([1]), torch.tensor([3])))
+    assert xbm.size == 4
 
 
 def _cross_rank_steps(rank, world, batches, backend):

@@ -1094,6 +1094,30 @@ def test_atl_with_indices_tuple_uses_text_margins():
     torch.testing.assert_close(AdaptiveTripletLoss(0.1, 2.0)(x, labels, text, mined), own)
 
 
+@pytest.mark.parametrize("backend", backends_to_test())
+def test_atl_sends_no_gradient_into_the_text_embeddings(backend):
+    """Text embeddings are weak-label targets, not parameters: the margins read them detached, so
+    a backward through the loss (own mining, an indices_tuple, the module) leaves a text tensor
+    that requires grad with no .grad, while the image embeddings get theirs."""
+    g = torch.Generator().manual_seed(33)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    tuple_ = (torch.tensor([0, 2, 5]), torch.tensor([1, 3, 4]), torch.tensor([6, 0, 1]))
+    calls = {
+        "mean": lambda e, t: TF.adaptive_triplet_loss(e, labels, t, margin_scale=2, backend=backend),
+        "none": lambda e, t: TF.adaptive_triplet_loss(e, labels, t, margin_scale=2, reduction="none", backend=backend).sum(),
+        "indices_tuple": lambda e, t: TF.adaptive_triplet_loss(e, labels, t, tuple_, margin_scale=2, backend=backend),
+        "module": lambda e, t: AdaptiveTripletLoss(0.1, 2.0, backend=backend)(e, labels, t),
+    }
+    for name, call in calls.items():
+        e = torch.randn(8, 4, generator=g).requires_grad_()
+        t = torch.randn(8, 5, generator=g).requires_grad_()
+        loss = call(e, t)
+        assert loss.item() > 0, name  # margins of up to 2.1: some triplet is active
+        loss.backward()
+        assert t.grad is None, name
+        assert e.grad is not None and e.grad.abs().sum() > 0, name
+
+
 @pytest.mark.parametrize("mining", ["all", "batch_hard"])
 @pytest.mark.parametrize("margin", [0.3, -0.05])
 def test_swap_and_negative_margin_match_pml(mining, margin):
@@ -1156,6 +1180,24 @@ def test_an_indices_tuple_replaces_triplets_per_anchor_as_in_pml():
             (g1,) = torch.autograd.grad(ours, x)
             (g2,) = torch.autograd.grad(expected, x)
             torch.testing.assert_close(g1, g2)
+
+
+def test_indices_tuple_index_equal_to_the_row_count_is_rejected():
+    """Indices must lie in [0, rows): an index equal to the number of rows is one past the end and
+    must raise the ValueError naming indices_tuple (the bound is exclusive, ``high >= bound``), not
+    slip through to an out-of-range gather. The last valid row is still accepted."""
+    e = torch.randn(4, 3, generator=torch.Generator().manual_seed(32), dtype=torch.float64)
+    labels = torch.tensor([0, 0, 1, 1])
+    ok = (torch.tensor([0]), torch.tensor([1]), torch.tensor([3]))
+    assert TF.triplet_margin_loss(e, labels, ok, reduction="none").shape == (1,)
+    off_by_one = {
+        "anchors": (torch.tensor([4]), torch.tensor([1]), torch.tensor([3])),
+        "positives": (torch.tensor([0]), torch.tensor([4]), torch.tensor([3])),
+        "negatives": (torch.tensor([0]), torch.tensor([1]), torch.tensor([4])),
+    }
+    for name, tuple_ in off_by_one.items():
+        with pytest.raises(ValueError, match=f"indices_tuple {name} must be in \\[0, 4\\), got values in \\[4, 4\\]"):
+            TF.triplet_margin_loss(e, labels, tuple_)
 
 
 @pytest.mark.parametrize("backend", backends_to_test())
