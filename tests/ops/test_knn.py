@@ -562,6 +562,20 @@ def test_torch_compile_still_refuses_nan_rows(backend):
         compiled(q, g)
 
 
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_self_search_puts_each_row_ahead_of_a_near_duplicate(metric):
+    """A self-search below two tiles sets each row's own key to its exact distance (0): a
+    near-duplicate whose fast-form distance rounds to 0 must not win a row's k = 1. Without the
+    self key, row 0 returned row 1 (cosine, norm 8 rows 1e-4 apart)."""
+    gen = torch.Generator().manual_seed(13)
+    x = torch.randn(300, 64, generator=gen) * 8
+    x[1::2] = x[0::2] + 1e-4 * torch.randn(150, 64, generator=gen)  # row 2j + 1 next to row 2j
+    d, i = knn(x, None, 1, metric=metric, backend="torch")
+    # Row 2j + 1 may return row 2j: their fast-form distance rounds to 0, a tie the lower index
+    # wins (the GEMM form cannot tell rows 1e-4 apart at norm 8; numerics.md). Row 2j is the lower.
+    assert torch.equal(i[0::2, 0], torch.arange(0, 300, 2)) and (d[0::2] == 0).all()
+
+
 def test_torch_compile_dynamic_k_from_a_shape_is_one_graph():
     """k taken from a shape is a SymInt under dynamic=True: the check keeps it symbolic."""
     from torch._dynamo.testing import CompileCounter

@@ -229,6 +229,17 @@ def test_pool_sorts_nan_distances_last_whatever_the_offer_order():
 
 
 @requires_compiled
+@pytest.mark.parametrize("metric", ["dot", "sqeuclidean"])
+def test_pool_ties_negative_and_positive_zero(metric):
+    """-0.0 and +0.0 are equal distances: the lower column wins the tie. Without folding -0.0 into
+    +0.0 the key of -0.0 ordered before +0.0's, and column 1 won."""
+    for block in (torch.tensor([[0.0, -0.0, 1.0, 2.0]]), torch.tensor([[-0.0, 0.0, 1.0, 2.0]])):
+        pool = cpu_module.CompiledPool(1, 1, metric)
+        pool.offer(block, 0)
+        assert pool.result()[1].tolist() == [[0]], block
+
+
+@requires_compiled
 def test_pool_rejects_bad_arguments():
     with pytest.raises(ValueError, match="metric"):
         cpu_module.CompiledPool(3, 4, "manhattan")

@@ -718,3 +718,21 @@ def test_triton_batches_beyond_the_grid_z_limit_launch_in_slices(dtype, metric, 
     torch.testing.assert_close(out.double(), expected, **tol)
     torch.testing.assert_close(gx.double(), ex, **tol)
     torch.testing.assert_close(gy.double(), ey, **tol)
+
+
+@requires_triton
+def test_triton_symmetric_cosine_zero_row_and_near_duplicate_gradients():
+    """Symmetric cosine: a zero row is at distance 1 from everything, itself included (the Triton
+    diagonal wrote 0 for it). Euclidean backward: rows whose fast-form distance clamps to 0 but
+    differ (norm 1000, 1e-4 apart) get the documented zero gradient, not g (x - y) / 0-ish."""
+    g = torch.Generator().manual_seed(17)
+    x = torch.randn(20, 8, generator=g)
+    x[3] = 0.0
+    out = pairwise_distance(x, metric="cosine", backend="triton")
+    assert out[3, 3] == 1.0
+    torch.testing.assert_close(out, pairwise_distance_reference(x.unsqueeze(0), x.unsqueeze(0), "cosine", True)[0])
+    rows = torch.tensor([[1000.0, 0.0], [1000.0001, 0.0], [3.0, 4.0]], requires_grad=True)
+    dist = pairwise_distance(rows, metric="euclidean", backend="triton")
+    assert dist[0, 1] == 0.0  # the fast form rounds the pair to 0
+    (grad,) = torch.autograd.grad(dist[0, 1], rows)
+    assert torch.equal(grad, torch.zeros_like(grad))

@@ -882,3 +882,28 @@ def test_explicit_small_splits_keep_the_grid_within_cudas_y_cap(tiles, monkeypat
     mined = [g for g in grids if isinstance(g, tuple) and len(g) == 2]
     assert mined and max(g[1] for g in mined) <= 2, grids
     assert [t.tolist() for t in got] == [t.tolist() for t in expected]
+
+
+@pytest.mark.parametrize("sparse", [True, False, None])
+def test_reference_wrapping_anchors_never_get_themselves_as_positive(sparse):
+    """A batch that wraps past the end of a ring memory (anchor_offset 62 of 64): with unique
+    labels no anchor has a positive. The sparse positive path took the anchor's own copy past the
+    wrap (its self column was not taken modulo M). Also a P x K batch (32 classes of 2), whose
+    default is the sparse path: positives and negatives equal the brute force."""
+    from torchfg.ops.triplet.reference import mine_hardest_reference
+
+    gen = torch.Generator().manual_seed(9)
+    memory = torch.randn(64, 5, generator=gen, dtype=torch.float64)
+    anchors = memory[[62, 63, 0, 1]]
+    kw = dict(metric="euclidean", base_margin=0.2, margin_scale=0.0, text_positive_threshold=None)
+    pos, _ = mine_hardest_reference(anchors, memory, torch.tensor([62, 63, 0, 1]), torch.arange(64), None, None,
+                                    self_offset=62, sparse_positives=sparse, **kw)
+    assert pos.tolist() == [-1, -1, -1, -1]
+    labels = torch.arange(64) // 2
+    pos, neg = mine_hardest_reference(memory, memory, labels, labels, None, None, self_offset=0,
+                                      sparse_positives=sparse, **kw)
+    dist = torch.cdist(memory, memory)
+    same = labels[:, None] == labels[None, :]
+    eye = torch.eye(64, dtype=torch.bool)
+    assert pos.tolist() == dist.masked_fill(~same | eye, -1.0).argmax(1).tolist()
+    assert neg.tolist() == dist.masked_fill(same, float("inf")).argmin(1).tolist()
