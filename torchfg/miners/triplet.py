@@ -14,7 +14,6 @@ from torchfg.functional._triplet_selection import exact_triplet_distances, pml_t
 from torchfg.functional.triplet import (
     _check_embeddings,
     _check_mining_backend,
-    mine_triplets,
     mine_triplets_and_candidates,
 )
 from torchfg.ops.metric import DEFAULT_METRIC, METRICS

@@ -7,6 +7,8 @@ fp32 temporaries stay O(chunk x M) on top of the (B, N, M) output.
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
 
 from torchfg._validation import accumulation_dtype
@@ -42,6 +44,24 @@ def _batch_step(b: int, n: int, m: int, device: torch.device) -> int | None:
     if b <= 1 or _rows_per_block(b, n, m, device) >= rows_alone:
         return None
     return max(1, budget // (rows_alone * max(m, 1)))
+
+
+def backward_in_batch_slices(
+    backward: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+    step: int,
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    out: torch.Tensor,
+    *args: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dL/dx, dL/dy) of ``backward(grad, x, y, out, *args)`` run on slices of ``step`` batch
+    elements, concatenated: the reference's block budget and the Triton kernels' grid-z cap."""
+    parts = [
+        backward(grad[b0 : b0 + step], x[b0 : b0 + step], y[b0 : b0 + step], out[b0 : b0 + step], *args)
+        for b0 in range(0, x.shape[0], step)
+    ]
+    return torch.cat([gx for gx, _ in parts]), torch.cat([gy for _, gy in parts])
 
 
 def row_norms(x: torch.Tensor) -> torch.Tensor:
@@ -135,14 +155,7 @@ def pairwise_distance_backward_reference(
     B, N, _ = x.shape
     M = y.shape[1]
     if (batch_step := _batch_step(B, N, M, x.device)) is not None:
-        parts = [
-            pairwise_distance_backward_reference(
-                grad[b0 : b0 + batch_step], x[b0 : b0 + batch_step], y[b0 : b0 + batch_step],
-                out[b0 : b0 + batch_step], metric,
-            )
-            for b0 in range(0, B, batch_step)
-        ]
-        return torch.cat([gx for gx, _ in parts]), torch.cat([gy for _, gy in parts])
+        return backward_in_batch_slices(pairwise_distance_backward_reference, batch_step, grad, x, y, out, metric)
     xa, ya = x.to(acc), y.to(acc)
     if metric == "cosine":
         x_inv = safe_inverse(row_norms(x)).unsqueeze(-1)

@@ -37,7 +37,7 @@ import triton.language as tl
 from torchfg.backends import triton_interpreter_enabled
 from torchfg.ops._triton_utils import MAX_GRID_YZ, AutotunedLaunch, cdiv, dot_dtypes, next_power_of_2
 from torchfg.ops.metric import metric_code, safe_inverse
-from torchfg.ops.pairwise.reference import row_norms
+from torchfg.ops.pairwise.reference import backward_in_batch_slices, row_norms
 
 
 
@@ -594,12 +594,8 @@ def pairwise_distance_backward_triton(
     ``torch.use_deterministic_algorithms``).
     """
     if x.shape[0] > MAX_GRID_BATCH:
-        parts = [
-            pairwise_distance_backward_triton(grad[b0:b0 + MAX_GRID_BATCH], x[b0:b0 + MAX_GRID_BATCH],
-                                              y[b0:b0 + MAX_GRID_BATCH], out[b0:b0 + MAX_GRID_BATCH], metric, config)
-            for b0 in range(0, x.shape[0], MAX_GRID_BATCH)
-        ]
-        return torch.cat([gx for gx, _ in parts]), torch.cat([gy for _, gy in parts])
+        return backward_in_batch_slices(pairwise_distance_backward_triton, MAX_GRID_BATCH, grad, x, y, out, metric,
+                                        config)
     if config is None and uses_weights_gemm(x.dtype, metric) and x.numel() and y.numel() and grad.numel():
         return _backward_weights_gemm(grad, x, y, out, metric)
     return (
