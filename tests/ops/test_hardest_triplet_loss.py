@@ -289,6 +289,55 @@ def test_deterministic_mode_sorts_instead_of_linking(poisoned):
     _assert_same(expected, actual, torch.float32)
 
 
+@requires_triton
+@pytest.mark.parametrize("separate", [False, True])
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_deterministic_backward_leaves_unpaired_anchors_out_of_the_partner_rows(separate, metric, poisoned,
+                                                                                monkeypatch):
+    # 40 classes over 43 anchors: most anchors have no positive, so their pairs are -1. They add
+    # nothing to any gradient; clamped to row 0 they were all listed under row 0, whose program
+    # then walked them one by one (a serial tail on a GPU).
+    import torchfg.ops.pair_distances.triton as pair_triton
+
+    x, labels, y, y_labels, _, _ = _problem(43, 29, 11, torch.float32, seed=21, classes=40, separate=separate)
+    kwargs = dict(metric=metric, base_margin=0.3, exclude_self=not separate, reduction="mean")
+    upstream = torch.tensor(1.7)
+
+    def run(backend):
+        # Each operand is a view whose storage holds a NaN row just before it: a kernel that read
+        # "row -1" for a pair without a partner would put NaN into the gradient.
+        leaves = [torch.cat([torch.full_like(v[:1], float("nan")), v]).requires_grad_()
+                  for v in ((x,) if y is None else (x, y))]
+        xx, yy = leaves[0][1:], (leaves[0][1:] if y is None else leaves[1][1:])
+        loss = hardest_triplet_loss(xx, yy, labels, y_labels, backend=backend, **kwargs)
+        loss.backward(upstream)
+        return [loss.detach()] + [leaf.grad[1:] for leaf in leaves]
+
+    expected = run("torch")
+    listed = []
+    csr = pair_triton._csr_by_partner
+
+    def recording_csr(y_idx, rows):
+        order, ends, counts = csr(y_idx, rows)
+        listed.append(counts.clone())
+        return order, ends, counts
+
+    monkeypatch.setattr(pair_triton, "_csr_by_partner", recording_csr)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        actual = run("triton")
+        pairs = _hardest_triplet_loss_op(x, y, labels, y_labels, None, None, metric, 0.3, 0.0, None,
+                                         0 if y is None else -1, False, "mean", False, "triton")[1]
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    for e, a in zip(expected, actual):
+        torch.testing.assert_close(a, e, **TOLERANCE[torch.float32])
+    assert (pairs < 0).sum() >= 10  # the case this test is about
+    assert len(listed) == 1
+    assert torch.equal(listed[0].cpu(), torch.bincount(pairs[pairs >= 0].cpu(), minlength=listed[0].numel()))
+
+
 def test_bad_arguments_name_themselves():
     x = torch.randn(4, 3)
     labels = torch.tensor([0, 0, 1, 1])

@@ -138,12 +138,13 @@ def _hardest_triplet_loss_backward_op(
         )
     if backend == "triton":
         # No partner lists (deterministic mode): the pair-distance backward, whose partner rows
-        # come from a stable sort of the pairs, in anchor order.
+        # come from a stable sort of the pairs, in anchor order. The unpaired anchors' pairs (-1)
+        # go in as they are: clamped to row 0, they would all be walked by row 0's program.
         from torchfg.ops.pair_distances.triton import anchor_pair_distances_backward_triton
 
         coef = terms[:, 2] * anchor_loss_scale(grad.to(terms.dtype), count, reduction)
         return anchor_pair_distances_backward_triton(
-            torch.stack([coef, -coef], 1), anchors, others, pairs.clamp_min(0), terms[:, :2].contiguous(), metric,
+            torch.stack([coef, -coef], 1), anchors, others, pairs, terms[:, :2].contiguous(), metric,
             y_is_x=candidates is None, needs_grad_y=needs_candidate_grad,
         )
     grad_x, grad_y = hardest_triplet_loss_backward_reference(

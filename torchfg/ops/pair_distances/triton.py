@@ -154,6 +154,7 @@ def _anchor_pair_bwd_kernel(
     PARTNER: row j is a partner row (of y, which may be x); add the terms of every pair that
     chose it, listed by ``order[ends[j] - counts[j] : ends[j]]`` (pair ids i * K + k, the CSR of
     y_idx by partner, in anchor order, so the sum is deterministic).
+    Pairs whose index is negative have no partner and add nothing to either gradient.
     """
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < R
@@ -182,14 +183,17 @@ def _anchor_pair_bwd_kernel(
             a = a.to(ACC_DTYPE)
             for k in tl.range(0, K):
                 pair = rows64 * K + k
-                partner = tl.load(idx_ptr + pair, mask=row_ok, other=0).to(tl.int64)
-                g = tl.load(grad_ptr + pair, mask=row_ok, other=0.0).to(ACC_DTYPE)
-                dist = tl.load(out_ptr + pair, mask=row_ok, other=0.0).to(ACC_DTYPE)
-                b = tl.load(y_ptr + partner[:, None] * stride_yn + cols64[None, :] * stride_yd, mask=mask, other=0.0)
+                # A negative index is a pair without a partner (an unpaired anchor): it adds 0.
+                partner = tl.load(idx_ptr + pair, mask=row_ok, other=-1).to(tl.int64)
+                paired = partner >= 0
+                g = tl.load(grad_ptr + pair, mask=paired, other=0.0).to(ACC_DTYPE)
+                dist = tl.load(out_ptr + pair, mask=paired, other=0.0).to(ACC_DTYPE)
+                b = tl.load(y_ptr + partner[:, None] * stride_yn + cols64[None, :] * stride_yd,
+                            mask=mask & paired[:, None], other=0.0)
                 b = b.to(ACC_DTYPE)
                 b_inv = g
                 if METRIC == 2:
-                    b_inv = tl.load(y_inv_ptr + partner, mask=row_ok, other=0.0)
+                    b_inv = tl.load(y_inv_ptr + partner, mask=paired, other=0.0)
                 acc += pair_distance_gradient(g, dist, a, b, own_inv, b_inv, METRIC)
         if PARTNER:
             b = tl.load(y_ptr + rows64[:, None] * stride_yn + cols64[None, :] * stride_yd, mask=mask, other=0.0)
@@ -256,6 +260,7 @@ def _csr_by_partner(y_idx: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch
     flat = y_idx.reshape(-1)
     partners, order = torch.sort(flat, stable=True)
     # bounds[r] = the first sorted position whose partner is >= r; row r owns bounds[r]:bounds[r + 1].
+    # Negative ids (pairs without a partner) sort before bounds[0] and belong to no row.
     bounds = torch.searchsorted(partners, torch.arange(rows + 1, device=flat.device, dtype=flat.dtype))
     ends = bounds[1:]
     return order, ends, ends - bounds[:-1]
@@ -276,6 +281,8 @@ def anchor_pair_distances_backward_triton(
     Every gradient row is written once, in the input dtype, from an fp32 (fp64) sum kept in
     registers: no gradient-sized accumulator, no atomics, deterministic. The partner terms are
     found through a CSR of ``y_idx`` by partner row (a stable sort and a searchsorted, O(N K log N K)).
+    A negative entry of ``y_idx`` is a pair without a partner (an unpaired anchor of the fused
+    triplet loss): it adds nothing and stays out of the CSR, so no partner row walks it.
     With ``y_is_x`` the partner terms go into dL/dx and the second tensor is empty; without
     ``needs_grad_y`` (e.g. a detached cross-batch memory) they are skipped (no CSR) and the
     second tensor is empty too.
