@@ -721,6 +721,51 @@ def test_triton_batches_beyond_the_grid_z_limit_launch_in_slices(dtype, metric, 
 
 
 @requires_triton
+@pytest.mark.parametrize("path", ["fused", "weights"])
+def test_triton_backward_grids_stay_within_cudas_y_cap_for_millions_of_rows(path, monkeypatch):
+    """CUDA caps grid y and z at 65535 (the interpreter has no cap). The fused backward put its
+    row blocks on grid y: fp64's 32-row tiles passed the cap at N > 2.1M rows. The W map put
+    its column blocks there: 67M columns in 1024-column blocks. Launches are recorded, not run
+    (millions of interpreted programs): every grid of every config a GPU may pick, and the
+    interpreter's, keeps y and z within the cap and covers every (row, column) block."""
+    import torchfg.ops.pairwise.triton as tri
+
+    cap, launched = 65535, []
+    kernel_type = type(tri._pairwise_backward_kernel)
+
+    def recording_getitem(kernel, grid):
+        def launch(*args, **kwargs):
+            launched.append((kernel, grid(kwargs) if callable(grid) else grid, kwargs))
+        return launch
+
+    monkeypatch.setattr(kernel_type, "__getitem__", recording_getitem)
+    if path == "fused":
+        # 2.2M rows against 3: fp64, D = 1 (17 MB an operand).
+        n, m = 2_200_000, 3
+        x, y = torch.zeros(1, n, 1, dtype=torch.float64), torch.zeros(1, m, 1, dtype=torch.float64)
+        grad, out = torch.zeros(1, n, m, dtype=torch.float64), torch.ones(1, n, m, dtype=torch.float64)
+        configs = list(tri.BACKWARD_CONFIGS["fp64"]) + list(tri.BACKWARD_CONFIGS["fp32"]) + [tri.INTERPRETER_CONFIG]
+        for config in configs:
+            launched.clear()
+            tri.pairwise_distance_backward_triton(grad, x, y, out, "euclidean", config=config)
+            assert len(launched) == 2  # dL/dx, then dL/dy
+            for (_, grid, meta), rows in zip(launched, (n, m)):
+                assert grid[1] <= cap and grid[2] <= cap, (config, grid)
+                blocks = -(-rows // meta["BLOCK_M"]) * -(-1 // meta["BLOCK_D"])
+                assert grid[0] * grid[1] == blocks, (config, grid)
+    else:
+        # One row against 1.2M columns, bf16 Euclidean (the W map + GEMM backward); the
+        # interpreter's 16-column blocks pass the cap at 1M columns as a GPU's 1024 do at 67M.
+        m = 1_200_000
+        x, y = torch.ones(1, 1, 1, dtype=torch.bfloat16), torch.zeros(1, m, 1, dtype=torch.bfloat16)
+        grad, out = torch.ones(1, 1, m, dtype=torch.bfloat16), torch.ones(1, 1, m, dtype=torch.bfloat16)
+        tri.pairwise_distance_backward_triton(grad, x, y, out, "euclidean")
+        grids = [grid for kernel, grid, _ in launched if kernel is tri._pairwise_grad_weights_kernel]
+        assert grids and all(g[1] <= cap and g[2] <= cap for g in grids), grids
+        assert sum(g[0] * g[1] for g in grids) == -(-m // tri._WEIGHTS_BLOCK_INTERPRETER)
+
+
+@requires_triton
 def test_triton_symmetric_cosine_zero_row_and_near_duplicate_gradients():
     """Symmetric cosine: a zero row is at distance 1 from everything, itself included (the Triton
     diagonal wrote 0 for it). Euclidean backward: rows whose fast-form distance clamps to 0 but

@@ -133,8 +133,11 @@ def _pairwise_backward_kernel(
     #   cosine:    -(G * y_scale^T) @ y          (the radial projection is applied by the launcher)
     # The D slice varies fastest: the programs of one row block run together and read the same
     # (BLOCK_M, M) strip of G (and of the output), so it comes from HBM once and from L2 after.
-    pid_d = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    # Both are folded into grid x: on grid y the row blocks passed CUDA's 65535 cap at N > 2.1M
+    # (fp64's 32-row tiles).
+    num_d = tl.cdiv(D, BLOCK_D)
+    pid_d = tl.program_id(0) % num_d
+    pid_m = tl.program_id(0) // num_d
     # 64-bit offsets: B * N * M passes 2**31 for outputs the docs allow (up to 2**34 elements).
     b = tl.program_id(2).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -201,9 +204,11 @@ def _pairwise_grad_weights_kernel(
     # Euclidean W = G / (2 out) for BLOCK columns of one row (unit column strides), from fp32;
     # 0 below the GEMM form's noise floor (see _backward_weights_gemm). A plain element-wise map:
     # W's row and column sums come out of the GEMMs.
-    row = tl.program_id(0).to(tl.int64)
+    # Rows and column blocks share grid x (grid y is capped at 65535: 67M columns in 1024 blocks).
+    col_blocks = tl.cdiv(M, BLOCK)
+    row = (tl.program_id(0) // col_blocks).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    cols = (tl.program_id(0) % col_blocks) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < M
     # Upcast right after the load: the interpreter mishandles 16-bit arithmetic.
     w = tl.load(g_ptr + b * stride_gb + row * stride_gn + cols, mask=ok, other=0.0).to(tl.float32)
@@ -429,7 +434,7 @@ def _backward_one_side(
     launch = _launcher(_pairwise_backward_kernel, "backward", x.dtype, config)
 
     def grid(meta):
-        return (cdiv(D, meta["BLOCK_D"]), cdiv(N, meta["BLOCK_M"]), B)
+        return (cdiv(D, meta["BLOCK_D"]) * cdiv(N, meta["BLOCK_M"]), 1, B)
 
     launch(
         grid, grad, out, x, y, y_scale, gx,
@@ -560,7 +565,7 @@ def _backward_weights_gemm(
             w_c = w_buffer[:, : r1 - r0]
             g_c, out_c = grad[:, r0:r1], out[:, r0:r1]
             x_sq_c = x_sq[:, r0:r1]
-            _pairwise_grad_weights_kernel[(r1 - r0, cdiv(M, block), B)](
+            _pairwise_grad_weights_kernel[((r1 - r0) * cdiv(M, block), 1, B)](
                 g_c, out_c, x_sq_c, y_sq, w_c, M,
                 g_c.stride(0), g_c.stride(1), out_c.stride(0), out_c.stride(1),
                 x_sq_c.stride(0), y_sq.stride(0), w_c.stride(0), w_c.stride(1),
