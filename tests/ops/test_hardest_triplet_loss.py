@@ -338,6 +338,31 @@ def test_deterministic_backward_leaves_unpaired_anchors_out_of_the_partner_rows(
     assert torch.equal(listed[0].cpu(), torch.bincount(pairs[pairs >= 0].cpu(), minlength=listed[0].numel()))
 
 
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=requires_triton), "torch"])
+@pytest.mark.parametrize("metric, margin", [("sqeuclidean", 3.0), ("euclidean", 1.0)])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_hinge_slope_is_zero_at_a_violation_of_exactly_zero(backend, metric, margin, deterministic):
+    """relu's derivative at 0 is 0 in PyTorch (threshold_backward): an anchor whose violation is
+    exactly 0 adds no gradient. Points on a line at integers give exact distances: anchor 0 has
+    d(a, p) = 1 and d(a, n) = 4 (sq) or 2, so the margin makes its violation 0; anchor 1's is the
+    margin (> 0); anchor 2 has no positive."""
+    x = torch.tensor([[0.0], [1.0], [2.0]], device=TEST_DEVICE).requires_grad_()
+    labels = torch.tensor([0, 0, 1], device=TEST_DEVICE)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        loss = hardest_triplet_loss(x, x, labels, labels, metric=metric, base_margin=margin, exclude_self=True,
+                                    reduction="sum", backend=backend)
+        (grad,) = torch.autograd.grad(loss, x)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    # Only anchor 1 (p = x0, n = x2, both at distance 1) contributes, d(x1, x0) - d(x1, x2): its
+    # derivative is (-1, 2, -1) for Euclidean, twice that for squared Euclidean.
+    expected = torch.tensor([[-1.0], [2.0], [-1.0]]) * (2.0 if metric == "sqeuclidean" else 1.0)
+    torch.testing.assert_close(loss.detach().cpu(), torch.tensor(margin))
+    torch.testing.assert_close(grad.cpu(), expected)
+
+
 def test_bad_arguments_name_themselves():
     x = torch.randn(4, 3)
     labels = torch.tensor([0, 0, 1, 1])
