@@ -219,6 +219,59 @@ def test_pk_sampler_bad_input() -> None:
         PKSampler(labels, 2, 2).set_epoch(-1)
 
 
+@pytest.mark.parametrize("replicas", [2, 3])
+def test_pk_sampler_sharded_ranks_draw_disjoint_classes_of_one_global_batch(replicas: int) -> None:
+    labels = uneven_labels(4)
+    p, k = 3, 4
+    ranks = [PKSampler(labels, p, k, seed=7, num_replicas=replicas, rank=r) for r in range(replicas)]
+    assert len({len(s) for s in ranks}) == 1
+    assert len(ranks[0]) == max(1, labels.numel() // (p * k * replicas))
+    # Epochs move together on every rank (as DistributedSampler's set_epoch).
+    for epoch in (0, 1):
+        for s in ranks:
+            s.set_epoch(epoch)
+        steps = list(zip(*(list(s) for s in ranks)))
+        assert len(steps) == len(ranks[0])
+        for step in steps:
+            step_classes = []
+            for batch in step:
+                assert len(batch) == p * k
+                batch_labels = labels[batch].view(p, k)
+                assert (batch_labels == batch_labels[:, :1]).all()
+                step_classes += batch_labels[:, 0].tolist()
+            # One P x K batch of p * replicas distinct classes, split by rank.
+            assert len(set(step_classes)) == p * replicas
+        if epoch == 0:
+            first_epoch = steps
+    assert steps != first_epoch
+
+
+def test_pk_sampler_sharding_balances_classes_over_all_ranks() -> None:
+    labels = torch.arange(30).repeat_interleave(torch.arange(30) % 7 + 4)
+    ranks = [PKSampler(labels, 4, 3, seed=2, num_batches=40, num_replicas=3, rank=r) for r in range(3)]
+    counts = Counter(int(labels[b[j]]) for s in ranks for b in s for j in range(0, 12, 3))
+    assert len(counts) == 30 and max(counts.values()) - min(counts.values()) <= 1
+
+
+def test_pk_sampler_one_replica_is_the_unsharded_sampler() -> None:
+    labels = uneven_labels(5)
+    assert list(PKSampler(labels, 4, 3, seed=9, num_replicas=1, rank=0)) == list(PKSampler(labels, 4, 3, seed=9))
+
+
+def test_pk_sampler_sharding_bad_input() -> None:
+    labels = torch.arange(10).repeat_interleave(3)
+    with pytest.raises(ValueError, match="seed must be given"):
+        PKSampler(labels, 2, 2, num_replicas=2, rank=0)
+    with pytest.raises(ValueError, match=r"rank must be in \[0, num_replicas=2\)"):
+        PKSampler(labels, 2, 2, seed=0, num_replicas=2, rank=2)
+    with pytest.raises(ValueError, match="rank must be >= 0"):
+        PKSampler(labels, 2, 2, seed=0, num_replicas=2, rank=-1)
+    with pytest.raises(ValueError, match="num_replicas must be >= 1"):
+        PKSampler(labels, 2, 2, seed=0, num_replicas=0)
+    with pytest.raises(ValueError, match=r"p \* num_replicas = 12 .*10 classes"):
+        PKSampler(labels, 4, 2, seed=0, num_replicas=3, rank=1)
+
+
 def test_empty_label_list_reaches_the_empty_check() -> None:
     # np.asarray([]) is float64: the error used to be "labels must be an integer tensor".
     for empty in ([], (), range(0)):

@@ -264,12 +264,23 @@ class PKSampler(_EpochSeeded, Sampler[list[int]]):
       A class with fewer than ``k`` items contributes all of its items once plus ``k - n_c`` drawn
       again with replacement (so a 1-item class gives ``k`` copies of it: positives at distance 0).
 
+    Distributed training: pass ``num_replicas=dist.get_world_size(), rank=dist.get_rank()`` and the
+    same ``seed`` on every rank. Every step then draws ``p * num_replicas`` distinct classes, and rank
+    ``r`` gets classes ``r * p .. (r + 1) * p - 1`` of them with their ``k`` items: the ranks' batches
+    never share a class within a step, so together (e.g. gathered by ``cross_rank=True`` mining) they
+    form one P x K batch of ``p * num_replicas`` classes, and every rank yields the same number of
+    batches (``max(1, N // (p * k * num_replicas))`` by default). With ``num_replicas=1`` the batches
+    are those of the unsharded sampler.
+
     Args:
         labels: (N,) integer class label of every dataset item.
-        p: classes per batch, at most the number of classes.
+        p: classes per batch, at most the number of classes (``p * num_replicas`` when sharded).
         k: items per class (>= 1; batch-hard mining needs k >= 2).
         seed: base seed, an int >= 0 or None; see the module docstring for the per-epoch streams.
-        num_batches: batches per epoch, overriding the default above.
+            Required (the same on every rank) when ``num_replicas > 1``.
+        num_batches: batches per epoch (per rank), overriding the default above.
+        num_replicas: number of ranks sharing the stream of batches (>= 1).
+        rank: this rank's index, in ``[0, num_replicas)``.
 
     Example:
         >>> from torch.utils.data import DataLoader, TensorDataset
@@ -291,18 +302,29 @@ class PKSampler(_EpochSeeded, Sampler[list[int]]):
         *,
         seed: int | None = None,
         num_batches: int | None = None,
+        num_replicas: int = 1,
+        rank: int = 0,
     ) -> None:
         label_array = _labels_to_numpy(labels)
         self.p = check_int(p, "p", 1)
         self.k = check_int(k, "k", 1)
+        self.num_replicas = check_int(num_replicas, "num_replicas", 1)
+        self.rank = check_int(rank, "rank", 0)
+        if self.rank >= self.num_replicas:
+            raise ValueError(f"rank must be in [0, num_replicas={self.num_replicas}), got {self.rank}")
+        if self.num_replicas > 1 and seed is None:
+            # A seed drawn per rank from torch's generator differs between ranks whose generators
+            # differ, and their "disjoint" batches would then overlap without a sign.
+            raise ValueError("seed must be given (the same int on every rank) when num_replicas > 1")
         if label_array.shape[0] == 0:
             raise ValueError("labels must not be empty")
         _EpochSeeded.__init__(self, seed)
         self.classes, self._members = _group_by_class(label_array)
-        if self.p > len(self.classes):
-            raise ValueError(f"p={self.p} classes per batch, but labels hold only {len(self.classes)} classes")
+        if self.p * self.num_replicas > len(self.classes):
+            per_step = f"p * num_replicas = {self.p * self.num_replicas}" if self.num_replicas > 1 else f"p={self.p}"
+            raise ValueError(f"{per_step} classes per batch, but labels hold only {len(self.classes)} classes")
         if num_batches is None:
-            self.num_batches = max(1, label_array.shape[0] // (self.p * self.k))
+            self.num_batches = max(1, label_array.shape[0] // (self.p * self.k * self.num_replicas))
         else:
             self.num_batches = check_int(num_batches, "num_batches", 1)
 
@@ -317,9 +339,12 @@ class PKSampler(_EpochSeeded, Sampler[list[int]]):
         rng = self._next_rng()
         class_stream = _DistinctStream(np.arange(len(self.classes)), rng)
         item_streams: dict[int, _DistinctStream] = {}
+        # Every rank draws the whole step (all ranks' classes and items, in order) so that the
+        # generators stay in step, and keeps its own slice.
+        first, last = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
         for _ in range(self.num_batches):
             batch: list[int] = []
-            for c in class_stream.take(self.p):
+            for c in class_stream.take(self.p * self.num_replicas):
                 members = self._members[c]
                 if len(members) >= self.k:
                     stream = item_streams.get(c)
@@ -329,4 +354,4 @@ class PKSampler(_EpochSeeded, Sampler[list[int]]):
                 else:
                     batch.extend(members.tolist())
                     batch.extend(rng.choice(members, size=self.k - len(members), replace=True).tolist())
-            yield batch
+            yield batch[first:last]
