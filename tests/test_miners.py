@@ -57,6 +57,48 @@ def test_indices_tuple_feeds_pml_loss(miner_cls):
     torch.testing.assert_close(torch.autograd.grad(ours, x)[0], torch.autograd.grad(theirs, x)[0])
 
 
+@pytest.mark.parametrize("reference", [False, True])
+def test_batch_hard_miner_keeps_non_finite_anchors_so_the_loss_shows_nan(reference):
+    """An anchor row holding NaN or inf is at distance NaN from everything: mining picks nothing for
+    it. Left out, a loss over the miner's triplets was finite where the loss's own batch-hard (and
+    PML's miner) gives NaN, and a diverged model (every row NaN) got a loss of 0. It now gets its
+    first positive and first negative by index (never itself), when its labels give it both."""
+    from torchfg.losses import TripletMarginLoss
+
+    x, labels = _batch(4, n=30, d=6, classes=5)
+    labels[29] = 99  # a class of one: no positive, so no triplet even when non-finite
+    bad = [3, 17, 29]
+    x[3, 1], x[17, 0], x[29, 2] = float("nan"), float("inf"), float("nan")
+    ref = ref_labels = None
+    if reference:  # anchors against a finite reference set
+        ref, ref_labels = torch.randn(12, 6, generator=torch.Generator().manual_seed(5), dtype=x.dtype), torch.arange(
+            12) % 5
+    a, p, n = BatchHardMiner()(x, labels, ref, ref_labels)
+    cand_labels = labels if ref_labels is None else ref_labels
+    for row in bad:
+        chosen = (a == row).nonzero().flatten().tolist()
+        if row == 29:
+            assert chosen == []
+            continue
+        assert len(chosen) == 1, row
+        (t,) = chosen
+        positives = [j for j in range(cand_labels.numel()) if cand_labels[j] == labels[row] and (reference or j != row)]
+        negatives = [j for j in range(cand_labels.numel()) if cand_labels[j] != labels[row]]
+        assert (int(p[t]), int(n[t])) == (positives[0], negatives[0]), row
+    # The finite anchors keep the mining op's hardest pairs.
+    from torchfg.ops.triplet import mine_hardest
+
+    pos, neg = mine_hardest(x, x if ref is None else ref, labels, cand_labels, exclude_self=not reference)
+    kept = [(i, int(pos[i]), int(neg[i])) for i in range(30) if i not in bad and pos[i] >= 0 and neg[i] >= 0]
+    assert kept == [(int(i), int(j), int(k)) for i, j, k in zip(a, p, n) if int(i) not in bad]
+    loss = TripletMarginLoss(0.2)
+    assert loss(x, labels, (a, p, n), ref, ref_labels).isnan()
+    assert loss(x, labels, ref_embeddings=ref, ref_labels=ref_labels).isnan()
+    # A diverged model: every row NaN.
+    diverged = torch.full_like(x, float("nan"))
+    assert loss(diverged, labels, BatchHardMiner()(diverged, labels)).isnan()
+
+
 def test_semi_hard_miner_triplets_are_valid():
     x, labels = _batch(5, classes=4)
     a, p, n = SemiHardMiner()(x, labels)

@@ -210,6 +210,10 @@ def test_state_dict_round_trip_and_device_dtype_follow():
 def test_bad_arguments_name_themselves():
     with pytest.raises(TypeError, match="loss"):
         CrossBatchMemory(torch.nn.MSELoss(), 4)
+    # pytorch-metric-learning's loss of the same name: the message tells the two apart.
+    pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
+    with pytest.raises(TypeError, match=r"torchfg\.losses\.TripletMarginLoss .*got pytorch_metric_learning\..*TripletMarginLoss"):
+        CrossBatchMemory(pml_losses.TripletMarginLoss(), 4)
     with pytest.raises(ValueError, match="mining"):
         CrossBatchMemory(TripletMarginLoss(mining="semi_hard"), 4)
     with pytest.raises(ValueError, match="miner"):

@@ -262,8 +262,54 @@ def _listed_triplets(
         positive_idx, negative_idx = _hardest_pairs(
             embeddings, labels, candidates, candidate_labels, anchor_offset, metric=metric, backend=backend, **hardest
         )
+        positive_idx, negative_idx = _keep_non_finite_anchors(
+            embeddings, labels, candidate_labels, anchor_offset, positive_idx, negative_idx
+        )
         anchors = ((positive_idx >= 0) & (negative_idx >= 0)).nonzero().squeeze(1)
         return anchors, positive_idx[anchors], negative_idx[anchors]
+
+
+def _keep_non_finite_anchors(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    candidate_labels: torch.Tensor,
+    anchor_offset: int | None,
+    positive_idx: torch.Tensor,
+    negative_idx: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch-hard pairs in which every anchor row holding NaN or inf has a triplet when its labels
+    allow one: its first positive and first negative by candidate index (its own row excluded).
+
+    Its distances are NaN, so mining picked nothing for it, and a miner that left it out made a
+    loss over the mined triplets finite where the loss's own mining is NaN: a diverged model (all
+    rows NaN) then trained on a loss of 0. (positive_idx, negative_idx): (N,) into the candidates,
+    -1 where none; returned unchanged, without a copy, when every anchor row is finite.
+    """
+    bad_rows = (~torch.isfinite(embeddings).all(dim=1)).nonzero().squeeze(1)
+    if bad_rows.numel() == 0:
+        return positive_idx, negative_idx
+    num_candidates = candidate_labels.shape[0]
+    # Each label's candidates are a run of the stably sorted labels, in index order.
+    sorted_labels, order = torch.sort(candidate_labels, stable=True)
+    anchor_labels = labels[bad_rows]
+    lo = torch.searchsorted(sorted_labels, anchor_labels)
+    hi = torch.searchsorted(sorted_labels, anchor_labels, right=True)
+    last = num_candidates - 1
+    first, second = order[lo.clamp(max=last)], order[(lo + 1).clamp(max=last)]
+    own = (bad_rows + anchor_offset) % num_candidates if anchor_offset is not None else torch.full_like(bad_rows, -1)
+    positive = torch.where(first != own, first, second)
+    has_positive = (hi - lo) > (own >= 0).long()
+    # The first negative: candidate 0, unless it shares the anchor's label; then the first
+    # candidate whose label differs from candidate 0's.
+    differs = candidate_labels != candidate_labels[0]
+    zero_is_negative = anchor_labels != candidate_labels[0]
+    negative = torch.where(zero_is_negative, 0, differs.int().argmax())
+    has_negative = zero_is_negative | differs.any()
+    keep = has_positive & has_negative
+    positive_idx, negative_idx = positive_idx.clone(), negative_idx.clone()
+    positive_idx[bad_rows] = torch.where(keep, positive, positive_idx[bad_rows])
+    negative_idx[bad_rows] = torch.where(keep, negative, negative_idx[bad_rows])
+    return positive_idx, negative_idx
 
 
 def _check_mining_backend(strategy: str, backend: str) -> None:

@@ -71,7 +71,11 @@ class CrossBatchMemory(nn.Module):
     ) -> None:
         super().__init__()
         if not isinstance(loss, (TripletMarginLoss, AdaptiveTripletLoss)):
-            raise TypeError(f"loss must be a TripletMarginLoss or AdaptiveTripletLoss, got {type(loss).__name__}")
+            # Qualified: pytorch-metric-learning's loss of the same name is the usual mistake.
+            kind = f"{type(loss).__module__}.{type(loss).__qualname__}"
+            raise TypeError(
+                f"loss must be a torchfg.losses.TripletMarginLoss or torchfg.losses.AdaptiveTripletLoss, got {kind}"
+            )
         if isinstance(loss, TripletMarginLoss) and loss.mining != "batch_hard":
             raise ValueError(f"loss must use mining='batch_hard' (the memory is mined batch-hard), got {loss.mining!r}")
         if miner is not None:

@@ -88,7 +88,10 @@ class _TripletMiner(nn.Module):
 class BatchHardMiner(_TripletMiner):
     """Per anchor, the farthest positive and the closest negative (one triplet per anchor).
 
-    Anchors without a positive or a negative are left out. Fused Triton kernel on CUDA, chunked
+    Anchors without a positive or a negative are left out. An anchor row holding NaN or inf is
+    at distance NaN from every candidate; it keeps a triplet (its first positive and first
+    negative by index) when its labels give it both, so that a loss over the triplets is NaN, as
+    the loss's own batch-hard mining is, and divergence shows. Fused Triton kernel on CUDA, chunked
     reference elsewhere; never materialises an N x M matrix.
 
     Args:
