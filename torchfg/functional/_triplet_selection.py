@@ -81,8 +81,9 @@ class MarginInterval:
 
 def violating(margin: float) -> MarginInterval:
     """Triplets with a positive hinge ``d(a, p) - d(a, n) + margin > 0``, i.e. ``t < margin``, and
-    those whose t is NaN: the loss must be NaN for a NaN embedding (as batch-hard's is and PML's
-    all-triplets loss is), not silently leave its triplets out."""
+    those whose t is NaN: the loss must be NaN for a NaN embedding (as batch-hard's is, and PML's
+    all-triplets loss with ``MeanReducer`` or ``SumReducer``), not silently leave its triplets out.
+    (PML's default ``AvgNonZeroReducer`` drops NaN losses: a finite loss with a NaN gradient.)"""
     return MarginInterval(high=margin, keep_nan=True)
 
 
