@@ -723,11 +723,12 @@ def test_triton_batches_beyond_the_grid_z_limit_launch_in_slices(dtype, metric, 
 @requires_triton
 @pytest.mark.parametrize("path", ["fused", "weights"])
 def test_triton_backward_grids_stay_within_cudas_y_cap_for_millions_of_rows(path, monkeypatch):
-    """CUDA caps grid y and z at 65535 (the interpreter has no cap). The fused backward put its
-    row blocks on grid y: fp64's 32-row tiles passed the cap at N > 2.1M rows. The W map put
-    its column blocks there: 67M columns in 1024-column blocks. Launches are recorded, not run
-    (millions of interpreted programs): every grid of every config a GPU may pick, and the
-    interpreter's, keeps y and z within the cap and covers every (row, column) block."""
+    """CUDA caps grid y and z at 65535 (the interpreter has no cap). The fused backward puts its
+    row blocks on grid y: fp64's 32-row tiles passed the cap at N > 2.1M rows, so larger N is
+    launched in row slices. The W map put its column blocks there: 67M columns in 1024-column
+    blocks. Launches are recorded, not run (millions of interpreted programs): every grid of every
+    config a GPU may pick, and the interpreter's, keeps y and z within the cap and the launches
+    cover every (row, column) block once."""
     import torchfg.ops.pairwise.triton as tri
 
     cap, launched = 65535, []
@@ -735,7 +736,7 @@ def test_triton_backward_grids_stay_within_cudas_y_cap_for_millions_of_rows(path
 
     def recording_getitem(kernel, grid):
         def launch(*args, **kwargs):
-            launched.append((kernel, grid(kwargs) if callable(grid) else grid, kwargs))
+            launched.append((kernel, grid(kwargs) if callable(grid) else grid, kwargs, args))
         return launch
 
     monkeypatch.setattr(kernel_type, "__getitem__", recording_getitem)
@@ -748,11 +749,13 @@ def test_triton_backward_grids_stay_within_cudas_y_cap_for_millions_of_rows(path
         for config in configs:
             launched.clear()
             tri.pairwise_distance_backward_triton(grad, x, y, out, "euclidean", config=config)
-            assert len(launched) == 2  # dL/dx, then dL/dy
-            for (_, grid, meta), rows in zip(launched, (n, m)):
+            per_launch = cap * config.block_m
+            assert len(launched) == -(-n // per_launch) + 1  # dL/dx in slices, then dL/dy
+            for _, grid, meta, args in launched:
+                rows = args[6]
                 assert grid[1] <= cap and grid[2] <= cap, (config, grid)
-                blocks = -(-rows // meta["BLOCK_M"]) * -(-1 // meta["BLOCK_D"])
-                assert grid[0] * grid[1] == blocks, (config, grid)
+                assert grid[:2] == (1, -(-rows // meta["BLOCK_M"])), (config, grid, rows)
+            assert sum(args[6] for *_, args in launched) == n + m
     else:
         # One row against 1.2M columns, bf16 Euclidean (the W map + GEMM backward); the
         # interpreter's 16-column blocks pass the cap at 1M columns as a GPU's 1024 do at 67M.
@@ -760,9 +763,31 @@ def test_triton_backward_grids_stay_within_cudas_y_cap_for_millions_of_rows(path
         x, y = torch.ones(1, 1, 1, dtype=torch.bfloat16), torch.zeros(1, m, 1, dtype=torch.bfloat16)
         grad, out = torch.ones(1, 1, m, dtype=torch.bfloat16), torch.ones(1, 1, m, dtype=torch.bfloat16)
         tri.pairwise_distance_backward_triton(grad, x, y, out, "euclidean")
-        grids = [grid for kernel, grid, _ in launched if kernel is tri._pairwise_grad_weights_kernel]
+        grids = [grid for kernel, grid, *_ in launched if kernel is tri._pairwise_grad_weights_kernel]
         assert grids and all(g[1] <= cap and g[2] <= cap for g in grids), grids
         assert sum(g[0] * g[1] for g in grids) == -(-m // tri._WEIGHTS_BLOCK_INTERPRETER)
+
+
+@requires_triton
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_triton_backward_row_slices_match_the_reference(metric, monkeypatch):
+    """The row slices of a backward past the grid cap, run: with the cap at 2 row blocks of the
+    interpreter's 16-row tiles, 70 x 45 rows take 3 and 2 slices a side; gradients (buffers
+    poisoned) equal the reference's."""
+    import torchfg.ops.pairwise.triton as tri
+
+    monkeypatch.setattr(tri, "MAX_GRID_YZ", 2)
+    real_empty = torch.empty
+    monkeypatch.setattr(tri.torch, "empty", lambda *a, **k: (lambda t: t.fill_(float("nan")) if t.is_floating_point()
+                                                             else t)(real_empty(*a, **k)))
+    g = torch.Generator().manual_seed(23)
+    x, y = torch.randn(2, 70, 19, generator=g), torch.randn(2, 45, 19, generator=g)
+    grad = torch.randn(2, 70, 45, generator=g)
+    out = pairwise_distance_reference(x, y, metric)
+    gx, gy = tri.pairwise_distance_backward_triton(grad, x, y, out, metric)
+    ex, ey = pairwise_distance_backward_reference(grad.double(), x.double(), y.double(), out.double(), metric)
+    torch.testing.assert_close(gx.double(), ex, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(gy.double(), ey, atol=1e-4, rtol=1e-4)
 
 
 @requires_triton

@@ -133,11 +133,8 @@ def _pairwise_backward_kernel(
     #   cosine:    -(G * y_scale^T) @ y          (the radial projection is applied by the launcher)
     # The D slice varies fastest: the programs of one row block run together and read the same
     # (BLOCK_M, M) strip of G (and of the output), so it comes from HBM once and from L2 after.
-    # Both are folded into grid x: on grid y the row blocks passed CUDA's 65535 cap at N > 2.1M
-    # (fp64's 32-row tiles).
-    num_d = tl.cdiv(D, BLOCK_D)
-    pid_d = tl.program_id(0) % num_d
-    pid_m = tl.program_id(0) // num_d
+    pid_d = tl.program_id(0)
+    pid_m = tl.program_id(1)
     # 64-bit offsets: B * N * M passes 2**31 for outputs the docs allow (up to 2**34 elements).
     b = tl.program_id(2).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -432,18 +429,27 @@ def _backward_one_side(
     y_scale = safe_inverse(row_norms(y)) if metric == "cosine" else torch.empty(B, 1, device=x.device)
     dot_dtype, acc_dtype, precision = dot_dtypes(x.dtype)
     launch = _launcher(_pairwise_backward_kernel, "backward", x.dtype, config)
+    # Row blocks are grid y, which CUDA caps at 65535 (fp64's 32-row tiles pass it at N > 2.1M):
+    # larger N is launched in row slices that fit the smallest tile the launch may pick. (Folding
+    # rows into grid x instead cost registers: 12-16 more bytes of spills on triton 3.6.)
+    tiles = [config] if config is not None else (
+        [INTERPRETER_CONFIG] if triton_interpreter_enabled() else BACKWARD_CONFIGS[operand_class(x.dtype)])
+    rows_per_launch = MAX_GRID_YZ * min(t.block_m for t in tiles)
+    for r0 in range(0, N, rows_per_launch):
+        r1 = min(N, r0 + rows_per_launch)
+        g_r, out_r, x_r, gx_r = grad[:, r0:r1], out[:, r0:r1], x[:, r0:r1], gx[:, r0:r1]
 
-    def grid(meta):
-        return (cdiv(D, meta["BLOCK_D"]) * cdiv(N, meta["BLOCK_M"]), 1, B)
+        def grid(meta, rows=r1 - r0):
+            return (cdiv(D, meta["BLOCK_D"]), cdiv(rows, meta["BLOCK_M"]), B)
 
-    launch(
-        grid, grad, out, x, y, y_scale, gx,
-        N, M, D,
-        *grad.stride(), *out.stride(), *x.stride(), *y.stride(),
-        y_scale.stride(0), *gx.stride(),
-        _bucket(N), _bucket(M),
-        METRIC=metric_code(metric), DOT_DTYPE=dot_dtype, ACC_DTYPE=acc_dtype, INPUT_PRECISION=precision,
-    )
+        launch(
+            grid, g_r, out_r, x_r, y, y_scale, gx_r,
+            r1 - r0, M, D,
+            *g_r.stride(), *out_r.stride(), *x_r.stride(), *y.stride(),
+            y_scale.stride(0), *gx_r.stride(),
+            _bucket(r1 - r0), _bucket(M),
+            METRIC=metric_code(metric), DOT_DTYPE=dot_dtype, ACC_DTYPE=acc_dtype, INPUT_PRECISION=precision,
+        )
     if metric == "cosine":
         # d(x/|x|)/dx = (I - x_hat x_hat^T) / |x|: an O(N D) epilogue over the kernel's dL/dx_hat.
         x_inv = safe_inverse(row_norms(x)).unsqueeze(-1)
