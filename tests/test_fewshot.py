@@ -481,6 +481,101 @@ def test_embedding_restores_every_submodule_mode() -> None:
     assert {name: module.training for name, module in model.named_modules()} == before
 
 
+def test_overlapping_embeddings_share_the_mode_switch() -> None:
+    """Two threads embedding one model (say two evaluation jobs): thread A starts, B starts, A
+    ends while B is still embedding. Each call used to save the modes it found: B saved A's eval
+    modes, A's exit put the model back in training mode under B's running batches, and B's exit
+    left the model in eval mode for the training loop after it. The first call saves and the last
+    restores now."""
+    import threading
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.5))
+    model.train()
+    before = {name: module.training for name, module in model.named_modules()}
+    a_inside, b_inside, a_done = threading.Event(), threading.Event(), threading.Event()
+    seen: dict[str, list[bool]] = {"A": [], "B": []}
+
+    def hook(module, args):
+        name = threading.current_thread().name
+        seen[name].append(any(m.training for m in module.modules()))
+        if name == "A" and not a_inside.is_set():
+            a_inside.set()
+            assert b_inside.wait(10)
+        if name == "B" and not b_inside.is_set():
+            b_inside.set()
+            assert a_done.wait(10)
+
+    model.register_forward_pre_hook(hook)
+    data = (torch.randn(9, 4), torch.arange(9))
+
+    def run_a():
+        embed_dataset(model, data, batch_size=3)
+        a_done.set()
+
+    def run_b():
+        assert a_inside.wait(10)
+        embed_dataset(model, data, batch_size=3)
+
+    threads = [threading.Thread(target=run_a, name="A"), threading.Thread(target=run_b, name="B")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(seen["A"]) == len(seen["B"]) == 3
+    assert not any(seen["A"]) and not any(seen["B"]), seen  # every batch in eval mode
+    assert {name: module.training for name, module in model.named_modules()} == before
+
+
+@pytest.mark.parametrize("form", ["episode", "fitted"])
+def test_head_predict_uses_its_own_episodes_classes_while_another_thread_fits(form: str, monkeypatch) -> None:
+    """One head shared by two threads: A predicts while B fits another episode (other labels, other
+    way count) between A's logits and A's reading of the classes. predict used to map A's argmax
+    through B's classes (wrong labels, or an IndexError); it uses the classes of the prototypes
+    its logits came from now."""
+    import threading
+
+    import torchfg.heads.prototypical as prototypical
+
+    gen = torch.Generator().manual_seed(3)
+    support_a, labels_a = torch.randn(10, 8, generator=gen), torch.arange(5).repeat_interleave(2) + 100
+    support_b, labels_b = torch.randn(6, 8, generator=gen), torch.arange(3).repeat_interleave(2) + 200
+    query = torch.randn(7, 8, generator=gen)
+    expected = PrototypicalHead().predict(support_a, labels_a, query)
+    head = PrototypicalHead()
+    if form == "fitted":
+        head.fit(support_a, labels_a)
+    b_fitted, a_in_logits = threading.Event(), threading.Event()
+    logits_fn = prototypical.prototype_logits
+
+    def slow_logits(*args, **kwargs):
+        if threading.current_thread().name == "A":
+            a_in_logits.set()
+            assert b_fitted.wait(10)
+        return logits_fn(*args, **kwargs)
+
+    monkeypatch.setattr(prototypical, "prototype_logits", slow_logits)
+    result = {}
+
+    def run_a():
+        try:
+            result["a"] = head.predict(query) if form == "fitted" else head.predict(support_a, labels_a, query)
+        except Exception as error:  # B's 3 classes indexed by A's 5-way argmax
+            result["a"] = error
+
+    def run_b():
+        assert a_in_logits.wait(10)
+        head.fit(support_b, labels_b)
+        b_fitted.set()
+
+    threads = [threading.Thread(target=run_a, name="A"), threading.Thread(target=run_b, name="B")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert isinstance(result["a"], torch.Tensor) and torch.equal(result["a"], expected), result["a"]
+    assert head.classes.tolist() == [200, 201, 202]  # B's fit is what the head holds after
+
+
 def test_embedding_keeps_no_batch_output_alive_through_a_view() -> None:
     """embed_fn returning a view (the class token of a (B, T, C) output) must not keep each
     batch's whole output alive until the end: that held T times the embeddings' memory."""

@@ -8,6 +8,8 @@ in miniImageNet / CUB few-shot results.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
@@ -106,6 +108,42 @@ def _batches(
     )
 
 
+# id(module) -> (calls in progress, every submodule's training flag before the first of them).
+_EVAL_CALLS: dict[int, tuple[int, list[tuple[nn.Module, bool]]]] = {}
+_EVAL_CALLS_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _eval_mode(embed_fn: object) -> Iterator[None]:
+    """``embed_fn`` (a module) in eval mode for the block; its submodules' own flags come back after.
+
+    Every submodule's flag: eval() is recursive, and so is train(), which would wake a BatchNorm or
+    dropout the caller had frozen inside a model in training mode. Calls that overlap (threads
+    evaluating one model) share the saving: the first saves and the last restores, so a later call
+    does not save the modes the first one switched off and leave the model in eval mode.
+    """
+    if not isinstance(embed_fn, nn.Module):
+        yield
+        return
+    key = id(embed_fn)
+    with _EVAL_CALLS_LOCK:
+        calls, modes = _EVAL_CALLS.get(key, (0, []))
+        if calls == 0:
+            modes = [(module, module.training) for module in embed_fn.modules()]
+            embed_fn.eval()
+        _EVAL_CALLS[key] = (calls + 1, modes)
+    try:
+        yield
+    finally:
+        with _EVAL_CALLS_LOCK:
+            calls, modes = _EVAL_CALLS.pop(key)
+            if calls > 1:
+                _EVAL_CALLS[key] = (calls - 1, modes)
+            else:
+                for module, training in modes:
+                    module.training = training
+
+
 @torch.no_grad()
 def embed_dataset(
     embed_fn: Optional[EmbedFn],
@@ -129,13 +167,8 @@ def embed_dataset(
     num_workers = _check_int(num_workers, "num_workers", 0)
     target = torch.device(device) if device is not None else _module_device(embed_fn)
     batches, n_batches = _batches(dataset_or_tensors, batch_size, num_workers)
-    # Every submodule's own flag: eval() is recursive, and so is train(), which would wake a
-    # BatchNorm or dropout the caller had frozen inside a model in training mode.
-    modes = [(module, module.training) for module in embed_fn.modules()] if isinstance(embed_fn, nn.Module) else []
-    if isinstance(embed_fn, nn.Module):
-        embed_fn.eval()
     chunks, label_chunks = [], []
-    try:
+    with _eval_mode(embed_fn):
         for inputs, labels in _progress_bar(batches, enabled=progress, total=n_batches, desc="embedding"):
             if target is not None and isinstance(inputs, torch.Tensor):
                 inputs = inputs.to(target, non_blocking=True)
@@ -158,9 +191,6 @@ def embed_dataset(
             chunks.append(chunk)
             del out, chunk  # not alive during the next batch's forward
             label_chunks.append(labels.cpu().to(torch.int64))
-    finally:
-        for module, training in modes:
-            module.training = training
     if not chunks:
         raise ValueError("dataset_or_tensors is empty")
     return torch.cat(chunks), torch.cat(label_chunks)
@@ -199,6 +229,9 @@ def evaluate(
     Args:
         embed_fn: maps a batch of inputs (B, ...) to embeddings (B, D), e.g. a model or
             ``lambda x: model(x)[:, 0]``; ``None`` means the inputs already are (N, D) embeddings.
+            A module is in eval mode during the call (every submodule's own mode comes back
+            after, also when calls overlap in several threads); a thread that trains the same
+            module meanwhile trains in eval mode, so evaluate a copy (or an EMA model) there.
         dataset_or_tensors: exactly one of
 
             * ``(inputs, labels)``: a tuple (or list) of two tensors, inputs (N, ...) (images, or

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from typing import Optional
 
 import torch
@@ -13,6 +15,17 @@ from torchfg.ops.metric import METRICS
 from torchfg.functional.fewshot import class_prototypes, prototype_logits
 
 __all__ = ["PrototypicalHead"]
+
+# One lock for every head: an episode's prototypes and classes are stored together and read
+# together, so a thread's head(query) / predict never pairs one episode's logits with another
+# episode's classes while a second thread fits. (Module-level: a lock attribute would make heads
+# unpicklable.)
+_STATE_LOCK = threading.Lock()
+
+
+def _state_lock() -> contextlib.AbstractContextManager:
+    # A compiled graph does not take Python locks; its tracing reads the buffers once anyway.
+    return contextlib.nullcontext() if torch.compiler.is_compiling() else _STATE_LOCK
 
 
 class PrototypicalHead(nn.Module):
@@ -97,8 +110,9 @@ class PrototypicalHead(nn.Module):
             # tensors, which a later differentiable head(query) could not save for backward.
             with torch.inference_mode(False):
                 prototypes, classes = prototypes.clone(), classes.clone()
-        self.prototypes = prototypes.detach()
-        self.classes = classes
+        with _state_lock():
+            self.prototypes = prototypes.detach()
+            self.classes = classes
 
     def _logits(self, query: torch.Tensor, prototypes: Optional[torch.Tensor]) -> torch.Tensor:
         if prototypes is None or prototypes.shape[0] == 0:
@@ -126,8 +140,17 @@ class PrototypicalHead(nn.Module):
         Returns:
             (Q, C) logits, columns in the order of ``self.classes``.
         """
+        return self._logits_and_classes(support_or_query, support_labels, query)[0]
+
+    def _logits_and_classes(
+        self, support_or_query: torch.Tensor, support_labels: Optional[torch.Tensor], query: Optional[torch.Tensor]
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(logits (Q, C), classes (C,)) of this call's own prototypes, whatever another thread
+        records meanwhile."""
         if support_labels is None and query is None:
-            return self._logits(support_or_query, self.prototypes)
+            with _state_lock():
+                prototypes, classes = self.prototypes, self.classes
+            return self._logits(support_or_query, prototypes), classes
         if support_labels is None or query is None:
             missing = "support_labels" if support_labels is None else "query"
             raise ValueError(
@@ -136,7 +159,7 @@ class PrototypicalHead(nn.Module):
             )
         prototypes, classes = class_prototypes(support_or_query, support_labels, normalize=self.normalize)
         self._record(prototypes, classes)
-        return self._logits(query, prototypes)
+        return self._logits(query, prototypes), classes
 
     @torch.no_grad()
     def predict(
@@ -146,9 +169,9 @@ class PrototypicalHead(nn.Module):
         query: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Predicted original labels, (Q,): same arguments as :meth:`forward`."""
-        logits = self.forward(support_or_query, support_labels, query)
-        assert self.classes is not None
-        return self.classes[logits.argmax(dim=1)]
+        logits, classes = self._logits_and_classes(support_or_query, support_labels, query)
+        assert classes is not None
+        return classes[logits.argmax(dim=1)]
 
     def extra_repr(self) -> str:
         return (
