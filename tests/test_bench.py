@@ -680,6 +680,41 @@ def test_append_csv_appends_and_widens_the_header(tmp_path):
     assert [r["op"] for r in _read_csv(path)] == ["knn", "dino", "xbm", "pairwise"]
 
 
+@pytest.mark.parametrize("widen", [False, True])
+def test_append_csv_holds_the_files_lock_while_it_reads_and_writes(widen, tmp_path, monkeypatch):
+    """Two benchmark processes writing one CSV lost rows: one appended while the other rewrote
+    the file under a wider header. The whole read-and-write now holds an exclusive lock on
+    <csv>.lock, checked from a second open file (flock locks are per open file, so the same
+    process conflicts with itself); the rewrite keeps the file's mode."""
+    import fcntl
+    import importlib
+    import os
+
+    measure = importlib.import_module("torchfg.bench.measure")  # the package exports a measure()
+
+    path = tmp_path / "a.csv"
+    append_csv(path, [{"op": "knn", "median_ms": 1.0}])
+    os.chmod(path, 0o640)
+    held, real_fsync = [], os.fsync
+
+    def fsync_checking_the_lock(fd):
+        with open(tmp_path / "a.csv.lock", "a") as other:
+            try:
+                fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(other.fileno(), fcntl.LOCK_UN)
+                held.append(False)
+            except BlockingIOError:
+                held.append(True)
+        return real_fsync(fd)
+
+    monkeypatch.setattr(measure.os, "fsync", fsync_checking_the_lock)
+    append_csv(path, [{"op": "dino", "median_ms": 2.0, **({"launches": 3} if widen else {})}])
+    assert held == [True]
+    assert [r["op"] for r in _read_csv(path)] == ["knn", "dino"]
+    assert path.stat().st_mode & 0o777 == 0o640
+    assert not list(tmp_path.glob("*.tmp"))
+
+
 @pytest.mark.parametrize("name", sorted(bench_presets.PRESETS))
 def test_preset_runs_through_the_engine(name, tmp_path, capsys):
     """Each preset (benchmarks/bench_<name>.py) at a tiny size: every run's op, parameters and cases reach the CSV."""

@@ -608,6 +608,43 @@ def test_build_is_cached(tmp_path, monkeypatch):
 
 
 @requires_compiled
+def test_a_killed_builds_leftovers_are_removed_by_the_next_build(tmp_path, monkeypatch):
+    """A process killed while compiling never ran its cleanup: its private tmp*.so (finished by
+    the compiler it left behind) and tmp* digest stayed in the cache for good. The next build
+    removes the ones older than any live build; a younger one (another process's build in
+    progress) stays."""
+    import time
+
+    monkeypatch.setenv("TORCHFG_CACHE_DIR", str(tmp_path))
+    source, compiler = cpu_module._source_path(), cpu_module._compiler()
+    path = cpu_module._build(source, compiler)
+    path.unlink()  # the next call builds again, in the same folder
+    old, young = path.parent / "tmpkilled1.so", path.parent / "tmpkilled2"
+    live = path.parent / "tmplive.so"
+    for leftover in (old, young, live):
+        leftover.write_bytes(b"x" * 100)
+    stale = time.time() - 3 * cpu_module._BUILD_TIMEOUT_S
+    os.utime(old, (stale, stale))
+    os.utime(young, (stale, stale))
+    assert cpu_module._build(source, compiler) == path and path.is_file()
+    assert not old.exists() and not young.exists() and live.exists()
+
+
+def test_an_environment_variable_unset_by_another_thread_mid_check_is_no_error(monkeypatch):
+    """TORCHFG_CPU_KERNELS was read twice (the flag, then the message): a thread unsetting it in
+    between made every CPU knn call's first check raise KeyError."""
+    monkeypatch.setenv("TORCHFG_CPU_KERNELS", "0")
+
+    def flag_then_unset(name, default):
+        value = os.environ[name]
+        del os.environ[name]  # what another thread does between the two reads
+        return value not in ("0",)
+
+    monkeypatch.setattr(cpu_module, "env_flag", flag_then_unset)
+    assert cpu_module._switched_off().startswith("disabled by TORCHFG_CPU_KERNELS")
+
+
+@requires_compiled
 def test_cached_library_is_readable_by_other_users(tmp_path, monkeypatch):
     """A shared TORCHFG_CACHE_DIR serves every user: the library gets 0755 less the umask (the
     private 0600 of the temporary file it is compiled to would lock others out)."""

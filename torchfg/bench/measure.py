@@ -10,17 +10,20 @@ are only trustworthy in a fresh process (one configuration per process; ``torchf
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import gc
 import os
 import platform
 import resource
 import statistics
 import subprocess
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -291,6 +294,24 @@ def append_csv(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> None:
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive(path):
+        _append_rows(path, rows)
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """Holds an exclusive lock on ``<path>.lock`` for the block: two benchmark processes writing
+    one CSV lost rows when one appended while the other rewrote the file under a wider header. (A
+    lock on the CSV itself would not do: the rewrite replaces that file.)"""
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
+def _append_rows(path: Path, rows: list[dict[str, Any]]) -> None:
     header: list[str] = []
     if path.exists() and path.stat().st_size > 0:
         with path.open(newline="") as f:
@@ -302,14 +323,19 @@ def append_csv(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> None:
         # A new column: rewrite the whole file under the wider header, atomically.
         with path.open(newline="") as f:
             existing = list(csv.DictReader(f))
-        tmp = path.with_name(path.name + ".tmp")
-        with tmp.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(existing + rows)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=fields)
+                writer.writeheader()
+                writer.writerows(existing + rows)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, path.stat().st_mode & 0o7777)  # the CSV's mode, not mkstemp's 0600
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
         return
     if header:
         _ensure_trailing_newline(path)

@@ -94,8 +94,9 @@ def csrc_dir() -> Path | None:
     """Directory holding the CUDA sources, or None when this install has none."""
     package = Path(__file__).resolve().parent.parent
     candidates = []
-    if os.environ.get(_CSRC_ENV):
-        candidates.append(Path(os.environ[_CSRC_ENV]))
+    override = os.environ.get(_CSRC_ENV)  # read once: another thread may change it
+    if override:
+        candidates.append(Path(override))
     candidates.append(package / "csrc")
     for candidate in candidates:
         if all((candidate / source).is_file() for source in SOURCES):
@@ -165,7 +166,7 @@ def status() -> tuple[bool, str]:
     if torch.version.cuda is None:
         return False, "this torch build has no CUDA support"
     if not env_flag(_JIT_ENV, True):
-        return False, f"not built ahead of time, and JIT builds are disabled by {_JIT_ENV}={os.environ[_JIT_ENV].strip()}"
+        return False, f"not built ahead of time, and JIT builds are disabled by {_JIT_ENV}={os.environ.get(_JIT_ENV, '').strip()}"
     sources = csrc_dir()
     if sources is None:
         return False, "the torchfg/csrc/ CUDA sources are not part of this install"

@@ -52,6 +52,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -128,7 +129,8 @@ def _switched_off() -> str | None:
     if not enabled:
         return "disabled by torchfg.ops.knn.cpu.enabled = False"
     if not env_flag(ENV_VAR, True):
-        return f"disabled by {ENV_VAR}={os.environ[ENV_VAR].strip()}"
+        # .get: another thread may unset the variable between the two reads.
+        return f"disabled by {ENV_VAR}={os.environ.get(ENV_VAR, '').strip()}"
     return None
 
 
@@ -136,7 +138,8 @@ def _source_path() -> Path | None:
     """The C source: ``TORCHFG_CSRC_DIR``, then ``torchfg/csrc`` (package data of an install, and
     the sources themselves in a checkout)."""
     package = Path(__file__).resolve().parents[2]
-    candidates = [Path(os.environ[_CSRC_ENV])] if os.environ.get(_CSRC_ENV) else []
+    override = os.environ.get(_CSRC_ENV)  # read once: another thread may change it
+    candidates = [Path(override)] if override else []
     candidates.append(package / "csrc")
     for candidate in candidates:
         if (candidate / _SOURCE).is_file():
@@ -147,9 +150,10 @@ def _source_path() -> Path | None:
 def _compiler() -> list[str] | None:
     """The compiler's command: ``CC`` split as a shell would (``CC="ccache gcc"`` or
     ``CC="gcc -O2"`` carry arguments), else the first of ``cc``, ``gcc``, ``clang`` on the PATH."""
-    if os.environ.get("CC", "").strip():
+    cc = os.environ.get("CC", "")  # read once: another thread may change it
+    if cc.strip():
         try:
-            command = shlex.split(os.environ["CC"])
+            command = shlex.split(cc)
         except ValueError:  # unbalanced quotes
             return None
         found = shutil.which(command[0])
@@ -162,8 +166,9 @@ def _compiler() -> list[str] | None:
 
 
 def _cache_root() -> Path:
-    if os.environ.get(_CACHE_ENV):
-        return Path(os.environ[_CACHE_ENV]) / "knn_cpu"
+    root = os.environ.get(_CACHE_ENV)  # read once: another thread may change it
+    if root:
+        return Path(root) / "knn_cpu"
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return base / "torchfg" / "knn_cpu"
 
@@ -195,6 +200,7 @@ def _build(source: Path, compiler: Sequence[str]) -> Path:
     # reached it, replaced): a truncated library kills the process with SIGBUS inside dlopen, so
     # it is rebuilt rather than loaded.
     target_dir.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(target_dir)
     # Compile to a private name, then rename: concurrent processes (pytest-xdist) never load a
     # half-written file.
     fd, partial = tempfile.mkstemp(suffix=".so", dir=target_dir)
@@ -221,6 +227,21 @@ def _build(source: Path, compiler: Sequence[str]) -> Path:
         if os.path.exists(partial):
             os.unlink(partial)
     return target
+
+
+def _remove_stale_partials(target_dir: Path) -> None:
+    """Deletes the private build outputs (``tmp*``) of builds killed before their cleanup ran.
+
+    A live build is younger than twice the build timeout, so only files older than that go: a
+    concurrent process's partial library is left alone.
+    """
+    cutoff = time.time() - 2 * _BUILD_TIMEOUT_S
+    for leftover in target_dir.glob("tmp*"):
+        try:
+            if leftover.stat().st_mtime < cutoff:
+                leftover.unlink()
+        except OSError:  # removed by another process meanwhile, or a read-only cache
+            pass
 
 
 def _digest(library: Path) -> str:
