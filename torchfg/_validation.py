@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import operator
 import os
 from typing import Iterable
@@ -87,7 +88,7 @@ def _finite(value) -> bool:
 def check_positive(value: object, name: str, *, allow_zero: bool = False, reciprocal: bool = False) -> float:
     """``value`` as a finite Python float ``> 0`` (``>= 0`` with ``allow_zero``); with
     ``reciprocal`` (a temperature: the caller divides by it), ``1 / value`` must be finite in fp32."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     if value < 0 or (value == 0 and not allow_zero) or not _finite(value):
         bound = ">= 0" if allow_zero else "> 0"
@@ -152,8 +153,11 @@ def check_bool(value: object, name: str) -> bool:
 
 
 def check_number(value: object, name: str, *, low: float | None = None, high: float | None = None) -> float:
-    """``value`` as a Python float finite in fp32, optionally within ``[low, high]`` (bool refused)."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
+    """``value`` as a Python float finite in fp32, optionally within ``[low, high]`` (bool refused).
+
+    Any real number type: numpy scalars too (a margin read from a numpy config, as PML takes it).
+    """
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     value = float(value)
     if not _finite(value) or (low is not None and value < low) or (high is not None and value > high):

@@ -1314,3 +1314,27 @@ def test_labels_given_as_a_column_view_warn_nothing(mining):
         warnings.simplefilter("error")
         loss = TF.triplet_margin_loss(emb, table[:, 1], mining=mining, backend="torch")
     assert torch.equal(loss, TF.triplet_margin_loss(emb, table[:, 1].contiguous(), mining=mining, backend="torch"))
+
+
+def test_numpy_scalars_are_numbers_everywhere_a_number_is_taken():
+    """A margin read from a numpy config (np.float32, np.int64) was refused as "not a number",
+    where PML takes it; bools (numpy's too) and tensors still are refused."""
+    import numpy as np
+
+    from torchfg.datasets.synthetic_products import split_product_ids
+    from torchfg.heads import MultiLabelHead, PrototypicalHead
+    from torchfg.utils import cosine_schedule
+
+    gen = torch.Generator().manual_seed(5)
+    x, labels = torch.randn(12, 5, generator=gen), torch.arange(12) % 3
+    expected = TripletMarginLoss(margin=0.25)(x, labels)
+    for margin in (np.float32(0.25), np.float64(0.25), np.float16(0.25)):
+        torch.testing.assert_close(TripletMarginLoss(margin=margin)(x, labels), expected)
+    assert TripletMarginLoss(margin=np.int64(1)).margin == 1.0
+    assert PrototypicalHead(temperature=np.float32(0.5)).temperature == 0.5
+    MultiLabelHead(5, 3, dropout=np.float32(0.1))
+    assert split_product_ids(10, novel_fraction=np.float32(0.2)) == split_product_ids(10, novel_fraction=0.2)
+    assert (cosine_schedule(np.float32(1.0), 0.0, 3, 4) == cosine_schedule(1.0, 0.0, 3, 4)).all()
+    for bad in (True, np.bool_(True), torch.tensor(0.2), "0.2"):
+        with pytest.raises(TypeError, match="margin must be a number"):
+            TripletMarginLoss(margin=bad)

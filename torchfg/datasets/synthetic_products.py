@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import operator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -200,7 +201,7 @@ def split_product_ids(num_products: int, novel_fraction: float = 0.25) -> tuple[
         ([0, 1, 2, 3, 4, 5], [6, 7])
     """
     num_products = _check_int(num_products, "num_products", minimum=1)
-    if not isinstance(novel_fraction, (int, float)) or isinstance(novel_fraction, bool):
+    if not isinstance(novel_fraction, numbers.Real) or isinstance(novel_fraction, bool):
         raise TypeError(f"novel_fraction must be a number, got {type(novel_fraction).__name__}")
     if not 0.0 <= novel_fraction <= 1.0:
         raise ValueError(f"novel_fraction must be in [0, 1], got {novel_fraction}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Sequence
 
 import torch
@@ -67,7 +68,7 @@ class MultiLabelHead(nn.Module):
             if value <= 0:
                 raise ValueError(f"{name} must be > 0, got {value}")
         self.pooling = check_choice(pooling, "pooling", POOLINGS)
-        if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
+        if not isinstance(dropout, numbers.Real) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
         if foreground_channels is not None:
             if self.pooling != "semantic":
