@@ -118,6 +118,25 @@ def test_episodic_sampler_keeps_classes_with_exactly_n_shot_plus_n_query_items()
         split_episode(torch.zeros(20, 1), labels[index], 5, 1, 3)  # and in the class-major layout
 
 
+def test_episodic_sampler_sharded_ranks_split_one_stream_of_episodes() -> None:
+    labels = torch.arange(12).repeat_interleave(6)[torch.randperm(72, generator=torch.Generator().manual_seed(6))]
+    one = EpisodicSampler(labels, 4, 2, 3, n_episodes=6, seed=11, num_replicas=1, rank=0)
+    assert list(one) == list(EpisodicSampler(labels, 4, 2, 3, n_episodes=6, seed=11))
+    ranks = [EpisodicSampler(labels, 4, 2, 3, n_episodes=5, seed=11, num_replicas=3, rank=r) for r in range(3)]
+    for epoch in (0, 1):
+        stream = EpisodicSampler(labels, 4, 2, 3, n_episodes=15, seed=11)
+        for sampler in [stream, *ranks]:
+            sampler.set_epoch(epoch)
+        got = [list(sampler) for sampler in ranks]
+        assert all(len(episodes) == 5 for episodes in got)
+        # Rank r holds episodes r, r + 3, ... of the one stream: no episode twice, none missing.
+        assert [episode for step in zip(*got) for episode in step] == list(stream)
+    with pytest.raises(ValueError, match="seed must be given"):
+        EpisodicSampler(labels, 4, 2, 3, n_episodes=5, num_replicas=2, rank=1)
+    with pytest.raises(ValueError, match=r"rank must be in \[0, num_replicas=2\)"):
+        EpisodicSampler(labels, 4, 2, 3, n_episodes=5, seed=0, num_replicas=2, rank=2)
+
+
 def test_episodic_sampler_bad_input() -> None:
     labels = torch.arange(6).repeat_interleave(4)
     with pytest.raises(ValueError, match="n_way=7"):

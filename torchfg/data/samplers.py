@@ -62,6 +62,19 @@ def _group_by_class(labels: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
     return classes, np.split(order, starts[1:])
 
 
+def _check_replicas(num_replicas: object, rank: object, seed: object) -> tuple[int, int]:
+    """(num_replicas, rank) of a sampler sharded over ranks, checked."""
+    num_replicas = check_int(num_replicas, "num_replicas", 1)
+    rank = check_int(rank, "rank", 0)
+    if rank >= num_replicas:
+        raise ValueError(f"rank must be in [0, num_replicas={num_replicas}), got {rank}")
+    if num_replicas > 1 and seed is None:
+        # A seed drawn per rank from torch's generator differs between ranks whose generators
+        # differ, and their "disjoint" shares would then overlap without a sign.
+        raise ValueError("seed must be given (the same int on every rank) when num_replicas > 1")
+    return num_replicas, rank
+
+
 class _EpochSeeded:
     """Base for samplers whose randomness is a function of (seed, epoch)."""
 
@@ -96,11 +109,17 @@ class EpisodicSampler(_EpochSeeded, Sampler[list[int]]):
         n_way: classes per episode.
         n_shot: support items per class.
         n_query: query items per class (>= 0).
-        n_episodes: episodes per iteration (= ``len(sampler)``).
+        n_episodes: episodes per iteration (= ``len(sampler)``; per rank when sharded).
         seed: base seed, an int >= 0 or None; see the module docstring for the per-epoch streams.
+            Required (the same on every rank) when ``num_replicas > 1``.
+        num_replicas: number of ranks sharing one stream of episodes (>= 1): rank ``r`` gets
+            episodes ``r``, ``r + num_replicas``, ... of it, so ranks never repeat each other's
+            episodes and each yields ``n_episodes``. Pass ``dist.get_world_size()``.
+        rank: this rank's index, in ``[0, num_replicas)``; pass ``dist.get_rank()``.
 
     Raises:
-        ValueError: fewer than ``n_way`` classes have ``n_shot + n_query`` items, or ``seed`` < 0.
+        ValueError: fewer than ``n_way`` classes have ``n_shot + n_query`` items, ``seed`` < 0, or
+            a sharded sampler without a seed.
 
     Example:
         >>> from torch.utils.data import DataLoader, TensorDataset
@@ -123,12 +142,15 @@ class EpisodicSampler(_EpochSeeded, Sampler[list[int]]):
         n_episodes: int,
         *,
         seed: int | None = None,
+        num_replicas: int = 1,
+        rank: int = 0,
     ) -> None:
         label_array = _labels_to_numpy(labels)
         self.n_way = check_int(n_way, "n_way", 1)
         self.n_shot = check_int(n_shot, "n_shot", 1)
         self.n_query = check_int(n_query, "n_query", 0)
         self.n_episodes = check_int(n_episodes, "n_episodes", 1)
+        self.num_replicas, self.rank = _check_replicas(num_replicas, rank, seed)
         _EpochSeeded.__init__(self, seed)
         per_class = self.n_shot + self.n_query
         classes, members = _group_by_class(label_array)
@@ -153,12 +175,15 @@ class EpisodicSampler(_EpochSeeded, Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         rng = self._next_rng()
-        for _ in range(self.n_episodes):
+        # Every rank draws every episode of the shared stream (the generators stay in step) and
+        # yields its own.
+        for episode in range(self.n_episodes * self.num_replicas):
             chosen = rng.choice(len(self._members), size=self.n_way, replace=False)
             items = np.stack(
                 [rng.choice(self._members[c], size=self.n_shot + self.n_query, replace=False) for c in chosen]
             )
-            yield items[:, : self.n_shot].reshape(-1).tolist() + items[:, self.n_shot :].reshape(-1).tolist()
+            if episode % self.num_replicas == self.rank:
+                yield items[:, : self.n_shot].reshape(-1).tolist() + items[:, self.n_shot :].reshape(-1).tolist()
 
 
 def split_episode(
@@ -308,14 +333,7 @@ class PKSampler(_EpochSeeded, Sampler[list[int]]):
         label_array = _labels_to_numpy(labels)
         self.p = check_int(p, "p", 1)
         self.k = check_int(k, "k", 1)
-        self.num_replicas = check_int(num_replicas, "num_replicas", 1)
-        self.rank = check_int(rank, "rank", 0)
-        if self.rank >= self.num_replicas:
-            raise ValueError(f"rank must be in [0, num_replicas={self.num_replicas}), got {self.rank}")
-        if self.num_replicas > 1 and seed is None:
-            # A seed drawn per rank from torch's generator differs between ranks whose generators
-            # differ, and their "disjoint" batches would then overlap without a sign.
-            raise ValueError("seed must be given (the same int on every rank) when num_replicas > 1")
+        self.num_replicas, self.rank = _check_replicas(num_replicas, rank, seed)
         if label_array.shape[0] == 0:
             raise ValueError("labels must not be empty")
         _EpochSeeded.__init__(self, seed)
