@@ -826,6 +826,140 @@ def test_triton_half_inputs():
         assert_knn_matches(d, i, q, g, 5, "cosine", tol=TOL[dtype])
 
 
+@requires_triton
+def test_triton_gallery_tiles_wider_than_the_top_k():
+    """Gallery tiles of 64 columns with K_PAD 16 or 32 (the GPU's default shape; the interpreter's
+    default tiles are K_PAD wide): a lane merge takes the column-wise minimum over the tile's
+    K_PAD-wide chunks. Integer rows with exact ties, a partial last tile: exact against the
+    brute force."""
+    from torchfg.ops.knn.triton import TileConfig, knn_triton
+
+    gen = torch.Generator().manual_seed(41)
+    q = integer_data(gen, 9, 3).to(TEST_DEVICE)
+    g = integer_data(gen, 80, 3).to(TEST_DEVICE)
+    cfg = TileConfig(block_q=16, block_g=64, block_d=16)
+    for metric, k in (("sqeuclidean", 5), ("dot", 20)):  # 4 chunks of 16, 2 of 32
+        d, i = knn_triton(q, g, k, metric, config=cfg)
+        ref_d, ref_i, _ = brute_force_knn(q, g, k, metric)
+        assert torch.equal(i.cpu(), ref_i), (metric, k)
+        assert torch.equal(d.double().cpu(), ref_d), (metric, k)
+
+
+@requires_triton
+def test_triton_stores_nothing_past_its_outputs(monkeypatch):
+    """The kernel's output buffers are followed by a poisoned guard region: a store past a row's
+    k slots (the (k + 1)-th lands on the next row, and the last row's past the buffer) or past the
+    last query row would change it. k = 5 of K_PAD = 16 slots, 19 queries (a partial block)."""
+    import torchfg.ops.knn.triton as tri
+
+    real_empty = torch.empty
+    guards = []
+
+    def guarded_empty(*size, **kwargs):
+        shape = tuple(size[0]) if len(size) == 1 and not isinstance(size[0], int) else size
+        numel = int(np.prod(shape))
+        base = real_empty(numel + 64, **kwargs)
+        base.fill_(float("nan") if base.is_floating_point() else -7)
+        guards.append(base[numel:])
+        return base[:numel].view(shape)
+
+    monkeypatch.setattr(tri.torch, "empty", guarded_empty)
+    gen = torch.Generator().manual_seed(23)
+    q = torch.randn(19, 7, generator=gen).to(TEST_DEVICE)
+    g = torch.randn(21, 7, generator=gen).to(TEST_DEVICE)
+    for splits in (1, 2):
+        cfg = tri.TileConfig(block_q=16, block_g=16, block_d=16, splits=splits)
+        d, i = tri.knn_triton(q, g, 5, "sqeuclidean", config=cfg)
+        assert_knn_matches(d, i, q, g, 5, "sqeuclidean")
+    assert guards
+    for guard in guards:
+        untouched = guard.isnan() if guard.is_floating_point() else guard == -7
+        assert untouched.all(), guard
+
+
+@requires_triton
+def test_triton_self_search_zero_row_under_cosine():
+    """Cosine self-search: a zero row is at distance 1 from every row, itself included (the
+    kernel's diagonal is 0 only for nonzero rows), so its k nearest are rows 0 .. k - 1 by the
+    tie rule; every other row is its own nearest at 0. The kernel's own distances, no recomputation."""
+    from torchfg.ops.knn.triton import TileConfig, knn_triton
+
+    gen = torch.Generator().manual_seed(29)
+    x = torch.randn(21, 6, generator=gen)
+    x[17] = 0.0
+    x = x.to(TEST_DEVICE)
+    cfg = TileConfig(block_q=16, block_g=16, block_d=16)
+    d, i = knn_triton(x, x, 3, "cosine", symmetric=True, config=cfg)
+    d, i = d.cpu(), i.cpu()
+    assert i[17].tolist() == [0, 1, 2] and d[17].tolist() == [1.0, 1.0, 1.0]
+    others = torch.arange(21) != 17
+    assert torch.equal(i[others, 0], torch.arange(21)[others]) and (d[others, 0] == 0).all()
+    assert_knn_matches(d, i, x, None, 3, "cosine")
+
+
+@requires_triton
+@pytest.mark.parametrize("metric", ["sqeuclidean", "euclidean"])
+def test_triton_self_search_puts_each_row_ahead_of_a_near_duplicate(metric):
+    """The Triton self-search sets each row's own distance to exactly 0, and clamps the GEMM form
+    at 0: at norm ~45 that form is rounding noise of |x|^2 for rows 1e-4 apart, above or below 0.
+    Either the noise of d(i, i) or a negative near-duplicate distance would let row 2j + 1 win row
+    2j's k = 1 (row 2j + 1 may return row 2j: a tie at 0 that the lower index wins)."""
+    from torchfg.ops.knn.triton import TileConfig, knn_triton
+
+    gen = torch.Generator().manual_seed(31)
+    x = torch.randn(32, 32, generator=gen) * 8
+    x[1::2] = x[0::2] + 1e-4 * torch.randn(16, 32, generator=gen)
+    x = x.to(TEST_DEVICE)
+    cfg = TileConfig(block_q=16, block_g=16, block_d=16)
+    d, i = knn_triton(x, x, 1, metric, symmetric=True, config=cfg)
+    assert torch.equal(i[0::2, 0].cpu(), torch.arange(0, 32, 2)) and (d[0::2] == 0).all()
+
+
+@requires_triton
+def test_triton_exclude_self_in_query_blocks():
+    """knn_search runs a long self-search in query blocks, each a gallery search that leaves out
+    gallery row (block start + row): the kernel's self_offset. Integer rows (exact ties to the
+    lower index) in blocks of 8 of 21 rows: equal to the brute force, index for index."""
+    gen = torch.Generator().manual_seed(37)
+    x = integer_data(gen, 21, 3).to(TEST_DEVICE)
+    seen = []
+    d, i = knn_search(x, None, 4, metric="sqeuclidean", exclude_self=True, backend="triton", query_block=8,
+                      progress=seen.append)
+    assert seen == [8, 8, 5]
+    ref_d, ref_i, _ = brute_force_knn(x, None, 4, "sqeuclidean", exclude_self=True)
+    assert torch.equal(i.cpu(), ref_i)
+    torch.testing.assert_close(d.double().cpu(), ref_d, atol=0, rtol=0)
+
+
+@requires_triton
+def test_triton_pinned_splits_stay_within_cudas_grid_y_cap(monkeypatch):
+    """Gallery splits are the streaming kernel's grid y, which CUDA caps at 65535 (the
+    interpreter has none): a pinned ``splits`` past it failed to launch on a GPU. With the cap
+    patched to 2, a pinned 5 splits of a 70-row gallery launches 2, and the neighbours equal the
+    brute force's."""
+    import torchfg.ops.knn.triton as tri
+
+    monkeypatch.setattr(tri, "MAX_GRID_YZ", 2, raising=False)
+    grids = []
+    kernel_type = type(tri._knn_kernel)
+    real_getitem = kernel_type.__getitem__
+
+    def recording_getitem(kernel, grid):
+        if kernel is tri._knn_kernel:
+            grids.append(grid)
+        return real_getitem(kernel, grid)
+
+    monkeypatch.setattr(kernel_type, "__getitem__", recording_getitem)
+    gen = torch.Generator().manual_seed(8)
+    q = integer_data(gen, 19, 3, -2, 3).to(TEST_DEVICE)
+    g = integer_data(gen, 70, 3, -2, 3).to(TEST_DEVICE)
+    cfg = tri.TileConfig(block_q=16, block_g=16, block_d=16, splits=5)
+    d, i = tri.knn_triton(q, g, 7, "sqeuclidean", config=cfg)
+    monkeypatch.undo()
+    assert grids and max(grid[1] for grid in grids) <= 2, grids
+    ref_d, ref_i, _ = brute_force_knn(q, g, 7, "sqeuclidean")
+    assert torch.equal(i.cpu(), ref_i) and torch.equal(d.double().cpu(), ref_d)
+
 
 # ---------------------------------------------------------------------------------------------
 # Triton filter search (bound, filter kernel, top-k of the lists, streaming fallback)

@@ -29,7 +29,7 @@ import triton.language as tl
 
 from torchfg._validation import env_flag
 from torchfg.backends import triton_interpreter_enabled
-from torchfg.ops._triton_utils import cdiv, dot_dtypes, next_power_of_2
+from torchfg.ops._triton_utils import MAX_GRID_YZ, cdiv, dot_dtypes, next_power_of_2
 from torchfg.ops.metric import metric_code, row_statistics
 from torchfg.ops.knn.reference import _float_of_ordered, _ordered_bits, select_candidates
 
@@ -794,7 +794,8 @@ def _knn_streaming(
     block_g = max(cfg.block_g, k_pad)
     q_blocks = cdiv(num_query, cfg.block_q)
     # (With ``needed``, sized as if every row were flagged: knowing how many are needs a host read.)
-    splits = cfg.splits or _num_splits(q_blocks, num_gallery, block_g, query.device)
+    # Splits are grid y, which CUDA caps at 65535 (a pinned ``splits`` may ask for more).
+    splits = min(cfg.splits or _num_splits(q_blocks, num_gallery, block_g, query.device), MAX_GRID_YZ)
     split_size = cdiv(cdiv(num_gallery, splits), block_g) * block_g
     splits = cdiv(num_gallery, split_size)
     out_d = torch.empty(splits, num_query, k, dtype=torch.float32, device=query.device)
