@@ -1263,6 +1263,21 @@ print("same")
 """
 
 
+def test_compiled_code_sees_that_it_is_not_exporting():
+    """torch 2.11's dynamo folds a traced torch.compiler.is_exporting() to True (2.13 reads the
+    flag): DINOLoss's compile-only centre handling (rebind, not an in-place update) was skipped
+    under every torch.compile there, and the compiled backward used the updated centre. The check
+    runs eagerly at trace time now, on every torch."""
+    from torchfg.losses import dino as dino_module
+
+    probe = torch.compile(lambda x: x + float(dino_module._exporting()), backend="eager", fullgraph=True)
+    assert probe(torch.zeros(1)).item() == 0.0
+    compiling = torch.compile(lambda x: x + float(dino_module._compiling_for_inductor()), backend="eager",
+                              fullgraph=True)
+    assert compiling(torch.zeros(1)).item() == 1.0
+    assert not dino_module._compiling_for_inductor()  # eager
+
+
 def test_compiled_training_step_uses_the_centre_from_before_the_update():
     """torch.compile (inductor) of a training-mode DINOLoss step: the gradient uses the centre of
     before this step's EMA update, as in eager (an in-place update let the compiled backward read

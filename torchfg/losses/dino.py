@@ -23,10 +23,21 @@ def _accept_row_center(module: nn.Module, state_dict: dict, prefix: str, *_args:
         state_dict[prefix + "center"] = center[0]
 
 
+def _exporting() -> bool:
+    return torch.compiler.is_exporting()
+
+
+# Run eagerly at trace time, the answer folded into the graph (what
+# torch.compiler.assume_constant_result does, without importing torch._dynamo here): torch 2.11's
+# dynamo folds a traced is_exporting() to True whatever the flag, so every torch.compile took the
+# export branch below, and the compiled backward read the centre after its in-place update.
+_exporting._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
+
 def _compiling_for_inductor() -> bool:
     """Whether torch.compile is tracing (torch.export traces too, but functionalises the in-place
     centre update into a buffer mutation of the exported program, as for BatchNorm)."""
-    return torch.compiler.is_compiling() and not torch.compiler.is_exporting()
+    return torch.compiler.is_compiling() and not _exporting()
 
 
 class DINOLoss(nn.Module):
