@@ -99,6 +99,27 @@ def test_batch_hard_miner_keeps_non_finite_anchors_so_the_loss_shows_nan(referen
     assert loss(diverged, labels, BatchHardMiner()(diverged, labels)).isnan()
 
 
+def test_non_finite_anchor_fallback_respects_text_positives_and_counts_margin_text():
+    """With text-defined positives (a threshold), a label does not tell positives from negatives:
+    no fallback triplet is added (the first other-label row here is a text positive of the NaN
+    anchor). With adaptive margins, a non-finite *text* row makes the anchor non-finite too, as
+    in the fused loss."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(6, 4, generator=gen)
+    labels = torch.tensor([0, 1, 1, 2, 2, 1])
+    text = torch.randn(6, 5, generator=gen)
+    text[0] = text[1]  # labels 0 and 1 share a description
+    bad = x.clone()
+    bad[1, 0] = float("nan")
+    a, p, n = TF.mine_triplets(bad, labels, text_embeddings=text, text_positive_threshold=0.9)
+    assert 1 not in a.tolist()
+    text_bad = text.clone()
+    text_bad[3, 2] = float("inf")
+    a, p, n = TF.mine_triplets(x, labels, text_embeddings=text_bad, base_margin=0.1, margin_scale=0.5)
+    (t,) = (a == 3).nonzero().flatten().tolist()
+    assert (int(p[t]), int(n[t])) == (4, 0)
+
+
 def test_semi_hard_miner_triplets_are_valid():
     x, labels = _batch(5, classes=4)
     a, p, n = SemiHardMiner()(x, labels)

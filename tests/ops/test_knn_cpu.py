@@ -619,15 +619,15 @@ def test_a_killed_builds_leftovers_are_removed_by_the_next_build(tmp_path, monke
     source, compiler = cpu_module._source_path(), cpu_module._compiler()
     path = cpu_module._build(source, compiler)
     path.unlink()  # the next call builds again, in the same folder
-    old, young = path.parent / "tmpkilled1.so", path.parent / "tmpkilled2"
+    stale_library, stale_digest = path.parent / "tmpkilled1.so", path.parent / "tmpkilled2"
     live = path.parent / "tmplive.so"
-    for leftover in (old, young, live):
+    for leftover in (stale_library, stale_digest, live):
         leftover.write_bytes(b"x" * 100)
     stale = time.time() - 3 * cpu_module._BUILD_TIMEOUT_S
-    os.utime(old, (stale, stale))
-    os.utime(young, (stale, stale))
+    os.utime(stale_library, (stale, stale))
+    os.utime(stale_digest, (stale, stale))
     assert cpu_module._build(source, compiler) == path and path.is_file()
-    assert not old.exists() and not young.exists() and live.exists()
+    assert not stale_library.exists() and not stale_digest.exists() and live.exists()
 
 
 def test_an_environment_variable_unset_by_another_thread_mid_check_is_no_error(monkeypatch):

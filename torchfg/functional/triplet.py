@@ -263,7 +263,10 @@ def _listed_triplets(
             embeddings, labels, candidates, candidate_labels, anchor_offset, metric=metric, backend=backend, **hardest
         )
         positive_idx, negative_idx = _keep_non_finite_anchors(
-            embeddings, labels, candidate_labels, anchor_offset, positive_idx, negative_idx
+            embeddings, labels, candidate_labels, anchor_offset, positive_idx, negative_idx,
+            # The text counts where it sets the margins, as in the fused loss's NaN rule.
+            hardest.get("text_embeddings") if hardest.get("margin_scale") else None,
+            hardest.get("text_positive_threshold"),
         )
         anchors = ((positive_idx >= 0) & (negative_idx >= 0)).nonzero().squeeze(1)
         return anchors, positive_idx[anchors], negative_idx[anchors]
@@ -276,40 +279,46 @@ def _keep_non_finite_anchors(
     anchor_offset: int | None,
     positive_idx: torch.Tensor,
     negative_idx: torch.Tensor,
+    text_embeddings: torch.Tensor | None = None,
+    text_positive_threshold: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batch-hard pairs in which every anchor row holding NaN or inf has a triplet when its labels
-    allow one: its first positive and first negative by candidate index (its own row excluded).
+    """Batch-hard pairs in which every anchor whose row (or text row) holds NaN or inf has a
+    triplet when its labels allow one: its first positive and first negative by candidate index
+    (its own row excluded).
 
     Its distances are NaN, so mining picked nothing for it, and a miner that left it out made a
     loss over the mined triplets finite where the loss's own mining is NaN: a diverged model (all
-    rows NaN) then trained on a loss of 0. (positive_idx, negative_idx): (N,) into the candidates,
-    -1 where none; returned unchanged, without a copy, when every anchor row is finite.
+    rows NaN) then trained on a loss of 0. A row is non-finite by the fused loss's rule (its sum,
+    text included, is not finite). With text-defined positives (``text_positive_threshold``) a
+    label alone does not tell positives from negatives, and nothing is added. No host sync: the
+    choices are made for every anchor and kept where needed. (positive_idx, negative_idx): (N,)
+    into the candidates, -1 where none.
     """
-    bad_rows = (~torch.isfinite(embeddings).all(dim=1)).nonzero().squeeze(1)
-    if bad_rows.numel() == 0:
+    if text_positive_threshold is not None or embeddings.shape[0] == 0 or candidate_labels.shape[0] == 0:
         return positive_idx, negative_idx
+    acc = accumulation_dtype(embeddings.dtype)
+    bad = ~torch.isfinite(embeddings.sum(dim=1, dtype=acc))
+    if text_embeddings is not None:
+        bad |= ~torch.isfinite(text_embeddings.sum(dim=1, dtype=accumulation_dtype(text_embeddings.dtype)))
     num_candidates = candidate_labels.shape[0]
     # Each label's candidates are a run of the stably sorted labels, in index order.
     sorted_labels, order = torch.sort(candidate_labels, stable=True)
-    anchor_labels = labels[bad_rows]
-    lo = torch.searchsorted(sorted_labels, anchor_labels)
-    hi = torch.searchsorted(sorted_labels, anchor_labels, right=True)
+    lo = torch.searchsorted(sorted_labels, labels)
+    hi = torch.searchsorted(sorted_labels, labels, right=True)
     last = num_candidates - 1
     first, second = order[lo.clamp(max=last)], order[(lo + 1).clamp(max=last)]
-    own = (bad_rows + anchor_offset) % num_candidates if anchor_offset is not None else torch.full_like(bad_rows, -1)
+    rows = torch.arange(labels.shape[0], device=labels.device)
+    own = (rows + anchor_offset) % num_candidates if anchor_offset is not None else torch.full_like(rows, -1)
     positive = torch.where(first != own, first, second)
     has_positive = (hi - lo) > (own >= 0).long()
     # The first negative: candidate 0, unless it shares the anchor's label; then the first
     # candidate whose label differs from candidate 0's.
     differs = candidate_labels != candidate_labels[0]
-    zero_is_negative = anchor_labels != candidate_labels[0]
+    zero_is_negative = labels != candidate_labels[0]
     negative = torch.where(zero_is_negative, 0, differs.int().argmax())
     has_negative = zero_is_negative | differs.any()
-    keep = has_positive & has_negative
-    positive_idx, negative_idx = positive_idx.clone(), negative_idx.clone()
-    positive_idx[bad_rows] = torch.where(keep, positive, positive_idx[bad_rows])
-    negative_idx[bad_rows] = torch.where(keep, negative, negative_idx[bad_rows])
-    return positive_idx, negative_idx
+    keep = bad & has_positive & has_negative
+    return torch.where(keep, positive, positive_idx), torch.where(keep, negative, negative_idx)
 
 
 def _check_mining_backend(strategy: str, backend: str) -> None:
@@ -883,7 +892,11 @@ def mine_triplets(
 
     Returns:
         (anchors, positives, negatives): int64 tensors of equal length T, only valid triplets,
-        sorted by anchor. No gradient.
+        sorted by anchor. No gradient. ``"batch_hard"`` gives an anchor whose row (or, with
+        adaptive margins, text row) holds NaN or inf its first positive and first negative by
+        index, when its labels give it both and no text threshold defines positives: a loss over
+        the triplets is then NaN, as the fused loss is (an anchor alone in its class still has
+        none).
 
     Example:
         >>> emb = torch.tensor([[0.0], [1.0], [5.0], [5.5]])

@@ -91,8 +91,9 @@ class BatchHardMiner(_TripletMiner):
     Anchors without a positive or a negative are left out. An anchor row holding NaN or inf is
     at distance NaN from every candidate; it keeps a triplet (its first positive and first
     negative by index) when its labels give it both, so that a loss over the triplets is NaN, as
-    the loss's own batch-hard mining is, and divergence shows. Fused Triton kernel on CUDA, chunked
-    reference elsewhere; never materialises an N x M matrix.
+    the loss's own batch-hard mining is, and divergence shows (an anchor alone in its class has
+    no triplet, as in PML). Fused Triton kernel on CUDA, chunked reference elsewhere; never
+    materialises an N x M matrix.
 
     Args:
         metric: ``"euclidean"``, ``"sqeuclidean"``, ``"cosine"`` or ``"dot"``.

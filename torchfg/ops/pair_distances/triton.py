@@ -281,8 +281,9 @@ def anchor_pair_distances_backward_triton(
     Every gradient row is written once, in the input dtype, from an fp32 (fp64) sum kept in
     registers: no gradient-sized accumulator, no atomics, deterministic. The partner terms are
     found through a CSR of ``y_idx`` by partner row (a stable sort and a searchsorted, O(N K log N K)).
-    A negative entry of ``y_idx`` is a pair without a partner (an unpaired anchor of the fused
-    triplet loss): it adds nothing and stays out of the CSR, so no partner row walks it.
+    A negative entry of ``y_idx`` is a pair without a partner (the fused triplet loss's unpaired
+    anchors; the public op, its reference and the forward take entries in [0, M) only): it adds
+    nothing and stays out of the CSR, so no partner row walks it.
     With ``y_is_x`` the partner terms go into dL/dx and the second tensor is empty; without
     ``needs_grad_y`` (e.g. a detached cross-batch memory) they are skipped (no CSR) and the
     second tensor is empty too.
@@ -295,7 +296,7 @@ def anchor_pair_distances_backward_triton(
     grad_y = torch.empty(y.shape, dtype=y.dtype, device=y.device) if needs_grad_y and not y_is_x else x.new_empty(0)
     if d == 0:
         return grad_x, grad_y
-    grad, out = grad.contiguous(), out.contiguous()
+    grad, out, y_idx = grad.contiguous(), out.contiguous(), y_idx.contiguous()  # the kernel reads row * K + k
     dummy = out  # placeholder pointer for arguments a launch does not read
     if k and partner_grad:
         order, ends, counts = _csr_by_partner(y_idx, y.shape[0])

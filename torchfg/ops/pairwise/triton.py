@@ -325,21 +325,30 @@ def prune_for_ragged_d(direction: str):
     return prune
 
 
+def _candidate_tiles(direction: str, dtype: torch.dtype, config: PairwiseConfig | None) -> list[PairwiseConfig]:
+    """The tile configurations a launch may run with: the pinned one, the interpreter's, or the
+    autotuner's table for the dtype (whose early prune only removes some)."""
+    if config is not None:
+        return [config]
+    if triton_interpreter_enabled():
+        return [INTERPRETER_CONFIG]
+    table = FORWARD_CONFIGS if direction == "forward" else BACKWARD_CONFIGS
+    return list(table[operand_class(dtype)])
+
+
 def _launcher(kernel, direction: str, dtype: torch.dtype, config: PairwiseConfig | None):
     """``launch(grid, *args, **kwargs)`` of ``kernel``: a pinned config (explicit or the
     interpreter's) passes tiles, warps and stages; otherwise the autotuner supplies them (and a
     call it has answered skips its per-call work, see :class:`AutotunedLaunch`)."""
-    if config is None and triton_interpreter_enabled():
-        config = INTERPRETER_CONFIG
-    if config is not None:
-        meta = dict(_tile_meta(config, direction), num_warps=config.num_warps, num_stages=config.num_stages)
+    tiles = _candidate_tiles(direction, dtype, config)
+    if config is not None or triton_interpreter_enabled():
+        (pinned,) = tiles
+        meta = dict(_tile_meta(pinned, direction), num_warps=pinned.num_warps, num_stages=pinned.num_stages)
         return lambda grid, *args, **kwargs: kernel[grid](*args, **kwargs, **meta)
     key = (direction, operand_class(dtype))
     if key not in _autotuned:
-        table = FORWARD_CONFIGS if direction == "forward" else BACKWARD_CONFIGS
         configs = [
-            triton.Config(_tile_meta(c, direction), num_warps=c.num_warps, num_stages=c.num_stages)
-            for c in table[key[1]]
+            triton.Config(_tile_meta(c, direction), num_warps=c.num_warps, num_stages=c.num_stages) for c in tiles
         ]
         _autotuned[key] = AutotunedLaunch(triton.autotune(
             configs=configs, key=["N_BUCKET", "M_BUCKET", "D"],
@@ -432,9 +441,7 @@ def _backward_one_side(
     # Row blocks are grid y, which CUDA caps at 65535 (fp64's 32-row tiles pass it at N > 2.1M):
     # larger N is launched in row slices that fit the smallest tile the launch may pick. (Folding
     # rows into grid x instead cost registers: 12-16 more bytes of spills on triton 3.6.)
-    tiles = [config] if config is not None else (
-        [INTERPRETER_CONFIG] if triton_interpreter_enabled() else BACKWARD_CONFIGS[operand_class(x.dtype)])
-    rows_per_launch = MAX_GRID_YZ * min(t.block_m for t in tiles)
+    rows_per_launch = MAX_GRID_YZ * min(t.block_m for t in _candidate_tiles("backward", x.dtype, config))
     for r0 in range(0, N, rows_per_launch):
         r1 = min(N, r0 + rows_per_launch)
         g_r, out_r, x_r, gx_r = grad[:, r0:r1], out[:, r0:r1], x[:, r0:r1], gx[:, r0:r1]
