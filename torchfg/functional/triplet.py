@@ -288,37 +288,39 @@ def _keep_non_finite_anchors(
 
     Its distances are NaN, so mining picked nothing for it, and a miner that left it out made a
     loss over the mined triplets finite where the loss's own mining is NaN: a diverged model (all
-    rows NaN) then trained on a loss of 0. A row is non-finite by the fused loss's rule (its sum,
-    text included, is not finite). With text-defined positives (``text_positive_threshold``) a
-    label alone does not tell positives from negatives, and nothing is added. No host sync: the
-    choices are made for every anchor and kept where needed. (positive_idx, negative_idx): (N,)
-    into the candidates, -1 where none.
+    rows NaN) then trained on a loss of 0. A row is non-finite by the fused loss's rule
+    (:func:`unpaired_anchor_losses`). With text-defined positives (``text_positive_threshold``) a
+    label alone does not tell positives from negatives, and nothing is added. When every row is
+    finite (the usual case) this costs one O(N D) pass and one host sync, next to the caller's
+    own ``nonzero``; the label search runs only for the non-finite rows. (positive_idx,
+    negative_idx): (N,) into the candidates, -1 where none.
     """
     if text_positive_threshold is not None or embeddings.shape[0] == 0 or candidate_labels.shape[0] == 0:
         return positive_idx, negative_idx
-    acc = accumulation_dtype(embeddings.dtype)
-    bad = ~torch.isfinite(embeddings.sum(dim=1, dtype=acc))
-    if text_embeddings is not None:
-        bad |= ~torch.isfinite(text_embeddings.sum(dim=1, dtype=accumulation_dtype(text_embeddings.dtype)))
+    diverged = unpaired_anchor_losses(embeddings, text_embeddings, accumulation_dtype(embeddings.dtype)).isnan()
+    bad_rows = diverged.nonzero().squeeze(1)
+    if bad_rows.numel() == 0:
+        return positive_idx, negative_idx
     num_candidates = candidate_labels.shape[0]
     # Each label's candidates are a run of the stably sorted labels, in index order.
     sorted_labels, order = torch.sort(candidate_labels, stable=True)
-    lo = torch.searchsorted(sorted_labels, labels)
-    hi = torch.searchsorted(sorted_labels, labels, right=True)
+    anchor_labels = labels[bad_rows]
+    lo = torch.searchsorted(sorted_labels, anchor_labels)
+    hi = torch.searchsorted(sorted_labels, anchor_labels, right=True)
     last = num_candidates - 1
     first, second = order[lo.clamp(max=last)], order[(lo + 1).clamp(max=last)]
-    rows = torch.arange(labels.shape[0], device=labels.device)
-    own = (rows + anchor_offset) % num_candidates if anchor_offset is not None else torch.full_like(rows, -1)
+    own = (bad_rows + anchor_offset) % num_candidates if anchor_offset is not None else torch.full_like(bad_rows, -1)
     positive = torch.where(first != own, first, second)
     has_positive = (hi - lo) > (own >= 0).long()
     # The first negative: candidate 0, unless it shares the anchor's label; then the first
     # candidate whose label differs from candidate 0's.
     differs = candidate_labels != candidate_labels[0]
-    zero_is_negative = labels != candidate_labels[0]
+    zero_is_negative = anchor_labels != candidate_labels[0]
     negative = torch.where(zero_is_negative, 0, differs.int().argmax())
-    has_negative = zero_is_negative | differs.any()
-    keep = bad & has_positive & has_negative
-    return torch.where(keep, positive, positive_idx), torch.where(keep, negative, negative_idx)
+    keep = has_positive & (zero_is_negative | differs.any())
+    positive_idx = positive_idx.index_put((bad_rows,), torch.where(keep, positive, positive_idx[bad_rows]))
+    negative_idx = negative_idx.index_put((bad_rows,), torch.where(keep, negative, negative_idx[bad_rows]))
+    return positive_idx, negative_idx
 
 
 def _check_mining_backend(strategy: str, backend: str) -> None:
