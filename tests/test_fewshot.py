@@ -526,6 +526,58 @@ def test_overlapping_embeddings_share_the_mode_switch() -> None:
     assert {name: module.training for name, module in model.named_modules()} == before
 
 
+@pytest.mark.parametrize("first", ["model", "submodule"])
+def test_overlapping_embeddings_of_a_model_and_its_submodule(first: str) -> None:
+    """One thread embeds the model, another its backbone (a submodule), overlapping: the first
+    starts, the second starts, the first ends while the second still runs. Keyed on the module
+    they were called with, the two calls saved each other's flags: the backbone went back to
+    training mode under the other call's batches, or was left in eval mode after both."""
+    import threading
+
+    backbone = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.5))
+    model = torch.nn.Sequential(backbone, torch.nn.Dropout(0.5), torch.nn.Linear(4, 4))
+    model.train()
+    model[2].eval()  # a flag of the caller's own, outside the backbone
+    before = {name: module.training for name, module in model.named_modules()}
+    targets = {"model": model, "submodule": backbone}
+    second = "submodule" if first == "model" else "model"
+    first_inside, second_inside, first_done = threading.Event(), threading.Event(), threading.Event()
+    seen: dict[str, list[bool]] = {first: [], second: []}
+
+    def hook(module, args):
+        name = threading.current_thread().name
+        if targets[name] is not module:  # the backbone's hook also runs inside the model's call
+            return
+        seen[name].append(any(m.training for m in module.modules()))
+        if name == first and not first_inside.is_set():
+            first_inside.set()
+            assert second_inside.wait(10)
+        if name == second and not second_inside.is_set():
+            second_inside.set()
+            assert first_done.wait(10)
+
+    model.register_forward_pre_hook(hook)
+    backbone.register_forward_pre_hook(hook)
+    data = (torch.randn(9, 4), torch.arange(9))
+
+    def run_first():
+        embed_dataset(targets[first], data, batch_size=3)
+        first_done.set()
+
+    def run_second():
+        assert first_inside.wait(10)
+        embed_dataset(targets[second], data, batch_size=3)
+
+    threads = [threading.Thread(target=run_first, name=first), threading.Thread(target=run_second, name=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(seen[first]) == len(seen[second]) == 3
+    assert not any(seen[first]) and not any(seen[second]), seen  # every batch in eval mode
+    assert {name: module.training for name, module in model.named_modules()} == before
+
+
 @pytest.mark.parametrize("form", ["episode", "fitted"])
 def test_head_predict_uses_its_own_episodes_classes_while_another_thread_fits(form: str, monkeypatch) -> None:
     """One head shared by two threads: A predicts while B fits another episode (other labels, other

@@ -108,8 +108,11 @@ def _batches(
     )
 
 
-# id(module) -> (calls in progress, every submodule's training flag before the first of them).
-_EVAL_CALLS: dict[int, tuple[int, list[tuple[nn.Module, bool]]]] = {}
+# id(submodule) -> [calls in progress that switched it to eval, its training flag before the first].
+# Per submodule, not per model: overlapping calls on a model and on one of its submodules (say
+# evaluate(model) in one thread and embed_dataset(model.backbone) in another) then share the
+# saving of the flags they have in common.
+_EVAL_CALLS: dict[int, list] = {}
 _EVAL_CALLS_LOCK = threading.Lock()
 
 
@@ -119,29 +122,32 @@ def _eval_mode(embed_fn: object) -> Iterator[None]:
 
     Every submodule's flag: eval() is recursive, and so is train(), which would wake a BatchNorm or
     dropout the caller had frozen inside a model in training mode. Calls that overlap (threads
-    evaluating one model) share the saving: the first saves and the last restores, so a later call
-    does not save the modes the first one switched off and leave the model in eval mode.
+    evaluating one model, or a model and one of its submodules) share the saving: the first call
+    to reach a submodule saves its flag and the last to leave it restores it, so a later call does
+    not save the modes an earlier one switched off and leave the model in eval mode.
     """
     if not isinstance(embed_fn, nn.Module):
         yield
         return
-    key = id(embed_fn)
+    modules = list(embed_fn.modules())
     with _EVAL_CALLS_LOCK:
-        calls, modes = _EVAL_CALLS.get(key, (0, []))
-        if calls == 0:
-            modes = [(module, module.training) for module in embed_fn.modules()]
-            embed_fn.eval()
-        _EVAL_CALLS[key] = (calls + 1, modes)
+        for module in modules:
+            entry = _EVAL_CALLS.get(id(module))
+            if entry is None:
+                _EVAL_CALLS[id(module)] = [1, module.training]
+            else:
+                entry[0] += 1
+        embed_fn.eval()
     try:
         yield
     finally:
         with _EVAL_CALLS_LOCK:
-            calls, modes = _EVAL_CALLS.pop(key)
-            if calls > 1:
-                _EVAL_CALLS[key] = (calls - 1, modes)
-            else:
-                for module, training in modes:
-                    module.training = training
+            for module in modules:
+                entry = _EVAL_CALLS[id(module)]
+                entry[0] -= 1
+                if entry[0] == 0:
+                    del _EVAL_CALLS[id(module)]
+                    module.training = entry[1]
 
 
 @torch.no_grad()

@@ -1333,6 +1333,12 @@ def test_numpy_scalars_are_numbers_everywhere_a_number_is_taken():
     assert TripletMarginLoss(margin=np.int64(1)).margin == 1.0
     assert PrototypicalHead(temperature=np.float32(0.5)).temperature == 0.5
     MultiLabelHead(5, 3, dropout=np.float32(0.1))
+    # A non-number is a TypeError, as for the other number arguments; a number out of range a ValueError.
+    for bad in (True, "0.1", torch.tensor(0.1)):
+        with pytest.raises(TypeError, match="dropout must be a number"):
+            MultiLabelHead(5, 3, dropout=bad)
+    with pytest.raises(ValueError, match=r"dropout must be a number in \[0, 1\), got 1.0"):
+        MultiLabelHead(5, 3, dropout=1.0)
     assert split_product_ids(10, novel_fraction=np.float32(0.2)) == split_product_ids(10, novel_fraction=0.2)
     assert (cosine_schedule(np.float32(1.0), 0.0, 3, 4) == cosine_schedule(1.0, 0.0, 3, 4)).all()
     for bad in (True, np.bool_(True), torch.tensor(0.2), "0.2"):

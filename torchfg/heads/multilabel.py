@@ -68,7 +68,9 @@ class MultiLabelHead(nn.Module):
             if value <= 0:
                 raise ValueError(f"{name} must be > 0, got {value}")
         self.pooling = check_choice(pooling, "pooling", POOLINGS)
-        if not isinstance(dropout, numbers.Real) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
+        if not isinstance(dropout, numbers.Real) or isinstance(dropout, bool):
+            raise TypeError(f"dropout must be a number in [0, 1), got {type(dropout).__name__}")
+        if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
         if foreground_channels is not None:
             if self.pooling != "semantic":
