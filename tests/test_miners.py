@@ -100,10 +100,12 @@ def test_batch_hard_miner_keeps_non_finite_anchors_so_the_loss_shows_nan(referen
 
 
 def test_non_finite_anchor_fallback_respects_text_positives_and_counts_margin_text():
-    """With text-defined positives (a threshold), a label does not tell positives from negatives:
-    no fallback triplet is added (the first other-label row here is a text positive of the NaN
-    anchor). With adaptive margins, a non-finite *text* row makes the anchor non-finite too, as
-    in the fused loss."""
+    """With text-defined positives (a threshold) the fallback's negative is the first other-label
+    row whose text is not a near-duplicate of the anchor's (row 0 here shares the NaN anchor's
+    description, so row 3 is taken); there was no fallback triplet at all before, so a diverged
+    model mined with a threshold trained on a loss of 0. An anchor whose every other-label row is
+    a text positive has none. With adaptive margins, a non-finite *text* row makes the anchor
+    non-finite too, as in the fused loss."""
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(6, 4, generator=gen)
     labels = torch.tensor([0, 1, 1, 2, 2, 1])
@@ -112,7 +114,22 @@ def test_non_finite_anchor_fallback_respects_text_positives_and_counts_margin_te
     bad = x.clone()
     bad[1, 0] = float("nan")
     a, p, n = TF.mine_triplets(bad, labels, text_embeddings=text, text_positive_threshold=0.9)
+    (t,) = (a == 1).nonzero().flatten().tolist()
+    assert (int(p[t]), int(n[t])) == (2, 3)
+    # Every other-label row a text positive of the anchor: no negative, no triplet.
+    same_text = text.clone()
+    same_text[[3, 4]] = 2.0 * text[1]
+    a, p, n = TF.mine_triplets(bad, labels, text_embeddings=same_text, text_positive_threshold=0.9)
     assert 1 not in a.tolist()
+    # A diverged model mined under a threshold: the loss over the mined triplets is NaN, as the
+    # fused adaptive loss is.
+    diverged = torch.full_like(x, float("nan"))
+    a, p, n = TF.mine_triplets(diverged, labels, text_embeddings=text, text_positive_threshold=0.9)
+    assert a.numel() > 0 and (labels[a] == labels[p]).all() and (labels[a] != labels[n]).all()
+    cos = torch.nn.functional.cosine_similarity(text[a], text[n], dim=1)
+    assert (cos < 0.9).all()
+    assert TF.adaptive_triplet_loss(diverged, labels, text, text_positive_threshold=0.9).isnan()
+    assert TF.triplet_margin_loss(diverged, labels, indices_tuple=(a, p, n)).isnan()
     text_bad = text.clone()
     text_bad[3, 2] = float("inf")
     a, p, n = TF.mine_triplets(x, labels, text_embeddings=text_bad, base_margin=0.1, margin_scale=0.5)

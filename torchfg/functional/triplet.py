@@ -54,6 +54,7 @@ from torchfg.ops.hardest_triplet_loss.reference import text_cosine, unpaired_anc
 from torchfg.ops.pair_distances import anchor_pair_distances, pair_distances
 from torchfg.ops.metric import DEFAULT_METRIC, METRICS
 from torchfg.ops.triplet import mine_all_triplets, mine_hardest, mine_semi_hard
+from torchfg.ops.triplet.reference import text_similarity_operands
 from torchfg._validation import check_number as _check_number  # shared numeric argument check
 from torchfg._validation import check_bool as _check_flag
 from torchfg.ops.precision import autocast_off
@@ -264,9 +265,9 @@ def _listed_triplets(
         )
         positive_idx, negative_idx = _keep_non_finite_anchors(
             embeddings, labels, candidate_labels, anchor_offset, positive_idx, negative_idx,
-            # The text counts where it sets the margins, as in the fused loss's NaN rule.
-            hardest.get("text_embeddings") if hardest.get("margin_scale") else None,
-            hardest.get("text_positive_threshold"),
+            hardest.get("text_embeddings"), hardest.get("candidate_text"),
+            margin_scale=hardest.get("margin_scale", 0.0),
+            text_positive_threshold=hardest.get("text_positive_threshold"),
         )
         anchors = ((positive_idx >= 0) & (negative_idx >= 0)).nonzero().squeeze(1)
         return anchors, positive_idx[anchors], negative_idx[anchors]
@@ -280,6 +281,9 @@ def _keep_non_finite_anchors(
     positive_idx: torch.Tensor,
     negative_idx: torch.Tensor,
     text_embeddings: torch.Tensor | None = None,
+    candidate_text: torch.Tensor | None = None,
+    *,
+    margin_scale: float = 0.0,
     text_positive_threshold: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Batch-hard pairs in which every anchor whose row (or text row) holds NaN or inf has a
@@ -289,15 +293,18 @@ def _keep_non_finite_anchors(
     Its distances are NaN, so mining picked nothing for it, and a miner that left it out made a
     loss over the mined triplets finite where the loss's own mining is NaN: a diverged model (all
     rows NaN) then trained on a loss of 0. A row is non-finite by the fused loss's rule
-    (:func:`unpaired_anchor_losses`). With text-defined positives (``text_positive_threshold``) a
-    label alone does not tell positives from negatives, and nothing is added. When every row is
-    finite (the usual case) this costs one O(N D) pass and one host sync, next to the caller's
-    own ``nonzero``; the label search runs only for the non-finite rows. (positive_idx,
-    negative_idx): (N,) into the candidates, -1 where none.
+    (:func:`unpaired_anchor_losses`; the text counts where it sets the margins). Where
+    ``text_positive_threshold`` takes near-duplicate descriptions out of the negatives, the first
+    negative is the first other-label candidate whose text cosine is below it, by mining's own
+    rule (a NaN text cosine excludes nothing). When every row is finite (the usual case) this
+    costs one O(N D) pass and one host sync, next to the caller's own ``nonzero``; the label (and
+    text) search runs only for the non-finite rows. (positive_idx, negative_idx): (N,) into the
+    candidates, -1 where none.
     """
-    if text_positive_threshold is not None or embeddings.shape[0] == 0 or candidate_labels.shape[0] == 0:
+    if embeddings.shape[0] == 0 or candidate_labels.shape[0] == 0:
         return positive_idx, negative_idx
-    diverged = unpaired_anchor_losses(embeddings, text_embeddings, accumulation_dtype(embeddings.dtype)).isnan()
+    margin_text = text_embeddings if margin_scale else None
+    diverged = unpaired_anchor_losses(embeddings, margin_text, accumulation_dtype(embeddings.dtype)).isnan()
     bad_rows = diverged.nonzero().squeeze(1)
     if bad_rows.numel() == 0:
         return positive_idx, negative_idx
@@ -312,15 +319,45 @@ def _keep_non_finite_anchors(
     own = (bad_rows + anchor_offset) % num_candidates if anchor_offset is not None else torch.full_like(bad_rows, -1)
     positive = torch.where(first != own, first, second)
     has_positive = (hi - lo) > (own >= 0).long()
-    # The first negative: candidate 0, unless it shares the anchor's label; then the first
-    # candidate whose label differs from candidate 0's.
-    differs = candidate_labels != candidate_labels[0]
-    zero_is_negative = anchor_labels != candidate_labels[0]
-    negative = torch.where(zero_is_negative, 0, differs.int().argmax())
-    keep = has_positive & (zero_is_negative | differs.any())
+    if text_positive_threshold is not None and text_embeddings is not None and candidate_text is not None:
+        negative, has_negative = _first_text_negatives(
+            text_embeddings[bad_rows], candidate_text, anchor_labels, candidate_labels, text_positive_threshold
+        )
+    else:
+        # The first negative: candidate 0, unless it shares the anchor's label; then the first
+        # candidate whose label differs from candidate 0's.
+        differs = candidate_labels != candidate_labels[0]
+        zero_is_negative = anchor_labels != candidate_labels[0]
+        negative = torch.where(zero_is_negative, 0, differs.int().argmax())
+        has_negative = zero_is_negative | differs.any()
+    keep = has_positive & has_negative
     positive_idx = positive_idx.index_put((bad_rows,), torch.where(keep, positive, positive_idx[bad_rows]))
     negative_idx = negative_idx.index_put((bad_rows,), torch.where(keep, negative, negative_idx[bad_rows]))
     return positive_idx, negative_idx
+
+
+def _first_text_negatives(
+    anchor_text: torch.Tensor,
+    candidate_text: torch.Tensor,
+    anchor_labels: torch.Tensor,
+    candidate_labels: torch.Tensor,
+    threshold: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per anchor (B of them), the first candidate (M) that mining may take as a negative under a
+    text threshold: another label and a text cosine below ``threshold`` (the reference's
+    ``>= threshold`` exclusion). (first index (B,), whether there is one (B,)); blocks of rows
+    keep the (rows x M) masks near 16 MiB."""
+    anchor_unit, candidate_unit = text_similarity_operands(anchor_text, candidate_text)
+    first = torch.zeros(anchor_text.shape[0], dtype=torch.int64, device=anchor_text.device)
+    found = torch.zeros(anchor_text.shape[0], dtype=torch.bool, device=anchor_text.device)
+    rows_per_block = max(1, (1 << 24) // max(1, candidate_text.shape[0]))
+    for start in range(0, anchor_text.shape[0], rows_per_block):
+        stop = start + rows_per_block
+        allowed = anchor_labels[start:stop, None] != candidate_labels[None, :]
+        allowed &= ~(anchor_unit[start:stop] @ candidate_unit.T >= threshold)
+        first[start:stop] = allowed.int().argmax(1)
+        found[start:stop] = allowed.any(1)
+    return first, found
 
 
 def _check_mining_backend(strategy: str, backend: str) -> None:
@@ -896,9 +933,9 @@ def mine_triplets(
         (anchors, positives, negatives): int64 tensors of equal length T, only valid triplets,
         sorted by anchor. No gradient. ``"batch_hard"`` gives an anchor whose row (or, with
         adaptive margins, text row) holds NaN or inf its first positive and first negative by
-        index, when its labels give it both and no text threshold defines positives: a loss over
-        the triplets is then NaN, as the fused loss is (an anchor alone in its class still has
-        none).
+        index, when its labels give it both (with ``text_positive_threshold``, the first
+        negative whose text is not a near-duplicate of the anchor's): a loss over the triplets
+        is then NaN, as the fused loss is (an anchor alone in its class still has none).
 
     Example:
         >>> emb = torch.tensor([[0.0], [1.0], [5.0], [5.5]])
