@@ -7,6 +7,7 @@ import torch
 
 from conftest import TEST_DEVICE, backends_to_test
 from dist_utils import run_on_ranks
+from torchfg.errors import BackendUnavailableError
 from torchfg.losses import AdaptiveTripletLoss, CrossBatchMemory, TripletMarginLoss
 
 pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
@@ -189,6 +190,94 @@ def test_indices_tuple_adds_triplets_like_pml():
         torch.testing.assert_close(a.grad, b.grad)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "mean_nonzero"])
+def test_all_triplets_memory_matches_pml_over_steps_with_wrap_around(reduction):
+    """PML's CrossBatchMemory without a miner takes every (anchor, memory positive, memory
+    negative) triplet: ``TripletMarginLoss(mining="all")`` does the same (it was refused). Memory
+    20, batches of 7: the third step's batch wraps around the ring, so an anchor's own copy sits
+    past the end for some rows and must still never be its positive."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+    dim, memory_size = 5, 20
+    ours = CrossBatchMemory(TripletMarginLoss(margin=0.2, mining="all", reduction=reduction), dim, memory_size)
+    reducer = {"reducer": MeanReducer()} if reduction == "mean" else {}
+    theirs = pml_losses.CrossBatchMemory(
+        pml_losses.TripletMarginLoss(margin=0.2, distance=LpDistance(normalize_embeddings=False), **reducer),
+        dim, memory_size=memory_size,
+    )
+    for step, (emb, labels) in enumerate(_batches(g, 6, 7, dim, 3)):
+        a, b = emb.clone().requires_grad_(), emb.clone().requires_grad_()
+        loss_ours, loss_theirs = ours(a, labels), theirs(b, labels)
+        loss_ours.backward()
+        loss_theirs.backward()
+        torch.testing.assert_close(loss_ours, loss_theirs.to(loss_ours.dtype), msg=f"step {step}")
+        torch.testing.assert_close(a.grad, b.grad, msg=f"step {step}")
+        assert ours.queue_idx == theirs.queue_idx
+
+
+def test_semi_hard_memory_matches_an_explicit_loop_across_the_ring_end():
+    """Semi-hard mining against the memory (FaceNet: per (anchor, memory positive) pair, the
+    closest memory negative farther than the positive, else the farthest), checked against loops
+    over a batch that wraps around the end of the ring."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+    dim, memory_size, margin = 3, 10, 0.3
+    xbm = CrossBatchMemory(TripletMarginLoss(margin=margin, mining="semi_hard"), dim, memory_size)
+    for step, (emb, labels) in enumerate(_batches(g, 4, 4, dim, 2)):
+        start = xbm.queue_idx
+        x = emb.clone().requires_grad_()
+        loss = xbm(x, labels)
+        memory, memory_labels = xbm.embedding_memory[: xbm.size], xbm.label_memory[: xbm.size]
+        terms = []
+        for i in range(x.shape[0]):
+            own = (start + i) % memory_size
+            d = torch.linalg.vector_norm(x[i] - memory, dim=1)
+            negatives = [j for j in range(xbm.size) if memory_labels[j] != labels[i]]
+            if not negatives:
+                continue
+            for j in range(xbm.size):
+                if memory_labels[j] != labels[i] or j == own:
+                    continue
+                farther = [n for n in negatives if d[n] > d[j]]
+                key = d.detach().tolist()
+                n = min(farther, key=lambda k: (key[k], k)) if farther else max(negatives, key=lambda k: (key[k], -k))
+                terms.append(torch.relu(d[j] - d[n] + margin))
+        expected = torch.stack(terms).mean() if terms else x.sum() * 0.0
+        torch.testing.assert_close(loss, expected.to(loss.dtype), msg=f"step {step}")
+        (grad,) = torch.autograd.grad(expected, x, allow_unused=True) if terms else (torch.zeros_like(x),)
+        loss.backward()
+        torch.testing.assert_close(x.grad, grad if grad is not None else torch.zeros_like(x), msg=f"step {step}")
+
+
+def test_all_triplets_memory_adds_an_indices_tuple_and_samples_per_anchor():
+    """With ``mining="all"``, a given ``indices_tuple`` adds exactly its triplets to the mined
+    ones, as PML's memory does with a miner that returns every triplet. (PML without a miner
+    mines *pairs*, turns the given triplets into pairs too and re-combines every pair of an
+    anchor: the given positive then meets every memory negative. The migration guide says so.)
+    ``triplets_per_anchor=k`` draws k per anchor against the memory."""
+    from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
+
+    g = torch.Generator().manual_seed(13)
+    dim, memory_size = 4, 12
+    ours = CrossBatchMemory(TripletMarginLoss(margin=0.2, mining="all", reduction="mean_nonzero"), dim, memory_size)
+    theirs = pml_losses.CrossBatchMemory(
+        pml_losses.TripletMarginLoss(margin=0.2, distance=LpDistance(normalize_embeddings=False)), dim,
+        memory_size=memory_size, miner=lambda emb, labels, ref, ref_labels: lmu.get_all_triplets_indices(labels, ref_labels),
+    )
+    for emb, labels in _batches(g, 3, 6, dim, 2):
+        extra = tuple(torch.tensor(pair, device=TEST_DEVICE) for pair in ([0, 1], [2, 3], [4, 5]))
+        a, b = emb.clone().requires_grad_(), emb.clone().requires_grad_()
+        loss_ours, loss_theirs = ours(a, labels, indices_tuple=extra), theirs(b, labels, indices_tuple=extra)
+        torch.testing.assert_close(loss_ours, loss_theirs.to(loss_ours.dtype))
+        loss_ours.backward()
+        loss_theirs.backward()
+        torch.testing.assert_close(a.grad, b.grad)
+    sampled = CrossBatchMemory(TripletMarginLoss(mining="all", triplets_per_anchor=3, reduction="none"), dim, memory_size)
+    for emb, labels in _batches(g, 3, 6, dim, 2):
+        losses = sampled(emb, labels)
+        has_pair = [(labels[i] == sampled.label_memory[: sampled.size]).sum() > 1
+                    and (labels[i] != sampled.label_memory[: sampled.size]).any() for i in range(6)]
+        assert losses.shape == (3 * sum(bool(h) for h in has_pair),)
+
+
 def test_state_dict_round_trip_and_device_dtype_follow():
     g = torch.Generator().manual_seed(14)
     xbm = CrossBatchMemory(TripletMarginLoss(), 4, 10)
@@ -214,8 +303,8 @@ def test_bad_arguments_name_themselves():
     pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
     with pytest.raises(TypeError, match=r"torchfg\.losses\.TripletMarginLoss .*got pytorch_metric_learning\..*TripletMarginLoss"):
         CrossBatchMemory(pml_losses.TripletMarginLoss(), 4)
-    with pytest.raises(ValueError, match="mining"):
-        CrossBatchMemory(TripletMarginLoss(mining="semi_hard"), 4)
+    with pytest.raises(BackendUnavailableError, match="mining='all'"):
+        CrossBatchMemory(TripletMarginLoss(mining="all", backend="triton"), 4)(torch.randn(2, 4), torch.tensor([0, 0]))
     with pytest.raises(ValueError, match="miner"):
         CrossBatchMemory(TripletMarginLoss(), 4, miner=object())
     with pytest.raises(ValueError, match="text_size"):
@@ -334,33 +423,42 @@ def test_indices_tuple_one_past_the_filled_memory_is_rejected_before_the_first_w
     assert xbm.size == 4
 
 
-def _cross_rank_steps(rank, world, batches, backend):
+def _memory_for(kind, backend, cross_rank):
+    if kind == "adaptive":
+        return CrossBatchMemory(AdaptiveTripletLoss(cross_rank=cross_rank, backend=backend), 4, 20, text_size=3)
+    loss = TripletMarginLoss(mining=kind, reduction="mean_nonzero", cross_rank=cross_rank, backend="auto")
+    return CrossBatchMemory(loss, 4, 20)
+
+
+def _cross_rank_steps(rank, world, batches, backend, kind):
     torch.manual_seed(0)
-    xbm = CrossBatchMemory(AdaptiveTripletLoss(cross_rank=True, backend=backend), 4, 20, text_size=3)
+    xbm = _memory_for(kind, backend, cross_rank=True)
     results = []
     for emb, labels, text in batches:
         rows = slice(rank * len(emb) // world, (rank + 1) * len(emb) // world)
         a = emb[rows].clone().requires_grad_()
-        loss = xbm(a, labels[rows], text_embeddings=text[rows])
+        loss = xbm(a, labels[rows], text_embeddings=text[rows] if kind == "adaptive" else None)
         loss.backward()
         results.append((loss.detach(), a.grad))
     return results, xbm.embedding_memory.clone()
 
 
-@pytest.mark.parametrize("backend", backends_to_test())
-def test_cross_rank_matches_single_process_on_the_concatenated_batch(backend):
+@pytest.mark.parametrize(
+    "backend, kind", [(b, "adaptive") for b in backends_to_test()] + [("torch", "all"), ("torch", "semi_hard")]
+)
+def test_cross_rank_matches_single_process_on_the_concatenated_batch(backend, kind):
     if backend == "triton" and TEST_DEVICE.type == "cuda":
         pytest.skip("the gloo ranks hold CPU tensors, which the triton backend takes under the interpreter only")
     g = torch.Generator().manual_seed(15)
     world, batch = 2, 8
     batches = [(torch.randn(batch, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (batch,), generator=g),
                 torch.randn(batch, 3, generator=g, dtype=torch.float64)) for _ in range(4)]
-    outcomes = run_on_ranks(_cross_rank_steps, world, batches, backend)
+    outcomes = run_on_ranks(_cross_rank_steps, world, batches, backend, kind)
     assert all(o[0] == "ok" for o in outcomes), outcomes
-    single = CrossBatchMemory(AdaptiveTripletLoss(backend=backend), 4, 20, text_size=3)
+    single = _memory_for(kind, backend, cross_rank=False)
     for step, (emb, labels, text) in enumerate(batches):
         a = emb.clone().requires_grad_()
-        loss = single(a, labels, text_embeddings=text)
+        loss = single(a, labels, text_embeddings=text if kind == "adaptive" else None)
         loss.backward()
         per_rank = [o[1][0][step] for o in outcomes]
         # Mean of the ranks' values = the single-process loss; each rank's rows get world x grad.

@@ -907,3 +907,40 @@ def test_reference_wrapping_anchors_never_get_themselves_as_positive(sparse):
     eye = torch.eye(64, dtype=torch.bool)
     assert pos.tolist() == dist.masked_fill(~same | eye, -1.0).argmax(1).tolist()
     assert neg.tolist() == dist.masked_fill(same, float("inf")).argmin(1).tolist()
+
+
+def test_semi_hard_and_all_triplets_take_a_batch_across_the_ring_end():
+    """mine_semi_hard and mine_all_triplets accept any anchor_offset in [0, M): anchor i is
+    candidate (anchor_offset + i) % M, as for the hardest miners (they refused an offset past
+    M - N, so a cross-batch memory could not mine a batch that wraps with them). Checked against
+    loops, with duplicate labels so that every anchor has positives besides its own copy."""
+    from torchfg.ops.triplet import mine_all_triplets, mine_semi_hard
+
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+    m, n, offset = 11, 4, 9
+    memory = torch.randn(m, 3, generator=gen, dtype=torch.float64)
+    memory_labels = torch.randint(0, 3, (m,), generator=gen)
+    slots = [(offset + i) % m for i in range(n)]
+    anchors, anchor_labels = memory[slots], memory_labels[slots]
+    expected_all = [
+        (i, p, q) for i in range(n) for p in range(m) for q in range(m)
+        if memory_labels[p] == anchor_labels[i] and p != slots[i] and memory_labels[q] != anchor_labels[i]
+    ]
+    got = mine_all_triplets(anchor_labels, memory_labels, exclude_self=True, anchor_offset=offset)
+    assert list(zip(*(t.tolist() for t in got))) == expected_all
+    d = torch.cdist(anchors, memory).tolist()
+    expected_semi = []
+    for i in range(n):
+        negatives = [q for q in range(m) if memory_labels[q] != anchor_labels[i]]
+        if not negatives:
+            continue
+        for p in range(m):
+            if memory_labels[p] != anchor_labels[i] or p == slots[i]:
+                continue
+            farther = [q for q in negatives if d[i][q] > d[i][p]]
+            q = min(farther, key=lambda k: (d[i][k], k)) if farther else max(negatives, key=lambda k: (d[i][k], -k))
+            expected_semi.append((i, p, q))
+    got = mine_semi_hard(anchors, memory, anchor_labels, memory_labels, exclude_self=True, anchor_offset=offset)
+    assert list(zip(*(t.tolist() for t in got))) == expected_semi
+    with pytest.raises(ValueError, match="anchor_offset"):
+        mine_all_triplets(anchor_labels, memory_labels, exclude_self=True, anchor_offset=m)

@@ -28,6 +28,7 @@ from torchfg._validation import accumulation_dtype
 from torchfg.ops.metric import unit_rows
 from torchfg.ops.pair_distances import pair_distances
 from torchfg.ops.precision import fp32_matmul_precision
+from torchfg.ops.triplet.reference import _exclude_self
 
 __all__ = ["MarginInterval", "SelectedTriplets", "select_triplets", "sample_triplets", "count_triplets", "exact_triplet_distances"]
 
@@ -171,7 +172,8 @@ def _label_masks(labels_chunk: torch.Tensor, candidate_labels: torch.Tensor, sta
     same = labels_chunk[:, None] == candidate_labels[None, :]
     negative = ~same
     if anchor_offset is not None:
-        same.diagonal(offset=anchor_offset + start)[: labels_chunk.shape[0]].fill_(False)
+        # Anchor i is candidate (anchor_offset + i) % M: a batch across the end of a ring memory wraps.
+        _exclude_self(same, start, anchor_offset, False)
     return same, negative
 
 

@@ -20,12 +20,19 @@ import torch
 from torchfg._validation import check_bool, check_choice, check_number
 from torchfg.distributed import gather_batch
 from torchfg.functional.triplet import (
+    MINING_STRATEGIES,
     REDUCTIONS,
     _batch_hard_loss,
     _check_indices_tuple,
+    _check_mining_backend,
+    _check_triplets_per_anchor,
     _hardest_triplet_losses,
     _hinge,
+    _listed_losses,
+    _listed_triplets,
     _reduce,
+    _show_diverged_anchors,
+    _triplet_margin_loss_impl,
     _validated,
 )
 from torchfg.ops.hardest_triplet_loss.reference import text_cosine
@@ -72,19 +79,27 @@ def enqueue(
 
 def _check_memory_loss_settings(
     *, margin: object, margin_scale: object, text_positive_threshold: object, metric: object, reduction: object,
-    smooth: object,
-) -> tuple[float, float]:
-    """The scalar arguments of :func:`memory_triplet_loss`; returns (margin, margin_scale) as floats.
+    smooth: object, mining: object = "batch_hard", triplets_per_anchor: object = "all", adaptive: bool = False,
+    backend: object = "auto",
+) -> tuple[float, float, int | str]:
+    """The scalar arguments of :func:`memory_triplet_loss`; returns (margin, margin_scale,
+    triplets_per_anchor) checked.
 
     Checked here, not only by the kernels: the PyTorch path's reduction took any unknown name for
     ``"mean_nonzero"`` and any truthy ``smooth`` for True.
     """
     check_choice(reduction, "reduction", REDUCTIONS)
     check_choice(metric, "metric", METRICS)
+    check_choice(mining, "mining", MINING_STRATEGIES)
     check_bool(smooth, "smooth")
     if text_positive_threshold is not None:
         check_number(text_positive_threshold, "text_positive_threshold", low=-1.0, high=1.0)
-    return check_number(margin, "margin"), check_number(margin_scale, "margin_scale", low=0.0)
+    if adaptive and mining != "batch_hard":
+        raise ValueError(f"mining must be 'batch_hard' with text embeddings (adaptive margins), got {mining!r}")
+    if mining != "batch_hard":
+        _check_mining_backend(mining, backend)
+    per_anchor = _check_triplets_per_anchor(triplets_per_anchor, mining)
+    return check_number(margin, "margin"), check_number(margin_scale, "margin_scale", low=0.0), per_anchor
 
 
 @autocast_off
@@ -103,11 +118,14 @@ def memory_triplet_loss(
     metric: str = DEFAULT_METRIC,
     reduction: str = "mean",
     smooth: bool = False,
+    mining: str = "batch_hard",
+    triplets_per_anchor: int | str = "all",
     indices_tuple: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     cross_rank: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Batch-hard (or adaptive, with text) triplet loss of a batch's anchors against a memory.
+    """Triplet loss of a batch's anchors against a memory: batch-hard (or adaptive, with text),
+    semi-hard or all triplets.
 
     Args:
         embeddings: (N, D) anchors (the only rows that receive gradients).
@@ -124,6 +142,12 @@ def memory_triplet_loss(
         metric: ``"euclidean"``, ``"sqeuclidean"``, ``"cosine"`` or ``"dot"``.
         reduction: ``"mean"`` (over valid triplets), ``"sum"``, ``"none"`` or ``"mean_nonzero"``.
         smooth: softplus instead of the hinge.
+        mining: ``"batch_hard"`` (the fused kernel; the only choice with text), ``"semi_hard"``
+            or ``"all"`` (every (anchor, memory positive, memory negative) triplet, PML's
+            ``CrossBatchMemory`` without a miner), as in
+            :func:`torchfg.functional.triplet_margin_loss`; the last two run the chunked
+            reference on every device.
+        triplets_per_anchor: ``"all"`` or k random triplets per anchor (``mining="all"`` only).
         indices_tuple: extra triplets (anchor into embeddings, positive and negative into
             memory) whose losses are added to the mined ones, as pytorch-metric-learning
             concatenates a given ``indices_tuple`` with its miner's.
@@ -140,7 +164,8 @@ def memory_triplet_loss(
     def validate():
         checked_margins = _check_memory_loss_settings(
             margin=margin, margin_scale=margin_scale, text_positive_threshold=text_positive_threshold, metric=metric,
-            reduction=reduction, smooth=smooth,
+            reduction=reduction, smooth=smooth, mining=mining, triplets_per_anchor=triplets_per_anchor,
+            adaptive=text_embeddings is not None, backend=backend,
         )
         checked_tuple = None if indices_tuple is None else _check_indices_tuple(
             indices_tuple, embeddings.shape[0], memory.shape[0], embeddings.device
@@ -150,14 +175,15 @@ def memory_triplet_loss(
     # With cross_rank the reduction is a collective: a check that fails on one rank raises on all
     # of them (the others would wait in its all_reduce), and so do calls whose settings differ.
     call = dict(function="memory_triplet_loss", margin=margin, margin_scale=margin_scale, metric=metric,
-                reduction=reduction, smooth=smooth, text_positive_threshold=text_positive_threshold,
-                indices_tuple=indices_tuple is not None, backend=backend)
-    margin, margin_scale, indices_tuple = _validated(validate, cross_rank, call)
+                reduction=reduction, smooth=smooth, text_positive_threshold=text_positive_threshold, mining=mining,
+                triplets_per_anchor=triplets_per_anchor, indices_tuple=indices_tuple is not None, backend=backend)
+    margin, margin_scale, per_anchor, indices_tuple = _validated(validate, cross_rank, call)
     return _memory_triplet_loss(
         embeddings, labels, memory, memory_labels, self_start, text_embeddings=text_embeddings,
         memory_text=memory_text, margin=margin, margin_scale=margin_scale,
         text_positive_threshold=text_positive_threshold, metric=metric, reduction=reduction, smooth=smooth,
-        indices_tuple=indices_tuple, cross_rank=cross_rank, backend=backend,
+        mining=mining, triplets_per_anchor=per_anchor, indices_tuple=indices_tuple, cross_rank=cross_rank,
+        backend=backend,
     )
 
 
@@ -179,8 +205,27 @@ def _memory_triplet_loss(
     indices_tuple: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
     cross_rank: bool,
     backend: str,
+    mining: str = "batch_hard",
+    triplets_per_anchor: int | str = "all",
 ) -> torch.Tensor:
     """:func:`memory_triplet_loss` after its checks (``indices_tuple`` already triplets in range)."""
+    if mining != "batch_hard":
+        # The loss's own semi-hard / all-triplets path with the memory as the reference set; the
+        # memory is detached, so only the anchors get gradients.
+        if indices_tuple is None:
+            return _triplet_margin_loss_impl(
+                embeddings, labels, memory, memory_labels, self_start, margin=margin, metric=metric, mining=mining,
+                reduction=reduction, smooth=smooth, backend=backend, triplets_per_anchor=triplets_per_anchor,
+                cross_rank=cross_rank,
+            )
+        # Mined and given triplets, listed together, as PML concatenates its miner's and the caller's.
+        mined = _listed_triplets(
+            embeddings, labels, memory, memory_labels, self_start, strategy=mining, metric=metric, backend=backend,
+            triplets_per_anchor=triplets_per_anchor,
+        )
+        triplets = tuple(torch.cat([m, g]) for m, g in zip(mined, indices_tuple))
+        losses = _listed_losses(embeddings, memory, triplets, metric=metric, margin=margin, smooth=smooth, swap=False)
+        return _show_diverged_anchors(_reduce(losses, None, reduction, cross_rank), embeddings, reduction)
     if indices_tuple is None:
         # The shared batch-hard loss (the fused op on the Triton backend; the memory is detached,
         # so its backward writes the anchors' gradient only).

@@ -23,17 +23,19 @@ class CrossBatchMemory(nn.Module):
     :class:`AdaptiveTripletLoss`) text embeddings, then mines each anchor's hardest positive and
     (margin-aware) hardest negative among all memory rows with the fused kernel of
     :func:`torchfg.ops.triplet.mine_hardest` (no batch x memory matrix; an anchor's own copy is
-    never its positive) and returns the loss of the selected pairs, computed exactly. Gradients
+    never its positive) and returns the loss of the selected pairs, computed exactly. A
+    :class:`TripletMarginLoss` with ``mining="all"`` (PML's memory without a miner) or
+    ``"semi_hard"`` mines that way against the memory instead (chunked reference). Gradients
     flow to the batch's embeddings as anchors only, as in pytorch-metric-learning. The memory is
     made of registered buffers, so ``.to(device)`` and ``state_dict()`` carry it (the write
     position and fill level travel as the module's extra state).
 
     Args:
-        loss: a batch-hard :class:`TripletMarginLoss` or an :class:`AdaptiveTripletLoss`; its
-            margin, metric, reduction, ``cross_rank`` and backend are used.
+        loss: a :class:`TripletMarginLoss` (``swap=False``) or an :class:`AdaptiveTripletLoss`;
+            its margin, metric, mining, reduction, ``cross_rank`` and backend are used.
         embedding_size: D.
         memory_size: S, the number of memory slots.
-        miner: must be None: the loss's own batch-hard / adaptive mining runs against the memory.
+        miner: must be None: the loss's own mining runs against the memory.
         text_size: T, the text embedding size (required with :class:`AdaptiveTripletLoss`).
 
     Shapes:
@@ -76,10 +78,8 @@ class CrossBatchMemory(nn.Module):
             raise TypeError(
                 f"loss must be a torchfg.losses.TripletMarginLoss or torchfg.losses.AdaptiveTripletLoss, got {kind}"
             )
-        if isinstance(loss, TripletMarginLoss) and loss.mining != "batch_hard":
-            raise ValueError(f"loss must use mining='batch_hard' (the memory is mined batch-hard), got {loss.mining!r}")
         if miner is not None:
-            raise ValueError("miner must be None: the loss's batch-hard mining runs against the memory (fused kernel)")
+            raise ValueError("miner must be None: the loss's own mining runs against the memory (set the loss's mining=)")
         if isinstance(loss, TripletMarginLoss) and loss.swap:
             # The swapped negative distance d(p, n) is between two memory rows: not implemented.
             raise ValueError("loss must have swap=False: CrossBatchMemory does not implement the swap")
@@ -168,6 +168,8 @@ class CrossBatchMemory(nn.Module):
             margin=loss.base_margin if adaptive else loss.margin, margin_scale=loss.margin_scale if adaptive else 0.0,
             text_positive_threshold=loss.text_positive_threshold if adaptive else None, metric=loss.metric,
             reduction=loss.reduction, smooth=False if adaptive else loss.smooth,
+            mining="batch_hard" if adaptive else loss.mining,
+            triplets_per_anchor="all" if adaptive else loss.triplets_per_anchor,
         )
 
         def validate():
@@ -193,8 +195,8 @@ class CrossBatchMemory(nn.Module):
                 enqueue_mask = torch.as_tensor(enqueue_mask, device=embeddings.device)
                 if enqueue_mask.dtype != torch.bool or enqueue_mask.shape != labels.shape:
                     raise ValueError(f"enqueue_mask must be a ({labels.shape[0]},) bool tensor, got {enqueue_mask.dtype} {tuple(enqueue_mask.shape)}")
-            margins = _check_memory_loss_settings(**settings)
-            return embeddings, labels, text_embeddings, enqueue_mask, margins
+            checked = _check_memory_loss_settings(**settings, backend=loss.backend)
+            return embeddings, labels, text_embeddings, enqueue_mask, checked
 
         # With cross_rank, an input error on one rank raises on every rank (the others would wait
         # in the gather below).
@@ -206,7 +208,9 @@ class CrossBatchMemory(nn.Module):
             loss=type(loss).__name__, backend=loss.backend, **settings,
             indices_tuple=indices_tuple is not None, enqueue_mask=enqueue_mask is not None,
         )
-        embeddings, labels, text_embeddings, enqueue_mask, (margin, margin_scale) = _validated(validate, cross_rank, call)
+        embeddings, labels, text_embeddings, enqueue_mask, (margin, margin_scale, per_anchor) = _validated(
+            validate, cross_rank, call
+        )
         self._match(embeddings, text_embeddings)
 
         text = text_embeddings
@@ -244,7 +248,7 @@ class CrossBatchMemory(nn.Module):
             self_start,
             text_embeddings=text,
             memory_text=self.text_memory[: self.size] if self.adaptive else None,
-            **{**settings, "margin": margin, "margin_scale": margin_scale},
+            **{**settings, "margin": margin, "margin_scale": margin_scale, "triplets_per_anchor": per_anchor},
             indices_tuple=indices_tuple,
             cross_rank=cross_rank,
             backend=loss.backend,

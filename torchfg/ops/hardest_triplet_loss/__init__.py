@@ -241,7 +241,7 @@ def hardest_triplet_loss(
         (1.375, [-0.25, 1.25, -1.25, 0.25])
     """
     anchor_labels, candidate_labels, self_offset = _check_mining_inputs(
-        anchors, candidates, anchor_labels, candidate_labels, metric, exclude_self, anchor_offset, wraps=True
+        anchors, candidates, anchor_labels, candidate_labels, metric, exclude_self, anchor_offset
     )
     anchor_text, candidate_text, text_positive_threshold = _check_text_inputs(
         anchor_text, candidate_text, text_positive_threshold, anchors, candidates

@@ -128,8 +128,6 @@ def _check_mining_inputs(
     metric: object,
     exclude_self: object,
     anchor_offset: object,
-    *,
-    wraps: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     anchors = check_float_tensor(anchors, "anchors", ndim=2)
     candidates = check_float_tensor(candidates, "candidates", ndim=2)
@@ -142,7 +140,7 @@ def _check_mining_inputs(
         check_labels(candidate_labels, "candidate_labels", candidates.shape[0], device=anchors.device)
     )
     check_choice(metric, "metric", METRICS)
-    self_offset = _self_offset(exclude_self, anchor_offset, anchors.shape[0], candidates.shape[0], wraps=wraps)
+    self_offset = _self_offset(exclude_self, anchor_offset, anchors.shape[0], candidates.shape[0])
     if self_offset > 0 and candidates is anchors:
         # Any offset in [0, M) is a valid rotation of a full ring, but with the anchors passed as
         # their own candidates row i is candidate i: another offset would let it be its own positive.
@@ -179,25 +177,18 @@ def _check_text_inputs(
     return anchor_text, candidate_text, text_positive_threshold
 
 
-def _self_offset(exclude_self: object, anchor_offset: object, n: int, m: int, *, wraps: bool = False) -> int:
+def _self_offset(exclude_self: object, anchor_offset: object, n: int, m: int) -> int:
     """The kernels' internal ``self_offset`` (candidate index of anchor 0, -1: none) from the public
-    pair. ``wraps``: the op takes anchor i as candidate ``(anchor_offset + i) % M`` (the hardest
-    miners; a batch across the end of a ring memory), so any offset in [0, M) is valid."""
+    pair. Every op takes anchor i as candidate ``(anchor_offset + i) % M`` (a batch across the end
+    of a ring memory), so any offset in [0, M) is valid."""
     exclude_self = check_bool(exclude_self, "exclude_self")
     anchor_offset = check_int(anchor_offset, "anchor_offset")
     if not exclude_self:
         return -1
-    if wraps:
-        if n > m or not 0 <= anchor_offset < max(m, 1):
-            raise ValueError(
-                f"anchor_offset must be in [0, M) = [0, {m}) with exclude_self=True, and N <= M (anchor i is "
-                f"candidate (anchor_offset + i) % M), got anchor_offset={anchor_offset}, N={n}, M={m}"
-            )
-        return anchor_offset
-    if anchor_offset > m - n:
+    if n > m or not 0 <= anchor_offset < max(m, 1):
         raise ValueError(
-            f"anchor_offset must be in [0, M - N] = [0, {m - n}] with exclude_self=True "
-            f"(anchor i is candidate anchor_offset + i), got {anchor_offset}"
+            f"anchor_offset must be in [0, M) = [0, {m}) with exclude_self=True, and N <= M (anchor i is "
+            f"candidate (anchor_offset + i) % M), got anchor_offset={anchor_offset}, N={n}, M={m}"
         )
     return anchor_offset
 
@@ -270,7 +261,7 @@ def mine_hardest(
         (tensor([1, 0, 3, 2]), tensor([2, 2, 1, 1]))
     """
     anchor_labels, candidate_labels, self_offset = _check_mining_inputs(
-        anchors, candidates, anchor_labels, candidate_labels, metric, exclude_self, anchor_offset, wraps=True
+        anchors, candidates, anchor_labels, candidate_labels, metric, exclude_self, anchor_offset
     )
     base_margin = check_number(base_margin, "base_margin")
     margin_scale = check_number(margin_scale, "margin_scale", low=0.0)
