@@ -813,3 +813,35 @@ def test_wrapped_backbone_saves_after_a_call_and_lets_go_of_the_map():
     del out, maps
     gc.collect()
     assert map_ref() is None and not model._semantic_of_input
+
+
+@pytest.mark.parametrize("kind", ["attention", "feature_concat", "mask"])
+def test_meta_construction_then_reset_parameters_is_the_constructors_init(kind):
+    """Built on the meta device, then to_empty + the usual loop over every submodule's
+    reset_parameters + the layer's own: the same parameters as an eager construction from the
+    same seed. Neither layer had a reset_parameters, so foreground_logits stayed uninitialised
+    memory and the feature_concat projection kept a kaiming init instead of the identity."""
+    from torchfg.layers import SemanticChannelAttention, SemanticFusion
+
+    def build():
+        if kind == "attention":
+            return SemanticChannelAttention(8, 3, embed_channels=4)
+        return SemanticFusion(8, 3, mode=kind)
+
+    torch.manual_seed(5)
+    eager = build()
+    with torch.device("meta"):
+        layer = build()
+    layer.to_empty(device="cpu")
+    for p in layer.parameters():
+        torch.nn.init.constant_(p, float("nan"))  # poison: every value must be written below
+    torch.manual_seed(5)
+    for module in layer.modules():
+        if module is not layer and hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    torch.manual_seed(5)
+    layer.reset_parameters()
+    eager_state, state = eager.state_dict(), layer.state_dict()
+    assert eager_state.keys() == state.keys()
+    for name in state:
+        torch.testing.assert_close(state[name], eager_state[name], rtol=0, atol=0, msg=name)

@@ -136,13 +136,31 @@ class SemanticChannelAttention(nn.Module):
         self.residual = residual
         hidden = max(4, (in_channels + embed_channels) // reduction)
         self.embedding = _semantic_embedding(semantic_channels, embed_channels)
-        # softplus(log(e - 1)) = 1: the region of interest starts as the plain channel sum.
-        self.foreground_logits = nn.Parameter(torch.full((semantic_channels,), math.log(math.e - 1.0)))
+        self.foreground_logits = nn.Parameter(torch.empty(semantic_channels))
+        self._init_foreground()
         self.mlp = nn.Sequential(
             nn.Linear(in_channels + embed_channels, hidden, bias=False),
             nn.ReLU(inplace=True),
             nn.Linear(hidden, in_channels, bias=False),
         )
+
+    def _init_foreground(self) -> None:
+        # softplus(log(e - 1)) = 1: the region of interest starts as the plain channel sum.
+        with torch.no_grad():
+            self.foreground_logits.fill_(math.log(math.e - 1.0))
+
+    def reset_parameters(self) -> None:
+        """Initialise every parameter as the constructor does (fresh draws for the convolutions
+        and the MLP, the foreground logits at softplus^-1(1)).
+
+        For a layer built on the meta device: ``layer.to_empty(device=...)``, then
+        ``layer.reset_parameters()`` (or ``load_state_dict``): ``foreground_logits`` has no
+        initialiser of PyTorch's, so ``to_empty`` leaves it as uninitialised memory.
+        """
+        for module in (*self.embedding, *self.mlp):
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+        self._init_foreground()
 
     def extra_repr(self) -> str:
         return (
@@ -292,9 +310,29 @@ class SemanticFusion(nn.Module):
             self.embed_channels = _check_channels(embed_channels, "embed_channels")
             self.embedding = _semantic_embedding(semantic_channels, embed_channels)
             self.project = nn.Conv2d(in_channels + embed_channels, in_channels, kernel_size=1, bias=False)
-            with torch.no_grad():
-                self.project.weight.zero_()
-                self.project.weight[:, :in_channels, 0, 0].copy_(torch.eye(in_channels))
+            self._init_project()
+
+    def _init_project(self) -> None:
+        # The identity on the features, zero on the embedding: the layer starts as a no-op.
+        with torch.no_grad():
+            self.project.weight.zero_()
+            self.project.weight[:, : self.in_channels, 0, 0].copy_(torch.eye(self.in_channels))
+
+    def reset_parameters(self) -> None:
+        """Initialise every parameter as the constructor does (``feature_concat``: fresh draws
+        for the embedding, the projection at the identity; the other modes have no parameters).
+
+        For a layer built on the meta device: ``layer.to_empty(device=...)``, then
+        ``layer.reset_parameters()`` (or ``load_state_dict``). Call it on the layer, after any
+        loop over the submodules' own ``reset_parameters``: the projection's own reset draws a
+        kaiming init, not the identity.
+        """
+        if self.mode != "feature_concat":
+            return
+        for module in self.embedding:
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+        self._init_project()
 
     def extra_repr(self) -> str:
         extra = ""

@@ -44,7 +44,10 @@ def cosine_schedule(
 
     Returns:
         float64 array of shape (epochs * steps_per_epoch,); index it with the global step
-        (its items are ``np.float64``, a subclass of ``float``).
+        (its items are ``np.float64``, a subclass of ``float``). Convert an item with ``float()``
+        before it goes into an optimizer's ``param_groups`` or other checkpointed state: a
+        numpy scalar there makes ``torch.load`` (``weights_only=True``, the default since torch
+        2.6) refuse the checkpoint, and ties it to the numpy version that saved it.
 
     Example:
         >>> lr = cosine_schedule(1e-3, 1e-6, epochs=10, steps_per_epoch=100, warmup_epochs=1)
