@@ -153,7 +153,8 @@ def assert_grad_close(grad, ref_grad, dtype, floor):
 def test_backend_matches_transcription(backend, dtype, n_crops, n_global, batch, k):
     student, teacher, center = make_inputs(n_crops, n_global, batch, k, dtype=dtype, seed=n_crops * 31 + k)
     loss, grad = loss_and_grad(student, teacher, center, n_crops, n_global, 0.1, 0.04, backend)
-    assert loss.dtype == dtype and loss.shape == ()
+    # The loss in its accumulation dtype (an fp16 loss overflowed GradScaler's scaled gradient).
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) and loss.shape == ()
     ref_loss, ref_grad = transcription_with_grad(student, teacher, center, n_crops, n_global, 0.1, 0.04)
     rtol, atol = TOLERANCES[dtype]
     torch.testing.assert_close(loss.double(), ref_loss, rtol=rtol, atol=atol)
@@ -295,7 +296,7 @@ def test_triton_crop_layouts_match_reference_with_poisoned_outputs(monkeypatch, 
     monkeypatch.setattr(tri.torch, "empty", poisoned_empty)
     loss, grad = loss_and_grad(student, teacher, center, n_crops, n_global, 0.1, 0.04, "triton")
     monkeypatch.undo()
-    assert loss.dtype == dtype and grad.dtype == dtype
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) and grad.dtype == dtype
     assert not loss.isnan() and not grad.isnan().any()
     rtol, atol = TOLERANCES[dtype]
     torch.testing.assert_close(loss.double(), ref_loss.double(), rtol=rtol, atol=atol)
@@ -1393,3 +1394,46 @@ def test_triton_masked_teacher_prototypes_with_forced_tiling(block_k, num_splits
     ref_loss, ref_s_lse, ref_t_lse = dino_loss_reference(*args)
     torch.testing.assert_close(loss, ref_loss, rtol=2e-5, atol=2e-5)
     torch.testing.assert_close(t_lse, ref_t_lse, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_loss_inside_activation_checkpointing_is_refused(reentrant):
+    """A checkpointed function that contains DINOLoss re-runs it in backward, after the centre was
+    updated in place: the gradient came from another centre (7 % off on a first step) and with
+    use_reentrant=True the centre moved twice. It raises now, naming the fix; checkpointing the
+    model alone, with the loss outside, gives the plain gradient."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    head = nn.Linear(8, 16)
+    inputs = torch.randn(24, 8, requires_grad=reentrant)
+    teacher = torch.randn(8, 16) + 2 * torch.randn(16)
+    criterion = DINOLoss(16, n_crops=6)
+    loss = checkpoint(lambda x: criterion(head(x), teacher, 0), inputs, use_reentrant=reentrant)
+    with pytest.raises(RuntimeError, match="checkpoint the model only"):
+        loss.backward()
+    plain, checkpointed = DINOLoss(16, n_crops=6), DINOLoss(16, n_crops=6)
+    plain(head(inputs), teacher, 0).backward()
+    expected, head.weight.grad = head.weight.grad.clone(), None
+    checkpointed(checkpoint(head, inputs, use_reentrant=reentrant), teacher, 0).backward()
+    torch.testing.assert_close(head.weight.grad, expected)
+    torch.testing.assert_close(checkpointed.center, plain.center)
+    # In eval mode (no update) the loss may sit inside the checkpoint.
+    criterion.eval()
+    checkpoint(lambda x: criterion(head(x), teacher, 0), inputs, use_reentrant=reentrant).backward()
+
+
+def test_fp16_loss_survives_a_grad_scaler_scale():
+    """The loss was returned in the student's dtype: in fp16, GradScaler's first scaled gradient
+    (65536, above fp16's 65504) became inf before the DINO backward ran, so the step was skipped
+    every time the scale grew back. The loss is fp32 now (as the triplet losses'), the gradient
+    fp16."""
+    # 16 images: every scaled gradient entry (at most 2 / (0.1 * 6 pairs * 16) * 65536) fits fp16.
+    student, teacher, _ = make_inputs(4, 2, 16, 32, dtype=torch.float16, seed=3)
+    student.requires_grad_(True)
+    loss = DINOLoss(32, n_crops=4)(student, teacher, 0)
+    assert loss.dtype == torch.float32
+    (grad,) = torch.autograd.grad(loss, student, retain_graph=True)
+    (loss * torch.tensor(65536.0, device=loss.device)).backward()
+    assert student.grad.dtype == torch.float16 and student.grad.isfinite().all()
+    torch.testing.assert_close(student.grad.float() / 65536.0, grad.float(), rtol=2e-3, atol=1e-7)

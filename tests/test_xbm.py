@@ -508,3 +508,24 @@ def test_compiled_step_with_memory_does_not_recompile_per_step():
     assert counts[-1] == counts[1] <= 2, counts
     assert compiled_memory.queue_idx == eager_memory.queue_idx
     torch.testing.assert_close(compiled_memory.embedding_memory, eager_memory.embedding_memory)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_memory_inside_activation_checkpointing_is_refused_before_a_second_write(reentrant):
+    """A checkpointed function that contains the memory re-runs it in backward: the batch was
+    enqueued twice (use_reentrant=True: silently, size 16 after one batch of 8, every row stored
+    twice; False: PyTorch's CheckpointError after the second write). The re-run raises now, before
+    it writes; checkpointing the model alone, with the memory outside, works."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 4)
+    inputs, labels = torch.randn(8, 6, requires_grad=reentrant), torch.arange(8) % 3
+    xbm = CrossBatchMemory(TripletMarginLoss(), 4, 32)
+    loss = checkpoint(lambda x: xbm(model(x), labels), inputs, use_reentrant=reentrant)
+    with pytest.raises(RuntimeError, match="checkpoint the model only"):
+        loss.backward()
+    assert xbm.size == 8 and xbm.queue_idx == 8
+    outside = CrossBatchMemory(TripletMarginLoss(), 4, 32)
+    outside(checkpoint(model, inputs, use_reentrant=reentrant), labels).backward()
+    assert outside.size == 8

@@ -167,3 +167,11 @@ def check_number(value: object, name: str, *, low: float | None = None, high: fl
             bounds = f" and >= {low}" if low is not None else f" and <= {high}" if high is not None else ""
         raise ValueError(f"{name} must be finite in float32{bounds}, got {value!r}")
     return value
+
+
+def in_backward() -> bool:
+    """Whether this thread is running an autograd backward pass: a forward that runs there is a
+    recomputation (``torch.utils.checkpoint``, either mode), and a module that updates state in
+    its forward would update it a second time or read the updated state."""
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is not None and task() != -1

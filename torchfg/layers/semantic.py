@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchfg._validation import check_bool, check_choice, check_float_tensor
+from torchfg._validation import check_bool, check_choice, check_float_tensor, in_backward
 from torchfg.functional.semantic import (
     check_channel_indices,
     check_semantic,
@@ -527,7 +527,7 @@ class SemanticBackbone(nn.Module):
         entry = self._semantic_of_input.get(id(stage_input)) if keyable else None
         semantic = entry[1] if entry is not None and entry[0]() is stage_input else None
         if semantic is None:
-            if _in_backward():
+            if in_backward():
                 # Activation checkpointing re-ran the stage after the call returned, on an input
                 # the call never saw: a checkpointed region that contains the stage (timm's
                 # checkpoint_seq over blocks, or use_reentrant=True, which detaches its inputs).
@@ -582,12 +582,6 @@ def _forget_entry(owner: SemanticBackbone, key: int) -> Callable[[weakref.ref], 
             del module._semantic_of_input[key]
 
     return forget
-
-
-def _in_backward() -> bool:
-    """Whether this thread is running an autograd backward pass (a recomputation of checkpointing)."""
-    task = getattr(torch._C, "_current_graph_task_id", None)
-    return task is not None and task() != -1
 
 
 def wrap_backbone(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from torchfg._validation import check_choice, check_float_tensor, check_positive
+from torchfg._validation import check_choice, check_float_tensor, check_positive, in_backward
 from torchfg.backends import check_backend
 from torchfg.functional.dino import dino_loss
 from torchfg._validation import check_int as _check_int
@@ -176,9 +176,18 @@ class DINOLoss(nn.Module):
             epoch: current epoch, in ``[0, n_epochs)``; selects the teacher temperature.
 
         Returns:
-            0-dim loss in the student's dtype. Under torch.distributed in training mode a rank
+            0-dim loss in fp32 (fp64 if an input is fp64). Under torch.distributed in training mode a rank
             may have an empty batch (B = 0): it takes part in the centre update and gets 0.
         """
+        if self.training and not torch.compiler.is_compiling() and in_backward():
+            # A recomputation by activation checkpointing: the centre this step used has been
+            # updated in place since, so the recomputed loss (and the gradient) would use another
+            # one, and use_reentrant=True would update it a second time.
+            raise RuntimeError(
+                "DINOLoss ran inside a backward pass (a torch.utils.checkpoint recomputation): it updates "
+                "its centre in training mode, so a recomputation would give a wrong gradient; keep the loss "
+                "outside the checkpointed function (checkpoint the model only)"
+            )
         distributed = self.training and torch.distributed.is_available() and torch.distributed.is_initialized()
         grad_enabled = torch.is_grad_enabled()  # the caller's: the update itself runs under no_grad
         if not distributed:
@@ -223,7 +232,7 @@ class DINOLoss(nn.Module):
         if distributed and student_output.shape[0] == 0 and teacher_output.shape[0] == 0:
             # A rank with an empty batch (an uneven split) still joins the centre's all_reduce, in
             # forward. No pairs: loss 0, zero gradient. Elsewhere dino_loss refuses an empty batch.
-            return student_output.sum() * 0.0
+            return student_output.sum(dtype=dino_accumulation_dtype(student_output, teacher_output)) * 0.0
         return dino_loss(
             student_output,
             teacher_output,

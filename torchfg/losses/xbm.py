@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchfg._validation import check_float_tensor, check_int, check_labels
+from torchfg._validation import check_float_tensor, check_int, check_labels, in_backward
 from torchfg.functional.triplet import _check_indices_tuple, _validated
 from torchfg.functional.xbm import _memory_triplet_loss, _check_memory_loss_settings, enqueue, gather_for_memory
 from torchfg.losses.triplet import AdaptiveTripletLoss, TripletMarginLoss
@@ -161,6 +161,13 @@ class CrossBatchMemory(nn.Module):
         enqueue_mask: torch.Tensor | None,
         text_embeddings: torch.Tensor | None,
     ) -> torch.Tensor:
+        if in_backward():
+            # A recomputation by activation checkpointing would enqueue the batch a second time.
+            raise RuntimeError(
+                "CrossBatchMemory ran inside a backward pass (a torch.utils.checkpoint recomputation): it "
+                "writes the batch into its memory, so a recomputation would store it twice; keep the memory "
+                "outside the checkpointed function (checkpoint the model only)"
+            )
         loss, adaptive, cross_rank = self.loss, self.adaptive, self.loss.cross_rank
         # The loss's settings, read at every call: they are attributes a training loop may change
         # (a margin schedule), so they are checked again below.

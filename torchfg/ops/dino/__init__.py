@@ -50,7 +50,7 @@ def _dino_loss_op(
 def _(student, teacher, center, n_crops, n_global, student_temp, teacher_temp, backend):
     acc = dino_accumulation_dtype(student, teacher)
     return (
-        student.new_empty(()),
+        student.new_empty((), dtype=acc),
         student.new_empty(student.shape[0], dtype=acc),
         student.new_empty(teacher.shape[0], dtype=acc),
     )
@@ -143,8 +143,10 @@ def dino_loss(
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see :mod:`torchfg.backends`).
 
     Returns:
-        0-dim loss in the student's dtype, computed in fp32 (fp64 if an input is fp64).
-        Differentiable with respect to ``student_output`` only.
+        0-dim loss in fp32 (fp64 if an input is fp64), the dtype it is computed in, as the
+        triplet losses return theirs: an fp16 loss would turn ``GradScaler``'s first scaled
+        gradient (65536) into inf and skip the step. Differentiable with respect to
+        ``student_output`` only; the gradient is in the student's dtype.
 
     Example:
         >>> B, K = 4, 32

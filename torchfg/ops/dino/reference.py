@@ -93,7 +93,7 @@ def dino_loss_reference(
     """Forward. Inputs as in the module docstring, already validated.
 
     Returns:
-        loss: 0-dim, in the student's dtype.
+        loss: 0-dim, in the accumulation dtype (fp32; fp64 if an input is fp64).
         student_lse: (n_crops * B,) logsumexp of ``s / student_temp`` per row, accumulation dtype.
         teacher_lse: (n_global * B,) logsumexp of ``(t - center) / teacher_temp`` per row.
     """
@@ -116,7 +116,7 @@ def dino_loss_reference(
         # A dot product, not (target * log_q).sum(): no third (B, K) temporary.
         total -= torch.dot(target.reshape(-1), log_q.reshape(-1))
     loss = total / (n_pairs(n_crops, n_global) * batch)
-    return loss.to(student.dtype), student_lse.reshape(-1), teacher_lse.reshape(-1)
+    return loss, student_lse.reshape(-1), teacher_lse.reshape(-1)
 
 
 def dino_loss_backward_reference(

@@ -382,7 +382,7 @@ def dino_loss_triton(
     # difference carries an absolute error of about eps times that, and must not go below 0, the
     # least a cross-entropy can be. The gradient does not go through this difference.
     loss = (total / (n_pairs(n_crops, n_global) * batch)).clamp_min_(0.0)
-    return loss.to(student.dtype), student_lse.reshape(-1), teacher_lse.reshape(-1)
+    return loss, student_lse.reshape(-1), teacher_lse.reshape(-1)
 
 
 def _inverse_temperatures(student_temp: float, teacher_temp: float) -> tuple[float, float, float, float]:
