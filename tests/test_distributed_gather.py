@@ -166,3 +166,17 @@ def test_the_call_fingerprint_takes_numbers_by_value():
     assert _fingerprint({"margin": 1}) != _fingerprint({"margin": "1"})
     assert _fingerprint({"a": 1, "b": 2}) == _fingerprint({"b": 2, "a": 1})
     assert _fingerprint({"reduction": "sum"}) != _fingerprint({"reduction": "mean"})
+
+
+def test_gathered_batch_copies_and_pickles():
+    """GatheredBatch (a tuple subclass with a three-argument __new__) could not be copied,
+    deep-copied or pickled: tuple's __getnewargs__ passed one tuple."""
+    import copy
+    import pickle
+
+    from torchfg.distributed.gather import GatheredBatch
+
+    batch = GatheredBatch([torch.arange(3.0), None], 1, [1, 2])
+    for clone in (copy.copy(batch), copy.deepcopy(batch), pickle.loads(pickle.dumps(batch))):
+        assert isinstance(clone, GatheredBatch) and clone.offset == 1 and clone.sizes == [1, 2]
+        assert torch.equal(clone.tensors[0], batch.tensors[0]) and clone.tensors[1] is None

@@ -133,3 +133,17 @@ def test_every_op_folder_holds_one_op_with_a_reference():
             if p.name not in ("__init__.py", "reference.py", "triton.py", "cuda.py", "cpu.py")
         )
         assert not extra, f"ops/{folder.name} has files beyond reference/triton/cuda/cpu: {extra}"
+
+
+def test_every_functional_module_name_is_importable_from_torchfg_functional():
+    """docs/api/functional.md says each function is also importable from torchfg.functional:
+    memory_triplet_loss and mine_triplets_and_candidates were not."""
+    import importlib
+
+    import torchfg.functional as functional
+
+    for path in sorted((PACKAGE / "functional").glob("[!_]*.py")):
+        module = importlib.import_module(f"torchfg.functional.{path.stem}")
+        for name in getattr(module, "__all__", []):
+            if callable(getattr(module, name)):
+                assert getattr(functional, name, None) is getattr(module, name), f"torchfg.functional.{name}"

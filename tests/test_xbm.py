@@ -529,3 +529,20 @@ def test_memory_inside_activation_checkpointing_is_refused_before_a_second_write
     outside = CrossBatchMemory(TripletMarginLoss(), 4, 32)
     outside(checkpoint(model, inputs, use_reentrant=reentrant), labels).backward()
     assert outside.size == 8
+
+
+def test_a_failed_load_leaves_the_ring_as_it_was():
+    """A state of a 20-slot memory loaded into a 32-slot one: PyTorch raises the size mismatch
+    but had already set the extra state, so a caller that caught the error went on with size 20
+    over zero rows labelled 0 (a different loss from a fresh memory). The ring is restored now."""
+    g = torch.Generator().manual_seed(3)
+    small = CrossBatchMemory(TripletMarginLoss(), 4, 20)
+    for emb, labels in _batches(g, 3, 8, 4, 3, dtype=torch.float32):
+        small(emb, labels)
+    target = CrossBatchMemory(TripletMarginLoss(), 4, 32)
+    emb, labels = _batches(g, 1, 8, 4, 3, dtype=torch.float32)[0]
+    target(emb, labels)
+    state = (target.queue_idx, target.size)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        target.load_state_dict(small.state_dict())
+    assert (target.queue_idx, target.size) == state == (8, 8)

@@ -53,6 +53,7 @@ ENV_VAR = "TORCHFG_BACKEND"
 
 
 def triton_interpreter_enabled() -> bool:
+    """Whether ``TRITON_INTERPRET`` switches Triton's interpreter on (Triton kernels then run on the CPU)."""
     # Triton's own reading of the variable (its getenv_bool), so that "false", "off" or "2" mean
     # off here too: read as on, compiled kernels were launched into an interpreter Triton had not
     # switched on ("0 active drivers").
@@ -183,6 +184,7 @@ class BackendSpec:
         return None
 
     def available(self, device: torch.device) -> tuple[bool, str]:
+        """(whether this backend can run on ``device``, why or why not in words)."""
         if self.status is not None:
             return self.status(device)
         if self.name == "torch":

@@ -348,6 +348,7 @@ class PKSampler(_EpochSeeded, Sampler[list[int]]):
 
     @property
     def batch_size(self) -> int:
+        """Items per batch on this rank, ``p * k``."""
         return self.p * self.k
 
     def __len__(self) -> int:

@@ -413,6 +413,7 @@ class SyntheticProducts(Dataset[ProductSample]):
 
     @property
     def num_attributes(self) -> int:
+        """Number of binary attributes per item (the length of ``ProductSample.attributes``)."""
         return len(ATTRIBUTE_NAMES)
 
     @property

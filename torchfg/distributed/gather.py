@@ -49,10 +49,12 @@ def is_distributed(group: dist.ProcessGroup | None = None) -> bool:
 
 
 def world_size(group: dist.ProcessGroup | None = None) -> int:
+    """The number of ranks of ``group`` (the default group), 1 without an initialised process group."""
     return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
 
 
 def rank(group: dist.ProcessGroup | None = None) -> int:
+    """This process's rank in ``group`` (the default group), 0 without an initialised process group."""
     return dist.get_rank(group) if dist.is_available() and dist.is_initialized() else 0
 
 
@@ -269,19 +271,26 @@ class _SumScatter(torch.autograd.Function):
 class GatheredBatch(tuple):
     """``(tensors, offset, sizes)``: gathered tensors, this rank's first row in them, rows per rank."""
 
-    def __new__(cls, tensors: list[torch.Tensor], offset: int, sizes: list[int]):
+    def __new__(cls, tensors: list[torch.Tensor | None], offset: int, sizes: list[int]):
         return super().__new__(cls, (tensors, offset, sizes))
 
+    def __getnewargs__(self) -> tuple[list[torch.Tensor | None], int, list[int]]:
+        # copy, deepcopy and pickle rebuild through __new__: tuple's own passes one tuple.
+        return tuple(self)
+
     @property
-    def tensors(self) -> list[torch.Tensor]:
+    def tensors(self) -> list[torch.Tensor | None]:
+        """The gathered tensors (sum of N_r rows, ...), in the order given (None where None was given)."""
         return self[0]
 
     @property
     def offset(self) -> int:
+        """This rank's first row in the gathered tensors (the sum of the lower ranks' sizes)."""
         return self[1]
 
     @property
     def sizes(self) -> list[int]:
+        """Rows per rank, N_r, in rank order."""
         return self[2]
 
 

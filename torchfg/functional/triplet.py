@@ -59,7 +59,10 @@ from torchfg._validation import check_number as _check_number  # shared numeric 
 from torchfg._validation import check_bool as _check_flag
 from torchfg.ops.precision import autocast_off
 
-__all__ = ["triplet_margin_loss", "adaptive_triplet_loss", "mine_triplets", "REDUCTIONS", "MINING_STRATEGIES"]
+__all__ = [
+    "triplet_margin_loss", "adaptive_triplet_loss", "mine_triplets", "mine_triplets_and_candidates", "REDUCTIONS",
+    "MINING_STRATEGIES",
+]
 
 REDUCTIONS = ("mean", "sum", "none", "mean_nonzero")
 MINING_STRATEGIES = ("batch_hard", "semi_hard", "all")

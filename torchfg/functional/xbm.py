@@ -120,7 +120,7 @@ def memory_triplet_loss(
     smooth: bool = False,
     mining: str = "batch_hard",
     triplets_per_anchor: int | str = "all",
-    indices_tuple: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    indices_tuple: tuple[torch.Tensor, ...] | None = None,
     cross_rank: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor:
@@ -149,7 +149,7 @@ def memory_triplet_loss(
             reference on every device.
         triplets_per_anchor: ``"all"`` or k random triplets per anchor (``mining="all"`` only).
         indices_tuple: extra triplets (anchor into embeddings, positive and negative into
-            memory) whose losses are added to the mined ones, as pytorch-metric-learning
+            memory; or PML pairs ``(a1, p, a2, n)``, converted to triplets as the losses do) whose losses are added to the mined ones, as pytorch-metric-learning
             concatenates a given ``indices_tuple`` with its miner's.
         cross_rank: the count of the mean is summed over ranks and the value scaled by the
             world size, as in :func:`torchfg.functional.triplet_margin_loss`.

@@ -63,7 +63,10 @@ class DINOHead(nn.Module):
     bottleneck). The bottleneck is L2-normalised and fed to a bias-free linear layer with weight
     normalisation, ``W = g * V / ||V||`` per output row, whose magnitude ``g`` starts at 1. With
     ``norm_last_layer=True`` ``g`` stays fixed at 1 (no gradient), so the logits are cosine
-    similarities to ``out_dim`` learned prototypes, which stabilises training.
+    similarities to ``out_dim`` learned prototypes, which stabilises training. (``g`` is frozen
+    by ``requires_grad=False``, as in the original: a model-wide ``requires_grad_(True)``, say
+    after freezing the whole student, makes it trainable again; call
+    ``head.last_layer.parametrizations.weight.original0.requires_grad_(False)`` after it.)
 
     Initialisation as in the original code, draw for draw: the MLP's weights from a truncated
     normal (std 0.02), its biases at 0; the last layer's directions ``V`` keep PyTorch's default

@@ -42,7 +42,8 @@ class CrossBatchMemory(nn.Module):
         forward(embeddings (N, D), labels (N,), indices_tuple = None, enqueue_mask (N,) bool = None,
         text_embeddings (N, T) = None) -> scalar. With ``enqueue_mask``, the masked rows are only
         enqueued and the other rows are the anchors (and are not stored). ``indices_tuple`` adds
-        explicit (anchor, memory positive, memory negative) triplets to the mined ones.
+        explicit (anchor, memory positive, memory negative) triplets to the mined ones (PML pairs
+        ``(a1, p, a2, n)`` are converted to triplets, as the losses do).
         With ``cross_rank=True`` (from ``loss``) the rows to enqueue are gathered from every rank
         first, so all ranks keep the same memory; this rank's rows are the anchors. Ranks whose
         memories differ (fill level or write position: say a checkpoint restored on one rank
@@ -105,12 +106,28 @@ class CrossBatchMemory(nn.Module):
 
     @property
     def has_been_filled(self) -> bool:
+        """Whether every memory slot holds a row (``size == memory_size``)."""
         return self.size == self.memory_size
 
     def get_extra_state(self) -> dict[str, int]:
+        """The ring's write position and fill level, saved in ``state_dict()`` with the buffers."""
         return {"queue_idx": self.queue_idx, "size": self.size}
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        # PyTorch sets the extra state even where a buffer's shape did not match (it records the
+        # mismatch and raises after every module has loaded): a caller that caught that error went
+        # on with the other ring's fill level over rows that were never written. A failed load
+        # leaves the ring as it was.
+        before, errors = (self.queue_idx, self.size), len(error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if len(error_msgs) > errors:
+            self.queue_idx, self.size = before
+
     def set_extra_state(self, state: dict[str, int]) -> None:
+        """Restore :meth:`get_extra_state`'s dict; refused if it does not fit ``memory_size``."""
         queue_idx, size = int(state["queue_idx"]), int(state["size"])
         # A state saved with another memory_size would fail later, inside a forward's slicing.
         if not 0 <= size <= self.memory_size or not 0 <= queue_idx < self.memory_size:
@@ -139,7 +156,7 @@ class CrossBatchMemory(nn.Module):
         self,
         embeddings: torch.Tensor,
         labels: torch.Tensor,
-        indices_tuple: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        indices_tuple: tuple[torch.Tensor, ...] | None = None,
         enqueue_mask: torch.Tensor | None = None,
         text_embeddings: torch.Tensor | None = None,
     ) -> torch.Tensor:
@@ -157,7 +174,7 @@ class CrossBatchMemory(nn.Module):
         self,
         embeddings: torch.Tensor,
         labels: torch.Tensor,
-        indices_tuple: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+        indices_tuple: tuple[torch.Tensor, ...] | None,
         enqueue_mask: torch.Tensor | None,
         text_embeddings: torch.Tensor | None,
     ) -> torch.Tensor:

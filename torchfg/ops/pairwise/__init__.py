@@ -82,7 +82,7 @@ def pairwise_distance(
         metric: ``"euclidean"``, ``"sqeuclidean"``, ``"cosine"`` (1 - cosine similarity; a
             zero row has similarity 0 to everything) or ``"dot"`` (negative inner product,
             a dissimilarity).
-        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"`` (see :mod:`torchfg.backends`).
+        backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see :mod:`torchfg.backends`).
 
     Returns:
         (*broadcast(B, B'), N, M) distances in x's dtype, accumulated in fp32 (fp64 for fp64).
