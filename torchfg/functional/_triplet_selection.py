@@ -210,6 +210,14 @@ def exact_triplet_distances(embeddings, candidates, a, p, n, metric, swap):
     return d_ap, d_an
 
 
+def _cat_and_clear(chunks: list[torch.Tensor]) -> torch.Tensor:
+    """torch.cat of the list (its only chunk, uncopied), which is emptied: the chunks are freed
+    as soon as they are copied."""
+    out = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+    chunks.clear()
+    return out
+
+
 def select_triplets(
     embeddings: torch.Tensor,
     labels: torch.Tensor,
@@ -221,13 +229,19 @@ def select_triplets(
     interval: MarginInterval,
     swap: bool = False,
     fast_stats: bool = False,
+    with_position: bool = False,
 ) -> SelectedTriplets:
     """Every valid triplet whose exact margin t lies in ``interval``, lexicographic (anchor, positive, negative).
 
     Anchors index ``embeddings``, positives and negatives ``candidates`` (anchor i is candidate
     ``anchor_offset + i``; None: not a candidate). ``fast_stats``: also the means over *all* valid
     triplets of d(a, p), d(a, n) and t from the fast path (PML's miner statistics), one extra pass
-    of additions, no exactness claim.
+    of additions, no exactness claim. ``with_position``: fill ``position`` (else it is empty), an
+    int64 per selected triplet that only ``reduction="none"`` needs.
+
+    Memory is per selected triplet (there can be millions: a 128-row batch against a memory of
+    4,096 rows of 4 per class has 2 million): each chunk's index lists are released as they are
+    concatenated.
     """
     device = embeddings.device
     m = candidates.shape[0]
@@ -270,14 +284,17 @@ def select_triplets(
                     t_high = an_high - low[rows, cols][:, None]
                     keep &= interval.may_contain(t_low, t_high)
                 which, neg = keep.nonzero(as_tuple=True)
+                del keep
                 r, p = rows.index_select(0, which), cols.index_select(0, which)
+                del which
                 chunk_a.append(r)
                 chunk_p.append(p)
                 chunk_n.append(neg)
-                kept_pos.append(base[r] + pos_rank[r, p] * n_neg[r] + neg_rank[r, neg])
+                if with_position:
+                    kept_pos.append(base[r] + pos_rank[r, p] * n_neg[r] + neg_rank[r, neg])
             if not chunk_a:
                 continue
-            r, p, neg = torch.cat(chunk_a), torch.cat(chunk_p), torch.cat(chunk_n)
+            r, p, neg = _cat_and_clear(chunk_a), _cat_and_clear(chunk_p), _cat_and_clear(chunk_n)
             # Each (anchor, candidate) pair once: its distance is computed once and the gradients of
             # its triplets meet on it before reaching the rows (PML's matrix does the same), which
             # keeps the fp32 sums short.
@@ -290,11 +307,12 @@ def select_triplets(
             pairs_so_far += pair_r.shape[0]
             pair_x.append(pair_r + start)
             pair_y.append(pair_c)
-            kept_a.append(r + start)
+            kept_a.append(r + start if start else r)
             kept_p.append(p)
             kept_n.append(neg)
             kept_ap.append(pair_id[r, p])
             kept_an.append(pair_id[r, neg])
+            del used, pair_id
     stats = None
     if fast_stats:
         # PML's statistics: means over all valid triplets (0 when there is none).
@@ -304,10 +322,11 @@ def select_triplets(
     if not kept_a:
         d0 = connected_zero(embeddings, candidates).expand(0)
         return SelectedTriplets(empty, empty.clone(), empty.clone(), d0, d0, empty.clone(), total, stats)
-    a, p, n, position = torch.cat(kept_a), torch.cat(kept_p), torch.cat(kept_n), torch.cat(kept_pos)
+    a, p, n = _cat_and_clear(kept_a), _cat_and_clear(kept_p), _cat_and_clear(kept_n)
+    position = _cat_and_clear(kept_pos) if with_position else empty.clone()
     other = None if candidates is embeddings else candidates
-    d_pairs = pair_distances(embeddings, torch.cat(pair_x), torch.cat(pair_y), other, metric=metric)
-    d_ap, d_an = d_pairs[torch.cat(kept_ap)], d_pairs[torch.cat(kept_an)]
+    d_pairs = pair_distances(embeddings, _cat_and_clear(pair_x), _cat_and_clear(pair_y), other, metric=metric)
+    d_ap, d_an = d_pairs[_cat_and_clear(kept_ap)], d_pairs[_cat_and_clear(kept_an)]
     if swap:
         unique_pn, which_pn = torch.unique(p * m + n, return_inverse=True)
         d_pn = pair_distances(candidates, unique_pn // m, unique_pn % m, metric=metric)
@@ -316,7 +335,8 @@ def select_triplets(
         exact_keep = interval.contains(d_an.detach() - d_ap.detach())
         if not bool(exact_keep.all()):
             idx = exact_keep.nonzero().squeeze(1)
-            a, p, n, position = a[idx], p[idx], n[idx], position[idx]
+            a, p, n = a[idx], p[idx], n[idx]
+            position = position[idx] if with_position else position
             d_ap, d_an = d_ap.index_select(0, idx), d_an.index_select(0, idx)
     return SelectedTriplets(a, p, n, d_ap, d_an, position, total, stats)
 

@@ -511,7 +511,8 @@ def _all_triplet_losses(
     """
     interval = MarginInterval() if smooth else violating(margin)
     selected = select_triplets(
-        embeddings, labels, candidates, candidate_labels, anchor_offset, metric=metric, interval=interval, swap=swap
+        embeddings, labels, candidates, candidate_labels, anchor_offset, metric=metric, interval=interval, swap=swap,
+        with_position=reduction == "none",
     )
     losses = _hinge(selected.d_ap - selected.d_an + margin, smooth)
     if reduction == "none":
