@@ -357,9 +357,23 @@ def test_memory_triplet_loss_checks_its_own_arguments():
         (dict(metric="l2"), ValueError, "metric"),
         (dict(margin=float("nan")), ValueError, "margin"),
         (dict(margin_scale=-1.0), ValueError, "margin_scale"),
+        (dict(mining="hard"), ValueError, "mining"),
+        (dict(mining="all", text_embeddings=torch.randn(6, 2), memory_text=torch.randn(6, 2)), ValueError, "mining"),
+        (dict(triplets_per_anchor=2), ValueError, "triplets_per_anchor"),
+        (dict(mining="all", triplets_per_anchor=0), ValueError, "triplets_per_anchor"),
     ]:
         with pytest.raises(error, match=name):
             memory_triplet_loss(emb, labels, memory, memory_labels, None, backend="torch", **kwargs)
+    # Semi-hard and all-triplets mining against a memory the anchors are not in: the plain loss
+    # with the memory as its reference set.
+    from torchfg.functional import triplet_margin_loss
+
+    for mining in ("semi_hard", "all"):
+        torch.testing.assert_close(
+            memory_triplet_loss(emb, labels, memory, memory_labels, None, mining=mining, reduction="mean_nonzero"),
+            triplet_margin_loss(emb, labels, ref_embeddings=memory, ref_labels=memory_labels, mining=mining,
+                                reduction="mean_nonzero"),
+        )
 
 
 def test_a_loss_setting_changed_after_construction_is_still_checked():
