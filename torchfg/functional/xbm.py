@@ -149,8 +149,9 @@ def memory_triplet_loss(
             reference on every device.
         triplets_per_anchor: ``"all"`` or k random triplets per anchor (``mining="all"`` only).
         indices_tuple: extra triplets (anchor into embeddings, positive and negative into
-            memory; or PML pairs ``(a1, p, a2, n)``, converted to triplets as the losses do) whose losses are added to the mined ones, as pytorch-metric-learning
-            concatenates a given ``indices_tuple`` with its miner's.
+            memory; or PML pairs ``(a1, p, a2, n)``, converted to triplets as the losses do)
+            whose losses are added to the mined ones, as pytorch-metric-learning concatenates a
+            given ``indices_tuple`` with its miner's.
         cross_rank: the count of the mean is summed over ranks and the value scaled by the
             world size, as in :func:`torchfg.functional.triplet_margin_loss`.
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` (mining and exact pair distances).
