@@ -6,8 +6,10 @@ yield is the list of dataset indices of one episode / batch.
 Randomness: each sampler draws from a NumPy generator seeded with ``(seed, epoch)``, so a given
 seed and epoch always give the same indices, and each epoch gives new ones. The epoch advances by
 one after every full or partial iteration; ``set_epoch(e)`` sets it explicitly (as with
-``DistributedSampler``). With ``seed=None`` the base seed is drawn once from torch's global RNG at
-construction, so ``torch.manual_seed`` makes runs reproducible too.
+``DistributedSampler``). Call it when a run resumes from a checkpoint (a new process counts from
+epoch 0 again); trainers that call ``set_epoch`` on a DataLoader's sampler do not reach a batch
+sampler (PyTorch Lightning: see the multi-GPU how-to). With ``seed=None`` the base seed is drawn
+once from torch's global RNG at construction, so ``torch.manual_seed`` makes runs reproducible too.
 """
 
 from __future__ import annotations

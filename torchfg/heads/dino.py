@@ -80,8 +80,10 @@ class DINOHead(nn.Module):
     ``last_layer.weight_g`` / ``last_layer.weight_v``. Whole checkpoints of the original training
     script load with :func:`load_dino_checkpoint` or :meth:`from_dino_checkpoint`. Save the head
     (or a model holding it) through ``state_dict()``: PyTorch refuses to pickle a module with a
-    parametrization, so ``torch.save(model)`` of the module object fails (``copy.deepcopy``, used
-    for an EMA teacher, works).
+    parametrization, so ``torch.save(model)`` of the module object fails, and so does anything
+    that pickles the model to start processes (``torch.multiprocessing.spawn`` with the model as
+    an argument, Lightning's ``strategy="ddp_spawn"``: use ``"ddp"``); ``copy.deepcopy``, used for
+    an EMA teacher, works.
 
     Args:
         in_dim: width of the backbone's embedding.
