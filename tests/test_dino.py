@@ -1437,3 +1437,43 @@ def test_fp16_loss_survives_a_grad_scaler_scale():
     (loss * torch.tensor(65536.0, device=loss.device)).backward()
     assert student.grad.dtype == torch.float16 and student.grad.isfinite().all()
     torch.testing.assert_close(student.grad.float() / 65536.0, grad.float(), rtol=2e-3, atol=1e-7)
+
+
+@pytest.mark.parametrize("norm_last_layer", [True, False])
+def test_dino_head_pickles_copies_and_saves_whole(norm_last_layer):
+    """PyTorch refuses to pickle a parametrized module, so a DINOHead (or a model holding one)
+    could not be pickled: torch.multiprocessing.spawn with the model as an argument and
+    Lightning's ddp_spawn failed at launch, and torch.save(model) failed. The last layer now
+    travels as its two parameters: the copy gives the same outputs and state, keeps g's frozen
+    flag and the training modes, draws nothing from the global RNG, and still loads the original
+    code's weight_g / weight_v names."""
+    import copy
+    import io
+    import pickle
+
+    torch.manual_seed(2)
+    head = DINOHead(8, out_dim=16, hidden_dim=12, bottleneck_dim=6, use_bn=True, norm_last_layer=norm_last_layer)
+    model = MultiCropWrapper(nn.Linear(8, 8), head)
+    head.last_layer.eval()  # a mode of the caller's own, inside a model in training mode
+    x = torch.randn(5, 8)
+    rng = torch.random.get_rng_state()
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    copies = [pickle.loads(pickle.dumps(model)), copy.deepcopy(model), torch.load(buffer, weights_only=False)]
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    for clone in copies:
+        assert [(n, m.training) for n, m in clone.named_modules()] == [(n, m.training) for n, m in model.named_modules()]
+        assert clone.state_dict().keys() == model.state_dict().keys()
+        for (name, p), (_, q) in zip(clone.named_parameters(), model.named_parameters()):
+            assert torch.equal(p, q) and p.requires_grad == q.requires_grad and p is not q, name
+        torch.testing.assert_close(clone(x), model(x), rtol=0, atol=0)
+        clone.head.last_layer.parametrizations.weight.original1.data.add_(1.0)  # independent of the original
+        assert not torch.equal(clone(x), model(x))
+    g = copies[0].head.last_layer.parametrizations.weight.original0
+    assert g.requires_grad is not norm_last_layer
+    # The legacy-name hook travels too.
+    legacy = {k.replace("parametrizations.weight.original0", "weight_g").replace("parametrizations.weight.original1", "weight_v"): v
+              for k, v in head.state_dict().items()}
+    copies[0].head.load_state_dict(legacy)
+    torch.testing.assert_close(copies[0](x), model(x))

@@ -78,12 +78,11 @@ class DINOHead(nn.Module):
     weight norm in the current parametrization API (``last_layer.parametrizations.weight.original0``
     is ``g``, ``original1`` is ``V``); ``load_state_dict`` also accepts the original code's
     ``last_layer.weight_g`` / ``last_layer.weight_v``. Whole checkpoints of the original training
-    script load with :func:`load_dino_checkpoint` or :meth:`from_dino_checkpoint`. Save the head
-    (or a model holding it) through ``state_dict()``: PyTorch refuses to pickle a module with a
-    parametrization, so ``torch.save(model)`` of the module object fails, and so does anything
-    that pickles the model to start processes (``torch.multiprocessing.spawn`` with the model as
-    an argument, Lightning's ``strategy="ddp_spawn"``: use ``"ddp"``); ``copy.deepcopy``, used for
-    an EMA teacher, works.
+    script load with :func:`load_dino_checkpoint` or :meth:`from_dino_checkpoint`. The head
+    pickles (``torch.save`` of a whole model, ``torch.multiprocessing.spawn`` or Lightning's
+    ``ddp_spawn`` with the model as an argument) and deep-copies (an EMA teacher), although
+    PyTorch refuses to pickle a parametrized module: the last layer travels as its two parameters
+    and is rebuilt, so hooks registered on ``last_layer`` itself do not come along.
 
     Args:
         in_dim: width of the backbone's embedding.
@@ -150,6 +149,31 @@ class DINOHead(nn.Module):
 
     def extra_repr(self) -> str:
         return f"norm_last_layer={self.norm_last_layer}"
+
+    def __getstate__(self) -> dict[str, Any]:
+        # PyTorch refuses to pickle a parametrized module (the weight normalisation): the last
+        # layer travels as its two parameters and is rebuilt when unpickled, so that a head can be
+        # pickled to start processes (torch.multiprocessing.spawn, Lightning's ddp_spawn) and
+        # saved whole with torch.save. copy.deepcopy takes the same path.
+        state = self.__dict__.copy()
+        modules = dict(state["_modules"])
+        last = modules["last_layer"]
+        modules["last_layer"] = None  # keeps its place among the submodules
+        state["_modules"] = modules
+        weight = last.parametrizations.weight
+        state["_last_layer_pickle"] = (weight.original0, weight.original1, last.training)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        magnitude, direction, training = state.pop("_last_layer_pickle")
+        super().__setstate__(state)
+        out_dim, bottleneck_dim = direction.shape
+        with torch.device("meta"):  # no init draws from the global RNG; the parameters follow
+            layer = weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
+        layer.parametrizations.weight.original0 = magnitude
+        layer.parametrizations.weight.original1 = direction
+        self._modules["last_layer"] = layer.train(training)
 
     def reset_parameters(self) -> None:
         """Initialise every parameter as the constructor does (fresh draws), and BatchNorm's statistics.
