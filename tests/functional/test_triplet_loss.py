@@ -1259,11 +1259,14 @@ def test_the_pytorch_path_never_chooses_a_nan_key(metric, bad):
         assert per_anchor.isnan().nonzero().flatten().tolist() == [4]
 
 
-def test_a_nan_row_in_the_memory_leaves_later_losses_finite_on_the_pytorch_path():
+@pytest.mark.parametrize("mining", ["batch_hard", "semi_hard", "all"])
+def test_a_nan_row_in_the_memory_leaves_later_losses_finite_on_the_pytorch_path(mining):
+    """Semi-hard and all-triplets memories (new) chose the NaN row as long as it stayed in the
+    ring: every later loss was NaN."""
     from torchfg.losses import CrossBatchMemory
 
     gen = torch.Generator().manual_seed(8)
-    xbm = CrossBatchMemory(TripletMarginLoss(backend="torch"), 4, 32)
+    xbm = CrossBatchMemory(TripletMarginLoss(backend="torch", mining=mining), 4, 32)
     labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
     bad = torch.randn(8, 4, generator=gen)
     bad[3, 0] = float("nan")
@@ -1344,3 +1347,42 @@ def test_numpy_scalars_are_numbers_everywhere_a_number_is_taken():
     for bad in (True, np.bool_(True), torch.tensor(0.2), "0.2"):
         with pytest.raises(TypeError, match="margin must be a number"):
             TripletMarginLoss(margin=bad)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("metric", ["euclidean", "cosine", "dot"])
+def test_semi_hard_and_all_leave_a_non_finite_candidate_row_out(metric, bad):
+    """numerics.md: a NaN row that is only a candidate is never chosen. Semi-hard took it as a
+    positive (a pair at NaN distance) or as the farthest negative (argmax takes NaN first), and
+    "all" kept its NaN triplets on purpose (for NaN anchors): the loss against a reference set
+    with one diverged row was NaN. Such a row is now absent for finite anchors, in every
+    strategy, reduction and in the miners: the same results as without the row."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(10, 5, generator=gen, dtype=torch.float64)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 0, 1, 2, 3])
+    ref, ref_labels = torch.randn(9, 5, generator=gen, dtype=torch.float64), torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 1])
+    ref_bad = ref.clone()
+    ref_bad[2, 3] = bad
+    keep = torch.arange(9) != 2
+    old_index = keep.nonzero().flatten()  # candidate index without the row -> with it
+    for mining, smooth in (("semi_hard", False), ("all", False), ("all", True)):
+        for reduction in ("mean", "sum", "none", "mean_nonzero"):
+            kw = dict(metric=metric, mining=mining, smooth=smooth, reduction=reduction)
+            with_row = TF.triplet_margin_loss(x, labels, ref_embeddings=ref_bad, ref_labels=ref_labels, **kw)
+            without = TF.triplet_margin_loss(x, labels, ref_embeddings=ref[keep], ref_labels=ref_labels[keep], **kw)
+            torch.testing.assert_close(with_row, without, msg=f"{mining} smooth={smooth} {reduction}")
+        got = TF.mine_triplets(x, labels, strategy=mining, metric=metric, ref_embeddings=ref_bad, ref_labels=ref_labels)
+        want = TF.mine_triplets(x, labels, strategy=mining, metric=metric, ref_embeddings=ref[keep],
+                                ref_labels=ref_labels[keep])
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], old_index[want[1]]), mining
+        assert torch.equal(got[2], old_index[want[2]]), mining
+    # Random triplets per anchor never draw the row either.
+    sampled = TF.triplet_margin_loss(x, labels, metric=metric, mining="all", triplets_per_anchor=3, reduction="none",
+                                     ref_embeddings=ref_bad, ref_labels=ref_labels)
+    assert sampled.shape == (30,) and sampled.isfinite().all()
+    # A diverged anchor still shows: its own triplets are NaN.
+    x_bad = x.clone()
+    x_bad[4, 0] = bad
+    for mining in ("semi_hard", "all"):
+        assert TF.triplet_margin_loss(x_bad, labels, metric=metric, mining=mining, ref_embeddings=ref_bad,
+                                      ref_labels=ref_labels).isnan()

@@ -43,6 +43,7 @@ from torchfg.distributed import all_reduce_sum, gather_batch, is_distributed, ra
 from torchfg.errors import BackendUnavailableError
 from torchfg.functional._triplet_selection import (
     MarginInterval,
+    _Diverged,
     connected_zero,
     exact_triplet_distances,
     sample_triplets,
@@ -258,9 +259,16 @@ def _listed_triplets(
         if strategy == "semi_hard":
             return mine_semi_hard(embeddings, candidates, labels, candidate_labels, metric=metric, **_self_rows(anchor_offset))
         if strategy == "all":
+            # Listed by labels; a non-finite candidate row is absent for the finite anchors, as
+            # in the loss's own selection.
+            diverged = _Diverged.of(embeddings, candidates)
             if triplets_per_anchor != "all":
-                return sample_triplets(labels, candidate_labels, anchor_offset, triplets_per_anchor)
-            return mine_all_triplets(labels, candidate_labels, **_self_rows(anchor_offset))
+                return sample_triplets(labels, candidate_labels, anchor_offset, triplets_per_anchor, diverged=diverged)
+            triplets = mine_all_triplets(labels, candidate_labels, **_self_rows(anchor_offset))
+            if diverged is None:
+                return triplets
+            keep = diverged.keep(*triplets).nonzero().squeeze(1)
+            return tuple(t.index_select(0, keep) for t in triplets)
         if embeddings.shape[0] == 0 or candidates.shape[0] == 0:
             return tuple(torch.empty(0, dtype=torch.int64, device=embeddings.device) for _ in range(3))
         positive_idx, negative_idx = _hardest_pairs(

@@ -393,13 +393,30 @@ def mine_semi_hard_reference(
     if n == 0 or m == 0:
         return _empty_triplets(device)
     distances = _DistanceBlocks(anchors, candidates, metric)
+    # For an anchor whose row is finite, a candidate row holding a NaN or inf is absent (never a
+    # positive or a negative, as in the "all" selection) and so is any candidate at a NaN
+    # distance: batch-hard mining never chooses a NaN key either, so a diverged row in a
+    # reference set or memory leaves the other anchors' losses finite. A diverged anchor (row sum
+    # not finite) keeps its pairs and takes its first negative (argmax takes a NaN first), so
+    # that a loss over the triplets is NaN. The masks are built only when an input holds a NaN or
+    # inf (one host sync for both sums).
+    sums = torch.stack([t.sum(dtype=distances.acc).double() for t in (anchors, candidates)])
+    finite_anchor = bad_candidate = None
+    if not bool(sums.isfinite().all()):
+        finite_anchor = anchors.sum(1, dtype=distances.acc).isfinite()
+        bad_candidate = ~candidates.sum(1, dtype=distances.acc).isfinite()
     out_a, out_p, out_n = [], [], []
     for start in range(0, n, chunk_rows):
         stop = min(start + chunk_rows, n)
         block = distances.block(distances.rows(start, stop), torch.empty(stop - start, m, dtype=distances.acc, device=device))
         same_label = anchor_labels[start:stop, None] == candidate_labels[None, :]
-        negatives = torch.where(same_label, torch.tensor(_NEG_INF, dtype=block.dtype, device=device), block)
-        has_negative = ~same_label.all(1)
+        other_label = ~same_label
+        if finite_anchor is not None:
+            stray = (block.isnan() | bad_candidate[None, :]) & finite_anchor[start:stop, None]
+            same_label &= ~stray
+            other_label &= ~stray
+        negatives = torch.where(other_label, block, torch.tensor(_NEG_INF, dtype=block.dtype, device=device))
+        has_negative = other_label.any(1)
         block.masked_fill_(~same_label, _NEG_INF)
         _exclude_self(block, start, self_offset, _NEG_INF)
         valid_pair = block != _NEG_INF
