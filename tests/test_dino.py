@@ -1410,8 +1410,10 @@ def test_loss_inside_activation_checkpointing_is_refused(reentrant):
     teacher = torch.randn(8, 16) + 2 * torch.randn(16)
     criterion = DINOLoss(16, n_crops=6)
     loss = checkpoint(lambda x: criterion(head(x), teacher, 0), inputs, use_reentrant=reentrant)
+    center_after_forward = criterion.center.clone()
     with pytest.raises(RuntimeError, match="checkpoint the model only"):
         loss.backward()
+    assert torch.equal(criterion.center, center_after_forward)  # the refused re-run updated nothing
     plain, checkpointed = DINOLoss(16, n_crops=6), DINOLoss(16, n_crops=6)
     plain(head(inputs), teacher, 0).backward()
     expected, head.weight.grad = head.weight.grad.clone(), None
@@ -1472,6 +1474,12 @@ def test_dino_head_pickles_copies_and_saves_whole(norm_last_layer):
         assert not torch.equal(clone(x), model(x))
     g = copies[0].head.last_layer.parametrizations.weight.original0
     assert g.requires_grad is not norm_last_layer
+    # A head whose weight norm was folded (remove_parametrizations) is a plain Linear: it copies as it is.
+    from torch.nn.utils import parametrize
+
+    folded = copy.deepcopy(head)
+    parametrize.remove_parametrizations(folded.last_layer, "weight")
+    torch.testing.assert_close(copy.deepcopy(folded)(x), folded(x), rtol=0, atol=0)
     # The legacy-name hook travels too.
     legacy = {k.replace("parametrizations.weight.original0", "weight_g").replace("parametrizations.weight.original1", "weight_v"): v
               for k, v in head.state_dict().items()}

@@ -845,3 +845,15 @@ def test_meta_construction_then_reset_parameters_is_the_constructors_init(kind):
     assert eager_state.keys() == state.keys()
     for name in state:
         torch.testing.assert_close(state[name], eager_state[name], rtol=0, atol=0, msg=name)
+    # Any order of the submodules' resets (FSDP resets each module that owns parameters; a
+    # parent-first loop resets the layer before its projection): the constructor's fixed parts.
+    with torch.device("meta"):
+        layer = build()
+    layer.to_empty(device="cpu")
+    for module in layer.modules():  # parent first
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    if kind == "attention":
+        torch.testing.assert_close(layer.foreground_logits, eager.foreground_logits, rtol=0, atol=0)
+    if kind == "feature_concat":
+        torch.testing.assert_close(layer.project.weight, eager.project.weight, rtol=0, atol=0)

@@ -196,7 +196,8 @@ def test_all_triplets_memory_matches_pml_over_steps_with_wrap_around(reduction):
     negative) triplet: ``TripletMarginLoss(mining="all")`` does the same (it was refused). Memory
     20, batches of 7: the third step's batch wraps around the ring, so an anchor's own copy sits
     past the end for some rows and must still never be its positive."""
-    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    g = torch.Generator().manual_seed(seed)
     dim, memory_size = 5, 20
     ours = CrossBatchMemory(TripletMarginLoss(margin=0.2, mining="all", reduction=reduction), dim, memory_size)
     reducer = {"reducer": MeanReducer()} if reduction == "mean" else {}
@@ -209,8 +210,8 @@ def test_all_triplets_memory_matches_pml_over_steps_with_wrap_around(reduction):
         loss_ours, loss_theirs = ours(a, labels), theirs(b, labels)
         loss_ours.backward()
         loss_theirs.backward()
-        torch.testing.assert_close(loss_ours, loss_theirs.to(loss_ours.dtype), msg=f"step {step}")
-        torch.testing.assert_close(a.grad, b.grad, msg=f"step {step}")
+        torch.testing.assert_close(loss_ours, loss_theirs.to(loss_ours.dtype), msg=f"seed {seed}, step {step}")
+        torch.testing.assert_close(a.grad, b.grad, msg=f"seed {seed}, step {step}")
         assert ours.queue_idx == theirs.queue_idx
 
 
@@ -218,7 +219,8 @@ def test_semi_hard_memory_matches_an_explicit_loop_across_the_ring_end():
     """Semi-hard mining against the memory (FaceNet: per (anchor, memory positive) pair, the
     closest memory negative farther than the positive, else the farthest), checked against loops
     over a batch that wraps around the end of the ring."""
-    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    g = torch.Generator().manual_seed(seed)
     dim, memory_size, margin = 3, 10, 0.3
     xbm = CrossBatchMemory(TripletMarginLoss(margin=margin, mining="semi_hard"), dim, memory_size)
     for step, (emb, labels) in enumerate(_batches(g, 4, 4, dim, 2)):
@@ -241,10 +243,10 @@ def test_semi_hard_memory_matches_an_explicit_loop_across_the_ring_end():
                 n = min(farther, key=lambda k: (key[k], k)) if farther else max(negatives, key=lambda k: (key[k], -k))
                 terms.append(torch.relu(d[j] - d[n] + margin))
         expected = torch.stack(terms).mean() if terms else x.sum() * 0.0
-        torch.testing.assert_close(loss, expected.to(loss.dtype), msg=f"step {step}")
+        torch.testing.assert_close(loss, expected.to(loss.dtype), msg=f"seed {seed}, step {step}")
         (grad,) = torch.autograd.grad(expected, x, allow_unused=True) if terms else (torch.zeros_like(x),)
         loss.backward()
-        torch.testing.assert_close(x.grad, grad if grad is not None else torch.zeros_like(x), msg=f"step {step}")
+        torch.testing.assert_close(x.grad, grad if grad is not None else torch.zeros_like(x), msg=f"seed {seed}, step {step}")
 
 
 def test_all_triplets_memory_adds_an_indices_tuple_and_samples_per_anchor():
@@ -304,7 +306,11 @@ def test_bad_arguments_name_themselves():
     with pytest.raises(TypeError, match=r"torchfg\.losses\.TripletMarginLoss .*got pytorch_metric_learning\..*TripletMarginLoss"):
         CrossBatchMemory(pml_losses.TripletMarginLoss(), 4)
     with pytest.raises(BackendUnavailableError, match="mining='all'"):
-        CrossBatchMemory(TripletMarginLoss(mining="all", backend="triton"), 4)(torch.randn(2, 4), torch.tensor([0, 0]))
+        CrossBatchMemory(TripletMarginLoss(mining="all", backend="triton"), 4)  # refused when built
+    xbm_all = CrossBatchMemory(TripletMarginLoss(mining="all"), 4)
+    xbm_all.loss.backend = "triton"  # a setting changed after construction: refused at the call
+    with pytest.raises(BackendUnavailableError, match="mining='all'"):
+        xbm_all(torch.randn(2, 4), torch.tensor([0, 0]))
     with pytest.raises(ValueError, match="miner"):
         CrossBatchMemory(TripletMarginLoss(), 4, miner=object())
     with pytest.raises(ValueError, match="text_size"):
@@ -548,7 +554,8 @@ def test_memory_inside_activation_checkpointing_is_refused_before_a_second_write
 def test_a_failed_load_leaves_the_ring_as_it_was():
     """A state of a 20-slot memory loaded into a 32-slot one: PyTorch raises the size mismatch
     but had already set the extra state, so a caller that caught the error went on with size 20
-    over zero rows labelled 0 (a different loss from a fresh memory). The ring is restored now."""
+    over zero rows labelled 0 (a different loss from a fresh memory); a state of another
+    embedding size overwrote the labels. Nothing of such a state loads now."""
     g = torch.Generator().manual_seed(3)
     small = CrossBatchMemory(TripletMarginLoss(), 4, 20)
     for emb, labels in _batches(g, 3, 8, 4, 3, dtype=torch.float32):
@@ -557,6 +564,15 @@ def test_a_failed_load_leaves_the_ring_as_it_was():
     emb, labels = _batches(g, 1, 8, 4, 3, dtype=torch.float32)[0]
     target(emb, labels)
     state = (target.queue_idx, target.size)
+    memory, labels_before = target.embedding_memory.clone(), target.label_memory.clone()
     with pytest.raises(RuntimeError, match="size mismatch"):
         target.load_state_dict(small.state_dict())
     assert (target.queue_idx, target.size) == state == (8, 8)
+    assert torch.equal(target.embedding_memory, memory) and torch.equal(target.label_memory, labels_before)
+    # Another embedding size, the same number of slots: the labels (same shape) were copied over
+    # the rows they did not belong to.
+    narrow = CrossBatchMemory(TripletMarginLoss(), 3, 32)
+    narrow(torch.randn(5, 3, generator=g), torch.arange(5) + 100)
+    with pytest.raises(RuntimeError, match="size mismatch for embedding_memory"):
+        target.load_state_dict(narrow.state_dict())
+    assert torch.equal(target.label_memory, labels_before) and (target.queue_idx, target.size) == (8, 8)

@@ -137,8 +137,9 @@ def _eval_mode(embed_fn: object) -> Iterator[None]:
                 _EVAL_CALLS[id(module)] = [1, module.training]
             else:
                 entry[0] += 1
-        embed_fn.eval()
     try:
+        with _EVAL_CALLS_LOCK:
+            embed_fn.eval()  # inside the try: an eval() override that raises must not leak the counts
         yield
     finally:
         with _EVAL_CALLS_LOCK:

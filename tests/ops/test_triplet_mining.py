@@ -916,7 +916,8 @@ def test_semi_hard_and_all_triplets_take_a_batch_across_the_ring_end():
     loops, with duplicate labels so that every anchor has positives besides its own copy."""
     from torchfg.ops.triplet import mine_all_triplets, mine_semi_hard
 
-    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    gen = torch.Generator().manual_seed(seed)
     m, n, offset = 11, 4, 9
     memory = torch.randn(m, 3, generator=gen, dtype=torch.float64)
     memory_labels = torch.randint(0, 3, (m,), generator=gen)
@@ -927,7 +928,7 @@ def test_semi_hard_and_all_triplets_take_a_batch_across_the_ring_end():
         if memory_labels[p] == anchor_labels[i] and p != slots[i] and memory_labels[q] != anchor_labels[i]
     ]
     got = mine_all_triplets(anchor_labels, memory_labels, exclude_self=True, anchor_offset=offset)
-    assert list(zip(*(t.tolist() for t in got))) == expected_all
+    assert list(zip(*(t.tolist() for t in got))) == expected_all, seed
     d = torch.cdist(anchors, memory).tolist()
     expected_semi = []
     for i in range(n):
@@ -941,6 +942,6 @@ def test_semi_hard_and_all_triplets_take_a_batch_across_the_ring_end():
             q = min(farther, key=lambda k: (d[i][k], k)) if farther else max(negatives, key=lambda k: (d[i][k], -k))
             expected_semi.append((i, p, q))
     got = mine_semi_hard(anchors, memory, anchor_labels, memory_labels, exclude_self=True, anchor_offset=offset)
-    assert list(zip(*(t.tolist() for t in got))) == expected_semi
+    assert list(zip(*(t.tolist() for t in got))) == expected_semi, seed
     with pytest.raises(ValueError, match="anchor_offset"):
         mine_all_triplets(anchor_labels, memory_labels, exclude_self=True, anchor_offset=m)

@@ -256,9 +256,12 @@ def exact_triplet_distances(embeddings, candidates, a, p, n, metric, swap):
 
 
 def _cat_and_clear(chunks: list[torch.Tensor]) -> torch.Tensor:
-    """torch.cat of the list (its only chunk, uncopied), which is emptied: the chunks are freed
-    as soon as they are copied."""
-    out = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+    """torch.cat of the list (its only chunk, uncopied unless it is a view into a larger
+    storage, such as a column of ``nonzero``'s (K, 2) result), which is emptied: the chunks are
+    freed as soon as they are copied."""
+    only = chunks[0] if len(chunks) == 1 else None
+    compact = only is not None and only.untyped_storage().nbytes() == only.numel() * only.element_size()
+    out = only if compact else torch.cat(chunks)
     chunks.clear()
     return out
 
@@ -279,7 +282,7 @@ def select_triplets(
     """Every valid triplet whose exact margin t lies in ``interval``, lexicographic (anchor, positive, negative).
 
     Anchors index ``embeddings``, positives and negatives ``candidates`` (anchor i is candidate
-    ``anchor_offset + i``; None: not a candidate). ``fast_stats``: also the means over *all* valid
+    ``(anchor_offset + i) % M``; None: not a candidate). ``fast_stats``: also the means over *all* valid
     triplets of d(a, p), d(a, n) and t from the fast path (PML's miner statistics), one extra pass
     of additions, no exactness claim. ``with_position``: fill ``position`` (else it is empty), an
     int64 per selected triplet that only ``reduction="none"`` needs.

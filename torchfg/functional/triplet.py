@@ -87,7 +87,7 @@ def _check_embeddings(
     """Returns (embeddings, labels, candidates, candidate_labels, anchor_offset).
 
     ``anchor_offset``: the candidate row of anchor 0 when the anchors are among the candidates
-    (anchor i is candidate ``anchor_offset + i`` and never its own positive), None when they are not.
+    (anchor i is candidate ``(anchor_offset + i) % M`` and never its own positive), None when they are not.
     """
     embeddings_arg, labels_arg = embeddings, labels
     embeddings = check_float_tensor(embeddings, "embeddings", ndim=2)
@@ -357,11 +357,11 @@ def _first_text_negatives(
     """Per anchor (B of them), the first candidate (M) that mining may take as a negative under a
     text threshold: another label and a text cosine below ``threshold`` (the reference's
     ``>= threshold`` exclusion). (first index (B,), whether there is one (B,)); blocks of rows
-    keep the (rows x M) masks near 16 MiB."""
+    hold 4M entries (the fp32 cosine block, its masks and argmax's int copy: about 40 MiB)."""
     anchor_unit, candidate_unit = text_similarity_operands(anchor_text, candidate_text)
     first = torch.zeros(anchor_text.shape[0], dtype=torch.int64, device=anchor_text.device)
     found = torch.zeros(anchor_text.shape[0], dtype=torch.bool, device=anchor_text.device)
-    rows_per_block = max(1, (1 << 24) // max(1, candidate_text.shape[0]))
+    rows_per_block = max(1, (1 << 22) // max(1, candidate_text.shape[0]))
     for start in range(0, anchor_text.shape[0], rows_per_block):
         stop = start + rows_per_block
         allowed = anchor_labels[start:stop, None] != candidate_labels[None, :]
@@ -403,7 +403,7 @@ def _hardest_triplet_losses(
     """Per-anchor batch-hard / adaptive losses (N,) (0 where invalid, NaN for an invalid anchor whose
     row diverged) and the validity mask (N,).
 
-    ``candidates`` (M, D) with ``candidate_labels`` (M,); anchor i is candidate ``anchor_offset + i``
+    ``candidates`` (M, D) with ``candidate_labels`` (M,); anchor i is candidate ``(anchor_offset + i) % M``
     (None: anchors are not among the candidates).
     """
     acc = accumulation_dtype(embeddings.dtype)

@@ -157,8 +157,9 @@ def memory_triplet_loss(
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` (mining and exact pair distances).
 
     Returns:
-        Scalar loss (per-anchor losses, then the given triplets', for ``"none"``) in fp32 (fp64
-        for fp64 embeddings).
+        Scalar loss in fp32 (fp64 for fp64 embeddings). For ``"none"``: batch-hard's per-anchor
+        losses, then the given triplets'; semi-hard's and all's per-triplet losses, mined then
+        given.
     """
     cross_rank = check_bool(cross_rank, "cross_rank")
 

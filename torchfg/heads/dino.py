@@ -12,6 +12,7 @@ from typing import Any, Mapping, NamedTuple
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
 from torchfg._validation import check_bool, check_choice
@@ -158,6 +159,8 @@ class DINOHead(nn.Module):
         state = self.__dict__.copy()
         modules = dict(state["_modules"])
         last = modules["last_layer"]
+        if not parametrize.is_parametrized(last, "weight"):
+            return state  # folded (remove_parametrizations): a plain Linear pickles as it is
         modules["last_layer"] = None  # keeps its place among the submodules
         state["_modules"] = modules
         weight = last.parametrizations.weight
@@ -166,8 +169,11 @@ class DINOHead(nn.Module):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = dict(state)
-        magnitude, direction, training = state.pop("_last_layer_pickle")
+        pickled_layer = state.pop("_last_layer_pickle", None)
         super().__setstate__(state)
+        if pickled_layer is None:
+            return
+        magnitude, direction, training = pickled_layer
         out_dim, bottleneck_dim = direction.shape
         with torch.device("meta"):  # no init draws from the global RNG; the parameters follow
             layer = weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))

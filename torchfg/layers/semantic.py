@@ -65,6 +65,19 @@ def _semantic_embedding(semantic_channels: int, embed_channels: int) -> nn.Seque
     )
 
 
+class _IdentityProjection(nn.Conv2d):
+    """A 1x1 convolution from C + E channels to C that starts as the identity on the first C
+    (the features) and zero on the rest (the semantic embedding): a fusion layer that changes
+    nothing at init. Its own reset_parameters gives that init, so a loop over the submodules in
+    any order (FSDP's materialisation of a meta-device model) gives it too."""
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()  # the same draws from the global RNG as a plain Conv2d's
+        with torch.no_grad():
+            self.weight.zero_()
+            self.weight[:, : self.out_channels, 0, 0].copy_(torch.eye(self.out_channels))
+
+
 def _check_features(features: object, in_channels: int) -> torch.Tensor:
     features = check_float_tensor(features, "features", ndim=4)
     if features.shape[1] != in_channels:
@@ -309,30 +322,21 @@ class SemanticFusion(nn.Module):
                 embed_channels = _default_embed_channels(in_channels)
             self.embed_channels = _check_channels(embed_channels, "embed_channels")
             self.embedding = _semantic_embedding(semantic_channels, embed_channels)
-            self.project = nn.Conv2d(in_channels + embed_channels, in_channels, kernel_size=1, bias=False)
-            self._init_project()
-
-    def _init_project(self) -> None:
-        # The identity on the features, zero on the embedding: the layer starts as a no-op.
-        with torch.no_grad():
-            self.project.weight.zero_()
-            self.project.weight[:, : self.in_channels, 0, 0].copy_(torch.eye(self.in_channels))
+            self.project = _IdentityProjection(in_channels + embed_channels, in_channels, kernel_size=1, bias=False)
 
     def reset_parameters(self) -> None:
         """Initialise every parameter as the constructor does (``feature_concat``: fresh draws
         for the embedding, the projection at the identity; the other modes have no parameters).
 
         For a layer built on the meta device: ``layer.to_empty(device=...)``, then
-        ``layer.reset_parameters()`` (or ``load_state_dict``). Call it on the layer, after any
-        loop over the submodules' own ``reset_parameters``: the projection's own reset draws a
-        kaiming init, not the identity.
+        ``layer.reset_parameters()``, or any loop over the submodules' own ``reset_parameters``
+        (FSDP's): the projection's own reset is the identity (or ``load_state_dict``).
         """
         if self.mode != "feature_concat":
             return
-        for module in self.embedding:
+        for module in (*self.embedding, self.project):
             if hasattr(module, "reset_parameters"):
                 module.reset_parameters()
-        self._init_project()
 
     def extra_repr(self) -> str:
         extra = ""

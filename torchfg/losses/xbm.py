@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from torchfg._validation import check_float_tensor, check_int, check_labels, in_backward
-from torchfg.functional.triplet import _check_indices_tuple, _validated
+from torchfg.functional.triplet import _check_indices_tuple, _check_mining_backend, _validated
 from torchfg.functional.xbm import _memory_triplet_loss, _check_memory_loss_settings, enqueue, gather_for_memory
 from torchfg.losses.triplet import AdaptiveTripletLoss, TripletMarginLoss
 
@@ -81,6 +81,8 @@ class CrossBatchMemory(nn.Module):
             )
         if miner is not None:
             raise ValueError("miner must be None: the loss's own mining runs against the memory (set the loss's mining=)")
+        if isinstance(loss, TripletMarginLoss) and loss.mining != "batch_hard":
+            _check_mining_backend(loss.mining, loss.backend)  # semi-hard and all: the torch reference only
         if isinstance(loss, TripletMarginLoss) and loss.swap:
             # The swapped negative distance d(p, n) is between two memory rows: not implemented.
             raise ValueError("loss must have swap=False: CrossBatchMemory does not implement the swap")
@@ -115,16 +117,24 @@ class CrossBatchMemory(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
-        # PyTorch sets the extra state even where a buffer's shape did not match (it records the
-        # mismatch and raises after every module has loaded): a caller that caught that error went
-        # on with the other ring's fill level over rows that were never written. A failed load
-        # leaves the ring as it was.
-        before, errors = (self.queue_idx, self.size), len(error_msgs)
+        # PyTorch copies every buffer whose shape matches and sets the extra state even where
+        # another buffer's shape did not (it records the mismatch and raises after every module
+        # has loaded): a caller that caught that error went on with the other memory's labels or
+        # fill level over rows that were never written. A state of another shape loads nothing.
+        mismatched = []
+        for name in ("embedding_memory", "label_memory", "text_memory"):
+            mine, theirs = getattr(self, name), state_dict.get(prefix + name)
+            if isinstance(mine, torch.Tensor) and isinstance(theirs, torch.Tensor) and theirs.shape != mine.shape:
+                mismatched.append(
+                    f"size mismatch for {prefix}{name}: copying a param with shape {theirs.shape} from checkpoint, "
+                    f"the shape in current model is {mine.shape}."
+                )
+        if mismatched:
+            error_msgs.extend(mismatched)
+            return
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
-        if len(error_msgs) > errors:
-            self.queue_idx, self.size = before
 
     def set_extra_state(self, state: dict[str, int]) -> None:
         """Restore :meth:`get_extra_state`'s dict; refused if it does not fit ``memory_size``."""

@@ -180,7 +180,9 @@ def _check_text_inputs(
 def _self_offset(exclude_self: object, anchor_offset: object, n: int, m: int) -> int:
     """The kernels' internal ``self_offset`` (candidate index of anchor 0, -1: none) from the public
     pair. Every op takes anchor i as candidate ``(anchor_offset + i) % M`` (a batch across the end
-    of a ring memory), so any offset in [0, M) is valid."""
+    of a ring memory), so any offset in [0, M) is valid; with N == M that is a rotation of a full
+    ring, which labels cannot tell from a wrong offset (``candidates is anchors`` with an offset
+    other than 0 is refused where the rows are given)."""
     exclude_self = check_bool(exclude_self, "exclude_self")
     anchor_offset = check_int(anchor_offset, "anchor_offset")
     if not exclude_self:
