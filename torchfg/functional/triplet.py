@@ -601,8 +601,15 @@ def _triplet_margin_loss_impl(
     triplets_per_anchor: int | str = "all",
     indices_tuple: tuple[torch.Tensor, ...] | None = None,
     cross_rank: bool = False,
+    extra_triplets: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """The loss once inputs are checked; ``anchor_offset`` as returned by :func:`_check_embeddings`."""
+    """The loss once inputs are checked; ``anchor_offset`` as returned by :func:`_check_embeddings`.
+
+    ``extra_triplets`` (checked triplets; semi-hard and all mining only): added to the mined ones,
+    as PML concatenates a given ``indices_tuple`` with its miner's (the cross-batch memory).
+    """
+    if extra_triplets is not None and (indices_tuple is not None or mining == "batch_hard"):
+        raise ValueError("extra_triplets go with semi_hard or all mining and no indices_tuple")
     if indices_tuple is not None:
         triplets = _check_indices_tuple(
             indices_tuple, embeddings.shape[0], candidates.shape[0], embeddings.device, cross_rank=cross_rank
@@ -613,7 +620,7 @@ def _triplet_margin_loss_impl(
             margin_scale=0.0, text_embeddings=None, candidate_text=None, text_positive_threshold=None,
             smooth=smooth, swap=swap, reduction=reduction, cross_rank=cross_rank, backend=backend,
         )
-    elif mining == "all" and triplets_per_anchor == "all":
+    elif mining == "all" and triplets_per_anchor == "all" and extra_triplets is None:
         loss = _all_triplet_losses(
             embeddings, labels, candidates, candidate_labels, anchor_offset, metric=metric, margin=margin,
             smooth=smooth, swap=swap, reduction=reduction, cross_rank=cross_rank,
@@ -624,6 +631,8 @@ def _triplet_margin_loss_impl(
             embeddings, labels, candidates, candidate_labels, anchor_offset, strategy=mining, metric=metric,
             backend=backend, triplets_per_anchor=triplets_per_anchor,
         )
+        if extra_triplets is not None:
+            triplets = tuple(torch.cat([mined, given]) for mined, given in zip(triplets, extra_triplets))
     losses = _listed_losses(embeddings, candidates, triplets, metric=metric, margin=margin, smooth=smooth, swap=swap)
     loss = _reduce(losses, None, reduction, cross_rank)
     if indices_tuple is None:

@@ -28,10 +28,7 @@ from torchfg.functional.triplet import (
     _check_triplets_per_anchor,
     _hardest_triplet_losses,
     _hinge,
-    _listed_losses,
-    _listed_triplets,
     _reduce,
-    _show_diverged_anchors,
     _triplet_margin_loss_impl,
     _validated,
 )
@@ -212,22 +209,14 @@ def _memory_triplet_loss(
 ) -> torch.Tensor:
     """:func:`memory_triplet_loss` after its checks (``indices_tuple`` already triplets in range)."""
     if mining != "batch_hard":
-        # The loss's own semi-hard / all-triplets path with the memory as the reference set; the
-        # memory is detached, so only the anchors get gradients.
-        if indices_tuple is None:
-            return _triplet_margin_loss_impl(
-                embeddings, labels, memory, memory_labels, self_start, margin=margin, metric=metric, mining=mining,
-                reduction=reduction, smooth=smooth, backend=backend, triplets_per_anchor=triplets_per_anchor,
-                cross_rank=cross_rank,
-            )
-        # Mined and given triplets, listed together, as PML concatenates its miner's and the caller's.
-        mined = _listed_triplets(
-            embeddings, labels, memory, memory_labels, self_start, strategy=mining, metric=metric, backend=backend,
-            triplets_per_anchor=triplets_per_anchor,
+        # The loss's own semi-hard / all-triplets path with the memory as the reference set (the
+        # given triplets added to the mined ones); the memory is detached, so only the anchors
+        # get gradients.
+        return _triplet_margin_loss_impl(
+            embeddings, labels, memory, memory_labels, self_start, margin=margin, metric=metric, mining=mining,
+            reduction=reduction, smooth=smooth, backend=backend, triplets_per_anchor=triplets_per_anchor,
+            cross_rank=cross_rank, extra_triplets=indices_tuple,
         )
-        triplets = tuple(torch.cat([m, g]) for m, g in zip(mined, indices_tuple))
-        losses = _listed_losses(embeddings, memory, triplets, metric=metric, margin=margin, smooth=smooth, swap=False)
-        return _show_diverged_anchors(_reduce(losses, None, reduction, cross_rank), embeddings, reduction)
     if indices_tuple is None:
         # The shared batch-hard loss (the fused op on the Triton backend; the memory is detached,
         # so its backward writes the anchors' gradient only).
