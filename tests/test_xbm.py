@@ -175,11 +175,9 @@ def test_indices_tuple_triplets_use_the_adaptive_text_margin_of_the_memory_rows(
     torch.testing.assert_close(per[6:], expected)
 
 
-def test_indices_tuple_adds_triplets_like_pml():
-    g = torch.Generator().manual_seed(13)
-    dim, memory_size = 4, 12
-    ours = CrossBatchMemory(TripletMarginLoss(margin=0.2), dim, memory_size)
-    theirs = _pml_xbm(dim, memory_size, "mean")
+def _steps_with_given_triplets_match(ours, theirs, g, dim):
+    """Three steps of 6 rows in 2 classes, each with the same three given triplets: equal losses
+    and gradients."""
     for emb, labels in _batches(g, 3, 6, dim, 2):
         extra = tuple(torch.tensor(pair, device=TEST_DEVICE) for pair in ([0, 1], [2, 3], [4, 5]))
         a, b = emb.clone().requires_grad_(), emb.clone().requires_grad_()
@@ -188,6 +186,13 @@ def test_indices_tuple_adds_triplets_like_pml():
         loss_ours.backward()
         loss_theirs.backward()
         torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_indices_tuple_adds_triplets_like_pml():
+    g = torch.Generator().manual_seed(13)
+    dim, memory_size = 4, 12
+    ours = CrossBatchMemory(TripletMarginLoss(margin=0.2), dim, memory_size)
+    _steps_with_given_triplets_match(ours, _pml_xbm(dim, memory_size, "mean"), g, dim)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "mean_nonzero"])
@@ -264,14 +269,7 @@ def test_all_triplets_memory_adds_an_indices_tuple_and_samples_per_anchor():
         pml_losses.TripletMarginLoss(margin=0.2, distance=LpDistance(normalize_embeddings=False)), dim,
         memory_size=memory_size, miner=lambda emb, labels, ref, ref_labels: lmu.get_all_triplets_indices(labels, ref_labels),
     )
-    for emb, labels in _batches(g, 3, 6, dim, 2):
-        extra = tuple(torch.tensor(pair, device=TEST_DEVICE) for pair in ([0, 1], [2, 3], [4, 5]))
-        a, b = emb.clone().requires_grad_(), emb.clone().requires_grad_()
-        loss_ours, loss_theirs = ours(a, labels, indices_tuple=extra), theirs(b, labels, indices_tuple=extra)
-        torch.testing.assert_close(loss_ours, loss_theirs.to(loss_ours.dtype))
-        loss_ours.backward()
-        loss_theirs.backward()
-        torch.testing.assert_close(a.grad, b.grad)
+    _steps_with_given_triplets_match(ours, theirs, g, dim)
     sampled = CrossBatchMemory(TripletMarginLoss(mining="all", triplets_per_anchor=3, reduction="none"), dim, memory_size)
     for emb, labels in _batches(g, 3, 6, dim, 2):
         losses = sampled(emb, labels)
