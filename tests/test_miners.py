@@ -300,3 +300,39 @@ def test_miner_bad_input():
         TripletMarginMiner(margin=float("inf"))
     with pytest.raises(TypeError, match="collect_stats"):
         BatchHardMiner(collect_stats=1)
+
+
+def test_non_finite_fallback_reads_text_only_where_it_counts_and_excludes_at_the_threshold():
+    """Without adaptive margins (margin_scale=0) a NaN text row does not make the anchor
+    diverged: its hardest positive stays. A text cosine exactly at the threshold is a near
+    duplicate (mining excludes cos >= threshold), so the fallback's negative skips it."""
+    x = torch.tensor([[0.0], [0.1], [3.0], [10.0]], dtype=torch.float64)
+    labels = torch.tensor([0, 0, 0, 1])
+    text = torch.randn(4, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    text[0, 1] = float("nan")
+    a, p, n = TF.mine_triplets(x, labels, text_embeddings=text, margin_scale=0.0, text_positive_threshold=0.99)
+    (t,) = (a == 0).nonzero().flatten().tolist()
+    assert int(p[t]) == 2  # the farthest positive, not the first
+    x = torch.tensor([[float("nan")], [1.0], [2.0], [3.0]], dtype=torch.float64)
+    labels = torch.tensor([0, 0, 1, 1])
+    text = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    a, p, n = TF.mine_triplets(x, labels, text_embeddings=text, margin_scale=0.5, text_positive_threshold=1.0)
+    (t,) = (a == 0).nonzero().flatten().tolist()
+    assert (int(p[t]), int(n[t])) == (1, 3)  # row 2's text cosine with row 0 is exactly 1
+
+
+def test_semi_hard_miner_lists_a_diverged_anchor_with_its_first_negative():
+    """A diverged anchor against a reference set that also holds a NaN row: the anchor keeps its
+    pairs (every candidate, the NaN row too) and takes its first negative, so a loss over the
+    mined triplets is NaN; the finite anchors never take the NaN row."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(6, 4, generator=gen, dtype=torch.float64)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    ref = torch.randn(6, 4, generator=gen, dtype=torch.float64)
+    ref_labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    ref[1, 0], x[4, 0] = float("nan"), float("nan")
+    a, p, n = SemiHardMiner()(x, labels, ref, ref_labels)
+    rows = (a == 4).nonzero().flatten()
+    assert p[rows].tolist() == [2, 5] and n[rows].tolist() == [0, 0]  # label 2's pairs, first negative 0
+    finite = a != 4
+    assert not ((p[finite] == 1) | (n[finite] == 1)).any()

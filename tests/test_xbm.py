@@ -303,8 +303,10 @@ def test_bad_arguments_name_themselves():
     pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
     with pytest.raises(TypeError, match=r"torchfg\.losses\.TripletMarginLoss .*got pytorch_metric_learning\..*TripletMarginLoss"):
         CrossBatchMemory(pml_losses.TripletMarginLoss(), 4)
+    loss_all = TripletMarginLoss(mining="all")
+    loss_all.backend = "triton"  # TripletMarginLoss refuses it when built; a later change is refused here
     with pytest.raises(BackendUnavailableError, match="mining='all'"):
-        CrossBatchMemory(TripletMarginLoss(mining="all", backend="triton"), 4)  # refused when built
+        CrossBatchMemory(loss_all, 4)
     xbm_all = CrossBatchMemory(TripletMarginLoss(mining="all"), 4)
     xbm_all.loss.backend = "triton"  # a setting changed after construction: refused at the call
     with pytest.raises(BackendUnavailableError, match="mining='all'"):

@@ -1386,3 +1386,64 @@ def test_semi_hard_and_all_leave_a_non_finite_candidate_row_out(metric, bad):
     for mining in ("semi_hard", "all"):
         assert TF.triplet_margin_loss(x_bad, labels, metric=metric, mining=mining, ref_embeddings=ref_bad,
                                       ref_labels=ref_labels).isnan()
+
+
+def test_every_row_diverged_keeps_every_triplet_of_all_mining():
+    """Every anchor diverged: each keeps its candidates (non-finite ones are absent only for
+    finite anchors), so "all" mining lists every triplet by labels and the loss is NaN."""
+    x = torch.full((4, 3), float("nan"), dtype=torch.float64)
+    labels = torch.tensor([0, 0, 1, 1])
+    assert TF.triplet_margin_loss(x, labels, mining="all").isnan()
+    per_triplet = TF.triplet_margin_loss(x, labels, mining="all", reduction="none")
+    assert per_triplet.shape == (8,) and per_triplet.isnan().all()  # 4 anchors x 1 positive x 2 negatives
+    listed = TF.mine_triplets(x, labels, strategy="all")
+    assert all(torch.equal(a, b) for a, b in zip(listed, mine_all_triplets(labels, labels, exclude_self=True)))
+    # Semi-hard: each diverged anchor keeps its pair and takes its first negative.
+    a, p, n = TF.mine_triplets(x, labels, strategy="semi_hard")
+    assert (a.tolist(), p.tolist(), n.tolist()) == ([0, 1, 2, 3], [1, 0, 3, 2], [2, 2, 0, 0])
+
+
+def test_all_selection_and_absent_rows_stream_in_chunks(monkeypatch):
+    """The chunked selection (one anchor per chunk) gives the anchors' own indices (each chunk's
+    offset) and each chunk's own finite-anchor mask: the same triplets and per-triplet losses as
+    one chunk, with a diverged anchor and a diverged reference row."""
+    import torchfg.functional._triplet_selection as selection
+    from torchfg.miners import TripletMarginMiner
+
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(40, 5, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 5, (40,), generator=g)
+    ref = torch.randn(9, 5, generator=g, dtype=torch.float64)
+    ref_labels = torch.arange(9) % 5
+    ref[2, 3], x[0, 0] = float("nan"), float("nan")
+    miner = TripletMarginMiner(0.3, type_of_triplets="all")
+    expected_triplets = miner(x[1:], labels[1:])
+    expected = TF.triplet_margin_loss(x, labels, mining="all", reduction="none", ref_embeddings=ref, ref_labels=ref_labels)
+    monkeypatch.setattr(selection, "BLOCK_ELEMENTS", 9)  # one anchor per chunk
+    assert all(torch.equal(a, b) for a, b in zip(miner(x[1:], labels[1:]), expected_triplets))
+    got = TF.triplet_margin_loss(x, labels, mining="all", reduction="none", ref_embeddings=ref, ref_labels=ref_labels)
+    torch.testing.assert_close(got, expected, equal_nan=True)
+    assert got.isnan().any() and not got[-20:].isnan().any()  # anchor 0's triplets come first
+
+
+def test_semi_hard_anchor_whose_only_negatives_are_non_finite_has_no_triplet():
+    """A finite anchor whose only other-label candidate is a NaN row has no negative: no triplet
+    (it took a bogus one when the negatives were counted by labels alone)."""
+    x, labels = torch.tensor([[0.0, 0.0]]), torch.tensor([0])
+    ref = torch.tensor([[1.0, 0.0], [2.0, 0.0], [float("nan"), 0.0]])
+    ref_labels = torch.tensor([0, 0, 1])
+    assert TF.triplet_margin_loss(x, labels, mining="semi_hard", reduction="none", ref_embeddings=ref,
+                                  ref_labels=ref_labels).numel() == 0
+    assert TF.mine_triplets(x, labels, strategy="semi_hard", ref_embeddings=ref, ref_labels=ref_labels)[0].numel() == 0
+
+
+def test_cat_and_clear_frees_and_compacts():
+    from torchfg.functional._triplet_selection import _cat_and_clear
+
+    chunks = [torch.arange(3), torch.arange(2)]
+    assert _cat_and_clear(chunks).tolist() == [0, 1, 2, 0, 1] and chunks == []
+    column = torch.arange(6).view(3, 2)[:, 0]  # a column of nonzero's (K, 2) result
+    out = _cat_and_clear([column])
+    assert out.tolist() == [0, 2, 4] and out.untyped_storage().nbytes() == 3 * out.element_size()
+    compact = torch.arange(4)
+    assert _cat_and_clear([compact]) is compact
