@@ -1457,6 +1457,7 @@ def test_dino_head_pickles_copies_and_saves_whole(norm_last_layer):
     head = DINOHead(8, out_dim=16, hidden_dim=12, bottleneck_dim=6, use_bn=True, norm_last_layer=norm_last_layer)
     model = MultiCropWrapper(nn.Linear(8, 8), head)
     head.last_layer.eval()  # a mode of the caller's own, inside a model in training mode
+    head.probe = nn.Identity()  # a submodule added after the last layer: the order must survive
     x = torch.randn(5, 8)
     rng = torch.random.get_rng_state()
     buffer = io.BytesIO()

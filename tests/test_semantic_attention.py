@@ -857,3 +857,20 @@ def test_meta_construction_then_reset_parameters_is_the_constructors_init(kind):
         torch.testing.assert_close(layer.foreground_logits, eager.foreground_logits, rtol=0, atol=0)
     if kind == "feature_concat":
         torch.testing.assert_close(layer.project.weight, eager.project.weight, rtol=0, atol=0)
+
+
+def test_identity_projection_draws_what_a_plain_conv_draws():
+    """SemanticFusion("feature_concat") takes the same draws from the global RNG as when its
+    projection was a plain Conv2d overwritten with the identity, so seeded results (the demo's
+    numbers) do not move."""
+    from torchfg.layers import SemanticFusion
+    from torchfg.layers.semantic import _semantic_embedding
+
+    torch.manual_seed(3)
+    layer = SemanticFusion(8, 3, mode="feature_concat", embed_channels=4)
+    after = torch.rand(4)
+    torch.manual_seed(3)
+    _semantic_embedding(3, 4)
+    nn.Conv2d(12, 8, kernel_size=1, bias=False)
+    torch.testing.assert_close(after, torch.rand(4), rtol=0, atol=0)
+    torch.testing.assert_close(layer.project.weight[:, :8, 0, 0], torch.eye(8), rtol=0, atol=0)
