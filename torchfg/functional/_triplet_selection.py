@@ -28,8 +28,7 @@ from torchfg._validation import accumulation_dtype
 from torchfg.ops.metric import unit_rows
 from torchfg.ops.pair_distances import pair_distances
 from torchfg.ops.precision import fp32_matmul_precision
-from torchfg.ops.hardest_triplet_loss.reference import unpaired_anchor_losses
-from torchfg.ops.triplet.reference import _exclude_self
+from torchfg.ops.triplet.reference import DivergedRows, _exclude_self
 
 __all__ = ["MarginInterval", "SelectedTriplets", "select_triplets", "sample_triplets", "count_triplets", "exact_triplet_distances"]
 
@@ -169,44 +168,12 @@ def _chunks(total: int, per_item: int):
         yield start, min(start + step, total)
 
 
-class _Diverged:
-    """Which rows hold a NaN or inf (the row-sum rule of :func:`unpaired_anchor_losses`).
-
-    A non-finite candidate row is absent for the anchors whose own row is finite: never a
-    positive or a negative, not counted among the valid triplets, as batch-hard mining never
-    chooses it (numerics.md), so a diverged row in a reference set or memory leaves the other
-    anchors' losses finite. A diverged anchor keeps every candidate, so that its loss is NaN.
-    """
-
-    def __init__(self, embeddings: torch.Tensor, candidates: torch.Tensor) -> None:
-        acc = accumulation_dtype(embeddings.dtype)
-        self.finite_anchor = unpaired_anchor_losses(embeddings, None, acc).isfinite()
-        self.bad_candidate = (
-            ~self.finite_anchor if candidates is embeddings else ~unpaired_anchor_losses(candidates, None, acc).isfinite()
-        )
-
-    @staticmethod
-    def of(embeddings: torch.Tensor, candidates: torch.Tensor) -> "_Diverged | None":
-        """None when every row is finite (one host sync)."""
-        diverged = _Diverged(embeddings, candidates)
-        return diverged if bool(diverged.bad_candidate.any()) else None
-
-    def absent(self, start: int, stop: int) -> torch.Tensor:
-        """(rows, M) bool: the candidates absent for anchors start..stop."""
-        return self.finite_anchor[start:stop, None] & self.bad_candidate[None, :]
-
-    def keep(self, anchors: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
-        """(T,) bool: the listed triplets that use no candidate absent for their anchor."""
-        uses_bad = self.bad_candidate.index_select(0, positives) | self.bad_candidate.index_select(0, negatives)
-        return ~(uses_bad & self.finite_anchor.index_select(0, anchors))
-
-
 def _label_masks(
     labels_chunk: torch.Tensor,
     candidate_labels: torch.Tensor,
     start: int,
     anchor_offset: int | None,
-    diverged: _Diverged | None = None,
+    diverged: DivergedRows | None = None,
 ):
     same = labels_chunk[:, None] == candidate_labels[None, :]
     negative = ~same
@@ -221,7 +188,7 @@ def _label_masks(
 
 
 def count_triplets(
-    labels: torch.Tensor, candidate_labels: torch.Tensor, anchor_offset: int | None, diverged: _Diverged | None = None
+    labels: torch.Tensor, candidate_labels: torch.Tensor, anchor_offset: int | None, diverged: DivergedRows | None = None
 ) -> int:
     """Number of valid triplets, sum over anchors of (#positives x #negatives)."""
     total = 0
@@ -299,7 +266,7 @@ def select_triplets(
     pairs_so_far = 0
     total = 0
     sums = torch.zeros(3, dtype=torch.float64, device=device) if fast_stats else None
-    diverged = _Diverged.of(embeddings, candidates)
+    diverged = DivergedRows.of(embeddings, candidates)
     if interval.empty and not fast_stats:
         total = count_triplets(labels, candidate_labels, anchor_offset, diverged)
     else:
@@ -396,10 +363,10 @@ def sample_triplets(
     anchor_offset: int | None,
     per_anchor: int,
     generator: torch.Generator | None = None,
-    diverged: _Diverged | None = None,
+    diverged: DivergedRows | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``per_anchor`` random (positive, negative) pairs, with replacement, for every anchor that has both
-    (``diverged``: non-finite candidates are absent for finite anchors, see :class:`_Diverged`).
+    (``diverged``: non-finite candidates are absent for finite anchors, see :class:`DivergedRows`).
 
     PML's ``triplets_per_anchor=k`` sampling (``get_random_triplet_indices``): positives and negatives
     drawn uniformly and independently. Returns (anchors, positives, negatives) sorted by anchor.

@@ -43,7 +43,6 @@ from torchfg.distributed import all_reduce_sum, gather_batch, is_distributed, ra
 from torchfg.errors import BackendUnavailableError
 from torchfg.functional._triplet_selection import (
     MarginInterval,
-    _Diverged,
     connected_zero,
     exact_triplet_distances,
     sample_triplets,
@@ -55,7 +54,7 @@ from torchfg.ops.hardest_triplet_loss.reference import text_cosine, unpaired_anc
 from torchfg.ops.pair_distances import anchor_pair_distances, pair_distances
 from torchfg.ops.metric import DEFAULT_METRIC, METRICS
 from torchfg.ops.triplet import mine_all_triplets, mine_hardest, mine_semi_hard
-from torchfg.ops.triplet.reference import text_similarity_operands
+from torchfg.ops.triplet.reference import DivergedRows, text_similarity_operands
 from torchfg._validation import check_number as _check_number  # shared numeric argument check
 from torchfg._validation import check_bool as _check_flag
 from torchfg.ops.precision import autocast_off
@@ -261,7 +260,7 @@ def _listed_triplets(
         if strategy == "all":
             # Listed by labels; a non-finite candidate row is absent for the finite anchors, as
             # in the loss's own selection.
-            diverged = _Diverged.of(embeddings, candidates)
+            diverged = DivergedRows.of(embeddings, candidates)
             if triplets_per_anchor != "all":
                 return sample_triplets(labels, candidate_labels, anchor_offset, triplets_per_anchor, diverged=diverged)
             triplets = mine_all_triplets(labels, candidate_labels, **_self_rows(anchor_offset))

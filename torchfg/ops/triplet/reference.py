@@ -126,6 +126,37 @@ class _DistanceBlocks:
         return block
 
 
+class DivergedRows:
+    """Which rows hold a NaN or inf, by their sum (the rule of the fused loss's
+    ``unpaired_anchor_losses``), for the mining that lists triplets (semi-hard and all).
+
+    A non-finite candidate row is absent for the anchors whose own row is finite: never a
+    positive or a negative, not counted among the valid triplets, as batch-hard mining never
+    chooses it (numerics.md), so a diverged row in a reference set or memory leaves the other
+    anchors' losses finite. A diverged anchor keeps every candidate, so that its loss is NaN.
+    """
+
+    def __init__(self, anchors: torch.Tensor, candidates: torch.Tensor) -> None:
+        acc = accumulation_dtype(anchors.dtype)
+        self.finite_anchor = anchors.sum(1, dtype=acc).isfinite()
+        self.bad_candidate = ~self.finite_anchor if candidates is anchors else ~candidates.sum(1, dtype=acc).isfinite()
+
+    @staticmethod
+    def of(anchors: torch.Tensor, candidates: torch.Tensor) -> "DivergedRows | None":
+        """None when no candidate row is non-finite (one host sync)."""
+        diverged = DivergedRows(anchors, candidates)
+        return diverged if bool(diverged.bad_candidate.any()) else None
+
+    def absent(self, start: int, stop: int) -> torch.Tensor:
+        """(rows, M) bool: the candidates absent for anchors start..stop."""
+        return self.finite_anchor[start:stop, None] & self.bad_candidate[None, :]
+
+    def keep(self, anchors: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+        """(T,) bool: the listed triplets that use no candidate absent for their anchor."""
+        uses_bad = self.bad_candidate.index_select(0, positives) | self.bad_candidate.index_select(0, negatives)
+        return ~(uses_bad & self.finite_anchor.index_select(0, anchors))
+
+
 def _exclude_self(block: torch.Tensor, start: int, self_offset: int, fill: float) -> None:
     """Sets block[i, (self_offset + start + i) % M] = fill for the chunk's rows (in place)."""
     if self_offset < 0:
@@ -393,26 +424,21 @@ def mine_semi_hard_reference(
     if n == 0 or m == 0:
         return _empty_triplets(device)
     distances = _DistanceBlocks(anchors, candidates, metric)
-    # For an anchor whose row is finite, a candidate row holding a NaN or inf is absent (never a
-    # positive or a negative, as in the "all" selection) and so is any candidate at a NaN
-    # distance: batch-hard mining never chooses a NaN key either, so a diverged row in a
-    # reference set or memory leaves the other anchors' losses finite. A diverged anchor (row sum
-    # not finite) keeps its pairs and takes its first negative (argmax takes a NaN first), so
-    # that a loss over the triplets is NaN. The masks are built only when an input holds a NaN or
-    # inf (one host sync for both sums).
+    # For an anchor whose row is finite, a candidate row holding a NaN or inf is absent
+    # (DivergedRows, as in the "all" selection) and so is any candidate at a NaN distance:
+    # batch-hard mining never chooses a NaN key either. A diverged anchor keeps its pairs and
+    # takes its first negative (argmax takes a NaN first), so that a loss over the triplets is
+    # NaN. The masks are built only when an input holds a NaN or inf (one host sync for both sums).
     sums = torch.stack([t.sum(dtype=distances.acc).double() for t in (anchors, candidates)])
-    finite_anchor = bad_candidate = None
-    if not bool(sums.isfinite().all()):
-        finite_anchor = anchors.sum(1, dtype=distances.acc).isfinite()
-        bad_candidate = ~candidates.sum(1, dtype=distances.acc).isfinite()
+    diverged = None if bool(sums.isfinite().all()) else DivergedRows(anchors, candidates)
     out_a, out_p, out_n = [], [], []
     for start in range(0, n, chunk_rows):
         stop = min(start + chunk_rows, n)
         block = distances.block(distances.rows(start, stop), torch.empty(stop - start, m, dtype=distances.acc, device=device))
         same_label = anchor_labels[start:stop, None] == candidate_labels[None, :]
         other_label = ~same_label
-        if finite_anchor is not None:
-            stray = (block.isnan() | bad_candidate[None, :]) & finite_anchor[start:stop, None]
+        if diverged is not None:
+            stray = diverged.absent(start, stop) | (block.isnan() & diverged.finite_anchor[start:stop, None])
             same_label &= ~stray
             other_label &= ~stray
         negatives = torch.where(other_label, block, torch.tensor(_NEG_INF, dtype=block.dtype, device=device))
