@@ -325,13 +325,20 @@ def prune_for_ragged_d(direction: str):
     return prune
 
 
-def _candidate_tiles(direction: str, dtype: torch.dtype, config: PairwiseConfig | None) -> list[PairwiseConfig]:
-    """The tile configurations a launch may run with: the pinned one, the interpreter's, or the
-    autotuner's table for the dtype (whose early prune only removes some)."""
+def _pinned_tiles(config: PairwiseConfig | None) -> PairwiseConfig | None:
+    """The one tile configuration a launch runs with (explicit, or the interpreter's), or None
+    where the autotuner chooses."""
     if config is not None:
-        return [config]
-    if triton_interpreter_enabled():
-        return [INTERPRETER_CONFIG]
+        return config
+    return INTERPRETER_CONFIG if triton_interpreter_enabled() else None
+
+
+def _candidate_tiles(direction: str, dtype: torch.dtype, config: PairwiseConfig | None) -> list[PairwiseConfig]:
+    """The tile configurations a launch may run with: the pinned one, or the autotuner's table
+    for the dtype (whose early prune only removes some)."""
+    pinned = _pinned_tiles(config)
+    if pinned is not None:
+        return [pinned]
     table = FORWARD_CONFIGS if direction == "forward" else BACKWARD_CONFIGS
     return list(table[operand_class(dtype)])
 
@@ -340,15 +347,15 @@ def _launcher(kernel, direction: str, dtype: torch.dtype, config: PairwiseConfig
     """``launch(grid, *args, **kwargs)`` of ``kernel``: a pinned config (explicit or the
     interpreter's) passes tiles, warps and stages; otherwise the autotuner supplies them (and a
     call it has answered skips its per-call work, see :class:`AutotunedLaunch`)."""
-    tiles = _candidate_tiles(direction, dtype, config)
-    if config is not None or triton_interpreter_enabled():
-        (pinned,) = tiles
+    pinned = _pinned_tiles(config)
+    if pinned is not None:
         meta = dict(_tile_meta(pinned, direction), num_warps=pinned.num_warps, num_stages=pinned.num_stages)
         return lambda grid, *args, **kwargs: kernel[grid](*args, **kwargs, **meta)
     key = (direction, operand_class(dtype))
-    if key not in _autotuned:
+    if key not in _autotuned:  # the table is read once per (direction, dtype class), not per call
         configs = [
-            triton.Config(_tile_meta(c, direction), num_warps=c.num_warps, num_stages=c.num_stages) for c in tiles
+            triton.Config(_tile_meta(c, direction), num_warps=c.num_warps, num_stages=c.num_stages)
+            for c in _candidate_tiles(direction, dtype, None)
         ]
         _autotuned[key] = AutotunedLaunch(triton.autotune(
             configs=configs, key=["N_BUCKET", "M_BUCKET", "D"],
