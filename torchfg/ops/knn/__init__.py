@@ -45,6 +45,7 @@ def _exact_selected(
     metric: str,
     *,
     pair_kernel: bool = False,
+    nonzero: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The k selected distances recomputed from the rows themselves, re-sorted by (distance, index).
 
@@ -61,14 +62,18 @@ def _exact_selected(
     PyTorch recomputation, with distances that differ by rounding). ``pair_kernel``: the Triton
     kernels' searches recompute with the selected-pair kernel of :mod:`torchfg.ops.pair_distances`
     (one launch; the chunked PyTorch loop below cost 4 ms in 40 blocks of small launches after a
-    10.5 ms search at N = 32768, k = 10 on the H200).
+    10.5 ms search at N = 32768, k = 10 on the H200). ``nonzero``: cosine only, ``query`` and
+    ``gallery`` are already the unit rows and these their (Q,) and (G,) non-zero masks, as
+    :func:`~torchfg.ops.metric.unit_and_nonzero_rows` returns them.
     """
     num_query, k = indices.shape
     if num_query == 0 or k == 0:
         return distances, indices
     acc = accumulation_dtype(query.dtype)
     query_nonzero = gallery_nonzero = None
-    if metric == "cosine":
+    if nonzero is not None:
+        query_nonzero, gallery_nonzero = nonzero
+    elif metric == "cosine":
         # The masks from the norms: an (Q, D) comparison cost as much as the search for Q = 1M
         # queries against a 4-row gallery.
         query, query_nonzero = unit_and_nonzero_rows(query, acc)
@@ -147,9 +152,45 @@ def _knn_op(
 
         distances, indices = knn_cuda(query, gallery, k, metric, symmetric, self_offset)
     else:
-        distances, indices = _torch_search(query, gallery, k, metric, symmetric, self_offset, chunk_size or None)
+        return _torch_knn(query, gallery, k, metric, symmetric, self_offset, chunk_size or None)
     pair_kernel = backend != "torch" and triton_status(query.device)[0]
     return _exact_selected(query, gallery, distances, indices, metric, pair_kernel=pair_kernel)
+
+
+def _torch_knn(
+    query: torch.Tensor,
+    gallery: torch.Tensor,
+    k: int,
+    metric: str,
+    symmetric: bool,
+    self_offset: int,
+    chunk_size: int | None,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``torch`` backend: :func:`_torch_search`, then :func:`_exact_selected`.
+
+    Cosine normalises the rows once for both (and once for a self-search's query and gallery):
+    each normalisation is a full (Q, D) pass, and for 1M queries against a 4-row gallery the
+    three of them took half of the whole search.
+    """
+    if metric != "cosine":
+        distances, indices = _torch_search(query, gallery, k, metric, symmetric, self_offset, chunk_size, progress)
+        return _exact_selected(query, gallery, distances, indices, metric)
+    acc = accumulation_dtype(query.dtype)
+    query_unit, query_nonzero = unit_and_nonzero_rows(query, acc)
+    if gallery is query:
+        gallery_unit, gallery_nonzero = query_unit, query_nonzero
+    else:
+        gallery_unit, gallery_nonzero = unit_and_nonzero_rows(gallery, acc)
+    # Checked on the inputs' dtype: the unit rows of 16-bit inputs are fp32.
+    compiled = _cpu.is_usable(query.device, query.dtype)
+    distances, indices = _torch_search(
+        query_unit, gallery_unit, k, metric, symmetric, self_offset, chunk_size, progress, unit=True, compiled=compiled
+    )
+    distances, indices = _exact_selected(
+        query_unit, gallery_unit, distances, indices, metric, nonzero=(query_nonzero, gallery_nonzero)
+    )
+    return distances.to(query.dtype), indices
 
 
 def _torch_search(
@@ -161,14 +202,21 @@ def _torch_search(
     self_offset: int,
     chunk_size: int | None,
     progress: Callable[[int], None] | None = None,
+    *,
+    unit: bool = False,
+    compiled: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``torch`` backend: the reference search, with the compiled selection of
+    """The ``torch`` backend's search: the reference search, with the compiled selection of
     :mod:`torchfg.ops.knn.cpu` on CPU tensors where it built (the same neighbours, bit for bit,
     on the same tiles; see that module for the self-search's narrower default tiles;
-    ``TORCHFG_CPU_KERNELS=0`` keeps the pure PyTorch selection)."""
-    if _cpu.is_usable(query.device, query.dtype):
-        return _cpu.knn_cpu(query, gallery, k, metric, symmetric, self_offset, chunk_size, progress)
-    return knn_reference(query, gallery, k, metric, symmetric, self_offset, chunk_size, progress)
+    ``TORCHFG_CPU_KERNELS=0`` keeps the pure PyTorch selection). ``unit``: cosine rows already
+    normalised (see :func:`~torchfg.ops.knn.reference.knn_reference`); ``compiled``: whether to
+    take the compiled selection (default: :func:`torchfg.ops.knn.cpu.is_usable` for the inputs)."""
+    if compiled is None:
+        compiled = _cpu.is_usable(query.device, query.dtype)
+    if compiled:
+        return _cpu.knn_cpu(query, gallery, k, metric, symmetric, self_offset, chunk_size, progress, unit)
+    return knn_reference(query, gallery, k, metric, symmetric, self_offset, chunk_size, progress, unit=unit)
 
 
 @_knn_op.register_fake
@@ -369,8 +417,7 @@ def knn_search(
     self_offset = 0 if exclude_self else -1
     num_query = query.shape[0]
     if chosen == "torch":
-        distances, indices = _torch_search(query, gallery, k, metric, symmetric, self_offset, chunk_size, progress)
-        return _exact_selected(query, gallery, distances, indices, metric)
+        return _torch_knn(query, gallery, k, metric, symmetric, self_offset, chunk_size, progress)
     if (symmetric and not exclude_self) or num_query <= query_block:
         out = _knn_op(query, gallery, k, metric, symmetric, self_offset, chosen, 0)
         if progress is not None:

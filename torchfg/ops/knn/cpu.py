@@ -536,6 +536,7 @@ def knn_cpu(
     self_offset: int = -1,
     chunk_size: int | None = None,
     progress: Callable[[int], None] | None = None,
+    unit: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`~torchfg.ops.knn.reference.knn_reference` with the compiled selection.
 
@@ -567,13 +568,13 @@ def knn_cpu(
             # The tile only as the tile: as chunk_size it also cut a search below two tiles into
             # 512-row query chunks (N = 513: a 512-row and a 1-row GEMM, which round otherwise).
             return knn_reference(query, gallery, k, metric, symmetric, self_offset, chunk_size, report, make_pool,
-                                 tile_size=tile)
+                                 tile_size=tile, unit=unit)
         except SlackExhausted:
             # Rare: a k-th distance shared by more entries than the slack holds (many copies of
             # one row). The search again with the next slack, then with the PyTorch selection.
             pass
     attempt_rows = 0
-    return knn_reference(query, gallery, k, metric, symmetric, self_offset, chunk_size, report)
+    return knn_reference(query, gallery, k, metric, symmetric, self_offset, chunk_size, report, unit=unit)
 
 
 def exact_selected(

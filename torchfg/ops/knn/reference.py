@@ -271,15 +271,16 @@ def _largest_raw_at_most(finish: Finish, rows: torch.Tensor, start: torch.Tensor
     return _float_of_ordered(low, dtype)
 
 
-def prepare_rows(x: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+def prepare_rows(x: torch.Tensor, metric: str, unit: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Rows in the accumulation dtype plus their per-row auxiliary values for ``metric``.
 
     Returns (rows (N, D), aux (N,) or None): unit rows and None for ``cosine``, squared norms
-    for the Euclidean metrics, None for ``dot``.
+    for the Euclidean metrics, None for ``dot``. ``unit``: ``x`` already holds the unit rows
+    (cosine), in the accumulation dtype, and is used as it is.
     """
     acc = accumulation_dtype(x.dtype)
     rows = x.to(acc)
-    if metric == "cosine":
+    if metric == "cosine" and not unit:
         norms = torch.linalg.vector_norm(rows, dim=1)
         return rows * safe_inverse(norms).unsqueeze(1), None
     if metric in ("sqeuclidean", "euclidean"):
@@ -587,7 +588,7 @@ class _BoundedPool:
         return distances.gather(1, best), columns.gather(1, best).to(torch.int64)
 
 
-def _symmetric_keys(x: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.Tensor, Finish]:
+def _symmetric_keys(x: torch.Tensor, metric: str, unit: bool = False) -> tuple[torch.Tensor, torch.Tensor, Finish]:
     """Left (N, D') and right (N, D') rows whose products are symmetric raw keys, and their finish.
 
     For the Euclidean metrics the squared norms ride along as extra columns,
@@ -595,7 +596,7 @@ def _symmetric_keys(x: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.T
     distance before clamping and no full-width pass is spent adding norms.
     """
     if metric in ("dot", "cosine"):
-        rows, _ = prepare_rows(x, metric)
+        rows, _ = prepare_rows(x, metric, unit)
         return rows.neg(), rows, finisher(metric, None)
     # Written into two preallocated (N, D + 2) buffers: building them with cat and temporaries
     # cost 10% of a whole N = 4096 search on a CPU (fresh pages for every temporary).
@@ -629,6 +630,7 @@ def _knn_symmetric(
     tile: int,
     progress: Callable[[int], None] | None,
     pool_factory: PoolFactory | None = None,
+    unit: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Self-search that computes each pair once: tile (I, J) with J > I serves rows I, and its
     transpose (read in place) serves rows J. With b tiles per side the GEMM work is
@@ -637,7 +639,7 @@ def _knn_symmetric(
     Each row tile's selection is a :class:`_CandidatePool` or a :class:`_BoundedPool`, or the
     pool ``pool_factory`` makes (the compiled CPU selection)."""
     n = x.shape[0]
-    left, right, finish = _symmetric_keys(x, metric)
+    left, right, finish = _symmetric_keys(x, metric, unit)
     if exclude_self:
         diagonal = torch.full((n,), float("inf"), dtype=left.dtype, device=x.device)
     elif metric == "cosine":
@@ -694,6 +696,7 @@ def knn_reference(
     progress: Callable[[int], None] | None = None,
     pool_factory: PoolFactory | None = None,
     tile_size: int | None = None,
+    unit: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """k nearest gallery rows of every query row, streamed over query chunks.
 
@@ -719,6 +722,9 @@ def knn_reference(
         tile_size: the symmetric self-search's tile side when it differs from ``chunk_size``
             (the compiled selection's narrower default); a search below two tiles keeps the
             query chunks of ``chunk_size``.
+        unit: ``cosine`` only: ``query`` and ``gallery`` already hold the unit rows
+            (:func:`torchfg.ops.metric.unit_rows` in the accumulation dtype), so that a caller
+            that also needs them normalises once.
 
     Returns:
         (distances (Q, k) in query's dtype, indices (Q, k) int64), sorted by (distance, index).
@@ -732,13 +738,13 @@ def knn_reference(
     # Below two tiles per side the symmetric path saves no GEMM work (the diagonal tiles are
     # computed whole) and only adds the transposed selections.
     if symmetric and self_offset in (-1, 0) and num_query >= 2 * tile:
-        return _knn_symmetric(query, k, metric, self_offset == 0, tile, progress, pool_factory)
+        return _knn_symmetric(query, k, metric, self_offset == 0, tile, progress, pool_factory, unit)
     chunk = min(chunk_size or default_chunk_size(num_gallery, query.device), num_query)
-    query_rows, query_aux = prepare_rows(query, metric)
+    query_rows, query_aux = prepare_rows(query, metric, unit)
     if symmetric:
         gallery_rows, gallery_aux = query_rows, query_aux
     else:
-        gallery_rows, gallery_aux = prepare_rows(gallery, metric)
+        gallery_rows, gallery_aux = prepare_rows(gallery, metric, unit)
     gallery_t = gallery_rows.t()
     self_key = raw_self_key(metric, query_rows, query_aux) if symmetric else None
     # One block buffer for all chunks: a fresh allocation per chunk costs page faults on CPU.
