@@ -576,3 +576,94 @@ def test_a_failed_load_leaves_the_ring_as_it_was():
     with pytest.raises(RuntimeError, match="size mismatch for embedding_memory"):
         target.load_state_dict(narrow.state_dict())
     assert torch.equal(target.label_memory, labels_before) and (target.queue_idx, target.size) == (8, 8)
+
+
+def _two_view_memory(kind):
+    if kind == "adaptive":
+        return CrossBatchMemory(AdaptiveTripletLoss(margin_scale=0.3, backend="torch"), 4, 20, text_size=3)
+    return CrossBatchMemory(TripletMarginLoss(mining=kind, reduction="mean_nonzero", backend="torch"), 4, 20)
+
+
+@pytest.mark.parametrize("kind", ["batch_hard", "semi_hard", "all", "adaptive"])
+def test_two_calls_before_one_backward_equal_a_backward_per_call(kind):
+    """Two views per step, ``xbm(v1) + xbm(v2)`` then one backward (as pytorch-metric-learning
+    allows): the second call's write into the ring made the first loss's backward raise PyTorch's
+    in-place error. Gradients, losses and the memory equal those of a backward after each call,
+    over steps that wrap the ring; a backward per call, or a loss dropped unused, copies nothing.
+    Mining and reductions run on the torch backend (the memory's own mining: batch-hard is the
+    fused op there too)."""
+    import copy
+
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+    ours = _two_view_memory(kind).double()  # the first call converts no buffer
+    per_call = copy.deepcopy(ours)
+    for step in range(5):
+        views = [torch.randn(6, 4, generator=g, dtype=torch.float64) for _ in range(2)]
+        labels = torch.randint(0, 3, (6,), generator=g)
+        texts = [torch.randn(6, 3, generator=g, dtype=torch.float64) if kind == "adaptive" else None for _ in range(2)]
+        a = [v.clone().requires_grad_() for v in views]
+        b = [v.clone().requires_grad_() for v in views]
+        losses = [ours(a[i], labels, text_embeddings=texts[i]) for i in range(2)]
+        sum(losses).backward()
+        for i in range(2):
+            before = per_call.embedding_memory
+            expected = per_call(b[i], labels, text_embeddings=texts[i])
+            expected.backward()
+            assert per_call.embedding_memory is before, "a backward per call needs no copy"
+            torch.testing.assert_close(losses[i], expected, rtol=0, atol=0, msg=f"step {step}, view {i}")
+            torch.testing.assert_close(a[i].grad, b[i].grad, rtol=0, atol=0, msg=f"step {step}, view {i}")
+        assert (ours.queue_idx, ours.size) == (per_call.queue_idx, per_call.size)
+        assert torch.equal(ours.embedding_memory, per_call.embedding_memory)
+        assert torch.equal(ours.label_memory, per_call.label_memory)
+        if kind == "adaptive":
+            assert torch.equal(ours.text_memory, per_call.text_memory)
+    # A loss dropped without a backward awaits nothing: the next call writes in place.
+    before = per_call.embedding_memory
+    per_call(torch.randn(6, 4, dtype=torch.float64, requires_grad=True), labels, text_embeddings=texts[0])
+    per_call(torch.randn(6, 4, dtype=torch.float64, requires_grad=True), labels, text_embeddings=texts[0])
+    assert per_call.embedding_memory is before
+
+
+def test_two_views_before_one_backward_match_pml():
+    """The two-view step against pytorch-metric-learning's memory with its default distance, which
+    normalises the memory rows into a new tensor at every call (with ``LpDistance(normalize_embeddings=False)``
+    PML 2.9 raises the in-place error too): the same loss and gradients, with the memory wrapping.
+    Ours gets the views normalised, so that both losses see unit rows and differentiate through
+    the normalisation."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+    dim, memory_size = 5, 20
+    ours = CrossBatchMemory(TripletMarginLoss(margin=0.2, reduction="mean_nonzero", backend="torch"), dim, memory_size)
+    theirs = pml_losses.CrossBatchMemory(pml_losses.TripletMarginLoss(margin=0.2), dim, memory_size=memory_size,
+                                         miner=BatchHardMiner())
+    for step in range(4):
+        (v1, labels), (v2, _) = _batches(g, 2, 7, dim, 3)
+        v1, v2, labels = (torch.nn.functional.normalize(v1.cpu(), dim=1), torch.nn.functional.normalize(v2.cpu(), dim=1),
+                          labels.cpu())
+        a1, a2, b1, b2 = (v.clone().requires_grad_() for v in (v1, v2, v1, v2))
+        unit = torch.nn.functional.normalize
+        loss_ours = ours(unit(a1, dim=1), labels) + ours(unit(a2, dim=1), labels)
+        loss_theirs = theirs(b1, labels) + theirs(b2, labels)
+        loss_ours.backward()
+        loss_theirs.backward()
+        torch.testing.assert_close(loss_ours, loss_theirs.to(loss_ours.dtype), msg=f"step {step}")
+        torch.testing.assert_close(a1.grad, b1.grad, msg=f"step {step}")
+        torch.testing.assert_close(a2.grad, b2.grad, msg=f"step {step}")
+        torch.testing.assert_close(ours.embedding_memory, theirs.embedding_memory.to(ours.embedding_memory.dtype))
+
+
+def test_a_memory_awaiting_a_backward_still_pickles():
+    """The awaited graph is a weak reference, which pickle refuses: a copy starts with none."""
+    import io
+    import pickle
+
+    xbm = _two_view_memory("batch_hard")
+    emb = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    loss = xbm(emb, torch.tensor([0, 0, 1, 1, 2, 2]))
+    copied = pickle.loads(pickle.dumps(xbm))
+    buffer = io.BytesIO()
+    torch.save(xbm, buffer)
+    assert torch.equal(copied.embedding_memory, xbm.embedding_memory) and copied._awaited is None
+    before = copied.embedding_memory
+    copied(emb.detach().clone().requires_grad_(), torch.tensor([0, 0, 1, 1, 2, 2]))
+    assert copied.embedding_memory is before
+    loss.backward()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -13,6 +14,15 @@ from torchfg.functional.xbm import _memory_triplet_loss, _check_memory_loss_sett
 from torchfg.losses.triplet import AdaptiveTripletLoss, TripletMarginLoss
 
 __all__ = ["CrossBatchMemory"]
+
+
+class _AwaitedBackward:
+    """Lives as long as the autograd graph of one call's loss; ``ran`` once its backward reached it."""
+
+    __slots__ = ("ran", "__weakref__")
+
+    def __init__(self) -> None:
+        self.ran = False
 
 
 class CrossBatchMemory(nn.Module):
@@ -49,10 +59,14 @@ class CrossBatchMemory(nn.Module):
         memories differ (fill level or write position: say a checkpoint restored on one rank
         only) are refused on every rank.
 
-    One ``backward()`` per call: the loss's backward reads the memory rows as they were, and the
-    next call overwrites them in place, so summing two calls' losses before one backward (two
-    views per step, gradient accumulation) raises PyTorch's "modified by an inplace operation"
-    error, which names the memory's rows, not an input of yours.
+    Several calls may share one backward (two views per step: ``xbm(v1, y) + xbm(v2, y)``), as
+    pytorch-metric-learning allows with its default distance: each loss's backward reads the
+    memory as its call saw it. The
+    memory is written in place while no earlier loss awaits its backward; a call made while one
+    does writes into a copy of the buffers instead (one copy of the memory per such call; a
+    loss that is dropped without a backward awaits nothing). A graph kept with
+    ``retain_graph=True`` for a second backward after a later call is not covered: PyTorch then
+    raises its "modified by an inplace operation" error.
 
     Example:
         >>> xbm = CrossBatchMemory(TripletMarginLoss(margin=0.2), embedding_size=16, memory_size=64)
@@ -62,6 +76,11 @@ class CrossBatchMemory(nn.Module):
         >>> xbm.size
         8
     """
+
+    # Registered buffers (rows [:size] are valid); text_memory only with an AdaptiveTripletLoss.
+    embedding_memory: torch.Tensor
+    label_memory: torch.Tensor
+    text_memory: torch.Tensor | None
 
     def __init__(
         self,
@@ -99,7 +118,17 @@ class CrossBatchMemory(nn.Module):
         self.register_buffer("label_memory", torch.zeros(self.memory_size, dtype=torch.int64))
         text = torch.zeros(self.memory_size, self.text_size) if self.text_size is not None else None
         self.register_buffer("text_memory", text)
+        # The last call's loss graph, while it has not run its backward (see _copy_if_awaited).
+        self._awaited: weakref.ref[_AwaitedBackward] | None = None
         self.reset_queue()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A weak reference cannot be pickled (torch.save(model), spawned ranks), and a copy has
+        # no graph of its own awaiting a backward.
+        return {**super().__getstate__(), "_awaited": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__({"_awaited": None, **state})
 
     def reset_queue(self) -> None:
         """Empty the memory (the buffers keep their device and dtype)."""
@@ -265,6 +294,7 @@ class CrossBatchMemory(nn.Module):
                 indices_tuple, embeddings.shape[0], min(self.size + queued[0].shape[0], self.memory_size),
                 embeddings.device, cross_rank=cross_rank,
             )
+        self._copy_if_awaited()
         start, self.queue_idx, self.size = enqueue(
             [self.embedding_memory, self.label_memory, self.text_memory if self.adaptive else None],
             queued, self.queue_idx, self.size,
@@ -274,7 +304,7 @@ class CrossBatchMemory(nn.Module):
         # free slot, which is not a valid row yet.
         self_start = None if enqueue_mask is not None or embeddings.shape[0] == 0 else (start + offset) % self.memory_size
         # Settings and indices_tuple were checked above, inside the cross-rank exchange: no second one.
-        return _memory_triplet_loss(
+        result = _memory_triplet_loss(
             embeddings,
             labels,
             self.embedding_memory[: self.size],
@@ -287,6 +317,40 @@ class CrossBatchMemory(nn.Module):
             cross_rank=cross_rank,
             backend=loss.backend,
         )
+        self._await_backward(result)
+        return result
+
+    def _await_backward(self, result: torch.Tensor) -> None:
+        """Remember ``result``'s graph until its backward runs: it reads the memory rows in place."""
+        node = result.grad_fn
+        if node is None:
+            self._awaited = None
+            return
+        awaited = _AwaitedBackward()
+
+        def reached(grad_outputs):
+            awaited.ran = True
+
+        # The node owns the hook and the hook the marker: the marker dies with the graph (a loss
+        # dropped without a backward), and says when the backward reached the loss.
+        node.register_prehook(reached)
+        self._awaited = weakref.ref(awaited)
+
+    def _copy_if_awaited(self) -> None:
+        """Before a write: new buffers if an earlier loss still awaits a backward that reads the old.
+
+        pytorch-metric-learning's default distance normalises the memory into a new tensor at every
+        call, so two calls before one backward work there; an in-place write made the first loss's
+        backward raise PyTorch's "modified by an inplace operation" error. A copy only then: a
+        million-row memory is gigabytes.
+        """
+        awaited = None if self._awaited is None else self._awaited()
+        if awaited is None or awaited.ran:
+            return
+        self.embedding_memory = self.embedding_memory.clone()
+        self.label_memory = self.label_memory.clone()
+        if self.text_memory is not None:
+            self.text_memory = self.text_memory.clone()
 
     def extra_repr(self) -> str:
         return (
