@@ -663,7 +663,13 @@ def _empty_rank_worker(rank, world_size, teacher):
     student = torch.randn(3 * rows, 24, requires_grad=True)
     loss = criterion(student, teacher[: 2 * rows], 0)
     loss.backward()
-    return loss.detach(), criterion.center
+    # A 16-bit student's loss is fp32 on every rank, the empty one too (a rank with a bf16 loss
+    # would differ from the others in the dtype of what it logs and scales).
+    half = DINOLoss(24, 3, n_global_crops=2, n_epochs=3, backend="torch")
+    half_student = student.detach().bfloat16().requires_grad_()
+    half_loss = half(half_student, teacher[: 2 * rows].bfloat16(), 0)
+    half_loss.backward()
+    return loss.detach(), criterion.center, half_loss.dtype, half_student.grad.dtype
 
 
 @pytest.mark.distributed
@@ -680,8 +686,9 @@ def test_an_empty_rank_joins_the_center_update_instead_of_hanging():
     single = DINOLoss(24, 3, n_global_crops=2, n_epochs=3, center_momentum=0.7, backend="torch")
     single.update_center(teacher)
     assert results[1][1][0] == 0
-    for _, (_, center) in results:
+    for _, (_, center, half_loss_dtype, half_grad_dtype) in results:
         torch.testing.assert_close(center, single.center, rtol=1e-6, atol=1e-6)
+        assert (half_loss_dtype, half_grad_dtype) == (torch.float32, torch.bfloat16)
     # Without a process group an empty batch is still an error.
     with pytest.raises(ValueError, match="0 rows"):
         DINOLoss(24, 3, n_global_crops=2)(torch.randn(0, 24), torch.randn(0, 24), 0)
