@@ -28,6 +28,7 @@ KERNEL_SOURCES = (
     "torchfg/csrc/knn/knn_kernel.h",
     "torchfg/csrc/knn/knn_binding.cpp",
 )
+TYPED_MARKER = "torchfg/py.typed"
 
 
 def _git_files() -> list[str] | None:
@@ -116,6 +117,14 @@ def test_wheel_from_an_unpacked_archive_ships_the_kernel_sources(built, wheel):
     missing = [name for name in KERNEL_SOURCES if name not in files]
     assert not missing, (missing, sorted(n for n in files if "csrc" in n))
     assert not [name for name in files if "__pycache__" in name or name.endswith(".pyc")]
+
+
+@pytest.mark.parametrize("archive", ["sdist", "wheel", "direct"])
+def test_package_ships_its_py_typed_marker(built, archive):
+    """PEP 561: without torchfg/py.typed in the installed package, mypy and pyright ignore its
+    annotations (every torchfg name is Any to them); tests/test_typing.py checks what they see."""
+    assert (ROOT / TYPED_MARKER).is_file()
+    assert TYPED_MARKER in built[archive], sorted(n for n in built[archive] if n.startswith("torchfg/") and "/" not in n[8:])
 
 
 def test_sdist_ships_the_complete_tests_tree(built):

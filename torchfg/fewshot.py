@@ -28,7 +28,7 @@ from torchfg._validation import check_int as _check_int
 __all__ = ["evaluate", "embed_dataset"]
 
 EmbedFn = Callable[[Any], torch.Tensor]
-DatasetOrTensors = Union[Dataset, tuple[torch.Tensor, torch.Tensor], list[torch.Tensor]]
+DatasetOrTensors = Union[Dataset[Any], tuple[torch.Tensor, torch.Tensor], list[torch.Tensor]]
 
 # Episodes are evaluated in chunks whose gathered embeddings stay under this many elements (~64 MiB fp32).
 _CHUNK_ELEMENTS = 1 << 24

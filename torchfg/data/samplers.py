@@ -344,7 +344,7 @@ class PKSampler(_EpochSeeded, Sampler[list[int]]):
             per_step = f"p * num_replicas = {self.p * self.num_replicas}" if self.num_replicas > 1 else f"p={self.p}"
             raise ValueError(f"{per_step} classes per batch, but labels hold only {len(self.classes)} classes")
         if num_batches is None:
-            self.num_batches = max(1, label_array.shape[0] // (self.p * self.k * self.num_replicas))
+            self.num_batches: int = max(1, label_array.shape[0] // (self.p * self.k * self.num_replicas))
         else:
             self.num_batches = check_int(num_batches, "num_batches", 1)
 

@@ -26,9 +26,10 @@ import functools
 import math
 import numbers
 import operator
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, NamedTuple, Sequence
+from typing import Callable, Generic, Iterator, Sequence, TypeVar, Union
 
 import numpy as np
 import torch
@@ -45,6 +46,11 @@ from torchfg.datasets._render import (
     render_scenes,
 )
 from torchfg._validation import check_int as _check_int
+
+if sys.version_info >= (3, 11):
+    from typing import NamedTuple
+else:  # a generic NamedTuple needs Python 3.11; typing_extensions (a dependency of torch) backports it
+    from typing_extensions import NamedTuple
 
 __all__ = [
     "ATTRIBUTE_GROUPS",
@@ -138,11 +144,21 @@ def _single_intra_op_thread(device: torch.device) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-class ProductSample(NamedTuple):
+# ProductSample's two type parameters: a single sample holds ints and a str where a batch holds
+# (B,) tensors and B strings. Covariant: the fields are read-only.
+_IdT = TypeVar("_IdT", bound=Union[int, torch.Tensor], covariant=True)
+_TextT = TypeVar("_TextT", bound=Union[str, Sequence[str]], covariant=True)
+
+
+class ProductSample(NamedTuple, Generic[_IdT, _TextT]):
     """One sample (or, from :meth:`SyntheticProducts.render_batch` / a ``DataLoader``, a batch of B).
 
     ``torch.utils.data.default_collate`` batches it field by field: tensors are stacked, ints become
-    int64 tensors and descriptions a list of strings, so a plain ``DataLoader`` works.
+    int64 tensors and descriptions a tuple of strings, so a plain ``DataLoader`` works.
+
+    For type checkers it is generic in the types of the id fields (``product_id``, ``domain``,
+    ``view``) and of ``description``: ``dataset[i]`` is a ``ProductSample[int, str]`` and
+    :meth:`SyntheticProducts.render_batch` returns a ``ProductSample[torch.Tensor, list[str]]``.
 
     Attributes:
         image: ``(3, H, W)`` float32 in ``[0, 1]`` (batched: ``(B, 3, H, W)``); whatever the
@@ -161,12 +177,12 @@ class ProductSample(NamedTuple):
     """
 
     image: torch.Tensor
-    product_id: int | torch.Tensor
+    product_id: _IdT
     attributes: torch.Tensor
     semantic_map: torch.Tensor
-    description: str | list[str]
-    domain: int | torch.Tensor
-    view: int | torch.Tensor
+    description: _TextT
+    domain: _IdT
+    view: _IdT
 
 
 @functools.lru_cache(maxsize=1)
@@ -300,7 +316,7 @@ class ProductCatalogue:
         return [self.description(i) for i in range(len(self))]
 
 
-class SyntheticProducts(Dataset[ProductSample]):
+class SyntheticProducts(Dataset[ProductSample[int, str]]):
     """Procedural fine-grained product images with attributes, semantic maps, text and domains.
 
     Sample ``i`` is view ``v`` of product ``p`` in domain ``d``, laid out product-major:
@@ -443,7 +459,7 @@ class SyntheticProducts(Dataset[ProductSample]):
         return int(self.labels.shape[0])
 
     # ------------------------------------------------------------------ samples
-    def __getitem__(self, index: int) -> ProductSample:
+    def __getitem__(self, index: int) -> ProductSample[int, str]:
         batch = self.render_batch([index])
         image: object = batch.image[0]
         if self.transform is not None:
@@ -466,7 +482,7 @@ class SyntheticProducts(Dataset[ProductSample]):
         include_distractors: bool = True,
         chunk_size: int = 32,
         device: torch.device | str | None = None,
-    ) -> ProductSample:
+    ) -> ProductSample[torch.Tensor, list[str]]:
         """Render many samples at once (much faster than indexing one by one); no ``transform``.
 
         CPU rendering uses one intra-op thread (the previous ``torch.get_num_threads()`` is restored

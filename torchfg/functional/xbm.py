@@ -15,6 +15,8 @@ around the end of the ring is mined in the same single pass (the fused loss on t
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 from torchfg._validation import check_bool, check_choice, check_number
@@ -41,8 +43,8 @@ __all__ = ["enqueue", "gather_for_memory", "memory_triplet_loss"]
 
 
 def enqueue(
-    memory: list[torch.Tensor | None],
-    items: list[torch.Tensor | None],
+    memory: Sequence[torch.Tensor | None],
+    items: Sequence[torch.Tensor | None],
     position: int,
     size: int,
 ) -> tuple[int, int, int]:

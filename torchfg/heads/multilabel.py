@@ -51,6 +51,16 @@ class MultiLabelHead(nn.Module):
         torch.Size([4, 12])
     """
 
+    # Declared for type checkers: mypy reads __init__'s ``isinstance(dropout, numbers.Real)`` as
+    # always false (typeshed's float is not a numbers.Real), so it infers no type for the attributes
+    # set after it, and a user's ``head.in_channels`` was an error ("Cannot determine type").
+    in_channels: int
+    num_labels: int
+    pooling: str
+    foreground_channels: list[int] | None
+    dropout: nn.Dropout
+    classifier: nn.Linear
+
     def __init__(
         self,
         in_channels: int,

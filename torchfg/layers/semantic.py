@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import threading
 import weakref
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence, overload
 
 import torch
 import torch.nn.functional as F
@@ -180,6 +180,20 @@ class SemanticChannelAttention(nn.Module):
             f"in_channels={self.in_channels}, semantic_channels={self.semantic_channels}, "
             f"embed_channels={self.embed_channels}, reduction={self.reduction}, residual={self.residual}"
         )
+
+    # The return type follows return_attention: one tensor, or (features, weights).
+    @overload
+    def forward(
+        self, features: torch.Tensor, semantic: torch.Tensor, *, return_attention: Literal[False] = False
+    ) -> torch.Tensor: ...
+    @overload
+    def forward(
+        self, features: torch.Tensor, semantic: torch.Tensor, *, return_attention: Literal[True]
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+    @overload
+    def forward(
+        self, features: torch.Tensor, semantic: torch.Tensor, *, return_attention: bool
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
 
     def forward(
         self, features: torch.Tensor, semantic: torch.Tensor, *, return_attention: bool = False

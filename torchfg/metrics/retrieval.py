@@ -50,7 +50,7 @@ _PROGRESS_MIN_PAIRS = 2**26
 
 
 @dataclass(frozen=True, eq=False)
-class RetrievalMetrics(Mapping):
+class RetrievalMetrics(Mapping[str, float]):
     """Every retrieval metric of one search (floats in [0, 1], NaN when no query has a relevant item).
 
     Attributes:
