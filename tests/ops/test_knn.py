@@ -501,6 +501,40 @@ def test_cosine_self_search_normalises_the_rows_once(compiled, monkeypatch):
     assert i[4, :2].tolist() == [4, 9] and d[4, :2].tolist() == [0.0, 0.0]
 
 
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "torch_selection"])
+def test_a_long_gallery_is_searched_in_column_tiles(compiled, monkeypatch):
+    """Queries against a gallery too long for the block budget at the minimum query chunk: the
+    gallery is cut into column tiles whose selections merge. The block was (256, G) whatever G
+    (1 KiB per gallery row: 4.3 GB against 4M rows). Scaled down here (a 6 KiB budget, chunks of
+    at least 5 rows): no result holds more than the budget's elements, and integer data give the
+    brute force's exact neighbours, ties by index, with the excluded and own columns in any tile.
+    The PyTorch selection's tiles are 4x wider (a 1.5 KiB budget, the same tiles)."""
+    if not compiled:
+        monkeypatch.setenv("TORCHFG_CPU_KERNELS", "0")
+    monkeypatch.setattr(ref_module, "_CPU_BLOCK_BYTES", 6 * 1024 if compiled else 6 * 256)
+    monkeypatch.setattr(ref_module, "_CPU_MIN_CHUNK", 5)
+    gen = torch.Generator().manual_seed(13)
+    q = torch.randint(-3, 4, (23, 3), generator=gen).float()
+    g = torch.randint(-3, 4, (907, 3), generator=gen).float()
+    g[400:423] = q  # query i's copy, a column of a middle tile
+    knn(q[:2], g[:5], 1, metric="dot", backend="torch")  # the compiled kernel's first-use self-check, unrecorded
+    for metric in ("sqeuclidean", "dot", "euclidean", "cosine"):
+        for exclude_self, k in ((False, 17), (True, 9)):
+            with _RecordOutputs() as rec:
+                d, i = knn(q, g, k, metric=metric, exclude_self=exclude_self, backend="torch")
+            # The budget's fp32 elements, or a (G, D) result (the gallery's norms, its unit rows).
+            biggest = max(rec.sizes, key=lambda item: item[1])
+            assert biggest[1] <= max(2 * 6 * 1024 // 4, g.numel()) < 5 * 907, (metric, biggest)
+            assert_knn_matches(d, i, q, g, k, metric, exclude_self=exclude_self, tol=TOL[torch.float32])
+            if metric != "cosine":
+                full = brute_force_knn(q, g, k, metric, exclude_self)[2]
+                order = torch.sort(full, dim=1, stable=True)
+                assert torch.equal(i, order.indices[:, :k]), metric
+    # A self-search below two tiles takes the same loop, with the own column in the block.
+    d, i = knn(g[:300], k=4, metric="sqeuclidean", backend="torch")
+    assert (d[:, 0] == 0).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_unit_rows_masks_from_the_norms_equal_the_elementwise_test(dtype):
     """The recomputation's zero-row masks come from the inverse norms instead of an (R, D)
