@@ -746,8 +746,10 @@ def knn_reference(
             Euclidean metrics and for non-zero rows under ``cosine``).
         self_offset: when >= 0, query row i never returns gallery row ``self_offset + i``.
         chunk_size: queries per chunk (default: a (chunk, G) fp32 block of 16 MiB, at least
-            256 rows, on CPU; 512 MiB on GPU); also the tile side of the symmetric self-search
-            (default: :func:`default_tile_size`).
+            256 rows, on CPU, with the gallery in column tiles past that, see
+            :func:`default_gallery_tile`; 512 MiB on GPU); also the tile side of the symmetric
+            self-search (default: :func:`default_tile_size`). Given, each chunk takes the whole
+            gallery.
         progress: called with the number of query rows finished after each chunk.
         pool_factory: the selection of each chunk / row tile (see :data:`PoolFactory`); by
             default the pure PyTorch one. The distance blocks and their order are the same.
