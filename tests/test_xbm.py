@@ -667,3 +667,18 @@ def test_a_memory_awaiting_a_backward_still_pickles():
     copied(emb.detach().clone().requires_grad_(), torch.tensor([0, 0, 1, 1, 2, 2]))
     assert copied.embedding_memory is before
     loss.backward()
+
+
+def test_an_evaluation_pass_while_a_loss_awaits_its_backward_leaves_the_memory_trainable():
+    """A loss left without a backward (a skipped non-finite step), then an evaluation pass under
+    inference_mode: that call copies the memory, and a copy made in inference mode was an inference
+    tensor, so every later training step failed ("Inplace update to inference tensor")."""
+    xbm = _two_view_memory("batch_hard")
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    skipped = xbm(torch.randn(6, 4, requires_grad=True), labels)
+    with torch.inference_mode():
+        xbm(torch.randn(6, 4), labels)
+    assert not xbm.embedding_memory.is_inference() and not xbm.label_memory.is_inference()
+    xbm(torch.randn(6, 4, requires_grad=True), labels).backward()
+    skipped.backward()
+    assert xbm.size == 18

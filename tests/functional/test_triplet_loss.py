@@ -1105,6 +1105,16 @@ def test_pair_tuple_conversion_is_linear_in_the_triplets():
                     Largest.largest = max(Largest.largest, leaf.numel())
             return out
 
+    # Columns of (M, 2) pair lists, as a user builds them: strided. (The conversion makes them
+    # contiguous for searchsorted, whose warning about strided values comes once per process, so
+    # it is not asserted here.)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    same = labels[:, None] == labels[None, :]
+    pos, neg = (same & ~torch.eye(8, dtype=torch.bool)).nonzero(), (~same).nonzero()
+    got = _check_indices_tuple((pos[:, 0], pos[:, 1], neg[:, 0], neg[:, 1]), 8, 8, torch.device("cpu"))
+    i, j = torch.where(pos[:, 0, None] == neg[None, :, 0])
+    assert all(torch.equal(x, y) for x, y in zip(got, (pos[i, 0], pos[i, 1], neg[j, 1])))
+
     labels = torch.arange(24).repeat_interleave(8)
     same = labels[:, None] == labels[None, :]
     a2, n = (~same).nonzero(as_tuple=True)

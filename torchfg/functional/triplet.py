@@ -584,6 +584,7 @@ def _pairs_sharing_an_anchor(a1: torch.Tensor, a2: torch.Tensor) -> tuple[torch.
     """
     order = torch.argsort(a2, stable=True)
     sorted_a2 = a2.index_select(0, order)
+    a1 = a1.contiguous()  # searchsorted warns on strided values (a column of an (M, 2) pair list)
     first = torch.searchsorted(sorted_a2, a1)
     count = torch.searchsorted(sorted_a2, a1, right=True) - first
     p_idx = torch.repeat_interleave(torch.arange(a1.shape[0], device=a1.device), count)

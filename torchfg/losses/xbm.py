@@ -347,10 +347,13 @@ class CrossBatchMemory(nn.Module):
         awaited = None if self._awaited is None else self._awaited()
         if awaited is None or awaited.ran:
             return
-        self.embedding_memory = self.embedding_memory.clone()
-        self.label_memory = self.label_memory.clone()
-        if self.text_memory is not None:
-            self.text_memory = self.text_memory.clone()
+        # Outside inference mode, as in _match: a copy made in it (an evaluation pass while a loss
+        # awaits) would be an inference tensor that no later training step could write into.
+        with torch.inference_mode(False):
+            self.embedding_memory = self.embedding_memory.clone()
+            self.label_memory = self.label_memory.clone()
+            if self.text_memory is not None:
+                self.text_memory = self.text_memory.clone()
 
     def extra_repr(self) -> str:
         return (
