@@ -506,13 +506,13 @@ def test_a_long_gallery_is_searched_in_column_tiles(compiled, monkeypatch):
     """Queries against a gallery too long for the block budget at the minimum query chunk: the
     gallery is cut into column tiles whose selections merge. The block was (256, G) whatever G
     (1 KiB per gallery row: 4.3 GB against 4M rows). Scaled down here (a 6 KiB budget, chunks of
-    at least 5 rows): no result holds more than the budget's elements, and integer data give the
+    at least 12 rows, tiles of 128 columns): no result holds more than the budget's elements, and integer data give the
     brute force's exact neighbours, ties by index, with the excluded and own columns in any tile.
     The PyTorch selection's tiles are 4x wider (a 1.5 KiB budget, the same tiles)."""
     if not compiled:
         monkeypatch.setenv("TORCHFG_CPU_KERNELS", "0")
     monkeypatch.setattr(ref_module, "_CPU_BLOCK_BYTES", 6 * 1024 if compiled else 6 * 256)
-    monkeypatch.setattr(ref_module, "_CPU_MIN_CHUNK", 5)
+    monkeypatch.setattr(ref_module, "_CPU_MIN_CHUNK", 12)
     gen = torch.Generator().manual_seed(13)
     q = torch.randint(-3, 4, (23, 3), generator=gen).float()
     g = torch.randint(-3, 4, (907, 3), generator=gen).float()
@@ -524,15 +524,25 @@ def test_a_long_gallery_is_searched_in_column_tiles(compiled, monkeypatch):
                 d, i = knn(q, g, k, metric=metric, exclude_self=exclude_self, backend="torch")
             # The budget's fp32 elements, or a (G, D) result (the gallery's norms, its unit rows).
             biggest = max(rec.sizes, key=lambda item: item[1])
-            assert biggest[1] <= max(2 * 6 * 1024 // 4, g.numel()) < 5 * 907, (metric, biggest)
+            assert biggest[1] <= max(2 * 6 * 1024 // 4, g.numel()) < 12 * 907, (metric, biggest)
             assert_knn_matches(d, i, q, g, k, metric, exclude_self=exclude_self, tol=TOL[torch.float32])
             if metric != "cosine":
                 full = brute_force_knn(q, g, k, metric, exclude_self)[2]
                 order = torch.sort(full, dim=1, stable=True)
                 assert torch.equal(i, order.indices[:, :k]), metric
-    # A self-search below two tiles takes the same loop, with the own column in the block.
-    d, i = knn(g[:300], k=4, metric="sqeuclidean", backend="torch")
-    assert (d[:, 0] == 0).all()
+    # Excluded columns in later tiles (query i is gallery row i, up to row 199), a self-search
+    # below two symmetric tiles with the own column in every tile, and 21 tiles with k >= 32 (the
+    # PyTorch selection's running-bound pool).
+    wide = torch.randint(-3, 4, (2600, 3), generator=gen).float()
+    bounded = []
+    monkeypatch.setattr(ref_module, "_BoundedPool", lambda *a, pool=ref_module._BoundedPool: bounded.append(1) or pool(*a))
+    for query, gallery, exclude_self, k in ((wide[:200], wide[:907], True, 6), (wide[:400], None, False, 5),
+                                            (wide[:50], wide, False, 32)):
+        d, i = knn(query, gallery, k, metric="sqeuclidean", exclude_self=exclude_self, backend="torch")
+        full = brute_force_knn(query, gallery, k, "sqeuclidean", exclude_self)[2]
+        order = torch.sort(full, dim=1, stable=True)
+        assert torch.equal(i, order.indices[:, :k]) and torch.equal(d.double(), order.values[:, :k])
+    assert bool(bounded) == (not compiled)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])

@@ -352,8 +352,9 @@ def knn(
             makes the Triton backend search by bound and filter (same results; opt-in until
             timed on a GPU, see docs/concepts/backends.md).
         chunk_size: torch backend only: queries per chunk (default: a (chunk, G) fp32 block
-            of 16 MiB, at least 256 rows, on CPU, with a gallery past 32768 rows cut into column
-            tiles of that budget; 512 MiB on GPU). A self-search of at least
+            of 16 MiB, at least 256 rows, on CPU, with a long gallery cut into column tiles:
+            past 32768 rows with the compiled selection, 131072 with the PyTorch one; 512 MiB
+            on GPU). A self-search of at least
             two tiles uses it as the tile side instead (default on CPU: 512 below 8192 rows, else
             1024, with the compiled selection of fp32/fp16/bf16 inputs; 1024 below 8192, else
             2048, with the PyTorch selection (fp64, ``TORCHFG_CPU_KERNELS=0``); on GPU 8192).

@@ -42,8 +42,9 @@ def default_gallery_tile(chunk: int, num_gallery: int, device: torch.device, com
     """Gallery columns per block of a ``chunk``-row query chunk when chunk_size is not given.
 
     The whole gallery on a GPU, and on a CPU while the (chunk, G) block stays within twice the
-    byte budget. Past that (more than 32768 gallery rows at the 256-row floor of
-    :func:`default_chunk_size`) the gallery is cut into column tiles whose selections are
+    byte budget (the fp32 budget: fp64 blocks take twice the bytes). Past that (more than 32768
+    gallery rows at the 256-row floor of :func:`default_chunk_size` for the compiled selection,
+    131072 for the PyTorch one) the gallery is cut into column tiles whose selections are
     merged: the block was 1 KiB per gallery row, 4.3 GB against 4M rows. Tiles of the budget for
     the compiled selection (``compiled``); four times wider for the PyTorch selection, which
     pays per tile (``torch.topk``, the merges). Measured at Q = 1024, G = 200,000, D = 128, one
