@@ -1484,15 +1484,3 @@ def test_semi_hard_anchor_whose_only_negatives_are_non_finite_has_no_triplet():
     assert TF.triplet_margin_loss(x, labels, mining="semi_hard", reduction="none", ref_embeddings=ref,
                                   ref_labels=ref_labels).numel() == 0
     assert TF.mine_triplets(x, labels, strategy="semi_hard", ref_embeddings=ref, ref_labels=ref_labels)[0].numel() == 0
-
-
-def test_cat_and_clear_frees_and_compacts():
-    from torchfg.functional._triplet_selection import _cat_and_clear
-
-    chunks = [torch.arange(3), torch.arange(2)]
-    assert _cat_and_clear(chunks).tolist() == [0, 1, 2, 0, 1] and chunks == []
-    column = torch.arange(6).view(3, 2)[:, 0]  # a column of nonzero's (K, 2) result
-    out = _cat_and_clear([column])
-    assert out.tolist() == [0, 2, 4] and out.untyped_storage().nbytes() == 3 * out.element_size()
-    compact = torch.arange(4)
-    assert _cat_and_clear([compact]) is compact

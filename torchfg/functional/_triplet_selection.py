@@ -28,7 +28,7 @@ from torchfg._validation import accumulation_dtype
 from torchfg.ops.metric import unit_rows
 from torchfg.ops.pair_distances import pair_distances
 from torchfg.ops.precision import fp32_matmul_precision
-from torchfg.ops.triplet.reference import DivergedRows, _exclude_self
+from torchfg.ops.triplet.reference import ChunkOutput, DivergedRows, _exclude_self
 
 __all__ = ["MarginInterval", "SelectedTriplets", "select_triplets", "sample_triplets", "count_triplets", "exact_triplet_distances"]
 
@@ -222,17 +222,6 @@ def exact_triplet_distances(embeddings, candidates, a, p, n, metric, swap):
     return d_ap, d_an
 
 
-def _cat_and_clear(chunks: list[torch.Tensor]) -> torch.Tensor:
-    """torch.cat of the list (its only chunk, uncopied unless it is a view into a larger
-    storage, such as a column of ``nonzero``'s (K, 2) result), which is emptied: the chunks are
-    freed as soon as they are copied."""
-    only = chunks[0] if len(chunks) == 1 else None
-    compact = only is not None and only.untyped_storage().nbytes() == only.numel() * only.element_size()
-    out = only if compact else torch.cat(chunks)
-    chunks.clear()
-    return out
-
-
 def select_triplets(
     embeddings: torch.Tensor,
     labels: torch.Tensor,
@@ -255,14 +244,15 @@ def select_triplets(
     int64 per selected triplet that only ``reduction="none"`` needs.
 
     Memory is per selected triplet (there can be millions: a 128-row batch against a memory of
-    4,096 rows of 4 per class has 2 million): each chunk's index lists are released as they are
-    concatenated.
+    4,096 rows of 4 per class has 2 million): they are copied into outputs grown geometrically
+    (:class:`~torchfg.ops.triplet.reference.ChunkOutput`), not kept as lists of per-chunk
+    tensors, which fragment the CPU heap.
     """
     device = embeddings.device
     m = candidates.shape[0]
     empty = torch.empty(0, dtype=torch.int64, device=device)
-    kept_a, kept_p, kept_n, kept_pos, kept_ap, kept_an = [], [], [], [], [], []
-    pair_x, pair_y = [], []
+    kept_a, kept_p, kept_n, kept_pos, kept_ap, kept_an, pair_x, pair_y = (ChunkOutput(0, device) for _ in range(8))
+    chunk_a, chunk_p, chunk_n = (ChunkOutput(0, device) for _ in range(3))  # one chunk's, reused
     pairs_so_far = 0
     total = 0
     sums = torch.zeros(3, dtype=torch.float64, device=device) if fast_stats else None
@@ -286,7 +276,6 @@ def select_triplets(
                 sums[1] += (mid * negative * n_pos[:, None]).sum().double()
             if interval.empty:
                 continue
-            chunk_a, chunk_p, chunk_n = [], [], []
             pair_row, pair_col = (same & (n_neg > 0)[:, None]).nonzero(as_tuple=True)
             for p_start, p_stop in _chunks(pair_row.shape[0], m):
                 rows, cols = pair_row[p_start:p_stop], pair_col[p_start:p_stop]
@@ -308,9 +297,9 @@ def select_triplets(
                 chunk_n.append(neg)
                 if with_position:
                     kept_pos.append(base[r] + pos_rank[r, p] * n_neg[r] + neg_rank[r, neg])
-            if not chunk_a:
+            if not pair_row.shape[0]:
                 continue
-            r, p, neg = _cat_and_clear(chunk_a), _cat_and_clear(chunk_p), _cat_and_clear(chunk_n)
+            r, p, neg = chunk_a.take(), chunk_p.take(), chunk_n.take()
             # Each (anchor, candidate) pair once: its distance is computed once and the gradients of
             # its triplets meet on it before reaching the rows (PML's matrix does the same), which
             # keeps the fp32 sums short.
@@ -335,14 +324,14 @@ def select_triplets(
         denom = max(total, 1)
         ap, an = (sums[:2] / denom).tolist()
         stats = {"pos_pair_dist": ap, "neg_pair_dist": an, "avg_triplet_margin": an - ap}
-    if not kept_a:
+    if not kept_a.size:
         d0 = connected_zero(embeddings, candidates).expand(0)
         return SelectedTriplets(empty, empty.clone(), empty.clone(), d0, d0, empty.clone(), total, stats)
-    a, p, n = _cat_and_clear(kept_a), _cat_and_clear(kept_p), _cat_and_clear(kept_n)
-    position = _cat_and_clear(kept_pos) if with_position else empty.clone()
+    a, p, n = kept_a.result(), kept_p.result(), kept_n.result()
+    position = kept_pos.result() if with_position else empty.clone()
     other = None if candidates is embeddings else candidates
-    d_pairs = pair_distances(embeddings, _cat_and_clear(pair_x), _cat_and_clear(pair_y), other, metric=metric)
-    d_ap, d_an = d_pairs[_cat_and_clear(kept_ap)], d_pairs[_cat_and_clear(kept_an)]
+    d_pairs = pair_distances(embeddings, pair_x.result(), pair_y.result(), other, metric=metric)
+    d_ap, d_an = d_pairs[kept_ap.result()], d_pairs[kept_an.result()]
     if swap:
         unique_pn, which_pn = torch.unique(p * m + n, return_inverse=True)
         d_pn = pair_distances(candidates, unique_pn // m, unique_pn % m, metric=metric)
@@ -373,7 +362,8 @@ def sample_triplets(
     """
     device = labels.device
     m = candidate_labels.shape[0]
-    out_a, out_p, out_n = [], [], []
+    # At most per_anchor triplets per anchor: outputs sized once (see ChunkOutput).
+    out_a, out_p, out_n = (ChunkOutput(labels.shape[0] * per_anchor, device) for _ in range(3))
     for start, stop in _chunks(labels.shape[0], m):
         same, negative = _label_masks(labels[start:stop], candidate_labels, start, anchor_offset, diverged)
         n_pos, n_neg = same.sum(1), negative.sum(1)
@@ -390,6 +380,4 @@ def sample_triplets(
         out_a.append((rows + start).repeat_interleave(per_anchor))
         out_p.append(picks[0])
         out_n.append(picks[1])
-    if not out_a:
-        return tuple(torch.empty(0, dtype=torch.int64, device=device) for _ in range(3))
-    return torch.cat(out_a), torch.cat(out_p), torch.cat(out_n)
+    return out_a.result(), out_p.result(), out_n.result()

@@ -394,6 +394,57 @@ def mine_hardest_reference(
     return positive_idx, negative_idx
 
 
+class ChunkOutput:
+    """A 1-D output filled chunk by chunk: allocated once (``capacity``: the count when it is known
+    or bounded beforehand), grown geometrically if a chunk overflows it, trimmed by
+    :meth:`result`.
+
+    Lists of per-chunk result tensors would outlive their chunk: on the CPU, glibc places such
+    small blocks in the heap space the chunk's (chunk x M) temporaries have just freed, the next
+    chunk's temporaries no longer fit there, and the heap grows by about one block per chunk
+    (RSS ~ N x M while the live tensors stay flat). Sizes come from ``nonzero`` results already
+    on the host: no device sync.
+    """
+
+    def __init__(self, capacity: int, device: torch.device, dtype: torch.dtype = torch.int64) -> None:
+        self.buffer = torch.empty(capacity, dtype=dtype, device=device)
+        self.size = 0
+
+    def append(self, values: torch.Tensor) -> None:
+        stop = self.size + values.shape[0]
+        if stop > self.buffer.shape[0]:
+            grown = self.buffer.new_empty(max(stop, 2 * self.buffer.shape[0]))
+            grown[: self.size].copy_(self.buffer[: self.size])
+            self.buffer = grown
+        self.buffer[self.size : stop].copy_(values)
+        self.size = stop
+
+    def take(self) -> torch.Tensor:
+        """A view of the values appended, emptying the output for reuse: valid until the next append."""
+        values = self.buffer[: self.size]
+        self.size = 0
+        return values
+
+    def result(self) -> torch.Tensor:
+        """The values appended, in a storage of their own size."""
+        out = self.buffer if self.size == self.buffer.shape[0] else self.buffer[: self.size].clone()
+        self.buffer = self.buffer[:0]
+        return out
+
+
+def _label_counts(anchor_labels: torch.Tensor, candidate_labels: torch.Tensor, self_offset: int):
+    """Per anchor: candidates with its label, and whether its own candidate (self_offset) is one
+    of them (counts from one sort of the labels, no N x M mask)."""
+    sorted_labels = torch.sort(candidate_labels).values
+    query = anchor_labels.contiguous()
+    same = torch.searchsorted(sorted_labels, query, side="right") - torch.searchsorted(sorted_labels, query, side="left")
+    self_same = torch.zeros_like(same)
+    if self_offset >= 0:
+        own = (self_offset + torch.arange(anchor_labels.shape[0], device=anchor_labels.device)) % candidate_labels.shape[0]
+        self_same = (candidate_labels.index_select(0, own) == anchor_labels).to(same.dtype)
+    return same, self_same
+
+
 def _empty_triplets(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # Three distinct tensors: outputs of a custom op must not alias each other.
     return tuple(torch.empty(0, dtype=torch.int64, device=device) for _ in range(3))
@@ -431,10 +482,16 @@ def mine_semi_hard_reference(
     # NaN. The masks are built only when an input holds a NaN or inf (one host sync for both sums).
     sums = torch.stack([t.sum(dtype=distances.acc).double() for t in (anchors, candidates)])
     diverged = None if bool(sums.isfinite().all()) else DivergedRows(anchors, candidates)
-    out_a, out_p, out_n = [], [], []
+    # At most one triplet per same-label (anchor, positive) pair of an anchor with a negative
+    # (exactly that many when no row diverged): the outputs are sized once (one host sync).
+    same_count, self_same = _label_counts(anchor_labels, candidate_labels, self_offset)
+    bound = int(((same_count - self_same) * (same_count < m)).sum())
+    out_a, out_p, out_n = (ChunkOutput(bound, device) for _ in range(3))
+    # One block buffer for all chunks (see ChunkOutput: nothing chunk-sized is allocated afresh).
+    block_buffer = torch.empty(min(chunk_rows, n), m, dtype=distances.acc, device=device)
     for start in range(0, n, chunk_rows):
         stop = min(start + chunk_rows, n)
-        block = distances.block(distances.rows(start, stop), torch.empty(stop - start, m, dtype=distances.acc, device=device))
+        block = distances.block(distances.rows(start, stop), block_buffer[: stop - start])
         same_label = anchor_labels[start:stop, None] == candidate_labels[None, :]
         other_label = ~same_label
         if diverged is not None:
@@ -473,9 +530,7 @@ def mine_semi_hard_reference(
             out_a.append(rows + start)
             out_p.append(cols)
             out_n.append(torch.where(has_farther, closest_farther, farthest))
-    if not out_a:
-        return _empty_triplets(device)
-    return torch.cat(out_a), torch.cat(out_p), torch.cat(out_n)
+    return out_a.result(), out_p.result(), out_n.result()
 
 
 # Pairs per anchor above which semi-hard mining sorts each anchor's negatives (measured on one
@@ -522,8 +577,13 @@ def mine_all_triplets_reference(
         (anchor_idx, positive_idx, negative_idx), int64 of length T, in lexicographic order.
     """
     device = anchor_labels.device
-    n = anchor_labels.shape[0]
-    out_a, out_p, out_n = [], [], []
+    n, m = anchor_labels.shape[0], candidate_labels.shape[0]
+    # The outputs are sized once from the per-anchor counts #positives x #negatives (one host sync).
+    count = 0
+    if n and m:
+        same_count, self_same = _label_counts(anchor_labels, candidate_labels, self_offset)
+        count = int(((same_count - self_same) * (m - same_count)).sum())
+    out_a, out_p, out_n = (ChunkOutput(count, device) for _ in range(3))
     for start in range(0, n, chunk_rows):
         stop = min(start + chunk_rows, n)
         same_label = anchor_labels[start:stop, None] == candidate_labels[None, :]
@@ -544,6 +604,4 @@ def mine_all_triplets_reference(
         out_a.append(rows + start)
         out_p.append(pos_col[pair_of_triplet])
         out_n.append(neg_col[neg_start[rows] + offset_in_pair])
-    if not out_a:
-        return _empty_triplets(device)
-    return torch.cat(out_a), torch.cat(out_p), torch.cat(out_n)
+    return out_a.result(), out_p.result(), out_n.result()
