@@ -945,3 +945,26 @@ def test_semi_hard_and_all_triplets_take_a_batch_across_the_ring_end():
     assert list(zip(*(t.tolist() for t in got))) == expected_semi, seed
     with pytest.raises(ValueError, match="anchor_offset"):
         mine_all_triplets(anchor_labels, memory_labels, exclude_self=True, anchor_offset=m)
+
+
+def test_sparse_positives_up_to_the_block_buffers_bytes(monkeypatch):
+    """Positives are listed as pairs while their index lists fit in the block buffer's bytes, not
+    only below the absolute MAX_SPARSE_PAIRS: the cap alone sent 4M pairs (N = 64k in classes of
+    64) to the masked path, 2.8x slower. Scaled down: with the cap at 1, 1792 pairs against a
+    (256, 256) block stay sparse, and the result is the brute force's."""
+    from torchfg.ops.triplet import reference
+
+    segments = []
+    original = reference._segment_argmax
+    monkeypatch.setattr(reference, "_segment_argmax", lambda *a: segments.append(1) or original(*a))
+    monkeypatch.setattr(reference, "MAX_SPARSE_PAIRS", 1)
+    gen = torch.Generator().manual_seed(10)
+    x = torch.randn(256, 5, generator=gen, dtype=torch.float64)
+    labels = torch.arange(256) // 8
+    kw = dict(metric="euclidean", base_margin=0.2, margin_scale=0.0, text_positive_threshold=None)
+    pos, neg = reference.mine_hardest_reference(x, x, labels, labels, None, None, self_offset=0, **kw)
+    assert segments
+    dist = torch.cdist(x, x)
+    same = labels[:, None] == labels[None, :]
+    assert pos.tolist() == dist.masked_fill(~same | torch.eye(256, dtype=torch.bool), -1.0).argmax(1).tolist()
+    assert neg.tolist() == dist.masked_fill(same, float("inf")).argmin(1).tolist()
