@@ -54,7 +54,7 @@ from torchfg.ops.hardest_triplet_loss.reference import text_cosine, unpaired_anc
 from torchfg.ops.pair_distances import anchor_pair_distances, pair_distances
 from torchfg.ops.metric import DEFAULT_METRIC, METRICS
 from torchfg.ops.triplet import mine_all_triplets, mine_hardest, mine_semi_hard
-from torchfg.ops.triplet.reference import DivergedRows, text_similarity_operands
+from torchfg.ops.triplet.reference import DivergedRows, _SameLabelPairs, text_similarity_operands
 from torchfg._validation import check_number as _check_number  # shared numeric argument check
 from torchfg._validation import check_bool as _check_flag
 from torchfg.ops.precision import autocast_off
@@ -569,29 +569,12 @@ def _check_indices_tuple(
     if len(tensors) == 3:
         return tensors[0], tensors[1], tensors[2]
     a1, p, a2, n = tensors
-    p_idx, n_idx = _pairs_sharing_an_anchor(a1, a2)
+    # Every (i, j) with a1[i] == a2[j], by i then j, as PML's (|a1|, |a2|) mask lists them: the
+    # same-label pairs with the anchors as labels, in memory linear in the inputs and the output
+    # (with every pair of a P x K batch passed in, the mask grew as N**3: 3 GiB for 0.1 GiB of
+    # triplets at N = 768).
+    p_idx, n_idx = _SameLabelPairs(a1, a2).pairs
     return a1[p_idx], p[p_idx], n[n_idx]
-
-
-def _pairs_sharing_an_anchor(a1: torch.Tensor, a2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every (i, j) with ``a1[i] == a2[j]``, ordered by i then j: ``torch.where(a1[:, None] == a2)``,
-    in memory linear in the inputs and the output.
-
-    PML's pair-to-triplet conversion builds that (|a1|, |a2|) mask: with every positive and negative
-    pair of a P x K batch passed in, the mask grows as N**3 and is N times the triplets (3 GiB for
-    0.1 GiB of triplets at N = 768). Here each a1 entry finds its run of equal anchors among the
-    sorted a2 instead (a stable sort keeps each run in j order).
-    """
-    order = torch.argsort(a2, stable=True)
-    sorted_a2 = a2.index_select(0, order)
-    a1 = a1.contiguous()  # searchsorted warns on strided values (a column of an (M, 2) pair list)
-    first = torch.searchsorted(sorted_a2, a1)
-    count = torch.searchsorted(sorted_a2, a1, right=True) - first
-    p_idx = torch.repeat_interleave(torch.arange(a1.shape[0], device=a1.device), count)
-    # The position of each output within its run, added to the run's start.
-    run_start = torch.cumsum(count, 0) - count
-    within = torch.arange(p_idx.shape[0], device=a1.device) - run_start.index_select(0, p_idx)
-    return p_idx, order.index_select(0, first.index_select(0, p_idx) + within)
 
 
 def _check_triplets_per_anchor(value: object, strategy: str) -> int | str:

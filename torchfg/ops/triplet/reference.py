@@ -15,6 +15,8 @@ pass); with ``self_offset = -1`` the two sets are disjoint.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from torchfg._validation import accumulation_dtype
@@ -189,7 +191,8 @@ class _SameLabelPairs:
 
     Candidates are sorted by label once; anchor i's positives are a contiguous run of that
     order, found by binary search. Used when labels form small classes (P x K batches), where the
-    pairs are far fewer than N x M.
+    pairs are far fewer than N x M; its ``counts`` size the semi-hard and all-triplets outputs,
+    and its ``pairs`` turn PML pair tuples into triplets (anchors: a1, candidates: a2).
     """
 
     def __init__(self, anchor_labels: torch.Tensor, candidate_labels: torch.Tensor) -> None:
@@ -200,23 +203,29 @@ class _SameLabelPairs:
         self.first = torch.searchsorted(sorted_labels, anchor_labels, side="left")
         self.counts = torch.searchsorted(sorted_labels, anchor_labels, side="right") - self.first
         self.ends = torch.cumsum(self.counts, 0)
-        self.total = int(self.ends[-1]) if self.counts.numel() else 0
-        self._pairs: tuple[torch.Tensor, torch.Tensor, list[int]] | None = None
 
-    def _all_pairs(self) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        # All pairs at once (a few ops, whatever the number of chunks), then plain slicing.
-        if self._pairs is None:
-            device = self.counts.device
-            rows = torch.repeat_interleave(torch.arange(self.counts.shape[0], device=device), self.counts)
-            within = torch.arange(self.total, device=device) - (self.ends - self.counts).index_select(0, rows)
-            cols = self.order.index_select(0, self.first.index_select(0, rows) + within)
-            self._pairs = rows, cols, [0] + self.ends.tolist()
-        return self._pairs
+    @functools.cached_property
+    def total(self) -> int:
+        """The number of pairs (a host sync, on first use only)."""
+        return int(self.ends[-1]) if self.counts.numel() else 0
+
+    @functools.cached_property
+    def pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(anchor, candidate) of every pair, by anchor then candidate index (the stable sort keeps
+        each run in index order): all at once, a few ops whatever the number of chunks."""
+        device = self.counts.device
+        rows = torch.repeat_interleave(torch.arange(self.counts.shape[0], device=device), self.counts)
+        within = torch.arange(self.total, device=device) - (self.ends - self.counts).index_select(0, rows)
+        return rows, self.order.index_select(0, self.first.index_select(0, rows) + within)
+
+    @functools.cached_property
+    def _chunk_bounds(self) -> list[int]:
+        return [0] + self.ends.tolist()
 
     def chunk(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(row within the chunk, candidate index) of the pairs of anchors[start:stop], by row."""
-        rows, cols, ends = self._all_pairs()
-        lo, hi = ends[start], ends[stop]
+        rows, cols = self.pairs
+        lo, hi = self._chunk_bounds[start], self._chunk_bounds[stop]
         return rows[lo:hi] - start, cols[lo:hi]
 
 
@@ -437,10 +446,8 @@ class ChunkOutput:
 
 def _label_counts(anchor_labels: torch.Tensor, candidate_labels: torch.Tensor, self_offset: int):
     """Per anchor: candidates with its label, and whether its own candidate (self_offset) is one
-    of them (counts from one sort of the labels, no N x M mask)."""
-    sorted_labels = torch.sort(candidate_labels).values
-    query = anchor_labels.contiguous()
-    same = torch.searchsorted(sorted_labels, query, side="right") - torch.searchsorted(sorted_labels, query, side="left")
+    of them (the runs of :class:`_SameLabelPairs`, no N x M mask)."""
+    same = _SameLabelPairs(anchor_labels, candidate_labels).counts
     self_same = torch.zeros_like(same)
     if self_offset >= 0:
         own = (self_offset + torch.arange(anchor_labels.shape[0], device=anchor_labels.device)) % candidate_labels.shape[0]
