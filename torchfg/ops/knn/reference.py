@@ -455,6 +455,16 @@ def _use_running_bounds(num_tiles: int, tile: int, k: int) -> bool:
     return num_tiles >= _BOUNDED_MIN_TILES and k >= _BOUNDED_MIN_K and _bounded_group_size(tile, k) > 0
 
 
+def _merging_pool(
+    k: int, num_rows: int, finish: Finish, bounded: bool, dtype: torch.dtype, device: torch.device
+) -> RowPool:
+    """The PyTorch selection of rows offered several tiles: running bounds where ``bounded``
+    (:func:`_use_running_bounds` of the search's tiles), else candidate lists reduced as they grow."""
+    if bounded:
+        return _BoundedPool(k, num_rows, finish, dtype, device)
+    return _CandidatePool(k, 4 * k, finish)
+
+
 def _keep_best_raw(
     raw: torch.Tensor, columns: torch.Tensor, k: int, finish: Finish, rows: torch.Tensor
 ) -> torch.Tensor:
@@ -673,10 +683,9 @@ def _knn_symmetric(
     pools: list[RowPool]
     if pool_factory is not None:
         pools = [pool_factory(k, min(tile, n - i0), metric, None) for i0 in starts]
-    elif _use_running_bounds(len(starts), tile, k):
-        pools = [_BoundedPool(k, min(tile, n - i0), finish, left.dtype, x.device) for i0 in starts]
     else:
-        pools = [_CandidatePool(k, 4 * k, finish) for _ in starts]
+        bounded = _use_running_bounds(len(starts), tile, k)
+        pools = [_merging_pool(k, min(tile, n - i0), finish, bounded, left.dtype, x.device) for i0 in starts]
     buffer = torch.empty(tile, tile, dtype=left.dtype, device=x.device)
     distances = torch.empty(n, k, dtype=x.dtype, device=x.device)
     indices = torch.empty(n, k, dtype=torch.int64, device=x.device)
@@ -785,19 +794,18 @@ def knn_reference(
     self_key = raw_self_key(metric, query_rows, query_aux) if symmetric else None
     # One block buffer for all chunks: a fresh allocation per chunk costs page faults on CPU.
     buffer = torch.empty(chunk * width, dtype=query_rows.dtype, device=query.device)
+    bounded = width < num_gallery and _use_running_bounds(-(-num_gallery // width), width, k)
     for start in range(0, num_query, chunk):
         stop = min(start + chunk, num_query)
         rows = torch.arange(stop - start, device=query.device)
         chunk_aux = None if query_aux is None else query_aux[start:stop]
+        # A pool merges the gallery tiles' selections (the compiled one selects even one tile);
+        # a single tile with the PyTorch selection takes its k smallest directly.
+        pool: RowPool | None = None
         if pool_factory is not None:
             pool = pool_factory(k, stop - start, metric, chunk_aux)
         elif width < num_gallery:
-            finish = finisher(metric, chunk_aux)
-            # As the self-search's row tiles: running bounds from 8 tiles and k >= 32.
-            if _use_running_bounds(-(-num_gallery // width), width, k):
-                pool = _BoundedPool(k, stop - start, finish, query_rows.dtype, query.device)
-            else:
-                pool = _CandidatePool(k, 4 * k, finish)
+            pool = _merging_pool(k, stop - start, finisher(metric, chunk_aux), bounded, query_rows.dtype, query.device)
         for first in range(0, num_gallery, width):
             last = min(first + width, num_gallery)
             # A contiguous prefix of the buffer: the GEMM writes its rows densely.
@@ -808,11 +816,11 @@ def knn_reference(
                 _write_shifted_diagonal(block, rows, start - first, self_key[start:stop])
             if self_offset >= 0:
                 _write_shifted_diagonal(block, rows, start + self_offset - first, float("inf"))
-            if pool_factory is None and width == num_gallery:
+            if pool is None:
                 values, columns = smallest_k(block, k, finisher(metric, chunk_aux))
             else:
                 pool.offer(block, first)
-        if pool_factory is not None or width < num_gallery:
+        if pool is not None:
             values, columns = pool.result()
         distances[start:stop] = values
         indices[start:stop] = columns
