@@ -61,10 +61,9 @@ class CrossBatchMemory(nn.Module):
 
     Several calls may share one backward (two views per step: ``xbm(v1, y) + xbm(v2, y)``), as
     pytorch-metric-learning allows with its default distance: each loss's backward reads the
-    memory as its call saw it. The
-    memory is written in place while no earlier loss awaits its backward; a call made while one
-    does writes into a copy of the buffers instead (one copy of the memory per such call; a
-    loss that is dropped without a backward awaits nothing). A graph kept with
+    memory as its call saw it. The memory is written in place while no earlier loss awaits its
+    backward; a call made while one does writes into a copy of the buffers instead (one copy of
+    the memory per such call; a loss that is dropped without a backward awaits nothing). A graph kept with
     ``retain_graph=True`` for a second backward after a later call is not covered: PyTorch then
     raises its "modified by an inplace operation" error.
 
@@ -118,7 +117,7 @@ class CrossBatchMemory(nn.Module):
         self.register_buffer("label_memory", torch.zeros(self.memory_size, dtype=torch.int64))
         text = torch.zeros(self.memory_size, self.text_size) if self.text_size is not None else None
         self.register_buffer("text_memory", text)
-        # The last call's loss graph, while it has not run its backward (see _copy_if_awaited).
+        # The last call's loss graph, while it has not run its backward (see _awaits_backward).
         self._awaited: weakref.ref[_AwaitedBackward] | None = None
         self.reset_queue()
 
@@ -184,12 +183,16 @@ class CrossBatchMemory(nn.Module):
             self._rebuild_for(embeddings, text)
 
     def _rebuild_for(self, embeddings: torch.Tensor, text: torch.Tensor | None) -> None:
-        if self.embedding_memory.device != embeddings.device or self.embedding_memory.dtype != embeddings.dtype:
-            self.embedding_memory = self.embedding_memory.to(embeddings.device, embeddings.dtype)
-        if self.label_memory.device != embeddings.device:
-            self.label_memory = self.label_memory.to(embeddings.device)
-        if text is not None and (self.text_memory.device != text.device or self.text_memory.dtype != text.dtype):
-            self.text_memory = self.text_memory.to(text.device, text.dtype)
+        # New buffers, copied, while the last call's loss awaits a backward that reads these in
+        # place (see _awaits_backward); a conversion makes new ones anyway, in the same copy.
+        copy = self._awaits_backward()
+        memory = self.embedding_memory
+        if copy or memory.device != embeddings.device or memory.dtype != embeddings.dtype:
+            self.embedding_memory = memory.to(embeddings.device, embeddings.dtype, copy=copy)
+        if copy or self.label_memory.device != embeddings.device:
+            self.label_memory = self.label_memory.to(embeddings.device, copy=copy)
+        if text is not None and (copy or self.text_memory.device != text.device or self.text_memory.dtype != text.dtype):
+            self.text_memory = self.text_memory.to(text.device, text.dtype, copy=copy)
 
     def forward(
         self,
@@ -294,7 +297,6 @@ class CrossBatchMemory(nn.Module):
                 indices_tuple, embeddings.shape[0], min(self.size + queued[0].shape[0], self.memory_size),
                 embeddings.device, cross_rank=cross_rank,
             )
-        self._copy_if_awaited()
         start, self.queue_idx, self.size = enqueue(
             [self.embedding_memory, self.label_memory, self.text_memory if self.adaptive else None],
             queued, self.queue_idx, self.size,
@@ -336,24 +338,16 @@ class CrossBatchMemory(nn.Module):
         node.register_prehook(reached)
         self._awaited = weakref.ref(awaited)
 
-    def _copy_if_awaited(self) -> None:
-        """Before a write: new buffers if an earlier loss still awaits a backward that reads the old.
+    def _awaits_backward(self) -> bool:
+        """Whether the last call's loss still awaits its backward, which reads the memory in place.
 
         pytorch-metric-learning's default distance normalises the memory into a new tensor at every
         call, so two calls before one backward work there; an in-place write made the first loss's
-        backward raise PyTorch's "modified by an inplace operation" error. A copy only then: a
-        million-row memory is gigabytes.
+        backward raise PyTorch's "modified by an inplace operation" error. The buffers are copied
+        only then (:meth:`_rebuild_for`): a million-row memory is gigabytes.
         """
         awaited = None if self._awaited is None else self._awaited()
-        if awaited is None or awaited.ran:
-            return
-        # Outside inference mode, as in _match: a copy made in it (an evaluation pass while a loss
-        # awaits) would be an inference tensor that no later training step could write into.
-        with torch.inference_mode(False):
-            self.embedding_memory = self.embedding_memory.clone()
-            self.label_memory = self.label_memory.clone()
-            if self.text_memory is not None:
-                self.text_memory = self.text_memory.clone()
+        return awaited is not None and not awaited.ran
 
     def extra_repr(self) -> str:
         return (
