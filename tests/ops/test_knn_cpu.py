@@ -584,6 +584,29 @@ def test_knn_takes_the_compiled_recomputation(monkeypatch):
     assert len(calls) == 2
 
 
+@requires_compiled
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+@pytest.mark.parametrize("self_search", [False, True], ids=["gallery", "self"])
+def test_galleries_past_the_kernels_columns_take_the_pytorch_path(monkeypatch, count_offers, metric, self_search):
+    """The kernels hold a column in 31 bits: a gallery of 2**31 - 1 rows or more is searched and
+    recomputed by the PyTorch path instead of raising (the limit lowered here to stand for it)."""
+    gen = torch.Generator().manual_seed(31)
+    query, gallery = torch.randn(37, 5, generator=gen), torch.randn(90, 5, generator=gen)
+    expected = pure_torch(knn, query, None if self_search else gallery, k=4, metric=metric, backend="torch")
+    monkeypatch.setattr(cpu_module, "_INT32_MAX", query.shape[0] if self_search else gallery.shape[0])
+    recomputed = []
+    real = cpu_module.exact_selected
+    monkeypatch.setattr(cpu_module, "exact_selected", lambda *a, **k: recomputed.append(1) or real(*a, **k))
+    distances, indices = knn(query, None if self_search else gallery, k=4, metric=metric, backend="torch")
+    assert not count_offers and not recomputed
+    torch.testing.assert_close(indices, expected[1], rtol=0, atol=0)
+    torch.testing.assert_close(distances, expected[0], rtol=0, atol=0)
+    # One row fewer is still the kernels'.
+    monkeypatch.setattr(cpu_module, "_INT32_MAX", (query.shape[0] if self_search else gallery.shape[0]) + 1)
+    knn(query, None if self_search else gallery, k=4, metric=metric, backend="torch")
+    assert count_offers and recomputed
+
+
 # ---------------------------------------------------------------------------------------------
 # Build, cache, fallback
 

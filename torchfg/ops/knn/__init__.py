@@ -87,7 +87,7 @@ def _exact_selected(
         if metric == "cosine":
             exact = torch.where(query_nonzero.unsqueeze(1) & gallery_nonzero[indices], exact * 0.5, 1.0)
         return _sorted_by_distance_then_index(exact, indices, distances.dtype)
-    if query.dtype == torch.float32 and _cpu.is_usable(query.device, query.dtype):
+    if query.dtype == torch.float32 and _cpu.is_usable(query.device, query.dtype, gallery.shape[0]):
         # fp32 rows on a CPU (cosine: the unit rows of any input): the compiled recomputation,
         # one pass per pair over the rows where they lie.
         exact, indices = _cpu.exact_selected(query, gallery, indices, metric, query_nonzero, gallery_nonzero)
@@ -183,7 +183,7 @@ def _torch_knn(
     else:
         gallery_unit, gallery_nonzero = unit_and_nonzero_rows(gallery, acc)
     # Checked on the inputs' dtype: the unit rows of 16-bit inputs are fp32.
-    compiled = _cpu.is_usable(query.device, query.dtype)
+    compiled = _cpu.is_usable(query.device, query.dtype, gallery.shape[0])
     distances, indices = _torch_search(
         query_unit, gallery_unit, k, metric, symmetric, self_offset, chunk_size, progress, unit=True, compiled=compiled
     )
@@ -213,7 +213,7 @@ def _torch_search(
     normalised (see :func:`~torchfg.ops.knn.reference.knn_reference`); ``compiled``: whether to
     take the compiled selection (default: :func:`torchfg.ops.knn.cpu.is_usable` for the inputs)."""
     if compiled is None:
-        compiled = _cpu.is_usable(query.device, query.dtype)
+        compiled = _cpu.is_usable(query.device, query.dtype, gallery.shape[0])
     if compiled:
         return _cpu.knn_cpu(query, gallery, k, metric, symmetric, self_offset, chunk_size, progress, unit)
     return knn_reference(query, gallery, k, metric, symmetric, self_offset, chunk_size, progress, unit=unit)

@@ -354,14 +354,18 @@ def status() -> tuple[bool, str]:
     return True, f"loaded: {_built_how}"
 
 
-def is_usable(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the CPU search of ``dtype`` inputs on ``device`` takes the compiled selection.
+def is_usable(device: torch.device, dtype: torch.dtype, num_columns: int = 0) -> bool:
+    """Whether the CPU search of ``dtype`` inputs on ``device`` against ``num_columns`` gallery
+    rows takes the compiled selection.
 
     The selection runs on fp32 blocks: fp32, fp16 and bf16 inputs (fp64 is selected in fp64 by
-    the PyTorch path). A failed build means False; a ``TORCHFG_CPU_KERNELS`` value that is
-    neither on nor off raises a ValueError naming it.
+    the PyTorch path). Its keys hold a column in 31 bits, so a gallery of 2**31 - 1 rows or more
+    takes the PyTorch selection (its columns are int64). A failed build means False; a
+    ``TORCHFG_CPU_KERNELS`` value that is neither on nor off raises a ValueError naming it.
     """
     if device.type != "cpu" or dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return False
+    if num_columns >= _INT32_MAX:
         return False
     return _switched_off() is None and load() is not None
 
