@@ -1473,6 +1473,7 @@ def test_dino_head_pickles_copies_and_saves_whole(norm_last_layer):
     copies = [pickle.loads(pickle.dumps(model)), copy.deepcopy(model), torch.load(buffer, weights_only=False)]
     assert torch.equal(torch.random.get_rng_state(), rng)
     for clone in copies:
+        assert isinstance(clone.head.last_layer, nn.Linear)  # as DINOHead.last_layer is annotated
         assert [(n, m.training) for n, m in clone.named_modules()] == [(n, m.training) for n, m in model.named_modules()]
         assert clone.state_dict().keys() == model.state_dict().keys()
         for (name, p), (_, q) in zip(clone.named_parameters(), model.named_parameters()):

@@ -206,6 +206,51 @@ def test_head_fit_stores_detached_prototypes_but_query_gets_gradient() -> None:
     assert query.grad is not None and support.grad is None
 
 
+def test_head_classes_before_fit_raise_naming_fit_and_stay_buffers() -> None:
+    """head.classes / head.prototypes were None before fit, so the documented
+    torch.searchsorted(head.classes, labels) failed (a user's type checker refused it, and at run
+    time it raised far from the cause). They are Tensor properties now, raising an error that
+    names fit before it, over the same non-persistent buffers."""
+    import copy
+    import pickle
+
+    from torch.func import functional_call
+
+    from torchfg.errors import NotFittedError
+
+    support, labels, query = make_episode(4, 5, 8, seed=15)
+    head = PrototypicalHead()
+    for name in ("classes", "prototypes"):
+        with pytest.raises(NotFittedError, match=rf"PrototypicalHead\.{name} .*head\.fit\(support, support_labels\)"):
+            getattr(head, name)
+    assert issubclass(NotFittedError, ValueError) and issubclass(NotFittedError, AttributeError)
+    # Also an AttributeError: hasattr / getattr with a default tell whether the head is fitted.
+    assert not hasattr(head, "classes") and getattr(head, "prototypes", None) is None and head.n_way == 0
+    assert "n_way=0" in repr(head)
+    with pytest.raises(AttributeError, match="has no attribute 'other'"):
+        head.other  # noqa: B018 (nn.Module's own error for any other name)
+    for unfitted in (copy.deepcopy(head), pickle.loads(pickle.dumps(head))):
+        assert unfitted.n_way == 0 and not hasattr(unfitted, "classes")
+    # An unfitted head still takes its state as buffers: functional_call, load_state_dict, setattr.
+    prototypes, classes = class_prototypes(support, labels)
+    logits = functional_call(head, {"prototypes": prototypes, "classes": classes}, (query,))
+    torch.testing.assert_close(logits, prototype_logits(query, prototypes))
+    assert head.n_way == 0
+    head.load_state_dict(PrototypicalHead().fit(support, labels).state_dict())
+    assert head.n_way == 0 and head.state_dict() == {}
+
+    assert head.fit(support, labels) is head
+    assert torch.equal(head.classes, torch.unique(labels)) and head.prototypes.shape == (4, 8)
+    assert dict(head.named_buffers()).keys() == {"prototypes", "classes"} and head.state_dict() == {}
+    assert torch.equal(head.to(torch.float64).prototypes, prototypes.double())
+    for fitted in (copy.deepcopy(head), pickle.loads(pickle.dumps(head))):
+        assert torch.equal(fitted.classes, head.classes) and torch.equal(fitted.prototypes, head.prototypes)
+    predictions = head.predict(query.double())
+    head.classes = head.classes + 1000  # assigned into the buffer, as before
+    assert head._buffers["classes"] is head.classes
+    assert torch.equal(head.predict(query.double()), predictions + 1000)
+
+
 # --------------------------------------------------------------------------- bad input
 
 

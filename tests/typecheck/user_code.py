@@ -143,22 +143,54 @@ dino.backward()
 ema_update_(teacher, student, float(momentum[0]))
 head = DINOHead(24, out_dim=out_dim, hidden_dim=32, bottleneck_dim=8)
 assert_type(head.forward(torch.randn(2, 24)), Tensor)
+# The weight-normalised last layer is an nn.Linear (torch's weight_norm returns Any).
+assert_type(head.last_layer.weight, Tensor)
+assert head.last_layer.weight.shape == (out_dim, 8)
+last_layer: nn.Linear = head.last_layer
+assert isinstance(last_layer, nn.Linear)
+# As the DINOHead docstring says, after a model-wide requires_grad_(True):
+assert_type(head.last_layer.parametrizations.weight.original0, nn.Parameter)
+head.last_layer.parametrizations.weight.original0.requires_grad_(False)
+for parameter in head.last_layer.parameters():
+    parameter.grad = None  # docs/how-to/dino.md: the prototype layer frozen for the first epoch
+
+
+class ProjectionHead(DINOHead):
+    """A user's subclass: the class method builds and returns one."""
+
+
+restored = ProjectionHead.from_dino_checkpoint({"teacher": {f"head.{key}": value for key, value in
+                                                            head.state_dict().items()}})
+assert_type(restored, ProjectionHead)
+assert type(restored) is ProjectionHead
 assert_type(TF.dino_loss(student_out.detach(), teacher_out, criterion.center, n_crops=4, n_global_crops=2,
                          student_temp=0.1, teacher_temp=0.04), Tensor)
 
 # ----------------------------------------------------------------------------- few-shot
 proto = PrototypicalHead(metric="sqeuclidean")
-# Before fit the prototypes and classes are None.
-assert_type(proto.classes, Tensor | None)
-assert_type(proto.prototypes, Tensor | None)
+# Before fit, reading the prototypes or classes raises (a ValueError that hasattr reads as absent).
+assert not hasattr(proto, "classes") and proto.n_way == 0
 fitted = proto.fit(x.detach()[:16], labels[:16])
 assert_type(fitted, PrototypicalHead)
+assert_type(proto.classes, Tensor)
+assert_type(proto.prototypes, Tensor)
 predictions = proto.predict(x.detach()[16:])
 assert_type(predictions, Tensor)
 assert_type(proto.n_way, int)
-classes = proto.classes
-assert classes is not None
-targets = torch.searchsorted(classes, labels[16:])
+targets = torch.searchsorted(proto.classes, labels[16:])  # as docs/how-to/few-shot.md does
+assert proto.classes.tolist() == list(range(4))
+
+
+class EpisodeHead(PrototypicalHead):
+    """A user's subclass: fit returns it, not the base class."""
+
+    def confident(self, query: Tensor) -> Tensor:
+        return self.forward(query).softmax(dim=1).amax(dim=1) > 0.5
+
+
+fitted_subclass = EpisodeHead().fit(x.detach()[:16], labels[:16])
+assert_type(fitted_subclass, EpisodeHead)
+assert_type(fitted_subclass.confident(x.detach()[16:]), Tensor)
 
 episodes = EpisodicSampler(labels, n_way=4, n_shot=2, n_query=2, n_episodes=3, seed=0)
 assert_type(len(episodes), int)
@@ -169,7 +201,6 @@ for index in episodes:
         x.detach()[index], labels[index], n_way=4, n_shot=2, n_query=2)
     logits = proto.forward(support, support_labels, query)
     assert_type(logits, Tensor)
-    assert proto.classes is not None
     results.append((logits, torch.searchsorted(proto.classes, query_labels)))
     F.cross_entropy(logits, torch.searchsorted(proto.classes, query_labels))
     assert_type(TF.prototypical_logits(support, support_labels, query), Tensor)
@@ -267,3 +298,8 @@ gathered = gather_batch([x, labels, None], ["embeddings", "labels", "text_embedd
 gathered_embeddings, gathered_labels, gathered_text = gathered.tensors
 assert_type(gathered_text, Tensor | None)  # None where None was given
 assert_type(gathered.offset, int)
+gathered_tensors, gathered_offset, gathered_sizes = gathered  # it is the tuple (tensors, offset, sizes)
+assert_type(gathered_tensors, list[Tensor | None])
+assert_type(gathered_offset, int)
+assert_type(gathered_sizes, list[int])
+assert gathered_offset == 0 and gathered_sizes == [32] and gathered_tensors[0] is x

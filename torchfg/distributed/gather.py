@@ -12,10 +12,16 @@ from __future__ import annotations
 import hashlib
 import math
 import numbers
+import sys
 from typing import Mapping, Sequence
 
 import torch
 import torch.distributed as dist
+
+if sys.version_info >= (3, 11):
+    from typing import Self
+else:
+    from typing_extensions import Self
 
 __all__ = [
     "is_distributed",
@@ -268,15 +274,17 @@ class _SumScatter(torch.autograd.Function):
         return _AllGatherWithGrad.apply(grad, ctx.sizes, ctx.group), None, None
 
 
-class GatheredBatch(tuple):
+# The parametrised base types each item for a type checker (``tensors, offset, sizes =
+# gather_batch(...)``); at run time the base is plain tuple, as before.
+class GatheredBatch(tuple[list[torch.Tensor | None], int, list[int]]):
     """``(tensors, offset, sizes)``: gathered tensors, this rank's first row in them, rows per rank."""
 
-    def __new__(cls, tensors: list[torch.Tensor | None], offset: int, sizes: list[int]):
+    def __new__(cls, tensors: list[torch.Tensor | None], offset: int, sizes: list[int]) -> Self:
         return super().__new__(cls, (tensors, offset, sizes))
 
     def __getnewargs__(self) -> tuple[list[torch.Tensor | None], int, list[int]]:
         # copy, deepcopy and pickle rebuild through __new__: tuple's own passes one tuple.
-        return tuple(self)
+        return self[0], self[1], self[2]
 
     @property
     def tensors(self) -> list[torch.Tensor | None]:

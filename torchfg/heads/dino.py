@@ -7,7 +7,8 @@ import argparse
 import math
 import os
 import re
-from typing import Any, Mapping, NamedTuple
+import sys
+from typing import TYPE_CHECKING, Any, Mapping, NamedTuple
 
 import torch
 from torch import nn
@@ -18,6 +19,11 @@ from torch.nn.utils.parametrizations import weight_norm
 from torchfg._validation import check_bool, check_choice
 from torchfg._validation import check_int as _check_int
 
+if sys.version_info >= (3, 11):
+    from typing import Self
+else:
+    from typing_extensions import Self
+
 __all__ = ["DINOHead", "load_dino_checkpoint"]
 
 # torch.nn.utils.weight_norm (used by the original code) names the magnitude and the direction
@@ -26,6 +32,22 @@ _LEGACY_WEIGHT_NORM = {
     "last_layer.weight_g": "last_layer.parametrizations.weight.original0",
     "last_layer.weight_v": "last_layer.parametrizations.weight.original1",
 }
+
+
+if TYPE_CHECKING:
+    # What weight_norm(nn.Linear(...)) is, for type checkers: torch types weight_norm's result as
+    # Any, and nn.Module's __getattr__ types the parametrizations it adds as Tensor | Module. At
+    # run time the layer is torch's generated ParametrizedLinear, a subclass of nn.Linear.
+
+    class _WeightNorm(parametrize.ParametrizationList):
+        original0: nn.Parameter  # g, (out_dim, 1)
+        original1: nn.Parameter  # V, (out_dim, bottleneck_dim)
+
+    class _WeightNormParametrizations(nn.ModuleDict):
+        weight: _WeightNorm
+
+    class _WeightNormLinear(nn.Linear):
+        parametrizations: _WeightNormParametrizations
 
 
 def _dino_trunc_normal_(tensor: torch.Tensor, std: float) -> torch.Tensor:
@@ -140,7 +162,7 @@ class DINOHead(nn.Module):
                 _dino_trunc_normal_(module.weight, std=0.02)
                 nn.init.zeros_(module.bias)
         # The directions keep nn.Linear's default init, as in the original (see the class docstring).
-        self.last_layer = weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
+        self.last_layer: _WeightNormLinear = weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
         magnitude = self.last_layer.parametrizations.weight.original0
         with torch.no_grad():
             magnitude.fill_(1.0)
@@ -214,7 +236,7 @@ class DINOHead(nn.Module):
         *,
         which: str = "teacher",
         norm_last_layer: bool = True,
-    ) -> "DINOHead":
+    ) -> Self:
         """A head sized from a facebookresearch/dino checkpoint, with its weights loaded.
 
         ``in_dim``, ``out_dim``, ``hidden_dim``, ``bottleneck_dim``, ``n_layers`` and ``use_bn`` are

@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import nn
 
 from torchfg._validation import check_bool, check_choice, check_positive
 from torchfg.backends import check_backend
+from torchfg.errors import NotFittedError
 from torchfg.ops.metric import METRICS
 from torchfg.functional.fewshot import class_prototypes, prototype_logits
 
+if sys.version_info >= (3, 11):
+    from typing import Self
+else:
+    from typing_extensions import Self
+
 __all__ = ["PrototypicalHead"]
+
+_FITTED_STATE = ("prototypes", "classes")
 
 # One lock for every head: an episode's prototypes and classes are stored together and read
 # together, so a thread's head(query) / predict never pairs one episode's logits with another
@@ -26,6 +35,13 @@ _STATE_LOCK = threading.Lock()
 def _state_lock() -> contextlib.AbstractContextManager:
     # A compiled graph does not take Python locks; its tracing reads the buffers once anyway.
     return contextlib.nullcontext() if torch.compiler.is_compiling() else _STATE_LOCK
+
+
+def _not_fitted(name: str) -> NotFittedError:
+    return NotFittedError(
+        f"PrototypicalHead.{name} is not set before the head is fitted: call "
+        "head.fit(support, support_labels) or head(support, support_labels, query) first"
+    )
 
 
 class PrototypicalHead(nn.Module):
@@ -40,7 +56,9 @@ class PrototypicalHead(nn.Module):
       not the support through this path; train with the three-argument form.
 
     The stored prototypes and classes are non-persistent buffers: they follow ``.to(device)`` but
-    are not part of the ``state_dict`` (their shape depends on the episode).
+    are not part of the ``state_dict`` (their shape depends on the episode). Reading ``classes`` or
+    ``prototypes`` before the first ``fit`` or episode raises a ``ValueError`` (``hasattr(head,
+    "classes")`` is False); ``n_way`` is 0 then.
 
     Args:
         metric: ``"sqeuclidean"`` (the original method), ``"euclidean"``, ``"cosine"`` (1 - cos) or
@@ -68,9 +86,6 @@ class PrototypicalHead(nn.Module):
         >>> predictions = head.predict(torch.randn(6, 32))  # original labels, (6,)
     """
 
-    prototypes: Optional[torch.Tensor]
-    classes: Optional[torch.Tensor]
-
     def __init__(
         self,
         metric: str = "sqeuclidean",
@@ -88,12 +103,63 @@ class PrototypicalHead(nn.Module):
         self.register_buffer("prototypes", None, persistent=False)
         self.register_buffer("classes", None, persistent=False)
 
+    # Properties over the buffers, not Optional attributes: code written after fit, as in the docs
+    # (torch.searchsorted(head.classes, labels)), type-checks without a None check, and reading
+    # them too early names the cause instead of failing on None further on. They stay buffers
+    # (nn.Module.__setattr__ assigns into _buffers, never through the property), so .to(),
+    # deepcopy, pickling, functional_call and the state_dict treat them as before. The error is an
+    # AttributeError too because nn.Module.__setattr__ probes hasattr(self, name) when a buffer
+    # is assigned: any other exception there would break fit and functional_call on an unfitted head.
+
+    @property
+    def classes(self) -> torch.Tensor:
+        """(C,) sorted distinct support labels of the last ``fit`` or episode; column ``c`` of the
+        logits is class ``classes[c]``.
+
+        Raises:
+            NotFittedError: (a ``ValueError`` and an ``AttributeError``) no ``fit`` nor episode yet.
+        """
+        return self._fitted("classes")
+
+    @classes.setter
+    def classes(self, value: torch.Tensor) -> None:
+        # nn.Module.__setattr__ stores into the registered buffer without reaching this setter;
+        # it is here for type checkers (an assignment to the attribute was allowed before).
+        self.register_buffer("classes", value, persistent=False)
+
+    @property
+    def prototypes(self) -> torch.Tensor:
+        """(C, D) detached mean support embedding of each class, in the order of ``classes``.
+
+        Raises:
+            NotFittedError: (a ``ValueError`` and an ``AttributeError``) no ``fit`` nor episode yet.
+        """
+        return self._fitted("prototypes")
+
+    @prototypes.setter
+    def prototypes(self, value: torch.Tensor) -> None:
+        self.register_buffer("prototypes", value, persistent=False)  # as classes' setter
+
+    def _fitted(self, name: str) -> torch.Tensor:
+        value = self._buffers.get(name)
+        if value is None:
+            raise _not_fitted(name)
+        return value
+
+    def __getattr__(self, name: str) -> Union[torch.Tensor, nn.Module]:
+        # Python calls this when a property raised an AttributeError; nn.Module's own would return
+        # the buffer's None (or, while it is being registered, replace the message).
+        if name in _FITTED_STATE:
+            raise _not_fitted(name)
+        return super().__getattr__(name)
+
     @property
     def n_way(self) -> int:
         """Number of classes of the fitted prototypes (0 before ``fit``)."""
-        return 0 if self.classes is None else int(self.classes.shape[0])
+        classes = self._buffers["classes"]
+        return 0 if classes is None else int(classes.shape[0])
 
-    def fit(self, support: torch.Tensor, support_labels: torch.Tensor) -> "PrototypicalHead":
+    def fit(self, support: torch.Tensor, support_labels: torch.Tensor) -> Self:
         """Compute and store (detached) prototypes and sorted classes; returns ``self``.
 
         Args:
@@ -149,7 +215,8 @@ class PrototypicalHead(nn.Module):
         records meanwhile."""
         if support_labels is None and query is None:
             with _state_lock():
-                prototypes, classes = self.prototypes, self.classes
+                # The buffers themselves: None before fit, for _logits' own error.
+                prototypes, classes = self._buffers["prototypes"], self._buffers["classes"]
             return self._logits(support_or_query, prototypes), classes
         if support_labels is None or query is None:
             missing = "support_labels" if support_labels is None else "query"
