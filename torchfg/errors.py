@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-__all__ = ["BackendUnavailableError", "ExtensionBuildError", "NotFittedError"]
+import torch
+
+__all__ = ["BackendUnavailableError", "ExtensionBuildError", "NotFittedError", "TripletMemoryError", "TripletOutOfMemoryError"]
 
 
 class BackendUnavailableError(RuntimeError):
@@ -20,3 +22,12 @@ class NotFittedError(ValueError, AttributeError):
     ``AttributeError``, so that ``hasattr(head, "classes")`` and ``getattr(head, "classes", None)``
     say whether it is fitted (and ``nn.Module``'s ``hasattr`` probe on buffer assignment works).
     """
+
+
+class TripletMemoryError(RuntimeError):
+    """The triplets asked for do not fit in memory; the message says how many and what to do."""
+
+
+class TripletOutOfMemoryError(TripletMemoryError, torch.OutOfMemoryError):
+    """:class:`TripletMemoryError` for a device whose allocator raises ``torch.OutOfMemoryError``
+    (CUDA): handlers written for an out-of-memory error still catch it."""

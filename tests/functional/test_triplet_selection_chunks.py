@@ -10,6 +10,7 @@ grow with the number of chunks.
 
 from __future__ import annotations
 
+import math
 import weakref
 
 import pytest
@@ -131,3 +132,89 @@ def test_chunk_output_grows_and_trims():
     assert exact.result() is buffer  # filled exactly: no copy
     empty = ChunkOutput(4, torch.device("cpu")).result()
     assert empty.numel() == 0 and empty.untyped_storage().nbytes() == 0
+
+
+def _storages(values) -> set[int]:
+    found = set()
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            found.add(v.untyped_storage().data_ptr())
+        elif isinstance(v, (tuple, list)):
+            found |= _storages(v)
+    return found
+
+
+class _FreshOutputs(TorchDispatchMode):
+    """The tensors that ops return in storage of their own (not in place, not ``out=``, not views)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fresh: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = _storages(list(args) + list(kwargs.values()))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self.fresh.append((func.overloadpacket.__name__, t.dtype, tuple(t.shape)))
+        return out
+
+
+def _fresh_outputs(fn) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    mode = _FreshOutputs()
+    with mode:
+        result = fn()
+    del result
+    return mode.fresh
+
+
+@pytest.mark.parametrize("rows, copies_per_index", [(48, 1.5), (16, 7.0)])
+def test_select_triplets_writes_each_kept_index_once(monkeypatch, rows, copies_per_index):
+    # The kept indices are written into their outputs by the ops that make them (out=): a copy
+    # per sub-chunk into a chunk's outputs, then into the call's, grown by doubling from nothing,
+    # made select_triplets 1.09-1.17x slower than the lists of per-chunk tensors it replaced.
+    # 48 rows: 2 chunks of 3 sub-chunks, the share kept by the first sixth sizes the outputs once
+    # (the negatives, a column of nonzero's result, and the pair lists are the only copies);
+    # 16 rows: 6 chunks of 3, a first eighteenth is not trusted that far (at most 16x), and each
+    # of the 5 outputs is copied by one growth at most.
+    x, labels = _batch(n=96, classes=24)
+    monkeypatch.setattr(selection, "BLOCK_ELEMENTS", rows * 96)
+    copied = []
+
+    class _Copies(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            if name in ("copy_", "cat", "clone") and out.dtype == torch.int64:
+                copied.append(out.numel() if name != "copy_" else args[0].numel())
+            return out
+
+    with _Copies():
+        s = selection.select_triplets(x, labels, x, labels, 0, metric="euclidean", interval=selection.violating(2.0))
+    kept = s.anchors.numel()
+    assert kept > 20_000
+    assert sum(copied) <= copies_per_index * kept, (sum(copied), kept)
+
+
+@pytest.mark.parametrize("swap", [False, True])
+def test_select_triplets_allocates_its_blocks_once_per_call(monkeypatch, swap):
+    # The (rows x M) fp32 bounds and int64 scratch are reused by every chunk: fresh ones per
+    # chunk kept more in glibc's heap than the largest chunk needs (N = 16000: 0.71 GB peak RSS,
+    # 0.55 GB reused).
+    x, labels = _batch()
+    m = x.shape[0]
+
+    def blocks():
+        fresh = _fresh_outputs(lambda: selection.select_triplets(
+            x, labels, x, labels, 0, metric="euclidean", interval=selection.violating(0.5), swap=swap, with_position=True,
+        ))
+        # fp32 bounds of (rows x M) and their per-pair copies; int64 (rows x M) ranks and pair ids
+        return [f for f in fresh if (f[1] == torch.float32 and math.prod(f[2]) >= m)
+                or (f[1] == torch.int64 and len(f[2]) == 2 and f[2][1] == m)]
+
+    monkeypatch.setattr(selection, "BLOCK_ELEMENTS", 24 * 48)  # 2 chunks of anchors
+    few = blocks()
+    monkeypatch.setattr(selection, "BLOCK_ELEMENTS", 2 * 48)  # 24 chunks
+    many = blocks()
+    assert len(many) <= len(few), (len(few), len(many), many[:12])

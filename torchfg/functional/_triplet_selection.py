@@ -20,6 +20,7 @@ Memory is O(chunk x M) per chunk plus O(S) for the S kept triplets, never N x M 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +29,14 @@ from torchfg._validation import accumulation_dtype
 from torchfg.ops.metric import unit_rows
 from torchfg.ops.pair_distances import pair_distances
 from torchfg.ops.precision import fp32_matmul_precision
-from torchfg.ops.triplet.reference import ChunkOutput, DivergedRows, _exclude_self
+from torchfg.ops.triplet.reference import (
+    ChunkOutput,
+    DivergedRows,
+    _exclude_self,
+    _label_counts,
+    allocate_triplet_outputs,
+    raise_triplet_memory_error,
+)
 
 __all__ = ["MarginInterval", "SelectedTriplets", "select_triplets", "sample_triplets", "count_triplets", "exact_triplet_distances"]
 
@@ -141,25 +149,58 @@ class _FastBounds:
         self.relative = 4.0 * ((d + 4) * u + (2.0**-10 if tf32 else 0.0))
 
     def block(self, rows: torch.Tensor, rows_sq: torch.Tensor, cols: torch.Tensor | None = None,
-              cols_sq: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(low, high) bounds (R x C) of the true distances between ``rows`` and ``cols`` (default: candidates)."""
+              cols_sq: torch.Tensor | None = None, scratch: _Scratch | None = None,
+              tag: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+        """(low, high) bounds (R x C) of the true distances between ``rows`` and ``cols`` (default:
+        candidates), written into ``scratch``'s buffers named after ``tag`` (views, valid until
+        the next block of that tag). The operations of the plain expressions, in place, so the
+        same values bit for bit (1 - gram as -gram + 1: a NaN's sign aside, which no test reads)."""
         if cols is None:
             cols, cols_sq = self.candidates, self.candidate_sq
-        gram = rows @ cols.T
+        if scratch is None:
+            scratch = _Scratch(rows.device)
+        shape = (rows.shape[0], cols.shape[0])
+        gram = torch.mm(rows, cols.T, out=scratch.get(tag + "gram", shape, self.acc))
         if self.metric in ("euclidean", "sqeuclidean"):
-            scale = rows_sq[:, None] + cols_sq[None, :]
-            sq = scale - 2.0 * gram
-            err = self.relative * scale
-            low, high = sq - err, sq + err
+            scale = torch.add(rows_sq[:, None], cols_sq[None, :], out=scratch.get(tag + "scale", shape, self.acc))
+            sq = torch.sub(scale, gram.mul_(2.0), out=gram)  # scale - 2 gram
+            err = scale.mul_(self.relative)
+            low = torch.sub(sq, err, out=scratch.get(tag + "low", shape, self.acc))
+            high = sq.add_(err)
             if self.metric == "euclidean":
                 low, high = low.clamp_min_(0.0).sqrt_(), high.clamp_min_(0.0).sqrt_()
             return low, high
         if self.cosine:
-            value, err = 1.0 - gram, self.relative
+            value, err = gram.neg_().add_(1.0), self.relative  # 1 - gram
         else:  # dot
-            value = -gram
-            err = self.relative * (rows_sq.sqrt()[:, None] * cols_sq.sqrt()[None, :])
-        return value - err, value + err
+            value = gram.neg_()
+            err = torch.mul(rows_sq.sqrt()[:, None], cols_sq.sqrt()[None, :], out=scratch.get(tag + "scale", shape, self.acc))
+            err = err.mul_(self.relative)
+        low = torch.sub(value, err, out=scratch.get(tag + "low", shape, self.acc))
+        return low, value.add_(err)
+
+
+class _Scratch:
+    """Chunk-sized buffers by name, allocated once and reused by every chunk of a call.
+
+    Fresh (chunk x M) temporaries per chunk leave more in glibc's heap than the largest chunk
+    needs: at N = 16000 (one thread) the all-triplets loss and TripletMarginMiner peaked at
+    0.71 GB RSS, 0.46 GB with every block mmapped; with one place per block for the whole call,
+    0.55 GB.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+        """A (rows, cols) buffer of ``dtype``, contents undefined."""
+        need = shape[0] * shape[1]
+        buffer = self.buffers.get(name)
+        if buffer is None or buffer.shape[0] < need or buffer.dtype != dtype:
+            self.buffers.pop(name, None)  # freed before its successor is allocated
+            buffer = self.buffers[name] = torch.empty(need, dtype=dtype, device=self.device)
+        return buffer[:need].view(shape)
 
 
 def _chunks(total: int, per_item: int):
@@ -222,6 +263,185 @@ def exact_triplet_distances(embeddings, candidates, a, p, n, metric, swap):
     return d_ap, d_an
 
 
+class _KeptTriplets:
+    """The kept triplets of :func:`select_triplets`, written in place into outputs sized once.
+
+    Each sub-chunk's indices are written straight into the outputs (``out=``) by the ops that
+    make them. Appending each sub-chunk into a chunk's outputs, then each chunk into the call's,
+    both doubling from nothing, copied every index three to four times and made the selection
+    1.09-1.17x slower than the lists of per-chunk tensors it replaced (N = 1024, 2048).
+
+    The outputs (anchors, positives, negatives, the two pair ids and, when asked, positions) are
+    sized from the share of the valid triplets kept so far, extrapolated to ``bound`` (all valid
+    triplets, from the labels) with 1/8 to spare: one allocation while the share holds. ``exact``:
+    every valid triplet is kept (no interval), so ``bound`` is their number (diverged rows aside)
+    and is allocated at once, before any chunk.
+    """
+
+    def __init__(self, bound: int, exact: bool, with_position: bool, device: torch.device) -> None:
+        self.bound = bound
+        outputs = allocate_triplet_outputs(bound if exact else 0, device, 6 if with_position else 5, _KEPT)
+        self.a, self.p, self.n, self.ap, self.an = outputs[:5]
+        self.position = outputs[5] if with_position else None
+        self.outputs = outputs
+        self.pair_x, self.pair_y = ChunkOutput(0, device), ChunkOutput(0, device)
+
+    @property
+    def size(self) -> int:
+        return self.a.size
+
+    def make_room(self, count: int, seen: Callable[[], int]) -> None:
+        """Room for ``count`` more triplets; ``seen()``: the valid triplets examined so far, these included."""
+        stop = self.a.size + count
+        if stop <= self.a.capacity:
+            return
+        capacity = _grown_capacity(stop, self.a.capacity, seen(), self.bound, self.bound)
+        try:
+            for out in self.outputs:
+                out.ensure(capacity)
+        except RuntimeError:
+            # The projection is a guess: only a failure for the triplets already found is an error.
+            try:
+                for out in self.outputs:
+                    out.ensure(stop)
+            except RuntimeError as error:
+                raise_triplet_memory_error(stop, len(self.outputs), _KEPT + " (those found so far)", error)
+
+    def add_pairs(self, rows: torch.Tensor, cols: torch.Tensor, start: int, done: int, anchors: int, m: int) -> None:
+        """The (anchor, candidate) pairs of anchors ``start`` to ``done - 1`` (``rows`` counted from
+        ``start``) of ``anchors`` against ``m`` candidates."""
+        stop = self.pair_x.size + rows.shape[0]
+        if stop > self.pair_x.capacity:
+            capacity = _grown_capacity(stop, self.pair_x.capacity, done, anchors, anchors * m)
+            self.pair_x.ensure(capacity)
+            self.pair_y.ensure(capacity)
+        torch.add(rows, start, out=self.pair_x.reserve(rows.shape[0]))
+        self.pair_y.append(cols)
+
+
+_KEPT = "selected triplets"
+# Unused room an output may keep instead of being copied to its size: trimming copies every
+# index, and the selected ones are mostly indexed anew (the exact re-test) or freed with the loss.
+_SPARE = 0.125
+# The most a projection may allocate, in multiples of the values already there: a share kept by
+# the first anchors that the others do not keep (one diverged row keeps all its triplets) must
+# not size the outputs for every valid triplet.
+_MAX_LEAP = 16
+
+
+def _grown_capacity(stop: int, capacity: int, done: int, total: int, limit: int) -> int:
+    """Capacity for ``stop`` values after ``done`` of ``total`` units of work: the rate so far
+    extrapolated to ``total`` with 1/8 to spare, at least 1.5x ``capacity`` (geometric, for a rate
+    that keeps rising), at most ``_MAX_LEAP`` x ``stop`` and ``limit`` (values the work can give)."""
+    projected = -(-stop * total // max(done, 1))
+    return max(stop, min(max(projected + projected // 8, capacity + capacity // 2), _MAX_LEAP * stop, limit))
+
+
+def _fast_pass(
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    candidates: torch.Tensor,
+    candidate_labels: torch.Tensor,
+    anchor_offset: int | None,
+    diverged: DivergedRows | None,
+    *,
+    metric: str,
+    interval: MarginInterval,
+    swap: bool,
+    fast_stats: bool,
+    with_position: bool,
+) -> tuple[_KeptTriplets | None, int, torch.Tensor | None]:
+    """Step 1 of :func:`select_triplets`: the triplets that may lie in ``interval`` (None when it
+    is empty), the number of valid triplets and the fast-path sums of ``fast_stats``. A function
+    of its own so that the chunks' scratch is freed before the exact distances are computed."""
+    device = embeddings.device
+    m = candidates.shape[0]
+    kept: _KeptTriplets | None = None
+    pairs_so_far = 0
+    total = 0
+    sums = torch.zeros(3, dtype=torch.float64, device=device) if fast_stats else None
+    bounds = _FastBounds(embeddings, candidates, metric)
+    if not interval.empty:
+        kept = _KeptTriplets(
+            _valid_triplet_bound(labels, candidate_labels, anchor_offset), interval.everything, with_position, device
+        )
+    scratch = _Scratch(device)
+    for start, stop in _chunks(embeddings.shape[0], m):
+        same, negative = _label_masks(labels[start:stop], candidate_labels, start, anchor_offset, diverged)
+        n_pos, n_neg = same.sum(1), negative.sum(1)
+        per_anchor = n_pos * n_neg
+        total_before = total
+        total += int(per_anchor.sum())
+        if with_position:
+            base = total_before + torch.cumsum(per_anchor, 0) - per_anchor
+            pos_rank = torch.cumsum(same, 1, out=scratch.get("pos_rank", same.shape, torch.int64)).sub_(1)
+            neg_rank = torch.cumsum(negative, 1, out=scratch.get("neg_rank", same.shape, torch.int64)).sub_(1)
+        low, high = bounds.block(bounds.anchors[start:stop], bounds.anchor_sq[start:stop], scratch=scratch)
+        if fast_stats:
+            mid = (low + high) * 0.5
+            sums[0] += (mid * same * n_neg[:, None]).sum().double()
+            sums[1] += (mid * negative * n_pos[:, None]).sum().double()
+        if kept is None:
+            continue
+        pair_row, pair_col = (same & (n_neg > 0)[:, None]).nonzero(as_tuple=True)
+        if not pair_row.shape[0]:
+            continue
+        # Each (anchor, candidate) pair once: its distance is computed once and the gradients of
+        # its triplets meet on it before reaching the rows (PML's matrix does the same), which
+        # keeps the fp32 sums short. Marked per sub-chunk; the chunk-sized scratch is reused.
+        used = scratch.get("used", same.shape, torch.bool).zero_()
+        first = kept.size
+        for p_start, p_stop in _chunks(pair_row.shape[0], m):
+            rows, cols = pair_row[p_start:p_stop], pair_col[p_start:p_stop]
+            shape = (rows.shape[0], m)
+            an_low = torch.index_select(low, 0, rows, out=scratch.get("an_low", shape, low.dtype))
+            an_high = torch.index_select(high, 0, rows, out=scratch.get("an_high", shape, high.dtype))
+            if swap:
+                pn_low, pn_high = bounds.block(
+                    bounds.candidates.index_select(0, cols), bounds.candidate_sq.index_select(0, cols), scratch=scratch, tag="pn"
+                )
+                an_low, an_high = torch.minimum(an_low, pn_low, out=an_low), torch.minimum(an_high, pn_high, out=an_high)
+            keep = torch.index_select(negative, 0, rows, out=scratch.get("keep", shape, torch.bool))
+            if not interval.everything:
+                t_low = an_low.sub_(high[rows, cols][:, None])
+                t_high = an_high.sub_(low[rows, cols][:, None])
+                keep &= interval.may_contain(t_low, t_high)
+            which, neg = keep.nonzero(as_tuple=True)
+            count = which.shape[0]
+            if not count:
+                continue
+            # Marked from the mask, per pair and per anchor row, not per triplet: (anchor,
+            # positive) pairs are distinct and each anchor's rows are OR-ed (bool accumulate).
+            used.index_put_((rows, cols), keep.any(1))
+            used.index_put_((rows,), keep, accumulate=True)
+            del keep
+            kept.make_room(count, lambda: total_before + int(n_neg.index_select(0, pair_row[:p_stop]).sum()))
+            r = torch.index_select(rows, 0, which, out=kept.a.reserve(count))
+            p = torch.index_select(cols, 0, which, out=kept.p.reserve(count))
+            kept.n.reserve(count).copy_(neg)
+            del which
+            if with_position:
+                torch.add(base[r] + pos_rank[r, p] * n_neg[r], neg_rank[r, neg], out=kept.position.reserve(count))
+        count = kept.size - first
+        if not count:
+            continue
+        pair_r, pair_c = used.nonzero(as_tuple=True)
+        # Only the pairs just marked are read back: the buffer needs no fill.
+        pair_id = scratch.get("pair_id", same.shape, torch.int64)
+        pair_id[pair_r, pair_c] = torch.arange(pair_r.shape[0], device=device) + pairs_so_far
+        pairs_so_far += pair_r.shape[0]
+        r, p, neg = (out.buffer[first : kept.size] for out in (kept.a, kept.p, kept.n))
+        # Flat offsets: a 1-D gather written in place is cheaper than 2-D indexing and a copy.
+        pair_id = pair_id.view(-1)
+        torch.index_select(pair_id, 0, torch.mul(r, m).add_(p), out=kept.ap.reserve(count))
+        torch.index_select(pair_id, 0, torch.mul(r, m).add_(neg), out=kept.an.reserve(count))
+        if start:
+            r.add_(start)
+        kept.add_pairs(pair_r, pair_c, start, stop, embeddings.shape[0], m)
+        del r, p, neg  # views of the outputs: a buffer grown later would stay alive through them
+    return kept, total, sums
+
+
 def select_triplets(
     embeddings: torch.Tensor,
     labels: torch.Tensor,
@@ -244,94 +464,39 @@ def select_triplets(
     int64 per selected triplet that only ``reduction="none"`` needs.
 
     Memory is per selected triplet (there can be millions: a 128-row batch against a memory of
-    4,096 rows of 4 per class has 2 million): they are copied into outputs grown geometrically
-    (:class:`~torchfg.ops.triplet.reference.ChunkOutput`), not kept as lists of per-chunk
-    tensors, which fragment the CPU heap.
+    4,096 rows of 4 per class has 2 million): they are written into outputs sized once
+    (:class:`_KeptTriplets`), not kept as lists of per-chunk tensors, which fragment the CPU heap.
+    Raises :class:`~torchfg.errors.TripletMemoryError` when they cannot be allocated.
     """
     device = embeddings.device
     m = candidates.shape[0]
     empty = torch.empty(0, dtype=torch.int64, device=device)
-    kept_a, kept_p, kept_n, kept_pos, kept_ap, kept_an, pair_x, pair_y = (ChunkOutput(0, device) for _ in range(8))
-    chunk_a, chunk_p, chunk_n = (ChunkOutput(0, device) for _ in range(3))  # one chunk's, reused
-    pairs_so_far = 0
+    kept: _KeptTriplets | None = None
     total = 0
-    sums = torch.zeros(3, dtype=torch.float64, device=device) if fast_stats else None
+    sums = None
     diverged = DivergedRows.of(embeddings, candidates)
     if interval.empty and not fast_stats:
         total = count_triplets(labels, candidate_labels, anchor_offset, diverged)
     else:
-        bounds = _FastBounds(embeddings, candidates, metric)
-        for start, stop in _chunks(embeddings.shape[0], m):
-            same, negative = _label_masks(labels[start:stop], candidate_labels, start, anchor_offset, diverged)
-            n_pos, n_neg = same.sum(1), negative.sum(1)
-            per_anchor = n_pos * n_neg
-            base = total + torch.cumsum(per_anchor, 0) - per_anchor
-            total += int(per_anchor.sum())
-            pos_rank = torch.cumsum(same, 1) - 1
-            neg_rank = torch.cumsum(negative, 1) - 1
-            low, high = bounds.block(bounds.anchors[start:stop], bounds.anchor_sq[start:stop])
-            if fast_stats:
-                mid = (low + high) * 0.5
-                sums[0] += (mid * same * n_neg[:, None]).sum().double()
-                sums[1] += (mid * negative * n_pos[:, None]).sum().double()
-            if interval.empty:
-                continue
-            pair_row, pair_col = (same & (n_neg > 0)[:, None]).nonzero(as_tuple=True)
-            for p_start, p_stop in _chunks(pair_row.shape[0], m):
-                rows, cols = pair_row[p_start:p_stop], pair_col[p_start:p_stop]
-                an_low, an_high = low.index_select(0, rows), high.index_select(0, rows)
-                if swap:
-                    pn_low, pn_high = bounds.block(bounds.candidates.index_select(0, cols), bounds.candidate_sq.index_select(0, cols))
-                    an_low, an_high = torch.minimum(an_low, pn_low), torch.minimum(an_high, pn_high)
-                keep = negative.index_select(0, rows)
-                if not interval.everything:
-                    t_low = an_low - high[rows, cols][:, None]
-                    t_high = an_high - low[rows, cols][:, None]
-                    keep &= interval.may_contain(t_low, t_high)
-                which, neg = keep.nonzero(as_tuple=True)
-                del keep
-                r, p = rows.index_select(0, which), cols.index_select(0, which)
-                del which
-                chunk_a.append(r)
-                chunk_p.append(p)
-                chunk_n.append(neg)
-                if with_position:
-                    kept_pos.append(base[r] + pos_rank[r, p] * n_neg[r] + neg_rank[r, neg])
-            if not pair_row.shape[0]:
-                continue
-            r, p, neg = chunk_a.take(), chunk_p.take(), chunk_n.take()
-            # Each (anchor, candidate) pair once: its distance is computed once and the gradients of
-            # its triplets meet on it before reaching the rows (PML's matrix does the same), which
-            # keeps the fp32 sums short.
-            used = torch.zeros_like(same)
-            used[r, p] = True
-            used[r, neg] = True
-            pair_r, pair_c = used.nonzero(as_tuple=True)
-            pair_id = torch.full(used.shape, -1, dtype=torch.int64, device=device)
-            pair_id[pair_r, pair_c] = torch.arange(pair_r.shape[0], device=device) + pairs_so_far
-            pairs_so_far += pair_r.shape[0]
-            pair_x.append(pair_r + start)
-            pair_y.append(pair_c)
-            kept_a.append(r + start if start else r)
-            kept_p.append(p)
-            kept_n.append(neg)
-            kept_ap.append(pair_id[r, p])
-            kept_an.append(pair_id[r, neg])
-            del used, pair_id
+        kept, total, sums = _fast_pass(
+            embeddings, labels, candidates, candidate_labels, anchor_offset, diverged, metric=metric, interval=interval,
+            swap=swap, fast_stats=fast_stats, with_position=with_position,
+        )
     stats = None
     if fast_stats:
         # PML's statistics: means over all valid triplets (0 when there is none).
         denom = max(total, 1)
         ap, an = (sums[:2] / denom).tolist()
         stats = {"pos_pair_dist": ap, "neg_pair_dist": an, "avg_triplet_margin": an - ap}
-    if not kept_a.size:
+    if kept is None or not kept.size:
         d0 = connected_zero(embeddings, candidates).expand(0)
         return SelectedTriplets(empty, empty.clone(), empty.clone(), d0, d0, empty.clone(), total, stats)
-    a, p, n = kept_a.result(), kept_p.result(), kept_n.result()
-    position = kept_pos.result() if with_position else empty.clone()
+    a, p, n = kept.a.result(_SPARE), kept.p.result(_SPARE), kept.n.result(_SPARE)
+    position = kept.position.result(_SPARE) if with_position else empty.clone()
     other = None if candidates is embeddings else candidates
-    d_pairs = pair_distances(embeddings, pair_x.result(), pair_y.result(), other, metric=metric)
-    d_ap, d_an = d_pairs[kept_ap.result()], d_pairs[kept_an.result()]
+    d_pairs = pair_distances(embeddings, kept.pair_x.result(_SPARE), kept.pair_y.result(_SPARE), other, metric=metric)
+    d_ap, d_an = d_pairs[kept.ap.result(_SPARE)], d_pairs[kept.an.result(_SPARE)]
+    del kept
     if swap:
         unique_pn, which_pn = torch.unique(p * m + n, return_inverse=True)
         d_pn = pair_distances(candidates, unique_pn // m, unique_pn % m, metric=metric)
@@ -340,10 +505,20 @@ def select_triplets(
         exact_keep = interval.contains(d_an.detach() - d_ap.detach())
         if not bool(exact_keep.all()):
             idx = exact_keep.nonzero().squeeze(1)
-            a, p, n = a[idx], p[idx], n[idx]
-            position = position[idx] if with_position else position
+            a, p, n = a.index_select(0, idx), p.index_select(0, idx), n.index_select(0, idx)
+            position = position.index_select(0, idx) if with_position else position
             d_ap, d_an = d_ap.index_select(0, idx), d_an.index_select(0, idx)
     return SelectedTriplets(a, p, n, d_ap, d_an, position, total, stats)
+
+
+def _valid_triplet_bound(labels: torch.Tensor, candidate_labels: torch.Tensor, anchor_offset: int | None) -> int:
+    """Sum over anchors of #positives x #negatives by the labels alone (no mask): the valid
+    triplets' number, or more where rows diverged (one host sync)."""
+    m = candidate_labels.shape[0]
+    if not labels.shape[0] or not m:
+        return 0
+    same, self_same = _label_counts(labels, candidate_labels, -1 if anchor_offset is None else anchor_offset)
+    return int(((same - self_same) * (m - same)).sum())
 
 
 def sample_triplets(

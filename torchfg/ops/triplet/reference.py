@@ -16,10 +16,12 @@ pass); with ``self_offset = -1`` the two sets are disjoint.
 from __future__ import annotations
 
 import functools
+from typing import NoReturn
 
 import torch
 
 from torchfg._validation import accumulation_dtype
+from torchfg.errors import TripletMemoryError, TripletOutOfMemoryError
 from torchfg.ops.metric import METRICS, unit_rows  # noqa: F401  (METRICS: the metrics mining supports)
 
 __all__ = [
@@ -409,7 +411,7 @@ def mine_hardest_reference(
 class ChunkOutput:
     """A 1-D output filled chunk by chunk: allocated once (``capacity``: the count when it is known
     or bounded beforehand), grown geometrically if a chunk overflows it, trimmed by
-    :meth:`result`.
+    :meth:`result`. :meth:`reserve` hands out the next slots for an op's ``out=``.
 
     Lists of per-chunk result tensors would outlive their chunk: on the CPU, glibc places such
     small blocks in the heap space the chunk's (chunk x M) temporaries have just freed, the next
@@ -422,26 +424,76 @@ class ChunkOutput:
         self.buffer = torch.empty(capacity, dtype=dtype, device=device)
         self.size = 0
 
-    def append(self, values: torch.Tensor) -> None:
-        stop = self.size + values.shape[0]
-        if stop > self.buffer.shape[0]:
-            grown = self.buffer.new_empty(max(stop, 2 * self.buffer.shape[0]))
+    @property
+    def capacity(self) -> int:
+        return self.buffer.shape[0]
+
+    def ensure(self, capacity: int) -> None:
+        """Room for ``capacity`` values in all (the values appended are kept)."""
+        if capacity > self.buffer.shape[0]:
+            grown = self.buffer.new_empty(capacity)
             grown[: self.size].copy_(self.buffer[: self.size])
             self.buffer = grown
-        self.buffer[self.size : stop].copy_(values)
+
+    def reserve(self, count: int) -> torch.Tensor:
+        """The next ``count`` slots, counted as appended: a view for an op to write with ``out=``,
+        so that its result is not made elsewhere and copied in."""
+        stop = self.size + count
+        if stop > self.buffer.shape[0]:
+            self.ensure(max(stop, 2 * self.buffer.shape[0]))
+        slots = self.buffer[self.size : stop]
         self.size = stop
+        return slots
 
-    def take(self) -> torch.Tensor:
-        """A view of the values appended, emptying the output for reuse: valid until the next append."""
-        values = self.buffer[: self.size]
-        self.size = 0
-        return values
+    def append(self, values: torch.Tensor) -> None:
+        self.reserve(values.shape[0]).copy_(values)
 
-    def result(self) -> torch.Tensor:
-        """The values appended, in a storage of their own size."""
-        out = self.buffer if self.size == self.buffer.shape[0] else self.buffer[: self.size].clone()
+    def result(self, spare: float = 0.0) -> torch.Tensor:
+        """The values appended, in a storage of their own size, or a view of the buffer when its
+        unused part is at most ``spare`` times their number: trimming copies every value, which
+        costs more than a little memory kept with a result that is soon indexed anew or freed."""
+        if self.size == self.buffer.shape[0]:
+            out = self.buffer
+        elif self.buffer.shape[0] - self.size <= spare * self.size:
+            out = self.buffer[: self.size]
+        else:
+            out = self.buffer[: self.size].clone()
         self.buffer = self.buffer[:0]
         return out
+
+
+def allocate_triplet_outputs(count: int, device: torch.device, outputs: int, what: str) -> list[ChunkOutput]:
+    """``outputs`` int64 :class:`ChunkOutput` with room for ``count`` triplets (known or bounded from
+    the labels), or an error that says what they need (see :func:`raise_triplet_memory_error`)."""
+    made: list[ChunkOutput] = []
+    try:
+        for _ in range(outputs):
+            made.append(ChunkOutput(count, device))
+    except RuntimeError as error:
+        made.clear()  # free what was allocated before the error is raised
+        raise_triplet_memory_error(count, outputs, what, error)
+    return made
+
+
+def raise_triplet_memory_error(count: int, outputs: int, what: str, error: RuntimeError) -> NoReturn:
+    """Re-raises an allocator failure of ``outputs`` int64 arrays of ``count`` triplets (``what``
+    they are) with their number and bytes and what to do instead, ``from`` the original.
+
+    Not a guess made up front: only the allocator knows what fits. The error stays an
+    out-of-memory error where the allocator raised one (CUDA), and keeps the allocator's message
+    in its single argument, so handlers that catch the type or look for that text (the batch-size
+    finders of Lightning and Accelerate) still recognise it.
+    """
+    needed = count * outputs * 8
+    message = (
+        f"{count:,} {what} need {needed:,} bytes ({needed / 2**30:,.1f} GiB) for their int64 indices "
+        f"alone ({outputs} arrays), more than could be allocated. The valid triplets of a batch grow as "
+        "the cube of its size: use a sparser mining strategy (batch_hard or semi_hard, or "
+        "triplets_per_anchor=k random triplets per anchor where the loss takes it) or smaller batches. "
+        f"The allocator's error: {error}"
+    )
+    kind = TripletOutOfMemoryError if isinstance(error, torch.OutOfMemoryError) else TripletMemoryError
+    raise kind(message) from error
 
 
 def _label_counts(anchor_labels: torch.Tensor, candidate_labels: torch.Tensor, self_offset: int):
@@ -593,7 +645,7 @@ def mine_all_triplets_reference(
     if n and m:
         same_count, self_same = _label_counts(anchor_labels, candidate_labels, self_offset)
         count = int(((same_count - self_same) * (m - same_count)).sum())
-    out_a, out_p, out_n = (ChunkOutput(count, device) for _ in range(3))
+    out_a, out_p, out_n = allocate_triplet_outputs(count, device, 3, "valid triplets")
     for start in range(0, n, chunk_rows):
         stop = min(start + chunk_rows, n)
         same_label = anchor_labels[start:stop, None] == candidate_labels[None, :]
