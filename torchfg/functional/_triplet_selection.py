@@ -33,9 +33,9 @@ from torchfg.ops.triplet.reference import (
     ChunkOutput,
     DivergedRows,
     _exclude_self,
-    _label_counts,
     allocate_triplet_outputs,
     raise_triplet_memory_error,
+    valid_triplet_count,
 )
 
 __all__ = ["MarginInterval", "SelectedTriplets", "select_triplets", "sample_triplets", "count_triplets", "exact_triplet_distances"]
@@ -148,17 +148,14 @@ class _FastBounds:
         tf32 = self.acc == torch.float32 and anchors.is_cuda and fp32_matmul_precision() == "tf32"
         self.relative = 4.0 * ((d + 4) * u + (2.0**-10 if tf32 else 0.0))
 
-    def block(self, rows: torch.Tensor, rows_sq: torch.Tensor, cols: torch.Tensor | None = None,
-              cols_sq: torch.Tensor | None = None, scratch: _Scratch | None = None,
-              tag: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    def block(self, rows: torch.Tensor, rows_sq: torch.Tensor, scratch: _Scratch, cols: torch.Tensor | None = None,
+              cols_sq: torch.Tensor | None = None, tag: str = "") -> tuple[torch.Tensor, torch.Tensor]:
         """(low, high) bounds (R x C) of the true distances between ``rows`` and ``cols`` (default:
         candidates), written into ``scratch``'s buffers named after ``tag`` (views, valid until
         the next block of that tag). The operations of the plain expressions, in place, so the
         same values bit for bit (1 - gram as -gram + 1: a NaN's sign aside, which no test reads)."""
         if cols is None:
             cols, cols_sq = self.candidates, self.candidate_sq
-        if scratch is None:
-            scratch = _Scratch(rows.device)
         shape = (rows.shape[0], cols.shape[0])
         gram = torch.mm(rows, cols.T, out=scratch.get(tag + "gram", shape, self.acc))
         if self.metric in ("euclidean", "sqeuclidean"):
@@ -363,7 +360,9 @@ def _fast_pass(
     bounds = _FastBounds(embeddings, candidates, metric)
     if not interval.empty:
         kept = _KeptTriplets(
-            _valid_triplet_bound(labels, candidate_labels, anchor_offset), interval.everything, with_position, device
+            # Where rows diverged, a bound: their triplets are not valid.
+            valid_triplet_count(labels, candidate_labels, -1 if anchor_offset is None else anchor_offset),
+            interval.everything, with_position, device,
         )
     scratch = _Scratch(device)
     for start, stop in _chunks(embeddings.shape[0], m):
@@ -509,16 +508,6 @@ def select_triplets(
             position = position.index_select(0, idx) if with_position else position
             d_ap, d_an = d_ap.index_select(0, idx), d_an.index_select(0, idx)
     return SelectedTriplets(a, p, n, d_ap, d_an, position, total, stats)
-
-
-def _valid_triplet_bound(labels: torch.Tensor, candidate_labels: torch.Tensor, anchor_offset: int | None) -> int:
-    """Sum over anchors of #positives x #negatives by the labels alone (no mask): the valid
-    triplets' number, or more where rows diverged (one host sync)."""
-    m = candidate_labels.shape[0]
-    if not labels.shape[0] or not m:
-        return 0
-    same, self_same = _label_counts(labels, candidate_labels, -1 if anchor_offset is None else anchor_offset)
-    return int(((same - self_same) * (m - same)).sum())
 
 
 def sample_triplets(

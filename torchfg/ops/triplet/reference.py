@@ -496,6 +496,16 @@ def raise_triplet_memory_error(count: int, outputs: int, what: str, error: Runti
     raise kind(message) from error
 
 
+def valid_triplet_count(anchor_labels: torch.Tensor, candidate_labels: torch.Tensor, self_offset: int) -> int:
+    """Sum over anchors of #positives x #negatives, from the labels alone (no N x M mask; one
+    host sync)."""
+    m = candidate_labels.shape[0]
+    if not anchor_labels.shape[0] or not m:
+        return 0
+    same_count, self_same = _label_counts(anchor_labels, candidate_labels, self_offset)
+    return int(((same_count - self_same) * (m - same_count)).sum())
+
+
 def _label_counts(anchor_labels: torch.Tensor, candidate_labels: torch.Tensor, self_offset: int):
     """Per anchor: candidates with its label, and whether its own candidate (self_offset) is one
     of them (the runs of :class:`_SameLabelPairs`, no N x M mask)."""
@@ -640,11 +650,8 @@ def mine_all_triplets_reference(
     """
     device = anchor_labels.device
     n, m = anchor_labels.shape[0], candidate_labels.shape[0]
-    # The outputs are sized once from the per-anchor counts #positives x #negatives (one host sync).
-    count = 0
-    if n and m:
-        same_count, self_same = _label_counts(anchor_labels, candidate_labels, self_offset)
-        count = int(((same_count - self_same) * (m - same_count)).sum())
+    # The outputs are sized once from the labels.
+    count = valid_triplet_count(anchor_labels, candidate_labels, self_offset)
     out_a, out_p, out_n = allocate_triplet_outputs(count, device, 3, "valid triplets")
     for start in range(0, n, chunk_rows):
         stop = min(start + chunk_rows, n)
