@@ -117,3 +117,38 @@ def test_select_triplets_growth_beyond_memory_names_the_projection(monkeypatch):
     error = excinfo.value
     assert "selected triplets (those found so far)" in str(error) and "smaller batches" in str(error)
     assert isinstance(error, errors.TripletMemoryError) and isinstance(error.__cause__, RuntimeError)
+
+
+def test_select_triplets_pair_growth_beyond_memory_names_the_pairs(monkeypatch):
+    # Every valid triplet kept (smooth): the triplet outputs are sized once, so the only growth is
+    # the (anchor, candidate) pair lists of the exact distances; a failure there names them too.
+    def fail(self, capacity):
+        raise RuntimeError(_CPU_OOM)
+
+    monkeypatch.setattr(reference.ChunkOutput, "ensure", fail)
+    g = torch.Generator().manual_seed(0)
+    x, labels = torch.randn(48, 3, generator=g), torch.arange(48) % 4
+    with pytest.raises(RuntimeError) as excinfo:
+        triplet_margin_loss(x, labels, mining="all", smooth=True)
+    error = excinfo.value
+    assert "(anchor, candidate) pairs of selected triplets" in str(error) and "smaller batches" in str(error)
+    assert isinstance(error, errors.TripletMemoryError) and isinstance(error.__cause__, RuntimeError)
+    assert str(error.__cause__) in str(error)
+
+
+def test_select_triplets_projection_failure_retries_at_the_found_size(monkeypatch):
+    # A projected growth that cannot be allocated is a guess, not an error: the outputs grow to the
+    # values found so far instead, and the result is the one an unconstrained run gives. The
+    # projections here are 2**60 values: a real allocation that fails at once.
+    g = torch.Generator().manual_seed(1)
+    x, labels = torch.randn(40, 3, generator=g), torch.arange(40) % 5
+    expected = triplet_margin_loss(x, labels, mining="all", margin=0.3)
+    projections = []
+
+    def impossible(stop, capacity, done, total, limit):
+        projections.append(stop)
+        return 2**60
+
+    monkeypatch.setattr(selection, "_grown_capacity", impossible)
+    torch.testing.assert_close(triplet_margin_loss(x, labels, mining="all", margin=0.3), expected, rtol=0, atol=0)
+    assert len(projections) >= 2  # the triplet outputs and the pair lists both fell back

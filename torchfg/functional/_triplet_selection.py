@@ -20,7 +20,7 @@ Memory is O(chunk x M) per chunk plus O(S) for the S kept triplets, never N x M 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -292,26 +292,16 @@ class _KeptTriplets:
         stop = self.a.size + count
         if stop <= self.a.capacity:
             return
-        capacity = _grown_capacity(stop, self.a.capacity, seen(), self.bound, self.bound)
-        try:
-            for out in self.outputs:
-                out.ensure(capacity)
-        except RuntimeError:
-            # The projection is a guess: only a failure for the triplets already found is an error.
-            try:
-                for out in self.outputs:
-                    out.ensure(stop)
-            except RuntimeError as error:
-                raise_triplet_memory_error(stop, len(self.outputs), _KEPT + " (those found so far)", error)
+        _grow(self.outputs, _grown_capacity(stop, self.a.capacity, seen(), self.bound, self.bound), stop,
+              _KEPT + " (those found so far)")
 
     def add_pairs(self, rows: torch.Tensor, cols: torch.Tensor, start: int, done: int, anchors: int, m: int) -> None:
         """The (anchor, candidate) pairs of anchors ``start`` to ``done - 1`` (``rows`` counted from
         ``start``) of ``anchors`` against ``m`` candidates."""
         stop = self.pair_x.size + rows.shape[0]
         if stop > self.pair_x.capacity:
-            capacity = _grown_capacity(stop, self.pair_x.capacity, done, anchors, anchors * m)
-            self.pair_x.ensure(capacity)
-            self.pair_y.ensure(capacity)
+            _grow((self.pair_x, self.pair_y), _grown_capacity(stop, self.pair_x.capacity, done, anchors, anchors * m),
+                  stop, "(anchor, candidate) pairs of " + _KEPT + " (those found so far)")
         torch.add(rows, start, out=self.pair_x.reserve(rows.shape[0]))
         self.pair_y.append(cols)
 
@@ -324,6 +314,21 @@ _SPARE = 0.125
 # the first anchors that the others do not keep (one diverged row keeps all its triplets) must
 # not size the outputs for every valid triplet.
 _MAX_LEAP = 16
+
+
+def _grow(outputs: Sequence[ChunkOutput], capacity: int, stop: int, what: str) -> None:
+    """Grows ``outputs`` to ``capacity`` values, a projection, or to ``stop``, the values already
+    found, where the projection cannot be allocated: only a failure for ``stop`` is an error
+    (:func:`raise_triplet_memory_error`, ``what`` they are)."""
+    try:
+        for out in outputs:
+            out.ensure(capacity)
+    except RuntimeError:
+        try:
+            for out in outputs:
+                out.ensure(stop)
+        except RuntimeError as error:
+            raise_triplet_memory_error(stop, len(outputs), what, error)
 
 
 def _grown_capacity(stop: int, capacity: int, done: int, total: int, limit: int) -> int:
