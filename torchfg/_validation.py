@@ -5,7 +5,7 @@ from __future__ import annotations
 import numbers
 import operator
 import os
-from typing import Iterable
+from typing import Iterable, SupportsIndex, cast
 
 import torch
 
@@ -111,10 +111,12 @@ def as_int(value: object, name: str) -> int:
         # As it is: a size taken from a tensor's shape is a SymInt under torch.compile(dynamic=True)
         # (where it passes isinstance(int)) and under non-strict torch.export (where it does not),
         # and operator.index / int() would specialise it (a recompile per value, or an export
-        # error for a dynamic dim); comparisons on it only guard.
-        return value
+        # error for a dynamic dim); comparisons on it only guard. Typed int: a SymInt stands in for
+        # one wherever the callers use it.
+        return cast(int, value)
     try:
-        return int(operator.index(value))
+        # Anything without __index__ raises the TypeError handled below.
+        return int(operator.index(cast(SupportsIndex, value)))
     except TypeError:
         raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
 

@@ -58,10 +58,10 @@ def _progress_bar(iterable: Any, *, enabled: bool, **kwargs: Any) -> Any:
 
 def _module_device(embed_fn: object) -> Optional[torch.device]:
     if isinstance(embed_fn, nn.Module):
-        for tensor in embed_fn.parameters():
-            return tensor.device
-        for tensor in embed_fn.buffers():
-            return tensor.device
+        for parameter in embed_fn.parameters():
+            return parameter.device
+        for buffer in embed_fn.buffers():
+            return buffer.device
     return None
 
 

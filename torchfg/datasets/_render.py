@@ -208,8 +208,12 @@ def _pattern_alpha(
     n = obj.shape.shape[0]
     inv_period = 1.0 / obj.period
     # Pattern coordinates in periods: a runs down the garment, b across it.
-    a = lambda: field(*(c * inv_period for c in v_coef[:2]), v_coef[2] * inv_period + obj.phase[:, 1])  # noqa: E731
-    b = lambda: field(*(c * inv_period for c in u_coef[:2]), u_coef[2] * inv_period + obj.phase[:, 0])  # noqa: E731
+    a = lambda: field(  # noqa: E731
+        v_coef[0] * inv_period, v_coef[1] * inv_period, v_coef[2] * inv_period + obj.phase[:, 1]
+    )
+    b = lambda: field(  # noqa: E731
+        u_coef[0] * inv_period, u_coef[1] * inv_period, u_coef[2] * inv_period + obj.phase[:, 0]
+    )
     # Near its zeros sin(2 pi a) ~ 2 pi * distance / period: this scale turns it into pixels.
     sin_to_pixels = (obj.period / (2.0 * math.pi)).view(n, 1, 1) * inv_edge
     ink = torch.zeros(n, field.size, field.size, device=obj.period.device)

@@ -461,9 +461,8 @@ class SyntheticProducts(Dataset[ProductSample[int, str]]):
     # ------------------------------------------------------------------ samples
     def __getitem__(self, index: int) -> ProductSample[int, str]:
         batch = self.render_batch([index])
-        image: object = batch.image[0]
-        if self.transform is not None:
-            image = self.transform(image)
+        rendered = batch.image[0]
+        image: object = rendered if self.transform is None else self.transform(rendered)
         return ProductSample(
             image=image,  # type: ignore[arg-type]
             product_id=int(batch.product_id[0]),

@@ -13,7 +13,7 @@ import hashlib
 import math
 import numbers
 import sys
-from typing import Mapping, Sequence
+from typing import Mapping, Sequence, cast
 
 import torch
 import torch.distributed as dist
@@ -120,8 +120,8 @@ def _exchange_shapes(
             raise ValueError(f"{name} has different dtypes across ranks: {per_rank}")
         trailing = shapes[:, i, _SHAPE + 1 : _SHAPE + int(ndims[0])]
         if (trailing != trailing[0]).any():
-            per_rank = {r: tuple(trailing[r].tolist()) for r in range(shapes.shape[0])}
-            raise ValueError(f"{name} has different trailing (per-item) sizes across ranks: {per_rank}")
+            sizes_per_rank = {r: tuple(trailing[r].tolist()) for r in range(shapes.shape[0])}
+            raise ValueError(f"{name} has different trailing (per-item) sizes across ranks: {sizes_per_rank}")
     given = shapes[0, :, _NDIM] != _ABSENT  # the same on every rank by now
     rows = shapes[:, given, _SHAPE]
     given_names = [n for n, g in zip(names, given.tolist()) if g]
@@ -175,16 +175,18 @@ def raise_on_all_ranks(
     status = torch.tensor([int(error is not None), _fingerprint(call or {})], dtype=torch.int64, device=device)
     statuses = [torch.zeros_like(status) for _ in range(world_size(group))]
     dist.all_gather(statuses, status, group=group)
-    statuses = torch.stack(statuses).cpu()
-    failed = statuses[:, 0].nonzero().flatten().tolist()
-    disagree = bool((statuses[:, 1] != statuses[0, 1]).any())
+    status_rows = torch.stack(statuses).cpu()
+    failed = status_rows[:, 0].nonzero().flatten().tolist()
+    disagree = bool((status_rows[:, 1] != status_rows[0, 1]).any())
     if not failed and not disagree:
         return
     # Only then: a second, object collective so that every rank can say what went wrong. Every rank
     # takes this branch, since all of them decided from the same gathered statuses.
     own = (None if error is None else f"{type(error).__name__}: {error}", dict(call or {}))
-    reports: list[tuple[str | None, dict[str, object]] | None] = [None] * world_size(group)
-    dist.all_gather_object(reports, own, group=group)
+    gathered: list[tuple[str | None, dict[str, object]] | None] = [None] * world_size(group)
+    dist.all_gather_object(gathered, own, group=group)
+    # all_gather_object has put every rank's report in its slot.
+    reports = cast("list[tuple[str | None, dict[str, object]]]", gathered)
     if error is not None:
         raise error
     if failed:
@@ -353,11 +355,13 @@ def all_gather_with_grad(x: torch.Tensor, group: dist.ProcessGroup | None = None
     """
     if not is_distributed(group):
         return x
-    return gather_batch([x], ["x"], with_grad=[True], group=group).tensors[0]
+    # x is a tensor, so its gathered entry is one (None entries alone stay None).
+    return cast(torch.Tensor, gather_batch([x], ["x"], with_grad=[True], group=group).tensors[0])
 
 
 def all_gather_no_grad(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Like :func:`all_gather_with_grad` without autograd (labels, text embeddings, indices)."""
     if not is_distributed(group):
         return x
-    return gather_batch([x], ["x"], with_grad=[False], group=group).tensors[0]
+    # x is a tensor, so its gathered entry is one (None entries alone stay None).
+    return cast(torch.Tensor, gather_batch([x], ["x"], with_grad=[False], group=group).tensors[0])

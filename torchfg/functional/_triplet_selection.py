@@ -148,15 +148,15 @@ class _FastBounds:
         tf32 = self.acc == torch.float32 and anchors.is_cuda and fp32_matmul_precision() == "tf32"
         self.relative = 4.0 * ((d + 4) * u + (2.0**-10 if tf32 else 0.0))
 
-    def block(self, rows: torch.Tensor, rows_sq: torch.Tensor, scratch: _Scratch, cols: torch.Tensor | None = None,
-              cols_sq: torch.Tensor | None = None, tag: str = "") -> tuple[torch.Tensor, torch.Tensor]:
-        """(low, high) bounds (R x C) of the true distances between ``rows`` and ``cols`` (default:
-        candidates), written into ``scratch``'s buffers named after ``tag`` (views, valid until
-        the next block of that tag). The operations of the plain expressions, in place, so the
-        same values bit for bit (1 - gram as -gram + 1: a NaN's sign aside, which no test reads)."""
-        if cols is None:
-            cols, cols_sq = self.candidates, self.candidate_sq
+    def block(self, rows: torch.Tensor, rows_sq: torch.Tensor, scratch: _Scratch,
+              tag: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+        """(low, high) bounds (R x M) of the true distances between ``rows`` and the candidates,
+        written into ``scratch``'s buffers named after ``tag`` (views, valid until the next block
+        of that tag). The operations of the plain expressions, in place, so the same values bit
+        for bit (1 - gram as -gram + 1: a NaN's sign aside, which no test reads)."""
+        cols, cols_sq = self.candidates, self.candidate_sq
         shape = (rows.shape[0], cols.shape[0])
+        err: torch.Tensor | float  # the rounding bound: a constant for cosine
         gram = torch.mm(rows, cols.T, out=scratch.get(tag + "gram", shape, self.acc))
         if self.metric in ("euclidean", "sqeuclidean"):
             scale = torch.add(rows_sq[:, None], cols_sq[None, :], out=scratch.get(tag + "scale", shape, self.acc))
@@ -381,7 +381,7 @@ def _fast_pass(
             pos_rank = torch.cumsum(same, 1, out=scratch.get("pos_rank", same.shape, torch.int64)).sub_(1)
             neg_rank = torch.cumsum(negative, 1, out=scratch.get("neg_rank", same.shape, torch.int64)).sub_(1)
         low, high = bounds.block(bounds.anchors[start:stop], bounds.anchor_sq[start:stop], scratch=scratch)
-        if fast_stats:
+        if sums is not None:  # fast_stats
             mid = (low + high) * 0.5
             sums[0] += (mid * same * n_neg[:, None]).sum().double()
             sums[1] += (mid * negative * n_pos[:, None]).sum().double()
@@ -424,7 +424,7 @@ def _fast_pass(
             p = torch.index_select(cols, 0, which, out=kept.p.reserve(count))
             kept.n.reserve(count).copy_(neg)
             del which
-            if with_position:
+            if kept.position is not None:  # with_position
                 torch.add(base[r] + pos_rank[r, p] * n_neg[r], neg_rank[r, neg], out=kept.position.reserve(count))
         count = kept.size - first
         if not count:
@@ -487,7 +487,7 @@ def select_triplets(
             swap=swap, fast_stats=fast_stats, with_position=with_position,
         )
     stats = None
-    if fast_stats:
+    if sums is not None:  # fast_stats
         # PML's statistics: means over all valid triplets (0 when there is none).
         denom = max(total, 1)
         ap, an = (sums[:2] / denom).tolist()
@@ -496,7 +496,7 @@ def select_triplets(
         d0 = connected_zero(embeddings, candidates).expand(0)
         return SelectedTriplets(empty, empty.clone(), empty.clone(), d0, d0, empty.clone(), total, stats)
     a, p, n = kept.a.result(_SPARE), kept.p.result(_SPARE), kept.n.result(_SPARE)
-    position = kept.position.result(_SPARE) if with_position else empty.clone()
+    position = empty.clone() if kept.position is None else kept.position.result(_SPARE)
     other = None if candidates is embeddings else candidates
     d_pairs = pair_distances(embeddings, kept.pair_x.result(_SPARE), kept.pair_y.result(_SPARE), other, metric=metric)
     d_ap, d_an = d_pairs[kept.ap.result(_SPARE)], d_pairs[kept.an.result(_SPARE)]

@@ -65,10 +65,10 @@ def class_prototypes(
     support, support_labels = _check_support(support, support_labels)
     normalize = check_bool(normalize, "normalize")
     classes, column = torch.unique(support_labels, sorted=True, return_inverse=True)
-    acc = accumulation_dtype(support.dtype)
-    acc = unit_rows(support, acc) if normalize else support.to(acc)
-    sums = acc.new_zeros(classes.shape[0], acc.shape[1]).index_add(0, column, acc)
-    counts = torch.bincount(column, minlength=classes.shape[0]).to(acc.dtype)
+    acc_dtype = accumulation_dtype(support.dtype)
+    support_acc = unit_rows(support, acc_dtype) if normalize else support.to(acc_dtype)
+    sums = support_acc.new_zeros(classes.shape[0], support_acc.shape[1]).index_add(0, column, support_acc)
+    counts = torch.bincount(column, minlength=classes.shape[0]).to(support_acc.dtype)
     return (sums / counts.unsqueeze(1)).to(support.dtype), classes
 
 

@@ -25,6 +25,8 @@ rank's embeddings is ``world_size x`` the single-process gradient of those rows.
 
 from __future__ import annotations
 
+from typing import Mapping, TypedDict, cast
+
 import torch
 import torch.nn.functional as F
 
@@ -54,7 +56,7 @@ from torchfg.ops.hardest_triplet_loss.reference import text_cosine, unpaired_anc
 from torchfg.ops.pair_distances import anchor_pair_distances, pair_distances
 from torchfg.ops.metric import DEFAULT_METRIC, METRICS
 from torchfg.ops.triplet import mine_all_triplets, mine_hardest, mine_semi_hard
-from torchfg.ops.triplet.reference import DivergedRows, _SameLabelPairs, text_similarity_operands
+from torchfg.ops.triplet.reference import DivergedRows, _empty_triplets, _SameLabelPairs, text_similarity_operands
 from torchfg._validation import check_number as _check_number  # shared numeric argument check
 from torchfg._validation import check_bool as _check_flag
 from torchfg.ops.precision import autocast_off
@@ -119,7 +121,7 @@ def _check_text(text_embeddings: object, n: int, device: torch.device) -> torch.
     return text_embeddings.detach()
 
 
-def _validated(validate, cross_rank: bool, call: dict[str, object] | None = None):
+def _validated(validate, cross_rank: bool, call: Mapping[str, object] | None = None):
     """Run ``validate()``; with cross_rank, an error on any rank raises on every rank (no hang),
     and so do ranks whose ``call`` settings differ (they would run different collectives next)."""
     if not cross_rank:
@@ -142,7 +144,8 @@ def _gather_candidates(
         with_grad=[True, False, False],
     )
     candidates, candidate_labels, candidate_text = batch.tensors
-    return candidates, candidate_labels, candidate_text, batch.offset
+    # Only text_embeddings may be None: the embeddings and labels gather to tensors.
+    return cast(torch.Tensor, candidates), cast(torch.Tensor, candidate_labels), candidate_text, batch.offset
 
 
 def _keep_gather_in_graph(loss: torch.Tensor, candidates: torch.Tensor, cross_rank: bool) -> torch.Tensor:
@@ -180,23 +183,36 @@ def _reduce(
         return total
     if reduction == "mean":
         if count is not None:
-            count = torch.tensor(count, device=losses.device)
+            divisor = torch.tensor(count, device=losses.device)
         else:
-            count = losses.new_tensor(losses.shape[0]) if counted is None else counted.sum()
+            divisor = losses.new_tensor(losses.shape[0]) if counted is None else counted.sum()
     else:  # mean_nonzero
         nonzero = losses > 0
-        count = (nonzero if counted is None else nonzero & counted).sum()
+        divisor = (nonzero if counted is None else nonzero & counted).sum()
     if cross_rank:
-        count = all_reduce_sum(count)
+        divisor = all_reduce_sum(divisor)
     # An empty selection gives 0 with a zero gradient (0 / 1), never 0 / 0.
-    return total / count.clamp_min(1).to(total.dtype)
+    return total / divisor.clamp_min(1).to(total.dtype)
 
 
 def _hinge(violation: torch.Tensor, smooth: bool) -> torch.Tensor:
     return F.softplus(violation) if smooth else F.relu(violation)
 
 
-def _self_rows(anchor_offset: int | None) -> dict[str, object]:
+class _SelfRows(TypedDict):
+    exclude_self: bool
+    anchor_offset: int
+
+
+class _HardestSettings(TypedDict):
+    metric: str
+    base_margin: float
+    margin_scale: float
+    text_positive_threshold: float | None
+    smooth: bool
+
+
+def _self_rows(anchor_offset: int | None) -> _SelfRows:
     """The mining ops' ``exclude_self`` / ``anchor_offset`` for an offset (None: anchors not candidates)."""
     return {"exclude_self": anchor_offset is not None, "anchor_offset": anchor_offset or 0}
 
@@ -262,14 +278,17 @@ def _listed_triplets(
             # in the loss's own selection.
             diverged = DivergedRows.of(embeddings, candidates)
             if triplets_per_anchor != "all":
-                return sample_triplets(labels, candidate_labels, anchor_offset, triplets_per_anchor, diverged=diverged)
+                # Validated by _check_triplets_per_anchor: "all" or an int.
+                per_anchor = cast(int, triplets_per_anchor)
+                return sample_triplets(labels, candidate_labels, anchor_offset, per_anchor, diverged=diverged)
             triplets = mine_all_triplets(labels, candidate_labels, **_self_rows(anchor_offset))
             if diverged is None:
                 return triplets
             keep = diverged.keep(*triplets).nonzero().squeeze(1)
-            return tuple(t.index_select(0, keep) for t in triplets)
+            kept_anchors, kept_positives, kept_negatives = (t.index_select(0, keep) for t in triplets)
+            return kept_anchors, kept_positives, kept_negatives
         if embeddings.shape[0] == 0 or candidates.shape[0] == 0:
-            return tuple(torch.empty(0, dtype=torch.int64, device=embeddings.device) for _ in range(3))
+            return _empty_triplets(embeddings.device)
         positive_idx, negative_idx = _hardest_pairs(
             embeddings, labels, candidates, candidate_labels, anchor_offset, metric=metric, backend=backend, **hardest
         )
@@ -370,10 +389,10 @@ def _first_text_negatives(
     return first, found
 
 
-def _check_mining_backend(strategy: str, backend: str) -> None:
+def _check_mining_backend(strategy: str, backend: object) -> None:
     """semi_hard and all mining run their chunked reference on every device: an explicit request
     for a kernel must fail, not be dropped (``auto`` and the TORCHFG_BACKEND switch fall back)."""
-    check_choice(backend, "backend", BACKENDS)
+    backend = check_choice(backend, "backend", BACKENDS)
     if strategy in ("semi_hard", "all") and backend not in ("auto", "torch"):
         raise BackendUnavailableError(
             f"backend={backend!r} is not implemented for mining={strategy!r}: it runs the chunked torch "
@@ -431,7 +450,8 @@ def _hardest_triplet_losses(
         d_an = torch.minimum(d_an, pair_distances(candidates, positive_idx, negative_idx, metric=metric))
     margin: torch.Tensor | float = base_margin
     if text_embeddings is not None and margin_scale != 0.0:
-        text_cos = text_cosine(text_embeddings, candidate_text.index_select(0, negative_idx))
+        # candidate_text comes with text_embeddings (the same rows, or their gather).
+        text_cos = text_cosine(text_embeddings, cast(torch.Tensor, candidate_text).index_select(0, negative_idx))
         margin = (base_margin + margin_scale * (1.0 - text_cos) * 0.5).to(d_ap.dtype)
     losses = _hinge(d_ap - d_an + margin, smooth)
     # An anchor without a pair still shows its divergence (NaN or inf in its row), like the fused kernel.
@@ -461,8 +481,8 @@ def _batch_hard_loss(
     """The reduced batch-hard / ATL loss. On the Triton backend (without ``swap`` or
     ``cross_rank``) the one fused op :func:`torchfg.ops.hardest_triplet_loss.hardest_triplet_loss`;
     elsewhere the per-anchor losses of :func:`_hardest_triplet_losses`, reduced."""
-    hardest = dict(metric=metric, base_margin=base_margin, margin_scale=margin_scale,
-                   text_positive_threshold=text_positive_threshold, smooth=smooth)
+    hardest: _HardestSettings = {"metric": metric, "base_margin": base_margin, "margin_scale": margin_scale,
+                                 "text_positive_threshold": text_positive_threshold, "smooth": smooth}
     if not (swap or cross_rank) and resolve_backend(
         "hardest_triplet_loss", embeddings.device, embeddings.dtype, backend
     ) == "triton":
@@ -635,7 +655,8 @@ def _triplet_margin_loss_impl(
             backend=backend, triplets_per_anchor=triplets_per_anchor,
         )
         if extra_triplets is not None:
-            triplets = tuple(torch.cat([mined, given]) for mined, given in zip(triplets, extra_triplets))
+            anchors, positives, negatives = (torch.cat([mined, given]) for mined, given in zip(triplets, extra_triplets))
+            triplets = (anchors, positives, negatives)
     losses = _listed_losses(embeddings, candidates, triplets, metric=metric, margin=margin, smooth=smooth, swap=swap)
     loss = _reduce(losses, None, reduction, cross_rank)
     if indices_tuple is None:
@@ -894,7 +915,8 @@ def adaptive_triplet_loss(
      text_positive_threshold) = _validated(validate, cross_rank, call)
     candidate_text = text_embeddings
     if cross_rank:
-        candidates, candidate_labels, candidate_text, anchor_offset = _gather_candidates(embeddings, labels, text_embeddings)
+        candidates, candidate_labels, gathered_text, anchor_offset = _gather_candidates(embeddings, labels, text_embeddings)
+        candidate_text = cast(torch.Tensor, gathered_text)  # the gather of a tensor, never None
     return _adaptive_triplet_loss_impl(
         embeddings,
         labels,
@@ -993,6 +1015,7 @@ def mine_triplets_and_candidates(
     batch under ``cross_rank``, else ``ref_embeddings`` or ``embeddings``), detached: what the
     miners' statistics need without a second gather."""
     cross_rank = _check_flag(cross_rank, "cross_rank")
+    anchor_offset: int | None  # None: the anchors are not among the candidates
     if cross_rank:
         def validate():
             if ref_embeddings is not None:

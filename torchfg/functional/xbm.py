@@ -15,7 +15,7 @@ around the end of the ring is mined in the same single pass (the fused loss on t
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Sequence, cast
 
 import torch
 
@@ -68,7 +68,8 @@ def enqueue(
     for buffer, values in zip(memory, items):
         if buffer is None:
             continue
-        values = values.detach().to(buffer.dtype)
+        # items has a tensor wherever memory has a buffer.
+        values = cast(torch.Tensor, values).detach().to(buffer.dtype)
         # Two slice copies (no index tensor): the part up to the end of the ring, then the wrap.
         buffer[position : position + first].copy_(values[:first])
         if first < rows:
@@ -89,15 +90,15 @@ def _check_memory_loss_settings(
     """
     check_choice(reduction, "reduction", REDUCTIONS)
     check_choice(metric, "metric", METRICS)
-    check_choice(mining, "mining", MINING_STRATEGIES)
+    strategy = check_choice(mining, "mining", MINING_STRATEGIES)
     check_bool(smooth, "smooth")
     if text_positive_threshold is not None:
         check_number(text_positive_threshold, "text_positive_threshold", low=-1.0, high=1.0)
-    if adaptive and mining != "batch_hard":
-        raise ValueError(f"mining must be 'batch_hard' with text embeddings (adaptive margins), got {mining!r}")
-    if mining != "batch_hard":
-        _check_mining_backend(mining, backend)
-    per_anchor = _check_triplets_per_anchor(triplets_per_anchor, mining)
+    if adaptive and strategy != "batch_hard":
+        raise ValueError(f"mining must be 'batch_hard' with text embeddings (adaptive margins), got {strategy!r}")
+    if strategy != "batch_hard":
+        _check_mining_backend(strategy, backend)
+    per_anchor = _check_triplets_per_anchor(triplets_per_anchor, strategy)
     return check_number(margin, "margin"), check_number(margin_scale, "margin_scale", low=0.0), per_anchor
 
 
@@ -178,12 +179,12 @@ def memory_triplet_loss(
     call = dict(function="memory_triplet_loss", margin=margin, margin_scale=margin_scale, metric=metric,
                 reduction=reduction, smooth=smooth, text_positive_threshold=text_positive_threshold, mining=mining,
                 triplets_per_anchor=triplets_per_anchor, indices_tuple=indices_tuple is not None, backend=backend)
-    margin, margin_scale, per_anchor, indices_tuple = _validated(validate, cross_rank, call)
+    margin, margin_scale, per_anchor, checked_tuple = _validated(validate, cross_rank, call)
     return _memory_triplet_loss(
         embeddings, labels, memory, memory_labels, self_start, text_embeddings=text_embeddings,
         memory_text=memory_text, margin=margin, margin_scale=margin_scale,
         text_positive_threshold=text_positive_threshold, metric=metric, reduction=reduction, smooth=smooth,
-        mining=mining, triplets_per_anchor=per_anchor, indices_tuple=indices_tuple, cross_rank=cross_rank,
+        mining=mining, triplets_per_anchor=per_anchor, indices_tuple=checked_tuple, cross_rank=cross_rank,
         backend=backend,
     )
 
@@ -238,7 +239,9 @@ def _memory_triplet_loss(
     d = pair_distances(embeddings, anchor_idx.repeat(2), torch.cat([positive_idx, negative_idx]), memory, metric=metric)
     triplet_margin = torch.full((k,), margin, dtype=d.dtype, device=d.device)
     if text_embeddings is not None and margin_scale != 0.0:
-        cos = text_cosine(text_embeddings.index_select(0, anchor_idx), memory_text.index_select(0, negative_idx))
+        # The mining above refused text_embeddings without memory_text (its op checks them as a pair).
+        memory_rows = cast(torch.Tensor, memory_text).index_select(0, negative_idx)
+        cos = text_cosine(text_embeddings.index_select(0, anchor_idx), memory_rows)
         triplet_margin = triplet_margin + margin_scale * (1.0 - cos.to(d.dtype)) * 0.5
     all_losses = torch.cat([mined_losses, _hinge(d[:k] - d[k:] + triplet_margin, smooth)])
     all_valid = torch.cat([mined_valid, torch.ones(k, dtype=torch.bool, device=d.device)])

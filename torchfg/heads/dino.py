@@ -299,14 +299,15 @@ class _DINOParts(NamedTuple):
 
 def _read_checkpoint(checkpoint: object) -> Mapping[str, Any]:
     if isinstance(checkpoint, (str, os.PathLike)):
+        path = checkpoint
         # The original checkpoints pickle the argparse.Namespace of the run next to the tensors;
         # allowing that one class keeps torch.load's safe weights_only mode.
         try:
             with torch.serialization.safe_globals([argparse.Namespace]):
-                checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
+                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # torch raises UnpicklingError, RuntimeError, OSError, ... here
             raise ValueError(
-                f"could not read checkpoint {os.fspath(checkpoint)!r} with torch.load(weights_only=True): "
+                f"could not read checkpoint {os.fspath(path)!r} with torch.load(weights_only=True): "
                 f"{error}. If you trust the file, load it with torch.load(path, weights_only=False) and "
                 "pass the dict"
             ) from error
@@ -426,7 +427,7 @@ def load_dino_checkpoint(
             raise TypeError(f"{name} must be an nn.Module, got {type(module).__name__}")
     parts = _dino_parts(checkpoint, which)
     # Every part is checked before any is loaded, so that a failure leaves all modules untouched.
-    problems = []
+    problems: list[str | None] = []  # None: a part that fits
     if head is not None:
         if not parts.head:
             problems.append(f"the checkpoint holds no {which} head (no 'head.*', 'mlp.*' or 'last_layer.*' keys)")
@@ -453,9 +454,9 @@ def load_dino_checkpoint(
                     f"'dino_loss.center' has shape {tuple(parts.center.shape)} in the checkpoint but the "
                     f"loss's centre has shape {tuple(current.shape)}"
                 )
-    problems = [problem for problem in problems if problem]
-    if problems:
-        raise ValueError("; ".join(problems))
+    found = [problem for problem in problems if problem]
+    if found:
+        raise ValueError("; ".join(found))
     if head is not None:
         head.load_state_dict(parts.head)
     if backbone is not None:

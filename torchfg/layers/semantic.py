@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import threading
 import weakref
-from typing import Any, Callable, Literal, Sequence, overload
+from typing import Any, Callable, Literal, Sequence, cast, overload
 
 import torch
 import torch.nn.functional as F
@@ -253,13 +253,14 @@ def widen_first_conv(conv: nn.Conv2d, extra_in_channels: int) -> nn.Conv2d:
     if conv.groups != 1:
         raise ValueError(f"conv must have groups=1 to be widened, got groups={conv.groups}")
     weight = conv.weight
+    # A Conv2d holds pairs; torch's stubs type them as the base class's tuple[int, ...].
     widened = nn.Conv2d(
         conv.in_channels + extra_in_channels,
         conv.out_channels,
-        kernel_size=conv.kernel_size,
-        stride=conv.stride,
-        padding=conv.padding,
-        dilation=conv.dilation,
+        kernel_size=cast("tuple[int, int]", conv.kernel_size),
+        stride=cast("tuple[int, int]", conv.stride),
+        padding=cast("str | tuple[int, int]", conv.padding),
+        dilation=cast("tuple[int, int]", conv.dilation),
         groups=1,
         bias=conv.bias is not None,
         padding_mode=conv.padding_mode,
@@ -270,7 +271,7 @@ def widen_first_conv(conv: nn.Conv2d, extra_in_channels: int) -> nn.Conv2d:
         widened.weight.zero_()
         widened.weight[:, : conv.in_channels].copy_(weight)
         if conv.bias is not None:
-            widened.bias.copy_(conv.bias)
+            cast(torch.Tensor, widened.bias).copy_(conv.bias)  # made with bias=True here
     widened.weight.requires_grad_(weight.requires_grad)
     return widened
 
@@ -445,7 +446,7 @@ class TokenGridAdapter(nn.Module):
                 raise ValueError(f"grid_size must be two positive ints (H, W), got {grid_size!r}")
         self.module = module
         self.prefix_tokens = prefix_tokens
-        self.grid_size: tuple[int, int] | None = grid_size  # type: ignore[assignment]
+        self.grid_size: tuple[int, int] | None = grid_size  # len() == 2 above narrows the tuple
 
     def extra_repr(self) -> str:
         return f"prefix_tokens={self.prefix_tokens}, grid_size={self.grid_size}"
@@ -595,7 +596,9 @@ def _forget_entry(owner: SemanticBackbone, key: int) -> Callable[[weakref.ref], 
 
     def forget(dead: weakref.ref) -> None:
         module = owner_ref()
-        entry = module._semantic_of_input.get(key) if module is not None else None
+        if module is None:
+            return
+        entry = module._semantic_of_input.get(key)
         if entry is not None and entry[0] is dead:
             del module._semantic_of_input[key]
 

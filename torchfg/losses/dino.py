@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from typing import cast
 
 import torch
 from torch import nn
@@ -200,11 +201,12 @@ class DINOLoss(nn.Module):
         # fails its checks joins it with a flag that keeps every centre as it was, then raises (the
         # launcher then ends the job), instead of raising first and leaving the others waiting.
         try:
-            loss, error = self._checked_loss(student_output, teacher_output, epoch, distributed=True), None
+            checked, error = self._checked_loss(student_output, teacher_output, epoch, distributed=True), None
         except (ValueError, TypeError) as exc:
-            loss, error = None, exc
+            checked, error = None, exc
         self._update_center(None if error is not None else teacher_output, error, grad_enabled=grad_enabled)
-        return loss
+        # _update_center has raised the error, if any, after the collective: the loss was computed.
+        return cast(torch.Tensor, checked)
 
     def _checked_loss(
         self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int, *, distributed: bool

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import weakref
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -191,8 +191,11 @@ class CrossBatchMemory(nn.Module):
             self.embedding_memory = memory.to(embeddings.device, embeddings.dtype, copy=copy)
         if copy or self.label_memory.device != embeddings.device:
             self.label_memory = self.label_memory.to(embeddings.device, copy=copy)
-        if text is not None and (copy or self.text_memory.device != text.device or self.text_memory.dtype != text.dtype):
-            self.text_memory = self.text_memory.to(text.device, text.dtype, copy=copy)
+        text_memory = self.text_memory  # None without text (not adaptive)
+        if text is not None and text_memory is not None and (
+            copy or text_memory.device != text.device or text_memory.dtype != text.dtype
+        ):
+            self.text_memory = text_memory.to(text.device, text.dtype, copy=copy)
 
     def forward(
         self,
@@ -288,13 +291,14 @@ class CrossBatchMemory(nn.Module):
         else:
             queued = [embeddings, labels, text]
         queued, offset = gather_for_memory(queued, ["embeddings", "labels", "text_embeddings"], cross_rank)
-        if queued[0].shape[0] > self.memory_size:
-            raise ValueError(f"a step enqueues {queued[0].shape[0]} rows, more than memory_size={self.memory_size}")
+        queued_rows = cast(torch.Tensor, queued[0]).shape[0]  # the embeddings: never None
+        if queued_rows > self.memory_size:
+            raise ValueError(f"a step enqueues {queued_rows} rows, more than memory_size={self.memory_size}")
         if indices_tuple is not None:
             # Checked (and PML pair tuples converted) before the memory changes: a bad call must
             # leave the memory as it was. Positives and negatives index the memory after the write.
             indices_tuple = _check_indices_tuple(
-                indices_tuple, embeddings.shape[0], min(self.size + queued[0].shape[0], self.memory_size),
+                indices_tuple, embeddings.shape[0], min(self.size + queued_rows, self.memory_size),
                 embeddings.device, cross_rank=cross_rank,
             )
         start, self.queue_idx, self.size = enqueue(
@@ -313,7 +317,7 @@ class CrossBatchMemory(nn.Module):
             self.label_memory[: self.size],
             self_start,
             text_embeddings=text,
-            memory_text=self.text_memory[: self.size] if self.adaptive else None,
+            memory_text=None if self.text_memory is None else self.text_memory[: self.size],
             **{**settings, "margin": margin, "margin_scale": margin_scale, "triplets_per_anchor": per_anchor},
             indices_tuple=indices_tuple,
             cross_rank=cross_rank,

@@ -42,7 +42,12 @@ class _TripletMiner(nn.Module):
         self.neg_pair_dist: float | None = None
         self.avg_triplet_margin: float | None = None
 
-    def _record(self, embeddings, candidates, triplets) -> None:
+    def _record(
+        self,
+        embeddings: torch.Tensor,
+        candidates: torch.Tensor,
+        triplets: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    ) -> None:
         """``candidates``: the rows positives and negatives index (under ``cross_rank``, the
         gathered batch: the statistics are of this rank's triplets, as ``num_triplets`` is)."""
         self.num_triplets = int(triplets[0].shape[0])
@@ -53,7 +58,8 @@ class _TripletMiner(nn.Module):
             if self.num_triplets == 0:
                 self.pos_pair_dist = self.neg_pair_dist = self.avg_triplet_margin = 0.0
                 return
-            d_ap, d_an = exact_triplet_distances(embeddings.detach(), candidates.detach(), *triplets, self.metric, False)
+            a, p, n = triplets
+            d_ap, d_an = exact_triplet_distances(embeddings.detach(), candidates.detach(), a, p, n, self.metric, False)
             self.pos_pair_dist, self.neg_pair_dist = d_ap.mean().item(), d_an.mean().item()
             self.avg_triplet_margin = self.neg_pair_dist - self.pos_pair_dist
 

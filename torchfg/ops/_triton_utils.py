@@ -110,10 +110,11 @@ class AutotunedLaunch:
         """Launch on ``grid`` (a tuple, or a callable of the launch's arguments as triton takes);
         returns the ``triton.Config`` it ran with."""
         key = (tuple(a.dtype if isinstance(a, torch.Tensor) else a for a in args), tuple(kwargs.items()))
+        memoizable = True
         try:
             memo = self._memo.get(key)
         except TypeError:  # an unhashable argument: no memo for this call
-            key, memo = None, None
+            memoizable, memo = False, None
         if memo is not None:
             config, launch_kwargs = memo
             self._jit[grid](*args, **launch_kwargs)
@@ -124,7 +125,7 @@ class AutotunedLaunch:
         # thread, so a concurrent first call at another size could have replaced it already.
         answer = self._tuned_answer(args, kwargs)
         config = answer if answer is not None else tuned.best_config
-        if key is not None and config.pre_hook is None and answer is config:
+        if memoizable and config.pre_hook is None and answer is config:
             if len(self._memo) >= 256:  # many distinct calls (e.g. varying floats): start over
                 self._memo.clear()
             self._memo[key] = (config, self._launch_kwargs(args, kwargs, config))
@@ -146,6 +147,7 @@ class AutotunedLaunch:
         ``Heuristics.run`` build them (each heuristic sees the ones before it)."""
         heuristics = self._heuristics
         launch_kwargs = {**kwargs, **config.all_kwargs()}
-        for name, heuristic in (heuristics.values.items() if heuristics is not None else ()):
-            launch_kwargs[name] = heuristic({**dict(zip(heuristics.arg_names, args)), **launch_kwargs})
+        if heuristics is not None:
+            for name, heuristic in heuristics.values.items():
+                launch_kwargs[name] = heuristic({**dict(zip(heuristics.arg_names, args)), **launch_kwargs})
         return launch_kwargs

@@ -27,7 +27,8 @@ def fp32_matmul_precision() -> str:
     try:
         setting = torch.backends.cuda.matmul.fp32_precision
         if setting == "none":
-            setting = torch.backends.fp32_precision
+            # A property of torch.backends' module class (torch >= 2.9), which its stubs do not declare.
+            setting = torch.backends.fp32_precision  # type: ignore[attr-defined]
     except AttributeError:  # torch < 2.9: only the legacy switch exists
         return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
     return "tf32" if setting == "tf32" else "ieee"

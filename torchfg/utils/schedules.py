@@ -119,7 +119,7 @@ def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float) -> None
             )
     if not teacher_named:
         return
-    teacher_params = [p for _, p in teacher_named]
+    teacher_params: list[torch.Tensor] = [p for _, p in teacher_named]
     student_params = [p.detach().to(device=t.device, dtype=t.dtype) for (_, p), t in zip(student_named, teacher_params)]
     torch._foreach_mul_(teacher_params, momentum)
     torch._foreach_add_(teacher_params, student_params, alpha=1.0 - momentum)

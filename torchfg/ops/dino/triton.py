@@ -298,7 +298,7 @@ def crop_blocks(n_crops: int, n_global: int) -> tuple[int, tuple[int, int, int]]
     """
     block_g = next_power_of_2(n_global)
     rest = n_crops - n_global
-    local = []
+    local: list[int] = []
     while rest > 0 and len(local) < 3:
         size = next_power_of_2(rest) if len(local) == 2 else _floor_power_of_2(rest)
         local.append(size)

@@ -11,6 +11,8 @@ on that backend.
 
 from __future__ import annotations
 
+from typing import TypedDict
+
 import torch
 
 from torchfg._validation import accumulation_dtype, check_bool, check_choice, check_number
@@ -45,6 +47,16 @@ def links_size(n: int, m: int) -> int:
 register_op("hardest_triplet_loss", BackendSpec("triton"))
 
 
+class _LossSettings(TypedDict):
+    metric: str
+    base_margin: float
+    margin_scale: float
+    text_positive_threshold: float | None
+    self_offset: int
+    smooth: bool
+    reduction: str
+
+
 @custom_op("torchfg::hardest_triplet_loss")
 def _hardest_triplet_loss_op(
     anchors: torch.Tensor,
@@ -71,9 +83,9 @@ def _hardest_triplet_loss_op(
     anchors themselves.
     """
     others = anchors if candidates is None else candidates
-    kwargs = dict(metric=metric, base_margin=base_margin, margin_scale=margin_scale,
-                  text_positive_threshold=text_positive_threshold, self_offset=self_offset, smooth=smooth,
-                  reduction=reduction)
+    kwargs: _LossSettings = {"metric": metric, "base_margin": base_margin, "margin_scale": margin_scale,
+                             "text_positive_threshold": text_positive_threshold, "self_offset": self_offset,
+                             "smooth": smooth, "reduction": reduction}
     if backend == "triton":
         from torchfg.ops.hardest_triplet_loss.triton import hardest_triplet_loss_triton
 

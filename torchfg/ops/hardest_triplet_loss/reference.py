@@ -8,6 +8,8 @@ hinge and reduction, here with the op's explicit backward.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 
@@ -101,7 +103,8 @@ def hardest_triplet_loss_reference(
     distances = torch.where(valid[:, None], distances, torch.zeros_like(distances))
     margin: torch.Tensor | float = base_margin
     if anchor_text is not None and margin_scale != 0.0 and gather:
-        text_cos = text_cosine(anchor_text, candidate_text.index_select(0, safe[:, 1]))
+        # candidate_text is given with anchor_text (the op checks them as a pair).
+        text_cos = text_cosine(anchor_text, cast(torch.Tensor, candidate_text).index_select(0, safe[:, 1]))
         margin = (base_margin + margin_scale * (1.0 - text_cos) * 0.5).to(acc)
     losses, slope = hinge_and_slope(distances[:, 0] - distances[:, 1] + margin, smooth)
     zero = torch.zeros_like(losses)

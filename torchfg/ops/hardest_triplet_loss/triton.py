@@ -30,6 +30,8 @@ backward is the pair-distance kernel's, whose partner rows come from a stable so
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import triton
 import triton.language as tl
@@ -146,7 +148,7 @@ def _hardest_triplet_fwd_kernel(
     base_margin = tl.cast(base_margin_hi, ACC_DTYPE) + tl.cast(base_margin_lo, ACC_DTYPE)
     violation = d_ap - d_an + base_margin
     if MARGIN_AWARE:
-        # ATL: margin = base + scale * (1 - cos(text_a, text_n)) / 2, in the text's accumulation dtype.
+        # ATL: margin = base + scale * (1 - cos(anchor_text_rows, text_n)) / 2, in the text's accumulation dtype.
         ta_base = anchor_text_ptr + rows64[:, None] * stride_atn
         tn_base = cand_text_ptr + neg_safe[:, None] * stride_ctn
         dot = tl.zeros((BLOCK_R,), dtype=TEXT_ACC_DTYPE)
@@ -397,10 +399,12 @@ def hardest_triplet_loss_triton(
     count = torch.empty(1, dtype=acc, device=device)
     partial = torch.empty(programs, 2, dtype=acc, device=device)
     margin_aware = anchor_text is not None and margin_scale != 0.0
-    text_args = (anchor_text, candidate_text) if margin_aware else (anchors, candidates)
-    t = anchor_text.shape[1] if margin_aware else 0
-    text_strides = ((anchor_text.stride(0), anchor_text.stride(1), candidate_text.stride(0), candidate_text.stride(1))
-                    if margin_aware else (0, 0, 0, 0))
+    # Read only where margin_aware, so with text: both tensors then (the op checks them as a pair).
+    anchor_text_rows, candidate_text_rows = cast(torch.Tensor, anchor_text), cast(torch.Tensor, candidate_text)
+    text_args = (anchor_text_rows, candidate_text_rows) if margin_aware else (anchors, candidates)
+    t = anchor_text_rows.shape[1] if margin_aware else 0
+    text_strides = ((anchor_text_rows.stride(0), anchor_text_rows.stride(1),
+                     candidate_text_rows.stride(0), candidate_text_rows.stride(1)) if margin_aware else (0, 0, 0, 0))
     if n == 0:
         loss.zero_()  # no program runs; an empty batch has loss 0 (and a zero gradient)
         count.zero_()
@@ -415,15 +419,16 @@ def hardest_triplet_loss_triton(
             METRIC=metric_code(metric), MARGIN_AWARE=margin_aware, SMOOTH=smooth,
             REDUCTION=REDUCTION_CODES[reduction], MERGE=bests.splits > 1, PACKED=bests.packed, LINK=link,
             STRIPES=LINK_STRIPES, ACC_DTYPE=acc_tl,
-            TEXT_ACC_DTYPE=tl.float64 if margin_aware and anchor_text.dtype == torch.float64 else tl.float32,
+            TEXT_ACC_DTYPE=tl.float64 if margin_aware and anchor_text_rows.dtype == torch.float64 else tl.float32,
             BLOCK_R=block_r, BLOCK_D=block_d,
             # fp64 embeddings with 64 text columns spilled 8 bytes (triton 3.6).
             BLOCK_T=fit_block(16 if torch.float64 in (anchors.dtype, text_args[0].dtype) else 64, t),
             BLOCK_P=128, num_warps=warps,
         )
-    cosine = metric == "cosine" and bests.candidate_stat is not None
-    candidate_inv = bests.candidate_stat if cosine else torch.empty(0, dtype=acc, device=device)
-    anchor_inv = bests.anchor_stat if cosine else torch.empty(0, dtype=acc, device=device)
+    candidate_inv, anchor_inv = bests.candidate_stat, bests.anchor_stat
+    if metric != "cosine" or candidate_inv is None or anchor_inv is None:
+        # Only cosine's inverse norms serve the backward; the mining sets both statistics or neither.
+        candidate_inv, anchor_inv = torch.empty(0, dtype=acc, device=device), torch.empty(0, dtype=acc, device=device)
     return loss, pairs, terms, count, links if link else links.new_empty(0), candidate_inv, anchor_inv
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, cast
 
 import torch
 
@@ -85,7 +85,9 @@ def _exact_selected(
         exact = anchor_pair_distances_triton(query, gallery, indices.contiguous(),
                                              "sqeuclidean" if metric == "cosine" else metric)
         if metric == "cosine":
-            exact = torch.where(query_nonzero.unsqueeze(1) & gallery_nonzero[indices], exact * 0.5, 1.0)
+            # Both masks are set above for cosine (given, or from the norms).
+            query_mask, gallery_mask = cast(torch.Tensor, query_nonzero), cast(torch.Tensor, gallery_nonzero)
+            exact = torch.where(query_mask.unsqueeze(1) & gallery_mask[indices], exact * 0.5, 1.0)
         return _sorted_by_distance_then_index(exact, indices, distances.dtype)
     if query.dtype == torch.float32 and _cpu.is_usable(query.device, query.dtype, gallery.shape[0]):
         # fp32 rows on a CPU (cosine: the unit rows of any input): the compiled recomputation,
@@ -117,7 +119,8 @@ def _exact_selected(
         if metric == "euclidean":
             out.sqrt_()
         elif metric == "cosine":
-            both = query_nonzero[start:stop].unsqueeze(1) & gallery_nonzero[idx]
+            # Both masks are set above for cosine (given, or from the norms).
+            both = cast(torch.Tensor, query_nonzero)[start:stop].unsqueeze(1) & cast(torch.Tensor, gallery_nonzero)[idx]
             out.copy_(torch.where(both, out * 0.5, torch.ones_like(out)))
     return _sorted_by_distance_then_index(exact, indices, distances.dtype)
 

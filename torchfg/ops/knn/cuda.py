@@ -51,7 +51,8 @@ _ROW_ALIGN_BYTES = 16
 class KernelConfig(NamedTuple):
     """One entry of the kernel's per-k configuration table (``torchfg/csrc/knn/knn_kernel.cu``)."""
 
-    index: int  # table row, -1 when no row fits the device
+    # The table's own name, kept for callers; it shadows tuple.index, which nothing calls on a config.
+    index: int  # type: ignore[assignment]  # table row, -1 when no row fits the device
     block_q: int  # query rows per block
     block_g: int  # gallery rows per tile
     block_d: int  # embedding columns per pipeline stage

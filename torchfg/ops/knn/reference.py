@@ -14,7 +14,7 @@ differs from the k-th, the k smallest form a unique set and only their order nee
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Protocol
+from typing import Callable, Optional, Protocol, cast
 
 import torch
 
@@ -327,7 +327,8 @@ def raw_block(
         if gallery_t.shape[1] < query_chunk.shape[1]:
             return torch.mm(query_chunk, gallery_t, out=out).neg_()
         return torch.mm(query_chunk.neg(), gallery_t, out=out)
-    return torch.addmm(gallery_aux.unsqueeze(0), query_chunk, gallery_t, alpha=-2.0, out=out)
+    # The Euclidean metrics' squared norms (prepare_rows gives them for these metrics).
+    return torch.addmm(cast(torch.Tensor, gallery_aux).unsqueeze(0), query_chunk, gallery_t, alpha=-2.0, out=out)
 
 
 def finisher(metric: str, query_aux: torch.Tensor | None) -> Finish:
@@ -339,9 +340,11 @@ def finisher(metric: str, query_aux: torch.Tensor | None) -> Finish:
         # row's own exact 0 and break the lower-index tie rule.
         return lambda raw, rows: (raw + 1.0).clamp_min_(0.0)
     squared = metric == "sqeuclidean"
+    # The Euclidean metrics' squared norms (prepare_rows gives them for these metrics).
+    squared_norms = cast(torch.Tensor, query_aux)
 
     def finish(raw: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        out = (raw + query_aux[rows].unsqueeze(1)).clamp_min_(0.0)
+        out = (raw + squared_norms[rows].unsqueeze(1)).clamp_min_(0.0)
         return out if squared else out.sqrt_()
 
     return finish
@@ -355,7 +358,8 @@ def raw_self_key(metric: str, query_rows: torch.Tensor, query_aux: torch.Tensor 
         # Unit rows are at distance 0 from themselves; zero rows are at distance 1 from everything.
         nonzero = nonzero_rows(query_rows)
         return torch.where(nonzero, -1.0, 0.0).to(query_rows.dtype)
-    return -query_aux
+    # The Euclidean metrics' squared norms (prepare_rows gives them for these metrics).
+    return -cast(torch.Tensor, query_aux)
 
 
 def select_candidates(distances: torch.Tensor, indices: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -573,7 +577,7 @@ class _BoundedPool:
             # computation below broadcasts over a long contiguous inner dimension.
             strips = torch.arange(size, device=device).unsqueeze(1)
             row_stride, column_stride = block.stride()
-            first = pair_rows * row_stride + pair_groups * column_stride + block.storage_offset()
+            first = (pair_rows * row_stride + pair_groups * column_stride).add_(block.storage_offset())
             flat = (strips * (groups * column_stride) + first).view(-1)  # (size, P)
             storage = block.as_strided((block.untyped_storage().nbytes() // block.element_size(),), (1,), 0)
             slot_of_pair = pair_rows * (size * widest) + slots

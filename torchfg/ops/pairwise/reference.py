@@ -111,7 +111,7 @@ def pairwise_distance_reference(
     for start in range(0, N, chunk_rows):
         stop = min(start + chunk_rows, N)
         x_chunk = x[:, start:stop].to(acc)
-        target = out[:, start:stop] if in_place else buffer[:, : stop - start] if reuse else None
+        target = out[:, start:stop] if in_place else None if buffer is None else buffer[:, : stop - start]
         if metric == "cosine":
             x_chunk = x_chunk * safe_inverse(row_norms(x[:, start:stop])).unsqueeze(-1)
         block = torch.bmm(x_chunk, y_t, out=target)
@@ -171,14 +171,14 @@ def pairwise_distance_backward_reference(
     for start in range(0, N, step):
         stop = min(start + step, N)
         w = grad[:, start:stop]
-        if scaled:
+        if buffer is not None:  # scaled (the loop runs only with N > 0)
             w = buffer[:, : stop - start].copy_(w)
         if metric == "euclidean":
             # d|x - y|/d|x - y|^2 = 1 / (2 d), and 0 (a subgradient) at d = 0.
             d = out[:, start:stop]
             w.div_(d).mul_(0.5).masked_fill_(d == 0, 0.0)
         x_rows = xa[:, start:stop]
-        if metric in ("euclidean", "sqeuclidean"):
+        if col_sums is not None:  # the Euclidean metrics
             # d|x - y|^2/dx = 2 (x - y): summed over the pairs, 2 (rowsum(W) x - W y).
             torch.baddbmm(x_rows * w.sum(-1, keepdim=True), w, ya, alpha=-1.0, out=gx[:, start:stop])
             col_sums += w.sum(-2).unsqueeze(-1)

@@ -29,6 +29,7 @@ upstream gradient G (and the saved output for ``euclidean``). Two ways:
 from __future__ import annotations
 
 import dataclasses
+from typing import cast
 
 import torch
 import triton
@@ -579,7 +580,7 @@ def _backward_weights_gemm(
         rows_per_chunk = max(1, min(N, WEIGHTS_BLOCK_ELEMENTS // max(B * M, 1)))
         w_buffer = torch.empty(B, rows_per_chunk, M, dtype=x.dtype, device=x.device)
         wy_chunks = []
-        wtx = None  # sum over chunks of W_c^T @ x_c (fp32)
+        wtx_sum = None  # sum over chunks of W_c^T @ x_c (fp32)
         for r0 in range(0, N, rows_per_chunk):
             r1 = min(N, r0 + rows_per_chunk)
             w_c = w_buffer[:, : r1 - r0]
@@ -593,11 +594,12 @@ def _backward_weights_gemm(
             )
             wy_chunks.append(_bmm_fp32(w_c, y_op))
             part = _bmm_fp32(w_c.transpose(1, 2), x_op[:, r0:r1])
-            if wtx is None:
-                wtx = part
+            if wtx_sum is None:
+                wtx_sum = part
             else:
-                wtx += part
+                wtx_sum += part
         wy = wy_chunks[0] if len(wy_chunks) == 1 else torch.cat(wy_chunks, dim=1)
+        wtx = cast(torch.Tensor, wtx_sum)  # the loop ran: this path is taken for non-empty inputs only
     gx = 2.0 * (wy[..., D:D + 1] * x32 - wy[..., :D])
     gy = 2.0 * (wtx[..., D:D + 1] * y32 - wtx[..., :D])
     return gx.to(x.dtype), gy.to(y.dtype)

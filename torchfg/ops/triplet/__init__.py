@@ -12,6 +12,7 @@ and :func:`mine_all_triplets` use the chunked reference on every device.
 
 from __future__ import annotations
 
+from typing import TypedDict, cast
 
 import torch
 
@@ -45,6 +46,14 @@ __all__ = [
 register_op("mine_hardest", BackendSpec("triton"))
 
 
+class _HardestMiningSettings(TypedDict):
+    metric: str
+    base_margin: float
+    margin_scale: float
+    text_positive_threshold: float | None
+    self_offset: int
+
+
 # ----------------------------------------------------------------------------- registered ops
 
 
@@ -63,13 +72,13 @@ def _mine_hardest_op(
     self_offset: int,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    kwargs = dict(
-        metric=metric,
-        base_margin=base_margin,
-        margin_scale=margin_scale,
-        text_positive_threshold=text_positive_threshold,
-        self_offset=self_offset,
-    )
+    kwargs: _HardestMiningSettings = {
+        "metric": metric,
+        "base_margin": base_margin,
+        "margin_scale": margin_scale,
+        "text_positive_threshold": text_positive_threshold,
+        "self_offset": self_offset,
+    }
     if backend == "triton":
         from torchfg.ops.triplet.triton import mine_hardest_triton
 
@@ -160,8 +169,8 @@ def _check_text_inputs(
     if (anchor_text is None) != (candidate_text is None):
         raise ValueError("anchor_text and candidate_text must be given together (or both None)")
     if anchor_text is not None:
-        check_float_tensor(anchor_text, "anchor_text", ndim=2)
-        check_float_tensor(candidate_text, "candidate_text", ndim=2)
+        anchor_text = check_float_tensor(anchor_text, "anchor_text", ndim=2)
+        candidate_text = check_float_tensor(candidate_text, "candidate_text", ndim=2)
         if anchor_text.shape[0] != anchors.shape[0]:
             raise ValueError(f"anchor_text must have {anchors.shape[0]} rows (one per anchor), got {anchor_text.shape[0]}")
         if candidate_text.shape[0] != candidates.shape[0]:
@@ -174,7 +183,8 @@ def _check_text_inputs(
         anchor_text, candidate_text = anchor_text.detach(), candidate_text.detach()
     if text_positive_threshold is not None:
         text_positive_threshold = check_number(text_positive_threshold, "text_positive_threshold", low=-1.0, high=1.0)
-    return anchor_text, candidate_text, text_positive_threshold
+    # candidate_text is None with anchor_text (checked first), else checked with it.
+    return anchor_text, cast("torch.Tensor | None", candidate_text), text_positive_threshold
 
 
 def _self_offset(exclude_self: object, anchor_offset: object, n: int, m: int) -> int:

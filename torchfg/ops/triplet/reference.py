@@ -16,7 +16,7 @@ pass); with ``self_offset = -1`` the two sets are disjoint.
 from __future__ import annotations
 
 import functools
-from typing import NoReturn
+from typing import NoReturn, cast
 
 import torch
 
@@ -295,7 +295,11 @@ def mine_hardest_reference(
     threshold = text_positive_threshold if use_text else None
     chunk_rows = _chunk_rows_for(m, chunk_rows)
     if margin_aware or threshold is not None:
-        anchor_unit_text, candidate_unit_text = text_similarity_operands(anchor_text, candidate_text, self_offset)
+        # Both need use_text: the texts are tensors.
+        anchor_text_rows, candidate_text_rows = cast(torch.Tensor, anchor_text), cast(torch.Tensor, candidate_text)
+        anchor_unit_text, candidate_unit_text = text_similarity_operands(
+            anchor_text_rows, candidate_text_rows, self_offset
+        )
         candidate_unit_text_t = candidate_unit_text.T
     distances = _DistanceBlocks(anchors, candidates, metric)
     acc = distances.acc
@@ -312,7 +316,7 @@ def mine_hardest_reference(
     # docs), so the common case skips the masking passes over the blocks. A sum is the test: one
     # reduction, a fifth of isfinite().all()'s time on the CPU; should a finite input's sum
     # overflow, the masks only run for nothing.
-    inputs = [anchors, candidates] + ([anchor_text, candidate_text] if margin_aware else [])
+    inputs = [anchors, candidates] + ([anchor_text_rows, candidate_text_rows] if margin_aware else [])
     sums = torch.stack([t.sum(dtype=accumulation_dtype(t.dtype)).double() for t in inputs])
     nan_keys_possible = not bool(sums.isfinite().all())  # one host sync for all of them
 
@@ -368,7 +372,7 @@ def mine_hardest_reference(
         excluded = None
         if threshold is not None:
             excluded = torch.mm(anchor_unit_text[start:stop], candidate_unit_text_t) >= threshold
-        if margin_aware:
+        if score_buffer is not None:  # margin_aware
             # score = m - d with m = base + s (1 - cos) / 2 straight out of the text GEMM.
             if anchor_unit_text.dtype == acc:
                 score = torch.addmm(
@@ -386,7 +390,7 @@ def mine_hardest_reference(
             fill = _NEG_INF
         else:
             score, fill = block, _POS_INF
-        if pairs is not None:
+        if other_label is None:  # the pair lists
             score.view(-1).index_fill_(0, flat_pairs, fill)
         else:
             score.masked_fill_(~other_label, fill)
@@ -519,7 +523,8 @@ def _label_counts(anchor_labels: torch.Tensor, candidate_labels: torch.Tensor, s
 
 def _empty_triplets(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # Three distinct tensors: outputs of a custom op must not alias each other.
-    return tuple(torch.empty(0, dtype=torch.int64, device=device) for _ in range(3))
+    anchors, positives, negatives = (torch.empty(0, dtype=torch.int64, device=device) for _ in range(3))
+    return anchors, positives, negatives
 
 
 def mine_semi_hard_reference(

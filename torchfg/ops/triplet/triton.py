@@ -50,6 +50,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+from typing import cast
 
 import torch
 import triton
@@ -1124,7 +1125,8 @@ def _is_symmetric_call(
         return False
     if not (_is_row_slice(anchors, candidates, 0) and _same_tensor(anchor_labels, candidate_labels)):
         return False
-    return anchor_text is None or _is_row_slice(anchor_text, candidate_text, 0)
+    # candidate_text is given with anchor_text (the op checks them as a pair).
+    return anchor_text is None or _is_row_slice(anchor_text, cast(torch.Tensor, candidate_text), 0)
 
 
 def _symmetric_splits(n: int, block: int, device: torch.device, tiles_per_split: int | None) -> tuple[int, int]:
@@ -1347,15 +1349,18 @@ def mine_hardest_splits_triton(
 
     d = anchors.shape[1]
     has_text = anchor_text is not None
-    has_threshold = has_text and text_positive_threshold is not None
+    threshold = text_positive_threshold if has_text else None
+    has_threshold = threshold is not None
     margin_aware = has_text and margin_scale != 0.0
     # Text that neither changes a margin nor excludes a negative is never read.
     need_text = margin_aware or has_threshold
+    # Read only where need_text, so with text: both tensors then (checked above as a pair).
+    anchor_text_rows, candidate_text_rows = cast(torch.Tensor, anchor_text), cast(torch.Tensor, candidate_text)
     symmetric = _takes_symmetric_kernel(
         requested_tiles, anchors, candidates, anchor_labels, candidate_labels, anchor_text if need_text else None,
         candidate_text if need_text else None, self_offset)
     anchor_labels, candidate_labels, label_words = _label_words(anchor_labels, candidate_labels)
-    t = anchor_text.shape[1] if need_text else 0
+    t = anchor_text_rows.shape[1] if need_text else 0
     metric_code = metric_code_of(metric)
     dot_dtype, acc_dtype, precision = dot_dtypes(anchors.dtype)
     acc_torch = torch.float64 if acc_dtype == tl.float64 else torch.float32
@@ -1363,19 +1368,20 @@ def mine_hardest_splits_triton(
     # All row statistics (embeddings unless the metric is dot, text when it is read; the anchors'
     # own only when they are not a row slice of the candidates) in as few launches as possible.
     shared_rows = _is_row_slice(anchors, candidates, self_offset)
-    shared_text = need_text and _is_row_slice(anchor_text, candidate_text, self_offset)
+    shared_text = need_text and _is_row_slice(anchor_text_rows, candidate_text_rows, self_offset)
     jobs: list[tuple[torch.Tensor, bool]] = []
     if metric_code != 3:
         jobs.append((candidates, metric_code == 2))
         if not shared_rows:
             jobs.append((anchors, metric_code == 2))
     if need_text:
-        jobs.append((candidate_text, True))
+        jobs.append((candidate_text_rows, True))
         if not shared_text:
-            jobs.append((anchor_text, True))
+            jobs.append((anchor_text_rows, True))
     # The symmetric kernel's packed bests start as all ones (no candidate), set by the pre-pass.
     packed = torch.empty(2, n, dtype=torch.int64, device=device) if symmetric else None
-    fills = ((fill,) if fill is not None else ()) + (((packed.view(torch.int32), _NO_BEST),) if symmetric else ())
+    fills = ((fill,) if fill is not None else ()) + (
+        ((packed.view(torch.int32), _NO_BEST),) if packed is not None else ())
     stats = iter(_row_stats(*jobs, fills=fills))
     if metric_code == 3:
         cand_stat = anchor_stat = torch.empty(1, dtype=acc_torch, device=device)  # unused by the kernel
@@ -1383,11 +1389,12 @@ def mine_hardest_splits_triton(
         cand_stat = next(stats)
         anchor_stat = cand_stat[self_offset:self_offset + n] if shared_rows else next(stats)
     if need_text:
-        text_dot_dtype, text_acc_dtype, text_precision = dot_dtypes(anchor_text.dtype)
+        text_dot_dtype, text_acc_dtype, text_precision = dot_dtypes(anchor_text_rows.dtype)
         cand_text_inv = next(stats)
         anchor_text_inv = cand_text_inv[self_offset:self_offset + n] if shared_text else next(stats)
-        text_args = (anchor_text, candidate_text, anchor_text_inv, cand_text_inv)
-        text_strides = (anchor_text.stride(0), anchor_text.stride(1), candidate_text.stride(0), candidate_text.stride(1))
+        text_args = (anchor_text_rows, candidate_text_rows, anchor_text_inv, cand_text_inv)
+        text_strides = (anchor_text_rows.stride(0), anchor_text_rows.stride(1),
+                        candidate_text_rows.stride(0), candidate_text_rows.stride(1))
     else:
         text_dot_dtype, text_acc_dtype, text_precision = tl.float32, tl.float32, "ieee"
         text_args = (anchors, candidates, anchor_stat, cand_stat)  # placeholders, never read
@@ -1401,7 +1408,7 @@ def mine_hardest_splits_triton(
     # tiles. With 16-bit tiles an IEEE fp32 text dot spilled 112-1700 bytes (column-major operands).
     fma_dot = _uses_fma_dot(anchors, anchor_text if need_text else None)
 
-    if symmetric:
+    if packed is not None:  # symmetric
         _launch_symmetric(
             anchors, anchor_labels, anchor_text if need_text else None, anchor_stat, anchor_text_inv if need_text else None,
             packed, label_words, tiles, layout,
@@ -1409,7 +1416,7 @@ def mine_hardest_splits_triton(
             DOT_DTYPE=dot_dtype, ACC_DTYPE=acc_dtype, INPUT_PRECISION=precision, TEXT_DOT_DTYPE=text_dot_dtype,
             TEXT_ACC_DTYPE=text_acc_dtype, TEXT_INPUT_PRECISION=text_precision,
             base_margin=base_margin, margin_scale=margin_scale,
-            text_threshold=float(text_positive_threshold) if has_threshold else 0.0,
+            text_threshold=0.0 if threshold is None else float(threshold),
         )
         stat = None if metric_code == 3 else anchor_stat
         return SplitBests(packed[0], packed[0], packed[1], packed[1], 1, stat, stat, packed=True)
@@ -1437,7 +1444,7 @@ def mine_hardest_splits_triton(
         *text_strides,
         self_offset, per_split,
         *split_scalar(base_margin), *split_scalar(margin_scale),
-        *split_scalar(text_positive_threshold if has_threshold else 0.0),
+        *split_scalar(0.0 if threshold is None else threshold),
         _size_bucket(n) if tiles is None else 0, _size_bucket(m) if tiles is None else 0,
         layout if tiles is None else 0,
     )
