@@ -284,9 +284,9 @@ class Result:
             "dtype": self.dtype,
             "shape": self.shape,
             "params": self.params,
-            "median_ms": num(m and m.median_ms, 5),
-            "p20_ms": num(m and m.p20_ms, 5),
-            "p80_ms": num(m and m.p80_ms, 5),
+            "median_ms": num(None if m is None else m.median_ms, 5),
+            "p20_ms": num(None if m is None else m.p20_ms, 5),
+            "p80_ms": num(None if m is None else m.p80_ms, 5),
             "repeats": "" if m is None else m.repeats,
             "flops": num(self.flops, 6),
             "tflops": num(self.tflops),
@@ -769,8 +769,6 @@ def run_benchmarks(
             for case in selected:
                 plan.append((op, problem, case, ""))
 
-    limits = {"launches": launches, "kernel_times": kernel_times, "case_timeout": case_timeout,
-              "memory_limit_bytes": memory_limit_bytes}
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -778,13 +776,17 @@ def run_benchmarks(
         bar = tqdm(total=len(plan), desc="torchfg bench", unit="case", file=sys.stderr, leave=False)
     try:
         with on_device(device):
-            for op, problem, case, skip in plan:
-                if problem is None or case is None:
+            for op, planned_problem, planned_case, skip in plan:
+                if planned_problem is None or planned_case is None:
                     result = Result(op.name, "-", "-", 0, 0, 0, dtype_name(dtype), "", skip, env=env)
                 else:
                     if bar is not None:
-                        bar.set_postfix_str(f"{op.name} N={problem.n} {case.name}")
-                    result = _run_one(op, problem, case, env, repeat, warmup, max_seconds, isolate, **limits)
+                        bar.set_postfix_str(f"{op.name} N={planned_problem.n} {planned_case.name}")
+                    result = _run_one(
+                        op, planned_problem, planned_case, env, repeat, warmup, max_seconds, isolate,
+                        launches=launches, kernel_times=kernel_times, case_timeout=case_timeout,
+                        memory_limit_bytes=memory_limit_bytes,
+                    )
                 results.append(result)
                 if on_result is not None:
                     on_result(result)

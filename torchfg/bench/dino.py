@@ -16,7 +16,7 @@ is no FLOP model; the floor is one ``log_softmax`` pass over the student logits 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import torch
 import torch.nn.functional as F
@@ -84,7 +84,7 @@ class OfficialDINOLoss(nn.Module):
         student_out = (student_output / self.student_temp).chunk(self.ncrops)
         temp = self.teacher_temp_schedule[epoch]
         teacher_out = F.softmax((teacher_output - self.center) / temp, dim=-1).detach().chunk(2)
-        total_loss = 0
+        total_loss: torch.Tensor | float = 0
         n_loss_terms = 0
         for iq, q in enumerate(teacher_out):
             for v in range(len(student_out)):
@@ -95,7 +95,8 @@ class OfficialDINOLoss(nn.Module):
                 n_loss_terms += 1
         total_loss /= n_loss_terms
         self.update_center(teacher_output)
-        return total_loss
+        # Two teacher crops against one or more student crops: at least one term was added.
+        return cast(torch.Tensor, total_loss)
 
     @torch.no_grad()
     def update_center(self, teacher_output: torch.Tensor) -> None:
@@ -136,10 +137,11 @@ def _inputs(problem: Problem) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 def _step(module: nn.Module, problem: Problem, autocast: bool = False) -> Callable[[], Any]:
     student, teacher, center = _inputs(problem)
-    module.center.copy_(center.view_as(module.center))
+    module_center = module.get_buffer("center")
+    module_center.copy_(center.view_as(module_center))
     module.to(problem.device)
     half = problem.dtype in (torch.float16, torch.bfloat16)
-    initial_center = module.center.clone()
+    initial_center = module.get_buffer("center").clone()
 
     def run() -> tuple[torch.Tensor, torch.Tensor]:
         # Every step starts from the same centre, so that repeated runs (and the cases) compute the

@@ -111,11 +111,11 @@ def faiss_flat_search(x: torch.Tensor, k: int, metric: str) -> tuple[torch.Tenso
     data = x.detach().float()
     if metric == "cosine":
         data = torch.nn.functional.normalize(data, dim=1)
-    data = data.contiguous().numpy()
+    rows = data.contiguous().numpy()
     index = (faiss.IndexFlatL2 if metric in ("sqeuclidean", "euclidean") else faiss.IndexFlatIP)(x.shape[1])
-    index.add(data)
-    scores, indices = index.search(data, k)
-    scores = torch.from_numpy(scores)
+    index.add(rows)
+    found_scores, indices = index.search(rows, k)
+    scores = torch.from_numpy(found_scores)
     if metric == "euclidean":
         scores = scores.clamp_min_(0).sqrt_()
     elif metric == "cosine":

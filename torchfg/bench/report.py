@@ -123,8 +123,8 @@ def plot_results(results: Sequence[Result], path: str | os.PathLike) -> Path:
         rows = [r for r in measured if (r.op, r.dtype) == (op_name, dtype)]
         time_ax, mem_ax = axes[0][col], axes[1][col]
         for case in dict.fromkeys(r.case for r in rows):
-            pts = sorted(((r.size or r.n, r.measurement.median_ms, r.measurement.p20_ms, r.measurement.p80_ms,
-                           _mib(r.measurement.peak_extra_bytes)) for r in rows if r.case == case),
+            pts = sorted(((r.size or r.n, m.median_ms, m.p20_ms, m.p80_ms, _mib(m.peak_extra_bytes))
+                          for r in rows if r.case == case for m in [r.measurement] if m is not None),
                          key=lambda p: p[0])
             ns = [p[0] for p in pts]
             line = time_ax.plot(ns, [p[1] for p in pts], marker="o", label=case)[0]

@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import cast
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]  # torchfg/csrc -> the checkout
@@ -186,9 +187,9 @@ def build_report(arch: str = "sm_90", nvcc: str | None = None, cuobjdump: str | 
     # (dtype, config index) -> k values and their footprints
     ranges: dict[tuple[str, int], list[tuple[int, int]]] = {}
     for line in table.split():
-        dtype, k, index, _bq, _bg, _bd, _st, _cand, smem = map(int, line.split(","))
-        ranges.setdefault((DTYPES[dtype], index), []).append((k, smem))
-    rows = []
+        dtype_code, k, index, _bq, _bg, _bd, _st, _cand, smem = map(int, line.split(","))
+        ranges.setdefault((DTYPES[dtype_code], index), []).append((k, smem))
+    rows: list[dict[str, object]] = []
     for name, regs in ptxas.items():
         m = re.search(r"knn_kernelI(\w+?)Li(\d+)ELi(\d+)ELi(\d+)E", name)
         if not m:
@@ -215,7 +216,8 @@ def build_report(arch: str = "sm_90", nvcc: str | None = None, cuobjdump: str | 
     if missing:
         raise RuntimeError(f"no configuration fits k in {missing[0]}..{missing[-1]} on {arch}")
     order = {"float32": 0, "float16": 1, "bfloat16": 2}
-    return sorted(rows, key=lambda r: (order[str(r["dtype"])], int(r["config"])))
+    # "config" holds the int index set above.
+    return sorted(rows, key=lambda r: (order[str(r["dtype"])], cast(int, r["config"])))
 
 
 def _matches(table: str, dtype: str, index: int, block_q: int, stages: int) -> bool:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -203,7 +203,8 @@ def _train_dino(
                 step += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{last_loss:.3f}")
-    return teacher.backbone, last_loss
+    # The teacher is a deep copy of the student, whose backbone is model.
+    return cast(PooledCNN, teacher.backbone), last_loss
 
 
 def few_shot_experiment(
@@ -350,7 +351,8 @@ def few_shot_experiment(
         results: dict[str, dict[str, Any]] = {}
         method_clock = Stopwatch()
         seed_everything(seed)
-        initial = PooledCNN().to(target, memory_format=torch.channels_last)
+        # Module.to takes memory_format at run time; torch's overloads of it omit the keyword.
+        initial = PooledCNN().to(target, memory_format=torch.channels_last)  # type: ignore[call-overload]
         results["untrained"] = {**few_shot(copy.deepcopy(initial)), **method_clock.seconds()}
         for method in methods:
             method_clock = Stopwatch()

@@ -118,7 +118,7 @@ def plot_results(
 
     fig = Figure(figsize=(13, 9.5), layout="constrained")
     FigureCanvasAgg(fig)
-    panels = fig.subfigures(2, 2)
+    panels = fig.subfigures(2, 2, squeeze=False)
     fig.suptitle(f"torchfg demo ({results.get('mode', '?')} run, seed {results.get('seed')})", fontsize=13)
 
     if sample_images is not None and sample_maps is not None and sample_images.shape[0] > 0:

@@ -191,7 +191,7 @@ def atl_vs_triplet_experiment(
             return {
                 "recall": [finite_or_none(r) for r in curve.tolist()],
                 "recall_at_1": finite_or_none(r1),
-                "recall_at_10": finite_or_none(curve[9]) if max_k >= 10 else None,
+                "recall_at_10": finite_or_none(float(curve[9])) if max_k >= 10 else None,
                 "recall_at_1_stderr": finite_or_none((r1 * (1.0 - r1) / query_rows.numel()) ** 0.5),
             }
 
@@ -205,7 +205,8 @@ def atl_vs_triplet_experiment(
         for name, criterion in losses.items():
             method_clock = Stopwatch()
             generator = seed_everything(seed)
-            model = EmbeddingNet(embedding_dim).to(target, memory_format=torch.channels_last)
+            # Module.to takes memory_format at run time; torch's overloads of it omit the keyword.
+            model = EmbeddingNet(embedding_dim).to(target, memory_format=torch.channels_last)  # type: ignore[call-overload]
             if name == "triplet":  # the shared initial weights, evaluated once for reference
                 results["untrained"] = {**evaluate(copy.deepcopy(model)), **method_clock.seconds()}
                 method_clock = Stopwatch()
@@ -215,8 +216,8 @@ def atl_vs_triplet_experiment(
                 for epoch in range(epochs):
                     sampler.set_epoch(epoch)
                     model.train()
-                    for index in sampler:
-                        index = torch.as_tensor(index, device=target)
+                    for sampled in sampler:
+                        index = torch.as_tensor(sampled, device=target)
                         (images,) = random_flip(train_images[index], generator=generator)
                         embeddings = model(images.contiguous(memory_format=torch.channels_last))
                         labels = train_labels[index]

@@ -7,7 +7,7 @@ import json
 import platform
 import textwrap
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -58,7 +58,8 @@ QUICK_CONFIG: dict[str, dict[str, Any]] = {
 """Keyword arguments of each experiment with ``quick=True`` (well under a minute): every method of the
 full run, with fewer products, views and epochs (DINO: 4 epochs instead of 10)."""
 
-_EXPERIMENTS = {
+# Each takes its configuration's keywords and seed, device and progress, and returns its results.
+_EXPERIMENTS: dict[str, Callable[..., dict[str, Any]]] = {
     "semantic_attention": semantic_attention_experiment,
     "atl_vs_triplet": atl_vs_triplet_experiment,
     "few_shot": few_shot_experiment,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 import torch
 import torch.nn.functional as F
@@ -86,7 +86,7 @@ class AttributeClassifier(nn.Module):
         if method == "baseline":
             self.net: nn.Module = backbone
         elif method == "input_concat":
-            first_conv = backbone.stage1[0]
+            first_conv = cast(nn.Conv2d, backbone.stage1[0])  # _conv_block's first layer
             backbone.stage1[0] = widen_first_conv(first_conv, semantic_channels)
             fusion = SemanticFusion(first_conv.in_channels, semantic_channels, mode="input_concat")
             self.net = wrap_backbone(backbone, "stage1", fusion, position="before")
@@ -206,7 +206,8 @@ def semantic_attention_experiment(
             method_clock = Stopwatch()
             generator = seed_everything(seed)
             model = AttributeClassifier(method, dataset.num_attributes, len(PRODUCT_CHANNELS), stage=stage)
-            model = model.to(target, memory_format=torch.channels_last)
+            # Module.to takes memory_format at run time; torch's overloads of it omit the keyword.
+            model = model.to(target, memory_format=torch.channels_last)  # type: ignore[call-overload]
             optimizer, scheduler = make_optimizer(model, n_steps, lr=lr)
             model.train()
             last_loss = float("nan")
@@ -233,7 +234,7 @@ def semantic_attention_experiment(
                 warnings.simplefilter("ignore", UserWarning)
                 auc = multilabel_auc(scores, test_targets, average=None)
             return {
-                "mean_auc": finite_or_none(torch.nanmean(auc)),
+                "mean_auc": finite_or_none(float(torch.nanmean(auc))),
                 "per_label_auc": [finite_or_none(a) for a in auc.tolist()],
                 "final_train_loss": finite_or_none(last_loss),
                 "parameters": sum(p.numel() for p in model.parameters()),
@@ -258,7 +259,7 @@ def semantic_attention_experiment(
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", UserWarning)  # no label left: None, as documented
                     improvement = relative_improvement(per_label[method], base)
-                results[method]["relative_improvement"] = finite_or_none(improvement)
+                results[method]["relative_improvement"] = finite_or_none(float(improvement))
             by_quality[quality] = results
 
     return {
