@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -25,6 +26,7 @@ from torchfg.demo import (
     run_demo,
     semantic_attention_experiment,
 )
+from torchfg.demo import run as demo_run
 from torchfg.demo.report import format_table, matplotlib_available
 
 # Tiny sizes: every experiment runs end to end in a second or two on one CPU core.
@@ -314,6 +316,29 @@ def test_run_demo_one_experiment_on_both_map_qualities(tmp_path, capsys):
 def test_run_demo_rejects_unknown_override(tmp_path):
     with pytest.raises(ValueError, match="overrides"):
         run_demo(quick=True, out_dir=tmp_path, device="cpu", overrides={"semantic": {}}, progress=False)
+
+
+@pytest.mark.parametrize(("overrides", "error", "match"), [
+    ({"few_shot": {"n_shots": 5}}, ValueError, r"overrides\['few_shot'\] has an unknown keyword 'n_shots'.*shots"),
+    ({"atl_vs_triplet": {"seed": 3}}, ValueError, r"overrides\['atl_vs_triplet'\] cannot set 'seed'.*seed="),
+    ({"few_shot": 5}, TypeError, r"overrides\['few_shot'\] must be a mapping"),
+])
+def test_run_demo_checks_override_keywords_before_any_experiment(tmp_path, monkeypatch, overrides, error, match):
+    # A keyword the last experiment does not take used to raise a TypeError only when that experiment
+    # was called, after the earlier ones had trained for minutes: it is refused before any runs.
+    ran = []
+
+    def recording(experiment):
+        @functools.wraps(experiment)  # inspect.signature follows __wrapped__: the real keywords
+        def run(**kwargs):
+            ran.append(experiment.__name__)
+            raise AssertionError("an experiment ran before the overrides were checked")
+        return run
+
+    monkeypatch.setattr(demo_run, "_EXPERIMENTS", {name: recording(f) for name, f in demo_run._EXPERIMENTS.items()})
+    with pytest.raises(error, match=match):
+        run_demo(quick=True, out_dir=tmp_path, device="cpu", overrides=overrides, progress=False, figure=False)
+    assert ran == []
 
 
 def test_cli_parses_demo_options():

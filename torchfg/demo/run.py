@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import platform
 import textwrap
@@ -66,6 +67,25 @@ _EXPERIMENTS: dict[str, Callable[..., dict[str, Any]]] = {
 }
 
 _SAMPLES = 4  # street photos shown in the figure
+
+
+# Set by run_demo's own arguments for every experiment: an override of one would be a second value.
+_RUN_KEYWORDS = ("seed", "device", "progress")
+
+
+def _check_override_keywords(name: str, extra: Mapping[str, Any]) -> None:
+    """Refuses an override that the experiment does not take before any experiment runs: the call
+    would otherwise raise only when its turn comes, after the earlier experiments' minutes of work."""
+    if not isinstance(extra, Mapping):
+        raise TypeError(f"overrides[{name!r}] must be a mapping of keyword arguments, got {type(extra).__name__}")
+    accepted = [parameter for parameter in inspect.signature(_EXPERIMENTS[name]).parameters
+                if parameter not in _RUN_KEYWORDS]
+    for keyword in extra:
+        if keyword in _RUN_KEYWORDS:
+            raise ValueError(f"overrides[{name!r}] cannot set {keyword!r}: pass run_demo's own {keyword}= argument")
+        if keyword not in accepted:
+            raise ValueError(f"overrides[{name!r}] has an unknown keyword {keyword!r}; "
+                             f"{name} takes {', '.join(accepted)}")
 
 
 def _sample_street_photos(config: Mapping[str, Any], seed: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -165,6 +185,7 @@ def run_demo(
     for name, extra in (overrides or {}).items():
         if name not in configs:
             raise ValueError(f"overrides keys must be among {tuple(configs)}, got {name!r}")
+        _check_override_keywords(name, extra)
         configs[name].update(extra)
     if experiments is None:
         chosen = list(_EXPERIMENTS)
