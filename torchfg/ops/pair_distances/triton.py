@@ -39,13 +39,18 @@ __all__ = [
 _SQEUCLIDEAN, _EUCLIDEAN, _COSINE, _DOT = 0, 1, 2, 3
 
 
-def _blocks(d: int) -> tuple[int, int, int]:
-    """(BLOCK_R anchors, BLOCK_D columns, num_warps) per program."""
+def _blocks(d: int, dtype: torch.dtype, backward: bool) -> tuple[int, int, int]:
+    """(BLOCK_R anchors, BLOCK_D columns, num_warps) per program of the forward or the backward."""
     if triton_interpreter_enabled():
         # Small tiles so that test sizes still cover several anchor blocks and D chunks.
         return 8, 16, 1
-    block_d = min(256, max(32, next_power_of_2(d)))
-    return 16, block_d, 4
+    # sm_90, ptxas -v (triton 3.6, every dtype, metric and pass at D = 64 / 100 / 512 / 4096):
+    # the backward at 128 or 256 columns held 242-255 registers (two 4-warp programs per SM for
+    # a memory-bound gather) and spilled 16 bytes in fp32, 188-728 in fp64; at 64 it needs 56-88
+    # (182 in fp64), no spills. The forward fits 128 columns (127-128 registers) except in fp64
+    # (255, 16 bytes spilled; 72 at 64); 256 needed up to 204.
+    widest = 64 if backward or dtype == torch.float64 else 128
+    return 16, min(widest, max(32, next_power_of_2(d))), 4
 
 
 @triton.jit
@@ -241,7 +246,7 @@ def anchor_pair_distances_triton(
         out = torch.empty(n, k, dtype=acc, device=x.device)
     if n == 0 or k == 0:
         return out
-    block_r, block_d, warps = _blocks(x.shape[1])
+    block_r, block_d, warps = _blocks(x.shape[1], x.dtype, backward=False)
     _anchor_pair_fwd_kernel[(cdiv(n, block_r),)](
         x, y, y_idx, out, n, k, x.shape[1],
         x.stride(0), x.stride(1), y.stride(0), y.stride(1),
@@ -304,7 +309,7 @@ def anchor_pair_distances_backward_triton(
         order = ends = counts = dummy
     x_inv = inverse_norms(x, acc) if metric == "cosine" else dummy
     y_inv = (x_inv if y_is_x else inverse_norms(y, acc)) if metric == "cosine" else dummy
-    block_r, block_d, warps = _blocks(d)
+    block_r, block_d, warps = _blocks(d, x.dtype, backward=True)
     common = dict(METRIC=metric_code(metric), ACC_DTYPE=acc_tl, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps)
     strides = (x.stride(0), x.stride(1), y.stride(0), y.stride(1))
 
