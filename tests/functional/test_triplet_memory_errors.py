@@ -103,9 +103,8 @@ def test_all_triplets_smooth_loss_sizes_its_outputs_once(monkeypatch, with_posit
     _assert_clear(excinfo.value, 64 * 31 * 32, 6 if with_position else 5)
 
 
-def test_select_triplets_growth_beyond_memory_names_the_projection(monkeypatch):
-    # With a margin the kept triplets are not known beforehand: the outputs grow, sized from the
-    # share kept so far, and a growth that cannot be allocated is reported the same way.
+def _growth_error(monkeypatch, select) -> BaseException:
+    """The error of ``select(x, labels)`` on 48 rows in 4 classes when no output can grow."""
     def fail(self, capacity):
         raise RuntimeError(_CPU_OOM)
 
@@ -113,27 +112,26 @@ def test_select_triplets_growth_beyond_memory_names_the_projection(monkeypatch):
     g = torch.Generator().manual_seed(0)
     x, labels = torch.randn(48, 3, generator=g), torch.arange(48) % 4
     with pytest.raises(RuntimeError) as excinfo:
-        selection.select_triplets(x, labels, x, labels, 0, metric="euclidean", interval=selection.violating(0.5))
+        select(x, labels)
     error = excinfo.value
-    assert "selected triplets (those found so far)" in str(error) and "smaller batches" in str(error)
+    assert "smaller batches" in str(error) and str(error.__cause__) in str(error)
     assert isinstance(error, errors.TripletMemoryError) and isinstance(error.__cause__, RuntimeError)
+    return error
+
+
+def test_select_triplets_growth_beyond_memory_names_the_projection(monkeypatch):
+    # With a margin the kept triplets are not known beforehand: the outputs grow, sized from the
+    # share kept so far, and a growth that cannot be allocated is reported the same way.
+    error = _growth_error(monkeypatch, lambda x, labels: selection.select_triplets(
+        x, labels, x, labels, 0, metric="euclidean", interval=selection.violating(0.5)))
+    assert "selected triplets (those found so far)" in str(error)
 
 
 def test_select_triplets_pair_growth_beyond_memory_names_the_pairs(monkeypatch):
     # Every valid triplet kept (smooth): the triplet outputs are sized once, so the only growth is
     # the (anchor, candidate) pair lists of the exact distances; a failure there names them too.
-    def fail(self, capacity):
-        raise RuntimeError(_CPU_OOM)
-
-    monkeypatch.setattr(reference.ChunkOutput, "ensure", fail)
-    g = torch.Generator().manual_seed(0)
-    x, labels = torch.randn(48, 3, generator=g), torch.arange(48) % 4
-    with pytest.raises(RuntimeError) as excinfo:
-        triplet_margin_loss(x, labels, mining="all", smooth=True)
-    error = excinfo.value
-    assert "(anchor, candidate) pairs of selected triplets" in str(error) and "smaller batches" in str(error)
-    assert isinstance(error, errors.TripletMemoryError) and isinstance(error.__cause__, RuntimeError)
-    assert str(error.__cause__) in str(error)
+    error = _growth_error(monkeypatch, lambda x, labels: triplet_margin_loss(x, labels, mining="all", smooth=True))
+    assert "(anchor, candidate) pairs of selected triplets" in str(error)
 
 
 def test_select_triplets_projection_failure_retries_at_the_found_size(monkeypatch):
