@@ -96,6 +96,7 @@ def compiled(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[st
         results[name] = list(csv.DictReader(out.open()))
         results[name + ":log"] = log
     results["ir"] = tmp / "ir"
+    results["specs"] = json.loads(specs.read_text())
     return results
 
 
@@ -114,6 +115,14 @@ def test_every_kernel_compiles_for_sm90(compiled: dict, which: str) -> None:
     assert any("FLATTEN=True" in r["config"] for r in mining)
     for r in rows:
         assert int(r["registers"]) > 0 and int(r["ctas_per_sm"]) > 0, r
+
+
+def test_every_launch_asks_for_fp_fusion(compiled: dict) -> None:
+    # Triton 3.9 warns once per process when a kernel compiles without an explicit
+    # enable_fp_fusion, and 3.10 turns FMA contraction off by default: every launch pins it on
+    # (LAUNCH_OPTIONS), which the binder records among the options of each traced launch.
+    missing = [f"{s['kernel']} {s['case']}" for s in compiled["specs"] if s["options"].get("enable_fp_fusion") is not True]
+    assert compiled["specs"] and not missing, "\n".join(missing)
 
 
 def test_kernels_do_not_rely_on_warp_specialize() -> None:

@@ -24,6 +24,10 @@ TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float
 # CUDA caps a launch grid's y and z dimensions at 65535 programs (x at 2**31 - 1); the
 # interpreter has no cap, so launchers bound their y / z extents themselves.
 MAX_GRID_YZ = 65535
+# Compile options every torchfg launch passes. FMA contraction on: Triton's default up to 3.9,
+# which warns once per process that it becomes off in 3.10; every register, spill and accuracy
+# figure of the kernels was taken with it on.
+LAUNCH_OPTIONS: dict[str, Any] = {"enable_fp_fusion": True}
 
 
 def cdiv(numerator: int, denominator: int) -> int:
@@ -109,6 +113,7 @@ class AutotunedLaunch:
     def __call__(self, grid: Any, *args: Any, **kwargs: Any) -> Any:
         """Launch on ``grid`` (a tuple, or a callable of the launch's arguments as triton takes);
         returns the ``triton.Config`` it ran with."""
+        kwargs.update(LAUNCH_OPTIONS)
         key = (tuple(a.dtype if isinstance(a, torch.Tensor) else a for a in args), tuple(kwargs.items()))
         memoizable = True
         try:

@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from torchfg.backends import triton_interpreter_enabled
-from torchfg.ops._triton_utils import cdiv, next_power_of_2, split_scalar
+from torchfg.ops._triton_utils import LAUNCH_OPTIONS, cdiv, next_power_of_2, split_scalar
 from torchfg.ops.dino.reference import dino_accumulation_dtype, n_pairs
 
 __all__ = [
@@ -366,7 +366,7 @@ def dino_loss_triton(
         s_max, s_sum, t_max, t_sum, t_dot,
         batch, k, n_crops, n_global, k_per_split,
         student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1), center.stride(0),
-        ACC=_TL_ACC[acc], num_warps=config.num_warps, **config.constexprs(),
+        ACC=_TL_ACC[acc], num_warps=config.num_warps, **config.constexprs(), **LAUNCH_OPTIONS,
     )
     student_lse = _merge_logsumexp(s_max, s_sum)
     t_row_max = t_max.amax(dim=0)
@@ -430,6 +430,6 @@ def dino_loss_backward_triton(
         batch, k, n_crops, n_global,
         student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1), center.stride(0),
         grad.stride(0), grad.stride(1),
-        ACC=_TL_ACC[acc], num_warps=config.num_warps, **config.constexprs(),
+        ACC=_TL_ACC[acc], num_warps=config.num_warps, **config.constexprs(), **LAUNCH_OPTIONS,
     )
     return grad

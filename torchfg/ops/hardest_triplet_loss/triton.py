@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from torchfg.backends import triton_interpreter_enabled
-from torchfg.ops._triton_utils import cdiv, next_power_of_2, split_scalar
+from torchfg.ops._triton_utils import LAUNCH_OPTIONS, cdiv, next_power_of_2, split_scalar
 from torchfg.ops.hardest_triplet_loss import LINK_STRIPES, links_size
 from torchfg.ops.metric import metric_code
 from torchfg.ops.pair_distances.triton import (
@@ -423,7 +423,7 @@ def hardest_triplet_loss_triton(
             BLOCK_R=block_r, BLOCK_D=block_d,
             # fp64 embeddings with 64 text columns spilled 8 bytes (triton 3.6).
             BLOCK_T=fit_block(16 if torch.float64 in (anchors.dtype, text_args[0].dtype) else 64, t),
-            BLOCK_P=128, num_warps=warps,
+            BLOCK_P=128, num_warps=warps, **LAUNCH_OPTIONS,
         )
     candidate_inv, anchor_inv = bests.candidate_stat, bests.anchor_stat
     if metric != "cosine" or candidate_inv is None or anchor_inv is None:
@@ -482,6 +482,7 @@ def hardest_triplet_loss_backward_triton(
                 grad, anchors, candidates, pairs, terms, count, links if partner_terms else pairs, x_inv, y_inv, target,
                 rows, m, d, *strides, OWN=own, PARTNER=partner_terms, STRIPES=LINK_STRIPES,
                 num_warps=warps * 2 if partner_terms and not triton_interpreter_enabled() else warps, **common,
+                **LAUNCH_OPTIONS,
             )
 
     if candidates_are_anchors:

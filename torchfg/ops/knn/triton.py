@@ -29,7 +29,7 @@ import triton.language as tl
 
 from torchfg._validation import env_flag
 from torchfg.backends import triton_interpreter_enabled
-from torchfg.ops._triton_utils import MAX_GRID_YZ, cdiv, dot_dtypes, next_power_of_2
+from torchfg.ops._triton_utils import LAUNCH_OPTIONS, MAX_GRID_YZ, cdiv, dot_dtypes, next_power_of_2
 from torchfg.ops.metric import metric_code, row_statistics
 from torchfg.ops.knn.reference import _float_of_ordered, _ordered_bits, select_candidates
 
@@ -557,7 +557,7 @@ def knn_filter_triton(
             METRIC=metric_code(metric), SYMMETRIC=symmetric, EXCLUDE=self_offset >= 0, PAIR_ONCE=each_pair_once,
             DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision,
             BLOCK_Q=cfg.block_q, BLOCK_G=cfg.block_g, BLOCK_D=cfg.block_d, GROUP_Q=cfg.group_q,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **LAUNCH_OPTIONS,
         )
 
     distances = torch.empty(num_query, k, dtype=torch.float32, device=query.device)
@@ -650,7 +650,7 @@ class _BoundSample:
             METRIC=metric_code(metric), EXCLUDE=self_offset >= 0,
             DOT_DTYPE=self.dot_dtype, INPUT_PRECISION=self.precision,
             BLOCK_Q=cfg.block_q, BLOCK_S=self.block_groups, BLOCK_D=cfg.block_d,
-            num_warps=cfg.num_warps, num_stages=self.num_stages,
+            num_warps=cfg.num_warps, num_stages=self.num_stages, **LAUNCH_OPTIONS,
         )
         if self.metric == "dot":
             norms = torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32).square()
@@ -809,7 +809,7 @@ def _knn_streaming(
         METRIC=metric_code(metric), SYMMETRIC=symmetric, EXCLUDE=self_offset >= 0,
         DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision,
         BLOCK_Q=cfg.block_q, BLOCK_G=block_g, BLOCK_D=cfg.block_d, ONLY_NEEDED=needed is not None,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **LAUNCH_OPTIONS,
     )
     indices = out_i.to(torch.int64)
     if splits == 1:  # the kernel's top-k is sorted by (distance, index) already

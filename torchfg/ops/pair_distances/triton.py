@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from torchfg.backends import triton_interpreter_enabled
-from torchfg.ops._triton_utils import cdiv, next_power_of_2
+from torchfg.ops._triton_utils import LAUNCH_OPTIONS, cdiv, next_power_of_2
 from torchfg.ops.metric import inverse_norms, metric_code
 
 __all__ = [
@@ -251,6 +251,7 @@ def anchor_pair_distances_triton(
         x, y, y_idx, out, n, k, x.shape[1],
         x.stride(0), x.stride(1), y.stride(0), y.stride(1),
         METRIC=metric_code(metric), ACC_DTYPE=acc_tl, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps,
+        **LAUNCH_OPTIONS,
     )
     return out
 
@@ -317,7 +318,7 @@ def anchor_pair_distances_backward_triton(
         if rows:
             _anchor_pair_bwd_kernel[(cdiv(rows, block_r),)](
                 grad, out, x, y, y_idx, x_inv, y_inv, order, ends, counts, target, rows, k, d, *strides,
-                OWN=own and k > 0, PARTNER=partner and k > 0, **common,
+                OWN=own and k > 0, PARTNER=partner and k > 0, **common, **LAUNCH_OPTIONS,
             )
 
     if y_is_x:

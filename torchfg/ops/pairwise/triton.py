@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from torchfg.backends import triton_interpreter_enabled
-from torchfg.ops._triton_utils import MAX_GRID_YZ, AutotunedLaunch, cdiv, dot_dtypes, next_power_of_2
+from torchfg.ops._triton_utils import LAUNCH_OPTIONS, MAX_GRID_YZ, AutotunedLaunch, cdiv, dot_dtypes, next_power_of_2
 from torchfg.ops.metric import metric_code, safe_inverse
 from torchfg.ops.pairwise.reference import backward_in_batch_slices, row_norms
 
@@ -351,7 +351,7 @@ def _launcher(kernel, direction: str, dtype: torch.dtype, config: PairwiseConfig
     pinned = _pinned_tiles(config)
     if pinned is not None:
         meta = dict(_tile_meta(pinned, direction), num_warps=pinned.num_warps, num_stages=pinned.num_stages)
-        return lambda grid, *args, **kwargs: kernel[grid](*args, **kwargs, **meta)
+        return lambda grid, *args, **kwargs: kernel[grid](*args, **kwargs, **meta, **LAUNCH_OPTIONS)
     key = (direction, operand_class(dtype))
     if key not in _autotuned:  # the table is read once per (direction, dtype class), not per call
         configs = [
@@ -590,7 +590,7 @@ def _backward_weights_gemm(
                 g_c, out_c, x_sq_c, y_sq, w_c, M,
                 g_c.stride(0), g_c.stride(1), out_c.stride(0), out_c.stride(1),
                 x_sq_c.stride(0), y_sq.stride(0), w_c.stride(0), w_c.stride(1),
-                BLOCK=block, num_warps=4,
+                BLOCK=block, num_warps=4, **LAUNCH_OPTIONS,
             )
             wy_chunks.append(_bmm_fp32(w_c, y_op))
             part = _bmm_fp32(w_c.transpose(1, 2), x_op[:, r0:r1])

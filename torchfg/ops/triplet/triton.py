@@ -59,7 +59,9 @@ import triton.language as tl
 from torchfg._validation import accumulation_dtype, env_flag
 from torchfg.backends import triton_interpreter_enabled
 from torchfg.ops.pair_distances.triton import ieee_div, ieee_sqrt
-from torchfg.ops._triton_utils import MAX_GRID_YZ, AutotunedLaunch, cdiv, dot_dtypes, next_power_of_2, split_scalar
+from torchfg.ops._triton_utils import (
+    LAUNCH_OPTIONS, MAX_GRID_YZ, AutotunedLaunch, cdiv, dot_dtypes, next_power_of_2, split_scalar,
+)
 from torchfg.ops.metric import metric_code as metric_code_of
 
 __all__ = ["TileConfig", "SplitBests", "mine_hardest_triton", "mine_hardest_triton_tiled", "mine_hardest_splits_triton"]
@@ -1009,7 +1011,7 @@ def _row_stats(*jobs: tuple[torch.Tensor, bool], fills: tuple[tuple[torch.Tensor
             x_blocks, fill_buffer, fill_buffer.numel(), fill_value, fill2_buffer, fill2_buffer.numel(), fill2_value,
             INVERSE_NORM=inverse, ACC_DTYPE=tl.float64 if out.dtype == torch.float64 else tl.float32,
             INVERSE_NORM_Y=inverse_y, ACC_DTYPE_Y=tl.float64 if out_y.dtype == torch.float64 else tl.float32,
-            FILL=len(fills) >= 1, FILL2=len(fills) == 2, BLOCK_R=block_r, BLOCK_C=block_c,
+            FILL=len(fills) >= 1, FILL2=len(fills) == 2, BLOCK_R=block_r, BLOCK_C=block_c, **LAUNCH_OPTIONS,
         )
         fills = ()
     return outs
@@ -1203,7 +1205,7 @@ def _launch_symmetric(
             EVEN_D=d % tiles.block_d == 0, EVEN_T=t % tiles.block_t == 0, EVEN_N=n % block == 0,
             FLATTEN=tiles.flatten and d > 0 and (t > 0 or not flags["NEED_TEXT"]),
             BLOCK=block, BLOCK_D=tiles.block_d, BLOCK_T=tiles.block_t,
-            num_warps=tiles.num_warps, num_stages=tiles.num_stages, **extra,
+            num_warps=tiles.num_warps, num_stages=tiles.num_stages, **extra, **LAUNCH_OPTIONS,
         )
     if label_words == 2:
         # Segments whose labels differ in their high words: same blocks and splits, narrow tiles.
@@ -1213,7 +1215,7 @@ def _launch_symmetric(
             *args, **flags, WIDE_PASS=True,
             EVEN_D=d % block_d == 0, EVEN_T=t % block_t == 0, EVEN_N=False, FLATTEN=False,
             BLOCK=block, BLOCK_D=block_d, BLOCK_T=block_t,
-            num_warps=wide.num_warps, num_stages=wide.num_stages,
+            num_warps=wide.num_warps, num_stages=wide.num_stages, **LAUNCH_OPTIONS,
         )
 
 
@@ -1280,11 +1282,11 @@ def mine_hardest_triton_tiled(
     block = 128
     if bests.packed:
         _unpack_bests_kernel[(cdiv(n, block),)](
-            bests.pos_idx, bests.neg_idx, positive_idx, negative_idx, n, BLOCK=block)
+            bests.pos_idx, bests.neg_idx, positive_idx, negative_idx, n, BLOCK=block, **LAUNCH_OPTIONS)
         return positive_idx, negative_idx
     _merge_splits_kernel[(cdiv(n, block),)](
         bests.pos_val, bests.pos_idx, bests.neg_val, bests.neg_idx, positive_idx, negative_idx, n, bests.splits,
-        ACC_DTYPE=tl.float64 if bests.pos_val.dtype == torch.float64 else tl.float32, BLOCK=block,
+        ACC_DTYPE=tl.float64 if bests.pos_val.dtype == torch.float64 else tl.float32, BLOCK=block, **LAUNCH_OPTIONS,
     )
     return positive_idx, negative_idx
 
@@ -1470,7 +1472,7 @@ def mine_hardest_splits_triton(
             # Flattening an empty inner loop has been miscompiled (triton-lang/triton#11656).
             FLATTEN=tiles.flatten and d > 0 and (t > 0 or not need_text),
             BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_D=tiles.block_d, BLOCK_T=block_t,
-            num_warps=tiles.num_warps, num_stages=tiles.num_stages, **extra,
+            num_warps=tiles.num_warps, num_stages=tiles.num_stages, **extra, **LAUNCH_OPTIONS,
         )
         block_m = tiles.block_m
     if label_words == 2:
@@ -1483,7 +1485,7 @@ def mine_hardest_splits_triton(
             *args, **flags, WIDE_PASS=True,
             EVEN_D=d % block_d == 0, EVEN_T=t % block_t == 0, EVEN_N=False, FLATTEN=False,
             BLOCK_M=block_m, BLOCK_N=wide.block_n, BLOCK_D=block_d, BLOCK_T=block_t,
-            num_warps=wide.num_warps, num_stages=wide.num_stages,
+            num_warps=wide.num_warps, num_stages=wide.num_stages, **LAUNCH_OPTIONS,
         )
     if metric_code == 3:
         return SplitBests(pos_val, pos_part, neg_val, neg_part, splits, None, None)
