@@ -54,8 +54,6 @@ from typing import Any, Callable, Iterable, Iterator
 
 # The kernels must be real JITFunctions, not the interpreter's stand-ins.
 os.environ.pop("TRITON_INTERPRET", None)
-# Triton 3.9 warns about its FP-fusion default on every compile; keep today's default, quietly.
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

@@ -401,13 +401,7 @@ def build(out: Path, plans: list[list[str]], sizes_cap: int | None, require_cach
     (the check that an installed bundle serves these launches)."""
     import triton
 
-    # compile_sm90 sets TRITON_DEFAULT_FP_FUSION (quiet 3.9 compiles), a cache-invalidating variable
-    # the GPU machines do not set: their keys would all differ.
-    fusion = os.environ.get("TRITON_DEFAULT_FP_FUSION")
     from compile_sm90 import _EmulatedH100
-
-    if fusion is None:
-        os.environ.pop("TRITON_DEFAULT_FP_FUSION", None)
 
     from triton import knobs
 
