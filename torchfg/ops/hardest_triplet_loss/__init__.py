@@ -11,8 +11,6 @@ on that backend.
 
 from __future__ import annotations
 
-from typing import TypedDict
-
 import torch
 
 from torchfg._validation import accumulation_dtype, check_bool, check_choice, check_number
@@ -24,7 +22,7 @@ from torchfg.ops.hardest_triplet_loss.reference import (
     hardest_triplet_loss_reference,
 )
 from torchfg.ops.metric import DEFAULT_METRIC
-from torchfg.ops.triplet import _check_mining_inputs, _check_text_inputs
+from torchfg.ops.triplet import HardestMiningSettings, _check_mining_inputs, _check_text_inputs
 
 __all__ = ["hardest_triplet_loss", "REDUCTIONS"]
 
@@ -47,12 +45,7 @@ def links_size(n: int, m: int) -> int:
 register_op("hardest_triplet_loss", BackendSpec("triton"))
 
 
-class _LossSettings(TypedDict):
-    metric: str
-    base_margin: float
-    margin_scale: float
-    text_positive_threshold: float | None
-    self_offset: int
+class _LossSettings(HardestMiningSettings):
     smooth: bool
     reduction: str
 

@@ -46,7 +46,9 @@ __all__ = [
 register_op("mine_hardest", BackendSpec("triton"))
 
 
-class _HardestMiningSettings(TypedDict):
+class HardestMiningSettings(TypedDict):
+    """The mining ops' keyword settings (the fused loss adds its own to them)."""
+
     metric: str
     base_margin: float
     margin_scale: float
@@ -72,7 +74,7 @@ def _mine_hardest_op(
     self_offset: int,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    kwargs: _HardestMiningSettings = {
+    kwargs: HardestMiningSettings = {
         "metric": metric,
         "base_margin": base_margin,
         "margin_scale": margin_scale,
