@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import requires_triton
 from dist_utils import run_on_ranks
 from torchfg.functional import adaptive_triplet_loss, mine_triplets, triplet_margin_loss
 from torchfg.losses import AdaptiveTripletLoss, TripletMarginLoss
@@ -40,18 +41,19 @@ LOSSES = {
         x, y, margin=0.3, metric="sqeuclidean", reduction="mean_nonzero", **kw
     ),
     "atl": lambda x, y, t, **kw: adaptive_triplet_loss(x, y, t, base_margin=0.1, margin_scale=0.8, **kw),
+    "atl_none": lambda x, y, t, **kw: adaptive_triplet_loss(x, y, t, margin_scale=0.8, reduction="none", **kw),
     "module_triplet": lambda x, y, t, **kw: TripletMarginLoss(margin=0.3, **kw)(x, y),
     "module_atl": lambda x, y, t, **kw: AdaptiveTripletLoss(margin_scale=0.5, **kw)(x, y, t),
 }
 
 
-def _cross_rank_losses(rank: int, world: int):
+def _cross_rank_losses(rank: int, world: int, backend: str = "auto"):
     x, labels, text = _rank_batch(rank, world)
     out = {}
     for name, fn in LOSSES.items():
         emb = x.clone().requires_grad_()
-        loss = fn(emb, labels, text, cross_rank=True)
-        loss.backward()
+        loss = fn(emb, labels, text, cross_rank=True, backend=backend)
+        loss.sum().backward()
         out[name] = (loss.detach(), emb.grad)
     out["miner"] = mine_triplets(x, labels, cross_rank=True)
     try:
@@ -63,9 +65,12 @@ def _cross_rank_losses(rank: int, world: int):
     return out
 
 
+@pytest.mark.parametrize("backend", ["auto", pytest.param("triton", marks=requires_triton)])
 @pytest.mark.parametrize("world", [2, 3])
-def test_cross_rank_equals_single_process(world):
-    results = run_on_ranks(_cross_rank_losses, world)
+def test_cross_rank_equals_single_process(world, backend):
+    # "triton": the fused loss op on the gathered batch (Triton's interpreter on the CPU), against
+    # the single-process loss of the default backend.
+    results = run_on_ranks(_cross_rank_losses, world, backend)
     assert all(r[0] == "ok" for r in results), [r[1:] for r in results if r[0] != "ok"]
     per_rank = [r[1] for r in results]
     x, labels, text = _concatenated(world)
@@ -73,14 +78,19 @@ def test_cross_rank_equals_single_process(world):
     for name, fn in LOSSES.items():
         emb = x.clone().requires_grad_()
         loss = fn(emb, labels, text)
-        loss.backward()
-        rank_losses = torch.stack([p[name][0] for p in per_rank])
-        # Documented scaling: the mean over ranks of the returned values is the single-process loss,
-        # and each rank's embedding gradient is world_size x the single-process gradient (DDP divides).
-        torch.testing.assert_close(rank_losses.mean(), loss.detach(), msg=name)
+        loss.sum().backward()
+        if loss.dim():  # "none": this rank's anchors' losses, unscaled (and so is their gradient)
+            torch.testing.assert_close(torch.cat([p[name][0] for p in per_rank]), loss.detach(), msg=name)
+            scale = 1
+        else:
+            # Documented scaling: the mean over ranks of the returned values is the single-process
+            # loss, and each rank's embedding gradient is world_size x the single-process gradient
+            # (DDP divides).
+            torch.testing.assert_close(torch.stack([p[name][0] for p in per_rank]).mean(), loss.detach(), msg=name)
+            scale = world
         for r in range(world):
             rows = slice(offsets[r], offsets[r] + SIZES[world][r])
-            torch.testing.assert_close(per_rank[r][name][1], world * emb.grad[rows], msg=f"{name} rank {r}")
+            torch.testing.assert_close(per_rank[r][name][1], scale * emb.grad[rows], msg=f"{name} rank {r}")
     # The miner's local anchors index this rank's batch; positives/negatives index the gathered batch.
     a_all, p_all, n_all = mine_triplets(x, labels)
     gathered = []

@@ -152,6 +152,53 @@ def test_cross_batch_memory_step_that_wraps_the_ring_is_one_fused_step(gpu_like_
     assert dict(wrapped.aten) == {"aten.ones_like.default": 1, "aten.copy_.default": 4}, wrapped.aten
 
 
+def _cross_rank_steps(rank: int, world: int) -> dict:
+    """Profiles of one cross_rank batch-hard and ATL step on this gloo rank (run_on_ranks)."""
+    import triton
+
+    import torchfg.ops.triplet.triton as mining
+
+    # gpu_like_splits, in the spawned process.
+    mining._INTERPRETER_CONFIG = dataclasses.replace(mining._INTERPRETER_CONFIG, candidates_per_split=None)
+    mining._default_candidates_per_split = lambda n, m, device: triton.cdiv(m, 2)
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randn(16, D, generator=g).to(torch.bfloat16).requires_grad_()
+    labels = (torch.arange(16) // 4 + 2 * rank) % 6  # classes shared across the ranks
+    text = torch.randn(16, TEXT, generator=g).to(torch.bfloat16)
+    steps = {
+        "batch_hard": lambda: triplet_margin_loss(x, labels, cross_rank=True, backend="triton").backward(),
+        "atl": lambda: adaptive_triplet_loss(x, labels, text, cross_rank=True, backend="triton").backward(),
+    }
+    profiles = {}
+    for kind, step in steps.items():
+        p = profile_step(step)
+        x.grad = None
+        profiles[kind] = (dict(p.triton), dict(p.aten))
+    return profiles
+
+
+@requires_triton
+@pytest.mark.distributed
+def test_cross_rank_step_is_the_fused_step():
+    # cross_rank=True (2 gloo ranks): the fused Triton launches of a single-process step, on the
+    # gathered batch (the backward in two launches: this rank's anchors, and the gathered rows as
+    # partners), instead of mining, a split merge, the pair-distance kernels and ATen's hinge and
+    # reduction. The gather's and the input exchange's ops come on top (on the CPU here: on a GPU
+    # most of them are host-side metadata checks), so ATen ops are not counted.
+    from dist_utils import run_on_ranks
+
+    results = run_on_ranks(_cross_rank_steps, 2)
+    assert all(r[0] == "ok" for r in results), [r[1:] for r in results if r[0] != "ok"]
+    for profiles in (r[1] for r in results):
+        for kind, (triton_launches, aten) in profiles.items():
+            # Row statistics of the anchors and of the gathered rows, two per launch (ATL: their
+            # texts' too).
+            assert triton_launches == {"_row_stat_kernel": 1 if kind == "batch_hard" else 2, "_mine_hardest_kernel": 2,
+                                       "_hardest_triplet_fwd_kernel": 1, "_hardest_triplet_bwd_kernel": 2}, \
+                (kind, triton_launches)
+            assert "aten.relu.default" not in aten and "aten.threshold_backward.default" not in aten, (kind, aten)
+
+
 def _linear(values: list[int]) -> tuple[float, float]:
     (n0, n1), (v0, v1) = SIZES[:2], values[:2]
     slope = (v1 - v0) / (n1 - n0)

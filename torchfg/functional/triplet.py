@@ -6,9 +6,10 @@ selected pairs is then recomputed exactly from ``a - b`` on the gathered rows
 is chunked), so for
 ``batch_hard`` and the adaptive loss the backward touches 2N pairs: O(N D) time and memory, never
 an N x N matrix. The euclidean gradient at zero distance (duplicate embeddings) is 0, never NaN.
-On the Triton backend (and without ``swap`` or ``cross_rank``) those two run as the single fused
-op :func:`torchfg.ops.hardest_triplet_loss.hardest_triplet_loss`: the same loss and gradient in
-five or six kernel launches per step.
+On the Triton backend (and without ``swap``) those two run as the single fused op
+:func:`torchfg.ops.hardest_triplet_loss.hardest_triplet_loss`: the same loss and gradient in
+five or six kernel launches per step (with ``cross_rank``, on the gathered batch, then reduced
+over ranks).
 
 Anchors always come from ``embeddings``; positives and negatives come from a candidate set, which
 is ``embeddings`` itself (anchor i is then candidate i and never its own positive) or a separate
@@ -51,7 +52,7 @@ from torchfg.functional._triplet_selection import (
     select_triplets,
     violating,
 )
-from torchfg.ops.hardest_triplet_loss import hardest_triplet_loss
+from torchfg.ops.hardest_triplet_loss import hardest_triplet_loss, hardest_triplet_loss_with_count
 from torchfg.ops.hardest_triplet_loss.reference import text_cosine, unpaired_anchor_losses
 from torchfg.ops.pair_distances import anchor_pair_distances, pair_distances
 from torchfg.ops.metric import DEFAULT_METRIC, METRICS
@@ -168,10 +169,11 @@ def _reduce(
     counted: torch.Tensor | None,
     reduction: str,
     cross_rank: bool = False,
-    count: int | None = None,
+    count: int | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """losses: (K,) with zeros where ``counted`` is False (None: all counted); ``count``: the
-    divisor of ``"mean"`` when it is not K (``"all"`` mining lists only the violating triplets).
+    divisor of ``"mean"`` when it is not K (``"all"`` mining lists only the violating triplets;
+    a fused loss's sum, K = 1, comes with its count as a 0-d tensor).
 
     With ``cross_rank`` the count is summed over ranks and the result scaled by the world size
     (see the module docstring), so that DDP's averaging gives the single-process gradient.
@@ -182,7 +184,9 @@ def _reduce(
     if reduction == "sum":
         return total
     if reduction == "mean":
-        if count is not None:
+        if isinstance(count, torch.Tensor):
+            divisor = count
+        elif count is not None:
             divisor = torch.tensor(count, device=losses.device)
         else:
             divisor = losses.new_tensor(losses.shape[0]) if counted is None else counted.sum()
@@ -459,6 +463,10 @@ def _hardest_triplet_losses(
     return torch.where(valid, losses, unpaired_anchor_losses(embeddings, text, losses.dtype)), valid
 
 
+# The fused op's reduction for a reduction over ranks: the sum (with its count) or the per-anchor losses.
+_CROSS_RANK_OP_REDUCTION = {"mean": "sum", "mean_nonzero": "none"}
+
+
 def _batch_hard_loss(
     embeddings: torch.Tensor,
     labels: torch.Tensor,
@@ -478,18 +486,29 @@ def _batch_hard_loss(
     cross_rank: bool,
     backend: str,
 ) -> torch.Tensor:
-    """The reduced batch-hard / ATL loss. On the Triton backend (without ``swap`` or
-    ``cross_rank``) the one fused op :func:`torchfg.ops.hardest_triplet_loss.hardest_triplet_loss`;
-    elsewhere the per-anchor losses of :func:`_hardest_triplet_losses`, reduced."""
+    """The reduced batch-hard / ATL loss. On the Triton backend (without ``swap``) the one fused op
+    :func:`torchfg.ops.hardest_triplet_loss.hardest_triplet_loss`; elsewhere the per-anchor losses
+    of :func:`_hardest_triplet_losses`, reduced."""
     hardest: _HardestSettings = {"metric": metric, "base_margin": base_margin, "margin_scale": margin_scale,
                                  "text_positive_threshold": text_positive_threshold, "smooth": smooth}
-    if not (swap or cross_rank) and resolve_backend(
-        "hardest_triplet_loss", embeddings.device, embeddings.dtype, backend
-    ) == "triton":
-        return hardest_triplet_loss(
+    if not swap and resolve_backend("hardest_triplet_loss", embeddings.device, embeddings.dtype, backend) == "triton":
+        if not cross_rank:
+            return hardest_triplet_loss(
+                embeddings, candidates, labels, candidate_labels, text_embeddings, candidate_text,
+                **_self_rows(anchor_offset), reduction=reduction, backend="triton", **hardest,
+            )
+        # Across ranks the op reduces this rank's anchors, and the means divide by the count over
+        # all ranks: the op's sum and count ("mean"), or its per-anchor losses ("mean_nonzero").
+        loss, count = hardest_triplet_loss_with_count(
             embeddings, candidates, labels, candidate_labels, text_embeddings, candidate_text,
-            **_self_rows(anchor_offset), reduction=reduction, backend="triton", **hardest,
+            **_self_rows(anchor_offset), reduction=_CROSS_RANK_OP_REDUCTION.get(reduction, reduction),
+            backend="triton", **hardest,
         )
+        if reduction == "mean":
+            loss = _reduce(loss.reshape(1), None, "mean", cross_rank, count=count.reshape(()))
+        elif reduction in ("sum", "mean_nonzero"):
+            loss = _reduce(loss.reshape(-1), None, reduction, cross_rank)
+        return _keep_gather_in_graph(loss, candidates, cross_rank)
     losses, valid = _hardest_triplet_losses(
         embeddings, labels, candidates, candidate_labels, anchor_offset, text_embeddings=text_embeddings,
         candidate_text=candidate_text, swap=swap, backend=backend, **hardest,

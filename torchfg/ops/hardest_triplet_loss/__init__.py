@@ -245,6 +245,37 @@ def hardest_triplet_loss(
         >>> round(loss.item(), 4), x.grad.squeeze(1).tolist()
         (1.375, [-0.25, 1.25, -1.25, 0.25])
     """
+    return hardest_triplet_loss_with_count(
+        anchors, candidates, anchor_labels, candidate_labels, anchor_text, candidate_text, metric=metric,
+        base_margin=base_margin, margin_scale=margin_scale, text_positive_threshold=text_positive_threshold,
+        exclude_self=exclude_self, anchor_offset=anchor_offset, smooth=smooth, reduction=reduction, backend=backend,
+    )[0]
+
+
+def hardest_triplet_loss_with_count(
+    anchors: torch.Tensor,
+    candidates: torch.Tensor,
+    anchor_labels: torch.Tensor,
+    candidate_labels: torch.Tensor,
+    anchor_text: torch.Tensor | None = None,
+    candidate_text: torch.Tensor | None = None,
+    *,
+    metric: str = DEFAULT_METRIC,
+    base_margin: float = 0.2,
+    margin_scale: float = 0.0,
+    text_positive_threshold: float | None = None,
+    exclude_self: bool = False,
+    anchor_offset: int = 0,
+    smooth: bool = False,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`hardest_triplet_loss` and the divisor of its means: (loss, count), count a (1,) tensor
+    (no gradient) of the anchors with a triplet, those with a positive loss for ``"mean_nonzero"``.
+
+    What a reduction over several processes needs: each adds up its anchors' losses (``"sum"``) and
+    divides by the count summed over all of them.
+    """
     anchor_labels, candidate_labels, self_offset = _check_mining_inputs(
         anchors, candidates, anchor_labels, candidate_labels, metric, exclude_self, anchor_offset
     )
@@ -265,4 +296,4 @@ def hardest_triplet_loss(
         anchors, None if same else candidates, anchor_labels, candidate_labels, anchor_text, candidate_text, metric,
         base_margin, margin_scale, text_positive_threshold, self_offset, smooth, reduction, link, backend,
     )
-    return outputs[0]
+    return outputs[0], outputs[3]
