@@ -1249,6 +1249,25 @@ def test_indices_tuple_index_equal_to_the_row_count_is_rejected():
             TF.triplet_margin_loss(e, labels, tuple_)
 
 
+@pytest.mark.parametrize("size", [3, 4])
+def test_an_empty_indices_tuple_of_any_dtype_lists_no_triplet(size):
+    """A custom miner's "none found" is often ``torch.tensor([])``, which is float32: PML takes an
+    empty tuple of any dtype as no triplets (zero loss); torchfg raised a TypeError. A non-empty
+    float index is still refused, naming the argument."""
+    e = torch.randn(4, 3, generator=torch.Generator().manual_seed(33), dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 0, 1, 1])
+    for reduction in ("mean", "sum", "none"):
+        loss = TF.triplet_margin_loss(e, labels, (torch.tensor([]),) * size, reduction=reduction)
+        same = TF.triplet_margin_loss(e, labels, (torch.empty(0, dtype=torch.int64),) * size, reduction=reduction)
+        assert loss.shape == same.shape and torch.equal(loss.detach(), same.detach()), reduction
+        (grad,) = torch.autograd.grad(loss.sum(), e)
+        assert torch.equal(grad, torch.zeros_like(e))
+    with pytest.raises(TypeError, match="indices_tuple anchors must be a 1-D integer tensor"):
+        TF.triplet_margin_loss(e, labels, (torch.tensor([0.0]), torch.tensor([1]), torch.tensor([3])))
+    with pytest.raises(TypeError, match="indices_tuple positives must be a 1-D integer tensor"):
+        TF.triplet_margin_loss(e, labels, (torch.tensor([0]), torch.empty(0, 1), torch.tensor([3])))
+
+
 @pytest.mark.parametrize("backend", backends_to_test())
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])
 def test_a_diverged_anchor_without_a_positive_still_gives_a_nan_loss(backend, bad):

@@ -591,7 +591,10 @@ def _check_indices_tuple(
     tensors = []
     for name, t in zip(names, indices_tuple):
         t = check_tensor(t, f"indices_tuple {name}")
-        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool or t.dim() != 1:
+        # An empty 1-D tensor of any dtype lists no triplet, as pytorch-metric-learning takes it
+        # (``torch.tensor([])`` is float32: a custom miner's "none found").
+        empty = t.dim() == 1 and t.numel() == 0
+        if not empty and (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool or t.dim() != 1):
             raise TypeError(f"indices_tuple {name} must be a 1-D integer tensor, got {t.dtype} of shape {tuple(t.shape)}")
         tensors.append(t.to(device, torch.int64))
     groups = [(0, 1, 2)] if len(tensors) == 3 else [(0, 1), (2, 3)]
