@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from torchfg import backends
+from torchfg.errors import BackendUnavailableError
 
 
 @pytest.mark.parametrize("value", ["1", "true", "True", "ON", "yes", "y", "0", "false", "off", "no", "2", "", " 1"])
@@ -118,6 +119,41 @@ def test_the_installed_check_of_cpu_calls_is_cached(monkeypatch):
         backends.triton_status(torch.device("cpu"))
     assert calls.count("triton") == 1
     assert backends._triton_installed._dynamo_marked_constant
+
+
+@pytest.fixture
+def triton_version(monkeypatch):
+    """Set the installed triton's reported version for one test (the probe's cache is cleared
+    before and after)."""
+    triton = pytest.importorskip("triton")
+    backends._probe_triton_import.cache_clear()
+
+    def set_version(version: str) -> None:
+        monkeypatch.setattr(triton, "__version__", version)
+        backends._probe_triton_import.cache_clear()
+
+    yield set_version
+    monkeypatch.undo()
+    backends._probe_triton_import.cache_clear()
+
+
+def test_a_triton_older_than_the_kernels_need_is_unavailable(triton_version, monkeypatch):
+    """triton 3.4 (what torch 2.8's CUDA wheels pin) cannot compile the fp64 kernels: it is
+    reported unavailable, naming both versions, and "auto" takes the torch backend, instead of a
+    compile error inside a training step."""
+    import torchfg
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    triton_version("3.4.0")
+    ok, why = backends.triton_status(torch.device("cpu"))
+    assert not ok and "triton 3.4.0 is older than 3.5" in why, why
+    x = torch.randn(6, 3, dtype=torch.float64)
+    assert backends.resolve_backend("pairwise_distance", x.device, x.dtype, "auto") == "torch"
+    with pytest.raises(BackendUnavailableError, match="older than 3.5"):
+        torchfg.pairwise_distance(x, backend="triton")
+    for version in ("3.5.0", "3.5.1+git8a1e2f", "3.10.0"):
+        triton_version(version)
+        assert backends.triton_status(torch.device("cpu")) == (True, f"triton {version} (interpreter, TRITON_INTERPRET=1)")
 
 
 def test_constructors_refuse_a_backend_their_op_lacks():

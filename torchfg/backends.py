@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import itertools
 import os
 import threading
 from dataclasses import dataclass
@@ -108,6 +109,22 @@ def _probe_triton_installed() -> bool:
 
 _NOT_INSTALLED = "triton is not installed (pip install 'torchfg[triton]')"
 
+# The oldest Triton the kernels compile with (every kernel, sm_90, benchmarks/compile_sm90.py):
+# 3.4 cannot compile fp64 tl.dot (the fp64 pairwise and mining kernels). pyproject's extra asks
+# for it too, but an environment can hold an older one (torch 2.8's CUDA wheels pin 3.4).
+MIN_TRITON = (3, 5)
+
+
+def _triton_version(version: str) -> tuple[int, ...]:
+    """(major, minor) of a version string such as ``3.6.0`` or ``3.5.1+git1234``; () if unreadable."""
+    parts = []
+    for part in version.split(".")[:2]:
+        digits = "".join(itertools.takewhile(str.isdigit, part))
+        if not digits:
+            return ()
+        parts.append(int(digits))
+    return tuple(parts)
+
 
 @functools.lru_cache(maxsize=None)
 def _probe_triton_import() -> tuple[bool, str]:
@@ -119,7 +136,12 @@ def _probe_triton_import() -> tuple[bool, str]:
             import triton.language  # noqa: F401
         except Exception as exc:  # a broken install must not break torchfg
             return False, f"triton failed to import: {exc!r}"
-    return True, f"triton {triton.__version__}"
+    version = str(getattr(triton, "__version__", ""))
+    if _triton_version(version) < MIN_TRITON:
+        minimum = ".".join(map(str, MIN_TRITON))
+        return False, f"triton {version or '(unknown version)'} is older than {minimum}, which torchfg's kernels need " \
+                      f"(pip install 'triton>={minimum}')"
+    return True, f"triton {version}"
 
 
 def triton_status(device: torch.device | None = None) -> tuple[bool, str]:
