@@ -12,8 +12,9 @@ from torchfg.losses import AdaptiveTripletLoss, TripletMarginLoss
 
 pytestmark = pytest.mark.distributed
 
-# Rows per rank. World 3: rank 1 is empty; rank 2's items have labels found nowhere else.
-SIZES = {2: [5, 7], 3: [6, 0, 3]}
+# Rows per rank. World 3: rank 1's items have labels found nowhere else; rank 2, the last, is
+# empty (its anchors start at the gathered batch's end: the fused op once refused that offset).
+SIZES = {2: [5, 7], 3: [6, 3, 0]}
 TEXT_DIM = 5
 
 
@@ -21,7 +22,7 @@ def _rank_batch(rank: int, world: int):
     g = torch.Generator().manual_seed(10 * world + rank)
     n = SIZES[world][rank]
     x = torch.randn(n, 4, generator=g, dtype=torch.float64)
-    if world == 3 and rank == 2:
+    if world == 3 and rank == 1:
         labels = torch.arange(100, 100 + n)  # singletons: no positive on any rank
     else:
         labels = torch.randint(0, 3, (n,), generator=g)

@@ -499,10 +499,12 @@ def _batch_hard_loss(
             )
         # Across ranks the op reduces this rank's anchors, and the means divide by the count over
         # all ranks: the op's sum and count ("mean"), or its per-anchor losses ("mean_nonzero").
+        # A rank without rows has no self rows to exclude (the last one's offset is the gathered
+        # batch's end, which the op refuses).
         loss, count = hardest_triplet_loss_with_count(
             embeddings, candidates, labels, candidate_labels, text_embeddings, candidate_text,
-            **_self_rows(anchor_offset), reduction=_CROSS_RANK_OP_REDUCTION.get(reduction, reduction),
-            backend="triton", **hardest,
+            **_self_rows(anchor_offset if embeddings.shape[0] else None),
+            reduction=_CROSS_RANK_OP_REDUCTION.get(reduction, reduction), backend="triton", **hardest,
         )
         if reduction == "mean":
             loss = _reduce(loss.reshape(1), None, "mean", cross_rank, count=count.reshape(()))
