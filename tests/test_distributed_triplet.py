@@ -105,6 +105,29 @@ def test_cross_rank_equals_single_process(world, backend):
         assert per_rank[r]["bad"] is not None and "labels" in per_rank[r]["bad"], per_rank[r]["bad"]
 
 
+def _per_anchor_losses_with_a_diverged_row(rank: int, world: int, backend: str):
+    x, labels, text = _rank_batch(rank, world)
+    if rank == 1:
+        x[2, 0] = float("nan")
+    emb = x.clone().requires_grad_()
+    loss = triplet_margin_loss(emb, labels, margin=0.3, reduction="none", cross_rank=True, backend=backend)
+    loss.sum().backward()
+    return loss.detach()
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=requires_triton)])
+def test_a_diverged_row_on_one_rank_leaves_the_other_per_anchor_losses_as_in_one_process(backend):
+    # reduction="none": the gather's graph connection added NaN (the NaN row's sum x 0) to every
+    # anchor's loss on every rank, where a single process gives NaN only where the row reaches.
+    results = run_on_ranks(_per_anchor_losses_with_a_diverged_row, 2, backend)
+    assert all(r[0] == "ok" for r in results), [r[1:] for r in results if r[0] != "ok"]
+    x, labels, _ = _concatenated(2)
+    x[SIZES[2][0] + 2, 0] = float("nan")
+    single = triplet_margin_loss(x, labels, margin=0.3, reduction="none", backend=backend)
+    assert single.isfinite().sum() > 0
+    torch.testing.assert_close(torch.cat([r[1] for r in results]), single, equal_nan=True)
+
+
 def test_ddp_example_runs_under_torchrun():
     import os
     import subprocess

@@ -157,7 +157,12 @@ def _keep_gather_in_graph(loss: torch.Tensor, candidates: torch.Tensor, cross_ra
     # as it does to the single-process loss.
     if cross_rank and is_distributed() and candidates.requires_grad:
         acc = torch.float64 if candidates.dtype == torch.float64 else torch.float32
-        return loss + candidates.sum(dtype=acc).to(loss.dtype) * 0.0
+        total = candidates.sum(dtype=acc)
+        if loss.dim():
+            # Per-anchor losses ("none"): a NaN or inf row on some rank must not turn every
+            # anchor's loss NaN (only those it reaches, as in a single process).
+            total = torch.nan_to_num(total, nan=0.0, posinf=0.0, neginf=0.0)
+        return loss + total.to(loss.dtype) * 0.0
     return loss
 
 
