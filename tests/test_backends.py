@@ -143,17 +143,22 @@ def test_a_triton_older_than_the_kernels_need_is_unavailable(triton_version, mon
     compile error inside a training step."""
     import torchfg
 
+    # Under the interpreter a CUDA device counts as available: "auto" there is the GPU's choice.
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    cuda = torch.device("cuda")
+    triton_version("3.6.0")
+    assert backends.resolve_backend("pairwise_distance", cuda, torch.float64, "auto") == "triton"
     triton_version("3.4.0")
     ok, why = backends.triton_status(torch.device("cpu"))
     assert not ok and "triton 3.4.0 is older than 3.5" in why, why
-    x = torch.randn(6, 3, dtype=torch.float64)
-    assert backends.resolve_backend("pairwise_distance", x.device, x.dtype, "auto") == "torch"
+    assert backends.resolve_backend("pairwise_distance", cuda, torch.float64, "auto") == "torch"
     with pytest.raises(BackendUnavailableError, match="older than 3.5"):
-        torchfg.pairwise_distance(x, backend="triton")
-    for version in ("3.5.0", "3.5.1+git8a1e2f", "3.10.0"):
+        torchfg.pairwise_distance(torch.randn(6, 3, dtype=torch.float64), backend="triton")
+    # Newer ones, and versions that do not say (a source build), are taken.
+    for version in ("3.5.0", "3.5.1+git8a1e2f", "3.7rc1", "3.10.0", "unknown", ""):
         triton_version(version)
         assert backends.triton_status(torch.device("cpu")) == (True, f"triton {version} (interpreter, TRITON_INTERPRET=1)")
+    assert [backends.parse_triton_version(v) for v in ("3.6.0.post1", "3", " 3.6", "v3.5")] == [(3, 6), (3, 0), (3, 6), None]
 
 
 def test_constructors_refuse_a_backend_their_op_lacks():

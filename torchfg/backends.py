@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import itertools
 import os
+import re
 import threading
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -45,8 +45,10 @@ __all__ = [
     "register_op",
     "registered_ops",
     "resolve_backend",
+    "parse_triton_version",
     "triton_status",
     "triton_interpreter_enabled",
+    "MIN_TRITON",
 ]
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
@@ -115,15 +117,13 @@ _NOT_INSTALLED = "triton is not installed (pip install 'torchfg[triton]')"
 MIN_TRITON = (3, 5)
 
 
-def _triton_version(version: str) -> tuple[int, ...]:
-    """(major, minor) of a version string such as ``3.6.0`` or ``3.5.1+git1234``; () if unreadable."""
-    parts = []
-    for part in version.split(".")[:2]:
-        digits = "".join(itertools.takewhile(str.isdigit, part))
-        if not digits:
-            return ()
-        parts.append(int(digits))
-    return tuple(parts)
+def parse_triton_version(version: str) -> tuple[int, int] | None:
+    """(major, minor) of a version string such as ``3.6.0``, ``3.5.1+git1234`` or ``3.7rc1``;
+    None if it does not start with a number (such a build is given the benefit of the doubt)."""
+    match = re.match(r"\s*([0-9]+)(?:\.([0-9]+))?", version)
+    if match is None:
+        return None
+    return int(match.group(1)), int(match.group(2) or 0)
 
 
 @functools.lru_cache(maxsize=None)
@@ -137,9 +137,10 @@ def _probe_triton_import() -> tuple[bool, str]:
         except Exception as exc:  # a broken install must not break torchfg
             return False, f"triton failed to import: {exc!r}"
     version = str(getattr(triton, "__version__", ""))
-    if _triton_version(version) < MIN_TRITON:
+    parsed = parse_triton_version(version)
+    if parsed is not None and parsed < MIN_TRITON:
         minimum = ".".join(map(str, MIN_TRITON))
-        return False, f"triton {version or '(unknown version)'} is older than {minimum}, which torchfg's kernels need " \
+        return False, f"triton {version} is older than {minimum}, which torchfg's kernels need " \
                       f"(pip install 'triton>={minimum}')"
     return True, f"triton {version}"
 
