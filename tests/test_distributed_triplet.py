@@ -5,24 +5,29 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import requires_triton
+from conftest import TEST_DEVICE, requires_triton
 from dist_utils import run_on_ranks
 from torchfg.functional import adaptive_triplet_loss, mine_triplets, triplet_margin_loss
 from torchfg.losses import AdaptiveTripletLoss, TripletMarginLoss
 
 pytestmark = pytest.mark.distributed
 
-# Rows per rank. World 3: rank 1's items have labels found nowhere else; rank 2, the last, is
-# empty (its anchors start at the gathered batch's end: the fused op once refused that offset).
-SIZES = {2: [5, 7], 3: [6, 3, 0]}
+# Rows per rank of each layout (its world size is their count), and the rank whose items have
+# labels found nowhere else. Layout 3: rank 1 is empty. "3 last empty": rank 2, the last, is (its
+# anchors start at the gathered batch's end, an offset the mining ops refuse: that rank raised and
+# the others waited in a collective).
+SIZES = {2: [5, 7], 3: [6, 0, 3], "3 last empty": [6, 3, 0]}
+SINGLETONS = {3: 2, "3 last empty": 1}
 TEXT_DIM = 5
+# CPU tensors (gloo) take the Triton backend under the interpreter only.
+cpu_triton = [requires_triton, pytest.mark.skipif(TEST_DEVICE.type == "cuda", reason="gloo ranks hold CPU tensors")]
 
 
-def _rank_batch(rank: int, world: int):
-    g = torch.Generator().manual_seed(10 * world + rank)
-    n = SIZES[world][rank]
+def _rank_batch(rank: int, layout: int | str):
+    g = torch.Generator().manual_seed(10 * len(SIZES[layout]) + rank)
+    n = SIZES[layout][rank]
     x = torch.randn(n, 4, generator=g, dtype=torch.float64)
-    if world == 3 and rank == 1:
+    if SINGLETONS.get(layout) == rank:
         labels = torch.arange(100, 100 + n)  # singletons: no positive on any rank
     else:
         labels = torch.randint(0, 3, (n,), generator=g)
@@ -30,8 +35,8 @@ def _rank_batch(rank: int, world: int):
     return x, labels, text
 
 
-def _concatenated(world: int):
-    parts = [_rank_batch(r, world) for r in range(world)]
+def _concatenated(layout: int | str):
+    parts = [_rank_batch(r, layout) for r in range(len(SIZES[layout]))]
     return tuple(torch.cat(p) for p in zip(*parts))
 
 
@@ -45,11 +50,14 @@ LOSSES = {
     "atl_none": lambda x, y, t, **kw: adaptive_triplet_loss(x, y, t, margin_scale=0.8, reduction="none", **kw),
     "module_triplet": lambda x, y, t, **kw: TripletMarginLoss(margin=0.3, **kw)(x, y),
     "module_atl": lambda x, y, t, **kw: AdaptiveTripletLoss(margin_scale=0.5, **kw)(x, y, t),
+    # PyTorch mining only, whatever the backend asked for the others.
+    "semi_hard": lambda x, y, t, backend, **kw: triplet_margin_loss(x, y, margin=0.3, mining="semi_hard", **kw),
+    "all_sum": lambda x, y, t, backend, **kw: triplet_margin_loss(x, y, margin=0.3, mining="all", reduction="sum", **kw),
 }
 
 
-def _cross_rank_losses(rank: int, world: int, backend: str = "auto"):
-    x, labels, text = _rank_batch(rank, world)
+def _cross_rank_losses(rank: int, world: int, layout: int | str, backend: str):
+    x, labels, text = _rank_batch(rank, layout)
     out = {}
     for name, fn in LOSSES.items():
         emb = x.clone().requires_grad_()
@@ -57,6 +65,7 @@ def _cross_rank_losses(rank: int, world: int, backend: str = "auto"):
         loss.sum().backward()
         out[name] = (loss.detach(), emb.grad)
     out["miner"] = mine_triplets(x, labels, cross_rank=True)
+    out["semi_hard_miner"] = mine_triplets(x, labels, strategy="semi_hard", cross_rank=True)
     try:
         bad_labels = labels[:-1] if rank == 0 else labels
         triplet_margin_loss(x.clone().requires_grad_(), bad_labels, cross_rank=True)
@@ -66,19 +75,20 @@ def _cross_rank_losses(rank: int, world: int, backend: str = "auto"):
     return out
 
 
-@pytest.mark.parametrize("backend", ["auto", pytest.param("triton", marks=requires_triton)])
-@pytest.mark.parametrize("world", [2, 3])
-def test_cross_rank_equals_single_process(world, backend):
+@pytest.mark.parametrize("backend", ["auto", pytest.param("triton", marks=cpu_triton)])
+@pytest.mark.parametrize("layout", list(SIZES))
+def test_cross_rank_equals_single_process(layout, backend):
     # "triton": the fused loss op on the gathered batch (Triton's interpreter on the CPU), against
     # the single-process loss of the default backend.
-    results = run_on_ranks(_cross_rank_losses, world, backend)
+    world = len(SIZES[layout])
+    results = run_on_ranks(_cross_rank_losses, world, layout, backend)
     assert all(r[0] == "ok" for r in results), [r[1:] for r in results if r[0] != "ok"]
     per_rank = [r[1] for r in results]
-    x, labels, text = _concatenated(world)
-    offsets = [sum(SIZES[world][:r]) for r in range(world)]
+    x, labels, text = _concatenated(layout)
+    offsets = [sum(SIZES[layout][:r]) for r in range(world)]
     for name, fn in LOSSES.items():
         emb = x.clone().requires_grad_()
-        loss = fn(emb, labels, text)
+        loss = fn(emb, labels, text, backend="auto")
         loss.sum().backward()
         if loss.dim():  # "none": this rank's anchors' losses, unscaled (and so is their gradient)
             torch.testing.assert_close(torch.cat([p[name][0] for p in per_rank]), loss.detach(), msg=name)
@@ -90,17 +100,18 @@ def test_cross_rank_equals_single_process(world, backend):
             torch.testing.assert_close(torch.stack([p[name][0] for p in per_rank]).mean(), loss.detach(), msg=name)
             scale = world
         for r in range(world):
-            rows = slice(offsets[r], offsets[r] + SIZES[world][r])
+            rows = slice(offsets[r], offsets[r] + SIZES[layout][r])
             torch.testing.assert_close(per_rank[r][name][1], scale * emb.grad[rows], msg=f"{name} rank {r}")
     # The miner's local anchors index this rank's batch; positives/negatives index the gathered batch.
-    a_all, p_all, n_all = mine_triplets(x, labels)
-    gathered = []
-    for r in range(world):
-        a, p, n = per_rank[r]["miner"]
-        gathered.append(torch.stack([a + offsets[r], p, n], 1))
     as_set = lambda t: {tuple(row) for row in t.tolist()}  # noqa: E731
-    assert as_set(torch.cat(gathered)) == as_set(torch.stack([a_all, p_all, n_all], 1))
-    assert len(torch.cat(gathered)) == len(a_all)
+    for miner, strategy in (("miner", "batch_hard"), ("semi_hard_miner", "semi_hard")):
+        a_all, p_all, n_all = mine_triplets(x, labels, strategy=strategy)
+        gathered = []
+        for r in range(world):
+            a, p, n = per_rank[r][miner]
+            gathered.append(torch.stack([a + offsets[r], p, n], 1))
+        assert as_set(torch.cat(gathered)) == as_set(torch.stack([a_all, p_all, n_all], 1)), strategy
+        assert len(torch.cat(gathered)) == len(a_all), strategy
     for r in range(world):
         assert per_rank[r]["bad"] is not None and "labels" in per_rank[r]["bad"], per_rank[r]["bad"]
 
@@ -115,7 +126,7 @@ def _per_anchor_losses_with_a_diverged_row(rank: int, world: int, backend: str):
     return loss.detach()
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=requires_triton)])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=cpu_triton)])
 def test_a_diverged_row_on_one_rank_leaves_the_other_per_anchor_losses_as_in_one_process(backend):
     # reduction="none": the gather's graph connection added NaN (the NaN row's sum x 0) to every
     # anchor's loss on every rank, where a single process gives NaN only where the row reaches.

@@ -8,8 +8,9 @@ is chunked), so for
 an N x N matrix. The euclidean gradient at zero distance (duplicate embeddings) is 0, never NaN.
 On the Triton backend (and without ``swap``) those two run as the single fused op
 :func:`torchfg.ops.hardest_triplet_loss.hardest_triplet_loss`: the same loss and gradient in
-five or six kernel launches per step (with ``cross_rank``, on the gathered batch, then reduced
-over ranks).
+five or six kernel launches per step, autograd's seed included. With ``cross_rank`` the same op
+mines this rank's anchors against the gathered batch (its backward in two launches: the anchors'
+gradient and the gathered rows'), then the loss is reduced over ranks.
 
 Anchors always come from ``embeddings``; positives and negatives come from a candidate set, which
 is ``embeddings`` itself (anchor i is then candidate i and never its own positive) or a separate
@@ -21,7 +22,9 @@ candidate ``offset + i``. Scaling: the returned value on each rank is ``world_si
 share of the loss over the concatenated batch, so the mean of the returned values over ranks equals
 the single-process loss and, after DDP's gradient averaging (a division by world size), the
 parameter gradient equals the single-process gradient exactly. The gradient with respect to this
-rank's embeddings is ``world_size x`` the single-process gradient of those rows.
+rank's embeddings is ``world_size x`` the single-process gradient of those rows. With
+``reduction="none"`` the value is this rank's per-anchor (or per-triplet) losses, unscaled, and so
+is their gradient.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ from torchfg.functional._triplet_selection import (
     select_triplets,
     violating,
 )
-from torchfg.ops.hardest_triplet_loss import hardest_triplet_loss, hardest_triplet_loss_with_count
+from torchfg.ops.hardest_triplet_loss import hardest_triplet_loss_with_count
 from torchfg.ops.hardest_triplet_loss.reference import text_cosine, unpaired_anchor_losses
 from torchfg.ops.pair_distances import anchor_pair_distances, pair_distances
 from torchfg.ops.metric import DEFAULT_METRIC, METRICS
@@ -137,16 +140,20 @@ def _validated(validate, cross_rank: bool, call: Mapping[str, object] | None = N
 
 def _gather_candidates(
     embeddings: torch.Tensor, labels: torch.Tensor, text_embeddings: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
-    """(candidates, candidate_labels, candidate_text, anchor_offset) over all ranks' batches."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int | None]:
+    """(candidates, candidate_labels, candidate_text, anchor_offset) over all ranks' batches;
+    ``anchor_offset`` None for a rank without rows (no self rows to exclude: the last such rank's
+    offset would be the gathered batch's end, which the mining ops refuse, and the other ranks
+    would then wait in a collective)."""
     batch = gather_batch(
         [embeddings, labels, text_embeddings],
         ["embeddings", "labels", "text_embeddings"],
         with_grad=[True, False, False],
     )
     candidates, candidate_labels, candidate_text = batch.tensors
+    offset = batch.offset if embeddings.shape[0] else None
     # Only text_embeddings may be None: the embeddings and labels gather to tensors.
-    return cast(torch.Tensor, candidates), cast(torch.Tensor, candidate_labels), candidate_text, batch.offset
+    return cast(torch.Tensor, candidates), cast(torch.Tensor, candidate_labels), candidate_text, offset
 
 
 def _keep_gather_in_graph(loss: torch.Tensor, candidates: torch.Tensor, cross_rank: bool) -> torch.Tensor:
@@ -497,24 +504,21 @@ def _batch_hard_loss(
     hardest: _HardestSettings = {"metric": metric, "base_margin": base_margin, "margin_scale": margin_scale,
                                  "text_positive_threshold": text_positive_threshold, "smooth": smooth}
     if not swap and resolve_backend("hardest_triplet_loss", embeddings.device, embeddings.dtype, backend) == "triton":
-        if not cross_rank:
-            return hardest_triplet_loss(
-                embeddings, candidates, labels, candidate_labels, text_embeddings, candidate_text,
-                **_self_rows(anchor_offset), reduction=reduction, backend="triton", **hardest,
-            )
         # Across ranks the op reduces this rank's anchors, and the means divide by the count over
         # all ranks: the op's sum and count ("mean"), or its per-anchor losses ("mean_nonzero").
-        # A rank without rows has no self rows to exclude (the last one's offset is the gathered
-        # batch's end, which the op refuses).
         loss, count = hardest_triplet_loss_with_count(
             embeddings, candidates, labels, candidate_labels, text_embeddings, candidate_text,
-            **_self_rows(anchor_offset if embeddings.shape[0] else None),
-            reduction=_CROSS_RANK_OP_REDUCTION.get(reduction, reduction), backend="triton", **hardest,
+            **_self_rows(anchor_offset), backend="triton", **hardest,
+            reduction=_CROSS_RANK_OP_REDUCTION.get(reduction, reduction) if cross_rank else reduction,
         )
+        if not cross_rank:
+            return loss
         if reduction == "mean":
             loss = _reduce(loss.reshape(1), None, "mean", cross_rank, count=count.reshape(()))
         elif reduction in ("sum", "mean_nonzero"):
             loss = _reduce(loss.reshape(-1), None, reduction, cross_rank)
+        # The op's backward already reaches the gather's (the gathered rows are its input); this
+        # keeps a NaN or inf row of any rank in every rank's reduced loss, as on the other paths.
         return _keep_gather_in_graph(loss, candidates, cross_rank)
     losses, valid = _hardest_triplet_losses(
         embeddings, labels, candidates, candidate_labels, anchor_offset, text_embeddings=text_embeddings,

@@ -24,7 +24,7 @@ from torchfg.ops.hardest_triplet_loss.reference import (
 from torchfg.ops.metric import DEFAULT_METRIC
 from torchfg.ops.triplet import HardestMiningSettings, _check_mining_inputs, _check_text_inputs
 
-__all__ = ["hardest_triplet_loss", "REDUCTIONS"]
+__all__ = ["hardest_triplet_loss", "hardest_triplet_loss_with_count", "REDUCTIONS"]
 
 REDUCTIONS = ("mean", "sum", "none", "mean_nonzero")
 
@@ -271,10 +271,11 @@ def hardest_triplet_loss_with_count(
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`hardest_triplet_loss` and the divisor of its means: (loss, count), count a (1,) tensor
-    (no gradient) of the anchors with a triplet, those with a positive loss for ``"mean_nonzero"``.
+    (no gradient) of the anchors with a triplet (for ``"mean_nonzero"``, those with a positive loss).
 
-    What a reduction over several processes needs: each adds up its anchors' losses (``"sum"``) and
-    divides by the count summed over all of them.
+    What a mean over several processes needs: each takes its anchors' ``"sum"`` and that count (of
+    the anchors with a triplet), and divides by the count summed over all of them. (For a mean over
+    the positive losses, take ``"none"`` and count the positive entries.)
     """
     anchor_labels, candidate_labels, self_offset = _check_mining_inputs(
         anchors, candidates, anchor_labels, candidate_labels, metric, exclude_self, anchor_offset
