@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from torchfg._validation import env_flag
-from torchfg.backends import parse_triton_version, triton_interpreter_enabled
+from torchfg.backends import triton_interpreter_enabled
 from torchfg.ops._triton_utils import LAUNCH_OPTIONS, MAX_GRID_YZ, cdiv, dot_dtypes, next_power_of_2
 from torchfg.ops.metric import metric_code, row_statistics
 from torchfg.ops.knn.reference import _float_of_ordered, _ordered_bits, select_candidates
@@ -43,8 +43,12 @@ MAX_K = 128
 # Whether _knn_filter_kernel appends from a flattened tile: triton >= 3.7 cannot compile the
 # append in the dot's layout. A global, not a parameter, so that the Triton that compiles the
 # kernel decides (compile_sm90.py compiles the specs traced under one Triton with another).
-# An unreadable version (a source build) counts as new.
-_FLAT_APPEND = tl.constexpr((parse_triton_version(triton.__version__) or (99, 0)) >= (3, 7))
+# The leading digits of major and minor ("3.7rc1" is 3.7); triton and builtins only, as
+# compile_sm90.py loads the kernels without the rest of torchfg.
+_FLAT_APPEND = tl.constexpr(
+    tuple(int(part[:len(part) - len(part.lstrip("0123456789"))] or 0) for part in triton.__version__.split(".")[:2])
+    >= (3, 7)
+)
 # Bytes of one list slot at the peak of its selection (see _filter_chunk_rows).
 _LIST_SLOT_BYTES = 32
 # Largest int32 offset of a list slot in one filter launch.
