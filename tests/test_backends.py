@@ -158,7 +158,7 @@ def test_a_triton_older_than_the_kernels_need_is_unavailable(triton_version, mon
     for version in ("3.5.0", "3.5.1+git8a1e2f", "3.7rc1", "3.10.0", "unknown", ""):
         triton_version(version)
         assert backends.triton_status(torch.device("cpu")) == (True, f"triton {version} (interpreter, TRITON_INTERPRET=1)")
-    assert [backends.parse_triton_version(v) for v in ("3.6.0.post1", "3", " 3.6", "v3.5")] == [(3, 6), (3, 0), (3, 6), None]
+    assert [backends._parse_triton_version(v) for v in ("3.6.0.post1", "3", " 3.6", "v3.5")] == [(3, 6), (3, 0), (3, 6), None]
 
 
 def test_constructors_refuse_a_backend_their_op_lacks():

@@ -45,7 +45,6 @@ __all__ = [
     "register_op",
     "registered_ops",
     "resolve_backend",
-    "parse_triton_version",
     "triton_status",
     "triton_interpreter_enabled",
     "MIN_TRITON",
@@ -117,7 +116,7 @@ _NOT_INSTALLED = "triton is not installed (pip install 'torchfg[triton]')"
 MIN_TRITON = (3, 5)
 
 
-def parse_triton_version(version: str) -> tuple[int, int] | None:
+def _parse_triton_version(version: str) -> tuple[int, int] | None:
     """(major, minor) of a version string such as ``3.6.0``, ``3.5.1+git1234`` or ``3.7rc1``;
     None if it does not start with a number (such a build is given the benefit of the doubt)."""
     match = re.match(r"\s*([0-9]+)(?:\.([0-9]+))?", version)
@@ -137,7 +136,7 @@ def _probe_triton_import() -> tuple[bool, str]:
         except Exception as exc:  # a broken install must not break torchfg
             return False, f"triton failed to import: {exc!r}"
     version = str(getattr(triton, "__version__", ""))
-    parsed = parse_triton_version(version)
+    parsed = _parse_triton_version(version)
     if parsed is not None and parsed < MIN_TRITON:
         minimum = ".".join(map(str, MIN_TRITON))
         return False, f"triton {version} is older than {minimum}, which torchfg's kernels need " \

@@ -196,10 +196,8 @@ def _reduce(
     if reduction == "sum":
         return total
     if reduction == "mean":
-        if isinstance(count, torch.Tensor):
-            divisor = count
-        elif count is not None:
-            divisor = torch.tensor(count, device=losses.device)
+        if count is not None:
+            divisor = torch.as_tensor(count, device=losses.device)
         else:
             divisor = losses.new_tensor(losses.shape[0]) if counted is None else counted.sum()
     else:  # mean_nonzero
@@ -513,10 +511,7 @@ def _batch_hard_loss(
         )
         if not cross_rank:
             return loss
-        if reduction == "mean":
-            loss = _reduce(loss.reshape(1), None, "mean", cross_rank, count=count.reshape(()))
-        elif reduction in ("sum", "mean_nonzero"):
-            loss = _reduce(loss.reshape(-1), None, reduction, cross_rank)
+        loss = _reduce(loss.reshape(-1), None, reduction, cross_rank, count=count.reshape(()) if reduction == "mean" else None)
         # The op's backward already reaches the gather's (the gathered rows are its input); this
         # keeps a NaN or inf row of any rank in every rank's reduced loss, as on the other paths.
         return _keep_gather_in_graph(loss, candidates, cross_rank)
