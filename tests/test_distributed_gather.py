@@ -180,3 +180,101 @@ def test_gathered_batch_copies_and_pickles():
     for clone in (copy.copy(batch), copy.deepcopy(batch), pickle.loads(pickle.dumps(batch))):
         assert isinstance(clone, GatheredBatch) and clone.offset == 1 and clone.sizes == [1, 2]
         assert torch.equal(clone.tensors[0], batch.tensors[0]) and clone.tensors[1] is None
+
+
+# ----------------------------------------------------------------------------- the status in the shape exchange
+
+
+def _gather_with_status(rank: int, world: int, case: str):
+    """gather_batch with this rank's validation outcome and call (rank 1 differs by ``case``)."""
+    x, labels = torch.randn(2 + rank, 4), torch.arange(2 + rank)
+    failed = rank == 1 and case == "error"
+    error = ValueError("margin must be finite, got nan") if failed else None
+    call = {"margin": 0.3 if rank == 1 and case == "call" else 0.2, "reduction": "mean"}
+    tensors = [None, None] if failed else [x, labels]
+    batch = gather_batch(tensors, ["embeddings", "labels"], error=error, call=call)
+    return batch.sizes, batch.offset, batch.tensors[1]
+
+
+@pytest.mark.parametrize("case", ["error", "call"])
+def test_an_error_or_another_call_in_the_shape_exchange_raises_on_every_rank(case):
+    """A rank whose checks failed passes its error and no tensors (it has none it could check):
+    every rank raises before anything is gathered, each with its own error or a ValueError naming
+    the other rank's; a different call raises the same way."""
+    results = run_on_ranks(_gather_with_status, 2, case)
+    assert all(r[0] == "error" for r in results), [r[:2] for r in results]
+    if case == "error":
+        assert "another rank" in results[0][1] and "margin must be finite" in results[0][1], results[0][1]
+        assert "margin must be finite" in results[1][1], results[1][1]
+    else:
+        for r in results:
+            assert "different calls" in r[1] and "margin: rank 0 0.2, rank 1 0.3" in r[1], r[1]
+
+
+def test_the_status_travels_with_the_shapes_in_one_collective():
+    results = run_on_ranks(_gather_with_status, 2, "ok")
+    assert all(r[0] == "ok" for r in results), [r[:2] for r in results]
+    for r, (_, (sizes, offset, labels)) in enumerate(results):
+        assert sizes == [2, 3] and offset == 2 * r
+        assert torch.equal(labels, torch.cat([torch.arange(2), torch.arange(3)]))
+
+
+def test_an_error_without_process_group_is_raised():
+    with pytest.raises(KeyError, match="here"):
+        gather_batch([None], ["x"], error=KeyError("here"))
+    with pytest.raises(ValueError, match="names must name each of the 2 tensors, got 1"):
+        gather_batch([torch.zeros(1), None], ["x"])
+
+
+def _collectives_of_a_step(rank: int, world: int, kind: str) -> dict[str, int]:
+    """How many collectives of each kind one cross_rank step (forward and backward) makes."""
+    import torch.distributed as dist
+
+    from torchfg.functional import adaptive_triplet_loss, mine_triplets, triplet_margin_loss
+    from torchfg.losses import CrossBatchMemory, TripletMarginLoss
+
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randn(6, 4, generator=g, requires_grad=True)
+    labels, text = torch.tensor([0, 0, 1, 1, 2, 2]) + rank, torch.randn(6, 3, generator=g)
+    xbm = CrossBatchMemory(TripletMarginLoss(cross_rank=True), 4, 32)
+    steps = {
+        "batch_hard": lambda: triplet_margin_loss(x, labels, cross_rank=True).backward(),
+        "atl": lambda: adaptive_triplet_loss(x, labels, text, cross_rank=True).backward(),
+        "mine_triplets": lambda: mine_triplets(x, labels, cross_rank=True),
+        "xbm": lambda: xbm(x, labels).backward(),
+    }
+    counts: dict[str, int] = {}
+    originals = {name: getattr(dist, name) for name in ("all_gather", "all_reduce", "all_gather_object", "broadcast")}
+
+    def counted(name):
+        def collective(*args, **kwargs):
+            counts[name] = counts.get(name, 0) + 1
+            return originals[name](*args, **kwargs)
+        return collective
+
+    for name in originals:
+        setattr(dist, name, counted(name))
+    try:
+        steps[kind]()
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+    return counts
+
+
+@pytest.mark.parametrize("kind, expected", [
+    # The inputs' status and shapes in one all_gather, then one per gathered tensor; the mean's
+    # count and the backward's gradient sum are all_reduces.
+    ("batch_hard", {"all_gather": 3, "all_reduce": 2}),
+    ("atl", {"all_gather": 4, "all_reduce": 2}),
+    ("mine_triplets", {"all_gather": 3}),
+    # The memory's rows arrive without gradient: no backward collective; the mean's count.
+    ("xbm", {"all_gather": 3, "all_reduce": 1}),
+])
+def test_a_cross_rank_step_exchanges_status_and_shapes_once(kind, expected):
+    """The status exchange (an error on any rank, the call's fingerprint) and the shape exchange
+    were two all_gathers, each a host synchronisation on NCCL; they are one."""
+    results = run_on_ranks(_collectives_of_a_step, 2, kind)
+    assert all(r[0] == "ok" for r in results), [r[:2] for r in results]
+    for r in results:
+        assert r[1] == expected, (kind, r[1])

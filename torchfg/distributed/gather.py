@@ -72,18 +72,26 @@ def _comm_device(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.devi
 
 
 def _exchange_shapes(
-    tensors: Sequence[torch.Tensor | None], names: Sequence[str], group: dist.ProcessGroup | None
+    tensors: Sequence[torch.Tensor | None],
+    names: Sequence[str],
+    group: dist.ProcessGroup | None,
+    error: BaseException | None = None,
+    call: Mapping[str, object] | None = None,
 ) -> torch.Tensor:
     """All ranks' shapes as (world, len(tensors), 2 + _MAX_DIMS) int64: [ndim, dtype code, *shape, 0-padding]
     (ndim ``_ABSENT`` for a None entry).
 
-    Validates, identically on every rank, that each tensor is given on every rank or on none, that
-    its dtype and trailing dims agree across ranks and that all tensors of a rank have the same
-    number of rows; raises ValueError naming the argument. (A gather of buffers whose byte sizes
-    differ would abort the process in the backend.)
+    Every rank's status (``error`` given, and ``call``'s fingerprint) travels in the same
+    collective, as :func:`raise_on_all_ranks` exchanges it: one host synchronisation per gather
+    instead of two. Then validates, identically on every rank, that each tensor is given on every
+    rank or on none, that its dtype and trailing dims agree across ranks and that all tensors of a
+    rank have the same number of rows; raises ValueError naming the argument. (A gather of buffers
+    whose byte sizes differ would abort the process in the backend.)
     """
-    meta = torch.zeros(len(tensors), _SHAPE + _MAX_DIMS, dtype=torch.int64)
-    for i, (t, name) in enumerate(zip(tensors, names)):
+    # Row 0 is the status ([error given, call fingerprint]); rows 1.. the tensors.
+    meta = torch.zeros(1 + len(tensors), _SHAPE + _MAX_DIMS, dtype=torch.int64)
+    meta[0, :2] = torch.tensor([int(error is not None), _fingerprint(call or {})])
+    for i, (t, name) in enumerate(zip(tensors, names), start=1):
         if t is None:
             # One row per name on every rank: a rank without it sent fewer rows (a gloo abort).
             meta[i, _NDIM] = _ABSENT
@@ -98,7 +106,10 @@ def _exchange_shapes(
     device = _comm_device(next((t for t in tensors if t is not None), torch.empty(0)), group)
     gathered = [torch.empty_like(meta, device=device) for _ in range(world_size(group))]
     dist.all_gather(gathered, meta.to(device), group=group)
-    shapes = torch.stack([g.cpu() for g in gathered])
+    # One device-to-host copy of all ranks' rows (a copy per rank was a host sync each on NCCL).
+    everything = torch.stack(gathered).cpu()
+    _raise_reported(error, call, everything[:, 0, :2], group)
+    shapes = everything[:, 1:]
     for i, name in enumerate(names):
         ndims = shapes[:, i, _NDIM]
         absent = ndims == _ABSENT
@@ -125,7 +136,7 @@ def _exchange_shapes(
     given = shapes[0, :, _NDIM] != _ABSENT  # the same on every rank by now
     rows = shapes[:, given, _SHAPE]
     given_names = [n for n, g in zip(names, given.tolist()) if g]
-    for r in range(rows.shape[0]):
+    for r in range(rows.shape[0] if rows.shape[1] else 0):
         if (rows[r] != rows[r, 0]).any():
             sizes = ", ".join(f"{n}={int(s)}" for n, s in zip(given_names, rows[r].tolist()))
             raise ValueError(f"rank {r} has inconsistent batch sizes: {sizes} (each must have one row per item)")
@@ -166,18 +177,27 @@ def raise_on_all_ranks(
     every rank, in the same collective: ranks that disagree on, say, the reduction would run
     different collectives next (a hang, or a silently wrong result), so they all raise a
     ValueError naming the arguments and each rank's value. An input error takes precedence.
+
+    Before a :func:`gather_batch`, pass ``error`` and ``call`` to it instead: it exchanges them
+    in its shape collective, which saves a collective and a host synchronisation.
     """
     if not is_distributed(group):
         if error is not None:
             raise error
         return
-    device = _comm_device(torch.empty(0), group)
-    status = torch.tensor([int(error is not None), _fingerprint(call or {})], dtype=torch.int64, device=device)
-    statuses = [torch.zeros_like(status) for _ in range(world_size(group))]
-    dist.all_gather(statuses, status, group=group)
-    status_rows = torch.stack(statuses).cpu()
-    failed = status_rows[:, 0].nonzero().flatten().tolist()
-    disagree = bool((status_rows[:, 1] != status_rows[0, 1]).any())
+    _exchange_shapes([], [], group, error, call)
+
+
+def _raise_reported(
+    error: BaseException | None,
+    call: Mapping[str, object] | None,
+    statuses: torch.Tensor,
+    group: dist.ProcessGroup | None,
+) -> None:
+    """Raise on every rank if any rank reported an error or a different call; statuses: (world, 2)
+    int64 rows [error given, call fingerprint], the same on every rank."""
+    failed = statuses[:, 0].nonzero().flatten().tolist()
+    disagree = bool((statuses[:, 1] != statuses[0, 1]).any())
     if not failed and not disagree:
         return
     # Only then: a second, object collective so that every rank can say what went wrong. Every rank
@@ -310,6 +330,8 @@ def gather_batch(
     *,
     with_grad: Sequence[bool] | None = None,
     group: dist.ProcessGroup | None = None,
+    error: BaseException | None = None,
+    call: Mapping[str, object] | None = None,
 ) -> GatheredBatch:
     """Gather several per-item tensors of this rank's batch from all ranks, after one shape check.
 
@@ -320,16 +342,24 @@ def gather_batch(
         with_grad: per tensor, whether gradients flow back through the gather (default: for
             floating-point tensors that require grad).
         group: process group (default: the world).
+        error, call: as :func:`raise_on_all_ranks` takes them, exchanged in the shape check's
+            collective: if any rank passes an error (a rank whose validation failed passes it,
+            with None for each tensor it could not check) or a different ``call``, every rank
+            raises before anything is gathered.
 
     Returns:
         GatheredBatch(tensors, offset, sizes): each gathered tensor has sum(N_r) rows, ranks in
         order; ``offset`` is this rank's first row. Identity (offset 0) when not distributed.
     """
+    if len(names) != len(tensors):
+        raise ValueError(f"names must name each of the {len(tensors)} tensors, got {len(names)} names")
     present = [(i, t) for i, t in enumerate(tensors) if t is not None]
     if not is_distributed(group):
+        if error is not None:
+            raise error
         rows = present[0][1].shape[0] if present else 0
         return GatheredBatch(list(tensors), 0, [rows])
-    shapes = _exchange_shapes(list(tensors), list(names), group)
+    shapes = _exchange_shapes(list(tensors), list(names), group, error, call)
     sizes = shapes[:, present[0][0], _SHAPE].tolist() if present else [0] * world_size(group)
     offset = sum(sizes[: rank(group)])
     out: list[torch.Tensor | None] = list(tensors)

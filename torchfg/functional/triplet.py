@@ -29,7 +29,7 @@ is their gradient.
 
 from __future__ import annotations
 
-from typing import Mapping, TypedDict, cast
+from typing import Callable, Mapping, TypedDict, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +45,15 @@ from torchfg._validation import (
     mining_labels,
 )
 from torchfg.backends import BACKENDS, check_backend, resolve_backend
-from torchfg.distributed import all_reduce_sum, gather_batch, is_distributed, raise_on_all_ranks, world_size
+from torchfg.distributed import (
+    GatheredBatch,
+    all_reduce_sum,
+    gather_batch,
+    is_distributed,
+    raise_on_all_ranks,
+    rank,
+    world_size,
+)
 from torchfg.errors import BackendUnavailableError
 from torchfg.functional._triplet_selection import (
     MarginInterval,
@@ -125,6 +133,9 @@ def _check_text(text_embeddings: object, n: int, device: torch.device) -> torch.
     return text_embeddings.detach()
 
 
+_Result = TypeVar("_Result")
+
+
 def _validated(validate, cross_rank: bool, call: Mapping[str, object] | None = None):
     """Run ``validate()``; with cross_rank, an error on any rank raises on every rank (no hang),
     and so do ranks whose ``call`` settings differ (they would run different collectives next)."""
@@ -138,22 +149,57 @@ def _validated(validate, cross_rank: bool, call: Mapping[str, object] | None = N
     return result
 
 
-def _gather_candidates(
-    embeddings: torch.Tensor, labels: torch.Tensor, text_embeddings: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int | None]:
-    """(candidates, candidate_labels, candidate_text, anchor_offset) over all ranks' batches;
-    ``anchor_offset`` None for a rank without rows (no self rows to exclude: the last such rank's
-    offset would be the gathered batch's end, which the mining ops refuse, and the other ranks
-    would then wait in a collective)."""
+def _validated_gather(
+    validate: Callable[[], _Result],
+    call: Mapping[str, object],
+    rows: Callable[[_Result], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
+    *,
+    with_grad: bool,
+) -> tuple[_Result, GatheredBatch]:
+    """With cross_rank: ``validate()`` here, then all ranks' batches gathered, in one exchange.
+
+    ``rows(validate())`` gives this rank's (embeddings, labels, text embeddings or None) to gather
+    (the embeddings with gradients if ``with_grad``). Each rank's outcome and ``call`` travel in
+    the gather's shape collective (what :func:`_validated` exchanges on its own), so an error or a
+    different call on any rank raises on every rank, with one host synchronisation per step
+    instead of two.
+    """
+    result: _Result | None = None
+    error: Exception | None = None
+    try:
+        result = validate()
+    except Exception as exc:  # also BackendUnavailableError (a RuntimeError): any local refusal
+        error = exc
+    # A rank whose checks failed still takes part, with no tensors: every rank raises before the gather.
+    tensors = (None, None, None) if error is not None else rows(cast(_Result, result))
     batch = gather_batch(
-        [embeddings, labels, text_embeddings],
+        list(tensors),
         ["embeddings", "labels", "text_embeddings"],
-        with_grad=[True, False, False],
+        with_grad=[with_grad, False, False],
+        error=error,
+        call=call,
     )
+    # gather_batch raised on every rank if any rank's validate() did.
+    return cast(_Result, result), batch
+
+
+def _validated_candidates(
+    validate: Callable[[], _Result],
+    call: Mapping[str, object],
+    rows: Callable[[_Result], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
+) -> tuple[_Result, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int | None]]:
+    """:func:`_validated_gather` of the mining candidates: (validate()'s result, (candidates,
+    candidate_labels, candidate_text, anchor_offset)).
+
+    ``anchor_offset`` is None for a rank without rows (no self rows to exclude: the last such
+    rank's offset would be the gathered batch's end, which the mining ops refuse, and the other
+    ranks would then wait in a collective).
+    """
+    result, batch = _validated_gather(validate, call, rows, with_grad=True)
     candidates, candidate_labels, candidate_text = batch.tensors
-    offset = batch.offset if embeddings.shape[0] else None
+    offset = batch.offset if batch.sizes[rank()] else None
     # Only text_embeddings may be None: the embeddings and labels gather to tensors.
-    return cast(torch.Tensor, candidates), cast(torch.Tensor, candidate_labels), candidate_text, offset
+    return result, (cast(torch.Tensor, candidates), cast(torch.Tensor, candidate_labels), candidate_text, offset)
 
 
 def _keep_gather_in_graph(loss: torch.Tensor, candidates: torch.Tensor, cross_rank: bool) -> torch.Tensor:
@@ -806,10 +852,14 @@ def triplet_margin_loss(
     call = dict(function="triplet_margin_loss", margin=margin, metric=metric, mining=mining, reduction=reduction,
                 smooth=smooth, swap=swap, triplets_per_anchor=triplets_per_anchor,
                 indices_tuple=indices_tuple is not None, backend=backend)
-    (embeddings, labels, candidates, candidate_labels, anchor_offset, margin, smooth, swap,
-     per_anchor) = _validated(validate, cross_rank, call)
     if cross_rank:
-        candidates, candidate_labels, _, anchor_offset = _gather_candidates(embeddings, labels, None)
+        checked, (candidates, candidate_labels, _, gathered_offset) = _validated_candidates(
+            validate, call, lambda checked: (checked[0], checked[1], None))
+        (embeddings, labels, *_, margin, smooth, swap, per_anchor) = checked
+        anchor_offset = gathered_offset
+    else:
+        (embeddings, labels, candidates, candidate_labels, anchor_offset, margin, smooth, swap,
+         per_anchor) = validate()
     return _triplet_margin_loss_impl(
         embeddings,
         labels,
@@ -939,12 +989,16 @@ def adaptive_triplet_loss(
     call = dict(function="adaptive_triplet_loss", base_margin=base_margin, margin_scale=margin_scale, metric=metric,
                 text_positive_threshold=text_positive_threshold, reduction=reduction,
                 indices_tuple=indices_tuple is not None, backend=backend)
-    (embeddings, labels, candidates, candidate_labels, anchor_offset, text_embeddings, base_margin, margin_scale,
-     text_positive_threshold) = _validated(validate, cross_rank, call)
-    candidate_text = text_embeddings
     if cross_rank:
-        candidates, candidate_labels, gathered_text, anchor_offset = _gather_candidates(embeddings, labels, text_embeddings)
+        checked, (candidates, candidate_labels, gathered_text, gathered_offset) = _validated_candidates(
+            validate, call, lambda checked: (checked[0], checked[1], checked[5]))
+        (embeddings, labels, *_, text_embeddings, base_margin, margin_scale, text_positive_threshold) = checked
+        anchor_offset = gathered_offset
         candidate_text = cast(torch.Tensor, gathered_text)  # the gather of a tensor, never None
+    else:
+        (embeddings, labels, candidates, candidate_labels, anchor_offset, text_embeddings, base_margin, margin_scale,
+         text_positive_threshold) = validate()
+        candidate_text = text_embeddings
     return _adaptive_triplet_loss_impl(
         embeddings,
         labels,
@@ -1061,11 +1115,13 @@ def mine_triplets_and_candidates(
         call = dict(function="mine_triplets", strategy=strategy, metric=metric, margin=margin,
                     text_embeddings=text_embeddings is not None, base_margin=base_margin, margin_scale=margin_scale,
                     text_positive_threshold=text_positive_threshold, backend=backend)
-        embeddings, labels, *_ = _validated(validate, cross_rank, call)
         with torch.no_grad():
-            candidates, candidate_labels, gathered_text, anchor_offset = _gather_candidates(
-                embeddings.detach(), labels, None if text_embeddings is None else text_embeddings.detach()
+            checked, (candidates, candidate_labels, gathered_text, anchor_offset) = _validated_candidates(
+                validate, call,
+                lambda checked: (checked[0].detach(), checked[1],
+                                 None if text_embeddings is None else text_embeddings.detach()),
             )
+        embeddings, labels, *_ = checked
         return _mine_triplets_checked(
             embeddings.detach(), labels, candidates, candidate_labels, anchor_offset, strategy=strategy, metric=metric,
             margin=margin, text_embeddings=text_embeddings, candidate_text=gathered_text, base_margin=base_margin,

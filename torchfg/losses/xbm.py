@@ -9,11 +9,23 @@ import torch
 from torch import nn
 
 from torchfg._validation import check_float_tensor, check_int, check_labels, in_backward
-from torchfg.functional.triplet import _check_indices_tuple, _check_mining_backend, _validated
-from torchfg.functional.xbm import _memory_triplet_loss, _check_memory_loss_settings, enqueue, gather_for_memory
+from torchfg.functional.triplet import _check_indices_tuple, _check_mining_backend, _validated_gather
+from torchfg.functional.xbm import _memory_triplet_loss, _check_memory_loss_settings, enqueue
 from torchfg.losses.triplet import AdaptiveTripletLoss, TripletMarginLoss
 
 __all__ = ["CrossBatchMemory"]
+
+
+def _rows_to_enqueue(
+    checked: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, Any],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(embeddings, labels, text embeddings or None) that a step writes into the memory, detached:
+    the batch, or its ``enqueue_mask`` rows; ``checked``: the forward's validated arguments."""
+    embeddings, labels, text, enqueue_mask, _ = checked
+    if enqueue_mask is not None:
+        embeddings, labels = embeddings[enqueue_mask], labels[enqueue_mask]
+        text = None if text is None else text[enqueue_mask]
+    return embeddings.detach(), labels, None if text is None else text.detach()
 
 
 class _AwaitedBackward:
@@ -277,20 +289,23 @@ class CrossBatchMemory(nn.Module):
             loss=type(loss).__name__, backend=loss.backend, **settings,
             indices_tuple=indices_tuple is not None, enqueue_mask=enqueue_mask is not None,
         )
-        embeddings, labels, text_embeddings, enqueue_mask, (margin, margin_scale, per_anchor) = _validated(
-            validate, cross_rank, call
-        )
+        if cross_rank:
+            # The exchange of every rank's outcome and the gather of the rows to enqueue are one
+            # collective (one host synchronisation).
+            with torch.no_grad():
+                checked, batch = _validated_gather(validate, call, _rows_to_enqueue, with_grad=False)
+            queued, offset = batch.tensors, batch.offset
+        else:
+            checked = validate()
+            queued, offset = list(_rows_to_enqueue(checked)), 0
+        embeddings, labels, text_embeddings, enqueue_mask, (margin, margin_scale, per_anchor) = checked
         self._match(embeddings, text_embeddings)
 
         text = text_embeddings
         if enqueue_mask is not None:
-            queued = [embeddings[enqueue_mask], labels[enqueue_mask], None if text is None else text[enqueue_mask]]
             keep = ~enqueue_mask
             embeddings, labels = embeddings[keep], labels[keep]
             text = None if text is None else text[keep]
-        else:
-            queued = [embeddings, labels, text]
-        queued, offset = gather_for_memory(queued, ["embeddings", "labels", "text_embeddings"], cross_rank)
         queued_rows = cast(torch.Tensor, queued[0]).shape[0]  # the embeddings: never None
         if queued_rows > self.memory_size:
             raise ValueError(f"a step enqueues {queued_rows} rows, more than memory_size={self.memory_size}")
