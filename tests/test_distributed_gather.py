@@ -191,7 +191,7 @@ def _gather_with_status(rank: int, world: int, case: str):
     failed = rank == 1 and case == "error"
     error = ValueError("margin must be finite, got nan") if failed else None
     call = {"margin": 0.3 if rank == 1 and case == "call" else 0.2, "reduction": "mean"}
-    tensors = [None, None] if failed else [x, labels]
+    tensors = [None, None] if failed or case == "nothing" else [x, labels]
     batch = gather_batch(tensors, ["embeddings", "labels"], error=error, call=call)
     return batch.sizes, batch.offset, batch.tensors[1]
 
@@ -217,6 +217,13 @@ def test_the_status_travels_with_the_shapes_in_one_collective():
     for r, (_, (sizes, offset, labels)) in enumerate(results):
         assert sizes == [2, 3] and offset == 2 * r
         assert torch.equal(labels, torch.cat([torch.arange(2), torch.arange(3)]))
+
+
+def test_a_gather_of_no_tensor_gathers_nothing():
+    """Only None entries: the row check indexed the first of no given tensors (an IndexError)."""
+    results = run_on_ranks(_gather_with_status, 2, "nothing")
+    assert all(r[0] == "ok" for r in results), [r[:2] for r in results]
+    assert all(r[1] == ([0, 0], 0, None) for r in results), results
 
 
 def test_an_error_without_process_group_is_raised():
