@@ -459,6 +459,55 @@ def test_wrap_backbone_applies_attention_after_the_named_stage():
     assert model._semantic is None  # a failing call leaves no stale map behind
 
 
+def test_a_direct_backbone_call_on_a_tensor_a_wrapped_call_saw_still_raises():
+    """The map each stage input met is kept for checkpointing's recomputation in backward; a direct
+    backbone call outside backward on that same tensor applied the old call's map, silently."""
+    torch.manual_seed(25)
+    backbone = TinyResNet().eval()
+    unwrapped = copy.deepcopy(backbone)
+    attention = SemanticChannelAttention(8, 3, reduction=4)
+    _randomize(attention, seed=26)
+    model = wrap_backbone(backbone, "conv1", attention)
+    images, semantic = torch.randn(2, 3, 32, 32), torch.rand(2, 3, 16, 16)
+    wrapped = model(images, semantic)
+    assert (wrapped - unwrapped(images)).abs().max() > 1e-4  # the map changes the output
+    for direct_input in (images, images.clone()):
+        with pytest.raises(RuntimeError, match="call the SemanticBackbone wrapper"):
+            backbone(direct_input)
+
+
+def _reference_two_stages(resnet, images, first, second, semantic):
+    x = resnet.maxpool(resnet.relu(resnet.bn1(resnet.conv1(images))))
+    x = first(resnet.layer1(x), semantic)
+    x = second(resnet.layer3(resnet.layer2(x)), semantic)
+    return resnet.fc(torch.flatten(resnet.avgpool(resnet.layer4(x)), 1))
+
+
+def test_semantic_modules_at_two_stages_by_wrapping_the_wrapper():
+    """Two stages: the wrapper is wrapped (a second wrapper on the same CNN would meet the first
+    one's hook without a map, and its own hook would raise in the first one's calls)."""
+    torch.manual_seed(27)
+    backbone = TinyResNet().eval()
+    unwrapped = copy.deepcopy(backbone)
+    first, second = SemanticChannelAttention(8, 3, reduction=4), SemanticChannelAttention(24, 3, reduction=4)
+    _randomize(first, seed=28)
+    _randomize(second, seed=29)
+    inner = wrap_backbone(backbone, "layer1", first)
+    with pytest.raises(ValueError, match="already has a semantic module at stage 'layer1'.*wrap that wrapper"):
+        wrap_backbone(backbone, "layer3", second)
+    with pytest.raises(ValueError, match="method must be 'forward'"):
+        wrap_backbone(inner, "backbone.layer3", second, method="__call__")
+    outer = wrap_backbone(inner, "backbone.layer3", second)
+    images, semantic = torch.randn(2, 3, 64, 48), torch.rand(2, 3, 30, 22)
+    torch.testing.assert_close(outer(images, semantic),
+                               _reference_two_stages(unwrapped, images, first, second, semantic))
+    assert {id(p) for p in [*first.parameters(), *second.parameters()]} <= {id(p) for p in outer.parameters()}
+    with pytest.raises(RuntimeError, match="'layer1' is wrapped"):
+        backbone(images)
+    with pytest.raises(RuntimeError, match="'backbone.layer3' is wrapped"):
+        inner(images, semantic)  # the outer wrapper's stage has no map in the inner one's call
+
+
 def test_wrap_backbone_dotted_name_method_and_training_step():
     torch.manual_seed(23)
     backbone = TinyResNet()

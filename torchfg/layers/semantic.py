@@ -543,7 +543,9 @@ class SemanticBackbone(nn.Module):
                 key = id(stage_input)
                 self._semantic_of_input[key] = (weakref.ref(stage_input, _forget_entry(self, key)), current)
             return current
-        entry = self._semantic_of_input.get(id(stage_input)) if keyable else None
+        # Only a recomputation in backward may take the map of a call that has returned: a direct
+        # backbone call on a tensor a wrapped call already saw applied that call's map, silently.
+        entry = self._semantic_of_input.get(id(stage_input)) if keyable and in_backward() else None
         semantic = entry[1] if entry is not None and entry[0]() is stage_input else None
         if semantic is None:
             if in_backward():
@@ -579,6 +581,9 @@ class SemanticBackbone(nn.Module):
             self._semantic_of_thread[thread] = semantic
         self._semantic = semantic
         try:
+            if isinstance(self.backbone, SemanticBackbone):
+                # A wrapper of a wrapper (semantic modules at two stages): the inner one needs the map too.
+                return self.backbone(images, semantic, *args, **kwargs)
             return getattr(self.backbone, self.method)(images, *args, **kwargs)
         finally:
             if thread is not None:
@@ -616,7 +621,10 @@ def wrap_backbone(
     code is untouched and pretrained weights load as usual.
 
     Args:
-        backbone: the CNN; it is wrapped, not copied (the hook is registered on its stage).
+        backbone: the CNN; it is wrapped, not copied (the hook is registered on its stage). For
+            modules at two stages, wrap the wrapper: ``wrap_backbone(model, "backbone.layer4", ...)``
+            (the stage's name inside it), then call the outer one; a second wrapper on the same
+            CNN is refused (each would meet the other's hook without a map).
         layer_name: dotted name of the stage, as in ``backbone.named_modules()``.
         attention: a module with ``forward(x, semantic)``: :class:`SemanticChannelAttention`,
             :class:`SemanticFusion`, or your own. It must return a tensor the next stage accepts.
@@ -666,4 +674,26 @@ def wrap_backbone(
     check_choice(position, "position", ("after", "before"))
     if not isinstance(method, str) or not callable(getattr(backbone, method, None)):
         raise ValueError(f"method {method!r} is not a method of {type(backbone).__name__}")
+    if isinstance(backbone, SemanticBackbone) and method != "forward":
+        raise ValueError(f"method must be 'forward' to wrap a SemanticBackbone (it takes (images, semantic)), got {method!r}")
+    inside = {id(m) for m in backbone.modules()}
+    for wrapper, stage in _semantic_wrappers_hooked_in(backbone):
+        if id(wrapper) not in inside:
+            # The other wrapper's hook would raise in this wrapper's calls (it has no map), and
+            # this one's in the other's.
+            raise ValueError(
+                f"backbone already has a semantic module at stage {stage!r}, applied by another SemanticBackbone; "
+                f"for modules at two stages, wrap that wrapper: wrap_backbone(wrapper, 'backbone.{layer_name}', ...)"
+            )
     return SemanticBackbone(backbone, layer_name, attention, position=position, method=method)
+
+
+def _semantic_wrappers_hooked_in(backbone: nn.Module) -> list[tuple[SemanticBackbone, str]]:
+    """(wrapper, stage name) for each SemanticBackbone whose hook is on a submodule of ``backbone``."""
+    found = []
+    for name, module in backbone.named_modules():
+        for hook in (*module._forward_hooks.values(), *module._forward_pre_hooks.values()):
+            owner = getattr(hook, "__self__", None)
+            if isinstance(owner, SemanticBackbone):
+                found.append((owner, name))
+    return found
