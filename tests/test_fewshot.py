@@ -701,3 +701,28 @@ def test_evaluate_refuses_non_finite_embeddings(bad: float) -> None:
     with pytest.raises(ValueError, match="non-finite"):
         evaluate(torch.nn.Identity(), (torch.full((80, 6), float("nan")), labels), n_shot=1, n_query=3,
                  n_episodes=10, progress=False)
+
+
+def test_nan_logits_are_refused_instead_of_scored() -> None:
+    """argmax takes a NaN as the maximum: a diverged embedder scored chance level (or 1.0 where the
+    labels were column 0) through the manual episode loop, and predict named a class."""
+    good = (torch.tensor([[0.0, 1.0], [2.0, 1.0]]), torch.tensor([1, 0]))
+    logits = torch.tensor([[0.0, 1.0], [float("nan"), 1.0], [1.0, 0.0]])
+    with pytest.raises(ValueError, match=r"results\[1\]: logits hold NaN in 1 of 3 rows"):
+        few_shot_accuracy([good, (logits, torch.tensor([1, 0, 0]))])
+    # -inf logits are an ordinary mask.
+    masked = torch.tensor([[float("-inf"), 1.0], [2.0, float("-inf")]])
+    assert few_shot_accuracy([good, (masked, torch.tensor([1, 0]))]) == (1.0, 0.0)
+
+    support, support_labels = torch.randn(6, 4), torch.tensor([3, 3, 5, 5, 8, 8])
+    head = PrototypicalHead().fit(support, support_labels)
+    query = torch.randn(5, 4)
+    assert head.predict(query).shape == (5,)
+    for bad in (float("nan"), float("inf")):
+        query[2, 1] = bad
+        with pytest.raises(ValueError, match="logits of 1 of 5 queries are not finite"):
+            head.predict(query)
+    # The three-argument form: a NaN in a support row makes its prototype, and so every logit, NaN.
+    support[4, 0] = float("nan")
+    with pytest.raises(ValueError, match="logits of 3 of 3 queries are not finite"):
+        head.predict(support, support_labels, torch.randn(3, 4))

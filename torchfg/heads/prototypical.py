@@ -235,9 +235,19 @@ class PrototypicalHead(nn.Module):
         support_labels: Optional[torch.Tensor] = None,
         query: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """Predicted original labels, (Q,): same arguments as :meth:`forward`."""
+        """Predicted original labels, (Q,): same arguments as :meth:`forward`.
+
+        Raises ValueError where a logit is not finite (a NaN or inf embedding, or distances past the
+        dtype's range): argmax would still name a class.
+        """
         logits, classes = self._logits_and_classes(support_or_query, support_labels, query)
         assert classes is not None
+        bad_rows = (~logits.isfinite()).any(dim=1)
+        if bool(bad_rows.any()):
+            raise ValueError(
+                f"the logits of {int(bad_rows.sum())} of {logits.shape[0]} queries are not finite: the support "
+                "or query embeddings hold NaN or inf (or their distances overflow)"
+            )
         return classes[logits.argmax(dim=1)]
 
     def extra_repr(self) -> str:

@@ -30,6 +30,10 @@ def _episode_accuracy(index: int, logits: object, labels: object) -> float:
     labels = check_labels(labels, f"{name}: labels", logits.shape[0])
     if bool(((labels < 0) | (labels >= logits.shape[1])).any()):
         raise ValueError(f"{name}: labels must be column indices in [0, {logits.shape[1]}) of the logits")
+    nan_rows = int(logits.isnan().any(dim=1).sum())
+    if nan_rows:
+        # argmax takes a NaN as the maximum: a diverged embedder would score a plausible accuracy.
+        raise ValueError(f"{name}: logits hold NaN in {nan_rows} of {logits.shape[0]} rows (non-finite embeddings?)")
     correct = (logits.argmax(dim=1) == labels.to(logits.device)).sum().item()
     return correct / logits.shape[0]
 
@@ -68,7 +72,7 @@ def few_shot_accuracy(
 
     Raises:
         ValueError: fewer than 2 episodes (no confidence interval), accuracies outside [0, 1],
-            counts above ``n_per_episode``, malformed pairs.
+            counts above ``n_per_episode``, malformed pairs, NaN logits.
 
     Example:
         >>> few_shot_accuracy(torch.tensor([0.5, 0.75, 1.0, 0.75]))  # doctest: +ELLIPSIS
