@@ -230,6 +230,9 @@ def test_pk_sampler_bad_input() -> None:
         PKSampler(labels, 2.5, 2)
     with pytest.raises(TypeError, match="labels.*integer"):
         PKSampler(labels.double(), 2, 2)
+    # Class names: torch's own message named no argument.
+    with pytest.raises(TypeError, match=r"labels must be 1-D integer labels, got an array of <U1.*return_inverse"):
+        PKSampler(["a", "b", "a", "b"], 2, 2)
     with pytest.raises(ValueError, match="labels must not be empty"):
         PKSampler(torch.empty(0, dtype=torch.long), 1, 2)
     with pytest.raises(ValueError, match="num_batches"):

@@ -329,6 +329,10 @@ def test_bad_arguments_name_themselves():
     assert xbm.size == 0  # nothing was enqueued by a rejected call
     with pytest.raises(ValueError, match="swap"):
         CrossBatchMemory(TripletMarginLoss(swap=True), 4)
+    xbm.loss.swap = True  # after construction, as other settings may be changed: it was ignored
+    with pytest.raises(ValueError, match="loss.swap must be False"):
+        xbm(torch.randn(3, 4), torch.tensor([0, 1, 0]))
+    assert xbm.size == 0
     with pytest.raises(ValueError, match="text_size"):
         CrossBatchMemory(TripletMarginLoss(), 4, text_size=3)
     with pytest.raises(ValueError, match="backend"):

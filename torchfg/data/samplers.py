@@ -40,6 +40,11 @@ def _labels_to_numpy(labels: object, name: str = "labels") -> np.ndarray:
         if array.size == 0 and not isinstance(labels, np.ndarray):
             # NumPy makes an empty sequence float64; let the samplers' own empty check speak.
             array = array.astype(np.int64)
+        if array.dtype.kind not in "biuf":  # strings, objects: torch cannot take them
+            raise TypeError(
+                f"{name} must be 1-D integer labels, got an array of {array.dtype}; map class names to "
+                f"integers first, e.g. np.unique({name}, return_inverse=True)[1]"
+            )
         tensor = torch.as_tensor(array)
     else:
         raise TypeError(f"{name} must be a 1-D integer tensor, array or sequence, got {type(labels).__name__}")

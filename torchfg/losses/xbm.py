@@ -270,6 +270,9 @@ class CrossBatchMemory(nn.Module):
                 text_embeddings = text_embeddings.to(embeddings.device).detach()
             elif text_embeddings is not None:
                 raise ValueError("text_embeddings need an AdaptiveTripletLoss")
+            if not adaptive and loss.swap:
+                # Set after construction (which refuses it): it was ignored, silently.
+                raise ValueError("loss.swap must be False: CrossBatchMemory does not implement the swap")
             if indices_tuple is not None and enqueue_mask is not None:
                 raise ValueError("indices_tuple and enqueue_mask are mutually exclusive")
             if enqueue_mask is not None:
