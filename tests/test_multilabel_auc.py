@@ -162,6 +162,11 @@ def test_relative_improvement():
         relative_improvement([0.5, 0.6], [0.0, 0.6])
     with pytest.raises(TypeError, match="new must be"):
         relative_improvement("0.5", [0.5])
+    # NumPy arrays and scalars, as scikit-learn returns AUCs (they were refused).
+    assert relative_improvement(np.array([0.66, 0.76, 0.75, 0.9]), base.numpy()).item() == pytest.approx(expected, abs=1e-12)
+    assert relative_improvement(np.float64(0.66), np.float32(0.6)).item() == pytest.approx(0.1, rel=1e-6)
+    with pytest.raises(TypeError, match="base must be"):
+        relative_improvement([0.5], np.bool_(True))
     with pytest.warns(UserWarning, match="no label"):
         assert math.isnan(relative_improvement([float("nan")], [0.5]).item())
 

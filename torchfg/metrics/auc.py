@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from torchfg._validation import check_tensor
@@ -134,14 +136,14 @@ def multilabel_auc(scores: torch.Tensor, targets: torch.Tensor, average: str | N
 
 
 def relative_improvement(
-    new: torch.Tensor | Sequence[float] | float, base: torch.Tensor | Sequence[float] | float
+    new: torch.Tensor | np.ndarray | Sequence[float] | float, base: torch.Tensor | np.ndarray | Sequence[float] | float
 ) -> torch.Tensor:
     """Mean over labels of ``(new - base) / base``: 0.1527 means +15.27% on average.
 
     Labels where either value is NaN (e.g. an undefined AUC) are skipped.
 
     Args:
-        new: (L,) per-label metric of the new method (tensor, sequence or scalar).
+        new: (L,) per-label metric of the new method (tensor, NumPy array, sequence or scalar).
         base: (L,) per-label metric of the baseline, same shape, non-zero.
 
     Returns:
@@ -153,7 +155,8 @@ def relative_improvement(
     """
     values = {}
     for name, value in (("new", new), ("base", base)):
-        if not isinstance(value, (torch.Tensor, float, int, list, tuple)) or isinstance(value, bool):
+        # NumPy arrays and scalars too: scikit-learn's roc_auc_score returns them.
+        if not isinstance(value, (torch.Tensor, numbers.Real, list, tuple, np.ndarray)) or isinstance(value, (bool, np.bool_)):
             raise TypeError(f"{name} must be a tensor, a sequence of numbers or a number, got {type(value).__name__}")
         try:
             tensor = torch.as_tensor(value, dtype=torch.float64)
