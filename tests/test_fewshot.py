@@ -167,9 +167,10 @@ def test_half_precision_runs_close_to_fp32() -> None:
     support, labels, query = make_episode(5, 7, 16, seed=10)
     for dtype in (torch.float16, torch.bfloat16):
         logits = prototypical_logits(support.to(dtype), labels, query.to(dtype), metric="cosine")
-        assert logits.dtype == dtype
+        assert logits.dtype == torch.float32  # the accumulation dtype, as the losses return
         expected = prototypical_logits(support.to(dtype).float(), labels, query.to(dtype).float(), metric="cosine")
-        torch.testing.assert_close(logits.float(), expected, rtol=2e-2, atol=2e-2)
+        # The prototypes are rounded to the 16-bit dtype (the class means, as the head keeps them).
+        torch.testing.assert_close(logits, expected, rtol=2e-2, atol=2e-2)
 
 
 def test_empty_query_gives_empty_logits() -> None:
@@ -726,3 +727,24 @@ def test_nan_logits_are_refused_instead_of_scored() -> None:
     support[4, 0] = float("nan")
     with pytest.raises(ValueError, match="logits of 3 of 3 queries are not finite"):
         head.predict(support, support_labels, torch.randn(3, 4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("metric", ["sqeuclidean", "euclidean", "cosine", "dot"])
+def test_16_bit_embeddings_give_fp32_logits_that_do_not_overflow(dtype, metric) -> None:
+    """Embeddings as an fp16 autocast region emits them: squared distances near 2e5 were returned
+    as fp16 (-inf logits, a NaN cross-entropy) where autocast's cdist gives fp32."""
+    g = torch.Generator().manual_seed(5)
+    embeddings = (torch.randn(16, 32, generator=g) * 60).to(dtype)
+    support, query = embeddings[::2].clone().requires_grad_(), embeddings[1::2].clone().requires_grad_()
+    labels = torch.arange(8)
+    head = PrototypicalHead(metric)
+    with torch.autocast("cpu", dtype=dtype):
+        logits = head(support, labels, query)
+    assert logits.dtype == torch.float32 and logits.isfinite().all()
+    expected = PrototypicalHead(metric)(support.detach().double(), labels, query.detach().double())
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(logits.double(), expected, rtol=0, atol=1e-5 * scale)
+    loss = torch.nn.functional.cross_entropy(logits, labels)
+    loss.backward()
+    assert loss.isfinite() and support.grad.dtype == dtype and query.grad.isfinite().all()

@@ -94,7 +94,7 @@ def prototype_logits(
         backend: distance backend, see :func:`torchfg.pairwise_distance`.
 
     Returns:
-        (Q, C) logits in ``query``'s dtype; column ``c`` is prototype ``c``.
+        (Q, C) logits, fp32 for fp16/bf16/fp32 inputs (fp64 for fp64); column ``c`` is prototype ``c``.
 
     Example:
         >>> prototype_logits(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 0.0], [1.0, 1.0]]))
@@ -113,9 +113,12 @@ def prototype_logits(
             f"got query D={query.shape[1]} and support D={prototypes.shape[1]}"
         )
     check_same_device_dtype(query, "query", prototypes, "support")
-    if normalize:
-        query = unit_rows(query, accumulation_dtype(query.dtype)).to(prototypes.dtype)
-    distances = pairwise_distance(query, prototypes, metric, backend=backend)
+    # Logits in the accumulation dtype: fp16 ones overflowed (squared distances past 65504 read
+    # -inf, and a cross-entropy over them NaN, where autocast's cdist gives fp32) and bf16 ones
+    # are too coarse for a softmax. The (Q, C) distances are small; the cast keeps the gradient.
+    acc = accumulation_dtype(query.dtype)
+    query = unit_rows(query, acc) if normalize else query.to(acc)
+    distances = pairwise_distance(query, prototypes.to(acc), metric, backend=backend)
     logits = -distances
     return logits / temperature if temperature != 1.0 else logits
 
@@ -148,7 +151,8 @@ def prototypical_logits(
         backend: distance backend, see :func:`torchfg.pairwise_distance`.
 
     Returns:
-        (Q, C) logits, C = number of distinct support labels, columns in sorted label order.
+        (Q, C) logits, C = number of distinct support labels, columns in sorted label order; fp32
+        for fp16/bf16/fp32 inputs (fp64 for fp64), as the losses return.
 
     Example:
         >>> support = torch.randn(10, 64)
