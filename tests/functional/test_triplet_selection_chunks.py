@@ -218,3 +218,21 @@ def test_select_triplets_allocates_its_blocks_once_per_call(monkeypatch, swap):
     monkeypatch.setattr(selection, "BLOCK_ELEMENTS", 2 * 48)  # 24 chunks
     many = blocks()
     assert len(many) <= len(few), (len(few), len(many), many[:12])
+
+
+def test_scratch_buffers_do_not_specialise_compiled_code_on_their_names():
+    """Compiled code (a miner or the all-triplets loss under torch.compile, whose graph breaks
+    leave _Scratch.get its own frame) was guarded on each buffer's name: a recompilation per name,
+    up to dynamo's recompile-limit warning. Under compile the buffers are plain allocations."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    from torchfg.functional._triplet_selection import _Scratch
+
+    torch._dynamo.reset()
+    scratch = _Scratch(torch.device("cpu"))
+    get = torch.compile(scratch.get, backend="eager")
+    for name in ("gram", "scale", "low", "used", "an_low", "an_high", "keep", "pair_id"):
+        assert get(name, (3, 5), torch.float32).shape == (3, 5)
+    assert len(_debug_get_cache_entry_list(_Scratch.get.__code__)) == 1
+    assert scratch.buffers == {}  # eager calls still pool
+    assert scratch.get("gram", (3, 5), torch.float32).shape == (3, 5) and list(scratch.buffers) == ["gram"]

@@ -192,6 +192,10 @@ class _Scratch:
 
     def get(self, name: str, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
         """A (rows, cols) buffer of ``dtype``, contents undefined."""
+        if torch.compiler.is_compiling():
+            # Compiled code manages its own memory; reading ``name`` would guard this frame on
+            # each buffer's name (a recompilation per name, then dynamo's recompile-limit warning).
+            return torch.empty(shape, dtype=dtype, device=self.device)
         need = shape[0] * shape[1]
         buffer = self.buffers.get(name)
         if buffer is None or buffer.shape[0] < need or buffer.dtype != dtype:
