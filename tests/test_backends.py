@@ -184,3 +184,59 @@ def test_constructors_refuse_a_backend_their_op_lacks():
         for backend in ("auto", "torch", "triton"):
             assert make(backend).backend == backend, name
     assert backends.check_backend("cuda", "knn") == "cuda"
+
+
+def test_memoised_environment_readings_follow_every_change(monkeypatch):
+    """TRITON_INTERPRET, TORCHFG_BACKEND and TORCHFG_SYMMETRIC_MINING are read on every op call
+    through a memo per value of the variable (os.environ.get cost ~1.4 us a read): a change made
+    at any time, back and forth, is seen at the next call, an invalid value raises at every call,
+    and an os.environ replaced by another mapping is read as it is."""
+    for value, expected in [("1", True), ("0", False), ("1", True), ("yes", True), ("off", False)]:
+        monkeypatch.setenv("TRITON_INTERPRET", value)
+        assert backends.triton_interpreter_enabled() is expected, value
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert backends.triton_interpreter_enabled() is False
+
+    cpu = torch.device("cpu")
+    for _ in range(2):  # an invalid value is never kept: it raises again
+        monkeypatch.setenv("TORCHFG_BACKEND", "bogus")
+        with pytest.raises(ValueError, match="TORCHFG_BACKEND must be one of"):
+            backends.resolve_backend("pairwise_distance", cpu, torch.float32, "auto")
+        monkeypatch.setenv("TORCHFG_BACKEND", "torch")
+        assert backends.resolve_backend("pairwise_distance", cpu, torch.float32, "auto") == "torch"
+        assert backends.backend_is_forced("auto")
+        monkeypatch.delenv("TORCHFG_BACKEND")
+        assert not backends.backend_is_forced("auto")
+
+    pytest.importorskip("triton")
+    from torchfg.ops.triplet import triton as mining
+
+    for value, expected in [("1", True), ("", False), ("on", True), ("no", False)]:
+        monkeypatch.setenv("TORCHFG_SYMMETRIC_MINING", value)
+        assert mining._wants_symmetric(None) is expected, value
+    monkeypatch.setenv("TORCHFG_SYMMETRIC_MINING", "maybe")
+    with pytest.raises(ValueError, match="TORCHFG_SYMMETRIC_MINING"):
+        mining._wants_symmetric(None)
+
+    monkeypatch.setattr(os, "environ", {"TRITON_INTERPRET": "1"})  # not os._Environ: no memo
+    assert backends.triton_interpreter_enabled() is True
+    os.environ["TRITON_INTERPRET"] = "0"
+    assert backends.triton_interpreter_enabled() is False
+
+
+def test_environment_readings_compile_into_one_graph():
+    """Under torch.compile the memo is not traced (dynamo guarded on it, and the first trace's
+    entry cost a recompile at the second call): one frame, as with os.environ.get."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+
+    def fn(x):
+        scale = 2.0 if backends.triton_interpreter_enabled() else 3.0
+        return x * scale if backends._environment_backend() is None else x
+
+    compiled = torch.compile(fn, backend=counter, fullgraph=True)
+    for _ in range(3):
+        assert torch.equal(compiled(torch.ones(2)), fn(torch.ones(2)))
+    assert counter.frame_count == 1

@@ -28,7 +28,7 @@ import os
 import re
 import threading
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -54,12 +54,60 @@ BACKENDS = ("auto", "torch", "triton", "cuda")
 ENV_VAR = "TORCHFG_BACKEND"
 
 
-def triton_interpreter_enabled() -> bool:
-    """Whether ``TRITON_INTERPRET`` switches Triton's interpreter on (Triton kernels then run on the CPU)."""
+def _interpreter_on(value: str) -> bool:
     # Triton's own reading of the variable (its getenv_bool), so that "false", "off" or "2" mean
     # off here too: read as on, compiled kernels were launched into an interpreter Triton had not
     # switched on ("0 active drivers").
-    return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes", "y")
+    return value.lower() in ("1", "true", "on", "yes", "y")
+
+
+_ENVIRON_TYPE = type(os.environ)
+_UNREAD = object()
+
+
+class EnvironReading:
+    """``compute()``, a reading of the environment variable ``name``, memoised per value of the
+    variable: every call looks the variable up, and a new value (monkeypatch, ``os.environ[...] =``)
+    calls ``compute`` again. ``compute`` must depend on that variable only; an exception it
+    raises (an invalid value) is raised again at every call, nothing is kept.
+
+    For switches the launchers read on every call (``TRITON_INTERPRET``, 7 times in a fused
+    triplet step): ``os.environ.get`` encodes the key and decodes the value in Python (~1.4 us),
+    while CPython's ``os.environ`` keeps the encoded strings in a dict that one lookup reads.
+    """
+
+    def __init__(self, name: str, compute: Callable[[], Any]) -> None:
+        self.name, self.compute = name, compute
+        encodekey = getattr(os.environ, "encodekey", None)  # CPython's os._Environ
+        self._key = encodekey(name) if encodekey is not None else None
+        self._answers: dict[Any, Any] = {}
+
+    def __call__(self) -> Any:
+        environ = os.environ
+        data = getattr(environ, "_data", None) if type(environ) is _ENVIRON_TYPE and self._key is not None else None
+        # No memo where os.environ was replaced by another mapping, nor under torch.compile: there
+        # the plain reading is traced, as before the memo (dynamo guarded on the memo, and the
+        # entry that the first trace added cost a recompile at the second call).
+        if data is None or torch.compiler.is_compiling():
+            return self.compute()
+        raw = data.get(self._key)
+        answer = self._answers.get(raw, _UNREAD)
+        if answer is _UNREAD:
+            answer = self.compute()
+            if data.get(self._key) is raw:  # not changed by another thread meanwhile
+                if len(self._answers) >= 64:
+                    self._answers.clear()
+                self._answers[raw] = answer
+        return answer
+
+
+_triton_interpreter_reading = EnvironReading(
+    "TRITON_INTERPRET", lambda: _interpreter_on(os.environ.get("TRITON_INTERPRET", "")))
+
+
+def triton_interpreter_enabled() -> bool:
+    """Whether ``TRITON_INTERPRET`` switches Triton's interpreter on (Triton kernels then run on the CPU)."""
+    return bool(_triton_interpreter_reading())
 
 
 def _triton_import_status() -> tuple[bool, str]:
@@ -263,13 +311,21 @@ def backend_status(op: str, backend: str, device: torch.device) -> tuple[bool, s
     return False, f"{op} has no {backend} backend"
 
 
-def _environment_backend() -> str | None:
+def _read_environment_backend() -> str | None:
     env = os.environ.get(ENV_VAR, "").strip().lower()
     if not env or env == "auto":
         return None
     if env not in BACKENDS:
         raise ValueError(f"{ENV_VAR} must be one of {BACKENDS}, got {env!r}")
     return env
+
+
+# Read by every op call with backend="auto" (the default): memoised per value of the variable.
+_environment_backend_reading = EnvironReading(ENV_VAR, _read_environment_backend)
+
+
+def _environment_backend() -> str | None:
+    return _environment_backend_reading()  # type: ignore[no-any-return]
 
 
 def backend_is_forced(backend: str | None) -> bool:

@@ -155,3 +155,28 @@ def test_the_config_returned_is_this_calls_even_if_another_thread_launched_meanw
     assert launch((1,), x, 64, 0.5, FLAG=False).kwargs["BLOCK"] == 16
     assert recorder.launches[-1][3]["BLOCK"] == 16
     assert launch((1,), x, 64, 0.5, FLAG=False).kwargs["BLOCK"] == 16  # and memoised as such
+
+
+def test_the_memo_key_is_the_scalars_and_the_tensor_dtypes(monkeypatch):
+    """The key is gathered per signature of argument types (tensor positions found once): other
+    tensors of the same dtypes are the same call, and any change of a dtype, a scalar, a type, or a
+    tensor's position is another call for the autotuner."""
+    recorder = _Launches(monkeypatch, type(_toy_kernel), timings={16: 2.0, 32: 1.0})
+    launch = AutotunedLaunch(_toy_tuned())
+    x = torch.zeros(64)
+    key = launch._args_key((x, 64, 0.5))
+    assert key == launch._args_key((torch.ones(5), 64, 0.5))
+    others = [(x.double(), 64, 0.5), (x, 65, 0.5), (x, 64, 0.25), (x, 64.0, 0.5), (64, x, 0.5), (x, 64, x),
+              (x, 64), (x, 64, 0.5, x)]
+    keys = [launch._args_key(args) for args in others]
+    assert key not in keys and len(set(keys)) == len(keys)
+    assert launch._args_key(()) == ((), (), ())
+    assert launch._args_key((x,)) == ((torch.Tensor,), (), (torch.float32,))
+    assert launch._args_key((3,)) == ((int,), (3,), ())
+
+    grid = (4,)
+    launch(grid, x, 64, 0.5, FLAG=True)
+    launch(grid, torch.ones(64), 64, 0.5, FLAG=True)  # another tensor, same dtype: memoised
+    assert recorder.autotuner_runs == 1
+    launch(grid, x.half(), 64, 0.5, FLAG=True)
+    assert recorder.autotuner_runs == 2

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 import struct
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import triton.language as tl
@@ -13,7 +14,7 @@ import triton.language as tl
 from torchfg.backends import triton_interpreter_enabled
 from torchfg.ops.precision import dot_operand_dtypes
 
-__all__ = ["TL_DTYPES", "AutotunedLaunch", "cdiv", "dot_dtypes", "next_power_of_2", "split_scalar"]
+__all__ = ["TL_DTYPES", "AutotunedLaunch", "cdiv", "dot_dtypes", "next_power_of_2", "sm_count", "split_scalar"]
 
 TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float64: tl.float64}
 
@@ -38,6 +39,30 @@ def cdiv(numerator: int, denominator: int) -> int:
 def next_power_of_2(n: int) -> int:
     """The smallest power of two >= ``n`` (0 for 0), as ``triton.next_power_of_2`` on the host."""
     return 0 if n <= 0 else 1 << (n - 1).bit_length()
+
+
+_SM_COUNTS: dict[tuple[Any, int], int] = {}
+
+
+def sm_count(device: Any) -> int:
+    """``torch.cuda.get_device_properties(device).multi_processor_count``, kept per device index
+    (a launcher's grid sizing asks on every call; the query costs a few us on the host).
+
+    Kept under the properties function too: a replaced one (``compile_sm90.py``'s emulated H100, a
+    test's monkeypatch) is asked again rather than answered from the real device's entry. A device
+    without an index (the current one) is always asked."""
+    properties = torch.cuda.get_device_properties
+    index = device.index
+    if index is None:
+        return properties(device).multi_processor_count
+    key = (properties, index)
+    count = _SM_COUNTS.get(key)
+    if count is None:
+        count = properties(device).multi_processor_count
+        if len(_SM_COUNTS) >= 64:
+            _SM_COUNTS.clear()
+        _SM_COUNTS[key] = count
+    return count
 
 
 def dot_dtypes(dtype: torch.dtype) -> tuple[tl.dtype, tl.dtype, str]:
@@ -83,6 +108,19 @@ def _to_fp32(value: float) -> float:
     return struct.unpack("f", struct.pack("f", value))[0]
 
 
+_DTYPE = operator.attrgetter("dtype")
+
+
+def _items(positions: list[int]) -> Callable[[tuple], tuple]:
+    """A function of a tuple returning its items at ``positions``, as a tuple (C speed)."""
+    if len(positions) >= 2:
+        return operator.itemgetter(*positions)
+    if positions:
+        only = positions[0]
+        return lambda items: (items[only],)
+    return lambda items: ()
+
+
 class AutotunedLaunch:
     """An autotuned kernel (``triton.autotune`` over ``triton.heuristics`` over ``triton.jit``)
     whose later launches skip the autotuner's and the heuristics' per-call work.
@@ -109,14 +147,15 @@ class AutotunedLaunch:
         self._heuristics = tuned.fn if isinstance(tuned.fn, Heuristics) else None
         self._jit = self._heuristics.fn if self._heuristics is not None else tuned.fn
         self._memo: dict[tuple, tuple[Any, dict[str, Any]]] = {}
+        self._splits: dict[tuple[type, ...], tuple[Callable[[tuple], tuple], Callable[[tuple], tuple]]] = {}
 
     def __call__(self, grid: Any, *args: Any, **kwargs: Any) -> Any:
         """Launch on ``grid`` (a tuple, or a callable of the launch's arguments as triton takes);
         returns the ``triton.Config`` it ran with."""
         kwargs.update(LAUNCH_OPTIONS)
-        key = (tuple(a.dtype if isinstance(a, torch.Tensor) else a for a in args), tuple(kwargs.items()))
         memoizable = True
         try:
+            key = (self._args_key(args), tuple(kwargs.items()))
             memo = self._memo.get(key)
         except TypeError:  # an unhashable argument: no memo for this call
             memoizable, memo = False, None
@@ -135,6 +174,24 @@ class AutotunedLaunch:
                 self._memo.clear()
             self._memo[key] = (config, self._launch_kwargs(args, kwargs, config))
         return config
+
+    def _args_key(self, args: tuple) -> tuple:
+        """The memo key of the positional arguments: their types, the non-tensor values and the
+        tensors' dtypes (never a tensor itself, whose hash is its identity).
+
+        The same information as one ``dtype if tensor else value`` entry per argument, plus the
+        exact types, but gathered at C speed: the tensor positions of a signature of types are
+        found once (the mining kernel's 56 arguments took ~10 us a launch one by one)."""
+        types = tuple(map(type, args))
+        split = self._splits.get(types)
+        if split is None:
+            tensors = [i for i, t in enumerate(types) if issubclass(t, torch.Tensor)]
+            others = [i for i, t in enumerate(types) if not issubclass(t, torch.Tensor)]
+            if len(self._splits) >= 64:
+                self._splits.clear()
+            split = self._splits[types] = (_items(others), _items(tensors))
+        values_of, tensors_of = split
+        return types, values_of(args), tuple(map(_DTYPE, tensors_of(args)))
 
     def _tuned_answer(self, args: tuple, kwargs: dict) -> Any:
         """The config the autotuner holds for this call (as ``Autotuner.run`` keys it), or None."""

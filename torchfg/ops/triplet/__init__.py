@@ -141,8 +141,11 @@ def _check_mining_inputs(
     anchor_offset: object,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     anchors = check_float_tensor(anchors, "anchors", ndim=2)
-    candidates = check_float_tensor(candidates, "candidates", ndim=2)
-    check_row_sets(anchors, "anchors", candidates, "candidates")
+    if candidates is anchors:  # passed both checks already as the anchors
+        candidates = anchors
+    else:
+        candidates = check_float_tensor(candidates, "candidates", ndim=2)
+        check_row_sets(anchors, "anchors", candidates, "candidates")
     same_labels = candidate_labels is anchor_labels
     anchor_labels = mining_labels(check_labels(anchor_labels, "anchor_labels", anchors.shape[0], device=anchors.device))
     # One labels tensor stays one after conversion: the symmetric mining kernel recognises a batch

@@ -48,6 +48,7 @@ then done on squared distances (same order, no sqrt per pair).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import sys
 from typing import cast
@@ -57,10 +58,10 @@ import triton
 import triton.language as tl
 
 from torchfg._validation import accumulation_dtype, env_flag
-from torchfg.backends import triton_interpreter_enabled
+from torchfg.backends import EnvironReading, triton_interpreter_enabled
 from torchfg.ops.pair_distances.triton import ieee_div, ieee_sqrt
 from torchfg.ops._triton_utils import (
-    LAUNCH_OPTIONS, MAX_GRID_YZ, AutotunedLaunch, cdiv, dot_dtypes, next_power_of_2, split_scalar,
+    LAUNCH_OPTIONS, MAX_GRID_YZ, AutotunedLaunch, cdiv, dot_dtypes, next_power_of_2, sm_count, split_scalar,
 )
 from torchfg.ops.metric import metric_code as metric_code_of
 
@@ -126,6 +127,7 @@ class TileConfig:
 _FP64_CONFIG = TileConfig(block_m=32, block_n=32, block_d=16, block_t=16, num_warps=4, num_stages=2)
 
 
+@functools.lru_cache(maxsize=None)  # a few values; a frozen TileConfig costs ~3 us to build per launch
 def _wide_pass_config(block_m: int, fma_dot: bool, layout: int) -> TileConfig:
     """Tiles of the second pass for 64-bit labels that differ in their high words, a cold path.
 
@@ -898,13 +900,21 @@ def config_fits(scope: str, block_d: int, d: int, layout: int) -> bool:
 def rows_aligned(*operands: torch.Tensor) -> bool:
     """Whether every operand's rows are 16-byte aligned as Triton specialises on it: the base pointer
     divisible by 16 bytes, the row stride by 16 elements."""
-    return all(x.data_ptr() % 16 == 0 and x.stride(0) % 16 == 0 for x in operands)
+    for x in operands:  # a loop, not all(<generator>): called on every launch of a host-bound step
+        if x.data_ptr() % 16 or x.stride(0) % 16:
+            return False
+    return True
 
 
 def _layout_class(*operands: torch.Tensor) -> int:
-    """STRIDED, ALIGNED, UNALIGNED or MIXED (see ``GPU_CONFIGS``) for the operands the kernel reads."""
-    strided = any(x.stride(1) != 1 for x in operands)
-    unaligned = any(x.stride(1) == 1 and not rows_aligned(x) for x in operands)
+    """STRIDED, ALIGNED, UNALIGNED or MIXED (see ``GPU_CONFIGS``) for the (2-D) operands the kernel reads."""
+    strided = unaligned = False
+    for x in operands:
+        row_stride, column_stride = x.stride()
+        if column_stride != 1:
+            strided = True
+        elif x.data_ptr() % 16 or row_stride % 16:  # not rows_aligned(x)
+            unaligned = True
     if strided:
         return MIXED if unaligned else STRIDED
     return UNALIGNED if unaligned else ALIGNED
@@ -976,13 +986,20 @@ def _size_bucket(count: int) -> int:
 def _label_words(anchor_labels: torch.Tensor, candidate_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Labels as the kernel reads them: int32 words, 1 per label (int32 and narrower types), or 2
     (64-bit labels, read as little-endian (low, high) word pairs without a copy)."""
+    # One labels tensor for both (a batch mined against itself) is converted once: the same view.
+    same = candidate_labels is anchor_labels
     if anchor_labels.element_size() == 8 or candidate_labels.element_size() == 8:
-        torch._check(sys.byteorder == "little", lambda: "64-bit labels are read as little-endian word pairs")
-        words = [(x if x.element_size() == 8 else x.to(torch.int64)).contiguous().view(torch.int32)
-                 for x in (anchor_labels, candidate_labels)]
-        return words[0], words[1], 2
+        if sys.byteorder != "little":  # torch._check only to raise (~2 us a call)
+            torch._check(sys.byteorder == "little", lambda: "64-bit labels are read as little-endian word pairs")
+        anchor_words = (anchor_labels if anchor_labels.element_size() == 8 else anchor_labels.to(torch.int64)
+                        ).contiguous().view(torch.int32)
+        candidate_words = anchor_words if same else (
+            candidate_labels if candidate_labels.element_size() == 8 else candidate_labels.to(torch.int64)
+        ).contiguous().view(torch.int32)
+        return anchor_words, candidate_words, 2
     # Exact: every integer type of 4 bytes or less maps one-to-one onto int32.
-    return anchor_labels.contiguous().to(torch.int32), candidate_labels.contiguous().to(torch.int32), 1
+    anchor_words = anchor_labels.contiguous().to(torch.int32)
+    return anchor_words, anchor_words if same else candidate_labels.contiguous().to(torch.int32), 1
 
 
 def _row_stats(*jobs: tuple[torch.Tensor, bool], fills: tuple[tuple[torch.Tensor, int], ...] = ()) -> list[torch.Tensor]:
@@ -994,7 +1011,8 @@ def _row_stats(*jobs: tuple[torch.Tensor, bool], fills: tuple[tuple[torch.Tensor
     block_r, block_c = (16, 16) if triton_interpreter_enabled() else (32, 128)
     pending = [(x, inverse, out) for (x, inverse), out in zip(jobs, outs) if x.shape[0] > 0]
     fills = tuple(fills)
-    torch._check(len(fills) <= 2)
+    if len(fills) > 2:  # torch._check only to raise (~2 us a call)
+        torch._check(len(fills) <= 2)
     if fills and not pending:
         for buffer, value in fills:
             buffer.fill_(value)
@@ -1019,6 +1037,8 @@ def _row_stats(*jobs: tuple[torch.Tensor, bool], fills: tuple[tuple[torch.Tensor
 
 def _is_row_slice(anchors: torch.Tensor, candidates: torch.Tensor, self_offset: int) -> bool:
     """Whether anchors is exactly candidates[self_offset : self_offset + N] (shared row stats)."""
+    if anchors is candidates:  # what the checks below conclude for one tensor (N == M)
+        return self_offset == 0 and anchors.shape[0] > 0
     if self_offset < 0 or anchors.shape[0] == 0 or anchors.stride() != candidates.stride():
         return False
     if self_offset + anchors.shape[0] > candidates.shape[0]:  # a wrapped batch is not a slice
@@ -1042,9 +1062,8 @@ def _default_candidates_per_split(n: int, m: int, device: torch.device) -> int:
     """Candidates per program so that the grid has a few waves of programs on the device."""
     if device.type != "cuda":  # the interpreter runs programs one after another: no need to split
         return max(m, 1)
-    sm_count = torch.cuda.get_device_properties(device).multi_processor_count
     row_blocks = cdiv(n, 128)
-    splits = max(1, cdiv(4 * sm_count, row_blocks))
+    splits = max(1, cdiv(4 * sm_count(device), row_blocks))
     per_split = max(_MIN_CANDIDATES_PER_SPLIT, cdiv(m, splits))
     return cdiv(per_split, _SPLIT_GRANULE) * _SPLIT_GRANULE
 
@@ -1083,7 +1102,12 @@ def _wants_symmetric(tiles: TileConfig | None) -> bool:
         return tiles.symmetric
     if tiles is not None and tiles.block_m != tiles.block_n:
         return False
-    return env_flag("TORCHFG_SYMMETRIC_MINING", False)
+    return bool(_symmetric_mining_reading())
+
+
+# Read on every mining call: memoised per value of the variable (an invalid value still raises).
+_symmetric_mining_reading = EnvironReading(
+    "TORCHFG_SYMMETRIC_MINING", lambda: env_flag("TORCHFG_SYMMETRIC_MINING", False))
 
 
 def _takes_symmetric_kernel(
@@ -1140,7 +1164,7 @@ def _symmetric_splits(n: int, block: int, device: torch.device, tiles_per_split:
         return pairs, min(MAX_GRID_YZ, cdiv(blocks + 1, max(1, tiles_per_split)))
     if device.type != "cuda":
         return pairs, 1
-    target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    target = 4 * sm_count(device)
     # At least 4 tiles per program, or the per-segment set-up and the row atomics dominate.
     return pairs, max(1, min(cdiv(target, pairs), (blocks + 1) // 4))
 
@@ -1316,15 +1340,17 @@ def mine_hardest_splits_triton(
     """
     # Inputs are validated by the public op (torchfg.ops.triplet.mine_hardest); these are the
     # kernel's own preconditions.
-    # (One check: each torch._check costs ~1.5 us of a host-bound step.)
-    torch._check(
+    # (One check, and torch._check called only to raise: each call costs ~2 us of a host-bound step.)
+    consistent = (
         anchors.dim() == 2 and candidates.dim() == 2 and anchors.shape[1] == candidates.shape[1]
         and anchors.dtype == candidates.dtype and anchors.device == candidates.device
         and anchor_labels.shape == (anchors.shape[0],) and candidate_labels.shape == (candidates.shape[0],)
         and (self_offset == -1 or (0 <= self_offset < max(candidates.shape[0], 1) and anchors.shape[0] <= candidates.shape[0]))
-        and (anchor_text is None) == (candidate_text is None),
-        lambda: "mine_hardest_splits_triton: inconsistent shapes, dtypes, devices, self_offset or text",
+        and (anchor_text is None) == (candidate_text is None)
     )
+    if not consistent:
+        torch._check(
+            consistent, lambda: "mine_hardest_splits_triton: inconsistent shapes, dtypes, devices, self_offset or text")
     n, m = anchors.shape[0], candidates.shape[0]
     device = anchors.device
 
@@ -1389,11 +1415,21 @@ def mine_hardest_splits_triton(
         cand_stat = anchor_stat = torch.empty(1, dtype=acc_torch, device=device)  # unused by the kernel
     else:
         cand_stat = next(stats)
-        anchor_stat = cand_stat[self_offset:self_offset + n] if shared_rows else next(stats)
+        if not shared_rows:
+            anchor_stat = next(stats)
+        elif self_offset == 0 and n == m:  # the whole of cand_stat: the slice would be a view of all of it
+            anchor_stat = cand_stat
+        else:
+            anchor_stat = cand_stat[self_offset:self_offset + n]
     if need_text:
         text_dot_dtype, text_acc_dtype, text_precision = dot_dtypes(anchor_text_rows.dtype)
         cand_text_inv = next(stats)
-        anchor_text_inv = cand_text_inv[self_offset:self_offset + n] if shared_text else next(stats)
+        if not shared_text:
+            anchor_text_inv = next(stats)
+        elif self_offset == 0 and n == m:  # as anchor_stat above
+            anchor_text_inv = cand_text_inv
+        else:
+            anchor_text_inv = cand_text_inv[self_offset:self_offset + n]
         text_args = (anchor_text_rows, candidate_text_rows, anchor_text_inv, cand_text_inv)
         text_strides = (anchor_text_rows.stride(0), anchor_text_rows.stride(1),
                         candidate_text_rows.stride(0), candidate_text_rows.stride(1))
