@@ -168,3 +168,33 @@ def test_sources_are_found_in_the_package_or_in_torchfg_csrc_dir(tmp_path, monke
     assert cpu._source_path() == own / "knn_cpu" / "knn_select.c"
     monkeypatch.setenv("TORCHFG_CSRC_DIR", str(tmp_path / "empty"))  # without the sources: the package's
     assert _cuda_extension.csrc_dir() == package
+
+
+def test_eager_training_never_imports_torch_dynamo():
+    """torch._dynamo costs ~1.2 s and 140 MiB of resident memory once per process (torch 2.13):
+    torchfg registers its ops without custom_op for that reason, and a class-level
+    torch.compiler.disable (CrossBatchMemory's step, for one session) imported it at import time."""
+    script = """
+import sys
+import torch
+import torchfg, torchfg.data, torchfg.datasets, torchfg.distributed, torchfg.fewshot, torchfg.functional
+import torchfg.heads, torchfg.layers, torchfg.losses, torchfg.metrics, torchfg.miners, torchfg.ops, torchfg.utils
+from torchfg.losses import AdaptiveTripletLoss, CrossBatchMemory, DINOLoss, TripletMarginLoss
+from torchfg.miners import TripletMarginMiner
+from torchfg.heads import PrototypicalHead
+from torchfg.metrics import retrieval_metrics
+assert "torch._dynamo" not in sys.modules, "at import"
+x, y, t = torch.randn(16, 8, requires_grad=True), torch.arange(16) // 4, torch.randn(16, 4)
+TripletMarginLoss()(x, y).backward()
+AdaptiveTripletLoss()(x, y, t).backward()
+TripletMarginLoss(mining="all")(x, y, TripletMarginMiner()(x, y)).backward()
+CrossBatchMemory(TripletMarginLoss(), 8, 32)(x, y).backward()
+DINOLoss(5, n_crops=2, n_global_crops=2, n_epochs=3)(torch.randn(4, 5, requires_grad=True), torch.randn(4, 5), 0).backward()
+PrototypicalHead()(x, y, x).sum().backward()
+retrieval_metrics(x.detach(), y)
+assert "torch._dynamo" not in sys.modules, "in a training step"
+"""
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("TRITON_INTERPRET", None)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

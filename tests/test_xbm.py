@@ -534,15 +534,6 @@ def test_compiled_step_with_memory_does_not_recompile_per_step():
     torch.testing.assert_close(compiled_memory.embedding_memory, eager_memory.embedding_memory)
 
 
-def test_fullgraph_compile_of_a_step_with_memory_says_why_it_is_refused():
-    """The step was disabled inside traced code: fullgraph=True reported a call to a skipped
-    function with a hint to file an issue to PyTorch, not the reason."""
-    memory = CrossBatchMemory(TripletMarginLoss(), embedding_size=4, memory_size=16)
-    step = torch.compile(lambda x, labels: memory(x, labels), fullgraph=True, backend="eager")
-    with pytest.raises(Exception, match="CrossBatchMemory's step runs eagerly.*without fullgraph=True"):
-        step(torch.randn(6, 4), torch.tensor([0, 0, 1, 1, 2, 2]))
-
-
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_memory_inside_activation_checkpointing_is_refused_before_a_second_write(reentrant):
     """A checkpointed function that contains the memory re-runs it in backward: the batch was

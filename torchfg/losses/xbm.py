@@ -222,7 +222,12 @@ class CrossBatchMemory(nn.Module):
             # and traced code is specialised on them: a new graph per step, then (past the
             # recompile limit) the whole compiled step eager. The memory step runs eagerly instead,
             # behind a graph break; the model around it stays compiled.
-            return self._eager_step(embeddings, labels, indices_tuple, enqueue_mask, text_embeddings)
+            # Disabled here, not once at class level: torch.compiler.disable imports torch._dynamo
+            # (~1.2 s and 140 MiB once per process), which eager training never needs. The price:
+            # fullgraph=True reports this call to a skipped function rather than the reason.
+            return torch.compiler.disable(self._step, recursive=True)(
+                embeddings, labels, indices_tuple, enqueue_mask, text_embeddings
+            )
         return self._step(embeddings, labels, indices_tuple, enqueue_mask, text_embeddings)
 
     def _step(
@@ -341,15 +346,6 @@ class CrossBatchMemory(nn.Module):
         )
         self._await_backward(result)
         return result
-
-    # Disabled once, here: a torch.compiler.disable call inside traced code made fullgraph=True
-    # report a call to a skipped function, with a hint to file an issue, instead of this reason.
-    _eager_step = torch.compiler.disable(
-        _step,
-        recursive=True,
-        reason="CrossBatchMemory's step runs eagerly (its ring position and fill level change every step); "
-        "compile the model without fullgraph=True, or compile the model alone",
-    )
 
     def _await_backward(self, result: torch.Tensor) -> None:
         """Remember ``result``'s graph until its backward runs: it reads the memory rows in place."""
