@@ -497,6 +497,8 @@ def test_semantic_modules_at_two_stages_by_wrapping_the_wrapper():
         wrap_backbone(backbone, "layer3", second)
     with pytest.raises(ValueError, match="method must be 'forward'"):
         wrap_backbone(inner, "backbone.layer3", second, method="__call__")
+    with pytest.raises(ValueError, match="method must be 'forward'"):
+        SemanticBackbone(inner, "backbone.layer3", second, method="forward_features")
     outer = wrap_backbone(inner, "backbone.layer3", second)
     images, semantic = torch.randn(2, 3, 64, 48), torch.rand(2, 3, 30, 22)
     torch.testing.assert_close(outer(images, semantic),

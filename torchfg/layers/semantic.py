@@ -500,6 +500,9 @@ class SemanticBackbone(nn.Module):
         method: str = "forward",
     ) -> None:
         super().__init__()
+        if isinstance(backbone, SemanticBackbone) and method != "forward":
+            # A wrapper of a wrapper calls the inner one's forward, with the map: another method would be ignored.
+            raise ValueError(f"method must be 'forward' to wrap a SemanticBackbone (it takes (images, semantic)), got {method!r}")
         self.backbone = backbone
         self.semantic_module = module
         self.layer_name = layer_name
@@ -674,8 +677,6 @@ def wrap_backbone(
     check_choice(position, "position", ("after", "before"))
     if not isinstance(method, str) or not callable(getattr(backbone, method, None)):
         raise ValueError(f"method {method!r} is not a method of {type(backbone).__name__}")
-    if isinstance(backbone, SemanticBackbone) and method != "forward":
-        raise ValueError(f"method must be 'forward' to wrap a SemanticBackbone (it takes (images, semantic)), got {method!r}")
     inside = {id(m) for m in backbone.modules()}
     for wrapper, stage in _semantic_wrappers_hooked_in(backbone):
         if id(wrapper) not in inside:
