@@ -224,6 +224,24 @@ def test_memoised_environment_readings_follow_every_change(monkeypatch):
     assert backends.triton_interpreter_enabled() is False
 
 
+def test_an_environment_reading_keeps_each_answer_under_the_value_it_parsed(monkeypatch):
+    """The answer memoised under a raw value is parsed from that value: a write by another thread
+    while the variable is parsed (simulated by the parse itself) cannot be kept under the old value."""
+    monkeypatch.setenv("TORCHFG_TEST_SWITCH", "a")
+
+    def parse(value):
+        os.environ["TORCHFG_TEST_SWITCH"] = "b"  # another thread's write, meanwhile
+        return value
+
+    reading = backends.EnvironReading("TORCHFG_TEST_SWITCH", parse)
+    assert reading() == "a"
+    assert reading() == "b"
+    os.environ["TORCHFG_TEST_SWITCH"] = "a"
+    assert reading() == "a"  # the memo's answer for "a" is "a"
+    monkeypatch.delenv("TORCHFG_TEST_SWITCH")
+    assert backends.EnvironReading("TORCHFG_TEST_SWITCH", lambda value: value)() == ""
+
+
 def test_environment_readings_compile_into_one_graph():
     """Under torch.compile the memo is not traced (dynamo guarded on it, and the first trace's
     entry cost a recompile at the second call): one frame, as with os.environ.get."""

@@ -137,7 +137,11 @@ def env_flag(name: str, default: bool) -> bool:
     """The on/off environment variable ``name`` (case and surrounding spaces ignored; unset or
     empty: ``default``). Any other value is a ValueError naming the variable: a switch silently
     read the wrong way (``TORCHFG_CPU_KERNELS=disable`` kept the kernels on) is worse than none."""
-    raw = os.environ.get(name, "")
+    return parse_env_flag(name, os.environ.get(name, ""), default)
+
+
+def parse_env_flag(name: str, raw: str, default: bool) -> bool:
+    """:func:`env_flag` of the value ``raw`` of the variable ``name``."""
     value = raw.strip().lower()
     if not value:
         return default

@@ -66,43 +66,44 @@ _UNREAD = object()
 
 
 class EnvironReading:
-    """``compute()``, a reading of the environment variable ``name``, memoised per value of the
-    variable: every call looks the variable up, and a new value (monkeypatch, ``os.environ[...] =``)
-    calls ``compute`` again. ``compute`` must depend on that variable only; an exception it
-    raises (an invalid value) is raised again at every call, nothing is kept.
+    """``parse(value)`` of the environment variable ``name`` (``""`` when unset), memoised per raw
+    value: every call looks the variable up, and a new value (monkeypatch, ``os.environ[...] =``)
+    is parsed again. An exception ``parse`` raises (an invalid value) is raised again at every
+    call, nothing is kept. The answer kept under a raw value is parsed from that value itself, so
+    a change by another thread meanwhile cannot be stored under the wrong value.
 
     For switches the launchers read on every call (``TRITON_INTERPRET``, 7 times in a fused
     triplet step): ``os.environ.get`` encodes the key and decodes the value in Python (~1.4 us),
     while CPython's ``os.environ`` keeps the encoded strings in a dict that one lookup reads.
     """
 
-    def __init__(self, name: str, compute: Callable[[], Any]) -> None:
-        self.name, self.compute = name, compute
+    def __init__(self, name: str, parse: Callable[[str], Any]) -> None:
+        self.name, self.parse = name, parse
         encodekey = getattr(os.environ, "encodekey", None)  # CPython's os._Environ
         self._key = encodekey(name) if encodekey is not None else None
         self._answers: dict[Any, Any] = {}
 
     def __call__(self) -> Any:
         environ = os.environ
-        data = getattr(environ, "_data", None) if type(environ) is _ENVIRON_TYPE and self._key is not None else None
+        memo = type(environ) is _ENVIRON_TYPE and self._key is not None
+        data = getattr(environ, "_data", None) if memo else None
+        decode = getattr(environ, "decodevalue", None) if memo else None
         # No memo where os.environ was replaced by another mapping, nor under torch.compile: there
         # the plain reading is traced, as before the memo (dynamo guarded on the memo, and the
         # entry that the first trace added cost a recompile at the second call).
-        if data is None or torch.compiler.is_compiling():
-            return self.compute()
+        if data is None or decode is None or torch.compiler.is_compiling():
+            return self.parse(os.environ.get(self.name, ""))
         raw = data.get(self._key)
         answer = self._answers.get(raw, _UNREAD)
         if answer is _UNREAD:
-            answer = self.compute()
-            if data.get(self._key) is raw:  # not changed by another thread meanwhile
-                if len(self._answers) >= 64:
-                    self._answers.clear()
-                self._answers[raw] = answer
+            answer = self.parse("" if raw is None else decode(raw))
+            if len(self._answers) >= 64:
+                self._answers.clear()
+            self._answers[raw] = answer
         return answer
 
 
-_triton_interpreter_reading = EnvironReading(
-    "TRITON_INTERPRET", lambda: _interpreter_on(os.environ.get("TRITON_INTERPRET", "")))
+_triton_interpreter_reading = EnvironReading("TRITON_INTERPRET", _interpreter_on)
 
 
 def triton_interpreter_enabled() -> bool:
@@ -311,8 +312,8 @@ def backend_status(op: str, backend: str, device: torch.device) -> tuple[bool, s
     return False, f"{op} has no {backend} backend"
 
 
-def _read_environment_backend() -> str | None:
-    env = os.environ.get(ENV_VAR, "").strip().lower()
+def _parse_environment_backend(value: str) -> str | None:
+    env = value.strip().lower()
     if not env or env == "auto":
         return None
     if env not in BACKENDS:
@@ -321,7 +322,7 @@ def _read_environment_backend() -> str | None:
 
 
 # Read by every op call with backend="auto" (the default): memoised per value of the variable.
-_environment_backend_reading = EnvironReading(ENV_VAR, _read_environment_backend)
+_environment_backend_reading = EnvironReading(ENV_VAR, _parse_environment_backend)
 
 
 def _environment_backend() -> str | None:

@@ -57,7 +57,7 @@ import torch
 import triton
 import triton.language as tl
 
-from torchfg._validation import accumulation_dtype, env_flag
+from torchfg._validation import accumulation_dtype, parse_env_flag
 from torchfg.backends import EnvironReading, triton_interpreter_enabled
 from torchfg.ops.pair_distances.triton import ieee_div, ieee_sqrt
 from torchfg.ops._triton_utils import (
@@ -1107,7 +1107,7 @@ def _wants_symmetric(tiles: TileConfig | None) -> bool:
 
 # Read on every mining call: memoised per value of the variable (an invalid value still raises).
 _symmetric_mining_reading = EnvironReading(
-    "TORCHFG_SYMMETRIC_MINING", lambda: env_flag("TORCHFG_SYMMETRIC_MINING", False))
+    "TORCHFG_SYMMETRIC_MINING", lambda value: parse_env_flag("TORCHFG_SYMMETRIC_MINING", value, False))
 
 
 def _takes_symmetric_kernel(
