@@ -28,7 +28,7 @@ import os
 import re
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Callable, Generic, Sequence, TypeVar
 
 import torch
 
@@ -62,10 +62,10 @@ def _interpreter_on(value: str) -> bool:
 
 
 _ENVIRON_TYPE = type(os.environ)
-_UNREAD = object()
+_Answer = TypeVar("_Answer")
 
 
-class EnvironReading:
+class EnvironReading(Generic[_Answer]):
     """``parse(value)`` of the environment variable ``name`` (``""`` when unset), memoised per raw
     value: every call looks the variable up, and a new value (monkeypatch, ``os.environ[...] =``)
     is parsed again. An exception ``parse`` raises (an invalid value) is raised again at every
@@ -77,13 +77,13 @@ class EnvironReading:
     while CPython's ``os.environ`` keeps the encoded strings in a dict that one lookup reads.
     """
 
-    def __init__(self, name: str, parse: Callable[[str], Any]) -> None:
+    def __init__(self, name: str, parse: Callable[[str], _Answer]) -> None:
         self.name, self.parse = name, parse
         encodekey = getattr(os.environ, "encodekey", None)  # CPython's os._Environ
         self._key = encodekey(name) if encodekey is not None else None
-        self._answers: dict[Any, Any] = {}
+        self._answers: dict[bytes | None, _Answer] = {}
 
-    def __call__(self) -> Any:
+    def __call__(self) -> _Answer:
         environ = os.environ
         memo = type(environ) is _ENVIRON_TYPE and self._key is not None
         data = getattr(environ, "_data", None) if memo else None
@@ -94,12 +94,14 @@ class EnvironReading:
         if data is None or decode is None or torch.compiler.is_compiling():
             return self.parse(os.environ.get(self.name, ""))
         raw = data.get(self._key)
-        answer = self._answers.get(raw, _UNREAD)
-        if answer is _UNREAD:
-            answer = self.parse("" if raw is None else decode(raw))
-            if len(self._answers) >= 64:
-                self._answers.clear()
-            self._answers[raw] = answer
+        try:
+            return self._answers[raw]
+        except KeyError:
+            pass  # parsed below, outside the handler: an invalid value's error is not chained to it
+        answer = self.parse("" if raw is None else decode(raw))
+        if len(self._answers) >= 64:
+            self._answers.clear()
+        self._answers[raw] = answer
         return answer
 
 
@@ -108,7 +110,7 @@ _triton_interpreter_reading = EnvironReading("TRITON_INTERPRET", _interpreter_on
 
 def triton_interpreter_enabled() -> bool:
     """Whether ``TRITON_INTERPRET`` switches Triton's interpreter on (Triton kernels then run on the CPU)."""
-    return bool(_triton_interpreter_reading())
+    return _triton_interpreter_reading()
 
 
 def _triton_import_status() -> tuple[bool, str]:
@@ -326,7 +328,7 @@ _environment_backend_reading = EnvironReading(ENV_VAR, _parse_environment_backen
 
 
 def _environment_backend() -> str | None:
-    return _environment_backend_reading()  # type: ignore[no-any-return]
+    return _environment_backend_reading()
 
 
 def backend_is_forced(backend: str | None) -> bool:

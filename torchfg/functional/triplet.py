@@ -136,15 +136,21 @@ def _check_text(text_embeddings: object, n: int, device: torch.device) -> torch.
 _Result = TypeVar("_Result")
 
 
+def _attempt(validate: Callable[[], _Result]) -> tuple[_Result | None, Exception | None]:
+    """(validate()'s result, None), or (None, the exception it raised): a rank whose checks failed
+    must still join the exchange that tells the other ranks."""
+    try:
+        return validate(), None
+    except Exception as exc:  # also BackendUnavailableError (a RuntimeError): any local refusal
+        return None, exc
+
+
 def _validated(validate, cross_rank: bool, call: Mapping[str, object] | None = None):
     """Run ``validate()``; with cross_rank, an error on any rank raises on every rank (no hang),
     and so do ranks whose ``call`` settings differ (they would run different collectives next)."""
     if not cross_rank:
         return validate()
-    try:
-        result, error = validate(), None
-    except Exception as exc:  # also BackendUnavailableError (a RuntimeError): any local refusal
-        result, error = None, exc
+    result, error = _attempt(validate)
     raise_on_all_ranks(error, call=call)
     return result
 
@@ -164,12 +170,7 @@ def _validated_gather(
     different call on any rank raises on every rank, with one host synchronisation per step
     instead of two.
     """
-    result: _Result | None = None
-    error: Exception | None = None
-    try:
-        result = validate()
-    except Exception as exc:  # also BackendUnavailableError (a RuntimeError): any local refusal
-        error = exc
+    result, error = _attempt(validate)
     # A rank whose checks failed still takes part, with no tensors: every rank raises before the gather.
     tensors = (None, None, None) if error is not None else rows(cast(_Result, result))
     batch = gather_batch(
@@ -853,10 +854,9 @@ def triplet_margin_loss(
                 smooth=smooth, swap=swap, triplets_per_anchor=triplets_per_anchor,
                 indices_tuple=indices_tuple is not None, backend=backend)
     if cross_rank:
-        checked, (candidates, candidate_labels, _, gathered_offset) = _validated_candidates(
+        checked, (candidates, candidate_labels, _, anchor_offset) = _validated_candidates(
             validate, call, lambda checked: (checked[0], checked[1], None))
         (embeddings, labels, *_, margin, smooth, swap, per_anchor) = checked
-        anchor_offset = gathered_offset
     else:
         (embeddings, labels, candidates, candidate_labels, anchor_offset, margin, smooth, swap,
          per_anchor) = validate()
@@ -990,10 +990,9 @@ def adaptive_triplet_loss(
                 text_positive_threshold=text_positive_threshold, reduction=reduction,
                 indices_tuple=indices_tuple is not None, backend=backend)
     if cross_rank:
-        checked, (candidates, candidate_labels, gathered_text, gathered_offset) = _validated_candidates(
+        checked, (candidates, candidate_labels, gathered_text, anchor_offset) = _validated_candidates(
             validate, call, lambda checked: (checked[0], checked[1], checked[5]))
         (embeddings, labels, *_, text_embeddings, base_margin, margin_scale, text_positive_threshold) = checked
-        anchor_offset = gathered_offset
         candidate_text = cast(torch.Tensor, gathered_text)  # the gather of a tensor, never None
     else:
         (embeddings, labels, candidates, candidate_labels, anchor_offset, text_embeddings, base_margin, margin_scale,

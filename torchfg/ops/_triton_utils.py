@@ -14,7 +14,8 @@ import triton.language as tl
 from torchfg.backends import triton_interpreter_enabled
 from torchfg.ops.precision import dot_operand_dtypes
 
-__all__ = ["TL_DTYPES", "AutotunedLaunch", "cdiv", "dot_dtypes", "next_power_of_2", "sm_count", "split_scalar"]
+__all__ = ["TL_DTYPES", "AutotunedLaunch", "cdiv", "check_precondition", "dot_dtypes", "next_power_of_2", "sm_count",
+           "split_scalar"]
 
 TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float64: tl.float64}
 
@@ -39,6 +40,14 @@ def cdiv(numerator: int, denominator: int) -> int:
 def next_power_of_2(n: int) -> int:
     """The smallest power of two >= ``n`` (0 for 0), as ``triton.next_power_of_2`` on the host."""
     return 0 if n <= 0 else 1 << (n - 1).bit_length()
+
+
+def check_precondition(condition: bool, message: Callable[[], str] | None = None) -> None:
+    """``torch._check(condition, message)``, called only when ``condition`` fails: the launchers
+    check their preconditions on every call of a host-bound step, where a ``torch._check`` call
+    costs ~2 us even when it passes."""
+    if not condition:
+        torch._check(condition, message)
 
 
 _SM_COUNTS: dict[tuple[Any, int], int] = {}

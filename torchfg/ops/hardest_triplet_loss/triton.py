@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from torchfg.backends import triton_interpreter_enabled
-from torchfg.ops._triton_utils import LAUNCH_OPTIONS, cdiv, next_power_of_2, split_scalar
+from torchfg.ops._triton_utils import LAUNCH_OPTIONS, cdiv, check_precondition, next_power_of_2, split_scalar
 from torchfg.ops.hardest_triplet_loss import LINK_STRIPES, links_size
 from torchfg.ops.metric import metric_code
 from torchfg.ops.pair_distances.triton import (
@@ -461,13 +461,10 @@ def hardest_triplet_loss_backward_triton(
               if needs_candidate_grad and not candidates_are_anchors else anchors.new_empty(0))
     if d == 0:
         return grad_x, grad_y
-    # torch._check is called only to raise (~2 us a call of a host-bound step).
-    links_ok = links.numel() == 0 or links.numel() == links_size(n, m)
-    if not links_ok:
-        torch._check(links_ok)
+    check_precondition(links.numel() == 0 or links.numel() == links_size(n, m))
     partner = (candidates_are_anchors or needs_candidate_grad) and links.numel() > 0
-    if not (partner or not (candidates_are_anchors or needs_candidate_grad)):
-        torch._check(False, lambda: "the forward built no partner lists (link=False) but a partner gradient is needed")
+    check_precondition(partner or not (candidates_are_anchors or needs_candidate_grad),
+                       lambda: "the forward built no partner lists (link=False) but a partner gradient is needed")
     grad = grad.contiguous()
     dummy = terms
     x_inv = anchor_inv if metric == "cosine" else dummy

@@ -61,7 +61,7 @@ from torchfg._validation import accumulation_dtype, parse_env_flag
 from torchfg.backends import EnvironReading, triton_interpreter_enabled
 from torchfg.ops.pair_distances.triton import ieee_div, ieee_sqrt
 from torchfg.ops._triton_utils import (
-    LAUNCH_OPTIONS, MAX_GRID_YZ, AutotunedLaunch, cdiv, dot_dtypes, next_power_of_2, sm_count, split_scalar,
+    LAUNCH_OPTIONS, MAX_GRID_YZ, AutotunedLaunch, cdiv, check_precondition, dot_dtypes, next_power_of_2, sm_count, split_scalar,
 )
 from torchfg.ops.metric import metric_code as metric_code_of
 
@@ -989,8 +989,7 @@ def _label_words(anchor_labels: torch.Tensor, candidate_labels: torch.Tensor) ->
     # One labels tensor for both (a batch mined against itself) is converted once: the same view.
     same = candidate_labels is anchor_labels
     if anchor_labels.element_size() == 8 or candidate_labels.element_size() == 8:
-        if sys.byteorder != "little":  # torch._check only to raise (~2 us a call)
-            torch._check(sys.byteorder == "little", lambda: "64-bit labels are read as little-endian word pairs")
+        check_precondition(sys.byteorder == "little", lambda: "64-bit labels are read as little-endian word pairs")
         anchor_words = (anchor_labels if anchor_labels.element_size() == 8 else anchor_labels.to(torch.int64)
                         ).contiguous().view(torch.int32)
         candidate_words = anchor_words if same else (
@@ -1011,8 +1010,7 @@ def _row_stats(*jobs: tuple[torch.Tensor, bool], fills: tuple[tuple[torch.Tensor
     block_r, block_c = (16, 16) if triton_interpreter_enabled() else (32, 128)
     pending = [(x, inverse, out) for (x, inverse), out in zip(jobs, outs) if x.shape[0] > 0]
     fills = tuple(fills)
-    if len(fills) > 2:  # torch._check only to raise (~2 us a call)
-        torch._check(len(fills) <= 2)
+    check_precondition(len(fills) <= 2)
     if fills and not pending:
         for buffer, value in fills:
             buffer.fill_(value)
@@ -1102,7 +1100,7 @@ def _wants_symmetric(tiles: TileConfig | None) -> bool:
         return tiles.symmetric
     if tiles is not None and tiles.block_m != tiles.block_n:
         return False
-    return bool(_symmetric_mining_reading())
+    return _symmetric_mining_reading()
 
 
 # Read on every mining call: memoised per value of the variable (an invalid value still raises).
@@ -1340,17 +1338,15 @@ def mine_hardest_splits_triton(
     """
     # Inputs are validated by the public op (torchfg.ops.triplet.mine_hardest); these are the
     # kernel's own preconditions.
-    # (One check, and torch._check called only to raise: each call costs ~2 us of a host-bound step.)
-    consistent = (
+    # (One check: each costs host time in a host-bound step.)
+    check_precondition(
         anchors.dim() == 2 and candidates.dim() == 2 and anchors.shape[1] == candidates.shape[1]
         and anchors.dtype == candidates.dtype and anchors.device == candidates.device
         and anchor_labels.shape == (anchors.shape[0],) and candidate_labels.shape == (candidates.shape[0],)
         and (self_offset == -1 or (0 <= self_offset < max(candidates.shape[0], 1) and anchors.shape[0] <= candidates.shape[0]))
-        and (anchor_text is None) == (candidate_text is None)
+        and (anchor_text is None) == (candidate_text is None),
+        lambda: "mine_hardest_splits_triton: inconsistent shapes, dtypes, devices, self_offset or text",
     )
-    if not consistent:
-        torch._check(
-            consistent, lambda: "mine_hardest_splits_triton: inconsistent shapes, dtypes, devices, self_offset or text")
     n, m = anchors.shape[0], candidates.shape[0]
     device = anchors.device
 
