@@ -26,7 +26,7 @@ import torch
 
 from conftest import TEST_DEVICE, requires_triton
 from torchfg.bench.xbm import profile_step
-from torchfg.functional import adaptive_triplet_loss, triplet_margin_loss
+from torchfg.functional import adaptive_triplet_loss, mine_triplets, triplet_margin_loss
 
 D = 512
 TEXT = 64
@@ -168,6 +168,8 @@ def _cross_rank_steps(rank: int, world: int) -> dict:
     steps = {
         "batch_hard": lambda: triplet_margin_loss(x, labels, cross_rank=True, backend="triton").backward(),
         "atl": lambda: adaptive_triplet_loss(x, labels, text, cross_rank=True, backend="triton").backward(),
+        "atl_miner": lambda: mine_triplets(x, labels, text_embeddings=text, margin_scale=0.5, cross_rank=True,
+                                           backend="triton"),
     }
     profiles = {}
     for kind, step in steps.items():
@@ -181,22 +183,22 @@ def _cross_rank_steps(rank: int, world: int) -> dict:
 @pytest.mark.distributed
 @pytest.mark.skipif(TEST_DEVICE.type == "cuda", reason="gloo ranks hold CPU tensors (the interpreter's Triton)")
 def test_cross_rank_step_is_the_fused_step():
-    # cross_rank=True (2 gloo ranks): the fused Triton launches of a single-process step, on the
-    # gathered batch (the backward in two launches: this rank's anchors, and the gathered rows as
-    # partners), instead of mining, a split merge, the pair-distance kernels and ATen's hinge and
-    # reduction. The gather's and the input exchange's ops come on top (on the CPU here: on a GPU
-    # most of them are host-side metadata checks), so ATen ops are not counted.
+    # cross_rank=True (2 gloo ranks): the launches of a single-process step, on the gathered batch
+    # with this rank's anchors as its rows (one tensor: one row-statistics launch with the text's,
+    # one backward launch, no sum of an anchor and a batch gradient), instead of mining, a split
+    # merge, the pair-distance kernels and ATen's hinge and reduction. The gather's and the input
+    # exchange's ops come on top (on the CPU here: on a GPU most of them are host-side metadata
+    # checks), so ATen ops are not counted.
     from dist_utils import run_on_ranks
 
     results = run_on_ranks(_cross_rank_steps, 2)
     assert all(r[0] == "ok" for r in results), [r[1:] for r in results if r[0] != "ok"]
     for profiles in (r[1] for r in results):
         for kind, (triton_launches, aten) in profiles.items():
-            # Row statistics of the anchors and of the gathered rows, two per launch (ATL: their
-            # texts' too).
-            assert triton_launches == {"_row_stat_kernel": 1 if kind == "batch_hard" else 2, "_mine_hardest_kernel": 2,
-                                       "_hardest_triplet_fwd_kernel": 1, "_hardest_triplet_bwd_kernel": 2}, \
-                (kind, triton_launches)
+            # (A miner merges the mining splits in a launch of its own; the loss's forward does it.)
+            loss = ({"_merge_splits_kernel": 1} if kind == "atl_miner"
+                    else {"_hardest_triplet_fwd_kernel": 1, "_hardest_triplet_bwd_kernel": 1})
+            assert triton_launches == {"_row_stat_kernel": 1, "_mine_hardest_kernel": 2, **loss}, (kind, triton_launches)
             assert "aten.relu.default" not in aten and "aten.threshold_backward.default" not in aten, (kind, aten)
 
 

@@ -146,6 +146,76 @@ def test_separate_candidates(exclude_self, offset, candidate_grad, metric, poiso
     assert (actual[2] is None) == (not candidate_grad)
 
 
+def _rows_of_a_batch(backend, c, labels, t, start, n, *, view, **kwargs):
+    """(loss, dL/dc, dL/d anchors or None, Triton launches) for the anchors c[start:start + n]:
+    ``view`` a slice of ``c`` itself (one tensor for autograd), else a leaf with c's rows."""
+    from torchfg.bench.profile import profile_step
+
+    cc = c.clone().requires_grad_()
+    anchors = cc[start:start + n] if view else c[start:start + n].clone().requires_grad_()
+    text = None if t is None else (t[start:start + n], t)
+    out = {}
+
+    def step():
+        loss = hardest_triplet_loss(anchors, cc, labels[start:start + n], labels, *(text or (None, None)),
+                                    exclude_self=True, anchor_offset=start, backend=backend, **kwargs)
+        upstream = torch.randn(loss.shape, generator=torch.Generator().manual_seed(3), dtype=loss.dtype)
+        loss.backward(upstream.to(loss.device))
+        out["loss"] = loss.detach()
+
+    launches = profile_step(step).triton
+    return out["loss"], cc.grad, None if view else anchors.grad, launches
+
+
+@requires_triton
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("text", [0, 6])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_anchors_that_are_a_row_slice_of_the_candidates_take_one_backward_launch(metric, text, reduction, poisoned,
+                                                                                 small_splits):
+    # The cross_rank losses' anchors: rows [9, 26) of a 37-row batch (two mining splits), a view of
+    # it. The op takes them as one tensor: one row-statistics pass (the text's too), and one
+    # backward launch writing the batch's gradient (the anchor rows' own terms and every partner
+    # term), where separate tensors take two and autograd then sums them into the batch's rows.
+    c, labels, *_, t, _ = _problem(37, 37, 19, torch.float32, seed=21, text=text)
+    kwargs = dict(metric=metric, base_margin=0.2, margin_scale=0.6 if text else 0.0, reduction=reduction)
+    loss, grad, none, launches = _rows_of_a_batch("triton", c, labels, t, 9, 17, view=True, **kwargs)
+    assert none is None
+    assert launches["_hardest_triplet_bwd_kernel"] == 1 and launches["_row_stat_kernel"] <= 1, launches
+    # The reference: separate leaves (the anchors' rows and the batch), their gradients summed here.
+    ref_loss, ref_grad, ref_anchor_grad, _ = _rows_of_a_batch("torch", c, labels, t, 9, 17, view=False, **kwargs)
+    ref_grad[9:26] += ref_anchor_grad
+    _assert_same((ref_loss, ref_grad), (loss, grad), torch.float32)
+    assert grad[9:26].abs().sum() > 0 and grad[:9].abs().sum() > 0  # anchor and partner terms both arrived
+
+
+@requires_triton
+def test_anchors_that_share_the_candidates_memory_but_not_their_graph_keep_their_own_gradient(poisoned):
+    # Rows of the batch's memory that autograd does not connect to the batch (a detached slice made
+    # a leaf): the anchors' own terms must reach the anchors, not the batch.
+    c, labels, *_ = _problem(23, 23, 11, torch.float32, seed=4)
+    cc = c.clone().requires_grad_()
+    anchors = cc.detach()[5:17].requires_grad_()
+    kwargs = dict(metric="euclidean", base_margin=0.3, reduction="sum")
+    loss = hardest_triplet_loss(anchors, cc, labels[5:17], labels, exclude_self=True, anchor_offset=5,
+                                backend="triton", **kwargs)
+    loss.backward(torch.randn((), generator=torch.Generator().manual_seed(3), dtype=loss.dtype))
+    expected = _rows_of_a_batch("torch", c, labels, None, 5, 12, view=False, **kwargs)
+    torch.testing.assert_close(cc.grad, expected[1], **TOLERANCE[torch.float32])
+    torch.testing.assert_close(anchors.grad, expected[2], **TOLERANCE[torch.float32])
+
+
+@requires_triton
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_opcheck_of_anchors_given_as_rows_of_the_candidates(backend):
+    # The op's own contract for candidates=None with anchor_start > 0 (the public function reaches it
+    # on the Triton backend only; the reference implements it too).
+    c, labels, *_, t, _ = _problem(13, 13, 7, torch.float32, seed=8, text=3)
+    args = (c.clone().requires_grad_(), None, labels[4:10], labels, t[4:10], t, "cosine", 0.2, 0.5, None, 4, 4,
+            False, "mean", backend == "triton", backend)
+    torch.library.opcheck(torch.ops.torchfg.hardest_triplet_loss.default, args)
+
+
 @requires_triton
 @pytest.mark.parametrize("n", [1, 7, 16, 33])
 @pytest.mark.parametrize("int32", [False, True])
@@ -166,7 +236,7 @@ def test_internal_outputs_match_reference(poisoned):
     x[5] = x[6]
     labels[5] = labels[6]
     for reduction in REDUCTIONS:
-        args = (x, None, labels, labels, None, None, "euclidean", 0.5, 0.0, None, 0, False, reduction)
+        args = (x, None, labels, labels, None, None, "euclidean", 0.5, 0.0, None, 0, 0, False, reduction)
         reference = _hardest_triplet_loss_op(*args, False, "torch")
         fused = _hardest_triplet_loss_op(*args, True, "triton")
         for r, f in zip(reference[:4], fused[:4]):
@@ -281,7 +351,7 @@ def test_deterministic_mode_sorts_instead_of_linking(poisoned):
     try:
         x, labels = problem[0].clone().requires_grad_(), problem[1]
         outputs = _hardest_triplet_loss_op(x, None, labels, labels, None, None, "sqeuclidean", 0.3, 0.0, None, 0,
-                                           False, "mean", False, "triton")
+                                           0, False, "mean", False, "triton")
         assert outputs[4].numel() == 0  # no partner lists
         actual = _run("triton", *problem, **kwargs)
     finally:
@@ -328,7 +398,7 @@ def test_deterministic_backward_leaves_unpaired_anchors_out_of_the_partner_rows(
     try:
         actual = run("triton")
         pairs = _hardest_triplet_loss_op(x, y, labels, y_labels, None, None, metric, 0.3, 0.0, None,
-                                         0 if y is None else -1, False, "mean", False, "triton")[1]
+                                         0 if y is None else -1, 0, False, "mean", False, "triton")[1]
     finally:
         torch.use_deterministic_algorithms(previous)
     for e, a in zip(expected, actual):
@@ -420,7 +490,7 @@ def test_hub_rows_on_several_stripes(poisoned, separate):
     actual = _run("triton", x, labels, y, y_labels, None, None, **kwargs)
     _assert_same(expected, actual, torch.float32)
     pairs = _hardest_triplet_loss_op(x, y, labels, y_labels, None, None, "euclidean", 3.0, 0.0, None,
-                                     0 if not separate else -1, False, "sum", False, "torch")[1]
+                                     0 if not separate else -1, 0, False, "sum", False, "torch")[1]
     hub_anchors = torch.nonzero(pairs[:, 1] == 3).flatten()
     assert len(hub_anchors) >= 3 * LINK_STRIPES  # several pairs on every stripe of the hub
     assert set((hub_anchors % LINK_STRIPES).tolist()) == set(range(LINK_STRIPES))

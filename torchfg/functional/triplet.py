@@ -9,8 +9,8 @@ an N x N matrix. The euclidean gradient at zero distance (duplicate embeddings) 
 On the Triton backend (and without ``swap``) those two run as the single fused op
 :func:`torchfg.ops.hardest_triplet_loss.hardest_triplet_loss`: the same loss and gradient in
 five or six kernel launches per step, autograd's seed included. With ``cross_rank`` the same op
-mines this rank's anchors against the gathered batch (its backward in two launches: the anchors'
-gradient and the gathered rows'), then the loss is reduced over ranks.
+mines this rank's anchors, as their rows of the gathered batch (one tensor: the same launches as
+in one process), against that batch, then the loss is reduced over ranks.
 
 Anchors always come from ``embeddings``; positives and negatives come from a candidate set, which
 is ``embeddings`` itself (anchor i is then candidate i and never its own positive) or a separate
@@ -201,6 +201,20 @@ def _validated_candidates(
     offset = batch.offset if batch.sizes[rank()] else None
     # Only text_embeddings may be None: the embeddings and labels gather to tensors.
     return result, (cast(torch.Tensor, candidates), cast(torch.Tensor, candidate_labels), candidate_text, offset)
+
+
+def _as_gathered_rows(local: torch.Tensor, gathered: torch.Tensor | None, anchor_offset: int | None) -> torch.Tensor:
+    """This rank's (N, ...) rows as their rows of the gathered batch (the same values, a view of it),
+    or ``local`` itself on a rank without rows (``anchor_offset`` None) or with nothing gathered.
+
+    The fused loss op then takes one tensor: the row statistics once (the text's in the same
+    launch), and one backward launch writing the gathered rows' gradient, anchor and partner terms
+    together, which reaches the embeddings through the gather's backward (instead of an anchor
+    gradient and a batch gradient that autograd sums). The mining shares the batch's statistics too.
+    """
+    if anchor_offset is None or gathered is None:
+        return local
+    return gathered.narrow(0, anchor_offset, local.shape[0])
 
 
 def _keep_gather_in_graph(loss: torch.Tensor, candidates: torch.Tensor, cross_rank: bool) -> torch.Tensor:
@@ -857,6 +871,7 @@ def triplet_margin_loss(
         checked, (candidates, candidate_labels, _, anchor_offset) = _validated_candidates(
             validate, call, lambda checked: (checked[0], checked[1], None))
         (embeddings, labels, *_, margin, smooth, swap, per_anchor) = checked
+        embeddings = _as_gathered_rows(embeddings, candidates, anchor_offset)
     else:
         (embeddings, labels, candidates, candidate_labels, anchor_offset, margin, smooth, swap,
          per_anchor) = validate()
@@ -994,6 +1009,8 @@ def adaptive_triplet_loss(
             validate, call, lambda checked: (checked[0], checked[1], checked[5]))
         (embeddings, labels, *_, text_embeddings, base_margin, margin_scale, text_positive_threshold) = checked
         candidate_text = cast(torch.Tensor, gathered_text)  # the gather of a tensor, never None
+        embeddings = _as_gathered_rows(embeddings, candidates, anchor_offset)
+        text_embeddings = _as_gathered_rows(text_embeddings, candidate_text, anchor_offset)
     else:
         (embeddings, labels, candidates, candidate_labels, anchor_offset, text_embeddings, base_margin, margin_scale,
          text_positive_threshold) = validate()
@@ -1121,8 +1138,11 @@ def mine_triplets_and_candidates(
                                  None if text_embeddings is None else text_embeddings.detach()),
             )
         embeddings, labels, *_ = checked
+        anchors = _as_gathered_rows(embeddings.detach(), candidates, anchor_offset)
+        if text_embeddings is not None:
+            text_embeddings = _as_gathered_rows(text_embeddings, gathered_text, anchor_offset)
         return _mine_triplets_checked(
-            embeddings.detach(), labels, candidates, candidate_labels, anchor_offset, strategy=strategy, metric=metric,
+            anchors, labels, candidates, candidate_labels, anchor_offset, strategy=strategy, metric=metric,
             margin=margin, text_embeddings=text_embeddings, candidate_text=gathered_text, base_margin=base_margin,
             margin_scale=margin_scale, text_positive_threshold=text_positive_threshold, has_ref=False, backend=backend,
         ), candidates

@@ -45,6 +45,17 @@ def links_size(n: int, m: int) -> int:
 register_op("hardest_triplet_loss", BackendSpec("triton"))
 
 
+def _anchor_rows(
+    first: torch.Tensor, candidates: torch.Tensor | None, n: int, anchor_start: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(candidates, anchors) of the ops' first two inputs: ``candidates`` None means that ``first``
+    holds the candidates and the anchors are its rows [anchor_start, anchor_start + n)."""
+    if candidates is not None:
+        return candidates, first
+    # The whole tensor stays the same object: the mining tells a batch mined against itself by identity.
+    return first, first if n == first.shape[0] else first.narrow(0, anchor_start, n)
+
+
 class _LossSettings(HardestMiningSettings):
     smooth: bool
     reduction: str
@@ -63,6 +74,7 @@ def _hardest_triplet_loss_op(
     margin_scale: float,
     text_positive_threshold: float | None,
     self_offset: int,
+    anchor_start: int,
     smooth: bool,
     reduction: str,
     link: bool,
@@ -72,10 +84,12 @@ def _hardest_triplet_loss_op(
 
     ``terms`` = (d(a, p), d(a, n), slope of the hinge) per anchor, 0 where it has no triplet;
     ``count``: the divisor of the means. The last three are the Triton backward's scratch (the
-    partner lists; the cosine inverse norms), empty for the reference. ``candidates`` None: the
-    anchors themselves.
+    partner lists; the cosine inverse norms), empty for the reference. ``candidates`` None:
+    ``anchors`` holds the candidates, and the anchors are its rows [anchor_start, anchor_start + N)
+    (N: the labels' length; all of its rows for a batch mined against itself), one tensor with one
+    gradient.
     """
-    others = anchors if candidates is None else candidates
+    others, anchors = _anchor_rows(anchors, candidates, anchor_labels.shape[0], anchor_start)
     kwargs: _LossSettings = {"metric": metric, "base_margin": base_margin, "margin_scale": margin_scale,
                              "text_positive_threshold": text_positive_threshold, "self_offset": self_offset,
                              "smooth": smooth, "reduction": reduction}
@@ -98,9 +112,9 @@ def _hardest_triplet_loss_op(
 
 @_hardest_triplet_loss_op.register_fake
 def _(anchors, candidates, anchor_labels, candidate_labels, anchor_text, candidate_text, metric, base_margin,
-      margin_scale, text_positive_threshold, self_offset, smooth, reduction, link, backend):
-    n = anchors.shape[0]
-    m = n if candidates is None else candidates.shape[0]
+      margin_scale, text_positive_threshold, self_offset, anchor_start, smooth, reduction, link, backend):
+    n = anchor_labels.shape[0]
+    m = anchors.shape[0] if candidates is None else candidates.shape[0]
     acc = accumulation_dtype(anchors.dtype)
     triton = backend == "triton"
     cosine = triton and metric == "cosine"
@@ -126,21 +140,27 @@ def _hardest_triplet_loss_backward_op(
     links: torch.Tensor,
     candidate_inv: torch.Tensor,
     anchor_inv: torch.Tensor,
+    anchor_start: int,
     metric: str,
     reduction: str,
     needs_candidate_grad: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    others = anchors if candidates is None else candidates
+    """(dL/d anchors, dL/d candidates or empty); ``candidates`` None as in the forward op: the
+    first gradient is then that of the whole tensor, its anchor rows' terms and partner terms."""
     if backend == "triton" and (links.numel() or (candidates is not None and not needs_candidate_grad)):
         from torchfg.ops.hardest_triplet_loss.triton import hardest_triplet_loss_backward_triton
 
         if candidates is None and metric == "cosine":
-            anchor_inv = candidate_inv
+            anchor_inv = candidate_inv.narrow(0, anchor_start, pairs.shape[0])
         return hardest_triplet_loss_backward_triton(
-            grad, anchors, others, pairs, terms, count, links, candidate_inv, anchor_inv, metric=metric,
-            reduction=reduction, candidates_are_anchors=candidates is None, needs_candidate_grad=needs_candidate_grad,
+            grad, anchors, anchors if candidates is None else candidates, pairs, terms, count, links, candidate_inv,
+            anchor_inv, metric=metric, reduction=reduction, candidates_are_anchors=candidates is None,
+            needs_candidate_grad=needs_candidate_grad, anchor_start=anchor_start,
         )
+    others, rows = _anchor_rows(anchors, candidates, pairs.shape[0], anchor_start)
+    # A row slice of the candidates: its two gradients as for separate tensors, then summed.
+    one_tensor = candidates is None and rows is anchors
     if backend == "triton":
         # No partner lists (deterministic mode): the pair-distance backward, whose partner rows
         # come from a stable sort of the pairs, in anchor order. The unpaired anchors' pairs (-1)
@@ -148,20 +168,24 @@ def _hardest_triplet_loss_backward_op(
         from torchfg.ops.pair_distances.triton import anchor_pair_distances_backward_triton
 
         coef = terms[:, 2] * anchor_loss_scale(grad.to(terms.dtype), count, reduction)
-        return anchor_pair_distances_backward_triton(
-            torch.stack([coef, -coef], 1), anchors, others, pairs, terms[:, :2].contiguous(), metric,
-            y_is_x=candidates is None, needs_grad_y=needs_candidate_grad,
+        grad_x, grad_y = anchor_pair_distances_backward_triton(
+            torch.stack([coef, -coef], 1), rows, others, pairs, terms[:, :2].contiguous(), metric,
+            y_is_x=one_tensor, needs_grad_y=needs_candidate_grad or (candidates is None and not one_tensor),
         )
-    grad_x, grad_y = hardest_triplet_loss_backward_reference(
-        grad, anchors, others, pairs, terms, count, metric=metric, reduction=reduction,
-        candidates_are_anchors=candidates is None,
-    )
+    else:
+        grad_x, grad_y = hardest_triplet_loss_backward_reference(
+            grad, rows, others, pairs, terms, count, metric=metric, reduction=reduction,
+            candidates_are_anchors=one_tensor,
+        )
+    if candidates is None and not one_tensor:
+        grad_y.narrow(0, anchor_start, rows.shape[0]).add_(grad_x)
+        return grad_y, anchors.new_empty(0)
     return grad_x, (grad_y if needs_candidate_grad and candidates is not None else anchors.new_empty(0))
 
 
 @_hardest_triplet_loss_backward_op.register_fake
-def _(grad, anchors, candidates, pairs, terms, count, links, candidate_inv, anchor_inv, metric, reduction,
-      needs_candidate_grad, backend):
+def _(grad, anchors, candidates, pairs, terms, count, links, candidate_inv, anchor_inv, anchor_start, metric,
+      reduction, needs_candidate_grad, backend):
     grad_y = torch.empty_like(candidates) if candidates is not None and needs_candidate_grad else anchors.new_empty(0)
     return torch.empty_like(anchors), grad_y
 
@@ -170,7 +194,7 @@ def _setup_context(ctx, inputs, output):
     anchors, candidates = inputs[0], inputs[1]
     _, pairs, terms, count, links, candidate_inv, anchor_inv = output
     ctx.save_for_backward(anchors, candidates, pairs, terms, count, links, candidate_inv, anchor_inv)
-    ctx.metric, ctx.reduction, ctx.backend = inputs[6], inputs[12], inputs[14]
+    ctx.metric, ctx.anchor_start, ctx.reduction, ctx.backend = inputs[6], inputs[11], inputs[13], inputs[15]
     ctx.mark_non_differentiable(*output[1:])
     # The other outputs get no gradient: no zero tensors (fill launches) for them in the backward.
     ctx.set_materialize_grads(False)
@@ -178,14 +202,14 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad, *unused):
     if grad is None:  # the loss itself took no gradient (only the non-differentiable outputs did)
-        return (None,) * 15
+        return (None,) * 16
     anchors, candidates, pairs, terms, count, links, candidate_inv, anchor_inv = ctx.saved_tensors
     needs_candidate_grad = candidates is not None and ctx.needs_input_grad[1]
     grad_x, grad_y = _hardest_triplet_loss_backward_op(
-        grad, anchors, candidates, pairs, terms, count, links, candidate_inv, anchor_inv, ctx.metric,
-        ctx.reduction, needs_candidate_grad, ctx.backend,
+        grad, anchors, candidates, pairs, terms, count, links, candidate_inv, anchor_inv, ctx.anchor_start,
+        ctx.metric, ctx.reduction, needs_candidate_grad, ctx.backend,
     )
-    return (grad_x, grad_y if needs_candidate_grad else None) + (None,) * 13
+    return (grad_x, grad_y if needs_candidate_grad else None) + (None,) * 14
 
 
 _hardest_triplet_loss_op.register_autograd(_backward, setup_context=_setup_context)
@@ -221,7 +245,10 @@ def hardest_triplet_loss(
         anchors: (N, D) float16/bfloat16/float32/float64; differentiable.
         candidates: (M, D), same dtype and device; pass ``anchors`` itself for a batch mined
             against itself (its gradient then goes to ``anchors``), or a separate tensor
-            (differentiable or not, e.g. a cross-batch memory).
+            (differentiable or not, e.g. a cross-batch memory). Anchors that are a slice
+            ``candidates[k:k + N]`` of it (a view, with ``exclude_self`` and ``anchor_offset=k``:
+            a gathered batch and this process's rows) are one tensor with it for the Triton
+            backend, whose backward then writes one gradient in one launch.
         anchor_labels, candidate_labels: (N,) and (M,) integer labels.
         anchor_text, candidate_text: (N, T) and (M, T) text embeddings (no gradient), or None.
         metric, base_margin, margin_scale, text_positive_threshold, exclude_self, anchor_offset:
@@ -289,12 +316,36 @@ def hardest_triplet_loss_with_count(
     check_choice(reduction, "reduction", REDUCTIONS)
     backend = resolve_backend("hardest_triplet_loss", anchors.device, anchors.dtype, backend)
     same = candidates is anchors
+    anchor_start = 0
+    if not same and backend == "triton" and _rows_of_candidates(anchors, candidates, self_offset):
+        same, anchor_start = True, self_offset
     # Partner lists are built only for a partner gradient, and only when a nondeterministic
     # summation order is allowed.
     link = (torch.is_grad_enabled() and not torch.are_deterministic_algorithms_enabled()
             and (anchors.requires_grad if same else candidates.requires_grad))
     outputs = _hardest_triplet_loss_op(
-        anchors, None if same else candidates, anchor_labels, candidate_labels, anchor_text, candidate_text, metric,
-        base_margin, margin_scale, text_positive_threshold, self_offset, smooth, reduction, link, backend,
+        candidates if same else anchors, None if same else candidates, anchor_labels, candidate_labels, anchor_text,
+        candidate_text, metric, base_margin, margin_scale, text_positive_threshold, self_offset, anchor_start, smooth,
+        reduction, link, backend,
     )
     return outputs[0], outputs[3]
+
+
+def _rows_of_candidates(anchors: torch.Tensor, candidates: torch.Tensor, self_offset: int) -> bool:
+    """Whether the anchors are the rows [self_offset, self_offset + N) of the candidates for autograd
+    too: both differentiable views of one tensor (or the anchors a view of the candidates) laid out
+    as that slice. Their gradient is then one tensor's, which the Triton backward writes in one
+    launch (two, and autograd's sum of them, for separate tensors): the gathered batch of a
+    ``cross_rank`` loss and its own rows."""
+    if torch.compiler.is_compiling():  # the layout check reads data pointers
+        return False
+    # A view taken under no_grad has no grad_fn and passes no gradient to its base.
+    if not (anchors.requires_grad and candidates.requires_grad and anchors._is_view() and anchors.grad_fn is not None):
+        return False
+    if candidates._is_view() and candidates.grad_fn is None:
+        return False
+    if anchors._base is not (candidates._base if candidates._is_view() else candidates):
+        return False
+    from torchfg.ops.triplet.triton import _is_row_slice
+
+    return _is_row_slice(anchors, candidates, self_offset)

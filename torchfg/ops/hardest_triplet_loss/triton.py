@@ -269,33 +269,37 @@ def _anchor_scale(grad_ptr, count_ptr, anchor, mask, REDUCTION: tl.constexpr, AC
 @triton.jit
 def _hardest_triplet_bwd_kernel(
     grad_ptr, x_ptr, y_ptr, pairs_ptr, terms_ptr, count_ptr, links_ptr, x_inv_ptr, y_inv_ptr, g_ptr,
-    R, M, D,
+    R, M, D, N, ANCHOR_START,
     stride_xn, stride_xd, stride_yn, stride_yd,
     METRIC: tl.constexpr, REDUCTION: tl.constexpr, OWN: tl.constexpr, PARTNER: tl.constexpr, STRIPES: tl.constexpr,
     ACC_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Rows [0, R) by columns [d0, d0 + BLOCK_D) of one gradient, each element written once, in
-    the gradient's dtype.
+    the gradient's dtype. The N anchors are rows [ANCHOR_START, ANCHOR_START + N) of x (all of
+    x when it holds only them; a row slice when x holds the candidates too).
 
-    OWN: row j is anchor j of x; add its two pairs' terms (x's gradient). PARTNER: row j is a
-    candidate row (of y, which may be x); add the terms of every pair on its STRIPES lists.
+    OWN: row j is row j of x; if it is an anchor, add its two pairs' terms (x's gradient).
+    PARTNER: row j is a candidate row (of y, which may be x); add the terms of every pair on its
+    STRIPES lists.
     """
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < R
     rows64 = rows.to(tl.int64)
     if OWN:
-        slope = tl.load(terms_ptr + rows64 * 3 + 2, mask=row_ok, other=0.0)
-        coef = slope * _anchor_scale(grad_ptr, count_ptr, rows64, row_ok, REDUCTION, ACC_DTYPE)
-        active = row_ok & (coef != 0)
-        pos = tl.load(pairs_ptr + rows64 * 2, mask=active, other=0)
-        neg = tl.load(pairs_ptr + rows64 * 2 + 1, mask=active, other=0)
-        d_ap = tl.load(terms_ptr + rows64 * 3, mask=active, other=0.0)
-        d_an = tl.load(terms_ptr + rows64 * 3 + 1, mask=active, other=0.0)
+        own = rows64 - ANCHOR_START  # the row's anchor index
+        own_ok = row_ok & (own >= 0) & (own < N)
+        slope = tl.load(terms_ptr + own * 3 + 2, mask=own_ok, other=0.0)
+        coef = slope * _anchor_scale(grad_ptr, count_ptr, own, own_ok, REDUCTION, ACC_DTYPE)
+        active = own_ok & (coef != 0)
+        pos = tl.load(pairs_ptr + own * 2, mask=active, other=0)
+        neg = tl.load(pairs_ptr + own * 2 + 1, mask=active, other=0)
+        d_ap = tl.load(terms_ptr + own * 3, mask=active, other=0.0)
+        d_an = tl.load(terms_ptr + own * 3 + 1, mask=active, other=0.0)
         own_inv = tl.zeros((BLOCK_R,), dtype=ACC_DTYPE)
         pos_inv = tl.zeros((BLOCK_R,), dtype=ACC_DTYPE)
         neg_inv = tl.zeros((BLOCK_R,), dtype=ACC_DTYPE)
         if METRIC == 2:
-            own_inv = tl.load(x_inv_ptr + rows64, mask=active, other=0.0).to(ACC_DTYPE)
+            own_inv = tl.load(x_inv_ptr + own, mask=active, other=0.0).to(ACC_DTYPE)
             pos_inv = tl.load(y_inv_ptr + pos, mask=active, other=0.0).to(ACC_DTYPE)
             neg_inv = tl.load(y_inv_ptr + neg, mask=active, other=0.0).to(ACC_DTYPE)
     if PARTNER:
@@ -343,7 +347,8 @@ def _hardest_triplet_bwd_kernel(
             g = tl.where(role == 0, g, -g)
             dist = tl.load(terms_ptr + anchor * 3 + role, mask=listed, other=0.0)
             a_mask = listed[:, None] & col_ok
-            anchor_row = tl.load(x_ptr + anchor[:, None] * stride_xn + cols64 * stride_xd, mask=a_mask, other=0.0)
+            anchor_row = tl.load(x_ptr + (anchor + ANCHOR_START)[:, None] * stride_xn + cols64 * stride_xd, mask=a_mask,
+                                 other=0.0)
             anchor_row = anchor_row.to(ACC_DTYPE)
             a_inv = tl.zeros((BLOCK_R * STRIPES,), dtype=ACC_DTYPE)
             if METRIC == 2:
@@ -447,15 +452,18 @@ def hardest_triplet_loss_backward_triton(
     reduction: str,
     candidates_are_anchors: bool,
     needs_candidate_grad: bool,
+    anchor_start: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dL/d anchors (N, D), dL/d candidates (M, D) or empty) in the input dtype, every row written once.
 
-    With ``candidates_are_anchors`` the partner terms go into the anchors' gradient (one launch);
-    otherwise a second launch writes the candidates' gradient when ``needs_candidate_grad``.
+    With ``candidates_are_anchors`` (``anchors`` is then ``candidates``, and the N = ``pairs``' rows
+    anchors are its rows [anchor_start, anchor_start + N)) the anchor and partner terms go into its
+    one gradient (one launch); otherwise a second launch writes the candidates' gradient when
+    ``needs_candidate_grad``.
     """
     acc, acc_tl = _acc_dtype(anchors.dtype)
-    n, d = anchors.shape
-    m = candidates.shape[0]
+    n, (m, d) = pairs.shape[0], candidates.shape
+    check_precondition(0 <= anchor_start <= anchor_start + n <= anchors.shape[0])
     grad_x = torch.empty(anchors.shape, dtype=anchors.dtype, device=anchors.device)
     grad_y = (torch.empty(candidates.shape, dtype=candidates.dtype, device=candidates.device)
               if needs_candidate_grad and not candidates_are_anchors else anchors.new_empty(0))
@@ -480,13 +488,13 @@ def hardest_triplet_loss_backward_triton(
             # 68 bytes at 16 x 128 in 16 bits on sm_90, triton 3.6).
             _hardest_triplet_bwd_kernel[(cdiv(rows, block_r), cdiv(d, block_d))](
                 grad, anchors, candidates, pairs, terms, count, links if partner_terms else pairs, x_inv, y_inv, target,
-                rows, m, d, *strides, OWN=own, PARTNER=partner_terms, STRIPES=LINK_STRIPES,
+                rows, m, d, n, anchor_start, *strides, OWN=own, PARTNER=partner_terms, STRIPES=LINK_STRIPES,
                 num_warps=warps * 2 if partner_terms and not triton_interpreter_enabled() else warps, **common,
                 **LAUNCH_OPTIONS,
             )
 
     if candidates_are_anchors:
-        launch(grad_x, n, True, partner)
+        launch(grad_x, m, True, partner)
         return grad_x, grad_y
     launch(grad_x, n, True, False)
     if needs_candidate_grad:
