@@ -148,7 +148,7 @@ def test_separate_candidates(exclude_self, offset, candidate_grad, metric, poiso
 
 def _rows_of_a_batch(backend, c, labels, t, start, n, *, view, **kwargs):
     """(loss, dL/dc, dL/d anchors or None, Triton launches) for the anchors c[start:start + n]:
-    ``view`` a slice of ``c`` itself (one tensor for autograd), else a leaf with c's rows."""
+    ``view`` a slice of ``c`` itself passed with anchors_in_candidates, else a leaf with c's rows."""
     from torchfg.bench.profile import profile_step
 
     cc = c.clone().requires_grad_()
@@ -158,7 +158,8 @@ def _rows_of_a_batch(backend, c, labels, t, start, n, *, view, **kwargs):
 
     def step():
         loss = hardest_triplet_loss(anchors, cc, labels[start:start + n], labels, *(text or (None, None)),
-                                    exclude_self=True, anchor_offset=start, backend=backend, **kwargs)
+                                    exclude_self=True, anchor_offset=start, anchors_in_candidates=view,
+                                    backend=backend, **kwargs)
         upstream = torch.randn(loss.shape, generator=torch.Generator().manual_seed(3), dtype=loss.dtype)
         loss.backward(upstream.to(loss.device))
         out["loss"] = loss.detach()
@@ -171,8 +172,7 @@ def _rows_of_a_batch(backend, c, labels, t, start, n, *, view, **kwargs):
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("text", [0, 6])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_anchors_that_are_a_row_slice_of_the_candidates_take_one_backward_launch(metric, text, reduction, poisoned,
-                                                                                 small_splits):
+def test_anchors_in_candidates_take_one_backward_launch(metric, text, reduction, poisoned, small_splits):
     # The cross_rank losses' anchors: rows [9, 26) of a 37-row batch (two mining splits), a view of
     # it. The op takes them as one tensor: one row-statistics pass (the text's too), and one
     # backward launch writing the batch's gradient (the anchor rows' own terms and every partner
@@ -187,32 +187,58 @@ def test_anchors_that_are_a_row_slice_of_the_candidates_take_one_backward_launch
     ref_grad[9:26] += ref_anchor_grad
     _assert_same((ref_loss, ref_grad), (loss, grad), torch.float32)
     assert grad[9:26].abs().sum() > 0 and grad[:9].abs().sum() > 0  # anchor and partner terms both arrived
+    # The reference backend's one-tensor mode: the same gradient.
+    _assert_same((ref_loss, ref_grad), _rows_of_a_batch("torch", c, labels, t, 9, 17, view=True, **kwargs)[:2],
+                 torch.float32)
+
+
+@pytest.mark.parametrize("case", ["detached slice", "other offset", "copy", "no exclude_self"])
+def test_anchors_in_candidates_refuses_anchors_that_are_not_that_slice(case):
+    c = torch.randn(23, 11, device=TEST_DEVICE, requires_grad=True)
+    labels = torch.arange(23, device=TEST_DEVICE) // 3
+    anchors = {"detached slice": c.detach()[5:17], "other offset": c[6:18], "copy": c[5:17].clone()}.get(case, c[5:17])
+    kwargs = dict(exclude_self=case != "no exclude_self", anchor_offset=5, anchors_in_candidates=True, backend="torch")
+    with pytest.raises(ValueError, match="anchors_in_candidates"):
+        hardest_triplet_loss(anchors, c, labels[5:17], labels, **kwargs)
 
 
 @requires_triton
-def test_anchors_that_share_the_candidates_memory_but_not_their_graph_keep_their_own_gradient(poisoned):
-    # Rows of the batch's memory that autograd does not connect to the batch (a detached slice made
-    # a leaf): the anchors' own terms must reach the anchors, not the batch.
+def test_a_view_of_the_candidates_keeps_its_own_autograd_path_without_anchors_in_candidates(poisoned):
+    # A hook on the anchors (or a gradient-reversal Function between them and the batch) is the
+    # user's: without the opt-in the two tensors stay apart and the hook sees the anchors' gradient.
     c, labels, *_ = _problem(23, 23, 11, torch.float32, seed=4)
-    cc = c.clone().requires_grad_()
-    anchors = cc.detach()[5:17].requires_grad_()
-    kwargs = dict(metric="euclidean", base_margin=0.3, reduction="sum")
-    loss = hardest_triplet_loss(anchors, cc, labels[5:17], labels, exclude_self=True, anchor_offset=5,
-                                backend="triton", **kwargs)
-    loss.backward(torch.randn((), generator=torch.Generator().manual_seed(3), dtype=loss.dtype))
-    expected = _rows_of_a_batch("torch", c, labels, None, 5, 12, view=False, **kwargs)
-    torch.testing.assert_close(cc.grad, expected[1], **TOLERANCE[torch.float32])
-    torch.testing.assert_close(anchors.grad, expected[2], **TOLERANCE[torch.float32])
+    grads = {}
+    for backend in ("torch", "triton"):
+        cc = c.clone().requires_grad_()
+        anchors = cc[5:17]
+        anchors.register_hook(lambda g: -g)
+        hardest_triplet_loss(anchors, cc, labels[5:17], labels, exclude_self=True, anchor_offset=5, reduction="sum",
+                             backend=backend).backward()
+        grads[backend] = cc.grad
+    torch.testing.assert_close(grads["triton"], grads["torch"], **TOLERANCE[torch.float32])
+
+
+@requires_triton
+def test_no_anchors_against_candidates_that_need_a_gradient(poisoned):
+    # Cosine with no anchor (a cross_rank rank without rows mines nothing): the mining took no
+    # candidate statistics, and the backward read them (a segmentation fault under the interpreter).
+    c = torch.randn(40, 8, device=TEST_DEVICE, requires_grad=True)
+    labels = torch.arange(40, device=TEST_DEVICE) % 3
+    none = torch.zeros(0, 8, device=TEST_DEVICE, requires_grad=True)
+    loss = hardest_triplet_loss(none, c, labels[:0], labels, metric="cosine", reduction="sum", backend="triton")
+    loss.backward()
+    assert loss.item() == 0 and torch.equal(c.grad, torch.zeros_like(c)) and none.grad.shape == (0, 8)
 
 
 @requires_triton
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_opcheck_of_anchors_given_as_rows_of_the_candidates(backend):
-    # The op's own contract for candidates=None with anchor_start > 0 (the public function reaches it
-    # on the Triton backend only; the reference implements it too).
+@pytest.mark.parametrize("self_offset", [4, -1, 2])
+def test_opcheck_of_anchors_given_as_rows_of_the_candidates(backend, self_offset):
+    # The op's own contract for candidates=None with anchor_start > 0 (anchors_in_candidates), also
+    # where the excluded self rows are not the anchors' (the public function never passes that).
     c, labels, *_, t, _ = _problem(13, 13, 7, torch.float32, seed=8, text=3)
-    args = (c.clone().requires_grad_(), None, labels[4:10], labels, t[4:10], t, "cosine", 0.2, 0.5, None, 4, 4,
-            False, "mean", backend == "triton", backend)
+    args = (c.clone().requires_grad_(), None, labels[4:10], labels, t[4:10], t, "cosine", 0.2, 0.5, None, self_offset,
+            4, False, "mean", backend == "triton", backend)
     torch.library.opcheck(torch.ops.torchfg.hardest_triplet_loss.default, args)
 
 

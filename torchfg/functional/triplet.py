@@ -556,10 +556,12 @@ def _batch_hard_loss(
     reduction: str,
     cross_rank: bool,
     backend: str,
+    anchors_in_candidates: bool = False,
 ) -> torch.Tensor:
     """The reduced batch-hard / ATL loss. On the Triton backend (without ``swap``) the one fused op
     :func:`torchfg.ops.hardest_triplet_loss.hardest_triplet_loss`; elsewhere the per-anchor losses
-    of :func:`_hardest_triplet_losses`, reduced."""
+    of :func:`_hardest_triplet_losses`, reduced. ``anchors_in_candidates``: the embeddings are the
+    view of the candidates' rows from ``anchor_offset`` (:func:`_as_gathered_rows`)."""
     hardest: _HardestSettings = {"metric": metric, "base_margin": base_margin, "margin_scale": margin_scale,
                                  "text_positive_threshold": text_positive_threshold, "smooth": smooth}
     if not swap and resolve_backend("hardest_triplet_loss", embeddings.device, embeddings.dtype, backend) == "triton":
@@ -569,6 +571,7 @@ def _batch_hard_loss(
             embeddings, candidates, labels, candidate_labels, text_embeddings, candidate_text,
             **_self_rows(anchor_offset), backend="triton", **hardest,
             reduction=_CROSS_RANK_OP_REDUCTION.get(reduction, reduction) if cross_rank else reduction,
+            anchors_in_candidates=anchors_in_candidates,
         )
         if not cross_rank:
             return loss
@@ -714,8 +717,10 @@ def _triplet_margin_loss_impl(
     indices_tuple: tuple[torch.Tensor, ...] | None = None,
     cross_rank: bool = False,
     extra_triplets: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    anchors_in_candidates: bool = False,
 ) -> torch.Tensor:
-    """The loss once inputs are checked; ``anchor_offset`` as returned by :func:`_check_embeddings`.
+    """The loss once inputs are checked; ``anchor_offset`` as returned by :func:`_check_embeddings`
+    (``anchors_in_candidates`` as :func:`_batch_hard_loss`).
 
     ``extra_triplets`` (checked triplets; semi-hard and all mining only): added to the mined ones,
     as PML concatenates a given ``indices_tuple`` with its miner's (the cross-batch memory).
@@ -731,6 +736,7 @@ def _triplet_margin_loss_impl(
             embeddings, labels, candidates, candidate_labels, anchor_offset, metric=metric, base_margin=margin,
             margin_scale=0.0, text_embeddings=None, candidate_text=None, text_positive_threshold=None,
             smooth=smooth, swap=swap, reduction=reduction, cross_rank=cross_rank, backend=backend,
+            anchors_in_candidates=anchors_in_candidates,
         )
     elif mining == "all" and triplets_per_anchor == "all" and extra_triplets is None:
         loss = _all_triplet_losses(
@@ -891,6 +897,7 @@ def triplet_margin_loss(
         triplets_per_anchor=per_anchor,
         indices_tuple=indices_tuple,
         cross_rank=cross_rank,
+        anchors_in_candidates=cross_rank and anchor_offset is not None,
     )
 
 
@@ -911,6 +918,7 @@ def _adaptive_triplet_loss_impl(
     backend: str,
     indices_tuple: tuple[torch.Tensor, ...] | None = None,
     cross_rank: bool = False,
+    anchors_in_candidates: bool = False,
 ) -> torch.Tensor:
     if indices_tuple is not None:
         a, p, n = _check_indices_tuple(
@@ -926,7 +934,7 @@ def _adaptive_triplet_loss_impl(
         embeddings, labels, candidates, candidate_labels, anchor_offset, metric=metric, base_margin=base_margin,
         margin_scale=margin_scale, text_embeddings=text_embeddings, candidate_text=candidate_text,
         text_positive_threshold=text_positive_threshold, smooth=False, swap=False, reduction=reduction,
-        cross_rank=cross_rank, backend=backend,
+        cross_rank=cross_rank, backend=backend, anchors_in_candidates=anchors_in_candidates,
     )
 
 
@@ -1031,6 +1039,7 @@ def adaptive_triplet_loss(
         backend=backend,
         indices_tuple=indices_tuple,
         cross_rank=cross_rank,
+        anchors_in_candidates=cross_rank and anchor_offset is not None,
     )
 
 

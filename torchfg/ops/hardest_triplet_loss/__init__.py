@@ -99,9 +99,11 @@ def _hardest_triplet_loss_op(
         loss, pairs, terms, count, links, candidate_inv, anchor_inv = hardest_triplet_loss_triton(
             anchors, others, anchor_labels, candidate_labels, anchor_text, candidate_text, link=link, **kwargs
         )
-        if anchor_inv.numel() and anchor_inv.untyped_storage().data_ptr() == candidate_inv.untyped_storage().data_ptr():
-            # Anchors that are rows of the candidates share their statistics: outputs must not alias.
-            anchor_inv = anchor_inv.new_empty(0) if candidates is None else anchor_inv.clone()
+        if candidates is None:
+            # The anchors' statistics are rows of the candidates' (the backward slices them there).
+            anchor_inv = anchor_inv.new_empty(0)
+        elif anchor_inv.numel() and anchor_inv.untyped_storage().data_ptr() == candidate_inv.untyped_storage().data_ptr():
+            anchor_inv = anchor_inv.clone()  # anchors that are rows of the candidates: outputs must not alias
         return loss, pairs, terms, count, links, candidate_inv, anchor_inv
     loss, pairs, terms, count = hardest_triplet_loss_reference(
         anchors, others, anchor_labels, candidate_labels, anchor_text, candidate_text, **kwargs
@@ -232,6 +234,7 @@ def hardest_triplet_loss(
     anchor_offset: int = 0,
     smooth: bool = False,
     reduction: str = "mean",
+    anchors_in_candidates: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Batch-hard triplet loss (ATL with text) of every anchor against the candidates, one op.
@@ -245,10 +248,7 @@ def hardest_triplet_loss(
         anchors: (N, D) float16/bfloat16/float32/float64; differentiable.
         candidates: (M, D), same dtype and device; pass ``anchors`` itself for a batch mined
             against itself (its gradient then goes to ``anchors``), or a separate tensor
-            (differentiable or not, e.g. a cross-batch memory). Anchors that are a slice
-            ``candidates[k:k + N]`` of it (a view, with ``exclude_self`` and ``anchor_offset=k``:
-            a gathered batch and this process's rows) are one tensor with it for the Triton
-            backend, whose backward then writes one gradient in one launch.
+            (differentiable or not, e.g. a cross-batch memory).
         anchor_labels, candidate_labels: (N,) and (M,) integer labels.
         anchor_text, candidate_text: (N, T) and (M, T) text embeddings (no gradient), or None.
         metric, base_margin, margin_scale, text_positive_threshold, exclude_self, anchor_offset:
@@ -256,6 +256,13 @@ def hardest_triplet_loss(
         smooth: softplus instead of the hinge.
         reduction: ``"mean"`` (over anchors with a triplet), ``"sum"``, ``"none"`` ((N,), 0 for
             anchors without one) or ``"mean_nonzero"`` (over anchors with a positive loss).
+        anchors_in_candidates: the anchors are the rows ``candidates[anchor_offset:anchor_offset
+            + N]`` (that slice of it, e.g. this process's rows of a gathered batch; needs
+            ``exclude_self``; a ValueError otherwise), taken as one tensor with the candidates:
+            the anchors' terms go into the candidates' gradient (not through the anchors' own
+            autograd path, which a plain slice makes the same), and the Triton backward writes
+            that one gradient in one launch instead of two that autograd then sums. Under
+            torch.compile the two tensors are taken apart.
         backend: ``"auto"``, ``"torch"`` or ``"triton"``. Under
             ``torch.use_deterministic_algorithms(True)`` the Triton backward finds each candidate's
             pairs with a stable sort instead of lists built in the forward (deterministic; a
@@ -275,7 +282,8 @@ def hardest_triplet_loss(
     return hardest_triplet_loss_with_count(
         anchors, candidates, anchor_labels, candidate_labels, anchor_text, candidate_text, metric=metric,
         base_margin=base_margin, margin_scale=margin_scale, text_positive_threshold=text_positive_threshold,
-        exclude_self=exclude_self, anchor_offset=anchor_offset, smooth=smooth, reduction=reduction, backend=backend,
+        exclude_self=exclude_self, anchor_offset=anchor_offset, smooth=smooth, reduction=reduction,
+        anchors_in_candidates=anchors_in_candidates, backend=backend,
     )[0]
 
 
@@ -295,6 +303,7 @@ def hardest_triplet_loss_with_count(
     anchor_offset: int = 0,
     smooth: bool = False,
     reduction: str = "mean",
+    anchors_in_candidates: bool = False,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`hardest_triplet_loss` and the divisor of its means: (loss, count), count a (1,) tensor
@@ -317,8 +326,12 @@ def hardest_triplet_loss_with_count(
     backend = resolve_backend("hardest_triplet_loss", anchors.device, anchors.dtype, backend)
     same = candidates is anchors
     anchor_start = 0
-    if not same and backend == "triton" and _rows_of_candidates(anchors, candidates, self_offset):
-        same, anchor_start = True, self_offset
+    if check_bool(anchors_in_candidates, "anchors_in_candidates") and not same:
+        _check_rows_of_candidates(anchors, candidates, self_offset)
+        # Under dynamo the layout check is not made (view internals); two tensors give the same
+        # gradient for a slice. No anchors: nothing to share.
+        if anchors.shape[0] and not torch.compiler.is_compiling():
+            same, anchor_start = True, self_offset
     # Partner lists are built only for a partner gradient, and only when a nondeterministic
     # summation order is allowed.
     link = (torch.is_grad_enabled() and not torch.are_deterministic_algorithms_enabled()
@@ -331,21 +344,18 @@ def hardest_triplet_loss_with_count(
     return outputs[0], outputs[3]
 
 
-def _rows_of_candidates(anchors: torch.Tensor, candidates: torch.Tensor, self_offset: int) -> bool:
-    """Whether the anchors are the rows [self_offset, self_offset + N) of the candidates for autograd
-    too: both differentiable views of one tensor (or the anchors a view of the candidates) laid out
-    as that slice. Their gradient is then one tensor's, which the Triton backward writes in one
-    launch (two, and autograd's sum of them, for separate tensors): the gathered batch of a
-    ``cross_rank`` loss and its own rows."""
-    if torch.compiler.is_compiling():  # the layout check reads data pointers
-        return False
-    # A view taken under no_grad has no grad_fn and passes no gradient to its base.
-    if not (anchors.requires_grad and candidates.requires_grad and anchors._is_view() and anchors.grad_fn is not None):
-        return False
-    if candidates._is_view() and candidates.grad_fn is None:
-        return False
-    if anchors._base is not (candidates._base if candidates._is_view() else candidates):
-        return False
-    from torchfg.ops.triplet.triton import _is_row_slice
-
-    return _is_row_slice(anchors, candidates, self_offset)
+def _check_rows_of_candidates(anchors: torch.Tensor, candidates: torch.Tensor, self_offset: int) -> None:
+    """Raise unless ``anchors`` is ``candidates[self_offset:self_offset + N]`` (same storage, offset and strides)."""
+    if self_offset < 0:
+        raise ValueError("anchors_in_candidates=True needs exclude_self=True, with anchor_offset the anchors' first row")
+    if torch.compiler.is_compiling() or anchors.shape[0] == 0:
+        return
+    base = candidates._base if candidates._is_view() else candidates
+    shared = anchors._base is base if anchors._is_view() else anchors is base
+    n = anchors.shape[0]
+    if not (shared and anchors.stride() == candidates.stride() and self_offset + n <= candidates.shape[0]
+            and anchors.storage_offset() == candidates.storage_offset() + self_offset * candidates.stride(0)):
+        raise ValueError(
+            f"anchors_in_candidates=True: anchors must be the slice candidates[{self_offset}:{self_offset + n}] "
+            "(a view of candidates' rows from anchor_offset), not another tensor"
+        )

@@ -469,6 +469,9 @@ def hardest_triplet_loss_backward_triton(
               if needs_candidate_grad and not candidates_are_anchors else anchors.new_empty(0))
     if d == 0:
         return grad_x, grad_y
+    if n == 0:
+        # No anchor, no pair: a zero gradient (the mining took no candidate statistics to read).
+        return grad_x, grad_y.zero_()
     check_precondition(links.numel() == 0 or links.numel() == links_size(n, m))
     partner = (candidates_are_anchors or needs_candidate_grad) and links.numel() > 0
     check_precondition(partner or not (candidates_are_anchors or needs_candidate_grad),
