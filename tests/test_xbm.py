@@ -386,6 +386,26 @@ def test_memory_triplet_loss_checks_its_own_arguments():
         )
 
 
+@pytest.mark.parametrize("mining", ["batch_hard", "semi_hard", "all"])
+def test_memory_triplet_loss_checks_self_start_for_every_mining(mining):
+    # The all-triplets selection took an offset outside [0, S) (or more anchors than memory rows)
+    # as given: a mean over the wrong triplets. Every mining refuses it, naming self_start.
+    from torchfg.functional.xbm import memory_triplet_loss
+
+    memory, memory_labels = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
+    rows = torch.tensor([4, 0, 1])
+    emb, labels = memory[rows].clone(), memory_labels[rows]
+    for start, error in [(-1, ValueError), (5, ValueError), (True, TypeError), (1.5, TypeError)]:
+        with pytest.raises(error, match="self_start"):
+            memory_triplet_loss(emb, labels, memory, memory_labels, start, mining=mining, backend="torch")
+    with pytest.raises(ValueError, match="self_start"):
+        memory_triplet_loss(torch.randn(6, 4), torch.arange(6) % 3, memory, memory_labels, 0, mining=mining,
+                            backend="torch")
+    # In range: the anchors' own rows (4, 0, 1 from 4, wrapping) are never their positives.
+    loss = memory_triplet_loss(emb, labels, memory, memory_labels, 4, mining=mining, reduction="none", backend="torch")
+    assert torch.isfinite(loss).all()
+
+
 def test_a_loss_setting_changed_after_construction_is_still_checked():
     """A training loop may set the loss's attributes (a margin schedule); CrossBatchMemory checks
     them at every call, and leaves the memory as it was when they are bad."""

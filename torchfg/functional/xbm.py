@@ -19,7 +19,7 @@ from typing import Sequence, cast
 
 import torch
 
-from torchfg._validation import check_bool, check_choice, check_number
+from torchfg._validation import check_bool, check_choice, check_int, check_number
 from torchfg.distributed import gather_batch
 from torchfg.functional.triplet import (
     MINING_STRATEGIES,
@@ -172,14 +172,14 @@ def memory_triplet_loss(
         checked_tuple = None if indices_tuple is None else _check_indices_tuple(
             indices_tuple, embeddings.shape[0], memory.shape[0], embeddings.device
         )
-        return (*checked_margins, checked_tuple)
+        return (*checked_margins, checked_tuple, _check_self_start(self_start, embeddings, memory))
 
     # With cross_rank the reduction is a collective: a check that fails on one rank raises on all
     # of them (the others would wait in its all_reduce), and so do calls whose settings differ.
     call = dict(function="memory_triplet_loss", margin=margin, margin_scale=margin_scale, metric=metric,
                 reduction=reduction, smooth=smooth, text_positive_threshold=text_positive_threshold, mining=mining,
                 triplets_per_anchor=triplets_per_anchor, indices_tuple=indices_tuple is not None, backend=backend)
-    margin, margin_scale, per_anchor, checked_tuple = _validated(validate, cross_rank, call)
+    margin, margin_scale, per_anchor, checked_tuple, self_start = _validated(validate, cross_rank, call)
     return _memory_triplet_loss(
         embeddings, labels, memory, memory_labels, self_start, text_embeddings=text_embeddings,
         memory_text=memory_text, margin=margin, margin_scale=margin_scale,
@@ -187,6 +187,26 @@ def memory_triplet_loss(
         mining=mining, triplets_per_anchor=per_anchor, indices_tuple=checked_tuple, cross_rank=cross_rank,
         backend=backend,
     )
+
+
+def _check_self_start(self_start: object, embeddings: object, memory: object) -> int | None:
+    """``self_start`` as an int in [0, S) with N <= S (each anchor has its own memory row), or None.
+
+    Checked here for every mining: the batch-hard and semi-hard ops refuse a bad offset under the
+    name of their ``anchor_offset``, and the all-triplets selection took one as given (a mean
+    over the wrong triplets).
+    """
+    if self_start is None:
+        return None
+    start = check_int(self_start, "self_start")
+    if isinstance(embeddings, torch.Tensor) and isinstance(memory, torch.Tensor) and embeddings.dim() and memory.dim():
+        n, s = embeddings.shape[0], memory.shape[0]
+        if n > s or not 0 <= start < max(s, 1):
+            raise ValueError(
+                f"self_start must be in [0, S) = [0, {s}) and N <= S (anchor i's own copy is memory row "
+                f"(self_start + i) % S), got self_start={start}, N={n}, S={s}"
+            )
+    return start
 
 
 def _memory_triplet_loss(
