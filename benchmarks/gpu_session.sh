@@ -24,6 +24,8 @@
 #   run(command="TORCHFG_BENCH_COMMIT=<git rev-parse --short HEAD here> bash benchmarks/gpu_session.sh",
 #       carry=["wheels", "gpu-cache/triton-sm90.tgz"], timeout_s=590)
 #
+# `bash benchmarks/prepare_gpu_session.sh` builds both carried paths (the steps below) in one command.
+#
 # gpu-cache/triton-sm90.tgz: the benchmarks' Triton kernels compiled for sm_90 beforehand, on the CPU
 # machine, by the GPU machines' Triton (3.6), about 4 minutes (rebuild it after any kernel change:
 # install skips the kernels whose source changed since the build):
