@@ -22,7 +22,8 @@ cd "$(dirname "$0")/.."
 VENV36="${VENV36:-/work/venv36}"
 TC_BUILD="${TC_BUILD:-/work/tc-build36}"
 
-if ! "$VENV36/bin/python" -c "import torch, triton, numpy; assert triton.__version__.startswith('3.6')" 2>/dev/null; then
+if ! "$VENV36/bin/python" -c "import torch, triton, numpy
+assert triton.__version__.startswith('3.6') and torch.__version__.startswith('2.13') and not torch.version.cuda" 2>/dev/null; then
   echo "+ venv $VENV36 (torch 2.13.0 CPU, triton 3.6)"
   python3 -m venv "$VENV36"
   "$VENV36/bin/pip" install -q --upgrade pip

@@ -352,3 +352,31 @@ def test_cross_rank_edge_cases():
     assert all(p["int16"].dtype == torch.int16 and torch.equal(p["int16"], expected) for p in per_rank)
     assert all(p["memory"] is not None and "size" in p["memory"] and "queue_idx" in p["memory"] for p in per_rank), \
         [p["memory"] for p in per_rank]
+
+
+def _inference_mode_losses(rank: int, world: int, sizes: list[int]):
+    x, labels, text = _rank_batch(rank, 3)
+    x, labels, text = x[: sizes[rank]], labels[: sizes[rank]], text[: sizes[rank]]
+    with torch.inference_mode():
+        x = x.clone()  # an inference tensor, as a validation step's embeddings are
+        return (triplet_margin_loss(x, labels, margin=0.3, cross_rank=True, backend="triton"),
+                adaptive_triplet_loss(x, labels, text, margin_scale=0.8, cross_rank=True, backend="triton"))
+
+
+@pytest.mark.parametrize("sizes", [[6], [6, 3], [6, 0]], ids=["no process group", "2 ranks", "one empty"])
+@pytest.mark.skipif(TEST_DEVICE.type == "cuda", reason="gloo ranks hold CPU tensors")
+@requires_triton
+def test_cross_rank_losses_under_inference_mode(sizes):
+    # Under inference mode the gathered batch's rows are no tracked view: the fused op refused them
+    # as the anchors' slice, after the gather, so a rank without rows waited in the reduction.
+    world = len(sizes)
+    if world == 1:
+        results = [("ok", _inference_mode_losses(0, 1, sizes))]
+    else:
+        results = run_on_ranks(_inference_mode_losses, world, sizes)
+    assert all(r[0] == "ok" for r in results), [r[1:] for r in results if r[0] != "ok"]
+    parts = [_rank_batch(r, 3) for r in range(world)]
+    x, labels, text = (torch.cat([p[i][: sizes[r]] for r, p in enumerate(parts)]) for i in range(3))
+    expected = (triplet_margin_loss(x, labels, margin=0.3), adaptive_triplet_loss(x, labels, text, margin_scale=0.8))
+    for got, want in zip(zip(*(r[1] for r in results)), expected):
+        torch.testing.assert_close(torch.stack(got).mean(), want)

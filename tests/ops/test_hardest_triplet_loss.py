@@ -192,14 +192,56 @@ def test_anchors_in_candidates_take_one_backward_launch(metric, text, reduction,
                  torch.float32)
 
 
-@pytest.mark.parametrize("case", ["detached slice", "other offset", "copy", "no exclude_self"])
+class _ReverseGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -grad
+
+
+def _not_that_slice(case: str, c: torch.Tensor) -> torch.Tensor:
+    if case == "made under no_grad":
+        with torch.no_grad():
+            return c[5:17]
+    if case in ("hook", "retain_grad"):
+        anchors = c[5:17]
+        anchors.register_hook(lambda g: 2 * g) if case == "hook" else anchors.retain_grad()
+        return anchors
+    return {"detached slice": lambda: c.detach()[5:17], "other offset": lambda: c[6:18],
+            "copy": lambda: c[5:17].clone(), "through a Function": lambda: _ReverseGradient.apply(c)[5:17],
+            "slice of a slice": lambda: c[1:20][4:16]}.get(case, lambda: c[5:17])()
+
+
+@pytest.mark.parametrize("case", ["detached slice", "other offset", "copy", "no exclude_self", "made under no_grad",
+                                  "through a Function", "slice of a slice", "hook", "retain_grad"])
 def test_anchors_in_candidates_refuses_anchors_that_are_not_that_slice(case):
+    # Whatever autograd would do with the anchors' own path (a Function, a hook) the candidates'
+    # gradient would bypass: refused, as are other rows and other memory.
     c = torch.randn(23, 11, device=TEST_DEVICE, requires_grad=True)
     labels = torch.arange(23, device=TEST_DEVICE) // 3
-    anchors = {"detached slice": c.detach()[5:17], "other offset": c[6:18], "copy": c[5:17].clone()}.get(case, c[5:17])
     kwargs = dict(exclude_self=case != "no exclude_self", anchor_offset=5, anchors_in_candidates=True, backend="torch")
     with pytest.raises(ValueError, match="anchors_in_candidates"):
-        hardest_triplet_loss(anchors, c, labels[5:17], labels, **kwargs)
+        hardest_triplet_loss(_not_that_slice(case, c), c, labels[5:17], labels, **kwargs)
+
+
+@pytest.mark.parametrize("mode", ["inference_mode", "no_grad"])
+def test_anchors_in_candidates_without_a_gradient(mode):
+    # No view tracking under inference mode (a cross_rank validation loss): the memory decides.
+    c = torch.randn(23, 11, device=TEST_DEVICE)
+    labels = torch.arange(23, device=TEST_DEVICE) // 3
+    with getattr(torch, mode)():
+        cc = c.clone()
+        loss = hardest_triplet_loss(cc[5:17], cc, labels[5:17], labels, exclude_self=True, anchor_offset=5,
+                                    anchors_in_candidates=True, backend="torch")
+        with pytest.raises(ValueError, match="anchors_in_candidates"):
+            hardest_triplet_loss(cc[5:17].clone(), cc, labels[5:17], labels, exclude_self=True, anchor_offset=5,
+                                 anchors_in_candidates=True, backend="torch")
+    expected = hardest_triplet_loss(c[5:17], c, labels[5:17], labels, exclude_self=True, anchor_offset=5,
+                                    backend="torch")
+    torch.testing.assert_close(loss, expected)
 
 
 @requires_triton
@@ -228,17 +270,23 @@ def test_no_anchors_against_candidates_that_need_a_gradient(poisoned):
     loss = hardest_triplet_loss(none, c, labels[:0], labels, metric="cosine", reduction="sum", backend="triton")
     loss.backward()
     assert loss.item() == 0 and torch.equal(c.grad, torch.zeros_like(c)) and none.grad.shape == (0, 8)
+    # The op itself, no anchors among the candidates' rows: the one gradient is zero too.
+    cc = c.detach().clone().requires_grad_()
+    torch.ops.torchfg.hardest_triplet_loss(cc, None, labels[:0], labels, None, None, "euclidean", 0.2, 0.0, None, 2, 2,
+                                           False, "sum", True, "triton")[0].backward()
+    assert torch.equal(cc.grad, torch.zeros_like(cc))
 
 
 @requires_triton
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("self_offset", [4, -1, 2])
-def test_opcheck_of_anchors_given_as_rows_of_the_candidates(backend, self_offset):
+@pytest.mark.parametrize("self_offset,n", [(4, 6), (-1, 6), (2, 6), (4, 0)])
+def test_opcheck_of_anchors_given_as_rows_of_the_candidates(backend, self_offset, n):
     # The op's own contract for candidates=None with anchor_start > 0 (anchors_in_candidates), also
-    # where the excluded self rows are not the anchors' (the public function never passes that).
+    # where the excluded self rows are not the anchors' (the public function never passes that),
+    # and with no anchors (no cosine statistics: the fake kernel said M of them).
     c, labels, *_, t, _ = _problem(13, 13, 7, torch.float32, seed=8, text=3)
-    args = (c.clone().requires_grad_(), None, labels[4:10], labels, t[4:10], t, "cosine", 0.2, 0.5, None, self_offset,
-            4, False, "mean", backend == "triton", backend)
+    args = (c.clone().requires_grad_(), None, labels[4:4 + n], labels, t[4:4 + n], t, "cosine", 0.2, 0.5, None,
+            self_offset, 4, False, "mean", backend == "triton", backend)
     torch.library.opcheck(torch.ops.torchfg.hardest_triplet_loss.default, args)
 
 

@@ -63,7 +63,7 @@ from torchfg.functional._triplet_selection import (
     select_triplets,
     violating,
 )
-from torchfg.ops.hardest_triplet_loss import hardest_triplet_loss_with_count
+from torchfg.ops.hardest_triplet_loss import hardest_triplet_loss_with_count, rows_of_candidates
 from torchfg.ops.hardest_triplet_loss.reference import text_cosine, unpaired_anchor_losses
 from torchfg.ops.pair_distances import anchor_pair_distances, pair_distances
 from torchfg.ops.metric import DEFAULT_METRIC, METRICS
@@ -567,6 +567,10 @@ def _batch_hard_loss(
     if not swap and resolve_backend("hardest_triplet_loss", embeddings.device, embeddings.dtype, backend) == "triton":
         # Across ranks the op reduces this rank's anchors, and the means divide by the count over
         # all ranks: the op's sum and count ("mean"), or its per-anchor losses ("mean_nonzero").
+        # (The slice is asked of the op only where it is one: after the gather, a refusal on one
+        # rank would leave the others waiting in the reduction.)
+        anchors_in_candidates = (anchors_in_candidates and anchor_offset is not None
+                                 and rows_of_candidates(embeddings, candidates, anchor_offset) is None)
         loss, count = hardest_triplet_loss_with_count(
             embeddings, candidates, labels, candidate_labels, text_embeddings, candidate_text,
             **_self_rows(anchor_offset), backend="triton", **hardest,

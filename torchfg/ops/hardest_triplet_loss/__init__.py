@@ -126,7 +126,8 @@ def _(anchors, candidates, anchor_labels, candidate_labels, anchor_text, candida
         anchors.new_empty(n, 3, dtype=acc),
         anchors.new_empty(1, dtype=acc),
         anchors.new_empty(links_size(n, m) if triton and link else 0, dtype=torch.int32),
-        anchors.new_empty(m if cosine else 0, dtype=acc),
+        # No anchors: the mining takes no statistics.
+        anchors.new_empty(m if cosine and n else 0, dtype=acc),
         anchors.new_empty(n if cosine and candidates is not None else 0, dtype=acc),
     )
 
@@ -153,7 +154,7 @@ def _hardest_triplet_loss_backward_op(
     if backend == "triton" and (links.numel() or (candidates is not None and not needs_candidate_grad)):
         from torchfg.ops.hardest_triplet_loss.triton import hardest_triplet_loss_backward_triton
 
-        if candidates is None and metric == "cosine":
+        if candidates is None and metric == "cosine" and pairs.shape[0]:  # (no anchors: no statistics)
             anchor_inv = candidate_inv.narrow(0, anchor_start, pairs.shape[0])
         return hardest_triplet_loss_backward_triton(
             grad, anchors, anchors if candidates is None else candidates, pairs, terms, count, links, candidate_inv,
@@ -327,9 +328,12 @@ def hardest_triplet_loss_with_count(
     same = candidates is anchors
     anchor_start = 0
     if check_bool(anchors_in_candidates, "anchors_in_candidates") and not same:
-        _check_rows_of_candidates(anchors, candidates, self_offset)
-        # Under dynamo the layout check is not made (view internals); two tensors give the same
-        # gradient for a slice. No anchors: nothing to share.
+        unlike = rows_of_candidates(anchors, candidates, self_offset)
+        if unlike is not None:
+            raise ValueError(f"anchors_in_candidates=True: anchors must be the slice candidates[anchor_offset:"
+                             f"anchor_offset + N] with exclude_self=True, {unlike}")
+        # Under dynamo the check is not made (view internals), and the two tensors, which give the
+        # same gradient for a plain slice, stay apart. No anchors: nothing to share.
         if anchors.shape[0] and not torch.compiler.is_compiling():
             same, anchor_start = True, self_offset
     # Partner lists are built only for a partner gradient, and only when a nondeterministic
@@ -344,18 +348,32 @@ def hardest_triplet_loss_with_count(
     return outputs[0], outputs[3]
 
 
-def _check_rows_of_candidates(anchors: torch.Tensor, candidates: torch.Tensor, self_offset: int) -> None:
-    """Raise unless ``anchors`` is ``candidates[self_offset:self_offset + N]`` (same storage, offset and strides)."""
-    if self_offset < 0:
-        raise ValueError("anchors_in_candidates=True needs exclude_self=True, with anchor_offset the anchors' first row")
-    if torch.compiler.is_compiling() or anchors.shape[0] == 0:
-        return
-    base = candidates._base if candidates._is_view() else candidates
-    shared = anchors._base is base if anchors._is_view() else anchors is base
+def rows_of_candidates(anchors: torch.Tensor, candidates: torch.Tensor, self_offset: int) -> str | None:
+    """None if ``anchors`` is the plain slice ``candidates[self_offset:self_offset + N]``, else what
+    differs: the same memory, and where a gradient flows, a slice taken directly from
+    ``candidates`` in autograd, without a hook or ``retain_grad`` of its own (its gradient is then
+    what ``anchors_in_candidates`` routes through the candidates). ``self_offset`` -1: no
+    ``exclude_self``.
+    """
     n = anchors.shape[0]
-    if not (shared and anchors.stride() == candidates.stride() and self_offset + n <= candidates.shape[0]
-            and anchors.storage_offset() == candidates.storage_offset() + self_offset * candidates.stride(0)):
-        raise ValueError(
-            f"anchors_in_candidates=True: anchors must be the slice candidates[{self_offset}:{self_offset + n}] "
-            "(a view of candidates' rows from anchor_offset), not another tensor"
-        )
+    if self_offset < 0:
+        return "and exclude_self=True is not set"
+    if n == 0 or torch.compiler.is_compiling():
+        return None
+    if (anchors.stride() != candidates.stride() or self_offset + n > candidates.shape[0]
+            or anchors.storage_offset() != candidates.storage_offset() + self_offset * candidates.stride(0)
+            or anchors.untyped_storage()._cdata != candidates.untyped_storage()._cdata):
+        return f"and they are not candidates[{self_offset}:{self_offset + n}] in memory"
+    if not (torch.is_grad_enabled() and (anchors.requires_grad or candidates.requires_grad)):
+        return None  # no gradient to route
+    node = anchors.grad_fn
+    parent = None if node is None or node.name() != "SliceBackward0" else node.next_functions[0][0]
+    sliced = parent is not None and (
+        parent is candidates.grad_fn if candidates.grad_fn is not None else getattr(parent, "variable", None) is candidates
+    )
+    if not sliced or not candidates.requires_grad:
+        return "and they are not a slice taken from candidates under autograd (a view made under no_grad, " \
+               "through another view or a Function, or of a tensor that needs no gradient)"
+    if anchors.retains_grad or anchors._backward_hooks:
+        return "and they have a hook or retain_grad of their own, which the candidates' gradient would bypass"
+    return None

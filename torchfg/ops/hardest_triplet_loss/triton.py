@@ -471,7 +471,7 @@ def hardest_triplet_loss_backward_triton(
         return grad_x, grad_y
     if n == 0:
         # No anchor, no pair: a zero gradient (the mining took no candidate statistics to read).
-        return grad_x, grad_y.zero_()
+        return grad_x.zero_(), grad_y.zero_()
     check_precondition(links.numel() == 0 or links.numel() == links_size(n, m))
     partner = (candidates_are_anchors or needs_candidate_grad) and links.numel() > 0
     check_precondition(partner or not (candidates_are_anchors or needs_candidate_grad),
