@@ -617,6 +617,22 @@ def test_update_center_with_no_rows_leaves_the_centre_unchanged():
     assert torch.equal(criterion.center, before)
 
 
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_a_non_finite_teacher_batch_leaves_the_centre_as_it_was(bad):
+    """One teacher overflow (fp16 under AMP: the GradScaler skips that step) went into the centre
+    and made every later loss NaN."""
+    criterion = DINOLoss(8, 4, center_momentum=0.9, backend="torch")
+    student, teacher = torch.randn(12, 8), torch.randn(6, 8)
+    criterion(student, teacher, 0)
+    before = criterion.center.clone()
+    teacher_bad = teacher.clone()
+    teacher_bad[0, 0] = bad
+    assert not torch.isfinite(criterion(student, teacher_bad, 0))
+    assert torch.equal(criterion.center, before)
+    assert torch.isfinite(criterion(student, torch.randn(6, 8), 0))
+    assert not torch.equal(criterion.center, before)  # finite batches update it again
+
+
 def test_loss_uses_centre_before_update_and_backward_survives_it():
     criterion = DINOLoss(10, 3, n_epochs=2, center_momentum=0.0)
     student, teacher, _ = make_inputs(3, 2, 2, 10, seed=1, device="cpu")

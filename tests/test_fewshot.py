@@ -508,6 +508,30 @@ def test_evaluate_bad_input() -> None:
         evaluate(None, (embeddings, labels), n_shot=5, n_query=16, progress=False)
 
 
+@pytest.mark.parametrize("kwargs,error,name", [(dict(ddof=2), ValueError, "ddof"), (dict(backend="nope"), ValueError, "backend"),
+                                               (dict(seed=-1), ValueError, "seed"), (dict(seed=1.5), TypeError, "seed")])
+def test_evaluate_checks_its_settings_before_embedding_the_dataset(kwargs, error, name) -> None:
+    # ddof was checked after every episode, backend and seed after the whole dataset was embedded.
+    embeddings, labels = clustered_embeddings(6, 20, 8, noise=1.0, seed=21)
+    calls = []
+
+    def embed(x):
+        calls.append(1)
+        return x
+
+    with pytest.raises(error, match=name):
+        evaluate(embed, (embeddings, labels), n_way=2, n_shot=1, n_query=2, n_episodes=4, progress=False, **kwargs)
+    assert not calls
+
+
+def test_few_shot_accuracy_names_a_single_pair() -> None:
+    # One (logits, labels) pair instead of a sequence of them read as two accuracies (a NumPy error).
+    logits, labels = torch.randn(6, 3), torch.tensor([0, 1, 2, 0, 1, 2])
+    with pytest.raises(ValueError, match=r"one \(logits, labels\) pair"):
+        few_shot_accuracy((logits, labels))
+    assert few_shot_accuracy([(logits, labels), (logits, labels)])[1] == 0.0
+
+
 def test_embedding_restores_every_submodule_mode() -> None:
     """A model in training mode with a frozen BatchNorm inside (fine-tuning): embedding puts the
     whole model in eval() and gives each submodule back its own mode, not model.train()'s."""

@@ -549,6 +549,30 @@ def test_wrap_backbone_rejects_bad_arguments():
         wrap_backbone(backbone, "layer1", attention, method="forward_head")
 
 
+def test_semantic_backbone_checks_its_arguments_as_wrap_backbone_does():
+    # The class is public too: a position other than "after" was taken as "before" (the module saw
+    # the stage's input), a wrong stage name gave an AttributeError, and a second wrapper on one
+    # CNN was taken (its hook then raised in the other's calls).
+    from torchfg.layers import SemanticBackbone
+
+    backbone = TinyResNet()
+    attention = SemanticChannelAttention(8, 2)
+    with pytest.raises(ValueError, match="position"):
+        SemanticBackbone(backbone, "layer1", attention, position="After")
+    with pytest.raises(ValueError, match="layer_name 'layer9'"):
+        SemanticBackbone(backbone, "layer9", attention)
+    with pytest.raises(TypeError, match="module"):
+        SemanticBackbone(backbone, "layer1", lambda x, s: x)
+    with pytest.raises(ValueError, match="method"):
+        SemanticBackbone(backbone, "layer1", attention, method="forward_head")
+    model = SemanticBackbone(backbone, "layer1", attention)
+    with pytest.raises(ValueError, match="already has a semantic module"):
+        SemanticBackbone(backbone, "layer2", SemanticChannelAttention(8, 2))
+    # The map itself: None was reported as a call of the backbone without the wrapper.
+    with pytest.raises(TypeError, match="semantic must be a tensor"):
+        model(torch.randn(1, 3, 32, 32), None)
+
+
 def test_wrapped_backbone_shared_by_threads_uses_each_calls_own_map():
     """The call's map was one attribute of the wrapper: two inference threads sharing a model got
     each other's maps (about half the calls, silently) or a misleading "call the wrapper" error."""

@@ -20,7 +20,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from torchfg._validation import check_bool, check_choice, check_labels
 from torchfg.data.samplers import EpisodicSampler
-from torchfg.metrics.fewshot import few_shot_accuracy
+from torchfg.backends import check_backend
+from torchfg.metrics.fewshot import check_ddof, few_shot_accuracy
 from torchfg.ops.metric import METRICS
 from torchfg.ops.pairwise import pairwise_distance
 from torchfg._validation import check_int as _check_int
@@ -286,6 +287,11 @@ def evaluate(
         raise ValueError(f"n_shot must not repeat a value, got {n_shot!r}")
     metric = check_choice(metric, "metric", METRICS)
     normalize = check_bool(normalize, "normalize")
+    # Before the dataset is embedded (minutes, on a real one), not after the episodes.
+    ddof = check_ddof(ddof)
+    backend = check_backend(backend, "pairwise_distance")
+    if seed is not None:  # (None: EpisodicSampler draws a seed)
+        seed = _check_int(seed, "seed", 0)
 
     embeddings, labels = embed_dataset(
         embed_fn, dataset_or_tensors, batch_size=batch_size, device=device, progress=progress, num_workers=num_workers

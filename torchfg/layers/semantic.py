@@ -500,9 +500,9 @@ class SemanticBackbone(nn.Module):
         method: str = "forward",
     ) -> None:
         super().__init__()
-        if isinstance(backbone, SemanticBackbone) and method != "forward":
-            # A wrapper of a wrapper calls the inner one's forward, with the map: another method would be ignored.
-            raise ValueError(f"method must be 'forward' to wrap a SemanticBackbone (it takes (images, semantic)), got {method!r}")
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"module must be an nn.Module with forward(x, semantic), got {type(module).__name__}")
+        _check_stage(backbone, layer_name, position, method)
         self.backbone = backbone
         self.semantic_module = module
         self.layer_name = layer_name
@@ -576,6 +576,9 @@ class SemanticBackbone(nn.Module):
 
     def forward(self, images: torch.Tensor, semantic: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         """Run the backbone on ``images`` (B, 3, H, W) with ``semantic`` (B, K, h, w) applied at the stage."""
+        if not isinstance(semantic, torch.Tensor):
+            # (None would reach the stage's hook as "no map": an error about calling the backbone directly.)
+            raise TypeError(f"semantic must be a tensor (B, K, h, w), got {type(semantic).__name__}")
         # Eager, the map is kept per thread; the one attribute always too, for compiled hooks (the
         # whole model compiled, or a stage compiled on its own inside this eager call), which
         # cannot look up the thread.
@@ -664,10 +667,15 @@ def wrap_backbone(
         baseline.conv1 = widen_first_conv(baseline.conv1, 20)
         model = wrap_backbone(baseline, "conv1", SemanticFusion(3, 20, mode="input_concat"), position="before")
     """
-    if not isinstance(backbone, nn.Module):
-        raise TypeError(f"backbone must be an nn.Module, got {type(backbone).__name__}")
     if not isinstance(attention, nn.Module):
         raise TypeError(f"attention must be an nn.Module with forward(x, semantic), got {type(attention).__name__}")
+    return SemanticBackbone(backbone, layer_name, attention, position=position, method=method)
+
+
+def _check_stage(backbone: object, layer_name: object, position: object, method: object) -> None:
+    """The checks of a wrapping (for :func:`wrap_backbone` and :class:`SemanticBackbone` alike)."""
+    if not isinstance(backbone, nn.Module):
+        raise TypeError(f"backbone must be an nn.Module, got {type(backbone).__name__}")
     if not isinstance(layer_name, str) or not layer_name:
         raise TypeError(f"layer_name must be a non-empty str, got {layer_name!r}")
     names = dict(backbone.named_modules())
@@ -675,6 +683,9 @@ def wrap_backbone(
         stages = [name for name, _ in backbone.named_children()]
         raise ValueError(f"layer_name {layer_name!r} is not a submodule of backbone; its children are {stages}")
     check_choice(position, "position", ("after", "before"))
+    if isinstance(backbone, SemanticBackbone) and method != "forward":
+        # A wrapper of a wrapper calls the inner one's forward, with the map: another method would be ignored.
+        raise ValueError(f"method must be 'forward' to wrap a SemanticBackbone (it takes (images, semantic)), got {method!r}")
     if not isinstance(method, str) or not callable(getattr(backbone, method, None)):
         raise ValueError(f"method {method!r} is not a method of {type(backbone).__name__}")
     inside = {id(m) for m in backbone.modules()}
@@ -686,7 +697,6 @@ def wrap_backbone(
                 f"backbone already has a semantic module at stage {stage!r}, applied by another SemanticBackbone; "
                 f"for modules at two stages, wrap that wrapper: wrap_backbone(wrapper, 'backbone.{layer_name}', ...)"
             )
-    return SemanticBackbone(backbone, layer_name, attention, position=position, method=method)
 
 
 def _semantic_wrappers_hooked_in(backbone: nn.Module) -> list[tuple[SemanticBackbone, str]]:

@@ -51,7 +51,9 @@ class DINOLoss(nn.Module):
     an EMA of the teacher's batch mean, ``center <- m * center + (1 - m) * mean(teacher_output)``;
     when ``torch.distributed`` is initialised the batch mean is taken over all ranks with one
     ``all_reduce`` (exact also for unequal per-rank batch sizes). The loss of a step uses the
-    centre from before that step's update. No gradient flows into the teacher.
+    centre from before that step's update. No gradient flows into the teacher. A teacher batch
+    with an inf or NaN (on any rank) leaves the centre as it was: that step's loss is not finite,
+    but the next steps' are (the original code keeps the inf or NaN in the centre for good).
 
     The original code (facebookresearch/dino) updates the centre on every forward whatever the
     mode. A module starts in training mode, so a loop that never calls ``.eval()`` on the loss
@@ -289,9 +291,11 @@ class DINOLoss(nn.Module):
         count = stats[-2]
         batch_center = stats[:-2] / count.clamp_min(1)
         updated = self.center * self.center_momentum + batch_center.to(self.center) * (1 - self.center_momentum)
-        # No host sync on the count: an update with no rows on any rank, or an input error on
-        # one, leaves the centre as is.
-        updated = torch.where((count > 0) & (stats[-1] == 0), updated, self.center)
+        # No host sync on the count: an update with no rows on any rank, an input error on one,
+        # or a non-finite teacher value on any (an fp16 overflow under AMP, whose step the
+        # GradScaler skips; kept, it would make every later loss NaN) leaves the centre as is.
+        keep = (count > 0) & (stats[-1] == 0) & torch.isfinite(stats[:-2]).all()
+        updated = torch.where(keep, updated, self.center)
         if _compiling_for_inductor() and grad_enabled:
             # Rebound, not copied into: under torch.compile (inductor) a clone of the centre passed
             # to the loss was elided and the backward read the buffer after an in-place update.

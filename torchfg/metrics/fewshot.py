@@ -38,6 +38,13 @@ def _episode_accuracy(index: int, logits: object, labels: object) -> float:
     return correct / logits.shape[0]
 
 
+def check_ddof(ddof: object) -> int:
+    """``ddof`` of the confidence interval's std: 0 (population) or 1 (sample)."""
+    if isinstance(ddof, bool) or ddof not in (0, 1):
+        raise ValueError(f"ddof must be 0 (population std) or 1 (sample std), got {ddof!r}")
+    return 1 if ddof == 1 else 0
+
+
 def few_shot_accuracy(
     results: EpisodeResults,
     *,
@@ -80,13 +87,17 @@ def few_shot_accuracy(
         >>> few_shot_accuracy([2, 3, 4, 3], n_per_episode=4)  # doctest: +ELLIPSIS
         (0.75, 0.2000...)
     """
-    if isinstance(ddof, bool) or ddof not in (0, 1):
-        raise ValueError(f"ddof must be 0 (population std) or 1 (sample std), got {ddof!r}")
+    check_ddof(ddof)
     if isinstance(results, (str, bytes)) or not isinstance(results, (torch.Tensor, np.ndarray, Sequence)):
         raise TypeError(
             "results must be a sequence of (logits, labels) pairs, or per-episode accuracies / correct "
             f"counts as a 1-D tensor, array or sequence, got {type(results).__name__}"
         )
+    first = results[0] if isinstance(results, tuple) and len(results) == 2 else None
+    if isinstance(first, torch.Tensor) and first.dim() == 2 and isinstance(results[1], torch.Tensor):
+        # One episode's (logits, labels) pair itself, not a sequence of them (it read as two accuracies).
+        raise ValueError("results must be a sequence of (logits, labels) pairs, one per episode (at least 2), "
+                         "got one (logits, labels) pair: pass [(logits, labels), ...]")
     is_pairs = (
         not isinstance(results, (torch.Tensor, np.ndarray))
         and len(results) > 0
