@@ -100,6 +100,20 @@ def test_single_metric_functions_agree_with_retrieval_metrics():
         assert everything == everything.as_dict() and len(everything) == 6
 
 
+def test_ks_as_numpy_or_torch_integers():
+    # A NumPy integer or array of ks (np.arange) was refused, unlike a NumPy n_shot in evaluate.
+    import numpy as np
+
+    x = torch.tensor([[0.0], [1.0], [2.0], [10.0]])
+    labels = torch.tensor([0, 1, 0, 1])
+    expected = recall_at_k(x, labels, ks=(1, 2), metric="euclidean", progress=False)
+    for ks in (np.array([1, 2]), torch.tensor([1, 2]), [np.int64(1), np.int64(2)]):
+        assert recall_at_k(x, labels, ks=ks, metric="euclidean", progress=False) == expected
+    assert recall_at_k(x, labels, ks=np.int64(2), metric="euclidean", progress=False) == {2: expected[2]}
+    with pytest.raises(TypeError, match="ks"):
+        recall_at_k(x, labels, ks=np.array([1.5]), metric="euclidean", progress=False)
+
+
 def test_retrieval_metrics_result_is_frozen_and_a_read_only_mapping():
     x = torch.tensor([[0.0], [1.0], [2.0], [10.0]])
     result = retrieval_metrics(x, torch.tensor([0, 1, 0, 1]), ks=(1, 2), metric="euclidean", progress=False)

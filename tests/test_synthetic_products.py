@@ -159,6 +159,9 @@ def test_render_batch_refuses_non_bool_flags() -> None:
         ds.render_batch([0], include_product="no")
     with pytest.raises(TypeError, match="include_distractors must be a bool"):
         ds.render_batch([0], include_distractors=0)
+    # One index, not a sequence of them: "'int' object is not iterable".
+    with pytest.raises(TypeError, match=r"indices must be a sequence.*render_batch\(\[i\]\)"):
+        ds.render_batch(3)
 
 
 def test_description_requires_an_existing_product_id() -> None:

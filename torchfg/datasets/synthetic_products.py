@@ -501,6 +501,11 @@ class SyntheticProducts(Dataset[ProductSample[int, str]]):
         """
         if indices is None:
             indices = range(len(self))
+        if not isinstance(indices, (torch.Tensor, Sequence, range)):
+            raise TypeError(
+                "indices must be a sequence of ints or a 1-D integer tensor (render_batch([i]) for one "
+                f"sample), got {type(indices).__name__}"
+            )
         if isinstance(indices, torch.Tensor):
             if indices.dtype.is_floating_point or indices.dtype == torch.bool or indices.dim() != 1:
                 raise TypeError(

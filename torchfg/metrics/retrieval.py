@@ -84,6 +84,8 @@ class RetrievalMetrics(Mapping[str, float]):
 
 
 def _check_ks(ks: object) -> tuple[int, ...]:
+    if isinstance(ks, torch.Tensor) or type(ks).__module__ == "numpy":
+        ks = ks.tolist()  # type: ignore[attr-defined]  # a NumPy / torch integer or 1-D array of them
     if isinstance(ks, int) and not isinstance(ks, bool):
         ks = (ks,)
     if not isinstance(ks, Sequence) or isinstance(ks, str) or len(ks) == 0:
