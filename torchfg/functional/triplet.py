@@ -556,20 +556,20 @@ def _batch_hard_loss(
     reduction: str,
     cross_rank: bool,
     backend: str,
-    anchors_in_candidates: bool = False,
 ) -> torch.Tensor:
     """The reduced batch-hard / ATL loss. On the Triton backend (without ``swap``) the one fused op
     :func:`torchfg.ops.hardest_triplet_loss.hardest_triplet_loss`; elsewhere the per-anchor losses
-    of :func:`_hardest_triplet_losses`, reduced. ``anchors_in_candidates``: the embeddings are the
-    view of the candidates' rows from ``anchor_offset`` (:func:`_as_gathered_rows`)."""
+    of :func:`_hardest_triplet_losses`, reduced."""
     hardest: _HardestSettings = {"metric": metric, "base_margin": base_margin, "margin_scale": margin_scale,
                                  "text_positive_threshold": text_positive_threshold, "smooth": smooth}
     if not swap and resolve_backend("hardest_triplet_loss", embeddings.device, embeddings.dtype, backend) == "triton":
         # Across ranks the op reduces this rank's anchors, and the means divide by the count over
         # all ranks: the op's sum and count ("mean"), or its per-anchor losses ("mean_nonzero").
-        # (The slice is asked of the op only where it is one: after the gather, a refusal on one
-        # rank would leave the others waiting in the reduction.)
-        anchors_in_candidates = (anchors_in_candidates and anchor_offset is not None
+        # Embeddings that are the candidates' rows from anchor_offset (a cross_rank batch's own rows,
+        # :func:`_as_gathered_rows`; never a memory's or a reference set's) go in as one tensor with
+        # them. Asked of the op only where the check passes: after the gather, a refusal on one
+        # rank would leave the others waiting in the reduction.
+        anchors_in_candidates = (anchor_offset is not None and embeddings is not candidates
                                  and rows_of_candidates(embeddings, candidates, anchor_offset) is None)
         loss, count = hardest_triplet_loss_with_count(
             embeddings, candidates, labels, candidate_labels, text_embeddings, candidate_text,
@@ -721,10 +721,8 @@ def _triplet_margin_loss_impl(
     indices_tuple: tuple[torch.Tensor, ...] | None = None,
     cross_rank: bool = False,
     extra_triplets: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-    anchors_in_candidates: bool = False,
 ) -> torch.Tensor:
-    """The loss once inputs are checked; ``anchor_offset`` as returned by :func:`_check_embeddings`
-    (``anchors_in_candidates`` as :func:`_batch_hard_loss`).
+    """The loss once inputs are checked; ``anchor_offset`` as returned by :func:`_check_embeddings`.
 
     ``extra_triplets`` (checked triplets; semi-hard and all mining only): added to the mined ones,
     as PML concatenates a given ``indices_tuple`` with its miner's (the cross-batch memory).
@@ -740,7 +738,6 @@ def _triplet_margin_loss_impl(
             embeddings, labels, candidates, candidate_labels, anchor_offset, metric=metric, base_margin=margin,
             margin_scale=0.0, text_embeddings=None, candidate_text=None, text_positive_threshold=None,
             smooth=smooth, swap=swap, reduction=reduction, cross_rank=cross_rank, backend=backend,
-            anchors_in_candidates=anchors_in_candidates,
         )
     elif mining == "all" and triplets_per_anchor == "all" and extra_triplets is None:
         loss = _all_triplet_losses(
@@ -901,7 +898,6 @@ def triplet_margin_loss(
         triplets_per_anchor=per_anchor,
         indices_tuple=indices_tuple,
         cross_rank=cross_rank,
-        anchors_in_candidates=cross_rank and anchor_offset is not None,
     )
 
 
@@ -922,7 +918,6 @@ def _adaptive_triplet_loss_impl(
     backend: str,
     indices_tuple: tuple[torch.Tensor, ...] | None = None,
     cross_rank: bool = False,
-    anchors_in_candidates: bool = False,
 ) -> torch.Tensor:
     if indices_tuple is not None:
         a, p, n = _check_indices_tuple(
@@ -938,7 +933,7 @@ def _adaptive_triplet_loss_impl(
         embeddings, labels, candidates, candidate_labels, anchor_offset, metric=metric, base_margin=base_margin,
         margin_scale=margin_scale, text_embeddings=text_embeddings, candidate_text=candidate_text,
         text_positive_threshold=text_positive_threshold, smooth=False, swap=False, reduction=reduction,
-        cross_rank=cross_rank, backend=backend, anchors_in_candidates=anchors_in_candidates,
+        cross_rank=cross_rank, backend=backend,
     )
 
 
@@ -1043,7 +1038,6 @@ def adaptive_triplet_loss(
         backend=backend,
         indices_tuple=indices_tuple,
         cross_rank=cross_rank,
-        anchors_in_candidates=cross_rank and anchor_offset is not None,
     )
 
 
