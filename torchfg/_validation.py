@@ -57,6 +57,16 @@ def mining_labels(labels: torch.Tensor) -> torch.Tensor:
     return labels if labels.dtype == torch.int32 else labels.long()
 
 
+def is_row_slice(rows: torch.Tensor, of: torch.Tensor, start: int) -> bool:
+    """Whether ``rows`` (N > 0 rows) is ``of[start:start + N]`` in memory: the same storage, dtype,
+    strides, and the storage offset of row ``start`` (no data pointers: fake tensors have none)."""
+    n = rows.shape[0]
+    return (n > 0 and 0 <= start and start + n <= of.shape[0] and rows.dtype == of.dtype
+            and rows.stride() == of.stride()
+            and rows.storage_offset() == of.storage_offset() + start * of.stride(0)
+            and rows.untyped_storage()._cdata == of.untyped_storage()._cdata)
+
+
 def check_same_device_dtype(a: torch.Tensor, a_name: str, b: torch.Tensor, b_name: str) -> None:
     if a.device != b.device:
         raise ValueError(f"{a_name} and {b_name} must be on the same device, got {a.device} and {b.device}")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from torchfg._validation import accumulation_dtype, check_bool, check_choice, check_number
+from torchfg._validation import accumulation_dtype, check_bool, check_choice, check_number, is_row_slice
 from torchfg.backends import BackendSpec, register_op, resolve_backend
 from torchfg.ops._library import custom_op
 from torchfg.ops.hardest_triplet_loss.reference import (
@@ -360,9 +360,7 @@ def rows_of_candidates(anchors: torch.Tensor, candidates: torch.Tensor, self_off
         return "and exclude_self=True is not set"
     if n == 0 or torch.compiler.is_compiling():
         return None
-    if (anchors.stride() != candidates.stride() or self_offset + n > candidates.shape[0]
-            or anchors.storage_offset() != candidates.storage_offset() + self_offset * candidates.stride(0)
-            or anchors.untyped_storage()._cdata != candidates.untyped_storage()._cdata):
+    if not is_row_slice(anchors, candidates, self_offset):
         return f"and they are not candidates[{self_offset}:{self_offset + n}] in memory"
     if not (torch.is_grad_enabled() and (anchors.requires_grad or candidates.requires_grad)):
         return None  # no gradient to route

@@ -57,7 +57,7 @@ import torch
 import triton
 import triton.language as tl
 
-from torchfg._validation import accumulation_dtype, parse_env_flag
+from torchfg._validation import accumulation_dtype, is_row_slice, parse_env_flag
 from torchfg.backends import EnvironReading, triton_interpreter_enabled
 from torchfg.ops.pair_distances.triton import ieee_div, ieee_sqrt
 from torchfg.ops._triton_utils import (
@@ -1035,15 +1035,9 @@ def _row_stats(*jobs: tuple[torch.Tensor, bool], fills: tuple[tuple[torch.Tensor
 
 def _is_row_slice(anchors: torch.Tensor, candidates: torch.Tensor, self_offset: int) -> bool:
     """Whether anchors is exactly candidates[self_offset : self_offset + N] (shared row stats)."""
-    if anchors is candidates:  # what the checks below conclude for one tensor (N == M)
+    if anchors is candidates:  # what the check below concludes for one tensor (N == M)
         return self_offset == 0 and anchors.shape[0] > 0
-    if self_offset < 0 or anchors.shape[0] == 0 or anchors.stride() != candidates.stride():
-        return False
-    if self_offset + anchors.shape[0] > candidates.shape[0]:  # a wrapped batch is not a slice
-        return False
-    if anchors.untyped_storage().data_ptr() != candidates.untyped_storage().data_ptr():
-        return False
-    return anchors.data_ptr() == candidates.data_ptr() + self_offset * candidates.stride(0) * candidates.element_size()
+    return is_row_slice(anchors, candidates, self_offset)  # (a wrapped batch is not a slice)
 
 
 def _new_workspace(splits: int, n: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
