@@ -20,6 +20,7 @@ from typing import Sequence, cast
 import torch
 
 from torchfg._validation import check_bool, check_choice, check_int, check_number
+from torchfg.ops.triplet import _self_offset
 from torchfg.distributed import gather_batch
 from torchfg.functional.triplet import (
     MINING_STRATEGIES,
@@ -198,15 +199,10 @@ def _check_self_start(self_start: object, embeddings: object, memory: object) ->
     """
     if self_start is None:
         return None
-    start = check_int(self_start, "self_start")
     if isinstance(embeddings, torch.Tensor) and isinstance(memory, torch.Tensor) and embeddings.dim() and memory.dim():
-        n, s = embeddings.shape[0], memory.shape[0]
-        if n > s or not 0 <= start < max(s, 1):
-            raise ValueError(
-                f"self_start must be in [0, S) = [0, {s}) and N <= S (anchor i's own copy is memory row "
-                f"(self_start + i) % S), got self_start={start}, N={n}, S={s}"
-            )
-    return start
+        # The mining ops' own check (M: the memory's rows), under this argument's name.
+        return _self_offset(True, self_start, embeddings.shape[0], memory.shape[0], "self_start")
+    return check_int(self_start, "self_start", minimum=0)
 
 
 def _memory_triplet_loss(

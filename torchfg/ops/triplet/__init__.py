@@ -192,20 +192,20 @@ def _check_text_inputs(
     return anchor_text, cast("torch.Tensor | None", candidate_text), text_positive_threshold
 
 
-def _self_offset(exclude_self: object, anchor_offset: object, n: int, m: int) -> int:
+def _self_offset(exclude_self: object, anchor_offset: object, n: int, m: int, name: str = "anchor_offset") -> int:
     """The kernels' internal ``self_offset`` (candidate index of anchor 0, -1: none) from the public
     pair. Every op takes anchor i as candidate ``(anchor_offset + i) % M`` (a batch across the end
     of a ring memory), so any offset in [0, M) is valid; with N == M that is a rotation of a full
     ring, which labels cannot tell from a wrong offset (``candidates is anchors`` with an offset
     other than 0 is refused where the rows are given)."""
     exclude_self = check_bool(exclude_self, "exclude_self")
-    anchor_offset = check_int(anchor_offset, "anchor_offset")
+    anchor_offset = check_int(anchor_offset, name)
     if not exclude_self:
         return -1
     if n > m or not 0 <= anchor_offset < max(m, 1):
         raise ValueError(
-            f"anchor_offset must be in [0, M) = [0, {m}) with exclude_self=True, and N <= M (anchor i is "
-            f"candidate (anchor_offset + i) % M), got anchor_offset={anchor_offset}, N={n}, M={m}"
+            f"{name} must be in [0, M) = [0, {m}), and N <= M, for anchors among the M candidates (anchor i "
+            f"is candidate ({name} + i) % M), got {name}={anchor_offset}, N={n}, M={m}"
         )
     return anchor_offset
 
