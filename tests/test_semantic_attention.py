@@ -435,13 +435,19 @@ def _reference_forward(resnet: nn.Module, images: torch.Tensor, attention: nn.Mo
     return resnet.fc(torch.flatten(resnet.avgpool(resnet.layer4(x)), 1))
 
 
-def test_wrap_backbone_applies_attention_after_the_named_stage():
-    torch.manual_seed(21)
+def _tiny_resnet_with_attention(stage: str, channels: int, semantic_channels: int, seed: int):
+    """(model, backbone, an unwrapped copy, attention): a TinyResNet in eval mode, seeded with
+    ``seed``, with a randomised SemanticChannelAttention (seed + 1) after ``stage``."""
+    torch.manual_seed(seed)
     backbone = TinyResNet().eval()
     unwrapped = copy.deepcopy(backbone)
-    attention = SemanticChannelAttention(24, 4, reduction=4)
-    _randomize(attention, seed=22)
-    model = wrap_backbone(backbone, "layer3", attention)
+    attention = SemanticChannelAttention(channels, semantic_channels, reduction=4)
+    _randomize(attention, seed=seed + 1)
+    return wrap_backbone(backbone, stage, attention), backbone, unwrapped, attention
+
+
+def test_wrap_backbone_applies_attention_after_the_named_stage():
+    model, backbone, unwrapped, attention = _tiny_resnet_with_attention("layer3", 24, 4, seed=21)
     assert isinstance(model, SemanticBackbone)
     assert {id(p) for p in attention.parameters()} <= {id(p) for p in model.parameters()}
     assert any(k.startswith("semantic_module.") for k in model.state_dict())
@@ -462,12 +468,7 @@ def test_wrap_backbone_applies_attention_after_the_named_stage():
 def test_a_direct_backbone_call_on_a_tensor_a_wrapped_call_saw_still_raises():
     """The map each stage input met is kept for checkpointing's recomputation in backward; a direct
     backbone call outside backward on that same tensor applied the old call's map, silently."""
-    torch.manual_seed(25)
-    backbone = TinyResNet().eval()
-    unwrapped = copy.deepcopy(backbone)
-    attention = SemanticChannelAttention(8, 3, reduction=4)
-    _randomize(attention, seed=26)
-    model = wrap_backbone(backbone, "conv1", attention)
+    model, backbone, unwrapped, attention = _tiny_resnet_with_attention("conv1", 8, 3, seed=25)
     images, semantic = torch.randn(2, 3, 32, 32), torch.rand(2, 3, 16, 16)
     wrapped = model(images, semantic)
     assert (wrapped - unwrapped(images)).abs().max() > 1e-4  # the map changes the output
